@@ -1,0 +1,293 @@
+"""The ``mctool`` command: a thin Typer layer that parses options, calls the library, prints results.
+
+Human output (progress, tables) goes to stderr; ``--json`` prints exactly one JSON object on stdout.
+User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from ._version import __version__
+from .errors import ConfigError, Interrupted, MctoolError
+from .runtime import stderr_console
+
+app = typer.Typer(
+    name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Loss surfaces, mode connectivity and fast ensembling of neural networks (Garipov et al., 2018). "
+         "Every command reads and writes safetensors checkpoints and HDF5 metrics files.",
+)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+class Schedule(str, Enum):
+    paper = "paper"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Augment(str, Enum):
+    auto = "auto"
+    none = "none"
+    crop = "crop"
+    crop_flip = "crop-flip"
+
+
+# Options shared by several commands (one definition each).
+DeviceOpt = Annotated[str, typer.Option(help="Compute device: auto (CUDA when available), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, or bf16 autocast for forward passes (GPU).")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Use channels-last memory format (faster "
+                                                                       "convolutions on recent GPUs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (paths and summary metrics) "
+                                                      "on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+DataRootOpt = Annotated[Optional[str], typer.Option(
+    help="Folder with downloaded data sets (default: $MCTOOL_DATA, else ~/.cache/mctool/datasets).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data set into --data-root if missing "
+                                                              "(needs internet).")]
+SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
+                                              "training images (10% for small sets), held out from training.")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mctool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Loss surfaces, mode connectivity and fast ensembling of neural networks."""
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _run(work: Callable[[], dict], as_json: bool, quiet: bool, show: Callable[[dict], None]) -> None:
+    """Call the library, map user errors to exit codes, print the result."""
+    try:
+        result = work()
+    except Interrupted as e:
+        stderr_console().print(f"Error: {e}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
+    except MctoolError as e:
+        stderr_console().print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(_clean(result), allow_nan=False) + "\n")
+    elif not quiet:
+        show(result)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    t = Table(title=title, show_header=False, title_justify="left")
+    for k, v in rows:
+        t.add_row(k, v)
+    stderr_console().print(t)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--arch-kwargs must be a JSON object such as '{{\"width\": 2}}' ({e.msg}).") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--arch-kwargs must be a JSON object such as '{\"width\": 2}'.")
+    return value
+
+
+def _default_metrics(output: Path) -> Path:
+    name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(name + ".h5")
+
+
+@app.command()
+def train(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write (.safetensors).")],
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch metrics "
+                                                    "(default: the output's name with .h5).")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="digits, fashion-mnist, mnist, cifar10, cifar100, "
+                                         "svhn, synthetic[:size=32,channels=3,classes=10,train=1024,test=256,seed=0] "
+                                         "or imagefolder:PATH.")] = "digits",
+    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Any timm model name or an mctool one "
+                                                "(cifar_convfc, cifar_vgg16[_bn], cifar_preresnet20/110/164, "
+                                                "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(help="Extra architecture arguments as a JSON object, "
+                                                       "e.g. '{\"width\": 2}'.")] = None,
+    epochs: Annotated[int, typer.Option(help="Number of training epochs.")] = 200,
+    lr: Annotated[float, typer.Option(help="Initial (peak) learning rate.")] = 0.05,
+    wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD.")] = 5e-4,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    schedule: Annotated[Schedule, typer.Option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
+                                               "then 1%; cosine: cosine annealing to 0; constant.")] = Schedule.paper,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout.")] = 0,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for "
+                                             "natural images, crop for digits), none, crop, crop-flip.")] = Augment.auto,
+    split: SplitOpt = Split.test,
+    save_every: Annotated[int, typer.Option(help="Also write a training-state checkpoint (weights and SGD momentum, "
+                                            "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors; "
+                                            "0 = never.")] = 0,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (and momentum, for a "
+                                                 "training state) instead of a random initialisation.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed epoch "
+                                         "(same options as the interrupted command).")] = False,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train a network with SGD; writes a model checkpoint and per-epoch metrics.
+
+    Interrupt with Ctrl-C at any time: completed epochs are kept and --resume continues the run.
+    """
+    from .train import TrainConfig, train as run_train
+
+    def work() -> dict:
+        cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
+                          wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
+                          augment=augment.value, split=split.value, precision=precision.value,
+                          channels_last=channels_last, init=str(init) if init else None, save_every=save_every)
+        return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
+                         download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
+
+    def show(r: dict) -> None:
+        s = r["eval_split"]
+        _table("trained", [("model", r["output"]), ("metrics", r["metrics_file"]), ("arch", r["arch"]),
+                           ("data set", r["dataset"]), ("epochs", str(r["epochs"])),
+                           ("train loss / err", f"{r['train_loss']:.4f} / {_pct(r['train_err'])}"),
+                           (f"{s} nll / err", f"{r[s + '_nll']:.4f} / {_pct(r[s + '_err'])}"),
+                           ("time", f"{r['seconds']:.1f} s")])
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command()
+def evaluate(
+    models: Annotated[list[Path], typer.Argument(help="Model checkpoints (.safetensors); several are also evaluated "
+                                                "as an ensemble (mean of softmax outputs).")],
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
+                                                    "file.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
+                                                   "one recorded in the first checkpoint).")] = None,
+    split: SplitOpt = Split.test,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a plain safetensors state dict without "
+                                                "mctool metadata (e.g. saved by timm).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict.")] = None,
+    in_chans: Annotated[Optional[int], typer.Option(help="Input channels of a plain state dict (default 3).")] = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Loss, NLL, error and ECE (15 bins) of each network and of their ensemble."""
+    from .evaluation import evaluate_models
+
+    def work() -> dict:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+        return evaluate_models([str(p) for p in models], dataset=dataset, split=split.value, device=device,
+                               data_root=data_root, download=download, batch_size=batch_size,
+                               precision=precision.value, channels_last=channels_last,
+                               metrics=str(metrics) if metrics else None, force=force, arch=arch,
+                               num_classes=num_classes, in_chans=in_chans, num_workers=num_workers, quiet=quiet)
+
+    def show(r: dict) -> None:
+        t = Table(title=f"{r['dataset']} ({r['split']} split)", title_justify="left")
+        for col in ("model", "loss", "nll", "err", "ece"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for m in r["models"]:
+            t.add_row(m["path"], f"{m['loss']:.4f}", f"{m['nll']:.4f}", _pct(m["err"]), f"{m['ece']:.4f}")
+        if "ensemble" in r:
+            e = r["ensemble"]
+            t.add_row(f"ensemble of {e['members']}", "-", f"{e['nll']:.4f}", _pct(e["err"]), f"{e['ece']:.4f}")
+        stderr_console().print(t)
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="A safetensors checkpoint or an HDF5 metrics file.")],
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Metadata and a tensor summary of a checkpoint, or the layout and attributes of an HDF5 file."""
+    from .info import file_info
+
+    def show(r: dict) -> None:
+        console = stderr_console()
+        console.print(f"[bold]{r['path']}[/] ({r['type']}, {r['bytes']:,} bytes, sha256 {r['sha256'][:16]}...)")
+        fields = r.get("metadata") or r.get("attributes") or {}
+        _table("metadata" if r["type"] == "safetensors" else "attributes",
+               [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in fields.items()])
+        if r["type"] == "safetensors":
+            ts = r["tensors"]
+            t = Table(title=f"{ts['count']} tensors, {ts['elements']:,} elements ({ts['dtypes']})",
+                      title_justify="left")
+            for col in ("name", "shape", "dtype"):
+                t.add_column(col)
+            for e in ts["first"]:
+                t.add_row(e["name"], str(tuple(e["shape"])), e["dtype"])
+            if ts["count"] > len(ts["first"]):
+                t.add_row(f"... {ts['count'] - len(ts['first'])} more", "", "")
+        else:
+            t = Table(title="datasets", title_justify="left")
+            for col in ("name", "shape", "NaN", "min", "max", "last"):
+                t.add_column(col)
+            fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+            for name, e in r["datasets"].items():
+                t.add_row(name, str(tuple(e["shape"])), str(e.get("nan", "-")), fmt(e.get("min")),
+                          fmt(e.get("max")), fmt(e.get("last")))
+        console.print(t)
+
+    _run(lambda: file_info(file), as_json, quiet, show)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,368 @@
+"""Data sets as device tensors with batched, on-device normalisation and augmentation.
+
+Small data sets (everything except ``imagefolder:PATH``) are held as uint8 image tensors on the compute
+device; each batch is gathered, augmented and normalised there, so training never waits on per-sample
+Python transforms. ``imagefolder:PATH`` streams through torchvision's ImageFolder and a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
+AUGMENTS = ("auto", "none", "crop", "crop-flip")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# Per-channel mean and std of the training images (pixel values in [0, 1]).
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+# Flips suit natural images; digits (including SVHN's house numbers) are not mirror-symmetric.
+_DEFAULT_AUGMENT = {"digits": "crop", "mnist": "crop", "fashion-mnist": "crop", "cifar10": "crop-flip",
+                    "cifar100": "crop-flip", "svhn": "crop", "synthetic": "crop-flip", "imagefolder": "crop-flip"}
+#: Default architecture and epochs per data set (see docs/datasets.md).
+DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_convfc", "fashion-mnist": "cifar_convfc",
+                "cifar10": "cifar_preresnet20", "cifar100": "cifar_preresnet20", "svhn": "cifar_preresnet20",
+                "synthetic": "cifar_convfc", "imagefolder": "resnet18"}
+_VAL_SIZE = 5000  # held out from the end of the training set for --split val (10% for small sets)
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("MCTOOL_DATA") or Path.home() / ".cache" / "mctool" / "datasets")
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about its data; recorded in every checkpoint."""
+
+    name: str  # the --dataset string, e.g. "cifar10" or "synthetic:size=16,classes=4"
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str  # "none", "crop" or "crop-flip"
+    crop_padding: int
+
+    @property
+    def base(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+class Split(Protocol):
+    """One split of a data set: a sized source of (images, labels) batches on the compute device."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
+                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TensorSplit:
+    """uint8 images ``[N, C, H, W]`` and int64 labels held on one device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, device: torch.device,
+                 channels_last: bool = False):
+        self.images = images.to(device)
+        self.labels = labels.to(device=device, dtype=torch.long)
+        self.info = info
+        self.device = device
+        self.channels_last = channels_last
+        self._mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255.0
+        self._std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255.0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield normalised float batches; ``seed`` fixes the order and the augmentation exactly."""
+        n = len(self)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g).to(self.device) if shuffle else None
+        for start in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+            x = self.images[idx]
+            if augment and self.info.augment != "none":
+                x = augment_batch(x, self.info.crop_padding, self.info.augment == "crop-flip", g)
+            yield self.normalize(x), self.labels[idx]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding (and optional horizontal flip) of a whole uint8 batch at once."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None, None, None]
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+class LoaderSplit:
+    """An ImageFolder split streamed through a multi-worker DataLoader (for data too big for memory)."""
+
+    def __init__(self, train_dataset, eval_dataset, info: DatasetInfo, device: torch.device,
+                 num_workers: int, channels_last: bool = False):
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.info, self.device, self.num_workers, self.channels_last = info, device, num_workers, channels_last
+
+    def __len__(self) -> int:
+        return len(self.eval_dataset)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds = self.train_dataset if augment else self.eval_dataset
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False)
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+@dataclass
+class Data:
+    """A data set ready for training and evaluation; ``eval`` is the test set or the held-out validation set."""
+
+    info: DatasetInfo
+    train: Split
+    eval: Split
+    eval_split: str  # "test" or "val"
+    sources: list[str] = field(default_factory=list)
+
+
+def check_fits(num_classes: int, in_chans: int, info: DatasetInfo, what: str | os.PathLike) -> None:
+    """Refuse a data set whose classes or channels do not match a network."""
+    if num_classes != info.num_classes:
+        raise DataError(f"'{what}' predicts {num_classes} classes but data set '{info.name}' has {info.num_classes}.")
+    if in_chans != info.in_chans:
+        raise DataError(f"'{what}' takes {in_chans}-channel images but data set '{info.name}' has "
+                        f"{info.in_chans} channels.")
+
+
+def _parse_options(spec: str, allowed: dict[str, int]) -> dict[str, int]:
+    opts = dict(allowed)
+    if ":" in spec:
+        for item in filter(None, spec.split(":", 1)[1].split(",")):
+            key, _, value = item.partition("=")
+            if key not in allowed or not value.strip().isdigit() or int(value) < 1:
+                raise ConfigError(f"bad data set option '{item}' in '{spec}'; allowed: "
+                                  + ", ".join(f"{k}=N" for k in allowed) + " (positive integers).")
+            opts[key] = int(value)
+    return opts
+
+
+def _synthetic(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Seeded, learnable random images: a smooth prototype per class plus per-image noise."""
+    o = _parse_options(spec, {"size": 32, "channels": 3, "classes": 10, "train": 1024, "test": 256, "seed": 0})
+    g = torch.Generator().manual_seed(o["seed"])
+    low = max(2, o["size"] // 4)
+    protos = torch.rand(o["classes"], o["channels"], low, low, generator=g)
+    protos = torch.nn.functional.interpolate(protos, size=(o["size"], o["size"]), mode="bilinear", align_corners=False)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = torch.randint(0, o["classes"], (n,), generator=g)
+        x = protos[y] + 0.35 * torch.randn(n, o["channels"], o["size"], o["size"], generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), y.numpy()
+
+    return (*sample(o["train"]), *sample(o["test"]), o["classes"])
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    # A fixed seed: the split is part of the data set's definition, not of a run.
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, stratify=d.target, random_state=0)
+    return xtr, ytr, xte, yte
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    if not all((folder / n).is_file() for n in names):
+        return None
+    try:
+        xtr, ytr, xte, yte = (_read_idx_gz(folder / n) for n in names)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"the data set files in '{folder}' are damaged ({e}); re-install or re-download them.") from None
+    return xtr[:, None], ytr, xte[:, None], yte
+
+
+def _torchvision(base: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import torchvision.datasets as tvd
+
+    looked = [root]
+    if base == "fashion-mnist":
+        for folder in (root / "fashion-mnist", DEBIAN_FASHION_MNIST):
+            found = _idx_folder(folder)
+            if found is not None:
+                return found
+            looked.append(folder)
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+           "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[base]
+    try:
+        if base == "svhn":
+            tr, te = cls(str(root), split="train", download=download), cls(str(root), split="test", download=download)
+            return tr.data, tr.labels, te.data, te.labels
+        tr, te = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as e:
+        if download:
+            raise DataError(f"could not download '{base}' into '{root}': {e}") from None
+        hint = " or install Debian's package: apt-get install dataset-fashion-mnist" if base == "fashion-mnist" else ""
+        raise DataError(
+            f"data set '{base}' not found; looked in: {', '.join(str(p) for p in looked)}. "
+            f"Get it with --download (needs internet; stores it under --data-root), or put the files there "
+            f"yourself in torchvision's layout{hint}.") from None
+    xtr, xte = np.asarray(tr.data), np.asarray(te.data)
+    if xtr.ndim == 3:
+        xtr, xte = xtr[:, None], xte[:, None]
+    else:  # CIFAR stores NHWC
+        xtr, xte = xtr.transpose(0, 3, 1, 2), xte.transpose(0, 3, 1, 2)
+    return xtr, np.asarray(tr.targets), xte, np.asarray(te.targets)
+
+
+def _val_size(n_train: int) -> int:
+    return _VAL_SIZE if n_train >= 10 * _VAL_SIZE else max(1, n_train // 10)
+
+
+def _check_augment(augment: str) -> None:
+    if augment not in AUGMENTS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{augment}'.")
+
+
+def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = "test", download: bool = False,
+              device: torch.device | str = "cpu", augment: str = "auto", channels_last: bool = False,
+              normalization: dict[str, list[float]] | None = None, num_workers: int = 4,
+              image_size: int = 224) -> Data:
+    """Load a data set by name (see ``DATASETS``) onto ``device``.
+
+    ``split="val"`` holds out the last 5,000 training images (10% for sets under 50,000) as the
+    evaluation set. ``normalization`` overrides the data set's mean/std (use a checkpoint's).
+    """
+    if split not in ("test", "val"):
+        raise ConfigError(f"--split must be 'test' or 'val', got '{split}'.")
+    _check_augment(augment)
+    device = torch.device(device)
+    root = Path(root) if root is not None else default_data_root()
+    base = name.split(":", 1)[0]
+    if base == "imagefolder":
+        return _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size)
+    if base == "digits":
+        if ":" in name:
+            raise ConfigError("'digits' takes no options.")
+        xtr, ytr, xte, yte = _digits()
+        num_classes = 10
+    elif base == "synthetic":
+        xtr, ytr, xte, yte, num_classes = _synthetic(name)
+    elif base in ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"):
+        if ":" in name:
+            raise ConfigError(f"'{base}' takes no options.")
+        xtr, ytr, xte, yte = _torchvision(base, root, download)
+        num_classes = 100 if base == "cifar100" else 10
+    else:
+        raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}.")
+    xtr, xte = torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(np.ascontiguousarray(xte))
+    ytr, yte = torch.as_tensor(np.asarray(ytr), dtype=torch.long), torch.as_tensor(np.asarray(yte), dtype=torch.long)
+    in_chans, size = xtr.shape[1], xtr.shape[2]
+    if normalization is not None:
+        mean, std = tuple(normalization["mean"]), tuple(normalization["std"])
+    elif base in _STATS:
+        mean, std = _STATS[base]
+    else:  # digits and synthetic: statistics of the training images themselves
+        f = xtr.double() / 255.0
+        mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    info = DatasetInfo(name=name, num_classes=num_classes, in_chans=in_chans,
+                       image_size=size, mean=mean, std=std,
+                       augment=_DEFAULT_AUGMENT[base] if augment == "auto" else augment,
+                       crop_padding=max(1, size // 8))
+    if split == "val":
+        nv = _val_size(len(xtr))
+        xtr, ytr, xte, yte = xtr[:-nv], ytr[:-nv], xtr[-nv:], ytr[-nv:]
+    return Data(info=info, train=TensorSplit(xtr, ytr, info, device, channels_last),
+                eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
+
+
+def _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size) -> Data:
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+
+    folder = Path(name.split(":", 1)[1]) if ":" in name else None
+    if folder is None or not (folder / "train").is_dir() or not (folder / "val").is_dir():
+        raise DataError(f"'{name}' needs a folder with 'train/' and 'val/' inside, one sub-folder per class "
+                        "(e.g. imagefolder:/data/imagenet).")
+    mean, std = (tuple(normalization["mean"]), tuple(normalization["std"])) if normalization else _STATS["imagefolder"]
+    aug = _DEFAULT_AUGMENT["imagefolder"] if augment == "auto" else augment
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size), *norm])
+    train_tf = eval_tf if aug == "none" else T.Compose(
+        [T.RandomResizedCrop(image_size), *([T.RandomHorizontalFlip()] if aug == "crop-flip" else []), *norm])
+    try:
+        train_aug, train_plain = tvd.ImageFolder(folder / "train", train_tf), tvd.ImageFolder(folder / "train", eval_tf)
+        val = tvd.ImageFolder(folder / "val", eval_tf)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"cannot read image folder '{folder}': {e}") from None
+    info = DatasetInfo(name=name, num_classes=len(train_plain.classes), in_chans=3, image_size=image_size,
+                       mean=mean, std=std, augment=aug, crop_padding=0)
+    if split == "val":
+        n = len(train_plain)
+        nv = _val_size(n)
+        keep, held = list(range(n - nv)), list(range(n - nv, n))
+        sub = torch.utils.data.Subset
+        train = LoaderSplit(sub(train_aug, keep), sub(train_plain, keep), info, device, num_workers, channels_last)
+        ev = LoaderSplit(sub(train_plain, held), sub(train_plain, held), info, device, num_workers, channels_last)
+    else:
+        train = LoaderSplit(train_aug, train_plain, info, device, num_workers, channels_last)
+        ev = LoaderSplit(val, val, info, device, num_workers, channels_last)
+    return Data(info=info, train=train, eval=ev, eval_split=split)

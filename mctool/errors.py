@@ -1,0 +1,33 @@
+"""Errors mctool raises for user mistakes; the CLI prints them as ``Error: ...`` with exit code 1."""
+
+
+class MctoolError(Exception):
+    """A problem the user can fix: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(MctoolError):
+    """An option value that cannot work (bad learning rate, bad arch kwargs, ...)."""
+
+
+class DataError(MctoolError):
+    """A data set that is missing, malformed or does not fit the model."""
+
+
+class CheckpointError(MctoolError):
+    """A checkpoint file that cannot be read, is not safetensors, or does not fit its architecture."""
+
+
+class MetricsFileError(MctoolError):
+    """An HDF5 metrics file that cannot be read or does not have the expected layout."""
+
+
+class OutputError(MctoolError):
+    """An output that already exists (without --force) or cannot be written."""
+
+
+class NonFiniteLossError(MctoolError):
+    """Training produced a NaN or infinite loss."""
+
+
+class Interrupted(MctoolError):
+    """The user pressed Ctrl-C; state was saved and the run can be resumed."""
