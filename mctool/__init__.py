@@ -13,7 +13,7 @@ from .h5io import read_h5
 from .info import file_info
 from .models import MCTOOL_ARCHS, build_model
 from .schedules import lr_at, paper_factor
-from .train import TrainConfig, train
+from .training import TrainConfig, train
 
 __all__ = [
     "__version__", "LoadedModel", "ModelMeta", "load_model", "read_checkpoint", "save_model", "Data", "DatasetInfo",

@@ -180,7 +180,7 @@ def train(
 
     Interrupt with Ctrl-C at any time: completed epochs are kept and --resume continues the run.
     """
-    from .train import TrainConfig, train as run_train
+    from .training import TrainConfig, train as run_train
 
     def work() -> dict:
         cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
@@ -214,6 +214,8 @@ def evaluate(
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a plain safetensors state dict without "
                                                 "mctool metadata (e.g. saved by timm).")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict.")] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(help="Architecture arguments of a plain state dict as a JSON "
+                                                       "object, e.g. '{\"img_size\": 8}'.")] = None,
     in_chans: Annotated[Optional[int], typer.Option(help="Input channels of a plain state dict (default 3).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -235,7 +237,8 @@ def evaluate(
                                data_root=data_root, download=download, batch_size=batch_size,
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, force=force, arch=arch,
-                               num_classes=num_classes, in_chans=in_chans, num_workers=num_workers, quiet=quiet)
+                               num_classes=num_classes, in_chans=in_chans, arch_kwargs=_parse_kwargs(arch_kwargs),
+                               num_workers=num_workers, quiet=quiet)
 
     def show(r: dict) -> None:
         t = Table(title=f"{r['dataset']} ({r['split']} split)", title_justify="left")

@@ -185,9 +185,9 @@ def _parse_options(spec: str, allowed: dict[str, int]) -> dict[str, int]:
     if ":" in spec:
         for item in filter(None, spec.split(":", 1)[1].split(",")):
             key, _, value = item.partition("=")
-            if key not in allowed or not value.strip().isdigit() or int(value) < 1:
+            if key not in allowed or not value.isdecimal() or int(value) < (0 if key == "seed" else 1):
                 raise ConfigError(f"bad data set option '{item}' in '{spec}'; allowed: "
-                                  + ", ".join(f"{k}=N" for k in allowed) + " (positive integers).")
+                                  + ", ".join(f"{k}=N" for k in allowed) + " (positive integers; seed may be 0).")
             opts[key] = int(value)
     return opts
 
@@ -273,7 +273,7 @@ def _torchvision(base: str, root: Path, download: bool) -> tuple[np.ndarray, np.
 
 
 def _val_size(n_train: int) -> int:
-    return _VAL_SIZE if n_train >= 10 * _VAL_SIZE else max(1, n_train // 10)
+    return _VAL_SIZE if n_train >= 10 * _VAL_SIZE else max(1, round(n_train / 10))
 
 
 def _check_augment(augment: str) -> None:
@@ -358,7 +358,9 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
     if split == "val":
         n = len(train_plain)
         nv = _val_size(n)
-        keep, held = list(range(n - nv)), list(range(n - nv, n))
+        # ImageFolder lists images class by class: hold out a fixed random subset, not the last classes.
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        keep, held = perm[: n - nv], perm[n - nv:]
         sub = torch.utils.data.Subset
         train = LoaderSplit(sub(train_aug, keep), sub(train_plain, keep), info, device, num_workers, channels_last)
         ev = LoaderSplit(sub(train_plain, held), sub(train_plain, held), info, device, num_workers, channels_last)

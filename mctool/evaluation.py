@@ -72,7 +72,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                     data_root: str | None = None, download: bool = False, batch_size: int = 512,
                     precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
                     force: bool = False, arch: str | None = None, num_classes: int | None = None,
-                    in_chans: int | None = None, num_workers: int = 4, quiet: bool = False) -> dict:
+                    in_chans: int | None = None, arch_kwargs: dict | None = None, num_workers: int = 4,
+                    quiet: bool = False) -> dict:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     Per network: ``loss`` (NLL plus the L2 term 0.5 * wd * ||w||^2 with the wd it was trained with),
@@ -83,7 +84,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     if metrics:
         check_output(metrics, force, "metrics file")
     dev = resolve_device(device)
-    loaded = [load_model(p, arch=arch, num_classes=num_classes, in_chans=in_chans) for p in paths]
+    loaded = [load_model(p, arch=arch, num_classes=num_classes, in_chans=in_chans, arch_kwargs=arch_kwargs)
+              for p in paths]
     first = loaded[0].meta
     name = dataset or first.dataset
     if name is None:
@@ -111,7 +113,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             running.append(summarize(ens / k, labels))
             lm.model.to("cpu")
             bar.advance(task)
-    result: dict = {"split": data.eval_split, "dataset": data.info.name, "models": members}
+    result: dict = {"split": data.eval_split, "dataset": data.info.name, "samples": len(data.eval),
+                    "models": members}
     final = running[-1]
     if len(loaded) > 1:
         result["ensemble"] = {"members": len(loaded), **final}

@@ -1,0 +1,276 @@
+"""``mctool train``: SGD training of one network, resumable, with per-epoch metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, read_checkpoint, save_model
+from .data import DEFAULT_ARCH, Data, check_fits, load_data
+from .errors import ConfigError, Interrupted, NonFiniteLossError
+from .evaluation import predict_probs, summarize
+from .fileio import check_output, sha256_file
+from .h5io import MetricsLog, provenance
+from .models import arch_kwargs_for, build_model
+from .runtime import autocast, progress_bar, resolve_device
+from .schedules import SCHEDULES, lr_at
+
+_NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run's result (recorded in its outputs)."""
+
+    dataset: str = "digits"
+    arch: str | None = None  # default: per data set (data.DEFAULT_ARCH)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    lr: float = 0.05
+    wd: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int = 128
+    schedule: str = "paper"
+    seed: int = 0
+    augment: str = "auto"
+    split: str = "test"
+    precision: str = "fp32"
+    channels_last: bool = False
+    init: str | None = None
+    save_every: int = 0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}.")
+        if self.wd < 0:
+            raise ConfigError(f"--wd must be >= 0, got {self.wd}.")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.save_every < 0:
+            raise ConfigError(f"--save-every must be >= 0, got {self.save_every}.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'.")
+
+
+def state_path(output: str | Path) -> Path:
+    """Where the resumable training state of ``output`` lives: ``model.safetensors`` -> ``model.state.safetensors``."""
+    output = Path(output)
+    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(stem + ".state.safetensors")
+
+
+def snapshot_path(output: str | Path, epoch: int) -> Path:
+    """``--save-every`` checkpoint of ``output`` after ``epoch`` epochs: ``model-epoch010.safetensors``."""
+    output = Path(output)
+    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(f"{stem}-epoch{epoch:03d}.safetensors")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Each epoch's shuffling, augmentation and dropout depend only on (seed, epoch), so a resumed run
+    # replays exactly what an uninterrupted run would have done.
+    return seed * 1_000_003 + epoch
+
+
+def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool,
+                    force: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Check outputs before any work; with ``resume``, return the saved state after checking its config.
+
+    A resumed run must be given the same options; ``None`` (e.g. an architecture left to its default)
+    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded.
+    """
+    state_file = state_path(output)
+    if resume:
+        if not state_file.exists():
+            hint = " The run already finished." if output.exists() else ""
+            raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")
+        state = read_checkpoint(state_file)
+        saved = json.loads(state[1].get("config", "{}"))
+        diff = {}
+        for k, v in config.items():
+            old = saved.get(k)
+            same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)
+            if not same:
+                diff[k] = (old, v)
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(f"--resume needs the same options as the interrupted run; these differ: {shown}.")
+        check_output(output, force=True)
+        return state
+    if state_file.exists() and not force:
+        raise ConfigError(f"an interrupted run left '{state_file}'; pass --resume to continue it or --force to "
+                          "start over.")
+    check_output(output, force)
+    check_output(metrics, force, "metrics file")
+    return None
+
+
+def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Restore SGD momentum buffers saved under ``optimizer/momentum/<param name>``."""
+    for name, buf in tensors.items():
+        if name.startswith(MOMENTUM_PREFIX):
+            p = params[name[len(MOMENTUM_PREFIX):]]
+            opt.state[p]["momentum_buffer"] = buf.to(p.device)
+
+
+def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers keyed ``optimizer/momentum/<param name>``."""
+    return {MOMENTUM_PREFIX + name: opt.state[p]["momentum_buffer"] for name, p in params.items()
+            if opt.state.get(p, {}).get("momentum_buffer") is not None}
+
+
+def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *, cfg: Any,
+        data: Data, log: MetricsLog, start_epoch: int, output: Path,
+        save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
+        quiet: bool, desc: str) -> None:
+    """The epoch loop shared by ``train`` and ``connect``.
+
+    ``step(x, y, lr)`` does one optimisation step and returns the (detached) mean loss and logits.
+    After each epoch: ``evaluate()``, a metrics row, the resumable state, then the metrics file.
+    ``cfg`` needs epochs, lr, schedule, seed, batch_size and save_every.
+    """
+    state_file = state_path(output)
+    n_iter = data.train.num_batches(cfg.batch_size)
+    dev = getattr(data.train, "device", torch.device("cpu"))
+    try:
+        with progress_bar(quiet) as bar:
+            ep_task = bar.add_task(desc, total=cfg.epochs, completed=start_epoch, info="")
+            it_task = bar.add_task("  epoch", total=n_iter, info="")
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.time()
+                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                losses = torch.zeros(n_iter, device=dev)
+                wrong = torch.zeros((), device=dev, dtype=torch.long)
+                seen = 0
+                bar.reset(it_task, total=n_iter)
+                batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
+                                             seed=_epoch_seed(cfg.seed, epoch))
+                for i, (x, y) in enumerate(batches):
+                    lr = lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n_iter)
+                    loss, out = step(x, y, lr)
+                    losses[i] = loss * y.shape[0]
+                    wrong += (out.argmax(1) != y).sum()
+                    seen += y.shape[0]
+                    if (i + 1) % _NAN_CHECK_EVERY == 0 or i + 1 == n_iter:
+                        _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None)
+                    bar.advance(it_task)
+                row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
+                       **evaluate()}
+                log.append(epoch + 1, **row, seconds=time.time() - t0)
+                # Order matters: the state (with the history) first, then the metrics file it reproduces.
+                save_state(epoch + 1, state_file, "train-state")
+                log.flush()
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
+                    save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "lr")
+                bar.update(ep_task, completed=epoch + 1, info=shown)
+    except KeyboardInterrupt:
+        done = len(log.rows)
+        raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
+                          f"'{state_file}'. Continue with the same command plus --resume.") from None
+
+
+def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: str = "auto",
+          data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
+          force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train one network; returns a summary (paths and final metrics). See docs/cli.md#train."""
+    cfg.validate()
+    output, metrics = Path(output), Path(metrics)
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
+    if resume_state is not None:
+        saved = json.loads(resume_state[1]["config"])
+        cfg.arch, cfg.arch_kwargs = saved["arch"], saved["arch_kwargs"]
+
+    dev = resolve_device(device)
+    init = load_model(cfg.init) if cfg.init else None
+    data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
+                     augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
+                     normalization=init.meta.normalization if init else None)
+    if init is not None:
+        check_fits(init.meta.num_classes, init.meta.in_chans, data.info, cfg.init)
+        if cfg.arch not in (None, init.meta.arch):
+            raise ConfigError(f"--arch {cfg.arch} differs from --init's architecture '{init.meta.arch}'.")
+        cfg.arch, cfg.arch_kwargs = init.meta.arch, {**init.meta.arch_kwargs, **cfg.arch_kwargs}
+        model = init.model
+    else:
+        cfg.arch = cfg.arch or DEFAULT_ARCH[data.info.base]
+        cfg.arch_kwargs = arch_kwargs_for(cfg.arch, cfg.arch_kwargs, data.info.image_size)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch, data.info.num_classes, data.info.in_chans, cfg.arch_kwargs)
+    inputs = {str(cfg.init): init.sha256} if init else {}
+    meta = ModelMeta(arch=cfg.arch, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
+                     arch_kwargs=cfg.arch_kwargs, dataset=data.info.name, image_size=data.info.image_size,
+                     normalization=data.info.normalization, config=asdict(cfg), inputs=inputs)
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    params = dict(model.named_parameters())
+    split = data.eval_split
+    log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", f"{split}/nll", f"{split}/err", "seconds"],
+                     {**provenance(inputs, asdict(cfg), "train"), "eval_split": split})
+    start_epoch = 0
+    if resume_state is not None:
+        tensors, md = resume_state
+        start_epoch = int(md["epoch"])
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(MOMENTUM_PREFIX)})
+        set_momentum(opt, params, tensors)
+        log.rows = json.loads(md["history"])
+        log.attrs["started"] = md.get("started", log.attrs["started"])
+    elif init is not None:
+        set_momentum(opt, params, init.extra_tensors)  # keep a train-state's momentum
+
+    def save_state(epoch: int, path: Path, kind: str) -> None:
+        extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"]}
+        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}),
+                   get_momentum(opt, params))
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(dev, cfg.precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    def evaluate() -> dict[str, float]:
+        probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev)
+        ev = summarize(probs, labels)
+        return {f"{split}/nll": ev["nll"], f"{split}/err": ev["err"]}
+
+    t_run = time.time()
+    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+        evaluate=evaluate, quiet=quiet, desc="train")
+    save_model(output, model, meta)
+    log.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log.flush()
+    state_path(output).unlink(missing_ok=True)
+    last = log.rows[-1]
+    return {"output": str(output), "metrics_file": str(metrics), "arch": cfg.arch, "dataset": data.info.name,
+            "epochs": cfg.epochs, "eval_split": split, "train_loss": last["train/loss"], "train_err": last["train/err"],
+            f"{split}_nll": last[f"{split}/nll"], f"{split}_err": last[f"{split}/err"],
+            "seconds": time.time() - t_run, "sha256": sha256_file(output)}
+
+
+def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:
+    bad = ~torch.isfinite(weighted_losses)
+    if bool(bad.any()):
+        it = int(bad.nonzero()[0, 0])
+        kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
+                else "no epoch had completed, so nothing was saved")
+        raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
+                                 f"stopped and {kept}. Try a lower --lr.")

@@ -1,0 +1,60 @@
+"""Shared fixtures: a CLI runner and a few tiny trained networks (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mctool.cli import app
+
+torch.set_num_threads(2)
+
+
+class Cli:
+    """Runs ``mctool`` in-process and checks the invariants every invocation must keep."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0):
+        result = self.runner.invoke(app, [str(a) for a in args])
+        assert "Traceback" not in result.output, result.output
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
+        return result
+
+    def json(self, *args: str) -> dict:
+        result = self(*args, "--json")
+        return json.loads(result.stdout)
+
+    def error(self, *args: str, code: int = 1) -> str:
+        result = self(*args, code=code)
+        # Progress bars may precede it on stderr; the error is the last thing printed, on its own line.
+        lines = result.stderr.splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
+        assert starts, result.stderr
+        return "\n".join(lines[starts[-1]:])
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory) -> list[Path]:
+    """Two small MLPs trained on digits from different seeds."""
+    folder = tmp_path_factory.mktemp("digits-models")
+    cli = Cli()
+    paths = []
+    for seed in (0, 1):
+        out = folder / f"m{seed}.safetensors"
+        cli("train", "-d", "digits", "-o", out, "--epochs", "8", "--lr", "0.1", "--seed", seed, "--arch-kwargs", '{"hidden": 32}',
+            "-q", "--device", "cpu")
+        paths.append(out)
+    return paths

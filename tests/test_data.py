@@ -1,0 +1,377 @@
+"""mctool.data: bundled and synthetic data sets, splits, batching, augmentation and missing-data errors."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mctool import data as mdata
+from mctool.data import augment_batch, load_data
+from mctool.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+# --- digits ---------------------------------------------------------------------------------------------------
+
+
+def test_digits_sizes_and_info(digits):
+    assert len(digits.train) == 1437 and len(digits.eval) == 360
+    assert digits.eval_split == "test"
+    info = digits.info
+    assert (info.num_classes, info.in_chans, info.image_size) == (10, 1, 8)
+    assert info.augment == "crop" and info.crop_padding == 1
+    for split in (digits.train, digits.eval):
+        assert split.images.dtype == torch.uint8
+        assert tuple(split.images.shape[1:]) == (1, 8, 8)
+        assert split.labels.dtype == torch.long
+    # Digits pixels are 0..16 scaled to 0..255: both ends are reached.
+    assert int(digits.train.images.min()) == 0 and int(digits.train.images.max()) == 255
+    assert set(digits.train.labels.tolist()) == set(range(10))
+
+
+def test_digits_is_deterministic(digits):
+    again = load_data("digits")
+    assert torch.equal(again.train.images, digits.train.images)
+    assert torch.equal(again.train.labels, digits.train.labels)
+    assert torch.equal(again.eval.images, digits.eval.images)
+    assert torch.equal(again.eval.labels, digits.eval.labels)
+
+
+def test_digits_split_is_stratified(digits):
+    ytr, yte = digits.train.labels, digits.eval.labels
+    overall = torch.bincount(torch.cat([ytr, yte]), minlength=10).double() / (len(ytr) + len(yte))
+    test_share = torch.bincount(yte, minlength=10).double() / len(yte)
+    assert (test_share - overall).abs().max() < 0.01
+
+
+def test_digits_rejects_options():
+    with pytest.raises(ConfigError, match="takes no options"):
+        load_data("digits:size=3")
+
+
+# --- validation split -----------------------------------------------------------------------------------------
+
+
+def test_val_split_holds_out_the_tail_of_train(digits):
+    val = load_data("digits", split="val")
+    nv = mdata._val_size(1437)
+    assert nv == 144  # 10% of 1,437, rounded to nearest
+    assert val.eval_split == "val"
+    assert len(val.eval) == nv and len(val.train) == 1437 - nv
+    assert torch.equal(val.eval.images, digits.train.images[-nv:])
+    assert torch.equal(val.eval.labels, digits.train.labels[-nv:])
+    assert torch.equal(val.train.images, digits.train.images[:-nv])
+    # the real test set is not used at all
+    assert not any(torch.equal(val.eval.images[:10], digits.eval.images[i:i + 10]) for i in range(0, 350))
+
+
+def test_val_size_rule():
+    assert mdata._val_size(50_000) == 5000
+    assert mdata._val_size(60_000) == 5000
+    assert mdata._val_size(49_999) == 5000  # 10%, rounded
+    assert mdata._val_size(40_000) == 4000
+    assert mdata._val_size(1000) == 100
+    assert mdata._val_size(5) == 1
+
+
+# --- synthetic ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_options_shape_the_data():
+    d = load_data("synthetic:size=16,channels=1,classes=4,train=100,test=40,seed=3")
+    assert tuple(d.train.images.shape) == (100, 1, 16, 16)
+    assert tuple(d.eval.images.shape) == (40, 1, 16, 16)
+    assert (d.info.num_classes, d.info.in_chans, d.info.image_size) == (4, 1, 16)
+    assert d.info.crop_padding == 2  # size // 8
+    assert d.info.augment == "crop-flip"
+    assert int(d.train.labels.min()) >= 0 and int(d.train.labels.max()) == 3
+    assert d.train.images.dtype == torch.uint8
+
+
+def test_synthetic_defaults():
+    d = load_data("synthetic")
+    assert tuple(d.train.images.shape) == (1024, 3, 32, 32) and len(d.eval) == 256
+    assert d.info.num_classes == 10 and d.info.crop_padding == 4
+
+
+def test_synthetic_is_deterministic_per_seed():
+    spec = "synthetic:size=8,classes=3,train=50,test=20,seed={}"
+    a, b, c = (load_data(spec.format(s)) for s in (1, 1, 2))
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.eval.labels, b.eval.labels)
+    assert not torch.equal(a.train.images, c.train.images)
+
+
+@pytest.mark.parametrize("name", ["synthetic:size=0", "synthetic:foo=1", "synthetic:size=abc", "synthetic:classes=-2",
+                                  "digits:size=3", "cifar10:size=3", "nosuchdata", "imagenet"])
+def test_bad_data_set_names_raise_config_error(name, tmp_path):
+    with pytest.raises(ConfigError):
+        load_data(name, root=tmp_path)
+
+
+def test_bad_option_message_lists_allowed_options():
+    with pytest.raises(ConfigError, match="size=N"):
+        load_data("synthetic:foo=1")
+
+
+def test_bad_split_and_augment_raise_config_error():
+    with pytest.raises(ConfigError, match="--split"):
+        load_data("digits", split="train")
+    with pytest.raises(ConfigError, match="--augment"):
+        load_data("digits", augment="rotate")
+
+
+def test_explicit_augment_overrides_default():
+    assert load_data("digits", augment="none").info.augment == "none"
+    assert load_data("digits", augment="crop-flip").info.augment == "crop-flip"
+
+
+# --- batches --------------------------------------------------------------------------------------------------
+
+
+def _raw(split, x: torch.Tensor) -> torch.Tensor:
+    """Undo normalisation back to pixel values."""
+    mean = torch.tensor(split.info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(split.info.std).view(1, -1, 1, 1)
+    return (x * std + mean) * 255.0
+
+
+def test_batches_in_order_cover_everything_and_keep_last(digits):
+    split = digits.eval  # 360 images
+    batches = list(split.batches(100))
+    assert [len(y) for _, y in batches] == [100, 100, 100, 60]
+    assert split.num_batches(100) == 4 and split.num_batches(100, drop_last=True) == 3
+    ys = torch.cat([y for _, y in batches])
+    assert torch.equal(ys, split.labels)
+    xs = torch.cat([x for x, _ in batches])
+    assert xs.shape == (360, 1, 8, 8) and xs.dtype == torch.float32
+    assert torch.allclose(_raw(split, xs), split.images.float(), atol=1e-3)
+
+
+def test_batches_drop_last(digits):
+    split = digits.eval
+    sizes = [len(y) for _, y in split.batches(100, drop_last=True)]
+    assert sizes == [100, 100, 100]
+    assert list(split.batches(400, drop_last=True)) == []
+    assert [len(y) for _, y in split.batches(400)] == [360]
+
+
+def test_batches_values_are_normalised(digits):
+    split = digits.eval
+    x, _ = next(split.batches(50))
+    mean = torch.tensor(split.info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(split.info.std).view(1, -1, 1, 1)
+    expected = (split.images[:50].float() / 255 - mean) / std
+    assert torch.allclose(x, expected, atol=1e-5)
+    # digits statistics come from its training images: a normalised training set has mean ~0 and std ~1
+    xt = torch.cat([b for b, _ in digits.train.batches(500)])
+    assert abs(float(xt.mean())) < 1e-3 and abs(float(xt.std()) - 1) < 1e-2
+
+
+def test_normalization_override(tmp_path):
+    d = load_data("digits", normalization={"mean": [0.5], "std": [0.25]})
+    x, _ = next(d.eval.batches(10))
+    assert torch.allclose(x, (d.eval.images[:10].float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_shuffled_batches_are_a_seeded_permutation(digits):
+    split = digits.eval
+
+    def order(seed):
+        xs, ys = zip(*split.batches(64, shuffle=True, seed=seed))
+        return torch.cat(xs), torch.cat(ys)
+
+    x0, y0 = order(0)
+    x0b, y0b = order(0)
+    x1, y1 = order(1)
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
+    assert not torch.equal(y0, y1)
+    assert not torch.equal(y0, split.labels)
+    # every sample exactly once: same multiset of labels and of images
+    assert torch.equal(y0.sort().values, split.labels.sort().values)
+    flat = lambda t: t.flatten(1)  # noqa: E731
+    assert torch.equal(flat(x0).sum(1).sort().values, flat(split.normalize(split.images)).sum(1).sort().values)
+
+
+def test_augmented_batches_are_seeded_and_change_images(digits):
+    split = digits.train
+    a = next(split.batches(64, shuffle=True, augment=True, seed=5))[0]
+    b = next(split.batches(64, shuffle=True, augment=True, seed=5))[0]
+    plain = next(split.batches(64, shuffle=True, augment=False, seed=5))[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain)
+    assert a.shape == plain.shape
+    # augment="none" turns augmentation off even when asked for
+    none = load_data("digits", augment="none").train
+    assert torch.equal(next(none.batches(64, shuffle=True, augment=True, seed=5))[0], plain)
+
+
+# --- augment_batch --------------------------------------------------------------------------------------------
+
+
+def _small_batch(b=16, c=2, h=6, w=5):
+    torch.manual_seed(0)
+    return torch.randint(1, 256, (b, c, h, w), dtype=torch.uint8)  # no zeros: padding is recognisable
+
+
+def test_augment_crop_is_a_shifted_window_of_the_padded_image():
+    x = _small_batch()
+    p = 2
+    out = augment_batch(x, p, False, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (p,) * 4)
+    h, w = x.shape[2:]
+    offsets = []
+    for i in range(len(x)):
+        found = [(oy, ox) for oy in range(2 * p + 1) for ox in range(2 * p + 1)
+                 if torch.equal(out[i], padded[i, :, oy:oy + h, ox:ox + w])]
+        assert found, f"image {i} is not a crop of its padded input"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1  # the offsets really are random
+    assert torch.equal(out, augment_batch(x, p, False, torch.Generator().manual_seed(0)))
+
+
+def test_augment_flip_only_mirrors():
+    x = _small_batch(b=64)
+    out = augment_batch(x, 0, True, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    same = [torch.equal(out[i], x[i]) for i in range(64)]
+    mirrored = [torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert any(same) and any(mirrored)
+
+
+def test_augment_with_no_padding_no_flip_is_identity():
+    x = _small_batch()
+    assert torch.equal(augment_batch(x, 0, False, torch.Generator().manual_seed(0)), x)
+
+
+def test_default_augment_per_data_set():
+    assert mdata._DEFAULT_AUGMENT["digits"] == "crop"
+    assert mdata._DEFAULT_AUGMENT["cifar10"] == "crop-flip"
+    assert mdata._DEFAULT_AUGMENT["svhn"] == "crop"  # house numbers are not mirror-symmetric
+    assert set(mdata._DEFAULT_AUGMENT) >= {n.split(":")[0] for n in mdata.DATASETS}
+    assert load_data("synthetic:size=24,train=4,test=2").info.crop_padding == 3
+    assert load_data("synthetic:size=4,train=4,test=2").info.crop_padding == 1
+
+
+# --- torchvision / IDX data sets ------------------------------------------------------------------------------
+
+
+def test_missing_mnist_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_data("mnist", root=tmp_path)
+    assert str(tmp_path) in str(e.value)
+    assert "--download" in str(e.value)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_idx_files_in_root(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    xtr, xte = rng.integers(0, 256, (6, 4, 5)), rng.integers(0, 256, (3, 4, 5))
+    ytr, yte = np.array([0, 1, 2, 3, 4, 9]), np.array([7, 8, 5])
+    _write_idx(folder / "train-images-idx3-ubyte.gz", xtr)
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", ytr)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", xte)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", yte)
+    d = load_data("fashion-mnist", root=tmp_path)
+    assert tuple(d.train.images.shape) == (6, 1, 4, 5) and tuple(d.eval.images.shape) == (3, 1, 4, 5)
+    assert torch.equal(d.train.images[:, 0], torch.from_numpy(xtr.astype(np.uint8)))
+    assert torch.equal(d.eval.images[:, 0], torch.from_numpy(xte.astype(np.uint8)))
+    assert d.train.labels.tolist() == ytr.tolist() and d.eval.labels.tolist() == yte.tolist()
+    assert d.info.num_classes == 10 and d.info.in_chans == 1
+    assert d.info.mean == mdata._STATS["fashion-mnist"][0]
+
+
+def test_damaged_idx_files_raise_data_error(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (folder / n).write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="damaged"):
+        load_data("fashion-mnist", root=tmp_path)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.skipif(not FASHION.is_file(),
+                    reason=f"{FASHION} absent (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist(tmp_path):
+    d = load_data("fashion-mnist", root=tmp_path)  # empty root: falls back to the Debian folder
+    assert len(d.train) == 60_000 and len(d.eval) == 10_000
+    assert tuple(d.train.images.shape[1:]) == (1, 28, 28)
+    assert d.info.num_classes == 10 and d.info.image_size == 28
+    assert torch.equal(torch.bincount(d.train.labels), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(d.eval.labels), torch.full((10,), 1000))
+    assert len(load_data("fashion-mnist", root=tmp_path, split="val").eval) == 5000
+
+
+# --- imagefolder ----------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="train/"):
+        load_data(f"imagefolder:{tmp_path / 'nope'}")
+    with pytest.raises(DataError):
+        load_data("imagefolder")
+
+
+def test_imagefolder_loads_and_batches(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    counts = {"train": 3, "val": 2}
+    for part, n in counts.items():
+        for cls in ("cat", "dog"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / part / cls / f"{i}.png")
+    d = load_data(f"imagefolder:{tmp_path}", num_workers=0, image_size=8)
+    assert (d.info.num_classes, d.info.in_chans, d.info.image_size) == (2, 3, 8)
+    assert len(d.train) == 6 and len(d.eval) == 4
+    batches = list(d.eval.batches(3))
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 3, 8, 8), (1, 3, 8, 8)]
+    assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 1, 1]
+    xa, ya = next(d.train.batches(4, shuffle=True, augment=True, seed=0))
+    assert tuple(xa.shape) == (4, 3, 8, 8) and xa.dtype == torch.float32
+    assert len(ya) == 4
+
+
+def test_imagefolder_val_split_holds_out_every_class(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b", "c", "d"):
+        for part, n in (("train", 25), ("val", 1)):
+            (tmp_path / part / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / part / cls / f"{i}.png")
+    d = load_data(f"imagefolder:{tmp_path}", split="val", num_workers=0, image_size=8)
+    assert len(d.eval) == 10 and len(d.train) == 90
+    held = torch.cat([y for _, y in d.eval.batches(100)])
+    # a random hold-out, not the last class of the class-ordered listing
+    assert len(set(held.tolist())) >= 3
+
+
+def test_synthetic_seed_zero_is_accepted():
+    a = load_data("synthetic:size=8,seed=0,train=20,test=5")
+    b = load_data("synthetic:size=8,train=20,test=5")
+    assert torch.equal(a.train.images, b.train.images)

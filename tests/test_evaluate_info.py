@@ -1,0 +1,101 @@
+"""`mctool evaluate` and `mctool info`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mctool.checkpoint import load_model, read_checkpoint
+from mctool.data import load_data
+from mctool.evaluation import nll, predict_probs
+from mctool.h5io import read_h5
+
+
+def test_evaluate_single_and_ensemble_by_hand(cli, tmp_path, digits_models):
+    metrics = tmp_path / "eval.h5"
+    r = cli.json("evaluate", *digits_models, "-m", metrics, "--device", "cpu")
+    assert r["split"] == "test" and len(r["models"]) == 2 and r["ensemble"]["members"] == 2
+    data = load_data("digits")
+    probs = []
+    for path, m in zip(digits_models, r["models"]):
+        p, labels = predict_probs(load_model(path).model, data.eval)
+        probs.append(p)
+        assert m["nll"] == pytest.approx(nll(p, labels), rel=1e-6)
+        assert m["loss"] > m["nll"]  # the L2 term of the training objective is added
+        assert 0 <= m["err"] <= 1 and 0 <= m["ece"] <= 1
+    ens = (probs[0] + probs[1]) / 2
+    assert r["ensemble"]["nll"] == pytest.approx(nll(ens, labels), rel=1e-6)
+    assert r["test_nll"] == r["ensemble"]["nll"] and r["test_err"] == r["ensemble"]["err"]
+    h5, attrs = read_h5(metrics)
+    assert h5["test/nll"].tolist() == pytest.approx([m["nll"] for m in r["models"]])
+    assert h5["ensemble/test/nll"][0] == pytest.approx(r["models"][0]["nll"])  # an ensemble of one is the model
+    assert h5["ensemble/test/nll"][1] == pytest.approx(r["ensemble"]["nll"])
+    assert attrs["kind"] == "evaluate" and str(digits_models[0]) in json.loads(attrs["inputs"])
+    # the metrics file is not overwritten without --force
+    assert "--force" in cli.error("evaluate", digits_models[0], "-m", metrics)
+
+
+def test_evaluate_val_split_and_human_output(cli, digits_models):
+    r = cli.json("evaluate", digits_models[0], "--split", "val", "--device", "cpu")
+    assert r["split"] == "val" and "val_err" in r and "ensemble" not in r
+    out = cli("evaluate", digits_models[0], "--device", "cpu")
+    assert out.stdout == ""  # tables go to stderr
+    assert "digits" in out.stderr and "%" in out.stderr
+
+
+def test_evaluate_plain_state_dict(cli, tmp_path, digits_models):
+    tensors, _ = read_checkpoint(digits_models[0])
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))  # no metadata, as timm would save it
+    assert "--arch and --num-classes" in cli.error("evaluate", plain, "-d", "digits")
+    # mlp needs its hidden width and input size: the error lists the mismatching shapes
+    assert "shape mismatches" in cli.error("evaluate", plain, "-d", "digits", "--arch", "mlp", "--num-classes", "10",
+                                           "--in-chans", "1")
+    plain_args = ["--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
+                  '{"hidden": 32, "img_size": 8}', "--device", "cpu"]
+    assert "--dataset" in cli.error("evaluate", plain, *plain_args)
+    r = cli.json("evaluate", plain, "-d", "digits", *plain_args)
+    assert r["test_nll"] == pytest.approx(cli.json("evaluate", digits_models[0], "--device", "cpu")["test_nll"])
+
+
+def test_evaluate_refusals(cli, tmp_path, digits_models):
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, pt)
+    assert "never unpickles" in cli.error("evaluate", pt)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a checkpoint")
+    assert "not a safetensors file" in cli.error("evaluate", junk)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(digits_models[0].read_bytes()[:-50])
+    assert "truncated" in cli.error("evaluate", cut)
+    assert "does not exist" in cli.error("evaluate", tmp_path / "missing.safetensors")
+    assert "10 classes but data set" in cli.error("evaluate", digits_models[0], "-d",
+                                                  "synthetic:size=8,channels=1,classes=4")
+    assert "channel" in cli.error("evaluate", digits_models[0], "-d", "synthetic:size=8,channels=3,classes=10")
+    cli("evaluate", code=2)  # no model given
+
+
+def test_info_checkpoint_and_metrics(cli, digits_models):
+    r = cli.json("info", digits_models[0])
+    assert r["type"] == "safetensors" and r["metadata"]["arch"] == "mlp" and r["metadata"]["kind"] == "model"
+    assert r["metadata"]["arch_kwargs"] == {"hidden": 32, "img_size": 8}
+    assert r["tensors"]["count"] == 6 and r["tensors"]["elements"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    h5 = digits_models[0].with_suffix(".h5")
+    r = cli.json("info", h5)
+    assert r["type"] == "hdf5" and r["attributes"]["kind"] == "train"
+    assert r["datasets"]["test/err"]["shape"] == [8] and r["datasets"]["test/err"]["nan"] == 0
+    human = cli("info", h5)
+    assert "test/err" in human.stderr
+    assert "does not exist" in cli.error("info", h5.with_name("nope.h5"))
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run([sys.executable, "-m", "mctool", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("mctool ")
+    out = subprocess.run([sys.executable, "-m", "mctool", "train", "--help"], capture_output=True, text=True,
+                         check=True)
+    for option in ("--dataset", "--arch", "--epochs", "--resume", "--save-every", "--json", "--force", "--precision"):
+        assert option in out.stdout

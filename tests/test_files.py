@@ -1,0 +1,150 @@
+"""Checkpoint and HDF5 round trips, and the errors for files mctool must refuse."""
+
+import json
+import pickle
+import struct
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mctool.checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_model
+from mctool.errors import CheckpointError, ConfigError, OutputError
+from mctool.fileio import atomic_path, check_output
+from mctool.h5io import MetricsLog, provenance, read_h5
+from mctool.models import build_model
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16})
+
+
+def _meta(**kw):
+    base = dict(arch="mlp", num_classes=10, in_chans=1, arch_kwargs={"img_size": 8, "hidden": 16}, dataset="digits",
+                image_size=8, normalization={"mean": [0.3], "std": [0.4]}, config={"lr": 0.1},
+                inputs={"a.safetensors": "ab" * 32})
+    base.update(kw)
+    return ModelMeta(**base)
+
+
+def test_model_checkpoint_round_trip(tmp_path):
+    model, path = _mlp(), tmp_path / "m.safetensors"
+    save_model(path, model, _meta())
+    loaded = load_model(path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    md = read_metadata(path)
+    assert md["format"] == "pt" and md["kind"] == "model" and md["arch"] == "mlp"
+    assert json.loads(md["arch_kwargs"]) == {"img_size": 8, "hidden": 16}
+    assert json.loads(md["normalization"]) == {"mean": [0.3], "std": [0.4]}
+    assert json.loads(md["inputs"]) == {"a.safetensors": "ab" * 32}
+    assert loaded.meta.dataset == "digits" and loaded.meta.image_size == 8 and loaded.meta.config == {"lr": 0.1}
+    assert len(loaded.sha256) == 64
+    assert not loaded.model.training
+    # no temporary files are left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_plain_state_dict_needs_arch_and_num_classes(tmp_path):
+    model, path = _mlp(), tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="--arch and --num-classes"):
+        load_model(path)
+    loaded = load_model(path, arch="mlp", num_classes=10, in_chans=1, arch_kwargs={"img_size": 8, "hidden": 16})
+    assert torch.equal(loaded.model.net[1].weight, model.net[1].weight)
+
+
+def test_shape_and_key_mismatches_are_listed(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model(path, _mlp(), _meta(arch_kwargs={"img_size": 8, "hidden": 16}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, arch_kwargs={"hidden": 8})
+    assert "shape mismatches" in str(e.value) and "net.1.weight" in str(e.value)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_model(path, arch_kwargs={"depth": 3})
+
+
+def test_unknown_arch_in_metadata(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model(path, _mlp(), _meta(arch="no_such_net"))
+    with pytest.raises(ConfigError, match="unknown architecture 'no_such_net'"):
+        load_model(path)
+
+
+def test_refuses_pickles_garbage_and_truncation(tmp_path):
+    pt = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(2)}, pt)  # zip container with a pickle inside
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        read_checkpoint(pt)
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        read_checkpoint(raw)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello, this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_checkpoint(junk)
+    bad_json = tmp_path / "bad.safetensors"
+    bad_json.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(CheckpointError, match="not JSON"):
+        read_checkpoint(bad_json)
+    good = tmp_path / "good.safetensors"
+    save_model(good, _mlp(), _meta())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_output_checks(tmp_path):
+    existing = tmp_path / "x.h5"
+    existing.write_text("keep me")
+    with pytest.raises(OutputError, match="--force"):
+        check_output(existing, force=False)
+    check_output(existing, force=True)
+    assert existing.read_text() == "keep me"  # checking never touches the file
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="not writable"):
+        check_output(blocker / "out.safetensors", force=False)
+    check_output(tmp_path / "new" / "dir" / "out.safetensors", force=False)
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "t.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_metrics_log_layout(tmp_path):
+    path = tmp_path / "m.h5"
+    log = MetricsLog(path, "epoch", ["lr", "train/loss"], provenance({"in": "00"}, {"lr": 0.1}, "train"))
+    log.append(1, lr=0.1, **{"train/loss": 2.5})
+    log.append(2, lr=0.05)
+    log.flush()
+    data, attrs = read_h5(path)
+    assert data["epoch"].tolist() == [1, 2]
+    assert data["lr"].tolist() == [0.1, 0.05]
+    assert data["train/loss"][0] == 2.5 and np.isnan(data["train/loss"][1])  # NaN: not computed
+    assert attrs["kind"] == "train" and json.loads(attrs["inputs"]) == {"in": "00"}
+    assert attrs["mctool_version"] and attrs["command"].startswith("mctool") and attrs["started"]
+    with h5py.File(path) as f:
+        assert f["epoch"].attrs["CLASS"] == b"DIMENSION_SCALE"
+        assert f["train/loss"].dims[0][0].name == "/epoch"
+        assert f["lr"].maxshape == (None,)  # appendable by other tools
+    with pytest.raises(ValueError):
+        log.append(3, nonsense=1.0)

@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from mctool.errors import ConfigError
+from mctool.evaluation import ece, error, nll
+from mctool.schedules import cosine_factor, lr_at, paper_factor
+
+
+def test_paper_schedule_matches_the_formula():
+    # a = epoch / epochs: flat to a = 0.5, linear to 0.01 at a = 0.9, then flat.
+    assert paper_factor(0, 100) == 1.0
+    assert paper_factor(50, 100) == 1.0
+    assert paper_factor(70, 100) == pytest.approx(1 - 0.99 * 0.2 / 0.4)
+    assert paper_factor(90, 100) == pytest.approx(0.01)
+    assert paper_factor(99, 100) == 0.01
+    # lr is constant within an epoch for the paper schedule
+    assert lr_at("paper", 0.1, 70, 100, 0, 10) == lr_at("paper", 0.1, 70, 100, 9, 10)
+
+
+def test_cosine_and_constant():
+    assert cosine_factor(0.0) == 1.0
+    assert cosine_factor(0.5) == pytest.approx(0.5)
+    assert cosine_factor(1.0) == pytest.approx(0.0)
+    assert lr_at("cosine", 0.2, 1, 2, 0, 10) == pytest.approx(0.1)
+    assert lr_at("constant", 0.3, 5, 10) == 0.3
+    with pytest.raises(ConfigError):
+        lr_at("nope", 0.1, 0, 1)
+
+
+def test_nll_error_ece_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert nll(probs, labels) == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.8)) / 4)
+    assert error(probs, labels) == 0.25
+    # confidences 0.9, 0.6, 0.7, 0.8 fall in four different 15-bins; accuracies 1, 0, 1, 1
+    expected = (abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.7) + abs(1 - 0.8)) / 4
+    assert ece(probs, labels) == pytest.approx(expected)
+    # a perfectly calibrated, confident predictor has ECE 0
+    assert ece(torch.eye(3), torch.arange(3)) == pytest.approx(0.0)

@@ -1,0 +1,180 @@
+"""`mctool train`: learning, outputs, resume, and its refusals."""
+
+import json
+
+import pytest
+import torch
+
+import mctool.data
+import mctool.training
+from mctool.checkpoint import read_checkpoint, read_metadata
+from mctool.h5io import read_h5
+
+TINY = ["-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--device", "cpu"]
+
+
+def test_train_learns_and_writes_provenance(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = cli.json("train", *TINY, "-o", out, "--epochs", "4", "--lr", "0.1")
+    assert r["output"] == str(out) and r["metrics_file"] == str(tmp_path / "m.h5")
+    assert r["test_err"] < 0.35  # chance is 0.9
+    assert 0 <= r["train_err"] <= 1 and r["epochs"] == 4
+    md = read_metadata(out)
+    assert md["kind"] == "model" and md["arch"] == "mlp" and md["dataset"] == "digits"
+    assert json.loads(md["config"])["lr"] == 0.1
+    assert json.loads(md["arch_kwargs"]) == {"hidden": 32, "img_size": 8}
+    data, attrs = read_h5(tmp_path / "m.h5")
+    assert data["epoch"].tolist() == [1, 2, 3, 4]
+    assert data["test/err"][-1] == pytest.approx(r["test_err"])
+    assert ((0 <= data["train/err"]) & (data["train/err"] <= 1)).all()
+    assert attrs["kind"] == "train" and json.loads(attrs["config"])["epochs"] == 4
+    assert not (tmp_path / "m.state.safetensors").exists()  # removed once the run is complete
+
+
+def test_same_seed_same_weights_other_seed_differs(cli, tmp_path):
+    outs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        outs.append(tmp_path / f"{name}.safetensors")
+        cli("train", *TINY, "-o", outs[-1], "--epochs", "2", "--seed", seed, "-q")
+    a, b, c = (read_checkpoint(p)[0] for p in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_val_split_and_save_every(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = cli.json("train", *TINY, "-o", out, "--epochs", "3", "--split", "val", "--save-every", "1")
+    assert r["eval_split"] == "val" and "val_err" in r
+    data, _ = read_h5(tmp_path / "m.h5")
+    assert "val/err" in data and "test/err" not in data
+    for epoch in (1, 2):
+        snap = tmp_path / f"m-epoch{epoch:03d}.safetensors"
+        tensors, md = read_checkpoint(snap)
+        assert md["kind"] == "train-state" and md["epoch"] == str(epoch)
+        assert any(k.startswith("optimizer/momentum/") for k in tensors)
+    assert not (tmp_path / "m-epoch003.safetensors").exists()  # the final epoch is the output itself
+
+
+def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypatch):
+    ref = tmp_path / "ref.safetensors"
+    cli("train", *TINY, "-o", ref, "--epochs", "4", "--seed", "3", "-q")
+
+    real = mctool.data.TensorSplit.batches
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        if kwargs.get("augment"):  # training passes only
+            calls["n"] += 1
+            if calls["n"] == 3:  # Ctrl-C during the third epoch, after one batch
+                it = real(self, *args, **kwargs)
+                yield next(it)
+                raise KeyboardInterrupt
+        yield from real(self, *args, **kwargs)
+
+    out = tmp_path / "run.safetensors"
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    err = cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "-q", code=130)
+    assert "--resume" in err and "2 completed epoch(s)" in err
+    assert not out.exists() and (tmp_path / "run.state.safetensors").exists()
+    data, _ = read_h5(tmp_path / "run.h5")
+    assert data["epoch"].tolist() == [1, 2]
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+
+    # without --resume the leftover state is not silently discarded
+    assert "--resume" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3")
+    # options must match the interrupted run
+    assert "lr" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--lr", "0.2", "--resume")
+    cli("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "-q", "--resume")
+    a, b = read_checkpoint(ref)[0], read_checkpoint(out)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    d_ref, _ = read_h5(tmp_path / "ref.h5")
+    d_run, _ = read_h5(tmp_path / "run.h5")
+    assert d_run["epoch"].tolist() == [1, 2, 3, 4]
+    assert d_run["test/err"].tolist() == d_ref["test/err"].tolist()
+    assert "nothing to resume" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--resume")
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(cli, tmp_path, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    err = cli.error("train", *TINY, "-o", out, "--epochs", "2", "--lr", "1e6")
+    assert "NaN/inf" in err and "epoch 1, iteration" in err and "--lr" in err
+    assert not out.exists()
+
+    # divergence in epoch 2 keeps epoch 1's state for inspection or --resume
+    real = mctool.training.lr_at
+    monkeypatch.setattr(mctool.training, "lr_at", lambda s, lr, epoch, *a: real(s, lr, epoch, *a) * (1e8 if epoch else 1))
+    err = cli.error("train", *TINY, "-o", out, "--epochs", "3", "--force")
+    assert "epoch 2, iteration" in err and "end of epoch 1" in err
+    tensors, md = read_checkpoint(tmp_path / "m.state.safetensors")
+    assert md["epoch"] == "1" and all(torch.isfinite(t).all() for t in tensors.values())
+    assert not out.exists()
+
+
+def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
+    out = tmp_path / "cont.safetensors"
+    r = cli.json("train", "-d", "digits", "--init", digits_models[0], "-o", out, "--epochs", "1", "--lr", "0.01",
+                 "--device", "cpu")
+    md = read_metadata(out)
+    assert md["arch"] == "mlp" and json.loads(md["arch_kwargs"])["hidden"] == 32
+    assert str(digits_models[0]) in json.loads(md["inputs"])
+    assert r["test_err"] < 0.2
+    assert "differs" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc",
+                                  "-o", tmp_path / "x.safetensors", "--epochs", "1")
+    # a data set whose class count does not fit the checkpoint
+    assert "classes" in cli.error("train", "-d", "synthetic:size=8,channels=1,classes=3", "--init",
+                                  digits_models[0], "-o", tmp_path / "y.safetensors", "--epochs", "1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--wd", "-1"], "--wd must be >= 0"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--arch", "cifar_vgg61"], "cifar_vgg16"),
+    (["--arch-kwargs", "{oops"], "JSON object"),
+    (["--arch-kwargs", '{"nonsense": 1}'], "does not accept"),
+    (["--dataset", "nonsense"], "unknown data set"),
+    (["--dataset", "mnist", "--data-root", "{tmp}/empty"], "--download"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_bad_options_are_clear_errors(cli, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    err = cli.error("train", "-o", tmp_path / "m.safetensors", "--epochs", "1", *args)
+    assert message in err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.h5").exists()
+
+
+def test_refuses_to_overwrite_without_force(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    assert "--force" in cli.error("train", *TINY, "-o", out, "--epochs", "1")
+    assert out.read_bytes() == b"precious"
+    metrics = tmp_path / "other.h5"
+    metrics.write_bytes(b"precious")
+    assert "--force" in cli.error("train", *TINY, "-o", tmp_path / "n.safetensors", "-m", metrics, "--epochs", "1")
+    assert metrics.read_bytes() == b"precious"
+    cli("train", *TINY, "-o", out, "--epochs", "1", "--force", "-q")
+    assert read_metadata(out)["kind"] == "model"
+    blocker = tmp_path / "plainfile"
+    blocker.write_text("")
+    assert "not writable" in cli.error("train", *TINY, "-o", blocker / "m.safetensors", "--epochs", "1")
+
+
+def test_usage_errors_exit_2(cli, tmp_path):
+    cli("train", "-o", tmp_path / "m.safetensors", "--schedule", "weird", code=2)
+    cli("train", "--epochs", "1", code=2)  # -o is required
+
+
+def test_bf16_and_channels_last_run_on_cpu(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = cli.json("train", "-d", "synthetic:size=8,classes=3,train=256,test=64", "--arch", "cifar_convfc",
+                 "--arch-kwargs", '{"width": 0.25}', "-o", out, "--epochs", "2", "--precision", "bf16",
+                 "--channels-last", "--device", "cpu")
+    assert 0 <= r["test_err"] <= 1 and r["train_loss"] == r["train_loss"]  # finite, not NaN
+    tensors, md = read_checkpoint(out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # weights stay fp32 under autocast
+    assert json.loads(md["config"])["precision"] == "bf16"
+    ev = cli.json("evaluate", out, "--precision", "bf16", "--channels-last", "--device", "cpu")
+    ev32 = cli.json("evaluate", out, "--device", "cpu")
+    assert abs(ev["test_err"] - ev32["test_err"]) <= 0.05
