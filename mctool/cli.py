@@ -292,5 +292,200 @@ def info(
     _run(lambda: file_info(file), as_json, quiet, show)
 
 
+class CurveKind(str, Enum):
+    bezier = "bezier"
+    polychain = "polychain"
+    line = "line"
+
+
+class BendInit(str, Enum):
+    linear = "linear"
+    start = "start"
+    end = "end"
+
+
+BnBatchesOpt = Annotated[Optional[int], typer.Option(
+    help="Batches for each BatchNorm recalibration pass (default: the whole training set; fewer is faster but "
+         "gives noisier statistics).")]
+EvalBatchOpt = Annotated[int, typer.Option(help="Batch size for BN passes and evaluation.")]
+
+
+@app.command()
+def connect(
+    start: Annotated[Path, typer.Argument(help="Start network A (model checkpoint).")],
+    end: Annotated[Path, typer.Argument(help="End network B (same architecture as A).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Curve file to write (.safetensors).")],
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch training "
+                                                    "metrics (default: the output's name with .h5).")] = None,
+    curve: Annotated[CurveKind, typer.Option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
+                                             "through the bends) or line (the segment; nothing to train).")]
+    = CurveKind.bezier,
+    num_bends: Annotated[int, typer.Option(help="Interior control points (the paper's curves have 1).")] = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: as many as A was trained "
+                                                  "for, else 200).")] = None,
+    lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.015,
+    wd: Annotated[float, typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2.")] = 5e-4,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size; each batch draws one t ~ U(0, 1).")] = 128,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule (as for train).")] = Schedule.paper,
+    seed: Annotated[int, typer.Option(help="Seed for t, data order and augmentation.")] = 0,
+    init: Annotated[BendInit, typer.Option(help="Initial bends: on the segment (linear), at A (start) or at B "
+                                           "(end).")] = BendInit.linear,
+    free_start: Annotated[bool, typer.Option("--free-start", help="Train the start point too.")] = False,
+    free_end: Annotated[bool, typer.Option("--free-end", help="Train the end point too.")] = False,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training data (default: A's data "
+                                                   "set).")] = None,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation (as for train).")] = Augment.auto,
+    split: SplitOpt = Split.test,
+    save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
+                                            "NAME-epochNNN.safetensors; 0 = never.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Learn a low-loss curve between two trained networks (any architecture).
+
+    Only the bends are trained (endpoints stay fixed unless freed). BatchNorm layers use batch statistics
+    while training; their running statistics are recomputed by evaluate-curve and point.
+    """
+    from .curves import ConnectConfig, connect as run_connect
+
+    def work() -> dict:
+        cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,
+                            lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
+                            seed=seed, init=init.value, free_start=free_start, free_end=free_end, dataset=dataset,
+                            augment=augment.value, split=split.value, precision=precision.value,
+                            channels_last=channels_last, save_every=save_every)
+        return run_connect(cfg, start, end, output, metrics or _default_metrics(output), device=device,
+                           data_root=data_root, download=download, num_workers=num_workers, resume=resume,
+                           force=force, quiet=quiet)
+
+    def show(r: dict) -> None:
+        rows = [("curve", str(r["output"])), ("type", f"{r['curve']} ({r['num_bends']} bend(s))")]
+        if r["trained"]:
+            rows += [("metrics", r["metrics_file"]), ("epochs", str(r["epochs"])),
+                     ("train loss / err (last epoch)", f"{r['train_loss']:.4f} / {_pct(r['train_err'])}"),
+                     ("time", f"{r['seconds']:.1f} s")]
+        _table("connected", rows)
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command("evaluate-curve")
+def evaluate_curve(
+    files: Annotated[list[Path], typer.Argument(help="A curve file, or two model checkpoints (their straight "
+                                                "segment).")],
+    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
+    num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1].")] = 61,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw train loss and error against t to this "
+                                                 "PNG.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
+                                         "existing metrics file.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's, "
+                                                "or A's for two checkpoints).")] = None,
+    batch_size: EvalBatchOpt = 512,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                   "one).")] = None,
+    split: SplitOpt = Split.test,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train loss, train NLL/error and test NLL/error along a curve, BatchNorm recomputed at every point.
+
+    Reports, per metric, the value at both ends, min, max, mean and the arc-length weighted mean, plus
+    the curve length, its ratio to ||B - A|| and the barriers (max minus the mean of the two ends).
+    """
+    from .curve_eval import evaluate_curve as run
+
+    def work() -> dict:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+        return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
+                   device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
+                   batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
+                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+
+    def show(r: dict) -> None:
+        m, s = r["metrics"], r["split"]
+        t = Table(title=f"{r['curve']} curve, {r['num_points']} points", title_justify="left")
+        for col in ("metric", *("start", "end", "min", "max", "mean", "int")):
+            t.add_column(col, justify="left" if col == "metric" else "right")
+        for key in ("train_loss", "train_nll", "train_err", f"{s}_nll", f"{s}_err"):
+            fmt = _pct if key.endswith("err") else (lambda v: f"{v:.4f}")
+            t.add_row(key, *(fmt(m[key][k]) for k in ("start", "end", "min", "max", "mean", "int")))
+        stderr_console().print(t)
+        _table("shape", [("length", f"{m['length']:.4g}"), ("length / ||B - A||", f"{m['length_ratio']:.4f}"),
+                         ("barrier: train loss", f"{m['barrier']['train_loss']:.4f}"),
+                         (f"barrier: {s} error", _pct(m["barrier"][f"{s}_err"])),
+                         ("metrics", r["metrics_file"]), *([("plot", r["plot"])] if "plot" in r else [])])
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command()
+def point(
+    curve: Annotated[Path, typer.Argument(help="A curve file from connect.")],
+    t: Annotated[float, typer.Option("--t", help="Position along the curve, in [0, 1].")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write.")],
+    no_bn_update: Annotated[bool, typer.Option("--no-bn-update", help="Keep the start network's BatchNorm "
+                                               "statistics instead of recomputing them at t.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    batch_size: EvalBatchOpt = 512,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Export the network at t of a curve as an ordinary model checkpoint (usable by evaluate, train --init, timm)."""
+    from .curve_eval import export_point
+
+    def work() -> dict:
+        return export_point(curve, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
+                            device=device, data_root=data_root, download=download, batch_size=batch_size,
+                            precision=precision.value, num_workers=num_workers)
+
+    _run(work, as_json, quiet, lambda r: _table("point", [("model", r["output"]), ("t", str(r["t"])),
+                                                          ("BN recomputed", str(r["bn_recalibrated"]))]))
+
+
+@app.command()
+def plot(
+    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Redraw figures from metrics files without recomputing anything."""
+    from .fileio import check_output
+    from .plots import plot_curves
+
+    def work() -> dict:
+        check_output(output, force, "plot")
+        plot_curves(files, output)
+        return {"plot": str(output), "inputs": [str(f) for f in files]}
+
+    _run(work, as_json, quiet, lambda r: _table("plot", [("written", r["plot"])]))
+
+
 def main() -> None:
     app()

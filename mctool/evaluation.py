@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bn import recalibrate_bn
 from .checkpoint import load_model
 from .data import Split, check_fits, load_data
 from .errors import ConfigError
@@ -130,3 +131,19 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                  datasets=datasets, attrs=attrs)
         result["metrics_file"] = str(metrics)
     return result
+
+
+def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512, bn_batches: int | None = None,
+                     precision: str = "fp32") -> dict[str, float]:
+    """Metrics of a network at its current weights, after recomputing BN statistics for them.
+
+    Train metrics use the un-augmented training data: ``train/loss`` (NLL + 0.5 * wd * ||w||^2, the
+    training objective), ``train/nll``, ``train/err``; then ``<split>/nll`` and ``<split>/err``.
+    """
+    recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
+    probs, labels = predict_probs(model, data.train, batch_size=batch_size, precision=precision)
+    train_nll, train_err = nll(probs, labels), error(probs, labels)
+    probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision)
+    split = data.eval_split
+    return {"train/loss": train_nll + l2_term(model, wd), "train/nll": train_nll, "train/err": train_err,
+            f"{split}/nll": nll(probs, labels), f"{split}/err": error(probs, labels)}

@@ -1,0 +1,177 @@
+"""``mctool evaluate-curve`` and ``mctool point``: metrics along a curve, and networks taken from it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bn import bn_modules, recalibrate_bn
+from .checkpoint import ModelMeta, load_model, save_model
+from .curves import Curve, coefficients, line_between, load_curve
+from .data import check_fits, load_data
+from .errors import ConfigError, MetricsFileError
+from .evaluation import evaluate_weights
+from .fileio import check_output, sha256_file
+from .h5io import provenance, read_h5, write_h5
+from .runtime import progress_bar, resolve_device
+
+SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
+
+
+def curve_from_files(paths: list[str]) -> Curve:
+    """A curve file, or the straight segment between two model checkpoints."""
+    if len(paths) == 1:
+        return load_curve(paths[0])[0]
+    if len(paths) == 2:
+        return line_between(load_model(paths[0]), load_model(paths[1]))
+    raise ConfigError(f"give one curve file or two model checkpoints, not {len(paths)} files.")
+
+
+def segment_lengths(curve: Curve, t: np.ndarray) -> tuple[np.ndarray, float]:
+    """dl_i = ||w(t_i) - w(t_{i-1})|| (dl_0 = 0) and ||B - A||, from the control points' Gram matrix."""
+    g = curve.gram()
+    c = coefficients(curve.curve, curve.num_bends, torch.as_tensor(t, dtype=torch.float64)).to(g.device)
+    d = c[1:] - c[:-1]
+    dl = torch.einsum("ik,kl,il->i", d, g, d).clamp_min(0).sqrt()
+    e = torch.zeros(curve.num_points, dtype=torch.float64, device=g.device)
+    e[0], e[-1] = -1.0, 1.0
+    return np.concatenate([[0.0], dl.cpu().numpy()]), float((e @ g @ e).clamp_min(0).sqrt())
+
+
+def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float) -> dict[str, Any]:
+    """Per metric: start, end, min, max, mean and the arc-length weighted mean ``int``; length and barriers."""
+    length = float(dl.sum())
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        key = name.replace("/", "_")
+        if np.isnan(v).any():
+            out[key] = {k: float("nan") for k in SUMMARY_KEYS}
+            continue
+        integral = float((0.5 * (v[1:] + v[:-1]) * dl[1:]).sum() / length) if length > 0 else float(v.mean())
+        out[key] = {"start": float(v[0]), "end": float(v[-1]), "min": float(v.min()), "max": float(v.max()),
+                    "mean": float(v.mean()), "int": integral}
+    eval_err = next(k for k in out if k.endswith("_err") and not k.startswith("train"))
+    out["length"] = length
+    out["length_ratio"] = length / distance if distance > 0 else float("nan")
+    out["barrier"] = {k: out[k]["max"] - 0.5 * (out[k]["start"] + out[k]["end"]) for k in ("train_loss", eval_err)}
+    return out
+
+
+def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 61, plot: str | Path | None = None,
+                   resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
+                   data_root: str | None = None, download: bool = False, split: str = "test",
+                   batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
+                   precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
+                   quiet: bool = False) -> dict[str, Any]:
+    """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each (paper-notes section 4)."""
+    if num_points < 2:
+        raise ConfigError(f"--num-points must be >= 2, got {num_points}.")
+    if bn_batches is not None and bn_batches < 1:
+        raise ConfigError(f"--bn-batches must be >= 1, got {bn_batches}.")
+    metrics = Path(metrics)
+    curve = curve_from_files(paths)
+    inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
+    wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd
+    name = dataset or curve.meta.dataset
+    if name is None:
+        raise ConfigError("the network does not record its data set; pass --dataset.")
+    names = ["train/loss", "train/nll", "train/err", f"{split}/nll", f"{split}/err"]
+    t = np.linspace(0.0, 1.0, num_points)
+    values = {n: np.full(num_points, np.nan) for n in names}
+    config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
+              "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends}
+    if resume:
+        old, attrs = read_h5(metrics)
+        if json.loads(attrs.get("inputs", "{}")) != inputs or not np.array_equal(old.get("t"), t):
+            raise MetricsFileError(f"'{metrics}' was computed for other inputs or points; --resume needs the same "
+                                   "curve and --num-points.")
+        for n in names:
+            if n in old:
+                values[n] = np.asarray(old[n], dtype=np.float64)
+        started = attrs.get("started")
+    else:
+        check_output(metrics, force, "metrics file")
+        started = None
+    if plot is not None:
+        check_output(plot, force or resume, "plot")
+    dl, distance = segment_lengths(curve, t)
+
+    attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
+             "eval_split": split, "distance": distance}
+    if started:
+        attrs["started"] = started
+
+    def write(summary: dict[str, Any] | None = None) -> None:
+        extra = {}
+        if summary is not None:
+            attrs["summary"] = json.dumps(summary)
+            extra = {n: summary[n.replace("/", "_")] for n in names}
+        write_h5(metrics, scales={"t": t}, datasets={**{n: (v, ("t",)) for n, v in values.items()}, "dl": (dl, ("t",))},
+                 attrs=attrs, dataset_attrs=extra)
+
+    todo = [i for i in range(num_points) if any(np.isnan(values[n][i]) for n in names)]
+    if todo:
+        dev = resolve_device(device)
+        data = load_data(name, root=data_root, split=split, download=download, device=dev,
+                         channels_last=channels_last, normalization=curve.meta.normalization, num_workers=num_workers)
+        check_fits(curve.meta.num_classes, curve.meta.in_chans, data.info, paths[0])
+        model = curve.build_model().to(dev)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        points = curve.points.to(dev)
+        write()
+        with progress_bar(quiet) as bar:
+            task = bar.add_task("evaluate-curve", total=num_points, completed=num_points - len(todo), info="")
+            for i in todo:
+                c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
+                curve.layout.assign(model, c.float() @ points)
+                m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
+                                     precision=precision)
+                for n in names:
+                    values[n][i] = m[n]
+                write()
+                bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
+                                                 f"{split} err {m[f'{split}/err']:.2%}")
+    summary = curve_summary(values, dl, distance)
+    write(summary)
+    result = {"metrics_file": str(metrics), "curve": curve.curve, "num_bends": curve.num_bends,
+              "num_points": num_points, "split": split, "metrics": summary}
+    if plot is not None:
+        from .plots import plot_curves
+
+        plot_curves([metrics], plot)
+        result["plot"] = str(plot)
+    return result
+
+
+def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
+                 bn_batches: int | None = None, force: bool = False, device: str = "auto",
+                 data_root: str | None = None, download: bool = False, batch_size: int = 512,
+                 precision: str = "fp32", num_workers: int = 4) -> dict[str, Any]:
+    """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled)."""
+    if not 0.0 <= t <= 1.0:
+        raise ConfigError(f"--t must be in [0, 1], got {t}.")
+    check_output(output, force)
+    curve = load_curve(path)[0]
+    model = curve.build_model()
+    curve.layout.assign(model, curve.weights(t))
+    recalibrated = False
+    if bn_update and bn_modules(model):
+        dev = resolve_device(device)
+        data = load_data(curve.meta.dataset, root=data_root, download=download, device=dev,
+                         normalization=curve.meta.normalization, num_workers=num_workers)
+        model.to(dev)
+        recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
+                                      precision=precision)
+        model.to("cpu")
+    config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches}
+    meta = ModelMeta(**{**asdict(curve.meta), "kind": "model", "config": config,
+                        "inputs": {str(path): curve.sha256},
+                        "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t))}})
+    save_model(output, model, meta)
+    return {"output": str(output), "t": t, "bn_recalibrated": recalibrated, "sha256": sha256_file(output)}

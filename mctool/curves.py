@@ -1,0 +1,306 @@
+"""Curves in weight space between two networks, and ``mctool connect`` which trains them.
+
+A curve is w(t) = sum_k c_k(t) W_k over control points W_0 = A, W_1..W_n (the bends), W_{n+1} = B
+(paper-notes section 1). The K = n + 2 control points are stored as one ``[K, P]`` tensor of flat
+parameter vectors, so w(t) is a single weighted sum; per-parameter views of it are applied to the
+unchanged base network with ``torch.func.functional_call``. No layer needs a "curve version".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .checkpoint import MOMENTUM_PREFIX, LoadedModel, ModelMeta, load_model, read_checkpoint, save_checkpoint
+from .data import check_fits, load_data
+from .errors import CheckpointError, ConfigError
+from .fileio import check_output, sha256_file
+from .flat import ParamLayout
+from .h5io import MetricsLog, provenance
+from .models import build_model
+from .runtime import autocast, resolve_device
+from .schedules import SCHEDULES
+from .training import fit, prepare_outputs, state_path
+
+CURVES = ("bezier", "polychain", "line")
+INITS = ("linear", "start", "end")
+_BUFFER_PREFIX = "buffers/"
+
+
+def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.Tensor:
+    """Weights c_k(t) of the K = num_bends + 2 control points; shape ``t.shape + (K,)``.
+
+    line: (1 - t, t). bezier: Bernstein basis of degree n + 1. polychain: piecewise linear through
+    equally spaced knots t_k = k / (n + 1). Computed on t's device and dtype (no host sync).
+    """
+    t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else None)
+    if curve not in CURVES:
+        raise ConfigError(f"--curve must be one of {', '.join(CURVES)}, got '{curve}'.")
+    if curve == "line" and num_bends != 0:
+        raise ConfigError("a line has no bends; use --num-bends 0 (or a bezier/polychain curve).")
+    if curve != "line" and num_bends < 1:
+        raise ConfigError(f"--num-bends must be >= 1 for a {curve} curve, got {num_bends}.")
+    degree = num_bends + 1
+    k = torch.arange(degree + 1, device=t.device, dtype=t.dtype)
+    tt = t.unsqueeze(-1)
+    if curve == "polychain":
+        return (1 - (tt * degree - k).abs()).clamp_min(0)
+    binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], device=t.device, dtype=t.dtype)
+    return binom * tt ** k * (1 - tt) ** (degree - k)
+
+
+@dataclass
+class Curve:
+    """Control points ``[K, P]`` of a curve, with what is needed to build its network."""
+
+    curve: str
+    num_bends: int
+    points: torch.Tensor
+    layout: ParamLayout
+    meta: ModelMeta  # the base network's metadata (kind 'curve' when read from a curve file)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # start network's buffers (BN statistics...)
+    path: Path | None = None
+    sha256: str | None = None
+
+    @property
+    def num_points(self) -> int:
+        return self.points.shape[0]
+
+    def weights(self, t: float) -> torch.Tensor:
+        """Flat parameters at t."""
+        c = coefficients(self.curve, self.num_bends, torch.tensor(float(t), dtype=torch.float64))
+        return c.to(self.points.dtype).to(self.points.device) @ self.points
+
+    def gram(self) -> torch.Tensor:
+        """G = W W^T in float64, so ||sum_k d_k W_k|| = sqrt(d^T G d) for any coefficient difference d."""
+        g = torch.zeros(self.num_points, self.num_points, dtype=torch.float64, device=self.points.device)
+        for chunk in torch.split(self.points, 1 << 22, dim=1):
+            c = chunk.double()
+            g += c @ c.T
+        return g
+
+    def build_model(self) -> nn.Module:
+        """The base network with the start point's buffers, in eval mode (parameters set later)."""
+        model = build_model(self.meta.arch, self.meta.num_classes, self.meta.in_chans, self.meta.arch_kwargs)
+        if ParamLayout.of(model) != self.layout:
+            diff = ParamLayout.of(model).differences(self.layout)
+            raise CheckpointError(f"curve parameters do not fit architecture '{self.meta.arch}': {'; '.join(diff)}.")
+        model.load_state_dict({**dict(model.state_dict()), **self.buffers}, strict=True)
+        self.layout.assign(model, self.points[0])
+        return model.eval()
+
+
+def _describe_incompatibility(a: LoadedModel, b: LoadedModel) -> list[str]:
+    out = []
+    for key in ("arch", "arch_kwargs", "num_classes", "in_chans", "dataset", "normalization"):
+        va, vb = getattr(a.meta, key), getattr(b.meta, key)
+        if va != vb:
+            out.append(f"{key}: {va!r} vs {vb!r}")
+    if not out:
+        out += ParamLayout.of(a.model).differences(ParamLayout.of(b.model))
+    return out
+
+
+def line_between(a: LoadedModel, b: LoadedModel) -> Curve:
+    """The straight segment between two compatible networks (checked; differences listed)."""
+    diff = _describe_incompatibility(a, b)
+    if diff:
+        raise ConfigError(f"'{a.path}' and '{b.path}' cannot be connected; they differ in: {'; '.join(diff)}.")
+    layout = ParamLayout.of(a.model)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    points = torch.stack([layout.flatten(sa), layout.flatten(sb)])
+    buffers = {n: v for n, v in sa.items() if n not in set(layout.names)}
+    meta = ModelMeta(**{**asdict(a.meta), "inputs": {str(a.path): a.sha256, str(b.path): b.sha256}})
+    return Curve("line", 0, points, layout, meta, buffers)
+
+
+def initial_points(line: Curve, curve: str, num_bends: int, init: str) -> torch.Tensor:
+    """Control points ``[K, P]`` with the bends on the segment (``linear``) or at A (``start``) or B (``end``)."""
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{init}'.")
+    coefficients(curve, num_bends, 0.0)  # validates curve and num_bends
+    a, b = line.points
+    alphas = {"linear": [j / (num_bends + 1) for j in range(num_bends + 2)],
+              "start": [0.0] * (num_bends + 1) + [1.0], "end": [0.0] + [1.0] * (num_bends + 1)}[init]
+    return torch.stack([a + s * (b - a) if 0 < s < 1 else (a if s == 0 else b).clone() for s in alphas])
+
+
+def save_curve(path: str | Path, curve: Curve, config: dict[str, Any],
+               extra_tensors: dict[str, torch.Tensor] | None = None, extra_meta: dict[str, str] | None = None,
+               kind: str = "curve") -> None:
+    """A curve file: all control points (endpoints included), the base metadata and the endpoints' hashes."""
+    md = ModelMeta(**{**asdict(curve.meta), "kind": kind, "config": config,
+                      "extra": {"curve": curve.curve, "num_bends": str(curve.num_bends),
+                                "param_layout": curve.layout.to_json(), **(extra_meta or {})}}).to_metadata()
+    tensors = {"control_points": curve.points, **{_BUFFER_PREFIX + k: v for k, v in curve.buffers.items()},
+               **(extra_tensors or {})}
+    save_checkpoint(path, tensors, md)
+
+
+def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve",)) -> tuple[Curve, dict[str, torch.Tensor], dict]:
+    """Read a curve file (or a connect state); returns the curve, its other tensors and raw metadata."""
+    path = Path(path)
+    tensors, md = read_checkpoint(path)
+    if md.get("kind") not in kinds:
+        raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not a curve "
+                              "(write one with 'mctool connect').")
+    try:
+        meta = ModelMeta.from_metadata(md, path)
+        curve, num_bends = meta.extra.pop("curve"), int(meta.extra.pop("num_bends"))
+        layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
+        points = tensors.pop("control_points")
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a complete curve file (missing {e}).") from None
+    if points.ndim != 2 or points.shape != (num_bends + 2, layout.size):
+        raise CheckpointError(f"'{path}': control points of shape {tuple(points.shape)} do not match "
+                              f"{num_bends} bends and {layout.size} parameters.")
+    buffers = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
+    c = Curve(curve, num_bends, points.float(), layout, meta, buffers, path, sha256_file(path))
+    return c, tensors, md
+
+
+@dataclass
+class ConnectConfig:
+    """What determines a trained curve (recorded in its files). ``None`` means: take it from endpoint A."""
+
+    curve: str = "bezier"
+    num_bends: int = 1
+    epochs: int | None = None
+    lr: float = 0.015
+    wd: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int = 128
+    schedule: str = "paper"
+    seed: int = 0
+    init: str = "linear"
+    free_start: bool = False
+    free_end: bool = False
+    dataset: str | None = None
+    augment: str = "auto"
+    split: str = "test"
+    precision: str = "fp32"
+    channels_last: bool = False
+    save_every: int = 0
+
+    def validate(self) -> None:
+        coefficients(self.curve, self.num_bends, 0.0)
+        if self.init not in INITS:
+            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'.")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}.")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if self.wd < 0:
+            raise ConfigError(f"--wd must be >= 0, got {self.wd}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'.")
+        if self.curve == "line" and (self.free_start or self.free_end):
+            raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
+
+
+def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path, metrics: str | Path, *,
+            device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
+            resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Learn a low-loss curve from ``start`` to ``end`` (paper-notes section 2); ``line`` writes the segment."""
+    cfg.validate()
+    output, metrics = Path(output), Path(metrics)
+    a, b = load_model(start), load_model(end)
+    line = line_between(a, b)
+    cfg.epochs = cfg.epochs or int(a.meta.config.get("epochs", 200))
+    cfg.dataset = cfg.dataset or a.meta.dataset
+    if cfg.curve == "line":  # nothing to train: no metrics file
+        check_output(output, force)
+        save_curve(output, line, asdict(cfg))
+        return {"output": str(output), "curve": "line", "num_bends": 0, "trained": False,
+                "sha256": sha256_file(output)}
+    if cfg.dataset is None:
+        raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
+
+    dev = resolve_device(device)
+    data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
+                     augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
+                     normalization=a.meta.normalization)
+    check_fits(a.meta.num_classes, a.meta.in_chans, data.info, start)
+    points = initial_points(line, cfg.curve, cfg.num_bends, cfg.init)
+    curve = Curve(cfg.curve, cfg.num_bends, points, line.layout, line.meta, line.buffers)
+    log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", "seconds"],
+                     {**provenance(line.meta.inputs, asdict(cfg), "connect"), "curve": cfg.curve,
+                      "num_bends": cfg.num_bends})
+    start_epoch, momentum = 0, None
+    if resume_state is not None:
+        tensors, md = resume_state
+        curve.points = tensors["control_points"].float()
+        momentum = tensors.get(MOMENTUM_PREFIX + "free")
+        start_epoch = int(md["epoch"])
+        log.rows = json.loads(md["history"])
+        log.attrs["started"] = md.get("started", log.attrs["started"])
+
+    k = curve.num_points
+    free_idx = [i for i in range(k) if (0 < i < k - 1) or (i == 0 and cfg.free_start) or
+                (i == k - 1 and cfg.free_end)]
+    fixed_idx = [i for i in range(k) if i not in free_idx]
+    free = nn.Parameter(curve.points[free_idx].to(dev))
+    fixed = curve.points[fixed_idx].to(dev)
+    free_i, fixed_i = torch.tensor(free_idx, device=dev), torch.tensor(fixed_idx, device=dev)
+    model = curve.build_model().to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    buffers = dict(model.named_buffers())
+    # The L2 term is in the loss (on w(t)), so the optimiser's own weight decay stays off.
+    opt = torch.optim.SGD([free], lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    if momentum is not None:
+        opt.state[free]["momentum_buffer"] = momentum.to(dev)
+
+    def current_points() -> torch.Tensor:
+        pts = torch.empty_like(curve.points)
+        pts[free_idx] = free.detach().cpu()
+        pts[fixed_idx] = fixed.cpu()
+        return pts
+
+    def save_state(epoch: int, path: Path, kind: str) -> None:
+        mom = opt.state.get(free, {}).get("momentum_buffer")
+        extra = {MOMENTUM_PREFIX + "free": mom} if mom is not None else {}
+        snap = Curve(curve.curve, curve.num_bends, current_points(), curve.layout, curve.meta, curve.buffers)
+        save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": json.dumps(log.rows),
+                                                    "started": log.attrs["started"]}, kind="curve-state")
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # One t per mini-batch, drawn from the (per-epoch seeded) RNG of the compute device.
+        t = torch.rand((), device=dev)
+        c = coefficients(cfg.curve, cfg.num_bends, t).float()
+        w = c[free_i] @ free + c[fixed_i] @ fixed
+        model.train()  # BN uses batch statistics; its running statistics are recomputed when evaluating
+        with autocast(dev, cfg.precision):
+            out = functional_call(model, {**curve.layout.views(w), **buffers}, (x,))
+        loss = F.cross_entropy(out.float(), y) + 0.5 * cfg.wd * w.pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    t_run = time.time()
+    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+        evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
+    curve.points = current_points()
+    save_curve(output, curve, asdict(cfg))
+    log.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log.flush()
+    state_path(output).unlink(missing_ok=True)
+    last = log.rows[-1]
+    return {"output": str(output), "metrics_file": str(metrics), "curve": cfg.curve, "num_bends": cfg.num_bends,
+            "trained": True, "epochs": cfg.epochs, "train_loss": last["train/loss"], "train_err": last["train/err"],
+            "seconds": time.time() - t_run, "sha256": sha256_file(output)}
