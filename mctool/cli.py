@@ -130,9 +130,9 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _default_metrics(output: Path) -> Path:
+def _default_metrics(output: Path, suffix: str = "") -> Path:
     name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
-    return output.with_name(name + ".h5")
+    return output.with_name(name + suffix + ".h5")
 
 
 @app.command()
@@ -316,7 +316,7 @@ def connect(
     end: Annotated[Path, typer.Argument(help="End network B (same architecture as A).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Curve file to write (.safetensors).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch training "
-                                                    "metrics (default: the output's name with .h5).")] = None,
+                                                    "metrics (default: NAME-connect.h5 beside the output).")] = None,
     curve: Annotated[CurveKind, typer.Option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
                                              "through the bends) or line (the segment; nothing to train).")]
     = CurveKind.bezier,
@@ -363,7 +363,7 @@ def connect(
                             seed=seed, init=init.value, free_start=free_start, free_end=free_end, dataset=dataset,
                             augment=augment.value, split=split.value, precision=precision.value,
                             channels_last=channels_last, save_every=save_every)
-        return run_connect(cfg, start, end, output, metrics or _default_metrics(output), device=device,
+        return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
 

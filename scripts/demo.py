@@ -18,9 +18,9 @@ EPOCHS = "30"
 
 
 def mctool(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "mctool", *args, "--json", "--force"]
-    print("$ " + shlex.join(["mctool", *args, "--json", "--force"]), flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    shown = ["mctool", *args, "--json", "--force"]
+    print("$ " + shlex.join(shown), flush=True)
+    done = subprocess.run([sys.executable, "-m", "mctool", *shown[1:]], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         sys.exit(f"demo step failed with exit code {done.returncode}")
     return json.loads(done.stdout)
@@ -29,22 +29,33 @@ def mctool(*args: str) -> dict:
 def main() -> None:
     t0 = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
-    models = []
-    for seed in (1, 2):
-        path = OUT / f"model-seed{seed}.safetensors"
-        mctool("train", "--dataset", "digits", "--arch", "mlp", "--epochs", EPOCHS, "--seed", str(seed),
-               "-o", str(path), "-m", str(OUT / f"train-seed{seed}.h5"))
-        models.append(str(path))
-    ev = mctool("evaluate", *models, "-m", str(OUT / "evaluate.h5"))
+    o = lambda name: str(OUT / name)  # noqa: E731
+    a, b = o("model-seed1.safetensors"), o("model-seed2.safetensors")
+    for seed, path in ((1, a), (2, b)):
+        mctool("train", "--dataset", "digits", "--arch", "mlp", "--epochs", EPOCHS, "--seed", str(seed), "-o", path,
+               "-m", o(f"train-seed{seed}.h5"))
+    ev = mctool("evaluate", a, b, "-m", o("evaluate.h5"))
+    seg = mctool("evaluate-curve", a, b, "--num-points", "31", "-m", o("segment.h5"), "--plot", o("segment.png"))
+    mctool("connect", a, b, "--curve", "bezier", "--num-bends", "1", "--epochs", EPOCHS, "--lr", "0.05",
+           "-o", o("bezier.safetensors"), "-m", o("connect.h5"))
+    bez = mctool("evaluate-curve", o("bezier.safetensors"), "--num-points", "31", "-m", o("bezier.h5"),
+                 "--plot", o("bezier.png"))
+    mctool("plot", o("segment.h5"), o("bezier.h5"), "-o", o("segment-vs-bezier.png"))
+    mctool("point", o("bezier.safetensors"), "--t", "0.5", "-o", o("bezier-midpoint.safetensors"))
 
-    print(f"\nmctool demo: two MLPs on digits ({EPOCHS} epochs each), test set of {ev['samples']} images")
-    print(f"{'network':<34}{'test error':>12}{'test NLL':>10}{'ECE':>8}")
+    print(f"\nmctool demo on digits ({ev['samples']} test images), {time.time() - t0:.0f} s")
+    print(f"\n{'network':<36}{'test error':>11}{'test NLL':>10}{'ECE':>8}")
     for m in ev["models"]:
-        print(f"{m['path']:<34}{100 * m['err']:>11.2f}%{m['nll']:>10.4f}{m['ece']:>8.4f}")
+        print(f"{Path(m['path']).name:<36}{100 * m['err']:>10.2f}%{m['nll']:>10.4f}{m['ece']:>8.4f}")
     e = ev["ensemble"]
-    print(f"{'ensemble of both (mean softmax)':<34}{100 * e['err']:>11.2f}%{e['nll']:>10.4f}{e['ece']:>8.4f}")
-    print(f"\nfiles in {OUT}/: " + ", ".join(sorted(p.name for p in OUT.iterdir())))
-    print(f"inspect any of them with: mctool info FILE    (demo took {time.time() - t0:.0f} s)")
+    print(f"{'ensemble of both (mean softmax)':<36}{100 * e['err']:>10.2f}%{e['nll']:>10.4f}{e['ece']:>8.4f}")
+    print(f"\n{'path from A to B':<22}{'train-loss barrier':>20}{'test-error barrier':>20}{'length / |B-A|':>16}")
+    for name, r in (("straight segment", seg), ("Bezier, 1 bend", bez)):
+        m = r["metrics"]
+        print(f"{name:<22}{m['barrier']['train_loss']:>20.4f}{100 * m['barrier']['test_err']:>18.2f} pt"
+              f"{m['length_ratio']:>16.3f}")
+    print(f"\nplots: {o('segment-vs-bezier.png')} (both paths), {o('segment.png')}, {o('bezier.png')}")
+    print(f"everything is in {OUT}/; inspect any file with: mctool info FILE")
 
 
 if __name__ == "__main__":

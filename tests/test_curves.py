@@ -1,0 +1,236 @@
+"""Curves: coefficients, connect, evaluate-curve, point, plot."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mctool.curve_eval
+import mctool.data
+from mctool.bn import recalibrate_bn
+from mctool.checkpoint import load_model, read_checkpoint, read_metadata
+from mctool.curves import coefficients, load_curve
+from mctool.data import load_data
+from mctool.errors import CheckpointError, ConfigError
+from mctool.flat import ParamLayout
+from mctool.h5io import read_h5
+from mctool.models import build_model
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.mark.parametrize("curve, bends", [("line", 0), ("bezier", 1), ("bezier", 3), ("polychain", 1),
+                                          ("polychain", 4)])
+def test_coefficients_partition_of_unity_and_endpoints(curve, bends):
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    c = coefficients(curve, bends, t)
+    assert c.shape == (101, bends + 2)
+    assert torch.allclose(c.sum(1), torch.ones(101, dtype=torch.float64))
+    assert (c >= 0).all()
+    assert torch.equal(c[0], torch.eye(bends + 2, dtype=torch.float64)[0])
+    assert torch.equal(c[-1], torch.eye(bends + 2, dtype=torch.float64)[-1])
+
+
+def test_coefficients_closed_forms():
+    assert coefficients("bezier", 1, 0.3).tolist() == pytest.approx([0.49, 0.42, 0.09])
+    assert coefficients("bezier", 2, 0.5).tolist() == pytest.approx([1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    assert coefficients("line", 0, 0.25).tolist() == pytest.approx([0.75, 0.25])
+    assert coefficients("polychain", 1, 0.25).tolist() == pytest.approx([0.5, 0.5, 0.0])
+    # a polychain passes through each bend at its knot t_k = k / (n + 1)
+    for k in range(1, 4):
+        assert coefficients("polychain", 3, k / 4).tolist() == pytest.approx(np.eye(5)[k].tolist())
+
+
+@pytest.mark.parametrize("curve, bends, message", [("line", 1, "no bends"), ("bezier", 0, "--num-bends"),
+                                                   ("spline", 1, "--curve")])
+def test_coefficients_reject_bad_curves(curve, bends, message):
+    with pytest.raises(ConfigError, match=message):
+        coefficients(curve, bends, 0.5)
+
+
+def test_recalibrate_bn_gives_exact_statistics():
+    data = load_data("synthetic:size=8,channels=1,classes=3,train=300,test=10")
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, 1, {"img_size": 8, "hidden": 16, "batch_norm": True}).eval()
+    assert recalibrate_bn(model, data.train, batch_size=64)  # 300 = 4 x 64 + 44: unequal batches
+    x = torch.cat([x for x, _ in data.train.batches(300)]).flatten(1)
+    h = model.net[1](x)
+    bn = model.net[2]
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    assert not model.training and not bn.training  # the module's mode is restored
+    assert not recalibrate_bn(build_model("mlp", 3, 1, {"img_size": 8}), data.train)  # no BN: nothing to do
+
+
+def test_connect_trains_only_the_bends(cli, tmp_path, digits_models):
+    a, b = digits_models
+    out = tmp_path / "c.safetensors"
+    r = cli.json("connect", a, b, "-o", out, "--epochs", "2", "--lr", "0.05", *CPU)
+    assert r["trained"] and r["curve"] == "bezier" and r["num_bends"] == 1 and r["epochs"] == 2
+    curve, _, md = load_curve(out)
+    assert md["kind"] == "curve" and md["arch"] == "mlp" and json.loads(md["config"])["num_bends"] == 1
+    inputs = json.loads(md["inputs"])
+    assert inputs == {str(a): load_model(a).sha256, str(b): load_model(b).sha256}
+    layout = curve.layout
+    pa, pb = (layout.flatten(load_model(p).model.state_dict()) for p in (a, b))
+    assert torch.equal(curve.points[0], pa) and torch.equal(curve.points[2], pb)  # fixed endpoints untouched
+    assert not torch.allclose(curve.points[1], (pa + pb) / 2)  # the bend moved off the segment
+    data, attrs = read_h5(tmp_path / "c-connect.h5")
+    assert data["epoch"].tolist() == [1, 2] and attrs["kind"] == "connect"
+
+    free = tmp_path / "free.safetensors"
+    cli("connect", a, b, "-o", free, "--epochs", "1", "--free-start", "--curve", "polychain", "-q", *CPU)
+    fc = load_curve(free)[0]
+    assert not torch.equal(fc.points[0], pa) and torch.equal(fc.points[2], pb)
+
+
+def test_connect_line_writes_segment_without_training(cli, tmp_path, digits_models):
+    out = tmp_path / "line.safetensors"
+    r = cli.json("connect", *digits_models, "-o", out, "--curve", "line", *CPU)
+    assert not r["trained"] and not (tmp_path / "line-connect.h5").exists()
+    curve = load_curve(out)[0]
+    assert curve.curve == "line" and curve.points.shape[0] == 2
+
+
+def test_connect_refusals(cli, tmp_path, digits_models):
+    other = tmp_path / "other.safetensors"
+    cli("train", "-d", "digits", "-o", other, "--epochs", "1", "--arch-kwargs", '{"hidden": 16}', "-q", *CPU)
+    err = cli.error("connect", digits_models[0], other, "-o", tmp_path / "c.safetensors")
+    assert "cannot be connected" in err and "arch_kwargs" in err
+    bn = tmp_path / "bn.safetensors"
+    cli("train", "-d", "digits", "-o", bn, "--epochs", "1", "--arch", "cifar_convfc", "--arch-kwargs",
+        '{"width": 0.1}', "-q", *CPU)
+    assert "arch" in cli.error("connect", digits_models[0], bn, "-o", tmp_path / "c.safetensors")
+    assert "--num-bends" in cli.error("connect", *digits_models, "-o", tmp_path / "c.safetensors", "--num-bends", "0")
+    assert "--lr" in cli.error("connect", *digits_models, "-o", tmp_path / "c.safetensors", "--lr", "0")
+    assert "nothing to train" in cli.error("connect", *digits_models, "-o", tmp_path / "c.safetensors",
+                                           "--curve", "line", "--free-end")
+    cli("connect", *digits_models, "-o", tmp_path / "c.safetensors", "--init", "middle", code=2)
+
+
+def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monkeypatch):
+    args = [*digits_models, "--epochs", "3", "--lr", "0.05", "-q", *CPU]
+    ref = tmp_path / "ref.safetensors"
+    cli("connect", *args, "-o", ref)
+    real = mctool.data.TensorSplit.batches
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **kw):
+        if kw.get("augment"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        yield from real(self, *a, **kw)
+
+    out = tmp_path / "run.safetensors"
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    assert "--resume" in cli.error("connect", *args, "-o", out, code=130)
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    assert read_metadata(tmp_path / "run.state.safetensors")["kind"] == "curve-state"
+    cli("connect", *args, "-o", out, "--resume")
+    assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
+
+
+def test_evaluate_curve_summary_and_files(cli, tmp_path, digits_models):
+    a, b = digits_models
+    m = tmp_path / "line.h5"
+    png = tmp_path / "line.png"
+    r = cli.json("evaluate-curve", a, b, "-m", m, "--num-points", "5", "--plot", png, *CPU)
+    s = r["metrics"]
+    for key in ("train_loss", "train_nll", "train_err", "test_nll", "test_err"):
+        assert set(s[key]) == {"start", "end", "min", "max", "mean", "int"}
+    data, attrs = read_h5(m)
+    assert data["t"].tolist() == [0, 0.25, 0.5, 0.75, 1]
+    v, dl = data["train/loss"], data["dl"]
+    assert s["train_loss"]["max"] == pytest.approx(v.max())
+    assert s["train_loss"]["int"] == pytest.approx((0.5 * (v[1:] + v[:-1]) * dl[1:]).sum() / dl.sum())
+    assert s["barrier"]["train_loss"] == pytest.approx(v.max() - (v[0] + v[-1]) / 2)
+    assert s["barrier"]["test_err"] == pytest.approx(data["test/err"].max() - (data["test/err"][0] +
+                                                                               data["test/err"][-1]) / 2)
+    pa, pb = (ParamLayout.of(load_model(p).model).flatten(load_model(p).model.state_dict()) for p in (a, b))
+    assert s["length"] == pytest.approx(float((pb - pa).norm()), rel=1e-5)
+    assert s["length_ratio"] == pytest.approx(1.0, rel=1e-6)  # the segment is its own shortest path
+    assert dl[1:] == pytest.approx([s["length"] / 4] * 4, rel=1e-5)
+    # the ends are the two networks themselves (no BN here)
+    ev = cli.json("evaluate", a, *CPU)
+    assert data["test/nll"][0] == pytest.approx(ev["test_nll"], rel=1e-5)
+    assert json.loads(attrs["summary"])["length_ratio"] == pytest.approx(1.0)
+    with h5py.File(m) as f:
+        assert f["test/err"].dims[0][0].name == "/t" and f["train/loss"].attrs["max"] == pytest.approx(v.max())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_models, monkeypatch):
+    m = tmp_path / "c.h5"
+    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "4", "-q", *CPU)
+    full, _ = read_h5(m)
+    with h5py.File(m, "a") as f:  # as if interrupted after the first two points
+        for name in ("train/loss", "test/err"):
+            f[name][2:] = np.nan
+    calls = []
+    real = mctool.curve_eval.evaluate_weights
+    monkeypatch.setattr(mctool.curve_eval, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert "--force" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "4")
+    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "4", "--resume", "-q", *CPU)
+    assert len(calls) == 2
+    again, _ = read_h5(m)
+    for name in ("train/loss", "test/err", "test/nll"):
+        assert again[name] == pytest.approx(full[name])
+    assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
+
+
+def test_point_export_and_round_trip(cli, tmp_path, digits_models):
+    a, b = digits_models
+    c = tmp_path / "c.safetensors"
+    cli("connect", a, b, "-o", c, "--epochs", "1", "-q", *CPU)
+    p0 = tmp_path / "p0.safetensors"
+    r = cli.json("point", c, "--t", "0", "-o", p0, *CPU)
+    assert not r["bn_recalibrated"]  # an MLP has no BN
+    ta, tp = read_checkpoint(a)[0], read_checkpoint(p0)[0]
+    assert ta.keys() == tp.keys() and all(torch.equal(ta[k], tp[k]) for k in ta)  # bit for bit
+    md = read_metadata(p0)
+    assert md["kind"] == "model" and md["curve_t"] == "0.0" and md["curve_sha256"] == load_curve(c)[0].sha256
+    mid = tmp_path / "mid.safetensors"
+    cli("point", c, "--t", "0.5", "-o", mid, "-q", *CPU)
+    curve = load_curve(c)[0]
+    layout = curve.layout
+    assert torch.allclose(layout.flatten(read_checkpoint(mid)[0]), curve.weights(0.5))
+    assert cli.json("evaluate", mid, *CPU)["test_err"] < 0.5  # an ordinary, usable checkpoint
+    assert "--t must be in [0, 1]" in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
+    assert "not a curve" in cli.error("point", a, "--t", "0.5", "-o", tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="not a curve"):
+        load_curve(a)
+
+
+def test_timm_bn_model_connects_and_evaluates(cli, tmp_path):
+    arch = "test_resnet" if __import__("timm").is_model("test_resnet") else "resnet18"
+    data = ["-d", "synthetic:size=16,classes=3,train=128,test=32", "--arch", arch, "--batch-size", "32", *CPU]
+    ends = []
+    for seed in (0, 1):
+        ends.append(tmp_path / f"e{seed}.safetensors")
+        cli("train", *data, "-o", ends[-1], "--epochs", "1", "--seed", seed, "-q")
+    c = tmp_path / "c.safetensors"
+    cli("connect", *ends, "-o", c, "--epochs", "1", "--batch-size", "32", "-q", *CPU)
+    r = cli.json("evaluate-curve", c, "-m", tmp_path / "c.h5", "--num-points", "3", "--bn-batches", "2", *CPU)
+    assert all(0 <= r["metrics"]["test_err"][k] <= 1 for k in ("start", "end", "max"))
+    p0 = tmp_path / "p0.safetensors"
+    r = cli.json("point", c, "--t", "0", "-o", p0, *CPU)
+    assert r["bn_recalibrated"]
+    ta, tp = read_checkpoint(ends[0])[0], read_checkpoint(p0)[0]
+    params = ParamLayout.of(load_model(ends[0]).model).names
+    assert all(torch.equal(ta[k], tp[k]) for k in params)  # parameters bit for bit, BN statistics recomputed
+    assert any(not torch.equal(ta[k], tp[k]) for k in ta if k.endswith("running_mean"))
+
+
+def test_plot_command(cli, tmp_path, digits_models):
+    m = tmp_path / "l.h5"
+    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "-q", *CPU)
+    png = tmp_path / "p.png"
+    cli("plot", m, m, "-o", png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "--force" in cli.error("plot", m, "-o", png)
+    assert "not an evaluate-curve file" in cli.error("plot", digits_models[0].with_suffix(".h5"), "-o",
+                                                     tmp_path / "q.png")
+    assert "give one curve file or two" in cli.error("evaluate-curve", m, m, m, "-m", tmp_path / "x.h5")
+    assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", tmp_path / "x.h5", "--num-points", "1")
