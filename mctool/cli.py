@@ -131,8 +131,9 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def _default_metrics(output: Path, suffix: str = "") -> Path:
-    name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
-    return output.with_name(name + suffix + ".h5")
+    from .training import output_stem
+
+    return output.with_name(output_stem(output) + suffix + ".h5")
 
 
 @app.command()
@@ -469,7 +470,8 @@ def point(
 
 @app.command()
 def plot(
-    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid).")],
+    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid), or one "
+                                                "plane file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -477,14 +479,81 @@ def plot(
 ) -> None:
     """Redraw figures from metrics files without recomputing anything."""
     from .fileio import check_output
-    from .plots import plot_curves
+    from .plots import plot_files
 
     def work() -> dict:
         check_output(output, force, "plot")
-        plot_curves(files, output)
-        return {"plot": str(output), "inputs": [str(f) for f in files]}
+        kind = plot_files(files, output)
+        return {"plot": str(output), "kind": kind, "inputs": [str(f) for f in files]}
 
     _run(work, as_json, quiet, lambda r: _table("plot", [("written", r["plot"])]))
+
+
+@app.command("plane")
+def plane_cmd(
+    files: Annotated[list[Path], typer.Argument(help="A curve file (its start, one bend and its end), or three model "
+                                                "checkpoints w0 w1 w2.")],
+    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
+    grid_points: Annotated[int, typer.Option(help="Grid points along each axis (G x G evaluations).")] = 21,
+    margin: Annotated[float, typer.Option(help="Extra room on all four sides, as a fraction of the distances "
+                                          "between the points.")] = 0.2,
+    margin_left: Annotated[Optional[float], typer.Option(help="Override --margin on the left (before w0).")] = None,
+    margin_right: Annotated[Optional[float], typer.Option(help="Override --margin on the right (after w2).")] = None,
+    margin_bottom: Annotated[Optional[float], typer.Option(help="Override --margin below the w0-w2 line.")] = None,
+    margin_top: Annotated[Optional[float], typer.Option(help="Override --margin above w1.")] = None,
+    bend: Annotated[Optional[int], typer.Option(help="Which bend of a curve spans the plane (1..n; default the "
+                                                "middle one).")] = None,
+    curve_points: Annotated[int, typer.Option(help="Points of the curve projected onto the plane for the "
+                                              "drawing.")] = 61,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw both surfaces to this PNG.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
+                                         "existing metrics file.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    train_subset: Annotated[Optional[int], typer.Option(help="Compute train loss and error on a fixed random "
+                                                        "subset of this many training images (faster; the BN pass "
+                                                        "still uses --bn-batches).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's or "
+                                                "w0's).")] = None,
+    batch_size: EvalBatchOpt = 512,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                   "one).")] = None,
+    split: SplitOpt = Split.test,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Loss and error surfaces on the plane through three points, BatchNorm recomputed at every grid point.
+
+    Draws like the paper's Figure 1 with --plot (or later with 'mctool plot FILE -o PNG').
+    """
+    from .plane import plane as run
+
+    def work() -> dict:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+        pick = lambda side: margin if side is None else side  # noqa: E731
+        margins = (pick(margin_left), pick(margin_right), pick(margin_bottom), pick(margin_top))
+        return run([str(f) for f in files], metrics, grid_points=grid_points, margins=margins, bend=bend,
+                   curve_points=curve_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
+                   data_root=data_root, download=download, split=split.value, batch_size=batch_size,
+                   bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
+                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+
+    def show(r: dict) -> None:
+        rows = [(k, f"min {v['min']:.4g}, max {v['max']:.4g}; at the points "
+                 + ", ".join(f"{x:.4g}" for x in v["at_points"])) for k, v in r["summary"].items()]
+        rows += [("dx, dy", f"{r['dx']:.4g}, {r['dy']:.4g}"), ("metrics", r["metrics_file"])]
+        if "plot" in r:
+            rows.append(("plot", r["plot"]))
+        _table(f"plane, {r['grid_points']} x {r['grid_points']} grid", rows)
+
+    _run(work, as_json, quiet, show)
 
 
 def main() -> None:

@@ -28,8 +28,7 @@ from .flat import ParamLayout
 from .h5io import MetricsLog, provenance
 from .models import build_model
 from .runtime import autocast, resolve_device
-from .schedules import SCHEDULES
-from .training import fit, prepare_outputs, state_path
+from .training import fit, prepare_outputs, state_path, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
 INITS = ("linear", "start", "end")
@@ -195,16 +194,7 @@ class ConnectConfig:
         coefficients(self.curve, self.num_bends, 0.0)
         if self.init not in INITS:
             raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'.")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}.")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
-        if self.wd < 0:
-            raise ConfigError(f"--wd must be >= 0, got {self.wd}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'.")
+        validate_sgd(self)
         if self.curve == "line" and (self.free_start or self.free_end):
             raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
 

@@ -75,6 +75,10 @@ class Split(Protocol):
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                 seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int: ...
+
+    def subset(self, n: int) -> "Split": ...
+
 
 class TensorSplit:
     """uint8 images ``[N, C, H, W]`` and int64 labels held on one device."""
@@ -109,6 +113,13 @@ class TensorSplit:
                 x = augment_batch(x, self.info.crop_padding, self.info.augment == "crop-flip", g)
             yield self.normalize(x), self.labels[idx]
 
+    def subset(self, n: int) -> "TensorSplit":
+        """A fixed random subset of ``n`` samples (the same for every call), e.g. for cheaper train metrics."""
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n].to(self.device)
+        return TensorSplit(self.images[idx], self.labels[idx], self.info, self.device, self.channels_last)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -142,6 +153,14 @@ class LoaderSplit:
 
     def __len__(self) -> int:
         return len(self.eval_dataset)
+
+    def subset(self, n: int) -> "LoaderSplit":
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        sub = torch.utils.data.Subset
+        return LoaderSplit(sub(self.train_dataset, idx), sub(self.eval_dataset, idx), self.info, self.device,
+                           self.num_workers, self.channels_last)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)

@@ -134,14 +134,15 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
 
 
 def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512, bn_batches: int | None = None,
-                     precision: str = "fp32") -> dict[str, float]:
+                     precision: str = "fp32", train_split: Split | None = None) -> dict[str, float]:
     """Metrics of a network at its current weights, after recomputing BN statistics for them.
 
-    Train metrics use the un-augmented training data: ``train/loss`` (NLL + 0.5 * wd * ||w||^2, the
-    training objective), ``train/nll``, ``train/err``; then ``<split>/nll`` and ``<split>/err``.
+    Train metrics use the un-augmented training data (or ``train_split``, e.g. a fixed subset):
+    ``train/loss`` (NLL + 0.5 * wd * ||w||^2, the training objective), ``train/nll``, ``train/err``;
+    then ``<split>/nll`` and ``<split>/err``.
     """
     recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
-    probs, labels = predict_probs(model, data.train, batch_size=batch_size, precision=precision)
+    probs, labels = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision)
     train_nll, train_err = nll(probs, labels), error(probs, labels)
     probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision)
     split = data.eval_split

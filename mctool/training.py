@@ -31,7 +31,7 @@ class TrainConfig:
     dataset: str = "digits"
     arch: str | None = None  # default: per data set (data.DEFAULT_ARCH)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 30
+    epochs: int = 200
     lr: float = 0.05
     wd: float = 5e-4
     momentum: float = 0.9
@@ -46,34 +46,41 @@ class TrainConfig:
     save_every: int = 0
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}.")
-        if self.wd < 0:
-            raise ConfigError(f"--wd must be >= 0, got {self.wd}.")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.save_every < 0:
-            raise ConfigError(f"--save-every must be >= 0, got {self.save_every}.")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'.")
+        validate_sgd(self)
+
+
+def validate_sgd(cfg: Any) -> None:
+    """Checks shared by every SGD run (train, connect): clear errors for values that cannot work."""
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {cfg.lr}.")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}.")
+    if cfg.wd < 0:
+        raise ConfigError(f"--wd must be >= 0, got {cfg.wd}.")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}.")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}.")
+    if cfg.save_every < 0:
+        raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}.")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'.")
+
+
+def output_stem(output: str | Path) -> str:
+    """A file name without its ``.safetensors`` ending, for names derived from an output."""
+    name = Path(output).name
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 def state_path(output: str | Path) -> Path:
     """Where the resumable training state of ``output`` lives: ``model.safetensors`` -> ``model.state.safetensors``."""
-    output = Path(output)
-    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
-    return output.with_name(stem + ".state.safetensors")
+    return Path(output).with_name(output_stem(output) + ".state.safetensors")
 
 
 def snapshot_path(output: str | Path, epoch: int) -> Path:
     """``--save-every`` checkpoint of ``output`` after ``epoch`` epochs: ``model-epoch010.safetensors``."""
-    output = Path(output)
-    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
-    return output.with_name(f"{stem}-epoch{epoch:03d}.safetensors")
+    return Path(output).with_name(f"{output_stem(output)}-epoch{epoch:03d}.safetensors")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

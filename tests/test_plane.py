@@ -1,0 +1,156 @@
+"""`mctool plane`: basis, grid, resume, inputs, errors."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mctool.plane
+from mctool.checkpoint import load_model
+from mctool.curves import load_curve
+from mctool.errors import ConfigError
+from mctool.flat import ParamLayout
+from mctool.h5io import read_h5
+from mctool.plane import PlaneBasis
+
+CPU = ["--device", "cpu"]
+
+
+def test_basis_is_orthonormal_and_places_the_points():
+    g = torch.Generator().manual_seed(0)
+    w0, w1, w2 = (torch.randn(50, generator=g) for _ in range(3))
+    b = PlaneBasis.through(w0, w1, w2)
+    assert float(b.u.double().norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float(b.v.double().norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float(b.u.double() @ b.v.double()) == pytest.approx(0.0, abs=1e-6)
+    assert b.project(w0)[:2] == pytest.approx((0.0, 0.0), abs=1e-5)
+    assert b.project(w2)[:2] == pytest.approx((b.dx, 0.0), abs=1e-5)
+    assert b.project(w1)[:2] == pytest.approx((float((w1 - w0) @ b.u), b.dy), abs=1e-5)
+    assert b.project(w1)[2] == pytest.approx(0.0, abs=1e-3)  # all three lie in their own plane
+    alpha, beta = 0.3, -0.15
+    assert torch.allclose(b.weights(alpha, beta), w0 + alpha * b.dx * b.u + beta * b.dy * b.v)
+    assert torch.allclose(b.weights(0, 0), w0) and torch.allclose(b.weights(1, 0), w2, atol=1e-5)
+
+
+def test_degenerate_points_are_refused():
+    w0, w2 = torch.zeros(10), torch.ones(10)
+    with pytest.raises(ConfigError, match="one line"):
+        PlaneBasis.through(w0, 0.4 * w2, w2)
+    with pytest.raises(ConfigError, match="coincide"):
+        PlaneBasis.through(w0, w2, w0.clone())
+
+
+@pytest.fixture(scope="module")
+def bezier(tmp_path_factory, digits_models):
+    out = tmp_path_factory.mktemp("plane") / "c.safetensors"
+    from conftest import Cli
+
+    Cli()("connect", *digits_models, "-o", out, "--epochs", "1", "--lr", "0.05", "-q", *CPU)
+    return out
+
+
+def test_plane_from_curve_layout_and_values(cli, tmp_path, bezier):
+    m, png = tmp_path / "p.h5", tmp_path / "p.png"
+    r = cli.json("plane", bezier, "-m", m, "--grid-points", "3", "--margin", "0", "--plot", png, *CPU)
+    data, attrs = read_h5(m)
+    curve = load_curve(bezier)[0]
+    b = PlaneBasis.through(*curve.points)
+    assert attrs["kind"] == "plane" and attrs["dx"] == pytest.approx(b.dx) and attrs["dy"] == pytest.approx(b.dy)
+    assert data["alpha"] == pytest.approx([0, b.dx / 2, b.dx]) and data["beta"] == pytest.approx([0, b.dy / 2, b.dy])
+    assert data["points"] == pytest.approx(np.array([[0, 0], [b.w1_x, b.dy], [b.dx, 0]]), abs=1e-4)
+    for name in ("train/loss", "train/err", "test/nll", "test/err"):
+        assert data[name].shape == (3, 3) and np.isfinite(data[name]).all()
+    # grid node (0, 0) is w0 itself, so it equals the value measured at the first point
+    assert data["train/loss"][0, 0] == pytest.approx(data["at_points/train/loss"][0], rel=1e-5)
+    assert data["test/err"][2, 0] == pytest.approx(data["at_points/test/err"][2], abs=1e-6)  # (1, 0) is w2
+    assert data["curve"].shape == (61, 2) and data["curve_offplane"].max() < 1e-3  # a 1-bend Bezier is planar
+    assert r["summary"]["test_err"]["max"] == pytest.approx(np.max(data["test/err"]))
+    with h5py.File(m) as f:
+        assert f["train/loss"].dims[0][0].name == "/alpha" and f["train/loss"].dims[1][0].name == "/beta"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    cli("plot", m, "-o", tmp_path / "again.png")  # redraw without recomputing
+    assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_grid_point_weights_are_the_formula(tmp_path, bezier, monkeypatch):
+    seen = []
+    real = mctool.plane.evaluate_weights
+
+    def spy(model, *a, **k):
+        seen.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).clone())
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(mctool.plane, "evaluate_weights", spy)
+    mctool.plane.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, margins=(0.5, 0.0, 0.25, 0.0),
+                       device="cpu", quiet=True)
+    curve = load_curve(bezier)[0]
+    b = PlaneBasis.through(*curve.points)
+    assert len(seen) == 3 + 4
+    assert torch.allclose(seen[1], curve.points[1])  # the three points first
+    # then the grid in [alpha, beta] order: alpha in (-0.5, 1), beta in (-0.25, 1)
+    assert torch.allclose(seen[3], b.weights(-0.5, -0.25), atol=1e-6)
+    assert torch.allclose(seen[4], b.weights(-0.5, 1.0), atol=1e-6)
+    assert torch.allclose(seen[6], b.weights(1.0, 1.0), atol=1e-6)
+
+
+def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
+    m = tmp_path / "p.h5"
+    args = [bezier, "-m", m, "--grid-points", "3", *CPU]
+    cli("plane", *args, "-q")
+    full, _ = read_h5(m)
+    with h5py.File(m, "a") as f:
+        f["test/err"][1, 2] = np.nan
+        f["train/loss"][2, 0] = np.nan
+    calls = []
+    real = mctool.plane.evaluate_weights
+    monkeypatch.setattr(mctool.plane, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cli("plane", *args, "--resume", "-q")
+    assert len(calls) == 2
+    again, _ = read_h5(m)
+    assert again["test/err"] == pytest.approx(full["test/err"]) and again["train/loss"] == pytest.approx(
+        full["train/loss"])
+    assert "--grid-points" in cli.error("plane", bezier, "-m", m, "--grid-points", "4", "--resume")
+
+
+def test_three_checkpoints_agree_with_the_curve(cli, tmp_path, bezier, digits_models):
+    curve = load_curve(bezier)[0]
+    mid = tmp_path / "bend.safetensors"
+    # the bend as an ordinary checkpoint: take the MLP from A and put the bend's weights in it
+    from mctool.checkpoint import save_model
+
+    a = load_model(digits_models[0])
+    curve.layout.assign(a.model, curve.points[1])
+    save_model(mid, a.model, a.meta)
+    r1 = cli.json("plane", bezier, "-m", tmp_path / "c.h5", "--grid-points", "2", *CPU)
+    r3 = cli.json("plane", digits_models[0], mid, digits_models[1], "-m", tmp_path / "m.h5", "--grid-points", "2",
+                  *CPU)
+    for key in ("train_loss", "test_err"):
+        assert r1["summary"][key]["at_points"] == pytest.approx(r3["summary"][key]["at_points"], rel=1e-5)
+        assert r1["summary"][key]["min"] == pytest.approx(r3["summary"][key]["min"], rel=1e-5)
+    assert np.array(r3["points"]) == pytest.approx(np.array(r1["points"]), rel=1e-5)
+    _, attrs = read_h5(tmp_path / "m.h5")
+    assert len(json.loads(attrs["inputs"])) == 3
+
+
+def test_plane_errors(cli, tmp_path, bezier, digits_models):
+    m = tmp_path / "p.h5"
+    assert "one line" in cli.error("plane", digits_models[0], digits_models[0], digits_models[1], "-m", m)
+    assert "coincide" in cli.error("plane", digits_models[0], digits_models[1], digits_models[0], "-m", m)
+    assert "three model checkpoints" in cli.error("plane", *digits_models, "-m", m)
+    assert "--bend" in cli.error("plane", bezier, "-m", m, "--bend", "2")
+    assert "--grid-points" in cli.error("plane", bezier, "-m", m, "--grid-points", "1")
+    assert "margins" in cli.error("plane", bezier, "-m", m, "--margin-top", "-1")
+    line = tmp_path / "line.safetensors"
+    cli("connect", *digits_models, "--curve", "line", "-o", line, "-q")
+    assert "no bend" in cli.error("plane", line, "-m", m)
+    assert not m.exists()
+
+
+def test_train_subset_is_used(tmp_path, bezier):
+    r = mctool.plane.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, train_subset=50, device="cpu",
+                           quiet=True)
+    # train error on 50 images moves in steps of 1/50
+    errs = np.array(r["summary"]["train_err"]["at_points"]) * 50
+    assert np.allclose(errs, np.round(errs), atol=1e-4)
