@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision pinned to the versions this project is tested with (local wheels on our machines).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)

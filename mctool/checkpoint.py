@@ -10,7 +10,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from ._version import __version__
 from .errors import CheckpointError
 from .fileio import atomic_path, sha256_file
+from .h5io import utc_now
 from .models import build_model
 
 #: Checkpoint kinds that hold one network's state dict (a train-state adds optimiser tensors).
@@ -53,7 +53,7 @@ class ModelMeta:
             "format": "pt",
             "kind": self.kind,
             "mctool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
             "arch": self.arch,
             "arch_kwargs": json.dumps(self.arch_kwargs, sort_keys=True),
             "num_classes": str(self.num_classes),

@@ -95,12 +95,10 @@ def _run(work: Callable[[], dict], as_json: bool, quiet: bool, show: Callable[[d
     """Call the library, map user errors to exit codes, print the result."""
     try:
         result = work()
-    except Interrupted as e:
-        stderr_console().print(f"Error: {e}", markup=False, highlight=False)
-        raise typer.Exit(130) from None
     except MctoolError as e:
+        # One unwrapped line, whatever the terminal width, so scripts can grep it.
         stderr_console().print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
     if as_json:
         sys.stdout.write(json.dumps(_clean(result), allow_nan=False) + "\n")
     elif not quiet:

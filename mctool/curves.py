@@ -25,7 +25,7 @@ from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_output, sha256_file
 from .flat import ParamLayout
-from .h5io import MetricsLog, provenance
+from .h5io import MetricsLog, provenance, utc_now
 from .models import build_model
 from .runtime import autocast, resolve_device
 from .training import fit, prepare_outputs, state_path, validate_sgd
@@ -287,7 +287,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
     curve.points = current_points()
     save_curve(output, curve, asdict(cfg))
-    log.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log.attrs["finished"] = utc_now()
     log.flush()
     state_path(output).unlink(missing_ok=True)
     last = log.rows[-1]

@@ -34,7 +34,7 @@ _STATS = {
 # Flips suit natural images; digits (including SVHN's house numbers) are not mirror-symmetric.
 _DEFAULT_AUGMENT = {"digits": "crop", "mnist": "crop", "fashion-mnist": "crop", "cifar10": "crop-flip",
                     "cifar100": "crop-flip", "svhn": "crop", "synthetic": "crop-flip", "imagefolder": "crop-flip"}
-#: Default architecture and epochs per data set (see docs/datasets.md).
+#: Default architecture per data set (see docs/datasets.md).
 DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_convfc", "fashion-mnist": "cifar_convfc",
                 "cifar10": "cifar_preresnet20", "cifar100": "cifar_preresnet20", "svhn": "cifar_preresnet20",
                 "synthetic": "cifar_convfc", "imagefolder": "resnet18"}

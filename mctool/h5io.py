@@ -24,6 +24,11 @@ from .errors import MetricsFileError
 from .fileio import atomic_path
 
 
+def utc_now() -> str:
+    """The current time as ISO 8601 in UTC (every timestamp mctool writes)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                kind: str = "train") -> dict[str, str]:
     """Root attributes every mctool HDF5 file carries."""
@@ -31,7 +36,7 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
         "kind": kind,
         "mctool_version": __version__,
         "command": shlex.join(["mctool", *sys.argv[1:]]) if sys.argv else "mctool",
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": utc_now(),
         "inputs": json.dumps(inputs or {}, sort_keys=True),
         "config": json.dumps(config or {}, sort_keys=True),
     }

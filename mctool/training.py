@@ -11,12 +11,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, read_checkpoint, save_model
+from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, read_checkpoint, read_metadata, save_model
 from .data import DEFAULT_ARCH, Data, check_fits, load_data
 from .errors import ConfigError, Interrupted, NonFiniteLossError
 from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
-from .h5io import MetricsLog, provenance
+from .h5io import MetricsLog, provenance, utc_now
 from .models import arch_kwargs_for, build_model
 from .runtime import autocast, progress_bar, resolve_device
 from .schedules import SCHEDULES, lr_at
@@ -119,6 +119,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                           "start over.")
     check_output(output, force)
     check_output(metrics, force, "metrics file")
+    every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
+    for epoch in range(every, epochs, every) if every else ():
+        check_output(snapshot_path(output, epoch), force, "--save-every checkpoint")
     return None
 
 
@@ -183,6 +186,9 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
         done = len(log.rows)
+        if not state_file.exists():
+            raise Interrupted("interrupted during epoch 1, before any epoch was complete; nothing was saved. "
+                              "Run the same command again to start over.") from None
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
 
@@ -199,10 +205,19 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
         cfg.arch, cfg.arch_kwargs = saved["arch"], saved["arch_kwargs"]
 
     dev = resolve_device(device)
-    init = load_model(cfg.init) if cfg.init else None
+    init_md = read_metadata(cfg.init) if cfg.init else {}
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
-                     normalization=init.meta.normalization if init else None)
+                     normalization=json.loads(init_md["normalization"]) if "normalization" in init_md else None)
+    init = None
+    if cfg.init and "arch" not in init_md:  # a plain state dict (e.g. from timm): --arch says what it is
+        if cfg.arch is None:
+            raise ConfigError(f"--init '{cfg.init}' has no mctool metadata; pass --arch (and --arch-kwargs) to say "
+                              "which network it holds.")
+        init = load_model(cfg.init, arch=cfg.arch, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
+                          arch_kwargs=arch_kwargs_for(cfg.arch, cfg.arch_kwargs, data.info.image_size))
+    elif cfg.init:
+        init = load_model(cfg.init)
     if init is not None:
         check_fits(init.meta.num_classes, init.meta.in_chans, data.info, cfg.init)
         if cfg.arch not in (None, init.meta.arch):
@@ -263,7 +278,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=evaluate, quiet=quiet, desc="train")
     save_model(output, model, meta)
-    log.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log.attrs["finished"] = utc_now()
     log.flush()
     state_path(output).unlink(missing_ok=True)
     last = log.rows[-1]
@@ -280,4 +295,4 @@ def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | 
         kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
                 else "no epoch had completed, so nothing was saved")
         raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
-                                 f"stopped and {kept}. Try a lower --lr.")
+                                 f"stopped and {kept}. Start again with a lower --lr (and --force).")

@@ -42,6 +42,7 @@ def main() -> None:
                  "--plot", o("bezier.png"))
     mctool("plot", o("segment.h5"), o("bezier.h5"), "-o", o("segment-vs-bezier.png"))
     mctool("point", o("bezier.safetensors"), "--t", "0.5", "-o", o("bezier-midpoint.safetensors"))
+    pl = mctool("plane", o("bezier.safetensors"), "--grid-points", "21", "-m", o("plane.h5"), "--plot", o("plane.png"))
 
     print(f"\nmctool demo on digits ({ev['samples']} test images), {time.time() - t0:.0f} s")
     print(f"\n{'network':<36}{'test error':>11}{'test NLL':>10}{'ECE':>8}")
@@ -54,7 +55,11 @@ def main() -> None:
         m = r["metrics"]
         print(f"{name:<22}{m['barrier']['train_loss']:>20.4f}{100 * m['barrier']['test_err']:>18.2f} pt"
               f"{m['length_ratio']:>16.3f}")
-    print(f"\nplots: {o('segment-vs-bezier.png')} (both paths), {o('segment.png')}, {o('bezier.png')}")
+    lo, hi = pl["summary"]["train_loss"]["min"], pl["summary"]["train_loss"]["max"]
+    print(f"\nplane through A, the bend and B: {pl['grid_points']}x{pl['grid_points']} grid, train loss from "
+          f"{lo:.3f} to {hi:.3f}; the curve leaves the plane by at most {pl['curve_max_offplane']:.2g}")
+    print(f"plots: {o('segment-vs-bezier.png')} (both paths), {o('plane.png')} (surfaces, like the paper's "
+          f"Figure 1), {o('segment.png')}, {o('bezier.png')}")
     print(f"everything is in {OUT}/; inspect any file with: mctool info FILE")
 
 

@@ -178,3 +178,44 @@ def test_bf16_and_channels_last_run_on_cpu(cli, tmp_path):
     ev = cli.json("evaluate", out, "--precision", "bf16", "--channels-last", "--device", "cpu")
     ev32 = cli.json("evaluate", out, "--device", "cpu")
     assert abs(ev["test_err"] - ev32["test_err"]) <= 0.05
+
+
+def test_init_from_plain_state_dict_and_snapshot_guard(cli, tmp_path, digits_models):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file(read_checkpoint(digits_models[0])[0], str(plain))
+    out = tmp_path / "m.safetensors"
+    assert "--arch" in cli.error("train", *TINY, "--init", plain, "-o", out, "--epochs", "1")
+    r = cli.json("train", *TINY, "--arch", "mlp", "--init", plain, "-o", out, "--epochs", "1", "--lr", "0.001")
+    assert r["test_err"] < 0.3  # started from the trained weights, not from scratch
+    # existing --save-every checkpoints are not overwritten without --force
+    snap = tmp_path / "n-epoch001.safetensors"
+    snap.write_bytes(b"precious")
+    assert "--force" in cli.error("train", *TINY, "-o", tmp_path / "n.safetensors", "--epochs", "2",
+                                  "--save-every", "1")
+    assert snap.read_bytes() == b"precious"
+
+
+def test_interrupt_before_first_epoch_says_nothing_was_saved(cli, tmp_path, monkeypatch):
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", boom)
+    err = cli.error("train", *TINY, "-o", tmp_path / "m.safetensors", "--epochs", "2", code=130)
+    assert "nothing was saved" in err and "--resume" not in err
+
+
+def test_outputs_get_normal_permissions(cli, tmp_path, digits_models):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "p.safetensors"
+        cli("train", *TINY, "-o", out, "--epochs", "1", "-q")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "p.h5").stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
