@@ -230,7 +230,7 @@ def test_plot_command(cli, tmp_path, digits_models):
     cli("plot", m, m, "-o", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "--force" in cli.error("plot", m, "-o", png)
-    assert "not an evaluate-curve file" in cli.error("plot", digits_models[0].with_suffix(".h5"), "-o",
+    assert "cannot draw files of kind ['train']" in cli.error("plot", digits_models[0].with_suffix(".h5"), "-o",
                                                      tmp_path / "q.png")
     assert "give one curve file or two" in cli.error("evaluate-curve", m, m, m, "-m", tmp_path / "x.h5")
     assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", tmp_path / "x.h5", "--num-points", "1")
