@@ -8,7 +8,8 @@ from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, sav
 from .data import Data, DatasetInfo, load_data
 from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MetricsFileError,
                      NonFiniteLossError, OutputError)
-from .evaluation import ece, error, evaluate_models, nll, predict_probs
+from .ensembles import evaluate_models, load_ensemble
+from .evaluation import brier, ece, error, nll, predict_probs
 from .h5io import read_h5
 from .info import file_info
 from .models import MCTOOL_ARCHS, build_model
@@ -18,6 +19,6 @@ from .training import TrainConfig, train
 __all__ = [
     "__version__", "LoadedModel", "ModelMeta", "load_model", "read_checkpoint", "save_model", "Data", "DatasetInfo",
     "load_data", "CheckpointError", "ConfigError", "DataError", "Interrupted", "MctoolError", "MetricsFileError",
-    "NonFiniteLossError", "OutputError", "ece", "error", "evaluate_models", "nll", "predict_probs", "read_h5",
+    "NonFiniteLossError", "OutputError", "brier", "ece", "error", "evaluate_models", "load_ensemble", "nll", "predict_probs", "read_h5",
     "file_info", "MCTOOL_ARCHS", "build_model", "lr_at", "paper_factor", "TrainConfig", "train",
 ]

@@ -100,25 +100,33 @@ def _check_safetensors_file(path: Path) -> None:
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder, not a safetensors file.")
     size = path.stat().st_size
+    pickled = CheckpointError(
+        f"'{path}' is a pickled PyTorch file (.pt/.pth); mctool never unpickles files because they can run code. "
+        "If you trust it, convert it once with: python -c \"import torch, safetensors.torch as s; "
+        "s.save_file(torch.load('IN.pt', weights_only=True), 'OUT.safetensors')\" "
+        "and pass --arch and --num-classes when loading it.")
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"'{path}' is a pickled PyTorch file (.pt/.pth); mctool never unpickles files because they can run code. "
-                "If you trust it, convert it once with: python -c \"import torch, safetensors.torch as s; "
-                "s.save_file(torch.load('IN.pt', weights_only=True), 'OUT.safetensors')\" "
-                "and pass --arch and --num-classes when loading it."
-            )
+        if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+            raise pickled
         if len(head) < 8:
             raise CheckpointError(f"'{path}' is not a safetensors file (only {size} bytes).")
         (n,) = struct.unpack("<Q", head)
+        header = None
+        if n <= _MAX_HEADER and 8 + n <= size:
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+    if header is None:
+        # A raw pickle starts with 0x80 (its protocol marker); checked only now, because a safetensors
+        # header length can start with that byte too.
+        if head[:1] == b"\x80":
+            raise pickled
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"'{path}' is not a safetensors file, or it is truncated (header of {n} bytes in a "
                                   f"file of {size} bytes).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"'{path}' is not a safetensors file (its header is not JSON).") from None
+        raise CheckpointError(f"'{path}' is not a safetensors file (its header is not JSON).")
     if not isinstance(header, dict):
         raise CheckpointError(f"'{path}' is not a safetensors file (its header is not a JSON object).")
     end = max((v["data_offsets"][1] for k, v in header.items()
@@ -217,7 +225,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     if arch_kwargs:
         meta.arch_kwargs = {**meta.arch_kwargs, **arch_kwargs}
     model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
-    extra = {k: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)}
+    extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
     state = {k: v for k, v in tensors.items() if k not in extra}
     expected = model.state_dict()
     problem = _describe_mismatch(expected, state)

@@ -41,6 +41,7 @@ class Schedule(str, Enum):
     paper = "paper"
     cosine = "cosine"
     constant = "constant"
+    sse = "sse"
 
 
 class Augment(str, Enum):
@@ -153,7 +154,10 @@ def train(
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     schedule: Annotated[Schedule, typer.Option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
-                                               "then 1%; cosine: cosine annealing to 0; constant.")] = Schedule.paper,
+                                               "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
+                                               "Ensembles (cosine restarts, one snapshot per cycle; the output is "
+                                               "then an ensemble file).")] = Schedule.paper,
+    snapshots: Annotated[int, typer.Option(help="With --schedule sse: number of cycles and snapshots.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout.")] = 0,
     augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for "
                                              "natural images, crop for digits), none, crop, crop-flip.")] = Augment.auto,
@@ -185,7 +189,8 @@ def train(
         cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
                           wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
                           augment=augment.value, split=split.value, precision=precision.value,
-                          channels_last=channels_last, init=str(init) if init else None, save_every=save_every)
+                          channels_last=channels_last, init=str(init) if init else None, save_every=save_every,
+                          snapshots=snapshots)
         return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
@@ -200,10 +205,31 @@ def train(
     _run(work, as_json, quiet, show)
 
 
+def _show_evaluation(r: dict) -> None:
+    t = Table(title=f"{r['dataset']} ({r['split']} split)", title_justify="left")
+    for col in ("model", "loss", "nll", "err", "ece", "brier"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for m in r["models"]:
+        t.add_row(m["path"], f"{m['loss']:.4f}", f"{m['nll']:.4f}", _pct(m["err"]), f"{m['ece']:.4f}",
+                  f"{m['brier']:.4f}")
+    if "ensemble" in r:
+        e = r["ensemble"]
+        t.add_row(f"ensemble of {e['members']}", "-", f"{e['nll']:.4f}", _pct(e["err"]), f"{e['ece']:.4f}",
+                  f"{e['brier']:.4f}")
+    if "calibrated" in r:
+        c = r["calibrated"]
+        t.add_row(f"  temperature-scaled (T = {r['temperature']:.3f})", "-", f"{c['nll']:.4f}", _pct(c["err"]),
+                  f"{c['ece']:.4f}", f"{c['brier']:.4f}")
+    stderr_console().print(t)
+    if "temperature_warning" in r:
+        stderr_console().print(f"Warning: {r['temperature_warning']}", markup=False, highlight=False)
+
+
 @app.command()
 def evaluate(
-    models: Annotated[list[Path], typer.Argument(help="Model checkpoints (.safetensors); several are also evaluated "
-                                                "as an ensemble (mean of softmax outputs).")],
+    models: Annotated[list[Path], typer.Argument(help="Model checkpoints or ensemble files (.safetensors); several "
+                                                "networks are also evaluated as an ensemble (mean of softmax "
+                                                "outputs).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
                                                     "file.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
@@ -227,7 +253,7 @@ def evaluate(
     force: ForceOpt = False,
 ) -> None:
     """Loss, NLL, error and ECE (15 bins) of each network and of their ensemble."""
-    from .evaluation import evaluate_models
+    from .ensembles import evaluate_models
 
     def work() -> dict:
         if batch_size < 1:
@@ -239,18 +265,7 @@ def evaluate(
                                num_classes=num_classes, in_chans=in_chans, arch_kwargs=_parse_kwargs(arch_kwargs),
                                num_workers=num_workers, quiet=quiet)
 
-    def show(r: dict) -> None:
-        t = Table(title=f"{r['dataset']} ({r['split']} split)", title_justify="left")
-        for col in ("model", "loss", "nll", "err", "ece"):
-            t.add_column(col, justify="left" if col == "model" else "right")
-        for m in r["models"]:
-            t.add_row(m["path"], f"{m['loss']:.4f}", f"{m['nll']:.4f}", _pct(m["err"]), f"{m['ece']:.4f}")
-        if "ensemble" in r:
-            e = r["ensemble"]
-            t.add_row(f"ensemble of {e['members']}", "-", f"{e['nll']:.4f}", _pct(e["err"]), f"{e['ece']:.4f}")
-        stderr_console().print(t)
-
-    _run(work, as_json, quiet, show)
+    _run(work, as_json, quiet, _show_evaluation)
 
 
 @app.command()
@@ -438,9 +453,11 @@ def evaluate_curve(
 
 @app.command()
 def point(
-    curve: Annotated[Path, typer.Argument(help="A curve file from connect.")],
-    t: Annotated[float, typer.Option("--t", help="Position along the curve, in [0, 1].")],
+    source: Annotated[Path, typer.Argument(help="A curve file from connect, or an ensemble file (fge, train "
+                                           "--schedule sse, ensemble -o).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write.")],
+    t: Annotated[Optional[float], typer.Option("--t", help="Position along a curve, in [0, 1].")] = None,
+    index: Annotated[Optional[int], typer.Option("--index", help="Member of an ensemble file (0-based).")] = None,
     no_bn_update: Annotated[bool, typer.Option("--no-bn-update", help="Keep the start network's BatchNorm "
                                                "statistics instead of recomputing them at t.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -454,16 +471,71 @@ def point(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Export the network at t of a curve as an ordinary model checkpoint (usable by evaluate, train --init, timm)."""
+    """Export one network as an ordinary model checkpoint (usable by evaluate, train --init, fge and timm):
+    the network at --t of a curve (BN recomputed), or member --index of an ensemble file."""
     from .curve_eval import export_point
+    from .ensembles import export_member
 
     def work() -> dict:
-        return export_point(curve, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
+        if (t is None) == (index is None):
+            raise ConfigError("give exactly one of --t (a curve) or --index (an ensemble member).")
+        if index is not None:
+            return export_member(source, index, output, force=force)
+        return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
                             device=device, data_root=data_root, download=download, batch_size=batch_size,
                             precision=precision.value, num_workers=num_workers)
 
-    _run(work, as_json, quiet, lambda r: _table("point", [("model", r["output"]), ("t", str(r["t"])),
-                                                          ("BN recomputed", str(r["bn_recalibrated"]))]))
+    def show(r: dict) -> None:
+        where = [("t", str(r["t"])), ("BN recomputed", str(r["bn_recalibrated"]))] if "t" in r else [
+            ("member", str(r["index"]))]
+        _table("point", [("model", r["output"]), *where])
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command()
+def ensemble(
+    files: Annotated[list[Path], typer.Argument(help="Model checkpoints and ensemble files to combine, or one curve "
+                                                "file with --num-points.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write all members as one "
+                                                   "ensemble file.")] = None,
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
+                                                    "file.")] = None,
+    num_points: Annotated[Optional[int], typer.Option(help="Sample this many evenly spaced points along a curve "
+                                                      "file (each BN-recalibrated) as the members.")] = None,
+    temperature_scale: Annotated[bool, typer.Option("--temperature-scale", help="Fit one temperature on the "
+                                                    "held-out part of the training data (the val split) and "
+                                                    "report calibrated metrics too.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                   "one).")] = None,
+    split: SplitOpt = Split.test,
+    batch_size: EvalBatchOpt = 512,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Combine networks into one ensemble and evaluate it: error, NLL, ECE and Brier score of each member
+    and of the ensemble as members are added."""
+    from .ensembles import evaluate_models
+
+    def work() -> dict:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+        return evaluate_models([str(p) for p in files], dataset=dataset, split=split.value, device=device,
+                               data_root=data_root, download=download, batch_size=batch_size,
+                               precision=precision.value, channels_last=channels_last,
+                               metrics=str(metrics) if metrics else None, output=str(output) if output else None,
+                               num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
+                               force=force, num_workers=num_workers, quiet=quiet)
+
+    _run(work, as_json, quiet, _show_evaluation)
 
 
 @app.command()
@@ -550,6 +622,74 @@ def plane_cmd(
         if "plot" in r:
             rows.append(("plot", r["plot"]))
         _table(f"plane, {r['grid_points']} x {r['grid_points']} grid", rows)
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command("fge")
+def fge_cmd(
+    start: Annotated[Path, typer.Argument(help="Trained network to start from: a model checkpoint, or a training "
+                                          "state from train --save-every (its SGD momentum is kept).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Ensemble file to write (all members).")],
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the learning rate, "
+                                                    "member and ensemble metrics (default: NAME.h5 beside the "
+                                                    "output).")] = None,
+    epochs: Annotated[int, typer.Option(help="FGE epochs (the paper: 40 epochs give 20 members with 2-epoch "
+                                        "cycles).")] = 20,
+    cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs (may be fractional); rounded to an "
+                                                "even number of iterations.")] = 2.0,
+    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations (overrides "
+                                                       "--cycle-epochs).")] = None,
+    lr_max: Annotated[float, typer.Option(help="Learning rate at the start and end of each cycle (a1).")] = 0.05,
+    lr_min: Annotated[float, typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2).")]
+    = 0.0005,
+    wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's).")] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for data order and augmentation.")] = 0,
+    swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
+                                                "as a model checkpoint here.")] = None,
+    bn_batches: BnBatchesOpt = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the start "
+                                                   "network's).")] = None,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation (as for train).")] = Augment.auto,
+    split: SplitOpt = Split.test,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle.
+
+    Snapshots are taken at the exact mid-cycle iteration (lr = lr-min), each with its own BatchNorm
+    recalibration; the running ensemble's error, NLL and ECE are recorded as members are added.
+    """
+    from .fge import FGEConfig, fge
+
+    def work() -> dict:
+        cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
+                        lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
+                        augment=augment.value, split=split.value, precision=precision.value,
+                        channels_last=channels_last, bn_batches=bn_batches, swa=str(swa) if swa else None)
+        return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,
+                   download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
+
+    def show(r: dict) -> None:
+        s, e, m = r["start"], r["ensemble"], r["last_member"]
+        rows = [("ensemble", f"{r['output']} ({r['members']} members, cycle {r['cycle_iters']} iterations)"),
+                ("metrics", r["metrics_file"]),
+                (f"start network {r['split']} err / nll", f"{_pct(s['err'])} / {s['nll']:.4f}"),
+                (f"last member {r['split']} err / nll", f"{_pct(m['err'])} / {m['nll']:.4f}"),
+                (f"FGE ensemble {r['split']} err / nll / ece", f"{_pct(e['err'])} / {e['nll']:.4f} / {e['ece']:.4f}")]
+        if "swa" in r:
+            rows.append((f"SWA {r['split']} err / nll", f"{_pct(r['swa']['err'])} / {r['swa']['nll']:.4f}"))
+        _table("fge", rows)
 
     _run(work, as_json, quiet, show)
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .bn import recalibrate_bn
-from .checkpoint import load_model
-from .data import Split, check_fits, load_data
-from .errors import ConfigError
-from .fileio import check_output
-from .h5io import provenance, write_h5
-from .runtime import autocast, progress_bar, resolve_device
+from .data import Split
+from .runtime import autocast
 
 
 def l2_term(model: nn.Module, wd: float) -> float:
@@ -27,19 +20,25 @@ def l2_term(model: nn.Module, wd: float) -> float:
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, split: Split, *, batch_size: int = 512, precision: str = "fp32",
-                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax outputs ``[N, C]`` (float32) and labels ``[N]`` of a network over a split, in eval mode."""
+def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, precision: str = "fp32",
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` (float32) and labels ``[N]`` of a network over a split, in eval mode."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    probs, labels = [], []
+    logits, labels = [], []
     with autocast(device, precision):
         for x, y in split.batches(batch_size):
-            probs.append(F.softmax(model(x).float(), dim=1))
+            logits.append(model(x).float())
             labels.append(y)
     model.train(was_training)
-    return torch.cat(probs), torch.cat(labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict_probs(model: nn.Module, split: Split, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs ``[N, C]`` (float32) and labels ``[N]``; options as ``predict_logits``."""
+    logits, labels = predict_logits(model, split, **kwargs)
+    return F.softmax(logits, dim=1), labels
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -64,73 +63,16 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])
 
 
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Brier score: mean over samples of sum_c (p_c - [c = label])^2."""
+    onehot = torch.zeros_like(probs).scatter_(1, labels[:, None], 1.0)
+    return float((probs - onehot).pow(2).sum(1).mean())
+
+
 def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """NLL, error and ECE of predicted probabilities."""
-    return {"nll": nll(probs, labels), "err": error(probs, labels), "ece": ece(probs, labels)}
-
-
-def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
-                    data_root: str | None = None, download: bool = False, batch_size: int = 512,
-                    precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
-                    force: bool = False, arch: str | None = None, num_classes: int | None = None,
-                    in_chans: int | None = None, arch_kwargs: dict | None = None, num_workers: int = 4,
-                    quiet: bool = False) -> dict:
-    """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
-
-    Per network: ``loss`` (NLL plus the L2 term 0.5 * wd * ||w||^2 with the wd it was trained with),
-    ``nll``, ``err`` and ``ece``. The ensemble's metrics are also given for its first k members, k = 1..M.
-    """
-    if not paths:
-        raise ConfigError("give at least one model checkpoint.")
-    if metrics:
-        check_output(metrics, force, "metrics file")
-    dev = resolve_device(device)
-    loaded = [load_model(p, arch=arch, num_classes=num_classes, in_chans=in_chans, arch_kwargs=arch_kwargs)
-              for p in paths]
-    first = loaded[0].meta
-    name = dataset or first.dataset
-    if name is None:
-        raise ConfigError(f"'{paths[0]}' does not record its data set; pass --dataset.")
-    for lm in loaded[1:]:
-        if lm.meta.normalization != first.normalization and dataset is None:
-            raise ConfigError(f"'{lm.path}' was trained with another data set or normalisation than '{paths[0]}'; "
-                              "an ensemble needs members that read the same inputs.")
-    data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
-                     normalization=first.normalization, num_workers=num_workers)
-    for lm in loaded:
-        check_fits(lm.meta.num_classes, lm.meta.in_chans, data.info, lm.path)
-    members, running, ens = [], [], None
-    with progress_bar(quiet) as bar:
-        task = bar.add_task("evaluate", total=len(loaded), info="")
-        for k, lm in enumerate(loaded, 1):
-            model = lm.model.to(dev)
-            if channels_last:
-                model.to(memory_format=torch.channels_last)
-            probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision, device=dev)
-            m = summarize(probs, labels)
-            m["loss"] = m["nll"] + l2_term(model, float(lm.meta.config.get("wd", 0.0)))
-            members.append({"path": str(lm.path), "sha256": lm.sha256, **m})
-            ens = probs if ens is None else ens + probs
-            running.append(summarize(ens / k, labels))
-            lm.model.to("cpu")
-            bar.advance(task)
-    result: dict = {"split": data.eval_split, "dataset": data.info.name, "samples": len(data.eval),
-                    "models": members}
-    final = running[-1]
-    if len(loaded) > 1:
-        result["ensemble"] = {"members": len(loaded), **final}
-    result[f"{split}_err"], result[f"{split}_nll"], result[f"{split}_ece"] = final["err"], final["nll"], final["ece"]
-    if metrics:
-        col = lambda rows, key: np.array([r[key] for r in rows], dtype=np.float64)  # noqa: E731
-        datasets = {f"{split}/{key}": (col(members, key), ("model",)) for key in ("loss", "nll", "err", "ece")}
-        datasets.update({f"ensemble/{split}/{key}": (col(running, key), ("members",)) for key in ("nll", "err", "ece")})
-        attrs = {**provenance({m["path"]: m["sha256"] for m in members},
-                              {"dataset": name, "split": split, "precision": precision}, "evaluate"),
-                 "models": json.dumps([m["path"] for m in members]), "eval_split": split}
-        write_h5(metrics, scales={"model": np.arange(len(members)), "members": np.arange(1, len(members) + 1)},
-                 datasets=datasets, attrs=attrs)
-        result["metrics_file"] = str(metrics)
-    return result
+    """NLL, error, ECE and Brier score of predicted probabilities."""
+    return {"nll": nll(probs, labels), "err": error(probs, labels), "ece": ece(probs, labels),
+            "brier": brier(probs, labels)}
 
 
 def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512, bn_batches: int | None = None,

@@ -14,7 +14,7 @@ import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -95,9 +95,13 @@ def _attr(v: Any) -> Any:
 class MetricsLog:
     """Rows of metrics along one coordinate (e.g. one row per epoch), flushed atomically."""
 
-    def __init__(self, path: str | os.PathLike, coord: str, columns: list[str], attrs: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike, coord: str, columns: list[str], attrs: dict[str, Any],
+                 extra: Callable[[], tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, tuple[str, ...]]]]]
+                 | None = None):
+        """``extra()`` may add more scales and datasets (e.g. ensemble members) at every flush."""
         self.path, self.coord, self.columns, self.attrs = Path(path), coord, list(columns), dict(attrs)
         self.rows: list[dict[str, float]] = []
+        self.extra = extra
 
     def append(self, coord_value: float, **values: float) -> None:
         unknown = set(values) - set(self.columns)
@@ -109,5 +113,10 @@ class MetricsLog:
         return np.array([r.get(name, np.nan) for r in self.rows], dtype=np.float64)
 
     def flush(self) -> None:
-        write_h5(self.path, scales={self.coord: self.column(self.coord)},
-                 datasets={c: (self.column(c), (self.coord,)) for c in self.columns}, attrs=self.attrs)
+        scales = {self.coord: self.column(self.coord)}
+        datasets = {c: (self.column(c), (self.coord,)) for c in self.columns}
+        if self.extra is not None:
+            more_scales, more = self.extra()
+            scales.update(more_scales)
+            datasets.update(more)
+        write_h5(self.path, scales=scales, datasets=datasets, attrs=self.attrs)

@@ -6,7 +6,7 @@ import math
 
 from .errors import ConfigError
 
-SCHEDULES = ("paper", "cosine", "constant")
+SCHEDULES = ("paper", "cosine", "constant", "sse")
 
 
 def paper_factor(epoch: int, epochs: int) -> float:
@@ -35,4 +35,38 @@ def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int
         return base_lr * cosine_factor((epoch + iteration / iters_per_epoch) / epochs)
     if schedule == "constant":
         return base_lr
+    if schedule == "sse":
+        raise ConfigError("the sse schedule depends on the number of snapshots; use sse_lr().")
     raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'.")
+
+
+def fge_lr(iteration: int, cycle: int, lr_max: float, lr_min: float) -> float:
+    """FGE's cyclic learning rate (paper-notes section 6) at a 0-based global iteration.
+
+    With t = (iteration mod cycle + 1) / cycle: lr = (1 - 2t) lr_max + 2t lr_min for t <= 1/2, and
+    (2 - 2t) lr_min + (2t - 1) lr_max after: down to lr_min at mid cycle, back to lr_max at its end.
+    """
+    t = (iteration % cycle + 1) / cycle
+    if t <= 0.5:
+        return (1 - 2 * t) * lr_max + 2 * t * lr_min
+    return (2 - 2 * t) * lr_min + (2 * t - 1) * lr_max
+
+
+def fge_is_snapshot(iteration: int, cycle: int) -> bool:
+    """True after the mid-cycle iteration (lr = lr_min exactly; ``cycle`` is even)."""
+    return iteration % cycle + 1 == cycle // 2
+
+
+def sse_lr(iteration: int, total: int, snapshots: int, lr0: float) -> float:
+    """Snapshot Ensembles' cosine annealing with restarts (paper-notes section 7), 0-based iteration.
+
+    lr(i) = lr0 / 2 * (cos(pi * mod(i - 1, ceil(T / M)) / ceil(T / M)) + 1) with i = iteration + 1.
+    """
+    period = math.ceil(total / snapshots)
+    return lr0 / 2 * (math.cos(math.pi * (iteration % period) / period) + 1)
+
+
+def sse_is_snapshot(iteration: int, total: int, snapshots: int) -> bool:
+    """True after the last iteration of each of the M cycles."""
+    period = math.ceil(total / snapshots)
+    return (iteration + 1) % period == 0 or iteration + 1 == total

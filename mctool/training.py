@@ -8,18 +8,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, read_checkpoint, read_metadata, save_model
 from .data import DEFAULT_ARCH, Data, check_fits, load_data
 from .errors import ConfigError, Interrupted, NonFiniteLossError
+from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
 from .h5io import MetricsLog, provenance, utc_now
 from .models import arch_kwargs_for, build_model
 from .runtime import autocast, progress_bar, resolve_device
-from .schedules import SCHEDULES, lr_at
+from .schedules import SCHEDULES, lr_at, sse_is_snapshot, sse_lr
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
 
@@ -44,9 +46,12 @@ class TrainConfig:
     channels_last: bool = False
     init: str | None = None
     save_every: int = 0
+    snapshots: int = 5  # Snapshot Ensembles (schedule "sse"): cycles, one snapshot at the end of each
 
     def validate(self) -> None:
         validate_sgd(self)
+        if self.schedule == "sse" and self.snapshots < 1:
+            raise ConfigError(f"--snapshots must be >= 1, got {self.snapshots}.")
 
 
 def validate_sgd(cfg: Any) -> None:
@@ -142,13 +147,17 @@ def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) ->
 def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *, cfg: Any,
         data: Data, log: MetricsLog, start_epoch: int, output: Path,
         save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
-        quiet: bool, desc: str) -> None:
-    """The epoch loop shared by ``train`` and ``connect``.
+        quiet: bool, desc: str, lr_fn: Callable[[int, int, int], float] | None = None,
+        after_step: Callable[[int, int], None] | None = None) -> None:
+    """The epoch loop shared by ``train``, ``connect`` and ``fge``.
 
-    ``step(x, y, lr)`` does one optimisation step and returns the (detached) mean loss and logits.
-    After each epoch: ``evaluate()``, a metrics row, the resumable state, then the metrics file.
+    ``step(x, y, lr)`` does one optimisation step and returns the (detached) mean loss and logits;
+    ``lr_fn(epoch, i, iters_per_epoch)`` gives its learning rate (default: ``cfg.schedule``) and
+    ``after_step(epoch, i)`` runs after it (e.g. to take a snapshot). After each epoch: ``evaluate()``,
+    a metrics row, the resumable state, then the metrics file.
     ``cfg`` needs epochs, lr, schedule, seed, batch_size and save_every.
     """
+    lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     state_file = state_path(output)
     n_iter = data.train.num_batches(cfg.batch_size)
     dev = getattr(data.train, "device", torch.device("cpu"))
@@ -166,16 +175,19 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
                                              seed=_epoch_seed(cfg.seed, epoch))
                 for i, (x, y) in enumerate(batches):
-                    lr = lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n_iter)
+                    lr = lr_fn(epoch, i, n_iter)
                     loss, out = step(x, y, lr)
                     losses[i] = loss * y.shape[0]
                     wrong += (out.argmax(1) != y).sum()
                     seen += y.shape[0]
                     if (i + 1) % _NAN_CHECK_EVERY == 0 or i + 1 == n_iter:
                         _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None)
+                    if after_step is not None:
+                        after_step(epoch, i)
                     bar.advance(it_task)
                 row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
                        **evaluate()}
+                row = {k: v for k, v in row.items() if k in log.columns}
                 log.append(epoch + 1, **row, seconds=time.time() - t0)
                 # Order matters: the state (with the history) first, then the metrics file it reproduces.
                 save_state(epoch + 1, state_file, "train-state")
@@ -239,23 +251,33 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     params = dict(model.named_parameters())
     split = data.eval_split
+    n_iter = data.train.num_batches(cfg.batch_size)
+    sse = cfg.schedule == "sse"
+    snaps = SnapshotCollector(model, data, precision=cfg.precision) if sse else None
     log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", f"{split}/nll", f"{split}/err", "seconds"],
-                     {**provenance(inputs, asdict(cfg), "train"), "eval_split": split})
+                     {**provenance(inputs, asdict(cfg), "train"), "eval_split": split},
+                     (lambda: ({"member": np.arange(1, len(snaps.rows) + 1)}, snaps.h5_datasets(split))) if sse
+                     else None)
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
         start_epoch = int(md["epoch"])
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(MOMENTUM_PREFIX)})
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))})
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])
+        if snaps is not None:
+            snaps.load_state(tensors, json.loads(md.get("snapshots", "[]")))
     elif init is not None:
         set_momentum(opt, params, init.extra_tensors)  # keep a train-state's momentum
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"]}
-        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}),
-                   get_momentum(opt, params))
+        tensors = get_momentum(opt, params)
+        if snaps is not None:
+            extra["snapshots"] = json.dumps(snaps.rows)
+            tensors.update(snaps.state_tensors())
+        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}), tensors)
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         model.train()
@@ -274,10 +296,23 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
         ev = summarize(probs, labels)
         return {f"{split}/nll": ev["nll"], f"{split}/err": ev["err"]}
 
+    total = cfg.epochs * n_iter
+
+    def sse_snapshot(epoch: int, i: int) -> None:
+        it = epoch * n_iter + i
+        if sse_is_snapshot(it, total, cfg.snapshots):
+            snaps.add(model, iteration=it, epoch=(it + 1) / n_iter)
+            log.flush()
+
     t_run = time.time()
     fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
-        evaluate=evaluate, quiet=quiet, desc="train")
-    save_model(output, model, meta)
+        evaluate=evaluate, quiet=quiet, desc="train",
+        lr_fn=(lambda epoch, i, n: sse_lr(epoch * n + i, total, cfg.snapshots, cfg.lr)) if sse else None,
+        after_step=sse_snapshot if sse else None)
+    if snaps is not None:  # Snapshot Ensembles: the output is the ensemble of all snapshots
+        save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
+    else:
+        save_model(output, model, meta)
     log.attrs["finished"] = utc_now()
     log.flush()
     state_path(output).unlink(missing_ok=True)
@@ -285,7 +320,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     return {"output": str(output), "metrics_file": str(metrics), "arch": cfg.arch, "dataset": data.info.name,
             "epochs": cfg.epochs, "eval_split": split, "train_loss": last["train/loss"], "train_err": last["train/err"],
             f"{split}_nll": last[f"{split}/nll"], f"{split}_err": last[f"{split}/err"],
-            "seconds": time.time() - t_run, "sha256": sha256_file(output)}
+            "seconds": time.time() - t_run, "sha256": sha256_file(output),
+            **({"members": len(snaps.rows), "ensemble": rows_summary(snaps.rows)} if snaps else {})}
 
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:

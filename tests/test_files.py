@@ -148,3 +148,15 @@ def test_metrics_log_layout(tmp_path):
         assert f["lr"].maxshape == (None,)  # appendable by other tools
     with pytest.raises(ValueError):
         log.append(3, nonsense=1.0)
+
+
+def test_header_length_starting_with_pickle_byte_is_not_a_pickle(tmp_path):
+    # A safetensors header of 128 + 256k bytes starts with byte 0x80, like a raw pickle does.
+    path = tmp_path / "m.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, md = read_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.zeros(2)) and md["pad"]

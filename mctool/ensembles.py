@@ -1,0 +1,361 @@
+"""Ensembles: files holding many networks, snapshot collection with BN recalibration, and evaluation.
+
+An ensemble file (kind ``ensemble``) stores its members as one ``[M, P]`` tensor of flat parameter
+vectors plus each member's buffers (its own, recalibrated BN statistics). Ensemble predictions are the
+mean of the members' softmax outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import recalibrate_bn
+from .checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_checkpoint, save_model
+from .data import check_fits, load_data
+from .errors import CheckpointError, ConfigError
+from .evaluation import l2_term, predict_logits, predict_probs, summarize
+from .fileio import check_output, sha256_file
+from .flat import ParamLayout
+from .h5io import provenance, write_h5
+from .models import build_model
+from .runtime import progress_bar, resolve_device
+
+_MEMBERS = "members"
+
+
+def build_network(meta: ModelMeta, layout: ParamLayout, buffers: dict[str, torch.Tensor]) -> nn.Module:
+    """A network of ``meta``'s architecture with ``buffers`` loaded (parameters to be assigned), in eval mode."""
+    model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    if ParamLayout.of(model) != layout:
+        diff = ParamLayout.of(model).differences(layout)
+        raise CheckpointError(f"stored parameters do not fit architecture '{meta.arch}': {'; '.join(diff)}.")
+    model.load_state_dict({**dict(model.state_dict()), **buffers}, strict=True)
+    return model.eval()
+
+
+@dataclass
+class Ensemble:
+    meta: ModelMeta
+    layout: ParamLayout
+    members: torch.Tensor  # [M, P]
+    buffers: list[dict[str, torch.Tensor]]
+    info: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+    sha256: str | None = None
+
+    def __len__(self) -> int:
+        return self.members.shape[0]
+
+    def network(self, i: int, model: nn.Module | None = None) -> nn.Module:
+        """Member ``i`` (0-based) as a network; pass ``model`` to reuse one instead of building another."""
+        model = model or build_network(self.meta, self.layout, self.buffers[i])
+        model.load_state_dict({**dict(model.state_dict()), **self.buffers[i]})
+        self.layout.assign(model, self.members[i].to(next(model.parameters()).device))
+        return model
+
+
+def save_ensemble(path: str | Path, ens: Ensemble, config: dict[str, Any]) -> None:
+    md = ModelMeta(**{**asdict(ens.meta), "kind": "ensemble", "config": config,
+                      "extra": {"param_layout": ens.layout.to_json(), "num_members": str(len(ens)),
+                                "member_info": json.dumps(ens.info)}}).to_metadata()
+    tensors = {_MEMBERS: ens.members}
+    for i, bufs in enumerate(ens.buffers):
+        tensors.update({f"buffers/{i}/{k}": v for k, v in bufs.items()})
+    save_checkpoint(path, tensors, md)
+
+
+def load_ensemble(path: str | Path) -> Ensemble:
+    path = Path(path)
+    tensors, md = read_checkpoint(path)
+    if md.get("kind") != "ensemble":
+        raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not an ensemble.")
+    meta = ModelMeta.from_metadata(md, path)
+    try:
+        layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
+        m = int(meta.extra.pop("num_members"))
+        info = json.loads(meta.extra.pop("member_info", "[]"))
+        members = tensors[_MEMBERS].float()
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a complete ensemble file (missing {e}).") from None
+    if members.shape != (m, layout.size):
+        raise CheckpointError(f"'{path}': members of shape {tuple(members.shape)} do not match {m} networks of "
+                              f"{layout.size} parameters.")
+    buffers = [{k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"buffers/{i}/")} for i in range(m)]
+    return Ensemble(meta, layout, members, buffers, info, path, sha256_file(path))
+
+
+@dataclass
+class Member:
+    """One network to evaluate: a model checkpoint, one member of an ensemble file, or a point on a curve."""
+
+    label: str
+    meta: ModelMeta
+    source: str
+    sha256: str
+    make: Callable[[], nn.Module]
+    recalibrate: bool = False  # BN statistics must be recomputed (points along a curve)
+
+
+def load_members(paths: list[str], num_points: int | None = None, **plain: Any) -> list[Member]:
+    """Expand model checkpoints and ensemble files into members (networks are built lazily); with
+    ``num_points`` the single path is a curve file sampled at that many evenly spaced t."""
+    if num_points is not None:
+        from .curves import load_curve
+
+        if len(paths) != 1 or num_points < 1:
+            raise ConfigError("--num-points samples one curve file: give exactly one curve and K >= 1.")
+        curve = load_curve(paths[0])[0]
+        ts = np.linspace(0, 1, num_points) if num_points > 1 else np.array([0.5])
+
+        def at(t: float) -> nn.Module:
+            model = curve.build_model()
+            curve.layout.assign(model, curve.weights(t))
+            return model
+
+        return [Member(f"{paths[0]}@t={t:.4g}", curve.meta, str(paths[0]), curve.sha256, lambda t=t: at(float(t)),
+                       recalibrate=True) for t in ts]
+    out: list[Member] = []
+    for p in paths:
+        if read_metadata(p).get("kind") == "ensemble":
+            ens = load_ensemble(p)
+            out += [Member(f"{p}#{i}", ens.meta, str(p), ens.sha256, lambda e=ens, i=i: e.network(i))
+                    for i in range(len(ens))]
+        else:
+            lm = load_model(p, **plain)
+            out.append(Member(str(p), lm.meta, str(p), lm.sha256, lambda m=lm.model: m))
+    return out
+
+
+class SnapshotCollector:
+    """Collects snapshots of a network being trained (FGE, Snapshot Ensembles).
+
+    Each snapshot is copied into a separate evaluation network, gets its own BN recalibration, is
+    evaluated, and joins the running ensemble (mean of softmax) whose metrics are recorded.
+    """
+
+    def __init__(self, model: nn.Module, data, *, batch_size: int = 512, bn_batches: int | None = None,
+                 precision: str = "fp32"):
+        self.eval_model = copy.deepcopy(model).eval()
+        self.layout = ParamLayout.of(model)
+        self.data, self.batch_size, self.bn_batches, self.precision = data, batch_size, bn_batches, precision
+        self.members: list[torch.Tensor] = []
+        self.buffers: list[dict[str, torch.Tensor]] = []
+        self.rows: list[dict[str, float]] = []
+        self.probs_sum: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, model: nn.Module, **info: float) -> dict[str, float]:
+        w = self.layout.flatten(dict(model.named_parameters()))
+        self.eval_model.load_state_dict(model.state_dict())
+        recalibrate_bn(self.eval_model, self.data.train, batch_size=self.batch_size, max_batches=self.bn_batches,
+                       precision=self.precision)
+        probs, labels = predict_probs(self.eval_model, self.data.eval, batch_size=self.batch_size,
+                                      precision=self.precision)
+        self.probs_sum = probs if self.probs_sum is None else self.probs_sum + probs
+        member, ens = summarize(probs, labels), summarize(self.probs_sum / (len(self.members) + 1), labels)
+        self.members.append(w.cpu())
+        self.buffers.append({k: v.detach().cpu().clone() for k, v in self.eval_model.named_buffers()})
+        row = {**info, **{f"member_{k}": v for k, v in member.items()}, **{f"ensemble_{k}": v for k, v in ens.items()}}
+        self.rows.append(row)
+        return row
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t: dict[str, torch.Tensor] = {}
+        if self.members:
+            t["snapshots/members"] = torch.stack(self.members)
+            t["snapshots/probs_sum"] = self.probs_sum
+            for i, bufs in enumerate(self.buffers):
+                t.update({f"snapshots/buffers/{i}/{k}": v for k, v in bufs.items()})
+        return t
+
+    def load_state(self, tensors: dict[str, torch.Tensor], rows: list[dict[str, float]]) -> None:
+        self.rows = rows
+        if "snapshots/members" in tensors:
+            self.members = list(tensors["snapshots/members"].float())
+            self.probs_sum = tensors["snapshots/probs_sum"].to(self.data.eval.device)
+            self.buffers = [{k.split("/", 3)[3]: v for k, v in tensors.items()
+                             if k.startswith(f"snapshots/buffers/{i}/")} for i in range(len(self.members))]
+
+    def h5_datasets(self, split: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """``members/<split>/err|nll``, ``ensemble/<split>/err|nll|ece`` and ``members/iteration``, by member."""
+        col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)  # noqa: E731
+        out = {f"members/{split}/{k}": (col(f"member_{k}"), ("member",)) for k in ("err", "nll", "ece", "brier")}
+        out.update({f"ensemble/{split}/{k}": (col(f"ensemble_{k}"), ("member",)) for k in ("err", "nll", "ece",
+                                                                                          "brier")})
+        out["members/iteration"] = (col("iteration"), ("member",))
+        return out
+
+    def ensemble(self, meta: ModelMeta) -> Ensemble:
+        return Ensemble(meta, self.layout, torch.stack(self.members), self.buffers, self.rows)
+
+    def average(self) -> torch.Tensor:
+        """The mean of the snapshots' weights (Stochastic Weight Averaging)."""
+        return torch.stack(self.members).mean(0)
+
+
+def fit_temperature(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """One temperature T for all members minimising the NLL of mean_m softmax(z_m / T) (golden-section on log T)."""
+    def loss(log_t: float) -> float:
+        p = torch.stack([F.softmax(z / math.exp(log_t), 1) for z in logits]).mean(0)
+        return float(-p.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2)
+
+
+def check_members_compatible(members: list[Member]) -> None:
+    first = members[0].meta
+    for m in members[1:]:
+        for key in ("num_classes", "in_chans", "normalization"):
+            if getattr(m.meta, key) != getattr(first, key):
+                raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
+                                  "read the same inputs and predict the same classes.")
+
+
+def as_ensemble_meta(meta: ModelMeta, inputs: dict[str, str]) -> ModelMeta:
+    return ModelMeta(**{**asdict(meta), "kind": "ensemble", "inputs": inputs, "extra": {}})
+
+
+def rows_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    return {k[len("ensemble_"):]: v for k, v in rows[-1].items() if k.startswith("ensemble_")} if rows else {}
+
+
+def export_member(path: str | Path, index: int, output: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Write member ``index`` (0-based) of an ensemble file as an ordinary model checkpoint."""
+    check_output(output, force)
+    ens = load_ensemble(path)
+    if not 0 <= index < len(ens):
+        raise ConfigError(f"--index must be between 0 and {len(ens) - 1} for '{path}', got {index}.")
+    meta = ModelMeta(**{**asdict(ens.meta), "kind": "model", "inputs": {str(path): ens.sha256},
+                        "config": {"ensemble": str(path), "index": index},
+                        "extra": {"ensemble_sha256": ens.sha256, "ensemble_index": str(index)}})
+    save_model(output, ens.network(index), meta)
+    return {"output": str(output), "index": index, "sha256": sha256_file(output)}
+
+
+def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
+                    data_root: str | None = None, download: bool = False, batch_size: int = 512,
+                    precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
+                    output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
+                    bn_batches: int | None = None, force: bool = False, arch: str | None = None,
+                    num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
+                    num_workers: int = 4, quiet: bool = False) -> dict:
+    """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
+
+    ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
+    file sampled at ``num_points`` t (each point BN-recalibrated). Per member: ``loss`` (NLL plus the L2
+    term with the wd it was trained with), ``nll``, ``err``, ``ece``, ``brier``; the ensemble's metrics
+    for its first k members, k = 1..M. ``temperature_scale`` fits one temperature on the held-out part
+    of the training data (the ``val`` split) and reports calibrated ensemble metrics beside the raw ones.
+    ``output`` writes all members as one ensemble file.
+    """
+    if not paths:
+        raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
+    if metrics:
+        check_output(metrics, force, "metrics file")
+    if output:
+        check_output(output, force)
+    members = load_members(paths, num_points, arch=arch, num_classes=num_classes, in_chans=in_chans,
+                           arch_kwargs=arch_kwargs)
+    first = members[0].meta
+    name = dataset or first.dataset
+    if name is None:
+        raise ConfigError(f"'{paths[0]}' does not record its data set; pass --dataset.")
+    if dataset is None:
+        check_members_compatible(members)
+    dev = resolve_device(device)
+    data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
+                     normalization=first.normalization, num_workers=num_workers)
+    held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
+                     normalization=first.normalization, num_workers=num_workers) if temperature_scale else None
+    for m in members:
+        check_fits(m.meta.num_classes, m.meta.in_chans, data.info, m.label)
+    rows, running, ens = [], [], None
+    eval_logits, held_logits, labels, held_labels = [], [], None, None
+    weights, buffers = [], []
+    with progress_bar(quiet) as bar:
+        task = bar.add_task("evaluate", total=len(members), info="")
+        for k, member in enumerate(members, 1):
+            model = member.make().to(dev)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            if member.recalibrate:
+                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
+            logits, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision)
+            probs = F.softmax(logits, 1)
+            m = summarize(probs, labels)
+            m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
+            rows.append({"path": member.label, "sha256": member.sha256, **m})
+            ens = probs if ens is None else ens + probs
+            running.append(summarize(ens / k, labels))
+            if temperature_scale:
+                eval_logits.append(logits)
+                hl, held_labels = predict_logits(model, held.eval, batch_size=batch_size, precision=precision)
+                held_logits.append(hl)
+            if output:
+                weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())
+                buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+            model.to("cpu")
+            bar.advance(task)
+    result: dict = {"split": data.eval_split, "dataset": data.info.name, "samples": len(data.eval), "models": rows}
+    final = running[-1]
+    if len(members) > 1:
+        result["ensemble"] = {"members": len(members), **final}
+    for key in ("err", "nll", "ece", "brier"):
+        result[f"{split}_{key}"] = final[key]
+    if temperature_scale:
+        temp = fit_temperature(held_logits, held_labels)
+        cal = torch.stack([F.softmax(z / temp, 1) for z in eval_logits]).mean(0)
+        result["temperature"] = temp
+        result["calibrated"] = summarize(cal, labels)
+        if any(m.meta.config.get("split") != "val" for m in members):
+            result["temperature_warning"] = (
+                "some members were trained on the images the temperature was fitted on (they were not trained "
+                "with --split val), so the temperature is fitted to training data and is likely too low.")
+    inputs = {m.source: m.sha256 for m in members}
+    if metrics:
+        col = lambda rs, key: np.array([r[key] for r in rs], dtype=np.float64)  # noqa: E731
+        keys = ("nll", "err", "ece", "brier")
+        datasets = {f"{split}/{key}": (col(rows, key), ("model",)) for key in ("loss", *keys)}
+        datasets.update({f"ensemble/{split}/{key}": (col(running, key), ("members",)) for key in keys})
+        if temperature_scale:
+            datasets.update({f"ensemble/{split}/calibrated/{k}": (np.array([v]), ()) for k, v in
+                             result["calibrated"].items()})
+        attrs = {**provenance(inputs,
+                              {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
+                               "temperature_scale": temperature_scale}, "evaluate"),
+                 "models": json.dumps([r["path"] for r in rows]), "eval_split": split}
+        if temperature_scale:
+            attrs["temperature"] = result["temperature"]
+        write_h5(metrics, scales={"model": np.arange(len(rows)), "members": np.arange(1, len(rows) + 1)},
+                 datasets=datasets, attrs=attrs)
+        result["metrics_file"] = str(metrics)
+    if output:
+        layout = ParamLayout.of(members[0].make())
+        ens_file = Ensemble(as_ensemble_meta(first, inputs),
+                            layout, torch.stack(weights), buffers, [{"source": r["path"]} for r in rows])
+        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
+        result["output"] = str(output)
+    return result

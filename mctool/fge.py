@@ -1,0 +1,186 @@
+"""``mctool fge``: Fast Geometric Ensembling from a trained network (paper-notes section 6).
+
+A cyclic learning rate, set every iteration, goes from lr_max down to lr_min at mid cycle and back;
+at the exact mid-cycle iteration a snapshot is taken, gets its own BN recalibration, is evaluated and
+joins the running ensemble. All members go into one ensemble file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bn import recalibrate_bn
+from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, save_model
+from .data import check_fits, load_data
+from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
+from .errors import ConfigError
+from .evaluation import predict_probs, summarize
+from .fileio import check_output, sha256_file
+from .h5io import MetricsLog, provenance, utc_now
+from .runtime import autocast, resolve_device
+from .schedules import fge_is_snapshot, fge_lr
+from .training import fit, get_momentum, prepare_outputs, set_momentum, state_path, validate_sgd
+
+
+@dataclass
+class FGEConfig:
+    epochs: int = 20
+    cycle_epochs: float | None = 2.0
+    cycle_iters: int | None = None
+    lr_max: float = 0.05
+    lr_min: float = 0.0005
+    wd: float | None = None  # default: the start network's
+    momentum: float = 0.9
+    batch_size: int = 128
+    seed: int = 0
+    dataset: str | None = None
+    augment: str = "auto"
+    split: str = "test"
+    precision: str = "fp32"
+    channels_last: bool = False
+    bn_batches: int | None = None
+    swa: str | None = None
+    # fit() reads these
+    schedule: str = "constant"
+    save_every: int = 0
+
+    @property
+    def lr(self) -> float:
+        return self.lr_max
+
+    def validate(self) -> None:
+        validate_sgd(self)
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}.")
+        if self.cycle_iters is not None and self.cycle_iters < 2:
+            raise ConfigError(f"--cycle-iters must be >= 2, got {self.cycle_iters}.")
+        if self.cycle_iters is None and not (self.cycle_epochs or 0) > 0:
+            raise ConfigError(f"--cycle-epochs must be > 0, got {self.cycle_epochs}.")
+
+
+def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
+    """Cycle length in iterations, made even so that mid cycle falls exactly on an iteration."""
+    raw = cfg.cycle_iters if cfg.cycle_iters is not None else cfg.cycle_epochs * iters_per_epoch
+    return max(2, 2 * round(raw / 2))
+
+
+def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path, *, device: str = "auto",
+        data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
+        force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run FGE from ``start`` (a model or a training state, whose SGD momentum is kept)."""
+    start_model = load_model(start)
+    meta = start_model.meta
+    cfg.wd = float(meta.config.get("wd", 5e-4)) if cfg.wd is None else cfg.wd
+    cfg.dataset = cfg.dataset or meta.dataset
+    cfg.validate()
+    if cfg.dataset is None:
+        raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
+    output, metrics = Path(output), Path(metrics)
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
+    if cfg.swa:
+        check_output(cfg.swa, force or resume, "--swa output")
+
+    dev = resolve_device(device)
+    data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
+                     augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
+                     normalization=meta.normalization)
+    check_fits(meta.num_classes, meta.in_chans, data.info, start)
+    model = start_model.model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.wd)
+    set_momentum(opt, params, start_model.extra_tensors)
+    n_iter = data.train.num_batches(cfg.batch_size)
+    cycle = cycle_length(cfg, n_iter)
+    total = cfg.epochs * n_iter
+    split = data.eval_split
+    snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision)
+    inputs = {str(start): start_model.sha256}
+    attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
+             "eval_split": split}
+    lrs = np.array([fge_lr(i, cycle, cfg.lr_max, cfg.lr_min) for i in range(total)])
+
+    def extra() -> tuple[dict, dict]:
+        log.attrs["members"] = len(snaps.rows)
+        return ({"iteration": np.arange(total), "member": np.arange(1, len(snaps.rows) + 1)},
+                {"lr": (lrs, ("iteration",)), **snaps.h5_datasets(split)})
+
+    # The learning rate is recorded per iteration (the "lr" dataset); per-epoch rows keep losses and times.
+    log = MetricsLog(metrics, "epoch", ["train/loss", "train/err", "seconds"], attrs, extra)
+    start_epoch = 0
+    if resume_state is not None:
+        tensors, md = resume_state
+        start_epoch = int(md["epoch"])
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("snapshots/", MOMENTUM_PREFIX))})
+        set_momentum(opt, params, tensors)
+        log.rows = json.loads(md["history"])
+        log.attrs["started"] = md.get("started", log.attrs["started"])
+        snaps.load_state(tensors, json.loads(md["snapshots"]))
+
+    def save_state(epoch: int, path: Path, kind: str) -> None:
+        extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"],
+                 "snapshots": json.dumps(snaps.rows)}
+        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
+                                             "extra": extra}),
+                   {**get_momentum(opt, params), **snaps.state_tensors()})
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(dev, cfg.precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    def after_step(epoch: int, i: int) -> None:
+        it = epoch * n_iter + i
+        if fge_is_snapshot(it, cycle):
+            snaps.add(model, iteration=it, epoch=it / n_iter, lr=fge_lr(it, cycle, cfg.lr_max, cfg.lr_min))
+            log.flush()
+
+    t_run = time.time()
+    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+        evaluate=lambda: {}, quiet=quiet, desc=f"fge (members: cycle {cycle} it)",
+        lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
+    if not snaps.rows:
+        raise ConfigError(f"no snapshot was taken: {cfg.epochs} epoch(s) of {n_iter} iterations are shorter than "
+                          f"half a cycle ({cycle // 2} iterations); use more --epochs or a shorter cycle.")
+    save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
+    result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),
+              "cycle_iters": cycle, "split": split, "start": _start_metrics(start_model, data, cfg),
+              "ensemble": rows_summary(snaps.rows), "last_member": {k[len("member_"):]: v for k, v in
+                                                                   snaps.rows[-1].items() if k.startswith("member_")}}
+    if cfg.swa:
+        swa_model = snaps.eval_model
+        snaps.layout.assign(swa_model, snaps.average().to(dev))
+        recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision)
+        result["swa"] = {"output": cfg.swa, **summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision))}
+        swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
+                                "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
+        save_model(cfg.swa, swa_model.cpu(), swa_meta)
+    log.attrs["finished"] = utc_now()
+    log.attrs["summary"] = json.dumps(result["ensemble"])
+    log.flush()
+    state_path(output).unlink(missing_ok=True)
+    result["seconds"] = time.time() - t_run
+    result["sha256"] = sha256_file(output)
+    return result
+
+
+def _start_metrics(start_model, data, cfg: FGEConfig) -> dict[str, float]:
+    """The start network's own test metrics (its stored BN statistics), for comparison."""
+    fresh = load_model(start_model.path).model.to(data.eval.device)
+    return summarize(*predict_probs(fresh, data.eval, precision=cfg.precision))

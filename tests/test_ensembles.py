@@ -1,0 +1,172 @@
+"""FGE, Snapshot Ensembles, ensemble files and ensemble evaluation."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mctool.data
+from mctool.checkpoint import load_model, read_checkpoint, read_metadata
+from mctool.data import load_data
+from mctool.ensembles import fit_temperature, load_ensemble
+from mctool.evaluation import brier, nll, predict_probs
+from mctool.h5io import read_h5
+from mctool.schedules import fge_is_snapshot, fge_lr, sse_is_snapshot, sse_lr
+
+CPU = ["--device", "cpu"]
+
+
+def test_fge_schedule_hand_values():
+    a1, a2, c = 0.05, 0.0005, 8
+    # t = (i mod c + 1) / c: start of a cycle (t = 1/8), quarter (t = 1/4), mid (1/2), end (1)
+    assert fge_lr(0, c, a1, a2) == pytest.approx((1 - 2 / 8) * a1 + 2 / 8 * a2)
+    assert fge_lr(1, c, a1, a2) == pytest.approx(0.5 * a1 + 0.5 * a2)
+    assert fge_lr(3, c, a1, a2) == pytest.approx(a2)
+    assert fge_lr(5, c, a1, a2) == pytest.approx(0.5 * a2 + 0.5 * a1)  # t = 3/4
+    assert fge_lr(7, c, a1, a2) == pytest.approx(a1)
+    assert fge_lr(8 + 3, c, a1, a2) == pytest.approx(a2)  # periodic
+    assert [i for i in range(24) if fge_is_snapshot(i, c)] == [3, 11, 19]
+    assert all(fge_lr(i, c, a1, a2) == pytest.approx(a2) for i in range(24) if fge_is_snapshot(i, c))
+
+
+def test_sse_schedule():
+    assert sse_lr(0, 100, 4, 0.2) == pytest.approx(0.2)
+    assert sse_lr(25, 100, 4, 0.2) == pytest.approx(0.2)  # restart
+    assert sse_lr(12, 100, 4, 0.2) == pytest.approx(0.1 * (np.cos(np.pi * 12 / 25) + 1))
+    assert [i for i in range(100) if sse_is_snapshot(i, 100, 4)] == [24, 49, 74, 99]
+
+
+@pytest.fixture(scope="module")
+def start_state(tmp_path_factory):
+    from conftest import Cli
+
+    folder = tmp_path_factory.mktemp("fge")
+    Cli()("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32}', "-o", folder / "m.safetensors", "--epochs", "4",
+          "--lr", "0.1", "--save-every", "3", "-q", *CPU)
+    return folder / "m-epoch003.safetensors"
+
+
+def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
+    out, m = tmp_path / "fge.safetensors", tmp_path / "fge.h5"
+    r = cli.json("fge", start_state, "-o", out, "-m", m, "--epochs", "3", "--cycle-iters", "8", "--lr-max", "0.05",
+                 "--lr-min", "0.001", "--swa", tmp_path / "swa.safetensors", *CPU)
+    data, attrs = read_h5(m)
+    n_iter = 12  # 1,437 digits / 128
+    snaps = [i for i in range(3 * n_iter) if fge_is_snapshot(i, 8)]
+    assert r["members"] == len(snaps) == 5 and r["cycle_iters"] == 8
+    assert data["members/iteration"].tolist() == snaps
+    assert data["lr"][snaps] == pytest.approx([0.001] * 5)  # snapshots only at lr-min
+    assert data["lr"].shape == (36,) and data["lr"].max() <= 0.05
+    ens = load_ensemble(out)
+    assert len(ens) == 5 and read_metadata(out)["kind"] == "ensemble"
+    assert json.loads(read_metadata(out)["inputs"]) == {str(start_state): load_model(start_state).sha256}
+    # the recorded ensemble NLL is the NLL of the averaged member probabilities, computed by hand
+    d = load_data("digits")
+    probs = [predict_probs(ens.network(i), d.eval)[0] for i in range(5)]
+    labels = d.eval.labels
+    assert data["ensemble/test/nll"][-1] == pytest.approx(nll(sum(probs) / 5, labels), rel=1e-5)
+    assert data["members/test/nll"][1] == pytest.approx(nll(probs[1], labels), rel=1e-5)
+    assert data["ensemble/test/nll"][0] == pytest.approx(data["members/test/nll"][0])
+    assert r["ensemble"]["err"] == pytest.approx(data["ensemble/test/err"][-1])
+    assert read_metadata(tmp_path / "swa.safetensors")["kind"] == "model" and "swa" in r
+    with h5py.File(m) as f:
+        assert f["ensemble/test/err"].dims[0][0].name == "/member" and f["lr"].dims[0][0].name == "/iteration"
+
+    # point --index round-trips a member bit for bit
+    p2 = tmp_path / "m2.safetensors"
+    cli("point", out, "--index", "2", "-o", p2, "-q")
+    net = load_model(p2).model
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ens.network(2).state_dict().values()))
+    assert "--index must be between 0 and 4" in cli.error("point", out, "--index", "5", "-o", tmp_path / "x.st")
+    assert "exactly one of --t" in cli.error("point", out, "-o", tmp_path / "x.st")
+    # evaluate accepts ensemble files and expands them into members
+    ev = cli.json("evaluate", out, *CPU)
+    assert len(ev["models"]) == 5 and ev["ensemble"]["nll"] == pytest.approx(r["ensemble"]["nll"], rel=1e-5)
+
+
+def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, monkeypatch):
+    args = [start_state, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU]
+    cli("fge", *args, "-o", tmp_path / "ref.safetensors")
+    real = mctool.data.TensorSplit.batches
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **kw):
+        if kw.get("augment"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    cli.error("fge", *args, "-o", tmp_path / "run.safetensors", code=130)
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    cli("fge", *args, "-o", tmp_path / "run.safetensors", "--resume")
+    a, b = load_ensemble(tmp_path / "ref.safetensors"), load_ensemble(tmp_path / "run.safetensors")
+    assert torch.equal(a.members, b.members)
+    ra, _ = read_h5(tmp_path / "ref.h5")
+    rb, _ = read_h5(tmp_path / "run.h5")
+    assert ra["ensemble/test/nll"].tolist() == rb["ensemble/test/nll"].tolist()
+    # the training state's momentum is used: starting from the plain model differs
+    plain = tmp_path / "plain.safetensors"
+    from mctool.checkpoint import save_model
+
+    lm = load_model(start_state)
+    save_model(plain, lm.model, lm.meta)
+    cli("fge", plain, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU, "-o", tmp_path / "nomom.safetensors")
+    assert not torch.equal(load_ensemble(tmp_path / "nomom.safetensors").members, a.members)
+
+
+def test_fge_errors(cli, tmp_path, start_state):
+    assert "--lr-min" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--lr-min", "0.1", "--lr-max", "0.01")
+    assert "no snapshot" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--epochs", "1",
+                                      "--cycle-epochs", "4")
+    assert "--cycle-iters" in cli.error("fge", start_state, "-o", tmp_path / "g.st", "--cycle-iters", "1")
+
+
+def test_snapshot_ensembles(cli, tmp_path):
+    out = tmp_path / "sse.safetensors"
+    r = cli.json("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--schedule", "sse", "--snapshots",
+                 "2", "--epochs", "4", "--lr", "0.1", "-o", out, *CPU)
+    assert r["members"] == 2 and len(load_ensemble(out)) == 2
+    data, _ = read_h5(tmp_path / "sse.h5")
+    assert data["members/iteration"].tolist() == [23, 47]  # the end of each of the 2 cycles (48 iterations)
+    assert "--snapshots" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "0", "-o",
+                                      tmp_path / "x.st", "--epochs", "1")
+
+
+def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
+    m, out = tmp_path / "e.h5", tmp_path / "e.safetensors"
+    r = cli.json("ensemble", *digits_models, "-o", out, "-m", m, *CPU)
+    d = load_data("digits")
+    probs = [predict_probs(load_model(p).model, d.eval)[0] for p in digits_models]
+    avg = (probs[0] + probs[1]) / 2
+    assert r["ensemble"]["brier"] == pytest.approx(brier(avg, d.eval.labels), rel=1e-5)
+    onehot = torch.nn.functional.one_hot(d.eval.labels, 10).float()
+    assert r["ensemble"]["brier"] == pytest.approx(float(((avg - onehot) ** 2).sum(1).mean()), rel=1e-5)
+    assert len(load_ensemble(out)) == 2
+    assert read_h5(m)[0]["ensemble/test/brier"].shape == (2,)
+    # re-evaluating the written ensemble file gives the same numbers
+    again = cli.json("evaluate", out, *CPU)
+    assert again["ensemble"]["nll"] == pytest.approx(r["ensemble"]["nll"], rel=1e-6)
+
+
+def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):
+    c = tmp_path / "c.safetensors"
+    cli("connect", *digits_models, "-o", c, "--epochs", "1", "-q", *CPU)
+    r = cli.json("ensemble", c, "--num-points", "3", "--temperature-scale", *CPU)
+    assert [x["path"].split("@")[1] for x in r["models"]] == ["t=0", "t=0.5", "t=1"]
+    ends = cli.json("evaluate", *digits_models, *CPU)
+    assert r["models"][0]["nll"] == pytest.approx(ends["models"][0]["nll"], rel=1e-5)  # t = 0 is A
+    assert r["temperature"] > 0 and set(r["calibrated"]) == {"nll", "err", "ece", "brier"}
+    assert "temperature_warning" in r  # the members were not trained with --split val
+    assert "--num-points" in cli.error("ensemble", *digits_models, "--num-points", "3")
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    true_logits = 3 * torch.randn(4000, 5, generator=g)
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g)[:, 0]
+    t = fit_temperature([true_logits * 2.0], labels)  # logits twice too sharp: the best T is about 2
+    assert t == pytest.approx(2.0, rel=0.1)
