@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision pinned to the versions this project is tested with (local wheels on our machines).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench.py --out bench-out/results.json
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

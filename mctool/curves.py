@@ -24,9 +24,8 @@ from .checkpoint import MOMENTUM_PREFIX, LoadedModel, ModelMeta, load_model, rea
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_output, sha256_file
-from .flat import ParamLayout
+from .flat import ParamLayout, build_network
 from .h5io import MetricsLog, provenance, utc_now
-from .models import build_model
 from .runtime import autocast, resolve_device
 from .training import fit, prepare_outputs, state_path, validate_sgd
 
@@ -88,14 +87,10 @@ class Curve:
         return g
 
     def build_model(self) -> nn.Module:
-        """The base network with the start point's buffers, in eval mode (parameters set later)."""
-        model = build_model(self.meta.arch, self.meta.num_classes, self.meta.in_chans, self.meta.arch_kwargs)
-        if ParamLayout.of(model) != self.layout:
-            diff = ParamLayout.of(model).differences(self.layout)
-            raise CheckpointError(f"curve parameters do not fit architecture '{self.meta.arch}': {'; '.join(diff)}.")
-        model.load_state_dict({**dict(model.state_dict()), **self.buffers}, strict=True)
+        """The base network at the start point, with its buffers, in eval mode."""
+        model = build_network(self.meta, self.layout, self.buffers)
         self.layout.assign(model, self.points[0])
-        return model.eval()
+        return model
 
 
 def _describe_incompatibility(a: LoadedModel, b: LoadedModel) -> list[str]:
@@ -165,6 +160,48 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve",)) -> tuple[C
     buffers = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     c = Curve(curve, num_bends, points.float(), layout, meta, buffers, path, sha256_file(path))
     return c, tensors, md
+
+
+class CurveStep:
+    """One training step of a curve: draw t ~ U(0, 1), form w(t) = c(t) @ W as one weighted sum over the
+    control points, run the base network on it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2
+    and step only the free control points (SGD with momentum; no optimiser weight decay)."""
+
+    def __init__(self, model: nn.Module, curve: Curve, free_idx: list[int], *, wd: float, momentum: float,
+                 precision: str = "fp32"):
+        dev = next(model.parameters()).device
+        self.model, self.curve, self.wd, self.precision, self.device = model, curve, wd, precision, dev
+        self.free_idx = free_idx
+        self.fixed_idx = [i for i in range(curve.num_points) if i not in free_idx]
+        self.free = nn.Parameter(curve.points[free_idx].to(dev))
+        self.fixed = curve.points[self.fixed_idx].to(dev)
+        self._free_i = torch.tensor(free_idx, device=dev)
+        self._fixed_i = torch.tensor(self.fixed_idx, device=dev)
+        self.buffers = dict(model.named_buffers())
+        self.opt = torch.optim.SGD([self.free], lr=0.0, momentum=momentum, weight_decay=0.0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        # One t per mini-batch, drawn from the (per-epoch seeded) RNG of the compute device: no host sync.
+        t = torch.rand((), device=self.device)
+        c = coefficients(self.curve.curve, self.curve.num_bends, t).float()
+        w = c[self._free_i] @ self.free + c[self._fixed_i] @ self.fixed
+        self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
+        with autocast(self.device, self.precision):
+            out = functional_call(self.model, {**self.curve.layout.views(w), **self.buffers}, (x,))
+        loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * w.pow(2).sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), out.detach()
+
+    def points(self) -> torch.Tensor:
+        """All control points ``[K, P]`` on the CPU, with the free ones as trained so far."""
+        pts = torch.empty_like(self.curve.points)
+        pts[self.free_idx] = self.free.detach().cpu()
+        pts[self.fixed_idx] = self.fixed.cpu()
+        return pts
 
 
 @dataclass
@@ -237,55 +274,26 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])
 
-    k = curve.num_points
-    free_idx = [i for i in range(k) if (0 < i < k - 1) or (i == 0 and cfg.free_start) or
-                (i == k - 1 and cfg.free_end)]
-    fixed_idx = [i for i in range(k) if i not in free_idx]
-    free = nn.Parameter(curve.points[free_idx].to(dev))
-    fixed = curve.points[fixed_idx].to(dev)
-    free_i, fixed_i = torch.tensor(free_idx, device=dev), torch.tensor(fixed_idx, device=dev)
+    free_idx = [i for i in range(curve.num_points) if (0 < i < curve.num_points - 1) or (i == 0 and cfg.free_start)
+                or (i == curve.num_points - 1 and cfg.free_end)]
     model = curve.build_model().to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    buffers = dict(model.named_buffers())
-    # The L2 term is in the loss (on w(t)), so the optimiser's own weight decay stays off.
-    opt = torch.optim.SGD([free], lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    step = CurveStep(model, curve, free_idx, wd=cfg.wd, momentum=cfg.momentum, precision=cfg.precision)
     if momentum is not None:
-        opt.state[free]["momentum_buffer"] = momentum.to(dev)
-
-    def current_points() -> torch.Tensor:
-        pts = torch.empty_like(curve.points)
-        pts[free_idx] = free.detach().cpu()
-        pts[fixed_idx] = fixed.cpu()
-        return pts
+        step.opt.state[step.free]["momentum_buffer"] = momentum.to(dev)
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
-        mom = opt.state.get(free, {}).get("momentum_buffer")
+        mom = step.opt.state.get(step.free, {}).get("momentum_buffer")
         extra = {MOMENTUM_PREFIX + "free": mom} if mom is not None else {}
-        snap = Curve(curve.curve, curve.num_bends, current_points(), curve.layout, curve.meta, curve.buffers)
+        snap = Curve(curve.curve, curve.num_bends, step.points(), curve.layout, curve.meta, curve.buffers)
         save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": json.dumps(log.rows),
                                                     "started": log.attrs["started"]}, kind="curve-state")
-
-    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # One t per mini-batch, drawn from the (per-epoch seeded) RNG of the compute device.
-        t = torch.rand((), device=dev)
-        c = coefficients(cfg.curve, cfg.num_bends, t).float()
-        w = c[free_i] @ free + c[fixed_i] @ fixed
-        model.train()  # BN uses batch statistics; its running statistics are recomputed when evaluating
-        with autocast(dev, cfg.precision):
-            out = functional_call(model, {**curve.layout.views(w), **buffers}, (x,))
-        loss = F.cross_entropy(out.float(), y) + 0.5 * cfg.wd * w.pow(2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach(), out.detach()
 
     t_run = time.time()
     fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
-    curve.points = current_points()
+    curve.points = step.points()
     save_curve(output, curve, asdict(cfg))
     log.attrs["finished"] = utc_now()
     log.flush()

@@ -25,22 +25,11 @@ from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .evaluation import l2_term, predict_logits, predict_probs, summarize
 from .fileio import check_output, sha256_file
-from .flat import ParamLayout
+from .flat import ParamLayout, build_network
 from .h5io import provenance, write_h5
-from .models import build_model
 from .runtime import progress_bar, resolve_device
 
 _MEMBERS = "members"
-
-
-def build_network(meta: ModelMeta, layout: ParamLayout, buffers: dict[str, torch.Tensor]) -> nn.Module:
-    """A network of ``meta``'s architecture with ``buffers`` loaded (parameters to be assigned), in eval mode."""
-    model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
-    if ParamLayout.of(model) != layout:
-        diff = ParamLayout.of(model).differences(layout)
-        raise CheckpointError(f"stored parameters do not fit architecture '{meta.arch}': {'; '.join(diff)}.")
-    model.load_state_dict({**dict(model.state_dict()), **buffers}, strict=True)
-    return model.eval()
 
 
 @dataclass

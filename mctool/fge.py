@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .bn import recalibrate_bn
 from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, save_model
@@ -25,9 +24,9 @@ from .errors import ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
 from .h5io import MetricsLog, provenance, utc_now
-from .runtime import autocast, resolve_device
+from .runtime import resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .training import fit, get_momentum, prepare_outputs, set_momentum, state_path, validate_sgd
+from .training import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
 
 
 @dataclass
@@ -133,18 +132,6 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                                              "extra": extra}),
                    {**get_momentum(opt, params), **snaps.state_tensors()})
 
-    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(dev, cfg.precision):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach(), out.detach()
-
     def after_step(epoch: int, i: int) -> None:
         it = epoch * n_iter + i
         if fge_is_snapshot(it, cycle):
@@ -152,7 +139,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             log.flush()
 
     t_run = time.time()
-    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+    fit(sgd_step(model, opt, dev, cfg.precision), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=lambda: {}, quiet=quiet, desc=f"fge (members: cycle {cycle} it)",
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
     if not snaps.rows:

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint import ModelMeta
+from .errors import CheckpointError
+from .models import build_model
+
 
 @dataclass(frozen=True)
 class ParamLayout:
@@ -66,3 +70,13 @@ class ParamLayout:
         if not out and self.names != other.names:
             out.append("the same parameters in a different order")
         return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def build_network(meta: ModelMeta, layout: ParamLayout, buffers: dict[str, torch.Tensor]) -> nn.Module:
+    """A network of ``meta``'s architecture with ``buffers`` loaded (parameters to be assigned), in eval mode."""
+    model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    if ParamLayout.of(model) != layout:
+        diff = ParamLayout.of(model).differences(layout)
+        raise CheckpointError(f"stored parameters do not fit architecture '{meta.arch}': {'; '.join(diff)}.")
+    model.load_state_dict({**dict(model.state_dict()), **buffers}, strict=True)
+    return model.eval()

@@ -144,6 +144,25 @@ def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) ->
             if opt.state.get(p, {}).get("momentum_buffer") is not None}
 
 
+def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+             precision: str) -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
+    """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    return step
+
+
 def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *, cfg: Any,
         data: Data, log: MetricsLog, start_epoch: int, output: Path,
         save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
@@ -279,17 +298,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
             tensors.update(snaps.state_tensors())
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}), tensors)
 
-    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(dev, cfg.precision):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach(), out.detach()
+    step = sgd_step(model, opt, dev, cfg.precision)
 
     def evaluate() -> dict[str, float]:
         probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev)
