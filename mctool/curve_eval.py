@@ -14,10 +14,10 @@ from .bn import bn_modules, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError, MetricsFileError
+from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_output, sha256_file
-from .h5io import provenance, read_h5, write_h5
+from .h5io import check_resumable, provenance, write_h5
 from .runtime import progress_bar, resolve_device
 
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
@@ -86,10 +86,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends}
     if resume:
-        old, attrs = read_h5(metrics)
-        if json.loads(attrs.get("inputs", "{}")) != inputs or not np.array_equal(old.get("t"), t):
-            raise MetricsFileError(f"'{metrics}' was computed for other inputs or points; --resume needs the same "
-                                   "curve and --num-points.")
+        old, attrs = check_resumable(metrics, inputs, config)
         for n in names:
             if n in old:
                 values[n] = np.asarray(old[n], dtype=np.float64)
@@ -160,16 +157,18 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     curve = load_curve(path)[0]
     model = curve.build_model()
     curve.layout.assign(model, curve.weights(t))
+    split = curve.meta.config.get("split", "test")  # BN statistics from the data the curve was trained on
     recalibrated = False
     if bn_update and bn_modules(model):
         dev = resolve_device(device)
-        data = load_data(curve.meta.dataset, root=data_root, download=download, device=dev,
+        data = load_data(curve.meta.dataset, root=data_root, split=split, download=download, device=dev,
                          normalization=curve.meta.normalization, num_workers=num_workers)
         model.to(dev)
         recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
                                       precision=precision)
         model.to("cpu")
-    config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches}
+    config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches, "split": split,
+              **{k: curve.meta.config[k] for k in ("wd", "epochs") if k in curve.meta.config}}
     meta = ModelMeta(**{**asdict(curve.meta), "kind": "model", "config": config,
                         "inputs": {str(path): curve.sha256},
                         "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t))}})

@@ -140,7 +140,7 @@ def save_curve(path: str | Path, curve: Curve, config: dict[str, Any],
     save_checkpoint(path, tensors, md)
 
 
-def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve",)) -> tuple[Curve, dict[str, torch.Tensor], dict]:
+def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state")) -> tuple[Curve, dict[str, torch.Tensor], dict]:
     """Read a curve file (or a connect state); returns the curve, its other tensors and raw metadata."""
     path = Path(path)
     tensors, md = read_checkpoint(path)
@@ -232,6 +232,8 @@ class ConnectConfig:
         if self.init not in INITS:
             raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'.")
         validate_sgd(self)
+        if self.schedule == "sse":
+            raise ConfigError("--schedule sse (Snapshot Ensembles) is for train; use paper, cosine or constant.")
         if self.curve == "line" and (self.free_start or self.free_end):
             raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
 
@@ -268,6 +270,9 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     start_epoch, momentum = 0, None
     if resume_state is not None:
         tensors, md = resume_state
+        if json.loads(md.get("inputs", "{}")) != line.meta.inputs:
+            raise ConfigError(f"the interrupted run connected other files (or they changed since): "
+                              f"{md.get('inputs')}; --resume needs the same endpoints.")
         curve.points = tensors["control_points"].float()
         momentum = tensors.get(MOMENTUM_PREFIX + "free")
         start_epoch = int(md["epoch"])

@@ -238,7 +238,8 @@ def export_member(path: str | Path, index: int, output: str | Path, *, force: bo
     if not 0 <= index < len(ens):
         raise ConfigError(f"--index must be between 0 and {len(ens) - 1} for '{path}', got {index}.")
     meta = ModelMeta(**{**asdict(ens.meta), "kind": "model", "inputs": {str(path): ens.sha256},
-                        "config": {"ensemble": str(path), "index": index},
+                        "config": {"ensemble": str(path), "index": index,
+                                   **{k: ens.meta.config[k] for k in ("wd", "split") if k in ens.meta.config}},
                         "extra": {"ensemble_sha256": ens.sha256, "ensemble_index": str(index)}})
     save_model(output, ens.network(index), meta)
     return {"output": str(output), "index": index, "sha256": sha256_file(output)}

@@ -82,6 +82,21 @@ def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
     return data, attrs
 
 
+def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
+        dict[str, np.ndarray], dict[str, Any]]:
+    """Read a metrics file to resume, refusing one made from other inputs or with other settings."""
+    data, attrs = read_h5(path)
+    old_inputs, old_config = json.loads(attrs.get("inputs", "{}")), json.loads(attrs.get("config", "{}"))
+    if old_inputs != inputs:
+        raise MetricsFileError(f"'{path}' was computed from other input files; --resume needs the same inputs.")
+    diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options "
+                               f"(differences: {shown}).")
+    return data, attrs
+
+
 def _attr(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode()

@@ -18,10 +18,10 @@ import torch
 from .checkpoint import load_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError, MetricsFileError
+from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_output
-from .h5io import provenance, read_h5, write_h5
+from .h5io import check_resumable, provenance, write_h5
 from .runtime import progress_bar, resolve_device
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
@@ -96,6 +96,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     bottom, top, as fractions of dx and dy), plus at the three points themselves."""
     if grid_points < 2:
         raise ConfigError(f"--grid-points must be >= 2, got {grid_points}.")
+    if curve_points < 2:
+        raise ConfigError(f"--curve-points must be >= 2, got {curve_points}.")
     if any(m < 0 for m in margins):
         raise ConfigError("margins must be >= 0.")
     for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset)):
@@ -117,11 +119,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset, "precision": precision}
     if resume:
-        old, attrs = read_h5(metrics)
-        if (json.loads(attrs.get("inputs", "{}")) != inputs or json.loads(attrs.get("config", "{}")).get("margins")
-                != list(margins) or old.get("alpha") is None or len(old["alpha"]) != grid_points):
-            raise MetricsFileError(f"'{metrics}' was computed for other inputs or another grid; --resume needs the "
-                                   "same points, --grid-points and margins.")
+        old, attrs = check_resumable(metrics, inputs, config)
         for n in names:
             grid[n] = np.asarray(old[n], dtype=np.float64)
             at_points[n] = np.asarray(old[f"at_points/{n}"], dtype=np.float64)

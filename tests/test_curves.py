@@ -177,7 +177,7 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
     again, _ = read_h5(m)
     for name in ("train/loss", "test/err", "test/nll"):
         assert again[name] == pytest.approx(full[name])
-    assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
+    assert "num_points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
 
 
 def test_point_export_and_round_trip(cli, tmp_path, digits_models):
@@ -234,3 +234,12 @@ def test_plot_command(cli, tmp_path, digits_models):
                                                      tmp_path / "q.png")
     assert "give one curve file or two" in cli.error("evaluate-curve", m, m, m, "-m", tmp_path / "x.h5")
     assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", tmp_path / "x.h5", "--num-points", "1")
+
+
+def test_curve_states_are_usable_and_sse_is_refused(cli, tmp_path, digits_models):
+    out = tmp_path / "c.safetensors"
+    cli("connect", *digits_models, "-o", out, "--epochs", "2", "--save-every", "1", "-q", *CPU)
+    snap = tmp_path / "c-epoch001.safetensors"
+    assert read_metadata(snap)["kind"] == "curve-state"
+    cli("point", snap, "--t", "0.5", "-o", tmp_path / "p.safetensors", "-q", *CPU)  # a snapshot is a curve too
+    assert "for train" in cli.error("connect", *digits_models, "-o", tmp_path / "d.safetensors", "--schedule", "sse")

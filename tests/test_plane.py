@@ -111,7 +111,8 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
     again, _ = read_h5(m)
     assert again["test/err"] == pytest.approx(full["test/err"]) and again["train/loss"] == pytest.approx(
         full["train/loss"])
-    assert "--grid-points" in cli.error("plane", bezier, "-m", m, "--grid-points", "4", "--resume")
+    assert "grid_points: 3 -> 4" in cli.error("plane", bezier, "-m", m, "--grid-points", "4", "--resume")
+    assert "other settings" in cli.error("plane", bezier, "-m", m, "--grid-points", "3", "--wd", "0.1", "--resume")
 
 
 def test_three_checkpoints_agree_with_the_curve(cli, tmp_path, bezier, digits_models):
