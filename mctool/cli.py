@@ -252,7 +252,7 @@ def evaluate(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Loss, NLL, error and ECE (15 bins) of each network and of their ensemble."""
+    """Loss, NLL, error, ECE (15 bins) and Brier score of each network and of their ensemble."""
     from .ensembles import evaluate_models
 
     def work() -> dict:
@@ -471,8 +471,11 @@ def point(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Export one network as an ordinary model checkpoint (usable by evaluate, train --init, fge and timm):
-    the network at --t of a curve (BN recomputed), or member --index of an ensemble file."""
+    """Export one network as an ordinary model checkpoint: a curve's point at --t, or an ensemble's member --index.
+
+    The result is usable by evaluate, train --init, fge and timm. A point on a curve gets its BatchNorm
+    statistics recomputed unless --no-bn-update.
+    """
     from .curve_eval import export_point
     from .ensembles import export_member
 
@@ -521,8 +524,10 @@ def ensemble(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Combine networks into one ensemble and evaluate it: error, NLL, ECE and Brier score of each member
-    and of the ensemble as members are added."""
+    """Combine networks into one ensemble and evaluate it (error, NLL, ECE, Brier score).
+
+    Metrics are given for each member and for the ensemble (mean of softmax outputs) as members are added.
+    """
     from .ensembles import evaluate_models
 
     def work() -> dict:
