@@ -275,6 +275,12 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
         raise ConfigError(f"'{paths[0]}' does not record its data set; pass --dataset.")
     if dataset is None:
         check_members_compatible(members)
+    if output:
+        for m in members[1:]:
+            if (m.meta.arch, m.meta.arch_kwargs) != (first.arch, first.arch_kwargs):
+                raise ConfigError(f"one ensemble file holds one architecture: '{m.label}' is {m.meta.arch} "
+                                  f"{m.meta.arch_kwargs}, '{members[0].label}' is {first.arch} {first.arch_kwargs}. "
+                                  "Leave out -o to evaluate mixed ensembles.")
     dev = resolve_device(device)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
                      normalization=first.normalization, num_workers=num_workers)

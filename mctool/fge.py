@@ -56,7 +56,7 @@ class FGEConfig:
         return self.lr_max
 
     def validate(self) -> None:
-        validate_sgd(self)
+        validate_sgd(self, lr_option="--lr-max")
         if not 0 < self.lr_min <= self.lr_max:
             raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}.")
         if self.cycle_iters is not None and self.cycle_iters < 2:
@@ -101,6 +101,9 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     n_iter = data.train.num_batches(cfg.batch_size)
     cycle = cycle_length(cfg, n_iter)
     total = cfg.epochs * n_iter
+    if total < cycle // 2:
+        raise ConfigError(f"no snapshot would be taken: {cfg.epochs} epoch(s) of {n_iter} iterations are shorter than "
+                          f"half a cycle ({cycle // 2} iterations); use more --epochs or a shorter cycle.")
     split = data.eval_split
     snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision)
     inputs = {str(start): start_model.sha256}
@@ -118,6 +121,9 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
+        if json.loads(md.get("inputs", "{}")) != inputs:
+            raise ConfigError(f"the interrupted run started from another file (or it changed since): "
+                              f"{md.get('inputs')}; --resume needs the same start network.")
         start_epoch = int(md["epoch"])
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("snapshots/", MOMENTUM_PREFIX))})
         set_momentum(opt, params, tensors)
@@ -129,22 +135,19 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"],
                  "snapshots": json.dumps(snaps.rows)}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
-                                             "extra": extra}),
+                                             "inputs": inputs, "extra": extra}),
                    {**get_momentum(opt, params), **snaps.state_tensors()})
 
     def after_step(epoch: int, i: int) -> None:
         it = epoch * n_iter + i
         if fge_is_snapshot(it, cycle):
-            snaps.add(model, iteration=it, epoch=it / n_iter, lr=fge_lr(it, cycle, cfg.lr_max, cfg.lr_min))
+            snaps.add(model, iteration=it, epoch=(it + 1) / n_iter, lr=fge_lr(it, cycle, cfg.lr_max, cfg.lr_min))
             log.flush()
 
     t_run = time.time()
     fit(sgd_step(model, opt, dev, cfg.precision), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=lambda: {}, quiet=quiet, desc=f"fge (members: cycle {cycle} it)",
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
-    if not snaps.rows:
-        raise ConfigError(f"no snapshot was taken: {cfg.epochs} epoch(s) of {n_iter} iterations are shorter than "
-                          f"half a cycle ({cycle // 2} iterations); use more --epochs or a shorter cycle.")
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
     result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),
               "cycle_iters": cycle, "split": split, "start": _start_metrics(start_model, data, cfg),

@@ -54,10 +54,10 @@ class TrainConfig:
             raise ConfigError(f"--snapshots must be >= 1, got {self.snapshots}.")
 
 
-def validate_sgd(cfg: Any) -> None:
-    """Checks shared by every SGD run (train, connect): clear errors for values that cannot work."""
+def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
+    """Checks shared by every SGD run (train, connect, fge): clear errors for values that cannot work."""
     if not cfg.lr > 0:
-        raise ConfigError(f"--lr must be > 0, got {cfg.lr}.")
+        raise ConfigError(f"{lr_option} must be > 0, got {cfg.lr}.")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}.")
     if cfg.wd < 0:
@@ -306,11 +306,16 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
         return {f"{split}/nll": ev["nll"], f"{split}/err": ev["err"]}
 
     total = cfg.epochs * n_iter
+    if sse:
+        taken = sum(sse_is_snapshot(i, total, cfg.snapshots) for i in range(total))
+        if taken != cfg.snapshots:
+            raise ConfigError(f"{cfg.epochs} epochs of {n_iter} iterations cannot be split into {cfg.snapshots} "
+                              f"equal cycles (it would give {taken} snapshots); change --epochs or --snapshots.")
 
     def sse_snapshot(epoch: int, i: int) -> None:
         it = epoch * n_iter + i
         if sse_is_snapshot(it, total, cfg.snapshots):
-            snaps.add(model, iteration=it, epoch=(it + 1) / n_iter)
+            snaps.add(model, iteration=it, epoch=(it + 1) / n_iter)  # epochs completed at the snapshot
             log.flush()
 
     t_run = time.time()
@@ -340,4 +345,4 @@ def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | 
         kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
                 else "no epoch had completed, so nothing was saved")
         raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
-                                 f"stopped and {kept}. Start again with a lower --lr (and --force).")
+                                 f"stopped and {kept}. Start again with a lower learning rate (and --force).")

@@ -122,7 +122,9 @@ def test_fge_errors(cli, tmp_path, start_state):
     assert "--lr-min" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--lr-min", "0.1", "--lr-max", "0.01")
     assert "no snapshot" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--epochs", "1",
                                       "--cycle-epochs", "4")
+    assert not (tmp_path / "f.st").exists() and not (tmp_path / "f.st.h5").exists()  # refused before any work
     assert "--cycle-iters" in cli.error("fge", start_state, "-o", tmp_path / "g.st", "--cycle-iters", "1")
+    assert "--lr-max must be > 0" in cli.error("fge", start_state, "-o", tmp_path / "h.st", "--lr-max", "0")
 
 
 def test_snapshot_ensembles(cli, tmp_path):
@@ -134,6 +136,17 @@ def test_snapshot_ensembles(cli, tmp_path):
     assert data["members/iteration"].tolist() == [23, 47]  # the end of each of the 2 cycles (48 iterations)
     assert "--snapshots" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "0", "-o",
                                       tmp_path / "x.st", "--epochs", "1")
+    # 36 iterations cannot make 7 equal cycles: refused rather than silently giving 6 members
+    assert "equal cycles" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "7", "-o",
+                                       tmp_path / "y.st", "--epochs", "3")
+
+
+def test_ensemble_file_needs_one_architecture(cli, tmp_path, digits_models):
+    other = tmp_path / "other.safetensors"
+    cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "-o", other, "--epochs", "1", "-q", *CPU)
+    assert "one architecture" in cli.error("ensemble", digits_models[0], other, "-o", tmp_path / "e.safetensors")
+    r = cli.json("ensemble", digits_models[0], other, *CPU)  # evaluating a mixed ensemble is fine
+    assert r["ensemble"]["members"] == 2
 
 
 def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
