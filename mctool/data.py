@@ -35,7 +35,7 @@ _STATS = {
 _DEFAULT_AUGMENT = {"digits": "crop", "mnist": "crop", "fashion-mnist": "crop", "cifar10": "crop-flip",
                     "cifar100": "crop-flip", "svhn": "crop", "synthetic": "crop-flip", "imagefolder": "crop-flip"}
 #: Default architecture per data set (see docs/datasets.md).
-DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_convfc", "fashion-mnist": "cifar_convfc",
+DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_preresnet20", "fashion-mnist": "cifar_preresnet20",
                 "cifar10": "cifar_preresnet20", "cifar100": "cifar_preresnet20", "svhn": "cifar_preresnet20",
                 "synthetic": "cifar_convfc", "imagefolder": "resnet18"}
 _VAL_SIZE = 5000  # held out from the end of the training set for --split val (10% for small sets)

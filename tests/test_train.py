@@ -97,7 +97,7 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
 def test_nan_loss_stops_and_keeps_last_good_state(cli, tmp_path, monkeypatch):
     out = tmp_path / "m.safetensors"
     err = cli.error("train", *TINY, "-o", out, "--epochs", "2", "--lr", "1e6")
-    assert "NaN/inf" in err and "epoch 1, iteration" in err and "--lr" in err
+    assert "NaN/inf" in err and "epoch 1, iteration" in err and "lower learning rate" in err
     assert not out.exists()
 
     # divergence in epoch 2 keeps epoch 1's state for inspection or --resume
