@@ -17,7 +17,7 @@ from .data import check_fits, load_data
 from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_output, sha256_file
-from .h5io import check_resumable, provenance, write_h5
+from .h5io import open_outputs, provenance, write_h5
 from .runtime import progress_bar, resolve_device
 
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
@@ -85,17 +85,10 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     values = {n: np.full(num_points, np.nan) for n in names}
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends}
-    if resume:
-        old, attrs = check_resumable(metrics, inputs, config)
-        for n in names:
-            if n in old:
-                values[n] = np.asarray(old[n], dtype=np.float64)
-        started = attrs.get("started")
-    else:
-        check_output(metrics, force, "metrics file")
-        started = None
-    if plot is not None:
-        check_output(plot, force or resume, "plot")
+    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot)
+    for n in names:
+        if n in old:
+            values[n] = np.asarray(old[n], dtype=np.float64)
     dl, distance = segment_lengths(curve, t)
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,

@@ -82,6 +82,23 @@ def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
     return data, attrs
 
 
+def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
+                 force: bool, plot: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], str | None]:
+    """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
+    (for the cells to keep) and start time; otherwise refuse existing outputs without ``force``."""
+    from .fileio import check_output
+
+    data, started = {}, None
+    if resume:
+        data, attrs = check_resumable(metrics, inputs, config)
+        started = attrs.get("started")
+    else:
+        check_output(metrics, force, "metrics file")
+    if plot is not None:
+        check_output(plot, force or resume, "plot")
+    return data, started
+
+
 def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]]:
     """Read a metrics file to resume, refusing one made from other inputs or with other settings."""

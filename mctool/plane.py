@@ -20,8 +20,7 @@ from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError
 from .evaluation import evaluate_weights
-from .fileio import check_output
-from .h5io import check_resumable, provenance, write_h5
+from .h5io import open_outputs, provenance, write_h5
 from .runtime import progress_bar, resolve_device
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
@@ -118,17 +117,11 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset, "precision": precision}
-    if resume:
-        old, attrs = check_resumable(metrics, inputs, config)
+    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot)
+    if old:
         for n in names:
             grid[n] = np.asarray(old[n], dtype=np.float64)
             at_points[n] = np.asarray(old[f"at_points/{n}"], dtype=np.float64)
-        started = attrs.get("started")
-    else:
-        check_output(metrics, force, "metrics file")
-        started = None
-    if plot is not None:
-        check_output(plot, force or resume, "plot")
 
     coords = np.array([[0.0, 0.0], [basis.w1_x, basis.dy], [basis.dx, 0.0]])
     curve_xy = curve_off = None
