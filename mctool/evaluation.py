@@ -57,7 +57,6 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     correct = (pred == labels).float()
     # Bins are (lo, hi]; confidence 0 can't happen with a softmax over >= 2 classes.
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
-    count = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, torch.ones_like(conf))
     conf_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, conf)
     acc_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, correct)
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mctool.data
-from mctool.checkpoint import load_model, read_checkpoint, read_metadata
+from mctool.checkpoint import load_model, read_metadata
 from mctool.data import load_data
 from mctool.ensembles import fit_temperature, load_ensemble
 from mctool.evaluation import brier, nll, predict_probs
