@@ -146,7 +146,9 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
 
     t_run = time.time()
     fit(sgd_step(model, opt, dev, cfg.precision), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
-        evaluate=lambda: {}, quiet=quiet, desc=f"fge (members: cycle {cycle} it)",
+        evaluate=lambda: {"members": len(snaps.rows), **({"ensemble err": snaps.rows[-1]["ensemble_err"],
+                                                          "ensemble nll": snaps.rows[-1]["ensemble_nll"]}
+                                                         if snaps.rows else {})}, quiet=quiet, desc=f"fge (cycles of {cycle} it)",
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
     result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),

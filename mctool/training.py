@@ -204,16 +204,17 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                     if after_step is not None:
                         after_step(epoch, i)
                     bar.advance(it_task)
-                row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
-                       **evaluate()}
-                row = {k: v for k, v in row.items() if k in log.columns}
+                shown_row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
+                             **evaluate()}
+                # evaluate() may add values only for the progress display (the log keeps its own columns)
+                row = {k: v for k, v in shown_row.items() if k in log.columns}
                 log.append(epoch + 1, **row, seconds=time.time() - t0)
                 # Order matters: the state (with the history) first, then the metrics file it reproduces.
                 save_state(epoch + 1, state_file, "train-state")
                 log.flush()
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
                     save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
-                shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "lr")
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
         done = len(log.rows)
