@@ -95,6 +95,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     model = start_model.model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    # The start network's own metrics (its stored BN statistics), for comparison, before any step.
+    start_metrics = summarize(*predict_probs(model, data.eval, precision=cfg.precision))
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.wd)
     set_momentum(opt, params, start_model.extra_tensors)
@@ -152,7 +154,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
     result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),
-              "cycle_iters": cycle, "split": split, "start": _start_metrics(start_model, data, cfg),
+              "cycle_iters": cycle, "split": split, "start": start_metrics,
               "ensemble": rows_summary(snaps.rows), "last_member": {k[len("member_"):]: v for k, v in
                                                                    snaps.rows[-1].items() if k.startswith("member_")}}
     if cfg.swa:
@@ -170,9 +172,3 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     result["seconds"] = time.time() - t_run
     result["sha256"] = sha256_file(output)
     return result
-
-
-def _start_metrics(start_model, data, cfg: FGEConfig) -> dict[str, float]:
-    """The start network's own test metrics (its stored BN statistics), for comparison."""
-    fresh = load_model(start_model.path).model.to(data.eval.device)
-    return summarize(*predict_probs(fresh, data.eval, precision=cfg.precision))

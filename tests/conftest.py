@@ -58,3 +58,25 @@ def digits_models(tmp_path_factory) -> list[Path]:
             "-q", "--device", "cpu")
         paths.append(out)
     return paths
+
+
+def ctrl_c_during_epoch(monkeypatch, epoch: int, after_batches: int = 0):
+    """Make the training pass of ``epoch`` (1-based) raise KeyboardInterrupt after ``after_batches`` batches,
+    as a user's Ctrl-C would; returns a function that undoes it."""
+    import mctool.data
+
+    real = mctool.data.TensorSplit.batches
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        if kwargs.get("augment"):  # training passes only
+            calls["n"] += 1
+            if calls["n"] == epoch:
+                it = real(self, *args, **kwargs)
+                for _ in range(after_batches):
+                    yield next(it)
+                raise KeyboardInterrupt
+        yield from real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    return lambda: monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mctool.curve_eval
-import mctool.data
+from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.curves import coefficients, load_curve
@@ -113,20 +113,10 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     args = [*digits_models, "--epochs", "3", "--lr", "0.05", "-q", *CPU]
     ref = tmp_path / "ref.safetensors"
     cli("connect", *args, "-o", ref)
-    real = mctool.data.TensorSplit.batches
-    calls = {"n": 0}
-
-    def interrupted(self, *a, **kw):
-        if kw.get("augment"):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        yield from real(self, *a, **kw)
-
     out = tmp_path / "run.safetensors"
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    restore = ctrl_c_during_epoch(monkeypatch, 2)
     assert "--resume" in cli.error("connect", *args, "-o", out, code=130)
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    restore()
     assert read_metadata(tmp_path / "run.state.safetensors")["kind"] == "curve-state"
     cli("connect", *args, "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import mctool.data
+from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import load_model, read_metadata
 from mctool.data import load_data
 from mctool.ensembles import fit_temperature, load_ensemble
@@ -89,19 +89,9 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
 def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, monkeypatch):
     args = [start_state, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU]
     cli("fge", *args, "-o", tmp_path / "ref.safetensors")
-    real = mctool.data.TensorSplit.batches
-    calls = {"n": 0}
-
-    def interrupted(self, *a, **kw):
-        if kw.get("augment"):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        yield from real(self, *a, **kw)
-
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    restore = ctrl_c_during_epoch(monkeypatch, 3)
     cli.error("fge", *args, "-o", tmp_path / "run.safetensors", code=130)
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    restore()
     cli("fge", *args, "-o", tmp_path / "run.safetensors", "--resume")
     a, b = load_ensemble(tmp_path / "ref.safetensors"), load_ensemble(tmp_path / "run.safetensors")
     assert torch.equal(a.members, b.members)

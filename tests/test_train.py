@@ -7,6 +7,7 @@ import torch
 
 import mctool.data
 import mctool.training
+from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import read_checkpoint, read_metadata
 from mctool.h5io import read_h5
 
@@ -59,26 +60,14 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
     ref = tmp_path / "ref.safetensors"
     cli("train", *TINY, "-o", ref, "--epochs", "4", "--seed", "3", "-q")
 
-    real = mctool.data.TensorSplit.batches
-    calls = {"n": 0}
-
-    def interrupted(self, *args, **kwargs):
-        if kwargs.get("augment"):  # training passes only
-            calls["n"] += 1
-            if calls["n"] == 3:  # Ctrl-C during the third epoch, after one batch
-                it = real(self, *args, **kwargs)
-                yield next(it)
-                raise KeyboardInterrupt
-        yield from real(self, *args, **kwargs)
-
     out = tmp_path / "run.safetensors"
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
+    restore = ctrl_c_during_epoch(monkeypatch, 3, after_batches=1)
     err = cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "-q", code=130)
     assert "--resume" in err and "2 completed epoch(s)" in err
     assert not out.exists() and (tmp_path / "run.state.safetensors").exists()
     data, _ = read_h5(tmp_path / "run.h5")
     assert data["epoch"].tolist() == [1, 2]
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    restore()
 
     # without --resume the leftover state is not silently discarded
     assert "--resume" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3")
