@@ -1,11 +1,18 @@
 """Time mctool's hot paths on whatever device is present; write bench-out/results.json.
 
     python benchmarks/bench.py                 # CPU set (make bench): small networks, small synthetic data
-    python benchmarks/bench.py --full          # GPU set: cifar_preresnet110 and cifar_vgg16, CIFAR-sized data
+    python benchmarks/bench.py --full          # GPU set: cifar_preresnet110 and cifar_vgg16, CIFAR-sized data,
+                                               # variants fp32, fp32+graphs, bf16+cl, bf16+cl+graphs, and the
+                                               # reference-style baseline measured in the same run
 
-Figures (per architecture): plain and curve training step (ms), their ratio, a reference-style curve step
-that forms w(t) with a Python loop over parameters, one curve point and one plane point (BN pass plus
-train and test evaluation, s), one training epoch and the data pipeline's share of it.
+A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last) and "+graphs" (CUDA graphs).
+Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also given as ``<figure>/<arch>``
+(so ``curve_over_plain_step/<arch>`` is always present). Per architecture and variant: plain and curve
+training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
+batches (data pipeline included) and the pipeline's share; one curve point and one plane point (BN pass
+plus train and test evaluation, s). With ``--reference``: the reference code's way of working (fp32,
+a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
+evaluation at batch 128), timed on part of the data and given as img/s and an estimated curve-point time.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from mctool.curves import Curve, CurveStep, coefficients
 from mctool.data import load_data
 from mctool.evaluation import evaluate_weights
 from mctool.flat import ParamLayout
+from mctool.graphs import sgd
 from mctool.models import arch_kwargs_for, build_model
 from mctool.plane import PlaneBasis
 from mctool.training import sgd_step
@@ -56,111 +65,234 @@ def _timed(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
-def bench_arch(arch: str, data, dev, args) -> dict[str, float]:
+def _parse_variant(v: str) -> tuple[str, bool, bool]:
+    parts = v.split("+")
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs"}:
+        raise SystemExit(f"bad variant '{v}': use fp32 or bf16, optionally +cl and +graphs")
+    return parts[0], "cl" in parts, "graphs" in parts
+
+
+def _run_loop(step, split, batch_size: int, n_batches: int, seed: int) -> None:
+    """What ``training.fit`` does per iteration (step, weighted loss, error count), for ``n_batches``."""
+    losses = torch.zeros(n_batches, device=split.device)
+    wrong = torch.zeros((), device=split.device, dtype=torch.long)
+    for i, (x, y) in zip(range(n_batches), split.batches(batch_size, shuffle=True, augment=True, seed=seed)):
+        loss, out = step(x, y, 0.01)
+        losses[i] = loss * y.shape[0]
+        wrong += (out.argmax(1) != y).sum()
+    float(losses.sum())
+
+
+def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor | None,
+                  evaluated: set) -> tuple[dict[str, float], torch.Tensor]:
+    precision, cl, graphs = _parse_variant(variant)
+    graphs = graphs and dev.type == "cuda"
     info = data.info
-    torch.manual_seed(0)
-    make = lambda: build_model(arch, info.num_classes, info.in_chans,  # noqa: E731
-                               arch_kwargs_for(arch, {}, info.image_size)).to(dev)
+    data.train.channels_last = data.eval.channels_last = cl
+
+    def make():
+        torch.manual_seed(0)
+        m = build_model(arch, info.num_classes, info.in_chans, arch_kwargs_for(arch, {}, info.image_size)).to(dev)
+        return m.to(memory_format=torch.channels_last) if cl else m
+
     batches = [b for b, _ in zip(data.train.batches(args.batch_size, shuffle=True, augment=True, seed=1),
                                  range(args.warmup + args.reps))]
     out: dict[str, float] = {}
+    bs = args.batch_size
 
     model = make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    plain = _time_steps(sgd_step(model, opt, dev, args.precision), batches, dev, args.warmup, args.reps)
+    opt = sgd(model.parameters(), lr=0.01, momentum=0.9, wd=5e-4, device=dev, graphs=graphs)
+    plain_step = sgd_step(model, opt, dev, precision, cuda_graphs=graphs)
+    plain = _time_steps(plain_step, batches, dev, args.warmup, args.reps)
 
     layout = ParamLayout.of(model)
-    flat = layout.flatten(dict(model.named_parameters())).cpu()
-    points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
+    if points is None:
+        flat = layout.flatten(dict(model.named_parameters())).cpu()
+        points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
     curve = Curve("bezier", 1, points, layout, None, {})  # meta unused for stepping
-    cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=args.precision)
+    cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs)
     curve_ms = _time_steps(cstep, batches, dev, args.warmup, args.reps)
+    out.update({"plain_step_ms": plain, "curve_step_ms": curve_ms, "curve_over_plain_step": curve_ms / plain,
+                "plain_step_img_per_s": 1000 * bs / plain, "curve_step_img_per_s": 1000 * bs / curve_ms})
 
-    # Reference-style: w(t) assembled parameter by parameter in Python.
-    per_param = [points[:, o:o + n].to(dev) for o, n in zip(_offsets(layout), layout.numels)]
+    # Throughput over real batches, as the training loop runs them, and the data pipeline alone.
+    n = min(args.loop_batches, data.train.num_batches(bs, drop_last=True))
+    t_plain = _timed(lambda: _run_loop(plain_step, data.train, bs, n, 2), dev)
+    t_curve = _timed(lambda: _run_loop(cstep, data.train, bs, n, 3), dev)
+    t_data = _timed(lambda: [None for _, _ in zip(range(n), data.train.batches(bs, shuffle=True, augment=True,
+                                                                               seed=4))], dev)
+    out.update({"train_img_per_s": n * bs / t_plain, "curve_train_img_per_s": n * bs / t_curve,
+                "data_pipeline_share": t_data / t_plain})
+
+    # One curve point and one plane point: assign weights, BN pass, train and test evaluation.
+    if (precision, cl) not in evaluated:
+        evaluated.add((precision, cl))
+        eval_model = make().eval()
+        w = (coefficients("bezier", 1, 0.5).float() @ points).to(dev)
+        kw = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision)
+        evaluate_weights(eval_model, data, **kw)  # warm-up
+        metrics = {}
+        out["curve_point_s"] = _timed(lambda: (layout.assign(eval_model, w),
+                                               metrics.update(evaluate_weights(eval_model, data, **kw))), dev)
+        out["curve_point_test_err"] = metrics["test/err"]
+        out["curve_point_train_loss"] = metrics["train/loss"]
+        basis = PlaneBasis.through(*[p.to(dev) for p in points])
+        out["plane_point_s"] = _timed(lambda: (layout.assign(eval_model, basis.weights(0.3, 0.4)),
+                                               evaluate_weights(eval_model, data, **kw)), dev)
+        out["plane_21x21_min_estimate"] = 441 * out["plane_point_s"] / 60
+    data.train.channels_last = data.eval.channels_last = False
+    return out, points
+
+
+def bench_reference(arch: str, data, dev, args, points: torch.Tensor) -> dict[str, float]:
+    """The reference code's way: fp32, DataLoader + PIL transforms, per-parameter w(t), batch-128 evaluation."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    info = data.info
+    mean, std = list(info.mean), list(info.std)
+    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), transforms.Normalize(mean, std)])
+    test_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    class Images(Dataset):  # like torchvision.datasets.CIFAR10: HWC uint8 arrays, PIL per item
+        def __init__(self, split, tf):
+            self.x = split.images.permute(0, 2, 3, 1).cpu().numpy()
+            self.y = split.labels.cpu().numpy()
+            self.tf = tf
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(self.x[i])), int(self.y[i])
+
+    def loader(split, tf, shuffle):
+        return DataLoader(Images(split, tf), batch_size=128, shuffle=shuffle, num_workers=args.ref_workers,
+                          pin_memory=dev.type == "cuda", persistent_workers=False)
+
+    torch.manual_seed(0)
+    model = build_model(arch, info.num_classes, info.in_chans, arch_kwargs_for(arch, {}, info.image_size)).to(dev)
+    layout = ParamLayout.of(model)
+    offs = [0]
+    for k in layout.numels:
+        offs.append(offs[-1] + k)
+    per_param = [points[:, o:o + k].to(dev) for o, k in zip(offs, layout.numels)]
     bend = [torch.nn.Parameter(p[1].clone()) for p in per_param]
     ref_opt = torch.optim.SGD(bend, lr=0.01, momentum=0.9)
+    plain_opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     buffers = dict(model.named_buffers())
 
-    def ref_step(x, y, lr):
+    def curve_step(x, y):
         c = coefficients("bezier", 1, torch.rand(())).tolist()
         params = {name: (c[0] * p[0] + c[1] * b + c[2] * p[2]).view(shape)
                   for name, shape, p, b in zip(layout.names, layout.shapes, per_param, bend)}
         out_ = functional_call(model, {**params, **buffers}, (x,))
-        loss = torch.nn.functional.cross_entropy(out_, y)
+        loss = F.cross_entropy(out_, y) + 0.5 * 5e-4 * sum(v.pow(2).sum() for v in params.values())
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()
-        return loss.detach(), out_.detach()
+        return loss.item()  # the reference code reads the loss every step
 
-    ref_ms = _time_steps(ref_step, batches, dev, args.warmup, args.reps)
-    out.update({f"plain_step_ms/{arch}": plain, f"curve_step_ms/{arch}": curve_ms,
-                f"curve_over_plain_step/{arch}": curve_ms / plain, f"curve_step_per_parameter_ms/{arch}": ref_ms,
-                f"plain_step_img_per_s/{arch}": 1000 * args.batch_size / plain,
-                f"curve_step_img_per_s/{arch}": 1000 * args.batch_size / curve_ms})
+    def plain_step(x, y):
+        out_ = model(x)
+        loss = F.cross_entropy(out_, y)
+        plain_opt.zero_grad()
+        loss.backward()
+        plain_opt.step()
+        return loss.item()
 
-    # One curve point and one plane point: assign weights, BN pass, train and test evaluation.
-    eval_model = make().eval()
-    w = (coefficients("bezier", 1, 0.5).float() @ points).to(dev)
-    kw = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=args.precision)
-    evaluate_weights(eval_model, data, **kw)  # warm-up
-    out[f"curve_point_s/{arch}"] = _timed(lambda: (layout.assign(eval_model, w),
-                                                   evaluate_weights(eval_model, data, **kw)), dev)
-    basis = PlaneBasis.through(*[p.to(dev) for p in points])
-    out[f"plane_point_s/{arch}"] = _timed(lambda: (layout.assign(eval_model, basis.weights(0.3, 0.4)),
-                                                   evaluate_weights(eval_model, data, **kw)), dev)
+    def rate(step, tf, train_mode, n_batches) -> float:
+        model.train(train_mode)
+        it = iter(loader(data.train, tf, True))
+        for _ in range(3):  # workers started, cuDNN warmed up
+            x, y = next(it)
+            step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+        _sync(dev)
+        t0, seen = time.perf_counter(), 0
+        for _ in range(n_batches):
+            x, y = next(it)
+            step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+            seen += x.shape[0]
+        _sync(dev)
+        return seen / (time.perf_counter() - t0)
 
-    # One training epoch, and the data pipeline alone (batches gathered, augmented and normalised).
-    step = sgd_step(model, opt, dev, args.precision)
-    out[f"train_epoch_s/{arch}"] = _timed(lambda: [step(x, y, 0.01) for x, y in data.train.batches(
-        args.batch_size, shuffle=True, augment=True, seed=2)], dev)
-    out[f"data_pipeline_s/{arch}"] = _timed(lambda: [None for _ in data.train.batches(
-        args.batch_size, shuffle=True, augment=True, seed=3)], dev)
-    out[f"data_share_of_epoch/{arch}"] = out[f"data_pipeline_s/{arch}"] / out[f"train_epoch_s/{arch}"]
+    n = min(args.ref_batches, len(data.train) // 128 - 4)
+    out = {"reference_plain_train_img_per_s": rate(plain_step, train_tf, True, n),
+           "reference_curve_train_img_per_s": rate(curve_step, train_tf, True, n)}
+    with torch.no_grad():
+        bn_rate = rate(lambda x, y: model(x), test_tf, True, n)
+        eval_rate = rate(lambda x, y: model(x), test_tf, False, n)
+    n_train, n_test = len(data.train), len(data.eval)
+    out["reference_curve_point_s_estimate"] = n_train / bn_rate + (n_train + n_test) / eval_rate
     return out
-
-
-def _offsets(layout: ParamLayout) -> list[int]:
-    offs, o = [], 0
-    for n in layout.numels:
-        offs.append(o)
-        o += n
-    return offs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="GPU set: preresnet110 and vgg16 on 50,000/10,000 images")
     p.add_argument("--archs", nargs="*", help="architectures (default: per set)")
+    p.add_argument("--variants", nargs="*", help="e.g. fp32 fp32+graphs bf16+cl+graphs (default: per set)")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the reference-style baseline (default: with --full)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--loop-batches", type=int, default=None, help="batches in the throughput runs")
+    p.add_argument("--ref-batches", type=int, default=60, help="batches timed for the reference rates")
+    p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers for the reference rates")
     p.add_argument("--out", default="bench-out/results.json")
     args = p.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     if args.full:
         archs, n_train, n_test = args.archs or ["cifar_preresnet110", "cifar_vgg16"], 50_000, 10_000
+        variants = args.variants or ["fp32", "fp32+graphs", "bf16+cl", "bf16+cl+graphs"]
         args.eval_batch_size = args.eval_batch_size or 1024
+        args.loop_batches = args.loop_batches or 100
     else:
         archs, n_train, n_test = args.archs or ["cifar_convfc", "cifar_preresnet20"], 2048, 512
+        variants = args.variants or ["fp32"]
         args.eval_batch_size = args.eval_batch_size or 512
+        args.loop_batches = args.loop_batches or 16
+    reference = args.full if args.reference is None else args.reference
     data = load_data(f"synthetic:size=32,channels=3,classes=10,train={n_train},test={n_test}", device=dev)
     figures: dict[str, float] = {}
+    errors: dict[str, str] = {}
     for arch in archs:
-        t0 = time.time()
-        figures.update(bench_arch(arch, data, dev, args))
-        print(f"{arch}: " + ", ".join(f"{k.split('/')[0]} {v:.4g}" for k, v in figures.items() if k.endswith(arch))
-              + f"  ({time.time() - t0:.0f} s)", flush=True)
-    result = {"figures": figures, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+        points, evaluated = None, set()
+        for variant in variants:
+            t0 = time.time()
+            try:
+                got, points = bench_variant(arch, variant, data, dev, args, points, evaluated)
+            except Exception as e:  # keep the other variants' figures; say what failed
+                errors[f"{arch}/{variant}"] = f"{type(e).__name__}: {e}"
+                print(f"{arch} {variant}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            figures.update({f"{k}/{arch}/{variant}": v for k, v in got.items()})
+            if variant == variants[0]:
+                figures.update({f"{k}/{arch}": v for k, v in got.items()})
+            print(f"{arch} {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items())
+                  + f"  ({time.time() - t0:.0f} s)", flush=True)
+        if reference and points is not None:
+            t0 = time.time()
+            got = bench_reference(arch, data, dev, args, points)
+            figures.update({f"{k}/{arch}": v for k, v in got.items()})
+            print(f"{arch} reference: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items())
+                  + f"  ({time.time() - t0:.0f} s)", flush=True)
+    result = {"figures": figures, **({"errors": errors} if errors else {}), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "settings": {"archs": archs, "train_images": n_train, "test_images": n_test,
-                                                       "batch_size": args.batch_size, "precision": args.precision,
+              "torch": torch.__version__, "settings": {"archs": archs, "variants": variants, "train_images": n_train,
+                                                       "test_images": n_test, "batch_size": args.batch_size,
                                                        "eval_batch_size": args.eval_batch_size,
-                                                       "warmup": args.warmup, "reps": args.reps}}
+                                                       "warmup": args.warmup, "reps": args.reps,
+                                                       "loop_batches": args.loop_batches, "reference": reference,
+                                                       "ref_batches": args.ref_batches,
+                                                       "ref_workers": args.ref_workers}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,6 @@ unchanged base network with ``torch.func.functional_call``. No layer needs a "cu
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from .checkpoint import MOMENTUM_PREFIX, LoadedModel, ModelMeta, load_model, rea
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_output, sha256_file
+from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .flat import ParamLayout, build_network
 from .h5io import MetricsLog, provenance, utc_now
 from .runtime import autocast, resolve_device
@@ -52,7 +52,9 @@ def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.T
     tt = t.unsqueeze(-1)
     if curve == "polychain":
         return (1 - (tt * degree - k).abs()).clamp_min(0)
-    binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], device=t.device, dtype=t.dtype)
+    # Binomial coefficients from arange (exact after rounding): no host-to-device copy, so this can run
+    # inside a CUDA graph capture.
+    binom = (torch.lgamma(k[-1:] + 1) - torch.lgamma(k + 1) - torch.lgamma(degree - k + 1)).exp().round()
     return binom * tt ** k * (1 - tt) ** (degree - k)
 
 
@@ -165,10 +167,13 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
 class CurveStep:
     """One training step of a curve: draw t ~ U(0, 1), form w(t) = c(t) @ W as one weighted sum over the
     control points, run the base network on it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2
-    and step only the free control points (SGD with momentum; no optimiser weight decay)."""
+    and step only the free control points (SGD with momentum; no optimiser weight decay).
+
+    With ``cuda_graphs`` the step is replayed as a CUDA graph (``graphs.GraphedStep``); t is drawn outside
+    it, from the same device RNG, so both paths see the same t."""
 
     def __init__(self, model: nn.Module, curve: Curve, free_idx: list[int], *, wd: float, momentum: float,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", cuda_graphs: bool = False):
         dev = next(model.parameters()).device
         self.model, self.curve, self.wd, self.precision, self.device = model, curve, wd, precision, dev
         self.free_idx = free_idx
@@ -178,17 +183,22 @@ class CurveStep:
         self._free_i = torch.tensor(free_idx, device=dev)
         self._fixed_i = torch.tensor(self.fixed_idx, device=dev)
         self.buffers = dict(model.named_buffers())
-        self.opt = torch.optim.SGD([self.free], lr=0.0, momentum=momentum, weight_decay=0.0)
+        self.opt = sgd([self.free], lr=0.0, momentum=momentum, wd=0.0, device=dev, graphs=cuda_graphs)
+        self.cuda_graphs = cuda_graphs
+        self._t = torch.zeros((), device=dev)
+        self._graphed = GraphedStep(self._body, enabled=cuda_graphs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         # One t per mini-batch, drawn from the (per-epoch seeded) RNG of the compute device: no host sync.
-        t = torch.rand((), device=self.device)
-        c = coefficients(self.curve.curve, self.curve.num_bends, t).float()
+        self._t.copy_(torch.rand((), device=self.device))
+        return self._graphed(x, y)
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
         w = c[self._free_i] @ self.free + c[self._fixed_i] @ self.fixed
         self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, cache=not self.cuda_graphs):
             out = functional_call(self.model, {**self.curve.layout.views(w), **self.buffers}, (x,))
         loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * w.pow(2).sum()
         self.opt.zero_grad(set_to_none=True)
@@ -225,6 +235,7 @@ class ConnectConfig:
     split: str = "test"
     precision: str = "fp32"
     channels_last: bool = False
+    cuda_graphs: bool = False  # how, not what: may differ on --resume
     save_every: int = 0
 
     def validate(self) -> None:
@@ -284,7 +295,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     model = curve.build_model().to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    step = CurveStep(model, curve, free_idx, wd=cfg.wd, momentum=cfg.momentum, precision=cfg.precision)
+    step = CurveStep(model, curve, free_idx, wd=cfg.wd, momentum=cfg.momentum, precision=cfg.precision,
+                     cuda_graphs=use_graphs(cfg.cuda_graphs, dev))
     if momentum is not None:
         step.opt.state[step.free]["momentum_buffer"] = momentum.to(dev)
 

@@ -26,6 +26,7 @@ from .fileio import check_output, sha256_file
 from .h5io import MetricsLog, provenance, utc_now
 from .runtime import resolve_device
 from .schedules import fge_is_snapshot, fge_lr
+from .graphs import sgd, use_graphs
 from .training import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
 
 
@@ -45,6 +46,7 @@ class FGEConfig:
     split: str = "test"
     precision: str = "fp32"
     channels_last: bool = False
+    cuda_graphs: bool = False  # how, not what: may differ on --resume
     bn_batches: int | None = None
     swa: str | None = None
     # fit() reads these
@@ -98,7 +100,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     # The start network's own metrics (its stored BN statistics), for comparison, before any step.
     start_metrics = summarize(*predict_probs(model, data.eval, precision=cfg.precision))
     params = dict(model.named_parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.wd)
+    graphs = use_graphs(cfg.cuda_graphs, dev)
+    opt = sgd(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, wd=cfg.wd, device=dev, graphs=graphs)
     set_momentum(opt, params, start_model.extra_tensors)
     n_iter = data.train.num_batches(cfg.batch_size)
     cycle = cycle_length(cfg, n_iter)
@@ -147,7 +150,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             log.flush()
 
     t_run = time.time()
-    fit(sgd_step(model, opt, dev, cfg.precision), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+    fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=lambda: {"members": len(snaps.rows), **({"ensemble err": snaps.rows[-1]["ensemble_err"],
                                                           "ensemble nll": snaps.rows[-1]["ensemble_nll"]}
                                                          if snaps.rows else {})}, quiet=quiet, desc=f"fge (cycles of {cycle} it)",

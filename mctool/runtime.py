@@ -30,17 +30,26 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the forward pass, or nothing for fp32."""
+def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass, or nothing for fp32.
+
+    ``cache=False`` for steps captured as CUDA graphs: autocast's cache of bf16 weight copies must not
+    outlive a capture.
+    """
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
 def stderr_console() -> Console:
     return Console(file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr ("Warning: ..."): the run goes on, but the user should know."""
+    stderr_console().print(f"Warning: {message}", markup=False, highlight=False)
 
 
 @contextlib.contextmanager

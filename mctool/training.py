@@ -18,12 +18,15 @@ from .errors import ConfigError, Interrupted, NonFiniteLossError
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
+from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .models import arch_kwargs_for, build_model
 from .runtime import autocast, progress_bar, resolve_device
 from .schedules import SCHEDULES, lr_at, sse_is_snapshot, sse_lr
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
+# Options that change how a run computes, not what: a resumed run may set them differently.
+RUNTIME_OPTIONS = frozenset({"cuda_graphs"})
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainConfig:
     split: str = "test"
     precision: str = "fp32"
     channels_last: bool = False
+    cuda_graphs: bool = False  # how, not what: may differ on --resume
     init: str | None = None
     save_every: int = 0
     snapshots: int = 5  # Snapshot Ensembles (schedule "sse"): cycles, one snapshot at the end of each
@@ -110,6 +114,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
         saved = json.loads(state[1].get("config", "{}"))
         diff = {}
         for k, v in config.items():
+            if k in RUNTIME_OPTIONS:
+                continue
             old = saved.get(k)
             same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)
             if not same:
@@ -144,21 +150,28 @@ def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) ->
             if opt.state.get(p, {}).get("momentum_buffer") is not None}
 
 
-def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-             precision: str) -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
-    """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step."""
+def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
+             cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
+    """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step.
 
-    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    With ``cuda_graphs`` (``opt`` from ``graphs.sgd(..., graphs=True)``) the step is replayed as a CUDA graph.
+    """
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device, precision):
+        with autocast(device, precision, cache=not cuda_graphs):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach(), out.detach()
+
+    graphed = GraphedStep(body, enabled=cuda_graphs)
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        set_lr(opt, lr)
+        return graphed(x, y)
 
     return step
 
@@ -268,7 +281,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    graphs = use_graphs(cfg.cuda_graphs, dev)
+    opt = sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd, device=dev, graphs=graphs)
     params = dict(model.named_parameters())
     split = data.eval_split
     n_iter = data.train.num_batches(cfg.batch_size)
@@ -299,7 +313,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
             tensors.update(snaps.state_tensors())
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}), tensors)
 
-    step = sgd_step(model, opt, dev, cfg.precision)
+    step = sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs)
 
     def evaluate() -> dict[str, float]:
         probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev)

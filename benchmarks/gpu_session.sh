@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine: CUDA correctness, the --full benchmark, and the CLI on Fashion-MNIST.
+#
+#   OUT=gpu-out bash benchmarks/gpu_session.sh        # from the repository root
+#
+# Needs torch, torchvision, timm, typer, rich, safetensors, h5py; pytest is taken from .gpu-vendor/ when the
+# machine has none (pip install --target .gpu-vendor pytest); Fashion-MNIST's four .gz files in
+# data/fashion-mnist/. Each part has its own time limit and writes under $OUT, so a part that fails or
+# runs out of time leaves the others' results.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.
+${PY:-python3} -c "import pytest" 2>/dev/null || export PYTHONPATH=.:.gpu-vendor
+PY=${PY:-python3}
+MC="$PY -m mctool"
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/session.log"; }
+
+log "device"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
+  >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
+SKIP=${SKIP:-}  # e.g. "tests bench" to run the CLI part only
+
+if [[ $SKIP != *tests* ]]; then
+log "pytest tests/test_cuda.py"
+timeout "${T_TESTS:-150}" $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1
+echo "rc=$?" >>"$OUT/test_cuda.txt"
+tail -5 "$OUT/test_cuda.txt"
+fi
+
+if [[ $SKIP != *bench* ]]; then
+log "bench --full"
+timeout "${T_BENCH:-300}" $PY benchmarks/bench.py --full --out "$OUT/bench-full.json" >"$OUT/bench-full.txt" 2>&1
+echo "rc=$?" >>"$OUT/bench-full.txt"
+grep -v Warning "$OUT/bench-full.txt"
+fi
+
+log "CLI on $DS"
+F="$OUT/cli"
+mkdir -p "$F"
+COMMON=(--data-root data --device "$DEVICE" --json -q --force)
+T=(-d "$DS" -a "$ARCH" --epochs "$EP" --lr 0.1)
+(
+  set -e
+  $MC train "${T[@]}" --seed 0 -o "$F/a.safetensors" --cuda-graphs "${COMMON[@]}" >"$F/a.json"
+  $MC train "${T[@]}" --seed 1 -o "$F/b.safetensors" --cuda-graphs --precision bf16 --channels-last \
+    "${COMMON[@]}" >"$F/b.json"
+  $MC train "${T[@]}" --seed 0 -o "$F/a-eager.safetensors" "${COMMON[@]}" >"$F/a-eager.json"
+  $MC connect "$F/a.safetensors" "$F/b.safetensors" --epochs 2 --lr 0.05 -o "$F/curve.safetensors" --cuda-graphs \
+    "${COMMON[@]}" >"$F/curve.json"
+  $MC evaluate-curve "$F/curve.safetensors" --num-points 5 --batch-size 1024 -m "$F/eval-fp32.h5" \
+    "${COMMON[@]}" >"$F/eval-fp32.json"
+  $MC evaluate-curve "$F/curve.safetensors" --num-points 5 --batch-size 1024 --precision bf16 --channels-last \
+    -m "$F/eval-bf16.h5" "${COMMON[@]}" >"$F/eval-bf16.json"
+  $MC plane "$F/curve.safetensors" --grid-points 5 --batch-size 1024 --precision bf16 --channels-last \
+    -m "$F/plane.h5" "${COMMON[@]}" >"$F/plane.json"
+  $MC fge "$F/a.safetensors" --epochs 2 --cycle-epochs 1 -o "$F/fge.safetensors" --cuda-graphs \
+    "${COMMON[@]}" >"$F/fge.json"
+) >"$F/log.txt" 2>&1 &
+CLI_PID=$!
+( sleep "${T_CLI:-150}"; kill "$CLI_PID" 2>/dev/null ) >/dev/null 2>&1 &
+WATCH_PID=$!
+wait "$CLI_PID"
+echo "rc=$?" >>"$F/log.txt"
+kill "$WATCH_PID" 2>/dev/null
+rm -f "$F"/*.safetensors  # keep the metrics and summaries only
+tail -20 "$F/log.txt"
+for f in "$F"/*.json; do echo "--- $f"; head -c 1500 "$f"; echo; done
+log "done"
