@@ -43,18 +43,20 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(step, batches, dev, warmup: int, reps: int) -> float:
-    """Median milliseconds of one call of ``step(x, y, lr)``."""
-    times = []
+def _time_steps(steps, batches, dev, warmup: int, reps: int) -> list[float]:
+    """Median milliseconds of one call of each ``step(x, y, lr)``; the steps take turns on each batch, so
+    that a busy or throttled machine slows them alike."""
+    times = [[] for _ in steps]
     for i in range(warmup + reps):
         x, y = batches[i % len(batches)]
-        _sync(dev)
-        t0 = time.perf_counter()
-        step(x, y, 0.01)
-        _sync(dev)
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        for step, ts in zip(steps, times):
+            _sync(dev)
+            t0 = time.perf_counter()
+            step(x, y, 0.01)
+            _sync(dev)
+            if i >= warmup:
+                ts.append(1000 * (time.perf_counter() - t0))
+    return [statistics.median(ts) for ts in times]
 
 
 def _timed(fn, dev) -> float:
@@ -101,17 +103,16 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
     bs = args.batch_size
 
     model = make()
-    opt = sgd(model.parameters(), lr=0.01, momentum=0.9, wd=5e-4, device=dev, graphs=graphs)
-    plain_step = sgd_step(model, opt, dev, precision, cuda_graphs=graphs)
-    plain = _time_steps(plain_step, batches, dev, args.warmup, args.reps)
-
     layout = ParamLayout.of(model)
     if points is None:
         flat = layout.flatten(dict(model.named_parameters())).cpu()
         points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
     curve = Curve("bezier", 1, points, layout, None, {})  # meta unused for stepping
+    # The curve runs the same module (functional_call), whose own parameters the plain step trains.
     cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs)
-    curve_ms = _time_steps(cstep, batches, dev, args.warmup, args.reps)
+    opt = sgd(model.parameters(), lr=0.01, momentum=0.9, wd=5e-4, device=dev, graphs=graphs)
+    plain_step = sgd_step(model, opt, dev, precision, cuda_graphs=graphs)
+    plain, curve_ms = _time_steps([plain_step, cstep], batches, dev, args.warmup, args.reps)
     out.update({"plain_step_ms": plain, "curve_step_ms": curve_ms, "curve_over_plain_step": curve_ms / plain,
                 "plain_step_img_per_s": 1000 * bs / plain, "curve_step_img_per_s": 1000 * bs / curve_ms})
 
@@ -241,7 +242,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=20)
     p.add_argument("--loop-batches", type=int, default=None, help="batches in the throughput runs")
     p.add_argument("--ref-batches", type=int, default=60, help="batches timed for the reference rates")
     p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers for the reference rates")

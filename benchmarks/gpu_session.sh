@@ -38,6 +38,14 @@ echo "rc=$?" >>"$OUT/bench-full.txt"
 grep -v Warning "$OUT/bench-full.txt"
 fi
 
+if [[ $SKIP != *profile* ]]; then
+log "profile"
+for v in fp32 bf16+cl; do
+  timeout 60 $PY benchmarks/profile_step.py --arch cifar_vgg16 --variant "$v" >"$OUT/profile-vgg16-$v.txt" 2>&1
+  grep "==" "$OUT/profile-vgg16-$v.txt"
+done
+fi
+
 log "CLI on $DS"
 F="$OUT/cli"
 mkdir -p "$F"
@@ -61,7 +69,7 @@ T=(-d "$DS" -a "$ARCH" --epochs "$EP" --lr 0.1)
     "${COMMON[@]}" >"$F/fge.json"
 ) >"$F/log.txt" 2>&1 &
 CLI_PID=$!
-( sleep "${T_CLI:-150}"; kill "$CLI_PID" 2>/dev/null ) >/dev/null 2>&1 &
+( sleep "${T_CLI:-200}"; kill "$CLI_PID" 2>/dev/null ) >/dev/null 2>&1 &
 WATCH_PID=$!
 wait "$CLI_PID"
 echo "rc=$?" >>"$F/log.txt"
@@ -69,4 +77,6 @@ kill "$WATCH_PID" 2>/dev/null
 rm -f "$F"/*.safetensors  # keep the metrics and summaries only
 tail -20 "$F/log.txt"
 for f in "$F"/*.json; do echo "--- $f"; head -c 1500 "$f"; echo; done
+# The device tool brings back only a few files: pack everything into one archive.
+tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$OUT.tgz" "$OUT/results.tgz"
 log "done"

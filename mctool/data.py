@@ -106,11 +106,19 @@ class TensorSplit:
         n = len(self)
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=g).to(self.device) if shuffle else None
-        for start in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+        starts = range(0, n - batch_size + 1 if drop_last else n, batch_size)
+        augment = augment and self.info.augment != "none" and len(starts) > 0
+        if augment:
+            # The whole epoch's random numbers, drawn in batch order (as augment_batch would draw them) and
+            # sent to the device in one copy instead of three small blocking copies per batch.
+            pad, flip = self.info.crop_padding, self.info.augment == "crop-flip"
+            draws = [_draw_augment(min(batch_size, n - s), pad, flip, g) for s in starts]
+            rand = torch.stack([torch.cat(r) for r in zip(*draws)]).to(self.device)  # [3, covered images]
+        for start in starts:
             idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
             x = self.images[idx]
-            if augment and self.info.augment != "none":
-                x = augment_batch(x, self.info.crop_padding, self.info.augment == "crop-flip", g)
+            if augment:
+                x = _apply_augment(x, pad, *rand[:, start:start + x.shape[0]])
             yield self.normalize(x), self.labels[idx]
 
     def subset(self, n: int) -> "TensorSplit":
@@ -127,20 +135,30 @@ class TensorSplit:
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding (and optional horizontal flip) of a whole uint8 batch at once."""
+    return _apply_augment(x, padding, *(r.to(x.device) for r in _draw_augment(x.shape[0], padding, flip, generator)))
+
+
+def _draw_augment(b: int, padding: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The random numbers of one batch's augmentation, drawn on the CPU (the same on every device):
+    crop offsets (y, x) and flip flags, as int64 ``[b]`` each (unused ones are zeros)."""
+    zeros = torch.zeros(b, dtype=torch.long)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator) if padding > 0 else zeros
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator) if padding > 0 else zeros
+    flips = (torch.rand(b, generator=generator) < 0.5).long() if flip else zeros
+    return oy, ox, flips
+
+
+def _apply_augment(x: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor,
+                   flips: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     dev = x.device
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding,) * 4)
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
         rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                    rows, cols]
-    if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
-    return x
+    return torch.where(flips.bool()[:, None, None, None], x.flip(3), x)
 
 
 class LoaderSplit:

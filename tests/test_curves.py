@@ -11,7 +11,7 @@ import mctool.curve_eval
 from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
-from mctool.curves import coefficients, load_curve
+from mctool.curves import Curve, CurveStep, coefficients, load_curve
 from mctool.data import load_data
 from mctool.errors import CheckpointError, ConfigError
 from mctool.flat import ParamLayout
@@ -233,3 +233,38 @@ def test_curve_states_are_usable_and_sse_is_refused(cli, tmp_path, digits_models
     assert read_metadata(snap)["kind"] == "curve-state"
     cli("point", snap, "--t", "0.5", "-o", tmp_path / "p.safetensors", "-q", *CPU)  # a snapshot is a curve too
     assert "for train" in cli.error("connect", *digits_models, "-o", tmp_path / "d.safetensors", "--schedule", "sse")
+
+
+def _curve_steps(channels_last: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = build_model("cifar_preresnet20", 4, 3, {})
+    layout = ParamLayout.of(model)
+    flat = layout.flatten(dict(model.named_parameters()))
+    g = torch.Generator().manual_seed(1)
+    points = torch.stack([flat, flat + 0.05 * torch.randn(flat.shape, generator=g),
+                          flat + 0.1 * torch.randn(flat.shape, generator=g)])
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    step = CurveStep(model, Curve("bezier", 1, points, layout, None, {}), [1], wd=5e-4, momentum=0.9)
+    assert torch.equal(step.points(), points)  # file order in, file order out
+    data = load_data("synthetic:size=16,channels=3,classes=4,train=64,test=16", channels_last=channels_last)
+    torch.manual_seed(5)
+    for x, y in list(data.train.batches(32))[:steps]:
+        step(x, y, 0.05)
+    return step, points
+
+
+def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same_curve():
+    plain, points = _curve_steps(False)
+    cl, _ = _curve_steps(True)
+    assert any(cl._cl) and not any(plain._cl)
+    w = cl.free.detach()[0]
+    views = cl._views(w)
+    conv = next(n for n, s in zip(cl.curve.layout.names, cl.curve.layout.shapes) if len(s) == 4 and s[2] > 1)
+    assert views[conv].is_contiguous(memory_format=torch.channels_last) and not views[conv].is_contiguous()
+    assert not torch.equal(plain.points()[1], points[1])  # the bend moved
+    assert torch.allclose(cl.points(), plain.points(), atol=1e-6)
+    assert torch.allclose(cl.momentum(), plain.momentum(), atol=1e-6)
+    # momentum restored in file order lands back in device order
+    cl.set_momentum(plain.momentum())
+    assert torch.allclose(cl.momentum(), plain.momentum(), atol=0)
