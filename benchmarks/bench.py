@@ -123,7 +123,10 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
     t_data = _timed(lambda: [None for _, _ in zip(range(n), data.train.batches(bs, shuffle=True, augment=True,
                                                                                seed=4))], dev)
     out.update({"train_img_per_s": n * bs / t_plain, "curve_train_img_per_s": n * bs / t_curve,
-                "data_pipeline_share": t_data / t_plain})
+                "data_pipeline_share": t_data / t_plain,
+                # a whole epoch at the loop's rate (the loop is the whole epoch on the CPU set)
+                "train_epoch_s": len(data.train) * t_plain / (n * bs),
+                "curve_epoch_s": len(data.train) * t_curve / (n * bs)})
 
     # One curve point and one plane point: assign weights, BN pass, train and test evaluation.
     if (precision, cl) not in evaluated:

@@ -164,6 +164,35 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     return c, tensors, md
 
 
+class _CurvePoint(torch.autograd.Function):
+    """w = sum_k c_k W_k over the fixed and free control points, with the L2 term 0.5 wd ||w||^2 folded
+    into the backward: each free point gets c_j (g + wd w) in one pass.
+
+    For networks with many parameters per image (VGG16: 15M) every pass over w costs: a [K] @ [K, P]
+    matmul with K <= 4 runs as a slow cuBLAS kernel, and plain autograd of the L2 term adds several more
+    passes (its own gradient, the sum with the network's gradient, a zero-filled gradient per selected row).
+    """
+
+    @staticmethod
+    def forward(ctx, c_free: torch.Tensor, c_fixed: torch.Tensor, free: torch.Tensor, fixed: torch.Tensor,
+                wd: float) -> torch.Tensor:
+        w = c_fixed[0] * fixed[0] if fixed.shape[0] else torch.zeros_like(free[0])
+        for j in range(1, fixed.shape[0]):
+            w = torch.addcmul(w, c_fixed[j], fixed[j])
+        for j in range(free.shape[0]):
+            w = torch.addcmul(w, c_free[j], free[j])
+        ctx.save_for_backward(c_free, w)
+        ctx.wd = wd
+        return w
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        c_free, w = ctx.saved_tensors
+        if ctx.wd:
+            g = torch.add(g, w, alpha=ctx.wd)
+        return None, None, c_free[:, None] * g, None, None
+
+
 class CurveStep:
     """One training step of a curve: draw t ~ U(0, 1), form w(t) = c(t) @ W as one weighted sum over the
     control points, run the base network on it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2
@@ -202,18 +231,12 @@ class CurveStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
-        # w = sum_k c_k W_k as one fused multiply-add per control point: a [K] @ [K, P] matmul with K <= 4
-        # runs as a slow cuBLAS kernel (about 0.5 ms for VGG16's 15M parameters on an H100).
-        c_free, c_fixed = c[self._free_i], c[self._fixed_i]
-        w = c_fixed[0] * self.fixed[0] if len(self.fixed_idx) else torch.zeros_like(self.free[0])
-        for j in range(1, len(self.fixed_idx)):
-            w = torch.addcmul(w, c_fixed[j], self.fixed[j])
-        for j in range(len(self.free_idx)):
-            w = torch.addcmul(w, c_free[j], self.free[j])
+        w = _CurvePoint.apply(c[self._free_i], c[self._fixed_i], self.free, self.fixed, self.wd)
         self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
         with autocast(self.device, self.precision, cache=not self.cuda_graphs):
             out = functional_call(self.model, {**self._views(w), **self.buffers}, (x,))
-        loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * torch.dot(w, w)
+        wd_term = 0.5 * self.wd * torch.dot(w.detach(), w.detach())  # its gradient comes from _CurvePoint
+        loss = F.cross_entropy(out.float(), y) + wd_term
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -268,3 +268,28 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
     # momentum restored in file order lands back in device order
     cl.set_momentum(plain.momentum())
     assert torch.allclose(cl.momentum(), plain.momentum(), atol=0)
+
+
+def test_curve_step_update_matches_plain_autograd():
+    """The fused w(t) with the L2 gradient in its backward gives exactly the gradient of CE + 0.5 wd ||w||^2."""
+    torch.manual_seed(0)
+    model = build_model("cifar_convfc", 4, 3, {"img_size": 16, "width": 0.25})
+    layout = ParamLayout.of(model)
+    flat = layout.flatten(dict(model.named_parameters()))
+    g = torch.Generator().manual_seed(1)
+    points = torch.stack([flat + 0.05 * torch.randn(flat.shape, generator=g) for _ in range(4)])  # 2 bends
+    wd, lr = 5e-3, 0.1
+    step = CurveStep(model, Curve("bezier", 2, points, layout, None, {}), [1, 2], wd=wd, momentum=0.9)
+    x, y = next(load_data("synthetic:size=16,channels=3,classes=4,train=32,test=8").train.batches(32))
+    torch.manual_seed(7)
+    loss, _ = step(x, y, lr)
+    torch.manual_seed(7)
+    t = torch.rand(())
+    free = points[1:3].clone().requires_grad_(True)
+    w = coefficients("bezier", 2, t).float() @ torch.cat([points[:1], free, points[3:]])
+    out = torch.func.functional_call(model, layout.views(w), (x,))
+    ref_loss = torch.nn.functional.cross_entropy(out, y) + 0.5 * wd * w.pow(2).sum()
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert torch.allclose(step.points()[1:3], points[1:3] - lr * free.grad, atol=1e-6)
+    assert torch.equal(step.points()[0], points[0]) and torch.equal(step.points()[3], points[3])
