@@ -288,8 +288,9 @@ def main() -> None:
             figures.update({f"{k}/{arch}": v for k, v in got.items()})
             print(f"{arch} reference: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items())
                   + f"  ({time.time() - t0:.0f} s)", flush=True)
-    result = {"figures": figures, **({"errors": errors} if errors else {}), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    result = {"figures": figures, **({"errors": errors} if errors else {}), "device": device,
               "torch": torch.__version__, "settings": {"archs": archs, "variants": variants, "train_images": n_train,
                                                        "test_images": n_test, "batch_size": args.batch_size,
                                                        "eval_batch_size": args.eval_batch_size,

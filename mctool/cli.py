@@ -193,8 +193,8 @@ def train(
         cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
                           wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
                           augment=augment.value, split=split.value, precision=precision.value,
-                          channels_last=channels_last, cuda_graphs=cuda_graphs, init=str(init) if init else None, save_every=save_every,
-                          snapshots=snapshots)
+                          channels_last=channels_last, cuda_graphs=cuda_graphs, init=str(init) if init else None,
+                          save_every=save_every, snapshots=snapshots)
         return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
@@ -687,7 +687,8 @@ def fge_cmd(
         cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
                         augment=augment.value, split=split.value, precision=precision.value,
-                        channels_last=channels_last, cuda_graphs=cuda_graphs, bn_batches=bn_batches, swa=str(swa) if swa else None)
+                        channels_last=channels_last, cuda_graphs=cuda_graphs, bn_batches=bn_batches,
+                        swa=str(swa) if swa else None)
         return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                    download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 

@@ -23,8 +23,8 @@ from .checkpoint import MOMENTUM_PREFIX, LoadedModel, ModelMeta, load_model, rea
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_output, sha256_file
-from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .flat import ParamLayout, build_network
+from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .runtime import autocast, resolve_device
 from .training import fit, prepare_outputs, state_path, validate_sgd

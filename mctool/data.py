@@ -135,7 +135,8 @@ class TensorSplit:
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding (and optional horizontal flip) of a whole uint8 batch at once."""
-    return _apply_augment(x, padding, *(r.to(x.device) for r in _draw_augment(x.shape[0], padding, flip, generator)))
+    draws = _draw_augment(x.shape[0], padding, flip, generator)
+    return _apply_augment(x, padding, *(r.to(x.device) for r in draws))
 
 
 def _draw_augment(b: int, padding: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

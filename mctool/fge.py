@@ -23,10 +23,10 @@ from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_e
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
+from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .runtime import resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .graphs import sgd, use_graphs
 from .training import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
 
 
@@ -149,12 +149,16 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             snaps.add(model, iteration=it, epoch=(it + 1) / n_iter, lr=fge_lr(it, cycle, cfg.lr_max, cfg.lr_min))
             log.flush()
 
+    def shown() -> dict[str, float]:  # for the progress display only
+        last = snaps.rows[-1] if snaps.rows else None
+        return {"members": len(snaps.rows),
+                **({"ensemble err": last["ensemble_err"], "ensemble nll": last["ensemble_nll"]} if last else {})}
+
     t_run = time.time()
-    fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
-        evaluate=lambda: {"members": len(snaps.rows), **({"ensemble err": snaps.rows[-1]["ensemble_err"],
-                                                          "ensemble nll": snaps.rows[-1]["ensemble_nll"]}
-                                                         if snaps.rows else {})}, quiet=quiet, desc=f"fge (cycles of {cycle} it)",
-        lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min), after_step=after_step)
+    fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), cfg=cfg, data=data, log=log,
+        start_epoch=start_epoch, output=output, save_state=save_state, evaluate=shown, quiet=quiet,
+        desc=f"fge (cycles of {cycle} it)", after_step=after_step,
+        lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min))
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
     result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),
               "cycle_iters": cycle, "split": split, "start": start_metrics,

@@ -151,7 +151,8 @@ def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) ->
 
 
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
-             cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
+             cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float],
+                                                   tuple[torch.Tensor, torch.Tensor]]:
     """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step.
 
     With ``cuda_graphs`` (``opt`` from ``graphs.sgd(..., graphs=True)``) the step is replayed as a CUDA graph.
