@@ -293,3 +293,25 @@ def test_curve_step_update_matches_plain_autograd():
     assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert torch.allclose(step.points()[1:3], points[1:3] - lr * free.grad, atol=1e-6)
     assert torch.equal(step.points()[0], points[0]) and torch.equal(step.points()[3], points[3])
+
+
+def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monkeypatch):
+    """Channels-last networks keep their control points (and momentum) in device order; files stay in file order."""
+    data = ["-d", "synthetic:size=16,classes=3,train=96,test=32", "--batch-size", "32", *CPU]
+    ends = []
+    for seed in (0, 1):
+        ends.append(tmp_path / f"e{seed}.safetensors")
+        cli("train", *data, "-a", "cifar_convfc", "--arch-kwargs", '{"width": 0.25}', "-o", ends[-1], "--epochs",
+            "1", "--seed", seed, "-q")
+    args = [*ends, "--epochs", "3", "--lr", "0.05", "--batch-size", "32", "-q", *CPU]
+    ref, plain = tmp_path / "ref.safetensors", tmp_path / "plain.safetensors"
+    cli("connect", *args, "--channels-last", "-o", ref)
+    cli("connect", *args, "-o", plain)
+    out = tmp_path / "run.safetensors"
+    restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
+    cli.error("connect", *args, "--channels-last", "-o", out, code=130)
+    restore()
+    cli("connect", *args, "--channels-last", "-o", out, "--resume")
+    a, b, p = (load_curve(f)[0].points for f in (ref, out, plain))
+    assert torch.equal(a, b)
+    assert torch.allclose(a, p, atol=1e-5)  # the same curve as without channels-last, in file order
