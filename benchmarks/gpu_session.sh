@@ -3,6 +3,9 @@
 #
 #   OUT=gpu-out bash benchmarks/gpu_session.sh        # from the repository root
 #
+# Everything ends up packed in $OUT/results.tgz too. The device tool brings back only a few files, so
+# there run it as: OUT=/tmp/gout bash benchmarks/gpu_session.sh; cp /tmp/gout/results.tgz "$OUT"/
+#
 # Needs torch, torchvision, timm, typer, rich, safetensors, h5py; pytest is taken from .gpu-vendor/ when the
 # machine has none (pip install --target .gpu-vendor pytest); Fashion-MNIST's four .gz files in
 # data/fashion-mnist/. Each part has its own time limit and writes under $OUT, so a part that fails or
