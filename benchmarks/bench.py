@@ -180,10 +180,7 @@ def bench_reference(arch: str, data, dev, args, points: torch.Tensor) -> dict[st
     torch.manual_seed(0)
     model = build_model(arch, info.num_classes, info.in_chans, arch_kwargs_for(arch, {}, info.image_size)).to(dev)
     layout = ParamLayout.of(model)
-    offs = [0]
-    for k in layout.numels:
-        offs.append(offs[-1] + k)
-    per_param = [points[:, o:o + k].to(dev) for o, k in zip(offs, layout.numels)]
+    per_param = [p.to(dev) for p in torch.split(points, layout.numels, dim=1)]
     bend = [torch.nn.Parameter(p[1].clone()) for p in per_param]
     ref_opt = torch.optim.SGD(bend, lr=0.01, momentum=0.9)
     plain_opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

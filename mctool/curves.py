@@ -210,9 +210,7 @@ class CurveStep:
         self.model, self.curve, self.wd, self.precision, self.device = model, curve, wd, precision, dev
         self.free_idx = free_idx
         self.fixed_idx = [i for i in range(curve.num_points) if i not in free_idx]
-        named = dict(model.named_parameters())
-        self._cl = [len(s) == 4 and not named[n].is_contiguous() and named[n].is_contiguous(
-            memory_format=torch.channels_last) for n, s in zip(curve.layout.names, curve.layout.shapes)]
+        self._cl = curve.layout.channels_last_mask(model)
         self.free = nn.Parameter(self._reorder(curve.points[free_idx], to_device_order=True).to(dev))
         self.fixed = self._reorder(curve.points[self.fixed_idx], to_device_order=True).to(dev)
         self._free_i = torch.tensor(free_idx, device=dev)
@@ -243,26 +241,10 @@ class CurveStep:
         return loss.detach(), out.detach()
 
     def _views(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        layout = self.curve.layout
-        views = {}
-        for name, v, shape, cl in zip(layout.names, torch.split(w, layout.numels), layout.shapes, self._cl):
-            # channels-last: stored as (O, H, W, I), viewed as (O, I, H, W) with channels-last strides
-            views[name] = v.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2) if cl else v.view(shape)
-        return views
+        return self.curve.layout.views(w, self._cl)
 
-    def _reorder(self, pts: torch.Tensor, to_device_order: bool) -> torch.Tensor:
-        """Rows ``[n, P]`` between file order and the device memory order (only channels-last weights move)."""
-        if not any(self._cl):
-            return pts
-        n, out = pts.shape[0], []
-        for chunk, shape, cl in zip(torch.split(pts, self.curve.layout.numels, dim=1), self.curve.layout.shapes,
-                                    self._cl):
-            if cl:
-                o, i, h, w = shape
-                chunk = (chunk.reshape(n, o, i, h, w).permute(0, 1, 3, 4, 2) if to_device_order else
-                         chunk.reshape(n, o, h, w, i).permute(0, 1, 4, 2, 3)).reshape(n, -1)
-            out.append(chunk)
-        return torch.cat(out, dim=1)
+    def _reorder(self, rows: torch.Tensor, to_device_order: bool) -> torch.Tensor:
+        return self.curve.layout.to_memory_order(rows, self._cl, inverse=not to_device_order)
 
     def points(self) -> torch.Tensor:
         """All control points ``[K, P]`` on the CPU, with the free ones as trained so far."""

@@ -49,9 +49,36 @@ class ParamLayout:
         """One float32 vector of the named tensors (e.g. a state dict), in layout order."""
         return torch.cat([tensors[n].detach().reshape(-1).float() for n in self.names])
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-parameter views of ``flat`` (gradients flow back into it)."""
-        return {n: v.view(s) for n, v, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
+    def views(self, flat: torch.Tensor, channels_last: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """Per-parameter views of ``flat`` (gradients flow back into it).
+
+        With a ``channels_last`` mask (``channels_last_mask``), ``flat`` is in memory order (``to_memory_order``)
+        and the masked 4-D weights come out as channels-last views, without a copy.
+        """
+        mask = channels_last or [False] * len(self.names)
+        # channels-last: stored as (O, H, W, I), viewed as (O, I, H, W) with channels-last strides
+        return {n: v.view(s[0], s[2], s[3], s[1]).permute(0, 3, 1, 2) if cl else v.view(s)
+                for n, v, s, cl in zip(self.names, torch.split(flat, self.numels), self.shapes, mask)}
+
+    def channels_last_mask(self, model: nn.Module) -> list[bool]:
+        """Which parameters of ``model`` are 4-D weights stored channels-last (and not also contiguous)."""
+        named = dict(model.named_parameters())
+        return [len(s) == 4 and not named[n].is_contiguous() and named[n].is_contiguous(
+            memory_format=torch.channels_last) for n, s in zip(self.names, self.shapes)]
+
+    def to_memory_order(self, rows: torch.Tensor, channels_last: list[bool], inverse: bool = False) -> torch.Tensor:
+        """Flat rows ``[n, P]`` from file order to the memory order of ``views(..., channels_last)``
+        (or back, with ``inverse``); only the masked weights move."""
+        if not any(channels_last):
+            return rows
+        n, out = rows.shape[0], []
+        for chunk, shape, cl in zip(torch.split(rows, self.numels, dim=1), self.shapes, channels_last):
+            if cl:
+                o, i, h, w = shape
+                chunk = (chunk.reshape(n, o, h, w, i).permute(0, 1, 4, 2, 3) if inverse else
+                         chunk.reshape(n, o, i, h, w).permute(0, 1, 3, 4, 2)).reshape(n, -1)
+            out.append(chunk)
+        return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def assign(self, model: nn.Module, flat: torch.Tensor) -> None:
