@@ -43,19 +43,21 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(steps, batches, dev, warmup: int, reps: int) -> list[float]:
-    """Median milliseconds of one call of each ``step(x, y, lr)``; the steps take turns on each batch, so
-    that a busy or throttled machine slows them alike."""
+def _time_steps(steps, batches, dev, warmup: int, reps: int, block: int) -> list[float]:
+    """Median milliseconds per call of each ``step(x, y, lr)``, timed over blocks of ``block`` calls in a row
+    (as a training loop runs them: no synchronisation between steps). The steps take turns block by block,
+    so that a busy or throttled machine slows them alike."""
     times = [[] for _ in steps]
     for i in range(warmup + reps):
-        x, y = batches[i % len(batches)]
         for step, ts in zip(steps, times):
             _sync(dev)
             t0 = time.perf_counter()
-            step(x, y, 0.01)
+            for j in range(block):
+                x, y = batches[(i * block + j) % len(batches)]
+                step(x, y, 0.01)
             _sync(dev)
             if i >= warmup:
-                ts.append(1000 * (time.perf_counter() - t0))
+                ts.append(1000 * (time.perf_counter() - t0) / block)
     return [statistics.median(ts) for ts in times]
 
 
@@ -98,7 +100,7 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         return m.to(memory_format=torch.channels_last) if cl else m
 
     batches = [b for b, _ in zip(data.train.batches(args.batch_size, shuffle=True, augment=True, seed=1),
-                                 range(args.warmup + args.reps))]
+                                 range(args.block * (args.warmup + args.reps)))]
     out: dict[str, float] = {}
     bs = args.batch_size
 
@@ -112,7 +114,7 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
     cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs)
     opt = sgd(model.parameters(), lr=0.01, momentum=0.9, wd=5e-4, device=dev, graphs=graphs)
     plain_step = sgd_step(model, opt, dev, precision, cuda_graphs=graphs)
-    plain, curve_ms = _time_steps([plain_step, cstep], batches, dev, args.warmup, args.reps)
+    plain, curve_ms = _time_steps([plain_step, cstep], batches, dev, args.warmup, args.reps, args.block)
     out.update({"plain_step_ms": plain, "curve_step_ms": curve_ms, "curve_over_plain_step": curve_ms / plain,
                 "plain_step_img_per_s": 1000 * bs / plain, "curve_step_img_per_s": 1000 * bs / curve_ms})
 
@@ -241,8 +243,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2, help="untimed blocks of steps before timing")
+    p.add_argument("--reps", type=int, default=8, help="timed blocks of steps (the median is reported)")
+    p.add_argument("--block", type=int, default=5, help="steps in a row per timed block")
     p.add_argument("--loop-batches", type=int, default=None, help="batches in the throughput runs")
     p.add_argument("--ref-batches", type=int, default=60, help="batches timed for the reference rates")
     p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers for the reference rates")
@@ -291,7 +294,7 @@ def main() -> None:
               "torch": torch.__version__, "settings": {"archs": archs, "variants": variants, "train_images": n_train,
                                                        "test_images": n_test, "batch_size": args.batch_size,
                                                        "eval_batch_size": args.eval_batch_size,
-                                                       "warmup": args.warmup, "reps": args.reps,
+                                                       "warmup": args.warmup, "reps": args.reps, "block": args.block,
                                                        "loop_batches": args.loop_batches, "reference": reference,
                                                        "ref_batches": args.ref_batches,
                                                        "ref_workers": args.ref_workers}}

@@ -2,10 +2,8 @@
 
     python benchmarks/profile_step.py --arch cifar_vgg16 --variant bf16+cl
 
-Prints, for each step kind, the CUDA kernels that take most of 10 eager steps, and the total GPU time;
-then the time of forming w(t) = sum_k c_k W_k and its backward for the network's parameter count, three
-ways (the fused multiply-adds that CurveStep uses, a [K] @ [K, P] matmul, and torch.mv over [P, K]), to
-choose between them by measurement.
+Prints, for each step kind, the CUDA kernels (on a CPU, the operators) that take most of 10 eager steps,
+and their total time per step: what the curve step adds to the plain one, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -60,44 +58,6 @@ def main() -> None:
             if dev.type == "cuda" else sum(getattr(e, key) for e in events)
         print(f"== {args.arch} {args.variant} {name} step: {total / 10 / 1000:.3f} ms of kernels per step")
         print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
-    time_weighted_sums(layout.size, dev)
-
-
-def time_weighted_sums(num_params: int, dev: torch.device, reps: int = 20) -> None:
-    """Forward + backward of w = sum_k c_k W_k (K = 3, one free row) in three formulations."""
-    import time
-
-    from mctool.curves import _CurvePoint
-
-    pts = torch.randn(3, num_params, device=dev)
-    free = torch.nn.Parameter(pts[1:2].clone())
-    fixed = pts[[0, 2]].clone()
-    c = torch.tensor([0.25, 0.5, 0.25], device=dev)
-    g = torch.randn(num_params, device=dev)
-
-    def fused():
-        _CurvePoint.apply(c[1:2], c[[0, 2]], free, fixed, 5e-4).backward(g)
-
-    def matmul():
-        (c[1:2] @ free + c[[0, 2]] @ fixed).backward(g)
-
-    allpts = torch.cat([fixed[:1], free.detach(), fixed[1:]]).requires_grad_(True)
-
-    def mv():
-        torch.mv(allpts.t(), c).backward(g)
-
-    for name, fn in (("fused multiply-adds", fused), ("matmul", matmul), ("mv", mv)):
-        for _ in range(3):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"w(t) forward + backward, {name}: {1000 * (time.perf_counter() - t0) / reps:.3f} ms "
-              f"({num_params:,} parameters)")
 
 
 if __name__ == "__main__":

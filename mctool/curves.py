@@ -8,7 +8,9 @@ unchanged base network with ``torch.func.functional_call``. No layer needs a "cu
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +40,8 @@ def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.T
     """Weights c_k(t) of the K = num_bends + 2 control points; shape ``t.shape + (K,)``.
 
     line: (1 - t, t). bezier: Bernstein basis of degree n + 1. polychain: piecewise linear through
-    equally spaced knots t_k = k / (n + 1). Computed on t's device and dtype (no host sync).
+    equally spaced knots t_k = k / (n + 1). They sum to 1 for every t in [0, 1]. Computed on t's device
+    and dtype (no host sync).
     """
     t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else None)
     if curve not in CURVES:
@@ -48,14 +51,20 @@ def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.T
     if curve != "line" and num_bends < 1:
         raise ConfigError(f"--num-bends must be >= 1 for a {curve} curve, got {num_bends}.")
     degree = num_bends + 1
-    k = torch.arange(degree + 1, device=t.device, dtype=t.dtype)
+    k, binom = _constants(degree, t.device, t.dtype)
     tt = t.unsqueeze(-1)
     if curve == "polychain":
         return (1 - (tt * degree - k).abs()).clamp_min(0)
-    # Binomial coefficients from arange (exact after rounding): no host-to-device copy, so this can run
-    # inside a CUDA graph capture.
-    binom = (torch.lgamma(k[-1:] + 1) - torch.lgamma(k + 1) - torch.lgamma(degree - k + 1)).exp().round()
     return binom * tt ** k * (1 - tt) ** (degree - k)
+
+
+@functools.cache
+def _constants(degree: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """k = 0..degree and the binomial coefficients C(degree, k), made once per device (a graph being captured
+    may use them but could not copy them from the host)."""
+    k = torch.arange(degree + 1, dtype=dtype)
+    binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=dtype)
+    return k.to(device), binom.to(device)
 
 
 @dataclass
@@ -164,39 +173,21 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     return c, tensors, md
 
 
-class _CurvePoint(torch.autograd.Function):
-    """w = sum_k c_k W_k over the fixed and free control points, with the L2 term 0.5 wd ||w||^2 folded
-    into the backward: each free point gets c_j (g + wd w) in one pass.
-
-    For networks with many parameters per image (VGG16: 15M) every pass over w costs: a [K] @ [K, P]
-    matmul with K <= 4 runs as a slow cuBLAS kernel, and plain autograd of the L2 term adds several more
-    passes (its own gradient, the sum with the network's gradient, a zero-filled gradient per selected row).
-    """
-
-    @staticmethod
-    def forward(ctx, c_free: torch.Tensor, c_fixed: torch.Tensor, free: torch.Tensor, fixed: torch.Tensor,
-                wd: float) -> torch.Tensor:
-        w = c_fixed[0] * fixed[0] if fixed.shape[0] else torch.zeros_like(free[0])
-        for j in range(1, fixed.shape[0]):
-            w = torch.addcmul(w, c_fixed[j], fixed[j])
-        for j in range(free.shape[0]):
-            w = torch.addcmul(w, c_free[j], free[j])
-        ctx.save_for_backward(c_free, w)
-        ctx.wd = wd
-        return w
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        c_free, w = ctx.saved_tensors
-        if ctx.wd:
-            g = torch.add(g, w, alpha=ctx.wd)
-        return None, None, c_free[:, None] * g, None, None
-
-
 class CurveStep:
-    """One training step of a curve: draw t ~ U(0, 1), form w(t) = c(t) @ W as one weighted sum over the
-    control points, run the base network on it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2
-    and step only the free control points (SGD with momentum; no optimiser weight decay).
+    """One training step of a curve: draw t ~ U(0, 1), form w(t) = sum_k c_k(t) W_k, run the base network on
+    it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2 and step only the free control points (SGD
+    with momentum; no optimiser weight decay).
+
+    Every pass over the P parameters counts for wide networks (VGG16: 15M parameters, as many passes as
+    there are a few convolutions), so the step makes few of them:
+
+    - All K control points live in one ``[K, P]`` tensor on the device. Since the coefficients sum to one,
+      w(t) is a chain of K - 1 interpolations (``lerp``) into one preallocated vector, with no autograd
+      graph behind it.
+    - The network sees per-parameter leaves that share w's storage; their gradients g_i stay per parameter
+      (no concatenation into a flat gradient), and the free point j gets c_j (g + wd w) from two multi-tensor
+      passes. Its parameters are views into its row of the ``[K, P]`` tensor, so SGD updates the row in place,
+      and their momentum buffers are views of one ``[n_free, P]`` tensor.
 
     With ``cuda_graphs`` the step is replayed as a CUDA graph (``graphs.GraphedStep``); t is drawn outside
     it, from the same device RNG, so both paths see the same t. When the network's convolution weights
@@ -208,17 +199,21 @@ class CurveStep:
                  precision: str = "fp32", cuda_graphs: bool = False):
         dev = next(model.parameters()).device
         self.model, self.curve, self.wd, self.precision, self.device = model, curve, wd, precision, dev
-        self.free_idx = free_idx
-        self.fixed_idx = [i for i in range(curve.num_points) if i not in free_idx]
+        self.free_idx, self.cuda_graphs, self._use_momentum = list(free_idx), cuda_graphs, momentum != 0
         self._cl = curve.layout.channels_last_mask(model)
-        self.free = nn.Parameter(self._reorder(curve.points[free_idx], to_device_order=True).to(dev))
-        self.fixed = self._reorder(curve.points[self.fixed_idx], to_device_order=True).to(dev)
-        self._free_i = torch.tensor(free_idx, device=dev)
-        self._fixed_i = torch.tensor(self.fixed_idx, device=dev)
+        self._points = self._reorder(curve.points.to(dev, torch.float32, copy=True), to_device_order=True)
+        self._params = [[nn.Parameter(v) for v in self._views(self._points[j]).values()] for j in self.free_idx]
+        self._momentum = torch.zeros(len(self.free_idx), curve.layout.size, device=dev)
+        self._w = torch.empty(curve.layout.size, device=dev)  # w(t), rewritten by every step
         self.buffers = dict(model.named_buffers())
-        self.opt = sgd([self.free], lr=0.0, momentum=momentum, wd=0.0, device=dev, graphs=cuda_graphs)
-        self.cuda_graphs = cuda_graphs
+        self.opt = sgd([p for row in self._params for p in row], lr=0.0, momentum=momentum, wd=0.0, device=dev,
+                       graphs=cuda_graphs)
+        if self._use_momentum:  # SGD's first update from a zero buffer equals its own first step
+            for row, buf in zip(self._params, self._momentum):
+                for p, b in zip(row, self._views(buf).values()):
+                    self.opt.state[p]["momentum_buffer"] = b
         self._t = torch.zeros((), device=dev)
+        coefficients(curve.curve, curve.num_bends, self._t)  # caches its constants outside any graph capture
         self._graphed = GraphedStep(self._body, enabled=cuda_graphs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,38 +224,55 @@ class CurveStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
-        w = _CurvePoint.apply(c[self._free_i], c[self._fixed_i], self.free, self.fixed, self.wd)
+        # sum_k c_k W_k with sum_k c_k = 1: S_0 = W_0, S_k = lerp(S_{k-1}, W_k, c_k / (c_0 + ... + c_k)).
+        # Where the running sum is still 0 so is c_k, and the next nonzero c_k gives weight 1 (exactly W_k).
+        r = c / c.cumsum(0).clamp_min(torch.finfo(c.dtype).tiny)
+        pts, w = self._points, self._w
+        torch.lerp(pts[0], pts[1], r[1], out=w)
+        for k in range(2, pts.shape[0]):
+            w.lerp_(pts[k], r[k])
+        w_views = list(self._views(w).values())
+        leaves = [v.detach().requires_grad_() for v in w_views]  # share w's storage; gradients stay separate
         self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
         with autocast(self.device, self.precision, cache=not self.cuda_graphs):
-            out = functional_call(self.model, {**self._views(w), **self.buffers}, (x,))
-        wd_term = 0.5 * self.wd * torch.dot(w.detach(), w.detach())  # its gradient comes from _CurvePoint
-        loss = F.cross_entropy(out.float(), y) + wd_term
+            out = functional_call(self.model, {**dict(zip(self.curve.layout.names, leaves)), **self.buffers}, (x,))
+        loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * torch.dot(w, w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        # d loss / d W_j = c_j (g + wd w), parameter by parameter
+        grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+        if self.wd:
+            torch._foreach_add_(grads, w_views, alpha=self.wd)
+        for n, (j, row) in enumerate(zip(self.free_idx, self._params)):
+            if n == len(self._params) - 1:
+                torch._foreach_mul_(grads, c[j])
+                scaled = grads
+            else:
+                scaled = torch._foreach_mul(grads, c[j])
+            for p, g in zip(row, scaled):
+                p.grad = g
         self.opt.step()
         return loss.detach(), out.detach()
 
-    def _views(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.curve.layout.views(w, self._cl)
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.curve.layout.views(flat, self._cl)
 
     def _reorder(self, rows: torch.Tensor, to_device_order: bool) -> torch.Tensor:
         return self.curve.layout.to_memory_order(rows, self._cl, inverse=not to_device_order)
 
     def points(self) -> torch.Tensor:
-        """All control points ``[K, P]`` on the CPU, with the free ones as trained so far."""
-        pts = torch.empty_like(self.curve.points)
-        pts[self.free_idx] = self._reorder(self.free.detach().cpu(), to_device_order=False)
-        pts[self.fixed_idx] = self._reorder(self.fixed.cpu(), to_device_order=False)
-        return pts
+        """All control points ``[K, P]`` on the CPU in file order, with the free ones as trained so far."""
+        return self._reorder(self._points.to("cpu", copy=True), to_device_order=False)
 
     def momentum(self) -> torch.Tensor | None:
-        """SGD momentum of the free points ``[n_free, P]`` on the CPU in file order (None before any step)."""
-        buf = self.opt.state.get(self.free, {}).get("momentum_buffer")
-        return None if buf is None else self._reorder(buf.detach().cpu(), to_device_order=False)
+        """SGD momentum of the free points ``[n_free, P]`` on the CPU in file order (None without momentum)."""
+        if not self._use_momentum:
+            return None
+        return self._reorder(self._momentum.to("cpu", copy=True), to_device_order=False)
 
     def set_momentum(self, buf: torch.Tensor) -> None:
         """Restore momentum saved by ``momentum()`` (file order)."""
-        self.opt.state[self.free]["momentum_buffer"] = self._reorder(buf, to_device_order=True).to(self.device)
+        self._momentum.copy_(self._reorder(buf.to(self.device, torch.float32), to_device_order=True))
 
 
 @dataclass

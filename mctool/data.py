@@ -8,6 +8,7 @@ Python transforms. ``imagefolder:PATH`` streams through torchvision's ImageFolde
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ _DEFAULT_AUGMENT = {"digits": "crop", "mnist": "crop", "fashion-mnist": "crop", 
 DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_preresnet20", "fashion-mnist": "cifar_preresnet20",
                 "cifar10": "cifar_preresnet20", "cifar100": "cifar_preresnet20", "svhn": "cifar_preresnet20",
                 "synthetic": "cifar_convfc", "imagefolder": "resnet18"}
+_GROUP_BYTES = 64 << 20  # float32 images prepared at once by TensorSplit.batches
 _VAL_SIZE = 5000  # held out from the end of the training set for --split val (10% for small sets)
 
 
@@ -114,12 +116,20 @@ class TensorSplit:
             pad, flip = self.info.crop_padding, self.info.augment == "crop-flip"
             draws = [_draw_augment(min(batch_size, n - s), pad, flip, g) for s in starts]
             rand = torch.stack([torch.cat(r) for r in zip(*draws)]).to(self.device)  # [3, covered images]
-        for start in starts:
-            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        # Several batches are gathered, augmented and normalised together (each image on its own, so the
+        # values are the same as batch by batch) and handed out as slices: a handful of kernel launches per
+        # group instead of per batch, which is what a CUDA-graph step would otherwise wait on.
+        group = max(1, _GROUP_BYTES // (batch_size * math.prod(self.images.shape[1:]) * 4))
+        for i in range(0, len(starts), group):
+            first, last = starts[i], starts[min(i + group, len(starts)) - 1]
+            end = min(last + batch_size, n)
+            idx = order[first:end] if order is not None else slice(first, end)
             x = self.images[idx]
             if augment:
-                x = _apply_augment(x, pad, *rand[:, start:start + x.shape[0]])
-            yield self.normalize(x), self.labels[idx]
+                x = _apply_augment(x, pad, *rand[:, first:end])
+            x, y = self.normalize(x), self.labels[idx]
+            for start in starts[i:i + group]:
+                yield x[start - first:start - first + batch_size], y[start - first:start - first + batch_size]
 
     def subset(self, n: int) -> "TensorSplit":
         """A fixed random subset of ``n`` samples (the same for every call), e.g. for cheaper train metrics."""

@@ -22,8 +22,8 @@ DEV = torch.device("cuda")
 SYNTH = "synthetic:size=16,channels=3,classes=4,train=200,test=64"  # 200 = 3 batches of 64 and one of 8
 
 
-def _batches(n_epochs: int = 2, batch_size: int = 64):
-    data = load_data(SYNTH, device=DEV)
+def _batches(n_epochs: int = 2, batch_size: int = 64, channels_last: bool = False):
+    data = load_data(SYNTH, device=DEV, channels_last=channels_last)
     return [b for e in range(n_epochs) for b in data.train.batches(batch_size, shuffle=True, augment=True, seed=e)]
 
 
@@ -71,9 +71,11 @@ def test_graphed_steps_really_train():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def _curve_run(graphs: bool) -> torch.Tensor:
+def _curve_run(graphs: bool, channels_last: bool = False) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model("cifar_preresnet20", 4, 3, {}).to(DEV)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     layout = ParamLayout.of(model)
     flat = layout.flatten(dict(model.named_parameters())).cpu()
     g = torch.Generator().manual_seed(1)
@@ -82,13 +84,14 @@ def _curve_run(graphs: bool) -> torch.Tensor:
     step = CurveStep(model, Curve("bezier", 1, points, layout, None, {}), [1], wd=5e-4, momentum=0.9,
                      cuda_graphs=graphs)
     torch.manual_seed(5)
-    for i, (x, y) in enumerate(_batches()):
+    for x, y in _batches(channels_last=channels_last):
         step(x, y, 0.05)
     return step.points()
 
 
-def test_graphed_curve_steps_match_eager():
-    eager, graphed = _curve_run(False), _curve_run(True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_graphed_curve_steps_match_eager(channels_last):
+    eager, graphed = _curve_run(False, channels_last), _curve_run(True, channels_last)
     start = _curve_start()
     assert not torch.equal(eager[1], start[1])  # the bend moved
     assert torch.equal(graphed[0], start[0]) and torch.equal(graphed[2], start[2])  # endpoints fixed

@@ -258,8 +258,7 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
     plain, points = _curve_steps(False)
     cl, _ = _curve_steps(True)
     assert any(cl._cl) and not any(plain._cl)
-    w = cl.free.detach()[0]
-    views = cl._views(w)
+    views = cl._views(cl._points[1])
     conv = next(n for n, s in zip(cl.curve.layout.names, cl.curve.layout.shapes) if len(s) == 4 and s[2] > 1)
     assert views[conv].is_contiguous(memory_format=torch.channels_last) and not views[conv].is_contiguous()
     assert not torch.equal(plain.points()[1], points[1])  # the bend moved
@@ -270,8 +269,10 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
     assert torch.allclose(cl.momentum(), plain.momentum(), atol=0)
 
 
-def test_curve_step_update_matches_plain_autograd():
-    """The fused w(t) with the L2 gradient in its backward gives exactly the gradient of CE + 0.5 wd ||w||^2."""
+@pytest.mark.parametrize("free_idx", [[1, 2], [2]])
+def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx):
+    """w(t) by interpolations and per-parameter gradients c_j (g + wd w) give the same SGD-with-momentum
+    updates as plain autograd through CE + 0.5 wd ||w(t)||^2 with torch's SGD, over two steps."""
     torch.manual_seed(0)
     model = build_model("cifar_convfc", 4, 3, {"img_size": 16, "width": 0.25})
     layout = ParamLayout.of(model)
@@ -279,20 +280,33 @@ def test_curve_step_update_matches_plain_autograd():
     g = torch.Generator().manual_seed(1)
     points = torch.stack([flat + 0.05 * torch.randn(flat.shape, generator=g) for _ in range(4)])  # 2 bends
     wd, lr = 5e-3, 0.1
-    step = CurveStep(model, Curve("bezier", 2, points, layout, None, {}), [1, 2], wd=wd, momentum=0.9)
-    x, y = next(load_data("synthetic:size=16,channels=3,classes=4,train=32,test=8").train.batches(32))
+    step = CurveStep(model, Curve("bezier", 2, points, layout, None, {}), free_idx, wd=wd, momentum=0.9)
+    batches = list(load_data("synthetic:size=16,channels=3,classes=4,train=64,test=8").train.batches(32))
     torch.manual_seed(7)
-    loss, _ = step(x, y, lr)
+    losses = [float(step(x, y, lr)[0]) for x, y in batches]
+
     torch.manual_seed(7)
-    t = torch.rand(())
-    free = points[1:3].clone().requires_grad_(True)
-    w = coefficients("bezier", 2, t).float() @ torch.cat([points[:1], free, points[3:]])
-    out = torch.func.functional_call(model, layout.views(w), (x,))
-    ref_loss = torch.nn.functional.cross_entropy(out, y) + 0.5 * wd * w.pow(2).sum()
-    ref_loss.backward()
-    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
-    assert torch.allclose(step.points()[1:3], points[1:3] - lr * free.grad, atol=1e-6)
-    assert torch.equal(step.points()[0], points[0]) and torch.equal(step.points()[3], points[3])
+    free = points[free_idx].clone().requires_grad_(True)
+    opt = torch.optim.SGD([free], lr=lr, momentum=0.9)
+    fixed = [i for i in range(4) if i not in free_idx]
+    ref_losses = []
+    for x, y in batches:
+        t = torch.rand(())
+        rows = torch.empty(4, flat.numel())
+        pts = rows.index_put((torch.tensor(fixed),), points[fixed]).index_put((torch.tensor(free_idx),), free)
+        w = coefficients("bezier", 2, t).float() @ pts
+        out = torch.func.functional_call(model, layout.views(w), (x,))
+        loss = torch.nn.functional.cross_entropy(out, y) + 0.5 * wd * w.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(float(loss.detach()))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert torch.allclose(step.points()[free_idx], free.detach(), atol=1e-6)
+    assert torch.allclose(step.momentum(), opt.state[free]["momentum_buffer"], atol=1e-6)
+    assert all(torch.equal(step.points()[i], points[i]) for i in fixed)  # fixed points untouched, bit for bit
+    assert not torch.equal(step.points()[free_idx], points[free_idx])
+    assert torch.equal(step.curve.points, points)  # the Curve handed in is not trained in place
 
 
 def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monkeypatch):

@@ -375,3 +375,21 @@ def test_synthetic_seed_zero_is_accepted():
     a = load_data("synthetic:size=8,seed=0,train=20,test=5")
     b = load_data("synthetic:size=8,train=20,test=5")
     assert torch.equal(a.train.images, b.train.images)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_prepared_in_groups_equal_batches_prepared_one_by_one(digits, monkeypatch, drop_last):
+    """Batches are augmented and normalised several at a time; the values must not depend on the grouping."""
+    import mctool.data as data_module
+
+    split = digits.train  # 1437 images: groups of 3 batches of 100 leave a partial group and a partial batch
+
+    def epoch(group_bytes):
+        monkeypatch.setattr(data_module, "_GROUP_BYTES", group_bytes)
+        return list(split.batches(100, shuffle=True, augment=True, seed=3, drop_last=drop_last))
+
+    one_by_one, grouped, whole = epoch(1), epoch(3 * 100 * 64 * 4), epoch(1 << 30)
+    assert len(one_by_one) == len(grouped) == len(whole) == (14 if drop_last else 15)
+    for (x1, y1), (x3, y3), (xa, ya) in zip(one_by_one, grouped, whole):
+        assert torch.equal(x1, x3) and torch.equal(x1, xa)
+        assert torch.equal(y1, y3) and torch.equal(y1, ya)
