@@ -60,6 +60,9 @@ T=(-d "$DS" -a "$ARCH" --epochs "$EP" --lr 0.1)
   $MC train "${T[@]}" --seed 1 -o "$F/b.safetensors" --cuda-graphs --precision bf16 --channels-last \
     "${COMMON[@]}" >"$F/b.json"
   $MC train "${T[@]}" --seed 0 -o "$F/a-eager.safetensors" "${COMMON[@]}" >"$F/a-eager.json"
+  # --deterministic: the same command twice must give the same file (sha256 in the JSON)
+  $MC train "${T[@]}" --epochs 1 --seed 0 -o "$F/d1.safetensors" --cuda-graphs --deterministic "${COMMON[@]}" >"$F/d1.json"
+  $MC train "${T[@]}" --epochs 1 --seed 0 -o "$F/d2.safetensors" --cuda-graphs --deterministic "${COMMON[@]}" >"$F/d2.json"
   $MC connect "$F/a.safetensors" "$F/b.safetensors" --epochs 2 --lr 0.05 -o "$F/curve.safetensors" --cuda-graphs \
     "${COMMON[@]}" >"$F/curve.json"
   $MC evaluate-curve "$F/curve.safetensors" --num-points 5 --batch-size 1024 -m "$F/eval-fp32.h5" \

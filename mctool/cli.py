@@ -59,6 +59,10 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Use chan
 GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs", help="Capture each training step as a CUDA graph and "
                                          "replay it (much faster for deep, narrow networks on a GPU; same "
                                          "updates). Ignored, with a warning, on a CPU.")]
+DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Ask cuDNN and cuBLAS for deterministic "
+                                                "kernels, so that a GPU run with the same seed repeats exactly "
+                                                "(usually slower; an operation without such a kernel warns). CPU "
+                                                "runs are reproducible without it.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (paths and summary metrics) "
                                                       "on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
@@ -179,6 +183,7 @@ def train(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -193,7 +198,8 @@ def train(
         cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
                           wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
                           augment=augment.value, split=split.value, precision=precision.value,
-                          channels_last=channels_last, cuda_graphs=cuda_graphs, init=str(init) if init else None,
+                          channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
+                          init=str(init) if init else None,
                           save_every=save_every, snapshots=snapshots)
         return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
@@ -365,6 +371,7 @@ def connect(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -381,7 +388,8 @@ def connect(
                             lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
                             seed=seed, init=init.value, free_start=free_start, free_end=free_end, dataset=dataset,
                             augment=augment.value, split=split.value, precision=precision.value,
-                            channels_last=channels_last, cuda_graphs=cuda_graphs, save_every=save_every)
+                            channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
+                            save_every=save_every)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
@@ -672,6 +680,7 @@ def fge_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -687,7 +696,8 @@ def fge_cmd(
         cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
                         augment=augment.value, split=split.value, precision=precision.value,
-                        channels_last=channels_last, cuda_graphs=cuda_graphs, bn_batches=bn_batches,
+                        channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
+                        bn_batches=bn_batches,
                         swa=str(swa) if swa else None)
         return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                    download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)

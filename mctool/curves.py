@@ -28,7 +28,7 @@ from .fileio import check_output, sha256_file
 from .flat import ParamLayout, build_network
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .runtime import autocast, resolve_device
+from .runtime import autocast, honours_deterministic, resolve_device
 from .training import fit, prepare_outputs, state_path, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
@@ -297,6 +297,7 @@ class ConnectConfig:
     precision: str = "fp32"
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
+    deterministic: bool = False  # how, not what: may differ on --resume
     save_every: int = 0
 
     def validate(self) -> None:
@@ -310,6 +311,7 @@ class ConnectConfig:
             raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
 
 
+@honours_deterministic
 def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path, metrics: str | Path, *,
             device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
             resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:

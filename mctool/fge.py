@@ -25,7 +25,7 @@ from .evaluation import predict_probs, summarize
 from .fileio import check_output, sha256_file
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .runtime import resolve_device
+from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
 from .training import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
 
@@ -47,6 +47,7 @@ class FGEConfig:
     precision: str = "fp32"
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
+    deterministic: bool = False  # how, not what: may differ on --resume
     bn_batches: int | None = None
     swa: str | None = None
     # fit() reads these
@@ -73,6 +74,7 @@ def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
     return max(2, 2 * round(raw / 2))
 
 
+@honours_deterministic
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path, *, device: str = "auto",
         data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
         force: bool = False, quiet: bool = False) -> dict[str, Any]:

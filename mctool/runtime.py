@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from rich.console import Console
@@ -41,6 +43,46 @@ def autocast(device: torch.device, precision: str, cache: bool = True) -> contex
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the block runs (``--deterministic``), then the previous settings again.
+
+    CPU runs are bitwise reproducible anyway. On CUDA, cuDNN and cuBLAS pick fast kernels that add in a
+    varying order (weight gradients, for example), so the same seed gives slightly different numbers;
+    this asks for deterministic ones instead (cuDNN's deterministic algorithms, no autotuning, and a fixed
+    cuBLAS workspace), usually at some cost in speed. An operation that has no deterministic CUDA
+    implementation still runs, with PyTorch's warning naming it.
+    """
+    if not enabled:
+        yield
+        return
+    # cuBLAS reads this when it sets up its workspace: it must be in place before the first matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def honours_deterministic(fn: F) -> F:
+    """Run ``fn(cfg, ...)`` inside ``deterministic(cfg.deterministic)``, from its first CUDA call to its last."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        with deterministic(cfg.deterministic):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def stderr_console() -> Console:

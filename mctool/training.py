@@ -21,12 +21,12 @@ from .fileio import check_output, sha256_file
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .models import arch_kwargs_for, build_model
-from .runtime import autocast, progress_bar, resolve_device
+from .runtime import autocast, honours_deterministic, progress_bar, resolve_device
 from .schedules import SCHEDULES, lr_at, sse_is_snapshot, sse_lr
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
 # Options that change how a run computes, not what: a resumed run may set them differently.
-RUNTIME_OPTIONS = frozenset({"cuda_graphs"})
+RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic"})
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
+    deterministic: bool = False  # how, not what: may differ on --resume
     init: str | None = None
     save_every: int = 0
     snapshots: int = 5  # Snapshot Ensembles (schedule "sse"): cycles, one snapshot at the end of each
@@ -239,6 +240,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
 
 
+@honours_deterministic
 def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: str = "auto",
           data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
           force: bool = False, quiet: bool = False) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""CUDA-only checks: CUDA-graph steps make the same updates as eager ones; runs on CUDA are reproducible.
+"""CUDA-only checks: CUDA-graph steps make the same updates as eager ones; --deterministic runs repeat exactly.
 
 Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``.
 """
@@ -61,6 +61,17 @@ def test_graphed_plain_steps_match_eager(precision):
 def _initial() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return build_model("cifar_preresnet20", 4, 3, {}).state_dict()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_deterministic_runs_repeat_bit_for_bit(graphs):
+    """--deterministic: the same seed gives the same weights and losses on CUDA, not just close ones."""
+    from mctool.runtime import deterministic
+
+    with deterministic(True):
+        (a, la), (b, lb) = _plain_run(graphs), _plain_run(graphs)
+    assert la == lb
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_graphed_steps_really_train():

@@ -325,7 +325,8 @@ def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monke
     restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
     cli.error("connect", *args, "--channels-last", "-o", out, code=130)
     restore()
-    cli("connect", *args, "--channels-last", "-o", out, "--resume")
+    cli("connect", *args, "--channels-last", "-o", out, "--resume", "--deterministic")  # a runtime option
+    assert json.loads(read_metadata(out)["config"])["deterministic"] is True
     a, b, p = (load_curve(f)[0].points for f in (ref, out, plain))
     assert torch.equal(a, b)
     assert torch.allclose(a, p, atol=1e-5)  # the same curve as without channels-last, in file order

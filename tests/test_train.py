@@ -42,6 +42,36 @@ def test_same_seed_same_weights_other_seed_differs(cli, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_deterministic_is_recorded_and_changes_nothing_on_a_cpu(cli, tmp_path):
+    plain, det = tmp_path / "plain.safetensors", tmp_path / "det.safetensors"
+    cli("train", *TINY, "-o", plain, "--epochs", "2", "-q")
+    r = cli.json("train", *TINY, "-o", det, "--epochs", "2", "--deterministic")
+    assert json.loads(read_metadata(det)["config"])["deterministic"] is True
+    a, b = read_checkpoint(plain)[0], read_checkpoint(det)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the CPU kernels are deterministic anyway
+    assert r["epochs"] == 2
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's settings are restored afterwards
+
+
+def test_deterministic_context_sets_and_restores_torch_settings(monkeypatch):
+    from mctool.runtime import deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    with pytest.raises(RuntimeError, match="boom"):
+        with deterministic(True):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            raise RuntimeError("boom")
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before
+    with deterministic(False):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]
+
+
 def test_val_split_and_save_every(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     r = cli.json("train", *TINY, "-o", out, "--epochs", "3", "--split", "val", "--save-every", "1")
@@ -73,8 +103,10 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
     assert "--resume" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3")
     # options must match the interrupted run
     assert "lr" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--lr", "0.2", "--resume")
-    # --cuda-graphs changes how, not what: a resumed run may differ in it (on a CPU it only warns)
-    r = cli("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "-q", "--resume", "--cuda-graphs")
+    # --cuda-graphs and --deterministic change how, not what: a resumed run may differ in them (on a CPU
+    # --cuda-graphs only warns)
+    r = cli("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "-q", "--resume", "--cuda-graphs",
+            "--deterministic")
     assert "Warning: --cuda-graphs needs a CUDA device" in r.stderr
     a, b = read_checkpoint(ref)[0], read_checkpoint(out)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
