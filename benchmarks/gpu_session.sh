@@ -9,8 +9,13 @@
 # Needs torch, torchvision, timm, typer, rich, safetensors, h5py; pytest is taken from .gpu-vendor/ when the
 # machine has none (pip install --target .gpu-vendor pytest); Fashion-MNIST's four .gz files in
 # data/fashion-mnist/. Each part has its own time limit and writes under $OUT, so a part that fails or
-# runs out of time leaves the others' results.
+# runs out of time leaves the others' results; the whole run stays within DEADLINE seconds (default 540,
+# under the device tool's 600 s per command), skipping what no longer fits.
 set -u
+DEADLINE=${DEADLINE:-540}
+# limit WANT: WANT seconds, or what is left of the deadline (less a margin for packing the results)
+limit() { local left=$((DEADLINE - SECONDS - 15)); echo $(($1 < left ? $1 : left)); }
+fits() { [ $((DEADLINE - SECONDS - 15)) -ge "$1" ] || { log "skipped: $2 (deadline)"; return 1; }; }
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=.
@@ -25,32 +30,34 @@ log "device"
 cat "$OUT/device.txt"
 
 DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
-SKIP=${SKIP:-}  # e.g. "tests bench" to run the CLI part only
+SKIP=${SKIP:-}  # parts to skip, e.g. "tests profile cli" to run the benchmark only
 
-if [[ $SKIP != *tests* ]]; then
+if [[ $SKIP != *tests* ]] && fits 60 tests; then
 log "pytest tests/test_cuda.py"
-timeout "${T_TESTS:-150}" $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1
+timeout "$(limit "${T_TESTS:-120}")" $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1
 echo "rc=$?" >>"$OUT/test_cuda.txt"
 tail -5 "$OUT/test_cuda.txt"
 fi
 
-if [[ $SKIP != *bench* ]]; then
+if [[ $SKIP != *bench* ]] && fits 120 bench; then
 log "bench --full"
-timeout "${T_BENCH:-300}" $PY benchmarks/bench.py --full --out "$OUT/bench-full.json" >"$OUT/bench-full.txt" 2>&1
+timeout "$(limit "${T_BENCH:-300}")" $PY benchmarks/bench.py --full --out "$OUT/bench-full.json" >"$OUT/bench-full.txt" 2>&1
 echo "rc=$?" >>"$OUT/bench-full.txt"
 grep -v Warning "$OUT/bench-full.txt"
 fi
 
-if [[ $SKIP != *profile* ]]; then
+if [[ $SKIP != *profile* ]] && fits 60 profile; then
 log "profile"
 # the passes over the parameters (and their torch.compile'd alternatives) do not depend on the variant
-timeout 150 $PY benchmarks/profile_step.py --arch cifar_vgg16 --variant fp32 >"$OUT/profile-vgg16-fp32.txt" 2>&1
-timeout 60 $PY benchmarks/profile_step.py --arch cifar_vgg16 --variant bf16+cl --no-passes \
-  >"$OUT/profile-vgg16-bf16+cl.txt" 2>&1
+timeout "$(limit 120)" $PY benchmarks/profile_step.py --arch cifar_vgg16 --variant fp32 \
+  >"$OUT/profile-vgg16-fp32.txt" 2>&1
+fits 30 "bf16 profile" && timeout "$(limit 45)" $PY benchmarks/profile_step.py --arch cifar_vgg16 \
+  --variant bf16+cl --no-passes >"$OUT/profile-vgg16-bf16+cl.txt" 2>&1
 grep "== cifar" "$OUT/profile-vgg16-fp32.txt" "$OUT/profile-vgg16-bf16+cl.txt"
 sed -n '/== passes/,$p' "$OUT/profile-vgg16-fp32.txt"
 fi
 
+if [[ $SKIP != *cli* ]] && fits 40 CLI; then
 log "CLI on $DS"
 F="$OUT/cli"
 mkdir -p "$F"
@@ -62,9 +69,12 @@ T=(-d "$DS" -a "$ARCH" --epochs "$EP" --lr 0.1)
   $MC train "${T[@]}" --seed 1 -o "$F/b.safetensors" --cuda-graphs --precision bf16 --channels-last \
     "${COMMON[@]}" >"$F/b.json"
   $MC train "${T[@]}" --seed 0 -o "$F/a-eager.safetensors" "${COMMON[@]}" >"$F/a-eager.json"
-  # --deterministic: the same command twice must give the same file (sha256 in the JSON)
+  # --deterministic: the same command twice must give the same weights
   $MC train "${T[@]}" --epochs 1 --seed 0 -o "$F/d1.safetensors" --cuda-graphs --deterministic "${COMMON[@]}" >"$F/d1.json"
   $MC train "${T[@]}" --epochs 1 --seed 0 -o "$F/d2.safetensors" --cuda-graphs --deterministic "${COMMON[@]}" >"$F/d2.json"
+  $PY -c "import sys, torch; from mctool.checkpoint import read_checkpoint as r; a, b = (r(f)[0] for f in sys.argv[1:])
+print('deterministic runs identical:', all(torch.equal(a[k], b[k]) for k in a))" "$F/d1.safetensors" "$F/d2.safetensors" \
+    | tee "$F/deterministic.txt"
   $MC connect "$F/a.safetensors" "$F/b.safetensors" --epochs 2 --lr 0.05 -o "$F/curve.safetensors" --cuda-graphs \
     "${COMMON[@]}" >"$F/curve.json"
   $MC evaluate-curve "$F/curve.safetensors" --num-points 5 --batch-size 1024 -m "$F/eval-fp32.h5" \
@@ -77,7 +87,7 @@ T=(-d "$DS" -a "$ARCH" --epochs "$EP" --lr 0.1)
     "${COMMON[@]}" >"$F/fge.json"
 ) >"$F/log.txt" 2>&1 &
 CLI_PID=$!
-( sleep "${T_CLI:-200}"; kill "$CLI_PID" 2>/dev/null ) >/dev/null 2>&1 &
+( sleep "$(limit "${T_CLI:-200}")"; kill "$CLI_PID" 2>/dev/null ) >/dev/null 2>&1 &
 WATCH_PID=$!
 wait "$CLI_PID"
 echo "rc=$?" >>"$F/log.txt"
@@ -85,6 +95,7 @@ kill "$WATCH_PID" 2>/dev/null
 rm -f "$F"/*.safetensors  # keep the metrics and summaries only
 tail -20 "$F/log.txt"
 for f in "$F"/*.json; do echo "--- $f"; head -c 1500 "$f"; echo; done
+fi
 # The device tool brings back only a few files: pack everything into one archive.
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$OUT.tgz" "$OUT/results.tgz"
 log "done"
