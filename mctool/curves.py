@@ -51,20 +51,20 @@ def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.T
     if curve != "line" and num_bends < 1:
         raise ConfigError(f"--num-bends must be >= 1 for a {curve} curve, got {num_bends}.")
     degree = num_bends + 1
-    k, binom = _constants(degree, t.device, t.dtype)
+    k, rest, binom = _constants(degree, t.device, t.dtype)
     tt = t.unsqueeze(-1)
     if curve == "polychain":
         return (1 - (tt * degree - k).abs()).clamp_min(0)
-    return binom * tt ** k * (1 - tt) ** (degree - k)
+    return binom * tt ** k * (1 - tt) ** rest
 
 
 @functools.cache
-def _constants(degree: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """k = 0..degree and the binomial coefficients C(degree, k), made once per device (a graph being captured
-    may use them but could not copy them from the host)."""
+def _constants(degree: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """k = 0..degree, degree - k and the binomial coefficients C(degree, k), made once per device (a graph
+    being captured may use them but could not copy them from the host)."""
     k = torch.arange(degree + 1, dtype=dtype)
     binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=dtype)
-    return k.to(device), binom.to(device)
+    return k.to(device), (degree - k).to(device), binom.to(device)
 
 
 @dataclass
@@ -224,13 +224,7 @@ class CurveStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
-        # sum_k c_k W_k with sum_k c_k = 1: S_0 = W_0, S_k = lerp(S_{k-1}, W_k, c_k / (c_0 + ... + c_k)).
-        # Where the running sum is still 0 so is c_k, and the next nonzero c_k gives weight 1 (exactly W_k).
-        r = c / c.cumsum(0).clamp_min(torch.finfo(c.dtype).tiny)
-        pts, w = self._points, self._w
-        torch.lerp(pts[0], pts[1], r[1], out=w)
-        for k in range(2, pts.shape[0]):
-            w.lerp_(pts[k], r[k])
+        w = self._interpolate(c)
         w_views = list(self._views(w).values())
         leaves = [v.detach().requires_grad_() for v in w_views]  # share w's storage; gradients stay separate
         self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
@@ -253,6 +247,17 @@ class CurveStep:
                 p.grad = g
         self.opt.step()
         return loss.detach(), out.detach()
+
+    def _interpolate(self, c: torch.Tensor) -> torch.Tensor:
+        """w = sum_k c_k W_k (device order) into the step's buffer, for coefficients c that sum to 1:
+        S_0 = W_0, S_k = lerp(S_{k-1}, W_k, c_k / (c_0 + ... + c_k)). Where the running sum is still 0 so is
+        c_k, and the next nonzero c_k has weight 1, which gives exactly W_k."""
+        r = c / c.cumsum(0).clamp_min(torch.finfo(c.dtype).tiny)
+        pts, w = self._points, self._w
+        torch.lerp(pts[0], pts[1], r[1], out=w)
+        for k in range(2, pts.shape[0]):
+            w.lerp_(pts[k], r[k])
+        return w
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.curve.layout.views(flat, self._cl)

@@ -269,6 +269,21 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
     assert torch.allclose(cl.momentum(), plain.momentum(), atol=0)
 
 
+@pytest.mark.parametrize("curve, bends", [("bezier", 1), ("bezier", 3), ("polychain", 1), ("polychain", 3)])
+def test_curve_step_interpolation_equals_the_weighted_sum(curve, bends):
+    """w(t) as a chain of lerps is sum_k c_k W_k, and exactly W_k where c is one-hot (ends, polychain knots)."""
+    model = build_model("mlp", 4, 1, {"img_size": 4, "hidden": 8})
+    layout = ParamLayout.of(model)
+    points = torch.randn(bends + 2, layout.size, generator=torch.Generator().manual_seed(0))
+    step = CurveStep(model, Curve(curve, bends, points, layout, None, {}), [1], wd=5e-4, momentum=0.9)
+    for t in (0.0, 0.13, 0.25, 0.5, 0.77, 1.0):
+        c = coefficients(curve, bends, torch.tensor(t)).float()
+        w = step._interpolate(c)
+        assert torch.allclose(w, c @ points, atol=1e-6)
+        if int((c == 1).sum()) == 1:
+            assert torch.equal(w, points[int(c.argmax())])
+
+
 @pytest.mark.parametrize("free_idx", [[1, 2], [2]])
 def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx):
     """w(t) by interpolations and per-parameter gradients c_j (g + wd w) give the same SGD-with-momentum
