@@ -231,19 +231,17 @@ class CurveStep:
         with autocast(self.device, self.precision, cache=not self.cuda_graphs):
             out = functional_call(self.model, {**dict(zip(self.curve.layout.names, leaves)), **self.buffers}, (x,))
         loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * torch.dot(w, w)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # d loss / d W_j = c_j (g + wd w), parameter by parameter
-        grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+        # d loss / d W_j = c_j (g + wd w), parameter by parameter (zeros for a parameter the network left unused)
+        grads = list(torch.autograd.grad(loss, leaves, materialize_grads=True))
         if self.wd:
             torch._foreach_add_(grads, w_views, alpha=self.wd)
         for n, (j, row) in enumerate(zip(self.free_idx, self._params)):
-            if n == len(self._params) - 1:
+            if n == len(self._params) - 1:  # the last free point takes the gradients themselves, scaled in place
                 torch._foreach_mul_(grads, c[j])
                 scaled = grads
             else:
                 scaled = torch._foreach_mul(grads, c[j])
-            for p, g in zip(row, scaled):
+            for p, g in zip(row, scaled):  # every step sets every .grad: no zero_grad needed
                 p.grad = g
         self.opt.step()
         return loss.detach(), out.detach()
