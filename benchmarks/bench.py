@@ -5,7 +5,8 @@
                                                # variants fp32, fp32+graphs, bf16+cl, bf16+cl+graphs, and the
                                                # reference-style baseline measured in the same run
 
-A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last) and "+graphs" (CUDA graphs).
+A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last), "+graphs" (CUDA graphs) and
+"+compile" (the curve step's passes over the parameters through torch.compile, as ``connect --compile``).
 Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also given as ``<figure>/<arch>``
 (so ``curve_over_plain_step/<arch>`` is always present). Per architecture and variant: plain and curve
 training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
@@ -69,11 +70,11 @@ def _timed(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
-def _parse_variant(v: str) -> tuple[str, bool, bool]:
+def _parse_variant(v: str) -> tuple[str, bool, bool, bool]:
     parts = v.split("+")
-    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs"}:
-        raise SystemExit(f"bad variant '{v}': use fp32 or bf16, optionally +cl and +graphs")
-    return parts[0], "cl" in parts, "graphs" in parts
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs", "compile"}:
+        raise SystemExit(f"bad variant '{v}': use fp32 or bf16, optionally +cl, +graphs and +compile")
+    return parts[0], "cl" in parts, "graphs" in parts, "compile" in parts
 
 
 def _run_loop(step, split, batch_size: int, n_batches: int, seed: int) -> None:
@@ -89,7 +90,7 @@ def _run_loop(step, split, batch_size: int, n_batches: int, seed: int) -> None:
 
 def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor | None,
                   evaluated: set) -> tuple[dict[str, float], torch.Tensor]:
-    precision, cl, graphs = _parse_variant(variant)
+    precision, cl, graphs, compile_ = _parse_variant(variant)
     graphs = graphs and dev.type == "cuda"
     info = data.info
     data.train.channels_last = data.eval.channels_last = cl
@@ -111,7 +112,8 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
     curve = Curve("bezier", 1, points, layout, None, {})  # meta unused for stepping
     # The curve runs the same module (functional_call), whose own parameters the plain step trains.
-    cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs)
+    cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs,
+                      compile=compile_)
     opt = sgd(model.parameters(), lr=0.01, momentum=0.9, wd=5e-4, device=dev, graphs=graphs)
     plain_step = sgd_step(model, opt, dev, precision, cuda_graphs=graphs)
     plain, curve_ms = _time_steps([plain_step, cstep], batches, dev, args.warmup, args.reps, args.block)
@@ -237,7 +239,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="GPU set: preresnet110 and vgg16 on 50,000/10,000 images")
     p.add_argument("--archs", nargs="*", help="architectures (default: per set)")
-    p.add_argument("--variants", nargs="*", help="e.g. fp32 fp32+graphs bf16+cl+graphs (default: per set)")
+    p.add_argument("--variants", nargs="*", help="e.g. fp32 fp32+graphs bf16+cl+graphs bf16+cl+graphs+compile "
+                                                 "(default: per set)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the reference-style baseline (default: with --full)")
     p.add_argument("--device", default="auto")

@@ -46,6 +46,15 @@ echo "rc=$?" >>"$OUT/bench-full.txt"
 grep -v Warning "$OUT/bench-full.txt"
 fi
 
+if [[ $SKIP != *compile* ]] && fits 90 "bench +compile"; then
+log "bench --full, VGG16 with the curve passes compiled (connect --compile)"
+timeout "$(limit "${T_COMPILE:-150}")" $PY benchmarks/bench.py --full --archs cifar_vgg16 --no-reference \
+  --variants fp32+graphs fp32+graphs+compile bf16+cl+graphs bf16+cl+graphs+compile \
+  --out "$OUT/bench-compile.json" >"$OUT/bench-compile.txt" 2>&1
+echo "rc=$?" >>"$OUT/bench-compile.txt"
+grep -v Warning "$OUT/bench-compile.txt"
+fi
+
 if [[ $SKIP != *profile* ]] && fits 60 profile; then
 log "profile"
 # the passes over the parameters (and their torch.compile'd alternatives) do not depend on the variant

@@ -372,6 +372,11 @@ def connect(
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
     deterministic: DeterministicOpt = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Fuse the step's passes over the parameters (forming "
+                                          "w(t), the control points' gradient) with torch.compile: less memory "
+                                          "traffic for wide networks on a GPU. Needs Triton (GPU) or a C++ "
+                                          "compiler (CPU); falls back, with a warning, when compiling fails.")]
+    = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -389,7 +394,7 @@ def connect(
                             seed=seed, init=init.value, free_start=free_start, free_end=free_end, dataset=dataset,
                             augment=augment.value, split=split.value, precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
-                            save_every=save_every)
+                            compile=compile, save_every=save_every)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)

@@ -28,7 +28,7 @@ from .fileio import check_output, sha256_file
 from .flat import ParamLayout, build_network
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .runtime import autocast, honours_deterministic, resolve_device
+from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
 from .training import fit, prepare_outputs, state_path, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
@@ -173,6 +173,31 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     return c, tensors, md
 
 
+def _interpolate(points: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """w = sum_k c_k W_k into ``out``, for coefficients c that sum to 1; returns ||w||^2.
+
+    S_0 = W_0, S_k = lerp(S_{k-1}, W_k, c_k / (c_0 + ... + c_k)): K - 1 passes. Where the running sum is
+    still 0 so is c_k, and the next nonzero c_k has weight 1, which gives exactly W_k. (Compiled, the
+    interpolations and the norm become one pass.)
+    """
+    r = c / c.cumsum(0).clamp_min(torch.finfo(c.dtype).tiny)
+    torch.lerp(points[0], points[1], r[1], out=out)
+    for k in range(2, points.shape[0]):
+        out.lerp_(points[k], r[k])
+    return torch.dot(out, out)
+
+
+def _free_point_grads(grads: list[torch.Tensor], w: list[torch.Tensor], c_free: list[torch.Tensor],
+                      wd: float) -> list[list[torch.Tensor]]:
+    """Per parameter, c_j (g + wd w) for each free point j, from the network's gradients g at w (two
+    multi-tensor passes; compiled, one). The last free point's gradients reuse the storage of ``grads``."""
+    if wd:
+        torch._foreach_add_(grads, w, alpha=wd)
+    rows = [torch._foreach_mul(grads, c) for c in c_free[:-1]]
+    torch._foreach_mul_(grads, c_free[-1])
+    return rows + [grads]
+
+
 class CurveStep:
     """One training step of a curve: draw t ~ U(0, 1), form w(t) = sum_k c_k(t) W_k, run the base network on
     it with ``functional_call``, minimise CE + 0.5 wd ||w(t)||^2 and step only the free control points (SGD
@@ -183,20 +208,23 @@ class CurveStep:
 
     - All K control points live in one ``[K, P]`` tensor on the device. Since the coefficients sum to one,
       w(t) is a chain of K - 1 interpolations (``lerp``) into one preallocated vector, with no autograd
-      graph behind it.
+      graph behind it (``_interpolate``).
     - The network sees per-parameter leaves that share w's storage; their gradients g_i stay per parameter
       (no concatenation into a flat gradient), and the free point j gets c_j (g + wd w) from two multi-tensor
-      passes. Its parameters are views into its row of the ``[K, P]`` tensor, so SGD updates the row in place,
+      passes (``_free_point_grads``). Its parameters are views into its row of the ``[K, P]`` tensor, so SGD updates the row in place,
       and their momentum buffers are views of one ``[n_free, P]`` tensor.
 
     With ``cuda_graphs`` the step is replayed as a CUDA graph (``graphs.GraphedStep``); t is drawn outside
     it, from the same device RNG, so both paths see the same t. When the network's convolution weights
     are channels-last, the control points are kept on the device in that memory order too (so the
     per-parameter views are channels-last without a copy per step); ``points()`` and ``momentum()``
-    return them in the file order."""
+    return them in the file order.
+
+    With ``compile`` both helpers run through ``torch.compile`` (``runtime.maybe_compile``), which fuses each
+    into one pass over the parameters."""
 
     def __init__(self, model: nn.Module, curve: Curve, free_idx: list[int], *, wd: float, momentum: float,
-                 precision: str = "fp32", cuda_graphs: bool = False):
+                 precision: str = "fp32", cuda_graphs: bool = False, compile: bool = False):
         dev = next(model.parameters()).device
         self.model, self.curve, self.wd, self.precision, self.device = model, curve, wd, precision, dev
         self.free_idx, self.cuda_graphs, self._use_momentum = list(free_idx), cuda_graphs, momentum != 0
@@ -214,6 +242,8 @@ class CurveStep:
                     self.opt.state[p]["momentum_buffer"] = b
         self._t = torch.zeros((), device=dev)
         coefficients(curve.curve, curve.num_bends, self._t)  # caches its constants outside any graph capture
+        self._interpolate = maybe_compile(_interpolate, compile, "the curve point w(t)")
+        self._free_point_grads = maybe_compile(_free_point_grads, compile, "the control points' gradient")
         self._graphed = GraphedStep(self._body, enabled=cuda_graphs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,38 +254,22 @@ class CurveStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
-        w = self._interpolate(c)
+        w = self._w
+        sq_norm = self._interpolate(self._points, c, w)
         w_views = list(self._views(w).values())
         leaves = [v.detach().requires_grad_() for v in w_views]  # share w's storage; gradients stay separate
         self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
         with autocast(self.device, self.precision, cache=not self.cuda_graphs):
             out = functional_call(self.model, {**dict(zip(self.curve.layout.names, leaves)), **self.buffers}, (x,))
-        loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * torch.dot(w, w)
-        # d loss / d W_j = c_j (g + wd w), parameter by parameter (zeros for a parameter the network left unused)
+        loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * sq_norm
+        # the network's gradient g at w, per parameter (zeros for a parameter the network left unused)
         grads = list(torch.autograd.grad(loss, leaves, materialize_grads=True))
-        if self.wd:
-            torch._foreach_add_(grads, w_views, alpha=self.wd)
-        for n, (j, row) in enumerate(zip(self.free_idx, self._params)):
-            if n == len(self._params) - 1:  # the last free point takes the gradients themselves, scaled in place
-                torch._foreach_mul_(grads, c[j])
-                scaled = grads
-            else:
-                scaled = torch._foreach_mul(grads, c[j])
-            for p, g in zip(row, scaled):  # every step sets every .grad: no zero_grad needed
+        rows = self._free_point_grads(grads, w_views, [c[j] for j in self.free_idx], self.wd)
+        for row, grads_j in zip(self._params, rows):
+            for p, g in zip(row, grads_j):  # every step sets every .grad: no zero_grad needed
                 p.grad = g
         self.opt.step()
         return loss.detach(), out.detach()
-
-    def _interpolate(self, c: torch.Tensor) -> torch.Tensor:
-        """w = sum_k c_k W_k (device order) into the step's buffer, for coefficients c that sum to 1:
-        S_0 = W_0, S_k = lerp(S_{k-1}, W_k, c_k / (c_0 + ... + c_k)). Where the running sum is still 0 so is
-        c_k, and the next nonzero c_k has weight 1, which gives exactly W_k."""
-        r = c / c.cumsum(0).clamp_min(torch.finfo(c.dtype).tiny)
-        pts, w = self._points, self._w
-        torch.lerp(pts[0], pts[1], r[1], out=w)
-        for k in range(2, pts.shape[0]):
-            w.lerp_(pts[k], r[k])
-        return w
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.curve.layout.views(flat, self._cl)
@@ -301,6 +315,7 @@ class ConnectConfig:
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
     deterministic: bool = False  # how, not what: may differ on --resume
+    compile: bool = False  # how, not what: may differ on --resume
     save_every: int = 0
 
     def validate(self) -> None:
@@ -362,7 +377,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     step = CurveStep(model, curve, free_idx, wd=cfg.wd, momentum=cfg.momentum, precision=cfg.precision,
-                     cuda_graphs=use_graphs(cfg.cuda_graphs, dev))
+                     cuda_graphs=use_graphs(cfg.cuda_graphs, dev), compile=cfg.compile)
     if momentum is not None:
         step.set_momentum(momentum)
 

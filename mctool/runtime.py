@@ -85,13 +85,41 @@ def honours_deterministic(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def maybe_compile(fn: F, enabled: bool, what: str) -> F:
+    """``fn`` compiled with ``torch.compile`` when ``enabled`` (``--compile``), else ``fn`` itself.
+
+    Compilation happens at the first call. If it fails (no Triton for the GPU, no C++ compiler for the
+    CPU, an unsupported operation), a warning says so and ``fn`` runs uncompiled from then on; ``fn``
+    must therefore not have changed anything before the compiled call fails, which holds for pure
+    tensor code.
+    """
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn, dynamic=False)
+    current = [compiled]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if current[0] is fn:
+            return fn(*args, **kwargs)
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:  # torch._dynamo and inductor raise many kinds; all mean "run it uncompiled"
+            current[0] = fn
+            warn(f"--compile: could not compile {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                 "it runs uncompiled.")
+            return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 def stderr_console() -> Console:
     return Console(file=sys.stderr)
 
 
 def warn(message: str) -> None:
     """A warning on stderr ("Warning: ..."): the run goes on, but the user should know."""
-    stderr_console().print(f"Warning: {message}", markup=False, highlight=False)
+    stderr_console().print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

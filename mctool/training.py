@@ -26,7 +26,7 @@ from .schedules import SCHEDULES, lr_at, sse_is_snapshot, sse_lr
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
 # Options that change how a run computes, not what: a resumed run may set them differently.
-RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic"})
+RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile"})
 
 
 @dataclass

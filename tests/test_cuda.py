@@ -82,7 +82,7 @@ def test_graphed_steps_really_train():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def _curve_run(graphs: bool, channels_last: bool = False) -> torch.Tensor:
+def _curve_run(graphs: bool, channels_last: bool = False, compile: bool = False) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model("cifar_preresnet20", 4, 3, {}).to(DEV)
     if channels_last:
@@ -93,16 +93,17 @@ def _curve_run(graphs: bool, channels_last: bool = False) -> torch.Tensor:
     points = torch.stack([flat, flat + 0.05 * torch.randn(flat.shape, generator=g),
                           flat + 0.1 * torch.randn(flat.shape, generator=g)])
     step = CurveStep(model, Curve("bezier", 1, points, layout, None, {}), [1], wd=5e-4, momentum=0.9,
-                     cuda_graphs=graphs)
+                     cuda_graphs=graphs, compile=compile)
     torch.manual_seed(5)
     for x, y in _batches(channels_last=channels_last):
         step(x, y, 0.05)
     return step.points()
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_graphed_curve_steps_match_eager(channels_last):
-    eager, graphed = _curve_run(False, channels_last), _curve_run(True, channels_last)
+@pytest.mark.parametrize("channels_last, compile", [(False, False), (True, False), (False, True)])
+def test_graphed_curve_steps_match_eager(channels_last, compile, capsys):
+    eager, graphed = _curve_run(False, channels_last), _curve_run(True, channels_last, compile)
+    assert "could not" not in capsys.readouterr().err  # neither capture nor compilation fell back
     start = _curve_start()
     assert not torch.equal(eager[1], start[1])  # the bend moved
     assert torch.equal(graphed[0], start[0]) and torch.equal(graphed[2], start[2])  # endpoints fixed

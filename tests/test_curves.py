@@ -272,22 +272,24 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
 @pytest.mark.parametrize("curve, bends", [("bezier", 1), ("bezier", 3), ("polychain", 1), ("polychain", 3)])
 def test_curve_step_interpolation_equals_the_weighted_sum(curve, bends):
     """w(t) as a chain of lerps is sum_k c_k W_k, and exactly W_k where c is one-hot (ends, polychain knots)."""
-    model = build_model("mlp", 4, 1, {"img_size": 4, "hidden": 8})
-    layout = ParamLayout.of(model)
-    points = torch.randn(bends + 2, layout.size, generator=torch.Generator().manual_seed(0))
-    step = CurveStep(model, Curve(curve, bends, points, layout, None, {}), [1], wd=5e-4, momentum=0.9)
+    from mctool.curves import _interpolate
+
+    points = torch.randn(bends + 2, 1000, generator=torch.Generator().manual_seed(0))
+    w = torch.empty(1000)
     for t in (0.0, 0.13, 0.25, 0.5, 0.77, 1.0):
         c = coefficients(curve, bends, torch.tensor(t)).float()
-        w = step._interpolate(c)
+        sq = _interpolate(points, c, w)
         assert torch.allclose(w, c @ points, atol=1e-6)
+        assert float(sq) == pytest.approx(float((c @ points).pow(2).sum()), rel=1e-5)
         if int((c == 1).sum()) == 1:
             assert torch.equal(w, points[int(c.argmax())])
 
 
-@pytest.mark.parametrize("free_idx", [[1, 2], [2]])
-def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx):
+@pytest.mark.parametrize("free_idx, compile", [([1, 2], False), ([2], False), ([1, 2], True)])
+def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx, compile):
     """w(t) by interpolations and per-parameter gradients c_j (g + wd w) give the same SGD-with-momentum
-    updates as plain autograd through CE + 0.5 wd ||w(t)||^2 with torch's SGD, over two steps."""
+    updates as plain autograd through CE + 0.5 wd ||w(t)||^2 with torch's SGD, over two steps; so do their
+    torch.compile'd versions (--compile)."""
     torch.manual_seed(0)
     model = build_model("cifar_convfc", 4, 3, {"img_size": 16, "width": 0.25})
     layout = ParamLayout.of(model)
@@ -295,7 +297,8 @@ def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx):
     g = torch.Generator().manual_seed(1)
     points = torch.stack([flat + 0.05 * torch.randn(flat.shape, generator=g) for _ in range(4)])  # 2 bends
     wd, lr = 5e-3, 0.1
-    step = CurveStep(model, Curve("bezier", 2, points, layout, None, {}), free_idx, wd=wd, momentum=0.9)
+    step = CurveStep(model, Curve("bezier", 2, points, layout, None, {}), free_idx, wd=wd, momentum=0.9,
+                     compile=compile)
     batches = list(load_data("synthetic:size=16,channels=3,classes=4,train=64,test=8").train.batches(32))
     torch.manual_seed(7)
     losses = [float(step(x, y, lr)[0]) for x, y in batches]
@@ -340,8 +343,13 @@ def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monke
     restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
     cli.error("connect", *args, "--channels-last", "-o", out, code=130)
     restore()
-    cli("connect", *args, "--channels-last", "-o", out, "--resume", "--deterministic")  # a runtime option
-    assert json.loads(read_metadata(out)["config"])["deterministic"] is True
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)  # fast here
+    # --deterministic and --compile are runtime options: a resumed run may differ in them
+    cli("connect", *args, "--channels-last", "-o", out, "--resume", "--deterministic", "--compile")
+    config = json.loads(read_metadata(out)["config"])
+    assert config["deterministic"] is True and config["compile"] is True
+    assert compiled == ["_interpolate", "_free_point_grads"]
     a, b, p = (load_curve(f)[0].points for f in (ref, out, plain))
     assert torch.equal(a, b)
     assert torch.allclose(a, p, atol=1e-5)  # the same curve as without channels-last, in file order

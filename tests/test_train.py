@@ -72,6 +72,27 @@ def test_deterministic_context_sets_and_restores_torch_settings(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled() == before[0]
 
 
+def test_maybe_compile_falls_back_to_the_plain_function_with_one_warning(monkeypatch, capsys):
+    from mctool.runtime import maybe_compile
+
+    def add_one(x):
+        return x + 1
+
+    assert maybe_compile(add_one, False, "it") is add_one
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found\ndetails")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    f = maybe_compile(add_one, True, "the thing")
+    assert f(1) == 2 and f(2) == 3
+    err = capsys.readouterr().err
+    assert err.count("Warning: --compile: could not compile the thing (RuntimeError: no C++ compiler found); "
+                     "it runs uncompiled.") == 1
+
+
 def test_val_split_and_save_every(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     r = cli.json("train", *TINY, "-o", out, "--epochs", "3", "--split", "val", "--save-every", "1")
