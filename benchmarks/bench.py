@@ -154,7 +154,6 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
 
 def bench_reference(arch: str, data, dev, args, points: torch.Tensor) -> dict[str, float]:
     """The reference code's way: fp32, DataLoader + PIL transforms, per-parameter w(t), batch-128 evaluation."""
-    import numpy as np
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
