@@ -29,7 +29,7 @@ from .flat import ParamLayout, build_network
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
-from .training import fit, prepare_outputs, state_path, validate_sgd
+from .training import fit, prepare_outputs, state_path, train_mode, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
 INITS = ("linear", "start", "end")
@@ -210,9 +210,15 @@ class CurveStep:
       w(t) is a chain of K - 1 interpolations (``lerp``) into one preallocated vector, with no autograd
       graph behind it (``_interpolate``).
     - The network sees per-parameter leaves that share w's storage; their gradients g_i stay per parameter
-      (no concatenation into a flat gradient), and the free point j gets c_j (g + wd w) from two multi-tensor
-      passes (``_free_point_grads``). Its parameters are views into its row of the ``[K, P]`` tensor, so SGD updates the row in place,
-      and their momentum buffers are views of one ``[n_free, P]`` tensor.
+      (no concatenation into a flat gradient), and the free point j gets c_j (g + wd w) from two
+      multi-tensor passes (``_free_point_grads``). Its parameters are views into its row of the ``[K, P]``
+      tensor, so SGD updates the row in place, and their momentum buffers are views of one ``[n_free, P]``
+      tensor.
+
+    Eagerly, a deep and narrow network's step is bound by host work, so whatever can be is made once: the
+    views of w and the leaves (every step rewrites w in place), and the name -> leaf mapping that
+    ``functional_call`` gets (parameters only, under every name the network reaches them by, so tied
+    weights stay tied without a search at every step).
 
     With ``cuda_graphs`` the step is replayed as a CUDA graph (``graphs.GraphedStep``); t is drawn outside
     it, from the same device RNG, so both paths see the same t. When the network's convolution weights
@@ -232,8 +238,16 @@ class CurveStep:
         self._points = self._reorder(curve.points.to(dev, torch.float32, copy=True), to_device_order=True)
         self._params = [[nn.Parameter(v) for v in self._views(self._points[j]).values()] for j in self.free_idx]
         self._momentum = torch.zeros(len(self.free_idx), curve.layout.size, device=dev)
-        self._w = torch.empty(curve.layout.size, device=dev)  # w(t), rewritten by every step
-        self.buffers = dict(model.named_buffers())
+        self._w = torch.empty(curve.layout.size, device=dev)  # w(t), rewritten in place by every step
+        # Made once: per-parameter views of w, and leaves sharing their storage (so they always hold the
+        # current w(t)) that the network runs on; their gradients stay separate (autograd.grad).
+        self._w_views = list(self._views(self._w).values())
+        self._leaves = [v.detach().requires_grad_() for v in self._w_views]
+        # Every name the network reaches a parameter by (tied weights have several) maps to its leaf, so
+        # functional_call need not look for ties at every step; the network's own buffers stay.
+        named = dict(model.named_parameters())
+        leaf_of = {id(named[n]): leaf for n, leaf in zip(curve.layout.names, self._leaves)}
+        self._on_curve = {n: leaf_of[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         self.opt = sgd([p for row in self._params for p in row], lr=0.0, momentum=momentum, wd=0.0, device=dev,
                        graphs=cuda_graphs)
         if self._use_momentum:  # SGD's first update from a zero buffer equals its own first step
@@ -254,17 +268,14 @@ class CurveStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coefficients(self.curve.curve, self.curve.num_bends, self._t).float()
-        w = self._w
-        sq_norm = self._interpolate(self._points, c, w)
-        w_views = list(self._views(w).values())
-        leaves = [v.detach().requires_grad_() for v in w_views]  # share w's storage; gradients stay separate
-        self.model.train()  # BN uses batch statistics; running statistics are recomputed when evaluating
+        sq_norm = self._interpolate(self._points, c, self._w)
+        train_mode(self.model)  # BN uses batch statistics; running statistics are recomputed when evaluating
         with autocast(self.device, self.precision, cache=not self.cuda_graphs):
-            out = functional_call(self.model, {**dict(zip(self.curve.layout.names, leaves)), **self.buffers}, (x,))
+            out = functional_call(self.model, self._on_curve, (x,), tie_weights=False)
         loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * sq_norm
         # the network's gradient g at w, per parameter (zeros for a parameter the network left unused)
-        grads = list(torch.autograd.grad(loss, leaves, materialize_grads=True))
-        rows = self._free_point_grads(grads, w_views, [c[j] for j in self.free_idx], self.wd)
+        grads = list(torch.autograd.grad(loss, self._leaves, materialize_grads=True))
+        rows = self._free_point_grads(grads, self._w_views, [c[j] for j in self.free_idx], self.wd)
         for row, grads_j in zip(self._params, rows):
             for p, g in zip(row, grads_j):  # every step sets every .grad: no zero_grad needed
                 p.grad = g

@@ -151,6 +151,13 @@ def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) ->
             if opt.state.get(p, {}).get("momentum_buffer") is not None}
 
 
+def train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, skipped when the network is already in train mode: it visits every module (about
+    1 ms of host time per step for PreResNet-110). mctool switches modes only on the whole network."""
+    if not model.training:
+        model.train()
+
+
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
              cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float],
                                                    tuple[torch.Tensor, torch.Tensor]]:
@@ -160,7 +167,7 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.d
     """
 
     def body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model.train()
+        train_mode(model)
         with autocast(device, precision, cache=not cuda_graphs):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)

@@ -327,6 +327,44 @@ def test_curve_step_updates_match_plain_autograd_and_sgd(free_idx, compile):
     assert torch.equal(step.curve.points, points)  # the Curve handed in is not trained in place
 
 
+class _Tied(torch.nn.Module):
+    """A network that reaches one weight by two names (as tied embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 6)
+        self.hidden = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 3)
+        self.hidden.weight = self.inp.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.inp(x)))))
+
+
+def test_curve_step_moves_tied_weights_together():
+    """A weight reached by two names is one parameter of the layout; the curve step runs the network with
+    w(t) under both names (the same gradients as autograd through functional_call's own tie handling)."""
+    torch.manual_seed(0)
+    model = _Tied()
+    layout = ParamLayout.of(model)
+    assert "hidden.weight" not in layout.names  # the alias is not a parameter of its own
+    flat = layout.flatten(dict(model.named_parameters()))
+    points = torch.stack([flat, flat + 0.3 * torch.randn_like(flat), flat + 0.3 * torch.randn_like(flat)])
+    step = CurveStep(model, Curve("bezier", 1, points, layout, None, {}), [1], wd=0.0, momentum=0.0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.manual_seed(3)
+    loss = float(step(x, y, 0.5)[0])
+
+    torch.manual_seed(3)
+    t = torch.rand(())
+    bend = points[1].clone().requires_grad_(True)
+    w = coefficients("bezier", 1, t).float() @ torch.stack([points[0], bend, points[2]])
+    ref = torch.nn.functional.cross_entropy(torch.func.functional_call(model, layout.views(w), (x,)), y)
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert torch.allclose(step.points()[1], points[1] - 0.5 * bend.grad, atol=1e-6)
+
+
 def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monkeypatch):
     """Channels-last networks keep their control points (and momentum) in device order; files stay in file order."""
     data = ["-d", "synthetic:size=16,classes=3,train=96,test=32", "--batch-size", "32", *CPU]

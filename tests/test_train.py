@@ -263,3 +263,30 @@ def test_outputs_get_normal_permissions(cli, tmp_path, digits_models):
         assert stat.S_IMODE((tmp_path / "p.h5").stat().st_mode) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_steps_switch_an_evaluated_network_back_to_train_mode():
+    """After evaluation (model.eval()) the plain and the curve step run the whole network in train mode again
+    (BN on batch statistics), and leave a network already in train mode as it is."""
+    from mctool.curves import Curve, CurveStep
+    from mctool.flat import ParamLayout
+    from mctool.graphs import sgd
+    from mctool.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cifar_preresnet20", 4, 3, {})
+    opt = sgd(model.parameters(), lr=0.1, momentum=0.9, wd=0.0, device=torch.device("cpu"), graphs=False)
+    layout = ParamLayout.of(model)
+    flat = layout.flatten(dict(model.named_parameters()))
+    steps = [mctool.training.sgd_step(model, opt, torch.device("cpu"), "fp32"),
+             CurveStep(model, Curve("bezier", 1, torch.stack([flat, flat, flat]), layout, None, {}), [1],
+                       wd=0.0, momentum=0.9)]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    for step in steps:
+        model.eval()
+        step(x, y, 0.01)
+        assert all(m.training for m in model.modules())
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        seen = int(bn.num_batches_tracked)
+        step(x, y, 0.01)
+        assert int(bn.num_batches_tracked) == seen + 1  # batch statistics, running averages updated
