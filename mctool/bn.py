@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from .data import Split
+from .errors import DataError
+from .options import check_count
 from .runtime import autocast
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -22,12 +24,15 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max_batches: int | None = None,
                    precision: str = "fp32") -> bool:
-    """Recompute BN running statistics of ``model`` at its current weights; returns False without BN layers.
+    """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
+    without BN layers.
 
     Only the BN layers run in train mode (dropout stays off); each batch contributes in proportion to its
     size, so the result is the exact mean and (unbiased, per batch) variance average over the pass.
     ``max_batches`` limits the pass (faster, noisier statistics).
     """
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", max_batches)
     bns = bn_modules(model)
     if not bns:
         return False
@@ -51,4 +56,6 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
+    if seen == 0:  # reset statistics (mean 0, variance 1) must never pass for recomputed ones
+        raise DataError("the BatchNorm recalibration pass saw no training images; the training set is empty.")
     return True

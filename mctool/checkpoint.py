@@ -7,7 +7,9 @@ Metadata is a str -> str map; structured values are JSON strings. The keys are d
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +21,119 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, sha256_file
 from .h5io import utc_now
-from .models import build_model
+from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
 #: Checkpoint kinds that hold one network's state dict (a train-state adds optimiser tensors).
 MODEL_KINDS = ("model", "train-state")
 #: Prefix of optimiser momentum tensors in a train-state checkpoint.
 MOMENTUM_PREFIX = "optimizer/momentum/"
 _MAX_HEADER = 100 * 1024 * 1024
+#: Bytes per element of the safetensors dtypes mctool reads, and their PyTorch names.
+_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+           "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+           "BOOL": (1, "bool")}
+_MAX_DIMS = 8
+_MAX_TEXT = 4096  # longest metadata string mctool uses as a name (arch, kind, dataset)
+_MAX_IMAGE_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header describes it (nothing read from the data)."""
+
+    dtype: str  # safetensors' code, e.g. "F32"
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> str:
+        return _DTYPES[self.dtype][1]
+
+
+def bad_field(path: str | os.PathLike, key: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"'{path}' has a bad metadata field '{key}': {problem}. The file was not written by "
+                           "mctool or was changed since; re-create it.")
+
+
+def _text(md: dict[str, str], key: str, path: str | os.PathLike, default: str | None = None,
+          limit: int = _MAX_TEXT) -> str | None:
+    v = md.get(key, default)
+    if v is not None and (len(v) > limit or not v.isprintable()):
+        raise bad_field(path, key, f"expected printable text of at most {limit} characters")
+    return v
+
+
+def metadata_int(md: dict[str, str], key: str, path: str | os.PathLike, lo: int, hi: int) -> int:
+    text = md[key]
+    if not (text.isascii() and text.strip().lstrip("-").isdigit() and len(text) < 20) or not lo <= int(text) <= hi:
+        raise bad_field(path, key, f"expected an integer from {lo:,} to {hi:,}, got {text[:40]!r}")
+    return int(text)
+
+
+def metadata_json(md: dict[str, str], key: str, path: str | os.PathLike, kind: type, default: str) -> Any:
+    try:
+        value = json.loads(md.get(key, default))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise bad_field(path, key, f"not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise bad_field(path, key, f"expected a JSON {'object' if kind is dict else 'array'}, "
+                                      f"got {type(value).__name__}")
+    return value
+
+
+def check_state_metadata(md: dict[str, str], path: str | os.PathLike) -> dict[str, str]:
+    """The fields ``--resume`` reads from a training state (train, connect, fge), each checked."""
+    for key in ("epoch", "history", "config"):
+        if key not in md:
+            raise CheckpointError(f"'{path}' is not a complete training state (no '{key}'); start over with --force.")
+    if md.get("kind") == "fge-state" and "snapshots" not in md:
+        raise CheckpointError(f"'{path}' is not a complete training state (no 'snapshots'); start over with --force.")
+    metadata_int(md, "epoch", path, 0, 10**6)
+    for key, default in (("history", "[]"), ("snapshots", "[]")):
+        rows = metadata_json(md, key, path, list, default)
+        if not all(isinstance(r, dict) for r in rows):
+            raise bad_field(path, key, "expected a JSON array of objects")
+    metadata_json(md, "inputs", path, dict, "{}")
+    config = metadata_json(md, "config", path, dict, "{}")
+    if md.get("kind") == "train-state" and not ("arch" in config and isinstance(config["arch"], (str, type(None)))
+                                                 and isinstance(config.get("arch_kwargs"), dict)):
+        raise bad_field(path, "config", "'arch' must be a string and 'arch_kwargs' a JSON object")
+    _text(md, "started", path)
+    return md
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _normalization(md: dict[str, str], path: str | os.PathLike, in_chans: int) -> dict[str, list[float]] | None:
+    if "normalization" not in md:
+        return None
+    norm = metadata_json(md, "normalization", path, dict, "{}")
+    mean, std = norm.get("mean"), norm.get("std")
+    if set(norm) != {"mean", "std"} or not isinstance(mean, list) or not isinstance(std, list):
+        raise bad_field(path, "normalization", 'expected {"mean": [...], "std": [...]}')
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise bad_field(path, "normalization", f"expected {in_chans} values each for mean and std (in_chans), got "
+                                                  f"{len(mean)} and {len(std)}")
+    if not all(_finite(m) for m in mean) or not all(_finite(s) and s > 0 for s in std):
+        raise bad_field(path, "normalization", "mean must be finite numbers and std finite numbers above 0")
+    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def _config(md: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    """The recorded options; the ones mctool reads back (wd, epochs, split) are checked."""
+    config = metadata_json(md, "config", path, dict, "{}")
+    if "wd" in config and not (_finite(config["wd"]) and config["wd"] >= 0):
+        raise bad_field(path, "config", f"'wd' must be a finite number >= 0, got {config['wd']!r}")
+    epochs = config.get("epochs")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 10**6):
+        raise bad_field(path, "config", f"'epochs' must be an integer from 1 to 1,000,000, got {epochs!r}")
+    if "split" in config and config["split"] not in ("test", "val"):
+        raise bad_field(path, "config", f"'split' must be 'test' or 'val', got {config['split']!r}")
+    return config
 
 
 @dataclass
@@ -72,29 +177,43 @@ class ModelMeta:
 
     @classmethod
     def from_metadata(cls, md: dict[str, str], path: str | os.PathLike) -> "ModelMeta":
+        """Every field checked for type and range: a file is untrusted input (CheckpointError names the field)."""
         known = {"format", "kind", "mctool_version", "created", "arch", "arch_kwargs", "num_classes", "in_chans",
                  "config", "inputs", "dataset", "image_size", "normalization"}
+        for key in ("arch", "num_classes", "in_chans"):
+            if key not in md:
+                raise CheckpointError(f"'{path}' has mctool metadata without '{key}'; re-create the file, or remove "
+                                      "'arch' to load it as a plain state dict with --arch and --num-classes.")
+        arch = _text(md, "arch", path, limit=200)
+        num_classes = metadata_int(md, "num_classes", path, 1, MAX_CLASSES)
+        in_chans = metadata_int(md, "in_chans", path, 1, MAX_IN_CHANS)
+        arch_kwargs = metadata_json(md, "arch_kwargs", path, dict, "{}")
         try:
-            return cls(
-                arch=md["arch"],
-                num_classes=int(md["num_classes"]),
-                in_chans=int(md["in_chans"]),
-                arch_kwargs=json.loads(md.get("arch_kwargs", "{}")),
-                dataset=md.get("dataset"),
-                image_size=int(md["image_size"]) if "image_size" in md else None,
-                normalization=json.loads(md["normalization"]) if "normalization" in md else None,
-                kind=md.get("kind", "model"),
-                config=json.loads(md.get("config", "{}")),
-                inputs=json.loads(md.get("inputs", "{}")),
-                version=md.get("mctool_version"),
-                extra={k: v for k, v in md.items() if k not in known},
-            )
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"'{path}' has malformed mctool metadata ({type(e).__name__}: {e}).") from None
+            check_arch_kwargs(arch, arch_kwargs)
+        except ConfigError as e:
+            raise bad_field(path, "arch_kwargs", str(e).rstrip(".")) from None
+        inputs = metadata_json(md, "inputs", path, dict, "{}")
+        if not all(isinstance(v, str) for v in inputs.values()):
+            raise bad_field(path, "inputs", "expected a JSON object of file -> sha256 strings")
+        return cls(
+            arch=arch,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            arch_kwargs=arch_kwargs,
+            dataset=_text(md, "dataset", path),
+            image_size=metadata_int(md, "image_size", path, 1, _MAX_IMAGE_SIZE) if "image_size" in md else None,
+            normalization=_normalization(md, path, in_chans),
+            kind=_text(md, "kind", path, "model", limit=64),
+            config=_config(md, path),
+            inputs=inputs,
+            version=md.get("mctool_version"),
+            extra={k: v for k, v in md.items() if k not in known},
+        )
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Explain what is wrong with a file before safetensors' own, terser, errors would."""
+def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Explain what is wrong with a file before safetensors' own, terser, errors would; returns the header's
+    tensors and metadata, every field checked (no tensor data is read)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist.")
     if path.is_dir():
@@ -129,11 +248,40 @@ def _check_safetensors_file(path: Path) -> None:
         raise CheckpointError(f"'{path}' is not a safetensors file (its header is not JSON).")
     if not isinstance(header, dict):
         raise CheckpointError(f"'{path}' is not a safetensors file (its header is not a JSON object).")
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"'{path}' is not a valid safetensors file: its '__metadata__' must map strings to "
+                              "strings.")
+    def bad(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"'{path}' is not a valid safetensors file: tensor '{name}' {why}.")
+
+    entries, end = {}, 0
+    for name, v in header.items():
+        if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
+            raise bad(name, "needs 'dtype', 'shape' and 'data_offsets'")
+        dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(name, f"has dtype {str(dtype)[:20]!r}; mctool reads {', '.join(_DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)):
+            raise bad(name, f"has a bad shape (expected at most {_MAX_DIMS} non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(name, "has bad 'data_offsets' (expected [begin, end] with 0 <= begin <= end)")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPES[dtype][0]:
+            raise bad(name, f"has {offsets[1] - offsets[0]} bytes of data for shape {shape} of {dtype}")
+        entries[name] = TensorEntry(dtype, tuple(shape))
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(f"'{path}' is truncated: its header promises {8 + n + end} bytes but the file has "
                               f"{size}. Re-create or re-copy it.")
+    return entries, metadata
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Names, dtypes and shapes of a safetensors file's tensors, and its metadata, without reading tensor data."""
+    return _check_safetensors_file(Path(path))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -151,13 +299,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Only the metadata of a safetensors file (no tensor data is read)."""
-    path = Path(path)
-    _check_safetensors_file(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a valid safetensors file: {e}") from None
+    return read_header(path)[1]
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -165,7 +307,13 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     # Copies to CPU break any storage sharing (tied weights), which safetensors refuses.
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        try:
+            save_file(cpu, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # I/O failures (a full disk...) come as this; make them the OSError they are
+            if "IoError" not in str(e):
+                raise
+            code, message = re.search(r"code: (\d+)", str(e)), re.search(r'message: "([^"]+)"', str(e))
+            raise OSError(int(code.group(1)) if code else 0, message.group(1) if message else str(e)) from e
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
@@ -174,6 +322,41 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
     tensors = dict(model.state_dict())
     tensors.update(extra_tensors or {})
     save_checkpoint(path, tensors, meta.to_metadata())
+
+
+def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a training state (``--resume``) whose tensors do not fit the network being trained: its state
+    dict, ``optimizer/momentum/<param>`` and the ``snapshots/*`` of FGE and Snapshot Ensembles."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))}
+    problems = [_describe_mismatch(expected, got)]
+    params = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    buffers = {k: tuple(b.shape) for k, b in model.named_buffers()}
+    size = sum(math.prod(s) for s in params.values())
+    members = tensors.get("snapshots/members")
+    count = members.shape[0] if members is not None and members.ndim == 2 else 0
+    for k, v in tensors.items():
+        shape, name = tuple(v.shape), k.split("/", 3)
+        if k.startswith(MOMENTUM_PREFIX):
+            ok = params.get(k[len(MOMENTUM_PREFIX):]) == shape
+        elif k == "snapshots/members":
+            ok = v.ndim == 2 and shape[1] == size and v.is_floating_point()
+        elif k == "snapshots/probs_sum":
+            ok = (members is not None and v.ndim == 2 and v.is_floating_point()
+                  and shape[1] == getattr(model, "num_classes", shape[1]))
+        elif k.startswith("snapshots/buffers/"):
+            ok = (len(name) == 4 and name[2].isdecimal() and int(name[2]) < count
+                  and buffers.get(name[3]) == shape)
+        else:
+            ok = not k.startswith(("optimizer/", "snapshots/"))
+        if not ok:
+            problems.append(f"'{k}' of shape {shape} fits nothing in the network")
+    if members is not None and "snapshots/probs_sum" not in tensors:
+        problems.append("'snapshots/members' without 'snapshots/probs_sum'")
+    problem = "; ".join([p for p in problems if p][:6])
+    if problem:
+        raise CheckpointError(f"'{path}' does not fit the network being trained ({problem}); start over with "
+                              "--force.")
 
 
 @dataclass
@@ -185,11 +368,11 @@ class LoadedModel:
     extra_tensors: dict[str, torch.Tensor]
 
 
-def _describe_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], limit: int = 5) -> str:
+def _describe_mismatch(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], limit: int = 5) -> str:
+    """Differences between the state dict shapes a network has and those a file has (empty when none)."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k}: file {tuple(got[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    shapes = [f"{k}: file {got[k]} vs model {v}" for k, v in expected.items() if k in got and got[k] != v]
     parts = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -206,7 +389,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     ``arch`` and ``num_classes`` (and ``in_chans`` when not 3). Explicit arguments override metadata.
     """
     path = Path(path)
-    tensors, md = read_checkpoint(path)
+    header, md = read_header(path)
     if "arch" in md:
         meta = ModelMeta.from_metadata(md, path)
         if meta.kind not in MODEL_KINDS:
@@ -224,14 +407,28 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
         meta.in_chans = in_chans
     if arch_kwargs:
         meta.arch_kwargs = {**meta.arch_kwargs, **arch_kwargs}
-    model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
-    extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
-    state = {k: v for k, v in tensors.items() if k not in extra}
-    expected = model.state_dict()
-    problem = _describe_mismatch(expected, state)
+    # The network's shapes come from a build on the 'meta' device: nothing is allocated before the file is
+    # known to hold exactly these tensors, so a network is never larger than the file that describes it.
+    try:
+        expected = model_shapes(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"cannot rebuild the network of '{path}': {e}") from None
+    shapes = {k: v.shape for k, v in header.items()}
+    problem = _describe_mismatch(expected, {k: v for k, v in shapes.items()
+                                            if not k.startswith(("optimizer/", "snapshots/"))})
     if problem:
         raise CheckpointError(f"'{path}' does not fit architecture '{meta.arch}' "
                               f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.")
+    tensors, _ = read_checkpoint(path)
+    model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    params = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    momentum = [f"{k} {v}" for k, v in shapes.items()
+                if k.startswith(MOMENTUM_PREFIX) and params.get(k[len(MOMENTUM_PREFIX):]) != v]
+    if momentum:
+        raise CheckpointError(f"'{path}' has momentum tensors that fit no parameter of architecture '{meta.arch}': "
+                              f"{', '.join(momentum[:5])}.")
+    extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
+    state = {k: v for k, v in tensors.items() if k not in extra}
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, meta=meta, path=path, sha256=sha256_file(path), extra_tensors=extra)

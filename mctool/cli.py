@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -15,10 +16,16 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
+from .curves import BEND_INITS, CURVES
+from .data import AUGMENTS, SPLITS
 from .errors import ConfigError, Interrupted, MctoolError
-from .runtime import stderr_console
+from .results import (ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult, Metrics,
+                      PlaneResult, PointResult, Result, TrainResult)
+from .runtime import PRECISIONS, progress, show_warnings, stderr_console
+from .schedules import SCHEDULES
 
 app = typer.Typer(
     name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -27,28 +34,18 @@ app = typer.Typer(
 )
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+def _choices(name: str, values: tuple[str, ...]) -> Any:
+    """An Enum of the library's own tuple of values, so that --help lists them and Typer checks them."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Split(str, Enum):
-    test = "test"
-    val = "val"
-
-
-class Schedule(str, Enum):
-    paper = "paper"
-    cosine = "cosine"
-    constant = "constant"
-    sse = "sse"
-
-
-class Augment(str, Enum):
-    auto = "auto"
-    none = "none"
-    crop = "crop"
-    crop_flip = "crop-flip"
+# The choices come from the library (one list each); a member's name is its value: Augment["crop-flip"].
+Precision = _choices("Precision", PRECISIONS)
+Split = _choices("Split", SPLITS)
+Schedule = _choices("Schedule", SCHEDULES)
+Augment = _choices("Augment", AUGMENTS)
+CurveKind = _choices("CurveKind", CURVES)
+BendInit = _choices("BendInit", BEND_INITS)
 
 
 # Options shared by several commands (one definition each).
@@ -83,41 +80,56 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _main(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
     """Loss surfaces, mode connectivity and fast ensembling of neural networks."""
+    # For the whole command: library warnings become "Warning: ..." lines on stderr, and the library draws
+    # progress bars there (each command passes --quiet on to hide them).
+    ctx.with_resource(show_warnings())
+    ctx.with_resource(progress())
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _run(work: Callable[[], dict], as_json: bool, quiet: bool, show: Callable[[dict], None]) -> None:
-    """Call the library, map user errors to exit codes, print the result."""
+def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[[Any], None]) -> None:
+    """Call the library, map user errors to exit codes, print the result (``--json``: its ``to_json()``)."""
     try:
         result = work()
     except MctoolError as e:
         # One unwrapped line, whatever the terminal width, so scripts can grep it.
-        stderr_console().print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
+        stderr_console().print(_safe(f"Error: {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling starts (loading data, building a model)
+        stderr_console().print("Error: interrupted (Ctrl-C).", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
-        sys.stdout.write(json.dumps(_clean(result), allow_nan=False) + "\n")
+        sys.stdout.write(result.to_json() + "\n")
     elif not quiet:
         show(result)
 
 
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    t = Table(title=title, show_header=False, title_justify="left")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+
+
+def _safe(value: Any) -> Text:
+    """Text to print as it is: no Rich markup (``[/]`` in a path), control characters (an ESC sequence in
+    metadata) shown as escapes instead of reaching the terminal."""
+    text = value if isinstance(value, str) else str(value)
+    return Text(_CONTROL.sub(lambda m: repr(m.group())[1:-1], text))
+
+
+def _table(title: str, rows: list[tuple[str, Any]]) -> None:
+    t = Table(title=_safe(title), show_header=False, title_justify="left")
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(_safe(k), _safe(v))
     stderr_console().print(t)
+
+
+def _path(ref: FileRef | None) -> str:
+    return "-" if ref is None else ref.path
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
 def _pct(x: float | None) -> str:
@@ -194,7 +206,7 @@ def train(
     """
     from .training import TrainConfig, train as run_train
 
-    def work() -> dict:
+    def work() -> Result:
         cfg = TrainConfig(dataset=dataset, arch=arch, arch_kwargs=_parse_kwargs(arch_kwargs), epochs=epochs, lr=lr,
                           wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
                           augment=augment.value, split=split.value, precision=precision.value,
@@ -204,35 +216,35 @@ def train(
         return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
-    def show(r: dict) -> None:
-        s = r["eval_split"]
-        _table("trained", [("model", r["output"]), ("metrics", r["metrics_file"]), ("arch", r["arch"]),
-                           ("data set", r["dataset"]), ("epochs", str(r["epochs"])),
-                           ("train loss / err", f"{r['train_loss']:.4f} / {_pct(r['train_err'])}"),
-                           (f"{s} nll / err", f"{r[s + '_nll']:.4f} / {_pct(r[s + '_err'])}"),
-                           ("time", f"{r['seconds']:.1f} s")])
+    def show(r: TrainResult) -> None:
+        tr, ev = r.metrics["train"], r.metrics["eval"]
+        what = f"ensemble of {r.members}" if r.members is not None else "network"
+        _table("trained", [("model", _path(r.outputs["model"])), ("metrics", _path(r.outputs["metrics"])),
+                           ("arch", r.arch), ("data set", r.dataset), ("epochs", str(r.epochs)),
+                           ("train loss / err", f"{_num(tr.loss)} / {_pct(tr.err)}"),
+                           (f"{r.split} nll / err ({what})", f"{_num(ev.nll)} / {_pct(ev.err)}"),
+                           ("time", f"{r.seconds:.1f} s")])
 
     _run(work, as_json, quiet, show)
 
 
-def _show_evaluation(r: dict) -> None:
-    t = Table(title=f"{r['dataset']} ({r['split']} split)", title_justify="left")
+def _show_evaluation(r: EvaluateResult) -> None:
+    t = Table(title=_safe(f"{r.dataset} ({r.split} split)"), title_justify="left")
     for col in ("model", "loss", "nll", "err", "ece", "brier"):
         t.add_column(col, justify="left" if col == "model" else "right")
-    for m in r["models"]:
-        t.add_row(m["path"], f"{m['loss']:.4f}", f"{m['nll']:.4f}", _pct(m["err"]), f"{m['ece']:.4f}",
-                  f"{m['brier']:.4f}")
-    if "ensemble" in r:
-        e = r["ensemble"]
-        t.add_row(f"ensemble of {e['members']}", "-", f"{e['nll']:.4f}", _pct(e["err"]), f"{e['ece']:.4f}",
-                  f"{e['brier']:.4f}")
-    if "calibrated" in r:
-        c = r["calibrated"]
-        t.add_row(f"  temperature-scaled (T = {r['temperature']:.3f})", "-", f"{c['nll']:.4f}", _pct(c["err"]),
-                  f"{c['ece']:.4f}", f"{c['brier']:.4f}")
+
+    def row(label: str, m: Metrics) -> None:
+        t.add_row(_safe(label), _num(m.loss), _num(m.nll), _pct(m.err), _num(m.ece), _num(m.brier))
+
+    for m in r.models:
+        row(m.label, m.metrics)
+    if r.members > 1:
+        row(f"ensemble of {r.members}", r.metrics["eval"])
+    if r.calibration is not None:
+        row(f"  temperature-scaled (T = {r.calibration.temperature:.3f})", r.metrics["calibrated"])
     stderr_console().print(t)
-    if "temperature_warning" in r:
-        stderr_console().print(f"Warning: {r['temperature_warning']}", markup=False, highlight=False)
+    if r.calibration is not None and r.calibration.warning:
+        stderr_console().print(f"Warning: {r.calibration.warning}", markup=False, highlight=False)
 
 
 @app.command()
@@ -265,9 +277,7 @@ def evaluate(
     """Loss, NLL, error, ECE (15 bins) and Brier score of each network and of their ensemble."""
     from .ensembles import evaluate_models
 
-    def work() -> dict:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+    def work() -> Result:
         return evaluate_models([str(p) for p in models], dataset=dataset, split=split.value, device=device,
                                data_root=data_root, download=download, batch_size=batch_size,
                                precision=precision.value, channels_last=channels_last,
@@ -287,20 +297,22 @@ def info(
     """Metadata and a tensor summary of a checkpoint, or the layout and attributes of an HDF5 file."""
     from .info import file_info
 
-    def show(r: dict) -> None:
+    def show(r: InfoResult) -> None:
         console = stderr_console()
-        console.print(f"[bold]{r['path']}[/] ({r['type']}, {r['bytes']:,} bytes, sha256 {r['sha256'][:16]}...)")
-        fields = r.get("metadata") or r.get("attributes") or {}
-        _table("metadata" if r["type"] == "safetensors" else "attributes",
-               [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in fields.items()])
-        if r["type"] == "safetensors":
-            ts = r["tensors"]
-            t = Table(title=f"{ts['count']} tensors, {ts['elements']:,} elements ({ts['dtypes']})",
+        f = r.inputs[0]
+        head = _safe(f.path)
+        head.stylize("bold")
+        console.print(head + _safe(f" ({r.type}, {r.bytes:,} bytes, sha256 {f.sha256[:16]}...)"))
+        _table("metadata" if r.type == "safetensors" else "attributes",
+               [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in r.metadata.items()])
+        if r.tensors is not None:
+            ts = r.tensors
+            t = Table(title=_safe(f"{ts['count']} tensors, {ts['elements']:,} elements ({ts['dtypes']})"),
                       title_justify="left")
             for col in ("name", "shape", "dtype"):
                 t.add_column(col)
             for e in ts["first"]:
-                t.add_row(e["name"], str(tuple(e["shape"])), e["dtype"])
+                t.add_row(_safe(e["name"]), str(tuple(e["shape"])), _safe(e["dtype"]))
             if ts["count"] > len(ts["first"]):
                 t.add_row(f"... {ts['count'] - len(ts['first'])} more", "", "")
         else:
@@ -308,24 +320,12 @@ def info(
             for col in ("name", "shape", "NaN", "min", "max", "last"):
                 t.add_column(col)
             fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-            for name, e in r["datasets"].items():
-                t.add_row(name, str(tuple(e["shape"])), str(e.get("nan", "-")), fmt(e.get("min")),
-                          fmt(e.get("max")), fmt(e.get("last")))
+            for name, e in (r.datasets or {}).items():
+                t.add_row(_safe(name), str(tuple(e["shape"])), "-" if e["nan"] is None else str(e["nan"]),
+                          fmt(e["min"]), fmt(e["max"]), fmt(e["last"]))
         console.print(t)
 
     _run(lambda: file_info(file), as_json, quiet, show)
-
-
-class CurveKind(str, Enum):
-    bezier = "bezier"
-    polychain = "polychain"
-    line = "line"
-
-
-class BendInit(str, Enum):
-    linear = "linear"
-    start = "start"
-    end = "end"
 
 
 BnBatchesOpt = Annotated[Optional[int], typer.Option(
@@ -347,14 +347,17 @@ def connect(
     num_bends: Annotated[int, typer.Option(help="Interior control points (the paper's curves have 1).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: as many as A was trained "
                                                   "for, else 200).")] = None,
-    lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.015,
+    lr: Annotated[Optional[float], typer.Option(help="Initial learning rate (default: A's training lr x "
+                                                "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
+                                                "for long runs, up to A's lr for short ones; see docs/curves.md).")]
+    = None,
     wd: Annotated[float, typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2.")] = 5e-4,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size; each batch draws one t ~ U(0, 1).")] = 128,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule (as for train).")] = Schedule.paper,
     seed: Annotated[int, typer.Option(help="Seed for t, data order and augmentation.")] = 0,
-    init: Annotated[BendInit, typer.Option(help="Initial bends: on the segment (linear), at A (start) or at B "
-                                           "(end).")] = BendInit.linear,
+    bend_init: Annotated[BendInit, typer.Option(help="Initial bends: on the segment (linear), at A (start) or at "
+                                                "B (end).")] = BendInit.linear,
     free_start: Annotated[bool, typer.Option("--free-start", help="Train the start point too.")] = False,
     free_end: Annotated[bool, typer.Option("--free-end", help="Train the end point too.")] = False,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training data (default: A's data "
@@ -388,23 +391,24 @@ def connect(
     """
     from .curves import ConnectConfig, connect as run_connect
 
-    def work() -> dict:
+    def work() -> Result:
         cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,
                             lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
-                            seed=seed, init=init.value, free_start=free_start, free_end=free_end, dataset=dataset,
-                            augment=augment.value, split=split.value, precision=precision.value,
+                            seed=seed, bend_init=bend_init.value, free_start=free_start, free_end=free_end,
+                            dataset=dataset, augment=augment.value, split=split.value, precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             compile=compile, save_every=save_every)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
 
-    def show(r: dict) -> None:
-        rows = [("curve", str(r["output"])), ("type", f"{r['curve']} ({r['num_bends']} bend(s))")]
-        if r["trained"]:
-            rows += [("metrics", r["metrics_file"]), ("epochs", str(r["epochs"])),
-                     ("train loss / err (last epoch)", f"{r['train_loss']:.4f} / {_pct(r['train_err'])}"),
-                     ("time", f"{r['seconds']:.1f} s")]
+    def show(r: ConnectResult) -> None:
+        rows = [("curve", _path(r.outputs["curve"])), ("type", f"{r.curve} ({r.num_bends} bend(s))")]
+        if r.trained:
+            tr = r.metrics["train"]
+            rows += [("metrics", _path(r.outputs["metrics"])), ("epochs", str(r.epochs)),
+                     ("train loss / err (last epoch)", f"{_num(tr.loss)} / {_pct(tr.err)}"),
+                     ("time", f"{r.seconds:.1f} s")]
         _table("connected", rows)
 
     _run(work, as_json, quiet, show)
@@ -444,27 +448,28 @@ def evaluate_curve(
     """
     from .curve_eval import evaluate_curve as run
 
-    def work() -> dict:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+    def work() -> Result:
         return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
                    batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, quiet=quiet)
 
-    def show(r: dict) -> None:
-        m, s = r["metrics"], r["split"]
-        t = Table(title=f"{r['curve']} curve, {r['num_points']} points", title_justify="left")
-        for col in ("metric", *("start", "end", "min", "max", "mean", "int")):
+    def show(r: CurveResult) -> None:
+        t = Table(title=f"{r.curve} curve, {r.num_points} points", title_justify="left")
+        cols = ("start", "end", "min", "max", "mean", "int")
+        for col in ("metric", *cols):
             t.add_column(col, justify="left" if col == "metric" else "right")
-        for key in ("train_loss", "train_nll", "train_err", f"{s}_nll", f"{s}_err"):
-            fmt = _pct if key.endswith("err") else (lambda v: f"{v:.4f}")
-            t.add_row(key, *(fmt(m[key][k]) for k in ("start", "end", "min", "max", "mean", "int")))
+        for group, shown in (("train", "train"), ("eval", r.split)):
+            for key in ("loss", "nll", "err"):
+                v = getattr(r.metrics[group], key)
+                if v is not None:
+                    fmt = _pct if key == "err" else _num
+                    t.add_row(f"{shown} {key}", *(fmt(getattr(v, k)) for k in cols))
         stderr_console().print(t)
-        _table("shape", [("length", f"{m['length']:.4g}"), ("length / ||B - A||", f"{m['length_ratio']:.4f}"),
-                         ("barrier: train loss", f"{m['barrier']['train_loss']:.4f}"),
-                         (f"barrier: {s} error", _pct(m["barrier"][f"{s}_err"])),
-                         ("metrics", r["metrics_file"]), *([("plot", r["plot"])] if "plot" in r else [])])
+        _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
+                         ("barrier: train loss", _num(r.barrier["train"].loss)),
+                         (f"barrier: {r.split} error", _pct(r.barrier["eval"].err)),
+                         ("metrics", _path(r.outputs["metrics"])), ("plot", _path(r.outputs["plot"]))])
 
     _run(work, as_json, quiet, show)
 
@@ -497,7 +502,7 @@ def point(
     from .curve_eval import export_point
     from .ensembles import export_member
 
-    def work() -> dict:
+    def work() -> Result:
         if (t is None) == (index is None):
             raise ConfigError("give exactly one of --t (a curve) or --index (an ensemble member).")
         if index is not None:
@@ -506,10 +511,10 @@ def point(
                             device=device, data_root=data_root, download=download, batch_size=batch_size,
                             precision=precision.value, num_workers=num_workers)
 
-    def show(r: dict) -> None:
-        where = [("t", str(r["t"])), ("BN recomputed", str(r["bn_recalibrated"]))] if "t" in r else [
-            ("member", str(r["index"]))]
-        _table("point", [("model", r["output"]), *where])
+    def show(r: PointResult) -> None:
+        where = [("t", str(r.t)), ("BN recomputed", str(r.bn_recalibrated))] if r.t is not None else [
+            ("member", str(r.index))]
+        _table("point", [("model", _path(r.outputs["model"])), *where])
 
     _run(work, as_json, quiet, show)
 
@@ -548,15 +553,13 @@ def ensemble(
     """
     from .ensembles import evaluate_models
 
-    def work() -> dict:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+    def work() -> Result:
         return evaluate_models([str(p) for p in files], dataset=dataset, split=split.value, device=device,
                                data_root=data_root, download=download, batch_size=batch_size,
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, output=str(output) if output else None,
                                num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
-                               force=force, num_workers=num_workers, quiet=quiet)
+                               force=force, num_workers=num_workers, quiet=quiet, command="ensemble")
 
     _run(work, as_json, quiet, _show_evaluation)
 
@@ -571,15 +574,12 @@ def plot(
     force: ForceOpt = False,
 ) -> None:
     """Redraw figures from metrics files without recomputing anything."""
-    from .fileio import check_output
     from .plots import plot_files
 
-    def work() -> dict:
-        check_output(output, force, "plot")
-        kind = plot_files(files, output)
-        return {"plot": str(output), "kind": kind, "inputs": [str(f) for f in files]}
+    def work() -> Result:
+        return plot_files(files, output, force=force)
 
-    _run(work, as_json, quiet, lambda r: _table("plot", [("written", r["plot"])]))
+    _run(work, as_json, quiet, lambda r: _table("plot", [("written", _path(r.outputs["plot"]))]))
 
 
 @app.command("plane")
@@ -627,9 +627,7 @@ def plane_cmd(
     """
     from .plane import plane as run
 
-    def work() -> dict:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+    def work() -> Result:
         pick = lambda side: margin if side is None else side  # noqa: E731
         margins = (pick(margin_left), pick(margin_right), pick(margin_bottom), pick(margin_top))
         return run([str(f) for f in files], metrics, grid_points=grid_points, margins=margins, bend=bend,
@@ -638,13 +636,17 @@ def plane_cmd(
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, quiet=quiet)
 
-    def show(r: dict) -> None:
-        rows = [(k, f"min {v['min']:.4g}, max {v['max']:.4g}; at the points "
-                 + ", ".join(f"{x:.4g}" for x in v["at_points"])) for k, v in r["summary"].items()]
-        rows += [("dx, dy", f"{r['dx']:.4g}, {r['dy']:.4g}"), ("metrics", r["metrics_file"])]
-        if "plot" in r:
-            rows.append(("plot", r["plot"]))
-        _table(f"plane, {r['grid_points']} x {r['grid_points']} grid", rows)
+    def show(r: PlaneResult) -> None:
+        rows = []
+        for group, shown in (("train", "train"), ("eval", r.split)):
+            for key in ("loss", "nll", "err"):
+                v = getattr(r.metrics[group], key)
+                if v is not None:
+                    rows.append((f"{shown} {key}", f"min {_num(v.min, '.4g')}, max {_num(v.max, '.4g')}; at the "
+                                 "points " + ", ".join(_num(x, ".4g") for x in v.at_points)))
+        rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
+                 ("plot", _path(r.outputs["plot"]))]
+        _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
 
     _run(work, as_json, quiet, show)
 
@@ -663,10 +665,15 @@ def fge_cmd(
                                                 "even number of iterations.")] = 2.0,
     cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations (overrides "
                                                        "--cycle-epochs).")] = None,
-    lr_max: Annotated[float, typer.Option(help="Learning rate at the start and end of each cycle (a1).")] = 0.05,
-    lr_min: Annotated[float, typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2).")]
-    = 0.0005,
-    wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's).")] = None,
+    lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
+                                                    "default: the start network's training lr / 2 with BatchNorm, "
+                                                    "/ 5 without, the paper's ratios; see docs/ensembles.md).")]
+    = None,
+    lr_min: Annotated[Optional[float], typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
+                                                    "default: the start network's training lr / 200 with "
+                                                    "BatchNorm, / 100 without).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's, as recorded in "
+                                                "its config).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for data order and augmentation.")] = 0,
@@ -697,7 +704,7 @@ def fge_cmd(
     """
     from .fge import FGEConfig, fge
 
-    def work() -> dict:
+    def work() -> Result:
         cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
                         augment=augment.value, split=split.value, precision=precision.value,
@@ -707,15 +714,16 @@ def fge_cmd(
         return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                    download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
-    def show(r: dict) -> None:
-        s, e, m = r["start"], r["ensemble"], r["last_member"]
-        rows = [("ensemble", f"{r['output']} ({r['members']} members, cycle {r['cycle_iters']} iterations)"),
-                ("metrics", r["metrics_file"]),
-                (f"start network {r['split']} err / nll", f"{_pct(s['err'])} / {s['nll']:.4f}"),
-                (f"last member {r['split']} err / nll", f"{_pct(m['err'])} / {m['nll']:.4f}"),
-                (f"FGE ensemble {r['split']} err / nll / ece", f"{_pct(e['err'])} / {e['nll']:.4f} / {e['ece']:.4f}")]
-        if "swa" in r:
-            rows.append((f"SWA {r['split']} err / nll", f"{_pct(r['swa']['err'])} / {r['swa']['nll']:.4f}"))
+    def show(r: FGEResult) -> None:
+        s, e, m, w = (r.metrics[k] for k in ("start", "eval", "last_member", "swa"))
+        rows = [("ensemble", f"{_path(r.outputs['ensemble'])} ({r.members} members, cycle {r.cycle_iters} "
+                 "iterations)"),
+                ("metrics", _path(r.outputs["metrics"])),
+                (f"start network {r.split} err / nll", f"{_pct(s.err)} / {_num(s.nll)}"),
+                (f"last member {r.split} err / nll", f"{_pct(m.err)} / {_num(m.nll)}"),
+                (f"FGE ensemble {r.split} err / nll / ece", f"{_pct(e.err)} / {_num(e.nll)} / {_num(e.ece)}")]
+        if w is not None:
+            rows.append((f"SWA {r.split} err / nll", f"{_pct(w.err)} / {_num(w.nll)}"))
         _table("fge", rows)
 
     _run(work, as_json, quiet, show)

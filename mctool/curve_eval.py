@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from .bn import bn_modules, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, MetricsFileError
 from .evaluation import evaluate_weights
-from .fileio import check_output, sha256_file
+from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
+from .options import check_count, check_real
+from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
 
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
@@ -43,36 +46,53 @@ def segment_lengths(curve: Curve, t: np.ndarray) -> tuple[np.ndarray, float]:
     return np.concatenate([[0.0], dl.cpu().numpy()]), float((e @ g @ e).clamp_min(0).sqrt())
 
 
+def metric_set(name: str) -> tuple[str, str]:
+    """``train/loss`` -> (``train``, ``loss``), ``test/err`` or ``val/err`` -> (``eval``, ``err``)."""
+    group, metric = name.split("/", 1)
+    return ("train" if group == "train" else "eval"), metric
+
+
 def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float) -> dict[str, Any]:
-    """Per metric: start, end, min, max, mean and the arc-length weighted mean ``int``; length and barriers."""
+    """``{"train": {metric: summary}, "eval": {...}, "barrier": {"train": {metric: value}, "eval": {...}},
+    "length", "length_ratio"}``; a summary holds start, end, min, max, mean and the arc-length weighted mean
+    ``int``; a barrier is max minus the mean of the two ends (NaN while a point is missing)."""
     length = float(dl.sum())
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"train": {}, "eval": {}, "barrier": {"train": {}, "eval": {}}}
     for name, v in values.items():
-        key = name.replace("/", "_")
+        group, metric = metric_set(name)
         if np.isnan(v).any():
-            out[key] = {k: float("nan") for k in SUMMARY_KEYS}
+            out[group][metric] = {k: float("nan") for k in SUMMARY_KEYS}
+            out["barrier"][group][metric] = float("nan")
             continue
         integral = float((0.5 * (v[1:] + v[:-1]) * dl[1:]).sum() / length) if length > 0 else float(v.mean())
-        out[key] = {"start": float(v[0]), "end": float(v[-1]), "min": float(v.min()), "max": float(v.max()),
-                    "mean": float(v.mean()), "int": integral}
-    eval_err = next(k for k in out if k.endswith("_err") and not k.startswith("train"))
+        out[group][metric] = {"start": float(v[0]), "end": float(v[-1]), "min": float(v.min()),
+                              "max": float(v.max()), "mean": float(v.mean()), "int": integral}
+        out["barrier"][group][metric] = float(v.max()) - 0.5 * (float(v[0]) + float(v[-1]))
     out["length"] = length
     out["length_ratio"] = length / distance if distance > 0 else float("nan")
-    out["barrier"] = {k: out[k]["max"] - 0.5 * (out[k]["start"] + out[k]["end"]) for k in ("train_loss", eval_err)}
     return out
 
 
+def interrupted(saved: int, total: int, metrics: Path) -> Interrupted:
+    """The error for Ctrl-C in a run that writes its metrics file after every point (evaluate-curve, plane)."""
+    return Interrupted(f"interrupted; {saved} of {total} points are saved in '{metrics}'. Continue with the same "
+                       "command plus --resume.")
+
+
+@holds_output_locks
 def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 61, plot: str | Path | None = None,
                    resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
                    data_root: str | None = None, download: bool = False, split: str = "test",
                    batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-                   quiet: bool = False) -> dict[str, Any]:
-    """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each (paper-notes section 4)."""
-    if num_points < 2:
-        raise ConfigError(f"--num-points must be >= 2, got {num_points}.")
-    if bn_batches is not None and bn_batches < 1:
-        raise ConfigError(f"--bn-batches must be >= 1, got {bn_batches}.")
+                   quiet: bool = False) -> CurveResult:
+    """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
+    (docs/method.md#curve-evaluation)."""
+    t0 = time.time()
+    check_count("--num-points", num_points, 2)
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", bn_batches)
+    check_real("--wd", wd, 0)
     metrics = Path(metrics)
     curve = curve_from_files(paths)
     inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
@@ -88,11 +108,14 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot)
     for n in names:
         if n in old:
+            if np.shape(old[n]) != (num_points,) or old[n].dtype.kind not in "fiu":
+                raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{n}' should be {num_points} numbers, "
+                                       f"got shape {np.shape(old[n])}. Start over with --force.")
             values[n] = np.asarray(old[n], dtype=np.float64)
     dl, distance = segment_lengths(curve, t)
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
-             "eval_split": split, "distance": distance}
+             "split": split, "distance": distance}
     if started:
         attrs["started"] = started
 
@@ -100,7 +123,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         extra = {}
         if summary is not None:
             attrs["summary"] = json.dumps(summary)
-            extra = {n: summary[n.replace("/", "_")] for n in names}
+            extra = {n: summary[metric_set(n)[0]][metric_set(n)[1]] for n in names}
         write_h5(metrics, scales={"t": t}, datasets={**{n: (v, ("t",)) for n, v in values.items()}, "dl": (dl, ("t",))},
                  attrs=attrs, dataset_attrs=extra)
 
@@ -115,38 +138,51 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
             model.to(memory_format=torch.channels_last)
         points = curve.points.to(dev)
         write()
-        with progress_bar(quiet) as bar:
-            task = bar.add_task("evaluate-curve", total=num_points, completed=num_points - len(todo), info="")
-            for i in todo:
-                c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
-                curve.layout.assign(model, c.float() @ points)
-                m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                     precision=precision)
-                for n in names:
-                    values[n][i] = m[n]
-                write()
-                bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
-                                                 f"{split} err {m[f'{split}/err']:.2%}")
+        saved = num_points - len(todo)
+        try:
+            with progress_bar(quiet) as bar:
+                task = bar.add_task("evaluate-curve", total=num_points, completed=saved, info="")
+                for i in todo:
+                    c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
+                    curve.layout.assign(model, c.float() @ points)
+                    m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
+                                         precision=precision)
+                    for n in names:
+                        values[n][i] = m[n]
+                    write()
+                    saved += 1
+                    bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
+                                                     f"{split} err {m[f'{split}/err']:.2%}")
+        except KeyboardInterrupt:
+            raise interrupted(saved, num_points, metrics) from None
     summary = curve_summary(values, dl, distance)
     write(summary)
-    result = {"metrics_file": str(metrics), "curve": curve.curve, "num_bends": curve.num_bends,
-              "num_points": num_points, "split": split, "metrics": summary}
+    result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split,
+                         metrics={g: Metrics.of({k: CurveSummary(**v) for k, v in summary[g].items()})
+                                  for g in ("train", "eval")},
+                         barrier={g: Metrics.of(summary["barrier"][g]) for g in ("train", "eval")},
+                         curve=curve.curve, num_bends=curve.num_bends, num_points=num_points,
+                         length=summary["length"], length_ratio=summary["length_ratio"])
     if plot is not None:
         from .plots import plot_curves
 
         plot_curves([metrics], plot)
-        result["plot"] = str(plot)
+    result.outputs = {"metrics": FileRef.of(metrics), "plot": FileRef.of(plot) if plot is not None else None}
+    result.seconds = time.time() - t0
     return result
 
 
+@holds_output_locks
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
                  data_root: str | None = None, download: bool = False, batch_size: int = 512,
-                 precision: str = "fp32", num_workers: int = 4) -> dict[str, Any]:
+                 precision: str = "fp32", num_workers: int = 4) -> PointResult:
     """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled)."""
-    if not 0.0 <= t <= 1.0:
-        raise ConfigError(f"--t must be in [0, 1], got {t}.")
-    check_output(output, force)
+    t0 = time.time()
+    check_real("--t", t, 0, 1)
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", bn_batches)
+    check_outputs({"--output": output}, [path], force=force)
     curve = load_curve(path)[0]
     model = curve.build_model()
     curve.layout.assign(model, curve.weights(t))
@@ -166,4 +202,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
                         "inputs": {str(path): curve.sha256},
                         "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t))}})
     save_model(output, model, meta)
-    return {"output": str(output), "t": t, "bn_recalibrated": recalibrated, "sha256": sha256_file(output)}
+    return PointResult(command="point", inputs=[FileRef(str(path), curve.sha256)],
+                       outputs={"model": FileRef.of(output)}, split=split if recalibrated else None,
+                       metrics={"train": None, "eval": None}, seconds=time.time() - t0, t=t,
+                       bn_recalibrated=recalibrated)

@@ -1,7 +1,7 @@
 """Curves in weight space between two networks, and ``mctool connect`` which trains them.
 
 A curve is w(t) = sum_k c_k(t) W_k over control points W_0 = A, W_1..W_n (the bends), W_{n+1} = B
-(paper-notes section 1). The K = n + 2 control points are stored as one ``[K, P]`` tensor of flat
+(docs/method.md#curves). The K = n + 2 control points are stored as one ``[K, P]`` tensor of flat
 parameter vectors, so w(t) is a single weighted sum; per-parameter views of it are applied to the
 unchanged base network with ``torch.func.functional_call``. No layer needs a "curve version".
 """
@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .checkpoint import MOMENTUM_PREFIX, LoadedModel, ModelMeta, load_model, read_checkpoint, save_checkpoint
+from .checkpoint import (MOMENTUM_PREFIX, LoadedModel, ModelMeta, bad_field, load_model, metadata_int, read_checkpoint,
+                         save_checkpoint)
+from .bn import bn_modules
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
-from .fileio import check_output, sha256_file
-from .flat import ParamLayout, build_network
+from .fileio import check_outputs, holds_output_locks, sha256_file
+from .flat import ParamLayout, build_network, check_network
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
+from .options import check_count
+from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
-from .training import fit, prepare_outputs, state_path, train_mode, validate_sgd
+from .training import fit, prepare_outputs, recorded_lr, state_path, train_mode, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
-INITS = ("linear", "start", "end")
+BEND_INITS = ("linear", "start", "end")
 _BUFFER_PREFIX = "buffers/"
+#: Most bends a curve file may have (the paper's curves have 1).
+MAX_BENDS = 100
 
 
 def coefficients(curve: str, num_bends: int, t: torch.Tensor | float) -> torch.Tensor:
@@ -128,14 +134,14 @@ def line_between(a: LoadedModel, b: LoadedModel) -> Curve:
     return Curve("line", 0, points, layout, meta, buffers)
 
 
-def initial_points(line: Curve, curve: str, num_bends: int, init: str) -> torch.Tensor:
+def initial_points(line: Curve, curve: str, num_bends: int, bend_init: str) -> torch.Tensor:
     """Control points ``[K, P]`` with the bends on the segment (``linear``) or at A (``start``) or B (``end``)."""
-    if init not in INITS:
-        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{init}'.")
+    if bend_init not in BEND_INITS:
+        raise ConfigError(f"--bend-init must be one of {', '.join(BEND_INITS)}, got '{bend_init}'.")
     coefficients(curve, num_bends, 0.0)  # validates curve and num_bends
     a, b = line.points
     alphas = {"linear": [j / (num_bends + 1) for j in range(num_bends + 2)],
-              "start": [0.0] * (num_bends + 1) + [1.0], "end": [0.0] + [1.0] * (num_bends + 1)}[init]
+              "start": [0.0] * (num_bends + 1) + [1.0], "end": [0.0] + [1.0] * (num_bends + 1)}[bend_init]
     return torch.stack([a + s * (b - a) if 0 < s < 1 else (a if s == 0 else b).clone() for s in alphas])
 
 
@@ -158,17 +164,28 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     if md.get("kind") not in kinds:
         raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not a curve "
                               "(write one with 'mctool connect').")
+    meta = ModelMeta.from_metadata(md, path)
+    missing = [k for k in ("curve", "num_bends", "param_layout") if k not in meta.extra]
+    missing += [] if "control_points" in tensors else ["the tensor control_points"]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a complete curve file (missing {', '.join(missing)}).")
+    curve = meta.extra.pop("curve")
+    if curve not in CURVES:
+        raise bad_field(path, "curve", f"expected one of {', '.join(CURVES)}")
+    num_bends = metadata_int(meta.extra, "num_bends", path, 0, MAX_BENDS)
+    meta.extra.pop("num_bends")
+    if (curve == "line") != (num_bends == 0):
+        raise bad_field(path, "num_bends", f"a {curve} has {'no' if curve == 'line' else 'at least one'} bend")
     try:
-        meta = ModelMeta.from_metadata(md, path)
-        curve, num_bends = meta.extra.pop("curve"), int(meta.extra.pop("num_bends"))
         layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
-        points = tensors.pop("control_points")
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a complete curve file (missing {e}).") from None
-    if points.ndim != 2 or points.shape != (num_bends + 2, layout.size):
-        raise CheckpointError(f"'{path}': control points of shape {tuple(points.shape)} do not match "
-                              f"{num_bends} bends and {layout.size} parameters.")
+    except ValueError as e:
+        raise bad_field(path, "param_layout", str(e)) from None
+    points = tensors.pop("control_points")
+    if points.ndim != 2 or points.shape != (num_bends + 2, layout.size) or not points.is_floating_point():
+        raise CheckpointError(f"'{path}': control points of shape {tuple(points.shape)} ({points.dtype}) do not "
+                              f"match {num_bends} bends and {layout.size} parameters (floating point).")
     buffers = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
+    check_network(meta, layout, [buffers], path)
     c = Curve(curve, num_bends, points.float(), layout, meta, buffers, path, sha256_file(path))
     return c, tensors, md
 
@@ -309,14 +326,14 @@ class ConnectConfig:
 
     curve: str = "bezier"
     num_bends: int = 1
-    epochs: int | None = None
-    lr: float = 0.015
+    epochs: int | None = None  # default: default_curve_epochs of A's record
+    lr: float | None = None  # default: default_curve_lr of A's record and the curve's iterations
     wd: float = 5e-4
     momentum: float = 0.9
     batch_size: int = 128
     schedule: str = "paper"
     seed: int = 0
-    init: str = "linear"
+    bend_init: str = "linear"
     free_start: bool = False
     free_end: bool = False
     dataset: str | None = None
@@ -328,11 +345,14 @@ class ConnectConfig:
     deterministic: bool = False  # how, not what: may differ on --resume
     compile: bool = False  # how, not what: may differ on --resume
     save_every: int = 0
+    # filled in by connect(): how each option left to its default was derived (None: none was)
+    derived: dict[str, str] | None = None
 
     def validate(self) -> None:
+        check_count("--num-bends", self.num_bends, 0)
         coefficients(self.curve, self.num_bends, 0.0)
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'.")
+        if self.bend_init not in BEND_INITS:
+            raise ConfigError(f"--bend-init must be one of {', '.join(BEND_INITS)}, got '{self.bend_init}'.")
         validate_sgd(self)
         if self.schedule == "sse":
             raise ConfigError("--schedule sse (Snapshot Ensembles) is for train; use paper, cosine or constant.")
@@ -340,44 +360,109 @@ class ConnectConfig:
             raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
 
 
+#: The paper's curves train at 0.3 x their endpoints' learning rate (VGG16 0.05 -> 0.015, PreResNet164 and
+#: WRN-28-10 0.1 -> 0.03), over 78,000 SGD iterations or more.
+CURVE_LR_RATIO = 0.3
+#: A shorter curve run keeps lr x iterations at (at least) this many iterations' worth of A's learning rate.
+CURVE_LR_ITERS = 10_000
+#: Epochs assumed for an endpoint that does not record them.
+_UNRECORDED_EPOCHS = 200
+#: Learning rate assumed for an endpoint that does not record one (mctool train's default).
+_UNRECORDED_LR = 0.05
+
+
+def default_curve_epochs(train_epochs: int, batchnorm: bool) -> int:
+    """connect's epochs for endpoints trained for ``train_epochs`` (docs/curves.md#training-a-curve-connect).
+
+    The paper's recipes: as many as the endpoints with BatchNorm (PreResNet164, WRN-28-10: 200 -> 200),
+    three times as many without (VGG16: 200 -> 600), which optimise more slowly.
+    """
+    return train_epochs if batchnorm else 3 * train_epochs
+
+
+def default_curve_lr(train_lr: float, iterations: int) -> float:
+    """connect's learning rate for a curve of ``iterations`` SGD steps between networks trained at ``train_lr``
+    (docs/curves.md#training-a-curve-connect): ``train_lr * min(1, max(0.3, 10_000 / iterations))``.
+
+    A long run (33,334 iterations or more; the paper's have 78,000 to 235,000) gets the paper's 0.3 x train_lr.
+    The bends start on the segment, far from the low-loss path, and how far SGD moves them grows with
+    lr x iterations; so a shorter run (a small data set has few iterations per epoch: digits has 12) keeps
+    lr x iterations at 10,000 x train_lr, up to train_lr itself, at which the endpoints trained stably.
+    """
+    return train_lr * min(1.0, max(CURVE_LR_RATIO, CURVE_LR_ITERS / max(iterations, 1)))
+
+
+@holds_output_locks
 @honours_deterministic
 def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path, metrics: str | Path, *,
             device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
-            resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Learn a low-loss curve from ``start`` to ``end`` (paper-notes section 2); ``line`` writes the segment."""
+            resume: bool = False, force: bool = False, quiet: bool = False) -> ConnectResult:
+    """Learn a low-loss curve from ``start`` to ``end`` (docs/method.md#training); ``line`` writes the segment.
+
+    ``cfg`` is not changed: defaults taken from A are filled in on a copy."""
+    t0 = time.time()
+    cfg = replace(cfg)
     cfg.validate()
     output, metrics = Path(output), Path(metrics)
     a, b = load_model(start), load_model(end)
     line = line_between(a, b)
-    cfg.epochs = cfg.epochs or int(a.meta.config.get("epochs", 200))
+    derived = {}
+    if cfg.epochs is None:
+        train_epochs = a.meta.config.get("epochs")
+        source = f"A's {train_epochs} epochs"
+        if train_epochs is None:
+            train_epochs, source = _UNRECORDED_EPOCHS, f"{_UNRECORDED_EPOCHS} epochs (A records none)"
+        batchnorm = bool(bn_modules(a.model))
+        cfg.epochs = default_curve_epochs(train_epochs, batchnorm)
+        derived["epochs"] = f"{source} x {1 if batchnorm else 3} ({'with' if batchnorm else 'no'} BatchNorm)"
+    cfg.derived = derived or None
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file
-        check_output(output, force)
+        check_outputs({"--output": output}, [start, end], force=force)
         save_curve(output, line, asdict(cfg))
-        return {"output": str(output), "curve": "line", "num_bends": 0, "trained": False,
-                "sha256": sha256_file(output)}
+        return ConnectResult(command="connect", inputs=file_refs(line.meta.inputs),
+                             outputs={"curve": FileRef.of(output), "metrics": None}, split=None,
+                             metrics={"train": None, "eval": None}, seconds=time.time() - t0, curve="line",
+                             num_bends=0, trained=False, epochs=None, config=asdict(cfg))
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
-    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
+    # mctool 0.1.0 recorded bend_init as "init" (its connect --init): such interrupted runs still resume
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force,
+                                   renamed={"init": "bend_init"}, inputs=[start, end])
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      normalization=a.meta.normalization)
     check_fits(a.meta.num_classes, a.meta.in_chans, data.info, start)
-    points = initial_points(line, cfg.curve, cfg.num_bends, cfg.init)
+    if cfg.lr is None:  # needs the number of iterations, so the data
+        iterations = cfg.epochs * data.train.num_batches(cfg.batch_size)
+        train_lr = recorded_lr(a.meta.config)
+        source = f"A's training lr {train_lr!r}"
+        if train_lr is None:
+            train_lr, source = _UNRECORDED_LR, f"{_UNRECORDED_LR!r} (A records no lr)"
+        cfg.lr = default_curve_lr(train_lr, iterations)
+        derived["lr"] = (f"{source} x min(1, max({CURVE_LR_RATIO}, {CURVE_LR_ITERS} / {iterations} iterations)) "
+                         f"= x {cfg.lr / train_lr:.4g}")
+        cfg.derived = derived
+    points = initial_points(line, cfg.curve, cfg.num_bends, cfg.bend_init)
     curve = Curve(cfg.curve, cfg.num_bends, points, line.layout, line.meta, line.buffers)
     log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", "seconds"],
                      {**provenance(line.meta.inputs, asdict(cfg), "connect"), "curve": cfg.curve,
-                      "num_bends": cfg.num_bends})
+                      "num_bends": cfg.num_bends, "split": cfg.split})
     start_epoch, momentum = 0, None
     if resume_state is not None:
         tensors, md = resume_state
         if json.loads(md.get("inputs", "{}")) != line.meta.inputs:
             raise ConfigError(f"the interrupted run connected other files (or they changed since): "
                               f"{md.get('inputs')}; --resume needs the same endpoints.")
-        curve.points = tensors["control_points"].float()
-        momentum = tensors.get(MOMENTUM_PREFIX + "free")
+        saved, momentum = tensors.get("control_points"), tensors.get(MOMENTUM_PREFIX + "free")
+        n_free = curve.num_points - 2 + cfg.free_start + cfg.free_end
+        if (saved is None or saved.shape != curve.points.shape or not saved.is_floating_point()
+                or (momentum is not None and momentum.shape != (n_free, curve.points.shape[1]))):
+            raise CheckpointError(f"'{state_path(output)}' does not fit this curve (control points "
+                                  f"{tuple(curve.points.shape)}); start over with --force.")
+        curve.points = saved.float()
         start_epoch = int(md["epoch"])
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])
@@ -408,6 +493,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     log.flush()
     state_path(output).unlink(missing_ok=True)
     last = log.rows[-1]
-    return {"output": str(output), "metrics_file": str(metrics), "curve": cfg.curve, "num_bends": cfg.num_bends,
-            "trained": True, "epochs": cfg.epochs, "train_loss": last["train/loss"], "train_err": last["train/err"],
-            "seconds": time.time() - t_run, "sha256": sha256_file(output)}
+    return ConnectResult(command="connect", inputs=file_refs(line.meta.inputs),
+                         outputs={"curve": FileRef.of(output), "metrics": FileRef.of(metrics)}, split=cfg.split,
+                         metrics={"train": Metrics(loss=last["train/loss"], err=last["train/err"]), "eval": None},
+                         seconds=time.time() - t_run, curve=cfg.curve, num_bends=cfg.num_bends, trained=True,
+                         epochs=cfg.epochs, config=asdict(cfg))

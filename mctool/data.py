@@ -21,6 +21,7 @@ from .errors import ConfigError, DataError
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
+SPLITS = ("test", "val")  # evaluated on: the official test set, or images held out from training
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # Per-channel mean and std of the training images (pixel values in [0, 1]).
@@ -40,6 +41,7 @@ DEFAULT_ARCH = {"digits": "mlp", "mnist": "cifar_preresnet20", "fashion-mnist": 
                 "cifar10": "cifar_preresnet20", "cifar100": "cifar_preresnet20", "svhn": "cifar_preresnet20",
                 "synthetic": "cifar_convfc", "imagefolder": "resnet18"}
 _GROUP_BYTES = 64 << 20  # float32 images prepared at once by TensorSplit.batches
+_MAX_SYNTHETIC = 1 << 28  # values of a synthetic data set (1 GiB as float32 while it is made)
 _VAL_SIZE = 5000  # held out from the end of the training set for --split val (10% for small sets)
 
 
@@ -243,6 +245,10 @@ def _parse_options(spec: str, allowed: dict[str, int]) -> dict[str, int]:
 def _synthetic(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Seeded, learnable random images: a smooth prototype per class plus per-image noise."""
     o = _parse_options(spec, {"size": 32, "channels": 3, "classes": 10, "train": 1024, "test": 256, "seed": 0})
+    pixels = o["size"] ** 2 * o["channels"]
+    if pixels * (o["train"] + o["test"] + o["classes"]) > _MAX_SYNTHETIC or o["classes"] > 100_000:
+        raise ConfigError(f"'{spec}' is too large: (train + test + classes) x size^2 x channels must be at most "
+                          f"{_MAX_SYNTHETIC:,} values (and classes at most 100,000).")
     g = torch.Generator().manual_seed(o["seed"])
     low = max(2, o["size"] // 4)
     protos = torch.rand(o["classes"], o["channels"], low, low, generator=g)
@@ -353,8 +359,8 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     ``split="val"`` holds out the last 5,000 training images (10% for sets under 50,000) as the
     evaluation set. ``normalization`` overrides the data set's mean/std (use a checkpoint's).
     """
-    if split not in ("test", "val"):
-        raise ConfigError(f"--split must be 'test' or 'val', got '{split}'.")
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
     _check_augment(augment)
     device = torch.device(device)
     root = Path(root) if root is not None else default_data_root()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,13 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import recalibrate_bn
-from .checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_checkpoint, save_model
+from .checkpoint import (ModelMeta, bad_field, load_model, metadata_int, read_checkpoint, read_metadata,
+                         save_checkpoint, save_model)
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .evaluation import l2_term, predict_logits, predict_probs, summarize
-from .fileio import check_output, sha256_file
-from .flat import ParamLayout, build_network
+from .fileio import check_outputs, holds_output_locks, sha256_file
+from .options import check_count
+from .flat import ParamLayout, build_network, check_network
 from .h5io import provenance, write_h5
+from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
 
 _MEMBERS = "members"
@@ -69,17 +73,39 @@ def load_ensemble(path: str | Path) -> Ensemble:
     if md.get("kind") != "ensemble":
         raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not an ensemble.")
     meta = ModelMeta.from_metadata(md, path)
+    missing = [k for k in ("param_layout", "num_members") if k not in meta.extra]
+    missing += [] if _MEMBERS in tensors else [f"the tensor {_MEMBERS}"]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a complete ensemble file (missing {', '.join(missing)}).")
     try:
         layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
-        m = int(meta.extra.pop("num_members"))
+    except ValueError as e:
+        raise bad_field(path, "param_layout", str(e)) from None
+    m = metadata_int(meta.extra, "num_members", path, 1, 1_000_000)
+    meta.extra.pop("num_members")
+    try:
         info = json.loads(meta.extra.pop("member_info", "[]"))
-        members = tensors[_MEMBERS].float()
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a complete ensemble file (missing {e}).") from None
-    if members.shape != (m, layout.size):
-        raise CheckpointError(f"'{path}': members of shape {tuple(members.shape)} do not match {m} networks of "
-                              f"{layout.size} parameters.")
-    buffers = [{k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"buffers/{i}/")} for i in range(m)]
+    except (json.JSONDecodeError, RecursionError):
+        info = None
+    if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
+        raise bad_field(path, "member_info", "expected a JSON array of objects")
+    members = tensors[_MEMBERS]
+    if members.shape != (m, layout.size) or not members.is_floating_point():
+        raise CheckpointError(f"'{path}': members of shape {tuple(members.shape)} ({members.dtype}) do not match {m} "
+                              f"networks of {layout.size} parameters (floating point).")
+    members = members.float()
+    buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(m)]
+    stray = []
+    for k, v in tensors.items():
+        parts = k.split("/", 2)
+        if len(parts) == 3 and parts[0] == "buffers" and parts[1].isdecimal() and parts[1] == str(int(parts[1])) \
+                and int(parts[1]) < m:
+            buffers[int(parts[1])][parts[2]] = v
+        elif k != _MEMBERS:
+            stray.append(k)
+    if stray:
+        raise CheckpointError(f"'{path}' has tensors an ensemble file does not hold: {', '.join(stray[:5])}.")
+    check_network(meta, layout, buffers, path)
     return Ensemble(meta, layout, members, buffers, info, path, sha256_file(path))
 
 
@@ -178,7 +204,7 @@ class SnapshotCollector:
     def h5_datasets(self, split: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
         """``members/<split>/err|nll``, ``ensemble/<split>/err|nll|ece`` and ``members/iteration``, by member."""
         col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)  # noqa: E731
-        out = {f"members/{split}/{k}": (col(f"member_{k}"), ("member",)) for k in ("err", "nll", "ece", "brier")}
+        out = {f"members/{split}/{k}": (col(f"member_{k}"), ("member",)) for k in ("nll", "err", "ece", "brier")}
         out.update({f"ensemble/{split}/{k}": (col(f"ensemble_{k}"), ("member",)) for k in ("err", "nll", "ece",
                                                                                           "brier")})
         out["members/iteration"] = (col("iteration"), ("member",))
@@ -231,9 +257,12 @@ def rows_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     return {k[len("ensemble_"):]: v for k, v in rows[-1].items() if k.startswith("ensemble_")} if rows else {}
 
 
-def export_member(path: str | Path, index: int, output: str | Path, *, force: bool = False) -> dict[str, Any]:
+@holds_output_locks
+def export_member(path: str | Path, index: int, output: str | Path, *, force: bool = False) -> PointResult:
     """Write member ``index`` (0-based) of an ensemble file as an ordinary model checkpoint."""
-    check_output(output, force)
+    t0 = time.time()
+    check_count("--index", index, 0)
+    check_outputs({"--output": output}, [path], force=force)
     ens = load_ensemble(path)
     if not 0 <= index < len(ens):
         raise ConfigError(f"--index must be between 0 and {len(ens) - 1} for '{path}', got {index}.")
@@ -242,16 +271,19 @@ def export_member(path: str | Path, index: int, output: str | Path, *, force: bo
                                    **{k: ens.meta.config[k] for k in ("wd", "split") if k in ens.meta.config}},
                         "extra": {"ensemble_sha256": ens.sha256, "ensemble_index": str(index)}})
     save_model(output, ens.network(index), meta)
-    return {"output": str(output), "index": index, "sha256": sha256_file(output)}
+    return PointResult(command="point", inputs=[FileRef(str(path), ens.sha256)],
+                       outputs={"model": FileRef.of(output)}, metrics={"train": None, "eval": None},
+                       seconds=time.time() - t0, index=index)
 
 
+@holds_output_locks
 def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
                     data_root: str | None = None, download: bool = False, batch_size: int = 512,
                     precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
                     output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
                     bn_batches: int | None = None, force: bool = False, arch: str | None = None,
                     num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
-                    num_workers: int = 4, quiet: bool = False) -> dict:
+                    num_workers: int = 4, quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
@@ -259,14 +291,18 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     term with the wd it was trained with), ``nll``, ``err``, ``ece``, ``brier``; the ensemble's metrics
     for its first k members, k = 1..M. ``temperature_scale`` fits one temperature on the held-out part
     of the training data (the ``val`` split) and reports calibrated ensemble metrics beside the raw ones.
-    ``output`` writes all members as one ensemble file.
+    ``output`` writes all members as one ensemble file. ``command`` names the result (``evaluate`` or
+    ``ensemble``).
     """
+    t0 = time.time()
     if not paths:
         raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
-    if metrics:
-        check_output(metrics, force, "metrics file")
-    if output:
-        check_output(output, force)
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", bn_batches)
+    check_count("--num-points", num_points)
+    check_count("--num-classes", num_classes)
+    check_count("--in-chans", in_chans)
+    check_outputs({"--metrics": metrics or None, "--output": output or None}, paths, force=force)
     members = load_members(paths, num_points, arch=arch, num_classes=num_classes, in_chans=in_chans,
                            arch_kwargs=arch_kwargs)
     first = members[0].meta
@@ -303,7 +339,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             probs = F.softmax(logits, 1)
             m = summarize(probs, labels)
             m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
-            rows.append({"path": member.label, "sha256": member.sha256, **m})
+            rows.append({"label": member.label, "path": member.source, "sha256": member.sha256, **m})
             ens = probs if ens is None else ens + probs
             running.append(summarize(ens / k, labels))
             if temperature_scale:
@@ -315,43 +351,46 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                 buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
             model.to("cpu")
             bar.advance(task)
-    result: dict = {"split": data.eval_split, "dataset": data.info.name, "samples": len(data.eval), "models": rows}
-    final = running[-1]
-    if len(members) > 1:
-        result["ensemble"] = {"members": len(members), **final}
-    for key in ("err", "nll", "ece", "brier"):
-        result[f"{split}_{key}"] = final[key]
+    split = data.eval_split
+    final = rows[0] if len(rows) == 1 else running[-1]  # one network: its own metrics, with its loss
+    result = EvaluateResult(command=command, split=split, dataset=data.info.name, samples=len(data.eval),
+                            members=len(rows),
+                            metrics={"train": None, "eval": Metrics.of(final), "calibrated": None},
+                            models=[MemberMetrics(r["label"], r["path"], r["sha256"], Metrics.of(r)) for r in rows])
     if temperature_scale:
         temp = fit_temperature(held_logits, held_labels)
         cal = torch.stack([F.softmax(z / temp, 1) for z in eval_logits]).mean(0)
-        result["temperature"] = temp
-        result["calibrated"] = summarize(cal, labels)
+        result.metrics["calibrated"] = Metrics.of(summarize(cal, labels))
+        warning = None
         if any(m.meta.config.get("split") != "val" for m in members):
-            result["temperature_warning"] = (
-                "some members were trained on the images the temperature was fitted on (they were not trained "
-                "with --split val), so the temperature is fitted to training data and is likely too low.")
+            warning = ("some members were trained on the images the temperature was fitted on (they were not "
+                       "trained with --split val), so the temperature is fitted to training data and is likely "
+                       "too low.")
+        result.calibration = Calibration(temp, warning)
     inputs = {m.source: m.sha256 for m in members}
+    result.inputs = file_refs(inputs)
+    result.outputs = {"ensemble": None, "metrics": None}
     if metrics:
         col = lambda rs, key: np.array([r[key] for r in rs], dtype=np.float64)  # noqa: E731
         keys = ("nll", "err", "ece", "brier")
-        datasets = {f"{split}/{key}": (col(rows, key), ("model",)) for key in ("loss", *keys)}
-        datasets.update({f"ensemble/{split}/{key}": (col(running, key), ("members",)) for key in keys})
+        datasets = {f"members/{split}/{key}": (col(rows, key), ("member",)) for key in ("loss", *keys)}
+        datasets.update({f"ensemble/{split}/{key}": (col(running, key), ("member",)) for key in keys})
         if temperature_scale:
-            datasets.update({f"ensemble/{split}/calibrated/{k}": (np.array([v]), ()) for k, v in
-                             result["calibrated"].items()})
+            datasets.update({f"ensemble/{split}/calibrated/{k}": (np.array([getattr(result.metrics["calibrated"], k)]),
+                                                                  ()) for k in keys})
         attrs = {**provenance(inputs,
                               {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
                                "temperature_scale": temperature_scale}, "evaluate"),
-                 "models": json.dumps([r["path"] for r in rows]), "eval_split": split}
+                 "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split}
         if temperature_scale:
-            attrs["temperature"] = result["temperature"]
-        write_h5(metrics, scales={"model": np.arange(len(rows)), "members": np.arange(1, len(rows) + 1)},
-                 datasets=datasets, attrs=attrs)
-        result["metrics_file"] = str(metrics)
+            attrs["temperature"] = result.calibration.temperature
+        write_h5(metrics, scales={"member": np.arange(1, len(rows) + 1)}, datasets=datasets, attrs=attrs)
+        result.outputs["metrics"] = FileRef.of(metrics)
     if output:
         layout = ParamLayout.of(members[0].make())
         ens_file = Ensemble(as_ensemble_meta(first, inputs),
-                            layout, torch.stack(weights), buffers, [{"source": r["path"]} for r in rows])
+                            layout, torch.stack(weights), buffers, [{"source": r["label"]} for r in rows])
         save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
-        result["output"] = str(output)
+        result.outputs["ensemble"] = FileRef.of(output)
+    result.seconds = time.time() - t0
     return result

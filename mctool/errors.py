@@ -31,3 +31,11 @@ class NonFiniteLossError(MctoolError):
 
 class Interrupted(MctoolError):
     """The user pressed Ctrl-C; state was saved and the run can be resumed."""
+
+
+class MctoolWarning(UserWarning):
+    """Something the user should know while the run goes on (an option ignored on this machine, a fallback).
+
+    Silence it with ``warnings.filterwarnings("ignore", category=mctool.MctoolWarning)``; the CLI prints
+    it as "Warning: ..." on stderr.
+    """

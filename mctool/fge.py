@@ -1,4 +1,4 @@
-"""``mctool fge``: Fast Geometric Ensembling from a trained network (paper-notes section 6).
+"""``mctool fge``: Fast Geometric Ensembling from a trained network (docs/method.md#fge).
 
 A cyclic learning rate, set every iteration, goes from lr_max down to lr_min at mid cycle and back;
 at the exact mid-cycle iteration a snapshot is taken, gets its own BN recalibration, is evaluated and
@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .bn import recalibrate_bn
-from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, save_model
+from .bn import bn_modules, recalibrate_bn
+from .checkpoint import MOMENTUM_PREFIX, ModelMeta, check_state_tensors, load_model, save_model
 from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import check_output, sha256_file
+from .fileio import holds_output_locks
+from .options import check_count, check_real
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
+from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .training import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
+from .training import (fit, get_momentum, prepare_outputs, recorded_lr, set_momentum, sgd_step, state_path,
+                       validate_sgd)
 
 
 @dataclass
@@ -35,8 +37,8 @@ class FGEConfig:
     epochs: int = 20
     cycle_epochs: float | None = 2.0
     cycle_iters: int | None = None
-    lr_max: float = 0.05
-    lr_min: float = 0.0005
+    lr_max: float | None = None  # default: from the start network's training lr (default_fge_lrs)
+    lr_min: float | None = None  # default: from the start network's training lr (default_fge_lrs)
     wd: float | None = None  # default: the start network's
     momentum: float = 0.9
     batch_size: int = 128
@@ -53,6 +55,8 @@ class FGEConfig:
     # fit() reads these
     schedule: str = "constant"
     save_every: int = 0
+    # filled in by fge(): how each option left to its default was derived (None: none was)
+    derived: dict[str, str] | None = None
 
     @property
     def lr(self) -> float:
@@ -60,12 +64,54 @@ class FGEConfig:
 
     def validate(self) -> None:
         validate_sgd(self, lr_option="--lr-max")
-        if not 0 < self.lr_min <= self.lr_max:
+        check_real("--lr-min", self.lr_min, 0, low_open=True)
+        if self.lr_min is not None and self.lr_max is not None and not self.lr_min <= self.lr_max:
             raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}.")
-        if self.cycle_iters is not None and self.cycle_iters < 2:
-            raise ConfigError(f"--cycle-iters must be >= 2, got {self.cycle_iters}.")
-        if self.cycle_iters is None and not (self.cycle_epochs or 0) > 0:
-            raise ConfigError(f"--cycle-epochs must be > 0, got {self.cycle_epochs}.")
+        check_count("--cycle-iters", self.cycle_iters, 2)
+        if self.cycle_iters is None and self.cycle_epochs is None:
+            raise ConfigError("give --cycle-epochs or --cycle-iters.")
+        check_real("--cycle-epochs", self.cycle_epochs, 0, low_open=True)
+        check_count("--bn-batches", self.bn_batches)
+
+
+#: Learning rate assumed for a start network that does not record one (mctool train's default).
+_UNRECORDED_LR = 0.05
+
+
+def default_fge_lrs(train_lr: float, batchnorm: bool) -> tuple[float, float]:
+    """FGE's (lr_max, lr_min), a1 and a2, for a network trained at ``train_lr``
+    (docs/ensembles.md#fast-geometric-ensembling-fge).
+
+    The paper's values as ratios: without BatchNorm a1 = lr / 5, a2 = lr / 100 (VGG16, trained at 0.05:
+    0.01 and 5e-4); with BatchNorm a1 = lr / 2, a2 = lr / 200 (PreResNet164 and WRN-28-10, trained at 0.1:
+    0.05 and 5e-4). A cycle should take the network only a little way from where it is, so that members
+    stay about as good as it while differing: a1 is a fraction of the training lr, smaller without
+    BatchNorm (whose networks are not invariant to the scale of their weights). Measured in
+    docs/results.md#defaults.
+    """
+    return (train_lr / 2, train_lr / 200) if batchnorm else (train_lr / 5, train_lr / 100)
+
+
+def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool) -> None:
+    """Set the options left to None from the start network's record, noting in ``cfg.derived`` how."""
+    derived = {}
+    if cfg.wd is None:
+        cfg.wd = float(meta.config.get("wd", 5e-4))
+        derived["wd"] = "the start network's wd" if "wd" in meta.config else "5e-4 (the start network records no wd)"
+    if cfg.lr_max is None or cfg.lr_min is None:
+        train_lr = recorded_lr(meta.config)
+        source = f"the start network's training lr {train_lr!r}"
+        if train_lr is None:
+            train_lr, source = _UNRECORDED_LR, f"{_UNRECORDED_LR:g} (the start network records no lr)"
+        lr_max, lr_min = default_fge_lrs(train_lr, batchnorm)
+        bn = "with BatchNorm" if batchnorm else "no BatchNorm"
+        if cfg.lr_max is None:
+            cfg.lr_max = lr_max
+            derived["lr_max"] = f"{source} / {2 if batchnorm else 5} ({bn})"
+        if cfg.lr_min is None:
+            cfg.lr_min = lr_min
+            derived["lr_min"] = f"{source} / {200 if batchnorm else 100} ({bn})"
+    cfg.derived = derived or None
 
 
 def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
@@ -74,22 +120,25 @@ def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
     return max(2, 2 * round(raw / 2))
 
 
+@holds_output_locks
 @honours_deterministic
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path, *, device: str = "auto",
         data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
-        force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run FGE from ``start`` (a model or a training state, whose SGD momentum is kept)."""
+        force: bool = False, quiet: bool = False) -> FGEResult:
+    """Run FGE from ``start`` (a model or a training state, whose SGD momentum is kept).
+
+    ``cfg`` is not changed: defaults taken from the start network are filled in on a copy."""
+    cfg = replace(cfg)
     start_model = load_model(start)
     meta = start_model.meta
-    cfg.wd = float(meta.config.get("wd", 5e-4)) if cfg.wd is None else cfg.wd
+    _fill_defaults(cfg, meta, bool(bn_modules(start_model.model)))
     cfg.dataset = cfg.dataset or meta.dataset
     cfg.validate()
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
     output, metrics = Path(output), Path(metrics)
-    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
-    if cfg.swa:
-        check_output(cfg.swa, force or resume, "--swa output")
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[start],
+                                   more_outputs={"--swa": cfg.swa})
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
@@ -115,11 +164,11 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision)
     inputs = {str(start): start_model.sha256}
     attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
-             "eval_split": split}
+             "split": split}
     lrs = np.array([fge_lr(i, cycle, cfg.lr_max, cfg.lr_min) for i in range(total)])
 
     def extra() -> tuple[dict, dict]:
-        log.attrs["members"] = len(snaps.rows)
+        log.attrs["num_members"] = len(snaps.rows)
         return ({"iteration": np.arange(total), "member": np.arange(1, len(snaps.rows) + 1)},
                 {"lr": (lrs, ("iteration",)), **snaps.h5_datasets(split)})
 
@@ -132,6 +181,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             raise ConfigError(f"the interrupted run started from another file (or it changed since): "
                               f"{md.get('inputs')}; --resume needs the same start network.")
         start_epoch = int(md["epoch"])
+        check_state_tensors(model, tensors, state_path(output))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("snapshots/", MOMENTUM_PREFIX))})
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
@@ -162,22 +212,25 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         desc=f"fge (cycles of {cycle} it)", after_step=after_step,
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min))
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
-    result = {"output": str(output), "metrics_file": str(metrics), "members": len(snaps.rows),
-              "cycle_iters": cycle, "split": split, "start": start_metrics,
-              "ensemble": rows_summary(snaps.rows), "last_member": {k[len("member_"):]: v for k, v in
-                                                                   snaps.rows[-1].items() if k.startswith("member_")}}
+    last = log.rows[-1]
+    result = FGEResult(command="fge", inputs=file_refs(inputs), split=split, members=len(snaps.rows),
+                       cycle_iters=cycle, config=asdict(cfg),
+                       metrics={"train": Metrics(loss=last["train/loss"], err=last["train/err"]),
+                                "eval": Metrics.of(rows_summary(snaps.rows)), "start": Metrics.of(start_metrics),
+                                "last_member": Metrics.of(snaps.rows[-1], "member_"), "swa": None})
     if cfg.swa:
         swa_model = snaps.eval_model
         snaps.layout.assign(swa_model, snaps.average().to(dev))
         recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision)
-        result["swa"] = {"output": cfg.swa, **summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision))}
+        result.metrics["swa"] = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision)))
         swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
                                 "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
         save_model(cfg.swa, swa_model.cpu(), swa_meta)
     log.attrs["finished"] = utc_now()
-    log.attrs["summary"] = json.dumps(result["ensemble"])
+    log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
     log.flush()
     state_path(output).unlink(missing_ok=True)
-    result["seconds"] = time.time() - t_run
-    result["sha256"] = sha256_file(output)
+    result.outputs = {"ensemble": FileRef.of(output), "metrics": FileRef.of(metrics),
+                      "swa": FileRef.of(cfg.swa) if cfg.swa else None}
+    result.seconds = time.time() - t_run
     return result

@@ -1,15 +1,39 @@
-"""Safe file handling shared by every command: output checks, atomic writes, hashes."""
+"""Safe file handling shared by every command: output checks, locks, atomic writes, hashes.
+
+Every command that writes files calls ``check_outputs`` before any work: it refuses outputs that share a
+file with each other or with an input, existing outputs without ``force``, and outputs that another mctool
+run is writing (an advisory lock ``.NAME.lock`` beside each output, held until the command returns).
+Files are written through ``atomic_path``: a temporary ``.NAME.XXXXXXXX.tmp`` in the same folder, synced
+and renamed into place; temporaries left by a killed run are removed by the next run writing that output.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import os
+import re
+import secrets
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from .errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no locks there
+    fcntl = None
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+PathLike = str | os.PathLike
+# Temporary files this process is writing now: never removed as stale.
+_WRITING: set[str] = set()
+# The locks taken inside the innermost ``holds_output_locks`` call: real path -> function releasing it.
+_LOCKS: contextvars.ContextVar[dict[str, Callable[[], None]] | None] = contextvars.ContextVar("mctool_locks",
+                                                                                            default=None)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -26,6 +50,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
 
     Called before any work starts, so a long run never fails at its very end.
     """
+    if not str(path) or Path(path).name in ("", ".", ".."):
+        raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} '{path}' is a folder; give a file name.")
@@ -42,20 +68,185 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    tmp = Path(tmp)
+def _identity(path: Path) -> tuple[int, int] | str:
+    """What a name reaches: (device, inode) of an existing file (so hard links match), else the path with
+    symlinks resolved."""
     try:
-        yield tmp
-        # mkstemp creates 0600 files; give the output the permissions an ordinary new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return os.path.realpath(path)
+
+
+def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike | None] = (), *,
+                  force: bool = False, derived: Mapping[str, PathLike] | None = None) -> dict[str, Path]:
+    """Check all outputs of one command before any work; returns them as paths (``None`` entries dropped).
+
+    ``outputs`` maps a description (usually the option, e.g. ``--metrics``) to a file the command writes;
+    ``derived`` maps descriptions to files written alongside them (a training state, --save-every
+    checkpoints). Refused, whatever ``force``: two of these that are one file (symlinks and hard links
+    included), and any of them that is one of ``inputs``. Then each output must be new unless ``force``
+    (see ``check_output``) and not being written by another mctool run. Inside a ``holds_output_locks``
+    call the outputs stay locked until it returns, and temporary files a killed run left for any of these
+    files are removed.
+    """
+    sources = {_identity(Path(p)) for p in inputs if p is not None}
+    named = {what: Path(p) for what, p in outputs.items() if p is not None}
+    every = [*named.items(), *((what, Path(p)) for what, p in (derived or {}).items())]
+    seen: dict[tuple[int, int] | str, str] = {}
+    for what, path in every:
+        key = _identity(path)
+        if key in sources:
+            raise OutputError(f"{what} '{path}' is also an input of this command; mctool never overwrites its "
+                              "inputs, so give the output another name.")
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {what} are the same file '{path}'; give each output its own name.")
+        seen[key] = what
+    for what, path in named.items():
+        check_output(path, force, what)
+    locks = _LOCKS.get()
+    if locks is not None and fcntl is not None:
+        for path in sorted({os.path.realpath(p) for p in named.values()} - set(locks)):
+            locks[path] = _lock(Path(path))
+        _remove_stale_temporaries([path for _, path in every])
+    return named
+
+
+def holds_output_locks(fn: _F) -> _F:
+    """Keep the outputs that ``check_outputs`` locked during a call of ``fn`` locked until it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        locks: dict[str, Callable[[], None]] = {}
+        token = _LOCKS.set(locks)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _LOCKS.reset(token)
+            for release in reversed(locks.values()):
+                release()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def lock_path(output: PathLike) -> Path:
+    """The advisory lock file of an output: ``.NAME.lock`` beside it."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+def _lock(output: Path) -> Callable[[], None]:
+    """Take the lock of ``output`` without waiting; returns the function that releases it (and removes the file)."""
+    path = lock_path(output)
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot write '{output}': cannot create its lock file '{path}' "
+                              f"({e.strerror}).") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another mctool run is writing '{output}' (it holds the lock '{path}'); wait for it "
+                              "to finish, or write to another file.") from None
+        except OSError:  # a file system without locks: go on without one
+            os.close(fd)
+            return lambda: None
+        # A run releasing the lock removes the file: make sure ours is still the one under that name.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise OutputError(f"cannot lock '{output}': '{path}' keeps changing; is another mctool run starting?")
+
+    def release() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+    return release
+
+
+# The name ``atomic_path`` gives the temporary file of NAME (and tempfile.mkstemp gave in mctool 0.1).
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _remove_stale_temporaries(paths: list[Path]) -> None:
+    """Remove ``.NAME.XXXXXXXX.tmp`` files of ``paths`` left by a killed run (the caller holds their lock)."""
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        names.setdefault(path.parent, set()).add(path.name)
+    for folder, wanted in names.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            found = _TEMPORARY.fullmatch(entry)
+            tmp = folder / entry
+            if found and found.group(1) in wanted and os.path.abspath(tmp) not in _WRITING and tmp.is_file():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux's /proc); elsewhere by setting it back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _fsync(path: PathLike, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems cannot sync a folder; the rename itself is still atomic
+            raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; sync it and rename it onto ``path`` only if the block succeeds.
+
+    The output gets the permissions an ordinary new file would (0o666 less the umask). A write that fails
+    (a full disk...) raises ``OutputError``; ``path`` is then unchanged.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    tmp: Path | None = None
+    try:
+        try:
+            for _ in range(100):
+                tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+                try:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    break
+                except FileExistsError:
+                    tmp = None
+            _WRITING.add(os.path.abspath(tmp))
+            yield tmp
+            # Some writers replace the file we created (safetensors makes it 0600): give the output the
+            # permissions an ordinary new file gets.
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(folder, folder=True)
+        except OSError as e:
+            raise OutputError(f"cannot write '{path}': {e.strerror or e}.") from e
+    finally:
+        if tmp is not None:
+            _WRITING.discard(os.path.abspath(tmp))
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

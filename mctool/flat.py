@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .checkpoint import ModelMeta
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .models import build_model
 
 
@@ -31,8 +32,20 @@ class ParamLayout:
 
     @classmethod
     def from_json(cls, text: str) -> "ParamLayout":
-        items = json.loads(text)
-        return cls(tuple(n for n, _ in items), tuple(tuple(s) for _, s in items))
+        """Parse a ``param_layout`` string; ValueError says what is wrong with it (it comes from a file)."""
+        try:
+            items = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        if not isinstance(items, list) or not all(
+                isinstance(i, list) and len(i) == 2 and isinstance(i[0], str) and isinstance(i[1], list)
+                and len(i[1]) <= 8 and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48
+                                           for d in i[1]) for i in items):
+            raise ValueError("expected a JSON array of [name, [dim, ...]] pairs with non-negative dims")
+        names = tuple(n for n, _ in items)
+        if len(set(names)) != len(names):
+            raise ValueError("a parameter name appears twice")
+        return cls(names, tuple(tuple(s) for _, s in items))
 
     def to_json(self) -> str:
         return json.dumps([[n, list(s)] for n, s in zip(self.names, self.shapes)])
@@ -99,11 +112,40 @@ class ParamLayout:
         return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def check_network(meta: ModelMeta, layout: ParamLayout, buffers: list[dict[str, torch.Tensor]],
+                  path: str | os.PathLike) -> None:
+    """Refuse a file whose parameter layout or buffers do not fit ``meta``'s architecture, before building it.
+
+    The network is built on the ``meta`` device (shapes, no storage), so a file cannot make mctool allocate a
+    network larger than the parameters it holds.
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"cannot rebuild the network of '{path}': {e}") from None
+    diff = ParamLayout.of(model).differences(layout)
+    own = {n: tuple(b.shape) for n, b in model.named_buffers()}
+    for i, bufs in enumerate(buffers):
+        if diff:
+            break
+        where = f" of member {i}" if len(buffers) > 1 else ""
+        diff = [f"buffer{where} '{n}' of shape {tuple(b.shape)} is not a buffer of that shape in the network"
+                for n, b in bufs.items() if own.get(n) != tuple(b.shape)][:5]
+    if diff:
+        raise CheckpointError(f"'{path}': stored parameters do not fit architecture '{meta.arch}': "
+                              f"{'; '.join(diff)}.")
+
+
 def build_network(meta: ModelMeta, layout: ParamLayout, buffers: dict[str, torch.Tensor]) -> nn.Module:
     """A network of ``meta``'s architecture with ``buffers`` loaded (parameters to be assigned), in eval mode."""
     model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     if ParamLayout.of(model) != layout:
         diff = ParamLayout.of(model).differences(layout)
         raise CheckpointError(f"stored parameters do not fit architecture '{meta.arch}': {'; '.join(diff)}.")
+    problem = [n for n, b in buffers.items() if n not in dict(model.named_buffers())
+               or model.get_buffer(n).shape != b.shape]
+    if problem:
+        raise CheckpointError(f"stored buffers do not fit architecture '{meta.arch}': {', '.join(problem[:5])}.")
     model.load_state_dict({**dict(model.state_dict()), **buffers}, strict=True)
     return model.eval()

@@ -23,6 +23,9 @@ from ._version import __version__
 from .errors import MetricsFileError
 from .fileio import atomic_path
 
+#: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
+MAX_H5_VALUES = 1 << 26
+
 
 def utc_now() -> str:
     """The current time as ISO 8601 in UTC (every timestamp mctool writes)."""
@@ -75,23 +78,74 @@ def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
     data: dict[str, np.ndarray] = {}
     try:
         with h5py.File(path, "r") as f:
-            f.visititems(lambda name, obj: data.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise MetricsFileError(f"'{path}' is not a readable HDF5 file ({e}).") from None
+            found: list[tuple[str, h5py.Dataset]] = []
+            f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+            total = 0
+            for name, ds in found:
+                # Only numbers stored in the file itself: external raw storage and virtual datasets read
+                # other files, and a compressed dataset may expand to any size.
+                if ds.shape is None or ds.dtype.kind not in "fiub" or ds.is_virtual or ds.external:
+                    raise MetricsFileError(f"'{path}': dataset '{name}' is not an array of numbers stored in the "
+                                           "file; mctool's metrics files hold only such arrays.")
+                total += ds.size
+                if total > MAX_H5_VALUES:
+                    raise MetricsFileError(f"'{path}' holds more than {MAX_H5_VALUES:,} values; mctool's metrics "
+                                           "files are far smaller.")
+                data[name] = ds[()]
+            attrs = {k: _attr(path, f.attrs, k) for k in f.attrs}
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise MetricsFileError(f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e}).") from None
     return data, attrs
 
 
-def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
-                 force: bool, plot: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], str | None]:
-    """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
-    (for the cells to keep) and start time; otherwise refuse existing outputs without ``force``."""
-    from .fileio import check_output
+def metrics_file(path: str | os.PathLike, kinds: tuple[str, ...],
+                 datasets: dict[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``read_h5`` for a file that must be of one of ``kinds`` and hold ``datasets`` (path -> number of
+    dimensions) of floating-point or integer values; MetricsFileError names what is missing."""
+    data, attrs = read_h5(path)
+    kind = attrs.get("kind")
+    if kind not in kinds:
+        shown = kind if isinstance(kind, str) else "unknown"
+        raise MetricsFileError(f"'{path}' is a '{shown[:64]}' file; this needs kind {' or '.join(kinds)}.")
+    for name, ndim in (datasets or {}).items():
+        if name not in data:
+            raise MetricsFileError(f"'{path}' is not a complete {kind} file: it has no dataset '{name}'.")
+        if np.ndim(data[name]) != ndim or data[name].dtype.kind not in "fiu":
+            raise MetricsFileError(f"'{path}': dataset '{name}' must be a {ndim}-D array of numbers, got shape "
+                                   f"{np.shape(data[name])} of {data[name].dtype}.")
+    return data, attrs
 
+
+def json_attr(attrs: dict[str, Any], key: str, path: str | os.PathLike, default: str = "{}") -> Any:
+    """A root attribute holding JSON (``inputs``, ``config``, ``summary``...), with an error naming it."""
+    value = attrs.get(key, default)
+    try:
+        if not isinstance(value, str):
+            raise TypeError(key)
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError, TypeError):
+        raise MetricsFileError(f"'{path}': attribute '{key}' is not valid JSON text.") from None
+
+
+def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
+                 force: bool, plot: str | os.PathLike | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], str | None]:
+    """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
+    (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes) and start time;
+    otherwise refuse existing outputs without ``force``. The metrics file and the plot must be two files and
+    neither may be one of ``inputs`` (paths -> sha256)."""
+    from .fileio import check_output, check_outputs
+
+    # Name clashes and locks first (force=True); whether existing files may be replaced depends on resume.
+    check_outputs({"--metrics": metrics, "--plot": plot}, list(inputs), force=True)
     data, started = {}, None
     if resume:
         data, attrs = check_resumable(metrics, inputs, config)
-        started = attrs.get("started")
+        started = attrs.get("started") if isinstance(attrs.get("started"), str) else None
+        for name, shape in (shapes or {}).items():
+            if name not in data or np.shape(data[name]) != shape or data[name].dtype.kind not in "fiu":
+                raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{name}' should be numbers of shape "
+                                       f"{shape}, got {np.shape(data.get(name))}. Start over with --force.")
     else:
         check_output(metrics, force, "metrics file")
     if plot is not None:
@@ -103,7 +157,9 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
         dict[str, np.ndarray], dict[str, Any]]:
     """Read a metrics file to resume, refusing one made from other inputs or with other settings."""
     data, attrs = read_h5(path)
-    old_inputs, old_config = json.loads(attrs.get("inputs", "{}")), json.loads(attrs.get("config", "{}"))
+    old_inputs, old_config = json_attr(attrs, "inputs", path), json_attr(attrs, "config", path)
+    if not isinstance(old_inputs, dict) or not isinstance(old_config, dict):
+        raise MetricsFileError(f"'{path}': attributes 'inputs' and 'config' must be JSON objects.")
     if old_inputs != inputs:
         raise MetricsFileError(f"'{path}' was computed from other input files; --resume needs the same inputs.")
     diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v}
@@ -114,14 +170,41 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     return data, attrs
 
 
-def _attr(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
+def _attr(path: str | os.PathLike, attrs: h5py.AttributeManager, key: str) -> Any:
+    """One root attribute as JSON-ready Python: text (UTF-8), numbers, or short lists of them."""
+    def bad(why: str) -> MetricsFileError:
+        return MetricsFileError(f"'{path}': attribute '{key}' {why}; mctool's files hold text and real numbers only.")
+
+    try:
+        v = attrs[key]
+    except (OSError, TypeError, ValueError, KeyError) as e:
+        raise bad(f"cannot be read ({type(e).__name__})") from None
     if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
+        if v.size > 10_000:
+            raise bad(f"has {v.size:,} values")
+        v = v.tolist()
+    return _attr_value(v, bad)
+
+
+def _attr_value(v: Any, bad: Callable[[str], MetricsFileError]) -> Any:
+    if isinstance(v, list):
+        return [_attr_value(x, bad) for x in v]
+    if isinstance(v, (bytes, np.bytes_)):
+        try:
+            v = bytes(v).decode()
+        except UnicodeDecodeError:
+            raise bad("is not UTF-8 text") from None
+    if isinstance(v, str):
+        try:
+            v.encode()  # h5py keeps undecodable bytes as lone surrogates
+        except UnicodeEncodeError:
+            raise bad("is not UTF-8 text") from None
+        return v
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return v.item() if isinstance(v, np.generic) else v
+    raise bad(f"is of type {type(v).__name__}")
 
 
 class MetricsLog:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_header
 from .errors import MctoolError
-from .fileio import sha256_file
+from .results import FileRef, InfoResult
 from .h5io import read_h5
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -21,24 +23,27 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def _json_or_str(v: str) -> Any:
     try:
         return json.loads(v) if v[:1] in "{[" else v
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return v
 
 
-def file_info(path: str | os.PathLike, max_tensors: int = 20) -> dict[str, Any]:
-    """A JSON-ready description of a safetensors checkpoint or an HDF5 metrics file."""
+def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
+    """What a safetensors checkpoint or an HDF5 metrics file holds (``to_dict()`` gives the JSON form)."""
+    t0 = time.time()
     path = Path(path)
     if not path.is_file():
         raise MctoolError(f"'{path}' does not exist or is not a file.")
     with open(path, "rb") as f:
         magic = f.read(8)
-    base = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    base = dict(command="info", inputs=[FileRef.of(path)], outputs={}, split=None,
+                metrics={"train": None, "eval": None}, bytes=path.stat().st_size)
     if magic == _HDF5_MAGIC:
         data, attrs = read_h5(path)
         datasets = {}
         for name, arr in sorted(data.items()):
             arr = np.asarray(arr)
-            entry: dict[str, Any] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+            entry: dict[str, Any] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "nan": None, "min": None,
+                                     "max": None, "last": None}  # the rest for non-empty float arrays
             if arr.dtype.kind == "f" and arr.size:
                 finite = arr[np.isfinite(arr)]
                 entry["nan"] = int(arr.size - finite.size)
@@ -46,13 +51,15 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> dict[str, Any]:
                     entry.update(min=float(finite.min()), max=float(finite.max()),
                                  last=float(arr.reshape(-1)[-1]) if np.isfinite(arr.reshape(-1)[-1]) else None)
             datasets[name] = entry
-        return {**base, "type": "hdf5", "attributes": {k: _json_or_str(v) if isinstance(v, str) else v
-                                                        for k, v in attrs.items()}, "datasets": datasets}
-    tensors, md = read_checkpoint(path)
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
-    listing = [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        return InfoResult(**base, type="hdf5", metadata={k: _json_or_str(v) if isinstance(v, str) else v
+                                                          for k, v in attrs.items()},
+                          datasets=datasets, seconds=time.time() - t0)
+    header, md = read_header(path)  # names, shapes and dtypes only: no tensor data is read
+    tensors = {k: header[k] for k in sorted(header)}
+    dtypes = Counter(t.torch_dtype for t in tensors.values())
+    listing = [{"name": k, "shape": list(t.shape), "dtype": t.torch_dtype}
                for k, t in list(tensors.items())[:max_tensors]]
-    return {**base, "type": "safetensors",
-            "metadata": {k: _json_or_str(v) for k, v in md.items() if k != "history"},
-            "tensors": {"count": len(tensors), "elements": int(sum(t.numel() for t in tensors.values())),
-                        "dtypes": dict(dtypes), "first": listing}}
+    return InfoResult(**base, type="safetensors",
+                      metadata={k: _json_or_str(v) for k, v in md.items() if k != "history"},
+                      tensors={"count": len(tensors), "elements": sum(math.prod(t.shape) for t in tensors.values()),
+                               "dtypes": dict(dtypes), "first": listing}, seconds=time.time() - t0)

@@ -10,6 +10,8 @@ from 8x8 to 32x32 (and larger) with 1 or 3 channels.
 from __future__ import annotations
 
 import difflib
+import inspect
+import json
 import math
 from typing import Any
 
@@ -302,17 +304,169 @@ def mlp(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(MLP, pretrained, kwargs)
 
 
-def build_model(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build ``arch`` (any timm name) with random weights; unknown names and bad kwargs raise ConfigError."""
+#: Largest network mctool builds (elements of all parameters and buffers: 16 GiB as float32).
+MAX_ELEMENTS = 1 << 32
+#: Bounds of the sizes every architecture gets.
+MAX_CLASSES = 1_000_000
+MAX_IN_CHANS = 1024
+#: Largest int, longest string and most items in an arch kwarg value (any architecture).
+_MAX_KWARG_INT = 1_000_000
+_MAX_KWARG_STR = 200
+_MAX_KWARG_ITEMS = 64
+
+#: timm.create_model arguments that read files, download weights or change what is built; never accepted
+#: in arch kwargs (from a checkpoint or from --arch-kwargs).
+REFUSED_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                  "pretrained_filter_fn", "checkpoint_path", "cache_dir", "features_only", "feature_cfg",
+                  "feature_cls", "out_indices", "kwargs_filter", "scriptable", "exportable", "no_jit",
+                  "num_classes", "in_chans", "device", "dtype")
+# ...and any name containing one of these (a file, a URL or a hub reference by another name).
+_REFUSED_PARTS = ("pretrained", "checkpoint", "cache", "file", "url", "hub", "download")
+
+# Types and ranges of the arguments of mctool's own architectures: (kind, low, high), both inclusive.
+_MCTOOL_KWARGS: dict[str, tuple[str, float, float]] = {
+    "img_size": ("int", 1, 4096),
+    "width": ("float", 1 / 64, 64),
+    "hidden": ("int", 1, 65536),
+    "depth": ("int", 0, 1000),
+    "widen": ("int", 1, 64),
+    "drop_rate": ("float", 0.0, 1.0),
+    "batch_norm": ("bool", 0, 1),
+    "bottleneck": ("bool", 0, 1),
+}
+_MCTOOL_CLASSES = {"cifar_convfc": ConvFC, "cifar_vgg16": VGG, "cifar_vgg16_bn": VGG, "cifar_preresnet20": PreResNet,
+                   "cifar_preresnet110": PreResNet, "cifar_preresnet164": PreResNet, "cifar_wrn28_10": WideResNet,
+                   "mlp": MLP}
+
+
+def _check_value(arch: str, key: str, value: Any, depth: int = 0) -> None:
+    """A JSON value any timm architecture may take: small numbers, short strings, short lists and dicts."""
+    bad = None
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if abs(value) > _MAX_KWARG_INT:
+            bad = f"{value} is larger than {_MAX_KWARG_INT:,}"
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > _MAX_KWARG_INT:
+            bad = f"{value} is not a finite number of at most {_MAX_KWARG_INT:,}"
+    elif isinstance(value, str):
+        if len(value) > _MAX_KWARG_STR or not value.isprintable():
+            bad = f"strings must be printable and at most {_MAX_KWARG_STR} characters"
+    elif isinstance(value, (list, dict)) and depth < 2:
+        if len(value) > _MAX_KWARG_ITEMS:
+            bad = f"at most {_MAX_KWARG_ITEMS} items"
+        else:
+            for v in (value.values() if isinstance(value, dict) else value):
+                _check_value(arch, key, v, depth + 1)
+    else:
+        bad = f"a {type(value).__name__} nested this deep is not allowed"
+    if bad:
+        raise ConfigError(f"arch kwarg '{key}' of '{arch}': {bad}.")
+
+
+def check_arch_kwargs(arch: str, arch_kwargs: Any) -> dict[str, Any]:
+    """Refuse arch kwargs that would make timm read files or download, and values of the wrong type or size.
+
+    mctool's own architectures accept only their documented arguments, each within its range.
+    """
+    if not isinstance(arch_kwargs, dict):
+        raise ConfigError(f"arch kwargs of '{arch}' must be a JSON object, got {type(arch_kwargs).__name__}.")
+    for key, value in arch_kwargs.items():
+        lowered = str(key).lower()
+        if key in REFUSED_KWARGS or any(part in lowered for part in _REFUSED_PARTS):
+            raise ConfigError(f"arch kwarg '{key}' is not allowed: mctool builds networks with random weights and "
+                              "never lets timm read or download files, or change the classes or input channels "
+                              "(see 'What mctool checks when reading a file' in docs/file-formats.md).")
+        if not str(key).isidentifier():
+            raise ConfigError(f"arch kwarg {key!r} of '{arch}' is not a valid argument name.")
+        _check_value(arch, key, value)
+    cls = _MCTOOL_CLASSES.get(arch)
+    if cls is not None:
+        accepted = [k for k in inspect.signature(cls.__init__).parameters if k in _MCTOOL_KWARGS]
+        for key, value in arch_kwargs.items():
+            if key not in accepted:
+                raise ConfigError(f"architecture '{arch}' does not accept the arch kwarg '{key}'; it takes "
+                                  f"{', '.join(accepted)}.")
+            kind, lo, hi = _MCTOOL_KWARGS[key]
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool)}[kind] and lo <= value <= hi
+            if not ok:
+                what = "true or false" if kind == "bool" else f"{'an integer' if kind == 'int' else 'a number'} " \
+                                                                f"from {lo:g} to {hi:g}"
+                raise ConfigError(f"arch kwarg '{key}' of '{arch}' must be {what}, got {value!r}.")
+    return arch_kwargs
+
+
+def _check_sizes(arch: str, num_classes: Any, in_chans: Any) -> None:
+    for name, value, hi in (("num_classes", num_classes, MAX_CLASSES), ("in_chans", in_chans, MAX_IN_CHANS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            raise ConfigError(f"{name} of '{arch}' must be an integer from 1 to {hi:,}, got {value!r}.")
+
+
+def _create_checked(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, AssertionError, IndexError, KeyError,
+            AttributeError, NotImplementedError) as e:
+        raise ConfigError(f"architecture '{arch}' cannot be built with num_classes={num_classes}, "
+                          f"in_chans={in_chans} and arch kwargs {json.dumps(arch_kwargs)}: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def model_shapes(arch: str, num_classes: int, in_chans: int,
+                 arch_kwargs: dict[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state dict ``build_model`` would make, without allocating it.
+
+    The network is built on PyTorch's ``meta`` device (shapes, no storage); an architecture that cannot be
+    built there is built on the CPU, which is safe because its arguments are already bounded. Refuses
+    networks with more than ``MAX_ELEMENTS`` elements.
+    """
+    arch_kwargs = dict(arch_kwargs or {})
+    _check_arch_name(arch)
+    _check_sizes(arch, num_classes, in_chans)
+    check_arch_kwargs(arch, arch_kwargs)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                      **arch_kwargs)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - not buildable on 'meta': the checked CPU build gives the real error
+        model = _create_checked(arch, num_classes, in_chans, arch_kwargs)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    elements = sum(math.prod(s) for s in shapes.values())
+    if elements > MAX_ELEMENTS:
+        raise ConfigError(f"architecture '{arch}' with num_classes={num_classes}, in_chans={in_chans} and arch "
+                          f"kwargs {json.dumps(arch_kwargs)} has {elements:,} parameters and buffers; mctool builds "
+                          f"at most {MAX_ELEMENTS:,}.")
+    return shapes
+
+
+def _check_arch_name(arch: Any) -> None:
+    if not isinstance(arch, str) or not arch or len(arch) > _MAX_KWARG_STR or not arch.isprintable():
+        raise ConfigError(f"architecture name {arch!r} is not a timm model name.")
+    if ":" in arch or "/" in arch:  # timm reads configs and weights for 'hf-hub:...' and 'local-dir:...' names
+        raise ConfigError(f"architecture '{arch}' names a hub or folder; mctool builds timm models by their "
+                          "registry name only (e.g. 'resnet18'), with random weights.")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, list(MCTOOL_ARCHS) + timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"unknown architecture '{arch}'.{hint} mctool's own: {', '.join(MCTOOL_ARCHS)}; any name in timm.list_models() works too.")
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 **(arch_kwargs or {}))
-    except TypeError as e:
-        raise ConfigError(f"architecture '{arch}' does not accept the arch kwargs {arch_kwargs}: {e}") from None
+
+
+def build_model(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build ``arch`` (any timm name) with random weights; unknown names and bad kwargs raise ConfigError.
+
+    Arguments are checked (``check_arch_kwargs``) and the network's size is measured on the ``meta`` device
+    (``model_shapes``) before any memory is allocated for it.
+    """
+    arch_kwargs = dict(arch_kwargs or {})
+    model_shapes(arch, num_classes, in_chans, arch_kwargs)
+    return _create_checked(arch, num_classes, in_chans, arch_kwargs)
 
 
 def arch_kwargs_for(arch: str, arch_kwargs: dict[str, Any] | None, img_size: int) -> dict[str, Any]:

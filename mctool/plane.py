@@ -1,4 +1,4 @@
-"""``mctool plane``: loss and error surfaces on the plane through three points (paper-notes section 5).
+"""``mctool plane``: loss and error surfaces on the plane through three points (docs/method.md#plane).
 
 u = (w2 - w0) / ||w2 - w0||, v = the part of w1 - w0 orthogonal to u, normalised; dx = ||w2 - w0||,
 dy = ||v'||. Grid point (alpha, beta) has weights w0 + alpha dx u + beta dy v and plot coordinates
@@ -8,6 +8,7 @@ dy = ||v'||. Grid point (alpha, beta) has weights w0 + alpha dx u + beta dy v an
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,15 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
+from .curve_eval import interrupted, metric_set
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError
 from .evaluation import evaluate_weights
+from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
+from .options import check_count, check_real
+from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import progress_bar, resolve_device
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
@@ -84,24 +89,27 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
     raise ConfigError(f"give one curve file or three model checkpoints (w0 w1 w2), not {len(paths)} files.")
 
 
+@holds_output_locks
 def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margins: tuple[float, float, float, float]
           = (0.2, 0.2, 0.2, 0.2), bend: int | None = None, curve_points: int = 61, plot: str | Path | None = None,
           resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
           data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane (``margins`` = left, right,
     bottom, top, as fractions of dx and dy), plus at the three points themselves."""
-    if grid_points < 2:
-        raise ConfigError(f"--grid-points must be >= 2, got {grid_points}.")
-    if curve_points < 2:
-        raise ConfigError(f"--curve-points must be >= 2, got {curve_points}.")
-    if any(m < 0 for m in margins):
-        raise ConfigError("margins must be >= 0.")
-    for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{opt} must be >= 1, got {value}.")
+    t0 = time.time()
+    check_count("--grid-points", grid_points, 2)
+    check_count("--curve-points", curve_points, 2)
+    if len(margins) != 4:
+        raise ConfigError(f"give four margins (left, right, bottom, top), got {len(margins)}.")
+    for side, value in zip(("left", "right", "bottom", "top"), margins):
+        check_real(f"--margin-{side} (or --margin)", value, 0)
+    for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset), ("--batch-size", batch_size),
+                       ("--bend", bend)):
+        check_count(opt, value)
+    check_real("--wd", wd, 0)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs = _points(paths, bend)
     basis = PlaneBasis.through(w0, w1, w2)
@@ -117,7 +125,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset, "precision": precision}
-    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot)
+    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot,
+                                shapes={**{n: grid[n].shape for n in names}, **{f"at_points/{n}": (3,) for n in names}})
     if old:
         for n in names:
             grid[n] = np.asarray(old[n], dtype=np.float64)
@@ -132,7 +141,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         curve_off = np.array([d for _, _, d in proj])
     attrs = {**provenance(inputs, config, "plane"), "dx": basis.dx, "dy": basis.dy, "w1_x": basis.w1_x,
              "u_norm": float(basis.u.double().norm()), "v_norm": float(basis.v.double().norm()),
-             "u_dot_v": float(basis.u.double() @ basis.v.double()), "eval_split": split,
+             "u_dot_v": float(basis.u.double() @ basis.v.double()), "split": split,
              "alpha_fractions": json.dumps(alphas.tolist()), "beta_fractions": json.dumps(betas.tolist())}
     if started:
         attrs["started"] = started
@@ -170,31 +179,43 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                                     precision=precision, train_split=train_split)
 
         write()
-        with progress_bar(quiet) as bar:
-            total = grid_points * grid_points + 3
-            task = bar.add_task("plane", total=total, completed=total - len(todo) - len(todo_points), info="")
-            for k in todo_points:
-                m = measure(point_weights[k].to(dev))
-                for n in names:
-                    at_points[n][k] = m[n]
-                write()
-                bar.advance(task)
-            for i, j in todo:
-                m = measure(dbasis.weights(float(alphas[i]), float(betas[j])))
-                for n in names:
-                    grid[n][i, j] = m[n]
-                write()
-                bar.update(task, advance=1, info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
-    summary = {n.replace("/", "_"): {"min": float(np.nanmin(grid[n])), "max": float(np.nanmax(grid[n])),
-                                     "at_points": at_points[n].tolist()} for n in names}
+        total = grid_points * grid_points + 3
+        saved = total - len(todo) - len(todo_points)
+        try:
+            with progress_bar(quiet) as bar:
+                task = bar.add_task("plane", total=total, completed=saved, info="")
+                for k in todo_points:
+                    m = measure(point_weights[k].to(dev))
+                    for n in names:
+                        at_points[n][k] = m[n]
+                    write()
+                    saved += 1
+                    bar.advance(task)
+                for i, j in todo:
+                    m = measure(dbasis.weights(float(alphas[i]), float(betas[j])))
+                    for n in names:
+                        grid[n][i, j] = m[n]
+                    write()
+                    saved += 1
+                    bar.update(task, advance=1,
+                               info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
+        except KeyboardInterrupt:
+            raise interrupted(saved, total, metrics) from None
+    summary: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
+    for n in names:
+        group, metric = metric_set(n)
+        summary[group][metric] = {"min": float(np.nanmin(grid[n])), "max": float(np.nanmax(grid[n])),
+                                  "at_points": at_points[n].tolist()}
     write(summary)
-    result = {"metrics_file": str(metrics), "grid_points": grid_points, "split": split, "dx": basis.dx,
-              "dy": basis.dy, "points": coords.tolist(), "summary": summary}
-    if curve_off is not None:
-        result["curve_max_offplane"] = float(curve_off.max())
+    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split,
+                         metrics={g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()})
+                                  for g in ("train", "eval")},
+                         grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
+                         curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
     if plot is not None:
         from .plots import plot_plane
 
         plot_plane(metrics, plot)
-        result["plot"] = str(plot)
+    result.outputs = {"metrics": FileRef.of(metrics), "plot": FileRef.of(plot) if plot is not None else None}
+    result.seconds = time.time() - t0
     return result

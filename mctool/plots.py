@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MetricsFileError
-from .fileio import atomic_path
-from .h5io import read_h5
+from .fileio import atomic_path, check_outputs, holds_output_locks
+from .h5io import json_attr, metrics_file, read_h5
+from .results import FileRef, PlotResult, file_refs
+
+
+def _split(attrs: dict) -> str:
+    """The evaluation split of a metrics file (root attribute ``split``; ``eval_split`` before schema 2)."""
+    return attrs.get("split", attrs.get("eval_split", "test"))
+
+
+def _checked_split(attrs: dict, path: str | Path) -> str:
+    split = _split(attrs)
+    if split not in ("test", "val"):
+        raise MetricsFileError(f"'{path}': attribute 'split' must be 'test' or 'val', got {str(split)[:40]!r}.")
+    return split
+
+
+def _check_shapes(path: str | Path, data: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                  min_size: int) -> None:
+    """The datasets a figure draws exist, are numbers and have the shapes that go together."""
+    for name, shape in shapes.items():
+        if name not in data:
+            raise MetricsFileError(f"'{path}' is not a complete metrics file: it has no dataset '{name}'.")
+        arr = data[name]
+        if np.shape(arr) != shape or arr.dtype.kind not in "fiu" or min(shape, default=0) < min_size:
+            raise MetricsFileError(f"'{path}': dataset '{name}' must be numbers of shape {shape} (each side at "
+                                   f"least {min_size}), got {np.shape(arr)} of {arr.dtype}.")
+
+
+def _get(obj: object, *keys: str) -> object:
+    """obj[k1][k2]... or None where any level is missing or not a JSON object."""
+    for k in keys:
+        obj = obj.get(k) if isinstance(obj, dict) else None
+    return obj
 
 
 def _pyplot():
@@ -26,15 +58,17 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for f in files:
-        data, attrs = read_h5(f)
-        if attrs.get("kind") != "evaluate-curve":
-            raise MetricsFileError(f"'{f}' is a '{attrs.get('kind', 'unknown')}' file, not an evaluate-curve file.")
-        split = attrs.get("eval_split", "test")
+        data, attrs = metrics_file(f, ("evaluate-curve",), {"t": 1, "train/loss": 1})
+        split = _checked_split(attrs, f)
         t = data["t"]
-        summary = json.loads(attrs["summary"]) if "summary" in attrs else {}
-        barrier = summary.get("barrier", {}).get(f"{split}_err")
-        label = attrs.get("curve", "curve") + (f" ({attrs.get('num_bends')} bend)" if attrs.get("curve") != "line" else
-                                               " (segment)")
+        _check_shapes(f, data, {"train/loss": t.shape, f"{split}/err": t.shape}, min_size=1)
+        summary = json_attr(attrs, "summary", f) if "summary" in attrs else {}
+        barrier = _get(summary, "barrier", "eval", "err")
+        curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
+        bends = attrs.get("num_bends") if isinstance(attrs.get("num_bends"), int) else "?"
+        label = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
+        if not isinstance(barrier, (int, float)) or not np.isfinite(barrier):
+            barrier = None
         if barrier is not None:
             label += f", {split} err barrier {100 * barrier:.1f} pts"
         for ax, y in ((ax_loss, data["train/loss"]), (ax_err, 100 * data[f"{split}/err"])):
@@ -68,11 +102,16 @@ def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> np.n
 def plot_plane(file: str | Path, output: str | Path) -> None:
     """Train loss and error surfaces of a ``plane`` file as filled contours, like the paper's Figure 1."""
     plt = _pyplot()
-    data, attrs = read_h5(file)
-    if attrs.get("kind") != "plane":
-        raise MetricsFileError(f"'{file}' is a '{attrs.get('kind', 'unknown')}' file, not a plane file.")
-    split = attrs.get("eval_split", "test")
+    data, attrs = metrics_file(file, ("plane",), {"alpha": 1, "beta": 1, "train/loss": 2, "points": 2})
+    split = _checked_split(attrs, file)
     x, y = data["alpha"], data["beta"]
+    grid = (len(x), len(y))
+    _check_shapes(file, data, {"train/loss": grid, f"{split}/err": grid, "points": (3, 2)}, min_size=2)
+    if "curve" in data and (np.ndim(data["curve"]) != 2 or np.shape(data["curve"])[1:] != (2,)):
+        raise MetricsFileError(f"'{file}': dataset 'curve' must have shape (n, 2), got {np.shape(data['curve'])}.")
+    coordinates = ("alpha", "beta", "points", "curve") if "curve" in data else ("alpha", "beta", "points")
+    if not all(np.isfinite(data[k]).all() for k in coordinates):
+        raise MetricsFileError(f"'{file}': the coordinates (alpha, beta, points, curve) must be finite numbers.")
     labels = ("A", "bend", "B") if "curve" in data else ("w0", "w1", "w2")
     from matplotlib import patheffects
 
@@ -106,16 +145,24 @@ def plot_plane(file: str | Path, output: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_files(files: list[str | Path], output: str | Path) -> str:
-    """Draw whatever the files hold: one plane file, or one or more evaluate-curve files. Returns the kind."""
-    kinds = {read_h5(f)[1].get("kind") for f in files}
+@holds_output_locks
+def plot_files(files: list[str | Path], output: str | Path, *, force: bool = False) -> PlotResult:
+    """Draw whatever the files hold: one plane file, or one or more evaluate-curve files."""
+    t0 = time.time()
+    check_outputs({"--output": output}, files, force=force)
+    kinds = {k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
+
+    def done(kind: str) -> PlotResult:
+        return PlotResult(command="plot", inputs=file_refs(list(files)), outputs={"plot": FileRef.of(output)},
+                          metrics={"train": None, "eval": None}, seconds=time.time() - t0, kind=kind)
+
     if kinds == {"plane"}:
         if len(files) != 1:
             raise MetricsFileError("give one plane file at a time.")
         plot_plane(files[0], output)
-        return "plane"
+        return done("plane")
     if kinds == {"evaluate-curve"}:
         plot_curves(files, output)
-        return "evaluate-curve"
+        return done("evaluate-curve")
     raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve files "
                            "or one plane file.")

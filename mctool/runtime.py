@@ -1,18 +1,20 @@
-"""Where and how computation runs: device choice, mixed precision, progress display."""
+"""Where and how computation runs: device choice, mixed precision, warnings and the progress seam."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import sys
+import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import ConfigError
+from .errors import ConfigError, MctoolWarning
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -118,15 +120,77 @@ def stderr_console() -> Console:
 
 
 def warn(message: str) -> None:
-    """A warning on stderr ("Warning: ..."): the run goes on, but the user should know."""
-    stderr_console().print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    """A ``MctoolWarning``: the run goes on, but the user should know.
+
+    The library never prints: Python callers see (or filter) it like any other warning, and the CLI
+    shows it as one "Warning: ..." line on stderr (``show_warnings``).
+    """
+    warnings.warn(message, MctoolWarning, stacklevel=2)
 
 
 @contextlib.contextmanager
-def progress_bar(quiet: bool = False) -> Iterator[Progress]:
-    """Rich progress on stderr (hidden with --quiet); stdout stays free for --json."""
+def show_warnings() -> Iterator[None]:
+    """While the block runs, every ``MctoolWarning`` is printed as one unwrapped "Warning: ..." line on stderr
+    (each time it happens); other warnings are shown as Python shows them. The CLI wraps each command in it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MctoolWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, MctoolWarning):
+                stderr_console().print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
+# Whether progress bars are drawn: off unless a caller (the CLI, or a Python user through ``progress()``)
+# asks for them. A context variable, so that asking in one thread or task does not affect another.
+_SHOW_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("mctool_progress", default=False)
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True) -> Iterator[None]:
+    """Draw progress bars on stderr for the mctool calls made inside the block (the CLI does this for every
+    command without ``--quiet``); library calls outside it draw nothing::
+
+        with mctool.progress():
+            mctool.train(cfg, "m.safetensors", "m.h5")
+    """
+    token = _SHOW_PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS.reset(token)
+
+
+class _NoProgress:
+    """Accepts what a Rich ``Progress`` is told and draws nothing."""
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress]:
+    """A Rich progress display on stderr inside ``progress()`` (and not ``quiet``), else one that draws
+    nothing; stdout stays free for --json."""
+    if quiet or not _SHOW_PROGRESS.get():
+        yield _NoProgress()
+        return
     p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                 console=stderr_console(), disable=quiet, transient=False)
+                 console=stderr_console(), transient=False)
     with p:
         yield p

@@ -10,7 +10,7 @@ SCHEDULES = ("paper", "cosine", "constant", "sse")
 
 
 def paper_factor(epoch: int, epochs: int) -> float:
-    """The paper's schedule (paper-notes section 2), set once per epoch with a = epoch / epochs.
+    """The paper's schedule (docs/method.md#lr-schedule), set once per epoch with a = epoch / epochs.
 
     1 for a <= 0.5, then linear down to 0.01 at a = 0.9, then 0.01.
     """
@@ -41,7 +41,7 @@ def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int
 
 
 def fge_lr(iteration: int, cycle: int, lr_max: float, lr_min: float) -> float:
-    """FGE's cyclic learning rate (paper-notes section 6) at a 0-based global iteration.
+    """FGE's cyclic learning rate (docs/method.md#fge) at a 0-based global iteration.
 
     With t = (iteration mod cycle + 1) / cycle: lr = (1 - 2t) lr_max + 2t lr_min for t <= 1/2, and
     (2 - 2t) lr_min + (2t - 1) lr_max after: down to lr_min at mid cycle, back to lr_max at its end.
@@ -58,7 +58,7 @@ def fge_is_snapshot(iteration: int, cycle: int) -> bool:
 
 
 def sse_lr(iteration: int, total: int, snapshots: int, lr0: float) -> float:
-    """Snapshot Ensembles' cosine annealing with restarts (paper-notes section 7), 0-based iteration.
+    """Snapshot Ensembles' cosine annealing with restarts (docs/method.md#sse), 0-based iteration.
 
     lr(i) = lr0 / 2 * (cos(pi * mod(i - 1, ceil(T / M)) / ceil(T / M)) + 1) with i = iteration + 1.
     """

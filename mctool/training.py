@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,15 +14,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MOMENTUM_PREFIX, ModelMeta, load_model, read_checkpoint, read_metadata, save_model
+from .checkpoint import (MOMENTUM_PREFIX, ModelMeta, check_state_metadata, check_state_tensors, load_model,
+                         read_checkpoint, read_metadata, save_model)
 from .data import DEFAULT_ARCH, Data, check_fits, load_data
-from .errors import ConfigError, Interrupted, NonFiniteLossError
+from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .evaluation import predict_probs, summarize
-from .fileio import check_output, sha256_file
+from .fileio import check_output, check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
+from .results import FileRef, Metrics, TrainResult, file_refs
 from .models import arch_kwargs_for, build_model
+from .options import check_count, check_real
 from .runtime import autocast, honours_deterministic, progress_bar, resolve_device
 from .schedules import SCHEDULES, lr_at, sse_is_snapshot, sse_lr
 
@@ -55,31 +60,34 @@ class TrainConfig:
 
     def validate(self) -> None:
         validate_sgd(self)
-        if self.schedule == "sse" and self.snapshots < 1:
-            raise ConfigError(f"--snapshots must be >= 1, got {self.snapshots}.")
+        check_count("--snapshots", self.snapshots)
 
 
 def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
     """Checks shared by every SGD run (train, connect, fge): clear errors for values that cannot work."""
-    if not cfg.lr > 0:
-        raise ConfigError(f"{lr_option} must be > 0, got {cfg.lr}.")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}.")
-    if cfg.wd < 0:
-        raise ConfigError(f"--wd must be >= 0, got {cfg.wd}.")
-    if not 0 <= cfg.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}.")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}.")
-    if cfg.save_every < 0:
-        raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}.")
+    check_real(lr_option, cfg.lr, 0, low_open=True)
+    check_count("--epochs", cfg.epochs)
+    check_real("--wd", cfg.wd, 0)
+    check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
+    check_count("--batch-size", cfg.batch_size)
+    check_count("--save-every", cfg.save_every, 0)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'.")
+
+
+def recorded_lr(config: dict[str, Any]) -> float | None:
+    """The learning rate a network's recorded config says it was trained at (None if absent or not a positive
+    number): connect and fge derive their defaults from it."""
+    lr = config.get("lr")
+    ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    return float(lr) if ok else None
 
 
 def output_stem(output: str | Path) -> str:
     """A file name without its ``.safetensors`` ending, for names derived from an output."""
     name = Path(output).name
+    if name in ("", ".", ".."):
+        raise OutputError(f"output '{output}' is not a file name; give a file name.")
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
@@ -99,20 +107,35 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool,
-                    force: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool, force: bool,
+                    renamed: dict[str, str] | None = None, inputs: list[str | Path | None] | tuple = (),
+                    more_outputs: dict[str, str | Path | None] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """Check outputs before any work; with ``resume``, return the saved state after checking its config.
 
     A resumed run must be given the same options; ``None`` (e.g. an architecture left to its default)
-    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded.
+    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded. ``renamed`` maps
+    config fields of older versions to their current names, so that their interrupted runs still resume.
+
+    The output, the metrics file, ``more_outputs``, the training state and the --save-every checkpoints
+    must all be different files and none of ``inputs``. A new run with ``force`` first removes what an
+    earlier run of the same output left behind (its training state and --save-every checkpoints).
     """
     state_file = state_path(output)
+    every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
+    snapshots = {f"the --save-every checkpoint of epoch {e}": snapshot_path(output, e)
+                 for e in (range(every, epochs, every) if every else ())}
+    # force=True: only name clashes and locks here; whether existing files may be replaced depends on resume.
+    check_outputs({"--output": output, "--metrics": metrics, **(more_outputs or {})}, inputs, force=True,
+                  derived={"the training state of --output": state_file, **snapshots})
     if resume:
         if not state_file.exists():
             hint = " The run already finished." if output.exists() else ""
             raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")
         state = read_checkpoint(state_file)
+        check_state_metadata(state[1], state_file)
         saved = json.loads(state[1].get("config", "{}"))
+        saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
         diff = {}
         for k, v in config.items():
             if k in RUNTIME_OPTIONS:
@@ -131,10 +154,22 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                           "start over.")
     check_output(output, force)
     check_output(metrics, force, "metrics file")
-    every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
-    for epoch in range(every, epochs, every) if every else ():
-        check_output(snapshot_path(output, epoch), force, "--save-every checkpoint")
+    for what, path in {**(more_outputs or {}), **snapshots}.items():
+        if path is not None:
+            check_output(path, force, what)
+    if force:
+        _remove_old_run(output, inputs)
     return None
+
+
+def _remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> None:
+    """Delete the training state and --save-every checkpoints an earlier run of ``output`` left (not inputs)."""
+    pattern = re.compile(rf"{re.escape(output_stem(output))}(\.state|-epoch\d{{3,}})\.safetensors")
+    folder = output.parent if str(output.parent) else Path(".")
+    keep = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if pattern.fullmatch(path.name) and path.is_file() and not any(path.samefile(k) for k in keep):
+            path.unlink()
 
 
 def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
@@ -200,6 +235,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     state_file = state_path(output)
+    metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
+    saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)
     n_iter = data.train.num_batches(cfg.batch_size)
     dev = getattr(data.train, "device", torch.device("cpu"))
     try:
@@ -233,28 +270,40 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 log.append(epoch + 1, **row, seconds=time.time() - t0)
                 # Order matters: the state (with the history) first, then the metrics file it reproduces.
                 save_state(epoch + 1, state_file, "train-state")
+                saved = epoch + 1
                 log.flush()
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
                     save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
-        done = len(log.rows)
+        done = saved
         if not state_file.exists():
+            # fge and sse record snapshots as they are taken: the metrics file may be this run's, and then a new
+            # run needs --force (unless it was there before, when this command already had --force)
+            if log.path.exists() and log.path.stat().st_mtime_ns != metrics_before:
+                again = "plus --force" if metrics_before is None else "again"
+                raise Interrupted(f"interrupted during epoch 1, before any epoch was complete; nothing resumable "
+                                  f"was saved ('{log.path}' holds only snapshots of that epoch). Run the same "
+                                  f"command {again} to start over.") from None
             raise Interrupted("interrupted during epoch 1, before any epoch was complete; nothing was saved. "
                               "Run the same command again to start over.") from None
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
 
 
+@holds_output_locks
 @honours_deterministic
 def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: str = "auto",
           data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
-          force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train one network; returns a summary (paths and final metrics). See docs/cli.md#train."""
+          force: bool = False, quiet: bool = False) -> TrainResult:
+    """Train one network; returns its paths and final metrics. See docs/cli.md#train.
+
+    ``cfg`` is not changed: defaults (``arch``, ``arch_kwargs``) are filled in on a copy."""
+    cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs))
     cfg.validate()
     output, metrics = Path(output), Path(metrics)
-    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force)
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[cfg.init])
     if resume_state is not None:
         saved = json.loads(resume_state[1]["config"])
         cfg.arch, cfg.arch_kwargs = saved["arch"], saved["arch_kwargs"]
@@ -263,7 +312,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     init_md = read_metadata(cfg.init) if cfg.init else {}
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
-                     normalization=json.loads(init_md["normalization"]) if "normalization" in init_md else None)
+                     normalization=ModelMeta.from_metadata(init_md, cfg.init).normalization if "arch" in init_md
+                     else None)
     init = None
     if cfg.init and "arch" not in init_md:  # a plain state dict (e.g. from timm): --arch says what it is
         if cfg.arch is None:
@@ -299,13 +349,14 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     sse = cfg.schedule == "sse"
     snaps = SnapshotCollector(model, data, precision=cfg.precision) if sse else None
     log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", f"{split}/nll", f"{split}/err", "seconds"],
-                     {**provenance(inputs, asdict(cfg), "train"), "eval_split": split},
+                     {**provenance(inputs, asdict(cfg), "train"), "split": split},
                      (lambda: ({"member": np.arange(1, len(snaps.rows) + 1)}, snaps.h5_datasets(split))) if sse
                      else None)
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
         start_epoch = int(md["epoch"])
+        check_state_tensors(model, tensors, state_path(output))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))})
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
@@ -325,9 +376,12 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
 
     step = sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs)
 
+    last_eval: dict[str, float] = {}  # the last evaluation, all metrics (the log keeps nll and err)
+
     def evaluate() -> dict[str, float]:
         probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev)
         ev = summarize(probs, labels)
+        last_eval.update(ev)
         return {f"{split}/nll": ev["nll"], f"{split}/err": ev["err"]}
 
     total = cfg.epochs * n_iter
@@ -356,11 +410,13 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     log.flush()
     state_path(output).unlink(missing_ok=True)
     last = log.rows[-1]
-    return {"output": str(output), "metrics_file": str(metrics), "arch": cfg.arch, "dataset": data.info.name,
-            "epochs": cfg.epochs, "eval_split": split, "train_loss": last["train/loss"], "train_err": last["train/err"],
-            f"{split}_nll": last[f"{split}/nll"], f"{split}_err": last[f"{split}/err"],
-            "seconds": time.time() - t_run, "sha256": sha256_file(output),
-            **({"members": len(snaps.rows), "ensemble": rows_summary(snaps.rows)} if snaps else {})}
+    final = (Metrics.of(rows_summary(snaps.rows)) if snaps else
+             Metrics.of(last_eval or {"nll": last[f"{split}/nll"], "err": last[f"{split}/err"]}))
+    return TrainResult(command="train", inputs=file_refs(inputs),
+                       outputs={"model": FileRef.of(output), "metrics": FileRef.of(metrics)}, split=split,
+                       metrics={"train": Metrics(loss=last["train/loss"], err=last["train/err"]), "eval": final},
+                       seconds=time.time() - t_run, arch=cfg.arch, dataset=data.info.name, epochs=cfg.epochs,
+                       members=len(snaps.rows) if snaps else None, config=asdict(cfg))
 
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:

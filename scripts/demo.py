@@ -49,19 +49,20 @@ def main() -> None:
 
     print(f"\nmctool demo on digits ({ev['samples']} test images), {time.time() - t0:.0f} s")
     print(f"\n{'network':<36}{'test error':>11}{'test NLL':>10}{'ECE':>8}")
-    for m in ev["models"]:
-        print(f"{Path(m['path']).name:<36}{100 * m['err']:>10.2f}%{m['nll']:>10.4f}{m['ece']:>8.4f}")
-    e = ev["ensemble"]
+    for entry in ev["models"]:
+        m = entry["metrics"]
+        print(f"{Path(entry['path']).name:<36}{100 * m['err']:>10.2f}%{m['nll']:>10.4f}{m['ece']:>8.4f}")
+    e = ev["metrics"]["eval"]  # the ensemble of both
     print(f"{'ensemble of both (mean softmax)':<36}{100 * e['err']:>10.2f}%{e['nll']:>10.4f}{e['ece']:>8.4f}")
     print(f"\n{'path from A to B':<22}{'train-loss barrier':>20}{'test-error barrier':>20}{'length / |B-A|':>16}")
     for name, r in (("straight segment", seg), ("Bezier, 1 bend", bez)):
-        m = r["metrics"]
-        print(f"{name:<22}{m['barrier']['train_loss']:>20.4f}{100 * m['barrier']['test_err']:>18.2f} pt"
-              f"{m['length_ratio']:>16.3f}")
-    one, f = ev["models"][0], fge["ensemble"]
+        b = r["barrier"]
+        print(f"{name:<22}{b['train']['loss']:>20.4f}{100 * b['eval']['err']:>18.2f} pt"
+              f"{r['length_ratio']:>16.3f}")
+    one, f = ev["models"][0]["metrics"], fge["metrics"]["eval"]
     print(f"\nsame budget (30 epochs) from seed 1: one network {100 * one['err']:.2f}% error, NLL {one['nll']:.4f}; "
           f"FGE from epoch 24 ({fge['members']} members in 6 epochs) {100 * f['err']:.2f}% error, NLL {f['nll']:.4f}")
-    lo, hi = pl["summary"]["train_loss"]["min"], pl["summary"]["train_loss"]["max"]
+    lo, hi = pl["metrics"]["train"]["loss"]["min"], pl["metrics"]["train"]["loss"]["max"]
     print(f"\nplane through A, the bend and B: {pl['grid_points']}x{pl['grid_points']} grid, train loss from "
           f"{lo:.3f} to {hi:.3f}; the curve leaves the plane by at most {pl['curve_max_offplane']:.2g}")
     print(f"plots: {o('segment-vs-bezier.png')} (both paths), {o('plane.png')} (surfaces, like the paper's "

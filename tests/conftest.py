@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ from typer.testing import CliRunner
 
 from mctool.cli import app
 
-torch.set_num_threads(2)
+# Two threads unless MCTOOL_TEST_THREADS (or else OMP_NUM_THREADS) says otherwise: run the suite with 1 and
+# with 2 to check that no result depends on the thread count (see docs/testing.md).
+torch.set_num_threads(int(os.environ.get("MCTOOL_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2))
+
+
+def pytest_report_header(config) -> str:
+    return f"torch threads: {torch.get_num_threads()} (set MCTOOL_TEST_THREADS to change)"
 
 
 class Cli:

@@ -69,8 +69,11 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert data["ensemble/test/nll"][-1] == pytest.approx(nll(sum(probs) / 5, labels), rel=1e-5)
     assert data["members/test/nll"][1] == pytest.approx(nll(probs[1], labels), rel=1e-5)
     assert data["ensemble/test/nll"][0] == pytest.approx(data["members/test/nll"][0])
-    assert r["ensemble"]["err"] == pytest.approx(data["ensemble/test/err"][-1])
-    assert read_metadata(tmp_path / "swa.safetensors")["kind"] == "model" and "swa" in r
+    assert r["metrics"]["eval"]["err"] == pytest.approx(data["ensemble/test/err"][-1])
+    assert r["metrics"]["last_member"]["nll"] == pytest.approx(data["members/test/nll"][-1])
+    assert attrs["num_members"] == 5 and attrs["split"] == "test"
+    assert read_metadata(tmp_path / "swa.safetensors")["kind"] == "model" and r["metrics"]["swa"]["err"] is not None
+    assert r["outputs"]["swa"]["path"] == str(tmp_path / "swa.safetensors")
     with h5py.File(m) as f:
         assert f["ensemble/test/err"].dims[0][0].name == "/member" and f["lr"].dims[0][0].name == "/iteration"
 
@@ -83,7 +86,8 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert "exactly one of --t" in cli.error("point", out, "-o", tmp_path / "x.st")
     # evaluate accepts ensemble files and expands them into members
     ev = cli.json("evaluate", out, *CPU)
-    assert len(ev["models"]) == 5 and ev["ensemble"]["nll"] == pytest.approx(r["ensemble"]["nll"], rel=1e-5)
+    assert len(ev["models"]) == 5 and ev["models"][4]["label"] == f"{out}#4" and ev["models"][4]["path"] == str(out)
+    assert ev["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-5)
 
 
 def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, monkeypatch):
@@ -123,6 +127,7 @@ def test_snapshot_ensembles(cli, tmp_path):
                  "2", "--epochs", "4", "--lr", "0.1", "-o", out, *CPU)
     assert r["members"] == 2 and len(load_ensemble(out)) == 2
     data, _ = read_h5(tmp_path / "sse.h5")
+    assert r["metrics"]["eval"]["nll"] == pytest.approx(data["ensemble/test/nll"][-1])  # the output: the ensemble
     assert data["members/iteration"].tolist() == [23, 47]  # the end of each of the 2 cycles (48 iterations)
     assert "--snapshots" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "0", "-o",
                                       tmp_path / "x.st", "--epochs", "1")
@@ -136,7 +141,7 @@ def test_ensemble_file_needs_one_architecture(cli, tmp_path, digits_models):
     cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "-o", other, "--epochs", "1", "-q", *CPU)
     assert "one architecture" in cli.error("ensemble", digits_models[0], other, "-o", tmp_path / "e.safetensors")
     r = cli.json("ensemble", digits_models[0], other, *CPU)  # evaluating a mixed ensemble is fine
-    assert r["ensemble"]["members"] == 2
+    assert r["members"] == 2
 
 
 def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
@@ -145,25 +150,25 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
     d = load_data("digits")
     probs = [predict_probs(load_model(p).model, d.eval)[0] for p in digits_models]
     avg = (probs[0] + probs[1]) / 2
-    assert r["ensemble"]["brier"] == pytest.approx(brier(avg, d.eval.labels), rel=1e-5)
+    assert r["metrics"]["eval"]["brier"] == pytest.approx(brier(avg, d.eval.labels), rel=1e-5)
     onehot = torch.nn.functional.one_hot(d.eval.labels, 10).float()
-    assert r["ensemble"]["brier"] == pytest.approx(float(((avg - onehot) ** 2).sum(1).mean()), rel=1e-5)
+    assert r["metrics"]["eval"]["brier"] == pytest.approx(float(((avg - onehot) ** 2).sum(1).mean()), rel=1e-5)
     assert len(load_ensemble(out)) == 2
     assert read_h5(m)[0]["ensemble/test/brier"].shape == (2,)
     # re-evaluating the written ensemble file gives the same numbers
     again = cli.json("evaluate", out, *CPU)
-    assert again["ensemble"]["nll"] == pytest.approx(r["ensemble"]["nll"], rel=1e-6)
+    assert again["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-6)
 
 
 def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):
     c = tmp_path / "c.safetensors"
     cli("connect", *digits_models, "-o", c, "--epochs", "1", "-q", *CPU)
     r = cli.json("ensemble", c, "--num-points", "3", "--temperature-scale", *CPU)
-    assert [x["path"].split("@")[1] for x in r["models"]] == ["t=0", "t=0.5", "t=1"]
+    assert [x["label"].split("@")[1] for x in r["models"]] == ["t=0", "t=0.5", "t=1"]
     ends = cli.json("evaluate", *digits_models, *CPU)
-    assert r["models"][0]["nll"] == pytest.approx(ends["models"][0]["nll"], rel=1e-5)  # t = 0 is A
-    assert r["temperature"] > 0 and set(r["calibrated"]) == {"nll", "err", "ece", "brier"}
-    assert "temperature_warning" in r  # the members were not trained with --split val
+    assert r["models"][0]["metrics"]["nll"] == pytest.approx(ends["models"][0]["metrics"]["nll"], rel=1e-5)  # t=0: A
+    assert r["calibration"]["temperature"] > 0 and r["metrics"]["calibrated"]["nll"] is not None
+    assert r["calibration"]["warning"]  # the members were not trained with --split val
     assert "--num-points" in cli.error("ensemble", *digits_models, "--num-points", "3")
 
 
@@ -173,3 +178,28 @@ def test_fit_temperature_recovers_a_known_temperature():
     labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g)[:, 0]
     t = fit_temperature([true_logits * 2.0], labels)  # logits twice too sharp: the best T is about 2
     assert t == pytest.approx(2.0, rel=0.1)
+
+
+def test_default_fge_lrs_give_the_papers_values():
+    from mctool.fge import default_fge_lrs
+
+    lr_max, lr_min = default_fge_lrs(0.05, batchnorm=False)  # VGG16, trained at 0.05
+    assert lr_max == pytest.approx(0.01, rel=1e-12) and lr_min == pytest.approx(5e-4, rel=1e-12)
+    lr_max, lr_min = default_fge_lrs(0.1, batchnorm=True)  # PreResNet164, WRN-28-10, trained at 0.1
+    assert lr_max == pytest.approx(0.05, rel=1e-12) and lr_min == pytest.approx(5e-4, rel=1e-12)
+
+
+def test_fge_defaults_follow_the_start_network_and_are_recorded(cli, tmp_path, start_state):
+    # the start network: an MLP (no BatchNorm) trained at lr 0.1 with wd 5e-4
+    out, m = tmp_path / "fge.safetensors", tmp_path / "fge.h5"
+    cli("fge", start_state, "-o", out, "-m", m, "--epochs", "1", "--cycle-iters", "8", "-q", *CPU)
+    config = json.loads(read_metadata(out)["config"])
+    assert config["lr_max"] == pytest.approx(0.02, rel=1e-12) and config["lr_min"] == pytest.approx(0.001, rel=1e-12)
+    assert config["wd"] == 5e-4 and set(config["derived"]) == {"lr_max", "lr_min", "wd"}
+    data, _ = read_h5(m)
+    assert data["lr"].max() == pytest.approx(0.02) and data["lr"].min() == pytest.approx(0.001)
+
+    cli("fge", start_state, "-o", tmp_path / "g.safetensors", "--epochs", "1", "--cycle-iters", "8", "--lr-max",
+        "0.002", "-q", *CPU)
+    config = json.loads(read_metadata(tmp_path / "g.safetensors")["config"])
+    assert config["lr_max"] == 0.002 and config["lr_min"] == pytest.approx(0.001) and "lr_max" not in config["derived"]

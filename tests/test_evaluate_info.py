@@ -17,22 +17,25 @@ from mctool.h5io import read_h5
 def test_evaluate_single_and_ensemble_by_hand(cli, tmp_path, digits_models):
     metrics = tmp_path / "eval.h5"
     r = cli.json("evaluate", *digits_models, "-m", metrics, "--device", "cpu")
-    assert r["split"] == "test" and len(r["models"]) == 2 and r["ensemble"]["members"] == 2
+    assert r["split"] == "test" and len(r["models"]) == 2 and r["members"] == 2
     data = load_data("digits")
     probs = []
-    for path, m in zip(digits_models, r["models"]):
+    for path, entry in zip(digits_models, r["models"]):
+        assert entry["path"] == entry["label"] == str(path)
+        m = entry["metrics"]
         p, labels = predict_probs(load_model(path).model, data.eval)
         probs.append(p)
         assert m["nll"] == pytest.approx(nll(p, labels), rel=1e-6)
         assert m["loss"] > m["nll"]  # the L2 term of the training objective is added
         assert 0 <= m["err"] <= 1 and 0 <= m["ece"] <= 1
     ens = (probs[0] + probs[1]) / 2
-    assert r["ensemble"]["nll"] == pytest.approx(nll(ens, labels), rel=1e-6)
-    assert r["test_nll"] == r["ensemble"]["nll"] and r["test_err"] == r["ensemble"]["err"]
+    assert r["metrics"]["eval"]["nll"] == pytest.approx(nll(ens, labels), rel=1e-6)
+    assert r["metrics"]["eval"]["loss"] is None  # the ensemble has no single training objective
     h5, attrs = read_h5(metrics)
-    assert h5["test/nll"].tolist() == pytest.approx([m["nll"] for m in r["models"]])
-    assert h5["ensemble/test/nll"][0] == pytest.approx(r["models"][0]["nll"])  # an ensemble of one is the model
-    assert h5["ensemble/test/nll"][1] == pytest.approx(r["ensemble"]["nll"])
+    assert h5["members/test/nll"].tolist() == pytest.approx([m["metrics"]["nll"] for m in r["models"]])
+    assert h5["ensemble/test/nll"][0] == pytest.approx(r["models"][0]["metrics"]["nll"])  # an ensemble of one
+    assert h5["ensemble/test/nll"][1] == pytest.approx(r["metrics"]["eval"]["nll"])
+    assert h5["member"].tolist() == [1, 2] and attrs["split"] == "test" and attrs["num_members"] == 2
     assert attrs["kind"] == "evaluate" and str(digits_models[0]) in json.loads(attrs["inputs"])
     # the metrics file is not overwritten without --force
     assert "--force" in cli.error("evaluate", digits_models[0], "-m", metrics)
@@ -40,7 +43,7 @@ def test_evaluate_single_and_ensemble_by_hand(cli, tmp_path, digits_models):
 
 def test_evaluate_val_split_and_human_output(cli, digits_models):
     r = cli.json("evaluate", digits_models[0], "--split", "val", "--device", "cpu")
-    assert r["split"] == "val" and "val_err" in r and "ensemble" not in r
+    assert r["split"] == "val" and r["members"] == 1 and r["metrics"]["eval"] == r["models"][0]["metrics"]
     out = cli("evaluate", digits_models[0], "--device", "cpu")
     assert out.stdout == ""  # tables go to stderr
     assert "digits" in out.stderr and "%" in out.stderr
@@ -58,7 +61,8 @@ def test_evaluate_plain_state_dict(cli, tmp_path, digits_models):
                   '{"hidden": 32, "img_size": 8}', "--device", "cpu"]
     assert "--dataset" in cli.error("evaluate", plain, *plain_args)
     r = cli.json("evaluate", plain, "-d", "digits", *plain_args)
-    assert r["test_nll"] == pytest.approx(cli.json("evaluate", digits_models[0], "--device", "cpu")["test_nll"])
+    ref = cli.json("evaluate", digits_models[0], "--device", "cpu")
+    assert r["metrics"]["eval"]["nll"] == pytest.approx(ref["metrics"]["eval"]["nll"])
 
 
 def test_evaluate_refusals(cli, tmp_path, digits_models):
@@ -85,7 +89,7 @@ def test_info_checkpoint_and_metrics(cli, digits_models):
     assert r["tensors"]["count"] == 6 and r["tensors"]["elements"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     h5 = digits_models[0].with_suffix(".h5")
     r = cli.json("info", h5)
-    assert r["type"] == "hdf5" and r["attributes"]["kind"] == "train"
+    assert r["type"] == "hdf5" and r["metadata"]["kind"] == "train"
     assert r["datasets"]["test/err"]["shape"] == [8] and r["datasets"]["test/err"]["nan"] == 0
     human = cli("info", h5)
     assert "test/err" in human.stderr

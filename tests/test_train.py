@@ -17,16 +17,16 @@ TINY = ["-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--device", "cpu"]
 def test_train_learns_and_writes_provenance(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     r = cli.json("train", *TINY, "-o", out, "--epochs", "4", "--lr", "0.1")
-    assert r["output"] == str(out) and r["metrics_file"] == str(tmp_path / "m.h5")
-    assert r["test_err"] < 0.35  # chance is 0.9
-    assert 0 <= r["train_err"] <= 1 and r["epochs"] == 4
+    assert r["outputs"]["model"]["path"] == str(out) and r["outputs"]["metrics"]["path"] == str(tmp_path / "m.h5")
+    assert r["metrics"]["eval"]["err"] < 0.35  # chance is 0.9
+    assert 0 <= r["metrics"]["train"]["err"] <= 1 and r["epochs"] == 4
     md = read_metadata(out)
     assert md["kind"] == "model" and md["arch"] == "mlp" and md["dataset"] == "digits"
     assert json.loads(md["config"])["lr"] == 0.1
     assert json.loads(md["arch_kwargs"]) == {"hidden": 32, "img_size": 8}
     data, attrs = read_h5(tmp_path / "m.h5")
     assert data["epoch"].tolist() == [1, 2, 3, 4]
-    assert data["test/err"][-1] == pytest.approx(r["test_err"])
+    assert data["test/err"][-1] == pytest.approx(r["metrics"]["eval"]["err"])
     assert ((0 <= data["train/err"]) & (data["train/err"] <= 1)).all()
     assert attrs["kind"] == "train" and json.loads(attrs["config"])["epochs"] == 4
     assert not (tmp_path / "m.state.safetensors").exists()  # removed once the run is complete
@@ -72,7 +72,7 @@ def test_deterministic_context_sets_and_restores_torch_settings(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled() == before[0]
 
 
-def test_maybe_compile_falls_back_to_the_plain_function_with_one_warning(monkeypatch, capsys):
+def test_maybe_compile_falls_back_to_the_plain_function_with_one_warning(monkeypatch, recwarn):
     from mctool.runtime import maybe_compile
 
     def add_one(x):
@@ -88,15 +88,15 @@ def test_maybe_compile_falls_back_to_the_plain_function_with_one_warning(monkeyp
     monkeypatch.setattr(torch, "compile", broken_compile)
     f = maybe_compile(add_one, True, "the thing")
     assert f(1) == 2 and f(2) == 3
-    err = capsys.readouterr().err
-    assert err.count("Warning: --compile: could not compile the thing (RuntimeError: no C++ compiler found); "
-                     "it runs uncompiled.") == 1
+    warned = [str(w.message) for w in recwarn if issubclass(w.category, mctool.MctoolWarning)]
+    assert warned == ["--compile: could not compile the thing (RuntimeError: no C++ compiler found); "
+                      "it runs uncompiled."]
 
 
 def test_val_split_and_save_every(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     r = cli.json("train", *TINY, "-o", out, "--epochs", "3", "--split", "val", "--save-every", "1")
-    assert r["eval_split"] == "val" and "val_err" in r
+    assert r["split"] == "val" and r["metrics"]["eval"]["err"] is not None
     data, _ = read_h5(tmp_path / "m.h5")
     assert "val/err" in data and "test/err" not in data
     for epoch in (1, 2):
@@ -161,7 +161,7 @@ def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
     md = read_metadata(out)
     assert md["arch"] == "mlp" and json.loads(md["arch_kwargs"])["hidden"] == 32
     assert str(digits_models[0]) in json.loads(md["inputs"])
-    assert r["test_err"] < 0.2
+    assert r["metrics"]["eval"]["err"] < 0.2
     assert "differs" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc",
                                   "-o", tmp_path / "x.safetensors", "--epochs", "1")
     # a data set whose class count does not fit the checkpoint
@@ -215,13 +215,13 @@ def test_bf16_and_channels_last_run_on_cpu(cli, tmp_path):
     r = cli.json("train", "-d", "synthetic:size=8,classes=3,train=256,test=64", "--arch", "cifar_convfc",
                  "--arch-kwargs", '{"width": 0.25}', "-o", out, "--epochs", "2", "--precision", "bf16",
                  "--channels-last", "--device", "cpu")
-    assert 0 <= r["test_err"] <= 1 and r["train_loss"] == r["train_loss"]  # finite, not NaN
+    assert 0 <= r["metrics"]["eval"]["err"] <= 1 and r["metrics"]["train"]["loss"] is not None  # finite (NaN: null)
     tensors, md = read_checkpoint(out)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # weights stay fp32 under autocast
     assert json.loads(md["config"])["precision"] == "bf16"
     ev = cli.json("evaluate", out, "--precision", "bf16", "--channels-last", "--device", "cpu")
     ev32 = cli.json("evaluate", out, "--device", "cpu")
-    assert abs(ev["test_err"] - ev32["test_err"]) <= 0.05
+    assert abs(ev["metrics"]["eval"]["err"] - ev32["metrics"]["eval"]["err"]) <= 0.05
 
 
 def test_init_from_plain_state_dict_and_snapshot_guard(cli, tmp_path, digits_models):
@@ -232,7 +232,7 @@ def test_init_from_plain_state_dict_and_snapshot_guard(cli, tmp_path, digits_mod
     out = tmp_path / "m.safetensors"
     assert "--arch" in cli.error("train", *TINY, "--init", plain, "-o", out, "--epochs", "1")
     r = cli.json("train", *TINY, "--arch", "mlp", "--init", plain, "-o", out, "--epochs", "1", "--lr", "0.001")
-    assert r["test_err"] < 0.3  # started from the trained weights, not from scratch
+    assert r["metrics"]["eval"]["err"] < 0.3  # started from the trained weights, not from scratch
     # existing --save-every checkpoints are not overwritten without --force
     snap = tmp_path / "n-epoch001.safetensors"
     snap.write_bytes(b"precious")

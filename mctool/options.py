@@ -1,0 +1,46 @@
+"""Checks of numeric option values, made by the library functions so that Python callers get the CLI's errors.
+
+Every count is a whole number with a lower bound; every real number is finite and in its range. NaN and
+infinity pass most comparisons silently (``nan < 1`` is False), so they are refused explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from .errors import ConfigError
+
+
+def check_count(option: str, value: Any, minimum: int = 1) -> None:
+    """A whole-number option such as ``--epochs``: at least ``minimum``. ``None`` (not given) passes."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{option} must be a whole number >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {value}.")
+
+
+def check_real(option: str, value: Any, low: float | None = None, high: float | None = None, *,
+               low_open: bool = False, high_open: bool = False) -> None:
+    """A real-valued option: finite and within [low, high] (an open end with ``low_open`` / ``high_open``).
+    ``None`` (not given) passes."""
+    if value is None:
+        return
+    if low is not None and high is not None:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "finite"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{option} must be a finite number{'' if wanted == 'finite' else ' ' + wanted}, "
+                          f"got {value!r}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{option} must be {wanted}, got {value}.")

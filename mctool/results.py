@@ -1,0 +1,246 @@
+"""Typed results of mctool's commands, and the one JSON shape they all print with ``--json``.
+
+Every result has the same common fields (``command``, ``schema_version``, ``inputs``, ``outputs``,
+``split``, ``metrics``, ``seconds``) followed by the command's own fields; ``to_dict()`` gives exactly
+the documented shape (docs/cli.md#json-output, JSON Schema files in docs/schemas/). Every key is
+always present: a value that does not apply is ``None`` (``null``), never a missing key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 2  # the JSON shape; version 1 was the per-command output of mctool <= 0.x
+METRIC_NAMES = ("loss", "nll", "err", "ece", "brier")
+
+
+@dataclass
+class FileRef:
+    """A file a command read or wrote, with its sha256."""
+
+    path: str
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, sha256: str | None = None) -> "FileRef":
+        from .fileio import sha256_file
+
+        return cls(str(path), sha256 if sha256 is not None else sha256_file(path))
+
+
+def file_refs(files: dict[str, str] | list[str | os.PathLike]) -> list[FileRef]:
+    """Input files, from a ``{path: sha256}`` map (as recorded in checkpoints) or a list of paths."""
+    if isinstance(files, dict):
+        return [FileRef(str(p), s) for p, s in files.items()]
+    return [FileRef.of(p) for p in files]
+
+
+@dataclass
+class Metrics:
+    """One set of metrics under the same five names everywhere; ``None`` where not computed.
+
+    ``loss`` is the training objective (NLL plus the L2 term; in ``train``'s per-epoch rows the mean
+    cross-entropy of the augmented batches), ``nll`` the mean negative log-likelihood, ``err`` the
+    top-1 error in [0, 1], ``ece`` the expected calibration error (15 bins), ``brier`` the Brier score.
+    In ``evaluate-curve`` and ``plane`` each value is a summary over the curve or grid instead of a number.
+    """
+
+    loss: Any = None
+    nll: Any = None
+    err: Any = None
+    ece: Any = None
+    brier: Any = None
+
+    @classmethod
+    def of(cls, values: dict[str, Any] | None, prefix: str = "") -> "Metrics":
+        """The metrics in ``values`` (keys ``<prefix><name>``); other keys are ignored."""
+        values = values or {}
+        return cls(**{k: values.get(prefix + k) for k in METRIC_NAMES})
+
+
+def _config() -> Any:
+    """A result's ``config``: the effective configuration of the run as a dict (the caller's config object, which
+    is left unchanged, with the defaults filled in). For Python callers only: not part of the JSON shape (the
+    output files record it)."""
+    return field(default=None, repr=False, metadata={"json": False})
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready: dataclasses become dicts, non-finite floats become None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("json", True)}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What every command returns. ``outputs`` maps a role (``model``, ``metrics``, ``plot``, ...) to the
+    file written, or ``None`` when that output was not asked for; ``metrics`` maps a set name (``train``,
+    ``eval``, ...) to a ``Metrics`` or ``None``; ``split`` is the split the data was loaded with (``test``
+    or ``val``: which images are evaluated and which are held out from training), ``None`` when no data
+    was read."""
+
+    command: str
+    schema_version: int = SCHEMA_VERSION
+    inputs: list[FileRef] = field(default_factory=list)
+    outputs: dict[str, FileRef | None] = field(default_factory=dict)
+    split: str | None = None
+    metrics: dict[str, Metrics | None] = field(default_factory=dict)
+    seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The documented JSON shape (NaN and infinity become ``None``)."""
+        return _plain(self)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+
+@dataclass(kw_only=True)
+class TrainResult(Result):
+    """``train``: ``metrics.train`` (last epoch, on the augmented batches), ``metrics.eval`` (the final network,
+    or with ``--schedule sse`` the ensemble of the snapshots, which is then the output)."""
+
+    arch: str
+    dataset: str
+    epochs: int
+    members: int | None = None  # snapshots in the output (--schedule sse), else None
+    config: dict[str, Any] | None = _config()
+
+
+@dataclass
+class MemberMetrics:
+    """One network of ``evaluate``/``ensemble``: ``label`` is the file, ``PATH#i`` for member i of an ensemble
+    file or ``PATH@t=T`` for a point on a curve; ``path`` and ``sha256`` are those of the file."""
+
+    label: str
+    path: str
+    sha256: str | None
+    metrics: Metrics
+
+
+@dataclass
+class Calibration:
+    """Temperature scaling (``ensemble --temperature-scale``)."""
+
+    temperature: float
+    warning: str | None = None
+
+
+@dataclass(kw_only=True)
+class EvaluateResult(Result):
+    """``evaluate`` and ``ensemble``: ``metrics.eval`` is the ensemble of all networks (the network itself when
+    there is one); ``metrics.calibrated`` the temperature-scaled ensemble, or None."""
+
+    dataset: str
+    samples: int
+    members: int
+    models: list[MemberMetrics] = field(default_factory=list)
+    calibration: Calibration | None = None
+
+
+@dataclass(kw_only=True)
+class InfoResult(Result):
+    """``info``: ``type`` is ``safetensors`` or ``hdf5``; ``metadata`` the safetensors metadata or the HDF5 root
+    attributes; ``tensors`` (safetensors) or ``datasets`` (HDF5), the other None."""
+
+    type: str
+    bytes: int
+    metadata: dict[str, Any]
+    tensors: dict[str, Any] | None = None
+    datasets: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class ConnectResult(Result):
+    """``connect``: ``metrics.train`` of the last epoch (None for a line, which is not trained)."""
+
+    curve: str
+    num_bends: int
+    trained: bool
+    epochs: int | None = None
+    config: dict[str, Any] | None = _config()
+
+
+@dataclass
+class CurveSummary:
+    """One metric along a curve: at both ends, min, max, mean and the arc-length weighted mean ``int``."""
+
+    start: float | None
+    end: float | None
+    min: float | None
+    max: float | None
+    mean: float | None
+    int: float | None
+
+
+@dataclass(kw_only=True)
+class CurveResult(Result):
+    """``evaluate-curve``: ``metrics.train``/``metrics.eval`` hold a ``CurveSummary`` per metric; ``barrier``
+    the same sets with max minus the mean of the two ends."""
+
+    curve: str
+    num_bends: int
+    num_points: int
+    length: float | None
+    length_ratio: float | None
+    barrier: dict[str, Metrics | None] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class PointResult(Result):
+    """``point``: ``t`` for a point on a curve or ``index`` for an ensemble member (the other None)."""
+
+    t: float | None = None
+    index: int | None = None
+    bn_recalibrated: bool = False
+
+
+@dataclass(kw_only=True)
+class PlotResult(Result):
+    """``plot``: ``kind`` of the files drawn (``evaluate-curve`` or ``plane``)."""
+
+    kind: str
+
+
+@dataclass
+class PlaneSummary:
+    """One metric over the plane: grid min and max, and the values at the three points."""
+
+    min: float | None
+    max: float | None
+    at_points: list[float | None]
+
+
+@dataclass(kw_only=True)
+class PlaneResult(Result):
+    """``plane``: ``metrics.train``/``metrics.eval`` hold a ``PlaneSummary`` per metric."""
+
+    grid_points: int
+    dx: float
+    dy: float
+    points: list[list[float]]
+    curve_max_offplane: float | None = None
+
+
+@dataclass(kw_only=True)
+class FGEResult(Result):
+    """``fge``: ``metrics.eval`` is the FGE ensemble; ``metrics.start`` the start network, ``metrics.last_member``
+    the last snapshot alone, ``metrics.swa`` the averaged weights (None without ``--swa``)."""
+
+    members: int
+    cycle_iters: int
+    config: dict[str, Any] | None = _config()

@@ -1,0 +1,122 @@
+"""The Python API's manners: no printing, warnings through ``warnings``, progress only when asked for,
+configs left as given; the CLI's choices come from the library."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mctool
+import mctool.cli
+from conftest import ctrl_c_during_epoch
+from mctool.checkpoint import read_checkpoint
+from mctool.curves import BEND_INITS, CURVES, ConnectConfig, connect, load_curve
+from mctool.data import AUGMENTS, SPLITS
+from mctool.fge import FGEConfig, fge
+from mctool.runtime import PRECISIONS
+from mctool.schedules import SCHEDULES
+
+CPU = ["--device", "cpu"]
+
+
+def _tiny_train_config(**kw) -> mctool.TrainConfig:
+    return mctool.TrainConfig(dataset="digits", arch_kwargs={"hidden": 8}, epochs=1, lr=0.05, **kw)
+
+
+def test_python_train_prints_nothing_warns_and_keeps_its_config(tmp_path, capfd):
+    cfg = _tiny_train_config(cuda_graphs=True)  # on a CPU: a warning, then eager steps
+    before = copy.deepcopy(cfg)
+    with pytest.warns(mctool.MctoolWarning, match="--cuda-graphs needs a CUDA device"):
+        r = mctool.train(cfg, tmp_path / "m.safetensors", tmp_path / "m.h5", device="cpu")
+    assert capfd.readouterr() == ("", "")  # no progress bars, no warning text
+    assert cfg == before  # arch and arch_kwargs were filled in on a copy
+    assert cfg.arch is None and cfg.arch_kwargs == {"hidden": 8}
+    # the effective config comes back with the result (for Python callers; not in --json)
+    assert r.config["arch"] == "mlp" and r.config["arch_kwargs"] == {"hidden": 8, "img_size": 8}
+    assert r.config == json.loads(read_checkpoint(tmp_path / "m.safetensors")[1]["config"])
+    assert "config" not in r.to_dict()
+
+
+def test_warnings_can_be_silenced_and_progress_asked_for(tmp_path, capfd, recwarn):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=mctool.MctoolWarning)
+        with mctool.progress():
+            mctool.train(_tiny_train_config(cuda_graphs=True), tmp_path / "m.safetensors", tmp_path / "m.h5",
+                         device="cpu")
+    out, err = capfd.readouterr()
+    assert out == "" and "train" in err and "Warning" not in err
+    assert not [w for w in recwarn if issubclass(w.category, mctool.MctoolWarning)]
+    # quiet wins over progress()
+    with mctool.progress():
+        mctool.train(_tiny_train_config(), tmp_path / "q.safetensors", tmp_path / "q.h5", device="cpu", quiet=True)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_cli_prints_each_warning_as_one_line_every_time(cli, tmp_path):
+    for name in ("a", "b"):  # the second run warns too (no once-per-process filtering)
+        r = cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "--epochs", "1", "--cuda-graphs", "-q",
+                "-o", tmp_path / f"{name}.safetensors", *CPU)
+        lines = [line for line in r.stderr.splitlines() if line.startswith("Warning: ")]
+        assert lines == ["Warning: --cuda-graphs needs a CUDA device; training runs eagerly on the CPU."]
+
+
+def test_connect_and_fge_keep_their_configs(tmp_path, digits_models):
+    a, b = digits_models
+    cc = ConnectConfig(epochs=2, dataset=None)
+    before = copy.deepcopy(cc)
+    r = connect(cc, a, b, tmp_path / "c.safetensors", tmp_path / "c.h5", device="cpu")
+    assert cc == before  # the data set (and any other default) was taken from A on a copy
+    assert r.config["dataset"] == "digits" and r.config["epochs"] == 2
+    assert r.config == json.loads(read_checkpoint(tmp_path / "c.safetensors")[1]["config"])
+
+    fc = FGEConfig(epochs=1, cycle_iters=4, lr_max=0.05, lr_min=0.005, wd=None, dataset=None)
+    before = copy.deepcopy(fc)
+    r = fge(fc, a, tmp_path / "f.safetensors", tmp_path / "f.h5", device="cpu")
+    assert fc == before  # wd and dataset were taken from the start network on a copy
+    assert r.config["wd"] == 5e-4 and r.config["dataset"] == "digits"
+
+
+def test_cli_choices_are_the_library_tuples():
+    for enum, values in [(mctool.cli.Precision, PRECISIONS), (mctool.cli.Split, SPLITS),
+                         (mctool.cli.Schedule, SCHEDULES), (mctool.cli.Augment, AUGMENTS),
+                         (mctool.cli.CurveKind, CURVES), (mctool.cli.BendInit, BEND_INITS)]:
+        assert tuple(m.value for m in enum) == values
+
+
+def test_connect_resumes_a_state_that_calls_bend_init_init(cli, tmp_path, digits_models, monkeypatch):
+    args = [*digits_models, "--epochs", "3", "--lr", "0.05", "--bend-init", "start", "-q", *CPU]
+    ref = tmp_path / "ref.safetensors"
+    cli("connect", *args, "-o", ref)
+    out = tmp_path / "run.safetensors"
+    restore = ctrl_c_during_epoch(monkeypatch, 2)
+    cli.error("connect", *args, "-o", out, code=130)
+    restore()
+    # rewrite the state as mctool 0.1.0 wrote it: the bend initialisation under the name "init"
+    state = tmp_path / "run.state.safetensors"
+    tensors, md = read_checkpoint(state)
+    config = json.loads(md["config"])
+    config["init"] = config.pop("bend_init")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(state), {**md, "config": json.dumps(config)})
+    # the old name is understood, so a different --bend-init is still refused
+    other = [*digits_models, "--epochs", "3", "--lr", "0.05", "--bend-init", "end", "-q", *CPU]
+    assert "bend_init: 'start' -> 'end'" in cli.error("connect", *other, "-o", out, "--resume")
+    cli("connect", *args, "-o", out, "--resume")
+    assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
+    assert json.loads(read_checkpoint(out)[1]["config"])["bend_init"] == "start"
+
+
+def test_method_citations_point_at_existing_sections():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    anchors = set(re.findall(r'<a id="([\w-]+)"></a>', (root / "docs" / "method.md").read_text()))
+    files = [*root.glob("mctool/*.py"), *root.glob("docs/*.md"), root / "README.md"]
+    cited = {(f.name, a) for f in files for a in re.findall(r"method\.md#([\w-]+)", f.read_text())}
+    assert {"curves", "fge"} <= {a for _, a in cited}
+    assert not [(f, a) for f, a in cited if a not in anchors]
+    assert not [f.name for f in files if "paper-notes" in f.read_text()]  # notes outside the repository

@@ -1,0 +1,518 @@
+"""Outputs, options and interruptions: name clashes, numeric options, Ctrl-C, atomic writes, locks, --force."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import math
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mctool.checkpoint
+import mctool.curve_eval
+import mctool.fileio
+import mctool.h5io
+import mctool.plane
+from conftest import ctrl_c_during_epoch
+from mctool.bn import recalibrate_bn
+from mctool.checkpoint import load_model, read_checkpoint, save_model
+from mctool.curves import ConnectConfig
+from mctool.ensembles import evaluate_models
+from mctool.errors import ConfigError, DataError, OutputError
+from mctool.fge import FGEConfig
+from mctool.fileio import atomic_path, check_outputs, holds_output_locks, lock_path, sha256_file
+from mctool.h5io import read_h5
+from mctool.plane import plane
+from mctool.training import TrainConfig
+
+TINY = ["-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits_models) -> dict[str, Path]:
+    """Two models, a third one off their line, a line curve between the first two and an evaluate-curve file."""
+    from conftest import Cli
+
+    folder = tmp_path_factory.mktemp("robustness")
+    m0, m1 = digits_models
+    m2 = folder / "m2.safetensors"
+    loaded = load_model(m1)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_model(m2, loaded.model, loaded.meta)
+    line = folder / "line.safetensors"
+    Cli()("connect", m0, m1, "--curve", "line", "-o", line, "-q")
+    curve_h5 = folder / "e.h5"
+    Cli()("evaluate-curve", m0, m1, "-m", curve_h5, "--num-points", "2", "-q", "--device", "cpu")
+    return {"m0": m0, "m1": m1, "m2": m2, "line": line, "curve_h5": curve_h5}
+
+
+# --- 1. outputs that share a file -------------------------------------------------------------------------------
+
+CLASHES = {
+    "train -o X -m X": lambda f, t: ["train", *TINY, "-o", t / "x", "-m", t / "x", "--epochs", "1"],
+    "train --save-every: -m is a snapshot": lambda f, t: [
+        "train", *TINY, "-o", t / "m.safetensors", "-m", t / "m-epoch001.safetensors", "--epochs", "2",
+        "--save-every", "1"],
+    "train -m is the training state": lambda f, t: [
+        "train", *TINY, "-o", t / "m.safetensors", "-m", t / "m.state.safetensors", "--epochs", "1"],
+    "connect -o X -m X": lambda f, t: ["connect", f["m0"], f["m1"], "-o", t / "x", "-m", t / "x", "--epochs", "1"],
+    "fge -o X -m X": lambda f, t: ["fge", f["m0"], "-o", t / "x", "-m", t / "x", "--epochs", "1"],
+    "fge -o X --swa X": lambda f, t: ["fge", f["m0"], "-o", t / "x", "--swa", t / "x", "--epochs", "1"],
+    "fge -m NAME.state.safetensors": lambda f, t: [
+        "fge", f["m0"], "-o", t / "f.safetensors", "-m", t / "f.state.safetensors", "--epochs", "1"],
+    "ensemble -o X -m X": lambda f, t: ["ensemble", f["m0"], f["m1"], "-o", t / "x", "-m", t / "x"],
+    "plane -m P --plot P": lambda f, t: ["plane", f["m0"], f["m2"], f["m1"], "-m", t / "p.h5", "--plot", t / "p.h5"],
+    "evaluate-curve -m E --plot E": lambda f, t: [
+        "evaluate-curve", f["m0"], f["m1"], "-m", t / "e.h5", "--plot", t / "e.h5"],
+}
+
+
+@pytest.mark.parametrize("name", list(CLASHES))
+def test_outputs_sharing_a_file_are_refused_before_any_work(cli, tmp_path, files, name):
+    args = CLASHES[name](files, tmp_path)
+    err = cli.error(*args, "--force")
+    assert "are the same file" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a lock file
+
+
+INPUTS_AS_OUTPUTS = {
+    "evaluate-curve": lambda f: ["evaluate-curve", f["line"], "-m", f["line"]],
+    "evaluate-curve --plot": lambda f: ["evaluate-curve", f["m0"], f["m1"], "-m", "unused.h5", "--plot", f["m1"]],
+    "plane": lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", f["m2"]],
+    "point --t": lambda f: ["point", f["line"], "--t", "0.5", "-o", f["line"]],
+    "train --init": lambda f: ["train", *TINY, "--init", f["m0"], "-o", f["m0"], "--epochs", "1"],
+    "connect": lambda f: ["connect", f["m0"], f["m1"], "-o", f["m1"], "--curve", "line"],
+    "connect -m": lambda f: ["connect", f["m0"], f["m1"], "-o", "unused.safetensors", "-m", f["m0"]],
+    "fge": lambda f: ["fge", f["m0"], "-o", f["m0"]],
+    "fge --swa": lambda f: ["fge", f["m0"], "-o", "unused.safetensors", "--swa", f["m0"]],
+    "evaluate -m": lambda f: ["evaluate", f["m0"], "-m", f["m0"]],
+    "ensemble -o": lambda f: ["ensemble", f["m0"], f["m1"], "-o", f["m1"]],
+    "plot": lambda f: ["plot", f["curve_h5"], "-o", f["curve_h5"]],
+}
+
+
+@pytest.mark.parametrize("name", list(INPUTS_AS_OUTPUTS))
+def test_an_input_is_never_overwritten_even_with_force(cli, tmp_path, files, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {k: sha256_file(p) for k, p in files.items()}
+    err = cli.error(*INPUTS_AS_OUTPUTS[name](files), "--force")
+    assert "is also an input" in err
+    assert {k: sha256_file(p) for k, p in files.items()} == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_links_to_an_input_are_the_input(cli, tmp_path, files):
+    link = tmp_path / "link.h5"
+    link.symlink_to(files["m0"])
+    assert "is also an input" in cli.error("evaluate", files["m0"], "-m", link, "--force")
+    hard = tmp_path / "hard.safetensors"
+    os.link(files["line"], hard)
+    assert "is also an input" in cli.error("point", files["line"], "--t", "0", "-o", hard, "--force")
+
+
+def test_python_callers_get_the_same_clash_checks(tmp_path, files):
+    with pytest.raises(OutputError, match="are the same file"):
+        evaluate_models([str(files["m0"])], metrics=str(tmp_path / "x"), output=str(tmp_path / "x"))
+    with pytest.raises(OutputError, match="is also an input"):
+        check_outputs({"--output": files["m0"]}, [files["m0"]], force=True)
+
+
+def test_an_empty_output_name_is_an_error(cli):
+    assert "not a file name" in cli.error("train", *TINY, "-o", "", "--epochs", "1")
+    assert "not a file name" in cli.error("evaluate", "x.safetensors", "-m", "")
+
+
+# --- 2. numeric options -------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = {
+    "point --bn-batches 0": (lambda f: ["point", f["line"], "--t", "0.5", "--bn-batches", "0"],
+                             "--bn-batches must be >= 1"),
+    "point --bn-batches -3": (lambda f: ["point", f["line"], "--t", "0.5", "--bn-batches", "-3"],
+                              "--bn-batches must be >= 1"),
+    "point --batch-size 0": (lambda f: ["point", f["line"], "--t", "0.5", "--batch-size", "0"],
+                             "--batch-size must be >= 1"),
+    "point --t nan": (lambda f: ["point", f["line"], "--t", "nan"], "--t must be a finite number in [0, 1]"),
+    "fge --bn-batches 0": (lambda f: ["fge", f["m0"], "--bn-batches", "0"], "--bn-batches must be >= 1"),
+    "fge --cycle-epochs inf": (lambda f: ["fge", f["m0"], "--cycle-epochs", "inf"], "--cycle-epochs must be a finite"),
+    "fge --cycle-epochs 0": (lambda f: ["fge", f["m0"], "--cycle-epochs", "0"], "--cycle-epochs must be > 0"),
+    "fge --lr-min nan": (lambda f: ["fge", f["m0"], "--lr-min", "nan"], "--lr-min must be a finite number > 0"),
+    "fge --lr-max inf": (lambda f: ["fge", f["m0"], "--lr-max", "inf"], "--lr-max must be a finite number > 0"),
+    "fge --wd nan": (lambda f: ["fge", f["m0"], "--wd", "nan"], "--wd must be a finite number >= 0"),
+    "ensemble --bn-batches 0": (lambda f: ["ensemble", f["line"], "--num-points", "3", "--bn-batches", "0"],
+                                "--bn-batches must be >= 1"),
+    "ensemble --num-points 0": (lambda f: ["ensemble", f["line"], "--num-points", "0"], "--num-points must be >= 1"),
+    "evaluate --batch-size 0": (lambda f: ["evaluate", f["m0"], "--batch-size", "0"], "--batch-size must be >= 1"),
+    "evaluate-curve --bn-batches 0": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--bn-batches", "0"],
+                                      "--bn-batches must be >= 1"),
+    "evaluate-curve --wd nan": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--wd", "nan"],
+                                "--wd must be a finite number >= 0"),
+    "plane --bn-batches 0": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--bn-batches", "0"],
+                             "--bn-batches must be >= 1"),
+    "plane --margin nan": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--margin", "nan"],
+                           "--margin-left (or --margin) must be a finite number >= 0"),
+    "plane --margin-top inf": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--margin-top", "inf"],
+                               "--margin-top (or --margin) must be a finite number >= 0"),
+    "plane --wd nan": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--wd", "nan"],
+                       "--wd must be a finite number >= 0"),
+    "plane --batch-size 0": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--batch-size", "0"],
+                             "--batch-size must be >= 1"),
+    "train --wd nan": (lambda f: ["train", *TINY, "--wd", "nan"], "--wd must be a finite number >= 0"),
+    "train --wd inf": (lambda f: ["train", *TINY, "--wd", "inf"], "--wd must be a finite number >= 0"),
+    "train --lr inf": (lambda f: ["train", *TINY, "--lr", "inf"], "--lr must be a finite number > 0"),
+    "train --momentum nan": (lambda f: ["train", *TINY, "--momentum", "nan"],
+                             "--momentum must be a finite number in [0, 1)"),
+    "train --snapshots 0": (lambda f: ["train", *TINY, "--schedule", "sse", "--snapshots", "0"],
+                            "--snapshots must be >= 1"),
+    "train --save-every -1": (lambda f: ["train", *TINY, "--save-every", "-1"], "--save-every must be >= 0"),
+    "connect --lr nan": (lambda f: ["connect", f["m0"], f["m1"], "--lr", "nan"], "--lr must be a finite number > 0"),
+    "connect --num-bends -1": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "-1"],
+                               "--num-bends must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OPTIONS))
+def test_bad_numeric_options_are_refused_before_any_work(cli, tmp_path, files, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make, message = BAD_OPTIONS[name]
+    args = make(files)
+    if "-o" not in args:
+        args += ["-o", "out.safetensors"] if args[0] in ("train", "connect", "fge", "point") else []
+    assert message in cli.error(*args)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [
+    dict(lr=math.inf), dict(lr=math.nan), dict(wd=math.nan), dict(wd=-1.0), dict(momentum=1.0), dict(epochs=0),
+    dict(epochs=2.5), dict(batch_size=0), dict(save_every=-1), dict(snapshots=0)])
+def test_python_callers_get_the_same_option_errors(bad):
+    with pytest.raises(ConfigError, match="must be"):
+        TrainConfig(**bad).validate()
+
+
+FGE_LRS = dict(lr_max=0.05, lr_min=0.0005, wd=5e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    ConnectConfig(momentum=math.nan), ConnectConfig(num_bends=-1), FGEConfig(**FGE_LRS, cycle_epochs=math.inf),
+    FGEConfig(**FGE_LRS, cycle_iters=1), FGEConfig(**{**FGE_LRS, "lr_min": math.nan}),
+    FGEConfig(**{**FGE_LRS, "lr_max": math.inf}), FGEConfig(**{**FGE_LRS, "lr_min": 1.0}),
+    FGEConfig(**FGE_LRS, bn_batches=0)])
+def test_config_validation_refuses_non_finite_and_out_of_range(cfg):
+    with pytest.raises(ConfigError):
+        cfg.validate()
+
+
+def test_plane_and_curve_functions_check_their_numbers(files, tmp_path):
+    paths = [str(files["m0"]), str(files["m2"]), str(files["m1"])]
+    with pytest.raises(ConfigError, match="--margin-bottom"):
+        plane(paths, tmp_path / "p.h5", margins=(0.2, 0.2, math.nan, 0.2))
+    with pytest.raises(ConfigError, match="--train-subset"):
+        plane(paths, tmp_path / "p.h5", train_subset=0)
+    with pytest.raises(ConfigError, match="--batch-size"):
+        mctool.curve_eval.export_point(files["line"], 0.5, tmp_path / "x.safetensors", batch_size=0)
+    with pytest.raises(ConfigError, match="--num-points"):
+        mctool.curve_eval.evaluate_curve([str(files["line"])], tmp_path / "e.h5", num_points=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Batches:
+    def __init__(self, n: int):
+        self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0)) * 3 + 5
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self.x), batch_size):
+            yield self.x[i:i + batch_size], None
+
+
+def test_bn_recalibration_never_reports_reset_statistics_as_recomputed():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    nn.init.eye_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="--bn-batches must be >= 1"):
+            recalibrate_bn(model, _Batches(8), max_batches=bad)
+    with pytest.raises(ConfigError, match="--batch-size must be >= 1"):
+        recalibrate_bn(model, _Batches(8), batch_size=0)
+    with pytest.raises(DataError, match="no training images"):
+        recalibrate_bn(model, _Batches(0))
+    split = _Batches(64)
+    assert recalibrate_bn(model, split, batch_size=16, max_batches=4)
+    # 4 batch means of 16 averaged against one mean of 64: within ~70 x 2^-24 of max |x|; allow 1e-4 of it
+    torch.testing.assert_close(model[1].running_mean, split.x.mean(0), rtol=0, atol=1e-4 * float(split.x.abs().max()))
+
+
+# --- 3. Ctrl-C ----------------------------------------------------------------------------------------------------
+
+def _ctrl_c_on_call(monkeypatch, module, n: int):
+    """Make ``module.evaluate_weights`` raise KeyboardInterrupt on its n-th call (1-based)."""
+    real = module.evaluate_weights
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate_weights", interrupted)
+    return lambda: monkeypatch.setattr(module, "evaluate_weights", real)
+
+
+def test_ctrl_c_in_evaluate_curve_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
+    m = tmp_path / "e.h5"
+    args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu"]
+    restore = _ctrl_c_on_call(monkeypatch, mctool.curve_eval, 3)
+    err = cli.error(*args, code=130)
+    assert err == f"Error: interrupted; 2 of 4 points are saved in '{m}'. Continue with the same command plus --resume."
+    data, _ = read_h5(m)
+    assert np.isfinite(data["train/loss"][:2]).all() and np.isnan(data["train/loss"][2:]).all()
+    restore()
+    r = cli.json(*args, "--resume")
+    assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
+    assert r["command"] == "evaluate-curve"
+
+
+def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
+    m = tmp_path / "p.h5"
+    args = ["plane", files["m0"], files["m2"], files["m1"], "-m", m, "--grid-points", "2", "--device", "cpu"]
+    restore = _ctrl_c_on_call(monkeypatch, mctool.plane, 5)
+    err = cli.error(*args, code=130)
+    assert err == f"Error: interrupted; 4 of 7 points are saved in '{m}'. Continue with the same command plus --resume."
+    data, _ = read_h5(m)
+    assert np.isfinite(data["at_points/train/loss"]).all() and np.isnan(data["train/loss"]).sum() == 3
+    restore()
+    cli(*args, "--resume", "-q")
+    assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
+
+
+def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(cli, tmp_path, files, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mctool.curve_eval, "load_data", interrupted)
+    err = cli.error("evaluate-curve", files["line"], "-m", tmp_path / "e.h5", code=130)
+    assert err == "Error: interrupted (Ctrl-C)."
+    assert not list(tmp_path.glob(".*.lock"))  # the lock is released
+
+
+# --- 4. atomic writes ---------------------------------------------------------------------------------------------
+
+def test_atomic_writes_sync_and_leave_the_umask_alone(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+
+    def no_umask(mask):
+        raise AssertionError("os.umask changes the umask of every thread")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    out = tmp_path / "a.bin"
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"x")
+    assert out.read_bytes() == b"x"
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(tmp_path)
+    assert list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize("how", ["oserror", "safetensors"])
+def test_a_full_disk_is_an_error_and_keeps_the_old_checkpoint(cli, tmp_path, files, monkeypatch, how):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "p.safetensors"
+    cli("point", files["line"], "--t", "0.5", "-o", out, "-q")
+    before = sha256_file(out)
+
+    def full(*args, **kwargs):
+        if how == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(mctool.checkpoint, "save_file", full)
+    err = cli.error("point", files["line"], "--t", "0.25", "-o", out, "--force")
+    assert err == f"Error: cannot write '{out}': No space left on device."
+    assert sha256_file(out) == before and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_full_disk_while_writing_metrics_is_an_error(cli, tmp_path, files, monkeypatch):
+    real = h5py.File
+
+    def full(path, mode="r", **kwargs):
+        if mode == "w":
+            raise OSError(errno.ENOSPC, "Unable to synchronously create file (No space left on device)")
+        return real(path, mode, **kwargs)
+
+    monkeypatch.setattr(mctool.h5io.h5py, "File", full)
+    m = tmp_path / "e.h5"
+    err = cli.error("evaluate-curve", files["line"], "-m", m, "--num-points", "2", "--device", "cpu")
+    assert f"cannot write '{m}'" in err and "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 5. temporary files left by killed runs, and locks --------------------------------------------------------------
+
+def test_stale_temporary_files_of_an_output_are_removed(cli, tmp_path, files):
+    out = tmp_path / "p.safetensors"
+    stale = [tmp_path / ".p.safetensors.k2j4_x9a.tmp", tmp_path / ".p.safetensors.00000000.tmp"]
+    kept = [tmp_path / ".q.safetensors.k2j4_x9a.tmp", tmp_path / ".p.safetensors.toolongname.tmp",
+            tmp_path / "p.safetensors.k2j4_x9a.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"half a checkpoint")
+    cli("point", files["line"], "--t", "0.5", "-o", out, "-q")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert out.exists() and not lock_path(out).exists()
+
+
+def test_a_second_run_on_a_locked_output_is_refused(cli, tmp_path, files):
+    out = tmp_path / "m.safetensors"
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    tmp = tmp_path / ".m.safetensors.abcdefgh.tmp"  # the other run's temporary file: not touched
+    tmp.write_bytes(b"being written")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = cli.error("train", *TINY, "-o", out, "--epochs", "1", "--force")
+        assert f"another mctool run is writing '{out}'" in err
+        assert tmp.exists() and not out.exists() and not (tmp_path / "m.h5").exists()
+    finally:
+        os.close(fd)
+    cli("train", *TINY, "-o", out, "--epochs", "1", "--force", "-q")
+    assert out.exists() and not tmp.exists() and not lock_path(out).exists()
+
+
+def test_locks_are_held_for_the_whole_call_and_released_on_errors(tmp_path):
+    out = tmp_path / "x.h5"
+
+    def locked_elsewhere() -> bool:
+        fd = os.open(lock_path(out), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    @holds_output_locks
+    def run(fail: bool) -> None:
+        check_outputs({"--metrics": out}, force=True)
+        check_outputs({"--metrics": out}, force=True)  # a second check in the same call does not lock itself out
+        assert locked_elsewhere()
+        if fail:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(True)
+    assert not lock_path(out).exists()
+    run(False)
+    assert not lock_path(out).exists()
+
+
+LOCKING = {
+    "train": lambda f, t: ["train", *TINY, "-o", t / "o.safetensors", "--epochs", "1"],
+    "connect": lambda f, t: ["connect", f["m0"], f["m1"], "--curve", "line", "-o", t / "o.safetensors"],
+    "fge": lambda f, t: ["fge", f["m0"], "-o", t / "o.safetensors", "--epochs", "1", "--cycle-iters", "2",
+                         "--device", "cpu"],
+    "evaluate-curve": lambda f, t: ["evaluate-curve", f["line"], "-m", t / "o", "--num-points", "2", "--device", "cpu"],
+    "plane": lambda f, t: ["plane", f["m0"], f["m2"], f["m1"], "-m", t / "o", "--grid-points", "2", "--device", "cpu"],
+    "point": lambda f, t: ["point", f["line"], "--t", "0.5", "-o", t / "o"],
+    "evaluate": lambda f, t: ["evaluate", f["m0"], "-m", t / "o", "--device", "cpu"],
+    "ensemble": lambda f, t: ["ensemble", f["m0"], f["m1"], "-o", t / "o", "--device", "cpu"],
+    "plot": lambda f, t: ["plot", f["curve_h5"], "-o", t / "o"],
+}
+
+
+@pytest.mark.parametrize("name", list(LOCKING))
+def test_every_writing_command_locks_its_outputs(cli, tmp_path, files, name, monkeypatch):
+    real, held = mctool.fileio._lock, []
+
+    def recorded(output):
+        held.append(output)
+        release = real(output)
+        assert lock_path(output).exists()
+        return release
+
+    monkeypatch.setattr(mctool.fileio, "_lock", recorded)
+    cli(*LOCKING[name](files, tmp_path), "-q")
+    assert tmp_path / "o" in held or tmp_path / "o.safetensors" in held
+    assert not list(tmp_path.glob(".*"))  # locks released, no temporary files left
+
+
+def test_two_concurrent_runs_cannot_both_write_one_output(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import time, mctool.fileio as f\n"
+              "@f.holds_output_locks\n"
+              "def run():\n"
+              f"    f.check_outputs({{'-o': {str(tmp_path / 'm.safetensors')!r}}}, force=True)\n"
+              "    print('locked', flush=True)\n"
+              "    time.sleep(30)\n"
+              "run()\n")
+    first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "locked\n"
+        second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "another mctool run is writing" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+# --- 6. what an interrupted run leaves, and --force ----------------------------------------------------------------
+
+def test_fge_interrupted_after_its_first_snapshot_says_what_to_run(cli, tmp_path, files, monkeypatch):
+    out = tmp_path / "f.safetensors"
+    args = ["fge", files["m0"], "-o", out, "--epochs", "2", "--cycle-iters", "4", "--device", "cpu", "-q"]
+    restore = ctrl_c_during_epoch(monkeypatch, 1, after_batches=3)  # the first snapshot is after iteration 2
+    err = cli.error(*args, code=130)
+    assert "nothing resumable was saved" in err and "plus --force" in err
+    assert (tmp_path / "f.h5").exists() and not (tmp_path / "f.state.safetensors").exists()
+    restore()
+    cli(*args, "--force")
+    assert out.exists()
+
+
+def test_force_removes_the_old_state_so_the_next_interrupt_message_is_true(cli, tmp_path, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    state = tmp_path / "m.state.safetensors"
+    args = ["train", *TINY, "-o", out, "--epochs", "3", "-q"]
+    restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
+    cli.error(*args, code=130)
+    assert state.exists()
+    restore()
+    restore = ctrl_c_during_epoch(monkeypatch, 1, after_batches=1)
+    err = cli.error(*args, "--force", code=130)
+    assert "nothing was saved" in err and not state.exists()
+    restore()
+    cli(*args, "--force")  # "Run the same command again"
+    assert out.exists()
+
+
+def test_force_removes_stale_snapshots_of_the_run_but_not_inputs(cli, tmp_path, digits_models):
+    out = tmp_path / "m.safetensors"
+    stale = [tmp_path / "m-epoch005.safetensors", tmp_path / "m.state.safetensors"]
+    for p in stale:
+        p.write_bytes(b"old run")
+    init = tmp_path / "m-epoch001.safetensors"
+    init.write_bytes(digits_models[0].read_bytes())
+    other = tmp_path / "mm-epoch005.safetensors"
+    other.write_bytes(b"another run")
+    cli("train", *TINY, "--init", init, "-o", out, "--epochs", "1", "--force", "-q")
+    assert not any(p.exists() for p in stale)
+    assert init.exists() and other.exists() and out.exists()
+    assert read_checkpoint(out)[1]["kind"] == "model"
+
+
+def test_stale_state_without_force_still_asks_for_resume_or_force(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    (tmp_path / "m.state.safetensors").write_bytes(b"old run")
+    err = cli.error("train", *TINY, "-o", out, "--epochs", "1")
+    assert "--resume" in err and "--force" in err
