@@ -8,21 +8,38 @@ from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, sav
 from .data import Data, DatasetInfo, load_data
 from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
                      MetricsFileError, NonFiniteLossError, OutputError)
-from .ensembles import evaluate_models, load_ensemble
+from .curve_eval import evaluate_curve, export_point
+from .curves import ConnectConfig, Curve, connect, load_curve
+from .ensembles import evaluate_models, export_member, load_ensemble
+from .ensembles import evaluate_models as evaluate
+from .fge import FGEConfig, fge
 from .evaluation import brier, ece, error, nll, predict_probs
 from .h5io import read_h5
 from .info import file_info
 from .models import MCTOOL_ARCHS, build_model
-from .results import SCHEMA_VERSION, FileRef, Metrics, Result
+from .plane import plane
+from .plots import plot_files
+from .results import (SCHEMA_VERSION, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult,
+                      Metrics, PlaneResult, PlotResult, PointResult, Result, TrainResult)
 from .runtime import progress
 from .schedules import lr_at, paper_factor
 from .training import TrainConfig, train
 
 __all__ = [
-    "__version__", "LoadedModel", "ModelMeta", "load_model", "read_checkpoint", "save_model", "Data", "DatasetInfo",
-    "load_data", "CheckpointError", "ConfigError", "DataError", "Interrupted", "MctoolError", "MetricsFileError",
-    "MctoolWarning", "NonFiniteLossError", "OutputError", "progress", "brier", "ece", "error", "evaluate_models",
-    "load_ensemble", "nll", "predict_probs", "read_h5",
-    "file_info", "MCTOOL_ARCHS", "build_model", "lr_at", "paper_factor", "TrainConfig", "train",
-    "SCHEMA_VERSION", "FileRef", "Metrics", "Result",
+    "__version__",
+    # commands: one function each, returning a typed result (mctool.results)
+    "train", "connect", "evaluate_curve", "export_point", "export_member", "plane", "fge", "evaluate",
+    "evaluate_models", "plot_files", "file_info",
+    "TrainConfig", "ConnectConfig", "FGEConfig",
+    "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
+    "EvaluateResult", "InfoResult", "PlotResult", "FileRef", "Metrics", "SCHEMA_VERSION",
+    # files
+    "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",
+    "ModelMeta", "Curve",
+    # data, models, metrics, schedules
+    "Data", "DatasetInfo", "load_data", "MCTOOL_ARCHS", "build_model", "brier", "ece", "error", "nll",
+    "predict_probs", "lr_at", "paper_factor",
+    # progress, warnings and errors
+    "progress", "MctoolWarning", "MctoolError", "CheckpointError", "ConfigError", "DataError", "Interrupted",
+    "MetricsFileError", "NonFiniteLossError", "OutputError",
 ]

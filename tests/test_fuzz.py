@@ -237,6 +237,7 @@ def _fast():
     mctool.data._digits, Figure.savefig = real, savefig
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # drawing values near 1e308
 @pytest.mark.parametrize("kind", list(CASES))
 def test_mutated_files_give_errors_not_tracebacks(originals, tmp_path, kind):
     runner = CliRunner()

@@ -1,5 +1,6 @@
 """`mctool plane`: basis, grid, resume, inputs, errors."""
 
+import importlib
 import json
 
 import h5py
@@ -7,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import mctool.plane
 from mctool.checkpoint import load_model
 from mctool.curves import load_curve
 from mctool.errors import ConfigError
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
 from mctool.plane import PlaneBasis
+
+plane_module = importlib.import_module("mctool.plane")  # the module: mctool.plane is the function
 
 CPU = ["--device", "cpu"]
 
@@ -81,14 +83,14 @@ def test_plane_from_curve_layout_and_values(cli, tmp_path, bezier):
 
 def test_grid_point_weights_are_the_formula(tmp_path, bezier, monkeypatch):
     seen = []
-    real = mctool.plane.evaluate_weights
+    real = plane_module.evaluate_weights
 
     def spy(model, *a, **k):
         seen.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).clone())
         return real(model, *a, **k)
 
     monkeypatch.setattr(mctool.plane, "evaluate_weights", spy)
-    mctool.plane.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, margins=(0.5, 0.0, 0.25, 0.0),
+    plane_module.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, margins=(0.5, 0.0, 0.25, 0.0),
                        device="cpu", quiet=True)
     curve = load_curve(bezier)[0]
     b = PlaneBasis.through(*curve.points)
@@ -109,7 +111,7 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
         f["test/err"][1, 2] = np.nan
         f["train/loss"][2, 0] = np.nan
     calls = []
-    real = mctool.plane.evaluate_weights
+    real = plane_module.evaluate_weights
     monkeypatch.setattr(mctool.plane, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     cli("plane", *args, "--resume", "-q")
     assert len(calls) == 2
@@ -156,7 +158,7 @@ def test_plane_errors(cli, tmp_path, bezier, digits_models):
 
 
 def test_train_subset_is_used(tmp_path, bezier):
-    r = mctool.plane.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, train_subset=50, device="cpu",
+    r = plane_module.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, train_subset=50, device="cpu",
                            quiet=True)
     # train error on 50 images moves in steps of 1/50
     errs = np.array(r.metrics["train"].err.at_points) * 50  # the library returns typed results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import math
 import os
 from pathlib import Path
@@ -18,7 +19,6 @@ import mctool.checkpoint
 import mctool.curve_eval
 import mctool.fileio
 import mctool.h5io
-import mctool.plane
 from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, save_model
@@ -30,6 +30,8 @@ from mctool.fileio import atomic_path, check_outputs, holds_output_locks, lock_p
 from mctool.h5io import read_h5
 from mctool.plane import plane
 from mctool.training import TrainConfig
+
+plane_module = importlib.import_module("mctool.plane")  # the module: mctool.plane is the function
 
 TINY = ["-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--device", "cpu"]
 
@@ -283,7 +285,7 @@ def test_ctrl_c_in_evaluate_curve_keeps_the_points_and_says_how_to_resume(cli, t
 def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
     m = tmp_path / "p.h5"
     args = ["plane", files["m0"], files["m2"], files["m1"], "-m", m, "--grid-points", "2", "--device", "cpu"]
-    restore = _ctrl_c_on_call(monkeypatch, mctool.plane, 5)
+    restore = _ctrl_c_on_call(monkeypatch, plane_module, 5)
     err = cli.error(*args, code=130)
     assert err == f"Error: interrupted; 4 of 7 points are saved in '{m}'. Continue with the same command plus --resume."
     data, _ = read_h5(m)
