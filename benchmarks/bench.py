@@ -36,7 +36,7 @@ from mctool.flat import ParamLayout
 from mctool.graphs import sgd
 from mctool.models import arch_kwargs_for, build_model
 from mctool.plane import PlaneBasis
-from mctool.training import sgd_step
+from mctool.loop import sgd_step
 
 
 def _sync(dev: torch.device) -> None:

@@ -27,7 +27,7 @@ from mctool.curves import Curve, CurveStep  # noqa: E402
 from mctool.flat import ParamLayout  # noqa: E402
 from mctool.graphs import sgd  # noqa: E402
 from mctool.models import build_model  # noqa: E402
-from mctool.training import sgd_step  # noqa: E402
+from mctool.loop import sgd_step  # noqa: E402
 
 
 def main() -> None:

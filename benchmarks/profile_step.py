@@ -21,7 +21,7 @@ from mctool.data import load_data
 from mctool.flat import ParamLayout
 from mctool.graphs import sgd
 from mctool.models import build_model
-from mctool.training import sgd_step
+from mctool.loop import sgd_step
 
 
 def main() -> None:

@@ -5,15 +5,16 @@ The public Python API; the ``mctool`` command is a thin layer over these functio
 
 from ._version import __version__
 from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
-from .data import Data, DatasetInfo, load_data
-from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
-                     MetricsFileError, NonFiniteLossError, OutputError)
 from .curve_eval import evaluate_curve, export_point
 from .curves import ConnectConfig, Curve, connect, load_curve
-from .ensembles import evaluate_models, export_member, load_ensemble
-from .ensembles import evaluate_models as evaluate
-from .fge import FGEConfig, fge
+from .data import Data, DatasetInfo, load_data
+from .ensemble_eval import evaluate_models
+from .ensemble_eval import evaluate_models as evaluate
+from .ensembles import export_member, load_ensemble
+from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
+                     MetricsFileError, NonFiniteLossError, OutputError)
 from .evaluation import brier, ece, error, nll, predict_probs
+from .fge import FGEConfig, fge
 from .h5io import read_h5
 from .info import file_info
 from .models import MCTOOL_ARCHS, build_model

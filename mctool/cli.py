@@ -149,7 +149,7 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def _default_metrics(output: Path, suffix: str = "") -> Path:
-    from .training import output_stem
+    from .loop import output_stem
 
     return output.with_name(output_stem(output) + suffix + ".h5")
 
@@ -275,7 +275,7 @@ def evaluate(
     force: ForceOpt = False,
 ) -> None:
     """Loss, NLL, error, ECE (15 bins) and Brier score of each network and of their ensemble."""
-    from .ensembles import evaluate_models
+    from .ensemble_eval import evaluate_models
 
     def work() -> Result:
         return evaluate_models([str(p) for p in models], dataset=dataset, split=split.value, device=device,
@@ -346,7 +346,8 @@ def connect(
     = CurveKind.bezier,
     num_bends: Annotated[int, typer.Option(help="Interior control points (the paper's curves have 1).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: as many as A was trained "
-                                                  "for, else 200).")] = None,
+                                                  "for, else 200; three times as many if A has no "
+                                                  "BatchNorm, as in the paper).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Initial learning rate (default: A's training lr x "
                                                 "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
                                                 "for long runs, up to A's lr for short ones; see docs/curves.md).")]
@@ -551,7 +552,7 @@ def ensemble(
 
     Metrics are given for each member and for the ensemble (mean of softmax outputs) as members are added.
     """
-    from .ensembles import evaluate_models
+    from .ensemble_eval import evaluate_models
 
     def work() -> Result:
         return evaluate_models([str(p) for p in files], dataset=dataset, split=split.value, device=device,

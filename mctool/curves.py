@@ -33,7 +33,7 @@ from .h5io import MetricsLog, provenance, utc_now
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
-from .training import fit, prepare_outputs, recorded_lr, state_path, train_mode, validate_sgd
+from .loop import fit, prepare_outputs, recorded_lr, state_path, train_mode, validate_sgd
 
 CURVES = ("bezier", "polychain", "line")
 BEND_INITS = ("linear", "start", "end")

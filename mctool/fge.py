@@ -28,8 +28,8 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .training import (fit, get_momentum, prepare_outputs, recorded_lr, set_momentum, sgd_step, state_path,
-                       validate_sgd)
+from .loop import (fit, get_momentum, prepare_outputs, recorded_lr, set_momentum, sgd_step, state_path,
+                   validate_sgd)
 
 
 @dataclass

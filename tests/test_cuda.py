@@ -15,7 +15,7 @@ from mctool.errors import MctoolWarning
 from mctool.flat import ParamLayout
 from mctool.graphs import GraphedStep, sgd
 from mctool.models import build_model
-from mctool.training import sgd_step
+from mctool.loop import sgd_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")]

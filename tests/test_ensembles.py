@@ -10,7 +10,8 @@ import torch
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import load_model, read_metadata
 from mctool.data import load_data
-from mctool.ensembles import fit_temperature, load_ensemble
+from mctool.ensemble_eval import fit_temperature
+from mctool.ensembles import load_ensemble
 from mctool.evaluation import brier, nll, predict_probs
 from mctool.h5io import read_h5
 from mctool.schedules import fge_is_snapshot, fge_lr, sse_is_snapshot, sse_lr

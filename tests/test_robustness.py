@@ -23,7 +23,7 @@ from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, save_model
 from mctool.curves import ConnectConfig
-from mctool.ensembles import evaluate_models
+from mctool.ensemble_eval import evaluate_models
 from mctool.errors import ConfigError, DataError, OutputError
 from mctool.fge import FGEConfig
 from mctool.fileio import atomic_path, check_outputs, holds_output_locks, lock_path, sha256_file

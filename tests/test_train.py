@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mctool.data
-import mctool.training
+import mctool.loop
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import read_checkpoint, read_metadata
 from mctool.h5io import read_h5
@@ -145,8 +145,8 @@ def test_nan_loss_stops_and_keeps_last_good_state(cli, tmp_path, monkeypatch):
     assert not out.exists()
 
     # divergence in epoch 2 keeps epoch 1's state for inspection or --resume
-    real = mctool.training.lr_at
-    monkeypatch.setattr(mctool.training, "lr_at", lambda s, lr, epoch, *a: real(s, lr, epoch, *a) * (1e8 if epoch else 1))
+    real = mctool.loop.lr_at
+    monkeypatch.setattr(mctool.loop, "lr_at", lambda s, lr, epoch, *a: real(s, lr, epoch, *a) * (1e8 if epoch else 1))
     err = cli.error("train", *TINY, "-o", out, "--epochs", "3", "--force")
     assert "epoch 2, iteration" in err and "end of epoch 1" in err
     tensors, md = read_checkpoint(tmp_path / "m.state.safetensors")
@@ -278,7 +278,7 @@ def test_steps_switch_an_evaluated_network_back_to_train_mode():
     opt = sgd(model.parameters(), lr=0.1, momentum=0.9, wd=0.0, device=torch.device("cpu"), graphs=False)
     layout = ParamLayout.of(model)
     flat = layout.flatten(dict(model.named_parameters()))
-    steps = [mctool.training.sgd_step(model, opt, torch.device("cpu"), "fp32"),
+    steps = [mctool.loop.sgd_step(model, opt, torch.device("cpu"), "fp32"),
              CurveStep(model, Curve("bezier", 1, torch.stack([flat, flat, flat]), layout, None, {}), [1],
                        wd=0.0, momentum=0.9)]
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))

@@ -1,0 +1,223 @@
+"""``mctool evaluate`` and ``mctool ensemble``: networks, ensemble files and points of a curve evaluated alone
+and as an ensemble (mean of softmax outputs), with optional temperature scaling.
+
+The ensemble file format and the snapshot collector live in ``ensembles.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import recalibrate_bn
+from .checkpoint import ModelMeta, load_model, read_metadata
+from .curves import load_curve
+from .data import check_fits, load_data
+from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
+from .errors import ConfigError
+from .evaluation import l2_term, predict_logits, summarize
+from .fileio import check_outputs, holds_output_locks
+from .flat import ParamLayout
+from .h5io import provenance, write_h5
+from .options import check_count
+from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
+from .runtime import progress_bar, resolve_device
+
+
+@dataclass
+class Member:
+    """One network to evaluate: a model checkpoint, one member of an ensemble file, or a point on a curve."""
+
+    label: str
+    meta: ModelMeta
+    source: str
+    sha256: str
+    make: Callable[[], nn.Module]
+    recalibrate: bool = False  # BN statistics must be recomputed (points along a curve)
+
+
+def load_members(paths: list[str], num_points: int | None = None, **plain: Any) -> list[Member]:
+    """Expand model checkpoints and ensemble files into members (networks are built lazily); with
+    ``num_points`` the single path is a curve file sampled at that many evenly spaced t."""
+    if num_points is not None:
+        if len(paths) != 1 or num_points < 1:
+            raise ConfigError("--num-points samples one curve file: give exactly one curve and K >= 1.")
+        curve = load_curve(paths[0])[0]
+        ts = np.linspace(0, 1, num_points) if num_points > 1 else np.array([0.5])
+
+        def at(t: float) -> nn.Module:
+            model = curve.build_model()
+            curve.layout.assign(model, curve.weights(t))
+            return model
+
+        return [Member(f"{paths[0]}@t={t:.4g}", curve.meta, str(paths[0]), curve.sha256, lambda t=t: at(float(t)),
+                       recalibrate=True) for t in ts]
+    out: list[Member] = []
+    for p in paths:
+        if read_metadata(p).get("kind") == "ensemble":
+            ens = load_ensemble(p)
+            out += [Member(f"{p}#{i}", ens.meta, str(p), ens.sha256, lambda e=ens, i=i: e.network(i))
+                    for i in range(len(ens))]
+        else:
+            lm = load_model(p, **plain)
+            out.append(Member(str(p), lm.meta, str(p), lm.sha256, lambda m=lm.model: m))
+    return out
+
+
+def fit_temperature(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """One temperature T for all members minimising the NLL of mean_m softmax(z_m / T) (golden-section on log T)."""
+    def loss(log_t: float) -> float:
+        p = torch.stack([F.softmax(z / math.exp(log_t), 1) for z in logits]).mean(0)
+        return float(-p.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2)
+
+
+def check_members_compatible(members: list[Member]) -> None:
+    first = members[0].meta
+    for m in members[1:]:
+        for key in ("num_classes", "in_chans", "normalization"):
+            if getattr(m.meta, key) != getattr(first, key):
+                raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
+                                  "read the same inputs and predict the same classes.")
+
+
+@holds_output_locks
+def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
+                    data_root: str | None = None, download: bool = False, batch_size: int = 512,
+                    precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
+                    output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
+                    bn_batches: int | None = None, force: bool = False, arch: str | None = None,
+                    num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
+                    num_workers: int = 4, quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
+    """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
+
+    ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
+    file sampled at ``num_points`` t (each point BN-recalibrated). Per member: ``loss`` (NLL plus the L2
+    term with the wd it was trained with), ``nll``, ``err``, ``ece``, ``brier``; the ensemble's metrics
+    for its first k members, k = 1..M. ``temperature_scale`` fits one temperature on the held-out part
+    of the training data (the ``val`` split) and reports calibrated ensemble metrics beside the raw ones.
+    ``output`` writes all members as one ensemble file. ``command`` names the result (``evaluate`` or
+    ``ensemble``).
+    """
+    t0 = time.time()
+    if not paths:
+        raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", bn_batches)
+    check_count("--num-points", num_points)
+    check_count("--num-classes", num_classes)
+    check_count("--in-chans", in_chans)
+    check_outputs({"--metrics": metrics or None, "--output": output or None}, paths, force=force)
+    members = load_members(paths, num_points, arch=arch, num_classes=num_classes, in_chans=in_chans,
+                           arch_kwargs=arch_kwargs)
+    first = members[0].meta
+    name = dataset or first.dataset
+    if name is None:
+        raise ConfigError(f"'{paths[0]}' does not record its data set; pass --dataset.")
+    if dataset is None:
+        check_members_compatible(members)
+    if output:
+        for m in members[1:]:
+            if (m.meta.arch, m.meta.arch_kwargs) != (first.arch, first.arch_kwargs):
+                raise ConfigError(f"one ensemble file holds one architecture: '{m.label}' is {m.meta.arch} "
+                                  f"{m.meta.arch_kwargs}, '{members[0].label}' is {first.arch} {first.arch_kwargs}. "
+                                  "Leave out -o to evaluate mixed ensembles.")
+    dev = resolve_device(device)
+    data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
+                     normalization=first.normalization, num_workers=num_workers)
+    held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
+                     normalization=first.normalization, num_workers=num_workers) if temperature_scale else None
+    for m in members:
+        check_fits(m.meta.num_classes, m.meta.in_chans, data.info, m.label)
+    rows, running, ens = [], [], None
+    eval_logits, held_logits, labels, held_labels = [], [], None, None
+    weights, buffers = [], []
+    with progress_bar(quiet) as bar:
+        task = bar.add_task("evaluate", total=len(members), info="")
+        for k, member in enumerate(members, 1):
+            model = member.make().to(dev)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            if member.recalibrate:
+                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
+            logits, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision)
+            probs = F.softmax(logits, 1)
+            m = summarize(probs, labels)
+            m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
+            rows.append({"label": member.label, "path": member.source, "sha256": member.sha256, **m})
+            ens = probs if ens is None else ens + probs
+            running.append(summarize(ens / k, labels))
+            if temperature_scale:
+                eval_logits.append(logits)
+                hl, held_labels = predict_logits(model, held.eval, batch_size=batch_size, precision=precision)
+                held_logits.append(hl)
+            if output:
+                weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())
+                buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+            model.to("cpu")
+            bar.advance(task)
+    split = data.eval_split
+    final = rows[0] if len(rows) == 1 else running[-1]  # one network: its own metrics, with its loss
+    result = EvaluateResult(command=command, split=split, dataset=data.info.name, samples=len(data.eval),
+                            members=len(rows),
+                            metrics={"train": None, "eval": Metrics.of(final), "calibrated": None},
+                            models=[MemberMetrics(r["label"], r["path"], r["sha256"], Metrics.of(r)) for r in rows])
+    if temperature_scale:
+        temp = fit_temperature(held_logits, held_labels)
+        cal = torch.stack([F.softmax(z / temp, 1) for z in eval_logits]).mean(0)
+        result.metrics["calibrated"] = Metrics.of(summarize(cal, labels))
+        warning = None
+        if any(m.meta.config.get("split") != "val" for m in members):
+            warning = ("some members were trained on the images the temperature was fitted on (they were not "
+                       "trained with --split val), so the temperature is fitted to training data and is likely "
+                       "too low.")
+        result.calibration = Calibration(temp, warning)
+    inputs = {m.source: m.sha256 for m in members}
+    result.inputs = file_refs(inputs)
+    result.outputs = {"ensemble": None, "metrics": None}
+    if metrics:
+        col = lambda rs, key: np.array([r[key] for r in rs], dtype=np.float64)  # noqa: E731
+        keys = ("nll", "err", "ece", "brier")
+        datasets = {f"members/{split}/{key}": (col(rows, key), ("member",)) for key in ("loss", *keys)}
+        datasets.update({f"ensemble/{split}/{key}": (col(running, key), ("member",)) for key in keys})
+        if temperature_scale:
+            datasets.update({f"ensemble/{split}/calibrated/{k}": (np.array([getattr(result.metrics["calibrated"], k)]),
+                                                                  ()) for k in keys})
+        attrs = {**provenance(inputs,
+                              {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
+                               "temperature_scale": temperature_scale}, "evaluate"),
+                 "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split}
+        if temperature_scale:
+            attrs["temperature"] = result.calibration.temperature
+        write_h5(metrics, scales={"member": np.arange(1, len(rows) + 1)}, datasets=datasets, attrs=attrs)
+        result.outputs["metrics"] = FileRef.of(metrics)
+    if output:
+        layout = ParamLayout.of(members[0].make())
+        ens_file = Ensemble(as_ensemble_meta(first, inputs),
+                            layout, torch.stack(weights), buffers, [{"source": r["label"]} for r in rows])
+        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
+        result.outputs["ensemble"] = FileRef.of(output)
+    result.seconds = time.time() - t0
+    return result

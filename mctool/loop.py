@@ -1,0 +1,271 @@
+"""The SGD training loop shared by ``train``, ``connect`` and ``fge``: option checks, output and resume
+handling, the plain training step, and the resumable epoch loop (``fit``).
+
+Each command builds its own step (a network's, or a curve's) and hands it to ``fit``; the commands
+themselves live in ``training.py``, ``curves.py`` and ``fge.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint
+from .data import Data
+from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
+from .fileio import check_output, check_outputs
+from .graphs import GraphedStep, set_lr
+from .h5io import MetricsLog
+from .options import check_count, check_real
+from .runtime import autocast, progress_bar
+from .schedules import SCHEDULES, lr_at
+
+_NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
+# Options that change how a run computes, not what: a resumed run may set them differently.
+RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile"})
+
+
+def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
+    """Checks shared by every SGD run (train, connect, fge): clear errors for values that cannot work."""
+    check_real(lr_option, cfg.lr, 0, low_open=True)
+    check_count("--epochs", cfg.epochs)
+    check_real("--wd", cfg.wd, 0)
+    check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
+    check_count("--batch-size", cfg.batch_size)
+    check_count("--save-every", cfg.save_every, 0)
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'.")
+
+
+def recorded_lr(config: dict[str, Any]) -> float | None:
+    """The learning rate a network's recorded config says it was trained at (None if absent or not a positive
+    number): connect and fge derive their defaults from it."""
+    lr = config.get("lr")
+    ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    return float(lr) if ok else None
+
+
+def output_stem(output: str | Path) -> str:
+    """A file name without its ``.safetensors`` ending, for names derived from an output."""
+    name = Path(output).name
+    if name in ("", ".", ".."):
+        raise OutputError(f"output '{output}' is not a file name; give a file name.")
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def state_path(output: str | Path) -> Path:
+    """Where the resumable training state of ``output`` lives: ``model.safetensors`` -> ``model.state.safetensors``."""
+    return Path(output).with_name(output_stem(output) + ".state.safetensors")
+
+
+def snapshot_path(output: str | Path, epoch: int) -> Path:
+    """``--save-every`` checkpoint of ``output`` after ``epoch`` epochs: ``model-epoch010.safetensors``."""
+    return Path(output).with_name(f"{output_stem(output)}-epoch{epoch:03d}.safetensors")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Each epoch's shuffling, augmentation and dropout depend only on (seed, epoch), so a resumed run
+    # replays exactly what an uninterrupted run would have done.
+    return seed * 1_000_003 + epoch
+
+
+def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool, force: bool,
+                    renamed: dict[str, str] | None = None, inputs: list[str | Path | None] | tuple = (),
+                    more_outputs: dict[str, str | Path | None] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Check outputs before any work; with ``resume``, return the saved state after checking its config.
+
+    A resumed run must be given the same options; ``None`` (e.g. an architecture left to its default)
+    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded. ``renamed`` maps
+    config fields of older versions to their current names, so that their interrupted runs still resume.
+
+    The output, the metrics file, ``more_outputs``, the training state and the --save-every checkpoints
+    must all be different files and none of ``inputs``. A new run with ``force`` first removes what an
+    earlier run of the same output left behind (its training state and --save-every checkpoints).
+    """
+    state_file = state_path(output)
+    every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
+    snapshots = {f"the --save-every checkpoint of epoch {e}": snapshot_path(output, e)
+                 for e in (range(every, epochs, every) if every else ())}
+    # force=True: only name clashes and locks here; whether existing files may be replaced depends on resume.
+    check_outputs({"--output": output, "--metrics": metrics, **(more_outputs or {})}, inputs, force=True,
+                  derived={"the training state of --output": state_file, **snapshots})
+    if resume:
+        if not state_file.exists():
+            hint = " The run already finished." if output.exists() else ""
+            raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")
+        state = read_checkpoint(state_file)
+        check_state_metadata(state[1], state_file)
+        saved = json.loads(state[1].get("config", "{}"))
+        saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
+        diff = {}
+        for k, v in config.items():
+            if k in RUNTIME_OPTIONS:
+                continue
+            old = saved.get(k)
+            same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)
+            if not same:
+                diff[k] = (old, v)
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(f"--resume needs the same options as the interrupted run; these differ: {shown}.")
+        check_output(output, force=True)
+        return state
+    if state_file.exists() and not force:
+        raise ConfigError(f"an interrupted run left '{state_file}'; pass --resume to continue it or --force to "
+                          "start over.")
+    check_output(output, force)
+    check_output(metrics, force, "metrics file")
+    for what, path in {**(more_outputs or {}), **snapshots}.items():
+        if path is not None:
+            check_output(path, force, what)
+    if force:
+        _remove_old_run(output, inputs)
+    return None
+
+
+def _remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> None:
+    """Delete the training state and --save-every checkpoints an earlier run of ``output`` left (not inputs)."""
+    pattern = re.compile(rf"{re.escape(output_stem(output))}(\.state|-epoch\d{{3,}})\.safetensors")
+    folder = output.parent if str(output.parent) else Path(".")
+    keep = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if pattern.fullmatch(path.name) and path.is_file() and not any(path.samefile(k) for k in keep):
+            path.unlink()
+
+
+def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Restore SGD momentum buffers saved under ``optimizer/momentum/<param name>``."""
+    for name, buf in tensors.items():
+        if name.startswith(MOMENTUM_PREFIX):
+            p = params[name[len(MOMENTUM_PREFIX):]]
+            opt.state[p]["momentum_buffer"] = buf.to(p.device)
+
+
+def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers keyed ``optimizer/momentum/<param name>``."""
+    return {MOMENTUM_PREFIX + name: opt.state[p]["momentum_buffer"] for name, p in params.items()
+            if opt.state.get(p, {}).get("momentum_buffer") is not None}
+
+
+def train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, skipped when the network is already in train mode: it visits every module (about
+    1 ms of host time per step for PreResNet-110). mctool switches modes only on the whole network."""
+    if not model.training:
+        model.train()
+
+
+def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
+             cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float],
+                                                   tuple[torch.Tensor, torch.Tensor]]:
+    """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step.
+
+    With ``cuda_graphs`` (``opt`` from ``graphs.sgd(..., graphs=True)``) the step is replayed as a CUDA graph.
+    """
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        train_mode(model)
+        with autocast(device, precision, cache=not cuda_graphs):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    graphed = GraphedStep(body, enabled=cuda_graphs)
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        set_lr(opt, lr)
+        return graphed(x, y)
+
+    return step
+
+
+def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *, cfg: Any,
+        data: Data, log: MetricsLog, start_epoch: int, output: Path,
+        save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
+        quiet: bool, desc: str, lr_fn: Callable[[int, int, int], float] | None = None,
+        after_step: Callable[[int, int], None] | None = None) -> None:
+    """The epoch loop shared by ``train``, ``connect`` and ``fge``.
+
+    ``step(x, y, lr)`` does one optimisation step and returns the (detached) mean loss and logits;
+    ``lr_fn(epoch, i, iters_per_epoch)`` gives its learning rate (default: ``cfg.schedule``) and
+    ``after_step(epoch, i)`` runs after it (e.g. to take a snapshot). After each epoch: ``evaluate()``,
+    a metrics row, the resumable state, then the metrics file.
+    ``cfg`` needs epochs, lr, schedule, seed, batch_size and save_every.
+    """
+    lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
+    state_file = state_path(output)
+    metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
+    saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)
+    n_iter = data.train.num_batches(cfg.batch_size)
+    dev = getattr(data.train, "device", torch.device("cpu"))
+    try:
+        with progress_bar(quiet) as bar:
+            ep_task = bar.add_task(desc, total=cfg.epochs, completed=start_epoch, info="")
+            it_task = bar.add_task("  epoch", total=n_iter, info="")
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.time()
+                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                losses = torch.zeros(n_iter, device=dev)
+                wrong = torch.zeros((), device=dev, dtype=torch.long)
+                seen = 0
+                bar.reset(it_task, total=n_iter)
+                batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
+                                             seed=_epoch_seed(cfg.seed, epoch))
+                for i, (x, y) in enumerate(batches):
+                    lr = lr_fn(epoch, i, n_iter)
+                    loss, out = step(x, y, lr)
+                    losses[i] = loss * y.shape[0]
+                    wrong += (out.argmax(1) != y).sum()
+                    seen += y.shape[0]
+                    if (i + 1) % _NAN_CHECK_EVERY == 0 or i + 1 == n_iter:
+                        _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None)
+                    if after_step is not None:
+                        after_step(epoch, i)
+                    bar.advance(it_task)
+                shown_row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
+                             **evaluate()}
+                # evaluate() may add values only for the progress display (the log keeps its own columns)
+                row = {k: v for k, v in shown_row.items() if k in log.columns}
+                log.append(epoch + 1, **row, seconds=time.time() - t0)
+                # Order matters: the state (with the history) first, then the metrics file it reproduces.
+                save_state(epoch + 1, state_file, "train-state")
+                saved = epoch + 1
+                log.flush()
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
+                    save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
+                bar.update(ep_task, completed=epoch + 1, info=shown)
+    except KeyboardInterrupt:
+        done = saved
+        if not state_file.exists():
+            # fge and sse record snapshots as they are taken: the metrics file may be this run's, and then a new
+            # run needs --force (unless it was there before, when this command already had --force)
+            if log.path.exists() and log.path.stat().st_mtime_ns != metrics_before:
+                again = "plus --force" if metrics_before is None else "again"
+                raise Interrupted(f"interrupted during epoch 1, before any epoch was complete; nothing resumable "
+                                  f"was saved ('{log.path}' holds only snapshots of that epoch). Run the same "
+                                  f"command {again} to start over.") from None
+            raise Interrupted("interrupted during epoch 1, before any epoch was complete; nothing was saved. "
+                              "Run the same command again to start over.") from None
+        raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
+                          f"'{state_file}'. Continue with the same command plus --resume.") from None
+
+
+def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:
+    bad = ~torch.isfinite(weighted_losses)
+    if bool(bad.any()):
+        it = int(bad.nonzero()[0, 0])
+        kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
+                else "no epoch had completed, so nothing was saved")
+        raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
+                                 f"stopped and {kept}. Start again with a lower learning rate (and --force).")
