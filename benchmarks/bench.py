@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mctool.curves import Curve, CurveStep, coefficients
+from mctool.curve_training import CurveStep
+from mctool.curves import Curve, coefficients
 from mctool.data import load_data
 from mctool.evaluation import evaluate_weights
 from mctool.flat import ParamLayout

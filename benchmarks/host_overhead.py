@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import _time_steps  # noqa: E402
 
-from mctool.curves import Curve, CurveStep  # noqa: E402
+from mctool.curve_training import CurveStep  # noqa: E402
+from mctool.curves import Curve  # noqa: E402
 from mctool.flat import ParamLayout  # noqa: E402
 from mctool.graphs import sgd  # noqa: E402
 from mctool.models import build_model  # noqa: E402

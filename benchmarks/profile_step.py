@@ -16,7 +16,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mctool.curves import Curve, CurveStep
+from mctool.curve_training import CurveStep
+from mctool.curves import Curve
 from mctool.data import load_data
 from mctool.flat import ParamLayout
 from mctool.graphs import sgd

@@ -6,7 +6,8 @@ The public Python API; the ``mctool`` command is a thin layer over these functio
 from ._version import __version__
 from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
 from .curve_eval import evaluate_curve, export_point
-from .curves import ConnectConfig, Curve, connect, load_curve
+from .curve_training import ConnectConfig, connect
+from .curves import Curve, load_curve
 from .data import Data, DatasetInfo, load_data
 from .ensemble_eval import evaluate_models
 from .ensemble_eval import evaluate_models as evaluate

@@ -390,7 +390,7 @@ def connect(
     Only the bends are trained (endpoints stay fixed unless freed). BatchNorm layers use batch statistics
     while training; their running statistics are recomputed by evaluate-curve and point.
     """
-    from .curves import ConnectConfig, connect as run_connect
+    from .curve_training import ConnectConfig, connect as run_connect
 
     def work() -> Result:
         cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mctool.curves import Curve, CurveStep
+from mctool.curve_training import CurveStep
+from mctool.curves import Curve
 from mctool.data import load_data
 from mctool.errors import MctoolWarning
 from mctool.flat import ParamLayout

@@ -11,7 +11,8 @@ import mctool.curve_eval
 from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
-from mctool.curves import Curve, CurveStep, coefficients, load_curve
+from mctool.curve_training import CurveStep
+from mctool.curves import Curve, coefficients, load_curve
 from mctool.data import load_data
 from mctool.errors import CheckpointError, ConfigError
 from mctool.flat import ParamLayout
@@ -292,7 +293,7 @@ def test_curve_step_keeps_channels_last_weights_in_that_order_and_gives_the_same
 @pytest.mark.parametrize("curve, bends", [("bezier", 1), ("bezier", 3), ("polychain", 1), ("polychain", 3)])
 def test_curve_step_interpolation_equals_the_weighted_sum(curve, bends):
     """w(t) as a chain of lerps is sum_k c_k W_k, and exactly W_k where c is one-hot (ends, polychain knots)."""
-    from mctool.curves import _interpolate
+    from mctool.curve_training import _interpolate
 
     points = torch.randn(bends + 2, 1000, generator=torch.Generator().manual_seed(0))
     w = torch.empty(1000)
@@ -437,7 +438,7 @@ def test_connect_channels_last_resume_matches_uninterrupted(cli, tmp_path, monke
 
 
 def test_default_curve_lr_and_epochs_give_the_papers_recipes():
-    from mctool.curves import default_curve_epochs, default_curve_lr
+    from mctool.curve_training import default_curve_epochs, default_curve_lr
 
     cifar = 391  # iterations per epoch: 50,000 training images in batches of 128
     # VGG16 (no BatchNorm), trained 200 epochs at lr 0.05: its curve trains 600 epochs at 0.015
@@ -449,7 +450,7 @@ def test_default_curve_lr_and_epochs_give_the_papers_recipes():
 
 
 def test_default_curve_lr_keeps_short_runs_at_the_endpoints_lr():
-    from mctool.curves import default_curve_lr
+    from mctool.curve_training import default_curve_lr
 
     assert default_curve_lr(0.05, 600 * 12) == 0.05  # digits: 12 iterations per epoch
     assert default_curve_lr(0.05, 20_000) == pytest.approx(0.025, rel=1e-12)  # lr x iterations = 10,000 x 0.05

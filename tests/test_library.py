@@ -12,7 +12,8 @@ import mctool
 import mctool.cli
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import read_checkpoint
-from mctool.curves import BEND_INITS, CURVES, ConnectConfig, connect, load_curve
+from mctool.curve_training import ConnectConfig, connect
+from mctool.curves import BEND_INITS, CURVES, load_curve
 from mctool.data import AUGMENTS, SPLITS
 from mctool.fge import FGEConfig, fge
 from mctool.runtime import PRECISIONS

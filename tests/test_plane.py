@@ -89,7 +89,7 @@ def test_grid_point_weights_are_the_formula(tmp_path, bezier, monkeypatch):
         seen.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).clone())
         return real(model, *a, **k)
 
-    monkeypatch.setattr(mctool.plane, "evaluate_weights", spy)
+    monkeypatch.setattr(plane_module, "evaluate_weights", spy)
     plane_module.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, margins=(0.5, 0.0, 0.25, 0.0),
                        device="cpu", quiet=True)
     curve = load_curve(bezier)[0]
@@ -112,7 +112,7 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
         f["train/loss"][2, 0] = np.nan
     calls = []
     real = plane_module.evaluate_weights
-    monkeypatch.setattr(mctool.plane, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(plane_module, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     cli("plane", *args, "--resume", "-q")
     assert len(calls) == 2
     again, _ = read_h5(m)

@@ -22,7 +22,7 @@ import mctool.h5io
 from conftest import ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, save_model
-from mctool.curves import ConnectConfig
+from mctool.curve_training import ConnectConfig
 from mctool.ensemble_eval import evaluate_models
 from mctool.errors import ConfigError, DataError, OutputError
 from mctool.fge import FGEConfig

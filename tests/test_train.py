@@ -268,7 +268,8 @@ def test_outputs_get_normal_permissions(cli, tmp_path, digits_models):
 def test_steps_switch_an_evaluated_network_back_to_train_mode():
     """After evaluation (model.eval()) the plain and the curve step run the whole network in train mode again
     (BN on batch statistics), and leave a network already in train mode as it is."""
-    from mctool.curves import Curve, CurveStep
+    from mctool.curve_training import CurveStep
+    from mctool.curves import Curve
     from mctool.flat import ParamLayout
     from mctool.graphs import sgd
     from mctool.models import build_model
