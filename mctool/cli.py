@@ -352,7 +352,8 @@ def connect(
                                                 "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
                                                 "for long runs, up to A's lr for short ones; see docs/curves.md).")]
     = None,
-    wd: Annotated[float, typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2.")] = 5e-4,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2 "
+                                                "(default: the wd A was trained with, else 5e-4).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size; each batch draws one t ~ U(0, 1).")] = 128,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule (as for train).")] = Schedule.paper,

@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import fit, prepare_outputs, recorded_lr, state_path, train_mode, validate_sgd
+from .loop import fit, prepare_outputs, recorded_lr, recorded_wd, state_path, train_mode, validate_sgd
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -170,7 +170,7 @@ class ConnectConfig:
     num_bends: int = 1
     epochs: int | None = None  # default: default_curve_epochs of A's record
     lr: float | None = None  # default: default_curve_lr of A's record and the curve's iterations
-    wd: float = 5e-4
+    wd: float | None = None  # default: A's recorded wd (the paper's curves use their endpoints' wd)
     momentum: float = 0.9
     batch_size: int = 128
     schedule: str = "paper"
@@ -217,6 +217,8 @@ _UNRECORDED_EPOCHS = 200
 
 #: Learning rate assumed for an endpoint that does not record one (mctool train's default).
 _UNRECORDED_LR = 0.05
+#: Weight decay assumed for an endpoint that does not record one (mctool train's default).
+_UNRECORDED_WD = 5e-4
 
 
 def default_curve_epochs(train_epochs: int, batchnorm: bool) -> int:
@@ -263,6 +265,10 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         batchnorm = bool(bn_modules(a.model))
         cfg.epochs = default_curve_epochs(train_epochs, batchnorm)
         derived["epochs"] = f"{source} x {1 if batchnorm else 3} ({'with' if batchnorm else 'no'} BatchNorm)"
+    if cfg.wd is None:
+        wd = recorded_wd(a.meta.config)
+        cfg.wd = _UNRECORDED_WD if wd is None else wd
+        derived["wd"] = f"A's wd {wd!r}" if wd is not None else f"{_UNRECORDED_WD!r} (A records no wd)"
     cfg.derived = derived or None
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file

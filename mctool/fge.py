@@ -28,8 +28,8 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (fit, get_momentum, prepare_outputs, recorded_lr, set_momentum, sgd_step, state_path,
-                   validate_sgd)
+from .loop import (fit, get_momentum, prepare_outputs, recorded_lr, recorded_wd, set_momentum, sgd_step,
+                   state_path, validate_sgd)
 
 
 @dataclass
@@ -96,8 +96,9 @@ def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool) -> None:
     """Set the options left to None from the start network's record, noting in ``cfg.derived`` how."""
     derived = {}
     if cfg.wd is None:
-        cfg.wd = float(meta.config.get("wd", 5e-4))
-        derived["wd"] = "the start network's wd" if "wd" in meta.config else "5e-4 (the start network records no wd)"
+        wd = recorded_wd(meta.config)
+        cfg.wd = 5e-4 if wd is None else wd
+        derived["wd"] = "the start network's wd" if wd is not None else "5e-4 (the start network records no wd)"
     if cfg.lr_max is None or cfg.lr_min is None:
         train_lr = recorded_lr(meta.config)
         source = f"the start network's training lr {train_lr!r}"

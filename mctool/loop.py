@@ -44,12 +44,22 @@ def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
         raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'.")
 
 
+def _recorded_number(config: dict[str, Any], key: str, positive: bool) -> float | None:
+    value = config.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok and (value > 0 if positive else value >= 0) else None
+
+
 def recorded_lr(config: dict[str, Any]) -> float | None:
     """The learning rate a network's recorded config says it was trained at (None if absent or not a positive
     number): connect and fge derive their defaults from it."""
-    lr = config.get("lr")
-    ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
-    return float(lr) if ok else None
+    return _recorded_number(config, "lr", positive=True)
+
+
+def recorded_wd(config: dict[str, Any]) -> float | None:
+    """The weight decay a network's recorded config says it was trained with (None if absent or not a
+    number >= 0): connect's and fge's default."""
+    return _recorded_number(config, "wd", positive=False)
 
 
 def output_stem(output: str | Path) -> str:
