@@ -3,6 +3,7 @@ loaded or allocated from a file before its metadata and tensor shapes are checke
 
 import json
 import struct
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -422,32 +423,27 @@ def test_architectures_from_hubs_or_folders_are_refused(arch, builds):
     assert builds == []
 
 
-@pytest.mark.parametrize("field, value", [("epoch", "-1"), ("epoch", "two"), ("history", "{}"), ("history", "[1]"),
-                                          ("config", "[]"), ("config", '{"arch_kwargs": {}}'), ("snapshots", "[")])
-def test_resume_checks_the_training_state(cli, tmp_path, monkeypatch, field, value):
+def _interrupted(cli, tmp_path, monkeypatch, command: list) -> tuple[list, Path]:
+    """Run ``command`` for 2 epochs, interrupted in epoch 2; return its arguments and its training state."""
     from conftest import ctrl_c_during_epoch
 
-    out = tmp_path / "run.safetensors"
-    args = ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "-o", out, "--epochs", "2", "-q",
-            "--device", "cpu"]
+    args = [*command, "-o", tmp_path / "run.safetensors", "--epochs", "2", "-q", "--device", "cpu"]
     restore = ctrl_c_during_epoch(monkeypatch, 2)
     cli(*args, code=130)
     restore()
-    state = tmp_path / "run.state.safetensors"
+    return args, tmp_path / "run.state.safetensors"
+
+
+@pytest.mark.parametrize("field, value", [("epoch", "-1"), ("epoch", "two"), ("history", "{}"), ("history", "[1]"),
+                                          ("config", "[]"), ("config", '{"arch_kwargs": {}}'), ("snapshots", "[")])
+def test_resume_checks_the_training_state(cli, tmp_path, monkeypatch, field, value):
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
     _rewrite(state, state, **{field: value})
     assert f"'{field}'" in cli.error(*args, "--resume")
 
 
 def test_resume_checks_the_training_state_tensors(cli, tmp_path, monkeypatch):
-    from conftest import ctrl_c_during_epoch
-
-    out = tmp_path / "run.safetensors"
-    args = ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "-o", out, "--epochs", "2", "-q",
-            "--device", "cpu"]
-    restore = ctrl_c_during_epoch(monkeypatch, 2)
-    cli(*args, code=130)
-    restore()
-    state = tmp_path / "run.state.safetensors"
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
     with safe_open(str(state), "pt") as f:
         md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     for extra in ({"net.1.weight": torch.zeros(3)}, {"optimizer/momentum/net.1.weight": torch.zeros(3)},
@@ -457,15 +453,8 @@ def test_resume_checks_the_training_state_tensors(cli, tmp_path, monkeypatch):
 
 
 def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, curve_file):
-    from conftest import ctrl_c_during_epoch
-
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"  # the endpoints curve_file was made from
-    out = tmp_path / "run.safetensors"
-    args = ["connect", a, b, "-o", out, "--epochs", "2", "-q", "--device", "cpu"]
-    restore = ctrl_c_during_epoch(monkeypatch, 2)
-    cli(*args, code=130)
-    restore()
-    state = tmp_path / "run.state.safetensors"
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["connect", a, b])
     with safe_open(str(state), "pt") as f:
         md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     for extra in ({"control_points": tensors["control_points"][:2]}, {"optimizer/momentum/free": torch.zeros(2, 3)}):
