@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .data import Split
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .options import check_count
 from .runtime import autocast
 
@@ -21,15 +22,40 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
 
 
+class _LocalBatchNorm(_BN):
+    """BatchNorm of any input rank with this process's statistics only: what a ``SyncBatchNorm`` computes
+    as during a recalibration pass (whose ranks see different numbers of batches and add their sums at
+    the end instead)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+
+def use_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """``--sync-bn``: BatchNorm layers that compute batch statistics over the whole global batch (all ranks)
+    while training, as ``torch.nn.SyncBatchNorm``; the state dict is unchanged. A single process has nothing
+    to synchronise (the model is returned as it is); NCCL's SyncBatchNorm needs CUDA tensors."""
+    d = distributed.current()
+    if not enabled or d is None or not bn_modules(model):
+        return model
+    if device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); leave it "
+                          "out, and each rank uses its own piece of the batch for BN statistics.")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max_batches: int | None = None,
-                   precision: str = "fp32") -> bool:
+                   precision: str = "fp32", sharded: bool = False) -> bool:
     """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
     without BN layers.
 
     Only the BN layers run in train mode (dropout stays off); each batch contributes in proportion to its
     size, so the result is the exact mean and (unbiased, per batch) variance average over the pass.
-    ``max_batches`` limits the pass (faster, noisier statistics).
+    ``max_batches`` limits the pass (faster, noisier statistics). ``sharded``, in a distributed run: the
+    ranks share the batches (dealt round-robin) and add their weighted sums, which gives every rank the
+    statistics of the whole pass (docs/distributed.md).
     """
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", max_batches)
@@ -38,14 +64,21 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
         return False
     was_training = model.training
     momenta = [m.momentum for m in bns]
+    synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
+    for m, _ in synced:  # each rank's own statistics, added at the end (and no collective per batch)
+        m.__class__ = _LocalBatchNorm
     model.eval()
     for m in bns:
         m.reset_running_stats()
         m.train()
     device = next(model.parameters()).device
     seen = 0
+    d = distributed.current() if sharded else None
+    rank, world = d.part if d is not None else (0, 1)
     with autocast(device, precision):
-        for i, (x, _) in enumerate(split.batches(batch_size)):
+        batches = split.batches(batch_size) if d is None else split.batches(batch_size, deal=d.part)
+        for j, (x, _) in enumerate(batches):
+            i = rank + j * world  # the batch's number in the whole pass
             if max_batches is not None and i >= max_batches:
                 break
             b = x.shape[0]
@@ -55,7 +88,30 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
             seen += b
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
+    for m, cls in synced:
+        m.__class__ = cls
+    if d is not None:
+        seen = _add_over_ranks(bns, seen, device)
     model.train(was_training)
     if seen == 0:  # reset statistics (mean 0, variance 1) must never pass for recomputed ones
         raise DataError("the BatchNorm recalibration pass saw no training images; the training set is empty.")
     return True
+
+
+def _add_over_ranks(bns: list[nn.Module], seen: int, device: torch.device) -> int:
+    """Every rank's statistics become those of all ranks' batches together: the averages weighted by the
+    images each rank saw, summed over ranks in one buffer (and the batch counts added)."""
+    stats = [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
+    counts = [m.num_batches_tracked for m in bns if m.num_batches_tracked is not None]
+    flat = torch.cat([*(t.double().flatten() * seen for t in stats), *(c.double().flatten() for c in counts),
+                      torch.tensor([float(seen)], dtype=torch.float64, device=device)])
+    distributed.all_reduce_sum(flat)
+    total = float(flat[-1])
+    at = 0
+    for t in stats:
+        t.copy_((flat[at:at + t.numel()] / max(total, 1.0)).view_as(t))
+        at += t.numel()
+    for c in counts:
+        c.copy_(flat[at:at + c.numel()].round().view_as(c))
+        at += c.numel()
+    return int(total)

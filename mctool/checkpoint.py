@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, sha256_file
+from .fileio import atomic_path, sha256_file, writes_files
 from .h5io import utc_now
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
@@ -152,6 +152,16 @@ class ModelMeta:
     inputs: dict[str, str] = field(default_factory=dict)
     version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def data_options(self) -> dict[str, Any]:
+        """``load_data`` options that feed this network the images it was trained on: its normalisation and,
+        for ``imagefolder:`` data, its image size and (``train --pretrained``) timm's transforms."""
+        from .models import recorded_data_config
+
+        opts: dict[str, Any] = {"normalization": self.normalization, "data_config": recorded_data_config(self.config)}
+        if self.image_size is not None:
+            opts["image_size"] = self.image_size
+        return opts
 
     def to_metadata(self) -> dict[str, str]:
         md = {
@@ -303,7 +313,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write tensors and metadata atomically (temporary file in the same folder, then rename)."""
+    """Write tensors and metadata atomically (temporary file in the same folder, then rename); nothing on
+    the ranks that do not write files (``fileio.writes_files``)."""
+    if not writes_files():
+        return
     # Copies to CPU break any storage sharing (tied weights), which safetensors refuses.
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

@@ -21,9 +21,10 @@ from rich.text import Text
 from ._version import __version__
 from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
+from . import distributed
 from .errors import ConfigError, Interrupted, MctoolError
-from .results import (ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult, Metrics,
-                      PlaneResult, PointResult, Result, TrainResult)
+from .results import (ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult, MergeResult,
+                      Metrics, PlaneResult, PointResult, Result, TrainResult)
 from .runtime import PRECISIONS, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
@@ -60,6 +61,9 @@ DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Ask cuD
                                                 "kernels, so that a GPU run with the same seed repeats exactly "
                                                 "(usually slower; an operation without such a kernel warns). CPU "
                                                 "runs are reproducible without it.")]
+SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="Under torchrun: BatchNorm statistics over the whole "
+                                         "global batch, all ranks together (SyncBatchNorm; CUDA only), "
+                                         "instead of each rank's piece. No effect in one process.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (paths and summary metrics) "
                                                       "on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
@@ -71,6 +75,16 @@ DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data
 SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
                                               "training images (10% for small sets), held out from training.")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
+                        "is I modulo N, into this shard's own metrics file; the others stay NaN. Combine the N files "
+                        "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    from .curve_eval import parse_shard
+
+    return None if text is None else parse_shard(text)
 
 
 def _version(value: bool) -> None:
@@ -90,17 +104,46 @@ def _main(ctx: typer.Context,
     ctx.with_resource(progress())
 
 
+def _error(message: str) -> None:
+    # One unwrapped line, whatever the terminal width, so scripts can grep it.
+    stderr_console().print(_safe(f"Error: {message}"), highlight=False, soft_wrap=True)
+
+
 def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[[Any], None]) -> None:
-    """Call the library, map user errors to exit codes, print the result (``--json``: its ``to_json()``)."""
+    """Call the library, map user errors to exit codes, print the result (``--json``: its ``to_json()``).
+
+    Under torchrun (or SLURM) the command runs on every rank of the group (docs/distributed.md): rank 0
+    prints, another rank prints only its own error, as ``Error: rank N: ...``."""
+    code, main, result = 0, True, None
     try:
-        result = work()
-    except MctoolError as e:
-        # One unwrapped line, whatever the terminal width, so scripts can grep it.
-        stderr_console().print(_safe(f"Error: {e}"), highlight=False, soft_wrap=True)
-        raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
-    except KeyboardInterrupt:  # Ctrl-C before a command's own handling starts (loading data, building a model)
-        stderr_console().print("Error: interrupted (Ctrl-C).", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        with distributed.launched() as d:
+            main = d is None or d.main
+            try:
+                result = work()
+            except (MctoolError, KeyboardInterrupt) as e:
+                interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+                code = 130 if interrupted else 1
+                # Ctrl-C before a command's own handling starts (loading data, building a model)
+                message = str(e) if isinstance(e, MctoolError) else "interrupted (Ctrl-C)."
+                # Ctrl-C reaches every rank: rank 0 says what was saved
+                silent = isinstance(e, distributed.PeerFailed) or (interrupted and not main)
+                if not silent and distributed.report_failure(message):
+                    _error(message if main else f"rank {d.rank}: {message}")
+            except Exception as e:  # a bug: the traceback is for us; the other ranks stop at once
+                if d is not None:
+                    distributed.report_failure(f"internal error ({type(e).__name__})")
+                raise
+    except MctoolError as e:  # joining the group failed
+        code = 1
+        _error(str(e))
+    except KeyboardInterrupt:
+        code = 130
+        if main:
+            _error("interrupted (Ctrl-C).")
+    if code:
+        raise typer.Exit(code)
+    if not main:
+        return
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     elif not quiet:
@@ -186,6 +229,17 @@ def train(
                                             "0 = never.")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (and momentum, for a "
                                                  "training state) instead of a random initialisation.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights for --arch "
+                                             "(a timm model; timm downloads them once and caches them), e.g. to "
+                                             "connect two fine-tunings of one pretrained network. A classifier for "
+                                             "another number of classes is re-initialised. With imagefolder data, "
+                                             "images get the model's size, resizing and mean/std (timm's "
+                                             "transforms). Not with --init.")] = False,
+    pretrained_file: Annotated[Optional[Path], typer.Option(help="Offline --pretrained: a local safetensors file "
+                                                            "with the timm model's state dict (e.g. saved with "
+                                                            "safetensors.torch.save_file(model.state_dict(), "
+                                                            "PATH)); never a pickle. Its sha256 is recorded. "
+                                                            "Implies --pretrained.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed epoch "
                                          "(same options as the interrupted command).")] = False,
     data_root: DataRootOpt = None,
@@ -195,6 +249,7 @@ def train(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    sync_bn: SyncBnOpt = False,
     deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -211,8 +266,9 @@ def train(
                           wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value, seed=seed,
                           augment=augment.value, split=split.value, precision=precision.value,
                           channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
-                          init=str(init) if init else None,
-                          save_every=save_every, snapshots=snapshots)
+                          sync_bn=sync_bn,
+                          init=str(init) if init else None, save_every=save_every, snapshots=snapshots,
+                          pretrained=pretrained, pretrained_file=str(pretrained_file) if pretrained_file else None)
         return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
@@ -376,6 +432,7 @@ def connect(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    sync_bn: SyncBnOpt = False,
     deterministic: DeterministicOpt = False,
     compile: Annotated[bool, typer.Option("--compile", help="Fuse the step's passes over the parameters (forming "
                                           "w(t), the control points' gradient) with torch.compile: less memory "
@@ -399,6 +456,7 @@ def connect(
                             seed=seed, bend_init=bend_init.value, free_start=free_start, free_end=free_end,
                             dataset=dataset, augment=augment.value, split=split.value, precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
+                            sync_bn=sync_bn,
                             compile=compile, save_every=save_every)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
@@ -439,6 +497,7 @@ def evaluate_curve(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
+    shard: ShardOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -454,7 +513,7 @@ def evaluate_curve(
         return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
                    batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
 
     def show(r: CurveResult) -> None:
         t = Table(title=f"{r.curve} curve, {r.num_points} points", title_justify="left")
@@ -584,6 +643,34 @@ def plot(
     _run(work, as_json, quiet, lambda r: _table("plot", [("written", _path(r.outputs["plot"]))]))
 
 
+@app.command("merge")
+def merge_cmd(
+    files: Annotated[list[Path], typer.Argument(help="The N shard files of one plane or evaluate-curve run (written "
+                                                "with --shard I/N), in any order.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
+                                         "without --shard.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this PNG.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Combine the shard files of one plane or evaluate-curve run (--shard I/N) into one metrics file.
+
+    Checks that the files are shards 0..N-1 of the same run (same inputs and options), each given once, and
+    that every value was computed in exactly one of them.
+    """
+    from .merge import merge
+
+    def work() -> Result:
+        return merge(files, output, plot=plot, force=force)
+
+    def show(r: MergeResult) -> None:
+        _table("merged", [("kind", r.kind), ("shards", str(r.shards)), ("metrics", _path(r.outputs["metrics"])),
+                          ("plot", _path(r.outputs["plot"]))])
+
+    _run(work, as_json, quiet, show)
+
+
 @app.command("plane")
 def plane_cmd(
     files: Annotated[list[Path], typer.Argument(help="A curve file (its start, one bend and its end), or three model "
@@ -619,6 +706,7 @@ def plane_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
+    shard: ShardOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -636,7 +724,7 @@ def plane_cmd(
                    curve_points=curve_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
 
     def show(r: PlaneResult) -> None:
         rows = []
@@ -694,6 +782,7 @@ def fge_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     cuda_graphs: GraphsOpt = False,
+    sync_bn: SyncBnOpt = False,
     deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -711,6 +800,7 @@ def fge_cmd(
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
                         augment=augment.value, split=split.value, precision=precision.value,
                         channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
+                        sync_bn=sync_bn,
                         bn_batches=bn_batches,
                         swa=str(swa) if swa else None)
         return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,

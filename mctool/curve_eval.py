@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .bn import bn_modules, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
@@ -73,6 +75,62 @@ def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float
     return out
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` as (I, N), checked like ``check_shard``."""
+    parts = str(text).strip().split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--shard must be I/N with whole numbers 0 <= I < N (e.g. 0/8), got {str(text)[:40]!r}.")
+    return check_shard((int(parts[0]), int(parts[1])))
+
+
+def check_shard(shard: Any) -> tuple[int, int] | None:
+    """``shard`` = (I, N): whole numbers with N >= 1 and 0 <= I < N; ``None`` (the whole run) passes."""
+    if shard is None:
+        return None
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in shard)):
+        raise ConfigError(f"--shard must be I/N (shard=(I, N) in Python) with whole numbers, got {shard!r}.")
+    i, n = int(shard[0]), int(shard[1])
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1), got {i}/{n}.")
+    return i, n
+
+
+def shard_text(shard: tuple[int, int] | None) -> str | None:
+    """(I, N) as the ``I/N`` recorded in a shard file's attributes and config."""
+    return None if shard is None else f"{shard[0]}/{shard[1]}"
+
+
+def shard_tasks(tasks: list, shard: tuple[int, int] | None) -> list:
+    """The tasks of shard I of N: those whose index in the full task list is I modulo N (round-robin, so that
+    points of different cost spread evenly over the shards); all of them for ``None``."""
+    return tasks if shard is None else tasks[shard[0]::shard[1]]
+
+
+def curve_metric_names(split: str) -> list[str]:
+    """The metric datasets of an evaluate-curve file."""
+    return ["train/loss", "train/nll", "train/err", f"{split}/nll", f"{split}/err"]
+
+
+def curve_metrics(summary: dict[str, Any]) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
+    """``metrics`` and ``barrier`` of a ``CurveResult`` from ``curve_summary``'s dict."""
+    return ({g: Metrics.of({k: CurveSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")},
+            {g: Metrics.of(summary["barrier"][g]) for g in ("train", "eval")})
+
+
+def write_curve_file(path: str | Path, attrs: dict[str, Any], *, t: np.ndarray, values: dict[str, np.ndarray],
+                     dl: np.ndarray, summary: dict[str, Any] | None = None) -> None:
+    """Write an evaluate-curve metrics file (atomically); with ``summary`` (``curve_summary``) also its root
+    attribute ``summary`` and each metric dataset's summary attributes. ``evaluate-curve`` and ``merge`` both
+    write through here."""
+    extra = {}
+    if summary is not None:
+        attrs["summary"] = json.dumps(summary)
+        extra = {n: summary[metric_set(n)[0]][metric_set(n)[1]] for n in values}
+    write_h5(path, scales={"t": t}, datasets={**{n: (v, ("t",)) for n, v in values.items()}, "dl": (dl, ("t",))},
+             attrs=attrs, dataset_attrs=extra)
+
+
 def interrupted(saved: int, total: int, metrics: Path) -> Interrupted:
     """The error for Ctrl-C in a run that writes its metrics file after every point (evaluate-curve, plane)."""
     return Interrupted(f"interrupted; {saved} of {total} points are saved in '{metrics}'. Continue with the same "
@@ -85,10 +143,17 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                    data_root: str | None = None, download: bool = False, split: str = "test",
                    batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-                   quiet: bool = False) -> CurveResult:
+                   shard: tuple[int, int] | None = None, quiet: bool = False) -> CurveResult:
     """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
-    (docs/method.md#curve-evaluation)."""
+    (docs/method.md#curve-evaluation).
+
+    ``shard=(I, N)`` evaluates only the points i with i % N == I (the others stay NaN, and so does the
+    summary of every metric); ``mctool.merge`` combines the N shard files into the file of the whole run."""
     t0 = time.time()
+    shard = check_shard(shard)
+    if shard is not None and plot is not None:
+        raise ConfigError("--plot draws the whole curve and a shard file holds only part of it; draw it when "
+                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
     check_count("--num-points", num_points, 2)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
@@ -100,12 +165,16 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     name = dataset or curve.meta.dataset
     if name is None:
         raise ConfigError("the network does not record its data set; pass --dataset.")
-    names = ["train/loss", "train/nll", "train/err", f"{split}/nll", f"{split}/err"]
+    names = curve_metric_names(split)
     t = np.linspace(0.0, 1.0, num_points)
     values = {n: np.full(num_points, np.nan) for n in names}
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends}
-    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot)
+    # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
+    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+                                plot=plot)
+    if shard is not None:
+        config["shard"] = shard_text(shard)
     for n in names:
         if n in old:
             if np.shape(old[n]) != (num_points,) or old[n].dtype.kind not in "fiu":
@@ -116,54 +185,60 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
              "split": split, "distance": distance}
+    if shard is not None:
+        attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
 
     def write(summary: dict[str, Any] | None = None) -> None:
-        extra = {}
-        if summary is not None:
-            attrs["summary"] = json.dumps(summary)
-            extra = {n: summary[metric_set(n)[0]][metric_set(n)[1]] for n in names}
-        write_h5(metrics, scales={"t": t}, datasets={**{n: (v, ("t",)) for n, v in values.items()}, "dl": (dl, ("t",))},
-                 attrs=attrs, dataset_attrs=extra)
+        write_curve_file(metrics, attrs, t=t, values=values, dl=dl, summary=summary)
 
-    todo = [i for i in range(num_points) if any(np.isnan(values[n][i]) for n in names)]
+    # This shard's points (all without --shard), less those already computed: rank 0's list (another rank may
+    # read the file after rank 0 wrote more points into it)
+    mine = shard_tasks(list(range(num_points)), shard)
+    todo = distributed.broadcast_object([i for i in mine if any(np.isnan(values[n][i]) for n in names)])
     if todo:
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
-                         channels_last=channels_last, normalization=curve.meta.normalization, num_workers=num_workers)
+                         channels_last=channels_last, **curve.meta.data_options(), num_workers=num_workers)
         check_fits(curve.meta.num_classes, curve.meta.in_chans, data.info, paths[0])
         model = curve.build_model().to(dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         points = curve.points.to(dev)
         write()
-        saved = num_points - len(todo)
+        saved = len(mine) - len(todo)
+
+        def measure(i: int) -> dict[str, float]:
+            c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
+            curve.layout.assign(model, c.float() @ points)
+            return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
+                                    precision=precision)
+
         try:
             with progress_bar(quiet) as bar:
-                task = bar.add_task("evaluate-curve", total=num_points, completed=saved, info="")
-                for i in todo:
-                    c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
-                    curve.layout.assign(model, c.float() @ points)
-                    m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                         precision=precision)
+                task = bar.add_task("evaluate-curve", total=len(mine), completed=saved, info="")
+
+                def record(i: int, m: dict[str, float]) -> None:
+                    nonlocal saved
                     for n in names:
                         values[n][i] = m[n]
                     write()
                     saved += 1
                     bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
                                                      f"{split} err {m[f'{split}/err']:.2%}")
+
+                # one process: in order; several (torchrun): each rank takes the next point when free
+                distributed.deal_points(todo, measure, record)
         except KeyboardInterrupt:
-            raise interrupted(saved, num_points, metrics) from None
+            raise interrupted(saved, len(mine), metrics) from None
     summary = curve_summary(values, dl, distance)
     write(summary)
-    result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split,
-                         metrics={g: Metrics.of({k: CurveSummary(**v) for k, v in summary[g].items()})
-                                  for g in ("train", "eval")},
-                         barrier={g: Metrics.of(summary["barrier"][g]) for g in ("train", "eval")},
-                         curve=curve.curve, num_bends=curve.num_bends, num_points=num_points,
+    summary_metrics, barrier = curve_metrics(summary)
+    result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,
+                         barrier=barrier, curve=curve.curve, num_bends=curve.num_bends, num_points=num_points,
                          length=summary["length"], length_ratio=summary["length_ratio"])
-    if plot is not None:
+    if plot is not None and distributed.is_main():
         from .plots import plot_curves
 
         plot_curves([metrics], plot)
@@ -191,10 +266,10 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     if bn_update and bn_modules(model):
         dev = resolve_device(device)
         data = load_data(curve.meta.dataset, root=data_root, split=split, download=download, device=dev,
-                         normalization=curve.meta.normalization, num_workers=num_workers)
+                         **curve.meta.data_options(), num_workers=num_workers)
         model.to(dev)
         recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
-                                      precision=precision)
+                                      precision=precision, sharded=True)
         model.to("cpu")
     config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches, "split": split,
               **{k: curve.meta.config[k] for k in ("wd", "epochs") if k in curve.meta.config}}

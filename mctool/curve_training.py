@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .bn import bn_modules
+from .bn import bn_modules, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, load_model
 from .curves import BEND_INITS, Curve, coefficients, initial_points, line_between, save_curve
 from .data import check_fits, load_data
@@ -26,7 +26,8 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import fit, prepare_outputs, recorded_lr, recorded_wd, state_path, train_mode, validate_sgd
+from .loop import (GradSum, fit, prepare_outputs, recorded_lr, recorded_wd, remove_state, state_path, train_mode,
+                   validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -118,11 +119,22 @@ class CurveStep:
         self._interpolate = maybe_compile(_interpolate, compile, "the curve point w(t)")
         self._free_point_grads = maybe_compile(_free_point_grads, compile, "the control points' gradient")
         self._graphed = GraphedStep(self._body, enabled=cuda_graphs)
+        # Distributed (docs/distributed.md): gradients summed over ranks, and t from a generator of its own,
+        # so that every rank draws the same t for a global batch whatever dropout draws on its piece.
+        self._grad_sum = GradSum.for_run(cuda_graphs)
+        self._t_gen = torch.Generator(device=dev) if self._grad_sum is not None else None
+
+    def start_epoch(self, seed: int) -> None:
+        """Called by ``loop.fit`` at the start of each epoch with the epoch's seed."""
+        if self._t_gen is not None:
+            self._t_gen.manual_seed(seed)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr(self.opt, lr)
-        # One t per mini-batch, drawn from the (per-epoch seeded) RNG of the compute device: no host sync.
-        self._t.copy_(torch.rand((), device=self.device))
+        # One t per global mini-batch, drawn from the (per-epoch seeded) RNG of the compute device: no host
+        # sync. With the same seed a generator of its own gives the same t's as the default one, as long as
+        # nothing else (dropout) draws from that.
+        self._t.copy_(torch.rand((), device=self.device, generator=self._t_gen))
         return self._graphed(x, y)
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +146,8 @@ class CurveStep:
         loss = F.cross_entropy(out.float(), y) + 0.5 * self.wd * sq_norm
         # the network's gradient g at w, per parameter (zeros for a parameter the network left unused)
         grads = list(torch.autograd.grad(loss, self._leaves, materialize_grads=True))
+        if self._grad_sum is not None:
+            self._grad_sum(grads, y.shape[0])
         rows = self._free_point_grads(grads, self._w_views, [c[j] for j in self.free_idx], self.wd)
         for row, grads_j in zip(self._params, rows):
             for p, g in zip(row, grads_j):  # every step sets every .grad: no zero_grad needed
@@ -182,6 +196,7 @@ class ConnectConfig:
     augment: str = "auto"
     split: str = "test"
     precision: str = "fp32"
+    sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
     deterministic: bool = False  # how, not what: may differ on --resume
@@ -287,7 +302,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
-                     normalization=a.meta.normalization)
+                     **a.meta.data_options())
     check_fits(a.meta.num_classes, a.meta.in_chans, data.info, start)
     if cfg.lr is None:  # needs the number of iterations, so the data
         iterations = cfg.epochs * data.train.num_batches(cfg.batch_size)
@@ -323,7 +338,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
 
     free_idx = [i for i in range(curve.num_points) if (0 < i < curve.num_points - 1) or (i == 0 and cfg.free_start)
                 or (i == curve.num_points - 1 and cfg.free_end)]
-    model = curve.build_model().to(dev)
+    model = use_sync_bn(curve.build_model().to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     step = CurveStep(model, curve, free_idx, wd=cfg.wd, momentum=cfg.momentum, precision=cfg.precision,
@@ -345,7 +360,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     save_curve(output, curve, asdict(cfg))
     log.attrs["finished"] = utc_now()
     log.flush()
-    state_path(output).unlink(missing_ok=True)
+    remove_state(output)
     last = log.rows[-1]
     return ConnectResult(command="connect", inputs=file_refs(line.meta.inputs),
                          outputs={"curve": FileRef.of(output), "metrics": FileRef.of(metrics)}, split=cfg.split,

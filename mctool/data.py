@@ -76,8 +76,14 @@ class Split(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
+                drop_last: bool = False, chunk: tuple[int, int] | None = None,
+                deal: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``batch_size`` (the last one smaller unless ``drop_last``); ``seed`` fixes order and
+        augmentation. For distributed runs, as (rank, world): ``chunk`` yields only this rank's contiguous
+        piece of every batch (sizes as ``torch.tensor_split``), ``deal`` only the batches i with
+        i % world == rank; either way the global batches are the ones formed without it."""
+        ...
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int: ...
 
@@ -105,12 +111,15 @@ class TensorSplit:
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield normalised float batches; ``seed`` fixes the order and the augmentation exactly."""
+                drop_last: bool = False, chunk: tuple[int, int] | None = None,
+                deal: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield normalised float batches; ``seed`` fixes the order and the augmentation exactly (``Split``
+        explains ``chunk`` and ``deal``: a rank gets the same images and augmentation as in one process)."""
         n = len(self)
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=g).to(self.device) if shuffle else None
         starts = range(0, n - batch_size + 1 if drop_last else n, batch_size)
+        pieces = batch_pieces(starts, batch_size, n, chunk=chunk, deal=deal)
         augment = augment and self.info.augment != "none" and len(starts) > 0
         if augment:
             # The whole epoch's random numbers, drawn in batch order (as augment_batch would draw them) and
@@ -122,16 +131,22 @@ class TensorSplit:
         # values are the same as batch by batch) and handed out as slices: a handful of kernel launches per
         # group instead of per batch, which is what a CUDA-graph step would otherwise wait on.
         group = max(1, _GROUP_BYTES // (batch_size * math.prod(self.images.shape[1:]) * 4))
-        for i in range(0, len(starts), group):
-            first, last = starts[i], starts[min(i + group, len(starts)) - 1]
-            end = min(last + batch_size, n)
-            idx = order[first:end] if order is not None else slice(first, end)
+        for i in range(0, len(pieces), group):
+            part = pieces[i:i + group]
+            first, end = part[0][0], part[-1][1]
+            if end - first == sum(hi - lo for lo, hi in part):  # contiguous (always, without chunk or deal)
+                pos: slice | torch.Tensor = slice(first, end)
+            else:
+                pos = torch.cat([torch.arange(lo, hi) for lo, hi in part]).to(self.device)
+            idx = order[pos] if order is not None else pos
             x = self.images[idx]
             if augment:
-                x = _apply_augment(x, pad, *rand[:, first:end])
+                x = _apply_augment(x, pad, *rand[:, pos])
             x, y = self.normalize(x), self.labels[idx]
-            for start in starts[i:i + group]:
-                yield x[start - first:start - first + batch_size], y[start - first:start - first + batch_size]
+            at = 0
+            for lo, hi in part:
+                yield x[at:at + hi - lo], y[at:at + hi - lo]
+                at += hi - lo
 
     def subset(self, n: int) -> "TensorSplit":
         """A fixed random subset of ``n`` samples (the same for every call), e.g. for cheaper train metrics."""
@@ -143,6 +158,30 @@ class TensorSplit:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def chunk_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank ``rank``'s piece of a batch of ``size``: ``torch.tensor_split``'s sizes (the
+    first size % world pieces one row longer)."""
+    q, rem = divmod(size, world)
+    lo = rank * q + min(rank, rem)
+    return lo, lo + q + (rank < rem)
+
+
+def batch_pieces(starts: range, batch_size: int, n: int, *, chunk: tuple[int, int] | None = None,
+                 deal: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Positions [lo, hi) in the epoch's order of what a rank gets of each batch (see ``Split.batches``)."""
+    for name, part in (("chunk", chunk), ("deal", deal)):
+        if part is not None and not (isinstance(part, tuple) and len(part) == 2 and 0 <= part[0] < part[1]):
+            raise ValueError(f"{name} must be (rank, world) with 0 <= rank < world, got {part!r}")
+    pieces = []
+    for k, s in enumerate(starts):
+        if deal is not None and k % deal[1] != deal[0]:
+            continue
+        b = min(batch_size, n - s)
+        lo, hi = chunk_bounds(b, *chunk) if chunk is not None else (0, b)
+        pieces.append((s + lo, s + hi))
+    return pieces
 
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -197,13 +236,31 @@ class LoaderSplit:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                drop_last: bool = False, chunk: tuple[int, int] | None = None,
+                deal: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield batches loaded by DataLoader workers; ``seed`` fixes the order (``torch.randperm``, as
+        ``TensorSplit`` draws it) and the workers' seeds.
+
+        ``chunk=(rank, world)``: the same global batches, but only rank's contiguous piece of each (sizes as
+        ``torch.tensor_split`` cuts them; an empty piece is an empty batch, so that every rank yields as many
+        batches). ``deal=(rank, world)``: only the whole global batches ``i`` with ``i % world == rank``.
+        Either way the workers load only this rank's images.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else range(n)
+        starts = range(0, n - batch_size + 1 if drop_last else n, batch_size)
+        index = [list(order[lo:hi]) for lo, hi in batch_pieces(starts, batch_size, n, chunk=chunk, deal=deal)]
+        # The workers' seeds (their augmentation) differ between the processes that share an epoch.
+        rank = (deal[0] if deal else 0) * (chunk[1] if chunk else 1) + (chunk[0] if chunk else 0)
         ds = self.train_dataset if augment else self.eval_dataset
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-            persistent_workers=False)
-        for x, y in loader:
+        loader = iter(torch.utils.data.DataLoader(
+            ds, batch_sampler=[b for b in index if b], num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed + (rank << 32)),
+            persistent_workers=False))
+        size = self.info.image_size
+        for b in index:
+            x, y = next(loader) if b else (torch.empty(0, self.info.in_chans, size, size),
+                                           torch.empty(0, dtype=torch.long))
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -353,11 +410,13 @@ def _check_augment(augment: str) -> None:
 def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = "test", download: bool = False,
               device: torch.device | str = "cpu", augment: str = "auto", channels_last: bool = False,
               normalization: dict[str, list[float]] | None = None, num_workers: int = 4,
-              image_size: int = 224) -> Data:
+              image_size: int = 224, data_config: dict | None = None) -> Data:
     """Load a data set by name (see ``DATASETS``) onto ``device``.
 
     ``split="val"`` holds out the last 5,000 training images (10% for sets under 50,000) as the
     evaluation set. ``normalization`` overrides the data set's mean/std (use a checkpoint's).
+    ``data_config`` (timm's ``resolve_data_config`` of a pretrained model) makes ``imagefolder:PATH`` use
+    timm's transforms for that model; the other data sets keep their own size and normalisation.
     """
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
@@ -366,7 +425,8 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     root = Path(root) if root is not None else default_data_root()
     base = name.split(":", 1)[0]
     if base == "imagefolder":
-        return _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size)
+        return _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size,
+                                 data_config)
     if base == "digits":
         if ":" in name:
             raise ConfigError("'digits' takes no options.")
@@ -403,7 +463,10 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
                 eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
 
 
-def _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size) -> Data:
+def _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size,
+                      data_config=None) -> Data:
+    """``data_config`` given: timm's eval and train transforms for it (``timm.data.create_transform``);
+    otherwise torchvision's resize, center crop and RandomResizedCrop at ``image_size``."""
     import torchvision.datasets as tvd
     import torchvision.transforms as T
 
@@ -411,12 +474,23 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
     if folder is None or not (folder / "train").is_dir() or not (folder / "val").is_dir():
         raise DataError(f"'{name}' needs a folder with 'train/' and 'val/' inside, one sub-folder per class "
                         "(e.g. imagefolder:/data/imagenet).")
-    mean, std = (tuple(normalization["mean"]), tuple(normalization["std"])) if normalization else _STATS["imagefolder"]
+    stats = normalization or data_config or dict(zip(("mean", "std"), _STATS["imagefolder"]))
+    mean, std = tuple(stats["mean"]), tuple(stats["std"])
     aug = _DEFAULT_AUGMENT["imagefolder"] if augment == "auto" else augment
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
-    eval_tf = T.Compose([T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size), *norm])
-    train_tf = eval_tf if aug == "none" else T.Compose(
-        [T.RandomResizedCrop(image_size), *([T.RandomHorizontalFlip()] if aug == "crop-flip" else []), *norm])
+    if data_config:
+        from timm.data import create_transform
+
+        tf = {**{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}, "mean": mean, "std": std}
+        image_size = tf["input_size"][-1]
+        eval_tf = create_transform(**tf, is_training=False)
+        # timm's standard training transform: RandomResizedCrop, flip (crop-flip only) and colour jitter
+        train_tf = eval_tf if aug == "none" else create_transform(**tf, is_training=True,
+                                                                  hflip=0.5 if aug == "crop-flip" else 0.0)
+    else:
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
+        eval_tf = T.Compose([T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size), *norm])
+        train_tf = eval_tf if aug == "none" else T.Compose(
+            [T.RandomResizedCrop(image_size), *([T.RandomHorizontalFlip()] if aug == "crop-flip" else []), *norm])
     try:
         train_aug, train_plain = tvd.ImageFolder(folder / "train", train_tf), tvd.ImageFolder(folder / "train", eval_tf)
         val = tvd.ImageFolder(folder / "val", eval_tf)

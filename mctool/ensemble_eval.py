@@ -146,9 +146,9 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                                   "Leave out -o to evaluate mixed ensembles.")
     dev = resolve_device(device)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
-                     normalization=first.normalization, num_workers=num_workers)
+                     **first.data_options(), num_workers=num_workers)
     held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
-                     normalization=first.normalization, num_workers=num_workers) if temperature_scale else None
+                     **first.data_options(), num_workers=num_workers) if temperature_scale else None
     for m in members:
         check_fits(m.meta.num_classes, m.meta.in_chans, data.info, m.label)
     rows, running, ens = [], [], None
@@ -161,8 +161,9 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             if channels_last:
                 model.to(memory_format=torch.channels_last)
             if member.recalibrate:
-                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
-            logits, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision)
+                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
+                               sharded=True)
+            logits, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision, sharded=True)
             probs = F.softmax(logits, 1)
             m = summarize(probs, labels)
             m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
@@ -171,7 +172,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             running.append(summarize(ens / k, labels))
             if temperature_scale:
                 eval_logits.append(logits)
-                hl, held_labels = predict_logits(model, held.eval, batch_size=batch_size, precision=precision)
+                hl, held_labels = predict_logits(model, held.eval, batch_size=batch_size, precision=precision,
+                                                  sharded=True)
                 held_logits.append(hl)
             if output:
                 weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())

@@ -126,9 +126,9 @@ class SnapshotCollector:
         w = self.layout.flatten(dict(model.named_parameters()))
         self.eval_model.load_state_dict(model.state_dict())
         recalibrate_bn(self.eval_model, self.data.train, batch_size=self.batch_size, max_batches=self.bn_batches,
-                       precision=self.precision)
+                       precision=self.precision, sharded=True)
         probs, labels = predict_probs(self.eval_model, self.data.eval, batch_size=self.batch_size,
-                                      precision=self.precision)
+                                      precision=self.precision, sharded=True)
         self.probs_sum = probs if self.probs_sum is None else self.probs_sum + probs
         member, ens = summarize(probs, labels), summarize(self.probs_sum / (len(self.members) + 1), labels)
         self.members.append(w.cpu())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .bn import recalibrate_bn
 from .data import Split
 from .runtime import autocast
@@ -21,21 +24,50 @@ def l2_term(model: nn.Module, wd: float) -> float:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, precision: str = "fp32",
-                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[N, C]`` (float32) and labels ``[N]`` of a network over a split, in eval mode."""
+                   device: torch.device | None = None, sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` (float32) and labels ``[N]`` of a network over a split, in eval mode.
+
+    ``sharded``, in a distributed run: the ranks share the batches (dealt round-robin) and every rank gets
+    all N rows, each computed by one rank exactly as one process computes it (docs/distributed.md).
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    logits, labels = [], []
+    d = distributed.current() if sharded else None
     with autocast(device, precision):
-        for x, y in split.batches(batch_size):
-            logits.append(model(x).float())
-            labels.append(y)
+        if d is None:
+            logits, labels = [], []
+            for x, y in split.batches(batch_size):
+                logits.append(model(x).float())
+                labels.append(y)
+            out = torch.cat(logits), torch.cat(labels)
+        else:
+            out = _predict_dealt(model, split, batch_size, device, d)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return out
 
 
-def predict_probs(model: nn.Module, split: Split, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_dealt(model: nn.Module, split: Split, batch_size: int, device: torch.device,
+                   d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    # Each rank fills the rows of its batches into zeros; the sum over ranks adds only zeros to each value,
+    # so every rank ends with exactly the logits one process computes.
+    n = len(split)
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for j, (x, y) in enumerate(split.batches(batch_size, deal=d.part)):
+        rows.append(((d.rank + j * d.world) * batch_size, model(x).float(), y))
+    classes = torch.tensor([rows[0][1].shape[1] if rows else 0], device=device)
+    distributed.all_reduce_max(classes)
+    logits = torch.zeros(n, int(classes), device=device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    for lo, z, y in rows:
+        logits[lo:lo + z.shape[0]] = z
+        labels[lo:lo + y.shape[0]] = y
+    distributed.all_reduce_sum(logits)
+    distributed.all_reduce_sum(labels)
+    return logits, labels
+
+
+def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax outputs ``[N, C]`` (float32) and labels ``[N]``; options as ``predict_logits``."""
     logits, labels = predict_logits(model, split, **kwargs)
     return F.softmax(logits, dim=1), labels
@@ -75,17 +107,20 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512, bn_batches: int | None = None,
-                     precision: str = "fp32", train_split: Split | None = None) -> dict[str, float]:
+                     precision: str = "fp32", train_split: Split | None = None,
+                     sharded: bool = False) -> dict[str, float]:
     """Metrics of a network at its current weights, after recomputing BN statistics for them.
 
     Train metrics use the un-augmented training data (or ``train_split``, e.g. a fixed subset):
     ``train/loss`` (NLL + 0.5 * wd * ||w||^2, the training objective), ``train/nll``, ``train/err``;
-    then ``<split>/nll`` and ``<split>/err``.
+    then ``<split>/nll`` and ``<split>/err``. ``sharded``: all ranks of a distributed run share the work.
     """
-    recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
-    probs, labels = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision)
+    recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
+                   sharded=sharded)
+    probs, labels = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision,
+                                  sharded=sharded)
     train_nll, train_err = nll(probs, labels), error(probs, labels)
-    probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision)
+    probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision, sharded=sharded)
     split = data.eval_split
     return {"train/loss": train_nll + l2_term(model, wd), "train/nll": train_nll, "train/err": train_err,
             f"{split}/nll": nll(probs, labels), f"{split}/err": error(probs, labels)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bn import bn_modules, recalibrate_bn
+from .bn import bn_modules, recalibrate_bn, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, ModelMeta, check_state_tensors, load_model, save_model
 from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
@@ -29,7 +29,7 @@ from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
 from .loop import (fit, get_momentum, prepare_outputs, recorded_lr, recorded_wd, set_momentum, sgd_step,
-                   state_path, validate_sgd)
+                   remove_state, state_path, validate_sgd)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class FGEConfig:
     augment: str = "auto"
     split: str = "test"
     precision: str = "fp32"
+    sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
     deterministic: bool = False  # how, not what: may differ on --resume
@@ -144,13 +145,13 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
-                     normalization=meta.normalization)
+                     **meta.data_options())
     check_fits(meta.num_classes, meta.in_chans, data.info, start)
-    model = start_model.model.to(dev)
+    model = use_sync_bn(start_model.model.to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     # The start network's own metrics (its stored BN statistics), for comparison, before any step.
-    start_metrics = summarize(*predict_probs(model, data.eval, precision=cfg.precision))
+    start_metrics = summarize(*predict_probs(model, data.eval, precision=cfg.precision, sharded=True))
     params = dict(model.named_parameters())
     graphs = use_graphs(cfg.cuda_graphs, dev)
     opt = sgd(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, wd=cfg.wd, device=dev, graphs=graphs)
@@ -222,15 +223,16 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     if cfg.swa:
         swa_model = snaps.eval_model
         snaps.layout.assign(swa_model, snaps.average().to(dev))
-        recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision)
-        result.metrics["swa"] = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision)))
+        recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True)
+        result.metrics["swa"] = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision,
+                                                                         sharded=True)))
         swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
                                 "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
         save_model(cfg.swa, swa_model.cpu(), swa_meta)
     log.attrs["finished"] = utc_now()
     log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
     log.flush()
-    state_path(output).unlink(missing_ok=True)
+    remove_state(output)
     result.outputs = {"ensemble": FileRef.of(output), "metrics": FileRef.of(metrics),
                       "swa": FileRef.of(cfg.swa) if cfg.swa else None}
     result.seconds = time.time() - t_run

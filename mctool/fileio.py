@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
+from .distributed import is_main
 from .errors import OutputError
 
 try:
@@ -34,6 +35,12 @@ _WRITING: set[str] = set()
 # The locks taken inside the innermost ``holds_output_locks`` call: real path -> function releasing it.
 _LOCKS: contextvars.ContextVar[dict[str, Callable[[], None]] | None] = contextvars.ContextVar("mctool_locks",
                                                                                             default=None)
+
+
+def writes_files() -> bool:
+    """Whether this process writes files: always, except on the ranks other than 0 of a distributed run
+    (rank 0 checks, locks and writes every output; the others compute and stay off the disk)."""
+    return is_main()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -53,6 +60,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     if not str(path) or Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
     path = Path(path)
+    if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)
+        return path
     if path.is_dir():
         raise OutputError(f"{what} '{path}' is a folder; give a file name.")
     if path.exists() and not force:
@@ -105,7 +114,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
     for what, path in named.items():
         check_output(path, force, what)
     locks = _LOCKS.get()
-    if locks is not None and fcntl is not None:
+    if locks is not None and fcntl is not None and writes_files():
         for path in sorted({os.path.realpath(p) for p in named.values()} - set(locks)):
             locks[path] = _lock(Path(path))
         _remove_stale_temporaries([path for _, path in every])

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import MetricsFileError
-from .fileio import atomic_path
+from .fileio import atomic_path, writes_files
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -51,8 +51,11 @@ def write_h5(path: str | os.PathLike, *, scales: dict[str, np.ndarray],
     """Write a complete metrics file atomically.
 
     ``scales`` are coordinate arrays (made dimension scales); ``datasets`` maps a path such as
-    ``train/loss`` to its array and the names of the scales along each of its axes.
+    ``train/loss`` to its array and the names of the scales along each of its axes. Nothing is written on
+    the ranks that do not write files (``fileio.writes_files``).
     """
+    if not writes_files():
+        return
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for k, v in attrs.items():

@@ -17,10 +17,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint
 from .data import Data
 from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
-from .fileio import check_output, check_outputs
+from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
 from .options import check_count, check_real
@@ -75,6 +76,12 @@ def state_path(output: str | Path) -> Path:
     return Path(output).with_name(output_stem(output) + ".state.safetensors")
 
 
+def remove_state(output: str | Path) -> None:
+    """Delete the training state of a finished run (on the rank that writes files)."""
+    if writes_files():
+        state_path(output).unlink(missing_ok=True)
+
+
 def snapshot_path(output: str | Path, epoch: int) -> Path:
     """``--save-every`` checkpoint of ``output`` after ``epoch`` epochs: ``model-epoch010.safetensors``."""
     return Path(output).with_name(f"{output_stem(output)}-epoch{epoch:03d}.safetensors")
@@ -93,7 +100,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     """Check outputs before any work; with ``resume``, return the saved state after checking its config.
 
     A resumed run must be given the same options; ``None`` (e.g. an architecture left to its default)
-    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded. ``renamed`` maps
+    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded, and so does a
+    flag left off that the interrupted run's version did not have. ``renamed`` maps
     config fields of older versions to their current names, so that their interrupted runs still resume.
 
     The output, the metrics file, ``more_outputs``, the training state and the --save-every checkpoints
@@ -117,7 +125,7 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
         saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
         diff = {}
         for k, v in config.items():
-            if k in RUNTIME_OPTIONS:
+            if k in RUNTIME_OPTIONS or (k not in saved and v is False):  # an option added since, left off
                 continue
             old = saved.get(k)
             same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)
@@ -136,7 +144,7 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     for what, path in {**(more_outputs or {}), **snapshots}.items():
         if path is not None:
             check_output(path, force, what)
-    if force:
+    if force and writes_files():
         _remove_old_run(output, inputs)
     return None
 
@@ -172,13 +180,52 @@ def train_mode(model: torch.nn.Module) -> None:
         model.train()
 
 
+class GradSum:
+    """Data parallel training (docs/distributed.md): each rank's gradients, of the mean loss over its piece
+    of the global batch, become the gradients of the mean loss over the whole batch. One flat buffer holds
+    every gradient times the rank's batch size, plus that size; summed over ranks and divided by the
+    total, it is the same on every rank, and so are the updates. ``None`` for a single process."""
+
+    @classmethod
+    def for_run(cls, cuda_graphs: bool = False) -> "GradSum | None":
+        d = distributed.current()
+        if d is None:
+            return None
+        if cuda_graphs:
+            raise ConfigError(f"--cuda-graphs cannot capture the gradient exchange of {d.world} ranks; leave it out "
+                              "under torchrun (see docs/distributed.md).")
+        return cls()
+
+    def __call__(self, grads: list[torch.Tensor], batch: int) -> None:
+        flat = torch.cat([*(g.reshape(-1) for g in grads), torch.ones(1, device=grads[0].device, dtype=grads[0].dtype)])
+        flat.mul_(batch)
+        distributed.all_reduce_sum(flat)
+        flat = flat[:-1] / flat[-1]
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def check_world_batches(n: int, batch_size: int) -> None:
+    """Every rank needs at least one image of every global batch (the last one included)."""
+    d = distributed.current()
+    if d is None:
+        return
+    smallest = min(batch_size, n - (n - 1) // batch_size * batch_size) if n else 0
+    if smallest < d.world:
+        raise ConfigError(f"with {n} training images and --batch-size {batch_size}, a batch has only {smallest} "
+                          f"image(s) for {d.world} ranks; every rank needs one: change --batch-size or use fewer "
+                          "ranks.")
+
+
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
              cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor, float],
                                                    tuple[torch.Tensor, torch.Tensor]]:
     """The plain training step (train, fge): set lr, forward, cross-entropy, backward, SGD step.
 
     With ``cuda_graphs`` (``opt`` from ``graphs.sgd(..., graphs=True)``) the step is replayed as a CUDA graph.
+    In a distributed run the gradients are summed over ranks before the SGD step (``GradSum``).
     """
+    grad_sum = GradSum.for_run(cuda_graphs)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         train_mode(model)
@@ -187,6 +234,8 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.d
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_sum is not None:  # parameters the network left unused have no gradient on any rank
+            grad_sum([p.grad for p in params if p.grad is not None], y.shape[0])
         opt.step()
         return loss.detach(), out.detach()
 
@@ -213,6 +262,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     ``cfg`` needs epochs, lr, schedule, seed, batch_size and save_every.
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
+    d = distributed.current()
+    check_world_batches(len(data.train), cfg.batch_size)
     state_file = state_path(output)
     metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
     saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)
@@ -225,12 +276,14 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.time()
                 torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                if hasattr(step, "start_epoch"):
+                    step.start_epoch(_epoch_seed(cfg.seed, epoch))
                 losses = torch.zeros(n_iter, device=dev)
                 wrong = torch.zeros((), device=dev, dtype=torch.long)
                 seen = 0
                 bar.reset(it_task, total=n_iter)
                 batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
-                                             seed=_epoch_seed(cfg.seed, epoch))
+                                             seed=_epoch_seed(cfg.seed, epoch), chunk=d.part if d else None)
                 for i, (x, y) in enumerate(batches):
                     lr = lr_fn(epoch, i, n_iter)
                     loss, out = step(x, y, lr)
@@ -242,7 +295,14 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                     if after_step is not None:
                         after_step(epoch, i)
                     bar.advance(it_task)
-                shown_row = {"lr": lr, "train/loss": float(losses.sum()) / seen, "train/err": float(wrong) / seen,
+                if d is not None:  # the epoch's sums over all ranks
+                    sums = distributed.all_reduce_sum(torch.stack([losses.double().sum(), wrong.double(),
+                                                                   torch.tensor(float(seen), device=dev,
+                                                                                dtype=torch.float64)]))
+                    loss_sum, wrong_sum, seen_sum = (float(v) for v in sums)
+                else:
+                    loss_sum, wrong_sum, seen_sum = float(losses.sum()), float(wrong), seen
+                shown_row = {"lr": lr, "train/loss": loss_sum / seen_sum, "train/err": wrong_sum / seen_sum,
                              **evaluate()}
                 # evaluate() may add values only for the progress display (the log keeps its own columns)
                 row = {k: v for k, v in shown_row.items() if k in log.columns}

@@ -13,6 +13,8 @@ import difflib
 import inspect
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -479,3 +481,150 @@ def arch_kwargs_for(arch: str, arch_kwargs: dict[str, Any] | None, img_size: int
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def pretrained_cfg(arch: str, *, need_weights: bool = True) -> dict[str, Any]:
+    """timm's pretrained config of ``arch`` (its default tag, or the one named as in 'resnet18.a1_in1k').
+
+    Refuses mctool's own architectures (they have no pretrained weights) and, with ``need_weights``, timm
+    models for which timm knows no weights to download.
+    """
+    _check_arch_name(arch)
+    if arch.split(".", 1)[0] in MCTOOL_ARCHS:
+        raise ConfigError(f"architecture '{arch}' is one of mctool's own CIFAR-style networks, which have no "
+                          "pretrained weights; pick a timm model with --arch (e.g. resnet18) for --pretrained.")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if need_weights and (cfg is None or not (cfg.hf_hub_id or cfg.url)):
+        raise ConfigError(f"timm has no pretrained weights for '{arch}' (timm.list_pretrained() lists the models "
+                          "that have them); pass --pretrained-file PATH.safetensors to use your own.")
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def pretrained_data_config(arch: str, *, need_weights: bool = True) -> dict[str, Any]:
+    """The input a pretrained ``arch`` expects, JSON-safe: timm's ``resolve_data_config`` (``input_size``,
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, pretrained_cfg=pretrained_cfg(arch, need_weights=need_weights))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def _head_keys(cfg: dict[str, Any]) -> set[str]:
+    heads = cfg.get("classifier") or ()
+    return {f"{h}.{p}" for h in ((heads,) if isinstance(heads, str) else heads) for p in ("weight", "bias")}
+
+
+def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any] | None = None, *,
+                     file: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``arch`` from pretrained weights: timm's own (timm downloads and caches them) or, with ``file``,
+    a local safetensors file of the timm model's state dict (never unpickled).
+
+    As timm does, a classifier with another number of classes is re-initialised (with a warning) and a
+    first convolution for another number of input channels is adapted (``adapt_input_conv``). Anything else
+    in ``file`` that is missing, extra or of another shape is refused. Returns the network and a JSON-safe
+    description of where its weights came from (recorded in the checkpoint's config as ``pretrained_source``).
+    """
+    arch_kwargs = dict(arch_kwargs or {})
+    cfg = pretrained_cfg(arch, need_weights=file is None)
+    model_shapes(arch, num_classes, in_chans, arch_kwargs)  # checks everything and bounds the size first
+    if file is None:
+        source = {"timm": timm.__version__, **{k: cfg[k] for k in ("architecture", "tag", "hf_hub_id", "url")
+                                               if cfg.get(k)}}
+        try:
+            model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                      **arch_kwargs)
+        except ConfigError:
+            raise
+        except (OSError, ImportError) as e:  # no network, no cache, a failed download
+            raise ConfigError(f"could not get timm's pretrained weights for '{arch}' ({type(e).__name__}: "
+                              f"{str(e)[:300]}). Offline, save them where there is internet (e.g. "
+                              f"safetensors.torch.save_file(timm.create_model('{arch}', pretrained=True)"
+                              ".state_dict(), 'w.safetensors')) and pass --pretrained-file w.safetensors.") from None
+        except (RuntimeError, ValueError) as e:  # e.g. arch kwargs that change the shapes of the weights
+            raise ConfigError(f"timm could not load its pretrained weights into '{arch}' with num_classes="
+                              f"{num_classes}, in_chans={in_chans} and arch kwargs {json.dumps(arch_kwargs)}: "
+                              f"{type(e).__name__}: {str(e)[:300]}") from None
+        heads = _head_keys(cfg) & set(model.state_dict())
+        dropped = sorted(heads) if num_classes != cfg.get("num_classes", num_classes) else []
+    else:
+        model, dropped, source = _load_pretrained_file(arch, num_classes, in_chans, arch_kwargs, Path(file), cfg)
+    if dropped:
+        from .runtime import warn
+
+        warn(f"the pretrained classifier of '{arch}' ({', '.join(dropped)}) does not fit {num_classes} classes; "
+             "it starts from a random initialisation.")
+    source["reinitialized"] = dropped
+    source["data_config"] = pretrained_data_config(arch, need_weights=False)
+    return model, source
+
+
+def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any], file: Path,
+                          cfg: dict[str, Any]) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    from timm.models import adapt_input_conv
+
+    from .checkpoint import _describe_mismatch, read_checkpoint, read_header
+    from .errors import CheckpointError
+    from .fileio import sha256_file
+
+    if not file.is_file():
+        raise ConfigError(f"--pretrained-file '{file}' does not exist (it must be a safetensors file of the timm "
+                          "model's state dict).")
+    header, md = read_header(file)  # refuses pickles and malformed files before any tensor data is read
+    if md.get("arch") not in (None, arch):
+        raise CheckpointError(f"--pretrained-file '{file}' holds a '{md['arch']}', not a '{arch}'.")
+    got = {k: v.shape for k, v in header.items()}
+    expected = model_shapes(arch, num_classes, in_chans, arch_kwargs)
+    # The classifier is re-initialised when it does not fit (or is absent: a model saved without its head).
+    dropped = sorted(k for k in _head_keys(cfg) if k in expected and got.get(k) != expected[k])
+    adapt = []  # first convolutions for another number of input channels: adapted as timm does
+    first = cfg.get("first_conv") or ()
+    for k in (f"{c}.weight" for c in ((first,) if isinstance(first, str) else first)):
+        g, e = got.get(k), expected.get(k)
+        if g and e and len(g) == len(e) == 4 and g[1] != e[1] and (g[0], *g[2:]) == (e[0], *e[2:]):
+            adapt.append(k)
+    # Checked by name and shape: everything else; BN batch counters may be absent (they are not weights).
+    skip = {*dropped, *adapt, *(k for k in expected if k.endswith("num_batches_tracked") and k not in got)}
+    problem = _describe_mismatch({k: v for k, v in expected.items() if k not in skip},
+                                 {k: v for k, v in got.items() if k not in skip})
+    if problem:
+        raise CheckpointError(f"--pretrained-file '{file}' does not fit '{arch}' (num_classes={num_classes}, "
+                              f"in_chans={in_chans}): {problem}. It must hold the state dict of "
+                              f"timm.create_model('{arch}').")
+    tensors, _ = read_checkpoint(file)
+    for k in adapt:
+        tensors[k] = adapt_input_conv(in_chans, tensors[k].float(), base_chans=got[k][1])
+    model = _create_checked(arch, num_classes, in_chans, arch_kwargs)
+    model.load_state_dict({k: v for k, v in tensors.items() if k not in dropped}, strict=False)  # names checked above
+    return model, dropped, {"file": str(file), "sha256": sha256_file(file), "adapted_input_conv": adapt}
+
+
+_DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def recorded_data_config(config: Any) -> dict[str, Any] | None:
+    """The pretrained model's input that ``train --pretrained`` recorded in a checkpoint's ``config``
+    (``pretrained_source.data_config``), or None. Checked, because a file is untrusted input: pass it on to
+    ``load_data(data_config=...)`` so that ``imagefolder:PATH`` data gets the transforms the network was
+    trained with."""
+    source = config.get("pretrained_source") if isinstance(config, dict) else None
+    dc = source.get("data_config") if isinstance(source, dict) else None
+    if dc is None:
+        return None
+
+    def number(x: Any, lo: float, hi: float) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
+
+    size = dc.get("input_size") if isinstance(dc, dict) else None
+    ok = (isinstance(dc, dict) and set(dc) <= set(_DATA_CONFIG_KEYS) and {"input_size", "mean", "std"} <= set(dc)
+          and isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) for s in size)
+          and 1 <= size[0] <= MAX_IN_CHANS and all(1 <= s <= 4096 for s in size[1:])
+          and all(isinstance(dc[k], list) and len(dc[k]) == size[0] for k in ("mean", "std"))
+          and all(number(m, -1e3, 1e3) for m in dc["mean"]) and all(number(s, 1e-6, 1e3) for s in dc["std"])
+          and dc.get("interpolation", "bilinear") in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+          and number(dc.get("crop_pct", 1.0), 0.01, 4.0)
+          and dc.get("crop_mode", "center") in ("center", "squash", "border"))
+    if not ok:
+        raise ConfigError(f"the recorded pretrained_source.data_config is not what train --pretrained writes "
+                          f"(input_size [C, H, W], mean and std of C numbers, interpolation, crop_pct, crop_mode): "
+                          f"{json.dumps(dc)[:200]}. The file was changed since; re-create it.")
+    return dict(dc)

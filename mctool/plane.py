@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import load_model
-from .curve_eval import interrupted, metric_set
+from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError
@@ -89,6 +90,56 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
     raise ConfigError(f"give one curve file or three model checkpoints (w0 w1 w2), not {len(paths)} files.")
 
 
+def plane_metric_names(split: str) -> list[str]:
+    """The metrics of a plane file: each a (G, G) dataset, and ``at_points/NAME`` of shape (3,)."""
+    return ["train/loss", "train/err", f"{split}/nll", f"{split}/err"]
+
+
+def plane_tasks(grid_points: int) -> list[list[int]]:
+    """Every point of a plane run, in order: ``[k]`` for the three points, then ``[i, j]`` for the grid cells."""
+    return [[k] for k in range(3)] + [[i, j] for i in range(grid_points) for j in range(grid_points)]
+
+
+def _nan_extreme(fn: Any, values: np.ndarray) -> float:
+    """min or max over the values computed (NaN if none is: a shard may hold no grid cell)."""
+    values = values[~np.isnan(values)]
+    return float(fn(values)) if values.size else float("nan")
+
+
+def plane_summary(grid: dict[str, np.ndarray], at_points: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """``{"train": {metric: {"min", "max", "at_points"}}, "eval": {...}}``: min and max over the grid cells
+    computed (NaN ones are left out), and the values at the three points (NaN where not computed)."""
+    summary: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
+    for n in grid:
+        group, metric = metric_set(n)
+        summary[group][metric] = {"min": _nan_extreme(np.min, grid[n]), "max": _nan_extreme(np.max, grid[n]),
+                                  "at_points": at_points[n].tolist()}
+    return summary
+
+
+def plane_metrics(summary: dict[str, dict[str, Any]]) -> dict[str, Metrics]:
+    """``metrics`` of a ``PlaneResult`` from ``plane_summary``'s dict."""
+    return {g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")}
+
+
+def write_plane_file(path: str | Path, attrs: dict[str, Any], *, alpha: np.ndarray, beta: np.ndarray,
+                     grid: dict[str, np.ndarray], at_points: dict[str, np.ndarray], points: np.ndarray,
+                     curve: np.ndarray | None = None, curve_offplane: np.ndarray | None = None,
+                     summary: dict[str, Any] | None = None) -> None:
+    """Write a plane metrics file (atomically): ``alpha`` and ``beta`` are the scales in plot units; with
+    ``summary`` (``plane_summary``) also the root attribute ``summary``. ``plane`` and ``merge`` both write
+    through here."""
+    if summary is not None:
+        attrs["summary"] = json.dumps(summary)
+    datasets: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {n: (grid[n], ("alpha", "beta")) for n in grid}
+    datasets.update({f"at_points/{n}": (at_points[n], ()) for n in grid})
+    datasets["points"] = (points, ())
+    if curve is not None:
+        datasets["curve"] = (curve, ())
+        datasets["curve_offplane"] = (curve_offplane, ())
+    write_h5(path, scales={"alpha": alpha, "beta": beta}, datasets=datasets, attrs=attrs)
+
+
 @holds_output_locks
 def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margins: tuple[float, float, float, float]
           = (0.2, 0.2, 0.2, 0.2), bend: int | None = None, curve_points: int = 61, plot: str | Path | None = None,
@@ -96,10 +147,18 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
           data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-          quiet: bool = False) -> PlaneResult:
+          shard: tuple[int, int] | None = None, quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane (``margins`` = left, right,
-    bottom, top, as fractions of dx and dy), plus at the three points themselves."""
+    bottom, top, as fractions of dx and dy), plus at the three points themselves.
+
+    ``shard=(I, N)`` evaluates only the points whose index in ``plane_tasks`` is I modulo N (the others stay
+    NaN; the summary covers the points computed); ``mctool.merge`` combines the N shard files into the file of
+    the whole run."""
     t0 = time.time()
+    shard = check_shard(shard)
+    if shard is not None and plot is not None:
+        raise ConfigError("--plot draws the whole surface and a shard file holds only part of it; draw it when "
+                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
     check_count("--grid-points", grid_points, 2)
     check_count("--curve-points", curve_points, 2)
     if len(margins) != 4:
@@ -120,13 +179,17 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     left, right, bottom, top = margins
     alphas = np.linspace(-left, 1 + right, grid_points)
     betas = np.linspace(-bottom, 1 + top, grid_points)
-    names = ["train/loss", "train/err", f"{split}/nll", f"{split}/err"]
+    names = plane_metric_names(split)
     grid = {n: np.full((grid_points, grid_points), np.nan) for n in names}
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset, "precision": precision}
-    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot,
+    # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
+    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+                                plot=plot,
                                 shapes={**{n: grid[n].shape for n in names}, **{f"at_points/{n}": (3,) for n in names}})
+    if shard is not None:
+        config["shard"] = shard_text(shard)
     if old:
         for n in names:
             grid[n] = np.asarray(old[n], dtype=np.float64)
@@ -143,28 +206,27 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
              "u_norm": float(basis.u.double().norm()), "v_norm": float(basis.v.double().norm()),
              "u_dot_v": float(basis.u.double() @ basis.v.double()), "split": split,
              "alpha_fractions": json.dumps(alphas.tolist()), "beta_fractions": json.dumps(betas.tolist())}
+    if shard is not None:
+        attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
 
     def write(summary: dict | None = None) -> None:
-        if summary is not None:
-            attrs["summary"] = json.dumps(summary)
-        datasets: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {n: (grid[n], ("alpha", "beta")) for n in names}
-        datasets.update({f"at_points/{n}": (at_points[n], ()) for n in names})
-        datasets["points"] = (coords, ())
-        if curve_xy is not None:
-            datasets["curve"] = (curve_xy, ())
-            datasets["curve_offplane"] = (curve_off, ())
-        write_h5(metrics, scales={"alpha": alphas * basis.dx, "beta": betas * basis.dy}, datasets=datasets,
-                 attrs=attrs)
+        write_plane_file(metrics, attrs, alpha=alphas * basis.dx, beta=betas * basis.dy, grid=grid,
+                         at_points=at_points, points=coords, curve=curve_xy, curve_offplane=curve_off,
+                         summary=summary)
 
-    todo = [(i, j) for i in range(grid_points) for j in range(grid_points)
-            if any(np.isnan(grid[n][i, j]) for n in names)]
-    todo_points = [k for k in range(3) if any(np.isnan(at_points[n][k]) for n in names)]
-    if todo or todo_points:
+    def missing(cell: list[int]) -> bool:
+        return any(np.isnan(at_points[n][cell[0]] if len(cell) == 1 else grid[n][cell[0], cell[1]]) for n in names)
+
+    # The three points first, then the grid cells; with --shard only this shard's. Rank 0's list (another rank
+    # may read the file after rank 0 wrote more into it).
+    mine = shard_tasks(plane_tasks(grid_points), shard)
+    todo = distributed.broadcast_object([cell for cell in mine if missing(cell)])
+    if todo:
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
-                         channels_last=channels_last, normalization=base.meta.normalization, num_workers=num_workers)
+                         channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
         check_fits(base.meta.num_classes, base.meta.in_chans, data.info, paths[0])
         train_split = data.train.subset(train_subset) if train_subset else None
         model = base.build_model().to(dev)
@@ -173,46 +235,42 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         dbasis = PlaneBasis(basis.w0.to(dev), basis.u.to(dev), basis.v.to(dev), basis.dx, basis.dy, basis.w1_x)
         point_weights = [w0, w1, w2]
 
-        def measure(w: torch.Tensor) -> dict[str, float]:
+        def measure(cell: list[int]) -> dict[str, float]:
+            w = (point_weights[cell[0]].to(dev) if len(cell) == 1
+                 else dbasis.weights(float(alphas[cell[0]]), float(betas[cell[1]])))
             base.layout.assign(model, w)
             return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
                                     precision=precision, train_split=train_split)
 
         write()
-        total = grid_points * grid_points + 3
-        saved = total - len(todo) - len(todo_points)
+        total = len(mine)
+        saved = total - len(todo)
         try:
             with progress_bar(quiet) as bar:
                 task = bar.add_task("plane", total=total, completed=saved, info="")
-                for k in todo_points:
-                    m = measure(point_weights[k].to(dev))
+
+                def record(cell: list[int], m: dict[str, float]) -> None:
+                    nonlocal saved
                     for n in names:
-                        at_points[n][k] = m[n]
-                    write()
-                    saved += 1
-                    bar.advance(task)
-                for i, j in todo:
-                    m = measure(dbasis.weights(float(alphas[i]), float(betas[j])))
-                    for n in names:
-                        grid[n][i, j] = m[n]
+                        if len(cell) == 1:
+                            at_points[n][cell[0]] = m[n]
+                        else:
+                            grid[n][cell[0], cell[1]] = m[n]
                     write()
                     saved += 1
                     bar.update(task, advance=1,
                                info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
+
+                # one process: in order; several (torchrun): each rank takes the next cell when free
+                distributed.deal_points(todo, measure, record)
         except KeyboardInterrupt:
             raise interrupted(saved, total, metrics) from None
-    summary: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
-    for n in names:
-        group, metric = metric_set(n)
-        summary[group][metric] = {"min": float(np.nanmin(grid[n])), "max": float(np.nanmax(grid[n])),
-                                  "at_points": at_points[n].tolist()}
+    summary = plane_summary(grid, at_points)
     write(summary)
-    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split,
-                         metrics={g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()})
-                                  for g in ("train", "eval")},
+    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),
                          grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
                          curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
-    if plot is not None:
+    if plot is not None and distributed.is_main():
         from .plots import plot_plane
 
         plot_plane(metrics, plot)

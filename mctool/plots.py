@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MetricsFileError
-from .fileio import atomic_path, check_outputs, holds_output_locks
+from .fileio import atomic_path, check_outputs, holds_output_locks, writes_files
 from .h5io import json_attr, metrics_file, read_h5
 from .results import FileRef, PlotResult, file_refs
 
@@ -83,11 +83,18 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
         ax.annotate("A", (0, 0), xytext=(2, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
         ax.annotate("B", (1, 0), xytext=(-10, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
     ax_err.legend(fontsize=8)
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    _save(fig, output)
 
+
+
+def _save(fig, output: str | Path) -> None:
+    """Write a figure as PNG atomically (on the rank that writes files), then free it."""
+    import matplotlib.pyplot as plt
+
+    if writes_files():
+        with atomic_path(Path(output)) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> np.ndarray:
     """Contour levels spaced roughly logarithmically above the minimum (dense where the surface is low)."""
@@ -139,10 +146,7 @@ def plot_plane(file: str | Path, output: str | Path) -> None:
         ax.set(title=title, xlabel="along u = (w2 - w0) / |w2 - w0|  (weight-space units)",
                ylabel="along v (orthogonal, towards w1)")
     fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=9)
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    _save(fig, output)
 
 
 @holds_output_locks

@@ -27,9 +27,13 @@ class FileRef:
 
     @classmethod
     def of(cls, path: str | os.PathLike, sha256: str | None = None) -> "FileRef":
-        from .fileio import sha256_file
+        """The file and its sha256 (none on the ranks of a distributed run that write no files: they print
+        nothing, and rank 0 may still be writing it)."""
+        from .fileio import sha256_file, writes_files
 
-        return cls(str(path), sha256 if sha256 is not None else sha256_file(path))
+        if sha256 is None and writes_files():
+            sha256 = sha256_file(path)
+        return cls(str(path), sha256)
 
 
 def file_refs(files: dict[str, str] | list[str | os.PathLike]) -> list[FileRef]:
@@ -214,6 +218,16 @@ class PlotResult(Result):
     """``plot``: ``kind`` of the files drawn (``evaluate-curve`` or ``plane``)."""
 
     kind: str
+
+
+@dataclass(kw_only=True)
+class MergeResult(Result):
+    """``merge``: ``kind`` of the run merged (``plane`` or ``evaluate-curve``) and its number of ``shards``;
+    ``inputs`` are the shard files, ``metrics`` the merged file's summary as that command's ``--json`` gives
+    it, and ``split`` the split the shards were evaluated on."""
+
+    kind: str
+    shards: int
 
 
 @dataclass

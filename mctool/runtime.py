@@ -14,15 +14,25 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import distributed
 from .errors import ConfigError, MctoolWarning
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available; asking for CUDA without a GPU is a clear error."""
+    """'auto' picks CUDA when available; asking for CUDA without a GPU is a clear error.
+
+    In a distributed run (docs/distributed.md) 'auto' and 'cuda' mean each rank's own GPU, cuda:LOCAL_RANK.
+    """
+    d = distributed.current()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if d is not None and spec == "cuda":
+        spec = f"cuda:{d.local_rank}"
+    elif d is not None and spec.startswith("cuda:"):
+        raise ConfigError(f"--device {spec} names one GPU, but {d.world} ranks run; give --device cuda (or auto) and "
+                          "each rank uses its own GPU, cuda:LOCAL_RANK.")
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -138,6 +148,8 @@ def show_warnings() -> Iterator[None]:
 
         def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
             if issubclass(category, MctoolWarning):
+                if not distributed.is_main():  # one rank speaks for all
+                    return
                 stderr_console().print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
             else:
                 shown(message, category, *args, **kwargs)
@@ -185,8 +197,8 @@ class _NoProgress:
 @contextlib.contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress]:
     """A Rich progress display on stderr inside ``progress()`` (and not ``quiet``), else one that draws
-    nothing; stdout stays free for --json."""
-    if quiet or not _SHOW_PROGRESS.get():
+    nothing; stdout stays free for --json. Only rank 0 of a distributed run draws."""
+    if quiet or not _SHOW_PROGRESS.get() or not distributed.is_main():
         yield _NoProgress()
         return
     p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

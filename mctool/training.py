@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .bn import use_sync_bn
 from .checkpoint import ModelMeta, check_state_tensors, load_model, read_metadata, save_model
 from .data import DEFAULT_ARCH, check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
@@ -19,11 +20,12 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import fit, get_momentum, prepare_outputs, set_momentum, sgd_step, state_path, validate_sgd
-from .models import arch_kwargs_for, build_model
+from .loop import (fit, get_momentum, prepare_outputs, remove_state, set_momentum, sgd_step, state_path,
+                   validate_sgd)
+from .models import arch_kwargs_for, build_model, build_pretrained, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
-from .runtime import honours_deterministic, resolve_device
+from .runtime import honours_deterministic, resolve_device, warn
 from .schedules import sse_is_snapshot, sse_lr
 
 
@@ -44,16 +46,26 @@ class TrainConfig:
     augment: str = "auto"
     split: str = "test"
     precision: str = "fp32"
+    sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
     deterministic: bool = False  # how, not what: may differ on --resume
     init: str | None = None
     save_every: int = 0
     snapshots: int = 5  # Snapshot Ensembles (schedule "sse"): cycles, one snapshot at the end of each
+    pretrained: bool = False  # start from timm's pretrained weights (or pretrained_file's)
+    pretrained_file: str | None = None  # a local safetensors state dict of the timm model; implies pretrained
+    pretrained_source: dict[str, Any] | None = None  # filled in by train(): where the weights came from
+
+    def __post_init__(self) -> None:
+        self.pretrained = self.pretrained or self.pretrained_file is not None
 
     def validate(self) -> None:
         validate_sgd(self)
         check_count("--snapshots", self.snapshots)
+        if self.pretrained and self.init:
+            raise ConfigError("--pretrained (or --pretrained-file) and --init both choose the starting weights; "
+                              "pass only one of them.")
 
 
 @holds_output_locks
@@ -64,20 +76,28 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     """Train one network; returns its paths and final metrics. See docs/cli.md#train.
 
     ``cfg`` is not changed: defaults (``arch``, ``arch_kwargs``) are filled in on a copy."""
-    cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs))
+    cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs), pretrained_source=None)  # the source is found out below
     cfg.validate()
     output, metrics = Path(output), Path(metrics)
-    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[cfg.init])
+    # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
+    resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},
+                                   resume=resume, force=force, inputs=[cfg.init, cfg.pretrained_file])
     if resume_state is not None:
         saved = json.loads(resume_state[1]["config"])
         cfg.arch, cfg.arch_kwargs = saved["arch"], saved["arch_kwargs"]
+        file = saved.get("pretrained_file")
+        cfg.pretrained, cfg.pretrained_file = saved.get("pretrained") is True, file if isinstance(file, str) else None
 
     dev = resolve_device(device)
     init_md = read_metadata(cfg.init) if cfg.init else {}
+    # A pretrained network expects its own input (imagefolder data: its image size, resizing and mean/std).
+    arch = cfg.arch or DEFAULT_ARCH.get(cfg.dataset.split(":", 1)[0])  # None: load_data names the bad data set
+    data_config = (pretrained_data_config(arch, need_weights=cfg.pretrained_file is None)
+                   if cfg.pretrained and arch else None)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      normalization=ModelMeta.from_metadata(init_md, cfg.init).normalization if "arch" in init_md
-                     else None)
+                     else None, data_config=data_config)
     init = None
     if cfg.init and "arch" not in init_md:  # a plain state dict (e.g. from timm): --arch says what it is
         if cfg.arch is None:
@@ -97,12 +117,22 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
         cfg.arch = cfg.arch or DEFAULT_ARCH[data.info.base]
         cfg.arch_kwargs = arch_kwargs_for(cfg.arch, cfg.arch_kwargs, data.info.image_size)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, data.info.num_classes, data.info.in_chans, cfg.arch_kwargs)
+        if cfg.pretrained:
+            model, cfg.pretrained_source = build_pretrained(cfg.arch, data.info.num_classes, data.info.in_chans,
+                                                            cfg.arch_kwargs, file=cfg.pretrained_file)
+            size = data_config["input_size"][-1]
+            if not size / 2 <= data.info.image_size <= size * 2:  # small data sets keep their own size
+                warn(f"'{cfg.arch}' was pretrained on {size}x{size} images; data set '{data.info.name}' has "
+                     f"{data.info.image_size}x{data.info.image_size}, so the pretrained features may help less.")
+        else:
+            model = build_model(cfg.arch, data.info.num_classes, data.info.in_chans, cfg.arch_kwargs)
     inputs = {str(cfg.init): init.sha256} if init else {}
+    if cfg.pretrained_file:
+        inputs[str(cfg.pretrained_file)] = cfg.pretrained_source["sha256"]
     meta = ModelMeta(arch=cfg.arch, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
                      arch_kwargs=cfg.arch_kwargs, dataset=data.info.name, image_size=data.info.image_size,
                      normalization=data.info.normalization, config=asdict(cfg), inputs=inputs)
-    model.to(dev)
+    model = use_sync_bn(model.to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     graphs = use_graphs(cfg.cuda_graphs, dev)
@@ -143,7 +173,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     last_eval: dict[str, float] = {}  # the last evaluation, all metrics (the log keeps nll and err)
 
     def evaluate() -> dict[str, float]:
-        probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev)
+        probs, labels = predict_probs(model, data.eval, precision=cfg.precision, device=dev, sharded=True)
         ev = summarize(probs, labels)
         last_eval.update(ev)
         return {f"{split}/nll": ev["nll"], f"{split}/err": ev["err"]}
@@ -172,7 +202,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
         save_model(output, model, meta)
     log.attrs["finished"] = utc_now()
     log.flush()
-    state_path(output).unlink(missing_ok=True)
+    remove_state(output)
     last = log.rows[-1]
     final = (Metrics.of(rows_summary(snaps.rows)) if snaps else
              Metrics.of(last_eval or {"nll": last[f"{split}/nll"], "err": last[f"{split}/err"]}))

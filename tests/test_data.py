@@ -395,3 +395,112 @@ def test_batches_prepared_in_groups_equal_batches_prepared_one_by_one(digits, mo
     for (x1, y1), (x3, y3), (xa, ya) in zip(one_by_one, grouped, whole):
         assert torch.equal(x1, x3) and torch.equal(x1, xa)
         assert torch.equal(y1, y3) and torch.equal(y1, ya)
+
+
+# --- imagefolder: batches for many processes (chunk, deal) and timm's transforms ------------------------------
+
+
+def _image_folder(root: Path, per_class: int = 10) -> Path:
+    """2 classes of constant 8x8 images, each of its own grey level (so a batch shows which images it holds)."""
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (root / part / cls).mkdir(parents=True)
+            for i in range(per_class):
+                value = 10 * (c * per_class + i) + 5
+                Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(root / part / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_imagefolder_chunks_of_all_ranks_make_the_global_batch(tmp_path, world):
+    d = load_data(f"imagefolder:{_image_folder(tmp_path)}", num_workers=0, image_size=8)
+    whole = list(d.train.batches(7, shuffle=True, seed=4))  # 20 images: 7, 7, 6
+    ranks = [list(d.train.batches(7, shuffle=True, seed=4, chunk=(r, world))) for r in range(world)]
+    assert [len(y) for _, y in whole] == [7, 7, 6] and all(len(batches) == 3 for batches in ranks)
+    for i, (x, y) in enumerate(whole):
+        pieces = [batches[i] for batches in ranks]
+        assert [len(py) for _, py in pieces] == [len(t) for t in torch.tensor_split(torch.arange(len(y)), world)]
+        assert torch.equal(torch.cat([px for px, _ in pieces]), x)
+        assert torch.equal(torch.cat([py for _, py in pieces]), y)
+
+
+def test_imagefolder_deal_gives_each_global_batch_to_one_rank(tmp_path):
+    d = load_data(f"imagefolder:{_image_folder(tmp_path)}", num_workers=0, image_size=8)
+    whole = list(d.train.batches(3, shuffle=True, seed=1))  # 7 batches
+    dealt = [list(d.train.batches(3, shuffle=True, seed=1, deal=(r, 3))) for r in range(3)]
+    assert [len(batches) for batches in dealt] == [3, 2, 2]
+    for r, batches in enumerate(dealt):
+        for (x, y), (xw, yw) in zip(batches, whole[r::3]):
+            assert torch.equal(x, xw) and torch.equal(y, yw)
+
+
+def test_imagefolder_order_follows_the_seed(tmp_path):
+    d = load_data(f"imagefolder:{_image_folder(tmp_path)}", num_workers=0, image_size=8)
+
+    def levels(**kw):  # the grey level of each image, in the order the batches hold them
+        return torch.cat([x[:, 0, 0, 0] for x, _ in d.train.batches(6, **kw)])
+
+    plain = levels()
+    assert torch.equal(plain, plain.sort().values)  # ImageFolder's listing order
+    a, b, c = levels(shuffle=True, seed=3), levels(shuffle=True, seed=3), levels(shuffle=True, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(a.sort().values, plain)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, plain[perm])  # the order TensorSplit draws for the same seed
+
+
+def test_imagefolder_workers_load_only_their_ranks_images(tmp_path):
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self):
+            self.seen = []
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            self.seen.append(i)
+            return torch.full((3, 2, 2), float(i)), i % 2
+
+    info = mdata.DatasetInfo("x", 2, 3, 2, (0.0,) * 3, (1.0,) * 3, "none", 0)
+    ds = Recording()
+    split = mdata.LoaderSplit(ds, ds, info, torch.device("cpu"), num_workers=0)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(2)).tolist()
+    # batches of 4, 4, 2; rank 1 of 3 gets piece [2:3] of the full ones, [1:2] of the last
+    got = [x[:, 0, 0, 0].long().tolist() for x, _ in split.batches(4, shuffle=True, seed=2, chunk=(1, 3))]
+    assert got == [order[2:3], order[6:7], order[9:10]] and sorted(ds.seen) == sorted(order[i] for i in (2, 6, 9))
+    last = list(split.batches(4, shuffle=True, seed=2, chunk=(2, 3)))[-1]  # rank 2's piece of 2 images: empty
+    assert tuple(last[0].shape) == (0, 3, 2, 2) and len(last[1]) == 0
+    with pytest.raises(ValueError, match="chunk"):
+        next(split.batches(4, chunk=(3, 3)))
+
+
+def test_imagefolder_chunks_with_worker_processes(tmp_path):
+    folder = _image_folder(tmp_path)
+    one = load_data(f"imagefolder:{folder}", num_workers=0, image_size=8)
+    two = load_data(f"imagefolder:{folder}", num_workers=2, image_size=8)
+    for kw in ({"chunk": (1, 2)}, {"deal": (0, 2)}):
+        a = list(one.train.batches(5, shuffle=True, seed=7, **kw))
+        b = list(two.train.batches(5, shuffle=True, seed=7, **kw))
+        assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_imagefolder_uses_timms_transforms_for_a_model_config(tmp_path):
+    from timm.data import create_transform
+
+    cfg = {"input_size": [3, 12, 12], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3,
+           "crop_pct": 0.75, "crop_mode": "center"}
+    d = load_data(f"imagefolder:{_image_folder(tmp_path)}", num_workers=0, data_config=cfg)
+    assert (d.info.image_size, d.info.mean, d.info.std) == (12, (0.5,) * 3, (0.25,) * 3)
+    timm_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    assert repr(d.eval.eval_dataset.transform) == repr(create_transform(**timm_cfg, is_training=False))
+    assert "RandomResizedCrop" in repr(d.train.train_dataset.transform)
+    x, _ = next(d.eval.batches(4))
+    assert tuple(x.shape) == (4, 3, 12, 12)
+    torch.testing.assert_close(x[0], torch.full((3, 12, 12), (5 / 255 - 0.5) / 0.25))  # constant grey level 5
+    xa, _ = next(d.train.batches(4, shuffle=True, augment=True, seed=0))
+    assert tuple(xa.shape) == (4, 3, 12, 12)
+    # a checkpoint's recorded normalisation still wins
+    d2 = load_data(f"imagefolder:{tmp_path}", num_workers=0, data_config=cfg,
+                   normalization={"mean": [0.1] * 3, "std": [0.2] * 3})
+    assert d2.info.mean == (0.1,) * 3 and d2.info.std == (0.2,) * 3

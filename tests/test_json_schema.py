@@ -61,7 +61,7 @@ def test_schemas_pin_every_key():
 
     names = {p.name.split(".")[0] for p in SCHEMAS.glob("*.schema.json")}
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
-                     "plane", "fge"}
+                     "plane", "fge", "merge"}
     for name in names:
         walk(_load(name))
 
@@ -157,6 +157,25 @@ def test_plane(cli, registry, tmp_path, curve_files):
               "plane", {"grid_points", "dx", "dy", "points", "curve_max_offplane"}, {"metrics", "plot"},
               {"train", "eval"})
     assert len(r["metrics"]["train"]["loss"]["at_points"]) == 3 and r["metrics"]["train"]["nll"] is None
+
+
+def test_merge(cli, registry, tmp_path, curve_files):
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        cli("plane", curve_files[0], "-m", s, "--grid-points", "2", "--bn-batches", "1", "--train-subset", "64",
+            "--shard", f"{i}/2", "-q", *CPU)
+    extra = {"kind", "shards"}
+    r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "p.h5", "--plot", tmp_path / "p.png"), "merge",
+              extra, {"metrics", "plot"}, {"train", "eval"})
+    assert r["kind"] == "plane" and r["shards"] == 2 and r["split"] == "test" and len(r["inputs"]) == 2
+    assert len(r["metrics"]["train"]["loss"]["at_points"]) == 3 and r["metrics"]["train"]["nll"] is None
+    for i, s in enumerate(shards):
+        cli("evaluate-curve", curve_files[0], "-m", s, "--num-points", "2", "--bn-batches", "1", "--shard", f"{i}/2",
+            "--force", "-q", *CPU)
+    r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "c.h5"), "merge", extra, {"metrics", "plot"},
+              {"train", "eval"})
+    assert r["kind"] == "evaluate-curve" and r["outputs"]["plot"] is None
+    assert set(r["metrics"]["eval"]["err"]) == {"start", "end", "min", "max", "mean", "int"}
 
 
 def test_fge(cli, registry, tmp_path, digits_models):

@@ -1,0 +1,368 @@
+"""Many processes with ``torch.distributed``: launched by ``torchrun`` or SLURM (docs/distributed.md).
+
+mctool reads the launcher's standard environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``; under SLURM's ``srun`` also ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) and
+joins one process group: Gloo for CPU tensors, NCCL for CUDA tensors (one group serves both). Without
+those variables, or with a world of one process, nothing here is used and a run is exactly the
+single-process run.
+
+What is parallel and how:
+
+- training (``train``, ``connect``, ``fge``): data parallel. Every rank forms the same global batches
+  (same seed, same order, same augmentation) and takes its piece of each (``Split.batches(chunk=...)``);
+  gradients are summed over ranks in one flat buffer, weighted by each rank's share of the global batch,
+  so an update is the single-process update of the whole batch.
+- evaluating one network (``evaluate``, ``ensemble``, each training epoch's evaluation, BN
+  recalibration): whole batches are dealt round-robin (``Split.batches(deal=...)``) and the sums that
+  make the metrics (and BN statistics) are added over ranks.
+- many points (``evaluate-curve``, ``plane``): each rank evaluates whole points, taking the next one from
+  a shared counter as it becomes free (``deal_points``); rank 0 writes each result as it arrives.
+
+Only rank 0 writes files, draws progress and prints results (``fileio.writes_files``); another rank's
+own error reaches the user as one ``Error: rank N: ...`` line. Every wait on other ranks has a timeout
+(``MCTOOL_DIST_TIMEOUT`` seconds, default 1800) and notices a rank that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+from .errors import ConfigError, MctoolError
+
+_K = TypeVar("_K")
+_ERRORS = "mctool/errors"  # counter of ranks that failed
+_DEFAULT_TIMEOUT = 1800.0
+_POLL = 0.005  # seconds between looks at the store while waiting
+
+
+class PeerFailed(MctoolError):
+    """Another rank failed (its own error is reported by that rank); this rank stops too."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the group."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def part(self) -> tuple[int, int]:
+        """(rank, world), the form ``Split.batches(chunk=..., deal=...)`` takes."""
+        return self.rank, self.world
+
+
+_launched: Dist | None = None  # set by ``launched`` while the CLI runs a command on several processes
+_sequence = [0]  # numbers the waits (``sync``) and point queues, which all ranks call in the same order
+
+
+def _env_int(env: dict[str, str], key: str, low: int, high: int | None = None) -> int:
+    raw = env.get(key, "")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={raw!r} is not an integer.") from None
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"environment variable {key}={value} is out of range "
+                          f"({low}..{'' if high is None else high}).")
+    return value
+
+
+def from_env(env: dict[str, str] | None = None) -> Dist | None:
+    """The launch described by the environment (torchrun's variables, else SLURM's), or None if none is."""
+    env = dict(os.environ if env is None else env)
+    if "WORLD_SIZE" in env:
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        keys = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        return None
+    world = _env_int(env, keys[1], 1)
+    rank = _env_int(env, keys[0], 0, world - 1) if keys[0] in env else 0
+    local = _env_int(env, keys[2], 0, world - 1) if keys[2] in env else 0
+    return Dist(rank, world, local)
+
+
+def timeout_seconds() -> float:
+    raw = os.environ.get("MCTOOL_DIST_TIMEOUT", "")
+    if not raw:
+        return _DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise ConfigError(f"MCTOOL_DIST_TIMEOUT={raw!r} must be a number of seconds > 0.")
+    return value
+
+
+def current() -> Dist | None:
+    """The group this process works in, or None for a single process (also a world of one)."""
+    if _launched is not None:
+        return _launched
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # a Python caller's own group
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            rank = torch.distributed.get_rank()
+            local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+            return Dist(rank, world, local)
+    return None
+
+
+def is_main() -> bool:
+    d = current()
+    return d is None or d.main
+
+
+@contextlib.contextmanager
+def launched() -> Iterator[Dist | None]:
+    """Join the process group the environment describes for the block (the CLI wraps each command in it).
+
+    The group uses Gloo for CPU tensors and NCCL for CUDA ones; each rank's default GPU is
+    ``cuda:LOCAL_RANK``. SIGTERM (what launchers send to stop a job) ends the run like Ctrl-C. The group
+    is destroyed at the end, after errors and interruptions too.
+    """
+    global _launched
+    d = from_env()
+    if d is None or d.world == 1:
+        yield None
+        return
+    if not torch.distributed.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run mctool without torchrun.")
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(key):
+            raise ConfigError(f"{key} is not set; start mctool with torchrun, or set MASTER_ADDR and MASTER_PORT "
+                              "for SLURM (see docs/distributed.md).")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        if d.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {d.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                              "start at most one process per GPU.")
+        torch.cuda.set_device(d.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://",
+                                             rank=d.rank, world_size=d.world, timeout=timeout)
+    except Exception as e:  # rendezvous failures: one clear line
+        raise ConfigError(f"cannot join the process group of {d.world} ranks: {e}") from None
+    _launched = d
+    _sequence[0] = 0
+    try:
+        yield d
+    finally:
+        _launched = None
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _store() -> Any:
+    # The key-value store every rank of the default group shares (the rendezvous store of torchrun).
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def report_failure(message: str) -> bool:
+    """Record this rank's error for the others; returns whether this rank should print it.
+
+    Rank 0 always prints. Another rank stays silent when rank 0 failed with the same message (a bad
+    option fails on every rank: the user sees it once); otherwise it prints, naming itself.
+    """
+    d = current()
+    if d is None:
+        return True
+    try:
+        store = _store()
+        store.set(f"mctool/error/{d.rank}", message)
+        store.add(_ERRORS, 1)
+        if d.main:
+            return True
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if store.check(["mctool/error/0"]):
+                return store.get("mctool/error/0").decode() != message
+            time.sleep(0.02)
+    except Exception:  # the store itself is gone: say it here
+        pass
+    return True
+
+
+def _failed_ranks(store: Any, d: Dist) -> str:
+    failed = [r for r in range(d.world) if r != d.rank and store.check([f"mctool/error/{r}"])]
+    return ", ".join(map(str, failed)) or "another rank"
+
+
+def _check_peers(store: Any, d: Dist) -> None:
+    if store.add(_ERRORS, 0) > 0:
+        raise PeerFailed(f"rank {_failed_ranks(store, d)} failed; rank {d.rank} stops too.")
+
+
+def sync(what: str) -> None:
+    """Wait until every rank got here (a barrier that notices failed ranks and times out)."""
+    d = current()
+    if d is None:
+        return
+    with _talking(d):
+        store = _store()
+        _sequence[0] += 1
+        key = f"mctool/sync/{_sequence[0]}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_seconds()
+        while store.add(key, 0) < d.world:
+            _check_peers(store, d)
+            if time.monotonic() > deadline:
+                raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for the other ranks at {what}; "
+                                  "is one of them stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
+            time.sleep(_POLL)
+
+
+@contextlib.contextmanager
+def _talking(d: Dist) -> Iterator[None]:
+    """Turn a store that has gone away into ``PeerFailed``: rank 0 (or the launcher's agent) keeps it, so it
+    ends only when that process did, which reports its own error."""
+    try:
+        yield
+    except MctoolError:
+        raise
+    except (RuntimeError, ValueError, OSError):
+        raise PeerFailed(f"rank {d.rank} lost the other ranks (the process group's store is gone).") from None
+
+
+def _collective(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (RuntimeError, torch.distributed.DistBackendError) as e:
+        d = current()
+        with _talking(d):
+            _check_peers(_store(), d)  # the usual cause: another rank failed and left
+        raise MctoolError(f"a collective operation failed ({str(e).splitlines()[0]}).") from None
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` in place over ranks (no-op for a single process); returns it."""
+    if current() is not None:
+        _collective(lambda: torch.distributed.all_reduce(t))
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over ranks, in place (no-op for a single process); returns it."""
+    if current() is not None:
+        _collective(lambda: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX))
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Copy rank ``src``'s ``t`` into every rank's ``t`` (no-op for a single process)."""
+    if current() is not None:
+        _collective(lambda: torch.distributed.broadcast(t, src))
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s JSON-able ``obj`` on every rank (through the store; no-op for a single process)."""
+    d = current()
+    if d is None:
+        return obj
+    with _talking(d):
+        store = _store()
+        _sequence[0] += 1
+        key = f"mctool/object/{_sequence[0]}"
+        if d.rank == src:
+            store.set(key, json.dumps(obj))
+            return obj
+        return json.loads(_wait_get(store, d, key, "data from rank 0"))
+
+
+def _wait_get(store: Any, d: Dist, key: str, what: str) -> str:
+    deadline = time.monotonic() + timeout_seconds()
+    while not store.check([key]):
+        _check_peers(store, d)
+        if time.monotonic() > deadline:
+            raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for {what}; "
+                              "is another rank stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
+        time.sleep(_POLL)
+    return store.get(key).decode()
+
+
+def deal_points(todo: Iterable[_K], measure: Callable[[_K], dict[str, float]],
+                record: Callable[[_K, dict[str, float]], None]) -> None:
+    """Evaluate independent points: ``record(k, measure(k))`` for every k of ``todo``.
+
+    A single process goes through them in order. Several ranks take the next point from a shared counter
+    whenever they become free (dynamic assignment: points cost different amounts), and rank 0 calls
+    ``record`` for every result as soon as it sees it (its own, and the others' after each of its
+    points and while it waits at the end), so an interrupted run loses only points in flight. ``todo``
+    must be the same on every rank (take it from rank 0 with ``broadcast_object``); keys must be JSON-able.
+    """
+    todo = list(todo)
+    d = current()
+    if d is None:
+        for k in todo:
+            record(k, measure(k))
+        return
+    def talk(fn: Callable[[], Any]) -> Any:  # one exchange with the store (not the work between them)
+        with _talking(d):
+            return fn()
+
+    store = talk(_store)
+    _sequence[0] += 1
+    prefix = f"mctool/points/{_sequence[0]}"
+    pending: set[int] = set()  # (rank 0) points handed out whose results are not recorded yet
+    handed = 0
+
+    def collect(wait: bool) -> None:
+        nonlocal handed
+        deadline = time.monotonic() + timeout_seconds()
+        while True:
+            handed_now = min(len(todo), talk(lambda: store.add(f"{prefix}/next", 0)))
+            pending.update(range(handed, handed_now))
+            handed = handed_now
+            for i in sorted(pending):
+                key = f"{prefix}/result/{i}"
+                if talk(lambda: store.check([key])):
+                    record(todo[i], json.loads(talk(lambda: store.get(key))))
+                    pending.discard(i)
+            if not wait or (not pending and handed == len(todo)):
+                return
+            talk(lambda: _check_peers(store, d))
+            if time.monotonic() > deadline:
+                raise MctoolError(f"rank 0 waited {timeout_seconds():.0f} s for {len(pending)} point(s) from other "
+                                  "ranks; is one stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
+            time.sleep(_POLL)
+
+    while True:
+        i = talk(lambda: store.add(f"{prefix}/next", 1)) - 1
+        if i >= len(todo):
+            break
+        talk(lambda: _check_peers(store, d))
+        result = json.dumps(measure(todo[i]))
+        talk(lambda: store.set(f"{prefix}/result/{i}", result))
+        if d.main:
+            collect(wait=False)
+    if d.main:
+        collect(wait=True)
+    sync("the end of the point evaluation")

@@ -1,0 +1,356 @@
+"""Distributed runs: real processes joined by torch.distributed (Gloo on the CPU), compared with one process.
+
+Every test here starts processes (``torchrun``, or two ``python -m mctool`` with the launcher's environment
+set by hand, as SLURM does), so each takes seconds; they use the smallest networks that show the point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # seconds for one launch; a hang fails the test instead of the suite
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MCTOOL_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def torchrun(*args, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m mctool ARGS`` on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "mctool", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(args_per_rank: list[list]) -> list[subprocess.CompletedProcess]:
+    """One ``python -m mctool`` per rank with RANK/WORLD_SIZE/... set, as a launcher (SLURM) starts them;
+    each rank may get its own arguments."""
+    port, world = _free_port(), len(args_per_rank)
+    procs = [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r, args in enumerate(args_per_rank)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=TIMEOUT)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _workers(agent: int) -> list[int]:
+    """The processes torchrun's agent ``agent`` started (its children), from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == agent:
+                out.append(int(entry.name))
+    return out
+
+
+def _kill_one_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL one rank, as a crash or a node failure would; torchrun then stops the others and exits."""
+    workers = _workers(proc.pid)
+    assert workers, "torchrun has no worker processes"
+    os.kill(max(workers), signal.SIGKILL)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        for pid in _workers(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _h5(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bezier(tmp_path_factory, digits_models) -> Path:
+    """A one-bend Bezier curve between the two digits networks (one epoch: it only needs a bend)."""
+    from tests.conftest import Cli
+
+    out = tmp_path_factory.mktemp("dist") / "bez.safetensors"
+    Cli()("connect", *digits_models, "-o", out, "--epochs", "1", "--device", "cpu", "-q")
+    return out
+
+
+# Evaluation of one point is the same arithmetic whichever rank does it; only the thread count differs (one
+# per rank here, two in this process), which reorders float32 sums of a few thousand terms: relative
+# differences of a few 1e-7 in a loss, none in an error count (an argmax flips only on an exact tie).
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def test_plane_on_two_ranks_equals_one_process(cli, tmp_path, bezier):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    cli("plane", bezier, "-m", one, "--grid-points", "4", "--device", "cpu", "-q")
+    done = torchrun("plane", bezier, "-m", two, "--grid-points", "4", "--json")
+    assert done.stdout.count("{") >= 1 and json.loads(done.stdout)["command"] == "plane"  # rank 0 only
+    assert "Error" not in done.stderr
+    a, b = _h5(one), _h5(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        np.testing.assert_allclose(b[name], a[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    with h5py.File(one) as fa, h5py.File(two) as fb:
+        assert set(fa.attrs) == set(fb.attrs)
+        assert json.loads(fa.attrs["config"]) == json.loads(fb.attrs["config"])
+
+
+def test_evaluate_curve_on_two_ranks_equals_one_process(cli, tmp_path, bezier):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    ref = cli.json("evaluate-curve", bezier, "-m", one, "--num-points", "5", "--device", "cpu", "-q")
+    done = torchrun("evaluate-curve", bezier, "-m", two, "--num-points", "5", "--json")
+    got = json.loads(done.stdout)
+    a, b = _h5(one), _h5(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    assert got["metrics"]["eval"]["err"]["max"] == pytest.approx(ref["metrics"]["eval"]["err"]["max"], abs=1e-12)
+    assert not list(tmp_path.glob(".*.tmp"))  # no rank left a temporary file
+
+
+def test_killed_distributed_plane_resumes_on_one_process_without_recomputing(cli, tmp_path, bezier):
+    metrics = tmp_path / "p.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
+           "plane", str(bezier), "-m", str(metrics), "--grid-points", "7", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    done = 0
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists():
+                try:
+                    with h5py.File(metrics) as f:
+                        done = int(np.isfinite(f["train/loss"][()]).sum())
+                except OSError:  # between the temporary file's rename and our read
+                    pass
+            if done >= 6:
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_one_worker(proc)
+    assert 6 <= done < 49, f"{done} cells computed when the run was killed"
+    # A sentinel in one computed cell: a resumed run that recomputed it would overwrite it.
+    with h5py.File(metrics, "r+") as f:
+        loss = f["train/loss"][()]
+        i, j = np.argwhere(np.isfinite(loss))[0]
+        kept = loss.copy()
+        loss[i, j] = 123.0
+        f["train/loss"][...] = loss
+    cli("plane", bezier, "-m", metrics, "--grid-points", "7", "--resume", "--device", "cpu", "-q")
+    with h5py.File(metrics) as f:
+        final = f["train/loss"][()]
+    assert final[i, j] == 123.0
+    assert np.isfinite(final).all()
+    before = np.isfinite(kept)
+    before[i, j] = False
+    assert np.array_equal(final[before], kept[before])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items() if not k.startswith("optimizer/")}
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            scale = float(a[k].abs().max())
+            torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=rtol * scale, msg=k)
+
+
+# Data parallel SGD differs from one process only in how the gradient sums are split (each rank sums its
+# piece, then the pieces are added): float32 rounding of 1e-7 relative per step, which SGD with momentum
+# carries along and amplifies mildly over the 24 steps here; 1e-4 of the largest weight bounds it with room
+# while a wrong split of the batch (a mean of means, a missing rank) is off by 1e-2 or more.
+SGD_RTOL = 1e-4
+
+
+def test_train_on_two_ranks_matches_one_process(cli, tmp_path):
+    args = ["train", "-d", "digits", "--epochs", "2", "--lr", "0.1", "--arch-kwargs", '{"hidden": 16}',
+            "--batch-size", "100", "--seed", "3", "--save-every", "1"]
+    cli(*args, "-o", tmp_path / "one.safetensors", "--device", "cpu", "-q")
+    done = torchrun(*args, "-o", tmp_path / "two.safetensors", "--json")
+    got = json.loads(done.stdout)
+    _close(_weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors"), SGD_RTOL)
+    # the epoch-1 checkpoint with its momentum: the same files, resumable on any world size
+    a, b = load_file(str(tmp_path / "one-epoch001.safetensors")), load_file(str(tmp_path / "two-epoch001.safetensors"))
+    _close(a, b, SGD_RTOL)
+    assert not [k for k in b if k.startswith("module.")]
+    one, two = _h5(tmp_path / "one.h5"), _h5(tmp_path / "two.h5")
+    np.testing.assert_allclose(two["train/loss"], one["train/loss"], rtol=1e-4)
+    assert got["metrics"]["eval"]["err"] == pytest.approx(float(one["test/err"][-1]), abs=2 / 360)
+
+
+def test_connect_and_fge_on_two_ranks_match_one_process(cli, tmp_path, digits_models):
+    args = ["connect", *digits_models, "--epochs", "2", "--batch-size", "100"]
+    cli(*args, "-o", tmp_path / "c1.safetensors", "--device", "cpu", "-q")
+    torchrun(*args, "-o", tmp_path / "c2.safetensors")
+    _close(_weights(tmp_path / "c1.safetensors"), _weights(tmp_path / "c2.safetensors"), SGD_RTOL)
+
+    args = ["fge", digits_models[0], "--epochs", "2", "--cycle-epochs", "1", "--batch-size", "100"]
+    cli(*args, "-o", tmp_path / "f1.safetensors", "--device", "cpu", "-q")
+    torchrun(*args, "-o", tmp_path / "f2.safetensors")
+    _close(_weights(tmp_path / "f1.safetensors"), _weights(tmp_path / "f2.safetensors"), SGD_RTOL)
+    one, two = _h5(tmp_path / "f1.h5"), _h5(tmp_path / "f2.h5")
+    np.testing.assert_allclose(two["ensemble/test/nll"], one["ensemble/test/nll"], rtol=1e-3)
+
+
+def test_batchnorm_network_trains_on_two_ranks_and_stays_close(cli, tmp_path):
+    # Per-rank batch statistics (as DistributedDataParallel) differ from the whole batch's: the networks are
+    # not equal, but they learn the same thing.
+    args = ["train", "-d", "digits", "--epochs", "3", "--lr", "0.1", "--arch-kwargs",
+            '{"hidden": 32, "batch_norm": true}', "--seed", "1"]
+    ref = cli.json(*args, "-o", tmp_path / "one.safetensors", "--device", "cpu", "-q")
+    got = json.loads(torchrun(*args, "-o", tmp_path / "two.safetensors", "--json").stdout)
+    assert got["metrics"]["eval"]["err"] < 0.5  # far from chance (0.9) after 3 epochs, as in one process:
+    assert abs(got["metrics"]["eval"]["err"] - ref["metrics"]["eval"]["err"]) < 0.05
+    assert got["metrics"]["train"]["loss"] == pytest.approx(ref["metrics"]["train"]["loss"], rel=0.1)
+
+
+def test_killed_two_rank_training_resumes_on_one_process(cli, tmp_path):
+    args = ["train", "-d", "digits", "--epochs", "40", "--lr", "0.05", "--arch-kwargs", '{"hidden": 16}',
+            "--batch-size", "100", "--seed", "4"]
+    cli(*args, "-o", tmp_path / "ref.safetensors", "--device", "cpu", "-q")
+    out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
+           *args, "-o", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        _kill_one_worker(proc)
+    assert state.exists() and not out.exists(), "the run finished before it could be killed"
+    cli(*args, "-o", out, "--resume", "--device", "cpu", "-q")
+    _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
+
+
+def test_bad_option_on_every_rank_prints_one_error(tmp_path):
+    done = torchrun("train", "-d", "digits", "--epochs", "1", "--lr", "-1", "-o", tmp_path / "m.safetensors",
+                    check=False)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "--lr" in errors[0]
+    assert "Traceback" not in "\n".join(line for line in done.stderr.splitlines() if "mctool" in line)
+
+
+def test_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path, digits_models):
+    good = ["evaluate", digits_models[0], "--device", "cpu"]
+    bad = ["evaluate", tmp_path / "missing.safetensors", "--device", "cpu"]
+    t0 = time.monotonic()
+    r0, r1 = ranks([good, bad])
+    assert time.monotonic() - t0 < TIMEOUT / 2  # nobody waited for the timeout
+    assert r0.returncode == 1 and r1.returncode == 1
+    lines = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert lines == [f"Error: rank 1: {lines[0].split(': ', 2)[2]}"], (r0.stderr, r1.stderr)
+    assert "missing.safetensors" in lines[0]
+    assert "Traceback" not in r0.stderr + r1.stderr
+    assert r0.stdout == r1.stdout == ""
+
+
+def test_device_naming_one_gpu_is_refused_under_several_ranks(tmp_path, digits_models):
+    r0, r1 = ranks([["evaluate", digits_models[0], "--device", "cuda:0"]] * 2)
+    assert r0.returncode == r1.returncode == 1
+    errors = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and ("cuda:0" in errors[0] or "no CUDA" in errors[0]), errors
+
+
+def test_evaluate_on_two_ranks_equals_one_process(cli, tmp_path, digits_models):
+    ref = cli.json("evaluate", *digits_models, "--device", "cpu", "-q")
+    got = json.loads(torchrun("evaluate", *digits_models, "--json").stdout)
+    for key in ("nll", "err", "ece", "brier"):
+        assert got["metrics"]["eval"][key] == pytest.approx(ref["metrics"]["eval"][key], rel=RTOL, abs=ATOL)
+    for a, b in zip(ref["models"], got["models"]):
+        assert b["metrics"]["nll"] == pytest.approx(a["metrics"]["nll"], rel=RTOL)
+
+
+def test_sync_bn_is_refused_on_cpu_ranks_and_a_no_op_in_one_process(cli, tmp_path):
+    args = ["train", "-d", "digits", "--epochs", "1", "--arch-kwargs", '{"hidden": 16, "batch_norm": true}']
+    done = torchrun(*args, "--sync-bn", "-o", tmp_path / "two.safetensors", check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert done.returncode != 0 and len(errors) == 1 and "--sync-bn needs CUDA" in errors[0], done.stderr
+    cli(*args, "--sync-bn", "-o", tmp_path / "a.safetensors", "--device", "cpu", "-q")
+    cli(*args, "-o", tmp_path / "b.safetensors", "--device", "cpu", "-q")
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # one process: nothing to synchronise, the same run
+
+
+def test_recalibration_of_sync_batchnorm_layers_uses_local_statistics():
+    from mctool.bn import recalibrate_bn
+    from mctool.data import load_data
+    from mctool.models import build_model
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    plain = build_model("mlp", 10, 1, {"hidden": 16, "batch_norm": True, "img_size": 8})
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("mlp", 10, 1, {"hidden": 16, "batch_norm": True,
+                                                                                      "img_size": 8}))
+    synced.load_state_dict(plain.state_dict())
+    recalibrate_bn(plain, data.train, batch_size=100)
+    recalibrate_bn(synced, data.train, batch_size=100)  # one process, CPU: would fail inside SyncBatchNorm
+    assert isinstance(synced.net[2], torch.nn.SyncBatchNorm)  # restored after the pass
+    for (k, v), w in zip(plain.state_dict().items(), synced.state_dict().values()):
+        assert torch.equal(v, w), k  # the same operations on the same batches
+
+
+
+
+@pytest.mark.parametrize("extra", [[], ["--precision", "bf16", "--channels-last"], ["--sync-bn"]])
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_nccl_training_on_two_gpus(cli, tmp_path, extra):
+    args = ["train", "-d", "synthetic:size=16,train=512,test=256", "-a", "cifar_preresnet20", "--epochs", "2",
+            "--batch-size", "64", *extra]
+    ref = cli.json(*args, "-o", tmp_path / "one.safetensors", "--device", "cuda", "-q")
+    got = json.loads(torchrun(*args, "-o", tmp_path / "two.safetensors", "--device", "cuda", "--json").stdout)
+    assert abs(got["metrics"]["eval"]["err"] - ref["metrics"]["eval"]["err"]) < 0.1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_nccl_plane_on_two_gpus_equals_one(cli, tmp_path, bezier):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    cli("plane", bezier, "-m", one, "--grid-points", "4", "--device", "cuda", "-q")
+    torchrun("plane", bezier, "-m", two, "--grid-points", "4", "--device", "cuda")
+    a, b = _h5(one), _h5(two)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
