@@ -30,7 +30,7 @@ log "device"
 cat "$OUT/device.txt"
 
 DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
-SKIP=${SKIP:-}  # parts to skip, e.g. "tests profile cli" to run the benchmark only
+SKIP=${SKIP:-}  # parts to skip (tests bench compile profile cli dist), e.g. "tests profile cli"
 
 if [[ $SKIP != *tests* ]] && fits 60 tests; then
 log "pytest tests/test_cuda.py"
@@ -105,6 +105,22 @@ rm -f "$F"/*.safetensors  # keep the metrics and summaries only
 tail -20 "$F/log.txt"
 for f in "$F"/*.json; do echo "--- $f"; head -c 1500 "$f"; echo; done
 fi
+if [[ $SKIP != *dist* ]] && fits 90 dist; then
+log "torchrun (NCCL): world 1 against plain, and scaling over the GPUs present"
+NG=$($PY -c "import torch; print(torch.cuda.device_count())")
+W=(1); [ "$NG" -ge 2 ] && W=(1 2); [ "$NG" -ge 4 ] && W=(1 2 4); [ "$NG" -ge 8 ] && W=(1 2 4 8)
+timeout "$(limit "${T_DIST:-240}")" $PY benchmarks/scaling.py --device cuda --worlds "${W[@]}" \
+  --arch cifar_preresnet20 --arch-kwargs '{}' --grid-points 7 --reps 2 --out "$OUT/scaling.json" \
+  >"$OUT/scaling.txt" 2>&1
+echo "rc=$?" >>"$OUT/scaling.txt"
+cat "$OUT/scaling.txt"
+if [ "$NG" -ge 2 ] && fits 60 "distributed CUDA tests"; then
+  timeout "$(limit 120)" $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py -m cuda \
+    >"$OUT/test_distributed_cuda.txt" 2>&1
+  tail -3 "$OUT/test_distributed_cuda.txt"
+fi
+fi
+
 # The device tool brings back only a few files: pack everything into one archive.
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$OUT.tgz" "$OUT/results.tgz"
 log "done"

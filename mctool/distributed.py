@@ -39,7 +39,6 @@ import torch
 from .errors import ConfigError, MctoolError
 
 _K = TypeVar("_K")
-_ERRORS = "mctool/errors"  # counter of ranks that failed
 _DEFAULT_TIMEOUT = 1800.0
 _POLL = 0.005  # seconds between looks at the store while waiting
 
@@ -141,6 +140,9 @@ def launched() -> Iterator[Dist | None]:
     if d is None or d.world == 1:
         yield None
         return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the caller's own group
+        yield current()
+        return
     if not torch.distributed.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; run mctool without torchrun.")
     for key in ("MASTER_ADDR", "MASTER_PORT"):
@@ -154,9 +156,6 @@ def launched() -> Iterator[Dist | None]:
                               "start at most one process per GPU.")
         torch.cuda.set_device(d.local_rank)
     timeout = datetime.timedelta(seconds=timeout_seconds())
-    previous = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, _terminate)
     try:
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://",
                                              rank=d.rank, world_size=d.world, timeout=timeout)
@@ -164,6 +163,9 @@ def launched() -> Iterator[Dist | None]:
         raise ConfigError(f"cannot join the process group of {d.world} ranks: {e}") from None
     _launched = d
     _sequence[0] = 0
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         yield d
     finally:
@@ -185,6 +187,11 @@ def _store() -> Any:
     return distributed_c10d._get_default_store()
 
 
+def _key(name: str) -> str:
+    """A store key of this attempt: torchrun's agent keeps its store across restarts (--max-restarts)."""
+    return f"mctool/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
 def report_failure(message: str) -> bool:
     """Record this rank's error for the others; returns whether this rank should print it.
 
@@ -196,14 +203,14 @@ def report_failure(message: str) -> bool:
         return True
     try:
         store = _store()
-        store.set(f"mctool/error/{d.rank}", message)
-        store.add(_ERRORS, 1)
+        store.set(_key(f"error/{d.rank}"), message)
+        store.add(_key("errors"), 1)
         if d.main:
             return True
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            if store.check(["mctool/error/0"]):
-                return store.get("mctool/error/0").decode() != message
+            if store.check([_key("error/0")]):
+                return store.get(_key("error/0")).decode() != message
             time.sleep(0.02)
     except Exception:  # the store itself is gone: say it here
         pass
@@ -211,12 +218,12 @@ def report_failure(message: str) -> bool:
 
 
 def _failed_ranks(store: Any, d: Dist) -> str:
-    failed = [r for r in range(d.world) if r != d.rank and store.check([f"mctool/error/{r}"])]
+    failed = [r for r in range(d.world) if r != d.rank and store.check([_key(f"error/{r}")])]
     return ", ".join(map(str, failed)) or "another rank"
 
 
 def _check_peers(store: Any, d: Dist) -> None:
-    if store.add(_ERRORS, 0) > 0:
+    if store.add(_key("errors"), 0) > 0:
         raise PeerFailed(f"rank {_failed_ranks(store, d)} failed; rank {d.rank} stops too.")
 
 
@@ -228,7 +235,7 @@ def sync(what: str) -> None:
     with _talking(d):
         store = _store()
         _sequence[0] += 1
-        key = f"mctool/sync/{_sequence[0]}"
+        key = _key(f"sync/{_sequence[0]}")
         store.add(key, 1)
         deadline = time.monotonic() + timeout_seconds()
         while store.add(key, 0) < d.world:
@@ -290,7 +297,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     with _talking(d):
         store = _store()
         _sequence[0] += 1
-        key = f"mctool/object/{_sequence[0]}"
+        key = _key(f"object/{_sequence[0]}")
         if d.rank == src:
             store.set(key, json.dumps(obj))
             return obj
@@ -313,10 +320,11 @@ def deal_points(todo: Iterable[_K], measure: Callable[[_K], dict[str, float]],
     """Evaluate independent points: ``record(k, measure(k))`` for every k of ``todo``.
 
     A single process goes through them in order. Several ranks take the next point from a shared counter
-    whenever they become free (dynamic assignment: points cost different amounts), and rank 0 calls
-    ``record`` for every result as soon as it sees it (its own, and the others' after each of its
-    points and while it waits at the end), so an interrupted run loses only points in flight. ``todo``
-    must be the same on every rank (take it from rank 0 with ``broadcast_object``); keys must be JSON-able.
+    whenever they become free (dynamic assignment: points cost different amounts); each result goes into
+    the process group's store, and rank 0 calls ``record`` for every result as soon as it sees one, in
+    whatever order they finish (after each of its own points, and while it waits at the end), so an
+    interrupted run loses only the points in flight. ``todo`` must be the same on every rank (take it from
+    rank 0 with ``broadcast_object``); keys and results must be JSON-able.
     """
     todo = list(todo)
     d = current()
@@ -330,7 +338,7 @@ def deal_points(todo: Iterable[_K], measure: Callable[[_K], dict[str, float]],
 
     store = talk(_store)
     _sequence[0] += 1
-    prefix = f"mctool/points/{_sequence[0]}"
+    prefix = _key(f"points/{_sequence[0]}")
     pending: set[int] = set()  # (rank 0) points handed out whose results are not recorded yet
     handed = 0
 
