@@ -4,6 +4,7 @@ The public Python API; the ``mctool`` command is a thin layer over these functio
 """
 
 from ._version import __version__
+from .align import align
 from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
 from .curve_eval import evaluate_curve, export_point
 from .curve_training import ConnectConfig, connect
@@ -22,8 +23,8 @@ from .merge import merge
 from .models import MCTOOL_ARCHS, build_model
 from .plane import plane
 from .plots import plot_files
-from .results import (SCHEMA_VERSION, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult,
-                      MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result, TrainResult)
+from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef,
+                      InfoResult, MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result, TrainResult)
 from .runtime import progress
 from .schedules import lr_at, paper_factor
 from .training import TrainConfig, train
@@ -32,10 +33,11 @@ __all__ = [
     "__version__",
     # commands: one function each, returning a typed result (mctool.results)
     "train", "connect", "evaluate_curve", "export_point", "export_member", "plane", "fge", "evaluate",
-    "evaluate_models", "plot_files", "file_info", "merge",
+    "evaluate_models", "plot_files", "file_info", "merge", "align",
     "TrainConfig", "ConnectConfig", "FGEConfig",
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
-    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "FileRef", "Metrics", "SCHEMA_VERSION",
+    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "FileRef", "Metrics",
+    "SCHEMA_VERSION",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",
     "ModelMeta", "Curve",

@@ -23,8 +23,8 @@ from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
 from . import distributed
 from .errors import ConfigError, Interrupted, MctoolError
-from .results import (ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult, MergeResult,
-                      Metrics, PlaneResult, PointResult, Result, TrainResult)
+from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult,
+                      MergeResult, Metrics, PlaneResult, PointResult, Result, TrainResult)
 from .runtime import PRECISIONS, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
@@ -737,6 +737,67 @@ def plane_cmd(
         rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
                  ("plot", _path(r.outputs["plot"]))]
         _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
+
+    _run(work, as_json, quiet, show)
+
+
+AlignMethod = _choices("AlignMethod", ("weights", "activations"))
+
+
+@app.command("align")
+def align_cmd(
+    reference: Annotated[Path, typer.Argument(metavar="A", help="Network A (model checkpoint): the order to align "
+                                              "to.")],
+    other: Annotated[Path, typer.Argument(metavar="B", help="Network B (same architecture as A): the network to "
+                                          "permute.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write: B with its hidden units "
+                                         "permuted into A's order (the same function as B).")],
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the groups, permutations "
+                                                    "and objective (default: NAME-align.h5 beside the output).")]
+    = None,
+    method: Annotated[AlignMethod, typer.Option(help="weights: weight matching (coordinate descent over the groups, "
+                                                "one linear assignment each); activations: match units by the "
+                                                "correlation of their activations on training batches.")]
+    = AlignMethod.weights,
+    seed: Annotated[int, typer.Option(help="Seed for the order of the groups (weights) or of the training images "
+                                     "(activations).")] = 0,
+    max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups "
+                                           "(it stops earlier when a sweep changes nothing).")] = 100,
+    batches: Annotated[int, typer.Option(help="Activation matching: training batches to measure the "
+                                        "correlations on.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Batch size for activation matching and for the final check "
+                                           "that the output computes B's logits.")] = 256,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the one B "
+                                                   "records).")] = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Permute network B's hidden units into network A's order (Git Re-Basin), keeping B's function.
+
+    The permutation groups come from the network's graph (torch.fx); the output is checked to give B's
+    logits on a batch of the data set. Connect A and the output to compare with the unaligned pair.
+    """
+    from .align import align
+
+    def work() -> Result:
+        return align(reference, other, output, method=method.value, metrics=metrics, seed=seed,
+                     max_sweeps=max_sweeps, batches=batches, batch_size=batch_size, dataset=dataset, device=device,
+                     data_root=data_root, download=download, force=force, quiet=quiet)
+
+    def show(r: AlignResult) -> None:
+        rows = [("model", _path(r.outputs["model"])), ("metrics", _path(r.outputs["metrics"])),
+                ("method", r.method), ("groups", f"{r.groups} ({r.units} units, {_pct(r.moved)} moved)")]
+        if r.sweeps is not None:
+            rows.append(("sweeps / objective", f"{r.sweeps} / {_num(r.objective, '.6g')}"))
+        if r.correlation is not None:
+            rows.append(("mean correlation", _num(r.correlation)))
+        rows += [("||A - B||", f"{_num(r.distance_before, '.4g')} -> {_num(r.distance_after, '.4g')} aligned"),
+                 ("time", f"{r.seconds:.1f} s")]
+        _table("aligned", rows)
 
     _run(work, as_json, quiet, show)
 

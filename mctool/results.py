@@ -258,3 +258,22 @@ class FGEResult(Result):
     members: int
     cycle_iters: int
     config: dict[str, Any] | None = _config()
+
+
+@dataclass(kw_only=True)
+class AlignResult(Result):
+    """``align``: B's hidden units permuted into A's order. ``groups`` permutation groups of ``units`` units in all,
+    of which the fraction ``moved`` changed place; ``sweeps`` and ``objective`` (<A, permuted B> over the
+    parameters after the last sweep) for ``method`` ``weights``, ``correlation`` (mean correlation of the
+    matched units) for ``activations``, the other None; ``distance_before``/``distance_after`` are the L2
+    distances between A's and B's parameters before and after the permutation."""
+
+    method: str
+    groups: int
+    units: int
+    moved: float
+    sweeps: int | None = None
+    objective: float | None = None
+    correlation: float | None = None
+    distance_before: float
+    distance_after: float

@@ -61,7 +61,7 @@ def test_schemas_pin_every_key():
 
     names = {p.name.split(".")[0] for p in SCHEMAS.glob("*.schema.json")}
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
-                     "plane", "fge", "merge"}
+                     "plane", "fge", "merge", "align"}
     for name in names:
         walk(_load(name))
 
@@ -186,6 +186,18 @@ def test_fge(cli, registry, tmp_path, digits_models):
               {"train", "eval", "start", "last_member", "swa"})
     assert r["members"] >= 1 and r["metrics"]["swa"]["err"] is not None
 
+
+def test_align(cli, registry, tmp_path, digits_models):
+    extra = {"method", "groups", "units", "moved", "sweeps", "objective", "correlation", "distance_before",
+             "distance_after"}
+    r = check(registry, cli.json("align", *digits_models, "-o", tmp_path / "b.safetensors", *CPU), "align", extra,
+              {"model", "metrics"}, {"train", "eval"})
+    assert r["method"] == "weights" and r["groups"] == 2 and r["units"] == 64 and r["correlation"] is None
+    assert r["sweeps"] >= 1 and r["objective"] is not None and [f["path"] for f in r["inputs"]] == [
+        str(p) for p in digits_models]
+    r = check(registry, cli.json("align", *digits_models, "-o", tmp_path / "c.safetensors", "--method", "activations",
+                                 "--batches", "1", *CPU), "align", extra, {"model", "metrics"}, {"train", "eval"})
+    assert r["sweeps"] is None and r["objective"] is None and r["correlation"] is not None
 
 # Human output prints what came from files and paths as it is.
 
