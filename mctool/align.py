@@ -492,6 +492,74 @@ def _check_function(model_b: nn.Module, aligned: nn.Module, x: torch.Tensor, wha
                           "allow. Nothing was written; please report this network.")
 
 
+@dataclass
+class Alignment:
+    """Network B aligned to network A in memory (``align_networks``): ``model`` is B with ``perms`` (one per group)
+    applied, checked to compute B's function; ``objective`` after each sweep (weights) or the mean correlation
+    of each group's matched units (activations); ``split`` the data set split the data came from."""
+
+    method: str
+    groups: list[Group]
+    perms: list[torch.Tensor]
+    model: nn.Module
+    objective: list[float]
+    correlations: list[float]
+    dataset: str
+    split: str
+
+    def group_info(self) -> list[dict[str, Any]]:
+        """Name, size and producers of each group (the ``align_groups`` metadata)."""
+        return [{"name": g.name, "size": g.size, "producers": g.producers} for g in self.groups]
+
+
+def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", seed: int = 0, max_sweeps: int = 100,
+                   batches: int = 8, batch_size: int = 256, dataset: str | None = None, device: str = "auto",
+                   data_root: str | None = None, download: bool = False, quiet: bool = True) -> Alignment:
+    """B's hidden units permuted into A's order, in memory: what ``align`` writes (same options, same result, bit
+    for bit). The data (B's data set and split, un-augmented) gives the check batch and, for ``activations``,
+    the training batches. ``a.model`` and ``b.model`` are left unchanged, on their devices; the aligned copy
+    of B is on the CPU."""
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
+    _check_same_network(a, b)
+    name = dataset or b.meta.dataset
+    if name is None:
+        raise ConfigError(f"'{b.path}' does not record its data set; pass --dataset.")
+    split = b.meta.config.get("split", "test")
+    dev = resolve_device(device)
+    data = load_data(name, root=data_root, split=split, download=download, device=dev, augment="none",
+                     **b.meta.data_options())
+    check_fits(b.meta.num_classes, b.meta.in_chans, data.info, b.path)
+    homes = [next(m.parameters()).device for m in (a.model, b.model)]
+    model_a, model_b = a.model.to(dev).eval(), b.model.to(dev).eval()
+    try:
+        check_x = next(iter(data.eval.batches(batch_size)))[0]
+        with progress_bar(quiet) as bar:
+            task = bar.add_task("align", total=None, info="tracing")
+            groups = discover_groups(model_b, check_x[:2])
+            if not groups:
+                raise ConfigError(f"align found no hidden units to permute in '{b.path}' ({b.meta.arch}).")
+            state_a, state_b = model_a.state_dict(), model_b.state_dict()
+            bar.update(task, info=f"{len(groups)} groups; {method} matching")
+            if method == "weights":
+                params = {n: state_a[n] for n, _ in model_a.named_parameters()}
+                perms, objective = weight_matching(params, state_b, groups, seed=seed, max_sweeps=max_sweeps)
+                corrs = []
+            else:
+                xs = (x for x, _ in data.train.batches(batch_size, shuffle=True, seed=seed))
+                perms, corrs = activation_matching(model_a, model_b, groups,
+                                                   (x for _, x in zip(range(batches), xs)))
+                objective = []
+        perms = [p.cpu() for p in perms]
+        aligned = copy.deepcopy(model_b)
+        aligned.load_state_dict(permute_state(state_b, groups, perms))
+        _check_function(model_b, aligned, check_x, str(b.path))
+    finally:
+        model_a.to(homes[0])
+        model_b.to(homes[1])
+    return Alignment(method, groups, perms, aligned.cpu(), objective, corrs, name, split)
+
+
 @holds_output_locks
 def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method: str = "weights",
           metrics: str | Path | None = None, seed: int = 0, max_sweeps: int = 100, batches: int = 8,
@@ -517,46 +585,20 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
         metrics = Path(output).with_name(output_stem(output) + "-align.h5")
     check_outputs({"--output": output, "--metrics": metrics}, [a_path, b_path], force=force)
     a, b = load_model(a_path), load_model(b_path)
-    _check_same_network(a, b)
-    name = dataset or b.meta.dataset
-    if name is None:
-        raise ConfigError(f"'{b_path}' does not record its data set; pass --dataset.")
-    split = b.meta.config.get("split", "test")
-    dev = resolve_device(device)
-    data = load_data(name, root=data_root, split=split, download=download, device=dev, augment="none",
-                     **b.meta.data_options())
-    check_fits(b.meta.num_classes, b.meta.in_chans, data.info, b_path)
-    model_a, model_b = a.model.to(dev).eval(), b.model.to(dev).eval()
-    check_x = next(iter(data.eval.batches(batch_size)))[0]
-    with progress_bar(quiet) as bar:
-        task = bar.add_task("align", total=None, info="tracing")
-        groups = discover_groups(model_b, check_x[:2])
-        if not groups:
-            raise ConfigError(f"align found no hidden units to permute in '{b_path}' ({b.meta.arch}).")
-        state_a, state_b = model_a.state_dict(), model_b.state_dict()
-        bar.update(task, info=f"{len(groups)} groups; {method} matching")
-        if method == "weights":
-            params = {n: state_a[n] for n, _ in model_a.named_parameters()}
-            perms, objective = weight_matching(params, state_b, groups, seed=seed, max_sweeps=max_sweeps)
-            corrs = []
-        else:
-            xs = (x for x, _ in data.train.batches(batch_size, shuffle=True, seed=seed))
-            perms, corrs = activation_matching(model_a, model_b, groups,
-                                               (x for _, x in zip(range(batches), xs)))
-            objective = []
-    perms = [p.cpu() for p in perms]
-    aligned_state = permute_state(state_b, groups, perms)
-    aligned = copy.deepcopy(model_b)
-    aligned.load_state_dict(aligned_state)
-    _check_function(model_b, aligned, check_x, str(b_path))
+    al = align_networks(a, b, method=method, seed=seed, max_sweeps=max_sweeps, batches=batches,
+                        batch_size=batch_size, dataset=dataset, device=device, data_root=data_root,
+                        download=download, quiet=quiet)
+    groups, perms, objective, corrs, name, split = (al.groups, al.perms, al.objective, al.correlations, al.dataset,
+                                                    al.split)
+    state_a, state_b, aligned_state = a.model.state_dict(), b.model.state_dict(), al.model.state_dict()
 
-    names = [n for n, _ in model_a.named_parameters()]
+    names = [n for n, _ in a.model.named_parameters()]
     flat = lambda s: torch.cat([s[n].detach().reshape(-1).double().cpu() for n in names])  # noqa: E731
     before, after = float((flat(state_a) - flat(state_b)).norm()), float((flat(state_a) - flat(aligned_state)).norm())
     moved = [float((p != torch.arange(len(p))).double().mean()) for p in perms]
     units = sum(g.size for g in groups)
     moved_all = sum(m * g.size for m, g in zip(moved, groups)) / units
-    group_info = [{"name": g.name, "size": g.size, "producers": g.producers} for g in groups]
+    group_info = al.group_info()
     inputs = {str(a_path): a.sha256, str(b_path): b.sha256}
     config = {"method": method, "reference": str(a_path), "seed": seed, "dataset": name, "split": split}
     if method == "weights":
@@ -584,7 +626,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
         datasets["objective"] = (np.array(objective), ("sweep",))
     attrs = {**provenance(inputs, config, "align"), "method": method, "groups": json.dumps(group_info),
              "distance_before": before, "distance_after": after}
-    save_model(output, aligned.cpu(), meta)
+    save_model(output, al.model, meta)
     write_h5(metrics, scales=scales, datasets=datasets, attrs=attrs,
              dataset_attrs={f"permutations/{i:04d}": {"group": g.name} for i, g in enumerate(groups)})
     return AlignResult(command="align", inputs=[FileRef(str(a_path), a.sha256), FileRef(str(b_path), b.sha256)],

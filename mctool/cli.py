@@ -424,6 +424,10 @@ def connect(
     split: SplitOpt = Split.test,
     save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
                                             "NAME-epochNNN.safetensors; 0 = never.")] = 0,
+    align: Annotated[Optional[str], typer.Option("--align", help="First permute B's hidden units into A's order "
+                                                 "(weights or activations matching, as mctool align with --seed): "
+                                                 "the curve ends at aligned B, which computes B's function.")]
+    = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -457,7 +461,7 @@ def connect(
                             dataset=dataset, augment=augment.value, split=split.value, precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             sync_bn=sync_bn,
-                            compile=compile, save_every=save_every)
+                            compile=compile, save_every=save_every, align=align)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
@@ -498,6 +502,15 @@ def evaluate_curve(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
+    compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
+                                                              "(from mctool align): the original B; also evaluate "
+                                                              "the segment A -> B (same points and options) and "
+                                                              "report both barriers.")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point (networks without BatchNorm): "
+                                         "rescale each hidden Conv/Linear channel to the interpolated mean and "
+                                         "std of the endpoints'.")] = False,
+    repair_batches: Annotated[int, typer.Option(help="Training batches (of --batch-size) for REPAIR's "
+                                                "statistics.")] = 8,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -513,7 +526,8 @@ def evaluate_curve(
         return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
                    batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
+                   compare_unaligned=compare_unaligned, repair=repair, repair_batches=repair_batches, quiet=quiet)
 
     def show(r: CurveResult) -> None:
         t = Table(title=f"{r.curve} curve, {r.num_points} points", title_justify="left")
@@ -530,6 +544,9 @@ def evaluate_curve(
         _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
                          ("barrier: train loss", _num(r.barrier["train"].loss)),
                          (f"barrier: {r.split} error", _pct(r.barrier["eval"].err)),
+                         *([("unaligned barrier: train loss", _num(r.barrier_unaligned["train"].loss)),
+                            (f"unaligned barrier: {r.split} error", _pct(r.barrier_unaligned["eval"].err))]
+                           if r.barrier_unaligned is not None else []),
                          ("metrics", _path(r.outputs["metrics"])), ("plot", _path(r.outputs["plot"]))])
 
     _run(work, as_json, quiet, show)

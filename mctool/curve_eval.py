@@ -22,6 +22,7 @@ from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .options import check_count, check_real
+from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
 
@@ -119,16 +120,50 @@ def curve_metrics(summary: dict[str, Any]) -> tuple[dict[str, Metrics], dict[str
 
 
 def write_curve_file(path: str | Path, attrs: dict[str, Any], *, t: np.ndarray, values: dict[str, np.ndarray],
-                     dl: np.ndarray, summary: dict[str, Any] | None = None) -> None:
+                     dl: np.ndarray, summary: dict[str, Any] | None = None,
+                     unaligned: tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any] | None] | None = None) -> None:
     """Write an evaluate-curve metrics file (atomically); with ``summary`` (``curve_summary``) also its root
-    attribute ``summary`` and each metric dataset's summary attributes. ``evaluate-curve`` and ``merge`` both
-    write through here."""
+    attribute ``summary`` and each metric dataset's summary attributes. ``unaligned`` (--compare-unaligned):
+    the unaligned segment's values, ``dl`` and summary, written under ``unaligned/`` (root attribute
+    ``summary_unaligned``). ``evaluate-curve`` and ``merge`` both write through here."""
+    groups = [("", values, dl, summary, "summary")]
+    if unaligned is not None:
+        groups.append(("unaligned/", *unaligned, "summary_unaligned"))
+    datasets: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
     extra = {}
-    if summary is not None:
-        attrs["summary"] = json.dumps(summary)
-        extra = {n: summary[metric_set(n)[0]][metric_set(n)[1]] for n in values}
-    write_h5(path, scales={"t": t}, datasets={**{n: (v, ("t",)) for n, v in values.items()}, "dl": (dl, ("t",))},
-             attrs=attrs, dataset_attrs=extra)
+    for prefix, vals, lengths, summ, key in groups:
+        datasets |= {prefix + n: (v, ("t",)) for n, v in vals.items()} | {prefix + "dl": (lengths, ("t",))}
+        if summ is not None:
+            attrs[key] = json.dumps(summ)
+            extra |= {prefix + n: summ[metric_set(n)[0]][metric_set(n)[1]] for n in vals}
+    write_h5(path, scales={"t": t}, datasets=datasets, attrs=attrs, dataset_attrs=extra)
+
+
+def _aligned_and_unaligned(paths: list[str], unaligned: str | Path,
+                           shard: tuple[int, int] | None) -> tuple[Curve, Curve]:
+    """--compare-unaligned: the segments A -> aligned B and A -> B, after checking that ``paths`` are A and B
+    aligned to A by ``mctool align``, and that ``unaligned`` is the B it permuted."""
+    if len(paths) != 2:
+        raise ConfigError("--compare-unaligned compares two straight segments: give A and B aligned to A (two model "
+                          "checkpoints, as 'evaluate-curve A B-aligned --compare-unaligned B'), not a curve file. "
+                          "A curve trained with connect --align already ends at aligned B.")
+    if shard is not None:
+        raise ConfigError("--compare-unaligned reports both segments' barriers from one whole run; it cannot be "
+                          "split with --shard. Evaluate the two segments as two sharded runs instead.")
+    a, b_aligned, b = load_model(paths[0]), load_model(paths[1]), load_model(unaligned)
+    reference = b_aligned.meta.extra.get("align_reference_sha256")
+    if reference is None:
+        raise ConfigError(f"'{paths[1]}' is not a network written by mctool align (it records no "
+                          "align_reference_sha256); --compare-unaligned needs B aligned to A (mctool align A B -o "
+                          "B-aligned) as the second file.")
+    if reference != a.sha256:
+        raise ConfigError(f"'{paths[1]}' was aligned to another network than '{paths[0]}' (align_reference_sha256 "
+                          "differs from its sha256); give the network it was aligned to as A.")
+    # its recorded inputs are A (the reference) and the B it permuted
+    if b.sha256 == reference or b.sha256 not in b_aligned.meta.inputs.values():
+        raise ConfigError(f"'{unaligned}' is not the network '{paths[1]}' was made from (its sha256 is not among the "
+                          "recorded inputs); give --compare-unaligned the B that mctool align permuted.")
+    return line_between(a, b_aligned), line_between(a, b)
 
 
 def interrupted(saved: int, total: int, metrics: Path) -> Interrupted:
@@ -143,12 +178,17 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                    data_root: str | None = None, download: bool = False, split: str = "test",
                    batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-                   shard: tuple[int, int] | None = None, quiet: bool = False) -> CurveResult:
+                   shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
+                   repair: bool = False, repair_batches: int = 8, quiet: bool = False) -> CurveResult:
     """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
     (docs/method.md#curve-evaluation).
 
     ``shard=(I, N)`` evaluates only the points i with i % N == I (the others stay NaN, and so does the
-    summary of every metric); ``mctool.merge`` combines the N shard files into the file of the whole run."""
+    summary of every metric); ``mctool.merge`` combines the N shard files into the file of the whole run.
+    ``compare_unaligned`` (with ``paths`` = A and B aligned by ``mctool align``): the unaligned B; the segment
+    A -> B is evaluated too, at the same t and with the same options (``barrier_unaligned``, datasets under
+    ``unaligned/``). ``repair`` (networks without BatchNorm): REPAIR at every point, with statistics from
+    ``repair_batches`` training batches (docs/align.md#repair)."""
     t0 = time.time()
     shard = check_shard(shard)
     if shard is not None and plot is not None:
@@ -157,10 +197,19 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     check_count("--num-points", num_points, 2)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
+    check_count("--repair-batches", repair_batches)
     check_real("--wd", wd, 0)
     metrics = Path(metrics)
-    curve = curve_from_files(paths)
+    unaligned: Curve | None = None
+    if compare_unaligned is not None:
+        curve, unaligned = _aligned_and_unaligned(paths, compare_unaligned, shard)
+    else:
+        curve = curve_from_files(paths)
     inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
+    if unaligned is not None:
+        inputs = {**inputs, **unaligned.meta.inputs}
+    if repair:
+        check_repairable(curve.build_model(), str(paths[0]))
     wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd
     name = dataset or curve.meta.dataset
     if name is None:
@@ -168,35 +217,48 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     names = curve_metric_names(split)
     t = np.linspace(0.0, 1.0, num_points)
     values = {n: np.full(num_points, np.nan) for n in names}
+    values_un = {n: np.full(num_points, np.nan) for n in names} if unaligned is not None else None
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
-              "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends}
+              "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends,
+              # None when off: files of earlier versions, which lack these keys, still resume
+              "compare_unaligned": str(compare_unaligned) if compare_unaligned is not None else None,
+              "repair_batches": repair_batches if repair else None}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
     old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot)
     if shard is not None:
         config["shard"] = shard_text(shard)
-    for n in names:
-        if n in old:
-            if np.shape(old[n]) != (num_points,) or old[n].dtype.kind not in "fiu":
-                raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{n}' should be {num_points} numbers, "
-                                       f"got shape {np.shape(old[n])}. Start over with --force.")
-            values[n] = np.asarray(old[n], dtype=np.float64)
+    for prefix, vals in (("", values), ("unaligned/", values_un or {})):
+        for n in vals:
+            if prefix + n in old:
+                v = old[prefix + n]
+                if np.shape(v) != (num_points,) or v.dtype.kind not in "fiu":
+                    raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{prefix + n}' should be "
+                                           f"{num_points} numbers, got shape {np.shape(v)}. Start over with --force.")
+                vals[n] = np.asarray(v, dtype=np.float64)
     dl, distance = segment_lengths(curve, t)
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
-             "split": split, "distance": distance}
+             "split": split, "distance": distance, "repair": bool(repair)}
+    dl_un = None
+    if unaligned is not None:
+        dl_un, attrs["distance_unaligned"] = segment_lengths(unaligned, t)
     if shard is not None:
         attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
 
-    def write(summary: dict[str, Any] | None = None) -> None:
-        write_curve_file(metrics, attrs, t=t, values=values, dl=dl, summary=summary)
+    def write(summary: dict[str, Any] | None = None, summary_un: dict[str, Any] | None = None) -> None:
+        write_curve_file(metrics, attrs, t=t, values=values, dl=dl, summary=summary,
+                         unaligned=(values_un, dl_un, summary_un) if values_un is not None else None)
+
+    def missing(i: int) -> bool:
+        return any(np.isnan(v[n][i]) for v in (values, values_un or {}) for n in v)
 
     # This shard's points (all without --shard), less those already computed: rank 0's list (another rank may
     # read the file after rank 0 wrote more points into it)
     mine = shard_tasks(list(range(num_points)), shard)
-    todo = distributed.broadcast_object([i for i in mine if any(np.isnan(values[n][i]) for n in names)])
+    todo = distributed.broadcast_object([i for i in mine if missing(i)])
     if todo:
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
@@ -205,15 +267,34 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         model = curve.build_model().to(dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        points = curve.points.to(dev)
+        segments = [("", curve, curve.points.to(dev))]
+        if unaligned is not None:
+            segments.append(("unaligned/", unaligned, unaligned.points.to(dev)))
+        # REPAIR's endpoint statistics, measured once per segment (its start A and its end)
+        ends: dict[str, tuple[dict, dict]] = {}
+        if repair:
+            for prefix, seg, pts in segments:
+                stats = []
+                for w in (pts[0], pts[-1]):
+                    seg.layout.assign(model, w)
+                    stats.append(channel_stats(model, data.train, batches=repair_batches, batch_size=batch_size,
+                                               precision=precision))
+                ends[prefix] = stats[0], stats[1]
         write()
         saved = len(mine) - len(todo)
 
         def measure(i: int) -> dict[str, float]:
-            c = coefficients(curve.curve, curve.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
-            curve.layout.assign(model, c.float() @ points)
-            return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                    precision=precision)
+            out = {}
+            for prefix, seg, pts in segments:
+                c = coefficients(seg.curve, seg.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
+                seg.layout.assign(model, c.float() @ pts)
+                if repair:
+                    run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])),
+                               batches=repair_batches, batch_size=batch_size, precision=precision)
+                m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
+                                     precision=precision)
+                out |= {prefix + n: v for n, v in m.items()}
+            return out
 
         try:
             with progress_bar(quiet) as bar:
@@ -223,6 +304,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                     nonlocal saved
                     for n in names:
                         values[n][i] = m[n]
+                        if values_un is not None:
+                            values_un[n][i] = m["unaligned/" + n]
                     write()
                     saved += 1
                     bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
@@ -233,11 +316,13 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         except KeyboardInterrupt:
             raise interrupted(saved, len(mine), metrics) from None
     summary = curve_summary(values, dl, distance)
-    write(summary)
+    summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"]) if values_un is not None else None
+    write(summary, summary_un)
     summary_metrics, barrier = curve_metrics(summary)
     result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,
                          barrier=barrier, curve=curve.curve, num_bends=curve.num_bends, num_points=num_points,
-                         length=summary["length"], length_ratio=summary["length_ratio"])
+                         length=summary["length"], length_ratio=summary["length_ratio"],
+                         barrier_unaligned=curve_metrics(summary_un)[1] if summary_un is not None else None)
     if plot is not None and distributed.is_main():
         from .plots import plot_curves
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .align import METHODS as ALIGN_METHODS, align_networks
 from .bn import bn_modules, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, load_model
 from .curves import BEND_INITS, Curve, coefficients, initial_points, line_between, save_curve
@@ -202,6 +203,8 @@ class ConnectConfig:
     deterministic: bool = False  # how, not what: may differ on --resume
     compile: bool = False  # how, not what: may differ on --resume
     save_every: int = 0
+    # permute B's hidden units into A's order first (mctool align's method, with --seed); None: B as it is
+    align: str | None = None
     # filled in by connect(): how each option left to its default was derived (None: none was)
     derived: dict[str, str] | None = None
 
@@ -215,6 +218,8 @@ class ConnectConfig:
             raise ConfigError("--schedule sse (Snapshot Ensembles) is for train; use paper, cosine or constant.")
         if self.curve == "line" and (self.free_start or self.free_end):
             raise ConfigError("a line has nothing to train; --free-start/--free-end need a bezier or polychain curve.")
+        if self.align is not None and self.align not in ALIGN_METHODS:
+            raise ConfigError(f"--align must be one of {', '.join(ALIGN_METHODS)}, got {self.align!r}.")
 
 
 #: The paper's curves train at 0.3 x their endpoints' learning rate (VGG16 0.05 -> 0.015, PreResNet164 and
@@ -271,6 +276,17 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     output, metrics = Path(output), Path(metrics)
     a, b = load_model(start), load_model(end)
     line = line_between(a, b)
+    align_meta: dict[str, str] = {}
+
+    def aligned_line() -> Curve:
+        # B's units in A's order (after the output checks: it costs a matching): the curve ends at aligned B,
+        # its recorded inputs stay A and B as given
+        al = align_networks(a, b, method=cfg.align, seed=cfg.seed, dataset=cfg.dataset, device=device,
+                            data_root=data_root, download=download, quiet=quiet)
+        align_meta.update({"align_method": cfg.align, "align_groups": json.dumps(al.group_info()),
+                           "align_permuted": "end"})
+        return line_between(a, replace(b, model=al.model))
+
     derived = {}
     if cfg.epochs is None:
         train_epochs = a.meta.config.get("epochs")
@@ -288,7 +304,9 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file
         check_outputs({"--output": output}, [start, end], force=force)
-        save_curve(output, line, asdict(cfg))
+        if cfg.align is not None:
+            line = aligned_line()
+        save_curve(output, line, asdict(cfg), extra_meta=align_meta)
         return ConnectResult(command="connect", inputs=file_refs(line.meta.inputs),
                              outputs={"curve": FileRef.of(output), "metrics": None}, split=None,
                              metrics={"train": None, "eval": None}, seconds=time.time() - t0, curve="line",
@@ -298,6 +316,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     # mctool 0.1.0 recorded bend_init as "init" (its connect --init): such interrupted runs still resume
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force,
                                    renamed={"init": "bend_init"}, inputs=[start, end])
+    if cfg.align is not None:
+        line = aligned_line()
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
@@ -331,6 +351,10 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                 or (momentum is not None and momentum.shape != (n_free, curve.points.shape[1]))):
             raise CheckpointError(f"'{state_path(output)}' does not fit this curve (control points "
                                   f"{tuple(curve.points.shape)}); start over with --force.")
+        if not cfg.free_end and not torch.equal(saved[-1].float(), curve.points[-1]):
+            raise CheckpointError(f"'{state_path(output)}' ends at another network than "
+                                  f"{'B aligned to A' if cfg.align else 'B'}: resume with the interrupted run's "
+                                  "--align, or start over with --force.")
         curve.points = saved.float()
         start_epoch = int(md["epoch"])
         log.rows = json.loads(md["history"])
@@ -357,7 +381,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
     curve.points = step.points()
-    save_curve(output, curve, asdict(cfg))
+    save_curve(output, curve, asdict(cfg), extra_meta=align_meta)
     log.attrs["finished"] = utc_now()
     log.flush()
     remove_state(output)

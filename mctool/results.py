@@ -194,7 +194,8 @@ class CurveSummary:
 @dataclass(kw_only=True)
 class CurveResult(Result):
     """``evaluate-curve``: ``metrics.train``/``metrics.eval`` hold a ``CurveSummary`` per metric; ``barrier``
-    the same sets with max minus the mean of the two ends."""
+    the same sets with max minus the mean of the two ends; ``barrier_unaligned`` the barriers of the unaligned
+    segment A -> B with --compare-unaligned (None without)."""
 
     curve: str
     num_bends: int
@@ -202,6 +203,7 @@ class CurveResult(Result):
     length: float | None
     length_ratio: float | None
     barrier: dict[str, Metrics | None] = field(default_factory=dict)
+    barrier_unaligned: dict[str, Metrics | None] | None = None
 
 
 @dataclass(kw_only=True)

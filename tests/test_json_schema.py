@@ -128,19 +128,32 @@ def test_connect(cli, registry, tmp_path, curve_files, digits_models):
     assert not r["trained"] and r["metrics"]["train"] is None and r["outputs"]["metrics"] is None
 
 
+CURVE_KEYS = {"curve", "num_bends", "num_points", "length", "length_ratio", "barrier", "barrier_unaligned"}
+
+
 def test_evaluate_curve_point_and_plot(cli, registry, tmp_path, curve_files):
     curve = curve_files[0]
     m = tmp_path / "c.h5"
     r = check(registry, cli.json("evaluate-curve", curve, "-m", m, "--num-points", "2", "--bn-batches", "1", *CPU),
-              "evaluate-curve", {"curve", "num_bends", "num_points", "length", "length_ratio", "barrier"},
-              {"metrics", "plot"}, {"train", "eval"})
+              "evaluate-curve", CURVE_KEYS, {"metrics", "plot"}, {"train", "eval"})
     assert set(r["metrics"]["eval"]["err"]) == {"start", "end", "min", "max", "mean", "int"}
     assert r["metrics"]["eval"]["ece"] is None and r["barrier"]["eval"]["err"] is not None
+    assert r["barrier_unaligned"] is None
     r = check(registry, cli.json("point", curve, "--t", "0.5", "--bn-batches", "1", "-o", tmp_path / "p.safetensors",
                                  *CPU), "point", {"t", "index", "bn_recalibrated"}, {"model"}, {"train", "eval"})
     assert r["t"] == 0.5 and r["index"] is None
     r = check(registry, cli.json("plot", m, "-o", tmp_path / "c.png"), "plot", {"kind"}, {"plot"}, {"train", "eval"})
     assert r["kind"] == "evaluate-curve" and r["split"] is None
+
+
+def test_evaluate_curve_compare_unaligned(cli, registry, tmp_path, digits_models):
+    aligned = tmp_path / "b-aligned.safetensors"
+    cli("align", *digits_models, "-o", aligned, "-q", *CPU)
+    r = check(registry, cli.json("evaluate-curve", digits_models[0], aligned, "--compare-unaligned", digits_models[1],
+                                 "-m", tmp_path / "c.h5", "--num-points", "2", *CPU),
+              "evaluate-curve", CURVE_KEYS, {"metrics", "plot"}, {"train", "eval"})
+    assert set(r["barrier_unaligned"]) == {"train", "eval"} and r["barrier_unaligned"]["train"]["loss"] is not None
+    assert [f["path"] for f in r["inputs"]] == [str(digits_models[0]), str(aligned), str(digits_models[1])]
 
 
 def test_point_index(cli, registry, tmp_path, digits_models):
