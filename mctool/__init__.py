@@ -3,6 +3,7 @@
 The public Python API; the ``mctool`` command is a thin layer over these functions.
 """
 
+from . import _launch_env  # noqa: F401  (first: it sets the environment before torch is imported)
 from ._version import __version__
 from .align import align
 from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model

@@ -163,6 +163,13 @@ def launched() -> Iterator[Dist | None]:
         raise ConfigError(f"cannot join the process group of {d.world} ranks: {e}") from None
     _launched = d
     _sequence[0] = 0
+    try:
+        sync("the start")  # every rank begins the command together: the same mistake fails on all at once
+    except BaseException:
+        _launched = None
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+        raise
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         signal.signal(signal.SIGTERM, _terminate)
@@ -196,7 +203,9 @@ def report_failure(message: str) -> bool:
     """Record this rank's error for the others; returns whether this rank should print it.
 
     Rank 0 always prints. Another rank stays silent when rank 0 failed with the same message (a bad
-    option fails on every rank: the user sees it once); otherwise it prints, naming itself.
+    option fails on every rank: the user sees it once); otherwise it prints, naming itself. It waits for
+    rank 0's verdict (its own error, or word that it stopped because of another rank's) for up to 10 s,
+    and rank 0, whose process may hold the group's store, waits as long for the others to have read it.
     """
     d = current()
     if d is None:
@@ -205,16 +214,25 @@ def report_failure(message: str) -> bool:
         store = _store()
         store.set(_key(f"error/{d.rank}"), message)
         store.add(_key("errors"), 1)
+        deadline = time.monotonic() + 10.0
         if d.main:
+            others = list(range(1, d.world))
+            while others and time.monotonic() < deadline:
+                others = [r for r in others if not store.check([_key(f"done/{r}")])]
+                time.sleep(0.02)
             return True
-        deadline = time.monotonic() + 2.0
+        verdict = True
         while time.monotonic() < deadline:
             if store.check([_key("error/0")]):
-                return store.get(_key("error/0")).decode() != message
+                verdict = store.get(_key("error/0")).decode() != message
+                break
+            if store.check([_key("stopped/0")]):
+                break
             time.sleep(0.02)
+        store.set(_key(f"done/{d.rank}"), "1")
+        return verdict
     except Exception:  # the store itself is gone: say it here
-        pass
-    return True
+        return True
 
 
 def _failed_ranks(store: Any, d: Dist) -> str:
@@ -224,6 +242,8 @@ def _failed_ranks(store: Any, d: Dist) -> str:
 
 def _check_peers(store: Any, d: Dist) -> None:
     if store.add(_key("errors"), 0) > 0:
+        store.set(_key(f"stopped/{d.rank}"), "1")  # it reports nothing: the failed rank speaks
+        store.set(_key(f"done/{d.rank}"), "1")
         raise PeerFailed(f"rank {_failed_ranks(store, d)} failed; rank {d.rank} stops too.")
 
 
