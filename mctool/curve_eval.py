@@ -84,8 +84,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return check_shard((int(parts[0]), int(parts[1])))
 
 
-def check_shard(shard: Any) -> tuple[int, int] | None:
-    """``shard`` = (I, N): whole numbers with N >= 1 and 0 <= I < N; ``None`` (the whole run) passes."""
+def check_shard(shard: Any, plot: str | Path | None = None, what: str = "curve") -> tuple[int, int] | None:
+    """``shard`` = (I, N): whole numbers with N >= 1 and 0 <= I < N; ``None`` (the whole run) passes. A shard
+    cannot be drawn (``plot``): it holds only part of the ``what``."""
     if shard is None:
         return None
     if (not isinstance(shard, (tuple, list)) or len(shard) != 2
@@ -94,6 +95,9 @@ def check_shard(shard: Any) -> tuple[int, int] | None:
     i, n = int(shard[0]), int(shard[1])
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1), got {i}/{n}.")
+    if plot is not None:
+        raise ConfigError(f"--plot draws the whole {what} and a shard file holds only part of it; draw it when "
+                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
     return i, n
 
 
@@ -190,10 +194,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     ``unaligned/``). ``repair`` (networks without BatchNorm): REPAIR at every point, with statistics from
     ``repair_batches`` training batches (docs/align.md#repair)."""
     t0 = time.time()
-    shard = check_shard(shard)
-    if shard is not None and plot is not None:
-        raise ConfigError("--plot draws the whole curve and a shard file holds only part of it; draw it when "
-                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
+    shard = check_shard(shard, plot, "curve")
     check_count("--num-points", num_points, 2)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)

@@ -155,10 +155,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     NaN; the summary covers the points computed); ``mctool.merge`` combines the N shard files into the file of
     the whole run."""
     t0 = time.time()
-    shard = check_shard(shard)
-    if shard is not None and plot is not None:
-        raise ConfigError("--plot draws the whole surface and a shard file holds only part of it; draw it when "
-                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
+    shard = check_shard(shard, plot, "surface")
     check_count("--grid-points", grid_points, 2)
     check_count("--curve-points", curve_points, 2)
     if len(margins) != 4:
