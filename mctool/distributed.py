@@ -302,13 +302,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Copy rank ``src``'s ``t`` into every rank's ``t`` (no-op for a single process)."""
-    if current() is not None:
-        _collective(lambda: torch.distributed.broadcast(t, src))
-    return t
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s JSON-able ``obj`` on every rank (through the store; no-op for a single process)."""
     d = current()
