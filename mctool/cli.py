@@ -420,7 +420,8 @@ def connect(
     free_end: Annotated[bool, typer.Option("--free-end", help="Train the end point too.")] = False,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training data (default: A's data "
                                                    "set).")] = None,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation (as for train).")] = Augment.auto,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
+                                                       "one A was trained with, else auto).")] = None,
     split: SplitOpt = Split.test,
     save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
                                             "NAME-epochNNN.safetensors; 0 = never.")] = 0,
@@ -458,7 +459,8 @@ def connect(
         cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,
                             lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
                             seed=seed, bend_init=bend_init.value, free_start=free_start, free_end=free_end,
-                            dataset=dataset, augment=augment.value, split=split.value, precision=precision.value,
+                            dataset=dataset, augment=augment.value if augment else None, split=split.value,
+                            precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             sync_bn=sync_bn,
                             compile=compile, save_every=save_every, align=align)
@@ -850,7 +852,9 @@ def fge_cmd(
     bn_batches: BnBatchesOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the start "
                                                    "network's).")] = None,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation (as for train).")] = Augment.auto,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
+                                                       "one the start network was trained with, else auto).")]
+    = None,
     split: SplitOpt = Split.test,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
@@ -876,7 +880,7 @@ def fge_cmd(
     def work() -> Result:
         cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
-                        augment=augment.value, split=split.value, precision=precision.value,
+                        augment=augment.value if augment else None, split=split.value, precision=precision.value,
                         channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                         sync_bn=sync_bn,
                         bn_batches=bn_batches,

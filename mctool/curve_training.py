@@ -27,8 +27,8 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, fit, prepare_outputs, recorded_lr, recorded_wd, remove_state, state_path, train_mode,
-                   validate_sgd)
+from .loop import (GradSum, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, remove_state,
+                   state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -194,7 +194,7 @@ class ConnectConfig:
     free_start: bool = False
     free_end: bool = False
     dataset: str | None = None
-    augment: str = "auto"
+    augment: str | None = None  # default: A's recorded augmentation (auto if none)
     split: str = "test"
     precision: str = "fp32"
     sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
@@ -296,6 +296,10 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         batchnorm = bool(bn_modules(a.model))
         cfg.epochs = default_curve_epochs(train_epochs, batchnorm)
         derived["epochs"] = f"{source} x {1 if batchnorm else 3} ({'with' if batchnorm else 'no'} BatchNorm)"
+    if cfg.augment is None:
+        augment = recorded_augment(a.meta.config)
+        cfg.augment = augment or "auto"
+        derived["augment"] = f"A's augmentation {augment!r}" if augment is not None else "auto (A records none)"
     if cfg.wd is None:
         wd = recorded_wd(a.meta.config)
         cfg.wd = _UNRECORDED_WD if wd is None else wd

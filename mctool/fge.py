@@ -28,8 +28,8 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (fit, get_momentum, prepare_outputs, recorded_lr, recorded_wd, set_momentum, sgd_step,
-                   remove_state, state_path, validate_sgd)
+from .loop import (fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, set_momentum,
+                   sgd_step, remove_state, state_path, validate_sgd)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class FGEConfig:
     batch_size: int = 128
     seed: int = 0
     dataset: str | None = None
-    augment: str = "auto"
+    augment: str | None = None  # default: the start network's recorded augmentation (auto if none)
     split: str = "test"
     precision: str = "fp32"
     sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
@@ -96,6 +96,11 @@ def default_fge_lrs(train_lr: float, batchnorm: bool) -> tuple[float, float]:
 def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool) -> None:
     """Set the options left to None from the start network's record, noting in ``cfg.derived`` how."""
     derived = {}
+    if cfg.augment is None:
+        augment = recorded_augment(meta.config)
+        cfg.augment = augment or "auto"
+        derived["augment"] = (f"the start network's augmentation {augment!r}" if augment is not None
+                              else "auto (the start network records no augmentation)")
     if cfg.wd is None:
         wd = recorded_wd(meta.config)
         cfg.wd = 5e-4 if wd is None else wd

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint
-from .data import Data
+from .data import AUGMENTS, Data
 from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
@@ -55,6 +55,13 @@ def recorded_lr(config: dict[str, Any]) -> float | None:
     """The learning rate a network's recorded config says it was trained at (None if absent or not a positive
     number): connect and fge derive their defaults from it."""
     return _recorded_number(config, "lr", positive=True)
+
+
+def recorded_augment(config: dict[str, Any]) -> str | None:
+    """The training augmentation a network's recorded config names (None if absent or not one of
+    ``AUGMENTS``): connect and fge train with the same one by default."""
+    value = config.get("augment")
+    return value if isinstance(value, str) and value in AUGMENTS else None
 
 
 def recorded_wd(config: dict[str, Any]) -> float | None:

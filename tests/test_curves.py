@@ -464,13 +464,16 @@ def test_connect_defaults_follow_endpoint_a_and_are_recorded(cli, tmp_path, digi
     r = cli.json("connect", *digits_models, "-o", out, *CPU)
     config = json.loads(read_metadata(out)["config"])
     assert config["epochs"] == 24 and config["lr"] == 0.1  # 3 x 8 epochs; 288 iterations keep A's lr
-    assert set(config["derived"]) == {"epochs", "lr", "wd"} and "0.1" in config["derived"]["lr"]
+    assert set(config["derived"]) == {"augment", "epochs", "lr", "wd"} and "0.1" in config["derived"]["lr"]
+    assert config["augment"] == "auto" and config["derived"]["augment"] == "A's augmentation 'auto'"
     assert config["wd"] == json.loads(read_metadata(digits_models[0])["config"])["wd"]  # A's wd
     assert r["epochs"] == 24
     data, _ = read_h5(tmp_path / "c-connect.h5")
     assert data["lr"][0] == pytest.approx(0.1)
 
     explicit = tmp_path / "e.safetensors"
-    cli("connect", *digits_models, "-o", explicit, "--epochs", "2", "--lr", "0.03", "--wd", "3e-4", "-q", *CPU)
+    cli("connect", *digits_models, "-o", explicit, "--epochs", "2", "--lr", "0.03", "--wd", "3e-4", "--augment",
+        "none", "-q", *CPU)
     config = json.loads(read_metadata(explicit)["config"])
     assert config["epochs"] == 2 and config["lr"] == 0.03 and config["wd"] == 3e-4 and config["derived"] is None
+    assert config["augment"] == "none"

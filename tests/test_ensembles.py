@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import load_model, read_metadata
@@ -196,7 +197,8 @@ def test_fge_defaults_follow_the_start_network_and_are_recorded(cli, tmp_path, s
     cli("fge", start_state, "-o", out, "-m", m, "--epochs", "1", "--cycle-iters", "8", "-q", *CPU)
     config = json.loads(read_metadata(out)["config"])
     assert config["lr_max"] == pytest.approx(0.02, rel=1e-12) and config["lr_min"] == pytest.approx(0.001, rel=1e-12)
-    assert config["wd"] == 5e-4 and set(config["derived"]) == {"lr_max", "lr_min", "wd"}
+    assert config["wd"] == 5e-4 and set(config["derived"]) == {"augment", "lr_max", "lr_min", "wd"}
+    assert config["augment"] == "auto"  # the start network's
     data, _ = read_h5(m)
     assert data["lr"].max() == pytest.approx(0.02) and data["lr"].min() == pytest.approx(0.001)
 
@@ -204,3 +206,34 @@ def test_fge_defaults_follow_the_start_network_and_are_recorded(cli, tmp_path, s
         "0.002", "-q", *CPU)
     config = json.loads(read_metadata(tmp_path / "g.safetensors")["config"])
     assert config["lr_max"] == 0.002 and config["lr_min"] == pytest.approx(0.001) and "lr_max" not in config["derived"]
+
+
+def test_recorded_augment_is_checked():
+    from mctool.loop import recorded_augment
+
+    assert recorded_augment({"augment": "none"}) == "none" and recorded_augment({"augment": "crop-flip"}) == "crop-flip"
+    for config in ({}, {"augment": 3}, {"augment": "bogus"}, {"augment": None}, {"augment": ["none"]}):
+        assert recorded_augment(config) is None
+
+
+def test_fge_and_connect_train_with_the_start_networks_augmentation(cli, tmp_path):
+    # a start network trained without augmentation: FGE (and connect) by default train without it too, the same
+    # run as with an explicit --augment none, and not the same as with digits' own default (crop)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, out in ((0, a), (1, b)):
+        cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 16}', "-o", out, "--epochs", "1", "--lr", "0.1",
+            "--augment", "none", "--seed", seed, "-q", *CPU)
+    runs = {}
+    for name, extra in (("default", []), ("none", ["--augment", "none"]), ("crop", ["--augment", "crop"])):
+        out = tmp_path / f"fge-{name}.safetensors"
+        cli("fge", a, "-o", out, "--epochs", "1", "--cycle-iters", "4", *extra, "-q", *CPU)
+        config = json.loads(read_metadata(out)["config"])
+        runs[name] = load_file(out)
+        assert config["augment"] == ("crop" if name == "crop" else "none")
+        assert ("augment" in config["derived"]) == (name == "default")
+    assert runs["default"].keys() == runs["none"].keys()
+    assert all(torch.equal(runs["default"][k], runs["none"][k]) for k in runs["none"])
+    assert not all(torch.equal(runs["crop"][k], runs["none"][k]) for k in runs["none"])
+    cli("connect", a, b, "-o", tmp_path / "c.safetensors", "--epochs", "1", "-q", *CPU)
+    config = json.loads(read_metadata(tmp_path / "c.safetensors")["config"])
+    assert config["augment"] == "none" and config["derived"]["augment"] == "A's augmentation 'none'"
