@@ -17,7 +17,7 @@ import json
 import math
 import operator
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,11 +72,14 @@ _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
 @dataclass(frozen=True)
 class Member:
     """Axis ``axis`` of tensor ``name`` (a parameter or buffer) is indexed by the group's units, each unit
-    covering ``inner`` consecutive entries (a Linear's input columns ``c * H * W + k`` after a flatten)."""
+    covering ``inner`` consecutive entries (a Linear's input columns ``c * H * W + k`` after a flatten), from
+    entry ``offset`` on (a layer reading a concatenation: the units of its later parts come after the earlier
+    parts' entries)."""
 
     name: str
     axis: int
     inner: int = 1
+    offset: int = 0
 
 
 @dataclass
@@ -95,11 +98,31 @@ class Group:
 @dataclass(frozen=True)
 class _Chan:
     """What a traced tensor's channel axis holds: the units of union-find element ``uf`` along ``axis``,
-    ``inner`` entries each."""
+    ``inner`` entries each; or, after a concatenation along the channel axis, ``parts``: the (uf element,
+    units, inner) of each concatenated piece, in order (``uf`` is then -1)."""
 
     uf: int
     axis: int
     inner: int = 1
+    parts: tuple[tuple[int, int, int], ...] = ()
+
+    def pieces(self, length: int) -> list[tuple[int, int, int, int]]:
+        """(uf element, units, inner, first entry) of each piece of a channel axis of ``length`` entries."""
+        if not self.parts:
+            return [(self.uf, length // self.inner, self.inner, 0)]
+        starts = np.cumsum([0] + [n * k for _, n, k in self.parts[:-1]]).tolist()
+        return [(uf, n, k, start) for (uf, n, k), start in zip(self.parts, starts)]
+
+    @property
+    def plain(self) -> bool:
+        """One entry per unit (no flattened block) in every piece."""
+        return all(k == 1 for _, _, k in self.parts) if self.parts else self.inner == 1
+
+    def scaled(self, k: int) -> _Chan:
+        """The same units after flattening ``k`` entries into each entry."""
+        if not self.parts:
+            return replace(self, inner=self.inner * k)
+        return replace(self, parts=tuple((uf, n, inner * k) for uf, n, inner in self.parts))
 
 
 class _UnionFind:
@@ -126,6 +149,15 @@ class _UnionFind:
 
     def fix(self, i: int) -> None:
         self.fixed[self.find(i)] = True
+
+
+def _channels_first_layernorm() -> tuple[type, ...]:
+    """LayerNorm subclasses that normalise over axis 1 of ``[N, C, H, W]`` (timm's ``LayerNorm2d``)."""
+    try:
+        from timm.layers import LayerNorm2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ()
+    return (LayerNorm2d,)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -180,46 +212,88 @@ def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
                           f"{type(e).__name__}: {str(e)[:300]}.") from None
     uf = _UnionFind()
     desc: dict[torch.fx.Node, _Chan | None] = {}
-    members: dict[int, list[tuple[Member, int]]] = {}  # uf element -> (member, channel size)
+    # 1-D parameters read outside a layer (layer scale): node -> (parameter name, the axis holding its entries)
+    attrs: dict[torch.fx.Node, tuple[str, int]] = {}
+    members: dict[int, list[tuple[Member, int]]] = {}  # uf element -> (member, units)
     producers: dict[int, list[str]] = {}
     points: dict[int, list[tuple[str, int, bool]]] = {}  # uf element -> (node, channel axis, after a nonlinearity)
     states = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    layernorm_2d = _channels_first_layernorm()
 
     def refuse(node: torch.fx.Node, why: str) -> ConfigError:
         return ConfigError(f"align cannot permute the hidden units of this network: {_what(node, gm)} {why}. "
-                           "Only Conv/Linear/BatchNorm/LayerNorm layers, element-wise operations, pooling, "
-                           "residual additions and flattening into a Linear are understood.")
+                           "Only Conv/Linear/normalisation layers, element-wise operations, pooling, residual "
+                           "additions, concatenation, flattening into a Linear and 1-D scales are understood.")
 
-    owner: dict[tuple[str, int], int] = {}  # (tensor, axis) -> the uf element it was first tied to
+    owner: dict[tuple[str, int, int], int] = {}  # (tensor, axis, offset) -> the uf element it was first tied to
 
-    def tie(uf_id: int, name: str, axis: int, inner: int = 1) -> None:
+    def tie(uf_id: int, name: str, axis: int, inner: int = 1, offset: int = 0, units: int | None = None) -> None:
         if name in states:
-            members.setdefault(uf_id, []).append((Member(name, axis, inner), states[name].shape[axis] // inner))
+            units = states[name].shape[axis] // inner if units is None else units
+            members.setdefault(uf_id, []).append((Member(name, axis, inner, offset), units))
             # a layer called twice (shared weights) ties the groups of both calls together
-            uf.union(owner.setdefault((name, axis), uf_id), uf_id)
+            uf.union(owner.setdefault((name, axis, offset), uf_id), uf_id)
 
-    def channels(node: torch.fx.Node, c: _Chan) -> int:
-        return _shape(node)[c.axis] // c.inner
+    def pieces(node: torch.fx.Node, c: _Chan) -> list[tuple[int, int, int, int]]:
+        return c.pieces(_shape(node)[c.axis])
+
+    def tie_chan(c: _Chan, node: torch.fx.Node, name: str, axis: int) -> None:
+        """Tie axis ``axis`` of ``name`` to the channels of ``node`` (each piece of a concatenation in turn)."""
+        for part, units, inner, start in pieces(node, c):
+            tie(part, name, axis, inner, start, units)
+
+    def layout(node: torch.fx.Node, c: _Chan) -> list[tuple[int, int]]:
+        """Units and entries per unit of each piece: what two tensors must share to be combined entry by entry."""
+        return [(units, inner) for _, units, inner, _ in pieces(node, c)]
+
+    def add_point(c: _Chan, node: torch.fx.Node, nonlinear: bool) -> None:
+        if not c.parts and c.inner == 1:  # a concatenation's units are read where their pieces are made
+            points.setdefault(c.uf, []).append((node.name, c.axis, nonlinear))
 
     def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
         found: list[torch.fx.Node] = []
         torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if _shape(a) is not None else None)
         return found
 
+    def dims_arg(node: torch.fx.Node) -> list[int]:
+        dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        dims = node.kwargs.get("dims", dims)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        return [int(d) for d in dims]
+
     for node in gm.graph.nodes:
         shape = _shape(node)
-        ins = [a for a in tensor_args(node) if desc.get(a) is not None]
+        args = tensor_args(node)
+        ins = [a for a in args if desc.get(a) is not None]
+        scales = [a for a in args if a in attrs]
         if node.op == "placeholder":
             desc[node] = _Chan(uf.new(fixed=True), 1) if shape is not None and len(shape) >= 2 else None
             continue
         if node.op == "output":
             for a in ins:
-                uf.fix(desc[a].uf)  # the classes (any output) are never permuted
+                for part, _, _, _ in pieces(a, desc[a]):
+                    uf.fix(part)  # the classes (any output) are never permuted
+            if scales:
+                raise refuse(node, "returns a parameter")
             continue
         if node.op == "get_attr":
             t = states.get(node.target)
             if t is not None and t.numel() > 1:
-                raise refuse(node, "reads a parameter or buffer directly (not through a layer)")
+                if t.dim() != 1:
+                    raise refuse(node, "reads a parameter or buffer of more than one axis directly (not through "
+                                       "a layer)")
+                attrs[node] = (node.target, 0)
+            desc[node] = None
+            continue
+        if scales and not ins:
+            # a 1-D parameter reshaped to broadcast against channels (``gamma.reshape(1, -1, 1, 1)``)
+            name, axis = attrs[scales[0]]
+            long = [i for i, n in enumerate(shape or ()) if n > 1]
+            reshapes = node.op == "call_method" and node.target in ("reshape", "view") or node.target is torch.reshape
+            if not reshapes or len(scales) != 1 or len(long) != 1 or shape[long[0]] != states[name].numel():
+                raise refuse(node, "uses a parameter outside a layer in a way align cannot follow")
+            attrs[node] = (name, long[0])
             desc[node] = None
             continue
         if shape is None:  # sizes, ints, tuples: not one tensor
@@ -233,75 +307,113 @@ def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
             desc[node] = _Chan(uf.new(fixed=True), 1) if len(shape) >= 2 else None
             continue
         x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else ins[0]
+        x = ins[0] if x in attrs else x  # ``gamma * x``
         c = desc.get(x)
         if c is None:
             raise refuse(node, "reads a tensor whose channel axis align cannot follow")
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
         fn = node.target if node.op == "call_function" else None
         meth = node.target if node.op == "call_method" else None
+        if scales and not (fn in _BINARY or meth in _BINARY_METHODS):
+            raise refuse(node, "uses a parameter outside a layer in a way align cannot follow")
         if mod is not None and isinstance(mod, (*_CONV, nn.Linear)):
             axis = 1 if isinstance(mod, _CONV) else len(shape) - 1
-            if c.axis != axis or (isinstance(mod, _CONV) and c.inner != 1):
+            if c.axis != axis or (isinstance(mod, _CONV) and not c.plain):
                 raise refuse(node, "reads a tensor whose channels are not on the axis it works on")
             groups = getattr(mod, "groups", 1)
             if groups == 1:
-                out = uf.new()
-                tie(c.uf, f"{node.target}.weight", 1, c.inner)
-                producers.setdefault(out, []).append(node.target)
+                out = _Chan(uf.new(), axis)
+                tie_chan(c, x, f"{node.target}.weight", 1)
+                producers.setdefault(out.uf, []).append(node.target)
             elif groups == mod.in_channels == mod.out_channels:  # depthwise: channel i reads channel i only
-                out = c.uf
+                out = c
             else:
                 raise refuse(node, f"is a grouped convolution ({groups} groups)")
-            tie(out, f"{node.target}.weight", 0)
-            tie(out, f"{node.target}.bias", 0)
-            desc[node] = _Chan(out, axis)
-            points.setdefault(out, []).append((node.name, axis, False))
+            tie_chan(out, x if out is c else node, f"{node.target}.weight", 0)
+            tie_chan(out, x if out is c else node, f"{node.target}.bias", 0)
+            desc[node] = out
+            add_point(out, node, False)
         elif mod is not None and isinstance(mod, _NORM):
-            if isinstance(mod, nn.LayerNorm):
-                if c.axis != len(shape) - 1 or c.inner != 1 or len(mod.normalized_shape) != 1:
+            if isinstance(mod, layernorm_2d):
+                if c.axis != 1 or not c.plain or len(mod.normalized_shape) != 1:
                     raise refuse(node, "normalises over more than the channel axis")
-            elif c.axis != 1 or c.inner != 1:
+            elif isinstance(mod, nn.LayerNorm):
+                if c.axis != len(shape) - 1 or not c.plain or len(mod.normalized_shape) != 1:
+                    raise refuse(node, "normalises over more than the channel axis")
+            elif c.axis != 1 or not c.plain:
                 raise refuse(node, "reads a tensor whose channels are not on axis 1")
             if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
                 raise refuse(node, f"normalises groups of channels ({mod.num_groups} groups); permuting "
                                    "channels across groups would change it")
             for p in ("weight", "bias", "running_mean", "running_var"):
-                tie(c.uf, f"{node.target}.{p}", 0)
+                tie_chan(c, x, f"{node.target}.{p}", 0)
             desc[node] = c
         elif (isinstance(mod, (*_ELEMENTWISE_MODULES, *_POOL_MODULES)) or fn in _ELEMENTWISE_FUNCTIONS
               or fn in _POOL_FUNCTIONS or meth in _ELEMENTWISE_METHODS):
             pools = isinstance(mod, _POOL_MODULES) or fn in _POOL_FUNCTIONS
-            if len(ins) != 1 or (pools and (c.axis != 1 or c.inner != 1)):
+            if len(ins) != 1 or (pools and (c.axis != 1 or not c.plain)):
                 raise refuse(node, "mixes hidden tensors or pools across channels")
             if len(shape) <= c.axis or shape[c.axis] != _shape(x)[c.axis]:
                 raise refuse(node, "changes the size of the channel axis")
             desc[node] = c
-            nonlinear = isinstance(mod, _NONLINEAR) or fn in _NONLINEAR_FUNCTIONS or meth in _NONLINEAR_METHODS
-            if nonlinear and c.inner == 1:
-                points.setdefault(c.uf, []).append((node.name, c.axis, True))
+            if isinstance(mod, _NONLINEAR) or fn in _NONLINEAR_FUNCTIONS or meth in _NONLINEAR_METHODS:
+                add_point(c, node, True)
         elif fn in _BINARY or meth in _BINARY_METHODS:
-            cs = [desc[a] for a in ins]
-            others = [a for a in tensor_args(node) if desc.get(a) is None and math.prod(_shape(a)) > 1]
+            others = [a for a in args if desc.get(a) is None and a not in attrs and math.prod(_shape(a)) > 1]
             if others:
                 raise refuse(node, "combines a hidden tensor with a tensor of unknown channels")
-            first = cs[0]
-            for a, ca in zip(ins, cs):
-                if (ca.axis, ca.inner, channels(a, ca)) != (first.axis, first.inner, channels(ins[0], first)):
+            # broadcasting aligns axes from the end: compare channel axes counted from the last one
+            first = desc[ins[0]]
+            end = first.axis - len(_shape(ins[0]))
+            for a in ins:
+                ca = desc[a]
+                if (ca.axis - len(_shape(a)), layout(a, ca)) != (end, layout(ins[0], first)):
                     raise refuse(node, "combines tensors whose channels do not line up")
-                uf.union(first.uf, ca.uf)
-            if len(shape) <= first.axis or shape[first.axis] != _shape(ins[0])[first.axis]:
+                for (pa, *_), (pf, *_) in zip(pieces(a, ca), pieces(ins[0], first)):
+                    uf.union(pf, pa)
+            if len(shape) + end < 0 or shape[end] != _shape(ins[0])[first.axis]:
                 raise refuse(node, "broadcasts along the channel axis")
-            desc[node] = first
-            if (len(ins) > 1 and first.inner == 1
-                    and (fn in (operator.add, operator.iadd, torch.add) or meth in ("add", "add_"))):
-                points.setdefault(first.uf, []).append((node.name, first.axis, False))
+            out = replace(first, axis=len(shape) + end)
+            for s in scales:
+                name, axis = attrs[s]
+                if axis - len(_shape(s)) != end or not out.plain:
+                    raise refuse(node, "scales the tensor along an axis that is not its channel axis")
+                tie_chan(out, node, name, 0)
+            desc[node] = out
+            if len(ins) > 1 and (fn in (operator.add, operator.iadd, torch.add) or meth in ("add", "add_")):
+                add_point(out, node, False)
+        elif fn in (torch.cat, torch.concat, torch.concatenate):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+            parts_in = node.args[0]
+            if len(ins) != len(args) or not isinstance(parts_in, (list, tuple)):
+                raise refuse(node, "concatenates a hidden tensor with a tensor of unknown channels")
+            if dim % len(shape) != c.axis:
+                raise refuse(node, "concatenates along an axis that is not the channel axis")
+            parts: list[tuple[int, int, int]] = []
+            for a in parts_in:
+                ca = desc[a]
+                if ca.axis != c.axis:
+                    raise refuse(node, "concatenates tensors whose channels are not on the same axis")
+                parts += [(part, units, inner) for part, units, inner, _ in pieces(a, ca)]
+            desc[node] = _Chan(-1, c.axis, 1, tuple(parts))
+        elif fn is torch.permute or meth in ("permute", "transpose") or fn is torch.transpose:
+            ndim = len(shape)
+            if fn is torch.transpose or meth == "transpose":
+                d0, d1 = (int(d) % ndim for d in (node.args[1:3] or (node.kwargs["dim0"], node.kwargs["dim1"])))
+                order = list(range(ndim))
+                order[d0], order[d1] = d1, d0
+            else:
+                order = [d % ndim for d in dims_arg(node)]
+            if not c.plain or sorted(order) != list(range(ndim)):
+                raise refuse(node, "moves the axes of a flattened channel axis")
+            desc[node] = replace(c, axis=order.index(c.axis))
         elif (isinstance(mod, nn.Flatten) or fn is torch.flatten or meth in ("flatten", "view", "reshape")
               or fn is torch.reshape):
             old = _shape(x)
             if shape == old:
                 desc[node] = c
             elif c.axis == 1 and len(shape) == 2 and shape[0] == old[0]:
-                desc[node] = _Chan(c.uf, 1, c.inner * math.prod(old[2:]))  # [N, C, *S] -> [N, C * prod(S)]
+                desc[node] = c.scaled(math.prod(old[2:]))  # [N, C, *S] -> [N, C * prod(S)]
             else:
                 raise refuse(node, f"reshapes the channel axis ({list(old)} -> {list(shape)})")
         elif fn in _REDUCE_FUNCTIONS or meth in _REDUCE_METHODS:
@@ -309,7 +421,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             old = _shape(x)
             dims = [d % len(old) for d in dims]
-            if not dims or c.inner != 1 or any(d <= c.axis for d in dims):
+            if not dims or not c.plain or any(d <= c.axis for d in dims):
                 raise refuse(node, "reduces over the channel axis or the axes before it")
             desc[node] = c
         else:
@@ -353,8 +465,14 @@ def _collect(uf: _UnionFind, members: dict[int, list[tuple[Member, int]]], produ
 
 # Permutations: perm[i] is the unit of B that moves to position i (A's unit i).
 
-def _index(perm: torch.Tensor, inner: int) -> torch.Tensor:
-    return (perm[:, None] * inner + torch.arange(inner, device=perm.device)).reshape(-1) if inner > 1 else perm
+def _index(perm: torch.Tensor, m: Member, length: int) -> torch.Tensor:
+    """Indices that apply ``perm`` to member ``m``'s entries along an axis of ``length`` entries."""
+    idx = (perm[:, None] * m.inner + torch.arange(m.inner, device=perm.device)).reshape(-1) if m.inner > 1 else perm
+    if m.offset == 0 and len(idx) == length:
+        return idx
+    full = torch.arange(length, device=perm.device)
+    full[m.offset:m.offset + len(idx)] = m.offset + idx
+    return full
 
 
 def permute_state(state: dict[str, torch.Tensor], groups: list[Group], perms: list[torch.Tensor], *,
@@ -365,13 +483,13 @@ def permute_state(state: dict[str, torch.Tensor], groups: list[Group], perms: li
         for m in g.members:
             if m != skip and m.name in out:
                 t = out[m.name]
-                out[m.name] = t.index_select(m.axis, _index(perm.to(t.device), m.inner))
+                out[m.name] = t.index_select(m.axis, _index(perm.to(t.device), m, t.shape[m.axis]))
     return out
 
 
 def _unit_rows(t: torch.Tensor, m: Member, size: int) -> torch.Tensor:
     """``t`` as ``[size, -1]``: one row per unit of the member's axis (its ``inner`` entries together)."""
-    return t.movedim(m.axis, 0).reshape(size, -1).float()
+    return t.narrow(m.axis, m.offset, size * m.inner).movedim(m.axis, 0).reshape(size, -1).float()
 
 
 def _inner_product(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str]) -> float:

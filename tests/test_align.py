@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from mctool import ConfigError, align, load_model
-from mctool.align import discover_groups, permute_state, weight_matching
+from mctool.align import activation_matching, discover_groups, permute_state, weight_matching
 from mctool.checkpoint import ModelMeta, save_model
 from mctool.models import build_model
 
 CPU = ["--device", "cpu"]
 SYNTH = "synthetic:size=8,channels=3,classes=10,train=64,test=32"
+SYNTH32 = "synthetic:size=32,channels=3,classes=10,train=64,test=32"  # ConvNeXt's stem and 3 downsamplings: 32 -> 1
 # (arch, arch kwargs, data set); small widths and 8x8 images keep every case to a second or so
 FAMILIES = {
     "mlp": ("mlp", {"hidden": 32}, "digits"),
@@ -26,6 +27,10 @@ FAMILIES = {
     "vgg_bn": ("cifar_vgg16_bn", {"img_size": 8}, SYNTH),
     "preresnet": ("cifar_preresnet20", {"img_size": 8}, SYNTH),
     "timm_resnet": ("test_resnet", {}, SYNTH),
+    # concatenation: each layer of a dense block reads the concatenation of all earlier outputs
+    "timm_densenet": ("densenet121", {"growth_rate": 8, "block_config": [2, 3]}, SYNTH),
+    # depthwise convolutions, permutes to channels-last, LayerNorm and LayerNorm2d, layer scale (1-D gamma)
+    "timm_convnext": ("test_convnext", {}, SYNTH32),
 }
 
 
@@ -37,6 +42,9 @@ def _network(family: str, seed: int) -> tuple[nn.Module, ModelMeta]:
     torch.manual_seed(seed)
     model = build_model(arch, 10, in_chans, kwargs)
     for m in model.modules():
+        if isinstance(getattr(m, "gamma", None), nn.Parameter):  # layer scale: 1e-6 at initialisation
+            with torch.no_grad():
+                m.gamma.normal_()
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 m.weight.uniform_(0.5, 1.5)
@@ -53,8 +61,9 @@ def _save(family: str, seed: int, path: Path) -> Path:
 
 
 def _example(family: str) -> torch.Tensor:
-    in_chans = 1 if FAMILIES[family][2] == "digits" else 3
-    return torch.randn(16, in_chans, 8, 8, generator=torch.Generator().manual_seed(1))
+    dataset = FAMILIES[family][2]
+    in_chans, size = (1, 8) if dataset == "digits" else (3, 32 if dataset == SYNTH32 else 8)
+    return torch.randn(16, in_chans, size, size, generator=torch.Generator().manual_seed(1))
 
 
 def _random_perms(groups, seed: int = 3) -> list[torch.Tensor]:
@@ -80,7 +89,7 @@ def _permuted_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list]:
     return permuted, groups
 
 
-@pytest.mark.parametrize("family", ["mlp", "preresnet"])
+@pytest.mark.parametrize("family", ["mlp", "preresnet", "timm_densenet", "timm_convnext"])
 def test_weight_matching_recovers_a_permuted_copy_exactly(family, tmp_path):
     model, meta = _network(family, 0)
     permuted, groups = _permuted_copy(model, _example(family))
@@ -143,6 +152,53 @@ def test_flatten_into_linear_permutes_blocks():
     # a [C, 3, 3] map flattened into classifier.1: each channel is a block of 9 input columns
     assert next(m for m in last_conv.members if m.name == "classifier.1.weight") == \
         type(last_conv.members[0])("classifier.1.weight", 1, 9)
+
+
+@pytest.mark.parametrize("family", ["preresnet", "timm_densenet", "timm_convnext"])
+def test_activation_matching_recovers_a_permuted_copy(family):
+    model, _ = _network(family, 0)
+    x = _example(family)
+    permuted, groups = _permuted_copy(model, x)
+    perms, corrs = activation_matching(model, permuted, groups, iter([x, 0.5 * x + 1]))
+    aligned = permute_state(permuted.state_dict(), groups, perms)
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned[k], v), k
+    assert min(corrs) > 0.9  # units matched to their own copies (a dead unit correlates with nothing)
+
+
+def test_concatenation_ties_each_piece_at_its_offset():
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+            self.bn = nn.BatchNorm2d(10)
+            self.c = nn.Conv2d(10, 5, 1)
+            self.fc = nn.Linear(5 * 8 * 8 + 10, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+            z = torch.relu(self.c(y))
+            return self.fc(torch.cat((torch.flatten(z, 1), y.mean((2, 3))), 1))
+
+    model = Dense().eval()
+    x = _example("convfc")
+    groups = {g.name: g for g in discover_groups(model, x[:2])}
+    assert {n: g.size for n, g in groups.items()} == {"a": 4, "b": 6, "c": 5}
+    Member = type(groups["a"].members[0])
+    a_members, b_members = groups["a"].members, groups["b"].members
+    assert Member("c.weight", 1, 1, 0) in a_members and Member("bn.weight", 0, 1, 0) in a_members
+    # b's units come after a's 4 channels; in fc, after c's 5 blocks of 64 flattened features
+    assert Member("c.weight", 1, 1, 4) in b_members and Member("bn.running_var", 0, 1, 4) in b_members
+    assert Member("fc.weight", 1, 64, 0) in groups["c"].members
+    assert Member("fc.weight", 1, 1, 320) in a_members and Member("fc.weight", 1, 1, 324) in b_members
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+    permuted = copy.deepcopy(model)
+    perms = _random_perms(list(groups.values()))
+    permuted.load_state_dict(permute_state(model.state_dict(), list(groups.values()), perms))
+    with torch.no_grad():
+        _logits_close(permuted(x), model(x))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -239,6 +295,13 @@ def test_refuses_what_the_tracer_cannot_follow():
 
     with pytest.raises(ConfigError, match="cannot trace"):
         discover_groups(Branchy(), torch.randn(2, 4))
+
+
+def test_refuses_attention_rather_than_permuting_it_wrongly():
+    # timm's ViT: its attention blocks reshape the channel axis into heads; nothing is permuted, the error says why
+    model = build_model("test_vit", 10, 3, {}).eval()
+    with pytest.raises(ConfigError, match="align cannot"):
+        discover_groups(model, torch.randn(2, 3, 160, 160))
 
 
 def test_refuses_grouped_convolution():
