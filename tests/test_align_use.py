@@ -67,6 +67,20 @@ def test_connect_align_ends_at_aligned_b(cli, tmp_path, digits_models, aligned):
                                                                       tmp_path / "x.safetensors", *CPU)
 
 
+def test_connect_align_activations_ends_at_align_activations_output(cli, tmp_path, digits_models):
+    # connect --align activations --seed S aligns exactly as mctool align --method activations --seed S
+    a, b = digits_models
+    ref = tmp_path / "b-act.safetensors"
+    cli("align", a, b, "-o", ref, "--method", "activations", "--seed", "3", "-q", *CPU)
+    out = tmp_path / "c.safetensors"
+    cli("connect", a, b, "--align", "activations", "--seed", "3", "--curve", "line", "-o", out, "-q", *CPU)
+    curve, _, md = load_curve(out)
+    assert md["align_method"] == "activations" and json.loads(md["config"])["align"] == "activations"
+    assert torch.equal(curve.points[-1], _flat(ref)) and not torch.equal(curve.points[-1], _flat(b))
+    with h5py.File(tmp_path / "b-act-align.h5") as f:
+        assert f.attrs["method"] == "activations" and (f["groups/correlation"][()] > 0).all()
+
+
 def test_connect_align_line_and_resume(cli, tmp_path, digits_models, aligned, monkeypatch):
     line = tmp_path / "l.safetensors"
     cli("connect", *digits_models, "--curve", "line", "--align", "weights", "-o", line, "-q", *CPU)
