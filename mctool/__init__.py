@@ -19,13 +19,15 @@ from .errors import (CheckpointError, ConfigError, DataError, Interrupted, Mctoo
 from .evaluation import brier, ece, error, nll, predict_probs
 from .fge import FGEConfig, fge
 from .h5io import read_h5
+from .hessian import hessian
 from .info import file_info
 from .merge import merge
 from .models import MCTOOL_ARCHS, build_model
 from .plane import plane
 from .plots import plot_files
 from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef,
-                      InfoResult, MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result, TrainResult)
+                      HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result,
+                      TrainResult)
 from .runtime import progress
 from .schedules import lr_at, paper_factor
 from .training import TrainConfig, train
@@ -34,10 +36,10 @@ __all__ = [
     "__version__",
     # commands: one function each, returning a typed result (mctool.results)
     "train", "connect", "evaluate_curve", "export_point", "export_member", "plane", "fge", "evaluate",
-    "evaluate_models", "plot_files", "file_info", "merge", "align",
+    "evaluate_models", "plot_files", "file_info", "merge", "align", "hessian",
     "TrainConfig", "ConnectConfig", "FGEConfig",
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
-    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "FileRef", "Metrics",
+    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "FileRef", "Metrics",
     "SCHEMA_VERSION",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",

@@ -23,8 +23,8 @@ from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
 from . import distributed
 from .errors import ConfigError, Interrupted, MctoolError
-from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, InfoResult,
-                      MergeResult, Metrics, PlaneResult, PointResult, Result, TrainResult)
+from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
+                      InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, TrainResult)
 from .runtime import PRECISIONS, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
@@ -756,6 +756,70 @@ def plane_cmd(
         rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
                  ("plot", _path(r.outputs["plot"]))]
         _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command("hessian")
+def hessian_cmd(
+    files: Annotated[list[Path], typer.Argument(help="A model checkpoint, a curve file (points along it), an "
+                                                "ensemble file (each member), or two checkpoints (the segment).")],
+    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
+    top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find.")] = 5,
+    trace: Annotated[bool, typer.Option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
+                                        "probes).")] = False,
+    trace_samples: Annotated[int, typer.Option(help="Probes for --trace (one Hessian-vector product each); the "
+                                               "standard error is recorded.")] = 20,
+    num_points: Annotated[int, typer.Option(help="Points along a curve or segment (evenly spaced t, both ends "
+                                            "included).")] = 11,
+    train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy over a fixed random subset "
+                                              "of this many training images (un-augmented); 0 = all.")] = 5000,
+    tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol).")] = 1e-4,
+    max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up (the eigenvalues not "
+                                              "found are NaN, with a warning).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes.")] = 0,
+    eigenvectors: Annotated[Optional[Path], typer.Option(help="Also write the unit eigenvectors, [points, k, "
+                                                         "parameters] float32, to this safetensors file.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
+                                         "existing metrics file.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    batch_size: EvalBatchOpt = 512,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                   "one).")] = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Curvature of the training loss: the top eigenvalues of its Hessian (and its trace), at a network, along
+    a curve or at each ensemble member.
+
+    Hessian-vector products feed a Lanczos method: the Hessian is never formed. BatchNorm statistics are
+    recomputed at every point of a curve (docs/landscapes.md#hessian).
+    """
+    from .hessian import hessian as run
+
+    def work() -> Result:
+        return run([str(f) for f in files], metrics, top_k=top_k, trace=trace, trace_samples=trace_samples,
+                   num_points=num_points, train_subset=train_subset or None, batch_size=batch_size, tol=tol,
+                   max_restarts=max_restarts, seed=seed, eigenvectors=eigenvectors, bn_batches=bn_batches,
+                   resume=resume, force=force, device=device, dataset=dataset, data_root=data_root,
+                   download=download, num_workers=num_workers, quiet=quiet)
+
+    def show(r: HessianResult) -> None:
+        rows = []
+        for i, vals in enumerate(r.eigenvalues):
+            where = f"t = {r.t[i]:.3g}" if r.t is not None else (f"member {i}" if r.points == "ensemble" else "network")
+            text = ", ".join(_num(v, ".4g") for v in vals)
+            if r.trace is not None:
+                text += f"; trace {_num(r.trace[i], '.4g')} +- {_num(r.trace_stderr[i], '.2g')}"
+            rows.append((where, text))
+        rows += [("parameters", f"{r.parameters:,}"), ("Hessian-vector products", str(r.hvps)),
+                 ("metrics", _path(r.outputs["metrics"])), ("eigenvectors", _path(r.outputs["eigenvectors"]))]
+        _table(f"hessian: top {r.top_k} eigenvalues", rows)
 
     _run(work, as_json, quiet, show)
 

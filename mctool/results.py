@@ -279,3 +279,23 @@ class AlignResult(Result):
     correlation: float | None = None
     distance_before: float
     distance_after: float
+
+
+@dataclass(kw_only=True)
+class HessianResult(Result):
+    """``hessian``: at each of ``num_points`` networks (``points``: ``model``, ``curve`` with ``t``, or
+    ``ensemble`` members), the ``top_k`` largest Hessian eigenvalues of the training loss (``eigenvalues``,
+    descending; None where ARPACK did not converge) and, with ``--trace``, Hutchinson's ``trace`` and its
+    ``trace_stderr``; ``hvps`` Hessian-vector products in all; ``train_subset`` the training images defining the
+    loss (None: all); ``parameters`` the dimension of the Hessian."""
+
+    points: str
+    num_points: int
+    top_k: int
+    parameters: int
+    train_subset: int | None
+    t: list[float] | None = None
+    eigenvalues: list[list[float | None]]
+    trace: list[float | None] | None = None
+    trace_stderr: list[float | None] | None = None
+    hvps: int

@@ -61,7 +61,7 @@ def test_schemas_pin_every_key():
 
     names = {p.name.split(".")[0] for p in SCHEMAS.glob("*.schema.json")}
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
-                     "plane", "fge", "merge", "align"}
+                     "plane", "fge", "merge", "align", "hessian"}
     for name in names:
         walk(_load(name))
 
@@ -211,6 +211,22 @@ def test_align(cli, registry, tmp_path, digits_models):
     r = check(registry, cli.json("align", *digits_models, "-o", tmp_path / "c.safetensors", "--method", "activations",
                                  "--batches", "1", *CPU), "align", extra, {"model", "metrics"}, {"train", "eval"})
     assert r["sweeps"] is None and r["objective"] is None and r["correlation"] is not None
+
+
+def test_hessian(cli, registry, tmp_path, digits_models):
+    extra = {"points", "num_points", "top_k", "parameters", "train_subset", "t", "eigenvalues", "trace", "trace_stderr",
+             "hvps"}
+    r = check(registry, cli.json("hessian", digits_models[0], "-m", tmp_path / "h.h5", "--top-k", "1",
+                                 "--train-subset", "100", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
+              {"train", "eval"})
+    assert r["points"] == "model" and r["t"] is None and r["trace"] is None and r["outputs"]["eigenvectors"] is None
+    assert r["split"] is None and len(r["eigenvalues"]) == 1 and r["hvps"] > 0
+    r = check(registry, cli.json("hessian", *digits_models, "-m", tmp_path / "s.h5", "--top-k", "1", "--num-points",
+                                 "2", "--trace", "--trace-samples", "2", "--train-subset", "100", "--eigenvectors",
+                                 tmp_path / "v.safetensors", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
+              {"train", "eval"})
+    assert r["t"] == [0.0, 1.0] and len(r["trace"]) == 2 and r["outputs"]["eigenvectors"] is not None
+
 
 # Human output prints what came from files and paths as it is.
 

@@ -1,0 +1,295 @@
+"""``mctool hessian``: curvature of the training loss: top Hessian eigenvalues and the trace
+(docs/method.md#hessian).
+
+The loss is the mean cross-entropy over a fixed subset of the un-augmented training set, with the network
+in eval mode (BatchNorm uses its running statistics, recomputed at every point of a curve; dropout is off).
+Its Hessian is never formed: Hessian-vector products (double backward through ``functional_call`` on the
+flat parameter vector) feed ARPACK's implicitly restarted Lanczos method (``scipy.sparse.linalg.eigsh``)
+for the top-k eigenvalues, and Rademacher probes give Hutchinson's estimate of the trace.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from . import distributed
+from .bn import bn_modules, recalibrate_bn
+from .checkpoint import load_model, read_metadata, save_checkpoint
+from .curve_eval import curve_from_files, interrupted
+from .curves import coefficients
+from .data import Split, check_fits, load_data
+from .ensembles import load_ensemble
+from .errors import ConfigError
+from .fileio import check_output, holds_output_locks
+from .flat import ParamLayout
+from .h5io import open_outputs, provenance, utc_now, write_h5
+from .options import check_count, check_real
+from .results import FileRef, HessianResult, file_refs
+from .runtime import progress_bar, resolve_device, warn
+
+
+@dataclass
+class Points:
+    """The networks to analyse: ``kind`` ``model`` (one network), ``curve`` (points at ``t`` along a curve or
+    segment; BN statistics recomputed at each) or ``ensemble`` (each member, with its own statistics)."""
+
+    kind: str
+    labels: list[str]
+    coords: np.ndarray  # t along a curve, else the member's number (0-based)
+    weights: Callable[[int], torch.Tensor]  # flat parameters of point i (on the CPU)
+    buffers: Callable[[int], dict[str, torch.Tensor]]
+    layout: ParamLayout
+    model: nn.Module
+    meta: Any
+    inputs: dict[str, str]
+    recalibrate: bool
+
+
+def _points(paths: list[str], num_points: int) -> Points:
+    if len(paths) == 1 and read_metadata(paths[0]).get("kind") == "ensemble":
+        ens = load_ensemble(paths[0])
+        return Points("ensemble", [f"{paths[0]}#{i}" for i in range(len(ens))], np.arange(len(ens), dtype=float),
+                      lambda i: ens.members[i], lambda i: ens.buffers[i], ens.layout, ens.network(0), ens.meta,
+                      {str(ens.path): ens.sha256}, recalibrate=False)
+    if len(paths) == 1 and read_metadata(paths[0]).get("kind") not in ("curve", "curve-state"):
+        m = load_model(paths[0])
+        layout = ParamLayout.of(m.model)
+        w = layout.flatten(dict(m.model.named_parameters()))
+        bufs = dict(m.model.named_buffers())
+        return Points("model", [str(paths[0])], np.zeros(1), lambda i: w, lambda i: bufs, layout, m.model, m.meta,
+                      {str(m.path): m.sha256}, recalibrate=False)
+    curve = curve_from_files(paths)  # a curve file, or the segment between two checkpoints
+    t = np.linspace(0.0, 1.0, num_points)
+
+    def at(i: int) -> torch.Tensor:
+        c = coefficients(curve.curve, curve.num_bends, torch.tensor(float(t[i]), dtype=torch.float64))
+        return c.float() @ curve.points
+
+    inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
+    return Points("curve", [f"t={x:.4g}" for x in t], t, at, lambda i: curve.buffers, curve.layout,
+                  curve.build_model(), curve.meta, inputs, recalibrate=True)
+
+
+class LossHessian:
+    """Hessian-vector products of the mean cross-entropy of ``model`` over ``batches`` at the flat parameters
+    ``w`` (eval mode). ``calls`` counts the products."""
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, w: torch.Tensor,
+                 batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.layout, self.w, self.batches = model.eval(), layout, w, batches
+        self.n = sum(int(y.shape[0]) for _, y in batches)
+        self.calls = 0
+
+    def loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(self.model, self.layout.views(w), (x,)).float(), y,
+                               reduction="sum") / self.n
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v, summed batch by batch (float32, on the parameters' device)."""
+        self.calls += 1
+        out = torch.zeros_like(self.w)
+        for x, y in self.batches:
+            w = self.w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.loss(w, x, y), w, create_graph=True)
+            (hv,) = torch.autograd.grad(g @ v, w)
+            out += hv
+        return out
+
+    def top_eigen(self, k: int, *, tol: float, max_restarts: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The ``k`` largest (algebraic) eigenvalues, descending, their unit eigenvectors ``[P, k]`` and whether
+        ARPACK converged (if not, the pairs that did are returned and the rest are NaN)."""
+        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+        p = self.w.numel()
+        dev = self.w.device
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            hv = self.hvp(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32).reshape(-1)).to(dev))
+            return hv.double().cpu().numpy()
+
+        op = LinearOperator((p, p), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(seed).standard_normal(p)
+        converged = True
+        try:
+            vals, vecs = eigsh(op, k=k, which="LA", v0=v0, tol=tol, maxiter=max_restarts)
+        except ArpackNoConvergence as e:
+            vals, vecs, converged = e.eigenvalues, e.eigenvectors, False
+        order = np.argsort(vals)[::-1]
+        out_vals, out_vecs = np.full(k, np.nan), np.full((p, k), np.nan)
+        out_vals[:len(order)], out_vecs[:, :len(order)] = vals[order], vecs[:, order]
+        return out_vals, out_vecs, converged
+
+    def residuals(self, vals: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+        """||H v - lambda v|| / |lambda| of each pair (NaN for a missing pair): how well it has converged."""
+        out = np.full(len(vals), np.nan)
+        for j, lam in enumerate(vals):
+            if np.isfinite(lam):
+                v = torch.from_numpy(vecs[:, j].astype(np.float32)).to(self.w.device)
+                r = self.hvp(v).double() - lam * v.double()
+                out[j] = float(r.norm()) / max(abs(lam), 1e-30)
+        return out
+
+    def trace(self, samples: int, seed: int) -> tuple[float, float]:
+        """Hutchinson's estimate E[z^T H z] over Rademacher z: the mean and its standard error."""
+        g = torch.Generator().manual_seed(seed)
+        values = []
+        for _ in range(samples):
+            z = (torch.randint(0, 2, (self.w.numel(),), generator=g).float() * 2 - 1).to(self.w.device)
+            values.append(float(z.double() @ self.hvp(z).double()))
+        mean = float(np.mean(values))
+        stderr = float(np.std(values, ddof=1) / math.sqrt(samples)) if samples > 1 else float("nan")
+        return mean, stderr
+
+
+def _save_vectors(path: Path, vectors: np.ndarray, layout: ParamLayout, attrs: dict[str, Any]) -> None:
+    md = {"format": "pt", "kind": "hessian-eigenvectors", "param_layout": layout.to_json(),
+          "inputs": attrs["inputs"], "config": attrs["config"], "mctool_version": attrs["mctool_version"],
+          "command": attrs["command"], "created": utc_now()}
+    save_checkpoint(path, {"eigenvectors": torch.from_numpy(vectors.astype(np.float32))}, md)
+
+
+@holds_output_locks
+def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: bool = False, trace_samples: int = 20,
+            num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512, tol: float = 1e-4,
+            max_restarts: int = 100, seed: int = 0, eigenvectors: str | Path | None = None,
+            bn_batches: int | None = None, resume: bool = False, force: bool = False, device: str = "auto",
+            dataset: str | None = None, data_root: str | None = None, download: bool = False,
+            num_workers: int = 4, quiet: bool = False) -> HessianResult:
+    """Top-``top_k`` eigenvalues (and with ``trace`` Hutchinson's trace from ``trace_samples`` probes) of the
+    training loss's Hessian, at one network, at ``num_points`` points along a curve or segment, or at each
+    member of an ensemble. ``train_subset`` training images (None: all) define the loss; ``eigenvectors``
+    writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
+    t0 = time.time()
+    check_count("--top-k", top_k)
+    check_count("--trace-samples", trace_samples, 2)
+    check_count("--num-points", num_points, 2)
+    check_count("--train-subset", train_subset)
+    check_count("--batch-size", batch_size)
+    check_count("--max-restarts", max_restarts)
+    check_count("--bn-batches", bn_batches)
+    check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be a whole number in [0, 2^63), got {seed!r}.")
+    if eigenvectors is not None and distributed.current() is not None:
+        raise ConfigError("--eigenvectors is for a run of one process (not under torchrun).")
+    metrics = Path(metrics)
+    pts = _points(paths, num_points)
+    p = pts.layout.size
+    if top_k >= p:
+        raise ConfigError(f"--top-k must be below the number of parameters ({p:,}), got {top_k}.")
+    name = dataset or pts.meta.dataset
+    if name is None:
+        raise ConfigError("the network does not record its data set; pass --dataset.")
+    n = len(pts.labels)
+    config = {"top_k": top_k, "trace_samples": trace_samples if trace else None, "num_points": n,
+              "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
+              "seed": seed, "bn_batches": bn_batches, "points": pts.kind}
+    shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
+    if trace:
+        shapes |= {"trace": (n,), "trace_stderr": (n,)}
+    old, started = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, shapes=shapes)
+    vec_path = Path(eigenvectors) if eigenvectors is not None else None
+    values = {k: np.full(s, np.nan) for k, s in shapes.items()}
+    values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}
+    vectors = np.full((n, top_k, p), np.nan, dtype=np.float32) if vec_path is not None else None
+    if vec_path is not None:
+        from .fileio import check_outputs
+
+        check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True)
+        if resume and vec_path.exists():
+            from .checkpoint import read_checkpoint
+
+            tensors, md = read_checkpoint(vec_path)
+            stored = tensors.get("eigenvectors")
+            if md.get("kind") != "hessian-eigenvectors" or stored is None or tuple(stored.shape) != vectors.shape:
+                raise ConfigError(f"'{vec_path}' does not hold this run's eigenvectors; start over with --force.")
+            vectors = stored.numpy().copy()
+        else:
+            check_output(vec_path, force or resume, "eigenvectors file")
+    attrs = {**provenance(pts.inputs, config, "hessian"), "points_kind": pts.kind, "parameters": p,
+             "labels": "\n".join(pts.labels), "loss": "mean cross-entropy over the training subset, eval mode "
+             "(no weight decay: the training objective's eigenvalues are these plus wd)"}
+    if started:
+        attrs["started"] = started
+
+    def write() -> None:
+        scale = "t" if pts.kind == "curve" else "point"
+        write_h5(metrics, scales={scale: pts.coords, "k": np.arange(1, top_k + 1, dtype=float)},
+                 datasets={k: (v, (scale,) if v.ndim == 1 else (scale, "k")) for k, v in values.items()},
+                 attrs=attrs)
+        if vectors is not None and distributed.is_main():
+            _save_vectors(vec_path, vectors, pts.layout, attrs)
+
+    def missing(i: int) -> bool:
+        return bool(np.isnan(values["hvps"][i]) or (trace and np.isnan(values["trace"][i])))
+
+    todo = distributed.broadcast_object([i for i in range(n) if missing(i)])
+    if todo:
+        dev = resolve_device(device)
+        data = load_data(name, root=data_root, split="test", download=download, device=dev,
+                         **pts.meta.data_options(), num_workers=num_workers)
+        check_fits(pts.meta.num_classes, pts.meta.in_chans, data.info, paths[0])
+        subset: Split = data.train.subset(train_subset) if train_subset else data.train
+        batches = list(subset.batches(batch_size))
+        model = pts.model.to(dev)
+        has_bn = bool(bn_modules(model))
+        write()
+
+        def measure(i: int) -> dict[str, Any]:
+            model.load_state_dict({**model.state_dict(), **{k: b.to(dev) for k, b in pts.buffers(i).items()}})
+            w = pts.weights(i).to(dev)
+            pts.layout.assign(model, w)
+            if pts.recalibrate and has_bn:
+                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches)
+            h = LossHessian(model, pts.layout, w, batches)
+            vals, vecs, converged = h.top_eigen(top_k, tol=tol, max_restarts=max_restarts, seed=seed + i)
+            if not converged:
+                warn(f"{pts.labels[i]}: ARPACK did not converge for all {top_k} eigenvalues within "
+                     f"--max-restarts {max_restarts}; the others are NaN.")
+            out: dict[str, Any] = {"eigenvalues": vals.tolist(), "residuals": h.residuals(vals, vecs).tolist()}
+            if trace:
+                out["trace"], out["trace_stderr"] = h.trace(trace_samples, seed + i)
+            out["hvps"] = h.calls
+            if vectors is not None:
+                vectors[i] = vecs.T.astype(np.float32)
+            return out
+
+        saved = n - len(todo)
+        try:
+            with progress_bar(quiet) as bar:
+                task = bar.add_task("hessian", total=n, completed=saved, info="")
+
+                def record(i: int, m: dict[str, Any]) -> None:
+                    nonlocal saved
+                    for k in values:
+                        values[k][i] = m[k]
+                    write()
+                    saved += 1
+                    bar.update(task, advance=1, info=f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}")
+
+                distributed.deal_points(todo, measure, record)
+        except KeyboardInterrupt:
+            raise interrupted(saved, n, metrics) from None
+    write()
+    result = HessianResult(command="hessian", inputs=file_refs(pts.inputs), metrics={"train": None, "eval": None},
+                           points=pts.kind, num_points=n,
+                           top_k=top_k, parameters=p, train_subset=train_subset,
+                           t=pts.coords.tolist() if pts.kind == "curve" else None,
+                           eigenvalues=values["eigenvalues"].tolist(),
+                           trace=values["trace"].tolist() if trace else None,
+                           trace_stderr=values["trace_stderr"].tolist() if trace else None,
+                           hvps=int(np.nansum(values["hvps"])))
+    result.outputs = {"metrics": FileRef.of(metrics),
+                      "eigenvectors": FileRef.of(vec_path) if vec_path is not None else None}
+    result.seconds = time.time() - t0
+    return result

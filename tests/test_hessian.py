@@ -1,0 +1,142 @@
+"""``mctool hessian``: eigenvalues against the exact Hessian, the trace estimate, points along curves and ensemble
+members, resume and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from mctool.checkpoint import load_model
+from mctool.data import load_data
+from mctool.flat import ParamLayout
+from mctool.h5io import read_h5
+from mctool.hessian import LossHessian
+
+CPU = ["--device", "cpu"]
+SUBSET = 300
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An MLP with 610 parameters trained briefly on digits, and its exact Hessian (float64) on the hessian
+    command's training subset."""
+    from conftest import Cli
+
+    path = tmp_path_factory.mktemp("hessian") / "m.safetensors"
+    Cli()("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1}', "--epochs", "3",
+          "--lr", "0.1", "-o", path, "-q", *CPU)
+    model = load_model(path).model.double().eval()
+    layout = ParamLayout.of(model)
+    w = layout.flatten(dict(model.named_parameters())).double()
+    xs, ys = zip(*load_data("digits").train.subset(SUBSET).batches(512))
+    x, y = torch.cat(xs).double(), torch.cat(ys)
+    h = torch.func.hessian(lambda v: F.cross_entropy(functional_call(model, layout.views(v), (x,)), y))(w)
+    return path, h.numpy()
+
+
+def test_eigenvalues_eigenvectors_and_trace_match_the_exact_hessian(cli, tmp_path, tiny):
+    path, h = tiny
+    exact = np.linalg.eigvalsh(h)[::-1]
+    m, vec = tmp_path / "h.h5", tmp_path / "v.safetensors"
+    r = cli.json("hessian", path, "-m", m, "--top-k", "4", "--trace", "--trace-samples", "400", "--train-subset",
+                 SUBSET, "--eigenvectors", vec, *CPU)
+    assert r["points"] == "model" and r["num_points"] == 1 and r["parameters"] == h.shape[0] and r["t"] is None
+    # float32 Hessian-vector products (relative rounding ~1e-6 over 300 images) and ARPACK's tol 1e-4
+    np.testing.assert_allclose(r["eigenvalues"][0], exact[:4], rtol=1e-4)
+    data, attrs = read_h5(m)
+    assert attrs["kind"] == "hessian" and data["eigenvalues"].shape == (1, 4) and (data["residuals"] < 1e-3).all()
+    # Hutchinson: the exact trace within 4 standard errors of the estimate (a fixed seed: deterministic)
+    assert abs(r["trace"][0] - np.trace(h)) < 4 * r["trace_stderr"][0] and 0 < r["trace_stderr"][0] < 0.1 * np.trace(h)
+    v = load_file(vec)["eigenvectors"].double().numpy()
+    assert v.shape == (1, 4, h.shape[0])
+    for j in range(4):
+        np.testing.assert_allclose(np.linalg.norm(v[0, j]), 1, rtol=1e-5)
+        np.testing.assert_allclose(h @ v[0, j], exact[j] * v[0, j], atol=1e-3 * exact[0])
+    assert r["outputs"]["eigenvectors"]["path"] == str(vec)
+
+
+def test_points_along_a_segment_and_ensemble_members(cli, tmp_path, digits_models):
+    a, b = digits_models
+    one = cli.json("hessian", a, "-m", tmp_path / "a.h5", "--top-k", "2", "--train-subset", SUBSET, *CPU)
+    seg = cli.json("hessian", a, b, "-m", tmp_path / "s.h5", "--top-k", "2", "--num-points", "3", "--train-subset",
+                   SUBSET, *CPU)
+    assert seg["points"] == "curve" and seg["t"] == [0.0, 0.5, 1.0] and len(seg["eigenvalues"]) == 3
+    np.testing.assert_allclose(seg["eigenvalues"][0], one["eigenvalues"][0], rtol=1e-4)  # t = 0 is A
+    data, _ = read_h5(tmp_path / "s.h5")
+    np.testing.assert_array_equal(data["t"], [0, 0.5, 1])
+    # an ensemble file: one point per member, each with its own weights
+    ens = tmp_path / "e.safetensors"
+    cli("ensemble", a, b, "-o", ens, "-q", *CPU)
+    r = cli.json("hessian", ens, "-m", tmp_path / "e.h5", "--top-k", "2", "--train-subset", SUBSET, *CPU)
+    assert r["points"] == "ensemble" and r["num_points"] == 2
+    np.testing.assert_allclose(r["eigenvalues"], [seg["eigenvalues"][0], seg["eigenvalues"][2]], rtol=1e-4)
+
+
+def test_batchnorm_is_recomputed_at_each_point_of_a_curve(cli, tmp_path):
+    # a BN network: the midpoint of the segment, analysed in place, equals the point exported with its
+    # recomputed statistics (mctool point) and analysed as a network
+    nets = []
+    for seed in (0, 1):
+        out = tmp_path / f"n{seed}.safetensors"
+        cli("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1, "batch_norm": true}',
+            "--epochs", "2", "--lr", "0.1", "--seed", seed, "-o", out, "-q", *CPU)
+        nets.append(out)
+    args = ["--top-k", "2", "--train-subset", SUBSET, *CPU]
+    seg = cli.json("hessian", *nets, "-m", tmp_path / "s.h5", "--num-points", "3", *args)
+    line, mid = tmp_path / "line.safetensors", tmp_path / "mid.safetensors"
+    cli("connect", *nets, "--curve", "line", "-o", line, "-q", *CPU)
+    cli("point", line, "--t", "0.5", "-o", mid, "-q", *CPU)
+    alone = cli.json("hessian", mid, "-m", tmp_path / "m.h5", *args)
+    np.testing.assert_allclose(seg["eigenvalues"][1], alone["eigenvalues"][0], rtol=1e-3)
+    # ...and not what the start network's statistics would give at the midpoint
+    stale = tmp_path / "stale.safetensors"
+    cli("point", line, "--t", "0.5", "--no-bn-update", "-o", stale, "-q", *CPU)
+    other = cli.json("hessian", stale, "-m", tmp_path / "o.h5", *args)
+    assert abs(other["eigenvalues"][0][0] - alone["eigenvalues"][0][0]) > 1e-2 * alone["eigenvalues"][0][0]
+
+
+def test_resume_computes_only_the_missing_points(cli, tmp_path, digits_models, monkeypatch):
+    args = [*digits_models, "--top-k", "2", "--num-points", "3", "--train-subset", SUBSET, "--trace",
+            "--trace-samples", "4", *CPU]
+    full = cli.json("hessian", *args, "-m", tmp_path / "full.h5")
+    real, calls = LossHessian.top_eigen, []
+
+    def interrupt_second(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LossHessian, "top_eigen", interrupt_second)
+    msg = cli.error("hessian", *args, "-m", tmp_path / "h.h5", code=130)
+    assert "1 of 3 points are saved" in msg and "--resume" in msg
+    data, _ = read_h5(tmp_path / "h.h5")
+    assert not np.isnan(data["eigenvalues"][0]).any() and np.isnan(data["eigenvalues"][1:]).all()
+    monkeypatch.setattr(LossHessian, "top_eigen", real)
+    calls.clear()
+    r = cli.json("hessian", *args, "-m", tmp_path / "h.h5", "--resume")
+    assert r["eigenvalues"] == full["eigenvalues"] and r["trace"] == full["trace"]  # same seeds: the same numbers
+    # resuming with other options is refused
+    assert "other settings" in cli.error("hessian", *args[:-2], "--top-k", "3", *CPU, "-m", tmp_path / "h.h5",
+                                         "--resume")
+
+
+def test_errors(cli, tmp_path, tiny, digits_models):
+    path, _ = tiny
+    m = tmp_path / "h.h5"
+    assert "--top-k must be >= 1" in cli.error("hessian", path, "-m", m, "--top-k", "0", *CPU)
+    assert "below the number of parameters (610)" in cli.error("hessian", path, "-m", m, "--top-k", "610", *CPU)
+    assert "--tol must be" in cli.error("hessian", path, "-m", m, "--tol", "0", *CPU)
+    assert "--tol must be" in cli.error("hessian", path, "-m", m, "--tol", "nan", *CPU)
+    assert "--trace-samples must be >= 2" in cli.error("hessian", path, "-m", m, "--trace", "--trace-samples", "1",
+                                                       *CPU)
+    assert "--num-points must be >= 2" in cli.error("hessian", *digits_models, "-m", m, "--num-points", "1", *CPU)
+    assert "not 3 files" in cli.error("hessian", path, path, path, "-m", m, *CPU)
+    assert not m.exists()
+    cli("hessian", path, "-m", m, "--top-k", "1", "--train-subset", "100", "-q", *CPU)
+    assert "already exists" in cli.error("hessian", path, "-m", m, *CPU)
+    assert "input" in cli.error("hessian", path, "-m", path, "--force", *CPU)  # never overwrites its input
