@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -140,6 +140,48 @@ def write_plane_file(path: str | Path, attrs: dict[str, Any], *, alpha: np.ndarr
     write_h5(path, scales={"alpha": alpha, "beta": beta}, datasets=datasets, attrs=attrs)
 
 
+def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.device], torch.Tensor],
+                   store: Callable[[Any, dict[str, float]], None], *, label: str, total: int, metrics: Path,
+                   source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
+                   batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
+                   channels_last: bool, num_workers: int, quiet: bool) -> None:
+    """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
+    of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
+    is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
+    torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
+    number saved. The grid runner of ``plane`` and ``surface``."""
+    dev = resolve_device(device)
+    data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
+                     channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
+    check_fits(base.meta.num_classes, base.meta.in_chans, data.info, source)
+    train_split = data.train.subset(train_subset) if train_subset else None
+    model = base.build_model().to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def measure(cell: Any) -> dict[str, float]:
+        base.layout.assign(model, weights_of(cell, dev))
+        return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
+                                precision=precision, train_split=train_split)
+
+    saved = total - len(todo)
+    try:
+        with progress_bar(quiet) as bar:
+            task = bar.add_task(label, total=total, completed=saved, info="")
+
+            def record(cell: Any, m: dict[str, float]) -> None:
+                nonlocal saved
+                store(cell, m)
+                saved += 1
+                bar.update(task, advance=1,
+                           info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
+
+            # one process: in order; several (torchrun): each rank takes the next cell when free
+            distributed.deal_points(todo, measure, record)
+    except KeyboardInterrupt:
+        raise interrupted(saved, total, metrics) from None
+
+
 @holds_output_locks
 def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margins: tuple[float, float, float, float]
           = (0.2, 0.2, 0.2, 0.2), bend: int | None = None, curve_points: int = 61, plot: str | Path | None = None,
@@ -220,48 +262,32 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     # may read the file after rank 0 wrote more into it).
     mine = shard_tasks(plane_tasks(grid_points), shard)
     todo = distributed.broadcast_object([cell for cell in mine if missing(cell)])
-    if todo:
-        dev = resolve_device(device)
-        data = load_data(name, root=data_root, split=split, download=download, device=dev,
-                         channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
-        check_fits(base.meta.num_classes, base.meta.in_chans, data.info, paths[0])
-        train_split = data.train.subset(train_subset) if train_subset else None
-        model = base.build_model().to(dev)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        dbasis = PlaneBasis(basis.w0.to(dev), basis.u.to(dev), basis.v.to(dev), basis.dx, basis.dy, basis.w1_x)
-        point_weights = [w0, w1, w2]
+    point_weights = [w0, w1, w2]
 
-        def measure(cell: list[int]) -> dict[str, float]:
-            w = (point_weights[cell[0]].to(dev) if len(cell) == 1
-                 else dbasis.weights(float(alphas[cell[0]]), float(betas[cell[1]])))
-            base.layout.assign(model, w)
-            return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                    precision=precision, train_split=train_split)
+    on_device: dict[torch.device, PlaneBasis] = {}  # the basis, moved to the compute device once
 
+    def weights_of(cell: list[int], dev: torch.device) -> torch.Tensor:
+        if len(cell) == 1:
+            return point_weights[cell[0]].to(dev)
+        if dev not in on_device:
+            on_device[dev] = PlaneBasis(basis.w0.to(dev), basis.u.to(dev), basis.v.to(dev), basis.dx, basis.dy,
+                                        basis.w1_x)
+        return on_device[dev].weights(float(alphas[cell[0]]), float(betas[cell[1]]))
+
+    def store(cell: list[int], m: dict[str, float]) -> None:
+        for n in names:
+            if len(cell) == 1:
+                at_points[n][cell[0]] = m[n]
+            else:
+                grid[n][cell[0], cell[1]] = m[n]
         write()
-        total = len(mine)
-        saved = total - len(todo)
-        try:
-            with progress_bar(quiet) as bar:
-                task = bar.add_task("plane", total=total, completed=saved, info="")
 
-                def record(cell: list[int], m: dict[str, float]) -> None:
-                    nonlocal saved
-                    for n in names:
-                        if len(cell) == 1:
-                            at_points[n][cell[0]] = m[n]
-                        else:
-                            grid[n][cell[0], cell[1]] = m[n]
-                    write()
-                    saved += 1
-                    bar.update(task, advance=1,
-                               info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
-
-                # one process: in order; several (torchrun): each rank takes the next cell when free
-                distributed.deal_points(todo, measure, record)
-        except KeyboardInterrupt:
-            raise interrupted(saved, total, metrics) from None
+    if todo:
+        write()
+        evaluate_cells(base, todo, weights_of, store, label="plane", total=len(mine), metrics=metrics,
+                       source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
+                       split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
+                       precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet)
     summary = plane_summary(grid, at_points)
     write(summary)
     result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),
