@@ -24,10 +24,11 @@ from .info import file_info
 from .merge import merge
 from .models import MCTOOL_ARCHS, build_model
 from .plane import plane
+from .surface import surface
 from .plots import plot_files
 from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef,
                       HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result,
-                      TrainResult)
+                      SurfaceResult, TrainResult)
 from .runtime import progress
 from .schedules import lr_at, paper_factor
 from .training import TrainConfig, train
@@ -36,10 +37,11 @@ __all__ = [
     "__version__",
     # commands: one function each, returning a typed result (mctool.results)
     "train", "connect", "evaluate_curve", "export_point", "export_member", "plane", "fge", "evaluate",
-    "evaluate_models", "plot_files", "file_info", "merge", "align", "hessian",
+    "evaluate_models", "plot_files", "file_info", "merge", "align", "hessian", "surface",
     "TrainConfig", "ConnectConfig", "FGEConfig",
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
-    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "FileRef", "Metrics",
+    "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "SurfaceResult",
+    "FileRef", "Metrics",
     "SCHEMA_VERSION",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",

@@ -24,7 +24,8 @@ from .data import AUGMENTS, SPLITS
 from . import distributed
 from .errors import ConfigError, Interrupted, MctoolError
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
-                      InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, TrainResult)
+                      InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
+                      TrainResult)
 from .runtime import PRECISIONS, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
@@ -756,6 +757,81 @@ def plane_cmd(
         rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
                  ("plot", _path(r.outputs["plot"]))]
         _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
+
+    _run(work, as_json, quiet, show)
+
+
+@app.command("surface")
+def surface_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="The network at the centre (model checkpoint).")],
+    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
+                                          "beside it as NAME-directions.safetensors.")],
+    dims: Annotated[int, typer.Option(help="1 (a line through the network) or 2 (a surface).")] = 2,
+    directions: Annotated[Optional[list[str]], typer.Option(
+        "--directions", help="'random' (default): Gaussian directions, filter-normalised to the network; or a "
+        "model checkpoint, given once per direction: the direction from the network to that one (coefficient 1 "
+        "reaches it).")] = None,
+    ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
+                                        "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
+                                        "one filter).")] = "bn,bias",
+    seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
+    range_: Annotated[float, typer.Option("--range", help="Coefficients from -RANGE to RANGE along each "
+                                          "direction.")] = 1.0,
+    grid_points: Annotated[int, typer.Option(help="Grid points per direction (odd: the network itself is one).")]
+    = 21,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this PNG.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
+                                         "existing metrics file.")] = False,
+    bn_batches: BnBatchesOpt = None,
+    train_subset: Annotated[Optional[int], typer.Option(help="Compute train loss and error on a fixed random "
+                                                        "subset of this many training images.")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the network's "
+                                                "wd).")] = None,
+    batch_size: EvalBatchOpt = 512,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                   "one).")] = None,
+    split: SplitOpt = Split.test,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    channels_last: ChannelsLastOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Loss and error around one network along random filter-normalised directions (Li et al. 2018) or towards
+    other networks, BatchNorm recomputed at every grid point.
+
+    Draws filled contours (2-D) or lines (1-D) with --plot (or later with 'mctool plot FILE -o PNG').
+    """
+    from .surface import surface as run
+
+    def work() -> Result:
+        files = None if not directions or directions == ["random"] else directions
+        if files is not None and "random" in files:
+            raise ConfigError("--directions is 'random' or one to two checkpoint files, not both.")
+        kept = () if ignore.strip() in ("", "none") else tuple(x.strip() for x in ignore.split(","))
+        return run(checkpoint, metrics, dims=dims, directions=files, ignore=kept, seed=seed, span=range_,
+                   grid_points=grid_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
+                   data_root=data_root, download=download, split=split.value, batch_size=batch_size,
+                   bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
+                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+
+    def show(r: SurfaceResult) -> None:
+        rows = []
+        for group, shown in (("train", "train"), ("eval", r.split)):
+            for key in ("loss", "nll", "err"):
+                v = getattr(r.metrics[group], key)
+                if v is not None:
+                    rows.append((f"{shown} {key}", f"min {_num(v.min, '.4g')}, max {_num(v.max, '.4g')}; at the "
+                                 f"network {_num(v.at_points[0], '.4g')}"))
+        rows += [("directions", f"{r.dims} {r.directions}, norms " + ", ".join(f"{n:.4g}" for n in
+                                                                              r.direction_norms)),
+                 ("metrics", _path(r.outputs["metrics"])), ("directions file", _path(r.outputs["directions"])),
+                 ("plot", _path(r.outputs["plot"]))]
+        _table(f"surface, {' x '.join([str(r.grid_points)] * r.dims)} grid over [-{r.range:g}, {r.range:g}]", rows)
 
     _run(work, as_json, quiet, show)
 

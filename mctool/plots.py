@@ -149,6 +149,41 @@ def plot_plane(file: str | Path, output: str | Path) -> None:
     _save(fig, output)
 
 
+def plot_surface(file: str | Path, output: str | Path) -> None:
+    """A ``surface`` file: train loss and test error along one direction (lines) or over two (filled contours),
+    the network itself at the origin."""
+    plt = _pyplot()
+    data, attrs = metrics_file(file, ("surface",), {"alpha": 1})
+    split = _checked_split(attrs, file)
+    x = data["alpha"]
+    dims = 2 if "beta" in data else 1
+    if dims == 2 and np.shape(data["beta"]) != np.shape(x):
+        raise MetricsFileError(f"'{file}': datasets 'alpha' and 'beta' must have the same length.")
+    shape = (len(x),) * dims
+    _check_shapes(file, data, {"train/loss": shape, f"{split}/err": shape}, min_size=2)
+    if not np.isfinite(x).all() or (dims == 2 and not np.isfinite(data["beta"]).all()):
+        raise MetricsFileError(f"'{file}': the coordinates (alpha, beta) must be finite numbers.")
+    config = json_attr(attrs, "config", file)
+    method = config.get("directions", "random") if isinstance(config, dict) else "random"
+    unit = "filter-normalised direction" if method == "random" else "towards the other network"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    panels = ((axes[0], data["train/loss"], "train loss (CE + L2 term)", "Train loss"),
+              (axes[1], 100 * data[f"{split}/err"], f"{split} error (%)", f"{split.capitalize()} error"))
+    for ax, z, label, title in panels:
+        if dims == 1:
+            ax.plot(x, z, marker="o", markersize=3)
+            ax.axvline(0, color="grey", linestyle=":", linewidth=1)
+            ax.set(title=title, xlabel=f"a ({unit} d1)", ylabel=label)
+            continue
+        if np.isfinite(z).any():
+            cs = ax.contourf(x, data["beta"], z.T, levels=_log_levels(z), cmap="viridis", extend="both")
+            ax.contour(x, data["beta"], z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
+            fig.colorbar(cs, ax=ax, label=label, format="%.3g")
+        ax.scatter([0], [0], s=60, c="white", edgecolors="black", zorder=5)
+        ax.set(title=title, xlabel=f"a ({unit} d1)", ylabel=f"b ({unit} d2)", aspect="equal")
+    _save(fig, output)
+
+
 @holds_output_locks
 def plot_files(files: list[str | Path], output: str | Path, *, force: bool = False) -> PlotResult:
     """Draw whatever the files hold: one plane file, or one or more evaluate-curve files."""
@@ -165,8 +200,13 @@ def plot_files(files: list[str | Path], output: str | Path, *, force: bool = Fal
             raise MetricsFileError("give one plane file at a time.")
         plot_plane(files[0], output)
         return done("plane")
+    if kinds == {"surface"}:
+        if len(files) != 1:
+            raise MetricsFileError("give one surface file at a time.")
+        plot_surface(files[0], output)
+        return done("surface")
     if kinds == {"evaluate-curve"}:
         plot_curves(files, output)
         return done("evaluate-curve")
-    raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve files "
-                           "or one plane file.")
+    raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve files, "
+                           "one plane file or one surface file.")

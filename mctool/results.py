@@ -299,3 +299,17 @@ class HessianResult(Result):
     trace: list[float | None] | None = None
     trace_stderr: list[float | None] | None = None
     hvps: int
+
+
+@dataclass(kw_only=True)
+class SurfaceResult(Result):
+    """``surface``: ``metrics.train``/``metrics.eval`` hold a ``PlaneSummary`` per metric (grid min and max, and
+    ``at_points``: the value at the network itself, None when the grid has no centre point); ``dims`` directions
+    (``random`` filter-normalised or ``files``), ``grid_points`` per direction over [-range, range];
+    ``direction_norms`` the L2 norm of each direction."""
+
+    dims: int
+    directions: str
+    grid_points: int
+    range: float
+    direction_norms: list[float]

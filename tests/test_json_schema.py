@@ -61,7 +61,7 @@ def test_schemas_pin_every_key():
 
     names = {p.name.split(".")[0] for p in SCHEMAS.glob("*.schema.json")}
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
-                     "plane", "fge", "merge", "align", "hessian"}
+                     "plane", "fge", "merge", "align", "hessian", "surface"}
     for name in names:
         walk(_load(name))
 
@@ -226,6 +226,17 @@ def test_hessian(cli, registry, tmp_path, digits_models):
                                  tmp_path / "v.safetensors", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
               {"train", "eval"})
     assert r["t"] == [0.0, 1.0] and len(r["trace"]) == 2 and r["outputs"]["eigenvectors"] is not None
+
+
+def test_surface(cli, registry, tmp_path, digits_models):
+    extra = {"dims", "directions", "grid_points", "range", "direction_norms"}
+    r = check(registry, cli.json("surface", digits_models[0], "-m", tmp_path / "s.h5", "--grid-points", "2", *CPU),
+              "surface", extra, {"metrics", "directions", "plot"}, {"train", "eval"})
+    assert r["split"] == "test" and r["outputs"]["plot"] is None and r["metrics"]["eval"]["err"]["at_points"] == [None]
+    r = check(registry, cli.json("surface", digits_models[0], "-m", tmp_path / "l.h5", "--directions",
+                                 digits_models[1], "--grid-points", "3", "--plot", tmp_path / "l.png", *CPU),
+              "surface", extra, {"metrics", "directions", "plot"}, {"train", "eval"})
+    assert r["dims"] == 1 and r["directions"] == "files" and r["outputs"]["plot"] is not None
 
 
 # Human output prints what came from files and paths as it is.
