@@ -801,10 +801,10 @@ def surface_cmd(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Loss and error around one network along random filter-normalised directions (Li et al. 2018) or towards
-    other networks, BatchNorm recomputed at every grid point.
+    """Loss and error around one network: along random filter-normalised directions or towards other networks.
 
-    Draws filled contours (2-D) or lines (1-D) with --plot (or later with 'mctool plot FILE -o PNG').
+    Random directions are normalised per filter (Li et al. 2018). BatchNorm statistics are recomputed at every
+    grid point. Draws filled contours (2-D) or lines (1-D) with --plot (or later with 'mctool plot FILE -o PNG').
     """
     from .surface import surface as run
 
@@ -870,11 +870,10 @@ def hessian_cmd(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Curvature of the training loss: the top eigenvalues of its Hessian (and its trace), at a network, along
-    a curve or at each ensemble member.
+    """Curvature of the training loss: top Hessian eigenvalues (and trace), at a network, on a curve or per member.
 
     Hessian-vector products feed a Lanczos method: the Hessian is never formed. BatchNorm statistics are
-    recomputed at every point of a curve (docs/landscapes.md#hessian).
+    recomputed at every point of a curve (docs/hessian.md).
     """
     from .hessian import hessian as run
 

@@ -145,6 +145,29 @@ def test_evaluate_curve_on_two_ranks_equals_one_process(cli, tmp_path, bezier):
     assert not list(tmp_path.glob(".*.tmp"))  # no rank left a temporary file
 
 
+def test_surface_and_hessian_on_two_ranks_equal_one_process(cli, tmp_path, digits_models):
+    # surface: the same directions on every rank (seeded), grid points dealt to the ranks, rank 0 writes
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    cli("surface", digits_models[0], "-m", one, "--dims", "1", "--grid-points", "4", "--device", "cpu", "-q")
+    torchrun("surface", digits_models[0], "-m", two, "--dims", "1", "--grid-points", "4")
+    a, b = _h5(one), _h5(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    assert (tmp_path / "one-directions.safetensors").read_bytes()[-1000:] == \
+        (tmp_path / "two-directions.safetensors").read_bytes()[-1000:]  # the same directions
+    # hessian: each point on one rank; ARPACK's answers agree within its tolerance (1e-4 relative)
+    ref = cli.json("hessian", *digits_models, "-m", tmp_path / "h1.h5", "--num-points", "3", "--top-k", "1",
+                   "--train-subset", "200", "--device", "cpu", "-q")
+    done = torchrun("hessian", *digits_models, "-m", tmp_path / "h2.h5", "--num-points", "3", "--top-k", "1",
+                    "--train-subset", "200", "--json")
+    got = json.loads(done.stdout)
+    np.testing.assert_allclose(got["eigenvalues"], ref["eigenvalues"], rtol=1e-3)
+    refused = torchrun("hessian", digits_models[0], "-m", tmp_path / "h3.h5", "--eigenvectors",
+                       tmp_path / "v.safetensors", check=False)
+    assert refused.returncode != 0 and "--eigenvectors is for a run of one process" in refused.stderr
+
+
 def test_killed_distributed_plane_resumes_on_one_process_without_recomputing(cli, tmp_path, bezier):
     metrics = tmp_path / "p.h5"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
