@@ -13,6 +13,7 @@ operation: a wrong permutation would silently change the network.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import operator
@@ -167,13 +168,40 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, (*_CONV, nn.Linear, *_NORM)) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """The network as a ``torch.fx`` graph; ConfigError when the tracer cannot follow its forward pass."""
+def _meta_tracer() -> type:
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class _ShapeTracer(MetaTracer):
+        """torch.fx's tracer with the input's shape known (meta tensors), so that branches on shapes are taken as
+        they are for that input (timm's VGG pools only inputs smaller than its classifier's window)."""
+
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (*_CONV, nn.Linear, *_NORM)) or super().is_leaf_module(m, qualname)
+
+    return _ShapeTracer
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
+    """The network as a ``torch.fx`` graph; ConfigError when the tracer cannot follow its forward pass. With an
+    ``example`` input, a forward pass that branches on its input's shape is traced for that shape."""
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # the tracer raises anything: TraceError, TypeError, NotImplementedError...
-        raise ConfigError(f"align cannot trace the network ({type(model).__name__}) with torch.fx: "
-                          f"{type(e).__name__}: {str(e)[:300]}. Its hidden units cannot be matched.") from None
+        graph = None
+        if example is not None:
+            import inspect
+            import warnings
+
+            name = next(iter(inspect.signature(model.forward).parameters), "x")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = _meta_tracer()().trace(model, meta_args={name: example.to("meta")})
+            except Exception:
+                graph = None
+        if graph is None:
+            raise ConfigError(f"align cannot trace the network ({type(model).__name__}) with torch.fx: "
+                              f"{type(e).__name__}: {str(e)[:300]}. Its hidden units cannot be matched.") from None
     return torch.fx.GraphModule(model, graph)
 
 
@@ -203,7 +231,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
     of ``H * W`` features. The network's input channels and its outputs are never permuted. Everything else that
     touches a hidden channel raises ConfigError naming the layer and the operation.
     """
-    gm = trace(model)
+    gm = trace(model, example)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
@@ -561,10 +589,12 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Gro
     """One assignment per group that maximises the summed correlation between A's and B's units, measured on
     ``batches`` at the group's points (averaged over its points). Returns the permutations and the mean
     correlation of the matched units of each group."""
-    gm_a, gm_b = trace(model_a), trace(model_b)
+    batches = iter(batches)
+    first = next(batches)
+    gm_a, gm_b = trace(model_a, first), trace(model_b, first)
     wanted = {p for g in groups for p in g.points}  # (node, channel axis)
     stats: dict[str, list[torch.Tensor | float]] = {}
-    for x in batches:
+    for x in itertools.chain([first], batches):
         ra, rb = _Recorder(gm_a, {p for p, _ in wanted}), _Recorder(gm_b, {p for p, _ in wanted})
         with torch.no_grad():
             ra.run(x)

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mctool import ConfigError, align, load_model
@@ -295,6 +296,28 @@ def test_refuses_what_the_tracer_cannot_follow():
 
     with pytest.raises(ConfigError, match="cannot trace"):
         discover_groups(Branchy(), torch.randn(2, 4))
+
+
+def test_a_branch_on_the_input_shape_is_traced_for_that_shape():
+    # timm's VGG pools its features only when they are smaller than its classifier's window: a branch on a
+    # shape, which torch.fx alone cannot trace; with the example's shape known it is taken as for that input
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6 * 8 * 8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            if x.shape[-1] < 8:
+                x = F.adaptive_avg_pool2d(x, 8)
+            return self.fc(torch.flatten(x, 1))
+
+    model = Branchy().eval()
+    for size in (4, 8):  # the branch taken, and not
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(size))
+        permuted, groups = _permuted_copy(model, x)
+        assert [g.size for g in groups] == [6]
+        assert next(m for m in groups[0].members if m.name == "fc.weight").inner == 64
 
 
 def test_refuses_attention_rather_than_permuting_it_wrongly():
