@@ -389,6 +389,11 @@ BnBatchesOpt = Annotated[Optional[int], typer.Option(
     help="Batches for each BatchNorm recalibration pass (default: the whole training set; fewer is faster but "
          "gives noisier statistics).")]
 EvalBatchOpt = Annotated[int, typer.Option(help="Batch size for BN passes and evaluation.")]
+RecordedDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+                                                           "one).")]
+GridTrainSubsetOpt = Annotated[Optional[int], typer.Option(
+    help="Compute train loss and error on a fixed random subset of this many training images (faster; the BN "
+         "pass still uses --bn-batches).")]
 
 
 @app.command()
@@ -495,8 +500,7 @@ def evaluate_curve(
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's, "
                                                 "or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
-                                                   "one).")] = None,
+    dataset: RecordedDatasetOpt = None,
     split: SplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -614,8 +618,7 @@ def ensemble(
                                                     "held-out part of the training data (the val split) and "
                                                     "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
-                                                   "one).")] = None,
+    dataset: RecordedDatasetOpt = None,
     split: SplitOpt = Split.test,
     batch_size: EvalBatchOpt = 512,
     data_root: DataRootOpt = None,
@@ -711,14 +714,11 @@ def plane_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
-    train_subset: Annotated[Optional[int], typer.Option(help="Compute train loss and error on a fixed random "
-                                                        "subset of this many training images (faster; the BN pass "
-                                                        "still uses --bn-batches).")] = None,
+    train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's or "
                                                 "w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
-                                                   "one).")] = None,
+    dataset: RecordedDatasetOpt = None,
     split: SplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -783,13 +783,11 @@ def surface_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
-    train_subset: Annotated[Optional[int], typer.Option(help="Compute train loss and error on a fixed random "
-                                                        "subset of this many training images.")] = None,
+    train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the network's "
                                                 "wd).")] = None,
     batch_size: EvalBatchOpt = 512,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
-                                                   "one).")] = None,
+    dataset: RecordedDatasetOpt = None,
     split: SplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -860,8 +858,7 @@ def hessian_cmd(
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     batch_size: EvalBatchOpt = 512,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
-                                                   "one).")] = None,
+    dataset: RecordedDatasetOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
