@@ -27,6 +27,7 @@ FAMILIES = {
     "convfc": ("cifar_convfc", {"img_size": 8, "width": 0.25}, SYNTH),
     "vgg_bn": ("cifar_vgg16_bn", {"img_size": 8}, SYNTH),
     "preresnet": ("cifar_preresnet20", {"img_size": 8}, SYNTH),
+    "wrn": ("cifar_wrn28_10", {"img_size": 8, "widen": 1}, SYNTH),
     "timm_resnet": ("test_resnet", {}, SYNTH),
     # concatenation: each layer of a dense block reads the concatenation of all earlier outputs
     "timm_densenet": ("densenet121", {"growth_rate": 8, "block_config": [2, 3]}, SYNTH),
@@ -318,6 +319,23 @@ def test_a_branch_on_the_input_shape_is_traced_for_that_shape():
         permuted, groups = _permuted_copy(model, x)
         assert [g.size for g in groups] == [6]
         assert next(m for m in groups[0].members if m.name == "fc.weight").inner == 64
+
+
+def test_timm_vgg_with_its_convolutional_classifier():
+    # timm's VGG (here with small layers): a 7x7 convolution as its first classifier layer, reached through a
+    # branch on the feature map's shape
+    from timm.models.vgg import VGG
+
+    torch.manual_seed(0)
+    model = VGG(cfg=[8, "M", 16, "M"], num_classes=10, mlp_ratio=1 / 512).eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    permuted, groups = _permuted_copy(model, x)
+    assert [g.size for g in groups] == [8, 16, 8, 4096]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    perms, _ = weight_matching(params, permuted.state_dict(), groups)
+    aligned = permute_state(permuted.state_dict(), groups, perms)
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned[k], v), k
 
 
 def test_refuses_attention_rather_than_permuting_it_wrongly():
