@@ -24,13 +24,13 @@ from torch.func import functional_call
 
 from . import distributed
 from .bn import bn_modules, recalibrate_bn
-from .checkpoint import load_model, read_metadata, save_checkpoint
+from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
 from .curve_eval import curve_from_files, interrupted
 from .curves import coefficients
 from .data import Split, check_fits, load_data
 from .ensembles import load_ensemble
 from .errors import ConfigError
-from .fileio import check_output, holds_output_locks
+from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import check_count, check_real
@@ -56,12 +56,13 @@ class Points:
 
 
 def _points(paths: list[str], num_points: int) -> Points:
-    if len(paths) == 1 and read_metadata(paths[0]).get("kind") == "ensemble":
+    kind = read_metadata(paths[0]).get("kind") if len(paths) == 1 else None
+    if kind == "ensemble":
         ens = load_ensemble(paths[0])
         return Points("ensemble", [f"{paths[0]}#{i}" for i in range(len(ens))], np.arange(len(ens), dtype=float),
                       lambda i: ens.members[i], lambda i: ens.buffers[i], ens.layout, ens.network(0), ens.meta,
                       {str(ens.path): ens.sha256}, recalibrate=False)
-    if len(paths) == 1 and read_metadata(paths[0]).get("kind") not in ("curve", "curve-state"):
+    if len(paths) == 1 and kind not in ("curve", "curve-state"):
         m = load_model(paths[0])
         layout = ParamLayout.of(m.model)
         w = layout.flatten(dict(m.model.named_parameters()))
@@ -203,12 +204,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}
     vectors = np.full((n, top_k, p), np.nan, dtype=np.float32) if vec_path is not None else None
     if vec_path is not None:
-        from .fileio import check_outputs
-
         check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True)
         if resume and vec_path.exists():
-            from .checkpoint import read_checkpoint
-
             tensors, md = read_checkpoint(vec_path)
             stored = tensors.get("eigenvectors")
             if md.get("kind") != "hessian-eigenvectors" or stored is None or tuple(stored.shape) != vectors.shape:
