@@ -14,7 +14,7 @@ $(VENV)/.torch-installed:
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,html]"
 	touch $@
 
 demo: $(VENV)/.installed

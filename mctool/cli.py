@@ -82,6 +82,23 @@ ShardOpt = Annotated[Optional[str], typer.Option(
                         "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
 
 
+def _expand_globs(values: list[str], option: str) -> list[str]:
+    """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches, sorted by name
+    (``--save-every`` names its checkpoints with zero-padded epochs, so that is training order)."""
+    import glob
+
+    out = []
+    for v in values:
+        if Path(v).exists() or not glob.has_magic(v):
+            out.append(v)
+            continue
+        found = sorted(glob.glob(v))
+        if not found:
+            raise ConfigError(f"{option} '{v}' matches no file.")
+        out.extend(found)
+    return out
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     from .curve_eval import parse_shard
 
@@ -651,8 +668,16 @@ def ensemble(
 @app.command()
 def plot(
     files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid), or one "
-                                                "plane file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+                                                "plane or surface file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG file to write.")] = None,
+    three_d: Annotated[bool, typer.Option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
+                                          "filled contours (points, curve and trajectory on the floor).")] = False,
+    html: Annotated[Optional[Path], typer.Option(help="Plane or 2-D surface file: also write an interactive, "
+                                                 "rotatable 3-D figure to this HTML file (needs the optional extra: "
+                                                 "pip install 'mctool[html]').")] = None,
+    vtk: Annotated[Optional[Path], typer.Option(help="Plane or surface file: also write the grid as a VTK structured "
+                                                "grid (.vts) for ParaView, and its points and curve or trajectory "
+                                                "beside it as NAME-points.vtp.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -661,15 +686,16 @@ def plot(
     from .plots import plot_files
 
     def work() -> Result:
-        return plot_files(files, output, force=force)
+        return plot_files(files, output, three_d=three_d, html=html, vtk=vtk, force=force)
 
-    _run(work, as_json, quiet, lambda r: _table("plot", [("written", _path(r.outputs["plot"]))]))
+    _run(work, as_json, quiet, lambda r: _table("plot", [("written", ", ".join(_path(f) for f in r.outputs.values()
+                                                                                if f is not None))]))
 
 
 @app.command("merge")
 def merge_cmd(
-    files: Annotated[list[Path], typer.Argument(help="The N shard files of one plane or evaluate-curve run (written "
-                                                "with --shard I/N), in any order.")],
+    files: Annotated[list[Path], typer.Argument(help="The N shard files of one plane, surface or evaluate-curve run "
+                                                "(written with --shard I/N), in any order.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
                                          "without --shard.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this PNG.")] = None,
@@ -677,7 +703,7 @@ def merge_cmd(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Combine the shard files of one plane or evaluate-curve run (--shard I/N) into one metrics file.
+    """Combine the shard files of one plane, surface or evaluate-curve run (--shard I/N) into one metrics file.
 
     Checks that the files are shards 0..N-1 of the same run (same inputs and options), each given once, and
     that every value was computed in exactly one of them.
@@ -768,17 +794,24 @@ def surface_cmd(
                                           "beside it as NAME-directions.safetensors.")],
     dims: Annotated[int, typer.Option(help="1 (a line through the network) or 2 (a surface).")] = 2,
     directions: Annotated[Optional[list[str]], typer.Option(
-        "--directions", help="'random' (default): Gaussian directions, filter-normalised to the network; or a "
-        "model checkpoint, given once per direction: the direction from the network to that one (coefficient 1 "
-        "reaches it).")] = None,
+        "--directions", help="'random' (default): Gaussian directions, filter-normalised to the network; 'pca': "
+        "the principal directions of --trajectory relative to the network; or a model checkpoint, given once per "
+        "direction: the direction from the network to that one (coefficient 1 reaches it).")] = None,
+    trajectory: Annotated[Optional[list[str]], typer.Option(
+        help="With --directions pca: the checkpoints of a training run, in training order: a file (repeat the option "
+        "for each) or a quoted glob pattern such as 'run-epoch*.safetensors' (its matches sorted by name).")] = None,
     ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
                                         "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
                                         "one filter).")] = "bn,bias",
     seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
-    range_: Annotated[float, typer.Option("--range", help="Coefficients from -RANGE to RANGE along each "
-                                          "direction.")] = 1.0,
-    grid_points: Annotated[int, typer.Option(help="Grid points per direction (odd: the network itself is one).")]
-    = 21,
+    range_: Annotated[Optional[float], typer.Option(
+        "--range", help="Coefficients from -RANGE to RANGE along each direction. Default: [-1, 1] for random "
+        "directions; for pca and files, the range that holds the points of interest (the network, the "
+        "trajectory, the files' networks at 1) plus --margin.")] = None,
+    margin: Annotated[float, typer.Option(help="Without --range: space added on each side of the points of "
+                                          "interest, as a fraction of their extent along each direction.")] = 0.2,
+    grid_points: Annotated[int, typer.Option(help="Grid points per direction (odd with random directions: the "
+                                             "network itself is one).")] = 21,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this PNG.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
@@ -795,27 +828,29 @@ def surface_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
+    shard: ShardOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Loss and error around one network: along random filter-normalised directions or towards other networks.
+    """Loss and error around one network: along random filter-normalised directions, the principal directions of
+    a training trajectory, or towards other networks.
 
     Random directions are normalised per filter (Li et al. 2018). BatchNorm statistics are recomputed at every
-    grid point. Draws filled contours (2-D) or lines (1-D) with --plot (or later with 'mctool plot FILE -o PNG').
+    grid point. Draws filled contours (2-D, with the trajectory) or lines (1-D) with --plot, or later with
+    'mctool plot FILE -o PNG' (also --3d, --html, --vtk).
     """
     from .surface import surface as run
 
     def work() -> Result:
-        files = None if not directions or directions == ["random"] else directions
-        if files is not None and "random" in files:
-            raise ConfigError("--directions is 'random' or one to two checkpoint files, not both.")
         kept = () if ignore.strip() in ("", "none") else tuple(x.strip() for x in ignore.split(","))
-        return run(checkpoint, metrics, dims=dims, directions=files, ignore=kept, seed=seed, span=range_,
-                   grid_points=grid_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
+        return run(checkpoint, metrics, dims=dims, directions=directions or "random",
+                   trajectory=_expand_globs(trajectory, "--trajectory") if trajectory else None, ignore=kept, seed=seed,
+                   span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume, force=force,
+                   device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
 
     def show(r: SurfaceResult) -> None:
         rows = []
@@ -826,10 +861,15 @@ def surface_cmd(
                     rows.append((f"{shown} {key}", f"min {_num(v.min, '.4g')}, max {_num(v.max, '.4g')}; at the "
                                  f"network {_num(v.at_points[0], '.4g')}"))
         rows += [("directions", f"{r.dims} {r.directions}, norms " + ", ".join(f"{n:.4g}" for n in
-                                                                              r.direction_norms)),
-                 ("metrics", _path(r.outputs["metrics"])), ("directions file", _path(r.outputs["directions"])),
+                                                                              r.direction_norms))]
+        if r.explained_variance_ratio is not None:
+            rows.append(("trajectory", "explained variance " + ", ".join(f"{v:.1%}" for v in
+                                                                         r.explained_variance_ratio)
+                         + f"; largest projection error {r.trajectory_max_error:.1%}"))
+        rows += [("metrics", _path(r.outputs["metrics"])), ("directions file", _path(r.outputs["directions"])),
                  ("plot", _path(r.outputs["plot"]))]
-        _table(f"surface, {' x '.join([str(r.grid_points)] * r.dims)} grid over [-{r.range:g}, {r.range:g}]", rows)
+        over = " x ".join(f"[{lo:.3g}, {hi:.3g}]" for lo, hi in r.ranges)
+        _table(f"surface, {' x '.join([str(r.grid_points)] * r.dims)} grid over {over}", rows)
 
     _run(work, as_json, quiet, show)
 

@@ -1,10 +1,11 @@
-"""``mctool merge``: the shard files of one ``plane`` or ``evaluate-curve`` run (``--shard I/N``) combined into
-the file the whole run writes (docs/distributed.md#sharding-without-a-launcher---shard-and-merge).
+"""``mctool merge``: the shard files of one ``plane``, ``surface`` or ``evaluate-curve`` run (``--shard I/N``)
+combined into the file the whole run writes (docs/distributed.md#sharding-without-a-launcher---shard-and-merge).
 
 The shards must be of one run: the same kind, inputs (with their sha256), options and number of shards N,
 each shard 0..N-1 given once, and every value computed in exactly one of them. The merged file is written by
 the same function as the command's own file, so it holds the same datasets and attributes (its config has no
-``shard``), plus ``merged_from``: the shard files and their sha256.
+``shard``), plus ``merged_from``: the shard files and their sha256. A surface's directions file (the same in
+every shard: the directions depend only on the inputs and options) is copied from shard 0's beside the output.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from .curve_eval import curve_metric_names, curve_metrics, curve_summary, parse_
 from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import json_attr, metrics_file, provenance
+from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import plane_metric_names, plane_metrics, plane_summary, write_plane_file
+from .surface import directions_path, surface_metrics, surface_summary, write_surface_file
 from .results import FileRef, MergeResult, file_refs
 
-KINDS = ("plane", "evaluate-curve")
+KINDS = ("plane", "surface", "evaluate-curve")
 
 
 @dataclass
@@ -44,7 +47,7 @@ def _read_shard(path: Path) -> _Shard:
     data, attrs = metrics_file(path, KINDS)
     if "shard" not in attrs:
         raise MetricsFileError(f"'{path}' is not a shard file (it has no attribute 'shard'); merge combines the files "
-                               "written by plane or evaluate-curve with --shard I/N.")
+                               "written by plane, surface or evaluate-curve with --shard I/N.")
     try:
         index, count = parse_shard(attrs["shard"] if isinstance(attrs["shard"], str) else "")
     except ConfigError:
@@ -68,7 +71,7 @@ def _same_run(first: _Shard, s: _Shard) -> None:
                                 "shards of one run.")
 
     if s.attrs["kind"] != first.attrs["kind"]:
-        article = {"plane": "a", "evaluate-curve": "an"}
+        article = {"plane": "a", "surface": "a", "evaluate-curve": "an"}
         raise other(f"one is {article[s.attrs['kind']]} {s.attrs['kind']} file, the other "
                     f"{article[first.attrs['kind']]} {first.attrs['kind']} file")
     if s.inputs != first.inputs:
@@ -92,6 +95,14 @@ def _layout(kind: str, split: str, data: dict[str, np.ndarray], path: Path) -> l
                 "points": 2}
         if "curve" in data or "curve_offplane" in data:  # curve input: both
             need.update({"curve": 2, "curve_offplane": 1})
+    elif kind == "surface":
+        names = plane_metric_names(split)
+        dims = 2 if "beta" in data else 1
+        need = {**{n: dims for n in names}, **{f"at_points/{n}": 1 for n in names}, "alpha": 1}
+        if dims == 2:
+            need["beta"] = 1
+        if "trajectory" in data or "trajectory_error" in data:  # pca: both
+            need.update({"trajectory": 2, "trajectory_error": 1})
     else:
         names = curve_metric_names(split)
         need = {**{n: 1 for n in names}, "t": 1, "dl": 1}
@@ -99,11 +110,16 @@ def _layout(kind: str, split: str, data: dict[str, np.ndarray], path: Path) -> l
         if name not in data or np.ndim(data[name]) != ndim or data[name].dtype.kind not in "fiu":
             raise MetricsFileError(f"'{path}' is not a complete {kind} file: dataset '{name}' is missing or is not a "
                                    f"{ndim}-D array of numbers.")
-    filled = names + [f"at_points/{n}" for n in names] if kind == "plane" else names
-    side = len(data["alpha"]) if kind == "plane" else len(data["t"])
-    for name in filled + (["beta"] if kind == "plane" else ["dl"]):
-        want = ((3,) if name.startswith("at_points/") else (side,) if name in ("beta", "dl")
-                else (side, side) if kind == "plane" else (side,))
+    if kind == "evaluate-curve":
+        filled, side, grid_shape, extra = names, len(data["t"]), (len(data["t"]),), ["dl"]
+    else:
+        filled = names + [f"at_points/{n}" for n in names]
+        side = len(data["alpha"])
+        grid_shape = (side, side) if kind == "plane" or "beta" in data else (side,)
+        extra = ["beta"] if len(grid_shape) == 2 else []
+    for name in filled + extra:
+        want = (((3,) if kind == "plane" else (1,)) if name.startswith("at_points/")
+                else (side,) if name in ("beta", "dl") else grid_shape)
         if np.shape(data[name]) != want:
             raise MetricsFileError(f"'{path}': dataset '{name}' should have shape {want}, got {np.shape(data[name])}.")
     return filled
@@ -111,15 +127,18 @@ def _layout(kind: str, split: str, data: dict[str, np.ndarray], path: Path) -> l
 
 def _task(kind: str, name: str, where: tuple[int, ...], side: int) -> int:
     """The index of a value's point in the run's full task list (``plane_tasks``, or the curve's points)."""
-    if kind == "plane":
-        return where[0] if name.startswith("at_points/") else 3 + where[0] * side + where[1]
-    return where[0]
+    if kind == "evaluate-curve":
+        return where[0]
+    first = 3 if kind == "plane" else 1  # the points before the grid cells: plane_tasks, surface_tasks
+    if name.startswith("at_points/"):
+        return where[0]
+    return first + (where[0] * side + where[1] if len(where) == 2 else where[0])
 
 
 def _combine(shards: list[_Shard], names: list[str], kind: str) -> dict[str, np.ndarray]:
     """Each value from the one shard that computed it."""
     count = shards[0].count
-    side = len(shards[0].data["alpha" if kind == "plane" else "t"])
+    side = len(shards[0].data["t" if kind == "evaluate-curve" else "alpha"])
     out = {}
     for name in names:
         stack = np.stack([np.asarray(s.data[name], dtype=np.float64) for s in shards])
@@ -160,8 +179,8 @@ def _earliest(shards: list[_Shard]) -> str | None:
 @holds_output_locks
 def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | None = None,
           force: bool = False) -> MergeResult:
-    """Combine the N shard files of one ``plane`` or ``evaluate-curve`` run into ``output``, the file the run
-    writes without ``--shard`` (and draw it to ``plot``)."""
+    """Combine the N shard files of one ``plane``, ``surface`` or ``evaluate-curve`` run into ``output``, the file
+    the run writes without ``--shard`` (and draw it to ``plot``)."""
     t0 = time.time()
     paths = [Path(f) for f in files]
     if not paths:
@@ -188,6 +207,9 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     shards = [by_index[i] for i in range(n)]
     first = shards[0]
     kind, split = first.attrs["kind"], first.attrs["split"]
+    if kind == "surface":  # its directions file too
+        check_outputs({"--output": output, "--plot": plot, "directions file": directions_path(output)}, paths,
+                      force=force)
     names = _layout(kind, split, first.data, first.path)
     values = _combine(shards, names, kind)
 
@@ -209,6 +231,22 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
                          points=data["points"], curve=data.get("curve"), curve_offplane=data.get("curve_offplane"),
                          summary=summary)
         metrics = plane_metrics(summary)
+    elif kind == "surface":
+        grid = {n_: values[n_] for n_ in plane_metric_names(split)}
+        center = {n_: values[f"at_points/{n_}"] for n_ in grid}
+        summary = surface_summary(grid, center)
+        vec_out = directions_path(output)
+        vec_in = first.path.with_name(str(first.attrs.get("directions_file", "")))
+        tensors, md = read_checkpoint(vec_in) if vec_in.is_file() else ({}, {})
+        if md.get("kind") != "surface-directions" or "directions" not in tensors:
+            raise MetricsFileError(f"'{first.path}': its directions file '{vec_in}' is missing or is not a surface "
+                                   "directions file; merge copies it beside the output.")
+        attrs["directions_file"] = vec_out.name
+        save_checkpoint(vec_out, tensors, md)
+        scales = {"alpha": data["alpha"], **({"beta": data["beta"]} if "beta" in data else {})}
+        write_surface_file(output, attrs, scales=scales, grid=grid, center=center, trajectory=data.get("trajectory"),
+                           trajectory_error=data.get("trajectory_error"), summary=summary)
+        metrics = surface_metrics(summary)
     else:
         distance = attrs.get("distance")
         if isinstance(distance, bool) or not isinstance(distance, (int, float)):
@@ -217,12 +255,13 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         write_curve_file(output, attrs, t=data["t"], values=values, dl=data["dl"], summary=summary)
         metrics = curve_metrics(summary)[0]
     if plot is not None and distributed.is_main():
-        from .plots import plot_curves, plot_plane
+        from .plots import plot_curves, plot_grid
 
-        if kind == "plane":
-            plot_plane(output, plot)
+        if kind in ("plane", "surface"):
+            plot_grid(output, plot)
         else:
             plot_curves([output], plot)
     return MergeResult(command="merge", inputs=refs,
-                       outputs={"metrics": FileRef.of(output), "plot": FileRef.of(plot) if plot is not None else None},
+                       outputs={"metrics": FileRef.of(output), "plot": FileRef.of(plot) if plot is not None else None,
+                                "directions": FileRef.of(directions_path(output)) if kind == "surface" else None},
                        split=split, metrics=metrics, seconds=time.time() - t0, kind=kind, shards=n)

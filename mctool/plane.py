@@ -21,7 +21,7 @@ from .checkpoint import load_model
 from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError
+from .errors import ConfigError, MetricsFileError
 from .evaluation import evaluate_weights
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
@@ -88,6 +88,25 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
         w = [base.layout.flatten(m.model.state_dict()) for m in models]
         return None, w, base, {str(m.path): m.sha256 for m in models}
     raise ConfigError(f"give one curve file or three model checkpoints (w0 w1 w2), not {len(paths)} files.")
+
+
+def grid_fractions(points: np.ndarray, curve: np.ndarray | None, dx: float, dy: float,
+                   margins: tuple[float, float, float, float], grid_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's alpha and beta, in units of dx and dy: the box that holds the three points and the projected
+    curve (usually [0, 1] x [0, 1]: the bend of a one-bend curve projects above the segment, the curve inside the
+    triangle) widened by ``margins`` (left, right, bottom, top) times its width and height."""
+    pts = points if curve is None else np.vstack([points, curve])
+    xs, ys = pts[:, 0] / dx, pts[:, 1] / dy
+
+    def box(v: np.ndarray) -> tuple[float, float]:
+        # [0, 1], widened where a point lies outside by more than the float32 rounding of the curve's points
+        lo, hi = float(v.min()), float(v.max())
+        return (lo if lo < -1e-5 else 0.0), (hi if hi > 1 + 1e-5 else 1.0)
+
+    (x0, x1), (y0, y1) = box(xs), box(ys)
+    left, right, bottom, top = margins
+    return (np.linspace(x0 - left * (x1 - x0), x1 + right * (x1 - x0), grid_points),
+            np.linspace(y0 - bottom * (y1 - y0), y1 + top * (y1 - y0), grid_points))
 
 
 def plane_metric_names(split: str) -> list[str]:
@@ -190,8 +209,9 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
           shard: tuple[int, int] | None = None, quiet: bool = False) -> PlaneResult:
-    """Evaluate train loss/error and test NLL/error on a G x G grid over the plane (``margins`` = left, right,
-    bottom, top, as fractions of dx and dy), plus at the three points themselves.
+    """Evaluate train loss/error and test NLL/error on a G x G grid over the plane, plus at the three points
+    themselves. The grid holds the three points and the projected curve, with ``margins`` (left, right, bottom,
+    top) as fractions of their extent: of dx and dy when the bend projects between w0 and w2 (``grid_fractions``).
 
     ``shard=(I, N)`` evaluates only the points whose index in ``plane_tasks`` is I modulo N (the others stay
     NaN; the summary covers the points computed); ``mctool.merge`` combines the N shard files into the file of
@@ -215,9 +235,14 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     name = dataset or base.meta.dataset
     if name is None:
         raise ConfigError("the network does not record its data set; pass --dataset.")
-    left, right, bottom, top = margins
-    alphas = np.linspace(-left, 1 + right, grid_points)
-    betas = np.linspace(-bottom, 1 + top, grid_points)
+    coords = np.array([[0.0, 0.0], [basis.w1_x, basis.dy], [basis.dx, 0.0]])
+    curve_xy = curve_off = None
+    if curve is not None:
+        ts = torch.linspace(0, 1, curve_points, dtype=torch.float64)
+        proj = [basis.project(c.float() @ curve.points) for c in coefficients(curve.curve, curve.num_bends, ts)]
+        curve_xy = np.array([[x, y] for x, y, _ in proj])
+        curve_off = np.array([d for _, _, d in proj])
+    alphas, betas = grid_fractions(coords, curve_xy, basis.dx, basis.dy, margins, grid_points)
     names = plane_metric_names(split)
     grid = {n: np.full((grid_points, grid_points), np.nan) for n in names}
     at_points = {n: np.full(3, np.nan) for n in names}
@@ -230,17 +255,15 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     if shard is not None:
         config["shard"] = shard_text(shard)
     if old:
+        for scale, values in (("alpha", alphas * basis.dx), ("beta", betas * basis.dy)):
+            if scale in old and (np.shape(old[scale]) != values.shape
+                                 or not np.allclose(old[scale], values, rtol=1e-9, atol=0)):
+                raise MetricsFileError(f"'{metrics}' was computed on another grid (an earlier mctool that did not "
+                                       "widen the grid to hold every point of interest); start over with --force.")
         for n in names:
             grid[n] = np.asarray(old[n], dtype=np.float64)
             at_points[n] = np.asarray(old[f"at_points/{n}"], dtype=np.float64)
 
-    coords = np.array([[0.0, 0.0], [basis.w1_x, basis.dy], [basis.dx, 0.0]])
-    curve_xy = curve_off = None
-    if curve is not None:
-        ts = torch.linspace(0, 1, curve_points, dtype=torch.float64)
-        proj = [basis.project(c.float() @ curve.points) for c in coefficients(curve.curve, curve.num_bends, ts)]
-        curve_xy = np.array([[x, y] for x, y, _ in proj])
-        curve_off = np.array([d for _, _, d in proj])
     attrs = {**provenance(inputs, config, "plane"), "dx": basis.dx, "dy": basis.dy, "w1_x": basis.w1_x,
              "u_norm": float(basis.u.double().norm()), "v_norm": float(basis.v.double().norm()),
              "u_dot_v": float(basis.u.double() @ basis.v.double()), "split": split,
@@ -294,9 +317,9 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                          grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
                          curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
     if plot is not None and distributed.is_main():
-        from .plots import plot_plane
+        from .plots import plot_grid
 
-        plot_plane(metrics, plot)
+        plot_grid(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics), "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0
     return result

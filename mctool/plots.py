@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import MetricsFileError
+from .errors import ConfigError, MetricsFileError
 from .fileio import atomic_path, check_outputs, holds_output_locks, writes_files
 from .h5io import json_attr, metrics_file, read_h5
 from .results import FileRef, PlotResult, file_refs
@@ -106,107 +107,200 @@ def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> np.n
     return lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness)
 
 
-def plot_plane(file: str | Path, output: str | Path) -> None:
-    """Train loss and error surfaces of a ``plane`` file as filled contours, like the paper's Figure 1."""
-    plt = _pyplot()
-    data, attrs = metrics_file(file, ("plane",), {"alpha": 1, "beta": 1, "train/loss": 2, "points": 2})
+@dataclass
+class GridView:
+    """What the figures and exports draw from a ``plane`` or ``surface`` file, validated: the grid's coordinates
+    (``y`` None for a 1-D surface), each metric over it (``z``: name -> array of the grid's shape; train loss and
+    the evaluation split's error always, the other metrics where the file has them), the marked points with
+    their labels, the projected curve or trajectory (``path``) and the axes' labels."""
+
+    kind: str
+    split: str
+    x: np.ndarray
+    y: np.ndarray | None
+    z: dict[str, np.ndarray]
+    points: np.ndarray  # [k, 2] (or [k, 1] in 1-D)
+    point_labels: list[str]
+    path: np.ndarray | None
+    path_label: str
+    xlabel: str
+    ylabel: str
+    note: str
+    equal_aspect: bool
+
+
+def grid_view(file: str | Path) -> GridView:
+    """Read a ``plane`` or ``surface`` file for drawing; MetricsFileError for anything missing or malformed."""
+    data, attrs = metrics_file(file, ("plane", "surface"), {"alpha": 1})
     split = _checked_split(attrs, file)
-    x, y = data["alpha"], data["beta"]
-    grid = (len(x), len(y))
-    _check_shapes(file, data, {"train/loss": grid, f"{split}/err": grid, "points": (3, 2)}, min_size=2)
-    if "curve" in data and (np.ndim(data["curve"]) != 2 or np.shape(data["curve"])[1:] != (2,)):
-        raise MetricsFileError(f"'{file}': dataset 'curve' must have shape (n, 2), got {np.shape(data['curve'])}.")
-    coordinates = ("alpha", "beta", "points", "curve") if "curve" in data else ("alpha", "beta", "points")
-    if not all(np.isfinite(data[k]).all() for k in coordinates):
-        raise MetricsFileError(f"'{file}': the coordinates (alpha, beta, points, curve) must be finite numbers.")
-    labels = ("A", "bend", "B") if "curve" in data else ("w0", "w1", "w2")
-    from matplotlib import patheffects
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    panels = ((axes[0], data["train/loss"], "train loss (CE + L2 term)", "Train loss"),
-              (axes[1], 100 * data[f"{split}/err"], f"{split} error (%)", f"{split.capitalize()} error"))
-    for ax, z, unit, title in panels:
-        if np.isfinite(z).any():
-            cs = ax.contourf(x, y, z.T, levels=_log_levels(z), cmap="viridis", extend="both")
-            ax.contour(x, y, z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            fig.colorbar(cs, ax=ax, label=unit, format="%.3g")
-        if "curve" in data:
-            c = data["curve"]
-            ax.plot(c[:, 0], c[:, 1], color="white", linewidth=3)
-            ax.plot(c[:, 0], c[:, 1], color="crimson", linewidth=1.5, label="curve (projected)")
-        p = data["points"]
-        ax.plot([p[0, 0], p[2, 0]], [p[0, 1], p[2, 1]], "--", color="white", linewidth=1.2,
-                path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")],
-                label=f"segment {labels[0]}-{labels[2]}")
-        ax.scatter(p[:, 0], p[:, 1], s=60, c="white", edgecolors="black", zorder=5)
-        for (px, py), label in zip(p, labels):
-            ax.annotate(label, (px, py), xytext=(6, -14), textcoords="offset points", fontsize=11, color="black",
-                        fontweight="bold", path_effects=[patheffects.withStroke(linewidth=3, foreground="white")])
-        # Not equal aspect: dy is often much smaller than dx, and an equal-aspect panel would be a thin strip.
-        ax.set(title=title, xlabel="along u = (w2 - w0) / |w2 - w0|  (weight-space units)",
-               ylabel="along v (orthogonal, towards w1)")
-    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=9)
-    _save(fig, output)
-
-
-def plot_surface(file: str | Path, output: str | Path) -> None:
-    """A ``surface`` file: train loss and test error along one direction (lines) or over two (filled contours),
-    the network itself at the origin."""
-    plt = _pyplot()
-    data, attrs = metrics_file(file, ("surface",), {"alpha": 1})
-    split = _checked_split(attrs, file)
+    kind = attrs["kind"]
     x = data["alpha"]
-    dims = 2 if "beta" in data else 1
-    if dims == 2 and np.shape(data["beta"]) != np.shape(x):
-        raise MetricsFileError(f"'{file}': datasets 'alpha' and 'beta' must have the same length.")
-    shape = (len(x),) * dims
-    _check_shapes(file, data, {"train/loss": shape, f"{split}/err": shape}, min_size=2)
-    if not np.isfinite(x).all() or (dims == 2 and not np.isfinite(data["beta"]).all()):
+    if kind == "plane" and "beta" not in data:
+        raise MetricsFileError(f"'{file}' is not a complete plane file: it has no dataset 'beta'.")
+    y = data.get("beta")
+    if y is not None and (np.ndim(y) != 1 or y.dtype.kind not in "fiu"):
+        raise MetricsFileError(f"'{file}': dataset 'beta' must be a 1-D array of numbers.")
+    dims = 1 if y is None else 2
+    shape = (len(x),) if y is None else (len(x), len(y))
+    names = ["train/loss", "train/err", f"{split}/nll", f"{split}/err"]
+    _check_shapes(file, data, {n: shape for n in names[::3]}, min_size=2)
+    z = {n: np.asarray(data[n], dtype=np.float64) for n in names
+         if n in data and np.shape(data[n]) == shape and data[n].dtype.kind in "fiu"}
+    if not np.isfinite(x).all() or (y is not None and not np.isfinite(y).all()):
         raise MetricsFileError(f"'{file}': the coordinates (alpha, beta) must be finite numbers.")
     config = json_attr(attrs, "config", file)
+    if kind == "plane":
+        _check_shapes(file, data, {"points": (3, 2)}, min_size=2)
+        path = data.get("curve")
+        if path is not None and (np.ndim(path) != 2 or np.shape(path)[1:] != (2,)):
+            raise MetricsFileError(f"'{file}': dataset 'curve' must have shape (n, 2), got {np.shape(path)}.")
+        if not np.isfinite(data["points"]).all() or (path is not None and not np.isfinite(path).all()):
+            raise MetricsFileError(f"'{file}': the coordinates (alpha, beta, points, curve) must be finite numbers.")
+        return GridView(kind, split, x, y, z, data["points"], ["A", "bend", "B"] if path is not None else
+                        ["w0", "w1", "w2"], path, "curve (projected)",
+                        "along u = (w2 - w0) / |w2 - w0|  (weight-space units)", "along v (orthogonal, towards w1)",
+                        "", False)
+    path, note = data.get("trajectory"), ""
+    if path is not None:
+        if np.ndim(path) != 2 or np.shape(path)[1] != dims or not np.isfinite(path).all():
+            raise MetricsFileError(f"'{file}': dataset 'trajectory' must be finite numbers of shape (n, {dims}).")
+        err = data.get("trajectory_error")
+        if err is None or np.shape(err) != (len(path),) or err.dtype.kind not in "fiu" or not np.isfinite(err).all():
+            raise MetricsFileError(f"'{file}': dataset 'trajectory_error' must be finite numbers of shape "
+                                   f"({len(path)},).")
+        path = np.vstack([path, np.zeros((1, dims))])  # the trajectory ends at the network itself
+        note = (f"trajectory projected: largest distance from the {'plane' if dims == 2 else 'line'} "
+                f"{100 * float(err.max()):.1f}% (mean {100 * float(err.mean()):.1f}%) of the distance to the network")
     method = config.get("directions", "random") if isinstance(config, dict) else "random"
-    unit = "filter-normalised direction" if method == "random" else "towards the other network"
+    explained = json_attr(attrs, "explained_variance_ratio", file) if "explained_variance_ratio" in attrs else None
+    if (method == "pca" and isinstance(explained, list) and len(explained) == dims
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in explained)):
+        labels = [f"PC{k + 1} ({v:.1%} of the trajectory's variance)" for k, v in enumerate(explained)]
+    else:
+        unit = {"random": "filter-normalised direction", "pca": "principal direction"}.get(method,
+                                                                                           "towards the other network")
+        labels = [f"a ({unit} d1)", f"b ({unit} d2)"]
+    # equal aspect for random directions (both of the network's scale); PCA and files' axes differ in length
+    return GridView(kind, split, x, y, z, np.zeros((1, dims)), ["network"], path, "trajectory (projected)",
+                    labels[0], labels[1], note, method == "random")
+
+
+def _panels(view: GridView) -> list[tuple[np.ndarray, str, str]]:
+    """(values, unit, title) of the two panels: train loss and the evaluation error in percent."""
+    split = view.split
+    return [(view.z["train/loss"], "train loss (CE + L2 term)", "Train loss"),
+            (100 * view.z[f"{split}/err"], f"{split} error (%)", f"{split.capitalize()} error")]
+
+
+def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, title: str):
+    """One 3-D panel: the surface z over the grid (NaN cells left out), the path and the points drawn on the
+    floor of the box (at the surface's minimum)."""
+    ax = fig.add_subplot(1, 2, position, projection="3d")
+    xx, yy = np.meshgrid(view.x, view.y, indexing="ij")
+    if np.isfinite(z).any():
+        surf = ax.plot_surface(xx, yy, np.ma.masked_invalid(z), cmap="viridis", linewidth=0, antialiased=True,
+                               rcount=len(view.x), ccount=len(view.y))
+        fig.colorbar(surf, ax=ax, shrink=0.6, label=unit, format="%.3g")
+        floor = float(np.nanmin(z))
+        if view.path is not None:
+            ax.plot(view.path[:, 0], view.path[:, 1], np.full(len(view.path), floor), color="crimson", linewidth=1.5)
+        ax.plot(view.points[:, 0], view.points[:, 1], np.full(len(view.points), floor), "o", color="black")
+    ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, zlabel=unit)
+    ax.view_init(elev=35, azim=-60)
+    return ax
+
+
+def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) -> None:
+    """A ``plane`` or ``surface`` file as a PNG: train loss and the evaluation error as filled contours (like the
+    paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface; the points, and the
+    projected curve or trajectory, drawn on them."""
+    plt = _pyplot()
+    view = grid_view(file)
+    from matplotlib import patheffects
+
+    if three_d:
+        if view.y is None:
+            raise MetricsFileError(f"'{file}' is a 1-D surface; --3d draws 2-D grids.")
+        fig = plt.figure(figsize=(14, 6), layout="constrained")
+        for k, (z, unit, title) in enumerate(_panels(view)):
+            _surface_3d(fig, k + 1, view, z, unit, title)
+        if view.note:
+            fig.suptitle(view.note, fontsize=9)
+        _save(fig, output)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    panels = ((axes[0], data["train/loss"], "train loss (CE + L2 term)", "Train loss"),
-              (axes[1], 100 * data[f"{split}/err"], f"{split} error (%)", f"{split.capitalize()} error"))
-    for ax, z, label, title in panels:
-        if dims == 1:
-            ax.plot(x, z, marker="o", markersize=3)
+    outline = [patheffects.withStroke(linewidth=3, foreground="white")]
+    for ax, (z, unit, title) in zip(axes, _panels(view)):
+        if view.y is None:
+            ax.plot(view.x, z, marker="o", markersize=3)
             ax.axvline(0, color="grey", linestyle=":", linewidth=1)
-            ax.set(title=title, xlabel=f"a ({unit} d1)", ylabel=label)
+            if view.path is not None:
+                ax.plot(view.path[:-1, 0], np.zeros(len(view.path) - 1), "|", color="crimson", markersize=12,
+                        transform=ax.get_xaxis_transform(), label=view.path_label)
+            ax.set(title=title, xlabel=view.xlabel, ylabel=unit)
             continue
         if np.isfinite(z).any():
-            cs = ax.contourf(x, data["beta"], z.T, levels=_log_levels(z), cmap="viridis", extend="both")
-            ax.contour(x, data["beta"], z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            fig.colorbar(cs, ax=ax, label=label, format="%.3g")
-        ax.scatter([0], [0], s=60, c="white", edgecolors="black", zorder=5)
-        ax.set(title=title, xlabel=f"a ({unit} d1)", ylabel=f"b ({unit} d2)", aspect="equal")
+            cs = ax.contourf(view.x, view.y, z.T, levels=_log_levels(z), cmap="viridis", extend="both")
+            ax.contour(view.x, view.y, z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
+            fig.colorbar(cs, ax=ax, label=unit, format="%.3g")
+        if view.path is not None:
+            ax.plot(view.path[:, 0], view.path[:, 1], color="white", linewidth=3)
+            ax.plot(view.path[:, 0], view.path[:, 1], color="crimson", linewidth=1.5, label=view.path_label,
+                    **({"marker": ".", "markersize": 5} if view.kind == "surface" else {}))
+        p = view.points
+        if view.kind == "plane":
+            ax.plot([p[0, 0], p[2, 0]], [p[0, 1], p[2, 1]], "--", color="white", linewidth=1.2,
+                    path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")],
+                    label=f"segment {view.point_labels[0]}-{view.point_labels[2]}")
+            for (px, py), label in zip(p, view.point_labels):
+                ax.annotate(label, (px, py), xytext=(6, -14), textcoords="offset points", fontsize=11,
+                            color="black", fontweight="bold", path_effects=outline)
+        ax.scatter(p[:, 0], p[:, 1], s=60, c="white", edgecolors="black", zorder=5)
+        # A plane's dy is often much smaller than its dx: an equal-aspect panel would be a thin strip.
+        ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, aspect="equal" if view.equal_aspect else "auto")
+    if view.kind == "plane":
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=9)
+    if view.note:
+        fig.suptitle(view.note, fontsize=9)
     _save(fig, output)
 
 
 @holds_output_locks
-def plot_files(files: list[str | Path], output: str | Path, *, force: bool = False) -> PlotResult:
-    """Draw whatever the files hold: one plane file, or one or more evaluate-curve files."""
+def plot_files(files: list[str | Path], output: str | Path | None = None, *, three_d: bool = False,
+               html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False) -> PlotResult:
+    """Draw whatever the files hold: one plane or surface file (``three_d``: as 3-D surfaces; ``html``: also an
+    interactive figure; ``vtk``: also VTK files for ParaView), or one or more evaluate-curve files. ``output`` is
+    the PNG; at least one of ``output``, ``html`` and ``vtk`` is needed."""
     t0 = time.time()
-    check_outputs({"--output": output}, files, force=force)
+    if output is None and html is None and vtk is None:
+        raise ConfigError("give an output: -o PNG, --html HTML and/or --vtk VTS.")
+    from .export import vtk_points_path
+
+    named = check_outputs({"--output": output, "--html": html, "--vtk": vtk,
+                           "--vtk points file": vtk_points_path(vtk) if vtk is not None else None}, files,
+                          force=force)
     kinds = {k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
-
-    def done(kind: str) -> PlotResult:
-        return PlotResult(command="plot", inputs=file_refs(list(files)), outputs={"plot": FileRef.of(output)},
-                          metrics={"train": None, "eval": None}, seconds=time.time() - t0, kind=kind)
-
-    if kinds == {"plane"}:
+    kind = next(iter(kinds)) if len(kinds) == 1 else None
+    if kind in ("plane", "surface"):
         if len(files) != 1:
-            raise MetricsFileError("give one plane file at a time.")
-        plot_plane(files[0], output)
-        return done("plane")
-    if kinds == {"surface"}:
-        if len(files) != 1:
-            raise MetricsFileError("give one surface file at a time.")
-        plot_surface(files[0], output)
-        return done("surface")
-    if kinds == {"evaluate-curve"}:
+            raise MetricsFileError(f"give one {kind} file at a time.")
+        if output is not None:
+            plot_grid(files[0], output, three_d=three_d)
+        if html is not None or vtk is not None:
+            from .export import export_grid
+
+            export_grid(files[0], html=html, vtk=vtk)
+    elif kind == "evaluate-curve":
+        if three_d or html is not None or vtk is not None:
+            raise MetricsFileError("--3d, --html and --vtk draw plane and surface files; curves are drawn as lines "
+                                   "(-o PNG).")
+        if output is None:
+            raise ConfigError("give the PNG to write: -o PNG.")
         plot_curves(files, output)
-        return done("evaluate-curve")
-    raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve files, "
-                           "one plane file or one surface file.")
+    else:
+        raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve "
+                               "files, one plane file or one surface file.")
+    refs = {key: FileRef.of(named[opt]) if opt in named else None for key, opt in
+            (("plot", "--output"), ("html", "--html"), ("vtk", "--vtk"), ("vtk_points", "--vtk points file"))}
+    return PlotResult(command="plot", inputs=file_refs(list(files)), outputs=refs,
+                      metrics={"train": None, "eval": None}, seconds=time.time() - t0, kind=kind)

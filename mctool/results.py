@@ -217,15 +217,15 @@ class PointResult(Result):
 
 @dataclass(kw_only=True)
 class PlotResult(Result):
-    """``plot``: ``kind`` of the files drawn (``evaluate-curve`` or ``plane``)."""
+    """``plot``: ``kind`` of the files drawn (``evaluate-curve``, ``plane`` or ``surface``)."""
 
     kind: str
 
 
 @dataclass(kw_only=True)
 class MergeResult(Result):
-    """``merge``: ``kind`` of the run merged (``plane`` or ``evaluate-curve``) and its number of ``shards``;
-    ``inputs`` are the shard files, ``metrics`` the merged file's summary as that command's ``--json`` gives
+    """``merge``: ``kind`` of the run merged (``plane``, ``surface`` or ``evaluate-curve``) and its number of
+    ``shards``; ``inputs`` are the shard files, ``metrics`` the merged file's summary as that command's ``--json`` gives
     it, and ``split`` the split the shards were evaluated on."""
 
     kind: str
@@ -304,12 +304,15 @@ class HessianResult(Result):
 @dataclass(kw_only=True)
 class SurfaceResult(Result):
     """``surface``: ``metrics.train``/``metrics.eval`` hold a ``PlaneSummary`` per metric (grid min and max, and
-    ``at_points``: the value at the network itself, None when the grid has no centre point); ``dims`` directions
-    (``random`` filter-normalised or ``files``), ``grid_points`` per direction over [-range, range];
-    ``direction_norms`` the L2 norm of each direction."""
+    ``at_points``: [the value at the network itself]); ``dims`` directions (``random`` filter-normalised,
+    ``pca`` of a trajectory, or ``files``), ``grid_points`` per direction over ``ranges`` ([low, high] per
+    direction); ``direction_norms`` the L2 norm of each direction; for ``pca`` the share of the trajectory's
+    squared distances to the network along each direction and the largest relative projection error."""
 
     dims: int
     directions: str
     grid_points: int
-    range: float
+    ranges: list[list[float]]
     direction_norms: list[float]
+    explained_variance_ratio: list[float] | None = None
+    trajectory_max_error: float | None = None

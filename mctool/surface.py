@@ -2,15 +2,18 @@
 
 Directions are random and filter-normalised (Li et al. 2018: each filter of a direction, a slice along
 dim 0 of a weight, is scaled to the norm of the same filter of the network; BatchNorm parameters and
-biases are zeroed unless kept), or the differences from the network to other networks. Grid point (a, b)
-has weights w + a d1 + b d2. The grid is evaluated by ``plane``'s runner (BN recomputed at every point,
-resumable, NaN for what is not computed yet, points dealt to the ranks under torchrun).
+biases are zeroed unless kept), the principal directions of a training trajectory (``pca``: unit vectors
+through the network that the trajectory's points lie closest to), or the differences from the network to
+other networks. Grid point (a, b) has weights w + a d1 + b d2. The grid and the network itself are
+evaluated by ``plane``'s runner (BN recomputed at every point, resumable, NaN for what is not computed yet,
+points dealt to the ranks under torchrun, ``--shard`` for ``merge``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +23,22 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .curve_eval import check_shard, metric_set, shard_tasks, shard_text
 from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import check_count, check_real
-from .curve_eval import metric_set
 from .plane import _nan_extreme, evaluate_cells, plane_metric_names
 from .results import FileRef, Metrics, PlaneSummary, SurfaceResult, file_refs
 
 #: What ``--ignore`` can name: parameters zeroed in random directions.
 IGNORABLE = ("bn", "bias")
+#: How directions are chosen.
+METHODS = ("random", "pca", "files")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_MAX_TRAJECTORY = 1000
 
 
 def parameter_kinds(model: nn.Module) -> dict[str, str]:
@@ -73,39 +79,180 @@ def random_directions(model: nn.Module, w: torch.Tensor, layout: ParamLayout, di
                         for _ in range(dims)])
 
 
+@dataclass
+class Trajectory:
+    """The principal directions of a trajectory relative to a network w, and the trajectory seen in them."""
+
+    directions: torch.Tensor  # [dims, P] float32, orthonormal (in float64 before rounding)
+    explained: list[float]  # per direction: the share of sum_i ||w_i - w||^2 along it
+    coords: np.ndarray  # [T, dims]: <w_i - w, d_k>
+    error: np.ndarray  # [T]: ||(w_i - w) - sum_k coords_ik d_k|| / ||w_i - w|| (0 where w_i = w)
+
+
+def pca_directions(w: torch.Tensor, points: list[torch.Tensor], dims: int) -> torch.Tensor:
+    """``[dims, P]``: the unit directions through ``w`` that the ``points`` (flat networks of a trajectory) lie
+    closest to in the least-squares sense: the top right singular vectors of the matrix of differences w_i - w
+    (not centred on their mean, so that the plane passes through w). Each direction's sign puts the
+    trajectory's first point at a coordinate <= 0 (training runs towards +, ending at w, the origin)."""
+    diffs = torch.stack([(p - w).double() for p in points])  # [T, P]
+    gram = diffs @ diffs.T  # [T, T]: the SVD of a short, wide matrix through its Gram matrix
+    total = float(gram.trace())
+    eigval, eigvec = torch.linalg.eigh(gram)
+    eigval, eigvec = eigval.flip(0), eigvec.flip(1)
+    if total <= 0 or len(points) < dims or float(eigval[dims - 1]) <= 1e-12 * total:
+        raise ConfigError(f"the trajectory spans fewer than {dims} direction{'s' if dims > 1 else ''} away from the "
+                          "network (its points coincide with it or lie on one line through it); give more distinct "
+                          "checkpoints, or use --dims 1.")
+    dirs = (eigvec[:, :dims].T @ diffs) / eigval[:dims].sqrt()[:, None]  # [dims, P], unit norm
+    first = diffs[0] @ dirs.T
+    return (dirs * torch.where(first > 0, -1.0, 1.0).to(torch.float64)[:, None]).float()
+
+
+def project_trajectory(w: torch.Tensor, points: list[torch.Tensor], directions: torch.Tensor) -> Trajectory:
+    """The trajectory ``points`` in the coordinates of orthonormal ``directions`` through ``w`` (float64)."""
+    diffs = torch.stack([(p - w).double() for p in points])
+    dirs = directions.double()
+    coords = diffs @ dirs.T  # [T, dims]
+    total = float((diffs * diffs).sum())
+    resid = (diffs - coords @ dirs).norm(dim=1)
+    norms = diffs.norm(dim=1)
+    error = torch.where(norms > 0, resid / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    explained = ((coords ** 2).sum(dim=0) / max(total, 1e-300)).tolist()
+    return Trajectory(directions, explained, coords.numpy(), error.numpy())
+
+
+def grid_ranges(method: str, dims: int, span: float | None, margin: float,
+                trajectory: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """The coefficients' range along each direction. ``span`` given: [-span, span]. Otherwise the points of
+    interest plus ``margin`` times their extent on each side: ``random``: [-1, 1]; ``files``: the network (0)
+    and the file's network (1); ``pca``: the network (0) and the trajectory's coordinates."""
+    if span is not None:
+        return [(-span, span)] * dims
+    if method == "random":
+        return [(-1.0, 1.0)] * dims
+    out = []
+    for k in range(dims):
+        pts = [0.0, 1.0] if method == "files" else [0.0, *trajectory[:, k].tolist()]
+        lo, hi = min(pts), max(pts)
+        extent = hi - lo
+        out.append((lo - margin * extent, hi + margin * extent))
+    return out
+
+
 def directions_path(metrics: Path) -> Path:
     """Where a surface run keeps its directions: ``NAME-directions.safetensors`` beside the metrics file."""
     return metrics.with_name(metrics.stem + "-directions.safetensors")
 
 
-def surface_summary(grid: dict[str, np.ndarray], center: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """``{"train": {metric: {"min", "max", "at_points": [center]}}, "eval": {...}}``."""
+def surface_tasks(grid_points: int, dims: int) -> list[list[int]]:
+    """Every point of a surface run, in order: ``[]`` for the network itself, then ``[i]`` or ``[i, j]`` for the
+    grid cells."""
+    cells = ([[i] for i in range(grid_points)] if dims == 1
+             else [[i, j] for i in range(grid_points) for j in range(grid_points)])
+    return [[], *cells]
+
+
+def surface_summary(grid: dict[str, np.ndarray], center: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """``{"train": {metric: {"min", "max", "at_points": [at the network]}}, "eval": {...}}``: min and max over the
+    grid cells computed (NaN ones left out)."""
     out: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
     for n, values in grid.items():
         group, metric = metric_set(n)
         out[group][metric] = {"min": _nan_extreme(np.min, values), "max": _nan_extreme(np.max, values),
-                              "at_points": [center[n]]}
+                              "at_points": [float(center[n][0])]}
     return out
 
 
+def surface_metrics(summary: dict[str, dict[str, Any]]) -> dict[str, Metrics]:
+    """``metrics`` of a ``SurfaceResult`` from ``surface_summary``'s dict."""
+    return {g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")}
+
+
+def write_surface_file(path: str | Path, attrs: dict[str, Any], *, scales: dict[str, np.ndarray],
+                       grid: dict[str, np.ndarray], center: dict[str, np.ndarray],
+                       trajectory: np.ndarray | None = None, trajectory_error: np.ndarray | None = None,
+                       summary: dict[str, Any] | None = None) -> None:
+    """Write a surface metrics file (atomically); ``surface`` and ``merge`` both write through here."""
+    if summary is not None:
+        attrs["summary"] = json.dumps(summary)
+    axes = tuple(scales)
+    datasets: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {n: (grid[n], axes) for n in grid}
+    datasets.update({f"at_points/{n}": (center[n], ()) for n in grid})
+    if trajectory is not None:
+        datasets["trajectory"] = (trajectory, ())
+        datasets["trajectory_error"] = (trajectory_error, ())
+    write_h5(path, scales=scales, datasets=datasets, attrs=attrs)
+
+
+def _method(directions: str | list[str] | None, trajectory: list[str] | None) -> tuple[str, list[str]]:
+    """(method, direction files) from ``directions`` ('random', 'pca' or checkpoint files), checked."""
+    if directions is None or directions == "random" or directions == ["random"]:
+        method, files = "random", []
+    elif directions == "pca" or directions == ["pca"]:
+        method, files = "pca", []
+    elif isinstance(directions, (list, tuple)) and not isinstance(directions, str):
+        files = [str(d) for d in directions]
+        if any(f in METHODS for f in files):
+            raise ConfigError("--directions is 'random', 'pca', or one or two checkpoint files, not a mix.")
+        if not 1 <= len(files) <= 2:
+            raise ConfigError(f"give one or two direction files, got {len(files)}.")
+        method = "files"
+    else:
+        raise ConfigError(f"--directions is 'random', 'pca', or one or two checkpoint files, got {directions!r}.")
+    if method == "pca" and not trajectory:
+        raise ConfigError("--directions pca needs the training trajectory: --trajectory FILES (e.g. the "
+                          "checkpoints of train --save-every, in training order).")
+    if method != "pca" and trajectory:
+        raise ConfigError("--trajectory goes with --directions pca.")
+    if trajectory and len(trajectory) > _MAX_TRAJECTORY:
+        raise ConfigError(f"--trajectory takes at most {_MAX_TRAJECTORY} checkpoints, got {len(trajectory)}.")
+    return method, files
+
+
+def _stored_directions(vec_path: Path, layout: ParamLayout, dims: int, inputs: dict[str, str],
+                       config: dict[str, Any]) -> torch.Tensor | None:
+    """The directions of an earlier run of the same inputs and options (``--resume``), or None if there is no
+    directions file; a file of another run is refused."""
+    if not vec_path.exists():
+        return None
+    tensors, md = read_checkpoint(vec_path)
+    d = tensors.get("directions")
+    same = (md.get("kind") == "surface-directions" and md.get("param_layout") == layout.to_json()
+            and md.get("inputs") == json.dumps(inputs, sort_keys=True)
+            and md.get("config") == json.dumps(config, sort_keys=True))
+    if (not same or d is None or d.dtype != torch.float32 or tuple(d.shape) != (dims, layout.size)
+            or not bool(torch.isfinite(d).all())):
+        raise ConfigError(f"'{vec_path}' does not hold this run's directions (other inputs or options); start over "
+                          "with --force.")
+    return d
+
+
 @holds_output_locks
-def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions: list[str] | None = None,
-            ignore: tuple[str, ...] = IGNORABLE, seed: int = 0, span: float = 1.0, grid_points: int = 21,
-            plot: str | Path | None = None, resume: bool = False, force: bool = False, device: str = "auto",
-            dataset: str | None = None, data_root: str | None = None, download: bool = False, split: str = "test",
-            batch_size: int = 512, bn_batches: int | None = None, train_subset: int | None = None,
-            wd: float | None = None, precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-            quiet: bool = False) -> SurfaceResult:
-    """Train loss/error and test NLL/error of the network at ``path`` moved along ``dims`` directions, on a grid
-    of ``grid_points`` coefficients per direction in [-span, span]. ``directions``: None for random
-    filter-normalised ones (``ignore`` zeroed, ``seed``), or model checkpoints: direction i is file i's weights
-    minus the network's (``dims`` is then their number; coefficient 1 reaches the file's network)."""
+def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions: str | list[str] | None = "random",
+            trajectory: list[str] | None = None, ignore: tuple[str, ...] = IGNORABLE, seed: int = 0,
+            span: float | None = None, margin: float = 0.2, grid_points: int = 21, plot: str | Path | None = None,
+            resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
+            data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
+            bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
+            precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
+            shard: tuple[int, int] | None = None, quiet: bool = False) -> SurfaceResult:
+    """Train loss/error and test NLL/error of the network at ``path`` and of the networks around it along ``dims``
+    directions, on a grid of ``grid_points`` coefficients per direction.
+
+    ``directions``: ``"random"`` (Gaussian, filter-normalised, ``ignore`` zeroed, ``seed``), ``"pca"`` (the
+    principal directions of the checkpoints ``trajectory`` relative to the network), or a list of model
+    checkpoints (direction i is file i's weights minus the network's; ``dims`` is then their number).
+    ``span``: coefficients in [-span, span]; None chooses the range from the points of interest plus ``margin``
+    times their extent (``grid_ranges``). ``shard=(I, N)`` evaluates only the points whose index in
+    ``surface_tasks`` is I modulo N; ``mctool.merge`` combines the shard files."""
     t0 = time.time()
+    shard = check_shard(shard, plot, "surface")
     check_count("--dims", dims)
     if dims > 2:
         raise ConfigError(f"--dims must be 1 or 2, got {dims}.")
     check_count("--grid-points", grid_points, 2)
     check_real("--range", span, 0, low_open=True)
+    check_real("--margin", margin, 0, 10)
     for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset), ("--batch-size", batch_size)):
         check_count(opt, value)
     check_real("--wd", wd, 0)
@@ -114,74 +261,83 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
         raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or nothing, got {bad[0]!r}.")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be a whole number in [0, 2^63), got {seed!r}.")
-    if directions is not None:
-        if not 1 <= len(directions) <= 2:
-            raise ConfigError(f"give one or two direction files, got {len(directions)}.")
-        dims = len(directions)
+    method, files = _method(directions, trajectory)
+    if method == "files":
+        dims = len(files)
     metrics = Path(metrics)
     vec_path = directions_path(metrics)
     center = load_model(path)
     base = line_between(center, center)
     layout = base.layout
     w = base.points[0]
-    others = [load_model(f) for f in directions or []]
+    others = [load_model(f) for f in files + list(trajectory or [])]
     for o in others:
         line_between(center, o)  # the same architecture, or a clear error
     inputs = {str(center.path): center.sha256, **{str(o.path): o.sha256 for o in others}}
+    flat_others = [layout.flatten(dict(o.model.named_parameters())) for o in others]
     wd = float(center.meta.config.get("wd", 0.0)) if wd is None else wd
     name = dataset or center.meta.dataset
     if name is None:
         raise ConfigError(f"'{path}' does not record its data set; pass --dataset.")
-    coords = np.linspace(-span, span, grid_points)
-    shape = (grid_points,) * dims
     names = plane_metric_names(split)
-    grid = {n: np.full(shape, np.nan) for n in names}
-    method = "files" if directions is not None else "random"
+    shape = (grid_points,) * dims
     config = {"dims": dims, "directions": method, "ignore": list(ignore) if method == "random" else None,
-              "seed": seed if method == "random" else None, "range": span, "grid_points": grid_points,
-              "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset,
-              "precision": precision}
+              "seed": seed if method == "random" else None, "range": span, "margin": None if span else margin,
+              "grid_points": grid_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
+              "train_subset": train_subset, "precision": precision}
+    vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True)
-    old, started = open_outputs(metrics, inputs, config, resume=resume, force=force, plot=plot,
-                                shapes={n: shape for n in names})
-    for n in names:
-        if n in old:
-            grid[n] = np.asarray(old[n], dtype=np.float64)
+    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+                                plot=plot, shapes={**{n: shape for n in names}, **{f"at_points/{n}": (1,)
+                                                                                     for n in names}})
+    if shard is not None:
+        config["shard"] = shard_text(shard)
+    grid = {n: np.asarray(old[n], dtype=np.float64) if n in old else np.full(shape, np.nan) for n in names}
+    at_center = {n: np.asarray(old[f"at_points/{n}"], dtype=np.float64) if n in old else np.full(1, np.nan)
+                 for n in names}
 
-    if method == "random":
-        vectors = random_directions(center.model, w, layout, dims, seed, tuple(ignore))
-    else:
-        vectors = torch.stack([layout.flatten(dict(o.model.named_parameters())) - w for o in others])
-    if resume and vec_path.exists():
-        tensors, md = read_checkpoint(vec_path)
-        if md.get("kind") != "surface-directions" or not torch.equal(tensors.get("directions", torch.empty(0)),
-                                                                      vectors):
-            raise ConfigError(f"'{vec_path}' does not hold this run's directions; start over with --force.")
-    elif distributed.is_main():
-        check_output(vec_path, force or resume, "directions file")
-        save_checkpoint(vec_path, {"directions": vectors.contiguous()},
-                        {"format": "pt", "kind": "surface-directions", "param_layout": layout.to_json(),
-                         "inputs": json.dumps(inputs, sort_keys=True), "config": json.dumps(config, sort_keys=True),
-                         "created": utc_now()})
+    vectors = _stored_directions(vec_path, layout, dims, inputs, vec_config) if resume else None
+    if vectors is None:
+        if method == "random":
+            vectors = random_directions(center.model, w, layout, dims, seed, tuple(ignore))
+        elif method == "pca":
+            vectors = pca_directions(w, flat_others, dims)
+        else:
+            vectors = torch.stack([o - w for o in flat_others])
+        if distributed.is_main():
+            check_output(vec_path, force or resume, "directions file")
+            save_checkpoint(vec_path, {"directions": vectors.contiguous()},
+                            {"format": "pt", "kind": "surface-directions", "param_layout": layout.to_json(),
+                             "inputs": json.dumps(inputs, sort_keys=True),
+                             "config": json.dumps(vec_config, sort_keys=True), "created": utc_now()})
+    path_seen = project_trajectory(w, flat_others, vectors) if method == "pca" else None
+    ranges = grid_ranges(method, dims, span, margin, path_seen.coords if path_seen else None)
+    coords = [np.linspace(lo, hi, grid_points) for lo, hi in ranges]
     norms = vectors.double().norm(dim=1).tolist()
-    scales = {"alpha": coords} if dims == 1 else {"alpha": coords, "beta": coords}
+    scales = dict(zip(("alpha", "beta"), coords))
     attrs = {**provenance(inputs, config, "surface"), "split": split, "dims": dims,
-             "direction_norms": json.dumps(norms), "directions_file": vec_path.name, "w_norm": float(w.double().norm())}
+             "direction_norms": json.dumps(norms), "directions_file": vec_path.name, "w_norm": float(w.double().norm()),
+             "ranges": json.dumps([list(r) for r in ranges])}
     if dims == 2:
         attrs["directions_cosine"] = float(vectors[0].double() @ vectors[1].double() / max(norms[0] * norms[1],
                                                                                                1e-300))
+    if path_seen is not None:
+        attrs["explained_variance_ratio"] = json.dumps(path_seen.explained)
+    if shard is not None:
+        attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
-    axes = ("alpha",) if dims == 1 else ("alpha", "beta")
 
     def write(summary: dict | None = None) -> None:
-        if summary is not None:
-            attrs["summary"] = json.dumps(summary)
-        write_h5(metrics, scales=scales, datasets={n: (grid[n], axes) for n in names}, attrs=attrs)
+        write_surface_file(metrics, attrs, scales=scales, grid=grid, center=at_center, summary=summary,
+                           trajectory=path_seen.coords if path_seen else None,
+                           trajectory_error=path_seen.error if path_seen else None)
 
-    cells = [[i] for i in range(grid_points)] if dims == 1 else [[i, j] for i in range(grid_points)
-                                                                 for j in range(grid_points)]
-    todo = distributed.broadcast_object([c for c in cells if any(np.isnan(grid[n][tuple(c)]) for n in names)])
+    def missing(cell: list[int]) -> bool:
+        return any(np.isnan(grid[n][tuple(cell)] if cell else at_center[n][0]) for n in names)
+
+    mine = shard_tasks(surface_tasks(grid_points, dims), shard)
+    todo = distributed.broadcast_object([c for c in mine if missing(c)])
     if todo:
         on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -189,31 +345,32 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
             if dev not in on_device:
                 on_device[dev] = (w.to(dev), vectors.to(dev))
             w_dev, d_dev = on_device[dev]
-            return w_dev + sum(float(coords[k]) * d_dev[a] for a, k in enumerate(cell))
+            return w_dev + sum(float(coords[a][k]) * d_dev[a] for a, k in enumerate(cell))
 
         def store(cell: list[int], m: dict[str, float]) -> None:
             for n in names:
-                grid[n][tuple(cell)] = m[n]
+                if cell:
+                    grid[n][tuple(cell)] = m[n]
+                else:
+                    at_center[n][0] = m[n]
             write()
 
         write()
-        evaluate_cells(base, todo, weights_of, store, label="surface", total=len(cells), metrics=metrics,
+        evaluate_cells(base, todo, weights_of, store, label="surface", total=len(mine), metrics=metrics,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet)
-    middle = grid_points // 2 if grid_points % 2 else None  # the network itself is a grid point when G is odd
-    at_center = {n: float(grid[n][(middle,) * dims]) if middle is not None else float("nan") for n in names}
     summary = surface_summary(grid, at_center)
     write(summary)
-    result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split,
-                           metrics={g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()})
-                                    for g in ("train", "eval")},
-                           dims=dims, directions=method, grid_points=grid_points, range=span,
-                           direction_norms=norms)
+    result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=surface_metrics(summary),
+                           dims=dims, directions=method, grid_points=grid_points, ranges=[list(r) for r in ranges],
+                           direction_norms=norms,
+                           explained_variance_ratio=path_seen.explained if path_seen else None,
+                           trajectory_max_error=float(path_seen.error.max()) if path_seen else None)
     if plot is not None and distributed.is_main():
-        from .plots import plot_surface
+        from .plots import plot_grid
 
-        plot_surface(metrics, plot)
+        plot_grid(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics), "directions": FileRef.of(vec_path),
                       "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0

@@ -190,9 +190,11 @@ def originals(tmp_path_factory) -> dict[str, list[Path]]:
     run("ensemble", d / "m0.safetensors", d / "m1.safetensors", "-o", d / "e.safetensors", "-q", *CPU)
     run("evaluate-curve", d / "c.safetensors", "-m", d / "ec.h5", "--num-points", "3", "-q", *CPU)
     run("plane", d / "c.safetensors", "-m", d / "p.h5", "--grid-points", "3", "--curve-points", "5", "-q", *CPU)
+    run("surface", d / "m0.safetensors", "-m", d / "s.h5", "--directions", "pca", "--trajectory",
+        d / "m0-epoch001.safetensors", "--trajectory", d / "m1-epoch001.safetensors", "--grid-points", "2", "-q", *CPU)
     return {"model": [d / "m0.safetensors"], "train-state": [d / "m0-epoch001.safetensors"],
             "curve": [d / "c.safetensors"], "ensemble": [d / "e.safetensors"],
-            "h5": [d / "m0.h5", d / "ec.h5", d / "p.h5"]}
+            "h5": [d / "m0.h5", d / "ec.h5", d / "p.h5", d / "s.h5"]}
 
 
 def _commands(kind: str, path: Path, out: Path, n: int) -> list[list]:
@@ -206,7 +208,7 @@ def _commands(kind: str, path: Path, out: Path, n: int) -> list[list]:
     if kind == "ensemble":
         return [["info", path], ["evaluate", path, *common],
                 ["point", path, "--index", "1", "-o", out / "p.safetensors", "--force", "-q"]]
-    return [["info", path, "--json"], ["plot", path, "-o", out / "p.png", "--force"]]
+    return [["info", path, "--json"], ["plot", path, "-o", out / "p.png", "--force", *(["--3d"] if n % 4 == 1 else [])]]
 
 
 def _check(runner: CliRunner, args: list, case: str) -> None:

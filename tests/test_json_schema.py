@@ -142,7 +142,8 @@ def test_evaluate_curve_point_and_plot(cli, registry, tmp_path, curve_files):
     r = check(registry, cli.json("point", curve, "--t", "0.5", "--bn-batches", "1", "-o", tmp_path / "p.safetensors",
                                  *CPU), "point", {"t", "index", "bn_recalibrated"}, {"model"}, {"train", "eval"})
     assert r["t"] == 0.5 and r["index"] is None
-    r = check(registry, cli.json("plot", m, "-o", tmp_path / "c.png"), "plot", {"kind"}, {"plot"}, {"train", "eval"})
+    r = check(registry, cli.json("plot", m, "-o", tmp_path / "c.png"), "plot", {"kind"},
+              {"plot", "html", "vtk", "vtk_points"}, {"train", "eval"})
     assert r["kind"] == "evaluate-curve" and r["split"] is None
 
 
@@ -172,23 +173,29 @@ def test_plane(cli, registry, tmp_path, curve_files):
     assert len(r["metrics"]["train"]["loss"]["at_points"]) == 3 and r["metrics"]["train"]["nll"] is None
 
 
-def test_merge(cli, registry, tmp_path, curve_files):
+def test_merge(cli, registry, tmp_path, curve_files, digits_models):
     shards = [tmp_path / f"s{i}.h5" for i in range(2)]
     for i, s in enumerate(shards):
         cli("plane", curve_files[0], "-m", s, "--grid-points", "2", "--bn-batches", "1", "--train-subset", "64",
             "--shard", f"{i}/2", "-q", *CPU)
     extra = {"kind", "shards"}
+    outputs = {"metrics", "plot", "directions"}
     r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "p.h5", "--plot", tmp_path / "p.png"), "merge",
-              extra, {"metrics", "plot"}, {"train", "eval"})
+              extra, outputs, {"train", "eval"})
     assert r["kind"] == "plane" and r["shards"] == 2 and r["split"] == "test" and len(r["inputs"]) == 2
     assert len(r["metrics"]["train"]["loss"]["at_points"]) == 3 and r["metrics"]["train"]["nll"] is None
     for i, s in enumerate(shards):
         cli("evaluate-curve", curve_files[0], "-m", s, "--num-points", "2", "--bn-batches", "1", "--shard", f"{i}/2",
             "--force", "-q", *CPU)
-    r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "c.h5"), "merge", extra, {"metrics", "plot"},
-              {"train", "eval"})
-    assert r["kind"] == "evaluate-curve" and r["outputs"]["plot"] is None
+    r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "c.h5"), "merge", extra, outputs, {"train", "eval"})
+    assert r["kind"] == "evaluate-curve" and r["outputs"]["plot"] is None and r["outputs"]["directions"] is None
     assert set(r["metrics"]["eval"]["err"]) == {"start", "end", "min", "max", "mean", "int"}
+    for i, s in enumerate(shards):
+        cli("surface", digits_models[0], "-m", s, "--grid-points", "2", "--dims", "1",
+            "--bn-batches", "1", "--train-subset", "64", "--shard", f"{i}/2", "--force", "-q", *CPU)
+    r = check(registry, cli.json("merge", *shards, "-o", tmp_path / "s.h5"), "merge", extra, outputs, {"train", "eval"})
+    assert r["kind"] == "surface" and r["outputs"]["directions"]["path"] == str(tmp_path / "s-directions.safetensors")
+    assert len(r["metrics"]["eval"]["err"]["at_points"]) == 1
 
 
 def test_fge(cli, registry, tmp_path, digits_models):
@@ -229,10 +236,13 @@ def test_hessian(cli, registry, tmp_path, digits_models):
 
 
 def test_surface(cli, registry, tmp_path, digits_models):
-    extra = {"dims", "directions", "grid_points", "range", "direction_norms"}
+    extra = {"dims", "directions", "grid_points", "ranges", "direction_norms", "explained_variance_ratio",
+             "trajectory_max_error"}
     r = check(registry, cli.json("surface", digits_models[0], "-m", tmp_path / "s.h5", "--grid-points", "2", *CPU),
               "surface", extra, {"metrics", "directions", "plot"}, {"train", "eval"})
-    assert r["split"] == "test" and r["outputs"]["plot"] is None and r["metrics"]["eval"]["err"]["at_points"] == [None]
+    # the network itself is evaluated even when the grid (even G) has no centre point
+    assert r["split"] == "test" and r["outputs"]["plot"] is None
+    assert r["metrics"]["eval"]["err"]["at_points"][0] is not None and r["explained_variance_ratio"] is None
     r = check(registry, cli.json("surface", digits_models[0], "-m", tmp_path / "l.h5", "--directions",
                                  digits_models[1], "--grid-points", "3", "--plot", tmp_path / "l.png", *CPU),
               "surface", extra, {"metrics", "directions", "plot"}, {"train", "eval"})

@@ -163,3 +163,19 @@ def test_train_subset_is_used(tmp_path, bezier):
     # train error on 50 images moves in steps of 1/50
     errs = np.array(r.metrics["train"].err.at_points) * 50  # the library returns typed results
     assert np.allclose(errs, np.round(errs), atol=1e-4)
+
+
+def test_the_grid_holds_every_point_of_interest():
+    margins = (0.2, 0.2, 0.2, 0.2)
+    # the usual case: the bend projects between w0 and w2, the curve inside the triangle: [-0.2, 1.2] in both
+    pts = np.array([[0.0, 0.0], [1.0, 2.0], [4.0, 0.0]])
+    curve = np.array([[-1e-7, 1e-8], [2.0, 1.0], [4.0, -1e-8]])  # float32 rounding outside the box: not widened
+    a, b = plane_module.grid_fractions(pts, curve, 4.0, 2.0, margins, 8)
+    np.testing.assert_array_equal(a, np.linspace(-0.2, 1.2, 8))
+    np.testing.assert_array_equal(b, np.linspace(-0.2, 1.2, 8))
+    # the bend beyond w2 and a curve of two bends that dips below the segment: the box grows to hold them
+    pts = np.array([[0.0, 0.0], [6.0, 2.0], [4.0, 0.0]])
+    curve = np.array([[0.0, 0.0], [5.0, -1.0], [4.0, 0.0]])
+    a, b = plane_module.grid_fractions(pts, curve, 4.0, 2.0, (0.1, 0.2, 0.3, 0.4), 5)
+    np.testing.assert_allclose(a, np.linspace(-0.1 * 1.5, 1.5 + 0.2 * 1.5, 5), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(b, np.linspace(-0.5 - 0.3 * 1.5, 1 + 0.4 * 1.5, 5), rtol=0, atol=1e-15)

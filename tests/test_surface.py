@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mctool.checkpoint import load_model
+from conftest import Cli
+from mctool.errors import ConfigError
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
-from mctool.surface import filter_normalize, parameter_kinds, random_directions
+from mctool.surface import filter_normalize, parameter_kinds, pca_directions, project_trajectory, random_directions
 
 CPU = ["--device", "cpu"]
 
@@ -62,7 +66,8 @@ def test_surface_around_a_network(cli, tmp_path, digits_models):
     a, b = digits_models
     m = tmp_path / "s.h5"
     r = cli.json("surface", a, "-m", m, "--grid-points", "3", "--plot", tmp_path / "s.png", *CPU)
-    assert r["dims"] == 2 and r["directions"] == "random" and r["grid_points"] == 3 and r["range"] == 1.0
+    assert r["dims"] == 2 and r["directions"] == "random" and r["grid_points"] == 3
+    assert r["ranges"] == [[-1.0, 1.0], [-1.0, 1.0]] and r["explained_variance_ratio"] is None
     data, attrs = read_h5(m)
     assert attrs["kind"] == "surface" and data["train/loss"].shape == (3, 3) and not np.isnan(data["test/err"]).any()
     np.testing.assert_array_equal(data["alpha"], [-1, 0, 1])
@@ -71,6 +76,9 @@ def test_surface_around_a_network(cli, tmp_path, digits_models):
     assert data["test/err"][1, 1] == pytest.approx(ev["err"], abs=1e-6)
     assert data["test/nll"][1, 1] == pytest.approx(ev["nll"], rel=1e-5)
     assert r["metrics"]["eval"]["err"]["at_points"] == [pytest.approx(ev["err"], abs=1e-6)]
+    # ...evaluated once more as the run's first point: the same network, the same numbers
+    np.testing.assert_array_equal(data["at_points/test/err"], [data["test/err"][1, 1]])
+    np.testing.assert_array_equal(data["at_points/train/loss"], [data["train/loss"][1, 1]])
     # the directions are stored beside the metrics file, filter-normalised (weights only: BN/biases ignored)
     d = load_file(tmp_path / "s-directions.safetensors")["directions"]
     model = load_model(a).model
@@ -86,8 +94,14 @@ def test_a_direction_towards_another_network(cli, tmp_path, digits_models):
     r = cli.json("surface", a, "-m", tmp_path / "l.h5", "--directions", b, "--grid-points", "3", "--plot",
                  tmp_path / "l.png", *CPU)
     assert r["dims"] == 1 and r["directions"] == "files"
+    # by default the range holds A (0) and B (1) with a margin of 0.2 of that extent on each side
+    assert r["ranges"] == [[-0.2, 1.2]]
     data, _ = read_h5(tmp_path / "l.h5")
     assert data["test/err"].shape == (3,)
+    np.testing.assert_allclose(data["alpha"], [-0.2, 0.5, 1.2], rtol=0, atol=1e-15)
+    r = cli.json("surface", a, "-m", tmp_path / "l2.h5", "--directions", b, "--grid-points", "3", "--range", "1",
+                 *CPU)
+    data, _ = read_h5(tmp_path / "l2.h5")
     # coefficient 1 reaches B (w + (w_B - w) in float32: B up to rounding)
     ev = cli.json("evaluate", b, *CPU)["metrics"]["eval"]
     assert data["test/nll"][2] == pytest.approx(ev["nll"], rel=1e-4)
@@ -109,7 +123,7 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
 
     monkeypatch.setattr(plane_module, "evaluate_weights", interrupt_second)
     msg = cli.error("surface", *args, "-m", tmp_path / "s.h5", code=130)
-    assert "1 of 3 points are saved" in msg
+    assert "1 of 4 points are saved" in msg  # the network itself, then 3 grid points
     monkeypatch.setattr(plane_module, "evaluate_weights", real)
     r = cli.json("surface", *args, "-m", tmp_path / "s.h5", "--resume")
     assert r["metrics"] == full["metrics"]
@@ -125,7 +139,17 @@ def test_errors(cli, tmp_path, digits_models):
     assert "--range must be" in cli.error("surface", a, "-m", m, "--range", "inf", *CPU)
     assert "--grid-points must be >= 2" in cli.error("surface", a, "-m", m, "--grid-points", "1", *CPU)
     assert "--ignore takes bn, bias" in cli.error("surface", a, "-m", m, "--ignore", "conv", *CPU)
-    assert "not both" in cli.error("surface", a, "-m", m, "--directions", "random", "--directions", b, *CPU)
+    assert "not a mix" in cli.error("surface", a, "-m", m, "--directions", "random", "--directions", b, *CPU)
+    assert "needs the training trajectory" in cli.error("surface", a, "-m", m, "--directions", "pca", *CPU)
+    assert "matches no file" in cli.error("surface", a, "-m", m, "--directions", "pca", "--trajectory",
+                                          tmp_path / "nothing-*.safetensors", *CPU)
+    assert "goes with --directions pca" in cli.error("surface", a, "-m", m, "--trajectory", b, *CPU)
+    # one checkpoint spans one direction away from the network, not two
+    assert "spans fewer than 2 directions" in cli.error("surface", a, "-m", m, "--directions", "pca",
+                                                        "--trajectory", b, *CPU)
+    assert "spans fewer than 1 direction " in cli.error("surface", a, "-m", m, "--directions", "pca", "--dims", "1",
+                                                        "--trajectory", a, *CPU)
+    assert "--margin must be" in cli.error("surface", a, "-m", m, "--margin", "nan", *CPU)
     assert "one or two direction files" in cli.error("surface", a, "-m", m, "--directions", b, "--directions", b,
                                                      "--directions", b, *CPU)
     other = tmp_path / "o.safetensors"
@@ -135,3 +159,164 @@ def test_errors(cli, tmp_path, digits_models):
     assert not m.exists() and not (tmp_path / "s-directions.safetensors").exists()
     cli("surface", a, "-m", m, "--grid-points", "2", "--dims", "1", "-q", *CPU)
     assert "already exists" in cli.error("surface", a, "-m", m, "--grid-points", "2", "--dims", "1", *CPU)
+
+
+def test_pca_directions_are_orthonormal_and_explain_the_trajectory():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(500, generator=g)
+    basis = torch.linalg.qr(torch.randn(500, 3, generator=g, dtype=torch.float64))[0].T  # orthonormal rows
+    # a trajectory mostly along basis[0], less along basis[1], a little along basis[2], ending near w
+    steps = torch.linspace(-4, -0.5, 8, dtype=torch.float64)
+    pts = [(w.double() + s * basis[0] + 0.5 * torch.sin(s) * basis[1] + 0.01 * (k % 2) * basis[2]).float()
+           for k, s in enumerate(steps)]
+    d = pca_directions(w, pts, 2)
+    assert d.shape == (2, 500) and d.dtype == torch.float32
+    torch.testing.assert_close(d.double() @ d.double().T, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    seen = project_trajectory(w, pts, d)
+    # the first two directions span basis[0] and basis[1]; what is left is the small basis[2] part
+    diffs = torch.stack([(p - w).double() for p in pts])
+    total = float((diffs ** 2).sum())
+    off = float(((diffs @ basis[2]) ** 2).sum())
+    assert sum(seen.explained) == pytest.approx(1 - off / total, rel=1e-5)
+    assert seen.explained[0] > seen.explained[1] > 0
+    # the explained variance is the squared coordinates' share; the coordinates reproduce the points in the plane
+    np.testing.assert_allclose((seen.coords ** 2).sum(axis=0) / total, seen.explained, rtol=1e-12)
+    resid = diffs.numpy() - seen.coords @ d.double().numpy()
+    np.testing.assert_allclose(np.linalg.norm(resid, axis=1) / diffs.norm(dim=1).numpy(), seen.error, rtol=1e-9)
+    # optimal: the plane through w along d leaves no more off-plane than the plane of basis[0] and basis[1]
+    assert float((resid ** 2).sum()) <= off * (1 + 1e-6)
+    # sign: the trajectory starts at negative coordinates and runs towards the network
+    assert (seen.coords[0] <= 0).all()
+    # the same points give the same directions (no randomness)
+    assert torch.equal(d, pca_directions(w, pts, 2))
+    with pytest.raises(ConfigError, match="spans fewer than 2"):
+        pca_directions(w, [w + basis[0].float(), w + 2 * basis[0].float()], 2)
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory):
+    """A digits MLP trained 6 epochs with a checkpoint after each: the final network and its 5 earlier states."""
+    folder = tmp_path_factory.mktemp("trajectory")
+    out = folder / "run.safetensors"
+    Cli()("train", "-d", "digits", "-o", out, "--epochs", "6", "--lr", "0.1", "--seed", "3", "--save-every", "1",
+               "--arch-kwargs", '{"hidden": 16}', "-q", *CPU)
+    return out, [folder / f"run-epoch{e:03d}.safetensors" for e in range(1, 6)]
+
+
+def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, trajectory):
+    final, states = trajectory
+    m = tmp_path / "pca.h5"
+    # a quoted glob pattern: its matches sorted by name (training order)
+    r = cli.json("surface", final, "-m", m, "--directions", "pca", "--trajectory", final.parent / "run-epoch*",
+                 "--grid-points", "3", "--plot", tmp_path / "pca.png", *CPU)
+    assert [i["path"] for i in r["inputs"]] == [str(p) for p in [final, *states]]
+    assert r["directions"] == "pca" and r["dims"] == 2
+    data, attrs = read_h5(m)
+    ev = r["explained_variance_ratio"]
+    assert json.loads(attrs["explained_variance_ratio"]) == ev and 0 < ev[1] <= ev[0] and sum(ev) <= 1 + 1e-9
+    # the stored numbers follow from the stored directions: recompute them
+    d = load_file(tmp_path / "pca-directions.safetensors")["directions"]
+    layout = ParamLayout.of(load_model(final).model)
+    flat = [layout.flatten(dict(load_model(p).model.named_parameters())) for p in [final, *states]]
+    torch.testing.assert_close(d.double() @ d.double().T, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    seen = project_trajectory(flat[0], flat[1:], d)
+    np.testing.assert_allclose(data["trajectory"], seen.coords, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(data["trajectory_error"], seen.error, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ev, seen.explained, rtol=1e-9)
+    assert r["trajectory_max_error"] == pytest.approx(float(seen.error.max()), rel=1e-9)
+    # the grid holds the network (0) and the whole trajectory, with 20% of its extent on each side
+    for k, (lo, hi) in enumerate(r["ranges"]):
+        c = np.append(seen.coords[:, k], 0.0)
+        extent = c.max() - c.min()
+        assert lo == pytest.approx(c.min() - 0.2 * extent, rel=1e-9) and hi == pytest.approx(c.max() + 0.2 * extent,
+                                                                                          rel=1e-9)
+    np.testing.assert_allclose(data["alpha"], np.linspace(*r["ranges"][0], 3), rtol=1e-12)
+    assert not np.isnan(data["test/err"]).any() and (tmp_path / "pca.png").stat().st_size > 0
+    # the network itself, evaluated as the run's first point
+    assert r["metrics"]["eval"]["err"]["at_points"] == [pytest.approx(cli.json("evaluate", final, *CPU)["metrics"]
+                                                                      ["eval"]["err"], abs=1e-6)]
+    cli("plot", m, "-o", tmp_path / "pca3d.png", "--3d", "-q")
+    assert (tmp_path / "pca3d.png").stat().st_size > 0
+
+
+def test_a_surface_in_shards_merges_into_the_whole_run(cli, tmp_path, trajectory):
+    final, states = trajectory
+    args = [final, "--directions", "pca", *[x for p in states for x in ("--trajectory", p)], "--grid-points", "3", *CPU]
+    whole = cli.json("surface", *args, "-m", tmp_path / "whole.h5")
+    for i in range(3):
+        cli("surface", *args, "-m", tmp_path / f"s{i}.h5", "--shard", f"{i}/3", "-q")
+    shard0, _ = read_h5(tmp_path / "s0.h5")
+    assert np.isnan(shard0["test/err"]).sum() == 6  # 10 points (the network + 9 cells): shard 0 has 4
+    r = cli.json("merge", *[tmp_path / f"s{i}.h5" for i in (2, 0, 1)], "-o", tmp_path / "merged.h5", "--plot",
+                 tmp_path / "merged.png")
+    assert r["kind"] == "surface" and r["shards"] == 3 and r["metrics"] == whole["metrics"]
+    merged, attrs = read_h5(tmp_path / "merged.h5")
+    want, _ = read_h5(tmp_path / "whole.h5")
+    for name in ("train/loss", "test/err", "at_points/test/nll", "trajectory", "alpha", "beta"):
+        np.testing.assert_array_equal(merged[name], want[name])
+    assert attrs["directions_file"] == "merged-directions.safetensors"
+    assert torch.equal(load_file(tmp_path / "merged-directions.safetensors")["directions"],
+                       load_file(tmp_path / "whole-directions.safetensors")["directions"])
+    assert "--plot draws the whole surface" in cli.error("surface", *args, "-m", tmp_path / "x.h5", "--shard", "0/2",
+                                                         "--plot", tmp_path / "x.png")
+
+
+def _vtk_arrays(path) -> tuple[dict[str, np.ndarray], dict[str, list[int]], str]:
+    """The float64 arrays (by name; the points as 'Points') and integer arrays of a VTK XML file we write."""
+    import base64
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    assert root.get("byte_order") == "LittleEndian" and root.get("header_type") == "UInt32"
+    floats, ints = {}, {}
+    for parent in root.iter():
+        for arr in parent.findall("DataArray"):
+            if arr.get("type") == "Float64":
+                raw = base64.b64decode(arr.text)
+                size = int(np.frombuffer(raw[:4], "<u4")[0])
+                assert size == len(raw) - 4
+                values = np.frombuffer(raw[4:], "<f8")
+                floats[arr.get("Name") or parent.tag] = values.reshape(-1, int(arr.get("NumberOfComponents")))
+            else:
+                ints[f"{parent.tag}/{arr.get('Name')}"] = [int(v) for v in arr.text.split()]
+    return floats, ints, root.get("type")
+
+
+def test_plot_exports_vtk_and_html(cli, tmp_path, trajectory):
+    final, states = trajectory
+    m = tmp_path / "s.h5"
+    cli("surface", final, "-m", m, "--directions", "pca", "--trajectory", final.parent / "run-epoch*",
+        "--grid-points", "3", "-q", *CPU)
+    data, _ = read_h5(m)
+    with h5py.File(m, "r+") as f:  # a cell not computed yet
+        f["test/err"][0, 2] = np.nan
+    data, _ = read_h5(m)
+    r = cli.json("plot", m, "--vtk", tmp_path / "s.vts", "--html", tmp_path / "s.html")
+    assert r["kind"] == "surface" and r["outputs"]["plot"] is None
+    assert r["outputs"]["vtk_points"]["path"] == str(tmp_path / "s-points.vtp")
+    # the structured grid: x runs fastest, every metric as point data, NaN kept
+    arrays, _, kind = _vtk_arrays(tmp_path / "s.vts")
+    assert kind == "StructuredGrid"
+    xx, yy = np.meshgrid(data["alpha"], data["beta"], indexing="xy")
+    np.testing.assert_array_equal(arrays["Points"], np.stack([xx.ravel(), yy.ravel(), 0 * xx.ravel()], axis=1))
+    for name in ("train/loss", "train/err", "test/nll", "test/err"):
+        np.testing.assert_array_equal(arrays[name.replace("/", "_")][:, 0], data[name].T.ravel())
+    assert np.isnan(arrays["test_err"][2 * 3 + 0, 0])  # cell (i=0, j=2)
+    # the points file: the network at the origin, then the trajectory ending there, as one polyline
+    arrays, ints, kind = _vtk_arrays(tmp_path / "s-points.vtp")
+    assert kind == "PolyData"
+    np.testing.assert_array_equal(arrays["Points"][0], [0, 0, 0])
+    np.testing.assert_array_equal(arrays["Points"][1:-1, :2], data["trajectory"])
+    np.testing.assert_array_equal(arrays["Points"][-1], [0, 0, 0])
+    assert ints["Lines/connectivity"] == list(range(1, 7)) and ints["Lines/offsets"] == [6]
+    html = (tmp_path / "s.html").read_text()
+    assert "plotly" in html and '"type":"surface"' in html and "trajectory (projected)" in html
+    # errors: nothing to write, exports of curves, HTML of a 1-D surface; outputs are not clobbered
+    assert "give an output" in cli.error("plot", m)
+    assert "already exists" in cli.error("plot", m, "--vtk", tmp_path / "s.vts")
+    cli("surface", final, "-m", tmp_path / "l.h5", "--dims", "1", "--grid-points", "2", "-q", *CPU)
+    assert "this surface is 1-D" in cli.error("plot", tmp_path / "l.h5", "--html", tmp_path / "l.html")
+    assert "is a 1-D surface" in cli.error("plot", tmp_path / "l.h5", "-o", tmp_path / "l.png", "--3d")
+    cli("plot", tmp_path / "l.h5", "--vtk", tmp_path / "l.vts", "-q")  # a 1-D grid is a line of points
+    arrays, _, _ = _vtk_arrays(tmp_path / "l.vts")
+    assert arrays["Points"].shape == (2, 3)
