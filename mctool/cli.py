@@ -82,6 +82,12 @@ ShardOpt = Annotated[Optional[str], typer.Option(
                         "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
 
 
+PointsPerPassOpt = Annotated[int, typer.Option(
+    help="Networks evaluated together in one pass over the data (P copies side by side in one wide network; "
+         "each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not fit in "
+         "memory. Architectures that cannot be widened are evaluated one at a time, with a warning.")]
+
+
 def _expand_globs(values: list[str], option: str) -> list[str]:
     """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches, sorted by name
     (``--save-every`` names its checkpoints with zero-padded epochs, so that is training order)."""
@@ -526,6 +532,7 @@ def evaluate_curve(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
+    points_per_pass: PointsPerPassOpt = 4,
     compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
                                                               "(from mctool align): the original B; also evaluate "
                                                               "the segment A -> B (same points and options) and "
@@ -551,7 +558,8 @@ def evaluate_curve(
                    device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
                    batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
-                   compare_unaligned=compare_unaligned, repair=repair, repair_batches=repair_batches, quiet=quiet)
+                   points_per_pass=points_per_pass, compare_unaligned=compare_unaligned, repair=repair,
+                   repair_batches=repair_batches, quiet=quiet)
 
     def show(r: CurveResult) -> None:
         t = Table(title=f"{r.curve} curve, {r.num_points} points", title_justify="left")
@@ -753,6 +761,7 @@ def plane_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
+    points_per_pass: PointsPerPassOpt = 4,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -770,7 +779,8 @@ def plane_cmd(
                    curve_points=curve_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
+                   points_per_pass=points_per_pass, quiet=quiet)
 
     def show(r: PlaneResult) -> None:
         rows = []
@@ -829,6 +839,7 @@ def surface_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
+    points_per_pass: PointsPerPassOpt = 4,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -850,7 +861,8 @@ def surface_cmd(
                    device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard), quiet=quiet)
+                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
+                   points_per_pass=points_per_pass, quiet=quiet)
 
     def show(r: SurfaceResult) -> None:
         rows = []

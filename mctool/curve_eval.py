@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .bn import bn_modules, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
@@ -183,7 +184,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                    batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
                    shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
-                   repair: bool = False, repair_batches: int = 8, quiet: bool = False) -> CurveResult:
+                   repair: bool = False, repair_batches: int = 8, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
+                   quiet: bool = False) -> CurveResult:
     """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
     (docs/method.md#curve-evaluation).
 
@@ -192,8 +194,10 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     ``compare_unaligned`` (with ``paths`` = A and B aligned by ``mctool align``): the unaligned B; the segment
     A -> B is evaluated too, at the same t and with the same options (``barrier_unaligned``, datasets under
     ``unaligned/``). ``repair`` (networks without BatchNorm): REPAIR at every point, with statistics from
-    ``repair_batches`` training batches (docs/align.md#repair)."""
+    ``repair_batches`` training batches (docs/align.md#repair). ``points_per_pass`` points are evaluated
+    together in one wide network (``batched.ManyEvaluator``; one at a time with ``repair``)."""
     t0 = time.time()
+    check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "curve")
     check_count("--num-points", num_points, 2)
     check_count("--batch-size", batch_size)
@@ -284,17 +288,34 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         write()
         saved = len(mine) - len(todo)
 
-        def measure(i: int) -> dict[str, float]:
+        per_pass = 1 if repair else points_per_pass  # REPAIR changes each network's weights before its pass
+        many = ManyEvaluator(model, curve.layout, data, points_per_pass=per_pass, wd=wd, batch_size=batch_size,
+                             bn_batches=bn_batches, precision=precision, channels_last=channels_last,
+                             label="curve")
+
+        def weights_at(i: int, seg: Curve, pts: torch.Tensor) -> torch.Tensor:
+            c = coefficients(seg.curve, seg.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
+            return c.float() @ pts
+
+        def measure_repaired(i: int) -> dict[str, float]:
             out = {}
             for prefix, seg, pts in segments:
-                c = coefficients(seg.curve, seg.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
-                seg.layout.assign(model, c.float() @ pts)
-                if repair:
-                    run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])),
-                               batches=repair_batches, batch_size=batch_size, precision=precision)
+                seg.layout.assign(model, weights_at(i, seg, pts))
+                run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])), batches=repair_batches,
+                           batch_size=batch_size, precision=precision)
                 m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
                                      precision=precision)
                 out |= {prefix + n: v for n, v in m.items()}
+            return out
+
+        def measure(points: list[int]) -> list[dict[str, float]]:
+            if repair:
+                return [measure_repaired(i) for i in points]
+            # every segment's network at every point of the pass, evaluated points_per_pass at a time
+            nets = [(k, prefix, weights_at(i, seg, pts)) for k, i in enumerate(points) for prefix, seg, pts in segments]
+            out: list[dict[str, float]] = [{} for _ in points]
+            for (k, prefix, _), m in zip(nets, many.evaluate(torch.stack([w for _, _, w in nets]))):
+                out[k] |= {prefix + n: v for n, v in m.items()}
             return out
 
         try:
@@ -312,8 +333,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                     bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
                                                      f"{split} err {m[f'{split}/err']:.2%}")
 
-                # one process: in order; several (torchrun): each rank takes the next point when free
-                distributed.deal_points(todo, measure, record)
+                # one process: in order; several (torchrun): each rank takes the next pass when free
+                deal_passes(todo, per_pass, measure, record)
         except KeyboardInterrupt:
             raise interrupted(saved, len(mine), metrics) from None
     summary = curve_summary(values, dl, distance)

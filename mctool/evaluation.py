@@ -70,7 +70,7 @@ def _predict_dealt(model: nn.Module, split: Split, batch_size: int, device: torc
 def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax outputs ``[N, C]`` (float32) and labels ``[N]``; options as ``predict_logits``."""
     logits, labels = predict_logits(model, split, **kwargs)
-    return F.softmax(logits, dim=1), labels
+    return F.softmax(logits, dim=-1), labels
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

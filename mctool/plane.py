@@ -22,7 +22,7 @@ from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
-from .evaluation import evaluate_weights
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .options import check_count, check_real
@@ -163,12 +163,13 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    store: Callable[[Any, dict[str, float]], None], *, label: str, total: int, metrics: Path,
                    source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
                    batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
-                   channels_last: bool, num_workers: int, quiet: bool) -> None:
+                   channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
     is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
     torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
-    number saved. The grid runner of ``plane`` and ``surface``."""
+    number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
+    when its pass is done. The grid runner of ``plane`` and ``surface``."""
     dev = resolve_device(device)
     data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
                      channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
@@ -178,10 +179,12 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    def measure(cell: Any) -> dict[str, float]:
-        base.layout.assign(model, weights_of(cell, dev))
-        return evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                precision=precision, train_split=train_split)
+    many = ManyEvaluator(model, base.layout, data, points_per_pass=points_per_pass, wd=wd, batch_size=batch_size,
+                         bn_batches=bn_batches, precision=precision, train_split=train_split,
+                         channels_last=channels_last)
+
+    def measure(cells: list) -> list[dict[str, float]]:
+        return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]))
 
     saved = total - len(todo)
     try:
@@ -195,8 +198,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                 bar.update(task, advance=1,
                            info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
 
-            # one process: in order; several (torchrun): each rank takes the next cell when free
-            distributed.deal_points(todo, measure, record)
+            # one process: in order; several (torchrun): each rank takes the next pass when free
+            deal_passes(todo, points_per_pass, measure, record)
     except KeyboardInterrupt:
         raise interrupted(saved, total, metrics) from None
 
@@ -208,7 +211,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
           data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-          shard: tuple[int, int] | None = None, quiet: bool = False) -> PlaneResult:
+          shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
+          quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane, plus at the three points
     themselves. The grid holds the three points and the projected curve, with ``margins`` (left, right, bottom,
     top) as fractions of their extent: of dx and dy when the bend projects between w0 and w2 (``grid_fractions``).
@@ -217,6 +221,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     NaN; the summary covers the points computed); ``mctool.merge`` combines the N shard files into the file of
     the whole run."""
     t0 = time.time()
+    check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--grid-points", grid_points, 2)
     check_count("--curve-points", curve_points, 2)
@@ -310,7 +315,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         evaluate_cells(base, todo, weights_of, store, label="plane", total=len(mine), metrics=metrics,
                        source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
-                       precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+                       precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
+                       points_per_pass=points_per_pass)
     summary = plane_summary(grid, at_points)
     write(summary)
     result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),

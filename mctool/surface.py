@@ -30,6 +30,7 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import check_count, check_real
+from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .plane import _nan_extreme, evaluate_cells, plane_metric_names
 from .results import FileRef, Metrics, PlaneSummary, SurfaceResult, file_refs
 
@@ -235,7 +236,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
             data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
             bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
             precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-            shard: tuple[int, int] | None = None, quiet: bool = False) -> SurfaceResult:
+            shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
+            quiet: bool = False) -> SurfaceResult:
     """Train loss/error and test NLL/error of the network at ``path`` and of the networks around it along ``dims``
     directions, on a grid of ``grid_points`` coefficients per direction.
 
@@ -246,6 +248,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     times their extent (``grid_ranges``). ``shard=(I, N)`` evaluates only the points whose index in
     ``surface_tasks`` is I modulo N; ``mctool.merge`` combines the shard files."""
     t0 = time.time()
+    check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--dims", dims)
     if dims > 2:
@@ -359,7 +362,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
         evaluate_cells(base, todo, weights_of, store, label="surface", total=len(mine), metrics=metrics,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
-                       precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet)
+                       precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
+                       points_per_pass=points_per_pass)
     summary = surface_summary(grid, at_center)
     write(summary)
     result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=surface_metrics(summary),

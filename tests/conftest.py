@@ -87,3 +87,15 @@ def ctrl_c_during_epoch(monkeypatch, epoch: int, after_batches: int = 0):
 
     monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
     return lambda: monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+
+
+def count_networks(monkeypatch) -> list[int]:
+    """Count the networks evaluated from now on (one entry each), one at a time or many to a pass."""
+    import mctool.batched as batched
+
+    calls: list[int] = []
+    one, many = batched.evaluate_weights, batched.evaluate_many
+    monkeypatch.setattr(batched, "evaluate_weights", lambda *a, **k: calls.append(1) or one(*a, **k))
+    monkeypatch.setattr(batched, "evaluate_many", lambda wide, weights, *a, **k: calls.extend([1] * len(weights))
+                        or many(wide, weights, *a, **k))
+    return calls

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import mctool.curve_eval
-from conftest import ctrl_c_during_epoch
+from conftest import count_networks, ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.curve_training import CurveStep
@@ -166,9 +165,7 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
     with h5py.File(m, "a") as f:  # as if interrupted after the first two points
         for name in ("train/loss", "test/err"):
             f[name][2:] = np.nan
-    calls = []
-    real = mctool.curve_eval.evaluate_weights
-    monkeypatch.setattr(mctool.curve_eval, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_networks(monkeypatch)
     assert "--force" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "4")
     cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "4", "--resume", "-q", *CPU)
     assert len(calls) == 2

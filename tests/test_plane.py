@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import count_networks
 
 from mctool.checkpoint import load_model
 from mctool.curves import load_curve
@@ -83,15 +84,16 @@ def test_plane_from_curve_layout_and_values(cli, tmp_path, bezier):
 
 def test_grid_point_weights_are_the_formula(tmp_path, bezier, monkeypatch):
     seen = []
-    real = plane_module.evaluate_weights
+    batched = importlib.import_module("mctool.batched")
+    real = batched.evaluate_weights
 
     def spy(model, *a, **k):
         seen.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).clone())
         return real(model, *a, **k)
 
-    monkeypatch.setattr(plane_module, "evaluate_weights", spy)
+    monkeypatch.setattr(batched, "evaluate_weights", spy)  # one network per pass: each goes through here
     plane_module.plane([str(bezier)], tmp_path / "p.h5", grid_points=2, margins=(0.5, 0.0, 0.25, 0.0),
-                       device="cpu", quiet=True)
+                       device="cpu", quiet=True, points_per_pass=1)
     curve = load_curve(bezier)[0]
     b = PlaneBasis.through(*curve.points)
     assert len(seen) == 3 + 4
@@ -110,9 +112,7 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
     with h5py.File(m, "a") as f:
         f["test/err"][1, 2] = np.nan
         f["train/loss"][2, 0] = np.nan
-    calls = []
-    real = plane_module.evaluate_weights
-    monkeypatch.setattr(plane_module, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_networks(monkeypatch)
     cli("plane", *args, "--resume", "-q")
     assert len(calls) == 2
     again, _ = read_h5(m)

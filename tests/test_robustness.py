@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import mctool.batched
 import mctool.checkpoint
 import mctool.curve_eval
 import mctool.fileio
@@ -254,7 +255,8 @@ def test_bn_recalibration_never_reports_reset_statistics_as_recomputed():
 # --- 3. Ctrl-C ----------------------------------------------------------------------------------------------------
 
 def _ctrl_c_on_call(monkeypatch, module, n: int):
-    """Make ``module.evaluate_weights`` raise KeyboardInterrupt on its n-th call (1-based)."""
+    """Make ``module.evaluate_weights`` raise KeyboardInterrupt on its n-th call (1-based); with
+    --points-per-pass 1 every network is evaluated there (``mctool.batched``)."""
     real = module.evaluate_weights
     calls = {"n": 0}
 
@@ -270,8 +272,9 @@ def _ctrl_c_on_call(monkeypatch, module, n: int):
 
 def test_ctrl_c_in_evaluate_curve_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
     m = tmp_path / "e.h5"
-    args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu"]
-    restore = _ctrl_c_on_call(monkeypatch, mctool.curve_eval, 3)
+    args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu",
+            "--points-per-pass", "1"]
+    restore = _ctrl_c_on_call(monkeypatch, mctool.batched, 3)
     err = cli.error(*args, code=130)
     assert err == f"Error: interrupted; 2 of 4 points are saved in '{m}'. Continue with the same command plus --resume."
     data, _ = read_h5(m)
@@ -284,8 +287,9 @@ def test_ctrl_c_in_evaluate_curve_keeps_the_points_and_says_how_to_resume(cli, t
 
 def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
     m = tmp_path / "p.h5"
-    args = ["plane", files["m0"], files["m2"], files["m1"], "-m", m, "--grid-points", "2", "--device", "cpu"]
-    restore = _ctrl_c_on_call(monkeypatch, plane_module, 5)
+    args = ["plane", files["m0"], files["m2"], files["m1"], "-m", m, "--grid-points", "2", "--device", "cpu",
+            "--points-per-pass", "1"]
+    restore = _ctrl_c_on_call(monkeypatch, mctool.batched, 5)
     err = cli.error(*args, code=130)
     assert err == f"Error: interrupted; 4 of 7 points are saved in '{m}'. Continue with the same command plus --resume."
     data, _ = read_h5(m)

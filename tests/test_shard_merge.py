@@ -1,6 +1,5 @@
 """`--shard I/N` for plane and evaluate-curve, and `mctool merge`: N shard files merge into the unsharded file."""
 
-import importlib
 import json
 import shutil
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 import mctool
+from conftest import count_networks
 from mctool.errors import ConfigError
 from mctool.fileio import sha256_file
 from mctool.h5io import read_h5
@@ -116,10 +116,7 @@ def test_resume_a_shard(cli, tmp_path, bezier, monkeypatch):
     before, _ = read_h5(m)
     with h5py.File(m, "a") as f:
         f["train/loss"][3] = np.nan
-    curve_eval = importlib.import_module("mctool.curve_eval")
-    calls = []
-    real = curve_eval.evaluate_weights
-    monkeypatch.setattr(curve_eval, "evaluate_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_networks(monkeypatch)
     cli("evaluate-curve", bezier, "-m", m, "--shard", "1/2", "--resume", *CURVE)
     assert len(calls) == 1  # only the shard's own missing point, not the other shard's NaN ones
     after, attrs = read_h5(m)

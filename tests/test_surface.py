@@ -112,8 +112,9 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
     a = digits_models[0]
     args = [a, "--grid-points", "3", "--dims", "1", "--seed", "5", *CPU]
     full = cli.json("surface", *args, "-m", tmp_path / "full.h5")
-    plane_module = importlib.import_module("mctool.plane")  # mctool.plane is the function
-    real, calls = plane_module.evaluate_weights, []
+    args += ["--points-per-pass", "1"]  # one network per pass: an interruption after the first
+    batched = importlib.import_module("mctool.batched")
+    real, calls = batched.evaluate_weights, []
 
     def interrupt_second(*x, **kw):
         calls.append(1)
@@ -121,10 +122,10 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
             raise KeyboardInterrupt
         return real(*x, **kw)
 
-    monkeypatch.setattr(plane_module, "evaluate_weights", interrupt_second)
+    monkeypatch.setattr(batched, "evaluate_weights", interrupt_second)
     msg = cli.error("surface", *args, "-m", tmp_path / "s.h5", code=130)
     assert "1 of 4 points are saved" in msg  # the network itself, then 3 grid points
-    monkeypatch.setattr(plane_module, "evaluate_weights", real)
+    monkeypatch.setattr(batched, "evaluate_weights", real)
     r = cli.json("surface", *args, "-m", tmp_path / "s.h5", "--resume")
     assert r["metrics"] == full["metrics"]
     assert "other settings" in cli.error("surface", a, "--grid-points", "3", "--dims", "1", "--seed", "6", *CPU,

@@ -1,0 +1,263 @@
+"""Many networks of one architecture evaluated in one pass (docs/performance.md#many-networks-in-one-pass).
+
+``WideNetwork`` turns a network into P copies of itself side by side: every convolution, linear layer and
+normalisation layer is replaced by one with P times the channels, the copies' weights concatenated along the
+output channels, and convolutions grouped so that no copy sees another's channels (a linear layer on P
+copies' features is a batched matrix product). Elementwise operations, pooling, residual additions and
+flattening work unchanged on the wide activations. Each data batch is read once and goes through all P
+networks together; BatchNorm statistics are per channel, so each copy's recalibrated statistics are those
+of a separate pass over the same batches.
+
+Operations that mix channels in other ways (concatenation along channels, channel shuffles, attention,
+LayerNorm over channels) would silently mix the copies, so every wide network is checked against the P
+separate networks on a probe batch before use; one that disagrees, or has a layer with parameters of a
+kind not listed above, is refused and the caller evaluates the networks one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import recalibrate_bn
+from .data import Split
+from .evaluation import error, evaluate_weights, nll, predict_probs
+from .errors import ConfigError
+from .flat import ParamLayout
+
+_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _WideConv(nn.Module):
+    """P convolutions of one shape; input of the original channels (shared by all copies) or P times them."""
+
+    def __init__(self, conv: nn.Module, p: int):
+        super().__init__()
+        self.p, self.fn, self.in_channels, self.groups = p, _CONVS[type(conv)], conv.in_channels, conv.groups
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight = nn.Parameter(conv.weight.detach().repeat(p, *[1] * (conv.weight.dim() - 1)))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().repeat(p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.in_channels:  # the input images: every copy reads the same channels
+            if self.groups == 1:
+                return self.fn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
+            x = x.repeat(1, self.p, *[1] * (x.dim() - 2))
+        return self.fn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups * self.p)
+
+
+class _WideLinear(nn.Module):
+    """P linear layers of one shape: on shared features (one matrix product with the stacked weights) or on P
+    copies' features side by side in the last dimension (a batched matrix product)."""
+
+    def __init__(self, linear: nn.Linear, p: int):
+        super().__init__()
+        self.p, self.in_features, self.out_features = p, linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().repeat(p, 1))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().repeat(p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.p, self.in_features).transpose(0, 1)  # [P, N, in]
+        w = self.weight.view(self.p, self.out_features, self.in_features).transpose(1, 2)  # [P, in, out]
+        out = (torch.bmm(xs, w) if self.bias is None
+               else torch.baddbmm(self.bias.view(self.p, 1, self.out_features), xs, w))
+        return out.transpose(0, 1).reshape(*lead, self.p * self.out_features)
+
+
+def _wide_norm(m: nn.Module, p: int) -> nn.Module:
+    if isinstance(m, nn.GroupNorm):
+        wide = nn.GroupNorm(m.num_groups * p, m.num_channels * p, m.eps, m.affine)
+    else:
+        wide = type(m)(m.num_features * p, m.eps, m.momentum, m.affine, m.track_running_stats)
+    state = {k: (v.repeat(p) if v.dim() == 1 else v.clone()) for k, v in m.state_dict().items()}
+    wide.load_state_dict(state)
+    return wide
+
+
+def _widen(model: nn.Module, p: int) -> nn.Module | None:
+    """A deep copy of ``model`` with every layer replaced by its P-wide version, or None if a module with
+    parameters or buffers is of a kind this cannot widen."""
+    wide = copy.deepcopy(model)
+    for name, m in list(wide.named_modules()):
+        if type(m) in _CONVS:
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return None
+            new = _WideConv(m, p)
+        elif type(m) is nn.Linear:
+            new = _WideLinear(m, p)
+        elif type(m) in _BNS or type(m) is nn.GroupNorm:
+            new = _wide_norm(m, p)
+        elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            return None
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(wide.get_submodule(parent) if parent else wide, leaf, new)
+    return wide
+
+
+class WideNetwork(nn.Module):
+    """P networks of ``model``'s architecture as one module: ``forward(x)`` gives logits ``[B, P, K]``."""
+
+    def __init__(self, net: nn.Module, p: int, layout: ParamLayout):
+        super().__init__()
+        self.net, self.p, self.layout = net, p, layout
+        self._params = dict(net.named_parameters())
+
+    @classmethod
+    def of(cls, model: nn.Module, p: int, layout: ParamLayout, probe: torch.Tensor) -> "WideNetwork | None":
+        """The P-wide version of ``model`` (whose parameters ``layout`` describes), checked on the batch
+        ``probe``: P different networks (``model``'s weights, scaled per copy) must give, side by side, the
+        logits each gives alone (eval mode). None if the architecture cannot be widened or fails the check."""
+        net = _widen(model, p)
+        if net is None or p < 1 or set(dict(net.named_parameters())) != set(layout.names):
+            return None
+        wide = cls(net.to(probe.device), p, layout)
+        w = layout.flatten(dict(model.named_parameters())).to(probe.device)
+        weights = torch.stack([w * (1 + 0.25 * k) for k in range(p)])
+        was = model.training
+        model.eval()
+        wide.eval()
+        try:
+            with torch.no_grad():
+                wide.assign(weights)
+                got = wide(probe).float()
+                want = []
+                for k in range(p):
+                    layout.assign(model, weights[k])
+                    want.append(model(probe).float())
+                layout.assign(model, w)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return None
+        finally:
+            model.train(was)
+        want = torch.stack(want, dim=1)
+        if got.shape != want.shape:
+            return None
+        scale = float(want.abs().max()) + 1e-6
+        return wide if float((got - want).abs().max()) <= 1e-3 * scale else None
+
+    @torch.no_grad()
+    def assign(self, weights: torch.Tensor) -> None:
+        """Set the P copies' parameters from flat vectors ``weights`` [P, N] (``layout`` order)."""
+        for name, chunk, shape in zip(self.layout.names, torch.split(weights, self.layout.numels, dim=1),
+                                      self.layout.shapes):
+            self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.reshape(out.shape[0], self.p, -1)
+
+    def running_stats(self, k: int) -> dict[str, torch.Tensor]:
+        """Copy ``k``'s BatchNorm running statistics, as its own network's state dict names them."""
+        out = {}
+        for name, buf in self.net.named_buffers():
+            out[name] = buf.view(self.p, -1)[k].clone() if buf.dim() == 1 else buf.clone()
+        return out
+
+
+def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: float, batch_size: int = 512,
+                  bn_batches: int | None = None, precision: str = "fp32",
+                  train_split: Split | None = None) -> list[dict[str, float]]:
+    """``evaluation.evaluate_weights`` for the P networks ``weights`` [P, N] in one pass over the data: BN
+    recomputed for each, then each one's train loss, NLL and error and evaluation NLL and error."""
+    wide.assign(weights)
+    recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
+    probs_t, labels_t = predict_probs(wide, train_split or data.train, batch_size=batch_size, precision=precision)
+    probs_e, labels_e = predict_probs(wide, data.eval, batch_size=batch_size, precision=precision)
+    split = data.eval_split
+    out = []
+    for k in range(wide.p):
+        l2 = 0.0
+        if wd:
+            l2 = 0.5 * wd * float(sum(c.float().pow(2).sum() for c in torch.split(weights[k], wide.layout.numels)))
+        t_nll = nll(probs_t[:, k], labels_t)
+        out.append({"train/loss": t_nll + l2, "train/nll": t_nll, "train/err": error(probs_t[:, k], labels_t),
+                    f"{split}/nll": nll(probs_e[:, k], labels_e), f"{split}/err": error(probs_e[:, k], labels_e)})
+    return out
+
+
+#: What ``--points-per-pass`` defaults to (docs/performance.md#many-networks-in-one-pass).
+DEFAULT_POINTS_PER_PASS = 4
+_PROBE = 8  # images in the batch that checks a wide network
+
+
+class ManyEvaluator:
+    """Evaluates networks of ``model``'s architecture given as flat parameter vectors, ``points_per_pass`` at a
+    time in one wide network (``WideNetwork``), or one at a time with ``evaluate_weights`` when that is 1 or
+    the architecture cannot be widened (with a warning). Wide networks are built once per number of points."""
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, data: Any, *, points_per_pass: int, wd: float,
+                 batch_size: int = 512, bn_batches: int | None = None, precision: str = "fp32",
+                 train_split: Split | None = None, channels_last: bool = False, label: str = "network"):
+        self.model, self.layout, self.data, self.points_per_pass = model, layout, data, points_per_pass
+        self.options = {"wd": wd, "batch_size": batch_size, "bn_batches": bn_batches, "precision": precision,
+                        "train_split": train_split}
+        self.channels_last, self.label = channels_last, label
+        self._wides: dict[int, WideNetwork | None] = {}
+        self._warned = False
+
+    def _wide(self, p: int) -> WideNetwork | None:
+        if p not in self._wides:
+            probe = next(iter(self.data.eval.batches(_PROBE)))[0]
+            wide = WideNetwork.of(self.model, p, self.layout, probe)
+            if wide is not None and self.channels_last:
+                wide.to(memory_format=torch.channels_last)
+            self._wides[p] = wide
+            if wide is None and not self._warned:
+                self._warned = True
+                from .runtime import warn
+
+                warn(f"this {self.label}'s architecture cannot be evaluated {p} networks to a pass (a layer or an "
+                     "operation would mix them: see docs/performance.md#many-networks-in-one-pass); evaluating "
+                     "one network per pass.")
+        return self._wides[p]
+
+    def evaluate(self, weights: torch.Tensor) -> list[dict[str, float]]:
+        """Metrics (``evaluate_weights``'s) of each row of ``weights`` [n, N], any n: in passes of at most
+        ``points_per_pass`` networks."""
+        out: list[dict[str, float]] = []
+        for rows in torch.split(weights, self.points_per_pass):
+            wide = self._wide(len(rows)) if len(rows) > 1 else None
+            if wide is not None:
+                out += evaluate_many(wide, rows, self.data, **self.options)
+                continue
+            for w in rows:
+                self.layout.assign(self.model, w)
+                out.append(evaluate_weights(self.model, self.data, **self.options))
+        return out
+
+
+def check_points_per_pass(value: Any) -> None:
+    from .options import check_count
+
+    check_count("--points-per-pass", value)
+    if value > 64:
+        raise ConfigError(f"--points-per-pass must be at most 64, got {value}.")
+
+
+def deal_passes(todo: list, points_per_pass: int, measure: Any, record: Any) -> None:
+    """``distributed.deal_points`` for work done ``points_per_pass`` points at a time: ``measure(points)`` gives
+    one metrics dict per point of a pass; ``record(point, metrics)`` is called for each point of a pass as soon
+    as the pass is done (so an interrupted run loses at most the pass in flight). Under torchrun the ranks take
+    whole passes."""
+    from . import distributed
+
+    passes = [todo[i:i + points_per_pass] for i in range(0, len(todo), points_per_pass)]
+
+    def measure_pass(points: list) -> dict[str, float]:
+        return {f"{k}\t{name}": v for k, m in enumerate(measure(points)) for name, v in m.items()}
+
+    def record_pass(points: list, flat: dict[str, float]) -> None:
+        for k, point in enumerate(points):
+            record(point, {key.split("\t", 1)[1]: v for key, v in flat.items() if key.startswith(f"{k}\t")})
+
+    distributed.deal_points(passes, measure_pass, record_pass)

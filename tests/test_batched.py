@@ -1,0 +1,146 @@
+"""Many networks in one pass (``mctool.batched``): the same metrics and BN statistics as one at a time, passes
+that do not divide the points, resume, and architectures that cannot be widened."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mctool.batched as batched
+from mctool.batched import ManyEvaluator, WideNetwork, evaluate_many
+from mctool.bn import recalibrate_bn
+from mctool.data import load_data
+from mctool.evaluation import evaluate_weights
+from mctool.flat import ParamLayout
+from mctool.h5io import read_h5
+from mctool.models import build_model
+
+CPU = ["--device", "cpu"]
+
+
+def _points(model: nn.Module, layout: ParamLayout, p: int) -> torch.Tensor:
+    """p different networks around ``model``: its weights plus seeded noise of 10% of their scale."""
+    w = layout.flatten(dict(model.named_parameters()))
+    g = torch.Generator().manual_seed(1)
+    return torch.stack([w + 0.1 * w.abs().mean() * torch.randn(w.numel(), generator=g) for _ in range(p)])
+
+
+@pytest.mark.parametrize("arch, dataset", [("cifar_preresnet20", "synthetic:size=16,train=96,test=40"),
+                                            ("mlp", "digits")])
+def test_one_pass_gives_what_separate_passes_give(arch, dataset):
+    torch.manual_seed(0)
+    data = load_data(dataset)
+    info = data.info
+    model = build_model(arch, info.num_classes, info.in_chans,
+                        {"img_size": 16} if arch == "cifar_preresnet20" else {"img_size": 8})
+    layout = ParamLayout.of(model)
+    weights = _points(model, layout, 3)
+    probe = next(iter(data.eval.batches(8)))[0]
+    wide = WideNetwork.of(model, 3, layout, probe)
+    assert wide is not None
+    got = evaluate_many(wide, weights, data, wd=5e-4, batch_size=32, bn_batches=2)
+    for k in range(3):
+        layout.assign(model, weights[k])
+        want = evaluate_weights(model, data, wd=5e-4, batch_size=32, bn_batches=2)
+        assert got[k].keys() == want.keys()
+        for name in want:
+            # float32 sums over a few hundred images, and a grouped convolution or batched matrix product in
+            # place of a plain one: agreement to ~1e-6 relative; an error rate may flip one image near a tie
+            tol = 1.5 / len(data.eval) if name.endswith("err") else 1e-4 * max(1.0, abs(want[name]))
+            assert got[k][name] == pytest.approx(want[name], abs=tol), (k, name)
+        if arch == "cifar_preresnet20":  # each copy's BatchNorm statistics are its own separate pass's
+            recalibrate_bn(model, data.train, batch_size=32, max_batches=2)
+            mine = wide.running_stats(k)
+            for name, buf in model.named_buffers():
+                if buf.dtype.is_floating_point:
+                    torch.testing.assert_close(mine[name], buf, rtol=1e-5, atol=1e-6)
+                else:
+                    assert torch.equal(mine[name], buf)
+
+
+class _Concat(nn.Module):
+    """Concatenates two branches along the channels: widened, the copies' channels would be interleaved."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.cat([self.a(x), self.b(x)], dim=1), 1))
+
+
+def test_architectures_that_would_mix_the_copies_are_evaluated_one_at_a_time():
+    data = load_data("digits")
+    probe = next(iter(data.eval.batches(8)))[0]
+    cat = _Concat()
+    assert WideNetwork.of(cat, 2, ParamLayout.of(cat), probe) is None  # caught by the check on the probe batch
+    ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+    assert WideNetwork.of(ln, 2, ParamLayout.of(ln), probe) is None  # a layer it cannot widen
+    layout = ParamLayout.of(cat)
+    weights = _points(cat, layout, 3)
+    many = ManyEvaluator(cat, layout, data, points_per_pass=3, wd=0.0, batch_size=256)
+    with pytest.warns(UserWarning, match="one network per pass"):
+        got = many.evaluate(weights)
+    for k in range(3):
+        layout.assign(cat, weights[k])
+        assert got[k] == evaluate_weights(cat, data, wd=0.0, batch_size=256)  # the same code path: equal
+
+
+def test_evaluate_curve_in_passes_that_do_not_divide_the_points(cli, tmp_path, digits_models, monkeypatch):
+    args = ["evaluate-curve", *digits_models, "--num-points", "5", *CPU, "-q"]
+    cli(*args, "-m", tmp_path / "one.h5", "--points-per-pass", "1")
+    one, _ = read_h5(tmp_path / "one.h5")
+    passes = []
+    real = batched.evaluate_many
+    monkeypatch.setattr(batched, "evaluate_many", lambda w, x, *a, **k: passes.append(len(x)) or real(w, x, *a, **k))
+    cli(*args, "-m", tmp_path / "two.h5", "--points-per-pass", "2")
+    assert passes == [2, 2]  # and the fifth point alone, as one network
+    two, _ = read_h5(tmp_path / "two.h5")
+    for name in ("train/loss", "train/nll", "test/nll"):
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=0)
+    for name in ("train/err", "test/err"):
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1.5 / 360)
+
+
+def test_an_interrupted_pass_loses_only_its_own_points(cli, tmp_path, digits_models, monkeypatch):
+    m = tmp_path / "e.h5"
+    args = ["evaluate-curve", *digits_models, "--num-points", "5", "--points-per-pass", "2", *CPU]
+    real, calls = batched.evaluate_many, []
+
+    def second_pass_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(batched, "evaluate_many", second_pass_interrupted)
+    assert "2 of 5 points are saved" in cli.error(*args, "-m", m, code=130)
+    data, _ = read_h5(m)
+    assert np.isfinite(data["train/loss"][:2]).all() and np.isnan(data["train/loss"][2:]).all()
+    monkeypatch.setattr(batched, "evaluate_many", real)
+    cli(*args, "-m", m, "--resume", "-q")  # resuming with another P is allowed: results do not depend on it
+    cli(*args[:-4], *CPU, "-m", tmp_path / "full.h5", "--points-per-pass", "4", "-q")
+    again, _ = read_h5(m)
+    full, _ = read_h5(tmp_path / "full.h5")
+    np.testing.assert_allclose(again["test/nll"], full["test/nll"], rtol=1e-5, atol=0)
+
+
+def test_points_per_pass_is_checked(cli, tmp_path, digits_models):
+    for bad in ("0", "65"):
+        for cmd in (["evaluate-curve", *digits_models], ["surface", digits_models[0]]):
+            assert "--points-per-pass must be" in cli.error(*cmd, "-m", tmp_path / "x.h5", "--points-per-pass", bad,
+                                                            *CPU)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_surface_in_passes_equals_one_network_per_pass(cli, tmp_path, digits_models):
+    for p in ("1", "3"):
+        cli("surface", digits_models[0], "-m", tmp_path / f"s{p}.h5", "--grid-points", "3", "--points-per-pass", p,
+            "-q", *CPU)
+    one, _ = read_h5(tmp_path / "s1.h5")
+    three, _ = read_h5(tmp_path / "s3.h5")
+    for name in ("train/loss", "test/nll", "at_points/test/nll"):
+        np.testing.assert_allclose(three[name], one[name], rtol=1e-5, atol=0)
