@@ -11,7 +11,8 @@ Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also gi
 (so ``curve_over_plain_step/<arch>`` is always present). Per architecture and variant: plain and curve
 training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
 batches (data pipeline included) and the pipeline's share; one curve point and one plane point (BN pass
-plus train and test evaluation, s). With ``--reference``: the reference code's way of working (fp32,
+plus train and test evaluation, s); P = --points-per-pass curve points evaluated one at a time and P to a
+pass in one wide network, and their ratio ``batched_over_sequential``. With ``--reference``: the reference code's way of working (fp32,
 a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
 evaluation at batch 128), timed on part of the data and given as img/s and an estimated curve-point time.
 """
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from mctool.batched import ManyEvaluator
 from mctool.curve_training import CurveStep
 from mctool.curves import Curve, coefficients
 from mctool.data import load_data
@@ -149,6 +151,26 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         out["plane_point_s"] = _timed(lambda: (layout.assign(eval_model, basis.weights(0.3, 0.4)),
                                                evaluate_weights(eval_model, data, **kw)), dev)
         out["plane_21x21_min_estimate"] = 441 * out["plane_point_s"] / 60
+        # P curve points evaluated one at a time and P to a pass (one wide network: mctool.batched)
+        ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
+        ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
+        opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
+        one = ManyEvaluator(eval_model, layout, data, points_per_pass=1, **opts)
+        many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
+        got = {}
+        many.evaluate(ws)  # warm-up, and builds the wide network
+        t_one, t_many = [], []
+        for _ in range(args.eval_reps):  # interleaved, the fastest of each: the machine's other load hits both
+            t_one.append(_timed(lambda: got.__setitem__("one", one.evaluate(ws)), dev))
+            t_many.append(_timed(lambda: got.__setitem__("many", many.evaluate(ws)), dev))
+        out["eval_points_sequential_s"] = min(t_one)
+        out["eval_points_batched_s"] = min(t_many)
+        out["batched_over_sequential"] = min(t_many) / min(t_one)
+        out["curve_point_batched_s"] = min(t_many) / len(ts)
+        out["plane_21x21_batched_min_estimate"] = 441 * out["curve_point_batched_s"] / 60
+        out["batched_max_nll_diff"] = max(abs(a[k] - b[k]) for a, b in zip(got["one"], got["many"])
+                                          for k in a if not k.endswith("err"))
+        out["batched_wide"] = float(many._wide(len(ts)) is not None)
     data.train.channels_last = data.eval.channels_last = False
     return out, points
 
@@ -252,6 +274,8 @@ def main() -> None:
     p.add_argument("--loop-batches", type=int, default=None, help="batches in the throughput runs")
     p.add_argument("--ref-batches", type=int, default=60, help="batches timed for the reference rates")
     p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers for the reference rates")
+    p.add_argument("--points-per-pass", type=int, default=4, help="networks per pass for batched_over_sequential")
+    p.add_argument("--eval-reps", type=int, default=3, help="timed repetitions of the P-point evaluations")
     p.add_argument("--out", default="bench-out/results.json")
     args = p.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -262,7 +286,7 @@ def main() -> None:
         args.eval_batch_size = args.eval_batch_size or 1024
         args.loop_batches = args.loop_batches or 100
     else:
-        archs, n_train, n_test = args.archs or ["cifar_convfc", "cifar_preresnet20"], 2048, 512
+        archs, n_train, n_test = args.archs or ["cifar_convfc", "cifar_preresnet20", "mlp"], 2048, 512
         variants = args.variants or ["fp32"]
         args.eval_batch_size = args.eval_batch_size or 512
         args.loop_batches = args.loop_batches or 16
@@ -300,7 +324,9 @@ def main() -> None:
                                                        "warmup": args.warmup, "reps": args.reps, "block": args.block,
                                                        "loop_batches": args.loop_batches, "reference": reference,
                                                        "ref_batches": args.ref_batches,
-                                                       "ref_workers": args.ref_workers}}
+                                                       "ref_workers": args.ref_workers,
+                                                       "points_per_pass": args.points_per_pass,
+                                                       "eval_reps": args.eval_reps}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

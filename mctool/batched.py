@@ -152,6 +152,16 @@ class WideNetwork(nn.Module):
                                       self.layout.shapes):
             self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
 
+    @torch.no_grad()
+    def assign_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
+        """Set the P copies' buffers (BatchNorm running statistics) from each network's own, by state dict name;
+        a scalar buffer (``num_batches_tracked``) is the first network's."""
+        for name, buf in self.net.named_buffers():
+            if buf.dim() == 1:
+                buf.copy_(torch.cat([b[name].to(buf.device, buf.dtype) for b in buffers]))
+            else:
+                buf.copy_(buffers[0][name])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return out.reshape(out.shape[0], self.p, -1)

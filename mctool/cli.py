@@ -347,6 +347,7 @@ def evaluate(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
+    points_per_pass: PointsPerPassOpt = 4,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -363,7 +364,7 @@ def evaluate(
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, force=force, arch=arch,
                                num_classes=num_classes, in_chans=in_chans, arch_kwargs=_parse_kwargs(arch_kwargs),
-                               num_workers=num_workers, quiet=quiet)
+                               num_workers=num_workers, points_per_pass=points_per_pass, quiet=quiet)
 
     _run(work, as_json, quiet, _show_evaluation)
 
@@ -649,6 +650,7 @@ def ensemble(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
+    points_per_pass: PointsPerPassOpt = 4,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -668,7 +670,8 @@ def ensemble(
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, output=str(output) if output else None,
                                num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
-                               force=force, num_workers=num_workers, quiet=quiet, command="ensemble")
+                               force=force, num_workers=num_workers, points_per_pass=points_per_pass, quiet=quiet,
+                               command="ensemble")
 
     _run(work, as_json, quiet, _show_evaluation)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, load_model, read_metadata
 from .curves import load_curve
@@ -29,7 +30,7 @@ from .flat import ParamLayout
 from .h5io import provenance, write_h5
 from .options import check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
-from .runtime import progress_bar, resolve_device
+from .runtime import progress_bar, resolve_device, warn
 
 
 @dataclass
@@ -104,13 +105,56 @@ def check_members_compatible(members: list[Member]) -> None:
 
 
 @holds_output_locks
+class _MemberPasses:
+    """Members in passes of at most ``points_per_pass``: consecutive members of one architecture and BN
+    treatment go through one ``batched.WideNetwork`` together (built once per kind and size, and checked);
+    members of an architecture that cannot be widened go one at a time (with a warning)."""
+
+    def __init__(self, points_per_pass: int, data: Any, channels_last: bool):
+        self.points_per_pass, self.data, self.channels_last = points_per_pass, data, channels_last
+        self._wides: dict[tuple, WideNetwork | None] = {}
+        self._warned = False
+
+    @staticmethod
+    def _kind(m: Member) -> tuple:
+        return (m.meta.arch, json.dumps(m.meta.arch_kwargs, sort_keys=True), m.meta.num_classes, m.meta.in_chans,
+                m.recalibrate)
+
+    def passes(self, members: list[Member]) -> list[list[Member]]:
+        out: list[list[Member]] = []
+        for m in members:
+            if out and self._kind(out[-1][0]) == self._kind(m) and len(out[-1]) < self.points_per_pass:
+                out[-1].append(m)
+            else:
+                out.append([m])
+        return out
+
+    def wide(self, chunk: list[Member], model: nn.Module) -> WideNetwork | None:
+        if len(chunk) < 2:
+            return None
+        key = (*self._kind(chunk[0]), len(chunk))
+        if key not in self._wides:
+            probe = next(iter(self.data.eval.batches(8)))[0]
+            wide = WideNetwork.of(model, len(chunk), ParamLayout.of(model), probe)
+            if wide is not None and self.channels_last:
+                wide.to(memory_format=torch.channels_last)
+            self._wides[key] = wide
+            if wide is None and not self._warned:
+                self._warned = True
+                warn(f"{chunk[0].meta.arch} networks cannot be evaluated {len(chunk)} to a pass (a layer or an "
+                     "operation would mix them: see docs/performance.md#many-networks-in-one-pass); evaluating "
+                     "one network per pass.")
+        return self._wides[key]
+
+
 def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
                     data_root: str | None = None, download: bool = False, batch_size: int = 512,
                     precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
                     output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
                     bn_batches: int | None = None, force: bool = False, arch: str | None = None,
                     num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
-                    num_workers: int = 4, quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
+                    num_workers: int = 4, points_per_pass: int = DEFAULT_POINTS_PER_PASS, quiet: bool = False,
+                    command: str = "evaluate") -> EvaluateResult:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
@@ -119,9 +163,10 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     for its first k members, k = 1..M. ``temperature_scale`` fits one temperature on the held-out part
     of the training data (the ``val`` split) and reports calibrated ensemble metrics beside the raw ones.
     ``output`` writes all members as one ensemble file. ``command`` names the result (``evaluate`` or
-    ``ensemble``).
+    ``ensemble``). ``points_per_pass`` members of one architecture are evaluated together (``batched``).
     """
     t0 = time.time()
+    check_points_per_pass(points_per_pass)
     if not paths:
         raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
     check_count("--batch-size", batch_size)
@@ -154,32 +199,58 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     rows, running, ens = [], [], None
     eval_logits, held_logits, labels, held_labels = [], [], None, None
     weights, buffers = [], []
+    many = _MemberPasses(points_per_pass, data, channels_last)
     with progress_bar(quiet) as bar:
         task = bar.add_task("evaluate", total=len(members), info="")
-        for k, member in enumerate(members, 1):
-            model = member.make().to(dev)
+        for chunk in many.passes(members):
+            models = [member.make().to(dev) for member in chunk]
             if channels_last:
-                model.to(memory_format=torch.channels_last)
-            if member.recalibrate:
-                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
-                               sharded=True)
-            logits, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision, sharded=True)
-            probs = F.softmax(logits, 1)
-            m = summarize(probs, labels)
-            m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
-            rows.append({"label": member.label, "path": member.source, "sha256": member.sha256, **m})
-            ens = probs if ens is None else ens + probs
-            running.append(summarize(ens / k, labels))
-            if temperature_scale:
-                eval_logits.append(logits)
-                hl, held_labels = predict_logits(model, held.eval, batch_size=batch_size, precision=precision,
-                                                  sharded=True)
-                held_logits.append(hl)
-            if output:
-                weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())
-                buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
-            model.to("cpu")
-            bar.advance(task)
+                for model in models:
+                    model.to(memory_format=torch.channels_last)
+            wide = many.wide(chunk, models[0])
+            if wide is not None:  # the pass's networks side by side: each batch read once
+                wide.assign(torch.stack([wide.layout.flatten(dict(m.named_parameters())) for m in models]))
+                wide.assign_buffers([dict(m.named_buffers()) for m in models])
+                if chunk[0].recalibrate:
+                    recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches,
+                                   precision=precision, sharded=True)
+                    for k, model in enumerate(models):  # each network keeps its recomputed statistics
+                        model.load_state_dict(wide.running_stats(k), strict=False)
+                z, labels = predict_logits(wide, data.eval, batch_size=batch_size, precision=precision, sharded=True)
+                pass_logits = [z[:, k] for k in range(len(chunk))]
+                if temperature_scale:
+                    hz, held_labels = predict_logits(wide, held.eval, batch_size=batch_size, precision=precision,
+                                                     sharded=True)
+                    pass_held = [hz[:, k] for k in range(len(chunk))]
+            else:
+                pass_logits, pass_held = [], []
+                for member, model in zip(chunk, models):
+                    if member.recalibrate:
+                        recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
+                                       precision=precision, sharded=True)
+                    z, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision,
+                                               sharded=True)
+                    pass_logits.append(z)
+                    if temperature_scale:
+                        hz, held_labels = predict_logits(model, held.eval, batch_size=batch_size,
+                                                         precision=precision, sharded=True)
+                        pass_held.append(hz)
+            for k, (member, model) in enumerate(zip(chunk, models)):
+                logits = pass_logits[k]
+                probs = F.softmax(logits, 1)
+                m = summarize(probs, labels)
+                m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
+                rows.append({"label": member.label, "path": member.source, "sha256": member.sha256, **m})
+                ens = probs if ens is None else ens + probs
+                running.append(summarize(ens / len(rows), labels))
+                if temperature_scale:
+                    eval_logits.append(logits)
+                    held_logits.append(pass_held[k])
+                if output:
+                    weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())
+                    buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+                model.to("cpu")
+                bar.advance(task)
     split = data.eval_split
     final = rows[0] if len(rows) == 1 else running[-1]  # one network: its own metrics, with its loss
     result = EvaluateResult(command=command, split=split, dataset=data.info.name, samples=len(data.eval),

@@ -25,7 +25,8 @@ def l2_term(model: nn.Module, wd: float) -> float:
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, precision: str = "fp32",
                    device: torch.device | None = None, sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[N, C]`` (float32) and labels ``[N]`` of a network over a split, in eval mode.
+    """Logits ``[N, C]`` (float32; ``[N, P, C]`` for a ``batched.WideNetwork``) and labels ``[N]`` of a network
+    over a split, in eval mode.
 
     ``sharded``, in a distributed run: the ranks share the batches (dealt round-robin) and every rank gets
     all N rows, each computed by one rank exactly as one process computes it (docs/distributed.md).
@@ -55,9 +56,14 @@ def _predict_dealt(model: nn.Module, split: Split, batch_size: int, device: torc
     rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for j, (x, y) in enumerate(split.batches(batch_size, deal=d.part)):
         rows.append(((d.rank + j * d.world) * batch_size, model(x).float(), y))
-    classes = torch.tensor([rows[0][1].shape[1] if rows else 0], device=device)
-    distributed.all_reduce_max(classes)
-    logits = torch.zeros(n, int(classes), device=device)
+    # the shape of a row ([C], or [P, C] for P networks side by side): max over ranks (a rank may have none)
+    tail = torch.zeros(3, dtype=torch.long, device=device)
+    if rows:
+        shape = rows[0][1].shape[1:]
+        tail[:len(shape)] = torch.tensor(shape)
+        tail[2] = len(shape)
+    distributed.all_reduce_max(tail)
+    logits = torch.zeros(n, *tail[:int(tail[2])].tolist(), device=device)
     labels = torch.zeros(n, dtype=torch.long, device=device)
     for lo, z, y in rows:
         logits[lo:lo + z.shape[0]] = z

@@ -144,3 +144,26 @@ def test_a_surface_in_passes_equals_one_network_per_pass(cli, tmp_path, digits_m
     three, _ = read_h5(tmp_path / "s3.h5")
     for name in ("train/loss", "test/nll", "at_points/test/nll"):
         np.testing.assert_allclose(three[name], one[name], rtol=1e-5, atol=0)
+
+
+def test_ensemble_members_in_passes(cli, tmp_path, digits_models):
+    from safetensors.torch import load_file
+
+    a, b = digits_models
+    one = cli.json("ensemble", a, b, a, "--points-per-pass", "1", *CPU)
+    two = cli.json("ensemble", a, b, a, "--points-per-pass", "2", *CPU)  # a pass of 2, then 1
+    pairs = [(m1["metrics"], m2["metrics"]) for m1, m2 in zip(one["models"], two["models"])]
+    for r1, r2 in pairs + [(one["metrics"]["eval"], two["metrics"]["eval"])]:
+        for key in ("nll", "brier") + (("loss",) if r1.get("loss") is not None else ()):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5)
+        assert abs(r2["err"] - r1["err"]) <= 1.5 / 360
+    # points of a curve: BN recomputed for each (the MLP has none: the same path), written as one file
+    curve = tmp_path / "c.safetensors"
+    cli("connect", a, b, "-o", curve, "--epochs", "1", "-q", *CPU)
+    for p in ("1", "3"):
+        cli("ensemble", curve, "--num-points", "3", "-o", tmp_path / f"e{p}.safetensors", "--points-per-pass", p,
+            "-q", *CPU)
+    e1, e3 = load_file(tmp_path / "e1.safetensors"), load_file(tmp_path / "e3.safetensors")
+    assert e1.keys() == e3.keys()
+    for k in e1:
+        torch.testing.assert_close(e3[k], e1[k], rtol=0, atol=0)  # the members' weights themselves
