@@ -12,8 +12,8 @@ Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also gi
 training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
 batches (data pipeline included) and the pipeline's share; one curve point and one plane point (BN pass
 plus train and test evaluation, s); P = --points-per-pass curve points evaluated one at a time and P to a
-pass in one wide network, and their ratio ``batched_over_sequential``. With ``--reference``: the reference code's way of working (fp32,
-a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
+pass in one wide network, and their ratio ``batched_over_sequential``. With ``--reference``: the reference
+code's way of working (fp32, a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
 evaluation at batch 128), timed on part of the data and given as img/s and an estimated curve-point time.
 """
 
