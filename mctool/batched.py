@@ -111,6 +111,14 @@ class WideNetwork(nn.Module):
         super().__init__()
         self.net, self.p, self.layout = net, p, layout
         self._params = dict(net.named_parameters())
+        self.channels_last = False  # images (4-D batches) go through in channels-last memory format
+
+    def use_channels_last(self) -> "WideNetwork":
+        """Run 2-D convolutions in channels-last memory format (weights now, each input batch as it comes)."""
+        self.channels_last = True
+        self.net.to(memory_format=torch.channels_last)
+        self._params = dict(self.net.named_parameters())
+        return self
 
     @classmethod
     def of(cls, model: nn.Module, p: int, layout: ParamLayout, probe: torch.Tensor) -> "WideNetwork | None":
@@ -163,6 +171,8 @@ class WideNetwork(nn.Module):
                 buf.copy_(buffers[0][name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.net(x)
         return out.reshape(out.shape[0], self.p, -1)
 
@@ -219,8 +229,8 @@ class ManyEvaluator:
         if p not in self._wides:
             probe = next(iter(self.data.eval.batches(_PROBE)))[0]
             wide = WideNetwork.of(self.model, p, self.layout, probe)
-            if wide is not None and self.channels_last:
-                wide.to(memory_format=torch.channels_last)
+            if wide is not None and (self.channels_last or _prefers_channels_last(self.model, probe)):
+                wide.use_channels_last()
             self._wides[p] = wide
             if wide is None and not self._warned:
                 self._warned = True
@@ -244,6 +254,12 @@ class ManyEvaluator:
                 self.layout.assign(self.model, w)
                 out.append(evaluate_weights(self.model, self.data, **self.options))
         return out
+
+
+def _prefers_channels_last(model: nn.Module, probe: torch.Tensor) -> bool:
+    """On the CPU, a wide network of 2-D convolutions runs faster in channels-last memory format (its grouped
+    convolutions: docs/performance.md#many-networks-in-one-pass); elsewhere the user's choice stands."""
+    return probe.device.type == "cpu" and probe.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def check_points_per_pass(value: Any) -> None:

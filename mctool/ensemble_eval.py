@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass
+from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, _prefers_channels_last, check_points_per_pass
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, load_model, read_metadata
 from .curves import load_curve
@@ -136,8 +136,8 @@ class _MemberPasses:
         if key not in self._wides:
             probe = next(iter(self.data.eval.batches(8)))[0]
             wide = WideNetwork.of(model, len(chunk), ParamLayout.of(model), probe)
-            if wide is not None and self.channels_last:
-                wide.to(memory_format=torch.channels_last)
+            if wide is not None and (self.channels_last or _prefers_channels_last(model, probe)):
+                wide.use_channels_last()
             self._wides[key] = wide
             if wide is None and not self._warned:
                 self._warned = True
