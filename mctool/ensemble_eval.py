@@ -104,7 +104,6 @@ def check_members_compatible(members: list[Member]) -> None:
                                   "read the same inputs and predict the same classes.")
 
 
-@holds_output_locks
 class _MemberPasses:
     """Members in passes of at most ``points_per_pass``: consecutive members of one architecture and BN
     treatment go through one ``batched.WideNetwork`` together (built once per kind and size, and checked);
@@ -147,6 +146,7 @@ class _MemberPasses:
         return self._wides[key]
 
 
+@holds_output_locks
 def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
                     data_root: str | None = None, download: bool = False, batch_size: int = 512,
                     precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
