@@ -135,8 +135,9 @@ def grid_view(file: str | Path) -> GridView:
     split = _checked_split(attrs, file)
     kind = attrs["kind"]
     x = data["alpha"]
-    if kind == "plane" and "beta" not in data:
-        raise MetricsFileError(f"'{file}' is not a complete plane file: it has no dataset 'beta'.")
+    for name in ("beta", "train/loss", "points") if kind == "plane" else ():
+        if name not in data:
+            raise MetricsFileError(f"'{file}' is not a complete plane file: it has no dataset '{name}'.")
     y = data.get("beta")
     if y is not None and (np.ndim(y) != 1 or y.dtype.kind not in "fiu"):
         raise MetricsFileError(f"'{file}': dataset 'beta' must be a 1-D array of numbers.")
