@@ -227,18 +227,9 @@ class ManyEvaluator:
 
     def _wide(self, p: int) -> WideNetwork | None:
         if p not in self._wides:
-            probe = next(iter(self.data.eval.batches(_PROBE)))[0]
-            wide = WideNetwork.of(self.model, p, self.layout, probe)
-            if wide is not None and (self.channels_last or _prefers_channels_last(self.model, probe)):
-                wide.use_channels_last()
-            self._wides[p] = wide
-            if wide is None and not self._warned:
-                self._warned = True
-                from .runtime import warn
-
-                warn(f"this {self.label}'s architecture cannot be evaluated {p} networks to a pass (a layer or an "
-                     "operation would mix them: see docs/performance.md#many-networks-in-one-pass); evaluating "
-                     "one network per pass.")
+            self._wides[p] = wide_for(self.model, p, self.layout, self.data, channels_last=self.channels_last,
+                                      what=f"this {self.label}'s networks", warn_now=not self._warned)
+            self._warned = self._warned or self._wides[p] is None
         return self._wides[p]
 
     def evaluate(self, weights: torch.Tensor) -> list[dict[str, float]]:
@@ -254,6 +245,23 @@ class ManyEvaluator:
                 self.layout.assign(self.model, w)
                 out.append(evaluate_weights(self.model, self.data, **self.options))
         return out
+
+
+def wide_for(model: nn.Module, p: int, layout: ParamLayout, data: Any, *, channels_last: bool, what: str,
+             warn_now: bool = True) -> WideNetwork | None:
+    """``WideNetwork.of`` ``model`` for P networks, checked on a probe batch of ``data``'s evaluation images, in
+    channels-last format where asked or faster; None (with a warning naming ``what``, if ``warn_now``) when
+    the architecture cannot be widened."""
+    probe = next(iter(data.eval.batches(_PROBE)))[0]
+    wide = WideNetwork.of(model, p, layout, probe)
+    if wide is not None and (channels_last or _prefers_channels_last(model, probe)):
+        wide.use_channels_last()
+    if wide is None and warn_now:
+        from .runtime import warn
+
+        warn(f"{what} cannot be evaluated {p} to a pass (a layer or an operation would mix them: see "
+             "docs/performance.md#many-networks-in-one-pass); evaluating one network per pass.")
+    return wide
 
 
 def _prefers_channels_last(model: nn.Module, probe: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, _prefers_channels_last, check_points_per_pass
+from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass, wide_for
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, load_model, read_metadata
 from .curves import load_curve
@@ -30,7 +30,7 @@ from .flat import ParamLayout
 from .h5io import provenance, write_h5
 from .options import check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
-from .runtime import progress_bar, resolve_device, warn
+from .runtime import progress_bar, resolve_device
 
 
 @dataclass
@@ -133,16 +133,10 @@ class _MemberPasses:
             return None
         key = (*self._kind(chunk[0]), len(chunk))
         if key not in self._wides:
-            probe = next(iter(self.data.eval.batches(8)))[0]
-            wide = WideNetwork.of(model, len(chunk), ParamLayout.of(model), probe)
-            if wide is not None and (self.channels_last or _prefers_channels_last(model, probe)):
-                wide.use_channels_last()
-            self._wides[key] = wide
-            if wide is None and not self._warned:
-                self._warned = True
-                warn(f"{chunk[0].meta.arch} networks cannot be evaluated {len(chunk)} to a pass (a layer or an "
-                     "operation would mix them: see docs/performance.md#many-networks-in-one-pass); evaluating "
-                     "one network per pass.")
+            self._wides[key] = wide_for(model, len(chunk), ParamLayout.of(model), self.data,
+                                        channels_last=self.channels_last, what=f"{chunk[0].meta.arch} networks",
+                                        warn_now=not self._warned)
+            self._warned = self._warned or self._wides[key] is None
         return self._wides[key]
 
 
