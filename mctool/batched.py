@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .flat import ParamLayout
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBN: --sync-bn under torchrun
 
 
 class _WideConv(nn.Module):

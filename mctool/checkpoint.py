@@ -91,7 +91,7 @@ def check_state_metadata(md: dict[str, str], path: str | os.PathLike) -> dict[st
     if md.get("kind") == "fge-state" and "snapshots" not in md:
         raise CheckpointError(f"'{path}' is not a complete training state (no 'snapshots'); start over with --force.")
     metadata_int(md, "epoch", path, 0, 10**6)
-    for key, default in (("history", "[]"), ("snapshots", "[]")):
+    for key, default in (("history", "[]"), ("snapshots", "[]"), ("pending_snapshots", "[]")):
         rows = metadata_json(md, key, path, list, default)
         if not all(isinstance(r, dict) for r in rows):
             raise bad_field(path, key, "expected a JSON array of objects")
@@ -352,7 +352,7 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
         shape, name = tuple(v.shape), k.split("/", 3)
         if k.startswith(MOMENTUM_PREFIX):
             ok = params.get(k[len(MOMENTUM_PREFIX):]) == shape
-        elif k == "snapshots/members":
+        elif k in ("snapshots/members", "snapshots/pending"):
             ok = v.ndim == 2 and shape[1] == size and v.is_floating_point()
         elif k == "snapshots/probs_sum":
             ok = (members is not None and v.ndim == 2 and v.is_floating_point()

@@ -1041,6 +1041,10 @@ def fge_cmd(
     swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
                                                 "as a model checkpoint here.")] = None,
     bn_batches: BnBatchesOpt = None,
+    points_per_pass: Annotated[int, typer.Option(
+        help="Snapshots evaluated together in one pass over the data (P copies side by side in one wide network): "
+             "a snapshot waits until P are taken (or the run ends), so the running ensemble's metrics come P at a "
+             "time. 1 evaluates each as it is taken. May differ on --resume.")] = 4,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the start "
                                                    "network's).")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
@@ -1073,7 +1077,7 @@ def fge_cmd(
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
                         augment=augment.value if augment else None, split=split.value, precision=precision.value,
                         channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
-                        sync_bn=sync_bn,
+                        sync_bn=sync_bn, points_per_pass=points_per_pass,
                         bn_batches=bn_batches,
                         swa=str(swa) if swa else None)
         return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batched import wide_for
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, bad_field, metadata_int, read_checkpoint, save_checkpoint, save_model
 from .errors import CheckpointError, ConfigError
@@ -107,35 +108,74 @@ def load_ensemble(path: str | Path) -> Ensemble:
 class SnapshotCollector:
     """Collects snapshots of a network being trained (FGE, Snapshot Ensembles).
 
-    Each snapshot is copied into a separate evaluation network, gets its own BN recalibration, is
-    evaluated, and joins the running ensemble (mean of softmax) whose metrics are recorded.
+    Each snapshot gets its own BN recalibration, is evaluated, and joins the running ensemble (mean of
+    softmax) whose metrics are recorded. Snapshots wait until ``points_per_pass`` of them are pending, then go
+    through one pass over the data together (``batched.WideNetwork``; one at a time when that is 1 or the
+    architecture cannot be widened); ``flush`` evaluates whatever is pending. Pending snapshots are part of the
+    resumable state, so an interrupted run loses none of them.
     """
 
     def __init__(self, model: nn.Module, data, *, batch_size: int = 512, bn_batches: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", points_per_pass: int = 1, channels_last: bool = False):
         self.eval_model = copy.deepcopy(model).eval()
         self.layout = ParamLayout.of(model)
         self.data, self.batch_size, self.bn_batches, self.precision = data, batch_size, bn_batches, precision
+        self.points_per_pass, self.channels_last = points_per_pass, channels_last
         self.members: list[torch.Tensor] = []
         self.buffers: list[dict[str, torch.Tensor]] = []
         self.rows: list[dict[str, float]] = []
         self.probs_sum: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, dict[str, float]]] = []  # (flat weights, info), not yet evaluated
+        self._wides: dict[int, Any] = {}
+        self._warned = False
 
     @torch.no_grad()
-    def add(self, model: nn.Module, **info: float) -> dict[str, float]:
-        w = self.layout.flatten(dict(model.named_parameters()))
-        self.eval_model.load_state_dict(model.state_dict())
-        recalibrate_bn(self.eval_model, self.data.train, batch_size=self.batch_size, max_batches=self.bn_batches,
-                       precision=self.precision, sharded=True)
-        probs, labels = predict_probs(self.eval_model, self.data.eval, batch_size=self.batch_size,
-                                      precision=self.precision, sharded=True)
-        self.probs_sum = probs if self.probs_sum is None else self.probs_sum + probs
-        member, ens = summarize(probs, labels), summarize(self.probs_sum / (len(self.members) + 1), labels)
-        self.members.append(w.cpu())
-        self.buffers.append({k: v.detach().cpu().clone() for k, v in self.eval_model.named_buffers()})
-        row = {**info, **{f"member_{k}": v for k, v in member.items()}, **{f"ensemble_{k}": v for k, v in ens.items()}}
-        self.rows.append(row)
-        return row
+    def add(self, model: nn.Module, **info: float) -> list[dict[str, float]]:
+        """Take a snapshot of ``model``; returns the rows of the snapshots this evaluated (none while fewer than
+        ``points_per_pass`` are pending)."""
+        self.pending.append((self.layout.flatten(dict(model.named_parameters())), info))
+        return self.flush() if len(self.pending) >= self.points_per_pass else []
+
+    @torch.no_grad()
+    def flush(self) -> list[dict[str, float]]:
+        """Evaluate the pending snapshots (in passes of at most ``points_per_pass``) and add them to the ensemble,
+        in the order they were taken; returns their rows."""
+        rows: list[dict[str, float]] = []
+        while self.pending:
+            chunk, rest = self.pending[:self.points_per_pass], self.pending[self.points_per_pass:]
+            for (w, info), (probs, labels, bufs) in zip(chunk, self._evaluate(torch.stack([w for w, _ in chunk]))):
+                self.probs_sum = probs if self.probs_sum is None else self.probs_sum + probs
+                member, ens = summarize(probs, labels), summarize(self.probs_sum / (len(self.members) + 1), labels)
+                self.members.append(w.cpu())
+                self.buffers.append(bufs)
+                rows.append({**info, **{f"member_{k}": v for k, v in member.items()},
+                             **{f"ensemble_{k}": v for k, v in ens.items()}})
+                self.rows.append(rows[-1])
+            self.pending = rest
+        return rows
+
+    def _evaluate(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Each network's evaluation probabilities, labels and recalibrated buffers, for flat ``weights`` [n, N]."""
+        opts = {"batch_size": self.batch_size, "precision": self.precision, "sharded": True}
+        n = len(weights)
+        if n > 1 and n not in self._wides:
+            self._wides[n] = wide_for(self.eval_model, n, self.layout, self.data, channels_last=self.channels_last,
+                                      what="these snapshots", warn_now=not self._warned)
+            self._warned = self._warned or self._wides[n] is None
+        wide = self._wides.get(n) if n > 1 else None
+        if wide is not None:
+            wide.assign(weights.to(next(wide.parameters()).device))
+            recalibrate_bn(wide, self.data.train, max_batches=self.bn_batches, **opts)
+            probs, labels = predict_probs(wide, self.data.eval, **opts)
+            return [(probs[:, k].contiguous(), labels, {b: v.cpu() for b, v in wide.running_stats(k).items()})
+                    for k in range(n)]
+        out = []
+        for w in weights:
+            self.layout.assign(self.eval_model, w)
+            recalibrate_bn(self.eval_model, self.data.train, max_batches=self.bn_batches, **opts)
+            probs, labels = predict_probs(self.eval_model, self.data.eval, **opts)
+            out.append((probs, labels, {k: v.detach().cpu().clone() for k, v in self.eval_model.named_buffers()}))
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t: dict[str, torch.Tensor] = {}
@@ -144,19 +184,38 @@ class SnapshotCollector:
             t["snapshots/probs_sum"] = self.probs_sum
             for i, bufs in enumerate(self.buffers):
                 t.update({f"snapshots/buffers/{i}/{k}": v for k, v in bufs.items()})
+        if self.pending:
+            t["snapshots/pending"] = torch.stack([w for w, _ in self.pending]).cpu()
         return t
 
-    def load_state(self, tensors: dict[str, torch.Tensor], rows: list[dict[str, float]]) -> None:
+    def pending_info(self) -> list[dict[str, float]]:
+        """What the resumable state records of the pending snapshots besides their weights."""
+        return [info for _, info in self.pending]
+
+    def load_state(self, tensors: dict[str, torch.Tensor], rows: list[dict[str, float]],
+                   pending: list[dict[str, float]] = (), path: str | Path = "the training state") -> None:
+        """Restore what ``state_tensors``, the rows and ``pending_info`` saved (metadata checked by
+        ``checkpoint.check_state_metadata``, tensor shapes against the network by ``check_state_tensors``)."""
+        members = tensors.get("snapshots/members")
+        waiting = tensors.get("snapshots/pending")
+        if len(rows) != (0 if members is None else len(members)) or len(pending) != (0 if waiting is None
+                                                                                     else len(waiting)):
+            raise CheckpointError(f"'{path}': the records of {len(rows)} evaluated and {len(pending)} pending "
+                                  "snapshot(s) do not match its snapshot tensors; start over with --force.")
         self.rows = rows
-        if "snapshots/members" in tensors:
-            self.members = list(tensors["snapshots/members"].float())
-            self.probs_sum = tensors["snapshots/probs_sum"].to(self.data.eval.device)
+        if members is not None:
+            self.members = list(members.float())
+            self.probs_sum = tensors["snapshots/probs_sum"].float().to(self.data.eval.device)
             self.buffers = [{k.split("/", 3)[3]: v for k, v in tensors.items()
                              if k.startswith(f"snapshots/buffers/{i}/")} for i in range(len(self.members))]
+        if waiting is not None:
+            self.pending = [(w.float().to(self.data.eval.device), info) for w, info in zip(waiting, pending)]
 
     def h5_datasets(self, split: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
-        """``members/<split>/err|nll``, ``ensemble/<split>/err|nll|ece`` and ``members/iteration``, by member."""
-        col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)  # noqa: E731
+        """``members/<split>/err|nll``, ``ensemble/<split>/err|nll|ece`` and ``members/iteration``, by member
+        (pending snapshots included, their metrics NaN)."""
+        rows = self.rows + self.pending_info()
+        col = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)  # noqa: E731
         out = {f"members/{split}/{k}": (col(f"member_{k}"), ("member",)) for k in ("nll", "err", "ece", "brier")}
         out.update({f"ensemble/{split}/{k}": (col(f"ensemble_{k}"), ("member",)) for k in ("err", "nll", "ece",
                                                                                           "brier")})

@@ -22,6 +22,7 @@ from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_e
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
+from .batched import check_points_per_pass
 from .options import check_count, check_real
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
@@ -47,6 +48,7 @@ class FGEConfig:
     augment: str | None = None  # default: the start network's recorded augmentation (auto if none)
     split: str = "test"
     precision: str = "fp32"
+    points_per_pass: int = 4  # how, not what: may differ on --resume (docs/performance.md)
     sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
     channels_last: bool = False
     cuda_graphs: bool = False  # how, not what: may differ on --resume
@@ -73,6 +75,7 @@ class FGEConfig:
             raise ConfigError("give --cycle-epochs or --cycle-iters.")
         check_real("--cycle-epochs", self.cycle_epochs, 0, low_open=True)
         check_count("--bn-batches", self.bn_batches)
+        check_points_per_pass(self.points_per_pass)
 
 
 #: Learning rate assumed for a start network that does not record one (mctool train's default).
@@ -168,15 +171,16 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         raise ConfigError(f"no snapshot would be taken: {cfg.epochs} epoch(s) of {n_iter} iterations are shorter than "
                           f"half a cycle ({cycle // 2} iterations); use more --epochs or a shorter cycle.")
     split = data.eval_split
-    snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision)
+    snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision,
+                              points_per_pass=cfg.points_per_pass, channels_last=cfg.channels_last)
     inputs = {str(start): start_model.sha256}
     attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
              "split": split}
     lrs = np.array([fge_lr(i, cycle, cfg.lr_max, cfg.lr_min) for i in range(total)])
 
-    def extra() -> tuple[dict, dict]:
-        log.attrs["num_members"] = len(snaps.rows)
-        return ({"iteration": np.arange(total), "member": np.arange(1, len(snaps.rows) + 1)},
+    def extra() -> tuple[dict, dict]:  # snapshots taken but not yet evaluated have NaN metrics
+        log.attrs["num_members"] = len(snaps.rows) + len(snaps.pending)
+        return ({"iteration": np.arange(total), "member": np.arange(1, log.attrs["num_members"] + 1)},
                 {"lr": (lrs, ("iteration",)), **snaps.h5_datasets(split)})
 
     # The learning rate is recorded per iteration (the "lr" dataset); per-epoch rows keep losses and times.
@@ -193,11 +197,12 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])
-        snaps.load_state(tensors, json.loads(md["snapshots"]))
+        snaps.load_state(tensors, json.loads(md["snapshots"]), json.loads(md.get("pending_snapshots", "[]")),
+                         path=state_path(output))  # both checked by prepare_outputs
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"],
-                 "snapshots": json.dumps(snaps.rows)}
+                 "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),
                    {**get_momentum(opt, params), **snaps.state_tensors()})
@@ -206,7 +211,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         it = epoch * n_iter + i
         if fge_is_snapshot(it, cycle):
             snaps.add(model, iteration=it, epoch=(it + 1) / n_iter, lr=fge_lr(it, cycle, cfg.lr_max, cfg.lr_min))
-            log.flush()
+            log.flush()  # a pass just evaluated, or one more snapshot pending (NaN metrics)
 
     def shown() -> dict[str, float]:  # for the progress display only
         last = snaps.rows[-1] if snaps.rows else None
@@ -218,6 +223,9 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         start_epoch=start_epoch, output=output, save_state=save_state, evaluate=shown, quiet=quiet,
         desc=f"fge (cycles of {cycle} it)", after_step=after_step,
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min))
+    if snaps.pending:
+        snaps.flush()
+        log.flush()
     save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
     last = log.rows[-1]
     result = FGEResult(command="fge", inputs=file_refs(inputs), split=split, members=len(snaps.rows),

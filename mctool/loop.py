@@ -30,7 +30,7 @@ from .schedules import SCHEDULES, lr_at
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
 # Options that change how a run computes, not what: a resumed run may set them differently.
-RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile"})
+RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile", "points_per_pass"})
 
 
 def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:

@@ -114,6 +114,63 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
     assert not torch.equal(load_ensemble(tmp_path / "nomom.safetensors").members, a.members)
 
 
+def test_fge_snapshots_evaluated_together_equal_one_at_a_time_and_resume(cli, tmp_path, monkeypatch):
+    """--points-per-pass P: snapshots wait for a pass of P (one wide network, BN statistics per copy); training
+    is unchanged, members and their metrics equal one-at-a-time evaluation, and pending snapshots survive an
+    interrupt (resumed with another P)."""
+    import mctool.ensembles as ensembles
+
+    start = tmp_path / "bn.safetensors"
+    cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32, "batch_norm": true}', "-o", start, "--epochs",
+        "2", "--lr", "0.1", "-q", *CPU)
+    args = [start, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU]  # snapshots at iterations 3, 11, 19, 27, 35
+    passes, wides = [], []
+    evaluate, wide_for = ensembles.SnapshotCollector._evaluate, ensembles.wide_for
+    monkeypatch.setattr(ensembles.SnapshotCollector, "_evaluate",
+                        lambda self, w: passes.append(len(w)) or evaluate(self, w))
+    monkeypatch.setattr(ensembles, "wide_for", lambda *a, **k: wides.append(wide_for(*a, **k)) or wides[-1])
+    cli("fge", *args, "-o", tmp_path / "one.safetensors", "--points-per-pass", "1")
+    assert passes == [1] * 5 and wides == []
+    passes.clear()
+    cli("fge", *args, "-o", tmp_path / "three.safetensors", "--points-per-pass", "3")
+    assert passes == [3, 2] and len(wides) == 2 and all(w is not None for w in wides)
+
+    one, three = load_ensemble(tmp_path / "one.safetensors"), load_ensemble(tmp_path / "three.safetensors")
+    ref, _ = read_h5(tmp_path / "one.h5")
+
+    def same_as_one(ens, name):
+        assert torch.equal(ens.members, one.members)  # when snapshots are evaluated does not change training
+        for a, b in zip(ens.buffers, one.buffers):
+            assert a.keys() == b.keys() and a  # BN running statistics, each member's own
+            for k in a:  # float32 sums over 1,437 images in another order: relative error ~1e-6
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        got, _ = read_h5(tmp_path / name)
+        assert got["members/iteration"].tolist() == ref["members/iteration"].tolist() == [3, 11, 19, 27, 35]
+        for key in ("members/test/nll", "ensemble/test/nll"):
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4)
+        for key in ("members/test/err", "ensemble/test/err"):  # at most one near-tie of 360 test images flips
+            np.testing.assert_allclose(got[key], ref[key], atol=1.01 / 360)
+
+    same_as_one(three, "three.h5")
+
+    # interrupted in epoch 3: three snapshots taken, none evaluated (a pass is 4); the state keeps them
+    passes.clear()
+    run = tmp_path / "run.safetensors"
+    restore = ctrl_c_during_epoch(monkeypatch, 3)
+    cli.error("fge", *args, "-o", run, "--points-per-pass", "4", code=130)
+    restore()
+    assert passes == []
+    state = load_file(tmp_path / "run.state.safetensors")
+    assert state["snapshots/pending"].shape == (3, one.layout.size) and "snapshots/members" not in state
+    torch.testing.assert_close(state["snapshots/pending"], one.members[:3], rtol=0, atol=0)
+    mid, attrs = read_h5(tmp_path / "run.h5")  # taken but not computed: NaN
+    assert mid["members/iteration"].tolist() == [3, 11, 19] and np.isnan(mid["members/test/nll"]).all()
+    cli("fge", *args, "-o", run, "--resume", "--points-per-pass", "2")  # another P: allowed
+    assert passes == [2, 2, 1]  # 4 pending at iteration 27, then the last one at the end
+    same_as_one(load_ensemble(run), "run.h5")
+    assert "--points-per-pass" in cli.error("fge", start, "-o", tmp_path / "x.st", "--points-per-pass", "0")
+
+
 def test_fge_errors(cli, tmp_path, start_state):
     assert "--lr-min" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--lr-min", "0.1", "--lr-max", "0.01")
     assert "no snapshot" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--epochs", "1",

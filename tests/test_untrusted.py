@@ -452,6 +452,22 @@ def test_resume_checks_the_training_state_tensors(cli, tmp_path, monkeypatch):
         assert "does not fit the network being trained" in cli.error(*args, "--resume")
 
 
+def test_fge_resume_checks_its_pending_snapshots(cli, tmp_path, monkeypatch, digits_models):
+    # 2 epochs of 12 iterations, cycles of 8: snapshots at 3 and 11, both in epoch 1, pending (a pass is 4)
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["fge", digits_models[0], "--cycle-iters", "8"])
+    with safe_open(str(state), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors["snapshots/pending"].shape[0] == len(json.loads(md["pending_snapshots"])) == 2
+    save_file({**tensors, "snapshots/pending": torch.zeros(2, 3)}, str(state), metadata=md)
+    assert "does not fit the network being trained" in cli.error(*args, "--resume")
+    for bad, expected in (("[", "'pending_snapshots'"), ('{"a": 1}', "'pending_snapshots'"),
+                          ("[1]", "'pending_snapshots'"), ("[]", "0 pending snapshot(s) do not match")):
+        save_file(tensors, str(state), metadata={**md, "pending_snapshots": bad})
+        assert expected in cli.error(*args, "--resume")
+    save_file(tensors, str(state), metadata=md)
+    cli(*args, "--resume")
+
+
 def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, curve_file):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"  # the endpoints curve_file was made from
     args, state = _interrupted(cli, tmp_path, monkeypatch, ["connect", a, b])
