@@ -6,14 +6,17 @@
                                                # reference-style baseline measured in the same run
 
 A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last), "+graphs" (CUDA graphs) and
-"+compile" (the curve step's passes over the parameters through torch.compile, as ``connect --compile``).
+"+compile" (the curve step's passes over the parameters through torch.compile, as ``connect --compile``;
+and P curve points to a pass with the evaluation forward compiled, as ``evaluate-curve --compile``:
+``compiled_over_batched``, ``eval_compile_first_pass_s`` with the compiling).
 Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also given as ``<figure>/<arch>``
 (so ``curve_over_plain_step/<arch>`` is always present). Per architecture and variant: plain and curve
 training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
 batches (data pipeline included) and the pipeline's share; one curve point and one plane point (BN pass
 plus train and test evaluation, s); P = --points-per-pass curve points evaluated one at a time and P to a
-pass in one wide network, and their ratio ``batched_over_sequential``. With ``--reference``: the reference
-code's way of working (fp32, a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
+pass in one wide network, and their ratio ``batched_over_sequential`` (where the evaluator chooses one network
+per pass, as for convolutional networks on the CPU, also ``wide_over_sequential``: the wide network forced).
+With ``--reference``: the reference code's way of working (fp32, a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
 evaluation at batch 128), timed on part of the data and given as img/s and an estimated curve-point time.
 """
 
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mctool.batched import ManyEvaluator
+from mctool.batched import ManyEvaluator, WideNetwork, evaluate_many
 from mctool.curve_training import CurveStep
 from mctool.curves import Curve, coefficients
 from mctool.data import load_data
@@ -171,6 +174,38 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         out["batched_max_nll_diff"] = max(abs(a[k] - b[k]) for a, b in zip(got["one"], got["many"])
                                           for k in a if not k.endswith("err"))
         out["batched_wide"] = float(many._wide(len(ts)) is not None)
+        if not out["batched_wide"]:  # one network per pass was chosen (batched.pays_off): what a wide one costs
+            wide = WideNetwork.of(eval_model, len(ts), layout, next(iter(data.eval.batches(8)))[0])
+            if wide is not None:
+                wide = wide.use_channels_last() if cl else wide
+                run = lambda: evaluate_many(wide, ws, data, **{k: v for k, v in opts.items()  # noqa: E731
+                                                               if k != "channels_last"})
+                run()
+                t_wide = [_timed(run, dev) for _ in range(args.eval_reps)]
+                out["eval_points_wide_s"] = min(t_wide)
+                out["wide_over_sequential"] = min(t_wide) / min(t_one)
+    if compile_ and (precision, cl, "compile") not in evaluated:
+        # the same P points to a pass with the evaluation forward compiled (evaluate-curve/plane --compile)
+        evaluated.add((precision, cl, "compile"))
+        eval_model = make().eval()
+        ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
+        ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
+        opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
+        many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
+        comp = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, compile=True, **opts)
+        got = {}
+        many.evaluate(ws)
+        out["eval_compile_first_pass_s"] = _timed(lambda: comp.evaluate(ws), dev)  # compiling included
+        t_many, t_comp = [], []
+        for _ in range(args.eval_reps):
+            t_many.append(_timed(lambda: got.__setitem__("many", many.evaluate(ws)), dev))
+            t_comp.append(_timed(lambda: got.__setitem__("comp", comp.evaluate(ws)), dev))
+        out["eval_points_compiled_s"] = min(t_comp)
+        out["compiled_over_batched"] = min(t_comp) / min(t_many)
+        out["curve_point_compiled_s"] = min(t_comp) / len(ts)
+        out["plane_21x21_compiled_min_estimate"] = 441 * out["curve_point_compiled_s"] / 60
+        out["compiled_max_nll_diff"] = max(abs(a[k] - b[k]) for a, b in zip(got["many"], got["comp"])
+                                           for k in a if not k.endswith("err"))
     data.train.channels_last = data.eval.channels_last = False
     return out, points
 

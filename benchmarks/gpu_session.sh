@@ -30,7 +30,7 @@ log "device"
 cat "$OUT/device.txt"
 
 DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
-SKIP=${SKIP:-}  # parts to skip (tests bench compile profile cli dist), e.g. "tests profile cli"
+SKIP=${SKIP:-}  # parts to skip (tests bench compile evalcompile profile cli dist), e.g. "tests profile cli"
 
 if [[ $SKIP != *tests* ]] && fits 60 tests; then
 log "pytest tests/test_cuda.py"
@@ -53,6 +53,15 @@ timeout "$(limit "${T_COMPILE:-150}")" $PY benchmarks/bench.py --full --archs ci
   --out "$OUT/bench-compile.json" >"$OUT/bench-compile.txt" 2>&1
 echo "rc=$?" >>"$OUT/bench-compile.txt"
 grep -v Warning "$OUT/bench-compile.txt"
+fi
+
+if [[ $SKIP != *evalcompile* ]] && fits 120 "evaluation --compile"; then
+log "bench, PreResNet-110 curve points with the evaluation forward compiled (evaluate-curve --compile)"
+timeout "$(limit "${T_EVALCOMPILE:-240}")" $PY benchmarks/bench.py --full --archs cifar_preresnet110 --no-reference \
+  --variants bf16+cl+compile --warmup 1 --reps 2 --loop-batches 10 --eval-reps 2 \
+  --out "$OUT/bench-evalcompile.json" >"$OUT/bench-evalcompile.txt" 2>&1
+echo "rc=$?" >>"$OUT/bench-evalcompile.txt"
+grep -v Warning "$OUT/bench-evalcompile.txt"
 fi
 
 if [[ $SKIP != *profile* ]] && fits 60 profile; then

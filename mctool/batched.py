@@ -28,6 +28,7 @@ from .data import Split
 from .evaluation import error, evaluate_weights, nll, predict_probs
 from .errors import ConfigError
 from .flat import ParamLayout
+from .runtime import maybe_compile
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBN: --sync-bn under torchrun
@@ -104,6 +105,37 @@ def _widen(model: nn.Module, p: int) -> nn.Module | None:
     return wide
 
 
+class CompiledForward(nn.Module):
+    """``--compile`` for evaluation: ``model``'s forward through ``torch.compile`` (``runtime.maybe_compile``: a
+    warning and the plain forward if compiling fails), in mode ``reduce-overhead`` on CUDA, which replays each
+    batch shape's forward as a CUDA graph. Such a replay overwrites the previous one's output, so outputs are
+    copied there. Every batch of a pass is the same call (the BN pass too: ``bn.recalibrate_bn``), so a pass
+    compiles one graph per batch shape and mode (train-mode BN, evaluation) and reuses them."""
+
+    def __init__(self, model: nn.Module, what: str):
+        super().__init__()
+        self.model = model
+        # One graph per mode (train-mode BN in the BN pass, with momentum 1; evaluation, with the module's own
+        # momentum) and width (P networks, the last pass's fewer, one), the batch size left symbolic (a smaller
+        # last batch needs no graph of its own): more than dynamo's default of 8 per function with several
+        # widths, after which it would silently run uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cuda = next(model.parameters()).device.type == "cuda"
+        self._copy = cuda
+        self._forward = maybe_compile(model, True, what, mode="reduce-overhead" if cuda else None, dynamic=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size
+        out = self._forward(x)
+        return out.clone() if self._copy else out
+
+
+def compiled(model: nn.Module, enabled: bool, what: str = "the evaluation forward") -> nn.Module:
+    """``model`` itself, or with ``enabled`` (``--compile``) a ``CompiledForward`` around it (same parameters and
+    buffers, under the prefix ``model.``)."""
+    return CompiledForward(model, what) if enabled else model
+
+
 class WideNetwork(nn.Module):
     """P networks of ``model``'s architecture as one module: ``forward(x)`` gives logits ``[B, P, K]``."""
 
@@ -112,6 +144,13 @@ class WideNetwork(nn.Module):
         self.net, self.p, self.layout = net, p, layout
         self._params = dict(net.named_parameters())
         self.channels_last = False  # images (4-D batches) go through in channels-last memory format
+        object.__setattr__(self, "_run", net)  # or its compiled forward (``compile``); not a second submodule
+
+    def compile(self) -> "WideNetwork":
+        """Run the wide network's forward through ``torch.compile`` (``CompiledForward``)."""
+        object.__setattr__(self, "_run", CompiledForward(self.net, f"the evaluation forward of {self.p} networks "
+                                                                   "side by side"))
+        return self
 
     def use_channels_last(self) -> "WideNetwork":
         """Run 2-D convolutions in channels-last memory format (weights now, each input batch as it comes)."""
@@ -173,7 +212,7 @@ class WideNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.net(x)
+        out = self._run(x)
         return out.reshape(out.shape[0], self.p, -1)
 
     def running_stats(self, k: int) -> dict[str, torch.Tensor]:
@@ -217,18 +256,21 @@ class ManyEvaluator:
 
     def __init__(self, model: nn.Module, layout: ParamLayout, data: Any, *, points_per_pass: int, wd: float,
                  batch_size: int = 512, bn_batches: int | None = None, precision: str = "fp32",
-                 train_split: Split | None = None, channels_last: bool = False, label: str = "network"):
+                 train_split: Split | None = None, channels_last: bool = False, label: str = "network",
+                 compile: bool = False):
         self.model, self.layout, self.data, self.points_per_pass = model, layout, data, points_per_pass
         self.options = {"wd": wd, "batch_size": batch_size, "bn_batches": bn_batches, "precision": precision,
                         "train_split": train_split}
-        self.channels_last, self.label = channels_last, label
+        self.channels_last, self.label, self.compile = channels_last, label, compile
+        self._single: nn.Module | None = None  # the network one at a time (compiled with ``compile``)
         self._wides: dict[int, WideNetwork | None] = {}
         self._warned = False
 
     def _wide(self, p: int) -> WideNetwork | None:
         if p not in self._wides:
             self._wides[p] = wide_for(self.model, p, self.layout, self.data, channels_last=self.channels_last,
-                                      what=f"this {self.label}'s networks", warn_now=not self._warned)
+                                      what=f"this {self.label}'s networks", warn_now=not self._warned,
+                                      compile=self.compile)
             self._warned = self._warned or self._wides[p] is None
         return self._wides[p]
 
@@ -241,21 +283,27 @@ class ManyEvaluator:
             if wide is not None:
                 out += evaluate_many(wide, rows, self.data, **self.options)
                 continue
+            self._single = self._single or compiled(self.model, self.compile)
             for w in rows:
                 self.layout.assign(self.model, w)
-                out.append(evaluate_weights(self.model, self.data, **self.options))
+                out.append(evaluate_weights(self._single, self.data, **self.options))
         return out
 
 
 def wide_for(model: nn.Module, p: int, layout: ParamLayout, data: Any, *, channels_last: bool, what: str,
-             warn_now: bool = True) -> WideNetwork | None:
+             warn_now: bool = True, compile: bool = False) -> WideNetwork | None:
     """``WideNetwork.of`` ``model`` for P networks, checked on a probe batch of ``data``'s evaluation images, in
-    channels-last format where asked or faster; None (with a warning naming ``what``, if ``warn_now``) when
-    the architecture cannot be widened."""
+    channels-last format where asked, its forward compiled with ``compile``; None when P networks side by side
+    would not be faster there (``pays_off``), or (with a warning naming ``what``, if ``warn_now``) when the
+    architecture cannot be widened."""
     probe = next(iter(data.eval.batches(_PROBE)))[0]
+    if not pays_off(model, probe.device):
+        return None
     wide = WideNetwork.of(model, p, layout, probe)
-    if wide is not None and (channels_last or _prefers_channels_last(model, probe)):
+    if wide is not None and channels_last:
         wide.use_channels_last()
+    if wide is not None and compile:
+        wide.compile()
     if wide is None and warn_now:
         from .runtime import warn
 
@@ -264,10 +312,12 @@ def wide_for(model: nn.Module, p: int, layout: ParamLayout, data: Any, *, channe
     return wide
 
 
-def _prefers_channels_last(model: nn.Module, probe: torch.Tensor) -> bool:
-    """On the CPU, a wide network of 2-D convolutions runs faster in channels-last memory format (its grouped
-    convolutions: docs/performance.md#many-networks-in-one-pass); elsewhere the user's choice stands."""
-    return probe.device.type == "cpu" and probe.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+def pays_off(model: nn.Module, device: torch.device) -> bool:
+    """Whether P networks side by side beat one at a time on ``device``: everywhere but for convolutional networks
+    on the CPU, where (measured: docs/performance.md#on-the-cpu) a grouped convolution of P copies is slower than
+    P narrow ones and P copies' activations overflow the caches; those go one network per pass, which costs the
+    same or less."""
+    return device.type != "cpu" or not any(type(m) in _CONVS for m in model.modules())
 
 
 def check_points_per_pass(value: Any) -> None:

@@ -51,8 +51,10 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
     without BN layers.
 
-    Only the BN layers run in train mode (dropout stays off); each batch contributes in proportion to its
-    size, so the result is the exact mean and (unbiased, per batch) variance average over the pass.
+    Only the BN layers run in train mode (dropout stays off) with momentum 1, so that each batch's mean and
+    (unbiased) variance land in the running buffers; they are added up weighted by the batch's size, so the
+    result is the exact mean and the per-batch variance average over the pass, and every batch is the same
+    call (which a compiled forward needs).
     ``max_batches`` limits the pass (faster, noisier statistics). ``sharded``, in a distributed run: the
     ranks share the batches (dealt round-robin) and add their weighted sums, which gives every rank the
     statistics of the whole pass (docs/distributed.md).
@@ -71,6 +73,9 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     for m in bns:
         m.reset_running_stats()
         m.train()
+        m.momentum = 1.0  # each batch's statistics replace the running ones; they are added up below
+    stats = [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
+    sums = [torch.zeros_like(t) for t in stats]
     device = next(model.parameters()).device
     seen = 0
     d = distributed.current() if sharded else None
@@ -81,11 +86,11 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
             i = rank + j * world  # the batch's number in the whole pass
             if max_batches is not None and i >= max_batches:
                 break
-            b = x.shape[0]
-            for m in bns:  # cumulative average weighted by batch size
-                m.momentum = b / (seen + b)
-            model(x)
-            seen += b
+            model(x)  # the same call for every batch (a compiled or graphed forward is reused)
+            torch._foreach_add_(sums, stats, alpha=x.shape[0])  # weighted by batch size
+            seen += x.shape[0]
+    for t, s in zip(stats, sums):  # the average over the pass
+        t.copy_(s / max(seen, 1))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     for m, cls in synced:

@@ -82,6 +82,12 @@ ShardOpt = Annotated[Optional[str], typer.Option(
                         "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
 
 
+EvalCompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="Run the evaluation forward (BN pass and predictions) through torch.compile; on CUDA in "
+                      "mode reduce-overhead, which replays it as CUDA graphs. Compiling takes seconds to a minute "
+                      "per batch shape, so it pays off for many points (planes, long curves). Needs Triton (GPU) "
+                      "or a C++ compiler (CPU); falls back, with a warning, when compiling fails.")]
+
 PointsPerPassOpt = Annotated[int, typer.Option(
     help="Networks evaluated together in one pass over the data (P copies side by side in one wide network; "
          "each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not fit in "
@@ -348,6 +354,7 @@ def evaluate(
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
     points_per_pass: PointsPerPassOpt = 4,
+    compile: EvalCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -364,7 +371,8 @@ def evaluate(
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, force=force, arch=arch,
                                num_classes=num_classes, in_chans=in_chans, arch_kwargs=_parse_kwargs(arch_kwargs),
-                               num_workers=num_workers, points_per_pass=points_per_pass, quiet=quiet)
+                               num_workers=num_workers, points_per_pass=points_per_pass, compile=compile,
+                               quiet=quiet)
 
     _run(work, as_json, quiet, _show_evaluation)
 
@@ -534,6 +542,7 @@ def evaluate_curve(
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
     points_per_pass: PointsPerPassOpt = 4,
+    compile: EvalCompileOpt = False,
     compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
                                                               "(from mctool align): the original B; also evaluate "
                                                               "the segment A -> B (same points and options) and "
@@ -559,7 +568,8 @@ def evaluate_curve(
                    device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
                    batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
-                   points_per_pass=points_per_pass, compare_unaligned=compare_unaligned, repair=repair,
+                   points_per_pass=points_per_pass, compile=compile, compare_unaligned=compare_unaligned,
+                   repair=repair,
                    repair_batches=repair_batches, quiet=quiet)
 
     def show(r: CurveResult) -> None:
@@ -651,6 +661,7 @@ def ensemble(
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
     points_per_pass: PointsPerPassOpt = 4,
+    compile: EvalCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -670,8 +681,8 @@ def ensemble(
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, output=str(output) if output else None,
                                num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
-                               force=force, num_workers=num_workers, points_per_pass=points_per_pass, quiet=quiet,
-                               command="ensemble")
+                               force=force, num_workers=num_workers, points_per_pass=points_per_pass,
+                               compile=compile, quiet=quiet, command="ensemble")
 
     _run(work, as_json, quiet, _show_evaluation)
 
@@ -765,6 +776,7 @@ def plane_cmd(
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
     points_per_pass: PointsPerPassOpt = 4,
+    compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -783,7 +795,7 @@ def plane_cmd(
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
-                   points_per_pass=points_per_pass, quiet=quiet)
+                   points_per_pass=points_per_pass, compile=compile, quiet=quiet)
 
     def show(r: PlaneResult) -> None:
         rows = []
@@ -843,6 +855,7 @@ def surface_cmd(
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
     points_per_pass: PointsPerPassOpt = 4,
+    compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -865,7 +878,7 @@ def surface_cmd(
                    data_root=data_root, download=download, split=split.value, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
-                   points_per_pass=points_per_pass, quiet=quiet)
+                   points_per_pass=points_per_pass, compile=compile, quiet=quiet)
 
     def show(r: SurfaceResult) -> None:
         rows = []

@@ -185,7 +185,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
                    shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
                    repair: bool = False, repair_batches: int = 8, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-                   quiet: bool = False) -> CurveResult:
+                   compile: bool = False, quiet: bool = False) -> CurveResult:
     """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
     (docs/method.md#curve-evaluation).
 
@@ -195,7 +195,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     A -> B is evaluated too, at the same t and with the same options (``barrier_unaligned``, datasets under
     ``unaligned/``). ``repair`` (networks without BatchNorm): REPAIR at every point, with statistics from
     ``repair_batches`` training batches (docs/align.md#repair). ``points_per_pass`` points are evaluated
-    together in one wide network (``batched.ManyEvaluator``; one at a time with ``repair``)."""
+    together in one wide network (``batched.ManyEvaluator``; one at a time with ``repair``); ``compile`` runs
+    the evaluation forward through ``torch.compile`` (``batched.CompiledForward``)."""
     t0 = time.time()
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "curve")
@@ -291,7 +292,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         per_pass = 1 if repair else points_per_pass  # REPAIR changes each network's weights before its pass
         many = ManyEvaluator(model, curve.layout, data, points_per_pass=per_pass, wd=wd, batch_size=batch_size,
                              bn_batches=bn_batches, precision=precision, channels_last=channels_last,
-                             label="curve")
+                             label="curve", compile=compile)
 
         def weights_at(i: int, seg: Curve, pts: torch.Tensor) -> torch.Tensor:
             c = coefficients(seg.curve, seg.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass, wide_for
+from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass, compiled, wide_for
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, load_model, read_metadata
 from .curves import load_curve
@@ -109,8 +109,8 @@ class _MemberPasses:
     treatment go through one ``batched.WideNetwork`` together (built once per kind and size, and checked);
     members of an architecture that cannot be widened go one at a time (with a warning)."""
 
-    def __init__(self, points_per_pass: int, data: Any, channels_last: bool):
-        self.points_per_pass, self.data, self.channels_last = points_per_pass, data, channels_last
+    def __init__(self, points_per_pass: int, data: Any, channels_last: bool, compile: bool = False):
+        self.points_per_pass, self.data, self.channels_last, self.compile = points_per_pass, data, channels_last, compile
         self._wides: dict[tuple, WideNetwork | None] = {}
         self._warned = False
 
@@ -135,7 +135,7 @@ class _MemberPasses:
         if key not in self._wides:
             self._wides[key] = wide_for(model, len(chunk), ParamLayout.of(model), self.data,
                                         channels_last=self.channels_last, what=f"{chunk[0].meta.arch} networks",
-                                        warn_now=not self._warned)
+                                        warn_now=not self._warned, compile=self.compile)
             self._warned = self._warned or self._wides[key] is None
         return self._wides[key]
 
@@ -147,8 +147,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                     output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
                     bn_batches: int | None = None, force: bool = False, arch: str | None = None,
                     num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
-                    num_workers: int = 4, points_per_pass: int = DEFAULT_POINTS_PER_PASS, quiet: bool = False,
-                    command: str = "evaluate") -> EvaluateResult:
+                    num_workers: int = 4, points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False,
+                    quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
@@ -157,7 +157,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     for its first k members, k = 1..M. ``temperature_scale`` fits one temperature on the held-out part
     of the training data (the ``val`` split) and reports calibrated ensemble metrics beside the raw ones.
     ``output`` writes all members as one ensemble file. ``command`` names the result (``evaluate`` or
-    ``ensemble``). ``points_per_pass`` members of one architecture are evaluated together (``batched``).
+    ``ensemble``). ``points_per_pass`` members of one architecture are evaluated together (``batched``);
+    ``compile`` runs the evaluation forward through ``torch.compile`` (``batched.CompiledForward``).
     """
     t0 = time.time()
     check_points_per_pass(points_per_pass)
@@ -193,7 +194,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     rows, running, ens = [], [], None
     eval_logits, held_logits, labels, held_labels = [], [], None, None
     weights, buffers = [], []
-    many = _MemberPasses(points_per_pass, data, channels_last)
+    many = _MemberPasses(points_per_pass, data, channels_last, compile)
     with progress_bar(quiet) as bar:
         task = bar.add_task("evaluate", total=len(members), info="")
         for chunk in many.passes(members):
@@ -219,14 +220,15 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             else:
                 pass_logits, pass_held = [], []
                 for member, model in zip(chunk, models):
+                    run = compiled(model, compile)
                     if member.recalibrate:
-                        recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
+                        recalibrate_bn(run, data.train, batch_size=batch_size, max_batches=bn_batches,
                                        precision=precision, sharded=True)
-                    z, labels = predict_logits(model, data.eval, batch_size=batch_size, precision=precision,
+                    z, labels = predict_logits(run, data.eval, batch_size=batch_size, precision=precision,
                                                sharded=True)
                     pass_logits.append(z)
                     if temperature_scale:
-                        hz, held_labels = predict_logits(model, held.eval, batch_size=batch_size,
+                        hz, held_labels = predict_logits(run, held.eval, batch_size=batch_size,
                                                          precision=precision, sharded=True)
                         pass_held.append(hz)
             for k, (member, model) in enumerate(zip(chunk, models)):

@@ -163,7 +163,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    store: Callable[[Any, dict[str, float]], None], *, label: str, total: int, metrics: Path,
                    source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
                    batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
-                   channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1) -> None:
+                   channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
+                   compile: bool = False) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
     is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
@@ -181,7 +182,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
 
     many = ManyEvaluator(model, base.layout, data, points_per_pass=points_per_pass, wd=wd, batch_size=batch_size,
                          bn_batches=bn_batches, precision=precision, train_split=train_split,
-                         channels_last=channels_last)
+                         channels_last=channels_last, compile=compile)
 
     def measure(cells: list) -> list[dict[str, float]]:
         return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]))
@@ -212,7 +213,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
           shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-          quiet: bool = False) -> PlaneResult:
+          compile: bool = False, quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane, plus at the three points
     themselves. The grid holds the three points and the projected curve, with ``margins`` (left, right, bottom,
     top) as fractions of their extent: of dx and dy when the bend projects between w0 and w2 (``grid_fractions``).
@@ -316,7 +317,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                        source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass)
+                       points_per_pass=points_per_pass, compile=compile)
     summary = plane_summary(grid, at_points)
     write(summary)
     result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),

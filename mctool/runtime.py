@@ -97,8 +97,9 @@ def honours_deterministic(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def maybe_compile(fn: F, enabled: bool, what: str) -> F:
-    """``fn`` compiled with ``torch.compile`` when ``enabled`` (``--compile``), else ``fn`` itself.
+def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, dynamic: bool | None = False) -> F:
+    """``fn`` compiled with ``torch.compile`` (its ``mode`` and ``dynamic``) when ``enabled`` (``--compile``), else
+    ``fn`` itself.
 
     Compilation happens at the first call. If it fails (no Triton for the GPU, no C++ compiler for the
     CPU, an unsupported operation), a warning says so and ``fn`` runs uncompiled from then on; ``fn``
@@ -107,7 +108,7 @@ def maybe_compile(fn: F, enabled: bool, what: str) -> F:
     """
     if not enabled:
         return fn
-    compiled = torch.compile(fn, dynamic=False)
+    compiled = torch.compile(fn, dynamic=dynamic, mode=mode)
     current = [compiled]
 
     @functools.wraps(fn)

@@ -237,7 +237,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
             bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
             precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
             shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-            quiet: bool = False) -> SurfaceResult:
+            compile: bool = False, quiet: bool = False) -> SurfaceResult:
     """Train loss/error and test NLL/error of the network at ``path`` and of the networks around it along ``dims``
     directions, on a grid of ``grid_points`` coefficients per direction.
 
@@ -363,7 +363,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass)
+                       points_per_pass=points_per_pass, compile=compile)
     summary = surface_summary(grid, at_center)
     write(summary)
     result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=surface_metrics(summary),

@@ -79,14 +79,76 @@ def test_architectures_that_would_mix_the_copies_are_evaluated_one_at_a_time():
     assert WideNetwork.of(cat, 2, ParamLayout.of(cat), probe) is None  # caught by the check on the probe batch
     ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
     assert WideNetwork.of(ln, 2, ParamLayout.of(ln), probe) is None  # a layer it cannot widen
-    layout = ParamLayout.of(cat)
-    weights = _points(cat, layout, 3)
-    many = ManyEvaluator(cat, layout, data, points_per_pass=3, wd=0.0, batch_size=256)
+    layout = ParamLayout.of(ln)
+    weights = _points(ln, layout, 3)
+    many = ManyEvaluator(ln, layout, data, points_per_pass=3, wd=0.0, batch_size=256)
     with pytest.warns(UserWarning, match="one network per pass"):
         got = many.evaluate(weights)
     for k in range(3):
-        layout.assign(cat, weights[k])
-        assert got[k] == evaluate_weights(cat, data, wd=0.0, batch_size=256)  # the same code path: equal
+        layout.assign(ln, weights[k])
+        assert got[k] == evaluate_weights(ln, data, wd=0.0, batch_size=256)  # the same code path: equal
+
+
+def test_convolutional_networks_go_one_per_pass_on_the_cpu(monkeypatch, recwarn):
+    """On the CPU a wide network of convolutions costs more than P narrow ones (docs/performance.md#on-the-cpu):
+    the evaluator chooses one network per pass there, without a warning; elsewhere it widens them."""
+    data = load_data("synthetic:size=8,train=40,test=16")
+    cat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    layout = ParamLayout.of(cat)
+    assert not batched.pays_off(cat, torch.device("cpu")) and batched.pays_off(cat, torch.device("cuda"))
+    assert batched.pays_off(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), torch.device("cpu"))
+    assert batched.wide_for(cat, 2, layout, data, channels_last=False, what="x") is None
+    assert WideNetwork.of(cat, 2, layout, next(iter(data.eval.batches(8)))[0]) is not None  # it could be widened
+    calls = []
+    monkeypatch.setattr(batched, "evaluate_many", lambda *a, **k: calls.append(a))
+    weights = _points(cat, layout, 3)
+    got = ManyEvaluator(cat, layout, data, points_per_pass=3, wd=0.0, batch_size=16).evaluate(weights)
+    assert len(got) == 3 and calls == [] and not recwarn.list
+
+
+def test_compiled_evaluation_gives_the_same_metrics(monkeypatch):
+    """--compile: the wide network and the single one run through torch.compile (real inductor on this CPU;
+    one graph per batch shape and mode) and give the eager metrics within float tolerance."""
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16, "batch_norm": True})
+    layout = ParamLayout.of(model)
+    weights = _points(model, layout, 3)
+    opts = {"points_per_pass": 2, "wd": 5e-4, "batch_size": 1024}  # passes of 2 (one wide network) and 1
+    want = ManyEvaluator(model, layout, data, **opts).evaluate(weights)
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(type(fn).__name__) or real(fn, **kw))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the plain forward
+        got = ManyEvaluator(model, layout, data, compile=True, **opts).evaluate(weights)
+    assert compiled == ["MLP", "MLP"]  # the wide network (a widened copy), then the network itself
+    for g, w in zip(got, want):
+        for name in w:  # inductor may fuse and reorder float32 sums: ~1e-6 relative
+            tol = 1.5 / len(data.eval) if name.endswith("err") else 1e-4 * max(1.0, abs(w[name]))
+            assert g[name] == pytest.approx(w[name], abs=tol), name
+
+
+@pytest.mark.parametrize("command", ["evaluate-curve", "plane", "surface", "evaluate", "ensemble"])
+def test_compile_option_reaches_the_evaluation(cli, tmp_path, digits_models, monkeypatch, command):
+    from mctool.checkpoint import load_model, save_model
+
+    third = load_model(digits_models[0])  # a third point off the line through the two
+    with torch.no_grad():
+        for p in third.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_model(tmp_path / "c.safetensors", third.model, third.meta)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)  # fast: the plumbing only
+    files = {"evaluate-curve": digits_models, "plane": [digits_models[0], tmp_path / "c.safetensors",
+                                                        digits_models[1]],
+             "surface": digits_models[:1], "evaluate": digits_models, "ensemble": digits_models}[command]
+    size = {"evaluate-curve": ["--num-points", "3"], "plane": ["--grid-points", "2", "--curve-points", "2"],
+            "surface": ["--grid-points", "3", "--dims", "1"], "evaluate": ["--points-per-pass", "1"],
+            "ensemble": []}[command]  # evaluate: one network at a time; ensemble: the two in one wide network
+    cli(command, *files, *size, "-m", tmp_path / "x.h5", "--compile", *CPU, "-q")
+    assert compiled and all(kw == {"dynamic": None, "mode": None} for kw in compiled)  # on CUDA: reduce-overhead
 
 
 def test_evaluate_curve_in_passes_that_do_not_divide_the_points(cli, tmp_path, digits_models, monkeypatch):

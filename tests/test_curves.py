@@ -63,7 +63,12 @@ def test_recalibrate_bn_gives_exact_statistics():
     # ~300 x 2^-24 = 2e-5 of max |h|: allow 1e-4 of it (measured: 1e-8). PyTorch's default running average
     # (momentum 0.1) is off by 8e-2 of it.
     torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=0, atol=1e-4 * float(h.detach().abs().max()))
-    assert not model.training and not bn.training  # the module's mode is restored
+    # the variance: each batch's unbiased variance, averaged weighted by batch size (as one pass computes it)
+    with torch.no_grad():
+        parts = [model.net[1](x.flatten(1)) for x, _ in data.train.batches(64)]
+        var = sum(len(p) * p.var(0, unbiased=True) for p in parts) / 300
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
+    assert not model.training and not bn.training and bn.momentum == 0.1  # the module's mode and momentum kept
     assert not recalibrate_bn(build_model("mlp", 3, 1, {"img_size": 8}), data.train)  # no BN: nothing to do
 
 
