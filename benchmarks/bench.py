@@ -16,8 +16,9 @@ batches (data pipeline included) and the pipeline's share; one curve point and o
 plus train and test evaluation, s); P = --points-per-pass curve points evaluated one at a time and P to a
 pass in one wide network, and their ratio ``batched_over_sequential`` (where the evaluator chooses one network
 per pass, as for convolutional networks on the CPU, also ``wide_over_sequential``: the wide network forced).
-With ``--reference``: the reference code's way of working (fp32, a torchvision DataLoader with PIL transforms and worker processes, w(t) assembled parameter by parameter,
-evaluation at batch 128), timed on part of the data and given as img/s and an estimated curve-point time.
+With ``--reference``: the reference code's way of working (fp32, a torchvision DataLoader with PIL transforms
+and worker processes, w(t) assembled parameter by parameter, evaluation at batch 128), timed on part of the
+data and given as img/s and an estimated curve-point time.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ EvalCompileOpt = Annotated[bool, typer.Option(
 PointsPerPassOpt = Annotated[int, typer.Option(
     help="Networks evaluated together in one pass over the data (P copies side by side in one wide network; "
          "each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not fit in "
-         "memory. Architectures that cannot be widened are evaluated one at a time, with a warning.")]
+         "memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
+         "convolutional networks are (faster there).")]
 
 
 def _expand_globs(values: list[str], option: str) -> list[str]:
