@@ -110,7 +110,8 @@ class _MemberPasses:
     members of an architecture that cannot be widened go one at a time (with a warning)."""
 
     def __init__(self, points_per_pass: int, data: Any, channels_last: bool, compile: bool = False):
-        self.points_per_pass, self.data, self.channels_last, self.compile = points_per_pass, data, channels_last, compile
+        self.points_per_pass, self.data = points_per_pass, data
+        self.channels_last, self.compile = channels_last, compile
         self._wides: dict[tuple, WideNetwork | None] = {}
         self._warned = False
 
