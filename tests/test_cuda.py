@@ -1,4 +1,5 @@
-"""CUDA-only checks: CUDA-graph steps make the same updates as eager ones; --deterministic runs repeat exactly.
+"""CUDA-only checks: CUDA-graph steps make the same updates as eager ones; --deterministic runs repeat exactly;
+wide and compiled evaluation give the one-at-a-time metrics.
 
 Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``.
 """
@@ -180,3 +181,36 @@ def test_train_on_cuda_with_graphs_is_reproducible(cli, tmp_path):
     assert _relative_difference(a, b, start) < 0.05  # graphs twice: float noise only
     assert _relative_difference(a, c, start) < 0.05  # graphs vs eager: the same training
     assert abs(ra["metrics"]["eval"]["err"] - rc["metrics"]["eval"]["err"]) <= 0.05
+
+
+def _eval_points(compile: bool, points_per_pass: int, precision: str = "fp32") -> list[dict[str, float]]:
+    """Metrics of 3 networks around a PreResNet-20 (BN recomputed for each), as evaluate-curve computes them."""
+    from mctool.batched import ManyEvaluator
+
+    torch.manual_seed(0)
+    data = load_data(SYNTH, device=DEV)
+    model = build_model("cifar_preresnet20", 4, 3, {}).to(DEV)
+    layout = ParamLayout.of(model)
+    w = layout.flatten(dict(model.named_parameters()))
+    g = torch.Generator(device=DEV).manual_seed(1)
+    weights = torch.stack([w + 0.05 * w.abs().mean() * torch.randn(w.numel(), device=DEV, generator=g)
+                           for _ in range(3)])
+    many = ManyEvaluator(model, layout, data, points_per_pass=points_per_pass, wd=5e-4, batch_size=64,
+                         precision=precision, compile=compile)
+    out = many.evaluate(weights)
+    if points_per_pass > 1:
+        assert many._wide(points_per_pass) is not None  # on a GPU, convolutional networks are widened
+    return out
+
+
+@pytest.mark.parametrize("points_per_pass, compile", [(2, False), (2, True), (1, True)])
+def test_wide_and_compiled_evaluation_match_one_network_at_a_time(points_per_pass, compile, recwarn):
+    """Passes of 2 (one wide network of grouped convolutions), compiled (mode reduce-overhead: CUDA graphs whose
+    outputs must be copied before the next replay) or not: the eager one-at-a-time metrics within float noise."""
+    want = _eval_points(False, 1)
+    got = _eval_points(compile, points_per_pass)
+    assert not [w for w in recwarn.list if issubclass(w.category, MctoolWarning)]  # nothing fell back
+    for g, w in zip(got, want):
+        for name in w:  # cuDNN/TF32 and inductor kernels: ~1e-4 relative; an error may flip one of 64 images
+            tol = 1.5 / 64 if name.endswith("err") else 2e-3 * max(1.0, abs(w[name]))
+            assert g[name] == pytest.approx(w[name], abs=tol), name
