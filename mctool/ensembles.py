@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batched import wide_for
+from .batched import pays_off, wide_for
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, bad_field, metadata_int, read_checkpoint, save_checkpoint, save_model
 from .errors import CheckpointError, ConfigError
@@ -110,8 +110,9 @@ class SnapshotCollector:
 
     Each snapshot gets its own BN recalibration, is evaluated, and joins the running ensemble (mean of
     softmax) whose metrics are recorded. Snapshots wait until ``points_per_pass`` of them are pending, then go
-    through one pass over the data together (``batched.WideNetwork``; one at a time when that is 1 or the
-    architecture cannot be widened); ``flush`` evaluates whatever is pending. Pending snapshots are part of the
+    through one pass over the data together (``batched.WideNetwork``; one at a time, each as it is taken, when
+    that is 1 or would not be faster: ``batched.pays_off``; one at a time when the architecture cannot be
+    widened); ``flush`` evaluates whatever is pending. Pending snapshots are part of the
     resumable state, so an interrupted run loses none of them.
     """
 
@@ -120,7 +121,10 @@ class SnapshotCollector:
         self.eval_model = copy.deepcopy(model).eval()
         self.layout = ParamLayout.of(model)
         self.data, self.batch_size, self.bn_batches, self.precision = data, batch_size, bn_batches, precision
-        self.points_per_pass, self.channels_last = points_per_pass, channels_last
+        # where P networks side by side would not be faster (batched.pays_off), each snapshot goes at once
+        device = next(model.parameters()).device
+        self.points_per_pass = points_per_pass if pays_off(model, device) else 1
+        self.channels_last = channels_last
         self.members: list[torch.Tensor] = []
         self.buffers: list[dict[str, torch.Tensor]] = []
         self.rows: list[dict[str, float]] = []

@@ -104,6 +104,11 @@ def test_convolutional_networks_go_one_per_pass_on_the_cpu(monkeypatch, recwarn)
     weights = _points(cat, layout, 3)
     got = ManyEvaluator(cat, layout, data, points_per_pass=3, wd=0.0, batch_size=16).evaluate(weights)
     assert len(got) == 3 and calls == [] and not recwarn.list
+    from mctool.ensembles import SnapshotCollector  # FGE: snapshots need not wait for a pass, then
+
+    assert SnapshotCollector(cat, data, points_per_pass=4).points_per_pass == 1
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 10))
+    assert SnapshotCollector(mlp, data, points_per_pass=4).points_per_pass == 4
 
 
 def test_compiled_evaluation_gives_the_same_metrics(monkeypatch):
