@@ -183,32 +183,35 @@ def test_train_on_cuda_with_graphs_is_reproducible(cli, tmp_path):
     assert abs(ra["metrics"]["eval"]["err"] - rc["metrics"]["eval"]["err"]) <= 0.05
 
 
-def _eval_points(compile: bool, points_per_pass: int, precision: str = "fp32") -> list[dict[str, float]]:
-    """Metrics of 3 networks around a PreResNet-20 (BN recomputed for each), as evaluate-curve computes them."""
+def _eval_points(compile: bool, points_per_pass: int, arch: str) -> list[dict[str, float]]:
+    """Metrics of 3 networks around one of ``arch`` (BN recomputed for each), as evaluate-curve computes them."""
     from mctool.batched import ManyEvaluator
 
     torch.manual_seed(0)
     data = load_data(SYNTH, device=DEV)
-    model = build_model("cifar_preresnet20", 4, 3, {}).to(DEV)
+    kwargs = {"img_size": 16, "hidden": 64, "batch_norm": True} if arch == "mlp" else {}
+    model = build_model(arch, 4, 3, kwargs).to(DEV)
     layout = ParamLayout.of(model)
     w = layout.flatten(dict(model.named_parameters()))
     g = torch.Generator(device=DEV).manual_seed(1)
     weights = torch.stack([w + 0.05 * w.abs().mean() * torch.randn(w.numel(), device=DEV, generator=g)
                            for _ in range(3)])
     many = ManyEvaluator(model, layout, data, points_per_pass=points_per_pass, wd=5e-4, batch_size=64,
-                         precision=precision, compile=compile)
+                         compile=compile)
     out = many.evaluate(weights)
     if points_per_pass > 1:
-        assert many._wide(points_per_pass) is not None  # on a GPU, convolutional networks are widened
+        assert many._wide(points_per_pass) is not None  # on a GPU, convolutional networks are widened too
     return out
 
 
-@pytest.mark.parametrize("points_per_pass, compile", [(2, False), (2, True), (1, True)])
-def test_wide_and_compiled_evaluation_match_one_network_at_a_time(points_per_pass, compile, recwarn):
-    """Passes of 2 (one wide network of grouped convolutions), compiled (mode reduce-overhead: CUDA graphs whose
-    outputs must be copied before the next replay) or not: the eager one-at-a-time metrics within float noise."""
-    want = _eval_points(False, 1)
-    got = _eval_points(compile, points_per_pass)
+@pytest.mark.parametrize("points_per_pass, compile, arch", [(2, False, "cifar_preresnet20"), (2, True, "mlp"),
+                                                             (1, True, "mlp")])
+def test_wide_and_compiled_evaluation_match_one_network_at_a_time(points_per_pass, compile, arch, recwarn):
+    """Passes of 2 (one wide network: grouped convolutions for PreResNet-20), compiled (mode reduce-overhead: CUDA
+    graphs whose outputs must be copied before the next replay; an MLP, quick to compile) or not: the eager
+    one-at-a-time metrics within float noise."""
+    want = _eval_points(False, 1, arch)
+    got = _eval_points(compile, points_per_pass, arch)
     assert not [w for w in recwarn.list if issubclass(w.category, MctoolWarning)]  # nothing fell back
     for g, w in zip(got, want):
         for name in w:  # cuDNN/TF32 and inductor kernels: ~1e-4 relative; an error may flip one of 64 images
