@@ -77,6 +77,16 @@ def _timed(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
+def _race(evaluators: dict, ws: torch.Tensor, dev, reps: int, got: dict) -> list[list[float]]:
+    """Time each evaluator's ``evaluate(ws)`` in turns, ``reps`` rounds (the machine's other load hits all of them
+    alike); returns each one's times, in order, and leaves its metrics in ``got[name]``."""
+    times: list[list[float]] = [[] for _ in evaluators]
+    for _ in range(reps):
+        for t, (name, ev) in zip(times, evaluators.items()):
+            t.append(_timed(lambda: got.__setitem__(name, ev.evaluate(ws)), dev))
+    return times
+
+
 def _parse_variant(v: str) -> tuple[str, bool, bool, bool]:
     parts = v.split("+")
     if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs", "compile"}:
@@ -139,6 +149,12 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
                 "train_epoch_s": len(data.train) * t_plain / (n * bs),
                 "curve_epoch_s": len(data.train) * t_curve / (n * bs)})
 
+    # P curve points for the evaluations of many networks (one at a time, P to a pass, compiled)
+    ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
+    ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
+    opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
+    got: dict[str, list] = {}  # each way's metrics of the P points, from its last timed run
+
     # One curve point and one plane point: assign weights, BN pass, train and test evaluation.
     if (precision, cl) not in evaluated:
         evaluated.add((precision, cl))
@@ -156,17 +172,10 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
                                                evaluate_weights(eval_model, data, **kw)), dev)
         out["plane_21x21_min_estimate"] = 441 * out["plane_point_s"] / 60
         # P curve points evaluated one at a time and P to a pass (one wide network: mctool.batched)
-        ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
-        ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
-        opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
         one = ManyEvaluator(eval_model, layout, data, points_per_pass=1, **opts)
         many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
-        got = {}
         many.evaluate(ws)  # warm-up, and builds the wide network
-        t_one, t_many = [], []
-        for _ in range(args.eval_reps):  # interleaved, the fastest of each: the machine's other load hits both
-            t_one.append(_timed(lambda: got.__setitem__("one", one.evaluate(ws)), dev))
-            t_many.append(_timed(lambda: got.__setitem__("many", many.evaluate(ws)), dev))
+        t_one, t_many = _race({"one": one, "many": many}, ws, dev, args.eval_reps, got)
         out["eval_points_sequential_s"] = min(t_one)
         out["eval_points_batched_s"] = min(t_many)
         out["batched_over_sequential"] = min(t_many) / min(t_one)
@@ -189,18 +198,11 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         # the same P points to a pass with the evaluation forward compiled (evaluate-curve/plane --compile)
         evaluated.add((precision, cl, "compile"))
         eval_model = make().eval()
-        ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
-        ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
-        opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
         many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
         comp = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, compile=True, **opts)
-        got = {}
         many.evaluate(ws)
         out["eval_compile_first_pass_s"] = _timed(lambda: comp.evaluate(ws), dev)  # compiling included
-        t_many, t_comp = [], []
-        for _ in range(args.eval_reps):
-            t_many.append(_timed(lambda: got.__setitem__("many", many.evaluate(ws)), dev))
-            t_comp.append(_timed(lambda: got.__setitem__("comp", comp.evaluate(ws)), dev))
+        t_many, t_comp = _race({"many": many, "comp": comp}, ws, dev, args.eval_reps, got)
         out["eval_points_compiled_s"] = min(t_comp)
         out["compiled_over_batched"] = min(t_comp) / min(t_many)
         out["curve_point_compiled_s"] = min(t_comp) / len(ts)
