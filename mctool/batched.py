@@ -109,8 +109,9 @@ class CompiledForward(nn.Module):
     """``--compile`` for evaluation: ``model``'s forward through ``torch.compile`` (``runtime.maybe_compile``: a
     warning and the plain forward if compiling fails), in mode ``reduce-overhead`` on CUDA, which replays each
     batch shape's forward as a CUDA graph. Such a replay overwrites the previous one's output, so outputs are
-    copied there. Every batch of a pass is the same call (the BN pass too: ``bn.recalibrate_bn``), so a pass
-    compiles one graph per batch shape and mode (train-mode BN, evaluation) and reuses them."""
+    copied there. Every batch of a pass is the same call (the BN pass too: ``bn.recalibrate_bn``) and the batch
+    size is symbolic, so a run compiles one graph per mode (train-mode BN, evaluation) and width, and reuses
+    them."""
 
     def __init__(self, model: nn.Module, what: str):
         super().__init__()
