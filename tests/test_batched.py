@@ -3,6 +3,8 @@ that do not divide the points, resume, and architectures that cannot be widened.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,8 @@ def test_convolutional_networks_go_one_per_pass_on_the_cpu(monkeypatch, recwarn)
     assert SnapshotCollector(mlp, data, points_per_pass=4).points_per_pass == 4
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
 def test_compiled_evaluation_gives_the_same_metrics(monkeypatch):
     """--compile: the wide network and the single one run through torch.compile (real inductor on this CPU;
     one graph per batch shape and mode) and give the eager metrics within float tolerance."""
