@@ -120,7 +120,9 @@ class CompiledForward(nn.Module):
         # momentum) and width (P networks, the last pass's fewer, one), the batch size left symbolic (a smaller
         # last batch needs no graph of its own): more than dynamo's default of 8 per function with several
         # widths, after which it would silently run uncompiled.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(config, limit, max(getattr(config, limit), 64))
         cuda = next(model.parameters()).device.type == "cuda"
         self._copy = cuda
         self._forward = maybe_compile(model, True, what, mode="reduce-overhead" if cuda else None, dynamic=None)
