@@ -1058,7 +1058,8 @@ def fge_cmd(
     points_per_pass: Annotated[int, typer.Option(
         help="Snapshots evaluated together in one pass over the data (P copies side by side in one wide network): "
              "a snapshot waits until P are taken (or the run ends), so the running ensemble's metrics come P at a "
-             "time. 1 evaluates each as it is taken. May differ on --resume.")] = 4,
+             "time. 1 evaluates each as it is taken. Lower it if P copies' activations (or P waiting snapshots' "
+             "weights) do not fit in memory. May differ on --resume.")] = 4,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the start "
                                                    "network's).")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
