@@ -264,18 +264,12 @@ class ManyEvaluator:
         self.model, self.layout, self.data, self.points_per_pass = model, layout, data, points_per_pass
         self.options = {"wd": wd, "batch_size": batch_size, "bn_batches": bn_batches, "precision": precision,
                         "train_split": train_split}
-        self.channels_last, self.label, self.compile = channels_last, label, compile
+        self.label, self.compile = label, compile
         self._single: nn.Module | None = None  # the network one at a time (compiled with ``compile``)
-        self._wides: dict[int, WideNetwork | None] = {}
-        self._warned = False
+        self._wides = WideNetworks(data, channels_last=channels_last, compile=compile)
 
     def _wide(self, p: int) -> WideNetwork | None:
-        if p not in self._wides:
-            self._wides[p] = wide_for(self.model, p, self.layout, self.data, channels_last=self.channels_last,
-                                      what=f"this {self.label}'s networks", warn_now=not self._warned,
-                                      compile=self.compile)
-            self._warned = self._warned or self._wides[p] is None
-        return self._wides[p]
+        return self._wides.get(p, self.model, p, self.layout, f"this {self.label}'s networks")
 
     def evaluate(self, weights: torch.Tensor) -> list[dict[str, float]]:
         """Metrics (``evaluate_weights``'s) of each row of ``weights`` [n, N], any n: in passes of at most
@@ -291,6 +285,27 @@ class ManyEvaluator:
                 self.layout.assign(self.model, w)
                 out.append(evaluate_weights(self._single, self.data, **self.options))
         return out
+
+
+class WideNetworks:
+    """Wide networks (``wide_for``) for ``data``, built once per key and kept; the warning that an architecture
+    cannot be widened is given once."""
+
+    def __init__(self, data: Any, *, channels_last: bool, compile: bool = False):
+        self.data, self.channels_last, self.compile = data, channels_last, compile
+        self._built: dict[Any, WideNetwork | None] = {}
+        self._warned = False
+
+    def get(self, key: Any, model: nn.Module, p: int, layout: ParamLayout, what: str) -> WideNetwork | None:
+        """The wide network of ``p`` copies of ``model`` stored under ``key`` (built the first time); None for
+        fewer than 2 copies, or where ``wide_for`` gives none."""
+        if p < 2:
+            return None
+        if key not in self._built:
+            self._built[key] = wide_for(model, p, layout, self.data, channels_last=self.channels_last, what=what,
+                                        warn_now=not self._warned, compile=self.compile)
+            self._warned = self._warned or self._built[key] is None
+        return self._built[key]
 
 
 def wide_for(model: nn.Module, p: int, layout: ParamLayout, data: Any, *, channels_last: bool, what: str,

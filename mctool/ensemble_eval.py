@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, check_points_per_pass, compiled, wide_for
+from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, load_model, read_metadata
 from .curves import load_curve
@@ -110,10 +110,8 @@ class _MemberPasses:
     members of an architecture that cannot be widened go one at a time (with a warning)."""
 
     def __init__(self, points_per_pass: int, data: Any, channels_last: bool, compile: bool = False):
-        self.points_per_pass, self.data = points_per_pass, data
-        self.channels_last, self.compile = channels_last, compile
-        self._wides: dict[tuple, WideNetwork | None] = {}
-        self._warned = False
+        self.points_per_pass = points_per_pass
+        self._wides = WideNetworks(data, channels_last=channels_last, compile=compile)
 
     @staticmethod
     def _kind(m: Member) -> tuple:
@@ -130,15 +128,8 @@ class _MemberPasses:
         return out
 
     def wide(self, chunk: list[Member], model: nn.Module) -> WideNetwork | None:
-        if len(chunk) < 2:
-            return None
-        key = (*self._kind(chunk[0]), len(chunk))
-        if key not in self._wides:
-            self._wides[key] = wide_for(model, len(chunk), ParamLayout.of(model), self.data,
-                                        channels_last=self.channels_last, what=f"{chunk[0].meta.arch} networks",
-                                        warn_now=not self._warned, compile=self.compile)
-            self._warned = self._warned or self._wides[key] is None
-        return self._wides[key]
+        return self._wides.get((*self._kind(chunk[0]), len(chunk)), model, len(chunk), ParamLayout.of(model),
+                               f"{chunk[0].meta.arch} networks")
 
 
 @holds_output_locks

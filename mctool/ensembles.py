@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batched import pays_off, wide_for
+from .batched import WideNetworks, pays_off
 from .bn import recalibrate_bn
 from .checkpoint import ModelMeta, bad_field, metadata_int, read_checkpoint, save_checkpoint, save_model
 from .errors import CheckpointError, ConfigError
@@ -124,14 +124,12 @@ class SnapshotCollector:
         # where P networks side by side would not be faster (batched.pays_off), each snapshot goes at once
         device = next(model.parameters()).device
         self.points_per_pass = points_per_pass if pays_off(model, device) else 1
-        self.channels_last = channels_last
+        self._wides = WideNetworks(data, channels_last=channels_last)
         self.members: list[torch.Tensor] = []
         self.buffers: list[dict[str, torch.Tensor]] = []
         self.rows: list[dict[str, float]] = []
         self.probs_sum: torch.Tensor | None = None
         self.pending: list[tuple[torch.Tensor, dict[str, float]]] = []  # (flat weights, info), not yet evaluated
-        self._wides: dict[int, Any] = {}
-        self._warned = False
 
     @torch.no_grad()
     def add(self, model: nn.Module, **info: float) -> list[dict[str, float]]:
@@ -162,11 +160,7 @@ class SnapshotCollector:
         """Each network's evaluation probabilities, labels and recalibrated buffers, for flat ``weights`` [n, N]."""
         opts = {"batch_size": self.batch_size, "precision": self.precision, "sharded": True}
         n = len(weights)
-        if n > 1 and n not in self._wides:
-            self._wides[n] = wide_for(self.eval_model, n, self.layout, self.data, channels_last=self.channels_last,
-                                      what="these snapshots", warn_now=not self._warned)
-            self._warned = self._warned or self._wides[n] is None
-        wide = self._wides.get(n) if n > 1 else None
+        wide = self._wides.get(n, self.eval_model, n, self.layout, "these snapshots")
         if wide is not None:
             wide.assign(weights.to(next(wide.parameters()).device))
             recalibrate_bn(wide, self.data.train, max_batches=self.bn_batches, **opts)

@@ -118,6 +118,7 @@ def test_fge_snapshots_evaluated_together_equal_one_at_a_time_and_resume(cli, tm
     """--points-per-pass P: snapshots wait for a pass of P (one wide network, BN statistics per copy); training
     is unchanged, members and their metrics equal one-at-a-time evaluation, and pending snapshots survive an
     interrupt (resumed with another P)."""
+    import mctool.batched as batched
     import mctool.ensembles as ensembles
 
     start = tmp_path / "bn.safetensors"
@@ -125,10 +126,10 @@ def test_fge_snapshots_evaluated_together_equal_one_at_a_time_and_resume(cli, tm
         "2", "--lr", "0.1", "-q", *CPU)
     args = [start, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU]  # snapshots at iterations 3, 11, 19, 27, 35
     passes, wides = [], []
-    evaluate, wide_for = ensembles.SnapshotCollector._evaluate, ensembles.wide_for
+    evaluate, wide_for = ensembles.SnapshotCollector._evaluate, batched.wide_for
     monkeypatch.setattr(ensembles.SnapshotCollector, "_evaluate",
                         lambda self, w: passes.append(len(w)) or evaluate(self, w))
-    monkeypatch.setattr(ensembles, "wide_for", lambda *a, **k: wides.append(wide_for(*a, **k)) or wides[-1])
+    monkeypatch.setattr(batched, "wide_for", lambda *a, **k: wides.append(wide_for(*a, **k)) or wides[-1])
     cli("fge", *args, "-o", tmp_path / "one.safetensors", "--points-per-pass", "1")
     assert passes == [1] * 5 and wides == []
     passes.clear()
