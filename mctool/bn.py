@@ -17,6 +17,16 @@ from .runtime import autocast
 
 _BN = nn.modules.batchnorm._BatchNorm
 
+# The order of every statistics pass (BN recalibration, REPAIR): one fixed random permutation of the training
+# set, the same for every network and run. Data stored class by class (``imagefolder:``) would otherwise give
+# single-class batches, whose variances miss the between-class spread, and ``--bn-batches N`` the first classes.
+PASS_SEED = 0
+
+
+def pass_batches(split: Split, batch_size: int, *, deal: tuple[int, int] | None = None):
+    """The un-augmented training batches of a statistics pass, in the fixed order ``PASS_SEED`` draws."""
+    return split.batches(batch_size, shuffle=True, seed=PASS_SEED, deal=deal)
+
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
@@ -51,19 +61,23 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
     without BN layers.
 
-    Only the BN layers run in train mode (dropout stays off) with momentum 1, so that each batch's mean and
-    (unbiased) variance land in the running buffers; they are added up weighted by the batch's size, so the
-    result is the exact mean and the per-batch variance average over the pass, and every batch is the same
-    call (which a compiled forward needs).
-    ``max_batches`` limits the pass (faster, noisier statistics). ``sharded``, in a distributed run: the
-    ranks share the batches (dealt round-robin) and add their weighted sums, which gives every rank the
-    statistics of the whole pass (docs/distributed.md).
+    The batches come in one fixed random order (``pass_batches``). Only the BN layers run in train mode
+    (dropout stays off) with momentum 1, so that each batch's mean and (unbiased) variance land in the
+    running buffers; they are added up weighted by the batch's size, so the result is the exact mean and the
+    per-batch variance average over the pass, and every batch is the same call (which a compiled forward
+    needs). A last batch of a single image is left out: it has no variance (BatchNorm1d refuses it).
+    ``max_batches`` limits the pass to its first batches (faster, noisier statistics). ``sharded``, in a
+    distributed run: the ranks share the batches (dealt round-robin) and add their weighted sums, which gives
+    every rank the statistics of the whole pass (docs/distributed.md).
     """
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", max_batches)
     bns = bn_modules(model)
     if not bns:
         return False
+    if batch_size < 2:
+        raise ConfigError("--batch-size must be >= 2 to recompute BatchNorm statistics (a batch of one image has "
+                          "no variance), got 1.")
     was_training = model.training
     momenta = [m.momentum for m in bns]
     synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
@@ -81,11 +95,12 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     d = distributed.current() if sharded else None
     rank, world = d.part if d is not None else (0, 1)
     with autocast(device, precision):
-        batches = split.batches(batch_size) if d is None else split.batches(batch_size, deal=d.part)
-        for j, (x, _) in enumerate(batches):
+        for j, (x, _) in enumerate(pass_batches(split, batch_size, deal=d.part if d is not None else None)):
             i = rank + j * world  # the batch's number in the whole pass
             if max_batches is not None and i >= max_batches:
                 break
+            if x.shape[0] < 2:  # the last batch, of one image
+                continue
             model(x)  # the same call for every batch (a compiled or graphed forward is reused)
             torch._foreach_add_(sums, stats, alpha=x.shape[0])  # weighted by batch size
             seen += x.shape[0]

@@ -382,7 +382,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                                                     "started": log.attrs["started"]}, kind="curve-state")
 
     t_run = time.time()
-    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+    fit(step, model=model, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
     curve.points = step.points()
     save_curve(output, curve, asdict(cfg), extra_meta=align_meta)

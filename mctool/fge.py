@@ -219,7 +219,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                 **({"ensemble err": last["ensemble_err"], "ensemble nll": last["ensemble_nll"]} if last else {})}
 
     t_run = time.time()
-    fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), cfg=cfg, data=data, log=log,
+    fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), model=model, cfg=cfg, data=data, log=log,
         start_epoch=start_epoch, output=output, save_state=save_state, evaluate=shown, quiet=quiet,
         desc=f"fge (cycles of {cycle} it)", after_step=after_step,
         lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min))

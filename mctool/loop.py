@@ -211,16 +211,23 @@ class GradSum:
         torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def check_world_batches(n: int, batch_size: int) -> None:
-    """Every rank needs at least one image of every global batch (the last one included)."""
+def check_batches(n: int, batch_size: int, model: torch.nn.Module) -> None:
+    """Refuse, before training, batches that cannot train: every rank needs at least one image of every
+    global batch (the last one included), and ``BatchNorm1d`` (features without positions) at least two
+    images in a rank's piece, or it has no variance to normalise with."""
     d = distributed.current()
-    if d is None:
-        return
+    world = d.world if d is not None else 1
     smallest = min(batch_size, n - (n - 1) // batch_size * batch_size) if n else 0
-    if smallest < d.world:
+    if smallest < world:
         raise ConfigError(f"with {n} training images and --batch-size {batch_size}, a batch has only {smallest} "
-                          f"image(s) for {d.world} ranks; every rank needs one: change --batch-size or use fewer "
+                          f"image(s) for {world} ranks; every rank needs one: change --batch-size or use fewer "
                           "ranks.")
+    if smallest // world < 2 and any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()):
+        where = "every batch" if batch_size // world < 2 else "the last batch of an epoch"
+        piece = f" (split over {world} ranks)" if world > 1 else ""
+        raise ConfigError(f"with {n} training images and --batch-size {batch_size}, {where}{piece} gives a "
+                          f"BatchNorm1d layer a single image, which it cannot normalise while training; change "
+                          f"--batch-size (e.g. to {batch_size + 1}).")
 
 
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, precision: str, *,
@@ -255,14 +262,15 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.d
     return step
 
 
-def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *, cfg: Any,
+def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], *,
+        model: torch.nn.Module, cfg: Any,
         data: Data, log: MetricsLog, start_epoch: int, output: Path,
         save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
         quiet: bool, desc: str, lr_fn: Callable[[int, int, int], float] | None = None,
         after_step: Callable[[int, int], None] | None = None) -> None:
     """The epoch loop shared by ``train``, ``connect`` and ``fge``.
 
-    ``step(x, y, lr)`` does one optimisation step and returns the (detached) mean loss and logits;
+    ``step(x, y, lr)`` does one optimisation step of ``model`` and returns the (detached) mean loss and logits;
     ``lr_fn(epoch, i, iters_per_epoch)`` gives its learning rate (default: ``cfg.schedule``) and
     ``after_step(epoch, i)`` runs after it (e.g. to take a snapshot). After each epoch: ``evaluate()``,
     a metrics row, the resumable state, then the metrics file.
@@ -270,7 +278,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     d = distributed.current()
-    check_world_batches(len(data.train), cfg.batch_size)
+    check_batches(len(data.train), cfg.batch_size, model)
     state_file = state_path(output)
     metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
     saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)

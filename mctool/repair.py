@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import bn_modules
+from .bn import bn_modules, pass_batches
 from .data import Split
 from .errors import ConfigError
 from .runtime import autocast
@@ -54,8 +54,9 @@ def _axis(layer: nn.Module) -> int:
 
 
 def _batches(split: Split, batches: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """The first ``batches`` un-augmented training batches, in order: the same images for every network."""
-    for _, (x, _) in zip(range(batches), split.batches(batch_size)):
+    """The first ``batches`` un-augmented training batches of the statistics passes' fixed random order
+    (``bn.pass_batches``): the same images for every network."""
+    for _, (x, _) in zip(range(batches), pass_batches(split, batch_size)):
         yield x
 
 

@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
             log.flush()
 
     t_run = time.time()
-    fit(step, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
+    fit(step, model=model, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=evaluate, quiet=quiet, desc="train",
         lr_fn=(lambda epoch, i, n: sse_lr(epoch * n + i, total, cfg.snapshots, cfg.lr)) if sse else None,
         after_step=sse_snapshot if sse else None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import count_networks, ctrl_c_during_epoch
-from mctool.bn import recalibrate_bn
+from mctool.bn import pass_batches, recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.curve_training import CurveStep
 from mctool.curves import Curve, coefficients, load_curve
@@ -65,7 +65,7 @@ def test_recalibrate_bn_gives_exact_statistics():
     torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=0, atol=1e-4 * float(h.detach().abs().max()))
     # the variance: each batch's unbiased variance, averaged weighted by batch size (as one pass computes it)
     with torch.no_grad():
-        parts = [model.net[1](x.flatten(1)) for x, _ in data.train.batches(64)]
+        parts = [model.net[1](x.flatten(1)) for x, _ in pass_batches(data.train, 64)]  # the pass's order
         var = sum(len(p) * p.var(0, unbiased=True) for p in parts) / 300
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
     assert not model.training and not bn.training and bn.momentum == 0.1  # the module's mode and momentum kept

@@ -504,3 +504,28 @@ def test_imagefolder_uses_timms_transforms_for_a_model_config(tmp_path):
     d2 = load_data(f"imagefolder:{tmp_path}", num_workers=0, data_config=cfg,
                    normalization={"mean": [0.1] * 3, "std": [0.2] * 3})
     assert d2.info.mean == (0.1,) * 3 and d2.info.std == (0.2,) * 3
+
+
+def test_statistics_passes_read_class_sorted_data_in_a_random_order(tmp_path):
+    """ImageFolder stores its images class by class; the BN pass (and REPAIR's) must not see single-class
+    batches, whose variances miss the spread between the classes."""
+    from mctool.bn import pass_batches, recalibrate_bn
+
+    d = load_data(f"imagefolder:{_image_folder(tmp_path)}", num_workers=0, image_size=8)  # 2 x 10 grey levels
+    x = torch.cat([x for x, _ in d.train.batches(20)])  # stored order: class a, then class b
+    assert torch.cat([y for _, y in d.train.batches(20)]).tolist() == [0] * 10 + [1] * 10
+    values = x.transpose(0, 1).reshape(3, -1)
+    ordered = [y.tolist() for _, y in pass_batches(d.train, 5)]
+    assert sorted(sum(ordered, [])) == [0] * 10 + [1] * 10  # every image once...
+    assert all(0 < sum(b) < 5 for b in ordered[:2])  # ...in a fixed random order (PASS_SEED): mixed batches
+    bn = torch.nn.BatchNorm2d(3)
+    assert recalibrate_bn(bn, d.train, batch_size=5)
+    # Batches of 5 drawn from 20 have unbiased variances averaging the whole set's (x 20/19, sampling without
+    # replacement); the stored order's single-class batches would give under a tenth of it (measured: 0.06).
+    ratio = bn.running_var / values.var(1)
+    assert bool((ratio > 0.5).all()), ratio
+    # --bn-batches 1: the first batch of the random order; the stored order's would be class a's darkest
+    recalibrate_bn(bn, d.train, batch_size=5, max_batches=1)
+    gap = (bn.running_mean - values.mean(1)).abs() / values.std(1)
+    first_class = (x[:5].transpose(0, 1).reshape(3, -1).mean(1) - values.mean(1)).abs() / values.std(1)
+    assert bool((gap < 0.6).all()) and bool((first_class > 1.2).all()), (gap, first_class)

@@ -230,7 +230,7 @@ class _Batches:
     def __init__(self, n: int):
         self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0)) * 3 + 5
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int, **order):  # in stored order, whatever order is asked for
         for i in range(0, len(self.x), batch_size):
             yield self.x[i:i + batch_size], None
 
@@ -522,3 +522,36 @@ def test_stale_state_without_force_still_asks_for_resume_or_force(cli, tmp_path)
     (tmp_path / "m.state.safetensors").write_bytes(b"old run")
     err = cli.error("train", *TINY, "-o", out, "--epochs", "1")
     assert "--resume" in err and "--force" in err
+
+
+def test_a_single_image_batch_and_batchnorm1d(cli, tmp_path):
+    """9 training images in batches of 4 leave one image for the last batch: BatchNorm1d cannot train on it
+    (refused before any epoch), and the BN pass leaves it out (a batch of one image has no variance)."""
+    data = "synthetic:size=4,channels=1,classes=2,train=9,test=4"
+    bn_mlp = ["-a", "mlp", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "-q", "--epochs", "1"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    message = cli.error("train", "-d", data, "-o", a, "--batch-size", "4", *bn_mlp)
+    assert "--batch-size 4, the last batch of an epoch gives a BatchNorm1d layer a single image" in message
+    assert "(e.g. to 5)" in message and not a.exists()
+    assert "every batch" in cli.error("train", "-d", data, "-o", a, "--batch-size", "1", *bn_mlp)
+    for seed, path in enumerate((a, b)):
+        cli("train", "-d", data, "-o", path, "--batch-size", "3", "--seed", seed, *bn_mlp)
+    curve, point = tmp_path / "curve.safetensors", tmp_path / "mid.safetensors"
+    assert "single image" in cli.error("connect", a, b, "-o", curve, "--epochs", "1", "--batch-size", "4", "-q")
+    cli("connect", a, b, "-o", curve, "--epochs", "1", "--batch-size", "3", "-q")
+    # the BN pass at t = 0.5: batches of 4, 4 and 1 -> the two full ones
+    cli("point", curve, "--t", "0.5", "-o", point, "--batch-size", "4", "-q")
+    from mctool.bn import pass_batches
+    from mctool.checkpoint import load_model
+    from mctool.data import load_data
+
+    model = load_model(point).model
+    parts = [model.net[1](x.flatten(1)).detach() for x, _ in pass_batches(load_data(data).train, 4)]
+    assert [len(p) for p in parts] == [4, 4, 1]
+    mean = (parts[0].sum(0) + parts[1].sum(0)) / 8
+    var = (parts[0].var(0) + parts[1].var(0)) / 2
+    bn = model.net[2]
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-5 * float(mean.abs().max()))
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
+    assert "--batch-size must be >= 2 to recompute BatchNorm" in cli.error(
+        "point", curve, "--t", "0.5", "-o", point, "--force", "--batch-size", "1", "-q")
