@@ -64,8 +64,10 @@ class PlaneBasis:
     def project(self, w: torch.Tensor) -> tuple[float, float, float]:
         """Plot coordinates of ``w`` and its distance from the plane."""
         d = (w - self.w0).double()
-        x, y = float(d @ self.u.double()), float(d @ self.v.double())
-        return x, y, float(max(float(d @ d) - x * x - y * y, 0.0) ** 0.5)
+        u, v = self.u.double(), self.v.double()
+        x, y = float(d @ u), float(d @ v)
+        # the residual's norm: sqrt(|d|^2 - x^2 - y^2) would cancel catastrophically near the plane
+        return x, y, float((d - x * u - y * v).norm())
 
 
 def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torch.Tensor], Any, dict[str, str]]:
