@@ -132,13 +132,15 @@ def launched() -> Iterator[Dist | None]:
     """Join the process group the environment describes for the block (the CLI wraps each command in it).
 
     The group uses Gloo for CPU tensors and NCCL for CUDA ones; each rank's default GPU is
-    ``cuda:LOCAL_RANK``. SIGTERM (what launchers send to stop a job) ends the run like Ctrl-C. The group
-    is destroyed at the end, after errors and interruptions too.
+    ``cuda:LOCAL_RANK``. SIGTERM (what launchers, SLURM at a time limit and ``timeout`` send to stop a job)
+    ends the run like Ctrl-C, in a single process too. The group is destroyed at the end, after errors and
+    interruptions too.
     """
     global _launched
     d = from_env()
     if d is None or d.world == 1:
-        yield None
+        with _sigterm_as_ctrl_c():
+            yield None
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # the caller's own group
         yield current()
@@ -170,17 +172,28 @@ def launched() -> Iterator[Dist | None]:
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
         raise
-    previous = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, _terminate)
     try:
-        yield d
+        with _sigterm_as_ctrl_c():
+            yield d
     finally:
         _launched = None
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt for the block: the command saves what it has, removes its locks and
+    exits 130 with its usual message, as for Ctrl-C."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(signum: int, frame: Any) -> None:

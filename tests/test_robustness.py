@@ -299,6 +299,33 @@ def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, 
     assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
 
 
+def test_sigterm_without_a_launcher_ends_a_run_like_ctrl_c(cli, tmp_path, files, monkeypatch):
+    """What SLURM (a --shard job-array task at its time limit) or `timeout` sends: the points are kept, the
+    lock removed, one Error line, exit 130, and --resume completes the file."""
+    import signal
+
+    m = tmp_path / "e.h5"
+    args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu",
+            "--points-per-pass", "1"]
+    real, calls = mctool.batched.evaluate_weights, {"n": 0}
+
+    def terminated(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered before the call returns
+        return real(*a, **k)
+
+    monkeypatch.setattr(mctool.batched, "evaluate_weights", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    err = cli.error(*args, code=130)
+    assert err == f"Error: interrupted; 2 of 4 points are saved in '{m}'. Continue with the same command plus --resume."
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+    assert not list(tmp_path.glob(".*.lock"))
+    monkeypatch.setattr(mctool.batched, "evaluate_weights", real)
+    cli(*args, "--resume", "-q")
+    assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
+
+
 def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(cli, tmp_path, files, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
