@@ -330,8 +330,6 @@ def _show_evaluation(r: EvaluateResult) -> None:
     if r.calibration is not None:
         row(f"  temperature-scaled (T = {r.calibration.temperature:.3f})", r.metrics["calibrated"])
     stderr_console().print(t)
-    if r.calibration is not None and r.calibration.warning:
-        stderr_console().print(f"Warning: {r.calibration.warning}", markup=False, highlight=False)
 
 
 @app.command()

@@ -30,7 +30,7 @@ from .flat import ParamLayout
 from .h5io import provenance, write_h5
 from .options import check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
-from .runtime import progress_bar, resolve_device
+from .runtime import progress_bar, resolve_device, warn
 
 
 @dataclass
@@ -254,6 +254,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             warning = ("some members were trained on the images the temperature was fitted on (they were not "
                        "trained with --split val), so the temperature is fitted to training data and is likely "
                        "too low.")
+            warn(f"temperature scaling: {warning}")  # also in --json, as calibration.warning
         result.calibration = Calibration(temp, warning)
     inputs = {m.source: m.sha256 for m in members}
     result.inputs = file_refs(inputs)

@@ -30,6 +30,7 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import check_count, check_real
+from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .plane import _nan_extreme, evaluate_cells, plane_metric_names
 from .results import FileRef, Metrics, PlaneSummary, SurfaceResult, file_refs
@@ -312,7 +313,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
             save_checkpoint(vec_path, {"directions": vectors.contiguous()},
                             {"format": "pt", "kind": "surface-directions", "param_layout": layout.to_json(),
                              "inputs": json.dumps(inputs, sort_keys=True),
-                             "config": json.dumps(vec_config, sort_keys=True), "created": utc_now()})
+                             "config": json.dumps(vec_config, sort_keys=True), "mctool_version": __version__,
+                             "command": "surface", "created": utc_now()})
     path_seen = project_trajectory(w, flat_others, vectors) if method == "pca" else None
     ranges = grid_ranges(method, dims, span, margin, path_seen.coords if path_seen else None)
     coords = [np.linspace(lo, hi, grid_points) for lo, hi in ranges]

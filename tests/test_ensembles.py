@@ -223,7 +223,11 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
 def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):
     c = tmp_path / "c.safetensors"
     cli("connect", *digits_models, "-o", c, "--epochs", "1", "-q", *CPU)
-    r = cli.json("ensemble", c, "--num-points", "3", "--temperature-scale", *CPU)
+    res = cli("ensemble", c, "--num-points", "3", "--temperature-scale", *CPU, "--json")
+    r = json.loads(res.stdout)
+    # the warning: one line on stderr, with --json (or --quiet) too, and in the JSON
+    assert [w for w in res.stderr.splitlines() if w.startswith("Warning: ")] == [
+        f"Warning: temperature scaling: {r['calibration']['warning']}"]
     assert [x["label"].split("@")[1] for x in r["models"]] == ["t=0", "t=0.5", "t=1"]
     ends = cli.json("evaluate", *digits_models, *CPU)
     assert r["models"][0]["metrics"]["nll"] == pytest.approx(ends["models"][0]["metrics"]["nll"], rel=1e-5)  # t=0: A

@@ -85,6 +85,12 @@ def test_surface_around_a_network(cli, tmp_path, digits_models):
     w_norm = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.endswith("weight")]).norm()
     torch.testing.assert_close(d.norm(dim=1), torch.stack([w_norm, w_norm]), rtol=1e-5, atol=0)
     assert r["outputs"]["directions"]["path"] == str(tmp_path / "s-directions.safetensors")
+    from mctool import __version__
+    from mctool.checkpoint import read_metadata
+
+    md = read_metadata(tmp_path / "s-directions.safetensors")  # provenance, as every output carries
+    assert (md["kind"], md["command"], md["mctool_version"]) == ("surface-directions", "surface", __version__)
+    assert md["inputs"] and md["config"] and md["created"]
     assert (tmp_path / "s.png").stat().st_size > 0
     cli("plot", m, "-o", tmp_path / "again.png", "-q")
 
