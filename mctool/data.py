@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .options import check_count
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
@@ -420,6 +421,7 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     """
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
+    check_count("--num-workers", num_workers, 0)
     _check_augment(augment)
     device = torch.device(device)
     root = Path(root) if root is not None else default_data_root()

@@ -168,13 +168,14 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             num_workers: int = 4, quiet: bool = False) -> HessianResult:
     """Top-``top_k`` eigenvalues (and with ``trace`` Hutchinson's trace from ``trace_samples`` probes) of the
     training loss's Hessian, at one network, at ``num_points`` points along a curve or segment, or at each
-    member of an ensemble. ``train_subset`` training images (None: all) define the loss; ``eigenvectors``
+    member of an ensemble. ``train_subset`` training images (None or 0: all) define the loss; ``eigenvectors``
     writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
     t0 = time.time()
     check_count("--top-k", top_k)
     check_count("--trace-samples", trace_samples, 2)
     check_count("--num-points", num_points, 2)
-    check_count("--train-subset", train_subset)
+    check_count("--train-subset", train_subset, 0)  # 0: all training images, as the CLI documents
+    train_subset = train_subset or None
     check_count("--batch-size", batch_size)
     check_count("--max-restarts", max_restarts)
     check_count("--bn-batches", bn_batches)

@@ -262,7 +262,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     check_real("--wd", wd, 0)
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
-        raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or nothing, got {bad[0]!r}.")
+        raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or none, got {bad[0]!r}.")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be a whole number in [0, 2^63), got {seed!r}.")
     method, files = _method(directions, trajectory)

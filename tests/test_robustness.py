@@ -178,6 +178,11 @@ BAD_OPTIONS = {
     "connect --lr nan": (lambda f: ["connect", f["m0"], f["m1"], "--lr", "nan"], "--lr must be a finite number > 0"),
     "connect --num-bends -1": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "-1"],
                                "--num-bends must be >= 0"),
+    "train --num-workers -1": (lambda f: ["train", *TINY, "--num-workers", "-1"], "--num-workers must be >= 0"),
+    "hessian --train-subset -1": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--train-subset", "-1"],
+                                  "--train-subset must be >= 0"),
+    "surface --ignore foo": (lambda f: ["surface", f["m0"], "-m", "s.h5", "--ignore", "foo"],
+                             "--ignore takes bn, bias (comma-separated) or none, got 'foo'"),
 }
 
 
