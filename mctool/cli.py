@@ -6,6 +6,7 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -31,6 +32,7 @@ from .schedules import SCHEDULES
 
 app = typer.Typer(
     name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" value, usage errors as one "Error:" line
     help="Loss surfaces, mode connectivity and fast ensembling of neural networks (Garipov et al., 2018). "
          "Every command reads and writes safetensors checkpoints and HDF5 metrics files.",
 )
@@ -1109,6 +1111,12 @@ def fge_cmd(
         _table("fge", rows)
 
     _run(work, as_json, quiet, show)
+
+
+# The command list shows each command's whole first paragraph, not the first 45 characters of it.
+for _info in app.registered_commands:
+    if _info.short_help is None:
+        _info.short_help = " ".join(inspect.cleandoc(_info.help or _info.callback.__doc__ or "").split("\n\n")[0].split())
 
 
 def main() -> None:

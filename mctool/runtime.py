@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -108,6 +109,8 @@ def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, d
     """
     if not enabled:
         return fn
+    if not torch.cuda.is_available():  # inductor's C++ build says "No CUDA runtime is found" on every CPU machine
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(fn, dynamic=dynamic, mode=mode)
     current = [compiled]
 

@@ -103,3 +103,15 @@ def test_python_dash_m_and_version():
                          check=True)
     for option in ("--dataset", "--arch", "--epochs", "--resume", "--save-every", "--json", "--force", "--precision"):
         assert option in out.stdout
+    assert "<bool>" not in out.stdout  # flags take no value, and help does not suggest one
+    assert [line.split() for line in out.stdout.splitlines() if line.strip().startswith("--force")] == [
+        ["--force", "Overwrite", "existing", "output", "files."]]
+    # usage errors: exit 2 and one "Error:" line, as mctool's own errors
+    bad = subprocess.run([sys.executable, "-m", "mctool", "train", "--nope"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1 and errors[0].startswith("Error: No such option: --nope"), bad.stderr
+    # the command list shows each command's whole first sentence
+    listing = " ".join(subprocess.run([sys.executable, "-m", "mctool", "--help"], capture_output=True, text=True,
+                                      check=True).stdout.split())
+    assert "fge Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle." in listing
