@@ -836,8 +836,8 @@ def surface_cmd(
         "trajectory, the files' networks at 1) plus --margin.")] = None,
     margin: Annotated[float, typer.Option(help="Without --range: space added on each side of the points of "
                                           "interest, as a fraction of their extent along each direction.")] = 0.2,
-    grid_points: Annotated[int, typer.Option(help="Grid points per direction (odd with random directions: the "
-                                             "network itself is one).")] = 21,
+    grid_points: Annotated[int, typer.Option(help="Grid points per direction (>= 2; with random directions an odd "
+                                             "number puts the network itself on the grid).")] = 21,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this PNG.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
