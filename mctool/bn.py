@@ -6,6 +6,8 @@ an FGE snapshot) they are reset and recomputed with one pass over the un-augment
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -57,7 +59,8 @@ def use_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Mod
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max_batches: int | None = None,
-                   precision: str = "fp32", sharded: bool = False) -> bool:
+                   precision: str = "fp32", sharded: bool = False,
+                   on_batch: Callable[[], None] | None = None) -> bool:
     """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
     without BN layers.
 
@@ -68,7 +71,8 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     needs). A last batch of a single image is left out: it has no variance (BatchNorm1d refuses it).
     ``max_batches`` limits the pass to its first batches (faster, noisier statistics). ``sharded``, in a
     distributed run: the ranks share the batches (dealt round-robin) and add their weighted sums, which gives
-    every rank the statistics of the whole pass (docs/distributed.md).
+    every rank the statistics of the whole pass (docs/distributed.md). ``on_batch()`` is called after each
+    of this process's batches (a progress bar).
     """
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", max_batches)
@@ -99,11 +103,12 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
             i = rank + j * world  # the batch's number in the whole pass
             if max_batches is not None and i >= max_batches:
                 break
-            if x.shape[0] < 2:  # the last batch, of one image
-                continue
-            model(x)  # the same call for every batch (a compiled or graphed forward is reused)
-            torch._foreach_add_(sums, stats, alpha=x.shape[0])  # weighted by batch size
-            seen += x.shape[0]
+            if x.shape[0] >= 2:  # (not the last batch, of a single image)
+                model(x)  # the same call for every batch (a compiled or graphed forward is reused)
+                torch._foreach_add_(sums, stats, alpha=x.shape[0])  # weighted by batch size
+                seen += x.shape[0]
+            if on_batch is not None:
+                on_batch()
     for t, s in zip(stats, sums):  # the average over the pass
         t.copy_(s / max(seen, 1))
     for m, momentum in zip(bns, momenta):

@@ -631,7 +631,7 @@ def point(
             return export_member(source, index, output, force=force)
         return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
                             device=device, data_root=data_root, download=download, batch_size=batch_size,
-                            precision=precision.value, num_workers=num_workers)
+                            precision=precision.value, num_workers=num_workers, quiet=quiet)
 
     def show(r: PointResult) -> None:
         where = [("t", str(r.t)), ("BN recomputed", str(r.bn_recalibrated))] if r.t is not None else [
@@ -1116,7 +1116,8 @@ def fge_cmd(
 # The command list shows each command's whole first paragraph, not the first 45 characters of it.
 for _info in app.registered_commands:
     if _info.short_help is None:
-        _info.short_help = " ".join(inspect.cleandoc(_info.help or _info.callback.__doc__ or "").split("\n\n")[0].split())
+        _doc = inspect.cleandoc(_info.help or _info.callback.__doc__ or "")
+        _info.short_help = " ".join(_doc.split("\n\n")[0].split())
 
 
 def main() -> None:

@@ -359,8 +359,9 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
                  data_root: str | None = None, download: bool = False, batch_size: int = 512,
-                 precision: str = "fp32", num_workers: int = 4) -> PointResult:
-    """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled)."""
+                 precision: str = "fp32", num_workers: int = 4, quiet: bool = False) -> PointResult:
+    """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled; its
+    pass shows a progress bar inside ``mctool.progress()`` unless ``quiet``)."""
     t0 = time.time()
     check_real("--t", t, 0, 1)
     check_count("--batch-size", batch_size)
@@ -376,8 +377,13 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
         data = load_data(curve.meta.dataset, root=data_root, split=split, download=download, device=dev,
                          **curve.meta.data_options(), num_workers=num_workers)
         model.to(dev)
-        recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
-                                      precision=precision, sharded=True)
+        batches = data.train.num_batches(batch_size)
+        world = distributed.current().world if distributed.current() is not None else 1
+        with progress_bar(quiet) as bar:  # the ranks share the pass; rank 0 draws its batches as the world's
+            task = bar.add_task(f"BN pass at t = {t:g}", total=min(batches, bn_batches or batches), info="")
+            recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
+                                          precision=precision, sharded=True,
+                                          on_batch=lambda: bar.advance(task, world))
         model.to("cpu")
     config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches, "split": split,
               **{k: curve.meta.config[k] for k in ("wd", "epochs") if k in curve.meta.config}}

@@ -188,7 +188,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     weights, buffers = [], []
     many = _MemberPasses(points_per_pass, data, channels_last, compile)
     with progress_bar(quiet) as bar:
-        task = bar.add_task("evaluate", total=len(members), info="")
+        task = bar.add_task(command, total=len(members), info="")
         for chunk in many.passes(members):
             models = [member.make().to(dev) for member in chunk]
             if channels_last:

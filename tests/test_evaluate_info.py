@@ -114,4 +114,5 @@ def test_python_dash_m_and_version():
     # the command list shows each command's whole first sentence
     listing = " ".join(subprocess.run([sys.executable, "-m", "mctool", "--help"], capture_output=True, text=True,
                                       check=True).stdout.split())
-    assert "fge Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle." in listing
+    assert "fge Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle." \
+        in listing

@@ -572,7 +572,8 @@ def test_a_single_image_batch_and_batchnorm1d(cli, tmp_path):
     assert "single image" in cli.error("connect", a, b, "-o", curve, "--epochs", "1", "--batch-size", "4", "-q")
     cli("connect", a, b, "-o", curve, "--epochs", "1", "--batch-size", "3", "-q")
     # the BN pass at t = 0.5: batches of 4, 4 and 1 -> the two full ones
-    cli("point", curve, "--t", "0.5", "-o", point, "--batch-size", "4", "-q")
+    shown = cli("point", curve, "--t", "0.5", "-o", point, "--batch-size", "4").stderr
+    assert "BN pass at t = 0.5" in shown and "3/3" in shown  # its progress bar
     from mctool.bn import pass_batches
     from mctool.checkpoint import load_model
     from mctool.data import load_data
