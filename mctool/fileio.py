@@ -64,6 +64,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         return path
     if path.is_dir():
         raise OutputError(f"{what} '{path}' is a folder; give a file name.")
+    if path.exists() and not path.is_file():  # a device, pipe or socket: --force must not replace it
+        raise OutputError(f"{what} '{path}' is not a regular file (a device, pipe or socket); give another name.")
     if path.exists() and not force:
         raise OutputError(f"{what} '{path}' already exists; pass --force to overwrite it.")
     folder = path.parent if str(path.parent) else Path(".")

@@ -1,11 +1,13 @@
 """Checkpoint and HDF5 round trips, and the errors for files mctool must refuse."""
 
 import json
+import os
 import pickle
 import struct
 
 import h5py
 import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -114,6 +116,14 @@ def test_output_checks(tmp_path):
         check_output(blocker / "out.safetensors", force=False)
     check_output(tmp_path / "new" / "dir" / "out.safetensors", force=False)
     assert (tmp_path / "new" / "dir").is_dir()
+    # a device, pipe or socket is never replaced, even with --force (as root, -m /dev/full once did)
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    for force in (False, True):
+        with pytest.raises(OutputError, match="not a regular file"):
+            check_output(fifo, force=force)
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output("/dev/null", force=True)
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
