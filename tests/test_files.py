@@ -7,7 +7,6 @@ import struct
 
 import h5py
 import numpy as np
-
 import pytest
 import torch
 from safetensors.torch import save_file
