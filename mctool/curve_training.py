@@ -27,7 +27,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, remove_state,
+from .loop import (GradSum, adopt_recorded, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, remove_state,
                    state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
@@ -320,6 +320,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     # mctool 0.1.0 recorded bend_init as "init" (its connect --init): such interrupted runs still resume
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force,
                                    renamed={"init": "bend_init"}, inputs=[start, end])
+    adopt_recorded(cfg, resume_state, renamed={"init": "bend_init"})
     if cfg.align is not None:
         line = aligned_line()
 

@@ -29,7 +29,7 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, set_momentum,
+from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, set_momentum,
                    sgd_step, remove_state, state_path, validate_sgd)
 
 
@@ -149,6 +149,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     output, metrics = Path(output), Path(metrics)
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[start],
                                    more_outputs={"--swa": cfg.swa})
+    adopt_recorded(cfg, resume_state)
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,

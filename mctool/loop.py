@@ -7,6 +7,7 @@ themselves live in ``training.py``, ``curves.py`` and ``fge.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -94,6 +95,21 @@ def snapshot_path(output: str | Path, epoch: int) -> Path:
     return Path(output).with_name(f"{output_stem(output)}-epoch{epoch:03d}.safetensors")
 
 
+def adopt_recorded(cfg: Any, state: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
+                   renamed: dict[str, str] | None = None) -> None:
+    """``--resume``: an option left out (``None`` in ``cfg``, a dataclass) takes the interrupted run's value, so
+    the run goes on as it started (``prepare_outputs`` lets ``None`` match anything recorded); then the
+    options are validated again, since the state file is read from disk."""
+    if state is None:
+        return
+    saved = json.loads(state[1].get("config", "{}"))
+    saved = {(renamed or {}).get(k, k): v for k, v in saved.items()} if isinstance(saved, dict) else {}
+    for f in dataclasses.fields(cfg):
+        if getattr(cfg, f.name) is None and saved.get(f.name) is not None:
+            setattr(cfg, f.name, saved[f.name])
+    cfg.validate()
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Each epoch's shuffling, augmentation and dropout depend only on (seed, epoch), so a resumed run
     # replays exactly what an uninterrupted run would have done.
@@ -106,8 +122,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """Check outputs before any work; with ``resume``, return the saved state after checking its config.
 
-    A resumed run must be given the same options; ``None`` (e.g. an architecture left to its default)
-    and dicts that are a subset of the saved ones (arch kwargs) match what was recorded, and so does a
+    A resumed run must be given the same options; ``None`` (an option left out: ``adopt_recorded`` then
+    takes the recorded value) and dicts that are a subset of the saved ones (arch kwargs) match what was
+    recorded, and so does a
     flag left off that the interrupted run's version did not have. ``renamed`` maps
     config fields of older versions to their current names, so that their interrupted runs still resume.
 

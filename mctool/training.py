@@ -20,7 +20,7 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (fit, get_momentum, prepare_outputs, remove_state, set_momentum, sgd_step, state_path,
+from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, remove_state, set_momentum, sgd_step, state_path,
                    validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, pretrained_data_config
 from .options import check_count
@@ -82,6 +82,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
     resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},
                                    resume=resume, force=force, inputs=[cfg.init, cfg.pretrained_file])
+    adopt_recorded(cfg, resume_state)
     if resume_state is not None:
         saved = json.loads(resume_state[1]["config"])
         cfg.arch, cfg.arch_kwargs = saved["arch"], saved["arch_kwargs"]

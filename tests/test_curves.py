@@ -129,8 +129,10 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     assert "--resume" in cli.error("connect", *args, "-o", out, code=130)
     restore()
     assert read_metadata(tmp_path / "run.state.safetensors")["kind"] == "curve-state"
-    cli("connect", *args, "-o", out, "--resume")
+    # --lr left out: the interrupted run's, not the default connect would derive from A
+    cli("connect", *digits_models, "--epochs", "3", "-q", *CPU, "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
+    assert json.loads(read_metadata(out)["config"])["lr"] == 0.05
 
 
 def test_evaluate_curve_summary_and_files(cli, tmp_path, digits_models):

@@ -98,7 +98,10 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
     restore = ctrl_c_during_epoch(monkeypatch, 3)
     cli.error("fge", *args, "-o", tmp_path / "run.safetensors", code=130)
     restore()
-    cli("fge", *args, "-o", tmp_path / "run.safetensors", "--resume", "--deterministic")  # a runtime option
+    # --cycle-iters left out: the interrupted run's is taken (a default would change the cycles); and a runtime
+    # option added
+    cli("fge", start_state, "--epochs", "3", "-q", *CPU, "-o", tmp_path / "run.safetensors", "--resume",
+        "--deterministic")
     a, b = load_ensemble(tmp_path / "ref.safetensors"), load_ensemble(tmp_path / "run.safetensors")
     assert torch.equal(a.members, b.members)
     ra, _ = read_h5(tmp_path / "ref.h5")
