@@ -34,13 +34,15 @@ def utc_now() -> str:
 
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                kind: str = "train") -> dict[str, str]:
-    """Root attributes every mctool HDF5 file carries."""
+    """Root attributes every mctool HDF5 file carries. ``inputs`` (path -> sha256) is stored sorted by path;
+    ``input_order`` keeps the sha256 in the order the inputs were given (A B is not B A)."""
     return {
         "kind": kind,
         "mctool_version": __version__,
         "command": shlex.join(["mctool", *sys.argv[1:]]) if sys.argv else "mctool",
         "started": utc_now(),
         "inputs": json.dumps(inputs or {}, sort_keys=True),
+        "input_order": json.dumps(list((inputs or {}).values())),
         "config": json.dumps(config or {}, sort_keys=True),
     }
 
@@ -165,6 +167,9 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
         raise MetricsFileError(f"'{path}': attributes 'inputs' and 'config' must be JSON objects.")
     if old_inputs != inputs:
         raise MetricsFileError(f"'{path}' was computed from other input files; --resume needs the same inputs.")
+    if "input_order" in attrs and json_attr(attrs, "input_order", path, "[]") != list(inputs.values()):
+        raise MetricsFileError(f"'{path}' was computed from the same files given in another order; --resume needs "
+                               "them in the interrupted run's order.")
     diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())

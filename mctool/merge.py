@@ -76,6 +76,8 @@ def _same_run(first: _Shard, s: _Shard) -> None:
                     f"{article[first.attrs['kind']]} {first.attrs['kind']} file")
     if s.inputs != first.inputs:
         raise other("computed from other input files, or inputs with other contents")
+    if s.attrs.get("input_order") != first.attrs.get("input_order"):
+        raise other("the same input files given in another order")
     if s.config != first.config:
         keys = sorted(set(s.config) | set(first.config))
         diff = ", ".join(f"{k}: {first.config.get(k)!r} -> {s.config.get(k)!r}" for k in keys
@@ -216,6 +218,7 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     refs = file_refs([s.path for s in shards])
     # provenance as this command writes it (its config without the shard), the rest as the shards have it
     attrs = provenance(first.inputs, first.config, kind)
+    attrs.pop("input_order")  # the shards' (first.inputs is sorted by path), or none for older shards
     attrs.update({k: v for k, v in first.attrs.items()
                   if k not in attrs and k not in ("shard", "summary", "merged_from")})
     started = _earliest(shards)

@@ -250,3 +250,19 @@ def test_a_shard_on_two_ranks(cli, tmp_path, bezier):
     assert a.keys() == b.keys()
     for name in a:  # another thread count on the ranks: float32 sums in another order (see test_distributed)
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_the_same_inputs_in_another_order_are_another_run(cli, tmp_path, digits_models):
+    """A B and B A name the same files (the `inputs` attribute is sorted by path) but not the same segment:
+    neither --resume nor merge may mix them (`input_order`)."""
+    a, b = digits_models
+    seg = ["--num-points", "3", "-q", *CPU]
+    m = tmp_path / "ab.h5"
+    cli("evaluate-curve", a, b, "-m", m, *seg)
+    assert json.loads(read_h5(m)[1]["input_order"]) == [sha256_file(a), sha256_file(b)]
+    assert "given in another order" in cli.error("evaluate-curve", b, a, "-m", m, *seg, "--resume")
+    cli("evaluate-curve", a, b, "-m", m, *seg, "--resume")  # the run's own order: nothing left to do
+    s0, s1 = tmp_path / "s0.h5", tmp_path / "s1.h5"
+    cli("evaluate-curve", a, b, "-m", s0, "--shard", "0/2", *seg)
+    cli("evaluate-curve", b, a, "-m", s1, "--shard", "1/2", *seg)
+    assert "the same input files given in another order" in cli.error("merge", s0, s1, "-o", tmp_path / "m.h5")
