@@ -123,6 +123,15 @@ def _normalization(md: dict[str, str], path: str | os.PathLike, in_chans: int) -
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def same_normalization(a: dict[str, list[float]] | None, b: dict[str, list[float]] | None) -> bool:
+    """Whether two networks read their inputs alike: equal means and stds up to 1e-9 relative (statistics of
+    the training images computed by earlier versions differ in the last digits between machines)."""
+    if a is None or b is None:
+        return a is b
+    return all(len(a[k]) == len(b[k]) and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=0.0)
+                                              for x, y in zip(a[k], b[k])) for k in ("mean", "std"))
+
+
 def _config(md: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
     """The recorded options; the ones mctool reads back (wd, epochs, split) are checked."""
     config = metadata_json(md, "config", path, dict, "{}")

@@ -279,6 +279,18 @@ class Data:
     sources: list[str] = field(default_factory=list)
 
 
+def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) standard deviation of uint8 images ``[N, C, H, W]`` as fractions of
+    255, from exact integer sums: the same digits on every machine and thread count (a float reduction's
+    last digits depend on how it is split, and checkpoints from two machines must compare equal)."""
+    x = images.to(torch.int64)
+    n = x.numel() // x.shape[1]
+    sums, squares = x.sum(dim=(0, 2, 3)).tolist(), (x * x).sum(dim=(0, 2, 3)).tolist()
+    mean = tuple(s / (255 * n) for s in sums)  # int / int: correctly rounded
+    var = [(n * q - s * s) / (n * max(n - 1, 1) * 255 * 255) for s, q in zip(sums, squares)]
+    return mean, tuple(max(math.sqrt(v), 1e-3) for v in var)
+
+
 def check_fits(num_classes: int, in_chans: int, info: DatasetInfo, what: str | os.PathLike) -> None:
     """Refuse a data set whose classes or channels do not match a network."""
     if num_classes != info.num_classes:
@@ -451,9 +463,7 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     elif base in _STATS:
         mean, std = _STATS[base]
     else:  # digits and synthetic: statistics of the training images themselves
-        f = xtr.double() / 255.0
-        mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+        mean, std = pixel_stats(xtr)
     info = DatasetInfo(name=name, num_classes=num_classes, in_chans=in_chans,
                        image_size=size, mean=mean, std=std,
                        augment=_DEFAULT_AUGMENT[base] if augment == "auto" else augment,

@@ -19,7 +19,7 @@ from torch import nn
 
 from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
 from .bn import recalibrate_bn
-from .checkpoint import ModelMeta, load_model, read_metadata
+from .checkpoint import ModelMeta, load_model, read_metadata, same_normalization
 from .curves import load_curve
 from .data import check_fits, load_data
 from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
@@ -99,7 +99,8 @@ def check_members_compatible(members: list[Member]) -> None:
     first = members[0].meta
     for m in members[1:]:
         for key in ("num_classes", "in_chans", "normalization"):
-            if getattr(m.meta, key) != getattr(first, key):
+            va, vb = getattr(m.meta, key), getattr(first, key)
+            if not (same_normalization(va, vb) if key == "normalization" else va == vb):
                 raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
                                   "read the same inputs and predict the same classes.")
 

@@ -529,3 +529,26 @@ def test_statistics_passes_read_class_sorted_data_in_a_random_order(tmp_path):
     gap = (bn.running_mean - values.mean(1)).abs() / values.std(1)
     first_class = (x[:5].transpose(0, 1).reshape(3, -1).mean(1) - values.mean(1)).abs() / values.std(1)
     assert bool((gap < 0.6).all()) and bool((first_class > 1.2).all()), (gap, first_class)
+
+
+def test_statistics_of_the_training_images_do_not_depend_on_threads():
+    """digits and synthetic normalise with their own training images' statistics, which every checkpoint
+    records and connect/ensemble compare: exact integer sums give the same digits on any machine."""
+    images = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mdata.pixel_stats(images)
+        torch.set_num_threads(max(2, threads))
+        assert mdata.pixel_stats(images) == one
+    finally:
+        torch.set_num_threads(threads)
+    f = images.double() / 255
+    np.testing.assert_allclose(one[0], f.mean(dim=(0, 2, 3)).numpy(), rtol=1e-15)
+    np.testing.assert_allclose(one[1], f.std(dim=(0, 2, 3)).numpy(), rtol=1e-14)
+    from mctool.checkpoint import same_normalization
+
+    a = {"mean": list(one[0]), "std": list(one[1])}
+    assert same_normalization(a, {"mean": [m * (1 + 1e-15) for m in one[0]], "std": list(one[1])})
+    assert not same_normalization(a, {"mean": [m * (1 + 1e-6) for m in one[0]], "std": list(one[1])})
+    assert not same_normalization(a, None) and same_normalization(None, None)
