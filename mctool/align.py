@@ -677,7 +677,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
     dev = resolve_device(device)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, augment="none",
                      **b.meta.data_options())
-    check_fits(b.meta.num_classes, b.meta.in_chans, data.info, b.path)
+    check_fits(b.meta, data.info, b.path)
     homes = [next(m.parameters()).device for m in (a.model, b.model)]
     model_a, model_b = a.model.to(dev).eval(), b.model.to(dev).eval()
     try:

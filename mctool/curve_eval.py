@@ -269,7 +269,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
                          channels_last=channels_last, **curve.meta.data_options(), num_workers=num_workers)
-        check_fits(curve.meta.num_classes, curve.meta.in_chans, data.info, paths[0])
+        check_fits(curve.meta, data.info, paths[0])
         model = curve.build_model().to(dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)

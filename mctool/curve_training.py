@@ -328,7 +328,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      **a.meta.data_options())
-    check_fits(a.meta.num_classes, a.meta.in_chans, data.info, start)
+    check_fits(a.meta, data.info, start)
     if cfg.lr is None:  # needs the number of iterations, so the data
         iterations = cfg.epochs * data.train.num_batches(cfg.batch_size)
         train_lr = recorded_lr(a.meta.config)

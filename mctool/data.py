@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -291,13 +291,19 @@ def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, .
     return mean, tuple(max(math.sqrt(v), 1e-3) for v in var)
 
 
-def check_fits(num_classes: int, in_chans: int, info: DatasetInfo, what: str | os.PathLike) -> None:
-    """Refuse a data set whose classes or channels do not match a network."""
-    if num_classes != info.num_classes:
-        raise DataError(f"'{what}' predicts {num_classes} classes but data set '{info.name}' has {info.num_classes}.")
-    if in_chans != info.in_chans:
-        raise DataError(f"'{what}' takes {in_chans}-channel images but data set '{info.name}' has "
+def check_fits(meta: Any, info: DatasetInfo, what: str | os.PathLike) -> None:
+    """Refuse a data set whose classes, channels or image size do not match a network (``meta``: its
+    ``checkpoint.ModelMeta``; a network that records no image size takes any)."""
+    if meta.num_classes != info.num_classes:
+        raise DataError(f"'{what}' predicts {meta.num_classes} classes but data set '{info.name}' has "
+                        f"{info.num_classes}.")
+    if meta.in_chans != info.in_chans:
+        raise DataError(f"'{what}' takes {meta.in_chans}-channel images but data set '{info.name}' has "
                         f"{info.in_chans} channels.")
+    size = getattr(meta, "image_size", None)
+    if size is not None and size != info.image_size:
+        raise DataError(f"'{what}' was trained on {size}x{size} images but data set '{info.name}' has "
+                        f"{info.image_size}x{info.image_size}; evaluate it on data of its size.")
 
 
 def _parse_options(spec: str, allowed: dict[str, int]) -> dict[str, int]:

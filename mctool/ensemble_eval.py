@@ -183,7 +183,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
                      **first.data_options(), num_workers=num_workers) if temperature_scale else None
     for m in members:
-        check_fits(m.meta.num_classes, m.meta.in_chans, data.info, m.label)
+        check_fits(m.meta, data.info, m.label)
     rows, running, ens = [], [], None
     eval_logits, held_logits, labels, held_labels = [], [], None, None
     weights, buffers = [], []

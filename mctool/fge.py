@@ -155,7 +155,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      **meta.data_options())
-    check_fits(meta.num_classes, meta.in_chans, data.info, start)
+    check_fits(meta, data.info, start)
     model = use_sync_bn(start_model.model.to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -236,7 +236,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split="test", download=download, device=dev,
                          **pts.meta.data_options(), num_workers=num_workers)
-        check_fits(pts.meta.num_classes, pts.meta.in_chans, data.info, paths[0])
+        check_fits(pts.meta, data.info, paths[0])
         subset: Split = data.train.subset(train_subset) if train_subset else data.train
         batches = list(subset.batches(batch_size))
         model = pts.model.to(dev)

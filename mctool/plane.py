@@ -176,7 +176,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     dev = resolve_device(device)
     data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
                      channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
-    check_fits(base.meta.num_classes, base.meta.in_chans, data.info, source)
+    check_fits(base.meta, data.info, source)
     train_split = data.train.subset(train_subset) if train_subset else None
     model = base.build_model().to(dev)
     if channels_last:

@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     elif cfg.init:
         init = load_model(cfg.init)
     if init is not None:
-        check_fits(init.meta.num_classes, init.meta.in_chans, data.info, cfg.init)
+        check_fits(init.meta, data.info, cfg.init)
         if cfg.arch not in (None, init.meta.arch):
             raise ConfigError(f"--arch {cfg.arch} differs from --init's architecture '{init.meta.arch}'.")
         cfg.arch, cfg.arch_kwargs = init.meta.arch, {**init.meta.arch_kwargs, **cfg.arch_kwargs}

@@ -79,6 +79,9 @@ def test_evaluate_refusals(cli, tmp_path, digits_models):
     assert "10 classes but data set" in cli.error("evaluate", digits_models[0], "-d",
                                                   "synthetic:size=8,channels=1,classes=4")
     assert "channel" in cli.error("evaluate", digits_models[0], "-d", "synthetic:size=8,channels=3,classes=10")
+    other_size = ["-d", "synthetic:size=16,channels=1,classes=10,train=32,test=8"]  # was a traceback
+    assert "was trained on 8x8 images but data set" in cli.error("evaluate", digits_models[0], *other_size)
+    assert "8x8 images" in cli.error("fge", digits_models[0], *other_size, "-o", tmp_path / "f.safetensors")
     cli("evaluate", code=2)  # no model given
 
 
