@@ -360,7 +360,7 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
     for k, v in tensors.items():
         shape, name = tuple(v.shape), k.split("/", 3)
         if k.startswith(MOMENTUM_PREFIX):
-            ok = params.get(k[len(MOMENTUM_PREFIX):]) == shape
+            ok = params.get(k[len(MOMENTUM_PREFIX):]) == shape and v.is_floating_point()
         elif k in ("snapshots/members", "snapshots/pending"):
             ok = v.ndim == 2 and shape[1] == size and v.is_floating_point()
         elif k == "snapshots/probs_sum":
@@ -445,10 +445,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     params = {k: tuple(p.shape) for k, p in model.named_parameters()}
     momentum = [f"{k} {v}" for k, v in shapes.items()
-                if k.startswith(MOMENTUM_PREFIX) and params.get(k[len(MOMENTUM_PREFIX):]) != v]
+                if k.startswith(MOMENTUM_PREFIX) and (params.get(k[len(MOMENTUM_PREFIX):]) != v
+                                                      or not tensors[k].is_floating_point())]
     if momentum:
-        raise CheckpointError(f"'{path}' has momentum tensors that fit no parameter of architecture '{meta.arch}': "
-                              f"{', '.join(momentum[:5])}.")
+        raise CheckpointError(f"'{path}' has momentum tensors that fit no parameter of architecture '{meta.arch}' "
+                              f"(shape, or a floating-point type): {', '.join(momentum[:5])}.")
     extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
     state = {k: v for k, v in tensors.items() if k not in extra}
     model.load_state_dict(state)

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from .align import METHODS as ALIGN_METHODS, align_networks
 from .bn import bn_modules, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, load_model
-from .curves import BEND_INITS, Curve, coefficients, initial_points, line_between, save_curve
+from .curves import BEND_INITS, MAX_BENDS, Curve, coefficients, initial_points, line_between, save_curve
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
@@ -210,6 +210,8 @@ class ConnectConfig:
 
     def validate(self) -> None:
         check_count("--num-bends", self.num_bends, 0)
+        if self.num_bends > MAX_BENDS:  # what curve files may hold: a longer curve could not be read back
+            raise ConfigError(f"--num-bends must be at most {MAX_BENDS}, got {self.num_bends}.")
         coefficients(self.curve, self.num_bends, 0.0)
         if self.bend_init not in BEND_INITS:
             raise ConfigError(f"--bend-init must be one of {', '.join(BEND_INITS)}, got '{self.bend_init}'.")

@@ -178,6 +178,8 @@ BAD_OPTIONS = {
     "connect --lr nan": (lambda f: ["connect", f["m0"], f["m1"], "--lr", "nan"], "--lr must be a finite number > 0"),
     "connect --num-bends -1": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "-1"],
                                "--num-bends must be >= 0"),
+    "connect --num-bends 101": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "101"],
+                                "--num-bends must be at most 100"),  # a curve file holds at most 100
     "train --num-workers -1": (lambda f: ["train", *TINY, "--num-workers", "-1"], "--num-workers must be >= 0"),
     "hessian --train-subset -1": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--train-subset", "-1"],
                                   "--train-subset must be >= 0"),

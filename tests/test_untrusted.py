@@ -225,7 +225,10 @@ def test_std_of_zero_never_gives_nan_metrics(cli, tmp_path, model_file):
 def test_momentum_that_fits_no_parameter(tmp_path, model_file):
     with safe_open(str(model_file), "pt") as f:
         md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    for extra in ({"optimizer/momentum/net.nope": torch.zeros(3)}, {"optimizer/momentum/net.1.weight": torch.zeros(3)}):
+    w = tensors["net.1.weight"]
+    for extra in ({"optimizer/momentum/net.nope": torch.zeros(3)}, {"optimizer/momentum/net.1.weight": torch.zeros(3)},
+                  {"optimizer/momentum/net.1.weight": torch.zeros(w.shape, dtype=torch.int32)},  # was a traceback
+                  {"optimizer/momentum/net.1.weight": torch.zeros(w.shape, dtype=torch.bool)}):
         path = tmp_path / "state.safetensors"
         save_file({**tensors, **extra}, str(path), metadata={**md, "kind": "train-state"})
         with pytest.raises(CheckpointError, match="momentum tensors that fit no parameter"):
