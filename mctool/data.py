@@ -514,6 +514,10 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
         val = tvd.ImageFolder(folder / "val", eval_tf)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"cannot read image folder '{folder}': {e}") from None
+    if val.classes != train_plain.classes:  # labels are class indices in sorted order: they must mean the same
+        missing = sorted(set(train_plain.classes) ^ set(val.classes))
+        raise DataError(f"'{folder}': 'train/' and 'val/' must hold the same class folders, so that a label means "
+                        f"the same class in both; only one of them has: {', '.join(missing[:5])}.")
     info = DatasetInfo(name=name, num_classes=len(train_plain.classes), in_chans=3, image_size=image_size,
                        mean=mean, std=std, augment=aug, crop_padding=0)
     if split == "val":

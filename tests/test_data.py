@@ -552,3 +552,14 @@ def test_statistics_of_the_training_images_do_not_depend_on_threads():
     assert same_normalization(a, {"mean": [m * (1 + 1e-15) for m in one[0]], "std": list(one[1])})
     assert not same_normalization(a, {"mean": [m * (1 + 1e-6) for m in one[0]], "std": list(one[1])})
     assert not same_normalization(a, None) and same_normalization(None, None)
+
+
+def test_imagefolder_train_and_val_must_hold_the_same_classes(tmp_path):
+    """ImageFolder numbers classes in sorted order in each folder: a class missing from val/ would shift every
+    later label (a perfect classifier scored 50% error)."""
+    import shutil
+
+    root = _image_folder(tmp_path)
+    shutil.rmtree(root / "val" / "a")
+    with pytest.raises(DataError, match="same class folders.*only one of them has: a"):
+        load_data(f"imagefolder:{root}", num_workers=0, image_size=8)
