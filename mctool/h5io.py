@@ -32,6 +32,11 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes (surrogate escapes) become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                kind: str = "train") -> dict[str, str]:
     """Root attributes every mctool HDF5 file carries. ``inputs`` (path -> sha256) is stored sorted by path;
@@ -39,7 +44,8 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
     return {
         "kind": kind,
         "mctool_version": __version__,
-        "command": shlex.join(["mctool", *sys.argv[1:]]) if sys.argv else "mctool",
+        # file names that are not UTF-8 reach sys.argv as surrogate escapes, which HDF5 text cannot hold
+        "command": _printable(shlex.join(["mctool", *sys.argv[1:]]) if sys.argv else "mctool"),
         "started": utc_now(),
         "inputs": json.dumps(inputs or {}, sort_keys=True),
         "input_order": json.dumps(list((inputs or {}).values())),

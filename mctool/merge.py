@@ -239,7 +239,11 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         center = {n_: values[f"at_points/{n_}"] for n_ in grid}
         summary = surface_summary(grid, center)
         vec_out = directions_path(output)
-        vec_in = first.path.with_name(str(first.attrs.get("directions_file", "")))
+        name = first.attrs.get("directions_file")
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise MetricsFileError(f"'{first.path}': attribute 'directions_file' must name a file beside it, got "
+                                   f"{name!r}.")
+        vec_in = first.path.with_name(name)
         tensors, md = read_checkpoint(vec_in) if vec_in.is_file() else ({}, {})
         if md.get("kind") != "surface-directions" or "directions" not in tensors:
             raise MetricsFileError(f"'{first.path}': its directions file '{vec_in}' is missing or is not a surface "

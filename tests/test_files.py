@@ -169,3 +169,15 @@ def test_header_length_starting_with_pickle_byte_is_not_a_pickle(tmp_path):
     assert path.read_bytes()[0] == 0x80
     tensors, md = read_checkpoint(path)
     assert torch.equal(tensors["w"], torch.zeros(2)) and md["pad"]
+
+
+def test_a_command_line_with_undecodable_bytes_is_recorded(tmp_path, monkeypatch):
+    """A file name that is not UTF-8 reaches sys.argv as surrogate escapes; HDF5 text must be UTF-8 (writing
+    the `command` attribute was a traceback)."""
+    monkeypatch.setattr("sys.argv", ["mctool", "evaluate", "a.safetensors", "-m", "bad\udcff.h5"])
+    attrs = provenance({"bad\udcff.safetensors": "0" * 64}, {}, "evaluate")
+    assert attrs["command"] == "mctool evaluate a.safetensors -m 'bad\\xff.h5'"
+    log = MetricsLog(tmp_path / "m.h5", "epoch", ["x"], attrs)
+    log.append(1, x=1.0)
+    log.flush()
+    assert read_h5(tmp_path / "m.h5")[1]["command"] == attrs["command"]

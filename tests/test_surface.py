@@ -266,6 +266,13 @@ def test_a_surface_in_shards_merges_into_the_whole_run(cli, tmp_path, trajectory
                        load_file(tmp_path / "whole-directions.safetensors")["directions"])
     assert "--plot draws the whole surface" in cli.error("surface", *args, "-m", tmp_path / "x.h5", "--shard", "0/2",
                                                          "--plot", tmp_path / "x.png")
+    # a shard naming no directions file, or one elsewhere, is one error line (it was a traceback)
+    for bad in ("", "../x.safetensors"):
+        for i in range(3):
+            with h5py.File(tmp_path / f"s{i}.h5", "r+") as f:
+                f.attrs["directions_file"] = bad
+        assert "attribute 'directions_file' must name a file beside it" in cli.error(
+            "merge", *[tmp_path / f"s{i}.h5" for i in range(3)], "-o", tmp_path / "bad.h5")
 
 
 def _vtk_arrays(path) -> tuple[dict[str, np.ndarray], dict[str, list[int]], str]:
