@@ -27,8 +27,8 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, adopt_recorded, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, remove_state,
-                   state_path, train_mode, validate_sgd)
+from .loop import (GradSum, adopt_recorded, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd,
+                   remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device

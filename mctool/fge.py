@@ -29,8 +29,8 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd, set_momentum,
-                   sgd_step, remove_state, state_path, validate_sgd)
+from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd,
+                   set_momentum, sgd_step, remove_state, state_path, validate_sgd)
 
 
 @dataclass
