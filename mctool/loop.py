@@ -7,6 +7,7 @@ themselves live in ``training.py``, ``curves.py`` and ``fge.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint
+from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
 from .data import AUGMENTS, Data
 from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
@@ -339,16 +340,20 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 # evaluate() may add values only for the progress display (the log keeps its own columns)
                 row = {k: v for k, v in shown_row.items() if k in log.columns}
                 log.append(epoch + 1, **row, seconds=time.time() - t0)
-                # Order matters: the state (with the history) first, then the metrics file it reproduces.
+                # Order matters: a --save-every checkpoint first (a run stopped before the state below redoes
+                # this epoch and writes it again), then the state (with the history), then the metrics file
+                # it reproduces.
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
+                    save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
                 save_state(epoch + 1, state_file, "train-state")
                 saved = epoch + 1
                 log.flush()
-                if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
-                    save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
         done = saved
+        with contextlib.suppress(Exception):  # a stop inside save_state, after its file was in place
+            done = max(done, int(read_metadata(state_file).get("epoch", done)))
         if not state_file.exists():
             # fge and sse record snapshots as they are taken: the metrics file may be this run's, and then a new
             # run needs --force (unless it was there before, when this command already had --force)

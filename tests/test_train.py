@@ -1,6 +1,7 @@
 """`mctool train`: learning, outputs, resume, and its refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,29 @@ def test_steps_switch_an_evaluated_network_back_to_train_mode():
         seen = int(bn.num_batches_tracked)
         step(x, y, 0.01)
         assert int(bn.num_batches_tracked) == seen + 1  # batch statistics, running averages updated
+
+
+def test_a_stop_between_the_epoch_files_loses_no_save_every_checkpoint(cli, tmp_path, monkeypatch):
+    """At the end of epoch 2 (--save-every 2) two checkpoints are written: stopped between them, a resumed
+    run still leaves epoch 2's --save-every checkpoint, equal to an uninterrupted run's."""
+    import mctool.checkpoint
+
+    args = [*TINY, "--epochs", "3", "--save-every", "2"]
+    cli("train", *args, "-o", tmp_path / "ref.safetensors")
+    real, writes = mctool.checkpoint.atomic_path, []
+
+    def stop_at_the_second_write_of_epoch_2(path):  # writes: epoch 1's state, then epoch 2's two files
+        writes.append(Path(path).name)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(mctool.checkpoint, "atomic_path", stop_at_the_second_write_of_epoch_2)
+    out = tmp_path / "run.safetensors"
+    assert "--resume" in cli.error("train", *args, "-o", out, code=130)
+    assert sorted(writes[1:]) == ["run-epoch002.safetensors", "run.state.safetensors"]
+    monkeypatch.setattr(mctool.checkpoint, "atomic_path", real)
+    cli("train", *args, "-o", out, "--resume")
+    want = read_checkpoint(tmp_path / "ref-epoch002.safetensors")[0]
+    got = read_checkpoint(tmp_path / "run-epoch002.safetensors")[0]
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
