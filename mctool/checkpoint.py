@@ -123,6 +123,15 @@ def _normalization(md: dict[str, str], path: str | os.PathLike, in_chans: int) -
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights (or control points, members) holding NaN or infinity: a diverged run's file would
+    otherwise give NaN surfaces and curves, or blame the learning rate of the next run."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"'{path}' holds NaN or infinite values in '{k}' (saved from a diverged run?); "
+                                  "mctool cannot evaluate or train from it.")
+
+
 def same_normalization(a: dict[str, list[float]] | None, b: dict[str, list[float]] | None) -> bool:
     """Whether two networks read their inputs alike: equal means and stds up to 1e-9 relative (statistics of
     the training images computed by earlier versions differ in the last digits between machines)."""
@@ -452,6 +461,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
                               f"(shape, or a floating-point type): {', '.join(momentum[:5])}.")
     extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
     state = {k: v for k, v in tensors.items() if k not in extra}
+    check_finite(path, state)
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, meta=meta, path=path, sha256=sha256_file(path), extra_tensors=extra)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (LoadedModel, ModelMeta, bad_field, metadata_int, read_checkpoint, same_normalization,
-                         save_checkpoint)
+from .checkpoint import (LoadedModel, ModelMeta, bad_field, check_finite, metadata_int, read_checkpoint,
+                         same_normalization, save_checkpoint)
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .flat import ParamLayout, build_network, check_network
@@ -158,6 +158,7 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     missing += [] if "control_points" in tensors else ["the tensor control_points"]
     if missing:
         raise CheckpointError(f"'{path}' is not a complete curve file (missing {', '.join(missing)}).")
+    check_finite(path, {k: v for k, v in tensors.items() if not k.startswith("optimizer/")})
     curve = meta.extra.pop("curve")
     if curve not in CURVES:
         raise bad_field(path, "curve", f"expected one of {', '.join(CURVES)}")

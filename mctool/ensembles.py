@@ -21,7 +21,7 @@ from torch import nn
 
 from .batched import WideNetworks, pays_off
 from .bn import recalibrate_bn
-from .checkpoint import ModelMeta, bad_field, metadata_int, read_checkpoint, save_checkpoint, save_model
+from .checkpoint import ModelMeta, bad_field, check_finite, metadata_int, read_checkpoint, save_checkpoint, save_model
 from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import check_outputs, holds_output_locks, sha256_file
@@ -73,6 +73,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
     missing += [] if _MEMBERS in tensors else [f"the tensor {_MEMBERS}"]
     if missing:
         raise CheckpointError(f"'{path}' is not a complete ensemble file (missing {', '.join(missing)}).")
+    check_finite(path, tensors)
     try:
         layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
     except ValueError as e:

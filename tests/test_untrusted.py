@@ -479,3 +479,19 @@ def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, cu
     for extra in ({"control_points": tensors["control_points"][:2]}, {"optimizer/momentum/free": torch.zeros(2, 3)}):
         save_file({**tensors, **extra}, str(state), metadata=md)
         assert "does not fit this curve" in cli.error(*args, "--resume")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(cli, tmp_path, model_file, value):
+    """A diverged run's weights gave NaN surfaces, tracebacks (align, hessian) or blamed the learning rate."""
+    with safe_open(str(model_file), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["net.1.weight"][0, 0] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=md)
+    message = "holds NaN or infinite values in 'net.1.weight'"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(bad)
+    assert message in cli.error("evaluate-curve", model_file, bad, "-m", tmp_path / "e.h5", "--device", "cpu")
+    assert message in cli.error("align", model_file, bad, "-o", tmp_path / "b.safetensors", "--device", "cpu")
+    assert not (tmp_path / "e.h5").exists()
