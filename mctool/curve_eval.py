@@ -22,7 +22,7 @@ from .errors import ConfigError, Interrupted, MetricsFileError
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
-from .options import check_count, check_real
+from .options import MAX_POINTS, check_count, check_real
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
@@ -200,7 +200,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     t0 = time.time()
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "curve")
-    check_count("--num-points", num_points, 2)
+    check_count("--num-points", num_points, 2, MAX_POINTS)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
     check_count("--repair-batches", repair_batches)

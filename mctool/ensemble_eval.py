@@ -28,7 +28,7 @@ from .evaluation import l2_term, predict_logits, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import provenance, write_h5
-from .options import check_count
+from .options import MAX_POINTS, check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -159,7 +159,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
         raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
-    check_count("--num-points", num_points)
+    check_count("--num-points", num_points, 1, MAX_POINTS)
     check_count("--num-classes", num_classes)
     check_count("--in-chans", in_chans)
     check_outputs({"--metrics": metrics or None, "--output": output or None}, paths, force=force)

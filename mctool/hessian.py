@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
-from .options import check_count, check_real
+from .options import MAX_POINTS, check_count, check_real
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -171,9 +171,9 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     member of an ensemble. ``train_subset`` training images (None or 0: all) define the loss; ``eigenvectors``
     writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
     t0 = time.time()
-    check_count("--top-k", top_k)
+    check_count("--top-k", top_k, 1, 1000)
     check_count("--trace-samples", trace_samples, 2)
-    check_count("--num-points", num_points, 2)
+    check_count("--num-points", num_points, 2, MAX_POINTS)
     check_count("--train-subset", train_subset, 0)  # 0: all training images, as the CLI documents
     train_subset = train_subset or None
     check_count("--batch-size", batch_size)

@@ -38,7 +38,12 @@ RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile", "points_
 def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
     """Checks shared by every SGD run (train, connect, fge): clear errors for values that cannot work."""
     check_real(lr_option, cfg.lr, 0, low_open=True)
+    if cfg.lr is not None and cfg.lr > 1e6:  # (beyond float32's range, SGD's update overflowed: a traceback)
+        raise ConfigError(f"{lr_option} must be at most 1e6, got {cfg.lr:g}.")
     check_count("--epochs", cfg.epochs)
+    # each epoch's generator is seeded with seed * 1_000_003 + epoch, which must fit in 63 bits
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"--seed must be a whole number in [0, 2^32), got {cfg.seed!r}.")
     check_real("--wd", cfg.wd, 0)
     check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
     check_count("--batch-size", cfg.batch_size)

@@ -13,14 +13,23 @@ from typing import Any
 from .errors import ConfigError
 
 
-def check_count(option: str, value: Any, minimum: int = 1) -> None:
-    """A whole-number option such as ``--epochs``: at least ``minimum``. ``None`` (not given) passes."""
+# Points of a curve or an axis of a grid: far beyond any use (a 1001 x 1001 plane is a million evaluations), and
+# small enough that the arrays and files they size never exhaust memory (which would end in a traceback).
+MAX_POINTS = 100_000
+MAX_GRID_POINTS = 1001
+
+
+def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
+    """A whole-number option such as ``--epochs``: at least ``minimum`` (and at most ``maximum``). ``None``
+    (not given) passes."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{option} must be a whole number >= {minimum}, got {value!r}.")
     if value < minimum:
         raise ConfigError(f"{option} must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{option} must be at most {maximum:,}, got {value:,}.")
 
 
 def check_real(option: str, value: Any, low: float | None = None, high: float | None = None, *,

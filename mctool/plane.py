@@ -25,7 +25,7 @@ from .errors import ConfigError, MetricsFileError
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
-from .options import check_count, check_real
+from .options import MAX_GRID_POINTS, MAX_POINTS, check_count, check_real
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import progress_bar, resolve_device
 
@@ -226,8 +226,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     t0 = time.time()
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
-    check_count("--grid-points", grid_points, 2)
-    check_count("--curve-points", curve_points, 2)
+    check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
+    check_count("--curve-points", curve_points, 2, MAX_POINTS)
     if len(margins) != 4:
         raise ConfigError(f"give four margins (left, right, bottom, top), got {len(margins)}.")
     for side, value in zip(("left", "right", "bottom", "top"), margins):

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
-from .options import check_count, check_real
+from .options import MAX_GRID_POINTS, check_count, check_real
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .plane import _nan_extreme, evaluate_cells, plane_metric_names
@@ -254,7 +254,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     check_count("--dims", dims)
     if dims > 2:
         raise ConfigError(f"--dims must be 1 or 2, got {dims}.")
-    check_count("--grid-points", grid_points, 2)
+    check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
     check_real("--range", span, 0, low_open=True)
     check_real("--margin", margin, 0, 10)
     for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset), ("--batch-size", batch_size)):

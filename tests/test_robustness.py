@@ -180,6 +180,13 @@ BAD_OPTIONS = {
                                "--num-bends must be >= 0"),
     "connect --num-bends 101": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "101"],
                                 "--num-bends must be at most 100"),  # a curve file holds at most 100
+    "evaluate-curve --num-points 10**9": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--num-points",
+                                                     str(10**9)], "--num-points must be at most 100,000"),
+    "plane --grid-points 100000": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--grid-points",
+                                              "100000"], "--grid-points must be at most 1,001"),
+    "train --lr 1e308": (lambda f: ["train", *TINY, "--lr", "1e308"], "--lr must be at most 1e6"),
+    "train --seed 2**64": (lambda f: ["train", *TINY, "--seed", str(2**64)],
+                           "--seed must be a whole number in [0, 2^32)"),
     "train --num-workers -1": (lambda f: ["train", *TINY, "--num-workers", "-1"], "--num-workers must be >= 0"),
     "hessian --train-subset -1": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--train-subset", "-1"],
                                   "--train-subset must be >= 0"),
