@@ -283,9 +283,13 @@ def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, .
     """Per-channel mean and (unbiased) standard deviation of uint8 images ``[N, C, H, W]`` as fractions of
     255, from exact integer sums: the same digits on every machine and thread count (a float reduction's
     last digits depend on how it is split, and checkpoints from two machines must compare equal)."""
-    x = images.to(torch.int64)
-    n = x.numel() // x.shape[1]
-    sums, squares = x.sum(dim=(0, 2, 3)).tolist(), (x * x).sum(dim=(0, 2, 3)).tolist()
+    n = images.numel() // images.shape[1]
+    sums = images.sum(dim=(0, 2, 3), dtype=torch.int64)
+    squares = torch.zeros_like(sums)
+    for part in images.split(4096):  # squares in pieces: never a wide copy of the whole set
+        x = part.to(torch.int32)
+        squares += (x * x).sum(dim=(0, 2, 3), dtype=torch.int64)
+    sums, squares = sums.tolist(), squares.tolist()
     mean = tuple(s / (255 * n) for s in sums)  # int / int: correctly rounded
     var = [(n * q - s * s) / (n * max(n - 1, 1) * 255 * 255) for s, q in zip(sums, squares)]
     return mean, tuple(max(math.sqrt(v), 1e-3) for v in var)
