@@ -228,8 +228,9 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         if vectors is not None and distributed.is_main():
             _save_vectors(vec_path, vectors, pts.layout, attrs)
 
-    def missing(i: int) -> bool:
-        return bool(np.isnan(values["hvps"][i]) or (trace and np.isnan(values["trace"][i])))
+    def missing(i: int) -> bool:  # (with --eigenvectors, also a point whose vectors were never written)
+        return bool(np.isnan(values["hvps"][i]) or (trace and np.isnan(values["trace"][i]))
+                    or (vectors is not None and np.isnan(vectors[i]).all()))
 
     todo = distributed.broadcast_object([i for i in range(n) if missing(i)])
     if todo:

@@ -140,3 +140,19 @@ def test_errors(cli, tmp_path, tiny, digits_models):
     cli("hessian", path, "-m", m, "--top-k", "1", "--train-subset", "100", "-q", *CPU)
     assert "already exists" in cli.error("hessian", path, "-m", m, *CPU)
     assert "input" in cli.error("hessian", path, "-m", path, "--force", *CPU)  # never overwrites its input
+
+
+def test_resume_with_eigenvectors_computes_the_points_whose_vectors_are_missing(cli, tmp_path, tiny):
+    """A first run without --eigenvectors (or stopped between its two writes) left points with eigenvalues
+    but no vectors: --resume --eigenvectors computes them instead of writing NaN vectors and exiting 0."""
+    path, h = tiny
+    m, vec = tmp_path / "h.h5", tmp_path / "v.safetensors"
+    args = [path, "-m", m, "--top-k", "2", "--train-subset", SUBSET, *CPU]
+    first = cli.json("hessian", *args)
+    again = cli.json("hessian", *args, "--eigenvectors", vec, "--resume")
+    np.testing.assert_allclose(again["eigenvalues"], first["eigenvalues"], rtol=1e-4)
+    v = load_file(vec)["eigenvectors"].double().numpy()
+    assert np.isfinite(v).all()
+    exact = np.linalg.eigvalsh(h)[::-1]
+    for j in range(2):
+        np.testing.assert_allclose(h @ v[0, j], exact[j] * v[0, j], atol=1e-3 * exact[0])
