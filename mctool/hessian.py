@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
-from .options import MAX_POINTS, check_count, check_real
+from .options import MAX_POINTS, check_count, check_real, check_seed
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -180,8 +180,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     check_count("--max-restarts", max_restarts)
     check_count("--bn-batches", bn_batches)
     check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ConfigError(f"--seed must be a whole number in [0, 2^63), got {seed!r}.")
+    check_seed(seed)
     if eigenvectors is not None and distributed.current() is not None:
         raise ConfigError("--eigenvectors is for a run of one process (not under torchrun).")
     metrics = Path(metrics)

@@ -26,7 +26,7 @@ from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
-from .options import check_count, check_real
+from .options import check_count, check_real, check_seed
 from .runtime import autocast, progress_bar
 from .schedules import SCHEDULES, lr_at
 
@@ -41,9 +41,7 @@ def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
     if cfg.lr is not None and cfg.lr > 1e6:  # (beyond float32's range, SGD's update overflowed: a traceback)
         raise ConfigError(f"{lr_option} must be at most 1e6, got {cfg.lr:g}.")
     check_count("--epochs", cfg.epochs)
-    # each epoch's generator is seeded with seed * 1_000_003 + epoch, which must fit in 63 bits
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"--seed must be a whole number in [0, 2^32), got {cfg.seed!r}.")
+    check_seed(cfg.seed, 32)  # each epoch's generator gets seed * 1_000_003 + epoch, which must fit in 63 bits
     check_real("--wd", cfg.wd, 0)
     check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
     check_count("--batch-size", cfg.batch_size)

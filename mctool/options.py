@@ -32,6 +32,12 @@ def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None =
         raise ConfigError(f"{option} must be at most {maximum:,}, got {value:,}.")
 
 
+def check_seed(value: Any, bits: int = 63, option: str = "--seed") -> None:
+    """A seed: a whole number in [0, 2^bits)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
+        raise ConfigError(f"{option} must be a whole number in [0, 2^{bits}), got {value!r}.")
+
+
 def check_real(option: str, value: Any, low: float | None = None, high: float | None = None, *,
                low_open: bool = False, high_open: bool = False) -> None:
     """A real-valued option: finite and within [low, high] (an open end with ``low_open`` / ``high_open``).

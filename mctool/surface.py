@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
-from .options import MAX_GRID_POINTS, check_count, check_real
+from .options import MAX_GRID_POINTS, check_count, check_real, check_seed
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .plane import _nan_extreme, evaluate_cells, plane_metric_names
@@ -263,8 +263,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
         raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or none, got {bad[0]!r}.")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ConfigError(f"--seed must be a whole number in [0, 2^63), got {seed!r}.")
+    check_seed(seed)
     method, files = _method(directions, trajectory)
     if method == "files":
         dims = len(files)
