@@ -34,7 +34,7 @@ from .data import check_fits, load_data
 from .errors import ConfigError, MctoolError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import provenance, write_h5
-from .options import check_count
+from .options import check_count, check_seed
 from .results import AlignResult, FileRef
 from .runtime import progress_bar, resolve_device
 
@@ -723,7 +723,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     t0 = time.time()
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
-    check_count("--seed", seed, 0)
+    check_seed(seed)
     check_count("--max-sweeps", max_sweeps)
     check_count("--batches", batches)
     check_count("--batch-size", batch_size)

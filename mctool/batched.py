@@ -172,26 +172,31 @@ class WideNetwork(nn.Module):
             return None
         wide = cls(net.to(probe.device), p, layout)
         w = layout.flatten(dict(model.named_parameters())).to(probe.device)
-        weights = torch.stack([w * (1 + 0.25 * k) for k in range(p)])
-        was = model.training
-        model.eval()
-        wide.eval()
-        try:
-            with torch.no_grad():
-                wide.assign(weights)
-                got = wide(probe).float()
-                want = []
-                for k in range(p):
-                    layout.assign(model, weights[k])
-                    want.append(model(probe).float())
+        # Weights whose logits overflow (far from trained ones) prove nothing: then the same directions, scaled
+        # to at most 1 in size.
+        for base in (w, w / max(float(w.abs().max()), 1e-30)):
+            weights = torch.stack([base * (1 + 0.25 * k) for k in range(p)])
+            was = model.training
+            model.eval()
+            wide.eval()
+            try:
+                with torch.no_grad():
+                    wide.assign(weights)
+                    got = wide(probe).float()
+                    want = []
+                    for k in range(p):
+                        layout.assign(model, weights[k])
+                        want.append(model(probe).float())
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                return None
+            finally:
                 layout.assign(model, w)
-        except (RuntimeError, ValueError, TypeError, IndexError):
-            return None
-        finally:
-            model.train(was)
-        want = torch.stack(want, dim=1)
-        if got.shape != want.shape:
-            return None
+                model.train(was)
+            want = torch.stack(want, dim=1)
+            if got.shape != want.shape:
+                return None
+            if bool(torch.isfinite(want).all()):
+                break
         scale = float(want.abs().max()) + 1e-6
         return wide if float((got - want).abs().max()) <= 1e-3 * scale else None
 

@@ -97,6 +97,9 @@ def check_state_metadata(md: dict[str, str], path: str | os.PathLike) -> dict[st
             raise bad_field(path, key, "expected a JSON array of objects")
     metadata_json(md, "inputs", path, dict, "{}")
     config = metadata_json(md, "config", path, dict, "{}")
+    epochs = config.get("epochs")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and int(md["epoch"]) > epochs:
+        raise bad_field(path, "epoch", f"{md['epoch']} epochs done of a run of {epochs}")
     if md.get("kind") == "train-state" and not ("arch" in config and isinstance(config["arch"], (str, type(None)))
                                                  and isinstance(config.get("arch_kwargs"), dict)):
         raise bad_field(path, "config", "'arch' must be a string and 'arch_kwargs' a JSON object")
@@ -246,6 +249,9 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         raise CheckpointError(f"checkpoint '{path}' does not exist.")
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder, not a safetensors file.")
+    if not path.is_file():  # reading a pipe or a device could wait forever or never end
+        raise CheckpointError(f"checkpoint '{path}' is not a regular file (a pipe, device or socket); mctool reads "
+                              "checkpoints from files.")
     size = path.stat().st_size
     pickled = CheckpointError(
         f"'{path}' is a pickled PyTorch file (.pt/.pth); mctool never unpickles files because they can run code. "

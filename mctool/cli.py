@@ -47,6 +47,8 @@ def _choices(name: str, values: tuple[str, ...]) -> Any:
 Precision = _choices("Precision", PRECISIONS)
 Split = _choices("Split", SPLITS)
 Schedule = _choices("Schedule", SCHEDULES)
+CurveSchedule = _choices("CurveSchedule", tuple(s for s in SCHEDULES if s != "sse"))  # one network per run
+AlignMethod = _choices("AlignMethod", ("weights", "activations"))
 Augment = _choices("Augment", AUGMENTS)
 CurveKind = _choices("CurveKind", CURVES)
 BendInit = _choices("BendInit", BEND_INITS)
@@ -77,6 +79,12 @@ DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data
                                                               "(needs internet).")]
 SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
                                               "training images (10% for small sets), held out from training.")]
+CurveSplitOpt = Annotated[Split, typer.Option(help="'val' holds out the last 5,000 training images (10% for small "
+                                                   "sets) from curve training; connect evaluates nothing.")]
+EvalSplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
+                                                  "training images (10% for small sets), then also left out of the "
+                                                  "train metrics and BN passes. 'val' is held-out data only for "
+                                                  "networks trained with --split val.")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
@@ -91,9 +99,9 @@ EvalCompileOpt = Annotated[bool, typer.Option(
                       "or a C++ compiler (CPU); falls back, with a warning, when compiling fails.")]
 
 PointsPerPassOpt = Annotated[int, typer.Option(
-    help="Networks evaluated together in one pass over the data (P copies side by side in one wide network; "
-         "each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not fit in "
-         "memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
+    help="Networks evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
+         "network; each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not "
+         "fit in memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
          "convolutional networks are (faster there).")]
 
 
@@ -243,25 +251,30 @@ def train(
                                                 "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="Extra architecture arguments as a JSON object, "
                                                        "e.g. '{\"width\": 2}'.")] = None,
-    epochs: Annotated[int, typer.Option(help="Number of training epochs.")] = 200,
-    lr: Annotated[float, typer.Option(help="Initial (peak) learning rate.")] = 0.05,
+    epochs: Annotated[int, typer.Option(help="Number of training epochs (>= 1).")] = 200,
+    lr: Annotated[float, typer.Option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
     wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD.")] = 5e-4,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; >= 2 for BatchNorm networks).")] = 128,
     schedule: Annotated[Schedule, typer.Option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
                                                "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
                                                "Ensembles (cosine restarts, one snapshot per cycle; the output is "
                                                "then an ensemble file).")] = Schedule.paper,
     snapshots: Annotated[int, typer.Option(help="With --schedule sse: number of cycles and snapshots.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout.")] = 0,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for "
-                                             "natural images, crop for digits), none, crop, crop-flip.")] = Augment.auto,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout; a "
+                                           "whole number in [0, 2^32).")] = 0,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for cifar10, "
+                                             "cifar100, synthetic and imagefolder; crop only, no mirror images, for "
+                                             "digits, mnist, fashion-mnist and svhn), none, crop, crop-flip.")]
+    = Augment.auto,
     split: SplitOpt = Split.test,
     save_every: Annotated[int, typer.Option(help="Also write a training-state checkpoint (weights and SGD momentum, "
                                             "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors; "
                                             "0 = never.")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (and momentum, for a "
-                                                 "training state) instead of a random initialisation.")] = None,
+                                                 "training state) instead of a random initialisation: an mctool "
+                                                 "checkpoint, or a plain safetensors state dict with --arch.")]
+    = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights for --arch "
                                              "(a timm model; timm downloads them once and caches them), e.g. to "
                                              "connect two fine-tunings of one pretrained network. A classifier for "
@@ -343,14 +356,18 @@ def evaluate(
                                                     "file.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
                                                    "one recorded in the first checkpoint).")] = None,
-    split: SplitOpt = Split.test,
+    split: EvalSplitOpt = Split.test,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a plain safetensors state dict without "
-                                                "mctool metadata (e.g. saved by timm).")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict.")] = None,
+                                                "mctool metadata (e.g. saved by timm; needs --num-classes too); "
+                                                "for mctool checkpoints it overrides the recorded one.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict (overrides the "
+                                                       "recorded one of mctool checkpoints).")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="Architecture arguments of a plain state dict as a JSON "
-                                                       "object, e.g. '{\"img_size\": 8}'.")] = None,
-    in_chans: Annotated[Optional[int], typer.Option(help="Input channels of a plain state dict (default 3).")] = None,
+                                                       "object, e.g. '{\"img_size\": 8}' (overrides the recorded "
+                                                       "ones).")] = None,
+    in_chans: Annotated[Optional[int], typer.Option(help="Input channels of a plain state dict (default 3; "
+                                                    "overrides the recorded ones).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -426,7 +443,7 @@ RecordedDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", he
                                                            "one).")]
 GridTrainSubsetOpt = Annotated[Optional[int], typer.Option(
     help="Compute train loss and error on a fixed random subset of this many training images (faster; the BN "
-         "pass still uses --bn-batches).")]
+         "pass still uses --bn-batches). Default, or 0: all of them.")]
 
 
 @app.command()
@@ -439,7 +456,8 @@ def connect(
     curve: Annotated[CurveKind, typer.Option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
                                              "through the bends) or line (the segment; nothing to train).")]
     = CurveKind.bezier,
-    num_bends: Annotated[int, typer.Option(help="Interior control points (the paper's curves have 1).")] = 1,
+    num_bends: Annotated[int, typer.Option(help="Interior control points, 1 to 100 (the paper's curves have 1); "
+                                           "ignored with --curve line.")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: as many as A was trained "
                                                   "for, else 200; three times as many if A has no "
                                                   "BatchNorm, as in the paper).")] = None,
@@ -449,10 +467,12 @@ def connect(
     = None,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2 "
                                                 "(default: the wd A was trained with, else 5e-4).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size; each batch draws one t ~ U(0, 1).")] = 128,
-    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule (as for train).")] = Schedule.paper,
-    seed: Annotated[int, typer.Option(help="Seed for t, data order and augmentation.")] = 0,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1); each batch draws one t ~ U(0, 1).")] = 128,
+    schedule: Annotated[CurveSchedule, typer.Option(help="Learning-rate schedule (as for train; sse, which makes "
+                                                    "an ensemble, does not apply).")] = CurveSchedule.paper,
+    seed: Annotated[int, typer.Option(help="Seed for t, data order and augmentation; a whole number in "
+                                           "[0, 2^32).")] = 0,
     bend_init: Annotated[BendInit, typer.Option(help="Initial bends: on the segment (linear), at A (start) or at "
                                                 "B (end).")] = BendInit.linear,
     free_start: Annotated[bool, typer.Option("--free-start", help="Train the start point too.")] = False,
@@ -461,12 +481,13 @@ def connect(
                                                    "set).")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
                                                        "one A was trained with, else auto).")] = None,
-    split: SplitOpt = Split.test,
+    split: CurveSplitOpt = Split.test,
     save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
                                             "NAME-epochNNN.safetensors; 0 = never.")] = 0,
-    align: Annotated[Optional[str], typer.Option("--align", help="First permute B's hidden units into A's order "
-                                                 "(weights or activations matching, as mctool align with --seed): "
-                                                 "the curve ends at aligned B, which computes B's function.")]
+    align: Annotated[Optional[AlignMethod], typer.Option("--align", help="First permute B's hidden units into A's "
+                                                         "order (weights or activations matching, as mctool align "
+                                                         "with --seed): the curve ends at aligned B, which computes "
+                                                         "B's function.")]
     = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
@@ -502,7 +523,7 @@ def connect(
                             precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             sync_bn=sync_bn,
-                            compile=compile, save_every=save_every, align=align)
+                            compile=compile, save_every=save_every, align=align.value if align else None)
         return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
@@ -534,7 +555,7 @@ def evaluate_curve(
                                                 "or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: SplitOpt = Split.test,
+    split: EvalSplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -547,10 +568,12 @@ def evaluate_curve(
     compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
                                                               "(from mctool align): the original B; also evaluate "
                                                               "the segment A -> B (same points and options) and "
-                                                              "report both barriers.")] = None,
+                                                              "report both barriers. Two checkpoints only, not "
+                                                              "with --shard.")] = None,
     repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point (networks without BatchNorm): "
                                          "rescale each hidden Conv/Linear channel to the interpolated mean and "
-                                         "std of the endpoints'.")] = False,
+                                         "std of the endpoints'. Refused for BatchNorm networks; one point per "
+                                         "pass, not compiled.")] = False,
     repair_batches: Annotated[int, typer.Option(help="Training batches (of --batch-size) for REPAIR's "
                                                 "statistics.")] = 8,
     as_json: JsonOpt = False,
@@ -650,13 +673,14 @@ def ensemble(
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
                                                     "file.")] = None,
     num_points: Annotated[Optional[int], typer.Option(help="Sample this many evenly spaced points along a curve "
-                                                      "file (each BN-recalibrated) as the members.")] = None,
+                                                      "file, ends included (each BN-recalibrated), as the members; "
+                                                      "1 takes t = 0.5.")] = None,
     temperature_scale: Annotated[bool, typer.Option("--temperature-scale", help="Fit one temperature on the "
                                                     "held-out part of the training data (the val split) and "
                                                     "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
     dataset: RecordedDatasetOpt = None,
-    split: SplitOpt = Split.test,
+    split: EvalSplitOpt = Split.test,
     batch_size: EvalBatchOpt = 512,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -748,9 +772,9 @@ def plane_cmd(
     files: Annotated[list[Path], typer.Argument(help="A curve file (its start, one bend and its end), or three model "
                                                 "checkpoints w0 w1 w2.")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
-    grid_points: Annotated[int, typer.Option(help="Grid points along each axis (G x G evaluations).")] = 21,
+    grid_points: Annotated[int, typer.Option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
     margin: Annotated[float, typer.Option(help="Extra room on all four sides, as a fraction of the distances "
-                                          "between the points.")] = 0.2,
+                                          "between the points (>= 0).")] = 0.2,
     margin_left: Annotated[Optional[float], typer.Option(help="Override --margin on the left (before w0).")] = None,
     margin_right: Annotated[Optional[float], typer.Option(help="Override --margin on the right (after w2).")] = None,
     margin_bottom: Annotated[Optional[float], typer.Option(help="Override --margin below the w0-w2 line.")] = None,
@@ -768,7 +792,7 @@ def plane_cmd(
                                                 "w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: SplitOpt = Split.test,
+    split: EvalSplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -818,26 +842,30 @@ def surface_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The network at the centre (model checkpoint).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
                                           "beside it as NAME-directions.safetensors.")],
-    dims: Annotated[int, typer.Option(help="1 (a line through the network) or 2 (a surface).")] = 2,
+    dims: Annotated[Optional[int], typer.Option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
+                                                "or the number of direction files.")] = None,
     directions: Annotated[Optional[list[str]], typer.Option(
-        "--directions", help="'random' (default): Gaussian directions, filter-normalised to the network; 'pca': "
-        "the principal directions of --trajectory relative to the network; or a model checkpoint, given once per "
-        "direction: the direction from the network to that one (coefficient 1 reaches it).")] = None,
+        "--directions", metavar="random|pca|FILE", help="'random' (default): Gaussian directions, filter-normalised "
+        "to the network; 'pca': the principal directions of --trajectory relative to the network; or a model "
+        "checkpoint, given once per direction: the direction from the network to that one (coefficient 1 reaches "
+        "it).")] = None,
     trajectory: Annotated[Optional[list[str]], typer.Option(
-        help="With --directions pca: the checkpoints of a training run, in training order: a file (repeat the option "
-        "for each) or a quoted glob pattern such as 'run-epoch*.safetensors' (its matches sorted by name).")] = None,
+        metavar="FILE|GLOB", help="With --directions pca: the checkpoints of a training run (at most 1,000), in "
+        "training order: a file (repeat the option for each) or a quoted glob pattern such as "
+        "'run-epoch*.safetensors' (its matches sorted by name).")] = None,
     ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
                                         "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
                                         "one filter).")] = "bn,bias",
-    seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the random directions; a whole number in [0, 2^63).")] = 0,
     range_: Annotated[Optional[float], typer.Option(
         "--range", help="Coefficients from -RANGE to RANGE along each direction. Default: [-1, 1] for random "
         "directions; for pca and files, the range that holds the points of interest (the network, the "
         "trajectory, the files' networks at 1) plus --margin.")] = None,
     margin: Annotated[float, typer.Option(help="Without --range: space added on each side of the points of "
-                                          "interest, as a fraction of their extent along each direction.")] = 0.2,
-    grid_points: Annotated[int, typer.Option(help="Grid points per direction (>= 2; with random directions an odd "
-                                             "number puts the network itself on the grid).")] = 21,
+                                          "interest, as a fraction of their extent along each direction (0 to "
+                                          "10).")] = 0.2,
+    grid_points: Annotated[int, typer.Option(help="Grid points per direction (2 to 1,001; with random directions "
+                                             "an odd number puts the network itself on the grid).")] = 21,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this PNG.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
@@ -847,7 +875,7 @@ def surface_cmd(
                                                 "wd).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: SplitOpt = Split.test,
+    split: EvalSplitOpt = Split.test,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -908,7 +936,7 @@ def hessian_cmd(
     files: Annotated[list[Path], typer.Argument(help="A model checkpoint, a curve file (points along it), an "
                                                 "ensemble file (each member), or two checkpoints (the segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
-    top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find.")] = 5,
+    top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
     trace: Annotated[bool, typer.Option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
                                         "probes).")] = False,
     trace_samples: Annotated[int, typer.Option(help="Probes for --trace (one Hessian-vector product each); the "
@@ -917,16 +945,20 @@ def hessian_cmd(
                                             "included).")] = 11,
     train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy over a fixed random subset "
                                               "of this many training images (un-augmented); 0 = all.")] = 5000,
-    tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol).")] = 1e-4,
+    tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
+                                       "(0, 1).")] = 1e-4,
     max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up (the eigenvalues not "
                                               "found are NaN, with a warning).")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes; a whole number in "
+                                           "[0, 2^63).")] = 0,
     eigenvectors: Annotated[Optional[Path], typer.Option(help="Also write the unit eigenvectors, [points, k, "
-                                                         "parameters] float32, to this safetensors file.")] = None,
+                                                         "parameters] float32, to this safetensors file (not "
+                                                         "under torchrun).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
-    batch_size: EvalBatchOpt = 512,
+    batch_size: Annotated[int, typer.Option(help="Batch size for the Hessian-vector products and the BN pass.")]
+    = 512,
     dataset: RecordedDatasetOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -965,8 +997,6 @@ def hessian_cmd(
     _run(work, as_json, quiet, show)
 
 
-AlignMethod = _choices("AlignMethod", ("weights", "activations"))
-
 
 @app.command("align")
 def align_cmd(
@@ -984,7 +1014,7 @@ def align_cmd(
                                                 "correlation of their activations on training batches.")]
     = AlignMethod.weights,
     seed: Annotated[int, typer.Option(help="Seed for the order of the groups (weights) or of the training images "
-                                     "(activations).")] = 0,
+                                     "(activations); a whole number in [0, 2^63).")] = 0,
     max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups "
                                            "(it stops earlier when a sweep changes nothing).")] = 100,
     batches: Annotated[int, typer.Option(help="Activation matching: training batches to measure the "
@@ -1038,20 +1068,22 @@ def fge_cmd(
                                         "cycles).")] = 20,
     cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs (may be fractional); rounded to an "
                                                 "even number of iterations.")] = 2.0,
-    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations (overrides "
-                                                       "--cycle-epochs).")] = None,
+    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, >= 2 (overrides "
+                                                       "--cycle-epochs); rounded to an even number, the snapshot "
+                                                       "being at mid cycle.")] = None,
     lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
                                                     "default: the start network's training lr / 2 with BatchNorm, "
-                                                    "/ 5 without, the paper's ratios; see docs/ensembles.md).")]
+                                                    "/ 5 without, the paper's ratios, taking 0.05 if it records "
+                                                    "none; see docs/ensembles.md).")]
     = None,
     lr_min: Annotated[Optional[float], typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
                                                     "default: the start network's training lr / 200 with "
-                                                    "BatchNorm, / 100 without).")] = None,
+                                                    "BatchNorm, / 100 without, 0.05 if it records none).")] = None,
     wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's, as recorded in "
-                                                "its config).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed for data order and augmentation.")] = 0,
+                                                "its config, else 5e-4).")] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; >= 2 for BatchNorm networks).")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for data order and augmentation; a whole number in [0, 2^32).")] = 0,
     swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
                                                 "as a model checkpoint here.")] = None,
     bn_batches: BnBatchesOpt = None,

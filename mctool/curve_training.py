@@ -27,8 +27,8 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, adopt_recorded, fit, prepare_outputs, recorded_augment, recorded_lr, recorded_wd,
-                   remove_state, state_path, train_mode, validate_sgd)
+from .loop import (GradSum, adopt_recorded, finishing, fit, old_run_remover, prepare_outputs, recorded_augment,
+                   recorded_lr, recorded_wd, remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -386,12 +386,14 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
 
     t_run = time.time()
     fit(step, model=model, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
-        evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})")
-    curve.points = step.points()
-    save_curve(output, curve, asdict(cfg), extra_meta=align_meta)
-    log.attrs["finished"] = utc_now()
-    log.flush()
-    remove_state(output)
+        evaluate=dict, quiet=quiet, desc=f"connect ({cfg.curve})",
+        old_run=old_run_remover(output, [start, end], force=force, resume_state=resume_state))
+    with finishing(output, cfg.epochs):  # Ctrl-C from here on: resume to finish
+        curve.points = step.points()
+        save_curve(output, curve, asdict(cfg), extra_meta=align_meta)
+        log.attrs["finished"] = utc_now()
+        log.flush()
+        remove_state(output)
     last = log.rows[-1]
     return ConnectResult(command="connect", inputs=file_refs(line.meta.inputs),
                          outputs={"curve": FileRef.of(output), "metrics": FileRef.of(metrics)}, split=cfg.split,

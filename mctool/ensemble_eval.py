@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
@@ -24,7 +23,7 @@ from .curves import load_curve
 from .data import check_fits, load_data
 from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
 from .errors import ConfigError
-from .evaluation import l2_term, predict_logits, summarize
+from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import provenance, write_h5
@@ -76,8 +75,8 @@ def load_members(paths: list[str], num_points: int | None = None, **plain: Any) 
 def fit_temperature(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
     """One temperature T for all members minimising the NLL of mean_m softmax(z_m / T) (golden-section on log T)."""
     def loss(log_t: float) -> float:
-        p = torch.stack([F.softmax(z / math.exp(log_t), 1) for z in logits]).mean(0)
-        return float(-p.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+        p = torch.stack([probabilities(z / math.exp(log_t), 1) for z in logits]).mean(0)
+        return nll(p, labels)
 
     lo, hi = math.log(0.05), math.log(20.0)
     g = (math.sqrt(5) - 1) / 2
@@ -226,7 +225,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                         pass_held.append(hz)
             for k, (member, model) in enumerate(zip(chunk, models)):
                 logits = pass_logits[k]
-                probs = F.softmax(logits, 1)
+                probs = probabilities(logits, 1)
                 m = summarize(probs, labels)
                 m["loss"] = m["nll"] + l2_term(model, float(member.meta.config.get("wd", 0.0)))
                 rows.append({"label": member.label, "path": member.source, "sha256": member.sha256, **m})
@@ -248,7 +247,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                             models=[MemberMetrics(r["label"], r["path"], r["sha256"], Metrics.of(r)) for r in rows])
     if temperature_scale:
         temp = fit_temperature(held_logits, held_labels)
-        cal = torch.stack([F.softmax(z / temp, 1) for z in eval_logits]).mean(0)
+        cal = torch.stack([probabilities(z / temp, 1) for z in eval_logits]).mean(0)
         result.metrics["calibrated"] = Metrics.of(summarize(cal, labels))
         warning = None
         if any(m.meta.config.get("split") != "val" for m in members):

@@ -87,27 +87,48 @@ def _predict_dealt(model: nn.Module, split: Split, batch_size: int, device: torc
     return logits, labels
 
 
+#: Every NLL is computed with the true label's probability clamped at this: one image adds at most
+#: -log(1e-12) = 27.6 to a sum of NLLs.
+MIN_PROB = 1e-12
+
+
+def probabilities(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax of ``logits`` along ``dim``, in float32. An image whose logits are not all finite (an overflow,
+    e.g. far from trained weights) gets all-zero probabilities: no prediction, so ``error`` counts it wrong and
+    ``nll`` gives it the largest NLL, -log(MIN_PROB); in an ensemble's mean it adds nothing. So a computed
+    metric is never NaN, and NaN in a metrics file always means "not computed yet" (docs/method.md)."""
+    probs = F.softmax(logits.float(), dim=dim)
+    bad = ~torch.isfinite(logits).all(dim, keepdim=True)
+    return probs.masked_fill(bad, 0.0)
+
+
 def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax outputs ``[N, C]`` (float32) and labels ``[N]``; options as ``predict_logits``."""
+    """Probabilities ``[N, C]`` (float32, ``probabilities``) and labels ``[N]``; options as ``predict_logits``."""
     logits, labels = predict_logits(model, split, **kwargs)
-    return F.softmax(logits, dim=-1), labels
+    return probabilities(logits), labels
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the true labels (probabilities clamped at 1e-12)."""
-    return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+    """Mean negative log-likelihood of the true labels (probabilities clamped at ``MIN_PROB``)."""
+    return float(-probs.gather(1, labels[:, None]).clamp_min(MIN_PROB).log().mean())
+
+
+def _wrong(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 confidence and whether it is wrong; a row of zeros (no prediction, ``probabilities``) is wrong."""
+    conf, pred = probs.max(1)
+    return conf, (pred != labels) | (conf <= 0)
 
 
 def error(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of wrong top-1 predictions, in [0, 1]."""
-    return float((probs.argmax(1) != labels).float().mean())
+    """Fraction of wrong top-1 predictions, in [0, 1] (an image with no prediction is wrong)."""
+    return float(_wrong(probs, labels)[1].float().mean())
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
-    conf, pred = probs.max(1)
-    correct = (pred == labels).float()
-    # Bins are (lo, hi]; confidence 0 can't happen with a softmax over >= 2 classes.
+    conf, wrong = _wrong(probs, labels)
+    correct = (~wrong).float()
+    # Bins are (lo, hi]; confidence 0 (no prediction) goes to the first bin.
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     conf_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, conf)
     acc_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, correct)

@@ -29,8 +29,8 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, recorded_augment, recorded_lr, recorded_wd,
-                   set_momentum, sgd_step, remove_state, state_path, validate_sgd)
+from .loop import (adopt_recorded, finishing, fit, get_momentum, old_run_remover, prepare_outputs, recorded_augment,
+                   recorded_lr, recorded_wd, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
 
 
 @dataclass
@@ -223,39 +223,41 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     fit(sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs), model=model, cfg=cfg, data=data, log=log,
         start_epoch=start_epoch, output=output, save_state=save_state, evaluate=shown, quiet=quiet,
         desc=f"fge (cycles of {cycle} it)", after_step=after_step,
-        lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min))
-    final = bool(snaps.pending) + 2 * bool(cfg.swa)  # after the epochs' bars: the last snapshots', SWA's passes
-    with progress_bar(quiet or not final) as bar:
-        task = bar.add_task("fge: final evaluations", total=final, info="")
-        if snaps.pending:
-            snaps.flush()
-            log.flush()
-            bar.advance(task)
-        swa_metrics = None
+        lr_fn=lambda epoch, i, n: fge_lr(epoch * n + i, cycle, cfg.lr_max, cfg.lr_min),
+        old_run=old_run_remover(output, [start], force=force, resume_state=resume_state))
+    with finishing(output, cfg.epochs):  # Ctrl-C from here on: resume to finish
+        final = bool(snaps.pending) + 2 * bool(cfg.swa)  # after the epochs' bars: the last snapshots', SWA's passes
+        with progress_bar(quiet or not final) as bar:
+            task = bar.add_task("fge: final evaluations", total=final, info="")
+            if snaps.pending:
+                snaps.flush()
+                log.flush()
+                bar.advance(task)
+            swa_metrics = None
+            if cfg.swa:
+                swa_model = snaps.eval_model
+                snaps.layout.assign(swa_model, snaps.average().to(dev))
+                recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True)
+                bar.advance(task)
+                swa_metrics = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision,
+                                                                  sharded=True)))
+                bar.advance(task)
+        save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
+        last = log.rows[-1]
+        result = FGEResult(command="fge", inputs=file_refs(inputs), split=split, members=len(snaps.rows),
+                           cycle_iters=cycle, config=asdict(cfg),
+                           metrics={"train": Metrics(loss=last["train/loss"], err=last["train/err"]),
+                                    "eval": Metrics.of(rows_summary(snaps.rows)), "start": Metrics.of(start_metrics),
+                                    "last_member": Metrics.of(snaps.rows[-1], "member_"), "swa": None})
         if cfg.swa:
-            swa_model = snaps.eval_model
-            snaps.layout.assign(swa_model, snaps.average().to(dev))
-            recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True)
-            bar.advance(task)
-            swa_metrics = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision,
-                                                              sharded=True)))
-            bar.advance(task)
-    save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
-    last = log.rows[-1]
-    result = FGEResult(command="fge", inputs=file_refs(inputs), split=split, members=len(snaps.rows),
-                       cycle_iters=cycle, config=asdict(cfg),
-                       metrics={"train": Metrics(loss=last["train/loss"], err=last["train/err"]),
-                                "eval": Metrics.of(rows_summary(snaps.rows)), "start": Metrics.of(start_metrics),
-                                "last_member": Metrics.of(snaps.rows[-1], "member_"), "swa": None})
-    if cfg.swa:
-        result.metrics["swa"] = swa_metrics
-        swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
-                                "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
-        save_model(cfg.swa, swa_model.cpu(), swa_meta)
-    log.attrs["finished"] = utc_now()
-    log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
-    log.flush()
-    remove_state(output)
+            result.metrics["swa"] = swa_metrics
+            swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
+                                    "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
+            save_model(cfg.swa, swa_model.cpu(), swa_meta)
+        log.attrs["finished"] = utc_now()
+        log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
+        log.flush()
+        remove_state(output)
     result.outputs = {"ensemble": FileRef.of(output), "metrics": FileRef.of(metrics),
                       "swa": FileRef.of(cfg.swa) if cfg.swa else None}
     result.seconds = time.time() - t_run

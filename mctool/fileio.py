@@ -35,6 +35,8 @@ _WRITING: set[str] = set()
 # The locks taken inside the innermost ``holds_output_locks`` call: real path -> function releasing it.
 _LOCKS: contextvars.ContextVar[dict[str, Callable[[], None]] | None] = contextvars.ContextVar("mctool_locks",
                                                                                             default=None)
+# The folders ``check_output`` created inside the innermost ``holds_output_locks`` call, deepest first per output.
+_CREATED: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("mctool_created", default=None)
 
 
 def writes_files() -> bool:
@@ -69,8 +71,12 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     if path.exists() and not force:
         raise OutputError(f"{what} '{path}' already exists; pass --force to overwrite it.")
     folder = path.parent if str(path.parent) else Path(".")
+    missing = [f for f in (folder, *folder.parents) if not os.path.lexists(f)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        created = _CREATED.get()
+        if created is not None:
+            created.extend(missing)
         fd, probe = tempfile.mkstemp(prefix=".mctool-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
@@ -90,20 +96,23 @@ def _identity(path: Path) -> tuple[int, int] | str:
 
 
 def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike | None] = (), *,
-                  force: bool = False, derived: Mapping[str, PathLike] | None = None) -> dict[str, Path]:
+                  force: bool = False, derived: Mapping[str, PathLike] | None = None,
+                  locked: Mapping[str, PathLike] | None = None) -> dict[str, Path]:
     """Check all outputs of one command before any work; returns them as paths (``None`` entries dropped).
 
     ``outputs`` maps a description (usually the option, e.g. ``--metrics``) to a file the command writes;
     ``derived`` maps descriptions to files written alongside them (a training state, --save-every
-    checkpoints). Refused, whatever ``force``: two of these that are one file (symlinks and hard links
-    included), and any of them that is one of ``inputs``. Then each output must be new unless ``force``
-    (see ``check_output``) and not being written by another mctool run. Inside a ``holds_output_locks``
-    call the outputs stay locked until it returns, and temporary files a killed run left for any of these
-    files are removed.
+    checkpoints); ``locked`` those of them that are also locked like outputs (a training state, which runs
+    with ``-o x`` and ``-o x.safetensors`` share). Refused, whatever ``force``: two of these that are one file
+    (symlinks and hard links included), and any of them that is one of ``inputs``. Then each output must be
+    new unless ``force`` (see ``check_output``) and not being written by another mctool run. Inside a
+    ``holds_output_locks`` call the outputs (and ``locked``) stay locked until it returns, and temporary
+    files a killed run left for any of these files are removed.
     """
     sources = {_identity(Path(p)) for p in inputs if p is not None}
     named = {what: Path(p) for what, p in outputs.items() if p is not None}
-    every = [*named.items(), *((what, Path(p)) for what, p in (derived or {}).items())]
+    extra = {**(derived or {}), **(locked or {})}
+    every = [*named.items(), *((what, Path(p)) for what, p in extra.items())]
     seen: dict[tuple[int, int] | str, str] = {}
     for what, path in every:
         key = _identity(path)
@@ -117,25 +126,36 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
         check_output(path, force, what)
     locks = _LOCKS.get()
     if locks is not None and fcntl is not None and writes_files():
-        for path in sorted({os.path.realpath(p) for p in named.values()} - set(locks)):
+        to_lock = {os.path.realpath(p) for p in [*named.values(), *(locked or {}).values()]}
+        for path in sorted(to_lock - set(locks)):
             locks[path] = _lock(Path(path))
         _remove_stale_temporaries([path for _, path in every])
     return named
 
 
 def holds_output_locks(fn: _F) -> _F:
-    """Keep the outputs that ``check_outputs`` locked during a call of ``fn`` locked until it returns or raises."""
+    """Keep the outputs that ``check_outputs`` locked during a call of ``fn`` locked until it returns or raises;
+    if it raises, also remove the folders ``check_output`` created for its outputs that are still empty."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         locks: dict[str, Callable[[], None]] = {}
-        token = _LOCKS.set(locks)
+        created: list[Path] = []
+        token, created_token = _LOCKS.set(locks), _CREATED.set(created)
+        done = False
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            done = True
+            return result
         finally:
             _LOCKS.reset(token)
+            _CREATED.reset(created_token)
             for release in reversed(locks.values()):
                 release()
+            if not done:
+                for folder in created:  # deepest first; a folder holding anything stays
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
 
     return wrapper  # type: ignore[return-value]
 

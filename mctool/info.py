@@ -46,7 +46,7 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
                                      "max": None, "last": None}  # the rest for non-empty float arrays
             if arr.dtype.kind == "f" and arr.size:
                 finite = arr[np.isfinite(arr)]
-                entry["nan"] = int(arr.size - finite.size)
+                entry["nan"] = int(np.isnan(arr).sum())  # not computed yet; infinities are values
                 if finite.size:
                     entry.update(min=float(finite.min()), max=float(finite.max()),
                                  last=float(arr.reshape(-1)[-1]) if np.isfinite(arr.reshape(-1)[-1]) else None)

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +133,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     config fields of older versions to their current names, so that their interrupted runs still resume.
 
     The output, the metrics file, ``more_outputs``, the training state and the --save-every checkpoints
-    must all be different files and none of ``inputs``. A new run with ``force`` first removes what an
-    earlier run of the same output left behind (its training state and --save-every checkpoints).
+    must all be different files and none of ``inputs``. What an earlier run of the same output left behind
+    (its training state and --save-every checkpoints) is removed by ``fit`` once every check has passed, on a
+    new run with ``force`` (``old_run_remover``): a run refused by a later check leaves those files alone.
     """
     state_file = state_path(output)
     every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
@@ -142,7 +143,7 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                  for e in (range(every, epochs, every) if every else ())}
     # force=True: only name clashes and locks here; whether existing files may be replaced depends on resume.
     check_outputs({"--output": output, "--metrics": metrics, **(more_outputs or {})}, inputs, force=True,
-                  derived={"the training state of --output": state_file, **snapshots})
+                  derived=snapshots, locked={"the training state of --output": state_file})
     if resume:
         if not state_file.exists():
             hint = " The run already finished." if output.exists() else ""
@@ -172,13 +173,22 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     for what, path in {**(more_outputs or {}), **snapshots}.items():
         if path is not None:
             check_output(path, force, what)
-    if force and writes_files():
-        _remove_old_run(output, inputs)
     return None
 
 
-def _remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> None:
+def old_run_remover(output: Path, inputs: list[str | Path | None] | tuple, *, force: bool,
+                    resume_state: Any) -> Callable[[], None] | None:
+    """For ``fit(old_run=...)``: on a new run with ``force``, the function deleting what an earlier run of
+    ``output`` left (see ``prepare_outputs``); otherwise None."""
+    if not force or resume_state is not None:
+        return None
+    return lambda: remove_old_run(output, inputs)
+
+
+def remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> None:
     """Delete the training state and --save-every checkpoints an earlier run of ``output`` left (not inputs)."""
+    if not writes_files():
+        return
     pattern = re.compile(rf"{re.escape(output_stem(output))}(\.state|-epoch\d{{3,}})\.safetensors")
     folder = output.parent if str(output.parent) else Path(".")
     keep = [Path(p) for p in inputs if p is not None and Path(p).exists()]
@@ -288,18 +298,22 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
         data: Data, log: MetricsLog, start_epoch: int, output: Path,
         save_state: Callable[[int, Path, str], None], evaluate: Callable[[], dict[str, float]],
         quiet: bool, desc: str, lr_fn: Callable[[int, int, int], float] | None = None,
-        after_step: Callable[[int, int], None] | None = None) -> None:
+        after_step: Callable[[int, int], None] | None = None,
+        old_run: Callable[[], None] | None = None) -> None:
     """The epoch loop shared by ``train``, ``connect`` and ``fge``.
 
     ``step(x, y, lr)`` does one optimisation step of ``model`` and returns the (detached) mean loss and logits;
     ``lr_fn(epoch, i, iters_per_epoch)`` gives its learning rate (default: ``cfg.schedule``) and
     ``after_step(epoch, i)`` runs after it (e.g. to take a snapshot). After each epoch: ``evaluate()``,
-    a metrics row, the resumable state, then the metrics file.
+    a metrics row, the resumable state, then the metrics file. ``old_run`` (``old_run_remover``) runs once
+    the last check has passed, before the first epoch.
     ``cfg`` needs epochs, lr, schedule, seed, batch_size and save_every.
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     d = distributed.current()
     check_batches(len(data.train), cfg.batch_size, model)
+    if old_run is not None:
+        old_run()
     state_file = state_path(output)
     metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
     saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)
@@ -369,6 +383,21 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                               "Run the same command again to start over.") from None
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
+
+
+@contextlib.contextmanager
+def finishing(output: Path, epochs: int) -> Iterator[None]:
+    """Around what ``train``, ``connect`` and ``fge`` do after ``fit``'s last epoch (final evaluations, the
+    outputs): Ctrl-C there keeps the training state of all epochs, and the error says how to finish."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        state = state_path(output)
+        if not state.exists() or not writes_files():
+            raise
+        raise Interrupted(f"interrupted after the last epoch, while finishing; all {epochs} epochs are saved in "
+                          f"'{state}'. Finish with the same command plus --resume (no epoch is trained "
+                          "again).") from None
 
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:

@@ -166,13 +166,15 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
                    batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
                    channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
-                   compile: bool = False) -> None:
+                   compile: bool = False, on_start: Callable[[], None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
     is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
     torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
     number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
-    when its pass is done. The grid runner of ``plane`` and ``surface``."""
+    when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
+    first pass (the caller writes its first files there: a refused run writes none). The grid runner of
+    ``plane`` and ``surface``."""
     dev = resolve_device(device)
     data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
                      channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
@@ -185,6 +187,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     many = ManyEvaluator(model, base.layout, data, points_per_pass=points_per_pass, wd=wd, batch_size=batch_size,
                          bn_batches=bn_batches, precision=precision, train_split=train_split,
                          channels_last=channels_last, compile=compile)
+    if on_start is not None:
+        on_start()
 
     def measure(cells: list) -> list[dict[str, float]]:
         return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]))
@@ -232,9 +236,10 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         raise ConfigError(f"give four margins (left, right, bottom, top), got {len(margins)}.")
     for side, value in zip(("left", "right", "bottom", "top"), margins):
         check_real(f"--margin-{side} (or --margin)", value, 0)
-    for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset), ("--batch-size", batch_size),
-                       ("--bend", bend)):
+    for opt, value in (("--bn-batches", bn_batches), ("--batch-size", batch_size), ("--bend", bend)):
         check_count(opt, value)
+    check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
+    train_subset = train_subset or None
     check_real("--wd", wd, 0)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs = _points(paths, bend)
@@ -314,12 +319,11 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         write()
 
     if todo:
-        write()
         evaluate_cells(base, todo, weights_of, store, label="plane", total=len(mine), metrics=metrics,
                        source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile)
+                       points_per_pass=points_per_pass, compile=compile, on_start=write)
     summary = plane_summary(grid, at_points)
     write(summary)
     result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),

@@ -230,8 +230,9 @@ def _stored_directions(vec_path: Path, layout: ParamLayout, dims: int, inputs: d
 
 
 @holds_output_locks
-def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions: str | list[str] | None = "random",
-            trajectory: list[str] | None = None, ignore: tuple[str, ...] = IGNORABLE, seed: int = 0,
+def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
+            directions: str | list[str] | None = "random", trajectory: list[str] | None = None,
+            ignore: tuple[str, ...] = IGNORABLE, seed: int = 0,
             span: float | None = None, margin: float = 0.2, grid_points: int = 21, plot: str | Path | None = None,
             resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
             data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
@@ -244,7 +245,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
 
     ``directions``: ``"random"`` (Gaussian, filter-normalised, ``ignore`` zeroed, ``seed``), ``"pca"`` (the
     principal directions of the checkpoints ``trajectory`` relative to the network), or a list of model
-    checkpoints (direction i is file i's weights minus the network's; ``dims`` is then their number).
+    checkpoints (direction i is file i's weights minus the network's; ``dims``, if given, must be their
+    number). ``dims`` None: 2, or the number of direction files.
     ``span``: coefficients in [-span, span]; None chooses the range from the points of interest plus ``margin``
     times their extent (``grid_ranges``). ``shard=(I, N)`` evaluates only the points whose index in
     ``surface_tasks`` is I modulo N; ``mctool.merge`` combines the shard files."""
@@ -252,13 +254,15 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--dims", dims)
-    if dims > 2:
+    if dims is not None and dims > 2:
         raise ConfigError(f"--dims must be 1 or 2, got {dims}.")
     check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
     check_real("--range", span, 0, low_open=True)
     check_real("--margin", margin, 0, 10)
-    for opt, value in (("--bn-batches", bn_batches), ("--train-subset", train_subset), ("--batch-size", batch_size)):
+    for opt, value in (("--bn-batches", bn_batches), ("--batch-size", batch_size)):
         check_count(opt, value)
+    check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
+    train_subset = train_subset or None
     check_real("--wd", wd, 0)
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
@@ -266,7 +270,11 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
     check_seed(seed)
     method, files = _method(directions, trajectory)
     if method == "files":
+        if dims not in (None, len(files)):
+            raise ConfigError(f"--dims {dims} with {len(files)} direction file(s): each file is one direction; "
+                              f"leave --dims out (or give --dims {len(files)}).")
         dims = len(files)
+    dims = dims or 2
     metrics = Path(metrics)
     vec_path = directions_path(metrics)
     center = load_model(path)
@@ -300,7 +308,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
                  for n in names}
 
     vectors = _stored_directions(vec_path, layout, dims, inputs, vec_config) if resume else None
-    if vectors is None:
+    new_vectors = vectors is None
+    if new_vectors:
         if method == "random":
             vectors = random_directions(center.model, w, layout, dims, seed, tuple(ignore))
         elif method == "pca":
@@ -309,11 +318,15 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
             vectors = torch.stack([o - w for o in flat_others])
         if distributed.is_main():
             check_output(vec_path, force or resume, "directions file")
+
+    def save_directions() -> None:  # written with the first metrics file, once the data set has loaded
+        if new_vectors and distributed.is_main():
             save_checkpoint(vec_path, {"directions": vectors.contiguous()},
                             {"format": "pt", "kind": "surface-directions", "param_layout": layout.to_json(),
                              "inputs": json.dumps(inputs, sort_keys=True),
                              "config": json.dumps(vec_config, sort_keys=True), "mctool_version": __version__,
                              "command": "surface", "created": utc_now()})
+
     path_seen = project_trajectory(w, flat_others, vectors) if method == "pca" else None
     ranges = grid_ranges(method, dims, span, margin, path_seen.coords if path_seen else None)
     coords = [np.linspace(lo, hi, grid_points) for lo, hi in ranges]
@@ -359,12 +372,17 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int = 2, directions:
                     at_center[n][0] = m[n]
             write()
 
-        write()
+        def start() -> None:
+            save_directions()
+            write()
+
         evaluate_cells(base, todo, weights_of, store, label="surface", total=len(mine), metrics=metrics,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile)
+                       points_per_pass=points_per_pass, compile=compile, on_start=start)
+    else:
+        save_directions()
     summary = surface_summary(grid, at_center)
     write(summary)
     result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=surface_metrics(summary),

@@ -20,8 +20,8 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (adopt_recorded, fit, get_momentum, prepare_outputs, remove_state, set_momentum, sgd_step, state_path,
-                   validate_sgd)
+from .loop import (adopt_recorded, finishing, fit, get_momentum, old_run_remover, prepare_outputs, remove_state,
+                   set_momentum, sgd_step, state_path, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
@@ -196,14 +196,16 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     fit(step, model=model, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,
         evaluate=evaluate, quiet=quiet, desc="train",
         lr_fn=(lambda epoch, i, n: sse_lr(epoch * n + i, total, cfg.snapshots, cfg.lr)) if sse else None,
-        after_step=sse_snapshot if sse else None)
-    if snaps is not None:  # Snapshot Ensembles: the output is the ensemble of all snapshots
-        save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
-    else:
-        save_model(output, model, meta)
-    log.attrs["finished"] = utc_now()
-    log.flush()
-    remove_state(output)
+        after_step=sse_snapshot if sse else None,
+        old_run=old_run_remover(output, [cfg.init, cfg.pretrained_file], force=force, resume_state=resume_state))
+    with finishing(output, cfg.epochs):  # Ctrl-C from here on: resume to finish
+        if snaps is not None:  # Snapshot Ensembles: the output is the ensemble of all snapshots
+            save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
+        else:
+            save_model(output, model, meta)
+        log.attrs["finished"] = utc_now()
+        log.flush()
+        remove_state(output)
     last = log.rows[-1]
     final = (Metrics.of(rows_summary(snaps.rows)) if snaps else
              Metrics.of(last_eval or {"nll": last[f"{split}/nll"], "err": last[f"{split}/err"]}))

@@ -12,6 +12,7 @@ import torch
 from conftest import count_networks, ctrl_c_during_epoch
 from mctool import load_model
 from mctool.checkpoint import read_metadata
+from mctool.errors import ConfigError
 from mctool.curves import line_between, load_curve
 from mctool.data import load_data
 from mctool.flat import ParamLayout
@@ -61,9 +62,13 @@ def test_connect_align_ends_at_aligned_b(cli, tmp_path, digits_models, aligned):
     e = cli.json("evaluate-curve", out, "-m", tmp_path / "c.h5", "--num-points", "2", *CPU)
     s = cli.json("evaluate-curve", a, aligned, "-m", tmp_path / "s.h5", "--num-points", "2", *CPU)
     assert e["metrics"]["train"]["loss"]["end"] == pytest.approx(s["metrics"]["train"]["loss"]["end"], rel=1e-6)
-    # an unknown method
-    assert "--align must be one of weights, activations" in cli.error("connect", a, b, "--align", "bogus", "-o",
-                                                                      tmp_path / "x.safetensors", *CPU)
+    # an unknown method: the CLI's choices (a usage error), and the library's own check for Python callers
+    assert "'bogus' is not one of 'weights', 'activations'" in cli.error("connect", a, b, "--align", "bogus", "-o",
+                                                                         tmp_path / "x.safetensors", *CPU, code=2)
+    from mctool.curve_training import ConnectConfig
+
+    with pytest.raises(ConfigError, match="--align must be one of weights, activations"):
+        ConnectConfig(align="bogus").validate()
 
 
 def test_connect_align_activations_ends_at_align_activations_output(cli, tmp_path, digits_models):

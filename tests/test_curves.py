@@ -10,7 +10,7 @@ import torch
 from conftest import count_networks, ctrl_c_during_epoch
 from mctool.bn import pass_batches, recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
-from mctool.curve_training import CurveStep
+from mctool.curve_training import ConnectConfig, CurveStep
 from mctool.curves import Curve, coefficients, load_curve
 from mctool.data import load_data
 from mctool.errors import CheckpointError, ConfigError
@@ -247,7 +247,11 @@ def test_curve_states_are_usable_and_sse_is_refused(cli, tmp_path, digits_models
     snap = tmp_path / "c-epoch001.safetensors"
     assert read_metadata(snap)["kind"] == "curve-state"
     cli("point", snap, "--t", "0.5", "-o", tmp_path / "p.safetensors", "-q", *CPU)  # a snapshot is a curve too
-    assert "for train" in cli.error("connect", *digits_models, "-o", tmp_path / "d.safetensors", "--schedule", "sse")
+    # sse makes an ensemble: not a choice of connect (a usage error), and refused to Python callers
+    assert "'sse' is not one of 'paper', 'cosine', 'constant'" in cli.error(
+        "connect", *digits_models, "-o", tmp_path / "d.safetensors", "--schedule", "sse", code=2)
+    with pytest.raises(ConfigError, match="for train"):
+        ConnectConfig(schedule="sse").validate()
 
 
 def _curve_steps(channels_last: bool):

@@ -1,9 +1,12 @@
 """`mctool evaluate` and `mctool info`."""
 
 import json
+import os
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -97,6 +100,21 @@ def test_info_checkpoint_and_metrics(cli, digits_models):
     human = cli("info", h5)
     assert "test/err" in human.stderr
     assert "does not exist" in cli.error("info", h5.with_name("nope.h5"))
+
+
+def test_info_counts_nan_apart_from_infinities_and_pipes_are_refused(cli, tmp_path):
+    """``nan`` counts values not computed yet; an infinity is a value (kept out of min/max)."""
+    h5 = tmp_path / "m.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.array([1.0, np.nan, np.inf, -np.inf, 2.0])
+    entry = cli.json("info", h5)["datasets"]["x"]
+    assert entry["nan"] == 1 and entry["min"] == 1.0 and entry["max"] == 2.0 and entry["last"] == 2.0
+    pipe = tmp_path / "p.safetensors"
+    os.mkfifo(pipe)
+    for command in (["info", pipe], ["evaluate", pipe, "--device", "cpu"]):  # a process: a hang fails, not waits
+        run = subprocess.run([sys.executable, "-m", "mctool", *map(str, command)], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 1 and run.stderr.startswith("Error:") and "file" in run.stderr, run.stderr
 
 
 def test_python_dash_m_and_version():

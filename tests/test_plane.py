@@ -169,6 +169,12 @@ def test_train_subset_is_used(tmp_path, bezier):
     # train error on 50 images moves in steps of 1/50
     errs = np.array(r.metrics["train"].err.at_points) * 50  # the library returns typed results
     assert np.allclose(errs, np.round(errs), atol=1e-4)
+    # 0 means all training images, as for hessian: the same run as without the option (its config records None)
+    every = plane_module.plane([str(bezier)], tmp_path / "a.h5", grid_points=2, train_subset=0, device="cpu",
+                               quiet=True)
+    plain = plane_module.plane([str(bezier)], tmp_path / "b.h5", grid_points=2, device="cpu", quiet=True)
+    assert every.metrics["train"].err.at_points == plain.metrics["train"].err.at_points
+    assert read_h5(tmp_path / "a.h5")[1]["config"] == read_h5(tmp_path / "b.h5")[1]["config"]
 
 
 def test_the_grid_holds_every_point_of_interest():

@@ -20,7 +20,7 @@ import mctool.checkpoint
 import mctool.curve_eval
 import mctool.fileio
 import mctool.h5io
-from conftest import ctrl_c_during_epoch
+from conftest import count_networks, ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, save_model
 from mctool.curve_training import ConnectConfig
@@ -187,6 +187,8 @@ BAD_OPTIONS = {
     "train --lr 1e308": (lambda f: ["train", *TINY, "--lr", "1e308"], "--lr must be at most 1e6"),
     "train --seed 2**64": (lambda f: ["train", *TINY, "--seed", str(2**64)],
                            "--seed must be a whole number in [0, 2^32)"),
+    "align --seed 10**23": (lambda f: ["align", f["m0"], f["m1"], "-o", "b.safetensors", "--seed", str(10**23)],
+                            "--seed must be a whole number in [0, 2^63)"),  # was a traceback
     "train --num-workers -1": (lambda f: ["train", *TINY, "--num-workers", "-1"], "--num-workers must be >= 0"),
     "hessian --train-subset -1": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--train-subset", "-1"],
                                   "--train-subset must be >= 0"),
@@ -232,7 +234,7 @@ def test_plane_and_curve_functions_check_their_numbers(files, tmp_path):
     with pytest.raises(ConfigError, match="--margin-bottom"):
         plane(paths, tmp_path / "p.h5", margins=(0.2, 0.2, math.nan, 0.2))
     with pytest.raises(ConfigError, match="--train-subset"):
-        plane(paths, tmp_path / "p.h5", train_subset=0)
+        plane(paths, tmp_path / "p.h5", train_subset=-1)
     with pytest.raises(ConfigError, match="--batch-size"):
         mctool.curve_eval.export_point(files["line"], 0.5, tmp_path / "x.safetensors", batch_size=0)
     with pytest.raises(ConfigError, match="--num-points"):
@@ -282,6 +284,35 @@ def _ctrl_c_on_call(monkeypatch, module, n: int):
 
     monkeypatch.setattr(module, "evaluate_weights", interrupted)
     return lambda: monkeypatch.setattr(module, "evaluate_weights", real)
+
+
+def test_a_network_whose_logits_overflow_is_measured_not_left_nan(cli, tmp_path, files, monkeypatch):
+    """Logits that overflow to infinity give an image no prediction (wrong, largest NLL): the point has
+    numbers, not NaN, so --resume has nothing left to compute and the shards of such a run merge."""
+    loaded = load_model(files["m0"])
+    with torch.no_grad():
+        last = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][-1]
+        last.weight.mul_(1e38)  # finite weights, but the logits overflow float32
+    big = tmp_path / "big.safetensors"
+    save_model(big, loaded.model, loaded.meta)
+    m = tmp_path / "e.h5"
+    run = cli("evaluate-curve", big, files["m1"], "-m", m, "--num-points", "3", "-q", "--device", "cpu")
+    assert "Warning" not in run.stderr  # the 3 points still go in one pass (the wide network's check copes)
+    values, _ = read_h5(m)
+    for name in ("train/nll", "train/err", "test/nll", "test/err"):
+        assert np.isfinite(values[name]).all(), name
+    assert values["train/loss"][0] == np.inf  # the L2 term of weights of 1e38 overflows: a value, not NaN
+    assert values["test/err"][0] > 0.5 and values["test/nll"][0] > 10  # most images: wrong, NLL -log(1e-12)
+    calls = count_networks(monkeypatch)
+    cli("evaluate-curve", big, files["m1"], "-m", m, "--num-points", "3", "--resume", "-q", "--device", "cpu")
+    assert calls == []
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, shard in enumerate(shards):
+        cli("evaluate-curve", big, files["m1"], "-m", shard, "--num-points", "3", "--shard", f"{i}/2", "-q",
+            "--device", "cpu")
+    merged = tmp_path / "merged.h5"
+    cli("merge", *shards, "-o", merged, "-q")
+    assert read_h5(merged)[0]["test/nll"] == pytest.approx(values["test/nll"], rel=1e-6)
 
 
 def test_ctrl_c_in_evaluate_curve_keeps_the_points_and_says_how_to_resume(cli, tmp_path, files, monkeypatch):
@@ -434,6 +465,21 @@ def test_a_second_run_on_a_locked_output_is_refused(cli, tmp_path, files):
     assert out.exists() and not tmp.exists() and not lock_path(out).exists()
 
 
+def test_runs_sharing_a_training_state_cannot_run_together(cli, tmp_path):
+    """``-o x`` and ``-o x.safetensors`` are two outputs with one training state, x.state.safetensors: it is
+    locked too, so the second run is refused instead of mixing its epochs into the first one's state."""
+    state = tmp_path / "x.state.safetensors"
+    fd = os.open(lock_path(state), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = cli.error("train", *TINY, "-o", tmp_path / "x", "-m", tmp_path / "x.h5", "--epochs", "1")
+        assert f"another mctool run is writing '{state}'" in err
+    finally:
+        os.close(fd)
+    cli("train", *TINY, "-o", tmp_path / "x", "-m", tmp_path / "x.h5", "--epochs", "1", "-q")
+    assert not lock_path(state).exists() and not state.exists()
+
+
 def test_locks_are_held_for_the_whole_call_and_released_on_errors(tmp_path):
     out = tmp_path / "x.h5"
 
@@ -527,6 +573,38 @@ def test_fge_interrupted_after_its_first_snapshot_says_what_to_run(cli, tmp_path
     assert out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "connect", "fge"])
+def test_ctrl_c_after_the_last_epoch_says_how_to_finish(cli, tmp_path, files, monkeypatch, command):
+    """Ctrl-C while a run writes its outputs after the last epoch keeps the state of every epoch; the message
+    says to resume, and the resumed run, training nothing again, writes what an uninterrupted run writes."""
+    module = importlib.import_module({"train": "mctool.training", "connect": "mctool.curve_training",
+                                      "fge": "mctool.fge"}[command])
+    writer = {"train": "save_model", "connect": "save_curve", "fge": "save_ensemble"}[command]
+    args = {"train": ["train", *TINY], "connect": ["connect", files["m0"], files["m1"], "--device", "cpu"],
+            "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command]
+    args += ["--epochs", "2", "-q"]
+    whole = tmp_path / "whole.safetensors"
+    cli(*args, "-o", whole)
+    out = tmp_path / "m.safetensors"
+    real = getattr(module, writer)
+
+    def stop(path, *a, **k):
+        if Path(path) == out:  # the output itself, not a training state
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(module, writer, stop)
+    err = cli.error(*args, "-o", out, code=130)
+    assert "interrupted after the last epoch" in err and "all 2 epochs are saved" in err and "--resume" in err
+    monkeypatch.setattr(module, writer, real)
+    steps = []
+    monkeypatch.setattr(module, "fit", lambda *a, fit=module.fit, **k: steps.append(k["start_epoch"]) or fit(*a, **k))
+    cli(*args, "-o", out, "--resume")
+    assert steps == [2] and not (tmp_path / "m.state.safetensors").exists()
+    got, want = read_checkpoint(out)[0], read_checkpoint(whole)[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
 def test_force_removes_the_old_state_so_the_next_interrupt_message_is_true(cli, tmp_path, monkeypatch):
     out = tmp_path / "m.safetensors"
     state = tmp_path / "m.state.safetensors"
@@ -556,6 +634,60 @@ def test_force_removes_stale_snapshots_of_the_run_but_not_inputs(cli, tmp_path, 
     assert not any(p.exists() for p in stale)
     assert init.exists() and other.exists() and out.exists()
     assert read_checkpoint(out)[1]["kind"] == "model"
+
+
+@pytest.mark.parametrize("command", ["train", "connect", "fge"])
+def test_force_keeps_the_old_run_when_a_later_check_refuses_the_new_one(cli, tmp_path, digits_models, command):
+    """--force removes an earlier run's state and --save-every checkpoints only once the new run has passed
+    every check: here the data set fails to load, after the outputs were checked."""
+    out = tmp_path / "m.safetensors"
+    old = [tmp_path / "m.state.safetensors", tmp_path / "m-epoch002.safetensors"]
+    for p in old:
+        p.write_bytes(b"old run")
+    bad_data = "synthetic:size=5,channels=1,classes=10,train=20,test=10"  # not 8x8 digits
+    args = {"train": ["train", *TINY],
+            "connect": ["connect", *digits_models, "--curve", "bezier", "--device", "cpu"],
+            "fge": ["fge", digits_models[0], "--device", "cpu"]}[command]
+    if command == "train":
+        args[2] = "nosuch"
+    else:
+        args += ["--dataset", bad_data]
+    err = cli.error(*args, "-o", out, "--epochs", "2", "--force", "-q")
+    assert err.startswith("Error:")
+    assert all(p.read_bytes() == b"old run" for p in old) and not out.exists()
+
+
+BAD_DATA = "synthetic:size=5,channels=1,classes=10,train=20,test=10"  # not the digits' 8x8 images
+
+REFUSED_LATE = {  # each fails when its data set loads, after its outputs were checked (and folders made)
+    "train": lambda f, o: ["train", "-d", "nosuch", "-o", o / "m.safetensors", "--epochs", "1"],
+    "connect": lambda f, o: ["connect", f["m0"], f["m1"], "-o", o / "c.safetensors", "--epochs", "1",
+                             "--dataset", BAD_DATA],
+    "fge": lambda f, o: ["fge", f["m0"], "-o", o / "e.safetensors", "--epochs", "1", "--dataset", BAD_DATA],
+    "evaluate-curve": lambda f, o: ["evaluate-curve", f["line"], "-m", o / "e.h5", "--num-points", "2",
+                                    "--dataset", BAD_DATA, "--plot", o / "e.png"],
+    "plane": lambda f, o: ["plane", f["m0"], f["m1"], f["m2"], "-m", o / "p.h5", "--grid-points", "2",
+                           "--dataset", BAD_DATA],
+    "surface": lambda f, o: ["surface", f["m0"], "-m", o / "s.h5", "--grid-points", "2", "--dataset", BAD_DATA],
+    "evaluate": lambda f, o: ["evaluate", f["m0"], f["m1"], "-m", o / "ev.h5", "--dataset", BAD_DATA],
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_LATE)
+def test_a_run_refused_after_its_output_checks_leaves_nothing(cli, tmp_path, files, name):
+    """A command that fails once its data set loads writes no file (no metrics file full of NaN, no directions
+    file) and removes the folders it created for its outputs."""
+    out = tmp_path / "new" / "deeper"
+    err = cli.error(*REFUSED_LATE[name](files, out), "-q", "--device", "cpu")
+    assert err.startswith("Error:") and "\n" not in err.strip()
+    assert list(tmp_path.iterdir()) == []
+    # an existing folder stays, and so do existing outputs: --force replaces them only with a finished result
+    out.mkdir(parents=True)
+    args = REFUSED_LATE[name](files, out)
+    target = Path(args[args.index("-o" if "-o" in args else "-m") + 1])
+    target.write_bytes(b"earlier result")
+    cli.error(*args, "-q", "--device", "cpu", "--force")
+    assert [p.name for p in out.iterdir()] == [target.name] and target.read_bytes() == b"earlier result"
 
 
 def test_stale_state_without_force_still_asks_for_resume_or_force(cli, tmp_path):

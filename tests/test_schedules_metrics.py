@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mctool.errors import ConfigError
-from mctool.evaluation import ece, error, nll
+from mctool.evaluation import MIN_PROB, brier, ece, error, nll, probabilities
 from mctool.schedules import cosine_factor, lr_at, paper_factor
 
 
@@ -43,3 +43,24 @@ def test_nll_error_ece_by_hand():
     assert ece(probs, labels) == pytest.approx(expected, rel=1e-5)
     # a perfectly calibrated, confident predictor has ECE 0 (confidences and accuracies are all exactly 1)
     assert ece(torch.eye(3), torch.arange(3)) == 0.0
+
+
+def test_an_image_with_overflowing_logits_has_no_prediction():
+    """Non-finite logits (overflow far from trained weights) give a row of zero probabilities: the image is
+    wrong, with NLL -log(MIN_PROB), whatever its label; the other images are unchanged. No metric is NaN."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[2.0, 0.0], [inf, 0.0], [nan, 1.0], [-inf, -inf], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    probs = probabilities(logits)
+    assert torch.equal(probs[1:4], torch.zeros(3, 2))
+    assert torch.equal(probs[[0, 4]], torch.softmax(logits[[0, 4]], 1))
+    assert error(probs, labels) == pytest.approx(3 / 5)  # 3 of 5 wrong: exact in float32 up to one rounding
+    good = -(math.log(probs[0, 0].item()) + math.log(probs[4, 1].item()))
+    # float32 logs of two probabilities and three terms of 27.6: within 1e-6 relative of the float64 sum
+    assert nll(probs, labels) == pytest.approx((good - 3 * math.log(MIN_PROB)) / 5, rel=1e-5)
+    for value in (ece(probs, labels), brier(probs, labels)):
+        assert math.isfinite(value)
+    # an ensemble's mean: a member with no prediction for an image adds nothing to it
+    other = probabilities(torch.tensor([[0.0, 1.0]] * 5))
+    mean = (probs + other) / 2
+    assert torch.equal(mean[1:4], other[1:4] / 2) and error(mean, labels) == pytest.approx(1 / 5)  # only image 1

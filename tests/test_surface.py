@@ -142,6 +142,9 @@ def test_errors(cli, tmp_path, digits_models):
     a, b = digits_models
     m = tmp_path / "s.h5"
     assert "--dims must be 1 or 2" in cli.error("surface", a, "-m", m, "--dims", "3", *CPU)
+    # one direction file is one direction: --dims 2 was silently ignored
+    assert "--dims 2 with 1 direction file(s)" in cli.error("surface", a, "-m", m, "--directions", b, "--dims", "2",
+                                                            *CPU)
     assert "--range must be" in cli.error("surface", a, "-m", m, "--range", "0", *CPU)
     assert "--range must be" in cli.error("surface", a, "-m", m, "--range", "inf", *CPU)
     assert "--grid-points must be >= 2" in cli.error("surface", a, "-m", m, "--grid-points", "1", *CPU)

@@ -437,8 +437,9 @@ def _interrupted(cli, tmp_path, monkeypatch, command: list) -> tuple[list, Path]
     return args, tmp_path / "run.state.safetensors"
 
 
-@pytest.mark.parametrize("field, value", [("epoch", "-1"), ("epoch", "two"), ("history", "{}"), ("history", "[1]"),
-                                          ("config", "[]"), ("config", '{"arch_kwargs": {}}'), ("snapshots", "[")])
+@pytest.mark.parametrize("field, value", [("epoch", "-1"), ("epoch", "two"), ("epoch", "3"), ("history", "{}"),
+                                          ("history", "[1]"), ("config", "[]"), ("config", '{"arch_kwargs": {}}'),
+                                          ("snapshots", "[")])
 def test_resume_checks_the_training_state(cli, tmp_path, monkeypatch, field, value):
     args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
     _rewrite(state, state, **{field: value})
