@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, sha256_file, writes_files
+from .fileio import atomic_path, did_you_mean, sha256_file, writes_files
 from .h5io import utc_now
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
@@ -246,7 +246,7 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
     """Explain what is wrong with a file before safetensors' own, terser, errors would; returns the header's
     tensors and metadata, every field checked (no tensor data is read)."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist.")
+        raise CheckpointError(f"checkpoint '{path}' does not exist.{did_you_mean(path)}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder, not a safetensors file.")
     if not path.is_file():  # reading a pipe or a device could wait forever or never end
@@ -430,7 +430,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     if "arch" in md:
         meta = ModelMeta.from_metadata(md, path)
         if meta.kind not in MODEL_KINDS:
-            raise CheckpointError(f"'{path}' holds a '{meta.kind}', not a single network (kind 'model').")
+            article = "an" if meta.kind[:1] in "aeiou" else "a"
+            raise CheckpointError(f"'{path}' holds {article} '{meta.kind}', not a single network (kind 'model').")
     else:
         if arch is None or num_classes is None:
             raise CheckpointError(f"'{path}' has no mctool metadata; pass --arch and --num-classes "

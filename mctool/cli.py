@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+import typer.core
 from rich.table import Table
 from rich.text import Text
 
@@ -30,8 +31,31 @@ from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, F
 from .runtime import PRECISIONS, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
+class _Group(typer.core.TyperGroup):
+    """Typer's command group, with clearer usage errors: option values worded as click words them (Typer checks
+    values with pydantic, whose messages start with "Value error, "), and a hint for the files an unquoted glob
+    pattern spills after an option that takes one value."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["mctool_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.exceptions.TyperException as e:
+            message = getattr(e, "message", None)
+            if isinstance(e, typer.BadParameter):
+                e.message = re.sub(r"^Value error, ", "", str(message))
+            elif (isinstance(message, str) and message.startswith("Got unexpected extra argument")
+                  and "--trajectory" in ctx.meta.get("mctool_args", ())):
+                e.message = (f"{message}. An option takes one value each time it is given; to pass a glob pattern "
+                             "(e.g. --trajectory 'run-epoch*.safetensors'), quote it so that mctool expands it.")
+            raise
+
+
 app = typer.Typer(
-    name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
     rich_markup_mode=None,  # plain help: flags without a "<bool>" value, usage errors as one "Error:" line
     help="Loss surfaces, mode connectivity and fast ensembling of neural networks (Garipov et al., 2018). "
          "Every command reads and writes safetensors checkpoints and HDF5 metrics files.",
@@ -774,7 +798,7 @@ def plane_cmd(
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
     grid_points: Annotated[int, typer.Option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
     margin: Annotated[float, typer.Option(help="Extra room on all four sides, as a fraction of the distances "
-                                          "between the points (>= 0).")] = 0.2,
+                                          "between the points (0 to 10).")] = 0.2,
     margin_left: Annotated[Optional[float], typer.Option(help="Override --margin on the left (before w0).")] = None,
     margin_right: Annotated[Optional[float], typer.Option(help="Override --margin on the right (after w2).")] = None,
     margin_bottom: Annotated[Optional[float], typer.Option(help="Override --margin below the w0-w2 line.")] = None,

@@ -151,8 +151,16 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     path = Path(path)
     tensors, md = read_checkpoint(path)
     if md.get("kind") not in kinds:
-        raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not a curve "
-                              "(write one with 'mctool connect').")
+        kind = md.get("kind", "plain safetensors")
+        if kind in ("model", "train-state"):
+            hint = ("a single network, not a curve (write a curve with 'mctool connect A B -o curve.safetensors'; "
+                    "evaluate-curve, plane and ensemble also take the checkpoints themselves)")
+        elif kind == "ensemble":
+            hint = ("an ensemble file, not a curve: 'mctool point FILE --index I' exports a member, and "
+                    "'mctool evaluate FILE' evaluates them")
+        else:
+            hint = f"a '{kind}' file, not a curve (write one with 'mctool connect')"
+        raise CheckpointError(f"'{path}' is {hint}.")
     meta = ModelMeta.from_metadata(md, path)
     missing = [k for k in ("curve", "num_bends", "param_layout") if k not in meta.extra]
     missing += [] if "control_points" in tensors else ["the tensor control_points"]

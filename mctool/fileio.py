@@ -54,6 +54,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def did_you_mean(path: str | os.PathLike) -> str:
+    """For a file that does not exist: " Did you mean ...?" naming up to 3 files of its folder with close names
+    and the same suffix (e.g. the --save-every checkpoints that exist), or ""."""
+    import difflib
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        stems = sorted(p.stem for p in folder.iterdir() if p.suffix == path.suffix and p.is_file())[:10_000]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.stem, stems, n=3, cutoff=0.7)  # names, not the shared suffix
+    return f" Did you mean {', '.join(repr(str(folder / (c + path.suffix))) for c in close)}?" if close else ""
+
+
 def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
     """Refuse an existing output unless ``force``; make sure its folder exists and is writable.
 
@@ -72,6 +87,9 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} '{path}' already exists; pass --force to overwrite it.")
     folder = path.parent if str(path.parent) else Path(".")
     missing = [f for f in (folder, *folder.parents) if not os.path.lexists(f)]
+    holder = next((f for f in (folder, *folder.parents) if os.path.lexists(f)), None)  # the deepest that exists
+    if holder is not None and not holder.is_dir():
+        raise OutputError(f"cannot write {what} '{path}': '{holder}' is a file, not a folder; give another path.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         created = _CREATED.get()

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import MetricsFileError
-from .fileio import atomic_path, writes_files
+from .fileio import atomic_path, did_you_mean, writes_files
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -85,7 +85,7 @@ def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
     """All datasets (by path) and the root attributes of an HDF5 file."""
     path = Path(path)
     if not path.is_file():
-        raise MetricsFileError(f"metrics file '{path}' does not exist.")
+        raise MetricsFileError(f"metrics file '{path}' does not exist.{did_you_mean(path)}")
     data: dict[str, np.ndarray] = {}
     try:
         with h5py.File(path, "r") as f:

@@ -341,7 +341,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                     wrong += (out.argmax(1) != y).sum()
                     seen += y.shape[0]
                     if (i + 1) % _NAN_CHECK_EVERY == 0 or i + 1 == n_iter:
-                        _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None)
+                        _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None,
+                                      (output, log.path))
                     if after_step is not None:
                         after_step(epoch, i)
                     bar.advance(it_task)
@@ -400,11 +401,15 @@ def finishing(output: Path, epochs: int) -> Iterator[None]:
                           "again).") from None
 
 
-def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None) -> None:
+def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None,
+                  outputs: tuple[Path, ...] = ()) -> None:
+    """Stop on a NaN or infinite loss; the message says what was kept, and asks for --force only if a file
+    (the state, or one of ``outputs``) is there to be replaced."""
     bad = ~torch.isfinite(weighted_losses)
     if bool(bad.any()):
         it = int(bad.nonzero()[0, 0])
         kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
                 else "no epoch had completed, so nothing was saved")
+        force = " (and --force)" if good_state or any(p.exists() for p in outputs) else ""
         raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
-                                 f"stopped and {kept}. Start again with a lower learning rate (and --force).")
+                                 f"stopped and {kept}. Start again with a lower learning rate{force}.")

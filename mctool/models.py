@@ -455,7 +455,7 @@ def _check_arch_name(arch: Any) -> None:
         raise ConfigError(f"architecture '{arch}' names a hub or folder; mctool builds timm models by their "
                           "registry name only (e.g. 'resnet18'), with random weights.")
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, list(MCTOOL_ARCHS) + timm.list_models(), n=3)
+        close = difflib.get_close_matches(arch, list(dict.fromkeys([*MCTOOL_ARCHS, *timm.list_models()])), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"unknown architecture '{arch}'.{hint} mctool's own: {', '.join(MCTOOL_ARCHS)}; any name in timm.list_models() works too.")
 

@@ -203,7 +203,8 @@ def test_point_export_and_round_trip(cli, tmp_path, digits_models):
                                atol=12 * 2**-24 * float(curve.points.abs().max()))
     assert cli.json("evaluate", mid, *CPU)["metrics"]["eval"]["err"] < 0.5  # an ordinary, usable checkpoint
     assert "--t must be in [0, 1]" in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
-    assert "not a curve" in cli.error("point", a, "--t", "0.5", "-o", tmp_path / "x.safetensors")
+    assert "is a single network, not a curve (write a curve with" in cli.error("point", a, "--t", "0.5", "-o",
+                                                                               tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="not a curve"):
         load_curve(a)
 
@@ -248,7 +249,7 @@ def test_curve_states_are_usable_and_sse_is_refused(cli, tmp_path, digits_models
     assert read_metadata(snap)["kind"] == "curve-state"
     cli("point", snap, "--t", "0.5", "-o", tmp_path / "p.safetensors", "-q", *CPU)  # a snapshot is a curve too
     # sse makes an ensemble: not a choice of connect (a usage error), and refused to Python callers
-    assert "'sse' is not one of 'paper', 'cosine', 'constant'" in cli.error(
+    assert "Invalid value for '--schedule': 'sse' is not one of 'paper', 'cosine', 'constant'" in cli.error(
         "connect", *digits_models, "-o", tmp_path / "d.safetensors", "--schedule", "sse", code=2)
     with pytest.raises(ConfigError, match="for train"):
         ConnectConfig(schedule="sse").validate()

@@ -86,6 +86,8 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ens.network(2).state_dict().values()))
     assert "--index must be between 0 and 4" in cli.error("point", out, "--index", "5", "-o", tmp_path / "x.st")
     assert "exactly one of --t" in cli.error("point", out, "-o", tmp_path / "x.st")
+    assert "is an ensemble file, not a curve: 'mctool point FILE --index I'" in cli.error(
+        "point", out, "--t", "0.5", "-o", tmp_path / "x.st")
     # evaluate accepts ensemble files and expands them into members
     ev = cli.json("evaluate", out, *CPU)
     assert len(ev["models"]) == 5 and ev["models"][4]["label"] == f"{out}#4" and ev["models"][4]["path"] == str(out)

@@ -111,8 +111,9 @@ def test_output_checks(tmp_path):
     assert existing.read_text() == "keep me"  # checking never touches the file
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(OutputError, match="not writable"):
-        check_output(blocker / "out.safetensors", force=False)
+    for below in (blocker / "out.safetensors", blocker / "a" / "b" / "out.safetensors"):
+        with pytest.raises(OutputError, match=f"'{blocker}' is a file, not a folder"):
+            check_output(below, force=False)
     check_output(tmp_path / "new" / "dir" / "out.safetensors", force=False)
     assert (tmp_path / "new" / "dir").is_dir()
     # a device, pipe or socket is never replaced, even with --force (as root, -m /dev/full once did)
@@ -181,3 +182,14 @@ def test_a_command_line_with_undecodable_bytes_is_recorded(tmp_path, monkeypatch
     log.append(1, x=1.0)
     log.flush()
     assert read_h5(tmp_path / "m.h5")[1]["command"] == attrs["command"]
+
+
+def test_a_missing_input_names_the_files_it_may_have_meant(cli, tmp_path, digits_models):
+    """A --save-every checkpoint of another epoch, a typo: the error names close names in the same folder."""
+    for epoch in (2, 4):
+        (tmp_path / f"c-epoch{epoch:03d}.safetensors").write_bytes(digits_models[0].read_bytes())
+    (tmp_path / "c.h5").write_bytes(b"")
+    err = cli.error("fge", tmp_path / "c-epoch024.safetensors", "-o", tmp_path / "f.safetensors", "--device", "cpu")
+    assert err.startswith(f"Error: checkpoint '{tmp_path / 'c-epoch024.safetensors'}' does not exist. Did you mean ")
+    assert "c-epoch002.safetensors" in err and "c-epoch004.safetensors" in err and "c.h5" not in err
+    assert "Did you mean" not in cli.error("evaluate", tmp_path / "zzz.safetensors", "--device", "cpu")

@@ -101,6 +101,9 @@ def test_unknown_arch_suggests_close_name():
         build_model("cifar_vgg61", 10, 3)
     assert "cifar_vgg16" in str(e.value)
     assert "unknown architecture 'cifar_vgg61'" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # mctool's own are also in timm's list: each named once
+        build_model("mpl", 10, 3)
+    assert "Did you mean 'mlp'?" in str(e.value)
 
 
 def test_bad_kwarg_raises_config_error():

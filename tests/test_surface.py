@@ -337,3 +337,11 @@ def test_plot_exports_vtk_and_html(cli, tmp_path, trajectory):
     cli("plot", tmp_path / "l.h5", "--vtk", tmp_path / "l.vts", "-q")  # a 1-D grid is a line of points
     arrays, _, _ = _vtk_arrays(tmp_path / "l.vts")
     assert arrays["Points"].shape == (2, 3)
+
+
+def test_an_unquoted_trajectory_glob_gets_a_hint(cli, tmp_path, digits_models):
+    """The shell expands an unquoted pattern into many arguments; the option takes one, so say to quote it."""
+    a, b = digits_models
+    err = cli.error("surface", a, "-m", tmp_path / "s.h5", "--directions", "pca", "--trajectory", a, b, code=2)
+    assert "Got unexpected extra argument(s)" in err and "quote it" in err
+    assert "quote it" not in cli.error("info", a, b, code=2)
