@@ -6,7 +6,7 @@ an FGE snapshot) they are reset and recomputed with one pass over the un-augment
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,6 +32,15 @@ def pass_batches(split: Split, batch_size: int, *, deal: tuple[int, int] | None 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
+
+
+def check_bn_batch_size(model: nn.Module, batch_size: Any) -> None:
+    """``--batch-size`` of a BatchNorm pass: >= 1, and >= 2 when ``model`` has BatchNorm (a batch of one image
+    has no variance). Commands call it before they write their first file."""
+    check_count("--batch-size", batch_size)
+    if batch_size < 2 and bn_modules(model):
+        raise ConfigError("--batch-size must be >= 2 to recompute BatchNorm statistics (a batch of one image has "
+                          "no variance), got 1.")
 
 
 class _LocalBatchNorm(_BN):
@@ -74,14 +83,11 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     every rank the statistics of the whole pass (docs/distributed.md). ``on_batch()`` is called after each
     of this process's batches (a progress bar).
     """
-    check_count("--batch-size", batch_size)
     check_count("--bn-batches", max_batches)
+    check_bn_batch_size(model, batch_size)
     bns = bn_modules(model)
     if not bns:
         return False
-    if batch_size < 2:
-        raise ConfigError("--batch-size must be >= 2 to recompute BatchNorm statistics (a batch of one image has "
-                          "no variance), got 1.")
     was_training = model.training
     momenta = [m.momentum for m in bns]
     synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]

@@ -103,8 +103,14 @@ DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data
                                                               "(needs internet).")]
 SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
                                               "training images (10% for small sets), held out from training.")]
-CurveSplitOpt = Annotated[Split, typer.Option(help="'val' holds out the last 5,000 training images (10% for small "
-                                                   "sets) from curve training; connect evaluates nothing.")]
+CurveSplitOpt = Annotated[Optional[Split], typer.Option(help="'val' holds out the last 5,000 training images (10% "
+                                                             "for small sets) from curve training; connect evaluates "
+                                                             "nothing. Default: A's recorded split, so that the "
+                                                             "curve trains on A's images; else test.")]
+FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapshots on the official test set, or on "
+                                                           "'val': the last 5,000 training images (10% for small "
+                                                           "sets), then held out from training. Default: the start "
+                                                           "network's recorded split; else test.")]
 EvalSplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
                                                   "training images (10% for small sets), then also left out of the "
                                                   "train metrics and BN passes. 'val' is held-out data only for "
@@ -505,7 +511,7 @@ def connect(
                                                    "set).")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
                                                        "one A was trained with, else auto).")] = None,
-    split: CurveSplitOpt = Split.test,
+    split: CurveSplitOpt = None,
     save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
                                             "NAME-epochNNN.safetensors; 0 = never.")] = 0,
     align: Annotated[Optional[AlignMethod], typer.Option("--align", help="First permute B's hidden units into A's "
@@ -543,7 +549,8 @@ def connect(
         cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,
                             lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
                             seed=seed, bend_init=bend_init.value, free_start=free_start, free_end=free_end,
-                            dataset=dataset, augment=augment.value if augment else None, split=split.value,
+                            dataset=dataset, augment=augment.value if augment else None,
+                            split=split.value if split else None,
                             precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             sync_bn=sync_bn,
@@ -1097,12 +1104,13 @@ def fge_cmd(
                                                        "being at mid cycle.")] = None,
     lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
                                                     "default: the start network's training lr / 2 with BatchNorm, "
-                                                    "/ 5 without, the paper's ratios, taking 0.05 if it records "
-                                                    "none; see docs/ensembles.md).")]
+                                                    "/ 5 without, the paper's ratios, taking the training lr as "
+                                                    "0.05 if it records none; see docs/ensembles.md).")]
     = None,
     lr_min: Annotated[Optional[float], typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
                                                     "default: the start network's training lr / 200 with "
-                                                    "BatchNorm, / 100 without, 0.05 if it records none).")] = None,
+                                                    "BatchNorm, / 100 without, taking it as 0.05 if it records "
+                                                    "none).")] = None,
     wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's, as recorded in "
                                                 "its config, else 5e-4).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
@@ -1121,7 +1129,7 @@ def fge_cmd(
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
                                                        "one the start network was trained with, else auto).")]
     = None,
-    split: SplitOpt = Split.test,
+    split: FgeSplitOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -1146,7 +1154,8 @@ def fge_cmd(
     def work() -> Result:
         cfg = FGEConfig(epochs=epochs, cycle_epochs=cycle_epochs, cycle_iters=cycle_iters, lr_max=lr_max,
                         lr_min=lr_min, wd=wd, momentum=momentum, batch_size=batch_size, seed=seed, dataset=dataset,
-                        augment=augment.value if augment else None, split=split.value, precision=precision.value,
+                        augment=augment.value if augment else None, split=split.value if split else None,
+                        precision=precision.value,
                         channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                         sync_bn=sync_bn, points_per_pass=points_per_pass,
                         bn_batches=bn_batches,

@@ -14,7 +14,7 @@ import torch
 
 from . import distributed
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
-from .bn import bn_modules, recalibrate_bn
+from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
@@ -271,6 +271,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                          channels_last=channels_last, **curve.meta.data_options(), num_workers=num_workers)
         check_fits(curve.meta, data.info, paths[0])
         model = curve.build_model().to(dev)
+        check_bn_batch_size(model, batch_size)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         segments = [("", curve, curve.points.to(dev))]

@@ -28,7 +28,7 @@ from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .loop import (GradSum, adopt_recorded, finishing, fit, old_run_remover, prepare_outputs, recorded_augment,
-                   recorded_lr, recorded_wd, remove_state, state_path, train_mode, validate_sgd)
+                   recorded_lr, recorded_split, recorded_wd, remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -195,7 +195,7 @@ class ConnectConfig:
     free_end: bool = False
     dataset: str | None = None
     augment: str | None = None  # default: A's recorded augmentation (auto if none)
-    split: str = "test"
+    split: str | None = None  # default: A's recorded split, else test
     precision: str = "fp32"
     sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
     channels_last: bool = False
@@ -306,6 +306,10 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         wd = recorded_wd(a.meta.config)
         cfg.wd = _UNRECORDED_WD if wd is None else wd
         derived["wd"] = f"A's wd {wd!r}" if wd is not None else f"{_UNRECORDED_WD!r} (A records no wd)"
+    if cfg.split is None and not resume:  # resuming: the interrupted run's (adopt_recorded)
+        split = recorded_split(a.meta.config)
+        cfg.split = split or "test"
+        derived["split"] = f"A's split {split!r}" if split is not None else "test (A records none)"
     cfg.derived = derived or None
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file
@@ -323,6 +327,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force,
                                    renamed={"init": "bend_init"}, inputs=[start, end])
     adopt_recorded(cfg, resume_state, renamed={"init": "bend_init"})
+    cfg.split = cfg.split or "test"  # a state of a version that did not record it
     if cfg.align is not None:
         line = aligned_line()
 

@@ -30,7 +30,8 @@ from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
 from .loop import (adopt_recorded, finishing, fit, get_momentum, old_run_remover, prepare_outputs, recorded_augment,
-                   recorded_lr, recorded_wd, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
+                   recorded_lr, recorded_split, recorded_wd, remove_state, set_momentum, sgd_step, state_path,
+                   validate_sgd)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class FGEConfig:
     seed: int = 0
     dataset: str | None = None
     augment: str | None = None  # default: the start network's recorded augmentation (auto if none)
-    split: str = "test"
+    split: str | None = None  # default: the start network's recorded split, else test
     precision: str = "fp32"
     points_per_pass: int = 4  # how, not what: may differ on --resume (docs/performance.md)
     sync_bn: bool = False  # distributed: BN statistics over the whole global batch (docs/distributed.md)
@@ -96,9 +97,15 @@ def default_fge_lrs(train_lr: float, batchnorm: bool) -> tuple[float, float]:
     return (train_lr / 2, train_lr / 200) if batchnorm else (train_lr / 5, train_lr / 100)
 
 
-def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool) -> None:
-    """Set the options left to None from the start network's record, noting in ``cfg.derived`` how."""
+def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool, resume: bool = False) -> None:
+    """Set the options left to None from the start network's record, noting in ``cfg.derived`` how (the split
+    not when resuming: the interrupted run's is taken then)."""
     derived = {}
+    if cfg.split is None and not resume:
+        split = recorded_split(meta.config)
+        cfg.split = split or "test"
+        derived["split"] = (f"the start network's split {split!r}" if split is not None
+                            else "test (the start network records none)")
     if cfg.augment is None:
         augment = recorded_augment(meta.config)
         cfg.augment = augment or "auto"
@@ -141,7 +148,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     cfg = replace(cfg)
     start_model = load_model(start)
     meta = start_model.meta
-    _fill_defaults(cfg, meta, bool(bn_modules(start_model.model)))
+    _fill_defaults(cfg, meta, bool(bn_modules(start_model.model)), resume)
     cfg.dataset = cfg.dataset or meta.dataset
     cfg.validate()
     if cfg.dataset is None:
@@ -150,6 +157,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[start],
                                    more_outputs={"--swa": cfg.swa})
     adopt_recorded(cfg, resume_state)
+    cfg.split = cfg.split or "test"  # a state of a version that did not record it
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed
-from .bn import bn_modules, recalibrate_bn
+from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
 from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
 from .curve_eval import curve_from_files, interrupted
 from .curves import coefficients
@@ -241,6 +241,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         batches = list(subset.batches(batch_size))
         model = pts.model.to(dev)
         has_bn = bool(bn_modules(model))
+        if pts.recalibrate:
+            check_bn_batch_size(model, batch_size)
         write()
 
         def measure(i: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
-from .data import AUGMENTS, Data
+from .data import AUGMENTS, SPLITS, Data
 from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
@@ -67,6 +67,13 @@ def recorded_augment(config: dict[str, Any]) -> str | None:
     ``AUGMENTS``): connect and fge train with the same one by default."""
     value = config.get("augment")
     return value if isinstance(value, str) and value in AUGMENTS else None
+
+
+def recorded_split(config: dict[str, Any]) -> str | None:
+    """The split a network's recorded config was trained with (None if absent or not one of ``SPLITS``):
+    connect and fge train on the same images by default (with 'val', A's held-out images stay out)."""
+    value = config.get("split")
+    return value if isinstance(value, str) and value in SPLITS else None
 
 
 def recorded_wd(config: dict[str, Any]) -> float | None:

@@ -19,6 +19,7 @@ import torch
 from . import distributed
 from .checkpoint import load_model
 from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
+from .bn import check_bn_batch_size
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
@@ -187,6 +188,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     many = ManyEvaluator(model, base.layout, data, points_per_pass=points_per_pass, wd=wd, batch_size=batch_size,
                          bn_batches=bn_batches, precision=precision, train_split=train_split,
                          channels_last=channels_last, compile=compile)
+    check_bn_batch_size(model, batch_size)
     if on_start is not None:
         on_start()
 

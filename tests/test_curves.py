@@ -473,7 +473,8 @@ def test_connect_defaults_follow_endpoint_a_and_are_recorded(cli, tmp_path, digi
     r = cli.json("connect", *digits_models, "-o", out, *CPU)
     config = json.loads(read_metadata(out)["config"])
     assert config["epochs"] == 24 and config["lr"] == 0.1  # 3 x 8 epochs; 288 iterations keep A's lr
-    assert set(config["derived"]) == {"augment", "epochs", "lr", "wd"} and "0.1" in config["derived"]["lr"]
+    assert set(config["derived"]) == {"augment", "epochs", "lr", "split", "wd"} and "0.1" in config["derived"]["lr"]
+    assert config["split"] == "test" and config["derived"]["split"] == "A's split 'test'"
     assert config["augment"] == "auto" and config["derived"]["augment"] == "A's augmentation 'auto'"
     assert config["wd"] == json.loads(read_metadata(digits_models[0])["config"])["wd"]  # A's wd
     assert r["epochs"] == 24
@@ -482,7 +483,26 @@ def test_connect_defaults_follow_endpoint_a_and_are_recorded(cli, tmp_path, digi
 
     explicit = tmp_path / "e.safetensors"
     cli("connect", *digits_models, "-o", explicit, "--epochs", "2", "--lr", "0.03", "--wd", "3e-4", "--augment",
-        "none", "-q", *CPU)
+        "none", "--split", "test", "-q", *CPU)
     config = json.loads(read_metadata(explicit)["config"])
     assert config["epochs"] == 2 and config["lr"] == 0.03 and config["wd"] == 3e-4 and config["derived"] is None
     assert config["augment"] == "none"
+
+
+def test_connect_and_fge_train_on_the_images_the_start_network_was_trained_on(cli, tmp_path):
+    """A network trained with --split val never saw the val images: by default its curve and its FGE run hold
+    them out too (they used to train on them, with split test); an explicit --split still wins."""
+    tiny = ["-d", "digits", "--arch-kwargs", '{"hidden": 8}', "--epochs", "1", "-q", *CPU]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, path in ((0, a), (1, b)):
+        cli("train", *tiny, "--split", "val", "--seed", seed, "-o", path)
+    def config(path):
+        return json.loads(read_metadata(path)["config"])
+
+    r = cli.json("connect", a, b, "-o", tmp_path / "c.safetensors", "--epochs", "1", *CPU)
+    assert r["split"] == "val" and config(tmp_path / "c.safetensors")["split"] == "val"
+    assert config(tmp_path / "c.safetensors")["derived"]["split"] == "A's split 'val'"
+    f = cli.json("fge", a, "-o", tmp_path / "f.safetensors", "--epochs", "1", "--cycle-epochs", "1", *CPU)
+    assert f["split"] == "val" and config(tmp_path / "f.safetensors")["split"] == "val"
+    r = cli.json("connect", a, b, "-o", tmp_path / "t.safetensors", "--epochs", "1", "--split", "test", *CPU)
+    assert r["split"] == "test" and "split" not in (config(tmp_path / "t.safetensors")["derived"] or {})

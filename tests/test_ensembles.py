@@ -264,7 +264,7 @@ def test_fge_defaults_follow_the_start_network_and_are_recorded(cli, tmp_path, s
     cli("fge", start_state, "-o", out, "-m", m, "--epochs", "1", "--cycle-iters", "8", "-q", *CPU)
     config = json.loads(read_metadata(out)["config"])
     assert config["lr_max"] == pytest.approx(0.02, rel=1e-12) and config["lr_min"] == pytest.approx(0.001, rel=1e-12)
-    assert config["wd"] == 5e-4 and set(config["derived"]) == {"augment", "lr_max", "lr_min", "wd"}
+    assert config["wd"] == 5e-4 and set(config["derived"]) == {"augment", "lr_max", "lr_min", "split", "wd"}
     assert config["augment"] == "auto"  # the start network's
     data, _ = read_h5(m)
     assert data["lr"].max() == pytest.approx(0.02) and data["lr"].min() == pytest.approx(0.001)

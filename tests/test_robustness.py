@@ -690,6 +690,24 @@ def test_a_run_refused_after_its_output_checks_leaves_nothing(cli, tmp_path, fil
     assert [p.name for p in out.iterdir()] == [target.name] and target.read_bytes() == b"earlier result"
 
 
+def test_a_batch_size_the_bn_pass_cannot_use_is_refused_before_any_file(cli, tmp_path):
+    """--batch-size 1 cannot recompute BatchNorm statistics: refused before the metrics file (all NaN) or the
+    directions file is written, so the corrected command needs no --force."""
+    bn_mlp = ["-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "--epochs", "1",
+              "-q", "--device", "cpu"]
+    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
+    for seed, path in enumerate((a, b, c)):
+        cli("train", *bn_mlp, "--seed", seed, "-o", path)
+    out = tmp_path / "out"
+    for args in (["evaluate-curve", a, b, "-m", out / "e.h5", "--num-points", "2"],
+                 ["plane", a, b, c, "-m", out / "p.h5", "--grid-points", "2"],
+                 ["surface", a, "-m", out / "s.h5", "--grid-points", "2"],
+                 ["hessian", a, b, "-m", out / "h.h5", "--num-points", "2", "--top-k", "1"]):
+        err = cli.error(*args, "--batch-size", "1", "--device", "cpu")
+        assert "--batch-size must be >= 2 to recompute BatchNorm statistics" in err, args[0]
+        assert not out.exists(), args[0]
+
+
 def test_stale_state_without_force_still_asks_for_resume_or_force(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     (tmp_path / "m.state.safetensors").write_bytes(b"old run")
