@@ -65,15 +65,18 @@ def recorded_lr(config: dict[str, Any]) -> float | None:
 def recorded_augment(config: dict[str, Any]) -> str | None:
     """The training augmentation a network's recorded config names (None if absent or not one of
     ``AUGMENTS``): connect and fge train with the same one by default."""
-    value = config.get("augment")
-    return value if isinstance(value, str) and value in AUGMENTS else None
+    return _recorded_choice(config, "augment", AUGMENTS)
 
 
 def recorded_split(config: dict[str, Any]) -> str | None:
     """The split a network's recorded config was trained with (None if absent or not one of ``SPLITS``):
     connect and fge train on the same images by default (with 'val', A's held-out images stay out)."""
-    value = config.get("split")
-    return value if isinstance(value, str) and value in SPLITS else None
+    return _recorded_choice(config, "split", SPLITS)
+
+
+def _recorded_choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
+    value = config.get(key)
+    return value if isinstance(value, str) and value in choices else None
 
 
 def recorded_wd(config: dict[str, Any]) -> float | None:
