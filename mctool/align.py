@@ -725,13 +725,14 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
     check_seed(seed)
     check_count("--max-sweeps", max_sweeps)
-    check_count("--batches", batches)
+    check_count("--activation-batches", batches)
     check_count("--batch-size", batch_size)
     if metrics is None:
         from .loop import output_stem
 
         metrics = Path(output).with_name(output_stem(output) + "-align.h5")
-    check_outputs({"--output": output, "--metrics": metrics}, [a_path, b_path], force=force)
+    check_outputs({"--output": output, "--metrics": metrics}, [a_path, b_path], force=force,
+                  formats={"--output": "safetensors", "--metrics": "hdf5"})
     a, b = load_model(a_path), load_model(b_path)
     al = align_networks(a, b, method=method, seed=seed, max_sweeps=max_sweeps, batches=batches,
                         batch_size=batch_size, dataset=dataset, device=device, data_root=data_root,

@@ -25,7 +25,7 @@ from torch import nn
 
 from .bn import recalibrate_bn
 from .data import Split
-from .evaluation import error, evaluate_weights, nll, predict_probs
+from .evaluation import error, evaluate_weights, l2_term, nll, predict_probs
 from .errors import ConfigError
 from .flat import ParamLayout
 from .runtime import maybe_compile
@@ -243,9 +243,7 @@ def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: fl
     split = data.eval_split
     out = []
     for k in range(wide.p):
-        l2 = 0.0
-        if wd:
-            l2 = 0.5 * wd * float(sum(c.float().pow(2).sum() for c in torch.split(weights[k], wide.layout.numels)))
+        l2 = l2_term(torch.split(weights[k], wide.layout.numels), wd)
         t_nll = nll(probs_t[:, k], labels_t)
         out.append({"train/loss": t_nll + l2, "train/nll": t_nll, "train/err": error(probs_t[:, k], labels_t),
                     f"{split}/nll": nll(probs_e[:, k], labels_e), f"{split}/err": error(probs_e[:, k], labels_e)})

@@ -578,7 +578,7 @@ def evaluate_curve(
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
     num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1].")] = 61,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw train loss and error against t to this "
-                                                 "PNG.")] = None,
+                                                 "figure (.png, .pdf or .svg).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -747,7 +747,8 @@ def ensemble(
 def plot(
     files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid), or one "
                                                 "plane or surface file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG file to write.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
+                                                                          "by the name's ending.")] = None,
     three_d: Annotated[bool, typer.Option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
                                           "filled contours (points, curve and trajectory on the floor).")] = False,
     html: Annotated[Optional[Path], typer.Option(help="Plane or 2-D surface file: also write an interactive, "
@@ -776,7 +777,8 @@ def merge_cmd(
                                                 "(written with --shard I/N), in any order.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
                                          "without --shard.")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this figure (.png, .pdf "
+                                                 "or .svg).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -814,7 +816,8 @@ def plane_cmd(
                                                 "middle one).")] = None,
     curve_points: Annotated[int, typer.Option(help="Points of the curve projected onto the plane for the "
                                               "drawing.")] = 61,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw both surfaces to this PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw both surfaces to this figure (.png, .pdf or "
+                                                 ".svg).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -897,7 +900,8 @@ def surface_cmd(
                                           "10).")] = 0.2,
     grid_points: Annotated[int, typer.Option(help="Grid points per direction (2 to 1,001; with random directions "
                                              "an odd number puts the network itself on the grid).")] = 21,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this figure (.png, .pdf or "
+                                                 ".svg).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -1048,8 +1052,9 @@ def align_cmd(
                                      "(activations); a whole number in [0, 2^63).")] = 0,
     max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups "
                                            "(it stops earlier when a sweep changes nothing).")] = 100,
-    batches: Annotated[int, typer.Option(help="Activation matching: training batches to measure the "
-                                        "correlations on.")] = 8,
+    batches: Annotated[int, typer.Option("--activation-batches", "--batches",
+                                         help="Activation matching: training batches (of --batch-size) to measure "
+                                         "the correlations on (--batches: the name in mctool 0.2.0).")] = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size for activation matching and for the final check "
                                            "that the output computes B's logits.")] = 256,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the one B "

@@ -367,7 +367,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     check_real("--t", t, 0, 1)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
-    check_outputs({"--output": output}, [path], force=force)
+    check_outputs({"--output": output}, [path], force=force, formats={"--output": "safetensors"})
     curve = load_curve(path)[0]
     model = curve.build_model()
     curve.layout.assign(model, curve.weights(t))

@@ -313,7 +313,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     cfg.derived = derived or None
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file
-        check_outputs({"--output": output}, [start, end], force=force)
+        check_outputs({"--output": output}, [start, end], force=force, formats={"--output": "safetensors"})
         if cfg.align is not None:
             line = aligned_line()
         save_curve(output, line, asdict(cfg), extra_meta=align_meta)

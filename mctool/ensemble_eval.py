@@ -161,7 +161,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     check_count("--num-points", num_points, 1, MAX_POINTS)
     check_count("--num-classes", num_classes)
     check_count("--in-chans", in_chans)
-    check_outputs({"--metrics": metrics or None, "--output": output or None}, paths, force=force)
+    check_outputs({"--metrics": metrics or None, "--output": output or None}, paths, force=force,
+                  formats={"--metrics": "hdf5", "--output": "safetensors"})
     members = load_members(paths, num_points, arch=arch, num_classes=num_classes, in_chans=in_chans,
                            arch_kwargs=arch_kwargs)
     first = members[0].meta

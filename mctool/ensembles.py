@@ -242,7 +242,7 @@ def export_member(path: str | Path, index: int, output: str | Path, *, force: bo
     """Write member ``index`` (0-based) of an ensemble file as an ordinary model checkpoint."""
     t0 = time.time()
     check_count("--index", index, 0)
-    check_outputs({"--output": output}, [path], force=force)
+    check_outputs({"--output": output}, [path], force=force, formats={"--output": "safetensors"})
     ens = load_ensemble(path)
     if not 0 <= index < len(ens):
         raise ConfigError(f"--index must be between 0 and {len(ens) - 1} for '{path}', got {index}.")

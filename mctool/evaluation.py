@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +14,15 @@ from .data import Split
 from .runtime import autocast
 
 
-def l2_term(model: nn.Module, wd: float) -> float:
-    """0.5 * wd * ||w||^2 over all parameters: the regularisation part of the training objective."""
+def l2_term(params: nn.Module | Iterable[torch.Tensor], wd: float) -> float:
+    """0.5 * wd * ||w||^2 over all parameters (of a network, or given as tensors): the regularisation part of the
+    training objective. Summed in float64, so weights far out on a plane (||w||^2 beyond float32's range) still
+    give a finite value."""
     if wd == 0:
         return 0.0
+    tensors = params.parameters() if isinstance(params, nn.Module) else params
     with torch.no_grad():
-        return 0.5 * wd * float(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
+        return 0.5 * wd * float(sum(p.detach().double().pow(2).sum() for p in tensors))
 
 
 #: On the CPU, evaluation-mode forwards run in pieces of at most this many images: activations of a small

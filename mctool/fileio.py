@@ -103,6 +103,43 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     return path
 
 
+# What each kind of output is written as, and the name endings that say so. A name may end otherwise (``-o run1``,
+# ``-o model.v2``) unless its ending names another format: a safetensors file called ``model.pt`` would be handed
+# to ``torch.load`` by the next tool. Figures and VTK files are read by their ending, so theirs must match.
+_ENDINGS = {"safetensors": (".safetensors",), "hdf5": (".h5", ".hdf5"), "figure": (".png", ".pdf", ".svg"),
+            "html": (".html", ".htm"), "vtk-grid": (".vts",), "vtk-points": (".vtp",)}
+_STRICT = {"figure", "vtk-grid", "vtk-points"}
+_OTHER_FORMATS = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".json", ".csv", ".txt",
+                  ".onnx", ".jpg", ".jpeg", ".gif", ".eps", ".ps", ".vtk", ".vtu", ".hdf", ".nc", ".zip", ".gz",
+                  ".tar", ".yaml", ".yml", ".md"}
+
+
+def check_format(path: PathLike, fmt: str, what: str = "output") -> None:
+    """Refuse an output name whose ending names another format than ``fmt`` (a key of ``_ENDINGS``)."""
+    endings = _ENDINGS[fmt]
+    suffix = Path(path).suffix.lower()
+    if suffix in endings:
+        return
+    others = {e for f, es in _ENDINGS.items() if f != fmt for e in es} | _OTHER_FORMATS
+    ending = " or ".join([", ".join(endings[:-1]), endings[-1]] if len(endings) > 1 else endings)
+    if fmt == "figure":
+        raise OutputError(f"{what} '{path}': figures are drawn as PNG, PDF or SVG, chosen by the name's ending; "
+                          f"end the name with {ending}.")
+    if fmt in _STRICT:
+        raise OutputError(f"{what} '{path}': ParaView reads this file by its name's ending; end the name with "
+                          f"{ending}.")
+    if suffix in others:
+        writes = {"safetensors": "a safetensors file", "hdf5": "an HDF5 file", "html": "an HTML page"}[fmt]
+        raise OutputError(f"{what} '{path}' would hold {writes}, but '{suffix}' is the ending of another format; "
+                          f"end the name with {ending}.")
+
+
+def figure_format(path: PathLike) -> str:
+    """The matplotlib format of a figure output, from its ending: ``png``, ``pdf`` or ``svg``."""
+    check_format(path, "figure", "figure")
+    return Path(path).suffix.lower()[1:]
+
+
 def _identity(path: Path) -> tuple[int, int] | str:
     """What a name reaches: (device, inode) of an existing file (so hard links match), else the path with
     symlinks resolved."""
@@ -115,15 +152,17 @@ def _identity(path: Path) -> tuple[int, int] | str:
 
 def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike | None] = (), *,
                   force: bool = False, derived: Mapping[str, PathLike] | None = None,
-                  locked: Mapping[str, PathLike] | None = None) -> dict[str, Path]:
+                  locked: Mapping[str, PathLike] | None = None,
+                  formats: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Check all outputs of one command before any work; returns them as paths (``None`` entries dropped).
 
     ``outputs`` maps a description (usually the option, e.g. ``--metrics``) to a file the command writes;
     ``derived`` maps descriptions to files written alongside them (a training state, --save-every
     checkpoints); ``locked`` those of them that are also locked like outputs (a training state, which runs
-    with ``-o x`` and ``-o x.safetensors`` share). Refused, whatever ``force``: two of these that are one file
-    (symlinks and hard links included), and any of them that is one of ``inputs``. Then each output must be
-    new unless ``force`` (see ``check_output``) and not being written by another mctool run. Inside a
+    with ``-o x`` and ``-o x.safetensors`` share); ``formats`` maps descriptions to what the file is written as
+    (see ``check_format``). Refused, whatever ``force``: two of these that are one file (symlinks and hard links
+    included), any of them that is one of ``inputs``, and a name whose ending names another format. Then each
+    output must be new unless ``force`` (see ``check_output``) and not being written by another mctool run. Inside a
     ``holds_output_locks`` call the outputs (and ``locked``) stay locked until it returns, and temporary
     files a killed run left for any of these files are removed.
     """
@@ -140,6 +179,9 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
         if key in seen:
             raise OutputError(f"{seen[key]} and {what} are the same file '{path}'; give each output its own name.")
         seen[key] = what
+    for what, fmt in (formats or {}).items():
+        if named.get(what) is not None:
+            check_format(named[what], fmt, what)
     for what, path in named.items():
         check_output(path, force, what)
     locks = _LOCKS.get()

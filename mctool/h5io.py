@@ -148,7 +148,8 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
     from .fileio import check_output, check_outputs
 
     # Name clashes and locks first (force=True); whether existing files may be replaced depends on resume.
-    check_outputs({"--metrics": metrics, "--plot": plot}, list(inputs), force=True)
+    check_outputs({"--metrics": metrics, "--plot": plot}, list(inputs), force=True,
+                  formats={"--metrics": "hdf5", "--plot": "figure"})
     data, started = {}, None
     if resume:
         data, attrs = check_resumable(metrics, inputs, config)

@@ -83,13 +83,14 @@ def _points(paths: list[str], num_points: int) -> Points:
 
 class LossHessian:
     """Hessian-vector products of the mean cross-entropy of ``model`` over ``batches`` at the flat parameters
-    ``w`` (eval mode). ``calls`` counts the products."""
+    ``w`` (eval mode). ``calls`` counts the products; ``on_product`` is called with that count after each."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, w: torch.Tensor,
-                 batches: list[tuple[torch.Tensor, torch.Tensor]]):
+                 batches: list[tuple[torch.Tensor, torch.Tensor]], on_product: Callable[[int], None] | None = None):
         self.model, self.layout, self.w, self.batches = model.eval(), layout, w, batches
         self.n = sum(int(y.shape[0]) for _, y in batches)
         self.calls = 0
+        self.on_product = on_product
 
     def loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(self.model, self.layout.views(w), (x,)).float(), y,
@@ -104,6 +105,8 @@ class LossHessian:
             (g,) = torch.autograd.grad(self.loss(w, x, y), w, create_graph=True)
             (hv,) = torch.autograd.grad(g @ v, w)
             out += hv
+        if self.on_product is not None:
+            self.on_product(self.calls)
         return out
 
     def top_eigen(self, k: int, *, tol: float, max_restarts: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -204,7 +207,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}
     vectors = np.full((n, top_k, p), np.nan, dtype=np.float32) if vec_path is not None else None
     if vec_path is not None:
-        check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True)
+        check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True,
+                      formats={"--metrics": "hdf5", "--eigenvectors": "safetensors"})
         if resume and vec_path.exists():
             tensors, md = read_checkpoint(vec_path)
             stored = tensors.get("eigenvectors")
@@ -251,7 +255,9 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             pts.layout.assign(model, w)
             if pts.recalibrate and has_bn:
                 recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches)
-            h = LossHessian(model, pts.layout, w, batches)
+            # Lanczos runs an unknown number of products: show them, so a long point visibly moves.
+            h = LossHessian(model, pts.layout, w, batches, on_product=lambda c: bar.update(
+                task, info=f"{pts.labels[i]}: {c} Hessian-vector products"))
             vals, vecs, converged = h.top_eigen(top_k, tol=tol, max_restarts=max_restarts, seed=seed + i)
             if not converged:
                 warn(f"{pts.labels[i]}: ARPACK did not converge for all {top_k} eigenvalues within "

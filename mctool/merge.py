@@ -188,7 +188,8 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     if not paths:
         raise ConfigError("give the shard files to merge (all N files of one run's --shard I/N).")
     output = Path(output)
-    check_outputs({"--output": output, "--plot": plot}, paths, force=force)
+    check_outputs({"--output": output, "--plot": plot}, paths, force=force,
+                  formats={"--output": "hdf5", "--plot": "figure"})
     shards = [_read_shard(p) for p in paths]
     first = shards[0]
     for s in shards[1:]:
@@ -211,7 +212,7 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     kind, split = first.attrs["kind"], first.attrs["split"]
     if kind == "surface":  # its directions file too
         check_outputs({"--output": output, "--plot": plot, "directions file": directions_path(output)}, paths,
-                      force=force)
+                      force=force, formats={"--output": "hdf5", "--plot": "figure"})
     names = _layout(kind, split, first.data, first.path)
     values = _combine(shards, names, kind)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MetricsFileError
-from .fileio import atomic_path, check_outputs, holds_output_locks, writes_files
+from .fileio import atomic_path, check_outputs, figure_format, holds_output_locks, writes_files
 from .h5io import json_attr, metrics_file, read_h5
 from .results import FileRef, PlotResult, file_refs
 
@@ -89,12 +89,16 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
 
 
 def _save(fig, output: str | Path) -> None:
-    """Write a figure as PNG atomically (on the rank that writes files), then free it."""
+    """Write a figure atomically (on the rank that writes files) as PNG, PDF or SVG by its name's ending, then
+    free it."""
     import matplotlib.pyplot as plt
 
     if writes_files():
-        with atomic_path(Path(output)) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        fmt = figure_format(output)
+        # No creation date in PDF and SVG, and fixed SVG ids: the same file draws to the same bytes.
+        metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+        with atomic_path(Path(output)) as tmp, plt.rc_context({"svg.hashsalt": "mctool"}):
+            fig.savefig(tmp, dpi=120, format=fmt, metadata=metadata)
     plt.close(fig)
 
 def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> np.ndarray:
@@ -279,7 +283,7 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
 
     named = check_outputs({"--output": output, "--html": html, "--vtk": vtk,
                            "--vtk points file": vtk_points_path(vtk) if vtk is not None else None}, files,
-                          force=force)
+                          force=force, formats={"--output": "figure", "--html": "html", "--vtk": "vtk-grid"})
     kinds = {k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     if kind in ("plane", "surface"):

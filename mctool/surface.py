@@ -297,7 +297,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
               "grid_points": grid_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "train_subset": train_subset, "precision": precision}
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
-    check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True)
+    check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
+                  formats={"--metrics": "hdf5", "--plot": "figure"})
     old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot, shapes={**{n: shape for n in names}, **{f"at_points/{n}": (1,)
                                                                                      for n in names}})

@@ -242,7 +242,7 @@ def test_evaluate_reads_the_output(tmp_path, cli):
 
 def test_activation_matching(tmp_path, cli, digits_models):
     out = tmp_path / "act.safetensors"
-    r = cli.json("align", *digits_models, "-o", out, "--method", "activations", "--batches", "2", *CPU)
+    r = cli.json("align", *digits_models, "-o", out, "--method", "activations", "--activation-batches", "2", *CPU)
     assert r["method"] == "activations" and r["sweeps"] is None and r["objective"] is None
     assert 0 < r["correlation"] <= 1
     assert r["distance_after"] < r["distance_before"]  # the matched B is closer to A

@@ -242,6 +242,25 @@ def test_plot_command(cli, tmp_path, digits_models):
     assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", tmp_path / "x.h5", "--num-points", "1")
 
 
+def test_plots_are_png_pdf_or_svg_by_their_ending_and_reproducible(cli, tmp_path, digits_models):
+    m = tmp_path / "l.h5"
+    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "--plot", tmp_path / "e.svg", "-q", *CPU)
+    assert b"<svg" in (tmp_path / "e.svg").read_bytes()[:400]
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml", "PDF": b"%PDF"}
+    for ext, start in magic.items():
+        out = tmp_path / f"p.{ext}"
+        cli("plot", m, "-o", out)
+        first = out.read_bytes()
+        assert first.startswith(start)
+        cli("plot", m, "-o", out, "--force")
+        assert out.read_bytes() == first  # no creation date, fixed ids: the same file draws to the same bytes
+    for name in ("p.jpg", "p", "p.h5"):
+        err = cli.error("plot", m, "-o", tmp_path / name)
+        assert "figures are drawn as PNG, PDF or SVG, chosen by the name's ending; end the name with .png, .pdf " \
+               "or .svg." in err
+    assert not (tmp_path / "p.jpg").exists() and not (tmp_path / "p").exists()
+
+
 def test_curve_states_are_usable_and_sse_is_refused(cli, tmp_path, digits_models):
     out = tmp_path / "c.safetensors"
     cli("connect", *digits_models, "-o", out, "--epochs", "2", "--save-every", "1", "-q", *CPU)

@@ -86,6 +86,40 @@ def test_outputs_sharing_a_file_are_refused_before_any_work(cli, tmp_path, files
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a lock file
 
 
+WRONG_ENDINGS = {
+    "train -o model.pt": (lambda f, t: ["train", *TINY, "-o", t / "model.pt", "--epochs", "1"],
+                          "--output '{t}/model.pt' would hold a safetensors file, but '.pt' is the ending of another "
+                          "format; end the name with .safetensors."),
+    "train -m metrics.safetensors": (lambda f, t: ["train", *TINY, "-o", t / "m", "-m", t / "m.safetensors",
+                                                   "--epochs", "1"], "would hold an HDF5 file, but '.safetensors'"),
+    "connect -o curve.pth": (lambda f, t: ["connect", f["m0"], f["m1"], "-o", t / "c.pth"], "'.pth' is the ending"),
+    "fge --swa swa.ckpt": (lambda f, t: ["fge", f["m0"], "-o", t / "f", "--swa", t / "swa.ckpt"], "'.ckpt' is the"),
+    "evaluate -m out.json": (lambda f, t: ["evaluate", f["m0"], "-m", t / "out.json"], "'.json' is the ending"),
+    "ensemble -o e.h5": (lambda f, t: ["ensemble", f["m0"], f["m1"], "-o", t / "e.h5"], "'.h5' is the ending"),
+    "point -o p.pt": (lambda f, t: ["point", f["line"], "--t", "0.5", "-o", t / "p.pt"], "'.pt' is the ending"),
+    "evaluate-curve --plot e.jpg": (lambda f, t: ["evaluate-curve", f["line"], "-m", t / "e.h5", "--plot",
+                                                  t / "e.jpg"], "figures are drawn as PNG, PDF or SVG"),
+    "plane --plot p": (lambda f, t: ["plane", f["m0"], f["m2"], f["m1"], "-m", t / "p.h5", "--plot", t / "p"],
+                       "end the name with .png, .pdf or .svg"),
+    "merge -o m.safetensors": (lambda f, t: ["merge", f["curve_h5"], "-o", t / "m.safetensors"], "would hold an HDF5"),
+    "plot --vtk g.vtk": (lambda f, t: ["plot", f["curve_h5"], "--vtk", t / "g.vtk"],
+                         "ParaView reads this file by its name's ending; end the name with .vts."),
+    "align -o b.bin": (lambda f, t: ["align", f["m0"], f["m1"], "-o", t / "b.bin"], "'.bin' is the ending"),
+    "hessian --eigenvectors v.npy": (lambda f, t: ["hessian", f["m0"], "-m", t / "h.h5", "--eigenvectors",
+                                                   t / "v.npy"], "'.npy' is the ending"),
+    "surface -m s.pt": (lambda f, t: ["surface", f["m0"], "-m", t / "s.pt"], "'.pt' is the"),
+    "plot --html g.png": (lambda f, t: ["plot", f["curve_h5"], "--html", t / "g.png"], "would hold an HTML page"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_ENDINGS))
+def test_an_output_named_for_another_format_is_refused_before_any_work(cli, tmp_path, files, name):
+    args, message = WRONG_ENDINGS[name]
+    for force in ((), ("--force",)):
+        assert message.format(t=tmp_path) in cli.error(*args(files, tmp_path), *force)
+    assert list(tmp_path.iterdir()) == []
+
+
 INPUTS_AS_OUTPUTS = {
     "evaluate-curve": lambda f: ["evaluate-curve", f["line"], "-m", f["line"]],
     "evaluate-curve --plot": lambda f: ["evaluate-curve", f["m0"], f["m1"], "-m", "unused.h5", "--plot", f["m1"]],
@@ -299,9 +333,9 @@ def test_a_network_whose_logits_overflow_is_measured_not_left_nan(cli, tmp_path,
     run = cli("evaluate-curve", big, files["m1"], "-m", m, "--num-points", "3", "-q", "--device", "cpu")
     assert "Warning" not in run.stderr  # the 3 points still go in one pass (the wide network's check copes)
     values, _ = read_h5(m)
-    for name in ("train/nll", "train/err", "test/nll", "test/err"):
+    for name in ("train/loss", "train/nll", "train/err", "test/nll", "test/err"):
         assert np.isfinite(values[name]).all(), name
-    assert values["train/loss"][0] == np.inf  # the L2 term of weights of 1e38 overflows: a value, not NaN
+    assert values["train/loss"][0] > 1e60  # the L2 term of weights of 1e38, summed in float64 (inf in float32)
     assert values["test/err"][0] > 0.5 and values["test/nll"][0] > 10  # most images: wrong, NLL -log(1e-12)
     calls = count_networks(monkeypatch)
     cli("evaluate-curve", big, files["m1"], "-m", m, "--num-points", "3", "--resume", "-q", "--device", "cpu")
@@ -518,7 +552,7 @@ LOCKING = {
     "point": lambda f, t: ["point", f["line"], "--t", "0.5", "-o", t / "o"],
     "evaluate": lambda f, t: ["evaluate", f["m0"], "-m", t / "o", "--device", "cpu"],
     "ensemble": lambda f, t: ["ensemble", f["m0"], f["m1"], "-o", t / "o", "--device", "cpu"],
-    "plot": lambda f, t: ["plot", f["curve_h5"], "-o", t / "o"],
+    "plot": lambda f, t: ["plot", f["curve_h5"], "-o", t / "o.png"],
 }
 
 
@@ -534,7 +568,7 @@ def test_every_writing_command_locks_its_outputs(cli, tmp_path, files, name, mon
 
     monkeypatch.setattr(mctool.fileio, "_lock", recorded)
     cli(*LOCKING[name](files, tmp_path), "-q")
-    assert tmp_path / "o" in held or tmp_path / "o.safetensors" in held
+    assert {tmp_path / "o", tmp_path / "o.safetensors", tmp_path / "o.png"} & set(held)
     assert not list(tmp_path.glob(".*"))  # locks released, no temporary files left
 
 
