@@ -154,7 +154,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     # force=True: only name clashes and locks here; whether existing files may be replaced depends on resume.
     check_outputs({"--output": output, "--metrics": metrics, **(more_outputs or {})}, inputs, force=True,
                   derived=snapshots, locked={"the training state of --output": state_file},
-                  formats={"--output": "safetensors", "--metrics": "hdf5", **{k: "safetensors" for k in more_outputs or {}}})
+                  formats={"--output": "safetensors", "--metrics": "hdf5",
+                           **{k: "safetensors" for k in more_outputs or {}}})
     if resume:
         if not state_file.exists():
             hint = " The run already finished." if output.exists() else ""
