@@ -670,9 +670,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
     _check_same_network(a, b)
-    name = dataset or b.meta.dataset
-    if name is None:
-        raise ConfigError(f"'{b.path}' does not record its data set; pass --dataset.")
+    name = b.meta.dataset_or(dataset, b.path)
     split = b.meta.config.get("split", "test")
     dev = resolve_device(device)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, augment="none",
@@ -728,9 +726,9 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     check_count("--activation-batches", batches)
     check_count("--batch-size", batch_size)
     if metrics is None:
-        from .loop import output_stem
+        from .loop import metrics_path
 
-        metrics = Path(output).with_name(output_stem(output) + "-align.h5")
+        metrics = metrics_path(output, "-align")
     check_outputs({"--output": output, "--metrics": metrics}, [a_path, b_path], force=force,
                   formats={"--output": "safetensors", "--metrics": "hdf5"})
     a, b = load_model(a_path), load_model(b_path)

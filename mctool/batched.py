@@ -25,7 +25,7 @@ from torch import nn
 
 from .bn import recalibrate_bn
 from .data import Split
-from .evaluation import error, evaluate_weights, l2_term, nll, predict_probs
+from .evaluation import evaluate_weights, l2_term, point_metrics, predict_probs
 from .errors import ConfigError
 from .flat import ParamLayout
 from .runtime import maybe_compile
@@ -240,14 +240,9 @@ def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: fl
     recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
     probs_t, labels_t = predict_probs(wide, train_split or data.train, batch_size=batch_size, precision=precision)
     probs_e, labels_e = predict_probs(wide, data.eval, batch_size=batch_size, precision=precision)
-    split = data.eval_split
-    out = []
-    for k in range(wide.p):
-        l2 = l2_term(torch.split(weights[k], wide.layout.numels), wd)
-        t_nll = nll(probs_t[:, k], labels_t)
-        out.append({"train/loss": t_nll + l2, "train/nll": t_nll, "train/err": error(probs_t[:, k], labels_t),
-                    f"{split}/nll": nll(probs_e[:, k], labels_e), f"{split}/err": error(probs_e[:, k], labels_e)})
-    return out
+    return [point_metrics((probs_t[:, k], labels_t), (probs_e[:, k], labels_e),
+                          l2_term(torch.split(weights[k], wide.layout.numels), wd), data.eval_split)
+            for k in range(wide.p)]
 
 
 #: What ``--points-per-pass`` defaults to (docs/performance.md#many-networks-in-one-pass).

@@ -125,7 +125,13 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
         seen = _add_over_ranks(bns, seen, device)
     model.train(was_training)
     if seen == 0:  # reset statistics (mean 0, variance 1) must never pass for recomputed ones
-        raise DataError("the BatchNorm recalibration pass saw no training images; the training set is empty.")
+        # Reached with a single training image: the pass leaves out a batch of one (it has no variance).
+        info = getattr(split, "info", None)
+        data = f"data set '{info.name}'" if info is not None else "the data set"
+        count = f"{len(split)} training image(s)" if hasattr(split, "__len__") else "too few training images"
+        raise DataError(f"the BatchNorm recalibration pass saw no training images: {data} has {count}, and the "
+                        "pass needs a batch of at least 2. Use a data set with more training images, or --split "
+                        "test if --split val held some out.")
     return True
 
 

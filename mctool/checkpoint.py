@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, did_you_mean, sha256_file, writes_files
+from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, sha256_file, writes_files
 from .h5io import utc_now
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
@@ -67,7 +67,7 @@ def _text(md: dict[str, str], key: str, path: str | os.PathLike, default: str | 
 
 def metadata_int(md: dict[str, str], key: str, path: str | os.PathLike, lo: int, hi: int) -> int:
     text = md[key]
-    if not (text.isascii() and text.strip().lstrip("-").isdigit() and len(text) < 20) or not lo <= int(text) <= hi:
+    if not (re.fullmatch(r"\s*-?[0-9]{1,18}\s*", text, re.ASCII)) or not lo <= int(text) <= hi:
         raise bad_field(path, key, f"expected an integer from {lo:,} to {hi:,}, got {text[:40]!r}")
     return int(text)
 
@@ -174,6 +174,14 @@ class ModelMeta:
     version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
+    def dataset_or(self, given: str | None, path: str | os.PathLike | None) -> str:
+        """The data set to use: ``given`` (--dataset), else the one this network records; refused if neither."""
+        name = given or self.dataset
+        if name is None:
+            raise ConfigError(f"'{path}' does not record its data set; pass --dataset." if path is not None else
+                              "the network does not record its data set; pass --dataset.")
+        return name
+
     def data_options(self) -> dict[str, Any]:
         """``load_data`` options that feed this network the images it was trained on: its normalisation and,
         for ``imagefolder:`` data, its image size and (``train --pretrained``) timm's transforms."""
@@ -262,6 +270,9 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         head = f.read(8)
         if head[:4] == b"PK\x03\x04":  # torch.save's zip container
             raise pickled
+        if head == HDF5_MAGIC:
+            raise CheckpointError(f"'{path}' is an HDF5 metrics file, not a checkpoint; give the .safetensors file "
+                                  "the command wrote with -o.")
         if len(head) < 8:
             raise CheckpointError(f"'{path}' is not a safetensors file (only {size} bytes).")
         (n,) = struct.unpack("<Q", head)
@@ -278,7 +289,7 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
             raise pickled
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"'{path}' is not a safetensors file, or it is truncated (header of {n} bytes in a "
-                                  f"file of {size} bytes).")
+                                  f"file of {size} bytes); give a checkpoint written by mctool or safetensors.")
         raise CheckpointError(f"'{path}' is not a safetensors file (its header is not JSON).")
     if not isinstance(header, dict):
         raise CheckpointError(f"'{path}' is not a safetensors file (its header is not a JSON object).")
@@ -431,7 +442,17 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
         meta = ModelMeta.from_metadata(md, path)
         if meta.kind not in MODEL_KINDS:
             article = "an" if meta.kind[:1] in "aeiou" else "a"
-            raise CheckpointError(f"'{path}' holds {article} '{meta.kind}', not a single network (kind 'model').")
+            hint = {"curve": "take a network on it with 'mctool point FILE --t T -o net.safetensors', or evaluate "
+                             "the curve with 'mctool evaluate-curve FILE'",
+                    "ensemble": "take a member with 'mctool point FILE --index I -o net.safetensors'; 'mctool "
+                                "evaluate FILE' evaluates the whole ensemble",
+                    "fge-state": "it is the state of an fge run, kept to resume it: finish the run with the same "
+                                 "command plus --resume"}.get(meta.kind)
+            hint = hint or ("it is a curve saved during a connect run: take a network on it with 'mctool point FILE "
+                            "--t T -o net.safetensors'" if meta.kind == "curve-state" else "give a model checkpoint "
+                            "(written by train, point or align)")
+            raise CheckpointError(f"'{path}' holds {article} '{meta.kind}', not a single network (kind 'model'); "
+                                  f"{hint}.")
     else:
         if arch is None or num_classes is None:
             raise CheckpointError(f"'{path}' has no mctool metadata; pass --arch and --num-classes "

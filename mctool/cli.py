@@ -6,9 +6,11 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
+import os
 import re
 import sys
 from enum import Enum
@@ -21,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
+from .align import METHODS as ALIGN_METHODS
 from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
 from . import distributed
@@ -41,6 +44,9 @@ class _Group(typer.core.TyperGroup):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
+        from .h5io import COMMAND_LINE
+
+        token = COMMAND_LINE.set(list(ctx.meta.get("mctool_args", ())))  # recorded as the files' "command"
         try:
             return super().invoke(ctx)
         except typer.exceptions.TyperException as e:
@@ -52,6 +58,8 @@ class _Group(typer.core.TyperGroup):
                 e.message = (f"{message}. An option takes one value each time it is given; to pass a glob pattern "
                              "(e.g. --trajectory 'run-epoch*.safetensors'), quote it so that mctool expands it.")
             raise
+        finally:
+            COMMAND_LINE.reset(token)
 
 
 app = typer.Typer(
@@ -72,7 +80,7 @@ Precision = _choices("Precision", PRECISIONS)
 Split = _choices("Split", SPLITS)
 Schedule = _choices("Schedule", SCHEDULES)
 CurveSchedule = _choices("CurveSchedule", tuple(s for s in SCHEDULES if s != "sse"))  # one network per run
-AlignMethod = _choices("AlignMethod", ("weights", "activations"))
+AlignMethod = _choices("AlignMethod", ALIGN_METHODS)
 Augment = _choices("Augment", AUGMENTS)
 CurveKind = _choices("CurveKind", CURVES)
 BendInit = _choices("BendInit", BEND_INITS)
@@ -102,17 +110,21 @@ DataRootOpt = Annotated[Optional[str], typer.Option(
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data set into --data-root if missing "
                                                               "(needs internet).")]
 SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
-                                              "training images (10% for small sets), held out from training.")]
+                                              "training images (10% of small sets; a fixed random draw for "
+                                              "imagefolder:), held out from training.")]
 CurveSplitOpt = Annotated[Optional[Split], typer.Option(help="'val' holds out the last 5,000 training images (10% "
-                                                             "for small sets) from curve training; connect evaluates "
+                                                             "of small sets; a fixed random draw for imagefolder:) "
+                                                             "from curve training; connect evaluates "
                                                              "nothing. Default: A's recorded split, so that the "
                                                              "curve trains on A's images; else test.")]
 FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapshots on the official test set, or on "
-                                                           "'val': the last 5,000 training images (10% for small "
-                                                           "sets), then held out from training. Default: the start "
+                                                           "'val': the last 5,000 training images (10% of small "
+                                                           "sets; a fixed random draw for imagefolder:), then held "
+                                                           "out from training. Default: the start "
                                                            "network's recorded split; else test.")]
 EvalSplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
-                                                  "training images (10% for small sets), then also left out of the "
+                                                  "training images (10% of small sets; a fixed random draw for "
+                                                  "imagefolder:), then also left out of the "
                                                   "train metrics and BN passes. 'val' is held-out data only for "
                                                   "networks trained with --split val.")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
@@ -190,7 +202,14 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
         with distributed.launched() as d:
             main = d is None or d.main
             try:
-                result = work()
+                try:
+                    result = work()
+                except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
+                    if e.errno != errno.ENAMETOOLONG:
+                        raise
+                    name = os.fsdecode(e.filename) if e.filename is not None else "a file"
+                    raise ConfigError(f"the file name '{name}' is too long for the file system (at most 255 bytes "
+                                      "per name, 4,096 per path on most); give a shorter one.") from None
             except (MctoolError, KeyboardInterrupt) as e:
                 interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
                 code = 130 if interrupted else 1
@@ -261,11 +280,6 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
         raise ConfigError("--arch-kwargs must be a JSON object such as '{\"width\": 2}'.")
     return value
 
-
-def _default_metrics(output: Path, suffix: str = "") -> Path:
-    from .loop import output_stem
-
-    return output.with_name(output_stem(output) + suffix + ".h5")
 
 
 @app.command()
@@ -345,7 +359,7 @@ def train(
                           sync_bn=sync_bn,
                           init=str(init) if init else None, save_every=save_every, snapshots=snapshots,
                           pretrained=pretrained, pretrained_file=str(pretrained_file) if pretrained_file else None)
-        return run_train(cfg, output, metrics or _default_metrics(output), device=device, data_root=data_root,
+        return run_train(cfg, output, metrics, device=device, data_root=data_root,
                          download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
     def show(r: TrainResult) -> None:
@@ -546,16 +560,16 @@ def connect(
     from .curve_training import ConnectConfig, connect as run_connect
 
     def work() -> Result:
-        cfg = ConnectConfig(curve=curve.value, num_bends=0 if curve == CurveKind.line else num_bends, epochs=epochs,
-                            lr=lr, wd=wd, momentum=momentum, batch_size=batch_size, schedule=schedule.value,
-                            seed=seed, bend_init=bend_init.value, free_start=free_start, free_end=free_end,
-                            dataset=dataset, augment=augment.value if augment else None,
+        cfg = ConnectConfig(curve=curve.value, num_bends=None if curve == CurveKind.line else num_bends,
+                            epochs=epochs, lr=lr, wd=wd, momentum=momentum, batch_size=batch_size,
+                            schedule=schedule.value, seed=seed, bend_init=bend_init.value, free_start=free_start,
+                            free_end=free_end, dataset=dataset, augment=augment.value if augment else None,
                             split=split.value if split else None,
                             precision=precision.value,
                             channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                             sync_bn=sync_bn,
                             compile=compile, save_every=save_every, align=align.value if align else None)
-        return run_connect(cfg, start, end, output, metrics or _default_metrics(output, "-connect"), device=device,
+        return run_connect(cfg, start, end, output, metrics, device=device,
                            data_root=data_root, download=download, num_workers=num_workers, resume=resume,
                            force=force, quiet=quiet)
 
@@ -661,6 +675,7 @@ def point(
                                                "statistics instead of recomputing them at t.")] = False,
     bn_batches: BnBatchesOpt = None,
     batch_size: EvalBatchOpt = 512,
+    dataset: RecordedDatasetOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -684,7 +699,8 @@ def point(
         if index is not None:
             return export_member(source, index, output, force=force)
         return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
-                            device=device, data_root=data_root, download=download, batch_size=batch_size,
+                            device=device, dataset=dataset, data_root=data_root, download=download,
+                            batch_size=batch_size,
                             precision=precision.value, num_workers=num_workers, quiet=quiet)
 
     def show(r: PointResult) -> None:
@@ -1165,7 +1181,7 @@ def fge_cmd(
                         sync_bn=sync_bn, points_per_pass=points_per_pass,
                         bn_batches=bn_batches,
                         swa=str(swa) if swa else None)
-        return fge(cfg, start, output, metrics or _default_metrics(output), device=device, data_root=data_root,
+        return fge(cfg, start, output, metrics, device=device, data_root=data_root,
                    download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)
 
     def show(r: FGEResult) -> None:

@@ -18,7 +18,7 @@ from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError, Interrupted, MetricsFileError
+from .errors import ConfigError, Interrupted
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
@@ -217,9 +217,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     if repair:
         check_repairable(curve.build_model(), str(paths[0]))
     wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd
-    name = dataset or curve.meta.dataset
-    if name is None:
-        raise ConfigError("the network does not record its data set; pass --dataset.")
+    name = curve.meta.dataset_or(dataset, paths[0])
     names = curve_metric_names(split)
     t = np.linspace(0.0, 1.0, num_points)
     values = {n: np.full(num_points, np.nan) for n in names}
@@ -230,18 +228,17 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
               "compare_unaligned": str(compare_unaligned) if compare_unaligned is not None else None,
               "repair_batches": repair_batches if repair else None}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
+    # Every dataset a run of these settings writes must be there (as plane, surface and hessian check).
+    shapes = {prefix + n: (num_points,) for prefix, vals in (("", values), ("unaligned/", values_un or {}))
+              for n in vals}
     old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
-                                plot=plot)
+                                plot=plot, shapes=shapes)
     if shard is not None:
         config["shard"] = shard_text(shard)
     for prefix, vals in (("", values), ("unaligned/", values_un or {})):
         for n in vals:
             if prefix + n in old:
-                v = old[prefix + n]
-                if np.shape(v) != (num_points,) or v.dtype.kind not in "fiu":
-                    raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{prefix + n}' should be "
-                                           f"{num_points} numbers, got shape {np.shape(v)}. Start over with --force.")
-                vals[n] = np.asarray(v, dtype=np.float64)
+                vals[n] = np.asarray(old[prefix + n], dtype=np.float64)
     dl, distance = segment_lengths(curve, t)
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
@@ -296,8 +293,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                              label="curve", compile=compile)
 
         def weights_at(i: int, seg: Curve, pts: torch.Tensor) -> torch.Tensor:
-            c = coefficients(seg.curve, seg.num_bends, torch.tensor(t[i], dtype=torch.float64, device=dev))
-            return c.float() @ pts
+            return seg.weights(t[i], pts)
 
         def measure_repaired(i: int) -> dict[str, float]:
             out = {}
@@ -359,10 +355,12 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
 @holds_output_locks
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
-                 data_root: str | None = None, download: bool = False, batch_size: int = 512,
-                 precision: str = "fp32", num_workers: int = 4, quiet: bool = False) -> PointResult:
-    """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled; its
-    pass shows a progress bar inside ``mctool.progress()`` unless ``quiet``)."""
+                 dataset: str | None = None, data_root: str | None = None, download: bool = False,
+                 batch_size: int = 512, precision: str = "fp32", num_workers: int = 4,
+                 quiet: bool = False) -> PointResult:
+    """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled, on the
+    training images of ``dataset``, by default the recorded one; its pass shows a progress bar inside
+    ``mctool.progress()`` unless ``quiet``)."""
     t0 = time.time()
     check_real("--t", t, 0, 1)
     check_count("--batch-size", batch_size)
@@ -375,8 +373,8 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     recalibrated = False
     if bn_update and bn_modules(model):
         dev = resolve_device(device)
-        data = load_data(curve.meta.dataset, root=data_root, split=split, download=download, device=dev,
-                         **curve.meta.data_options(), num_workers=num_workers)
+        data = load_data(curve.meta.dataset_or(dataset, path), root=data_root, split=split, download=download,
+                         device=dev, **curve.meta.data_options(), num_workers=num_workers)
         model.to(dev)
         batches = data.train.num_batches(batch_size)
         world = distributed.current().world if distributed.current() is not None else 1

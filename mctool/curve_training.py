@@ -27,8 +27,9 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, adopt_recorded, finishing, fit, old_run_remover, prepare_outputs, recorded_augment,
-                   recorded_lr, recorded_split, recorded_wd, remove_state, state_path, train_mode, validate_sgd)
+from .loop import (GradSum, adopt_recorded, finishing, fit, metrics_path, old_run_remover, prepare_outputs,
+                   recorded_augment, recorded_lr, recorded_split, recorded_wd, remove_state, state_path, train_mode,
+                   validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -182,7 +183,7 @@ class ConnectConfig:
     """What determines a trained curve (recorded in its files). ``None`` means: take it from endpoint A."""
 
     curve: str = "bezier"
-    num_bends: int = 1
+    num_bends: int | None = None  # default: 1, or 0 for a line (resolved by validate)
     epochs: int | None = None  # default: default_curve_epochs of A's record
     lr: float | None = None  # default: default_curve_lr of A's record and the curve's iterations
     wd: float | None = None  # default: A's recorded wd (the paper's curves use their endpoints' wd)
@@ -209,6 +210,8 @@ class ConnectConfig:
     derived: dict[str, str] | None = None
 
     def validate(self) -> None:
+        if self.num_bends is None:
+            self.num_bends = 0 if self.curve == "line" else 1
         check_count("--num-bends", self.num_bends, 0)
         if self.num_bends > MAX_BENDS:  # what curve files may hold: a longer curve could not be read back
             raise ConfigError(f"--num-bends must be at most {MAX_BENDS}, got {self.num_bends}.")
@@ -266,7 +269,8 @@ def default_curve_lr(train_lr: float, iterations: int) -> float:
 
 @holds_output_locks
 @honours_deterministic
-def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path, metrics: str | Path, *,
+def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path,
+            metrics: str | Path | None = None, *,
             device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
             resume: bool = False, force: bool = False, quiet: bool = False) -> ConnectResult:
     """Learn a low-loss curve from ``start`` to ``end`` (docs/method.md#training); ``line`` writes the segment.
@@ -275,7 +279,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     t0 = time.time()
     cfg = replace(cfg)
     cfg.validate()
-    output, metrics = Path(output), Path(metrics)
+    output = Path(output)
+    metrics = Path(metrics) if metrics is not None else metrics_path(output, "-connect")
     a, b = load_model(start), load_model(end)
     line = line_between(a, b)
     align_meta: dict[str, str] = {}

@@ -79,10 +79,12 @@ class Curve:
     def num_points(self) -> int:
         return self.points.shape[0]
 
-    def weights(self, t: float) -> torch.Tensor:
-        """Flat parameters at t."""
+    def weights(self, t: float, points: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat parameters at t: the coefficients c(t) (float64 on the CPU, then in the points' dtype) times the
+        control points, or times ``points`` (a copy of them, e.g. on the compute device)."""
+        points = self.points if points is None else points
         c = coefficients(self.curve, self.num_bends, torch.tensor(float(t), dtype=torch.float64))
-        return c.to(self.points.dtype).to(self.points.device) @ self.points
+        return c.to(points.dtype).to(points.device) @ points
 
     def gram(self) -> torch.Tensor:
         """G = W W^T in float64, so ||sum_k d_k W_k|| = sqrt(d^T G d) for any coefficient difference d."""

@@ -260,12 +260,53 @@ class LoaderSplit:
             persistent_workers=False))
         size = self.info.image_size
         for b in index:
-            x, y = next(loader) if b else (torch.empty(0, self.info.in_chans, size, size),
-                                           torch.empty(0, dtype=torch.long))
+            try:
+                x, y = next(loader) if b else (torch.empty(0, self.info.in_chans, size, size),
+                                               torch.empty(0, dtype=torch.long))
+            except OSError as e:  # PIL's UnidentifiedImageError, "image file is truncated", a vanished file
+                error = self._unreadable(ds, b, e)
+                if error is None:  # every image of the batch reads fine: not a damaged file, keep the traceback
+                    raise
+                # A worker's re-raised exception holds the loader in a reference cycle through its traceback; left
+                # to the garbage collector, its worker processes take seconds each to stop. Let them go now.
+                e.__traceback__ = None
+                del loader
+                raise error from None
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
+
+    def _unreadable(self, ds, batch: list[int], e: OSError) -> DataError | None:
+        """The error for an image of ``batch`` that could not be loaded, naming the first file of the batch
+        that PIL cannot open and decode; None if the data set lists its files and all of them can be read."""
+        from PIL import Image
+
+        for i in batch:
+            path = _sample_path(ds, i)
+            if path is None:
+                break
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except OSError as err:
+                return DataError(f"cannot read image file '{path}' of data set '{self.info.name}' ({err}); remove "
+                                 "or replace that file.")
+        else:
+            return None
+        # A worker's exception comes back with the worker's traceback in its text: keep its last line only.
+        lines = str(e).strip().splitlines()
+        detail = lines[-1] if lines else type(e).__name__
+        return DataError(f"cannot read an image of data set '{self.info.name}' ({detail}); remove or replace that "
+                         "file.")
+
+
+def _sample_path(ds, i: int) -> str | None:
+    """The file of sample ``i`` of an ImageFolder (or a Subset of one), or None for other data sets."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    samples = getattr(ds, "samples", None)
+    return samples[i][0] if samples is not None else None
 
 
 @dataclass
@@ -368,11 +409,17 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def _read_idx_gz(path: Path) -> np.ndarray:
+def _read_idx_gz(path: Path, ndim: int) -> np.ndarray:
+    """An IDX array of ``ndim`` dimensions from a gzip file; ValueError if its header or length is wrong."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    ndim = raw[3]
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise ValueError(f"not an IDX file of {ndim}-D unsigned bytes: header {raw[:4].hex(' ') or 'missing'}, "
+                         f"expected 00 00 08 {ndim:02x}")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(raw) != expected:
+        raise ValueError(f"{len(raw):,} bytes, but its header ({' x '.join(map(str, dims))}) says {expected:,}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
@@ -381,10 +428,25 @@ def _idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
     if not all((folder / n).is_file() for n in names):
         return None
-    try:
-        xtr, ytr, xte, yte = (_read_idx_gz(folder / n) for n in names)
-    except (OSError, EOFError, ValueError) as e:
-        raise DataError(f"the data set files in '{folder}' are damaged ({e}); re-install or re-download them.") from None
+
+    def damaged(why: str) -> DataError:
+        return DataError(f"the data set files in '{folder}' are damaged ({why}); re-install or re-download them.")
+
+    arrays = []
+    for n, ndim in zip(names, (3, 1, 3, 1)):
+        try:
+            arrays.append(_read_idx_gz(folder / n, ndim))
+        except (OSError, EOFError, ValueError) as e:
+            raise damaged(f"{n}: {e}") from None
+    xtr, ytr, xte, yte = arrays
+    for part, x, y in (("train", xtr, ytr), ("t10k", xte, yte)):
+        if len(x) != len(y):
+            raise damaged(f"{part}-images holds {len(x):,} images but {part}-labels {len(y):,} labels")
+        if y.size and y.max() >= 10:
+            raise damaged(f"{part}-labels holds label {int(y.max())}; fashion-mnist's labels are 0 to 9")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise damaged(f"train-images are {'x'.join(map(str, xtr.shape[1:]))} pixels but t10k-images "
+                      f"{'x'.join(map(str, xte.shape[1:]))}")
     return xtr[:, None], ytr, xte[:, None], yte
 
 
@@ -425,6 +487,21 @@ def _val_size(n_train: int) -> int:
     return _VAL_SIZE if n_train >= 10 * _VAL_SIZE else max(1, round(n_train / 10))
 
 
+def _check_not_empty(name: str, split: str, n_train: int, n_eval: int, n_total: int) -> None:
+    """Refuse a data set whose training or evaluation split is empty (``n_total``: training images before
+    --split val held some out), before any command starts work on it."""
+    more = " (a larger train=N)" if name.split(":", 1)[0] == "synthetic" else ""
+    if n_train == 0 and n_total > 0:
+        raise DataError(f"data set '{name}' has no training images left with --split val: it holds out "
+                        f"{n_total - n_train} of its {n_total} training image(s) for validation. Use --split test, "
+                        f"or a data set with more training images{more}.")
+    if n_train == 0:
+        raise DataError(f"data set '{name}' has no training images; use a data set with a training set{more}.")
+    if n_eval == 0:
+        raise DataError(f"data set '{name}' has no test images (--split test); use --split val, which holds out part "
+                        "of the training images for evaluation.")
+
+
 def _check_augment(augment: str) -> None:
     if augment not in AUGMENTS:
         raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{augment}'.")
@@ -436,8 +513,9 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
               image_size: int = 224, data_config: dict | None = None) -> Data:
     """Load a data set by name (see ``DATASETS``) onto ``device``.
 
-    ``split="val"`` holds out the last 5,000 training images (10% for sets under 50,000) as the
-    evaluation set. ``normalization`` overrides the data set's mean/std (use a checkpoint's).
+    ``split="val"`` holds out the last 5,000 training images (10% for sets under 50,000; for ``imagefolder:``
+    as many drawn at random with a fixed seed) as the evaluation set. ``normalization`` overrides the data
+    set's mean/std (use a checkpoint's).
     ``data_config`` (timm's ``resolve_data_config`` of a pretrained model) makes ``imagefolder:PATH`` use
     timm's transforms for that model; the other data sets keep their own size and normalisation.
     """
@@ -478,9 +556,11 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
                        image_size=size, mean=mean, std=std,
                        augment=_DEFAULT_AUGMENT[base] if augment == "auto" else augment,
                        crop_padding=max(1, size // 8))
+    n_total = len(xtr)
     if split == "val":
-        nv = _val_size(len(xtr))
+        nv = _val_size(n_total)
         xtr, ytr, xte, yte = xtr[:-nv], ytr[:-nv], xtr[-nv:], ytr[-nv:]
+    _check_not_empty(name, split, len(xtr), len(xte), n_total)
     return Data(info=info, train=TensorSplit(xtr, ytr, info, device, channels_last),
                 eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
 
@@ -536,4 +616,5 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
     else:
         train = LoaderSplit(train_aug, train_plain, info, device, num_workers, channels_last)
         ev = LoaderSplit(val, val, info, device, num_workers, channels_last)
+    _check_not_empty(name, split, len(train), len(ev), len(train_plain))
     return Data(info=info, train=train, eval=ev, eval_split=split)

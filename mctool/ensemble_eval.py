@@ -27,6 +27,7 @@ from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import provenance, write_h5
+from .models import check_takes_images
 from .options import MAX_POINTS, check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
 from .runtime import progress_bar, resolve_device, warn
@@ -95,10 +96,14 @@ def fit_temperature(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
 
 
 def check_members_compatible(members: list[Member]) -> None:
+    """Members must predict the same classes from the same inputs: equal classes and channels, and equal
+    normalisation where both record one (a plain state dict records none and reads the data as given)."""
     first = members[0].meta
     for m in members[1:]:
         for key in ("num_classes", "in_chans", "normalization"):
             va, vb = getattr(m.meta, key), getattr(first, key)
+            if key == "normalization" and (va is None or vb is None):
+                continue
             if not (same_normalization(va, vb) if key == "normalization" else va == vb):
                 raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
                                   "read the same inputs and predict the same classes.")
@@ -166,11 +171,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     members = load_members(paths, num_points, arch=arch, num_classes=num_classes, in_chans=in_chans,
                            arch_kwargs=arch_kwargs)
     first = members[0].meta
-    name = dataset or first.dataset
-    if name is None:
-        raise ConfigError(f"'{paths[0]}' does not record its data set; pass --dataset.")
-    if dataset is None:
-        check_members_compatible(members)
+    name = first.dataset_or(dataset, paths[0])
+    check_members_compatible(members)  # also with --dataset: the data is normalised once, as the first reads it
     if output:
         for m in members[1:]:
             if (m.meta.arch, m.meta.arch_kwargs) != (first.arch, first.arch_kwargs):
@@ -184,6 +186,9 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                      **first.data_options(), num_workers=num_workers) if temperature_scale else None
     for m in members:
         check_fits(m.meta, data.info, m.label)
+        if m.meta.image_size is None:  # a plain state dict: nothing recorded says it takes these images
+            check_takes_images(m.make().to(dev), m.meta.arch, data.info.num_classes, data.info.in_chans,
+                               data.info.image_size, data.info.name)
     rows, running, ens = [], [], None
     eval_logits, held_logits, labels, held_labels = [], [], None, None
     weights, buffers = [], []

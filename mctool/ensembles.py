@@ -67,7 +67,12 @@ def load_ensemble(path: str | Path) -> Ensemble:
     path = Path(path)
     tensors, md = read_checkpoint(path)
     if md.get("kind") != "ensemble":
-        raise CheckpointError(f"'{path}' is a '{md.get('kind', 'plain safetensors')}' file, not an ensemble.")
+        kind = md.get("kind", "plain safetensors")
+        hint = {"curve": "; --index picks a member of an ensemble file (fge, train --schedule sse, ensemble -o): for "
+                         "a curve, give --t T instead",
+                "curve-state": "; for a curve, give --t T instead of --index",
+                "model": "; it is already a single network", "train-state": "; it is already a single network"}
+        raise CheckpointError(f"'{path}' is a '{kind}' file, not an ensemble{hint.get(kind, '')}.")
     meta = ModelMeta.from_metadata(md, path)
     missing = [k for k in ("param_layout", "num_members") if k not in meta.extra]
     missing += [] if _MEMBERS in tensors else [f"the tensor {_MEMBERS}"]
@@ -211,8 +216,8 @@ class SnapshotCollector:
             self.pending = [(w.float().to(self.data.eval.device), info) for w, info in zip(waiting, pending)]
 
     def h5_datasets(self, split: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
-        """``members/<split>/err|nll``, ``ensemble/<split>/err|nll|ece`` and ``members/iteration``, by member
-        (pending snapshots included, their metrics NaN)."""
+        """``members/<split>/nll|err|ece|brier``, ``ensemble/<split>/nll|err|ece|brier`` and
+        ``members/iteration``, by member (pending snapshots included, their metrics NaN)."""
         rows = self.rows + self.pending_info()
         col = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)  # noqa: E731
         out = {f"members/{split}/{k}": (col(f"member_{k}"), ("member",)) for k in ("nll", "err", "ece", "brier")}

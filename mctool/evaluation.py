@@ -161,10 +161,17 @@ def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512
     """
     recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
                    sharded=sharded)
-    probs, labels = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision,
-                                  sharded=sharded)
-    train_nll, train_err = nll(probs, labels), error(probs, labels)
-    probs, labels = predict_probs(model, data.eval, batch_size=batch_size, precision=precision, sharded=sharded)
-    split = data.eval_split
-    return {"train/loss": train_nll + l2_term(model, wd), "train/nll": train_nll, "train/err": train_err,
-            f"{split}/nll": nll(probs, labels), f"{split}/err": error(probs, labels)}
+    train = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision,
+                          sharded=sharded)
+    held = predict_probs(model, data.eval, batch_size=batch_size, precision=precision, sharded=sharded)
+    return point_metrics(train, held, l2_term(model, wd), data.eval_split)
+
+
+def point_metrics(train: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor], l2: float,
+                  split: str) -> dict[str, float]:
+    """The metrics of one network at one point (a curve point, a grid cell) from its probabilities and labels
+    on the training and evaluation images: ``train/loss`` (NLL + the L2 term), ``train/nll``, ``train/err``,
+    ``<split>/nll``, ``<split>/err``. One place for every evaluation path (one network, or many in a pass)."""
+    train_nll = nll(*train)
+    return {"train/loss": train_nll + l2, "train/nll": train_nll, "train/err": error(*train),
+            f"{split}/nll": nll(*held), f"{split}/err": error(*held)}

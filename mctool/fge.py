@@ -1,8 +1,9 @@
 """``mctool fge``: Fast Geometric Ensembling from a trained network (docs/method.md#fge).
 
 A cyclic learning rate, set every iteration, goes from lr_max down to lr_min at mid cycle and back;
-at the exact mid-cycle iteration a snapshot is taken, gets its own BN recalibration, is evaluated and
-joins the running ensemble. All members go into one ensemble file.
+at the exact mid-cycle iteration a snapshot is taken; snapshots get their own BN recalibration and are
+evaluated ``--points-per-pass`` at a time (``ensembles.SnapshotCollector``), joining the running ensemble.
+All members go into one ensemble file.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (adopt_recorded, finishing, fit, get_momentum, old_run_remover, prepare_outputs, recorded_augment,
-                   recorded_lr, recorded_split, recorded_wd, remove_state, set_momentum, sgd_step, state_path,
-                   validate_sgd)
+from .loop import (adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover, prepare_outputs,
+                   recorded_augment, recorded_lr, recorded_split, recorded_wd, remove_state, set_momentum, sgd_step,
+                   state_path, validate_sgd)
 
 
 @dataclass
@@ -70,7 +71,10 @@ class FGEConfig:
         validate_sgd(self, lr_option="--lr-max")
         check_real("--lr-min", self.lr_min, 0, low_open=True)
         if self.lr_min is not None and self.lr_max is not None and not self.lr_min <= self.lr_max:
-            raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}.")
+            derived = self.derived or {}
+            hint = next((f"; --{k.replace('_', '-')} {getattr(self, k)} is its default, {derived[k]}: give it too"
+                         for k in ("lr_min", "lr_max") if k in derived), "")
+            raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}{hint}.")
         check_count("--cycle-iters", self.cycle_iters, 2)
         if self.cycle_iters is None and self.cycle_epochs is None:
             raise ConfigError("give --cycle-epochs or --cycle-iters.")
@@ -114,7 +118,7 @@ def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool, resume: boo
     if cfg.wd is None:
         wd = recorded_wd(meta.config)
         cfg.wd = 5e-4 if wd is None else wd
-        derived["wd"] = "the start network's wd" if wd is not None else "5e-4 (the start network records no wd)"
+        derived["wd"] = f"the start network's wd {wd!r}" if wd is not None else "5e-4 (the start network records no wd)"
     if cfg.lr_max is None or cfg.lr_min is None:
         train_lr = recorded_lr(meta.config)
         source = f"the start network's training lr {train_lr!r}"
@@ -139,7 +143,8 @@ def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
 
 @holds_output_locks
 @honours_deterministic
-def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path, *, device: str = "auto",
+def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path | None = None, *,
+        device: str = "auto",
         data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
         force: bool = False, quiet: bool = False) -> FGEResult:
     """Run FGE from ``start`` (a model or a training state, whose SGD momentum is kept).
@@ -153,7 +158,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     cfg.validate()
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
-    output, metrics = Path(output), Path(metrics)
+    output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[start],
                                    more_outputs={"--swa": cfg.swa})
     adopt_recorded(cfg, resume_state)

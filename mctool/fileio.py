@@ -28,6 +28,9 @@ try:
 except ImportError:  # not on Windows: no locks there
     fcntl = None
 
+#: The first bytes of every HDF5 file (a metrics file).
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 PathLike = str | os.PathLike
 # Temporary files this process is writing now: never removed as stale.

@@ -8,6 +8,8 @@ complete version under the real name.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import shlex
@@ -37,6 +39,20 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+#: The mctool command line being run, set by the CLI; a library call records its Python program instead.
+COMMAND_LINE: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("mctool_command_line",
+                                                                               default=None)
+
+
+def command_line() -> str:
+    """What produced a file: ``mctool ARGS`` under the CLI, else ``python PROGRAM ARGS`` (a script or notebook
+    calling the library), never a made-up mctool command."""
+    args = COMMAND_LINE.get()
+    line = shlex.join(["mctool", *args]) if args is not None else shlex.join(["python", *sys.argv]) if sys.argv \
+        else "python"
+    return _printable(line)  # file names that are not UTF-8 come as surrogate escapes, which HDF5 text cannot hold
+
+
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                kind: str = "train") -> dict[str, str]:
     """Root attributes every mctool HDF5 file carries. ``inputs`` (path -> sha256) is stored sorted by path;
@@ -44,8 +60,7 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
     return {
         "kind": kind,
         "mctool_version": __version__,
-        # file names that are not UTF-8 reach sys.argv as surrogate escapes, which HDF5 text cannot hold
-        "command": _printable(shlex.join(["mctool", *sys.argv[1:]]) if sys.argv else "mctool"),
+        "command": command_line(),
         "started": utc_now(),
         "inputs": json.dumps(inputs or {}, sort_keys=True),
         "input_order": json.dumps(list((inputs or {}).values())),
@@ -105,7 +120,14 @@ def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
                 data[name] = ds[()]
             attrs = {k: _attr(path, f.attrs, k) for k in f.attrs}
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise MetricsFileError(f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e}).") from None
+        hint = ""
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                head = f.read(9)  # a safetensors file: its header's length (8 bytes), then the JSON header
+            if len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+                hint = (" It looks like a safetensors checkpoint; this takes the HDF5 metrics files written with "
+                        "-m/--metrics.")
+        raise MetricsFileError(f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e}).{hint}") from None
     return data, attrs
 
 
@@ -168,6 +190,9 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
 def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]]:
     """Read a metrics file to resume, refusing one made from other inputs or with other settings."""
+    if not os.path.lexists(path):
+        raise MetricsFileError(f"nothing to resume: metrics file '{path}' does not exist.{did_you_mean(path)} "
+                               "Run without --resume to start.")
     data, attrs = read_h5(path)
     old_inputs, old_config = json_attr(attrs, "inputs", path), json_attr(attrs, "config", path)
     if not isinstance(old_inputs, dict) or not isinstance(old_config, dict):

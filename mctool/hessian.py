@@ -10,7 +10,9 @@ for the top-k eigenvalues, and Rademacher probes give Hutchinson's estimate of t
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +28,13 @@ from . import distributed
 from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
 from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
 from .curve_eval import curve_from_files, interrupted
-from .curves import coefficients
 from .data import Split, check_fits, load_data
 from .ensembles import load_ensemble
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
+from .loop import recorded_split
 from .options import MAX_POINTS, check_count, check_real, check_seed
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
@@ -73,12 +75,30 @@ def _points(paths: list[str], num_points: int) -> Points:
     t = np.linspace(0.0, 1.0, num_points)
 
     def at(i: int) -> torch.Tensor:
-        c = coefficients(curve.curve, curve.num_bends, torch.tensor(float(t[i]), dtype=torch.float64))
-        return c.float() @ curve.points
+        return curve.weights(t[i])
 
     inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
     return Points("curve", [f"t={x:.4g}" for x in t], t, at, lambda i: curve.buffers, curve.layout,
                   curve.build_model(), curve.meta, inputs, recalibrate=True)
+
+
+def _check_memory(p: int, n: int, top_k: int, eigenvectors: bool) -> None:
+    """Refuse, before any file is written, a run whose Lanczos basis (ARPACK keeps max(2k + 1, 20) float64
+    vectors of the P parameters) or ``--eigenvectors`` array (points x k x P float32) cannot fit in memory."""
+    lanczos = 8 * p * max(2 * top_k + 1, 20)
+    vectors = 4 * n * top_k * p if eigenvectors else 0
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if lanczos + vectors > 0.8 * ram:
+        def size(b: float) -> str:
+            return f"{b / 2 ** 30:,.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:,.1f} MiB"
+
+        also = f" and the --eigenvectors array {size(vectors)} ({n} points x {top_k} x {p:,})" if vectors else ""
+        raise ConfigError(f"--top-k {top_k} needs a Lanczos basis of {size(lanczos)} for {p:,} "
+                          f"parameters{also}, more than this machine's {size(ram)} of memory can hold; "
+                          "lower --top-k" + (", --num-points, or leave out --eigenvectors." if vectors else "."))
 
 
 class LossHessian:
@@ -191,16 +211,18 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     p = pts.layout.size
     if top_k >= p:
         raise ConfigError(f"--top-k must be below the number of parameters ({p:,}), got {top_k}.")
-    name = dataset or pts.meta.dataset
-    if name is None:
-        raise ConfigError("the network does not record its data set; pass --dataset.")
+    name = pts.meta.dataset_or(dataset, paths[0])
+    # The training images the network was trained on: with --split val its held-out images stay out.
+    split = recorded_split(pts.meta.config) or "test"
     n = len(pts.labels)
     config = {"top_k": top_k, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
-              "seed": seed, "bn_batches": bn_batches, "points": pts.kind}
+              "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
+              **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
     if trace:
         shapes |= {"trace": (n,), "trace_stderr": (n,)}
+    _check_memory(p, n, top_k, eigenvectors is not None)
     old, started = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, shapes=shapes)
     vec_path = Path(eigenvectors) if eigenvectors is not None else None
     values = {k: np.full(s, np.nan) for k, s in shapes.items()}
@@ -212,8 +234,13 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         if resume and vec_path.exists():
             tensors, md = read_checkpoint(vec_path)
             stored = tensors.get("eigenvectors")
-            if md.get("kind") != "hessian-eigenvectors" or stored is None or tuple(stored.shape) != vectors.shape:
-                raise ConfigError(f"'{vec_path}' does not hold this run's eigenvectors; start over with --force.")
+            same = (md.get("kind") == "hessian-eigenvectors" and md.get("param_layout") == pts.layout.to_json()
+                    and md.get("inputs") == json.dumps(pts.inputs, sort_keys=True)
+                    and md.get("config") == json.dumps(config, sort_keys=True))
+            if (not same or stored is None or stored.dtype != torch.float32
+                    or tuple(stored.shape) != vectors.shape):
+                raise ConfigError(f"'{vec_path}' does not hold this run's eigenvectors (other inputs or options); "
+                                  "start over with --force.")
             vectors = stored.numpy().copy()
         else:
             check_output(vec_path, force or resume, "eigenvectors file")
@@ -238,7 +265,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     todo = distributed.broadcast_object([i for i in range(n) if missing(i)])
     if todo:
         dev = resolve_device(device)
-        data = load_data(name, root=data_root, split="test", download=download, device=dev,
+        data = load_data(name, root=data_root, split=split, download=download, device=dev,
                          **pts.meta.data_options(), num_workers=num_workers)
         check_fits(pts.meta, data.info, paths[0])
         subset: Split = data.train.subset(train_subset) if train_subset else data.train

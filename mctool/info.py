@@ -14,10 +14,10 @@ import numpy as np
 
 from .checkpoint import read_header
 from .errors import MctoolError
+from .fileio import HDF5_MAGIC
 from .results import FileRef, InfoResult
 from .h5io import read_h5
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def _json_or_str(v: str) -> Any:
@@ -37,7 +37,7 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
         magic = f.read(8)
     base = dict(command="info", inputs=[FileRef.of(path)], outputs={}, split=None,
                 metrics={"train": None, "eval": None}, bytes=path.stat().st_size)
-    if magic == _HDF5_MAGIC:
+    if magic == HDF5_MAGIC:
         data, attrs = read_h5(path)
         datasets = {}
         for name, arr in sorted(data.items()):

@@ -2,7 +2,7 @@
 handling, the plain training step, and the resumable epoch loop (``fit``).
 
 Each command builds its own step (a network's, or a curve's) and hands it to ``fit``; the commands
-themselves live in ``training.py``, ``curves.py`` and ``fge.py``.
+themselves live in ``training.py``, ``curve_training.py`` and ``fge.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .bn import bn_modules
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
 from .data import AUGMENTS, SPLITS, Data
 from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
@@ -91,6 +92,12 @@ def output_stem(output: str | Path) -> str:
     if name in ("", ".", ".."):
         raise OutputError(f"output '{output}' is not a file name; give a file name.")
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def metrics_path(output: str | Path, suffix: str = "") -> Path:
+    """The default metrics file of a run writing ``output``: ``model.safetensors`` -> ``model{suffix}.h5``
+    (``train`` and ``fge``: no suffix; ``connect``: ``-connect``; ``align``: ``-align``)."""
+    return Path(output).with_name(output_stem(output) + suffix + ".h5")
 
 
 def state_path(output: str | Path) -> Path:
@@ -256,8 +263,9 @@ class GradSum:
 
 def check_batches(n: int, batch_size: int, model: torch.nn.Module) -> None:
     """Refuse, before training, batches that cannot train: every rank needs at least one image of every
-    global batch (the last one included), and ``BatchNorm1d`` (features without positions) at least two
-    images in a rank's piece, or it has no variance to normalise with."""
+    global batch (the last one included), and a BatchNorm network at least two images in a rank's piece: a
+    single image has no batch statistics once a layer's features have no positions (BatchNorm1d, or a
+    BatchNorm2d after the feature map has shrunk to 1x1, as in a ResNet on 8x8 images)."""
     d = distributed.current()
     world = d.world if d is not None else 1
     smallest = min(batch_size, n - (n - 1) // batch_size * batch_size) if n else 0
@@ -265,11 +273,11 @@ def check_batches(n: int, batch_size: int, model: torch.nn.Module) -> None:
         raise ConfigError(f"with {n} training images and --batch-size {batch_size}, a batch has only {smallest} "
                           f"image(s) for {world} ranks; every rank needs one: change --batch-size or use fewer "
                           "ranks.")
-    if smallest // world < 2 and any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()):
+    if smallest // world < 2 and bn_modules(model):
         where = "every batch" if batch_size // world < 2 else "the last batch of an epoch"
         piece = f" (split over {world} ranks)" if world > 1 else ""
         raise ConfigError(f"with {n} training images and --batch-size {batch_size}, {where}{piece} gives a "
-                          f"BatchNorm1d layer a single image, which it cannot normalise while training; change "
+                          f"BatchNorm layer a single image, which it cannot normalise while training; change "
                           f"--batch-size (e.g. to {batch_size + 1}).")
 
 

@@ -25,8 +25,8 @@ from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import json_attr, metrics_file, provenance
 from .checkpoint import read_checkpoint, save_checkpoint
-from .plane import plane_metric_names, plane_metrics, plane_summary, write_plane_file
-from .surface import directions_path, surface_metrics, surface_summary, write_surface_file
+from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
+from .surface import directions_path, write_surface_file
 from .results import FileRef, MergeResult, file_refs
 
 KINDS = ("plane", "surface", "evaluate-curve")
@@ -230,15 +230,15 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     if kind == "plane":
         grid = {n_: values[n_] for n_ in plane_metric_names(split)}
         at_points = {n_: values[f"at_points/{n_}"] for n_ in grid}
-        summary = plane_summary(grid, at_points)
+        summary = grid_summary(grid, at_points)
         write_plane_file(output, attrs, alpha=data["alpha"], beta=data["beta"], grid=grid, at_points=at_points,
                          points=data["points"], curve=data.get("curve"), curve_offplane=data.get("curve_offplane"),
                          summary=summary)
-        metrics = plane_metrics(summary)
+        metrics = grid_metrics(summary)
     elif kind == "surface":
         grid = {n_: values[n_] for n_ in plane_metric_names(split)}
         center = {n_: values[f"at_points/{n_}"] for n_ in grid}
-        summary = surface_summary(grid, center)
+        summary = grid_summary(grid, center)
         vec_out = directions_path(output)
         name = first.attrs.get("directions_file")
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
@@ -254,7 +254,7 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         scales = {"alpha": data["alpha"], **({"beta": data["beta"]} if "beta" in data else {})}
         write_surface_file(output, attrs, scales=scales, grid=grid, center=center, trajectory=data.get("trajectory"),
                            trajectory_error=data.get("trajectory_error"), summary=summary)
-        metrics = surface_metrics(summary)
+        metrics = grid_metrics(summary)
     else:
         distance = attrs.get("distance")
         if isinstance(distance, bool) or not isinstance(distance, (int, float)):

@@ -40,11 +40,6 @@ MCTOOL_ARCHS = (
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only")
 
 
-def _pool_out(size: int) -> int:
-    # MaxPool2d(3, stride 2, padding 1) halves the size, rounding up; never below 1.
-    return (size + 2 - 3) // 2 + 1
-
-
 class ConvFC(nn.Module):
     """The paper's 3 conv + 3 FC network (conv 32-64-128 of 5x5, FC 1000-1000), widths scaled by ``width``."""
 
@@ -479,8 +474,35 @@ def arch_kwargs_for(arch: str, arch_kwargs: dict[str, Any] | None, img_size: int
     return kwargs
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def check_takes_images(model: nn.Module, arch: str, num_classes: int, in_chans: int, image_size: int,
+                       dataset: str) -> None:
+    """Refuse, before any work, a network that cannot take the data set's images: run it (eval mode, no
+    gradients) on two blank images of ``in_chans`` x ``image_size`` x ``image_size`` on its own device, and
+    check it gives ``num_classes`` logits each. A timm model of a fixed input size, or an ``img_size`` in
+    --arch-kwargs other than the data's, otherwise fails in the first training step with torch's traceback."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(2, in_chans, image_size, image_size, device=param.device if param is not None else None)
+    if param is not None and param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"architecture '{arch}' cannot take the {in_chans}x{image_size}x{image_size} images of "
+                          f"data set '{dataset}' ({type(e).__name__}: {why}); pick another --arch, or give its input "
+                          f"size in --arch-kwargs (e.g. '{{\"img_size\": {image_size}}}' where it takes one).") \
+            from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"architecture '{arch}' gives outputs of shape {shape} for 2 images of data set "
+                          f"'{dataset}', not (2, {num_classes}) class logits; pick a classifier for --arch.")
 
 
 def pretrained_cfg(arch: str, *, need_weights: bool = True) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from . import distributed
 from .checkpoint import load_model
 from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
 from .bn import check_bn_batch_size
-from .curves import Curve, coefficients, line_between, load_curve
+from .curves import Curve, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
@@ -128,9 +128,10 @@ def _nan_extreme(fn: Any, values: np.ndarray) -> float:
     return float(fn(values)) if values.size else float("nan")
 
 
-def plane_summary(grid: dict[str, np.ndarray], at_points: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """``{"train": {metric: {"min", "max", "at_points"}}, "eval": {...}}``: min and max over the grid cells
-    computed (NaN ones are left out), and the values at the three points (NaN where not computed)."""
+def grid_summary(grid: dict[str, np.ndarray], at_points: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """``{"train": {metric: {"min", "max", "at_points"}}, "eval": {...}}`` of a plane or surface: min and max
+    over the grid cells computed (NaN ones are left out), and the values at the marked points (a plane's
+    three, a surface's network; NaN where not computed)."""
     summary: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
     for n in grid:
         group, metric = metric_set(n)
@@ -139,8 +140,8 @@ def plane_summary(grid: dict[str, np.ndarray], at_points: dict[str, np.ndarray])
     return summary
 
 
-def plane_metrics(summary: dict[str, dict[str, Any]]) -> dict[str, Metrics]:
-    """``metrics`` of a ``PlaneResult`` from ``plane_summary``'s dict."""
+def grid_metrics(summary: dict[str, dict[str, Any]]) -> dict[str, Metrics]:
+    """``metrics`` of a ``PlaneResult`` or ``SurfaceResult`` from ``grid_summary``'s dict."""
     return {g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")}
 
 
@@ -149,7 +150,7 @@ def write_plane_file(path: str | Path, attrs: dict[str, Any], *, alpha: np.ndarr
                      curve: np.ndarray | None = None, curve_offplane: np.ndarray | None = None,
                      summary: dict[str, Any] | None = None) -> None:
     """Write a plane metrics file (atomically): ``alpha`` and ``beta`` are the scales in plot units; with
-    ``summary`` (``plane_summary``) also the root attribute ``summary``. ``plane`` and ``merge`` both write
+    ``summary`` (``grid_summary``) also the root attribute ``summary``. ``plane`` and ``merge`` both write
     through here."""
     if summary is not None:
         attrs["summary"] = json.dumps(summary)
@@ -247,14 +248,11 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     curve, (w0, w1, w2), base, inputs = _points(paths, bend)
     basis = PlaneBasis.through(w0, w1, w2)
     wd = float(base.meta.config.get("wd", 0.0)) if wd is None else wd
-    name = dataset or base.meta.dataset
-    if name is None:
-        raise ConfigError("the network does not record its data set; pass --dataset.")
+    name = base.meta.dataset_or(dataset, paths[0])
     coords = np.array([[0.0, 0.0], [basis.w1_x, basis.dy], [basis.dx, 0.0]])
     curve_xy = curve_off = None
     if curve is not None:
-        ts = torch.linspace(0, 1, curve_points, dtype=torch.float64)
-        proj = [basis.project(c.float() @ curve.points) for c in coefficients(curve.curve, curve.num_bends, ts)]
+        proj = [basis.project(curve.weights(t)) for t in np.linspace(0, 1, curve_points)]
         curve_xy = np.array([[x, y] for x, y, _ in proj])
         curve_off = np.array([d for _, _, d in proj])
     alphas, betas = grid_fractions(coords, curve_xy, basis.dx, basis.dy, margins, grid_points)
@@ -326,9 +324,9 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, on_start=write)
-    summary = plane_summary(grid, at_points)
+    summary = grid_summary(grid, at_points)
     write(summary)
-    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=plane_metrics(summary),
+    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
                          grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
                          curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
     if plot is not None and distributed.is_main():

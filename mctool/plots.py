@@ -11,6 +11,7 @@ import numpy as np
 from .errors import ConfigError, MetricsFileError
 from .fileio import atomic_path, check_outputs, figure_format, holds_output_locks, writes_files
 from .h5io import json_attr, metrics_file, read_h5
+from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
 
 
@@ -147,7 +148,7 @@ def grid_view(file: str | Path) -> GridView:
         raise MetricsFileError(f"'{file}': dataset 'beta' must be a 1-D array of numbers.")
     dims = 1 if y is None else 2
     shape = (len(x),) if y is None else (len(x), len(y))
-    names = ["train/loss", "train/err", f"{split}/nll", f"{split}/err"]
+    names = plane_metric_names(split)  # a surface file's are the same
     _check_shapes(file, data, {n: shape for n in names[::3]}, min_size=2)
     z = {n: np.asarray(data[n], dtype=np.float64) for n in names
          if n in data and np.shape(data[n]) == shape and data[n].dtype.kind in "fiu"}
@@ -284,7 +285,8 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     named = check_outputs({"--output": output, "--html": html, "--vtk": vtk,
                            "--vtk points file": vtk_points_path(vtk) if vtk is not None else None}, files,
                           force=force, formats={"--output": "figure", "--html": "html", "--vtk": "vtk-grid"})
-    kinds = {k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
+    of = {str(f): k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
+    kinds = set(of.values())
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     if kind in ("plane", "surface"):
         if len(files) != 1:
@@ -303,8 +305,12 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
             raise ConfigError("give the PNG to write: -o PNG.")
         plot_curves(files, output)
     else:
-        raise MetricsFileError(f"cannot draw files of kind {sorted(str(k) for k in kinds)}; give evaluate-curve "
-                               "files, one plane file or one surface file.")
+        listed = ", ".join(f"'{f}' ({'kind ' + repr(k) if k is not None else 'no kind'})" for f, k in of.items())
+        what = "files of different kinds together" if len(kinds) > 1 else "this file"
+        raise MetricsFileError(f"cannot draw {what}: {listed}. plot draws the metrics files of evaluate-curve "
+                               "(several overlaid), plane, surface and merge (one at a time); the per-epoch files "
+                               "of train, connect and fge, and those of evaluate and hessian, are read with "
+                               "'mctool info'.")
     refs = {key: FileRef.of(named[opt]) if opt in named else None for key, opt in
             (("plot", "--output"), ("html", "--html"), ("vtk", "--vtk"), ("vtk_points", "--vtk points file"))}
     return PlotResult(command="plot", inputs=file_refs(list(files)), outputs=refs,

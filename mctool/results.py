@@ -50,7 +50,8 @@ class Metrics:
     ``loss`` is the training objective (NLL plus the L2 term; in ``train``'s per-epoch rows the mean
     cross-entropy of the augmented batches), ``nll`` the mean negative log-likelihood, ``err`` the
     top-1 error in [0, 1], ``ece`` the expected calibration error (15 bins), ``brier`` the Brier score.
-    In ``evaluate-curve`` and ``plane`` each value is a summary over the curve or grid instead of a number.
+    In ``evaluate-curve``, ``plane``, ``surface`` and ``merge`` each value is a summary over the curve or grid
+    instead of a number.
     """
 
     loss: Any = None

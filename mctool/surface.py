@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
-from .curve_eval import check_shard, metric_set, shard_tasks, shard_text
+from .curve_eval import check_shard, shard_tasks, shard_text
 from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
@@ -32,8 +32,8 @@ from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import MAX_GRID_POINTS, check_count, check_real, check_seed
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
-from .plane import _nan_extreme, evaluate_cells, plane_metric_names
-from .results import FileRef, Metrics, PlaneSummary, SurfaceResult, file_refs
+from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
+from .results import FileRef, SurfaceResult, file_refs
 
 #: What ``--ignore`` can name: parameters zeroed in random directions.
 IGNORABLE = ("bn", "bias")
@@ -154,22 +154,6 @@ def surface_tasks(grid_points: int, dims: int) -> list[list[int]]:
     return [[], *cells]
 
 
-def surface_summary(grid: dict[str, np.ndarray], center: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """``{"train": {metric: {"min", "max", "at_points": [at the network]}}, "eval": {...}}``: min and max over the
-    grid cells computed (NaN ones left out)."""
-    out: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
-    for n, values in grid.items():
-        group, metric = metric_set(n)
-        out[group][metric] = {"min": _nan_extreme(np.min, values), "max": _nan_extreme(np.max, values),
-                              "at_points": [float(center[n][0])]}
-    return out
-
-
-def surface_metrics(summary: dict[str, dict[str, Any]]) -> dict[str, Metrics]:
-    """``metrics`` of a ``SurfaceResult`` from ``surface_summary``'s dict."""
-    return {g: Metrics.of({k: PlaneSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")}
-
-
 def write_surface_file(path: str | Path, attrs: dict[str, Any], *, scales: dict[str, np.ndarray],
                        grid: dict[str, np.ndarray], center: dict[str, np.ndarray],
                        trajectory: np.ndarray | None = None, trajectory_error: np.ndarray | None = None,
@@ -287,9 +271,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     inputs = {str(center.path): center.sha256, **{str(o.path): o.sha256 for o in others}}
     flat_others = [layout.flatten(dict(o.model.named_parameters())) for o in others]
     wd = float(center.meta.config.get("wd", 0.0)) if wd is None else wd
-    name = dataset or center.meta.dataset
-    if name is None:
-        raise ConfigError(f"'{path}' does not record its data set; pass --dataset.")
+    name = center.meta.dataset_or(dataset, path)
     names = plane_metric_names(split)
     shape = (grid_points,) * dims
     config = {"dims": dims, "directions": method, "ignore": list(ignore) if method == "random" else None,
@@ -384,9 +366,9 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        points_per_pass=points_per_pass, compile=compile, on_start=start)
     else:
         save_directions()
-    summary = surface_summary(grid, at_center)
+    summary = grid_summary(grid, at_center)
     write(summary)
-    result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=surface_metrics(summary),
+    result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
                            dims=dims, directions=method, grid_points=grid_points, ranges=[list(r) for r in ranges],
                            direction_norms=norms,
                            explained_variance_ratio=path_seen.explained if path_seen else None,

@@ -20,9 +20,9 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (adopt_recorded, finishing, fit, get_momentum, old_run_remover, prepare_outputs, remove_state,
-                   set_momentum, sgd_step, state_path, validate_sgd)
-from .models import arch_kwargs_for, build_model, build_pretrained, pretrained_data_config
+from .loop import (adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover, prepare_outputs,
+                   remove_state, set_momentum, sgd_step, state_path, validate_sgd)
+from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
 from .runtime import honours_deterministic, resolve_device, warn
@@ -70,7 +70,7 @@ class TrainConfig:
 
 @holds_output_locks
 @honours_deterministic
-def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: str = "auto",
+def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = None, *, device: str = "auto",
           data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
           force: bool = False, quiet: bool = False) -> TrainResult:
     """Train one network; returns its paths and final metrics. See docs/cli.md#train.
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     ``cfg`` is not changed: defaults (``arch``, ``arch_kwargs``) are filled in on a copy."""
     cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs), pretrained_source=None)  # the source is found out below
     cfg.validate()
-    output, metrics = Path(output), Path(metrics)
+    output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
     # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
     resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},
                                    resume=resume, force=force, inputs=[cfg.init, cfg.pretrained_file])
@@ -111,7 +111,9 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     if init is not None:
         check_fits(init.meta, data.info, cfg.init)
         if cfg.arch not in (None, init.meta.arch):
-            raise ConfigError(f"--arch {cfg.arch} differs from --init's architecture '{init.meta.arch}'.")
+            raise ConfigError(f"--init '{cfg.init}' holds a '{init.meta.arch}', but --arch is {cfg.arch}; leave "
+                              "out --arch (the checkpoint's architecture is used), or give --init a checkpoint of "
+                              f"{cfg.arch}.")
         cfg.arch, cfg.arch_kwargs = init.meta.arch, {**init.meta.arch_kwargs, **cfg.arch_kwargs}
         model = init.model
     else:
@@ -136,6 +138,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     model = use_sync_bn(model.to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    check_takes_images(model, cfg.arch, data.info.num_classes, data.info.in_chans, data.info.image_size,
+                       data.info.name)
     graphs = use_graphs(cfg.cuda_graphs, dev)
     opt = sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd, device=dev, graphs=graphs)
     params = dict(model.named_parameters())
@@ -150,6 +154,9 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path, *, device: 
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
+        if json.loads(md.get("inputs", "{}")) != inputs:
+            raise ConfigError(f"the interrupted run started from another file (or it changed since): "
+                              f"{md.get('inputs')}; --resume needs the same --init (and --pretrained-file).")
         start_epoch = int(md["epoch"])
         check_state_tensors(model, tensors, state_path(output))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))})

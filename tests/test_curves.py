@@ -236,8 +236,11 @@ def test_plot_command(cli, tmp_path, digits_models):
     cli("plot", m, m, "-o", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "--force" in cli.error("plot", m, "-o", png)
-    assert "cannot draw files of kind ['train']" in cli.error("plot", digits_models[0].with_suffix(".h5"), "-o",
-                                                     tmp_path / "q.png")
+    train_h5 = digits_models[0].with_suffix(".h5")
+    assert f"cannot draw this file: '{train_h5}' (kind 'train'). plot draws the metrics files of evaluate-curve" \
+        in cli.error("plot", train_h5, "-o", tmp_path / "q.png")
+    assert f"cannot draw files of different kinds together: '{m}' (kind 'evaluate-curve'), '{train_h5}' " \
+           "(kind 'train')" in cli.error("plot", m, train_h5, "-o", tmp_path / "q.png")
     assert "give one curve file or two" in cli.error("evaluate-curve", m, m, m, "-m", tmp_path / "x.h5")
     assert "--num-points" in cli.error("evaluate-curve", *digits_models, "-m", tmp_path / "x.h5", "--num-points", "1")
 

@@ -310,6 +310,72 @@ def test_damaged_idx_files_raise_data_error(tmp_path):
         load_data("fashion-mnist", root=tmp_path)
 
 
+def _fashion_folder(root: Path, n_train: int = 6, n_test: int = 3, labels: np.ndarray | None = None) -> Path:
+    """Valid fashion-mnist IDX files of 4x5 images under ``root/fashion-mnist``; returns that folder."""
+    folder = root / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, 4, 5)))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", labels if labels is not None else np.arange(n_train) % 10)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 4, 5)))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(n_test) % 10)
+    return folder
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "header missing"),  # gzip of nothing
+    (b"\x00\x00", "header 00 00, expected 00 00 08 03"),
+    (b"\x00\x00\x09\x03" + bytes(12), "header 00 00 09 03"),  # not unsigned bytes
+    (b"\x00\x00\x08\x01" + bytes(4), "header 00 00 08 01, expected 00 00 08 03"),  # a labels file
+    (b"\x00\x00\x08\x03" + struct.pack(">III", 6, 4, 5) + bytes(100), "116 bytes, but its header (6 x 4 x 5) says 136"),
+    (b"\x00\x00\x08\x03" + struct.pack(">III", 6, 4, 5) + bytes(121), "137 bytes"),
+], ids=["empty", "short-header", "not-unsigned-bytes", "a-labels-file", "too-short", "too-long"])
+def test_idx_files_with_a_wrong_header_or_length_raise_data_error(tmp_path, content, why):
+    """gzip-valid but damaged files: once an IndexError (shorter than a header) or a reshape error."""
+    folder = _fashion_folder(tmp_path)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(content)
+    with pytest.raises(DataError) as e:
+        load_data("fashion-mnist", root=tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"the data set files in '{folder}' are damaged (train-images-idx3-ubyte.gz: ")
+    assert why in message and message.endswith("; re-install or re-download them.")
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"labels": np.arange(5)}, "train-images holds 6 images but train-labels 5 labels"),
+    ({"labels": np.array([0, 1, 2, 3, 4, 10])}, "train-labels holds label 10; fashion-mnist's labels are 0 to 9"),
+])
+def test_idx_images_and_labels_that_disagree_raise_data_error(tmp_path, kwargs, why):
+    """Both loaded fine before and crashed in the first batch (an index out of range, or a target >= 10)."""
+    folder = _fashion_folder(tmp_path, **kwargs)
+    with pytest.raises(DataError) as e:
+        load_data("fashion-mnist", root=tmp_path)
+    assert str(e.value) == f"the data set files in '{folder}' are damaged ({why}); re-install or re-download them."
+
+
+def test_idx_files_of_different_image_sizes_raise_data_error(tmp_path):
+    folder = _fashion_folder(tmp_path)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((3, 5, 4)))
+    with pytest.raises(DataError, match="damaged .train-images are 4x5 pixels but t10k-images 5x4."):
+        load_data("fashion-mnist", root=tmp_path)
+
+
+def test_cli_reports_empty_idx_files_in_one_line(tmp_path, cli):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        with gzip.open(folder / n, "wb"):
+            pass
+    out = tmp_path / "fm.safetensors"
+    err = cli.error("train", "-d", "fashion-mnist", "--data-root", tmp_path, "-a", "mlp", "--epochs", "1", "-o", out,
+                    "-q", "--device", "cpu")
+    assert err == (f"Error: the data set files in '{folder}' are damaged (train-images-idx3-ubyte.gz: not an IDX file "
+                   "of 3-D unsigned bytes: header missing, expected 00 00 08 03); re-install or re-download them.")
+    assert not out.exists()
+
+
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
@@ -563,3 +629,149 @@ def test_imagefolder_train_and_val_must_hold_the_same_classes(tmp_path):
     shutil.rmtree(root / "val" / "a")
     with pytest.raises(DataError, match="same class folders.*only one of them has: a"):
         load_data(f"imagefolder:{root}", num_workers=0, image_size=8)
+
+
+# --- imagefolder: files PIL cannot read -------------------------------------------------------------------------
+
+
+def _break_image(root: Path, kind: str) -> Path:
+    """Spoil one training image of an ``_image_folder``: not an image at all, or a PNG cut short."""
+    path = root / "train" / "b" / "3.png"
+    if kind == "not-an-image":
+        path.write_bytes(b"not really a png")
+    else:
+        path.write_bytes(path.read_bytes()[:50])  # the header and part of the pixel data (IDAT)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not-an-image", "truncated"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagefolder_unreadable_image_names_the_file(tmp_path, kind, workers):
+    """PIL's UnidentifiedImageError or truncated-image OSError (re-raised by a DataLoader worker, with the
+    worker's traceback in its text) becomes a DataError that names the file."""
+    broken = _break_image(_image_folder(tmp_path), kind)
+    name = f"imagefolder:{tmp_path}"
+    import multiprocessing
+
+    d = load_data(name, num_workers=workers, image_size=8)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(DataError) as e:
+        for _ in d.train.batches(4, shuffle=True, augment=True, seed=0):
+            pass
+    # the workers stop at once, not when the garbage collector finds them (seconds each)
+    assert set(multiprocessing.active_children()) <= before
+    message = str(e.value)
+    assert message.startswith(f"cannot read image file '{broken}' of data set '{name}' (")
+    assert message.endswith("); remove or replace that file.") and "Traceback" not in message
+    assert ("cannot identify image file" if kind == "not-an-image" else "image file is truncated") in message
+
+
+def test_imagefolder_unreadable_image_without_a_file_list_still_names_the_data_set():
+    class Broken(torch.utils.data.Dataset):  # no ``samples``: the file cannot be looked up
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise OSError("image file is truncated (3 bytes not processed)")
+
+    info = mdata.DatasetInfo("imagefolder:/x", 2, 3, 2, (0.0,) * 3, (1.0,) * 3, "none", 0)
+    split = mdata.LoaderSplit(Broken(), Broken(), info, torch.device("cpu"), num_workers=0)
+    with pytest.raises(DataError, match=r"^cannot read an image of data set 'imagefolder:/x' \(image file is "
+                                        r"truncated \(3 bytes not processed\)\); remove or replace that file\.$"):
+        next(split.batches(2))
+
+
+def test_imagefolder_oserror_with_readable_files_keeps_its_traceback(tmp_path):
+    """An OSError that no file of the batch explains (here, every file reads fine) is not the user's data:
+    it propagates as it is."""
+    import torchvision.datasets as tvd
+
+    class OutOfFiles(tvd.ImageFolder):
+        def __getitem__(self, i):
+            raise OSError(24, "Too many open files")
+
+    ds = OutOfFiles(_image_folder(tmp_path) / "train")
+    info = mdata.DatasetInfo(f"imagefolder:{tmp_path}", 2, 3, 8, (0.0,) * 3, (1.0,) * 3, "none", 0)
+    split = mdata.LoaderSplit(ds, ds, info, torch.device("cpu"), num_workers=0)
+    with pytest.raises(OSError, match="Too many open files"):
+        next(split.batches(4))
+
+
+@pytest.mark.parametrize("workers", [[], ["--num-workers", "0"]])  # the default (4 worker processes), and none
+def test_cli_reports_an_unreadable_image_in_one_line(tmp_path, cli, workers):
+    broken = _break_image(_image_folder(tmp_path / "imf"), "not-an-image")
+    out = tmp_path / "imf.safetensors"
+    err = cli.error("train", "-d", f"imagefolder:{tmp_path / 'imf'}", "-a", "mlp", "--arch-kwargs", '{"hidden": 4}',
+                    "--epochs", "1", *workers, "-o", out, "-q", "--device", "cpu")
+    assert err.startswith(f"Error: cannot read image file '{broken}' of data set 'imagefolder:{tmp_path / 'imf'}'")
+    assert err.endswith("remove or replace that file.")
+    assert not out.exists()
+
+
+# --- empty splits -----------------------------------------------------------------------------------------------
+
+
+def test_val_split_that_leaves_no_training_images_is_refused():
+    """--split val holds out max(1, round(n / 10)) images: a training set of one image has none left."""
+    assert len(load_data("synthetic:size=4,channels=1,train=2,test=1", split="val").train) == 1  # still allowed
+    with pytest.raises(DataError) as e:
+        load_data("synthetic:size=4,channels=1,train=1,test=1", split="val")
+    assert str(e.value) == ("data set 'synthetic:size=4,channels=1,train=1,test=1' has no training images left with "
+                            "--split val: it holds out 1 of its 1 training image(s) for validation. Use --split test, "
+                            "or a data set with more training images (a larger train=N).")
+
+
+def test_imagefolder_val_split_that_leaves_no_training_images_is_refused(tmp_path):
+    from PIL import Image
+
+    for part in ("train", "val"):
+        (tmp_path / part / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / part / "a" / "0.png")
+    assert len(load_data(f"imagefolder:{tmp_path}", num_workers=0, image_size=8).train) == 1
+    with pytest.raises(DataError, match=r"^data set 'imagefolder:.*' has no training images left with --split val: "
+                                        r"it holds out 1 of its 1 .*Use --split test, or a data set with more "
+                                        r"training images\.$"):
+        load_data(f"imagefolder:{tmp_path}", split="val", num_workers=0, image_size=8)
+
+
+@pytest.mark.parametrize("n_train, n_test, why", [(0, 3, "has no training images; use a data set with a training set."),
+                                                  (6, 0, "has no test images (--split test); use --split val")])
+def test_idx_data_set_with_an_empty_split_is_refused(tmp_path, n_train, n_test, why):
+    _fashion_folder(tmp_path, n_train, n_test)
+    with pytest.raises(DataError) as e:
+        load_data("fashion-mnist", root=tmp_path)
+    assert str(e.value).startswith(f"data set 'fashion-mnist' {why}")
+
+
+def test_cli_refuses_an_empty_training_split_before_any_work(tmp_path, cli):
+    """train once gave --batch-size advice; evaluate-curve crashed in torch.cat after writing its metrics file."""
+    spec = "synthetic:size=4,channels=1,train=1"
+    refusal = (f"Error: data set '{spec}' has no training images left with --split val: it holds out 1 of its 1 "
+               "training image(s) for validation. Use --split test, or a data set with more training images (a larger "
+               "train=N).")
+    ends = []
+    for seed in (0, 1):
+        ends.append(tmp_path / f"m{seed}.safetensors")
+        cli("train", "-d", "synthetic:size=4,channels=1,train=16,test=4", "-a", "mlp", "--arch-kwargs",
+            '{"hidden": 4}', "--epochs", "1", "--seed", seed, "-o", ends[-1], "-q", "--device", "cpu")
+    out = tmp_path / "t.safetensors"
+    assert cli.error("train", "-d", spec, "--split", "val", "--epochs", "1", "-o", out, "-q", "--device",
+                     "cpu") == refusal
+    metrics = tmp_path / "seg.h5"
+    assert cli.error("evaluate-curve", *ends, "-m", metrics, "-d", spec, "--split", "val", "--num-points", "3", "-q",
+                     "--device", "cpu") == refusal
+    assert not out.exists() and not metrics.exists()
+
+
+def test_bn_recalibration_on_a_single_training_image_names_the_data_set():
+    """A pass leaves out a batch of one image; with nothing else to see it refuses, naming the data set."""
+    from mctool.bn import recalibrate_bn
+
+    d = load_data("synthetic:size=4,channels=1,train=2,test=1", split="val")  # one training image left
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.BatchNorm1d(3))
+    with pytest.raises(DataError) as e:
+        recalibrate_bn(model, d.train, batch_size=4)
+    assert str(e.value) == ("the BatchNorm recalibration pass saw no training images: data set "
+                            "'synthetic:size=4,channels=1,train=2,test=1' has 1 training image(s), and the pass needs "
+                            "a batch of at least 2. Use a data set with more training images, or --split test if "
+                            "--split val held some out.")

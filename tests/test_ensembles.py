@@ -178,7 +178,11 @@ def test_fge_snapshots_evaluated_together_equal_one_at_a_time_and_resume(cli, tm
 
 
 def test_fge_errors(cli, tmp_path, start_state):
-    assert "--lr-min" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--lr-min", "0.1", "--lr-max", "0.01")
+    assert "need 0 < --lr-min <= --lr-max, got 0.1 and 0.01." in cli.error(
+        "fge", start_state, "-o", tmp_path / "f.st", "--lr-min", "0.1", "--lr-max", "0.01")
+    # only --lr-max given, below the derived --lr-min: the message says where that came from
+    assert "got 0.001 and 1e-05; --lr-min 0.001 is its default, the start network's training lr 0.1 / 100" in cli.error(
+        "fge", start_state, "-o", tmp_path / "f.st", "--lr-max", "1e-05")
     assert "no snapshot" in cli.error("fge", start_state, "-o", tmp_path / "f.st", "--epochs", "1",
                                       "--cycle-epochs", "4")
     assert not (tmp_path / "f.st").exists() and not (tmp_path / "f.st.h5").exists()  # refused before any work
@@ -304,3 +308,19 @@ def test_fge_and_connect_train_with_the_start_networks_augmentation(cli, tmp_pat
     cli("connect", a, b, "-o", tmp_path / "c.safetensors", "--epochs", "1", "-q", *CPU)
     config = json.loads(read_metadata(tmp_path / "c.safetensors")["config"])
     assert config["augment"] == "none" and config["derived"]["augment"] == "A's augmentation 'none'"
+
+
+def test_members_that_read_their_inputs_differently_are_refused_also_with_dataset(cli, tmp_path, digits_models):
+    """The data is normalised once, as the first member reads it: a member normalised otherwise would be fed
+    wrong inputs, with --dataset too (it skipped the check before)."""
+    from dataclasses import replace
+
+    from mctool.checkpoint import save_model
+
+    loaded = load_model(digits_models[1])
+    other = tmp_path / "other.safetensors"
+    save_model(other, loaded.model, replace(loaded.meta, normalization={"mean": [0.5], "std": [0.25]}))
+    for extra in ((), ("-d", "digits")):
+        err = cli.error("evaluate", digits_models[0], other, *extra, *CPU)
+        assert f"'{other}' differs from '{digits_models[0]}' in normalization" in err
+    cli("evaluate", digits_models[0], digits_models[1], "-d", "digits", "-q", *CPU)

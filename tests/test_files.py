@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from mctool.checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_model
 from mctool.errors import CheckpointError, ConfigError, OutputError
 from mctool.fileio import atomic_path, check_output
-from mctool.h5io import MetricsLog, provenance, read_h5
+from mctool.h5io import COMMAND_LINE, MetricsLog, provenance, read_h5
 from mctool.models import build_model
 
 
@@ -151,7 +151,7 @@ def test_metrics_log_layout(tmp_path):
     assert data["lr"].tolist() == [0.1, 0.05]
     assert data["train/loss"][0] == 2.5 and np.isnan(data["train/loss"][1])  # NaN: not computed
     assert attrs["kind"] == "train" and json.loads(attrs["inputs"]) == {"in": "00"}
-    assert attrs["mctool_version"] and attrs["command"].startswith("mctool") and attrs["started"]
+    assert attrs["mctool_version"] and attrs["command"].startswith("python ") and attrs["started"]  # a library call
     with h5py.File(path) as f:
         assert f["epoch"].attrs["CLASS"] == b"DIMENSION_SCALE"
         assert f["train/loss"].dims[0][0].name == "/epoch"
@@ -175,13 +175,30 @@ def test_header_length_starting_with_pickle_byte_is_not_a_pickle(tmp_path):
 def test_a_command_line_with_undecodable_bytes_is_recorded(tmp_path, monkeypatch):
     """A file name that is not UTF-8 reaches sys.argv as surrogate escapes; HDF5 text must be UTF-8 (writing
     the `command` attribute was a traceback)."""
-    monkeypatch.setattr("sys.argv", ["mctool", "evaluate", "a.safetensors", "-m", "bad\udcff.h5"])
-    attrs = provenance({"bad\udcff.safetensors": "0" * 64}, {}, "evaluate")
+    token = COMMAND_LINE.set(["evaluate", "a.safetensors", "-m", "bad\udcff.h5"])
+    try:
+        attrs = provenance({"bad\udcff.safetensors": "0" * 64}, {}, "evaluate")
+    finally:
+        COMMAND_LINE.reset(token)
     assert attrs["command"] == "mctool evaluate a.safetensors -m 'bad\\xff.h5'"
     log = MetricsLog(tmp_path / "m.h5", "epoch", ["x"], attrs)
     log.append(1, x=1.0)
     log.flush()
     assert read_h5(tmp_path / "m.h5")[1]["command"] == attrs["command"]
+
+
+def test_the_recorded_command_is_the_one_that_ran(cli, tmp_path, monkeypatch):
+    """The CLI records its own arguments; a Python program calling the library records itself, not a made-up
+    mctool command built from the program's arguments."""
+    import mctool
+
+    monkeypatch.setattr("sys.argv", ["myscript.py", "--lr", "3"])
+    cli("train", "-d", "digits", "--epochs", "1", "-o", tmp_path / "a.safetensors", "-q", "--device", "cpu")
+    assert read_h5(tmp_path / "a.h5")[1]["command"] == \
+        f"mctool train -d digits --epochs 1 -o {tmp_path / 'a.safetensors'} -q --device cpu"
+    mctool.train(mctool.TrainConfig(dataset="digits", epochs=1), tmp_path / "b.safetensors", tmp_path / "b.h5",
+                 device="cpu", quiet=True)
+    assert read_h5(tmp_path / "b.h5")[1]["command"] == "python myscript.py --lr 3"
 
 
 def test_a_missing_input_names_the_files_it_may_have_meant(cli, tmp_path, digits_models):

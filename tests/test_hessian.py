@@ -3,6 +3,8 @@ members, resume and errors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,54 @@ def test_the_progress_display_counts_hessian_vector_products(cli, tmp_path, tiny
     counts = [int(i.split(": ")[1].split()[0]) for i in infos if i and "Hessian-vector products" in i]
     assert counts == list(range(1, r["hvps"] + 1))
     assert infos[-1].endswith(f"m.safetensors top eigenvalue {r['eigenvalues'][0][0]:.4g}")
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_file(cli, tmp_path, tiny, monkeypatch):
+    """ARPACK's basis (max(2k + 1, 20) float64 vectors) and the --eigenvectors array are sized up front: a
+    MemoryError traceback before (e.g. PreResNet-110 with --top-k 1000)."""
+    import os
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 10}  # a machine of 40 KiB
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    m, vec = tmp_path / "h.h5", tmp_path / "v.safetensors"
+    err = cli.error("hessian", tiny[0], "-m", m, "--top-k", "4", "--eigenvectors", vec, *CPU)
+    assert "--top-k 4 needs a Lanczos basis of 0.1 MiB for 610 parameters and the --eigenvectors array 0.0 MiB " \
+           "(1 points x 4 x 610), more than this machine's 0.0 MiB of memory can hold; lower --top-k, " \
+           "--num-points, or leave out --eigenvectors." in err
+    assert list(tmp_path.iterdir()) == []
+    pages["SC_PHYS_PAGES"] = 100  # 400 KiB: 610 x 20 x 8 + 610 x 4 x 4 bytes fit
+    cli("hessian", tiny[0], "-m", m, "--top-k", "4", "--eigenvectors", vec, "-q", "--train-subset", SUBSET, *CPU)
+
+
+def test_the_loss_is_over_the_images_the_network_was_trained_on(cli, tmp_path, monkeypatch):
+    """A network trained with --split val never saw the held-out images: its training loss, and so its Hessian,
+    leaves them out (hessian read the whole training set before)."""
+    import importlib
+
+    module = importlib.import_module("mctool.hessian")
+    seen = []
+    real = module.LossHessian.__init__
+
+    def recorded(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.n)
+
+    monkeypatch.setattr(module.LossHessian, "__init__", recorded)
+    net = tmp_path / "v.safetensors"
+    cli("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1}', "--epochs", "1",
+        "--split", "val", "-o", net, "-q", *CPU)
+    m = tmp_path / "h.h5"
+    cli("hessian", net, "-m", m, "--top-k", "1", "--train-subset", "0", "-q", *CPU)
+    assert seen == [len(load_data("digits", split="val").train)] and seen[0] < len(load_data("digits").train)
+    assert json.loads(read_h5(m)[1]["config"])["split"] == "val"
+
+
+def test_resume_refuses_eigenvectors_of_another_run(cli, tmp_path, tiny):
+    """Only the kind and shape were checked: --resume carried on with the vectors of a run of other options."""
+    args = [tiny[0], "--top-k", "1", "--train-subset", SUBSET, "-q", *CPU]
+    vec = tmp_path / "v.safetensors"
+    cli("hessian", *args, "-m", tmp_path / "a.h5", "--seed", "0", "--eigenvectors", vec)
+    cli("hessian", *args, "-m", tmp_path / "b.h5", "--seed", "1")
+    err = cli.error("hessian", *args, "-m", tmp_path / "b.h5", "--seed", "1", "--eigenvectors", vec, "--resume")
+    assert f"'{vec}' does not hold this run's eigenvectors (other inputs or options); start over with --force." in err
+    cli("hessian", *args, "-m", tmp_path / "a.h5", "--seed", "0", "--eigenvectors", vec, "--resume")

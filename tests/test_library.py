@@ -11,10 +11,12 @@ from safetensors.torch import save_file
 import mctool
 import mctool.cli
 from conftest import ctrl_c_during_epoch
+from mctool.align import METHODS as ALIGN_METHODS
 from mctool.checkpoint import read_checkpoint
 from mctool.curve_training import ConnectConfig, connect
 from mctool.curves import BEND_INITS, CURVES, load_curve
 from mctool.data import AUGMENTS, SPLITS
+from mctool.errors import ConfigError
 from mctool.fge import FGEConfig, fge
 from mctool.runtime import PRECISIONS
 from mctool.schedules import SCHEDULES
@@ -81,10 +83,22 @@ def test_connect_and_fge_keep_their_configs(tmp_path, digits_models):
     assert r.config["wd"] == 5e-4 and r.config["dataset"] == "digits"
 
 
+def test_connect_line_from_python_needs_no_num_bends(tmp_path, digits_models):
+    """ConnectConfig(curve="line") failed with 'a line has no bends; use --num-bends 0' (the CLI set it)."""
+    r = connect(ConnectConfig(curve="line"), *digits_models, tmp_path / "l.safetensors", tmp_path / "l.h5",
+                device="cpu")
+    assert (r.curve, r.num_bends) == ("line", 0)
+    assert connect(ConnectConfig(epochs=1), *digits_models, tmp_path / "c.safetensors", tmp_path / "c.h5",
+                   device="cpu", quiet=True).num_bends == 1
+    with pytest.raises(ConfigError, match="a line has no bends"):
+        ConnectConfig(curve="line", num_bends=2).validate()
+
+
 def test_cli_choices_are_the_library_tuples():
     for enum, values in [(mctool.cli.Precision, PRECISIONS), (mctool.cli.Split, SPLITS),
                          (mctool.cli.Schedule, SCHEDULES), (mctool.cli.Augment, AUGMENTS),
-                         (mctool.cli.CurveKind, CURVES), (mctool.cli.BendInit, BEND_INITS)]:
+                         (mctool.cli.CurveKind, CURVES), (mctool.cli.BendInit, BEND_INITS),
+                         (mctool.cli.AlignMethod, ALIGN_METHODS)]:
         assert tuple(m.value for m in enum) == values
 
 
@@ -121,3 +135,48 @@ def test_method_citations_point_at_existing_sections():
     assert {"curves", "fge"} <= {a for _, a in cited}
     assert not [(f, a) for f, a in cited if a not in anchors]
     assert not [f.name for f in files if "paper" + "-notes" in f.read_text()]  # external notes; split name
+
+
+# The CLI's options repeat the library's defaults; these differ on purpose (parsed or resolved differently).
+_CLI_ONLY = {("train", "arch_kwargs"), ("connect", "num_bends"), ("point", "t"), ("point", "index"),
+             ("point", "no_bn_update"), ("surface_cmd", "directions"), ("surface_cmd", "ignore"),
+             ("surface_cmd", "range_"), *(("plane_cmd", m) for m in ("margin", "margin_left", "margin_right",
+                                                                      "margin_bottom", "margin_top"))}
+
+
+@pytest.mark.parametrize("command, library", [
+    ("train", ["mctool.training:train", "mctool.training:TrainConfig"]),
+    ("connect", ["mctool.curve_training:connect", "mctool.curve_training:ConnectConfig"]),
+    ("fge_cmd", ["mctool.fge:fge", "mctool.fge:FGEConfig"]),
+    ("evaluate_curve", ["mctool.curve_eval:evaluate_curve"]), ("point", ["mctool.curve_eval:export_point"]),
+    ("plane_cmd", ["mctool.plane:plane"]), ("surface_cmd", ["mctool.surface:surface"]),
+    ("hessian_cmd", ["mctool.hessian:hessian"]), ("align_cmd", ["mctool.align:align"]),
+    ("evaluate", ["mctool.ensemble_eval:evaluate_models"]), ("ensemble", ["mctool.ensemble_eval:evaluate_models"]),
+    ("merge_cmd", ["mctool.merge:merge"]), ("plot", ["mctool.plots:plot_files"]),
+])
+def test_cli_defaults_are_the_library_defaults(command, library):
+    """Every option's default on the command line is the library's (a Python caller gets the same run)."""
+    import dataclasses
+    import enum
+    import importlib
+    import inspect
+
+    lib: dict = {}
+    for spec in library:
+        module, name = spec.split(":")
+        obj = getattr(importlib.import_module(module), name)
+        if dataclasses.is_dataclass(obj):
+            lib |= {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
+        else:
+            lib |= {n: p.default for n, p in inspect.signature(obj).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    checked = 0
+    for name, p in inspect.signature(getattr(mctool.cli, command)).parameters.items():
+        if p.default is inspect.Parameter.empty or name in ("as_json", "quiet", "force") \
+                or (command, name) in _CLI_ONLY:
+            continue
+        default = p.default.value if isinstance(p.default, enum.Enum) else p.default
+        assert name in lib, f"{command} --{name} has no library counterpart"
+        assert lib[name] == default, f"{command} --{name}: CLI {default!r}, library {lib[name]!r}"
+        checked += 1
+    assert checked >= 1

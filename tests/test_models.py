@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from mctool.errors import ConfigError
-from mctool.models import MCTOOL_ARCHS, arch_kwargs_for, build_model, has_batchnorm
+from mctool.bn import bn_modules
+from mctool.models import MCTOOL_ARCHS, arch_kwargs_for, build_model
 
 
 @pytest.fixture(autouse=True)
@@ -64,13 +65,13 @@ def test_vgg16_bn_layer_order():
     for i in convs:
         assert isinstance(layers[i + 1], nn.BatchNorm2d), f"conv at {i} not followed by BatchNorm2d"
         assert isinstance(layers[i + 2], nn.ReLU), f"BatchNorm2d at {i + 1} not followed by ReLU"
-    assert has_batchnorm(model)
+    assert bn_modules(model)
 
 
 def test_vgg16_has_no_batchnorm():
     model = build_model("cifar_vgg16", 10, 3)
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 13
-    assert not has_batchnorm(model)
+    assert not bn_modules(model)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -86,7 +87,7 @@ def test_mlp_kwargs_change_the_network():
     small = build_model("mlp", 10, 1, {"hidden": 4, "depth": 1, "img_size": 8})
     linears = [m for m in small.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 4), (4, 10)]
-    assert has_batchnorm(build_model("mlp", 10, 1, {"batch_norm": True, "img_size": 8}))
+    assert bn_modules(build_model("mlp", 10, 1, {"batch_norm": True, "img_size": 8}))
 
 
 def test_timm_model_builds():
@@ -116,6 +117,6 @@ def test_pretrained_mctool_arch_is_refused():
         timm.create_model("mlp", pretrained=True)
 
 
-def test_has_batchnorm():
-    assert has_batchnorm(build_model("cifar_preresnet20", 10, 3))
-    assert not has_batchnorm(build_model("mlp", 10, 1, {"img_size": 8}))
+def test_bn_modules():
+    assert bn_modules(build_model("cifar_preresnet20", 10, 3))
+    assert not bn_modules(build_model("mlp", 10, 1, {"img_size": 8}))

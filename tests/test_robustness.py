@@ -756,7 +756,7 @@ def test_a_single_image_batch_and_batchnorm1d(cli, tmp_path):
     bn_mlp = ["-a", "mlp", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "-q", "--epochs", "1"]
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     message = cli.error("train", "-d", data, "-o", a, "--batch-size", "4", *bn_mlp)
-    assert "--batch-size 4, the last batch of an epoch gives a BatchNorm1d layer a single image" in message
+    assert "--batch-size 4, the last batch of an epoch gives a BatchNorm layer a single image" in message
     assert "(e.g. to 5)" in message and not a.exists()
     assert "every batch" in cli.error("train", "-d", data, "-o", a, "--batch-size", "1", *bn_mlp)
     for seed, path in enumerate((a, b)):
@@ -781,3 +781,85 @@ def test_a_single_image_batch_and_batchnorm1d(cli, tmp_path):
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
     assert "--batch-size must be >= 2 to recompute BatchNorm" in cli.error(
         "point", curve, "--t", "0.5", "-o", point, "--force", "--batch-size", "1", "-q")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "cifar_vgg16_bn"])
+def test_a_single_image_batch_and_batchnorm2d_on_a_1x1_map(cli, tmp_path, arch):
+    """timm's resnet18 and VGG16-BN shrink 8x8 images to 1x1 maps: a BatchNorm2d there sees one value per channel
+    from a one-image batch (a torch ValueError mid-epoch before): refused before training, like BatchNorm1d."""
+    data = "synthetic:size=8,channels=1,classes=2,train=9,test=4"
+    out = tmp_path / "a.safetensors"
+    for size, where in (("1", "every batch"), ("4", "the last batch of an epoch")):
+        message = cli.error("train", "-d", data, "-a", arch, "-o", out, "--batch-size", size, "--epochs", "1", "-q",
+                            "--device", "cpu")
+        assert f"--batch-size {size}, {where} gives a BatchNorm layer a single image" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_name_too_long_for_the_file_system_is_one_error(cli, tmp_path):
+    """pathlib re-raises ENAMETOOLONG from exists()/is_file(): it ended in an OSError traceback."""
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    message = f"the file name '{long}' is too long for the file system"
+    assert message in cli.error("info", long)
+    assert message in cli.error("evaluate", long, "--device", "cpu")
+    assert message in cli.error("train", *TINY, "-o", long, "--epochs", "1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_of_another_kind_says_what_to_do_with_it(cli, tmp_path, files):
+    line, m0 = files["line"], files["m0"]
+    assert f"'{line}' holds a 'curve', not a single network (kind 'model'); take a network on it with 'mctool " \
+           "point FILE --t T -o net.safetensors'" in cli.error("evaluate", line, "--device", "cpu")
+    assert f"'{line}' is a 'curve' file, not an ensemble; --index picks a member of an ensemble file" in cli.error(
+        "point", line, "--index", "0", "-o", tmp_path / "p.safetensors")
+    assert f"'{m0}' is a 'model' file, not an ensemble; it is already a single network" in cli.error(
+        "point", m0, "--index", "0", "-o", tmp_path / "p.safetensors")
+    h5 = tmp_path / "m.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    assert f"'{h5}' is an HDF5 metrics file, not a checkpoint; give the .safetensors file" in cli.error(
+        "evaluate", h5, "--device", "cpu")
+    assert f"'{m0}' is not a readable HDF5 file (" in (err := cli.error("plot", m0, "-o", tmp_path / "p.png"))
+    assert "It looks like a safetensors checkpoint; this takes the HDF5 metrics files" in err
+
+
+def test_point_on_a_curve_that_records_no_data_set_asks_for_dataset(cli, tmp_path):
+    """export_point passed the missing name on to load_data: an AttributeError traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bn = ["-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "--epochs", "1", "-q",
+          "--device", "cpu"]
+    a, b, curve = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    cli("train", *bn, "-o", a)
+    cli("train", *bn, "-o", b, "--seed", "1")
+    cli("connect", a, b, "-o", curve, "--epochs", "1", "-q", "--device", "cpu")
+    with safe_open(curve, "pt") as f:
+        md = {k: v for k, v in f.metadata().items() if k != "dataset"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, bare, md)
+    out = tmp_path / "p.safetensors"
+    assert f"'{bare}' does not record its data set; pass --dataset." in cli.error(
+        "point", bare, "--t", "0.5", "-o", out, "--device", "cpu")
+    assert not out.exists()
+    r = cli.json("point", bare, "--t", "0.5", "-o", out, "-d", "digits", "--device", "cpu")
+    assert r["bn_recalibrated"] is True and out.exists()
+
+
+def test_resume_without_a_metrics_file_says_there_is_nothing_to_resume(cli, tmp_path, files):
+    m = tmp_path / "nothere.h5"
+    for args in (["evaluate-curve", files["line"]], ["plane", files["m0"], files["m2"], files["m1"]]):
+        err = cli.error(*args, "-m", m, "--resume", "--device", "cpu")
+        assert f"nothing to resume: metrics file '{m}' does not exist. Run without --resume to start." in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_curve_resume_refuses_a_file_missing_a_dataset(cli, tmp_path, files):
+    """As plane, surface and hessian: a metrics file without one of the run's datasets is not this run's
+    (evaluate-curve refilled it with NaN and recomputed every point before)."""
+    m = tmp_path / "e.h5"
+    cli("evaluate-curve", files["line"], "-m", m, "--num-points", "3", "-q", "--device", "cpu")
+    with h5py.File(m, "a") as f:
+        del f["train/nll"]
+    err = cli.error("evaluate-curve", files["line"], "-m", m, "--num-points", "3", "--resume", "--device", "cpu")
+    assert f"'{m}' cannot be resumed: dataset 'train/nll' should be numbers of shape (3,)" in err

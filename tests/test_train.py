@@ -163,7 +163,7 @@ def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
     assert md["arch"] == "mlp" and json.loads(md["arch_kwargs"])["hidden"] == 32
     assert str(digits_models[0]) in json.loads(md["inputs"])
     assert r["metrics"]["eval"]["err"] < 0.2
-    assert "differs" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc",
+    assert "holds a 'mlp', but --arch is cifar_convfc; leave out --arch" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc",
                                   "-o", tmp_path / "x.safetensors", "--epochs", "1")
     # a data set whose class count does not fit the checkpoint
     assert "classes" in cli.error("train", "-d", "synthetic:size=8,channels=1,classes=3", "--init",
@@ -319,3 +319,59 @@ def test_a_stop_between_the_epoch_files_loses_no_save_every_checkpoint(cli, tmp_
     want = read_checkpoint(tmp_path / "ref-epoch002.safetensors")[0]
     got = read_checkpoint(tmp_path / "run-epoch002.safetensors")[0]
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_network_that_cannot_take_the_images_is_refused_before_any_work(cli, tmp_path):
+    """A fixed-size timm model, an img_size other than the data's, or a plain state dict built for other images
+    failed with torch's traceback in the first step; now one Error line, and nothing is written."""
+    from safetensors.torch import save_file
+
+    from mctool.models import build_model
+
+    out = tmp_path / "m.safetensors"
+    cpu = ["--epochs", "1", "-q", "--device", "cpu"]
+    assert ("architecture 'vit_tiny_patch16_224' cannot take the 1x8x8 images of data set 'digits' (AssertionError: "
+            "Input height (8) doesn't match model (224).); pick another --arch") in cli.error(
+        "train", "-d", "digits", "-a", "vit_tiny_patch16_224", "-o", out, *cpu)
+    assert "architecture 'mlp' cannot take the 1x8x8 images of data set 'digits' (RuntimeError: mat1 and mat2 " \
+           "shapes cannot be multiplied" in cli.error("train", "-d", "digits", "--arch-kwargs", '{"img_size": 28}',
+                                                      "-o", out, *cpu)
+    assert list(tmp_path.iterdir()) == []
+    plain = tmp_path / "plain.safetensors"
+    save_file(build_model("mlp", 10, 1, {"img_size": 28, "hidden": 16}).state_dict(), plain)
+    assert "architecture 'mlp' cannot take the 1x8x8 images" in cli.error(
+        "evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
+        '{"img_size": 28, "hidden": 16}', "-d", "digits", "--device", "cpu")
+
+
+def test_device_names_a_gpu_this_machine_has(monkeypatch):
+    """cuda:N beyond the GPUs there are failed at the first .to() with torch's 'invalid device ordinal'."""
+    from mctool.errors import ConfigError
+    from mctool.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_resume_refuses_an_init_file_that_changed(cli, tmp_path, monkeypatch, digits_models):
+    """connect and fge refused a changed input on --resume; train recorded the new --init's sha256 for weights
+    trained partly from the old one."""
+    import shutil
+
+    from mctool.fileio import sha256_file
+
+    init = tmp_path / "init.safetensors"
+    shutil.copy(digits_models[0], init)
+    out = tmp_path / "run.safetensors"
+    args = ["train", "--init", init, "-o", out, "--epochs", "3", "-q", "--device", "cpu"]
+    restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
+    cli.error(*args, code=130)
+    restore()
+    shutil.copy(digits_models[1], init)  # another network under the same name
+    assert "the interrupted run started from another file (or it changed since)" in cli.error(*args, "--resume")
+    shutil.copy(digits_models[0], init)
+    cli(*args, "--resume")
+    assert json.loads(read_metadata(out)["inputs"]) == {str(init): sha256_file(init)}

@@ -190,7 +190,8 @@ def test_info_reads_no_tensor_data(cli, model_file, monkeypatch):
 # --- metadata fields -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
-    ("num_classes", "-3"), ("num_classes", "ten"), ("num_classes", "1e3"), ("num_classes", ""),
+    ("num_classes", "-3"), ("num_classes", "--10"), ("num_classes", "-"), ("num_classes", "ten"),
+    ("num_classes", "1e3"), ("num_classes", ""),
     ("in_chans", "0"), ("image_size", "-8"), ("image_size", "8.5"),
     ("arch_kwargs", json.dumps({**KWARGS, "hidden": -4})), ("arch_kwargs", "[1, 2]"), ("arch_kwargs", "{"),
     ("arch_kwargs", json.dumps({**KWARGS, "hidden": float("nan")})),
