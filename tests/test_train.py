@@ -163,8 +163,9 @@ def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
     assert md["arch"] == "mlp" and json.loads(md["arch_kwargs"])["hidden"] == 32
     assert str(digits_models[0]) in json.loads(md["inputs"])
     assert r["metrics"]["eval"]["err"] < 0.2
-    assert "holds a 'mlp', but --arch is cifar_convfc; leave out --arch" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc",
-                                  "-o", tmp_path / "x.safetensors", "--epochs", "1")
+    assert "holds a 'mlp', but --arch is cifar_convfc; leave out --arch" in cli.error(
+        "train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc", "-o", tmp_path / "x.safetensors",
+        "--epochs", "1")
     # a data set whose class count does not fit the checkpoint
     assert "classes" in cli.error("train", "-d", "synthetic:size=8,channels=1,classes=3", "--init",
                                   digits_models[0], "-o", tmp_path / "y.safetensors", "--epochs", "1")
