@@ -682,7 +682,11 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
         check_x = next(iter(data.eval.batches(batch_size)))[0]
         with progress_bar(quiet) as bar:
             task = bar.add_task("align", total=None, info="tracing")
-            groups = discover_groups(model_b, check_x[:2])
+            try:
+                groups = discover_groups(model_b, check_x[:2])
+            except ConfigError as e:  # name the file, and what still works without alignment
+                raise ConfigError(f"'{b.path}' ({b.meta.arch}): {e} Connect, evaluate and draw planes of these "
+                                  "networks without --align.") from None
             if not groups:
                 raise ConfigError(f"align found no hidden units to permute in '{b.path}' ({b.meta.arch}).")
             state_a, state_b = model_a.state_dict(), model_b.state_dict()

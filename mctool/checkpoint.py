@@ -30,6 +30,14 @@ from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, m
 MODEL_KINDS = ("model", "train-state")
 #: Prefix of optimiser momentum tensors in a train-state checkpoint.
 MOMENTUM_PREFIX = "optimizer/momentum/"
+#: Tensors of a checkpoint or training state that are not the network's state dict: the optimizer's momentum,
+#: and FGE's and Snapshot Ensembles' collected snapshots.
+EXTRA_PREFIXES = ("optimizer/", "snapshots/")
+
+
+def network_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's state dict among a checkpoint's tensors (everything but ``EXTRA_PREFIXES``)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIXES)}
 _MAX_HEADER = 100 * 1024 * 1024
 #: Bytes per element of the safetensors dtypes mctool reads, and their PyTorch names.
 _DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
@@ -376,7 +384,7 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
     """Refuse a training state (``--resume``) whose tensors do not fit the network being trained: its state
     dict, ``optimizer/momentum/<param>`` and the ``snapshots/*`` of FGE and Snapshot Ensembles."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))}
+    got = {k: tuple(v.shape) for k, v in network_state(tensors).items()}
     problems = [_describe_mismatch(expected, got)]
     params = {k: tuple(p.shape) for k, p in model.named_parameters()}
     buffers = {k: tuple(b.shape) for k, b in model.named_buffers()}
@@ -396,7 +404,7 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
             ok = (len(name) == 4 and name[2].isdecimal() and int(name[2]) < count
                   and buffers.get(name[3]) == shape)
         else:
-            ok = not k.startswith(("optimizer/", "snapshots/"))
+            ok = not k.startswith(EXTRA_PREFIXES)
         if not ok:
             problems.append(f"'{k}' of shape {shape} fits nothing in the network")
     if members is not None and "snapshots/probs_sum" not in tensors:
@@ -473,11 +481,12 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     except ConfigError as e:
         raise ConfigError(f"cannot rebuild the network of '{path}': {e}") from None
     shapes = {k: v.shape for k, v in header.items()}
-    problem = _describe_mismatch(expected, {k: v for k, v in shapes.items()
-                                            if not k.startswith(("optimizer/", "snapshots/"))})
+    problem = _describe_mismatch(expected, {k: v for k, v in shapes.items() if not k.startswith(EXTRA_PREFIXES)})
     if problem:
+        plain = (" Give --num-classes, --in-chans and --arch-kwargs (e.g. '{\"hidden\": 16}') as the network was "
+                 "built." if "arch" not in md else "")
         raise CheckpointError(f"'{path}' does not fit architecture '{meta.arch}' "
-                              f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.")
+                              f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.{plain}")
     tensors, _ = read_checkpoint(path)
     model = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     params = {k: tuple(p.shape) for k, p in model.named_parameters()}
@@ -487,8 +496,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     if momentum:
         raise CheckpointError(f"'{path}' has momentum tensors that fit no parameter of architecture '{meta.arch}' "
                               f"(shape, or a floating-point type): {', '.join(momentum[:5])}.")
-    extra = {k: v for k, v in tensors.items() if k.startswith(("optimizer/", "snapshots/"))}
-    state = {k: v for k, v in tensors.items() if k not in extra}
+    state = network_state(tensors)
+    extra = {k: v for k, v in tensors.items() if k not in state}
     check_finite(path, state)
     model.load_state_dict(state)
     model.eval()

@@ -27,9 +27,8 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (GradSum, adopt_recorded, finishing, fit, metrics_path, old_run_remover, prepare_outputs,
-                   recorded_augment, recorded_lr, recorded_split, recorded_wd, remove_state, state_path, train_mode,
-                   validate_sgd)
+from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, metrics_path,
+                   old_run_remover, prepare_outputs, recorded_lr, remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
@@ -240,10 +239,6 @@ CURVE_LR_ITERS = 10_000
 _UNRECORDED_EPOCHS = 200
 
 
-#: Learning rate assumed for an endpoint that does not record one (mctool train's default).
-_UNRECORDED_LR = 0.05
-#: Weight decay assumed for an endpoint that does not record one (mctool train's default).
-_UNRECORDED_WD = 5e-4
 
 
 def default_curve_epochs(train_epochs: int, batchnorm: bool) -> int:
@@ -303,18 +298,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         batchnorm = bool(bn_modules(a.model))
         cfg.epochs = default_curve_epochs(train_epochs, batchnorm)
         derived["epochs"] = f"{source} x {1 if batchnorm else 3} ({'with' if batchnorm else 'no'} BatchNorm)"
-    if cfg.augment is None:
-        augment = recorded_augment(a.meta.config)
-        cfg.augment = augment or "auto"
-        derived["augment"] = f"A's augmentation {augment!r}" if augment is not None else "auto (A records none)"
-    if cfg.wd is None:
-        wd = recorded_wd(a.meta.config)
-        cfg.wd = _UNRECORDED_WD if wd is None else wd
-        derived["wd"] = f"A's wd {wd!r}" if wd is not None else f"{_UNRECORDED_WD!r} (A records no wd)"
-    if cfg.split is None and not resume:  # resuming: the interrupted run's (adopt_recorded)
-        split = recorded_split(a.meta.config)
-        cfg.split = split or "test"
-        derived["split"] = f"A's split {split!r}" if split is not None else "test (A records none)"
+    derived |= fill_from_record(cfg, a.meta.config, "A", resume=resume)
     cfg.derived = derived or None
     cfg.dataset = cfg.dataset or a.meta.dataset
     if cfg.curve == "line":  # nothing to train: no metrics file
@@ -346,7 +330,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         train_lr = recorded_lr(a.meta.config)
         source = f"A's training lr {train_lr!r}"
         if train_lr is None:
-            train_lr, source = _UNRECORDED_LR, f"{_UNRECORDED_LR!r} (A records no lr)"
+            train_lr, source = TRAIN_LR, f"{TRAIN_LR!r} (A records none)"
         cfg.lr = default_curve_lr(train_lr, iterations)
         derived["lr"] = (f"{source} x min(1, max({CURVE_LR_RATIO}, {CURVE_LR_ITERS} / {iterations} iterations)) "
                          f"= x {cfg.lr / train_lr:.4g}")

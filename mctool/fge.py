@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .bn import bn_modules, recalibrate_bn, use_sync_bn
-from .checkpoint import MOMENTUM_PREFIX, ModelMeta, check_state_tensors, load_model, save_model
+from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, save_model
 from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
@@ -30,9 +30,9 @@ from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import honours_deterministic, progress_bar, resolve_device
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover, prepare_outputs,
-                   recorded_augment, recorded_lr, recorded_split, recorded_wd, remove_state, set_momentum, sgd_step,
-                   state_path, validate_sgd)
+from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, metrics_path,
+                   old_run_remover, prepare_outputs, recorded_lr, remove_state, set_momentum, sgd_step, state_path,
+                   validate_sgd)
 
 
 @dataclass
@@ -83,10 +83,6 @@ class FGEConfig:
         check_points_per_pass(self.points_per_pass)
 
 
-#: Learning rate assumed for a start network that does not record one (mctool train's default).
-_UNRECORDED_LR = 0.05
-
-
 def default_fge_lrs(train_lr: float, batchnorm: bool) -> tuple[float, float]:
     """FGE's (lr_max, lr_min), a1 and a2, for a network trained at ``train_lr``
     (docs/ensembles.md#fast-geometric-ensembling-fge).
@@ -104,26 +100,12 @@ def default_fge_lrs(train_lr: float, batchnorm: bool) -> tuple[float, float]:
 def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool, resume: bool = False) -> None:
     """Set the options left to None from the start network's record, noting in ``cfg.derived`` how (the split
     not when resuming: the interrupted run's is taken then)."""
-    derived = {}
-    if cfg.split is None and not resume:
-        split = recorded_split(meta.config)
-        cfg.split = split or "test"
-        derived["split"] = (f"the start network's split {split!r}" if split is not None
-                            else "test (the start network records none)")
-    if cfg.augment is None:
-        augment = recorded_augment(meta.config)
-        cfg.augment = augment or "auto"
-        derived["augment"] = (f"the start network's augmentation {augment!r}" if augment is not None
-                              else "auto (the start network records no augmentation)")
-    if cfg.wd is None:
-        wd = recorded_wd(meta.config)
-        cfg.wd = 5e-4 if wd is None else wd
-        derived["wd"] = f"the start network's wd {wd!r}" if wd is not None else "5e-4 (the start network records no wd)"
+    derived = fill_from_record(cfg, meta.config, "the start network", resume=resume)
     if cfg.lr_max is None or cfg.lr_min is None:
         train_lr = recorded_lr(meta.config)
         source = f"the start network's training lr {train_lr!r}"
         if train_lr is None:
-            train_lr, source = _UNRECORDED_LR, f"{_UNRECORDED_LR:g} (the start network records no lr)"
+            train_lr, source = TRAIN_LR, f"{TRAIN_LR!r} (the start network records none)"
         lr_max, lr_min = default_fge_lrs(train_lr, batchnorm)
         bn = "with BatchNorm" if batchnorm else "no BatchNorm"
         if cfg.lr_max is None:
@@ -207,7 +189,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                               f"{md.get('inputs')}; --resume needs the same start network.")
         start_epoch = int(md["epoch"])
         check_state_tensors(model, tensors, state_path(output))
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("snapshots/", MOMENTUM_PREFIX))})
+        model.load_state_dict(network_state(tensors))
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])

@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import read_header
 from .errors import MctoolError
-from .fileio import HDF5_MAGIC
+from .fileio import HDF5_MAGIC, did_you_mean
 from .results import FileRef, InfoResult
 from .h5io import read_h5
 
@@ -31,8 +31,13 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
     """What a safetensors checkpoint or an HDF5 metrics file holds (``to_dict()`` gives the JSON form)."""
     t0 = time.time()
     path = Path(path)
+    try:
+        os.lstat(path)  # (a name too long for the file system raises its own OSError)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MctoolError(f"'{path}' does not exist.{did_you_mean(path)}") from None
     if not path.is_file():
-        raise MctoolError(f"'{path}' does not exist or is not a file.")
+        raise MctoolError(f"'{path}' is not a file (a folder, pipe or device); info reads safetensors checkpoints and "
+                          "HDF5 metrics files.")
     with open(path, "rb") as f:
         magic = f.read(8)
     base = dict(command="info", inputs=[FileRef.of(path)], outputs={}, split=None,

@@ -57,6 +57,34 @@ def _recorded_number(config: dict[str, Any], key: str, positive: bool) -> float 
     return float(value) if ok and (value > 0 if positive else value >= 0) else None
 
 
+#: mctool train's learning rate and weight decay: its defaults, and what connect and fge assume for a network
+#: that records none.
+TRAIN_LR = 0.05
+TRAIN_WD = 5e-4
+
+
+def fill_from_record(cfg: Any, config: dict[str, Any], who: str, *, resume: bool) -> dict[str, str]:
+    """Set ``cfg.split``, ``cfg.augment`` and ``cfg.wd`` left as None from a network's recorded ``config`` (the
+    start network of connect or fge: train on its images, with its augmentation and weight decay), else to
+    test, auto and ``TRAIN_WD``; returns how, for ``config.derived``. The split is left alone when resuming:
+    the interrupted run's is taken then (``adopt_recorded``)."""
+    derived = {}
+    if cfg.split is None and not resume:
+        split = recorded_split(config)
+        cfg.split = split or "test"
+        derived["split"] = f"{who}'s split {split!r}" if split is not None else f"test ({who} records none)"
+    if cfg.augment is None:
+        augment = recorded_augment(config)
+        cfg.augment = augment or "auto"
+        derived["augment"] = (f"{who}'s augmentation {augment!r}" if augment is not None
+                              else f"auto ({who} records none)")
+    if cfg.wd is None:
+        wd = recorded_wd(config)
+        cfg.wd = TRAIN_WD if wd is None else wd
+        derived["wd"] = f"{who}'s wd {wd!r}" if wd is not None else f"{TRAIN_WD!r} ({who} records none)"
+    return derived
+
+
 def recorded_lr(config: dict[str, Any]) -> float | None:
     """The learning rate a network's recorded config says it was trained at (None if absent or not a positive
     number): connect and fge derive their defaults from it."""
@@ -173,7 +201,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
         saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
         diff = {}
         for k, v in config.items():
-            if k in RUNTIME_OPTIONS or (k not in saved and v is False):  # an option added since, left off
+            # (derived only says how defaults were found, in words that may change between versions)
+            if k in RUNTIME_OPTIONS or k == "derived" or (k not in saved and v is False):  # or added since, left off
                 continue
             old = saved.get(k)
             same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)

@@ -157,7 +157,9 @@ class PreResNet(nn.Module):
         block = _PreActBottleneck if bottleneck else _PreActBasic
         per = 9 if bottleneck else 6
         if (depth - 2) % per:
-            raise ConfigError(f"PreResNet depth must be {per}n+2, got {depth}.")
+            examples = "164, 272" if bottleneck else "20, 32, 56, 110"
+            raise ConfigError(f"PreResNet depth (--arch-kwargs 'depth') must be {per}n+2 (e.g. {examples}), got "
+                              f"{depth}.")
         n = (depth - 2) // per
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         cin, stages = 16, []
@@ -207,7 +209,8 @@ class WideResNet(nn.Module):
                  drop_rate: float = 0.0, img_size: int = 32):
         super().__init__()
         if (depth - 4) % 6:
-            raise ConfigError(f"Wide ResNet depth must be 6n+4, got {depth}.")
+            raise ConfigError(f"Wide ResNet depth (--arch-kwargs 'depth') must be 6n+4 (e.g. 16, 28, 40), got "
+                              f"{depth}.")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=True)
@@ -593,7 +596,8 @@ def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwarg
                           "model's state dict).")
     header, md = read_header(file)  # refuses pickles and malformed files before any tensor data is read
     if md.get("arch") not in (None, arch):
-        raise CheckpointError(f"--pretrained-file '{file}' holds a '{md['arch']}', not a '{arch}'.")
+        raise CheckpointError(f"--pretrained-file '{file}' holds a '{md['arch']}', not a '{arch}'; pass --arch "
+                              f"{md['arch']}, or a file with the state dict of {arch}.")
     got = {k: v.shape for k, v in header.items()}
     expected = model_shapes(arch, num_classes, in_chans, arch_kwargs)
     # The classifier is re-initialised when it does not fit (or is absent: a model saved without its head).

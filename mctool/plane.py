@@ -43,20 +43,23 @@ class PlaneBasis:
     w1_x: float  # <w1 - w0, u>
 
     @classmethod
-    def through(cls, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> "PlaneBasis":
-        """The orthonormal basis of the plane through three points; degenerate inputs are refused."""
+    def through(cls, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                names: tuple[str, str, str] = ("w0", "w1", "w2")) -> "PlaneBasis":
+        """The orthonormal basis of the plane through three points; degenerate inputs are refused (naming the
+        points by ``names``)."""
         d2 = (w2 - w0).double()
         dx = float(d2.norm())
         if dx == 0.0:
-            raise ConfigError("the first and third points coincide; a plane needs three distinct points.")
+            raise ConfigError(f"the first and third points coincide ({names[0]} and {names[2]} are the same "
+                              "network); a plane needs three distinct points.")
         u = d2 / dx
         d1 = (w1 - w0).double()
         x = float(d1 @ u)
         vp = d1 - x * u
         dy = float(vp.norm())
         if dy <= _REL_EPS * max(float(d1.norm()), dx):
-            raise ConfigError("the three points lie on one line (the middle point is on the segment through the "
-                              "other two), so they span no plane; pick another bend or checkpoint.")
+            raise ConfigError(f"the three points lie on one line ({names[1]} is on the line through {names[0]} and "
+                              f"{names[2]}), so they span no plane; pick another bend or checkpoint.")
         return cls(w0.float(), u.float(), (vp / dy).float(), dx, dy, x)
 
     def weights(self, alpha: float, beta: float) -> torch.Tensor:
@@ -71,8 +74,9 @@ class PlaneBasis:
         return x, y, float((d - x * u - y * v).norm())
 
 
-def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torch.Tensor], Any, dict[str, str]]:
-    """(curve or None, [w0, w1, w2], base curve for building the network, inputs' sha256)."""
+def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torch.Tensor], Any, dict[str, str],
+                                                         tuple[str, str, str]]:
+    """(curve or None, [w0, w1, w2], base curve for building the network, inputs' sha256, the points' names)."""
     if len(paths) == 1:
         curve = load_curve(paths[0])[0]
         n = curve.num_bends
@@ -81,7 +85,9 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
         i = (n + 1) // 2 if bend is None else bend
         if not 1 <= i <= n:
             raise ConfigError(f"--bend must be between 1 and {n} for this curve, got {i}.")
-        return curve, [curve.points[0], curve.points[i], curve.points[-1]], curve, {str(curve.path): curve.sha256}
+        names = (f"A of '{curve.path}'", f"bend {i} of '{curve.path}'", f"B of '{curve.path}'")
+        return (curve, [curve.points[0], curve.points[i], curve.points[-1]], curve, {str(curve.path): curve.sha256},
+                names)
     if len(paths) == 3:
         if bend is not None:
             raise ConfigError("--bend applies to a curve file, not to three checkpoints.")
@@ -89,7 +95,7 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
         base = line_between(models[0], models[2])
         line_between(models[0], models[1])  # checks compatibility of the middle point too
         w = [base.layout.flatten(m.model.state_dict()) for m in models]
-        return None, w, base, {str(m.path): m.sha256 for m in models}
+        return None, w, base, {str(m.path): m.sha256 for m in models}, tuple(f"'{p}'" for p in paths)
     raise ConfigError(f"give one curve file or three model checkpoints (w0 w1 w2), not {len(paths)} files.")
 
 
@@ -245,8 +251,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     train_subset = train_subset or None
     check_real("--wd", wd, 0)
     metrics = Path(metrics)
-    curve, (w0, w1, w2), base, inputs = _points(paths, bend)
-    basis = PlaneBasis.through(w0, w1, w2)
+    curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
+    basis = PlaneBasis.through(w0, w1, w2, names)
     wd = float(base.meta.config.get("wd", 0.0)) if wd is None else wd
     name = base.meta.dataset_or(dataset, paths[0])
     coords = np.array([[0.0, 0.0], [basis.w1_x, basis.dy], [basis.dx, 0.0]])

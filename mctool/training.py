@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .bn import use_sync_bn
-from .checkpoint import ModelMeta, check_state_tensors, load_model, read_metadata, save_model
+from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, read_metadata, save_model
 from .data import DEFAULT_ARCH, check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
@@ -20,8 +20,8 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover, prepare_outputs,
-                   remove_state, set_momentum, sgd_step, state_path, validate_sgd)
+from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover,
+                   prepare_outputs, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
@@ -37,8 +37,8 @@ class TrainConfig:
     arch: str | None = None  # default: per data set (data.DEFAULT_ARCH)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 200
-    lr: float = 0.05
-    wd: float = 5e-4
+    lr: float = TRAIN_LR
+    wd: float = TRAIN_WD
     momentum: float = 0.9
     batch_size: int = 128
     schedule: str = "paper"
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
                               f"{md.get('inputs')}; --resume needs the same --init (and --pretrained-file).")
         start_epoch = int(md["epoch"])
         check_state_tensors(model, tensors, state_path(output))
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("optimizer/", "snapshots/"))})
+        model.load_state_dict(network_state(tensors))
         set_momentum(opt, params, tensors)
         log.rows = json.loads(md["history"])
         log.attrs["started"] = md.get("started", log.attrs["started"])

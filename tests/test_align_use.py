@@ -198,3 +198,15 @@ def test_repair_refuses_batchnorm(cli, tmp_path):
         nets.append(out)
     msg = cli.error("evaluate-curve", *nets, "-m", tmp_path / "x.h5", "--repair", *CPU)
     assert "--repair is for networks without BatchNorm" in msg and not (tmp_path / "x.h5").exists()
+
+
+def test_an_architecture_align_cannot_follow_is_named_with_its_file(cli, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    cli("train", "-d", "digits", "-a", "test_vit", "--arch-kwargs", '{"img_size": 8, "patch_size": 4}', "--epochs",
+        "1", "-o", a, "-q", *CPU)
+    shutil.copy(a, b)
+    err = cli.error("align", a, b, "-o", tmp_path / "c.safetensors", *CPU)
+    assert f"'{b}' (test_vit): align cannot permute the hidden units of this network" in err
+    assert err.rstrip().endswith("Connect, evaluate and draw planes of these networks without --align.")

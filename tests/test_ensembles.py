@@ -100,6 +100,16 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
     restore = ctrl_c_during_epoch(monkeypatch, 3)
     cli.error("fge", *args, "-o", tmp_path / "run.safetensors", code=130)
     restore()
+    # a state written by another version, whose config.derived words the same defaults otherwise, resumes
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = tmp_path / "run.state.safetensors"
+    with safe_open(state, "pt") as f:
+        md, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(md["config"])
+    config["derived"] = {**config["derived"], "wd": "the start network's wd"}
+    save_file(tensors, state, {**md, "config": json.dumps(config)})
     # --cycle-iters left out: the interrupted run's is taken (a default would change the cycles); and a runtime
     # option added
     cli("fge", start_state, "--epochs", "3", "-q", *CPU, "-o", tmp_path / "run.safetensors", "--resume",

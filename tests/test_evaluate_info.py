@@ -137,3 +137,28 @@ def test_python_dash_m_and_version():
                                       check=True).stdout.split())
     assert "fge Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle." \
         in listing
+
+
+def test_a_plain_state_dict_that_does_not_fit_says_how_it_was_built(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    from mctool.models import build_model
+
+    plain = tmp_path / "plain.safetensors"
+    save_file(build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16}).state_dict(), plain)
+    err = cli.error("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "-d", "digits",
+                    "--device", "cpu")
+    assert f"'{plain}' does not fit architecture 'mlp'" in err
+    assert "Give --num-classes, --in-chans and --arch-kwargs (e.g. '{\"hidden\": 16}') as the network was built." in err
+    r = cli.json("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
+                 '{"hidden": 16}', "-d", "digits", "--device", "cpu")
+    assert r["members"] == 1
+
+
+def test_info_tells_a_missing_file_from_a_folder(cli, tmp_path, digits_models):
+    typo = digits_models[0].with_name("m00.safetensors")
+    err = cli.error("info", typo)
+    assert f"'{typo}' does not exist." in err
+    assert cli.error("info", tmp_path).endswith(
+        "is not a file (a folder, pipe or device); info reads safetensors checkpoints and HDF5 metrics files.")
+    assert "Did you mean" in err and "m0.safetensors" in err

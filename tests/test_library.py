@@ -180,3 +180,25 @@ def test_cli_defaults_are_the_library_defaults(command, library):
         assert lib[name] == default, f"{command} --{name}: CLI {default!r}, library {lib[name]!r}"
         checked += 1
     assert checked >= 1
+
+
+def test_every_option_is_in_the_command_reference_and_nothing_else_is():
+    """docs/cli.md's table of each command lists every option of its --help (by one of its names), and no option
+    the command does not have."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    sections = dict(re.findall(r"^## (\S+)\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M))
+    for name, command in typer.main.get_command(mctool.cli.app).commands.items():
+        assert name in sections, f"docs/cli.md has no section '## {name}'"
+        cells = " ".join(row.split("|")[1] for row in sections[name].splitlines() if row.startswith("| `"))
+        documented = set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*|-[a-zA-Z])\b", cells))
+        options = [p.opts + p.secondary_opts for p in command.params  # (an argument's name has no dash)
+                   if p.opts and p.opts[0].startswith("-") and "--help" not in p.opts]
+        for names in options:
+            assert documented & set(names), f"{name}: {'/'.join(names)} is not in docs/cli.md"
+        known = {o for names in options for o in names}
+        assert documented <= known, f"{name}: docs/cli.md lists {sorted(documented - known)}, which it lacks"

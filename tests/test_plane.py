@@ -151,8 +151,9 @@ def test_three_checkpoints_agree_with_the_curve(cli, tmp_path, bezier, digits_mo
 
 def test_plane_errors(cli, tmp_path, bezier, digits_models):
     m = tmp_path / "p.h5"
-    assert "one line" in cli.error("plane", digits_models[0], digits_models[0], digits_models[1], "-m", m)
-    assert "coincide" in cli.error("plane", digits_models[0], digits_models[1], digits_models[0], "-m", m)
+    a, b = digits_models
+    assert f"one line ('{a}' is on the line through '{a}' and '{b}')" in cli.error("plane", a, a, b, "-m", m)
+    assert f"coincide ('{a}' and '{a}' are the same network)" in cli.error("plane", a, b, a, "-m", m)
     assert "three model checkpoints" in cli.error("plane", *digits_models, "-m", m)
     assert "--bend" in cli.error("plane", bezier, "-m", m, "--bend", "2")
     assert "--grid-points" in cli.error("plane", bezier, "-m", m, "--grid-points", "1")
