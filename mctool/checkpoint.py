@@ -454,8 +454,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
                              "the curve with 'mctool evaluate-curve FILE'",
                     "ensemble": "take a member with 'mctool point FILE --index I -o net.safetensors'; 'mctool "
                                 "evaluate FILE' evaluates the whole ensemble",
-                    "fge-state": "it is the state of an fge run, kept to resume it: finish the run with the same "
-                                 "command plus --resume"}.get(meta.kind)
+                    "fge-state": "it is an fge run's training state (an interrupted run's, or a --save-every "
+                                 "checkpoint): resume the run with --resume, or take a member of its ensemble file "
+                                 "with 'mctool point ENSEMBLE --index I'"}.get(meta.kind)
             hint = hint or ("it is a curve saved during a connect run: take a network on it with 'mctool point FILE "
                             "--t T -o net.safetensors'" if meta.kind == "curve-state" else "give a model checkpoint "
                             "(written by train, point or align)")
@@ -483,8 +484,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     shapes = {k: v.shape for k, v in header.items()}
     problem = _describe_mismatch(expected, {k: v for k, v in shapes.items() if not k.startswith(EXTRA_PREFIXES)})
     if problem:
-        plain = (" Give --num-classes, --in-chans and --arch-kwargs (e.g. '{\"hidden\": 16}') as the network was "
-                 "built." if "arch" not in md else "")
+        plain = (" Build it as it was built: --arch-kwargs (e.g. '{\"hidden\": 16}'), and its classes and "
+                 "channels (--num-classes and --in-chans of evaluate and ensemble; train takes them from the data "
+                 "set)." if "arch" not in md else "")
         raise CheckpointError(f"'{path}' does not fit architecture '{meta.arch}' "
                               f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.{plain}")
     tensors, _ = read_checkpoint(path)

@@ -299,7 +299,9 @@ def train(
     lr: Annotated[float, typer.Option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
     wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD.")] = 5e-4,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; >= 2 for BatchNorm networks).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
+                                           "is refused where a BatchNorm layer would see one value per "
+                                           "channel).")] = 128,
     schedule: Annotated[Schedule, typer.Option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
                                                "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
                                                "Ensembles (cosine restarts, one snapshot per cycle; the output is "
@@ -1135,7 +1137,9 @@ def fge_cmd(
     wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's, as recorded in "
                                                 "its config, else 5e-4).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; >= 2 for BatchNorm networks).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
+                                           "is refused where a BatchNorm layer would see one value per "
+                                           "channel).")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for data order and augmentation; a whole number in [0, 2^32).")] = 0,
     swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
                                                 "as a model checkpoint here.")] = None,

@@ -98,7 +98,7 @@ def check_shard(shard: Any, plot: str | Path | None = None, what: str = "curve")
         raise ConfigError(f"--shard I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1), got {i}/{n}.")
     if plot is not None:
         raise ConfigError(f"--plot draws the whole {what} and a shard file holds only part of it; draw it when "
-                          "merging the shards (mctool merge SHARDS... -o FILE --plot PNG).")
+                          "merging the shards (mctool merge SHARDS... -o FILE --plot FIGURE).")
     return i, n
 
 
@@ -375,6 +375,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
         dev = resolve_device(device)
         data = load_data(curve.meta.dataset_or(dataset, path), root=data_root, split=split, download=download,
                          device=dev, **curve.meta.data_options(), num_workers=num_workers)
+        check_fits(curve.meta, data.info, path)
         model.to(dev)
         batches = data.train.num_batches(batch_size)
         world = distributed.current().world if distributed.current() is not None else 1
@@ -385,6 +386,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
                                           on_batch=lambda: bar.advance(task, world))
         model.to("cpu")
     config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches, "split": split,
+              **({"bn_dataset": dataset} if recalibrated and dataset is not None else {}),
               **{k: curve.meta.config[k] for k in ("wd", "epochs") if k in curve.meta.config}}
     meta = ModelMeta(**{**asdict(curve.meta), "kind": "model", "config": config,
                         "inputs": {str(path): curve.sha256},

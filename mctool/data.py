@@ -341,8 +341,7 @@ def check_fits(meta: Any, info: DatasetInfo, what: str | os.PathLike) -> None:
     ``checkpoint.ModelMeta``; a network that records no image size takes any)."""
     if meta.num_classes != info.num_classes:
         raise DataError(f"'{what}' predicts {meta.num_classes} classes but data set '{info.name}' has "
-                        f"{info.num_classes}; give a data set of {meta.num_classes} classes with --dataset (or leave "
-                        "it out for the recorded one).")
+                        f"{info.num_classes}; give a data set of {meta.num_classes} classes with --dataset.")
     if meta.in_chans != info.in_chans:
         raise DataError(f"'{what}' takes {meta.in_chans}-channel images but data set '{info.name}' has "
                         f"{info.in_chans} channels; give a data set of {meta.in_chans}-channel images (a plain "

@@ -180,10 +180,13 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                                   f"{m.meta.arch_kwargs}, '{members[0].label}' is {first.arch} {first.arch_kwargs}. "
                                   "Leave out -o to evaluate mixed ensembles.")
     dev = resolve_device(device)
+    # The inputs as the members read them: the first that records its normalisation (a plain state dict
+    # records none, and check_members_compatible has made the others agree with it).
+    reads = next((m.meta for m in members if m.meta.normalization is not None), first)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
-                     **first.data_options(), num_workers=num_workers)
+                     **reads.data_options(), num_workers=num_workers)
     held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
-                     **first.data_options(), num_workers=num_workers) if temperature_scale else None
+                     **reads.data_options(), num_workers=num_workers) if temperature_scale else None
     for m in members:
         check_fits(m.meta, data.info, m.label)
         if m.meta.image_size is None:  # a plain state dict: nothing recorded says it takes these images

@@ -175,6 +175,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
     every = [*named.items(), *((what, Path(p)) for what, p in extra.items())]
     seen: dict[tuple[int, int] | str, str] = {}
     for what, path in every:
+        _check_name_length(path, what)
         key = _identity(path)
         if key in sources:
             raise OutputError(f"{what} '{path}' is also an input of this command; mctool never overwrites its "
@@ -194,6 +195,22 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
             locks[path] = _lock(Path(path))
         _remove_stale_temporaries([path for _, path in every])
     return named
+
+
+def _check_name_length(path: Path, what: str) -> None:
+    """Refuse a name whose temporary file (``.NAME.XXXXXXXX.tmp``, 14 bytes longer) the file system could not
+    hold: such a run would fail at its first write, after the work."""
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next((f for f in (folder, *folder.parents) if f.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + 14 > limit:
+        raise OutputError(f"{what} '{path}': its name is {size} bytes, and mctool needs {size + 14} for the "
+                          f"temporary file it writes first; this file system allows {limit}. Give a name of at "
+                          f"most {limit - 14} bytes.")
 
 
 def holds_output_locks(fn: _F) -> _F:

@@ -35,6 +35,8 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
         os.lstat(path)  # (a name too long for the file system raises its own OSError)
     except (FileNotFoundError, NotADirectoryError):
         raise MctoolError(f"'{path}' does not exist.{did_you_mean(path)}") from None
+    if path.is_symlink() and not path.exists():
+        raise MctoolError(f"'{path}' is a symbolic link to '{os.readlink(path)}', which does not exist.")
     if not path.is_file():
         raise MctoolError(f"'{path}' is not a file (a folder, pipe or device); info reads safetensors checkpoints and "
                           "HDF5 metrics files.")

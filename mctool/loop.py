@@ -290,11 +290,31 @@ class GradSum:
         torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def check_batches(n: int, batch_size: int, model: torch.nn.Module) -> None:
+def _bn_sees_one_value(model: torch.nn.Module, image: torch.Tensor) -> bool:
+    """Whether a BatchNorm layer of ``model`` gets a single value per channel from one image (``image``, a batch
+    of one): its features have no positions (BatchNorm1d on flat features, or a BatchNorm2d after the feature
+    map has shrunk to 1x1, as in a ResNet on 8x8 images), so a one-image batch has no variance to normalise
+    with while training. Found by running the image through the network once (eval mode)."""
+    seen: list[bool] = []
+    hooks = [m.register_forward_hook(lambda _m, args, _out: seen.append(math.prod(args[0].shape[2:]) == 1))
+             for m in bn_modules(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return any(seen)
+
+
+def check_batches(n: int, batch_size: int, model: torch.nn.Module, image: torch.Tensor | None = None) -> None:
     """Refuse, before training, batches that cannot train: every rank needs at least one image of every
-    global batch (the last one included), and a BatchNorm network at least two images in a rank's piece: a
-    single image has no batch statistics once a layer's features have no positions (BatchNorm1d, or a
-    BatchNorm2d after the feature map has shrunk to 1x1, as in a ResNet on 8x8 images)."""
+    global batch (the last one included), and a network whose BatchNorm layers see one value per channel for
+    one image (``_bn_sees_one_value`` on ``image``; without it, any BatchNorm network) at least two images in
+    a BatchNorm's batch: a rank's piece, or the global batch with SyncBatchNorm."""
     d = distributed.current()
     world = d.world if d is not None else 1
     smallest = min(batch_size, n - (n - 1) // batch_size * batch_size) if n else 0
@@ -302,7 +322,11 @@ def check_batches(n: int, batch_size: int, model: torch.nn.Module) -> None:
         raise ConfigError(f"with {n} training images and --batch-size {batch_size}, a batch has only {smallest} "
                           f"image(s) for {world} ranks; every rank needs one: change --batch-size or use fewer "
                           "ranks.")
-    if smallest // world < 2 and bn_modules(model):
+    bns = bn_modules(model)
+    synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
+    if synced:
+        world = 1  # the statistics are the global batch's
+    if bns and smallest // world < 2 and (image is None or _bn_sees_one_value(model, image)):
         where = "every batch" if batch_size // world < 2 else "the last batch of an epoch"
         piece = f" (split over {world} ranks)" if world > 1 else ""
         raise ConfigError(f"with {n} training images and --batch-size {batch_size}, {where}{piece} gives a "
@@ -360,7 +384,11 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     d = distributed.current()
-    check_batches(len(data.train), cfg.batch_size, model)
+    info, param = data.info, next(model.parameters())
+    image = torch.zeros(1, info.in_chans, info.image_size, info.image_size, device=param.device, dtype=param.dtype)
+    check_batches(len(data.train), cfg.batch_size, model,
+                  image.contiguous(memory_format=torch.channels_last) if getattr(cfg, "channels_last", False)
+                  else image)
     if old_run is not None:
         old_run()
     state_file = state_path(output)

@@ -1,4 +1,4 @@
-"""PNG figures drawn from mctool's HDF5 files (so any file can be redrawn without recomputing)."""
+"""Figures (PNG, PDF or SVG) drawn from mctool's HDF5 files (so any file can be redrawn without recomputing)."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
 
 
 def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) -> None:
-    """A ``plane`` or ``surface`` file as a PNG: train loss and the evaluation error as filled contours (like the
+    """A ``plane`` or ``surface`` file as a figure: train loss and the evaluation error as filled contours (like the
     paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface; the points, and the
     projected curve or trajectory, drawn on them."""
     plt = _pyplot()
@@ -276,10 +276,10 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False) -> PlotResult:
     """Draw whatever the files hold: one plane or surface file (``three_d``: as 3-D surfaces; ``html``: also an
     interactive figure; ``vtk``: also VTK files for ParaView), or one or more evaluate-curve files. ``output`` is
-    the PNG; at least one of ``output``, ``html`` and ``vtk`` is needed."""
+    the figure (PNG, PDF or SVG); at least one of ``output``, ``html`` and ``vtk`` is needed."""
     t0 = time.time()
     if output is None and html is None and vtk is None:
-        raise ConfigError("give an output: -o PNG, --html HTML and/or --vtk VTS.")
+        raise ConfigError("give an output: -o FIGURE (.png, .pdf or .svg), --html HTML and/or --vtk VTS.")
     from .export import vtk_points_path
 
     named = check_outputs({"--output": output, "--html": html, "--vtk": vtk,
@@ -300,13 +300,14 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     elif kind == "evaluate-curve":
         if three_d or html is not None or vtk is not None:
             raise MetricsFileError("--3d, --html and --vtk draw plane and surface files; curves are drawn as lines "
-                                   "(-o PNG).")
+                                   "(-o FIGURE).")
         if output is None:
-            raise ConfigError("give the PNG to write: -o PNG.")
+            raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")
         plot_curves(files, output)
     else:
         listed = ", ".join(f"'{f}' ({'kind ' + repr(k) if k is not None else 'no kind'})" for f, k in of.items())
-        what = "files of different kinds together" if len(kinds) > 1 else "this file"
+        what = ("files of different kinds together" if len(kinds) > 1 else "this file" if len(of) == 1
+                else "these files")
         raise MetricsFileError(f"cannot draw {what}: {listed}. plot draws the metrics files of evaluate-curve "
                                "(several overlaid), plane, surface and merge (one at a time); the per-epoch files "
                                "of train, connect and fge, and those of evaluate and hessian, are read with "

@@ -334,3 +334,24 @@ def test_members_that_read_their_inputs_differently_are_refused_also_with_datase
         err = cli.error("evaluate", digits_models[0], other, *extra, *CPU)
         assert f"'{other}' differs from '{digits_models[0]}' in normalization" in err
     cli("evaluate", digits_models[0], digits_models[1], "-d", "digits", "-q", *CPU)
+
+
+def test_a_plain_state_dict_first_does_not_choose_the_inputs_of_the_others(cli, tmp_path, digits_models):
+    """The data is normalised as the first member that records a normalisation reads it (a plain state dict
+    records none): a network after a plain state dict was fed the data set's default normalisation."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from mctool.checkpoint import save_model
+
+    loaded = load_model(digits_models[1])
+    other = tmp_path / "other.safetensors"
+    save_model(other, loaded.model, replace(loaded.meta, normalization={"mean": [0.5], "std": [0.25]}))
+    plain = tmp_path / "plain.safetensors"
+    save_file(load_model(digits_models[0]).model.state_dict(), plain)
+    plain_args = ["--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
+                  json.dumps(load_model(digits_models[0]).meta.arch_kwargs), "-d", "digits"]
+    alone = cli.json("evaluate", other, *CPU)["models"][0]["metrics"]
+    both = cli.json("evaluate", plain, other, *plain_args, *CPU)["models"][1]["metrics"]
+    assert both["err"] == alone["err"] and both["nll"] == pytest.approx(alone["nll"], rel=1e-5)

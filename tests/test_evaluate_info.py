@@ -149,7 +149,7 @@ def test_a_plain_state_dict_that_does_not_fit_says_how_it_was_built(cli, tmp_pat
     err = cli.error("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "-d", "digits",
                     "--device", "cpu")
     assert f"'{plain}' does not fit architecture 'mlp'" in err
-    assert "Give --num-classes, --in-chans and --arch-kwargs (e.g. '{\"hidden\": 16}') as the network was built." in err
+    assert "Build it as it was built: --arch-kwargs (e.g. '{\"hidden\": 16}'), and its classes and channels" in err
     r = cli.json("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
                  '{"hidden": 16}', "-d", "digits", "--device", "cpu")
     assert r["members"] == 1
@@ -162,3 +162,7 @@ def test_info_tells_a_missing_file_from_a_folder(cli, tmp_path, digits_models):
     assert cli.error("info", tmp_path).endswith(
         "is not a file (a folder, pipe or device); info reads safetensors checkpoints and HDF5 metrics files.")
     assert "Did you mean" in err and "m0.safetensors" in err
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "gone.safetensors")
+    assert f"'{link}' is a symbolic link to '{tmp_path / 'gone.safetensors'}', which does not exist." in cli.error(
+        "info", link)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import importlib
+import json
 import math
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ import mctool.fileio
 import mctool.h5io
 from conftest import count_networks, ctrl_c_during_epoch
 from mctool.bn import recalibrate_bn
-from mctool.checkpoint import load_model, read_checkpoint, save_model
+from mctool.checkpoint import load_model, read_checkpoint, read_metadata, save_model
 from mctool.curve_training import ConnectConfig
 from mctool.ensemble_eval import evaluate_models
 from mctool.errors import ConfigError, DataError, OutputError
@@ -796,13 +797,28 @@ def test_a_single_image_batch_and_batchnorm2d_on_a_1x1_map(cli, tmp_path, arch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_single_image_batch_is_fine_where_batchnorm_still_sees_positions(cli, tmp_path):
+    """cifar_preresnet20's last maps are 2x2 on 8x8 images: a one-image batch still has 4 values per channel,
+    which torch normalises (mctool 0.2.0 trained it; only layers that see one value per channel are refused)."""
+    out = tmp_path / "a.safetensors"
+    cli("train", "-d", "synthetic:size=8,channels=1,classes=2,train=9,test=4", "-a", "cifar_preresnet20",
+        "-o", out, "--batch-size", "4", "--epochs", "1", "-q", "--device", "cpu")
+    assert out.exists()
+
+
 def test_a_file_name_too_long_for_the_file_system_is_one_error(cli, tmp_path):
     """pathlib re-raises ENAMETOOLONG from exists()/is_file(): it ended in an OSError traceback."""
     long = tmp_path / ("x" * 300 + ".safetensors")
     message = f"the file name '{long}' is too long for the file system"
     assert message in cli.error("info", long)
     assert message in cli.error("evaluate", long, "--device", "cpu")
-    assert message in cli.error("train", *TINY, "-o", long, "--epochs", "1")
+    assert f"--output '{long}': its name is 312 bytes" in cli.error("train", *TINY, "-o", long, "--epochs", "1")
+    # 242 bytes fit the file system, but not the temporary file written first: refused before training (it
+    # failed at the end of epoch 1, naming the hidden temporary file and leaving the training state behind)
+    metrics = tmp_path / ("c" * 239 + ".h5")
+    assert f"--metrics '{metrics}': its name is 242 bytes, and mctool needs 256 for the temporary file it writes " \
+           "first; this file system allows 255. Give a name of at most 241 bytes." in cli.error(
+               "train", *TINY, "-o", tmp_path / "c.safetensors", "-m", metrics, "--epochs", "1")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -842,8 +858,10 @@ def test_point_on_a_curve_that_records_no_data_set_asks_for_dataset(cli, tmp_pat
     assert f"'{bare}' does not record its data set; pass --dataset." in cli.error(
         "point", bare, "--t", "0.5", "-o", out, "--device", "cpu")
     assert not out.exists()
+    assert "predicts 10 classes but data set 'synthetic:size=8,channels=1,classes=3' has 3" in cli.error(
+        "point", bare, "--t", "0.5", "-o", out, "-d", "synthetic:size=8,channels=1,classes=3", "--device", "cpu")
     r = cli.json("point", bare, "--t", "0.5", "-o", out, "-d", "digits", "--device", "cpu")
-    assert r["bn_recalibrated"] is True and out.exists()
+    assert r["bn_recalibrated"] is True and json.loads(read_metadata(out)["config"])["bn_dataset"] == "digits"
 
 
 def test_resume_without_a_metrics_file_says_there_is_nothing_to_resume(cli, tmp_path, files):
