@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .checkpoint import LoadedModel, ModelMeta, load_model, save_model
+from .checkpoint import LoadedModel, ModelMeta, load_model, meta_differences, save_model
 from .data import check_fits, load_data
 from .errors import ConfigError, MctoolError
 from .fileio import check_outputs, holds_output_locks
@@ -621,11 +621,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Gro
 
 
 def _check_same_network(a: LoadedModel, b: LoadedModel) -> None:
-    for key in ("arch", "arch_kwargs", "num_classes", "in_chans"):
-        va, vb = getattr(a.meta, key), getattr(b.meta, key)
-        if va != vb:
-            raise ConfigError(f"'{a.path}' and '{b.path}' are different networks ({key} {json.dumps(va)} vs "
-                              f"{json.dumps(vb)}); align needs two networks of the same architecture.")
+    for key, va, vb in meta_differences(a.meta, b.meta, ("arch", "arch_kwargs", "num_classes", "in_chans"))[:1]:
+        raise ConfigError(f"'{a.path}' and '{b.path}' are different networks ({key} {json.dumps(va)} vs "
+                          f"{json.dumps(vb)}); align needs two networks of the same architecture.")
 
 
 def _check_function(model_b: nn.Module, aligned: nn.Module, x: torch.Tensor, what: str) -> None:

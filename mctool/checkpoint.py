@@ -152,6 +152,18 @@ def same_normalization(a: dict[str, list[float]] | None, b: dict[str, list[float
                                               for x, y in zip(a[k], b[k])) for k in ("mean", "std"))
 
 
+def meta_differences(a: "ModelMeta", b: "ModelMeta", keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """The ``keys`` in which two networks' records differ, as (key, a's value, b's value); normalisations are
+    equal within ``same_normalization``'s tolerance. One rule for every command that pairs networks (curves,
+    align, ensembles), each with its own keys."""
+    out = []
+    for key in keys:
+        va, vb = getattr(a, key), getattr(b, key)
+        if not (same_normalization(va, vb) if key == "normalization" else va == vb):
+            out.append((key, va, vb))
+    return out
+
+
 def _config(md: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
     """The recorded options; the ones mctool reads back (wd, epochs, split) are checked."""
     config = metadata_json(md, "config", path, dict, "{}")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (LoadedModel, ModelMeta, bad_field, check_finite, metadata_int, read_checkpoint,
-                         same_normalization, save_checkpoint)
+from .checkpoint import (LoadedModel, ModelMeta, bad_field, check_finite, metadata_int, meta_differences,
+                         read_checkpoint, save_checkpoint)
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .flat import ParamLayout, build_network, check_network
@@ -102,11 +102,8 @@ class Curve:
 
 
 def _describe_incompatibility(a: LoadedModel, b: LoadedModel) -> list[str]:
-    out = []
-    for key in ("arch", "arch_kwargs", "num_classes", "in_chans", "dataset", "normalization"):
-        va, vb = getattr(a.meta, key), getattr(b.meta, key)
-        if not (same_normalization(va, vb) if key == "normalization" else va == vb):
-            out.append(f"{key}: {va!r} vs {vb!r}")
+    out = [f"{key}: {va!r} vs {vb!r}" for key, va, vb in meta_differences(
+        a.meta, b.meta, ("arch", "arch_kwargs", "num_classes", "in_chans", "dataset", "normalization"))]
     if not out:
         out += ParamLayout.of(a.model).differences(ParamLayout.of(b.model))
     return out

@@ -18,11 +18,11 @@ from torch import nn
 
 from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
 from .bn import recalibrate_bn
-from .checkpoint import ModelMeta, load_model, read_metadata, same_normalization
+from .checkpoint import ModelMeta, load_model, meta_differences, read_metadata
 from .curves import load_curve
 from .data import check_fits, load_data
 from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
@@ -100,13 +100,11 @@ def check_members_compatible(members: list[Member]) -> None:
     normalisation where both record one (a plain state dict records none and reads the data as given)."""
     first = members[0].meta
     for m in members[1:]:
-        for key in ("num_classes", "in_chans", "normalization"):
-            va, vb = getattr(m.meta, key), getattr(first, key)
-            if key == "normalization" and (va is None or vb is None):
-                continue
-            if not (same_normalization(va, vb) if key == "normalization" else va == vb):
-                raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
-                                  "read the same inputs and predict the same classes.")
+        recorded = m.meta.normalization is not None and first.normalization is not None
+        for key, _, _ in meta_differences(m.meta, first, ("num_classes", "in_chans", "normalization")
+                                          if recorded else ("num_classes", "in_chans")):
+            raise ConfigError(f"'{m.label}' differs from '{members[0].label}' in {key}; ensemble members must "
+                              "read the same inputs and predict the same classes.")
 
 
 class _MemberPasses:
@@ -185,8 +183,15 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     reads = next((m.meta for m in members if m.meta.normalization is not None), first)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
                      **reads.data_options(), num_workers=num_workers)
-    held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
-                     **reads.data_options(), num_workers=num_workers) if temperature_scale else None
+    held = None
+    if temperature_scale:
+        try:
+            held = load_data(name, root=data_root, split="val", device=dev, channels_last=channels_last,
+                             **reads.data_options(), num_workers=num_workers)
+        except DataError as e:
+            raise DataError(f"--temperature-scale fits its temperature on the val split (images held out of the "
+                            f"training set), which this data set cannot give: {e} Leave out --temperature-scale "
+                            "for it.") from None
     for m in members:
         check_fits(m.meta, data.info, m.label)
         if m.meta.image_size is None:  # a plain state dict: nothing recorded says it takes these images

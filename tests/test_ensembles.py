@@ -355,3 +355,13 @@ def test_a_plain_state_dict_first_does_not_choose_the_inputs_of_the_others(cli, 
     alone = cli.json("evaluate", other, *CPU)["models"][0]["metrics"]
     both = cli.json("evaluate", plain, other, *plain_args, *CPU)["models"][1]["metrics"]
     assert both["err"] == alone["err"] and both["nll"] == pytest.approx(alone["nll"], rel=1e-5)
+
+
+def test_temperature_scaling_without_held_out_images_says_so(cli, tmp_path):
+    data = "synthetic:size=8,channels=1,train=1"
+    net = tmp_path / "t.safetensors"
+    cli("train", "-d", data, "-a", "mlp", "--arch-kwargs", '{"hidden": 8}', "--epochs", "1", "-o", net, "-q", *CPU)
+    err = cli.error("ensemble", net, "--temperature-scale", *CPU)
+    assert "--temperature-scale fits its temperature on the val split" in err
+    assert err.rstrip().endswith("Leave out --temperature-scale for it.")
+    cli("ensemble", net, "-q", *CPU)
