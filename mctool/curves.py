@@ -173,10 +173,7 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
     meta.extra.pop("num_bends")
     if (curve == "line") != (num_bends == 0):
         raise bad_field(path, "num_bends", f"a {curve} has {'no' if curve == 'line' else 'at least one'} bend")
-    try:
-        layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
-    except ValueError as e:
-        raise bad_field(path, "param_layout", str(e)) from None
+    layout = ParamLayout.from_record(meta, path)
     points = tensors.pop("control_points")
     if points.ndim != 2 or points.shape != (num_bends + 2, layout.size) or not points.is_floating_point():
         raise CheckpointError(f"'{path}': control points of shape {tuple(points.shape)} ({points.dtype}) do not "

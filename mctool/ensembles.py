@@ -79,10 +79,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
     if missing:
         raise CheckpointError(f"'{path}' is not a complete ensemble file (missing {', '.join(missing)}).")
     check_finite(path, tensors)
-    try:
-        layout = ParamLayout.from_json(meta.extra.pop("param_layout"))
-    except ValueError as e:
-        raise bad_field(path, "param_layout", str(e)) from None
+    layout = ParamLayout.from_record(meta, path)
     m = metadata_int(meta.extra, "num_members", path, 1, 1_000_000)
     meta.extra.pop("num_members")
     try:

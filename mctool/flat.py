@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import ModelMeta
+from .checkpoint import ModelMeta, bad_field
 from .errors import CheckpointError, ConfigError
 from .models import build_model
 
@@ -29,6 +29,15 @@ class ParamLayout:
     def of(cls, model: nn.Module) -> "ParamLayout":
         named = list(model.named_parameters())
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @classmethod
+    def from_record(cls, meta: ModelMeta, path: str | os.PathLike) -> "ParamLayout":
+        """Take the ``param_layout`` field out of a curve's or ensemble's metadata (``meta.extra``) and parse it;
+        a bad one is refused naming the file and the field."""
+        try:
+            return cls.from_json(meta.extra.pop("param_layout"))
+        except ValueError as e:
+            raise bad_field(path, "param_layout", str(e)) from None
 
     @classmethod
     def from_json(cls, text: str) -> "ParamLayout":
