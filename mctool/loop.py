@@ -27,6 +27,7 @@ from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
+from .models import blank_images, probe_forward
 from .options import check_count, check_real, check_seed
 from .runtime import autocast, progress_bar
 from .schedules import SCHEDULES, lr_at
@@ -298,15 +299,11 @@ def _bn_sees_one_value(model: torch.nn.Module, image: torch.Tensor) -> bool:
     seen: list[bool] = []
     hooks = [m.register_forward_hook(lambda _m, args, _out: seen.append(math.prod(args[0].shape[2:]) == 1))
              for m in bn_modules(model)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(image)
+        probe_forward(model, image)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return any(seen)
 
 
@@ -384,11 +381,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     """
     lr_fn = lr_fn or (lambda epoch, i, n: lr_at(cfg.schedule, cfg.lr, epoch, cfg.epochs, i, n))
     d = distributed.current()
-    info, param = data.info, next(model.parameters())
-    image = torch.zeros(1, info.in_chans, info.image_size, info.image_size, device=param.device, dtype=param.dtype)
     check_batches(len(data.train), cfg.batch_size, model,
-                  image.contiguous(memory_format=torch.channels_last) if getattr(cfg, "channels_last", False)
-                  else image)
+                  blank_images(model, 1, data.info.in_chans, data.info.image_size))
     if old_run is not None:
         old_run()
     state_file = state_path(output)

@@ -477,21 +477,36 @@ def arch_kwargs_for(arch: str, arch_kwargs: dict[str, Any] | None, img_size: int
     return kwargs
 
 
+def blank_images(model: nn.Module, n: int, in_chans: int, image_size: int) -> torch.Tensor:
+    """``n`` zero images of ``in_chans`` x ``image_size`` x ``image_size`` as ``model`` takes its input: on its
+    device, in its dtype, channels-last where its 4-D weights are."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(n, in_chans, image_size, image_size, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
+    if param is not None and param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def probe_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` in eval mode without gradients, for a check before any work; the model's mode is kept."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was_training)
+
+
 def check_takes_images(model: nn.Module, arch: str, num_classes: int, in_chans: int, image_size: int,
                        dataset: str) -> None:
     """Refuse, before any work, a network that cannot take the data set's images: run it (eval mode, no
     gradients) on two blank images of ``in_chans`` x ``image_size`` x ``image_size`` on its own device, and
     check it gives ``num_classes`` logits each. A timm model of a fixed input size, or an ``img_size`` in
     --arch-kwargs other than the data's, otherwise fails in the first training step with torch's traceback."""
-    param = next(model.parameters(), None)
-    x = torch.zeros(2, in_chans, image_size, image_size, device=param.device if param is not None else None)
-    if param is not None and param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
-        x = x.contiguous(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = model(x)
+        out = probe_forward(model, blank_images(model, 2, in_chans, image_size))
     except torch.cuda.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
@@ -500,8 +515,6 @@ def check_takes_images(model: nn.Module, arch: str, num_classes: int, in_chans: 
                           f"data set '{dataset}' ({type(e).__name__}: {why}); pick another --arch, or give its input "
                           f"size in --arch-kwargs (e.g. '{{\"img_size\": {image_size}}}' where it takes one).") \
             from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"architecture '{arch}' gives outputs of shape {shape} for 2 images of data set "
