@@ -271,13 +271,19 @@ def sync(what: str) -> None:
         _sequence[0] += 1
         key = _key(f"sync/{_sequence[0]}")
         store.add(key, 1)
-        deadline = time.monotonic() + timeout_seconds()
-        while store.add(key, 0) < d.world:
+        _wait_until(store, d, lambda: store.add(key, 0) >= d.world, f"the other ranks at {what}")
+
+
+def _wait_until(store: Any, d: Dist, ready: Callable[[], bool], what: str) -> None:
+    """Poll ``ready()`` until it holds; stop at once when another rank failed, and after the timeout."""
+    deadline = time.monotonic() + timeout_seconds()
+    while not ready():
+        with _talking(d):
             _check_peers(store, d)
-            if time.monotonic() > deadline:
-                raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for the other ranks at {what}; "
-                                  "is one of them stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
-            time.sleep(_POLL)
+        if time.monotonic() > deadline:
+            raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for {what}; "
+                              "is another rank stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
+        time.sleep(_POLL)
 
 
 @contextlib.contextmanager
@@ -332,13 +338,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def _wait_get(store: Any, d: Dist, key: str, what: str) -> str:
-    deadline = time.monotonic() + timeout_seconds()
-    while not store.check([key]):
-        _check_peers(store, d)
-        if time.monotonic() > deadline:
-            raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for {what}; "
-                              "is another rank stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
-        time.sleep(_POLL)
+    _wait_until(store, d, lambda: store.check([key]), what)
     return store.get(key).decode()
 
 
@@ -369,25 +369,18 @@ def deal_points(todo: Iterable[_K], measure: Callable[[_K], dict[str, float]],
     pending: set[int] = set()  # (rank 0) points handed out whose results are not recorded yet
     handed = 0
 
-    def collect(wait: bool) -> None:
+    def collect() -> bool:
+        """Record the results that are in; returns whether every point is recorded."""
         nonlocal handed
-        deadline = time.monotonic() + timeout_seconds()
-        while True:
-            handed_now = min(len(todo), talk(lambda: store.add(f"{prefix}/next", 0)))
-            pending.update(range(handed, handed_now))
-            handed = handed_now
-            for i in sorted(pending):
-                key = f"{prefix}/result/{i}"
-                if talk(lambda: store.check([key])):
-                    record(todo[i], json.loads(talk(lambda: store.get(key))))
-                    pending.discard(i)
-            if not wait or (not pending and handed == len(todo)):
-                return
-            talk(lambda: _check_peers(store, d))
-            if time.monotonic() > deadline:
-                raise MctoolError(f"rank 0 waited {timeout_seconds():.0f} s for {len(pending)} point(s) from other "
-                                  "ranks; is one stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
-            time.sleep(_POLL)
+        handed_now = min(len(todo), talk(lambda: store.add(f"{prefix}/next", 0)))
+        pending.update(range(handed, handed_now))
+        handed = handed_now
+        for i in sorted(pending):
+            key = f"{prefix}/result/{i}"
+            if talk(lambda: store.check([key])):
+                record(todo[i], json.loads(talk(lambda: store.get(key))))
+                pending.discard(i)
+        return not pending and handed == len(todo)
 
     while True:
         i = talk(lambda: store.add(f"{prefix}/next", 1)) - 1
@@ -397,7 +390,7 @@ def deal_points(todo: Iterable[_K], measure: Callable[[_K], dict[str, float]],
         result = json.dumps(measure(todo[i]))
         talk(lambda: store.set(f"{prefix}/result/{i}", result))
         if d.main:
-            collect(wait=False)
+            collect()
     if d.main:
-        collect(wait=True)
+        _wait_until(store, d, collect, "the points other ranks are evaluating")
     sync("the end of the point evaluation")

@@ -315,6 +315,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             raise interrupted(saved, n, metrics) from None
     write()
     result = HessianResult(command="hessian", inputs=file_refs(pts.inputs), metrics={"train": None, "eval": None},
+                           split=split,
                            points=pts.kind, num_points=n,
                            top_k=top_k, parameters=p, train_subset=train_subset,
                            t=pts.coords.tolist() if pts.kind == "curve" else None,

@@ -310,6 +310,47 @@ def test_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path, digits_models
     assert r0.stdout == r1.stdout == ""
 
 
+_STUCK_RANK = """
+import sys, time
+from mctool import distributed
+from mctool.errors import MctoolError
+where = sys.argv[1]
+with distributed.launched() as d:
+    t0 = time.monotonic()
+    try:
+        if where == "sync":
+            if d.rank == 1:
+                time.sleep(8)  # stuck before the barrier
+            distributed.sync("the test barrier")
+        else:
+            # rank 0 takes 0.5 s a point, rank 1 is stuck in the first it takes
+            distributed.deal_points(range(4), lambda k: time.sleep(0.5 + 7.5 * d.rank) or {"v": float(k)},
+                                    lambda k, r: None)
+        print("done")
+    except MctoolError as e:
+        print(f"error: {e}")
+        print(f"waited {time.monotonic() - t0:.1f}")
+"""
+
+
+@pytest.mark.parametrize("where", ["sync", "points"])
+def test_a_stuck_rank_ends_the_wait_after_the_timeout(tmp_path, where):
+    # rank 1 is stuck for 8 s (before a barrier, or in its point of the queue); rank 0 gives up after 2 s
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _STUCK_RANK, where], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=str(port)), "MCTOOL_DIST_TIMEOUT": "2"})
+             for r in range(2)]
+    out0, err0 = procs[0].communicate(timeout=TIMEOUT)
+    procs[1].communicate(timeout=TIMEOUT)
+    message, waited = out0.strip().splitlines()
+    what = "the other ranks at the test barrier" if where == "sync" else "the points other ranks are evaluating"
+    assert message == f"error: rank 0 waited 2 s for {what}; is another rank stuck? " \
+                           "(MCTOOL_DIST_TIMEOUT sets the limit)", err0
+    assert 2 <= float(waited.split()[1]) < 8  # it gave up at the timeout, without waiting for rank 1
+
+
 def test_device_naming_one_gpu_is_refused_under_several_ranks(tmp_path, digits_models):
     r0, r1 = ranks([["evaluate", digits_models[0], "--device", "cuda:0"]] * 2)
     assert r0.returncode == r1.returncode == 1

@@ -217,9 +217,9 @@ def test_the_loss_is_over_the_images_the_network_was_trained_on(cli, tmp_path, m
     cli("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1}', "--epochs", "1",
         "--split", "val", "-o", net, "-q", *CPU)
     m = tmp_path / "h.h5"
-    cli("hessian", net, "-m", m, "--top-k", "1", "--train-subset", "0", "-q", *CPU)
+    r = cli.json("hessian", net, "-m", m, "--top-k", "1", "--train-subset", "0", *CPU)
     assert seen == [len(load_data("digits", split="val").train)] and seen[0] < len(load_data("digits").train)
-    assert json.loads(read_h5(m)[1]["config"])["split"] == "val"
+    assert json.loads(read_h5(m)[1]["config"])["split"] == "val" and r["split"] == "val"
 
 
 def test_resume_refuses_eigenvectors_of_another_run(cli, tmp_path, tiny):

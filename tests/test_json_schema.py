@@ -227,7 +227,7 @@ def test_hessian(cli, registry, tmp_path, digits_models):
                                  "--train-subset", "100", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
               {"train", "eval"})
     assert r["points"] == "model" and r["t"] is None and r["trace"] is None and r["outputs"]["eigenvectors"] is None
-    assert r["split"] is None and len(r["eigenvalues"]) == 1 and r["hvps"] > 0
+    assert r["split"] == "test" and len(r["eigenvalues"]) == 1 and r["hvps"] > 0
     r = check(registry, cli.json("hessian", *digits_models, "-m", tmp_path / "s.h5", "--top-k", "1", "--num-points",
                                  "2", "--trace", "--trace-samples", "2", "--train-subset", "100", "--eigenvectors",
                                  tmp_path / "v.safetensors", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
