@@ -206,7 +206,7 @@ class SnapshotCollector:
         self.rows = rows
         if members is not None:
             self.members = list(members.float())
-            self.probs_sum = tensors["snapshots/probs_sum"].float().to(self.data.eval.device)
+            self.probs_sum = tensors["snapshots/probs_sum"].double().to(self.data.eval.device)
             self.buffers = [{k.split("/", 3)[3]: v for k, v in tensors.items()
                              if k.startswith(f"snapshots/buffers/{i}/")} for i in range(len(self.members))]
         if waiting is not None:

@@ -91,22 +91,26 @@ def _predict_dealt(model: nn.Module, split: Split, batch_size: int, device: torc
 
 
 #: Every NLL is computed with the true label's probability clamped at this: one image adds at most
-#: -log(1e-12) = 27.6 to a sum of NLLs.
-MIN_PROB = 1e-12
+#: -log(1e-300) = 690.8 to a sum of NLLs. Probabilities are float64, so a true label's probability is held
+#: exactly down to here (the NLL of an image whose logits put the true label up to ~700 below the top).
+MIN_PROB = 1e-300
 
 
 def probabilities(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax of ``logits`` along ``dim``, in float32. An image whose logits are not all finite (an overflow,
-    e.g. far from trained weights) gets all-zero probabilities: no prediction, so ``error`` counts it wrong and
-    ``nll`` gives it the largest NLL, -log(MIN_PROB); in an ensemble's mean it adds nothing. So a computed
-    metric is never NaN, and NaN in a metrics file always means "not computed yet" (docs/method.md)."""
-    probs = F.softmax(logits.float(), dim=dim)
+    """Softmax of ``logits`` along ``dim``, in float64, so that the NLL of a confidently wrong image stays exact
+    far out on a plane or surface (float32 probabilities underflow below about 1e-38: an NLL of 87).
+
+    An image whose logits are not all finite (an overflow, e.g. far from trained weights) gets all-zero
+    probabilities: no prediction, so ``error`` counts it wrong and ``nll`` gives it the largest NLL,
+    -log(MIN_PROB); in an ensemble's mean it adds nothing. So a computed metric is never NaN, and NaN in a
+    metrics file always means "not computed yet" (docs/method.md)."""
+    probs = F.softmax(logits.double(), dim=dim)
     bad = ~torch.isfinite(logits).all(dim, keepdim=True)
     return probs.masked_fill(bad, 0.0)
 
 
 def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities ``[N, C]`` (float32, ``probabilities``) and labels ``[N]``; options as ``predict_logits``."""
+    """Probabilities ``[N, C]`` (float64, ``probabilities``) and labels ``[N]``; options as ``predict_logits``."""
     logits, labels = predict_logits(model, split, **kwargs)
     return probabilities(logits), labels
 
@@ -130,11 +134,11 @@ def error(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
     conf, wrong = _wrong(probs, labels)
-    correct = (~wrong).float()
+    correct = (~wrong).to(conf.dtype)
     # Bins are (lo, hi]; confidence 0 (no prediction) goes to the first bin.
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
-    conf_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, conf)
-    acc_sum = torch.zeros(bins, device=probs.device).scatter_add_(0, idx, correct)
+    conf_sum = torch.zeros(bins, device=probs.device, dtype=conf.dtype).scatter_add_(0, idx, conf)
+    acc_sum = torch.zeros(bins, device=probs.device, dtype=conf.dtype).scatter_add_(0, idx, correct)
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])
 
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mctool.errors import ConfigError
 from mctool.evaluation import MIN_PROB, brier, ece, error, nll, probabilities
@@ -45,6 +46,23 @@ def test_nll_error_ece_by_hand():
     assert ece(torch.eye(3), torch.arange(3)) == 0.0
 
 
+def test_nll_of_confidently_wrong_images_is_exact():
+    """Far out on a plane or surface an image's true label can sit hundreds below the top logit: its NLL is
+    that gap (plus the log-sum), not a cap; also in an ensemble's mean. (Float32 probabilities underflow at an
+    NLL of about 87, and mctool 0.2.0 clamped them at 1e-12: an NLL of 27.6.)"""
+    logits = torch.tensor([[0.0, 50.0, 0.0], [300.0, 0.0, -5.0], [1.0, 2.0, 3.0]])
+    labels = torch.tensor([0, 1, 2])
+    exact = F.cross_entropy(logits.double(), labels).item()  # float64 log-softmax of the same float32 logits
+    assert exact > 100
+    # float64 softmax then log: each probability within a few 2^-53 relative, so the NLL within 1e-14 relative
+    assert nll(probabilities(logits), labels) == pytest.approx(exact, rel=1e-12)
+    # two members: -log of the mean of the true label's probabilities, by log-sum-exp in float64
+    other = torch.tensor([[60.0, 0.0, 0.0], [0.0, 100.0, 0.0], [3.0, 2.0, 1.0]])
+    mean = (probabilities(logits) + probabilities(other)) / 2
+    logp = torch.stack([F.log_softmax(z.double(), 1).gather(1, labels[:, None])[:, 0] for z in (logits, other)])
+    assert nll(mean, labels) == pytest.approx(-(torch.logsumexp(logp, 0) - math.log(2)).mean().item(), rel=1e-12)
+
+
 def test_an_image_with_overflowing_logits_has_no_prediction():
     """Non-finite logits (overflow far from trained weights) give a row of zero probabilities: the image is
     wrong, with NLL -log(MIN_PROB), whatever its label; the other images are unchanged. No metric is NaN."""
@@ -53,11 +71,12 @@ def test_an_image_with_overflowing_logits_has_no_prediction():
     labels = torch.tensor([0, 0, 1, 1, 1])
     probs = probabilities(logits)
     assert torch.equal(probs[1:4], torch.zeros(3, 2))
-    assert torch.equal(probs[[0, 4]], torch.softmax(logits[[0, 4]], 1))
+    assert torch.equal(probs[[0, 4]], torch.softmax(logits[[0, 4]].double(), 1))
     assert error(probs, labels) == pytest.approx(3 / 5)  # 3 of 5 wrong: exact in float32 up to one rounding
     good = -(math.log(probs[0, 0].item()) + math.log(probs[4, 1].item()))
-    # float32 logs of two probabilities and three terms of 27.6: within 1e-6 relative of the float64 sum
-    assert nll(probs, labels) == pytest.approx((good - 3 * math.log(MIN_PROB)) / 5, rel=1e-5)
+    # float64 logs of two probabilities and three terms of 690.8: within 1e-15 relative of the exact sum
+    assert probs.dtype == torch.float64 and -math.log(MIN_PROB) == pytest.approx(690.8, abs=0.05)
+    assert nll(probs, labels) == pytest.approx((good - 3 * math.log(MIN_PROB)) / 5, rel=1e-12)
     for value in (ece(probs, labels), brier(probs, labels)):
         assert math.isfinite(value)
     # an ensemble's mean: a member with no prediction for an image adds nothing to it
