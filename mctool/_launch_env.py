@@ -1,8 +1,50 @@
-"""Set before torch is imported, for runs under a launcher (torchrun, SLURM): a rank whose peers have ended
-logs c10d's C++ warnings, with stack frames, while it stops; mctool reports that itself
-(docs/distributed.md). ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again."""
+"""Set before torch is imported.
+
+- For runs under a launcher (torchrun, SLURM): a rank whose peers have ended logs c10d's C++ warnings, with
+  stack frames, while it stops; mctool reports that itself (docs/distributed.md).
+  ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again.
+- For the ``mctool`` command (the console script, or ``python -m mctool``): Ctrl-C or SIGTERM while it starts
+  up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` on rank 0 and exits 130, as
+  later, instead of a traceback. ``cli`` hands the signals back to Python's handling (``restore_signals``)
+  once its own handling is in place. A Python program importing mctool is left alone.
+"""
 
 import os
+import signal
+import sys
 
 if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def _is_command() -> bool:
+    if os.path.basename(sys.argv[0]) == "mctool":
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b == "mctool" for a, b in zip(orig, orig[1:]))
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line, from rank 0
+        os.write(2, b"Error: interrupted (Ctrl-C).\n")
+    os._exit(130)
+
+
+_installed = False
+if _is_command():
+    try:
+        for _sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(_sig, _stop_while_starting)
+        _installed = True
+    except ValueError:  # not the main thread
+        pass
+
+
+def restore_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt again and SIGTERM ends the process (``distributed.launched`` turns it
+    into Ctrl-C for a command's work); a no-op unless the start-up handlers are in place."""
+    global _installed
+    if _installed:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _installed = False

@@ -6,7 +6,7 @@ an FGE snapshot) they are reset and recomputed with one pass over the un-augment
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,6 +32,14 @@ def pass_batches(split: Split, batch_size: int, *, deal: tuple[int, int] | None 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
+
+
+def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:
+    """What a run records as ``bn_batch_size`` for a network with these buffer names: ``batch_size`` when it has
+    BatchNorm statistics to recompute, else None. The batch size decides which images each batch of the BN pass
+    holds (and, with ``--bn-batches``, which images it reads), so the statistics depend on it and ``--resume``
+    compares it; without BatchNorm it changes nothing but float rounding."""
+    return batch_size if any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers) else None
 
 
 def check_bn_batch_size(model: nn.Module, batch_size: Any) -> None:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -26,7 +27,7 @@ from ._version import __version__
 from .align import METHODS as ALIGN_METHODS
 from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
-from . import distributed
+from . import _launch_env, distributed
 from .errors import ConfigError, Interrupted, MctoolError
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
@@ -199,6 +200,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
     prints, another rank prints only its own error, as ``Error: rank N: ...``."""
     code, main, result = 0, True, None
     try:
+        _launch_env.restore_signals()  # from here on, Ctrl-C is this function's to report
         with distributed.launched() as d:
             main = d is None or d.main
             try:
@@ -1211,4 +1213,9 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 130:  # interrupted, and said so: a second Ctrl-C would only break the exit's cleanup
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise

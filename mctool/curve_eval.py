@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import time
@@ -14,14 +15,14 @@ import torch
 
 from . import distributed
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
-from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
+from .bn import bn_modules, bn_pass_setting, check_bn_batch_size, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, Interrupted
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
-from .h5io import open_outputs, provenance, write_h5
+from .h5io import open_outputs, provenance, read_h5, write_h5
 from .options import MAX_POINTS, check_count, check_real
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
@@ -171,8 +172,13 @@ def _aligned_and_unaligned(paths: list[str], unaligned: str | Path,
     return line_between(a, b_aligned), line_between(a, b)
 
 
-def interrupted(saved: int, total: int, metrics: Path) -> Interrupted:
-    """The error for Ctrl-C in a run that writes its metrics file after every point (evaluate-curve, plane)."""
+def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] = ("train/loss",)) -> Interrupted:
+    """The error for Ctrl-C in a run that writes its metrics file after every point (evaluate-curve, plane,
+    surface, hessian). ``saved`` is what the run counted; the file's own count (the computed entries of the
+    ``counted`` datasets) wins, since a Ctrl-C can land after a point's write and before it was counted."""
+    with contextlib.suppress(Exception):  # a file that cannot be read: the run's count stands
+        data, _ = read_h5(metrics)
+        saved = sum(int(np.count_nonzero(~np.isnan(np.asarray(data[name], dtype=np.float64)))) for name in counted)
     return Interrupted(f"interrupted; {saved} of {total} points are saved in '{metrics}'. Continue with the same "
                        "command plus --resume.")
 
@@ -223,6 +229,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     values = {n: np.full(num_points, np.nan) for n in names}
     values_un = {n: np.full(num_points, np.nan) for n in names} if unaligned is not None else None
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
+              "bn_batch_size": bn_pass_setting(curve.buffers, batch_size),
               "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends,
               # None when off: files of earlier versions, which lack these keys, still resume
               "compare_unaligned": str(compare_unaligned) if compare_unaligned is not None else None,

@@ -145,7 +145,8 @@ def save_curve(path: str | Path, curve: Curve, config: dict[str, Any],
     save_checkpoint(path, tensors, md)
 
 
-def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state")) -> tuple[Curve, dict[str, torch.Tensor], dict]:
+def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state")
+               ) -> tuple[Curve, dict[str, torch.Tensor], dict]:
     """Read a curve file (or a connect state); returns the curve, its other tensors and raw metadata."""
     path = Path(path)
     tensors, md = read_checkpoint(path)

@@ -187,6 +187,10 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
     return data, started
 
 
+#: Settings that metrics files of mctool 0.2.0 do not record: such a file resumes whatever they are now.
+NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size"})
+
+
 def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]]:
     """Read a metrics file to resume, refusing one made from other inputs or with other settings."""
@@ -202,7 +206,8 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     if "input_order" in attrs and json_attr(attrs, "input_order", path, "[]") != list(inputs.values()):
         raise MetricsFileError(f"'{path}' was computed from the same files given in another order; --resume needs "
                                "them in the interrupted run's order.")
-    diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v}
+    diff = {k: (old_config.get(k), v) for k, v in config.items()
+            if old_config.get(k) != v and (k in old_config or k not in NOT_RECORDED_BEFORE_0_3)}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options "

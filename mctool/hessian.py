@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed
-from .bn import bn_modules, check_bn_batch_size, recalibrate_bn
+from .bn import bn_modules, bn_pass_setting, check_bn_batch_size, recalibrate_bn
 from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
 from .curve_eval import curve_from_files, interrupted
 from .data import Split, check_fits, load_data
@@ -218,6 +218,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     config = {"top_k": top_k, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
               "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
+              "bn_batch_size": bn_pass_setting(dict(pts.model.named_buffers()), batch_size) if pts.recalibrate
+              else None,
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
     if trace:
@@ -312,7 +314,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
 
                 distributed.deal_points(todo, measure, record)
         except KeyboardInterrupt:
-            raise interrupted(saved, n, metrics) from None
+            raise interrupted(saved, n, metrics, ("hvps",)) from None
     write()
     result = HessianResult(command="hessian", inputs=file_refs(pts.inputs), metrics={"train": None, "eval": None},
                            split=split,

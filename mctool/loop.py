@@ -453,6 +453,8 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                                   f"command {again} to start over.") from None
             raise Interrupted("interrupted during epoch 1, before any epoch was complete; nothing was saved. "
                               "Run the same command again to start over.") from None
+        if done >= cfg.epochs:  # after the last state was written, before fit returned
+            raise Interrupted(_all_epochs_saved(state_file, cfg.epochs)) from None
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
 
@@ -467,9 +469,12 @@ def finishing(output: Path, epochs: int) -> Iterator[None]:
         state = state_path(output)
         if not state.exists() or not writes_files():
             raise
-        raise Interrupted(f"interrupted after the last epoch, while finishing; all {epochs} epochs are saved in "
-                          f"'{state}'. Finish with the same command plus --resume (no epoch is trained "
-                          "again).") from None
+        raise Interrupted(_all_epochs_saved(state, epochs)) from None
+
+
+def _all_epochs_saved(state: Path, epochs: int) -> str:
+    return (f"interrupted after the last epoch, while finishing; all {epochs} epochs are saved in '{state}'. "
+            "Finish with the same command plus --resume (no epoch is trained again).")
 
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None,

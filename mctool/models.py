@@ -152,7 +152,8 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
 class PreResNet(nn.Module):
     """Pre-activation ResNet for small images: depth 6n+2 with basic blocks, or 9n+2 with bottlenecks."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, bottleneck: bool = False, img_size: int = 32):
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, bottleneck: bool = False,
+                 img_size: int = 32):
         super().__init__()
         block = _PreActBottleneck if bottleneck else _PreActBasic
         per = 9 if bottleneck else 6
@@ -455,7 +456,8 @@ def _check_arch_name(arch: Any) -> None:
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, list(dict.fromkeys([*MCTOOL_ARCHS, *timm.list_models()])), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigError(f"unknown architecture '{arch}'.{hint} mctool's own: {', '.join(MCTOOL_ARCHS)}; any name in timm.list_models() works too.")
+        raise ConfigError(f"unknown architecture '{arch}'.{hint} mctool's own: {', '.join(MCTOOL_ARCHS)}; "
+                          "any name in timm.list_models() works too.")
 
 
 def build_model(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from . import distributed
 from .checkpoint import load_model
 from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
-from .bn import check_bn_batch_size
+from .bn import bn_pass_setting, check_bn_batch_size
 from .curves import Curve, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
@@ -217,7 +217,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
             # one process: in order; several (torchrun): each rank takes the next pass when free
             deal_passes(todo, points_per_pass, measure, record)
     except KeyboardInterrupt:
-        raise interrupted(saved, total, metrics) from None
+        raise interrupted(saved, total, metrics, ("train/loss", "at_points/train/loss")) from None
 
 
 @holds_output_locks
@@ -266,7 +266,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     grid = {n: np.full((grid_points, grid_points), np.nan) for n in names}
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
-              "wd": wd, "bn_batches": bn_batches, "train_subset": train_subset, "precision": precision}
+              "wd": wd, "bn_batches": bn_batches, "bn_batch_size": bn_pass_setting(base.buffers, batch_size),
+              "train_subset": train_subset, "precision": precision}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
     old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot,

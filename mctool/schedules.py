@@ -27,7 +27,8 @@ def cosine_factor(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int = 0, iters_per_epoch: int = 1) -> float:
+def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int = 0,
+          iters_per_epoch: int = 1) -> float:
     """Learning rate for an iteration: ``epoch`` is 0-based, ``iteration`` counts within the epoch."""
     if schedule == "paper":
         return base_lr * paper_factor(epoch, epochs)

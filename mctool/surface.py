@@ -32,6 +32,7 @@ from .h5io import open_outputs, provenance, utc_now, write_h5
 from .options import MAX_GRID_POINTS, check_count, check_real, check_seed
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
+from .bn import bn_pass_setting
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
 from .results import FileRef, SurfaceResult, file_refs
 
@@ -277,7 +278,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     config = {"dims": dims, "directions": method, "ignore": list(ignore) if method == "random" else None,
               "seed": seed if method == "random" else None, "range": span, "margin": None if span else margin,
               "grid_points": grid_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
-              "train_subset": train_subset, "precision": precision}
+              "bn_batch_size": bn_pass_setting(base.buffers, batch_size), "train_subset": train_subset,
+              "precision": precision}
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})

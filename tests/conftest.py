@@ -61,7 +61,8 @@ def digits_models(tmp_path_factory) -> list[Path]:
     paths = []
     for seed in (0, 1):
         out = folder / f"m{seed}.safetensors"
-        cli("train", "-d", "digits", "-o", out, "--epochs", "8", "--lr", "0.1", "--seed", seed, "--arch-kwargs", '{"hidden": 32}',
+        cli("train", "-d", "digits", "-o", out, "--epochs", "8", "--lr", "0.1", "--seed", seed,
+            "--arch-kwargs", '{"hidden": 32}',
             "-q", "--device", "cpu")
         paths.append(out)
     return paths

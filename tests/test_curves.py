@@ -182,6 +182,37 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
     assert "num_points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
 
 
+def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_models):
+    """With BatchNorm, --batch-size decides which images each batch of the BN pass holds (and with
+    --bn-batches which images it reads): a resumed run with another one would mix two kinds of points."""
+    data = ["-d", "synthetic:size=8,classes=3,train=96,test=32", *CPU, "-q"]
+    bn = [tmp_path / f"bn{s}.safetensors" for s in (0, 1, 2)]
+    for s, out in enumerate(bn):
+        cli("train", *data, "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "--epochs", "1",
+            "--seed", s, "-o", out)
+    m, p = tmp_path / "c.h5", tmp_path / "p.h5"
+    cli("plane", *bn, "-m", p, "--grid-points", "2", "--batch-size", "32", *data)
+    assert "bn_batch_size: 32 -> 512" in cli.error("plane", *bn, "-m", p, "--grid-points", "2", "--resume", *data)
+    bn = bn[:2]
+    cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", *data)
+    assert json.loads(read_h5(m)[1]["config"])["bn_batch_size"] == 32
+    assert "bn_batch_size: 32 -> 16" in cli.error("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size",
+                                                  "16", "--bn-batches", "1", "--resume", *data)
+    cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", "--resume",
+        *data)
+    with h5py.File(m, "a") as f:  # a file of mctool 0.2.0 records no bn_batch_size: it resumes with any
+        config = json.loads(f.attrs["config"])
+        del config["bn_batch_size"]
+        f.attrs["config"] = json.dumps(config)
+    cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "16", "--bn-batches", "1", "--resume",
+        *data)
+    # without BatchNorm the batch size changes nothing but rounding: not recorded, not compared
+    m2 = tmp_path / "mlp.h5"
+    cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "--batch-size", "64", "-q", *CPU)
+    assert json.loads(read_h5(m2)[1]["config"])["bn_batch_size"] is None
+    cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "--batch-size", "128", "--resume", "-q", *CPU)
+
+
 def test_point_export_and_round_trip(cli, tmp_path, digits_models):
     a, b = digits_models
     c = tmp_path / "c.safetensors"

@@ -8,6 +8,8 @@ import importlib
 import json
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 
 import h5py
@@ -379,11 +381,51 @@ def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, 
     assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_starts_gives_one_line(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) in the seconds `python -m mctool` spends importing torch: one Error line, exit 130,
+    no traceback; a Python program importing mctool keeps Python's own handling."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-m", "mctool", "info", tmp_path / "x.h5"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.3)  # inside `import torch` (seconds)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err) == (130, "", "Error: interrupted (Ctrl-C).\n")
+    script = "import mctool, signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=60).stdout == "True\n"
+
+
+def test_more_ctrl_c_after_the_interruption_is_reported_add_nothing(tmp_path):
+    """Users press Ctrl-C twice: once the interruption is reported, further ones must not break the exit
+    (mctool 0.2.0 then printed `Exception ignored in atexit callback` tracebacks and died of SIGINT)."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "t.safetensors"
+    p = subprocess.Popen([sys.executable, "-m", "mctool", "train", "-d", "digits", "--epochs", "100", "-o", out,
+                          "--device", "cpu", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "t.state.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    line = p.stderr.readline()
+    for _ in range(5):
+        time.sleep(0.01)
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert (p.wait(timeout=60), rest) == (130, "") and line.startswith("Error: interrupted during epoch")
+
+
 def test_sigterm_without_a_launcher_ends_a_run_like_ctrl_c(cli, tmp_path, files, monkeypatch):
     """What SLURM (a --shard job-array task at its time limit) or `timeout` sends: the points are kept, the
     lock removed, one Error line, exit 130, and --resume completes the file."""
-    import signal
-
     m = tmp_path / "e.h5"
     args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu",
             "--points-per-pass", "1"]
@@ -575,7 +617,6 @@ def test_every_writing_command_locks_its_outputs(cli, tmp_path, files, name, mon
 
 def test_two_concurrent_runs_cannot_both_write_one_output(tmp_path):
     import subprocess
-    import sys
 
     script = ("import time, mctool.fileio as f\n"
               "@f.holds_output_locks\n"
@@ -638,6 +679,53 @@ def test_ctrl_c_after_the_last_epoch_says_how_to_finish(cli, tmp_path, files, mo
     assert steps == [2] and not (tmp_path / "m.state.safetensors").exists()
     got, want = read_checkpoint(out)[0], read_checkpoint(whole)[0]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("command", ["train", "fge"])
+def test_ctrl_c_after_the_last_state_is_written_says_all_epochs_are_saved(cli, tmp_path, files, monkeypatch,
+                                                                          command):
+    """A Ctrl-C between the last epoch's state and the end of the epoch loop (the metrics file being written)
+    is after the last epoch too: not "interrupted during epoch 3"."""
+    args = {"train": ["train", *TINY], "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command]
+    args += ["--epochs", "2", "-q", "-o", tmp_path / "m.safetensors"]
+    real, state = mctool.h5io.MetricsLog.flush, tmp_path / "m.state.safetensors"
+
+    def flush(self, *a, **k):
+        real(self, *a, **k)
+        if state.exists() and read_metadata(state)["epoch"] == "2":  # the flush after the last epoch's state
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mctool.h5io.MetricsLog, "flush", flush)
+    err = cli.error(*args, code=130)
+    assert "interrupted after the last epoch" in err and "all 2 epochs are saved" in err, err
+    monkeypatch.setattr(mctool.h5io.MetricsLog, "flush", real)
+    cli(*args, "--resume")
+    assert (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.state.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate-curve", "plane"])
+def test_ctrl_c_just_after_a_point_is_written_counts_it(cli, tmp_path, files, monkeypatch, command):
+    """The message counts the points the metrics file holds, also when Ctrl-C lands after a point's write
+    and before the run counted it."""
+    module, writer = {"evaluate-curve": (mctool.curve_eval, "write_curve_file"),
+                      "plane": (importlib.import_module("mctool.plane"), "write_plane_file")}[command]
+    real, calls = getattr(module, writer), []
+
+    def write(*a, **k):
+        real(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:  # the write before it (if any) and two points
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, writer, write)
+    m = tmp_path / "m.h5"
+    args = {"evaluate-curve": ["evaluate-curve", files["m0"], files["m1"], "--num-points", "5"],
+            "plane": ["plane", files["m0"], files["m1"], files["m2"], "--grid-points", "2"]}[command]
+    err = cli.error(*args, "-m", m, "--points-per-pass", "1", "--device", "cpu", "-q", code=130)
+    values, _ = read_h5(m)
+    held = int((~np.isnan(values["train/loss"])).sum()) + int((~np.isnan(values.get("at_points/train/loss",
+                                                                                     np.array([])))).sum())
+    assert held >= 1 and f"interrupted; {held} of {5 if command == 'evaluate-curve' else 7} points are saved" in err
 
 
 def test_force_removes_the_old_state_so_the_next_interrupt_message_is_true(cli, tmp_path, monkeypatch):
