@@ -32,7 +32,7 @@ from .errors import ConfigError, Interrupted, MctoolError
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
                       TrainResult)
-from .runtime import PRECISIONS, progress, show_warnings, stderr_console
+from .runtime import PRECISIONS, log_every, progress, show_warnings, stderr_console
 from .schedules import SCHEDULES
 
 class _Group(typer.core.TyperGroup):
@@ -205,6 +205,8 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
             main = d is None or d.main
             try:
                 try:
+                    if not quiet:
+                        log_every()  # a bad MCTOOL_LOG_EVERY: refused before any work, not at the first bar
                     result = work()
                 except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
                     if e.errno != errno.ENAMETOOLONG:

@@ -162,10 +162,10 @@ def grid_view(file: str | Path) -> GridView:
             raise MetricsFileError(f"'{file}': dataset 'curve' must have shape (n, 2), got {np.shape(path)}.")
         if not np.isfinite(data["points"]).all() or (path is not None and not np.isfinite(path).all()):
             raise MetricsFileError(f"'{file}': the coordinates (alpha, beta, points, curve) must be finite numbers.")
-        return GridView(kind, split, x, y, z, data["points"], ["A", "bend", "B"] if path is not None else
-                        ["w0", "w1", "w2"], path, "curve (projected)",
-                        "along u = (w2 - w0) / |w2 - w0|  (weight-space units)", "along v (orthogonal, towards w1)",
-                        "", False)
+        a, bend, b = ["A", "bend", "B"] if path is not None else ["w0", "w1", "w2"]
+        return GridView(kind, split, x, y, z, data["points"], [a, bend, b], path, "curve (projected)",
+                        f"along u = ({b} - {a}) / |{b} - {a}|  (weight-space units)",
+                        f"along v (orthogonal, towards {'the ' if bend == 'bend' else ''}{bend})", "", False)
     path, note = data.get("trajectory"), ""
     if path is not None:
         if np.ndim(path) != 2 or np.shape(path)[1] != dims or not np.isfinite(path).all():
@@ -223,6 +223,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
     plt = _pyplot()
     view = grid_view(file)
     from matplotlib import patheffects
+    from matplotlib.lines import Line2D
 
     if three_d:
         if view.y is None:
@@ -265,7 +266,11 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
         # A plane's dy is often much smaller than its dx: an equal-aspect panel would be a thin strip.
         ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, aspect="equal" if view.equal_aspect else "auto")
     if view.kind == "plane":
-        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=9)
+        handles, labels = axes[1].get_legend_handles_labels()
+        # the segment's white dash with its black outline reads as "===" at legend size: a plain black dash
+        handles = [Line2D([], [], color="black", linestyle="--", linewidth=1.2) if lab.startswith("segment ") else h
+                   for h, lab in zip(handles, labels)]
+        fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9)
     if view.note:
         fig.suptitle(view.note, fontsize=9)
     _save(fig, output)

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -202,12 +203,89 @@ class _NoProgress:
         pass
 
 
+#: Seconds between progress lines when stderr is a file or pipe (``MCTOOL_LOG_EVERY`` sets it).
+LOG_EVERY = 30.0
+
+
+def log_every() -> float:
+    raw = os.environ.get("MCTOOL_LOG_EVERY", "")
+    if not raw:
+        return LOG_EVERY
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e6:
+        raise ConfigError(f"MCTOOL_LOG_EVERY={raw!r} must be a number of seconds from 0 to 1e6.")
+    return value
+
+
+class _LogProgress:
+    """Progress for a log (stderr a file or a pipe: a batch job's output, ``2> log``), where a Rich bar is
+    drawn only once, at the end. One plain line with every task's count and info, at most every
+    ``every`` seconds, when the outermost task completes, and at the end."""
+
+    def __init__(self, every: float):
+        self.every, self.tasks, self.changed = every, [], False
+        self.t0 = self.last = time.monotonic()
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, info: str = "",
+                 **_: Any) -> int:
+        self.tasks.append({"description": description.strip(), "total": total, "completed": completed,
+                           "info": info})
+        return len(self.tasks) - 1
+
+    def reset(self, task: int, total: float | None = None, **fields: Any) -> None:
+        self.update(task, completed=0, total=total, **fields)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, completed: float | None = None, advance: float | None = None,
+               total: float | None = None, info: str | None = None, description: str | None = None,
+               **_: Any) -> None:
+        t = self.tasks[task]
+        before = t["completed"]
+        for key, value in (("total", total), ("completed", completed), ("info", info), ("description", description)):
+            if value is not None:
+                t[key] = value.strip() if key == "description" else value
+        if advance is not None:
+            t["completed"] += advance
+        if t["completed"] == before:
+            return
+        self.changed = True
+        done = task == 0 and t["total"] is not None and t["completed"] >= t["total"]
+        if done or time.monotonic() - self.last >= self.every:
+            self.line()
+
+    def line(self) -> None:
+        def count(x: float) -> str:
+            return f"{x:g}"
+
+        parts = [f"{t['description']} {count(t['completed'])}/{'?' if t['total'] is None else count(t['total'])}"
+                 + (f" {t['info']}" if t["info"] else "") for t in self.tasks]
+        seconds = int(time.monotonic() - self.t0)
+        sys.stderr.write(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {' | '.join(parts)}\n")
+        sys.stderr.flush()
+        self.last, self.changed = time.monotonic(), False
+
+
 @contextlib.contextmanager
-def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress]:
+def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress | _LogProgress]:
     """A Rich progress display on stderr inside ``progress()`` (and not ``quiet``), else one that draws
-    nothing; stdout stays free for --json. Only rank 0 of a distributed run draws."""
+    nothing; stdout stays free for --json. Only rank 0 of a distributed run draws. When stderr is not a
+    terminal (a log file), plain lines instead (``_LogProgress``)."""
     if quiet or not _SHOW_PROGRESS.get() or not distributed.is_main():
         yield _NoProgress()
+        return
+    console = stderr_console()
+    if not (console.is_terminal or console.is_jupyter):
+        log = _LogProgress(log_every())
+        try:
+            yield log
+        finally:
+            if log.changed:
+                log.line()
         return
     p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),

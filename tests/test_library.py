@@ -59,6 +59,27 @@ def test_warnings_can_be_silenced_and_progress_asked_for(tmp_path, capfd, recwar
     assert capfd.readouterr() == ("", "")
 
 
+def test_progress_in_a_log_is_plain_lines(cli, tmp_path, monkeypatch):
+    """stderr a file or pipe (a batch job): no bar drawn once at the end, but lines with each task's count,
+    throttled by MCTOOL_LOG_EVERY (here 0: every step), and one at the end."""
+    m = tmp_path / "e.h5"
+    args = ["evaluate-curve", *(tmp_path / f"{s}.safetensors" for s in "ab"), "-m", m, "--num-points", "3",
+            "--points-per-pass", "1", "--device", "cpu"]
+    for s in "ab":
+        cli("train", "-d", "digits", "--epochs", "2", "--seed", "ab".index(s), "-o", tmp_path / f"{s}.safetensors",
+            "--arch-kwargs", '{"hidden": 8}', "-q", "--device", "cpu")
+    monkeypatch.setenv("MCTOOL_LOG_EVERY", "0")
+    lines = [line for line in cli(*args).stderr.splitlines() if line.startswith("[0:")]
+    assert [line.split("] ", 1)[1].split(" t=")[0] for line in lines] == [f"evaluate-curve {i}/3" for i in (1, 2, 3)]
+    assert "train loss" in lines[0] and "test err" in lines[0]
+    monkeypatch.setenv("MCTOOL_LOG_EVERY", "1000")  # only the end
+    lines = [line for line in cli(*args, "--force").stderr.splitlines() if line.startswith("[0:")]
+    assert len(lines) == 1 and "evaluate-curve 3/3" in lines[0]
+    monkeypatch.setenv("MCTOOL_LOG_EVERY", "soon")
+    m.unlink()
+    assert "MCTOOL_LOG_EVERY='soon'" in cli.error(*args) and not m.exists()  # refused before any file
+
+
 def test_cli_prints_each_warning_as_one_line_every_time(cli, tmp_path):
     for name in ("a", "b"):  # the second run warns too (no once-per-process filtering)
         r = cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}', "--epochs", "1", "--cuda-graphs", "-q",
