@@ -394,7 +394,11 @@ def _show_evaluation(r: EvaluateResult) -> None:
         row(f"ensemble of {r.members}", r.metrics["eval"])
     if r.calibration is not None:
         row(f"  temperature-scaled (T = {r.calibration.temperature:.3f})", r.metrics["calibrated"])
-    stderr_console().print(t)
+    console = stderr_console()
+    console.print(t)
+    for role, ref in (r.outputs or {}).items():
+        if ref is not None:
+            console.print(_safe(f"{'ensemble file' if role == 'ensemble' else role}: {_path(ref)}"), soft_wrap=True)
 
 
 @app.command()

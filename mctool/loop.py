@@ -235,10 +235,13 @@ def old_run_remover(output: Path, inputs: list[str | Path | None] | tuple, *, fo
 
 
 def remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> None:
-    """Delete the training state and --save-every checkpoints an earlier run of ``output`` left (not inputs)."""
+    """Delete what an earlier run of ``output`` left (not inputs): the output itself, so that an interrupted
+    new run does not leave the old network beside the new run's metrics and state, its training state and its
+    --save-every checkpoints."""
     if not writes_files():
         return
-    pattern = re.compile(rf"{re.escape(output_stem(output))}(\.state|-epoch\d{{3,}})\.safetensors")
+    names = rf"{re.escape(output_stem(output))}(\.state|-epoch\d{{3,}})\.safetensors|{re.escape(output.name)}"
+    pattern = re.compile(names)
     folder = output.parent if str(output.parent) else Path(".")
     keep = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     for path in folder.iterdir() if folder.is_dir() else ():

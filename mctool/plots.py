@@ -132,6 +132,7 @@ class GridView:
     ylabel: str
     note: str
     equal_aspect: bool
+    at_points: dict[str, np.ndarray] | None = None  # name -> the value at each marked point (NaN: not computed)
 
 
 def grid_view(file: str | Path) -> GridView:
@@ -186,16 +187,21 @@ def grid_view(file: str | Path) -> GridView:
         unit = {"random": "filter-normalised direction", "pca": "principal direction"}.get(method,
                                                                                            "towards the other network")
         labels = [f"a ({unit} d1)", f"b ({unit} d2)"]
+    at = {n: np.asarray(data[f"at_points/{n}"], dtype=np.float64) for n in z
+          if np.shape(data.get(f"at_points/{n}")) == (1,) and data[f"at_points/{n}"].dtype.kind in "fiu"}
     # equal aspect for random directions (both of the network's scale); PCA and files' axes differ in length
     return GridView(kind, split, x, y, z, np.zeros((1, dims)), ["network"], path, "trajectory (projected)",
-                    labels[0], labels[1], note, method == "random")
+                    labels[0], labels[1], note, method == "random", at)
 
 
-def _panels(view: GridView) -> list[tuple[np.ndarray, str, str]]:
-    """(values, unit, title) of the two panels: train loss and the evaluation error in percent."""
-    split = view.split
-    return [(view.z["train/loss"], "train loss (CE + L2 term)", "Train loss"),
-            (100 * view.z[f"{split}/err"], f"{split} error (%)", f"{split.capitalize()} error")]
+def _panels(view: GridView) -> list[tuple[np.ndarray, str, str, np.ndarray | None]]:
+    """(values, unit, title, values at the marked points or None) of the two panels: train loss and the
+    evaluation error in percent."""
+    split, at = view.split, view.at_points or {}
+    err = f"{split}/err"
+    return [(view.z["train/loss"], "train loss (CE + L2 term)", "Train loss", at.get("train/loss")),
+            (100 * view.z[err], f"{split} error (%)", f"{split.capitalize()} error",
+             100 * at[err] if err in at else None)]
 
 
 def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, title: str):
@@ -229,7 +235,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
         if view.y is None:
             raise MetricsFileError(f"'{file}' is a 1-D surface; --3d draws 2-D grids.")
         fig = plt.figure(figsize=(14, 6), layout="constrained")
-        for k, (z, unit, title) in enumerate(_panels(view)):
+        for k, (z, unit, title, _) in enumerate(_panels(view)):
             _surface_3d(fig, k + 1, view, z, unit, title)
         if view.note:
             fig.suptitle(view.note, fontsize=9)
@@ -237,10 +243,14 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     outline = [patheffects.withStroke(linewidth=3, foreground="white")]
-    for ax, (z, unit, title) in zip(axes, _panels(view)):
+    for ax, (z, unit, title, at) in zip(axes, _panels(view)):
         if view.y is None:
             ax.plot(view.x, z, marker="o", markersize=3)
             ax.axvline(0, color="grey", linestyle=":", linewidth=1)
+            if at is not None and np.isfinite(at[0]):  # the network's own value: 0 need not be a grid point
+                ax.plot([0.0], at, "o", markersize=8, markerfacecolor="white", markeredgecolor="black", zorder=5,
+                        label=f"network ({float(at[0]):.4g})")
+                ax.legend(fontsize=8)
             if view.path is not None:
                 ax.plot(view.path[:-1, 0], np.zeros(len(view.path) - 1), "|", color="crimson", markersize=12,
                         transform=ax.get_xaxis_transform(), label=view.path_label)

@@ -44,12 +44,16 @@ def test_evaluate_single_and_ensemble_by_hand(cli, tmp_path, digits_models):
     assert "--force" in cli.error("evaluate", digits_models[0], "-m", metrics)
 
 
-def test_evaluate_val_split_and_human_output(cli, digits_models):
+def test_evaluate_val_split_and_human_output(cli, tmp_path, digits_models):
     r = cli.json("evaluate", digits_models[0], "--split", "val", "--device", "cpu")
     assert r["split"] == "val" and r["members"] == 1 and r["metrics"]["eval"] == r["models"][0]["metrics"]
     out = cli("evaluate", digits_models[0], "--device", "cpu")
     assert out.stdout == ""  # tables go to stderr
-    assert "digits" in out.stderr and "%" in out.stderr
+    assert "digits" in out.stderr and "%" in out.stderr and "metrics:" not in out.stderr
+    # the files written are named after the table
+    out = cli("ensemble", *digits_models, "-o", tmp_path / "e.safetensors", "-m", tmp_path / "e.h5", "--device", "cpu")
+    assert out.stderr.splitlines()[-2:] == [f"ensemble file: {tmp_path / 'e.safetensors'}",
+                                            f"metrics: {tmp_path / 'e.h5'}"]
 
 
 def test_evaluate_plain_state_dict(cli, tmp_path, digits_models):

@@ -744,6 +744,21 @@ def test_force_removes_the_old_state_so_the_next_interrupt_message_is_true(cli, 
     assert out.exists()
 
 
+def test_an_interrupted_force_run_does_not_leave_the_old_network_beside_its_metrics(cli, tmp_path, monkeypatch):
+    """`train --force` over a finished run, interrupted: the old -o file would pass for this run's result
+    next to this run's metrics and state; it is gone from the first epoch on, and --resume writes the new one."""
+    out = tmp_path / "m.safetensors"
+    args = ["train", *TINY, "-o", out, "--epochs", "3", "-q"]
+    cli(*args)
+    old = out.read_bytes()
+    restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
+    cli.error(*args, "--seed", "5", "--force", code=130)
+    assert not out.exists() and (tmp_path / "m.state.safetensors").exists()
+    restore()
+    cli(*args, "--seed", "5", "--resume")
+    assert out.exists() and out.read_bytes() != old
+
+
 def test_force_removes_stale_snapshots_of_the_run_but_not_inputs(cli, tmp_path, digits_models):
     out = tmp_path / "m.safetensors"
     stale = [tmp_path / "m-epoch005.safetensors", tmp_path / "m.state.safetensors"]

@@ -136,6 +136,11 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
     assert r["metrics"] == full["metrics"]
     assert "other settings" in cli.error("surface", a, "--grid-points", "3", "--dims", "1", "--seed", "6", *CPU,
                                          "-m", tmp_path / "s.h5", "--resume")
+    # a 1-D figure marks the network with its own value (0 is not a grid point of an even grid)
+    from mctool.plots import grid_view
+
+    view = grid_view(tmp_path / "s.h5")
+    assert view.at_points["train/loss"].tolist() == [r["metrics"]["train"]["loss"]["at_points"][0]]
 
 
 def test_errors(cli, tmp_path, digits_models):
