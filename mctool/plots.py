@@ -59,21 +59,32 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
     """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2)."""
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    series = []  # (file, kind of path, t, train loss, error in %, label's tail)
     for f in files:
         data, attrs = metrics_file(f, ("evaluate-curve",), {"t": 1, "train/loss": 1})
         split = _checked_split(attrs, f)
         t = data["t"]
         _check_shapes(f, data, {"train/loss": t.shape, f"{split}/err": t.shape}, min_size=1)
-        summary = json_attr(attrs, "summary", f) if "summary" in attrs else {}
-        barrier = _get(summary, "barrier", "eval", "err")
         curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
         bends = attrs.get("num_bends") if isinstance(attrs.get("num_bends"), int) else "?"
-        label = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
-        if not isinstance(barrier, (int, float)) or not np.isfinite(barrier):
-            barrier = None
-        if barrier is not None:
-            label += f", {split} err barrier {100 * barrier:.1f} pts"
-        for ax, y in ((ax_loss, data["train/loss"]), (ax_err, 100 * data[f"{split}/err"])):
+        kind = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
+        # --compare-unaligned files hold the segment to the unaligned B too: drawn beside the aligned one
+        groups = [("", "summary", kind + (" to aligned B" if "unaligned/train/loss" in data else ""))]
+        if "unaligned/train/loss" in data:
+            _check_shapes(f, data, {"unaligned/train/loss": t.shape, f"unaligned/{split}/err": t.shape}, min_size=1)
+            groups.append(("unaligned/", "summary_unaligned", "segment to unaligned B"))
+        for prefix, key, name in groups:
+            summary = json_attr(attrs, key, f) if key in attrs else {}
+            barrier = _get(summary, "barrier", "eval", "err")
+            tail = (f", {split} err barrier {100 * barrier:.1f} pts"
+                    if isinstance(barrier, (int, float)) and np.isfinite(barrier) else "")
+            series.append((Path(f).name, name, t, data[prefix + "train/loss"], 100 * data[f"{prefix}{split}/err"],
+                           tail))
+    kinds = [s[1] for s in series]
+    for name, kind, t, loss, err, tail in series:
+        # two lines of one kind (two segments, two Bezier curves) are told apart by their files' names
+        label = (f"{name}: " if kinds.count(kind) > 1 else "") + kind + tail
+        for ax, y in ((ax_loss, loss), (ax_err, err)):
             (line,) = ax.plot(t, y, marker=".", markersize=3, label=label)
             ends = [i for i in (0, len(t) - 1) if np.isfinite(y[i])]
             ax.plot(t[ends], y[ends], "o", color=line.get_color(), markersize=8)

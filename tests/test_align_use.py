@@ -124,6 +124,14 @@ def test_compare_unaligned(cli, tmp_path, digits_models, aligned, monkeypatch):
     assert json.loads(attrs["summary_unaligned"])["barrier"]["train"]["loss"] == pytest.approx(
         r["barrier_unaligned"]["train"]["loss"])
     assert attrs["distance_unaligned"] > attrs["distance"]  # aligning brings B closer to A
+    # plot draws both segments of such a file
+    import mctool.plots as plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: seen.append([t.get_text().split(",")[0]
+                                                                      for t in fig.axes[1].get_legend().get_texts()]))
+    plots.plot_curves([m], tmp_path / "cmp.png")
+    assert seen == [["line (segment) to aligned B", "segment to unaligned B"]]
     with h5py.File(m) as f:
         assert f["unaligned/train/loss"].dims[0][0].name == "/t"
     # resume: only the points with a missing (NaN) value in either segment are computed again

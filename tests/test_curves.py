@@ -260,12 +260,24 @@ def test_timm_bn_model_connects_and_evaluates(cli, tmp_path):
     assert any(not torch.equal(ta[k], tp[k]) for k in ta if k.endswith("running_mean"))
 
 
-def test_plot_command(cli, tmp_path, digits_models):
+def test_plot_command(cli, tmp_path, digits_models, monkeypatch):
     m = tmp_path / "l.h5"
     cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "-q", *CPU)
     png = tmp_path / "p.png"
     cli("plot", m, m, "-o", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # two lines of one kind are told apart by their files' names; one of a kind needs none
+    import mctool.plots as plots
+
+    other = tmp_path / "other.h5"
+    other.write_bytes(m.read_bytes())
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, output: seen.append([t.get_text() for t in
+                                                                         fig.axes[1].get_legend().get_texts()]))
+    plots.plot_curves([m, other], png)
+    plots.plot_curves([m], png)
+    assert [x.split(",")[0] for x in seen[0]] == ["l.h5: line (segment)", "other.h5: line (segment)"]
+    assert seen[1][0].startswith("line (segment), test err barrier ")
     assert "--force" in cli.error("plot", m, "-o", png)
     train_h5 = digits_models[0].with_suffix(".h5")
     assert f"cannot draw this file: '{train_h5}' (kind 'train'). plot draws the metrics files of evaluate-curve" \
