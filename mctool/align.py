@@ -698,6 +698,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
                 perms, corrs = activation_matching(model_a, model_b, groups,
                                                    (x for _, x in zip(range(batches), xs)))
                 objective = []
+            bar.update(task, total=1, completed=1)  # one step, done (not "0/?" in a log)
         perms = [p.cpu() for p in perms]
         aligned = copy.deepcopy(model_b)
         aligned.load_state_dict(permute_state(state_b, groups, perms))

@@ -273,6 +273,11 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def _grid_value(key: str) -> Callable[[float | None], str]:
+    """How a plane or surface table shows a metric's values: errors in percent, as the other tables."""
+    return _pct if key == "err" else (lambda x: _num(x, ".4g"))
+
+
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
@@ -884,12 +889,14 @@ def plane_cmd(
 
     def show(r: PlaneResult) -> None:
         rows = []
+        names = "A, bend, B" if r.curve_max_offplane is not None else "w0, w1, w2"
         for group, shown in (("train", "train"), ("eval", r.split)):
             for key in ("loss", "nll", "err"):
                 v = getattr(r.metrics[group], key)
                 if v is not None:
-                    rows.append((f"{shown} {key}", f"min {_num(v.min, '.4g')}, max {_num(v.max, '.4g')}; at the "
-                                 "points " + ", ".join(_num(x, ".4g") for x in v.at_points)))
+                    f = _grid_value(key)
+                    rows.append((f"{shown} {key}", f"min {f(v.min)}, max {f(v.max)}; at {names} "
+                                 + ", ".join(f(x) for x in v.at_points)))
         rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
                  ("plot", _path(r.outputs["plot"]))]
         _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
@@ -976,8 +983,9 @@ def surface_cmd(
             for key in ("loss", "nll", "err"):
                 v = getattr(r.metrics[group], key)
                 if v is not None:
-                    rows.append((f"{shown} {key}", f"min {_num(v.min, '.4g')}, max {_num(v.max, '.4g')}; at the "
-                                 f"network {_num(v.at_points[0], '.4g')}"))
+                    f = _grid_value(key)
+                    rows.append((f"{shown} {key}", f"min {f(v.min)}, max {f(v.max)}; at the network "
+                                 f"{f(v.at_points[0])}"))
         rows += [("directions", f"{r.dims} {r.directions}, norms " + ", ".join(f"{n:.4g}" for n in
                                                                               r.direction_norms))]
         if r.explained_variance_ratio is not None:

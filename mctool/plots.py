@@ -215,20 +215,44 @@ def _panels(view: GridView) -> list[tuple[np.ndarray, str, str, np.ndarray | Non
              100 * at[err] if err in at else None)]
 
 
+def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """z at the points (px, py), interpolated bilinearly between the grid's cells (NaN outside or next to NaN)."""
+    i = np.clip(np.searchsorted(x, px) - 1, 0, len(x) - 2)
+    j = np.clip(np.searchsorted(y, py) - 1, 0, len(y) - 2)
+    fx = (px - x[i]) / (x[i + 1] - x[i])
+    fy = (py - y[j]) / (y[j + 1] - y[j])
+    out = ((1 - fx) * (1 - fy) * z[i, j] + fx * (1 - fy) * z[i + 1, j] + (1 - fx) * fy * z[i, j + 1]
+           + fx * fy * z[i + 1, j + 1])
+    inside = (fx >= -1e-9) & (fx <= 1 + 1e-9) & (fy >= -1e-9) & (fy <= 1 + 1e-9)
+    return np.where(inside, out, np.nan)
+
+
 def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, title: str):
-    """One 3-D panel: the surface z over the grid (NaN cells left out), the path and the points drawn on the
-    floor of the box (at the surface's minimum)."""
+    """One 3-D panel: the surface z over the grid (NaN cells left out), with the path and the points drawn on
+    it (where they lie inside the grid; else on the floor of the box, at the surface's minimum)."""
     ax = fig.add_subplot(1, 2, position, projection="3d")
     xx, yy = np.meshgrid(view.x, view.y, indexing="ij")
     if np.isfinite(z).any():
+        # the colours span the values themselves (faces are coloured by their corners' mean otherwise)
         surf = ax.plot_surface(xx, yy, np.ma.masked_invalid(z), cmap="viridis", linewidth=0, antialiased=True,
-                               rcount=len(view.x), ccount=len(view.y))
-        fig.colorbar(surf, ax=ax, shrink=0.6, label=unit, format="%.3g")
+                               rcount=len(view.x), ccount=len(view.y), vmin=float(np.nanmin(z)),
+                               vmax=float(np.nanmax(z)), alpha=0.9)
+        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.08, label=unit, format="%.3g")
         floor = float(np.nanmin(z))
+        lift = 0.01 * (float(np.nanmax(z)) - floor)  # just above the surface, so that it is not hidden in it
+
+        def height(pts: np.ndarray) -> np.ndarray:
+            h = _on_grid(view.x, view.y, z, pts[:, 0], pts[:, 1]) + lift
+            return np.where(np.isfinite(h), h, floor)
+
         if view.path is not None:
-            ax.plot(view.path[:, 0], view.path[:, 1], np.full(len(view.path), floor), color="crimson", linewidth=1.5)
-        ax.plot(view.points[:, 0], view.points[:, 1], np.full(len(view.points), floor), "o", color="black")
-    ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, zlabel=unit)
+            ax.plot(view.path[:, 0], view.path[:, 1], height(view.path), color="crimson", linewidth=2, zorder=10)
+        ax.plot(view.points[:, 0], view.points[:, 1], height(view.points), "o", color="black", zorder=11)
+    ax.set_xlabel(view.xlabel, labelpad=10)
+    ax.set_ylabel(view.ylabel, labelpad=10)
+    ax.set_zlabel(unit, labelpad=8)
+    ax.set_title(title)
+    ax.set_box_aspect(None, zoom=0.82)  # room for the axes' labels inside the panel
     ax.view_init(elev=35, azim=-60)
     return ax
 

@@ -350,3 +350,16 @@ def test_an_unquoted_trajectory_glob_gets_a_hint(cli, tmp_path, digits_models):
     err = cli.error("surface", a, "-m", tmp_path / "s.h5", "--directions", "pca", "--trajectory", a, b, code=2)
     assert "Got unexpected extra argument(s)" in err and "quote it" in err
     assert "quote it" not in cli.error("info", a, b, code=2)
+
+
+def test_3d_figures_draw_the_path_on_the_surface():
+    """The trajectory of a 3-D figure lies on the surface (bilinear between grid cells, exact for a plane
+    z = 2x + 3y up to rounding), not hidden under it; outside the grid it has no height (NaN)."""
+    from mctool.plots import _on_grid
+
+    x, y = np.linspace(-1, 1, 5), np.linspace(0, 2, 3)
+    z = 2 * x[:, None] + 3 * y[None, :]
+    px, py = np.array([-1.0, -0.3, 0.99, 1.0, 1.5]), np.array([0.0, 1.7, 0.25, 2.0, 1.0])
+    got = _on_grid(x, y, z, px, py)
+    np.testing.assert_allclose(got[:4], 2 * px[:4] + 3 * py[:4], rtol=0, atol=1e-12)
+    assert np.isnan(got[4])
