@@ -776,12 +776,13 @@ def ensemble(
 
 @app.command()
 def plot(
-    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files (several are overlaid), or one "
-                                                "plane or surface file.")],
+    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files, or the per-epoch metrics files "
+                                                "of train, connect or fge (several of one kind are overlaid); or "
+                                                "one plane, surface or hessian file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
                                                                           "by the name's ending.")] = None,
     three_d: Annotated[bool, typer.Option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
-                                          "filled contours (points, curve and trajectory on the floor).")] = False,
+                                          "filled contours (points, curve and trajectory drawn on them).")] = False,
     html: Annotated[Optional[Path], typer.Option(help="Plane or 2-D surface file: also write an interactive, "
                                                  "rotatable 3-D figure to this HTML file (needs the optional extra: "
                                                  "pip install 'mctool[html]').")] = None,

@@ -321,6 +321,69 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
     _save(fig, output)
 
 
+#: The per-epoch metrics files ``plot_history`` draws.
+HISTORY_KINDS = ("train", "connect", "fge")
+
+
+def plot_history(files: list[str | Path], output: str | Path) -> None:
+    """Training curves of one or more ``train``, ``connect`` or ``fge`` metrics files: the loss and the error
+    per epoch, on the training images (solid) and on the evaluation split where the file has it (dashed)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for f in files:
+        data, attrs = metrics_file(f, HISTORY_KINDS, {"epoch": 1, "train/loss": 1, "train/err": 1})
+        epoch = data["epoch"]
+        _check_shapes(f, data, {"train/loss": epoch.shape, "train/err": epoch.shape}, min_size=1)
+        split = next((s for s in ("test", "val") if np.shape(data.get(f"{s}/err", ())) == epoch.shape), None)
+        prefix = f"{Path(f).name}: " if len(files) > 1 else ""
+        for ax, train, held, name in ((ax_loss, "train/loss", f"{split}/nll", "loss"),
+                                      (ax_err, "train/err", f"{split}/err", "error")):
+            scale = 100.0 if name == "error" else 1.0
+            (line,) = ax.plot(epoch, scale * data[train], marker=".", markersize=3,
+                              label=f"{prefix}train {'loss' if name == 'loss' else 'error'}")
+            if split is not None and np.shape(data.get(held, ())) == epoch.shape:
+                ax.plot(epoch, scale * data[held], "--", marker=".", markersize=3, color=line.get_color(),
+                        label=f"{prefix}{split} {'NLL' if name == 'loss' else 'error'}")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="Error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, output)
+
+
+def plot_hessian(file: str | Path, output: str | Path) -> None:
+    """The top Hessian eigenvalues of a ``hessian`` metrics file: along t for a curve or segment, per point
+    (network or ensemble member) otherwise; with ``--trace`` runs, the trace estimate beside them."""
+    plt = _pyplot()
+    data, attrs = metrics_file(file, ("hessian",), {"eigenvalues": 2})
+    values = np.asarray(data["eigenvalues"], dtype=np.float64)
+    _check_shapes(file, data, {"eigenvalues": (max(1, values.shape[0]), max(1, values.shape[1]))}, min_size=1)
+    n = values.shape[0]
+    along = "t" if np.shape(data.get("t", ())) == (n,) else None
+    x = np.asarray(data["t"], dtype=np.float64) if along else np.arange(n, dtype=np.float64)
+    has_trace = np.shape(data.get("trace", ())) == (n,)
+    fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 6, 4), constrained_layout=True,
+                             squeeze=False)
+    ax = axes[0, 0]
+    for k in range(values.shape[1]):
+        ax.plot(x, values[:, k], marker="o", markersize=4, label=f"lambda_{k + 1}")
+    xlabel = "t (position along the curve)" if along else "point (network or member)"
+    ax.set(xlabel=xlabel, ylabel="eigenvalue", title="Top Hessian eigenvalues of the training loss")
+    if not along:
+        ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_trace:
+        tr = np.asarray(data["trace"], dtype=np.float64)
+        se = np.asarray(data["trace_stderr"], dtype=np.float64) if np.shape(data.get("trace_stderr", ())) == (n,) \
+            else np.zeros(n)
+        axes[0, 1].errorbar(x, tr, yerr=se, marker="o", markersize=4, capsize=3)
+        axes[0, 1].set(xlabel=xlabel, ylabel="trace", title="Hessian trace (Hutchinson, +- 1 standard error)")
+        axes[0, 1].grid(alpha=0.3)
+    _save(fig, output)
+
+
 @holds_output_locks
 def plot_files(files: list[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False) -> PlotResult:
@@ -354,14 +417,26 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
         if output is None:
             raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")
         plot_curves(files, output)
+    elif kind in HISTORY_KINDS + ("hessian",):
+        if three_d or html is not None or vtk is not None:
+            raise MetricsFileError(f"--3d, --html and --vtk draw plane and surface files; {kind} files are drawn as "
+                                   "lines (-o FIGURE).")
+        if output is None:
+            raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")
+        if kind == "hessian":
+            if len(files) != 1:
+                raise MetricsFileError("give one hessian file at a time.")
+            plot_hessian(files[0], output)
+        else:
+            plot_history(files, output)
     else:
         listed = ", ".join(f"'{f}' ({'kind ' + repr(k) if k is not None else 'no kind'})" for f, k in of.items())
         what = ("files of different kinds together" if len(kinds) > 1 else "this file" if len(of) == 1
                 else "these files")
         raise MetricsFileError(f"cannot draw {what}: {listed}. plot draws the metrics files of evaluate-curve "
-                               "(several overlaid), plane, surface and merge (one at a time); the per-epoch files "
-                               "of train, connect and fge, and those of evaluate and hessian, are read with "
-                               "'mctool info'.")
+                               "and the per-epoch files of train, connect and fge (several of one kind overlaid), "
+                               "and plane, surface, merge and hessian files (one at a time); those of evaluate "
+                               "and ensemble are read with 'mctool info'.")
     refs = {key: FileRef.of(named[opt]) if opt in named else None for key, opt in
             (("plot", "--output"), ("html", "--html"), ("vtk", "--vtk"), ("vtk_points", "--vtk points file"))}
     return PlotResult(command="plot", inputs=file_refs(list(files)), outputs=refs,

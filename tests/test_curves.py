@@ -280,8 +280,10 @@ def test_plot_command(cli, tmp_path, digits_models, monkeypatch):
     assert seen[1][0].startswith("line (segment), test err barrier ")
     assert "--force" in cli.error("plot", m, "-o", png)
     train_h5 = digits_models[0].with_suffix(".h5")
-    assert f"cannot draw this file: '{train_h5}' (kind 'train'). plot draws the metrics files of evaluate-curve" \
-        in cli.error("plot", train_h5, "-o", tmp_path / "q.png")
+    ens = tmp_path / "ens.h5"
+    cli("evaluate", *digits_models, "-m", ens, "-q", *CPU)
+    assert f"cannot draw this file: '{ens}' (kind 'evaluate'). plot draws the metrics files of evaluate-curve" \
+        in cli.error("plot", ens, "-o", tmp_path / "q.png")
     assert f"cannot draw files of different kinds together: '{m}' (kind 'evaluate-curve'), '{train_h5}' " \
            "(kind 'train')" in cli.error("plot", m, train_h5, "-o", tmp_path / "q.png")
     assert "give one curve file or two" in cli.error("evaluate-curve", m, m, m, "-m", tmp_path / "x.h5")

@@ -231,3 +231,22 @@ def test_resume_refuses_eigenvectors_of_another_run(cli, tmp_path, tiny):
     err = cli.error("hessian", *args, "-m", tmp_path / "b.h5", "--seed", "1", "--eigenvectors", vec, "--resume")
     assert f"'{vec}' does not hold this run's eigenvectors (other inputs or options); start over with --force." in err
     cli("hessian", *args, "-m", tmp_path / "a.h5", "--seed", "0", "--eigenvectors", vec, "--resume")
+
+
+def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path, tiny, monkeypatch):
+    import mctool.plots as plots
+
+    m, net = tmp_path / "h.h5", tiny[0]
+    cli("hessian", net, net, "-m", m, "--top-k", "2", "--num-points", "3", "--trace", "--trace-samples", "2",
+        "-q", *CPU)
+    values, _ = read_h5(m)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: drawn.append(fig))
+    plots.plot_hessian(m, tmp_path / "h.png")
+    eig_ax, trace_ax = drawn[0].axes
+    lines = eig_ax.get_lines()
+    assert [line.get_label() for line in lines] == ["lambda_1", "lambda_2"]
+    for k, line in enumerate(lines):
+        assert line.get_xdata().tolist() == [0.0, 0.5, 1.0]
+        assert line.get_ydata().tolist() == values["eigenvalues"][:, k].tolist()
+    assert trace_ax.get_xlabel().startswith("t ")

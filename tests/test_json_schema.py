@@ -233,6 +233,11 @@ def test_hessian(cli, registry, tmp_path, digits_models):
                                  tmp_path / "v.safetensors", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
               {"train", "eval"})
     assert r["t"] == [0.0, 1.0] and len(r["trace"]) == 2 and r["outputs"]["eigenvectors"] is not None
+    # plot draws it, and the per-epoch files of train
+    for f, kind in ((tmp_path / "s.h5", "hessian"), (digits_models[0].with_suffix(".h5"), "train")):
+        r = check(registry, cli.json("plot", f, "-o", tmp_path / f"{kind}.png"), "plot", {"kind"},
+                  {"plot", "html", "vtk", "vtk_points"}, {"train", "eval"})
+        assert r["kind"] == kind and (tmp_path / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_surface(cli, registry, tmp_path, digits_models):

@@ -370,6 +370,11 @@ def test_kind_of_the_wrong_type(cli, tmp_path, kind):
                "points": np.zeros((3, 2))}, "at least 2"),
     ("plane", {"alpha": np.zeros(2), "beta": np.zeros(2), "train/loss": np.zeros((2, 2)), "test/err": np.zeros((2, 2)),
                "points": np.zeros((2, 2))}, "'points'"),
+    ("train", {"epoch": np.zeros(3)}, "'train/loss'"),
+    ("fge", {"epoch": np.zeros(3), "train/loss": np.zeros(3), "train/err": np.zeros(4)}, "'train/err'"),
+    ("hessian", {}, "'eigenvalues'"),
+    ("hessian", {"eigenvalues": np.zeros(3)}, "'eigenvalues'"),
+    ("hessian", {"eigenvalues": np.zeros((0, 2))}, "'eigenvalues'"),
 ])
 def test_plot_needs_the_datasets_of_its_kind(cli, tmp_path, kind, datasets, missing):
     path = _h5(tmp_path / "bad.h5", {"kind": kind, "split": "test"}, datasets)
