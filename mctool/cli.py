@@ -473,7 +473,9 @@ def info(
                [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in r.metadata.items()])
         if r.tensors is not None:
             ts = r.tensors
-            t = Table(title=_safe(f"{ts['count']} tensors, {ts['elements']:,} elements ({ts['dtypes']})"),
+            kinds = ", ".join(f"{n} {d}" for d, n in ts["dtypes"].items()) if isinstance(ts["dtypes"], dict) \
+                else str(ts["dtypes"])
+            t = Table(title=_safe(f"{ts['count']} tensors ({kinds}), {ts['elements']:,} elements"),
                       title_justify="left")
             for col in ("name", "shape", "dtype"):
                 t.add_column(col)
