@@ -7,6 +7,7 @@ import contextvars
 import functools
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -205,6 +206,7 @@ class _NoProgress:
 
 #: Seconds between progress lines when stderr is a file or pipe (``MCTOOL_LOG_EVERY`` sets it).
 LOG_EVERY = 30.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def log_every() -> float:
@@ -265,7 +267,8 @@ class _LogProgress:
         parts = [f"{t['description']} {count(t['completed'])}/{'?' if t['total'] is None else count(t['total'])}"
                  + (f" {t['info']}" if t["info"] else "") for t in self.tasks]
         seconds = int(time.monotonic() - self.t0)
-        sys.stderr.write(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {' | '.join(parts)}\n")
+        text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], " | ".join(parts))  # one line; no ESC sequences
+        sys.stderr.write(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {text}\n")
         sys.stderr.flush()
         self.last, self.changed = time.monotonic(), False
 
