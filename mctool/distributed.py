@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 
 from .errors import ConfigError, MctoolError
+from .options import env_seconds
 
 _K = TypeVar("_K")
 _DEFAULT_TIMEOUT = 1800.0
@@ -98,16 +99,7 @@ def from_env(env: dict[str, str] | None = None) -> Dist | None:
 
 
 def timeout_seconds() -> float:
-    raw = os.environ.get("MCTOOL_DIST_TIMEOUT", "")
-    if not raw:
-        return _DEFAULT_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e7:
-        raise ConfigError(f"MCTOOL_DIST_TIMEOUT={raw!r} must be a number of seconds > 0.")
-    return value
+    return env_seconds("MCTOOL_DIST_TIMEOUT", _DEFAULT_TIMEOUT)
 
 
 def current() -> Dist | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 from .errors import ConfigError
@@ -59,3 +60,18 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ConfigError(f"{option} must be {wanted}, got {value}.")
+
+
+def env_seconds(name: str, default: float, *, zero: bool = False) -> float:
+    """Seconds from the environment variable ``name``: ``default`` when it is unset or empty, else a number
+    > 0 (>= 0 with ``zero``) below 1e7 (115 days); anything else is a ConfigError naming the variable."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value if zero else 0 < value) or not value < 1e7:
+        raise ConfigError(f"{name}={raw!r} must be a number of seconds {'>= 0' if zero else '> 0'} (below 1e7).")
+    return value

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed
 from .errors import ConfigError, MctoolWarning
+from .options import env_seconds
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -210,16 +211,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def log_every() -> float:
-    raw = os.environ.get("MCTOOL_LOG_EVERY", "")
-    if not raw:
-        return LOG_EVERY
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1e6:
-        raise ConfigError(f"MCTOOL_LOG_EVERY={raw!r} must be a number of seconds from 0 to 1e6.")
-    return value
+    return env_seconds("MCTOOL_LOG_EVERY", LOG_EVERY, zero=True)
 
 
 class _LogProgress:
