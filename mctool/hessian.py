@@ -218,8 +218,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     config = {"top_k": top_k, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
               "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
-              "bn_batch_size": bn_pass_setting(dict(pts.model.named_buffers()), batch_size) if pts.recalibrate
-              else None,
+              "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
+              if pts.recalibrate else None,
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
     if trace:

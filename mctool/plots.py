@@ -336,14 +336,13 @@ def plot_history(files: list[str | Path], output: str | Path) -> None:
         _check_shapes(f, data, {"train/loss": epoch.shape, "train/err": epoch.shape}, min_size=1)
         split = next((s for s in ("test", "val") if np.shape(data.get(f"{s}/err", ())) == epoch.shape), None)
         prefix = f"{Path(f).name}: " if len(files) > 1 else ""
-        for ax, train, held, name in ((ax_loss, "train/loss", f"{split}/nll", "loss"),
-                                      (ax_err, "train/err", f"{split}/err", "error")):
-            scale = 100.0 if name == "error" else 1.0
-            (line,) = ax.plot(epoch, scale * data[train], marker=".", markersize=3,
-                              label=f"{prefix}train {'loss' if name == 'loss' else 'error'}")
-            if split is not None and np.shape(data.get(held, ())) == epoch.shape:
-                ax.plot(epoch, scale * data[held], "--", marker=".", markersize=3, color=line.get_color(),
-                        label=f"{prefix}{split} {'NLL' if name == 'loss' else 'error'}")
+        for ax, train, held, held_name, scale in ((ax_loss, "loss", "nll", "NLL", 1.0),
+                                                  (ax_err, "err", "err", "error", 100.0)):
+            (line,) = ax.plot(epoch, scale * data[f"train/{train}"], marker=".", markersize=3,
+                              label=f"{prefix}train {'loss' if train == 'loss' else 'error'}")
+            if split is not None and np.shape(data.get(f"{split}/{held}", ())) == epoch.shape:
+                ax.plot(epoch, scale * data[f"{split}/{held}"], "--", marker=".", markersize=3,
+                        color=line.get_color(), label=f"{prefix}{split} {held_name}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="Error")
     for ax in (ax_loss, ax_err):
@@ -358,7 +357,8 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
     plt = _pyplot()
     data, attrs = metrics_file(file, ("hessian",), {"eigenvalues": 2})
     values = np.asarray(data["eigenvalues"], dtype=np.float64)
-    _check_shapes(file, data, {"eigenvalues": (max(1, values.shape[0]), max(1, values.shape[1]))}, min_size=1)
+    if 0 in values.shape:
+        raise MetricsFileError(f"'{file}': dataset 'eigenvalues' holds no values (shape {values.shape}).")
     n = values.shape[0]
     along = "t" if np.shape(data.get("t", ())) == (n,) else None
     x = np.asarray(data["t"], dtype=np.float64) if along else np.arange(n, dtype=np.float64)
