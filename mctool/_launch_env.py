@@ -17,7 +17,8 @@ if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
-def _is_command() -> bool:
+def is_command() -> bool:
+    """Whether this process is the ``mctool`` command (not a Python program importing mctool)."""
     if os.path.basename(sys.argv[0]) == "mctool":
         return True
     orig = list(getattr(sys, "orig_argv", []))
@@ -31,7 +32,7 @@ def _stop_while_starting(signum: int, frame: object) -> None:
 
 
 _installed = False
-if _is_command():
+if is_command():
     try:
         for _sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(_sig, _stop_while_starting)

@@ -193,6 +193,13 @@ def _error(message: str) -> None:
     stderr_console().print(_safe(f"Error: {message}"), highlight=False, soft_wrap=True)
 
 
+def _ignore_more_ctrl_c() -> None:
+    """Once an interruption is being reported, a second Ctrl-C (users press it twice) would only break the
+    report and the exit's cleanup with tracebacks: the ``mctool`` process ignores it from here on."""
+    if _launch_env.is_command():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[[Any], None]) -> None:
     """Call the library, map user errors to exit codes, print the result (``--json``: its ``to_json()``).
 
@@ -217,6 +224,8 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
             except (MctoolError, KeyboardInterrupt) as e:
                 interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
                 code = 130 if interrupted else 1
+                if interrupted:
+                    _ignore_more_ctrl_c()
                 # Ctrl-C before a command's own handling starts (loading data, building a model)
                 message = str(e) if isinstance(e, MctoolError) else "interrupted (Ctrl-C)."
                 # Ctrl-C reaches every rank: rank 0 says what was saved
@@ -232,6 +241,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
         _error(str(e))
     except KeyboardInterrupt:
         code = 130
+        _ignore_more_ctrl_c()
         if main:
             _error("interrupted (Ctrl-C).")
     if code:
@@ -1230,9 +1240,4 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit as e:
-        if e.code == 130:  # interrupted, and said so: a second Ctrl-C would only break the exit's cleanup
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
+    app()

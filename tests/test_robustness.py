@@ -414,13 +414,17 @@ def test_more_ctrl_c_after_the_interruption_is_reported_add_nothing(tmp_path):
     while not (tmp_path / "t.state.safetensors").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
-    line = p.stderr.readline()
+    first = p.stderr.readline()
     for _ in range(5):
         time.sleep(0.01)
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
-    rest = p.stderr.read()
-    assert (p.wait(timeout=60), rest) == (130, "") and line.startswith("Error: interrupted during epoch")
+    err = first + p.stderr.read()
+    # (A Ctrl-C that lands in a finalizer, a weakref callback, is printed and dropped by Python itself as
+    # "Exception ignored ..."; one of the next ones stops the run. What follows the report must be nothing.)
+    assert p.wait(timeout=60) == 130 and "Error: " in err, err
+    report = err[err.index("Error: "):]
+    assert report.startswith("Error: interrupted during epoch") and report.count("\n") == 1, err
 
 
 def test_sigterm_without_a_launcher_ends_a_run_like_ctrl_c(cli, tmp_path, files, monkeypatch):
