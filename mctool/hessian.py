@@ -33,7 +33,7 @@ from .ensembles import load_ensemble
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
-from .h5io import open_outputs, provenance, utc_now, write_h5
+from .h5io import open_outputs, provenance, read_h5, utc_now, write_h5
 from .loop import recorded_split
 from .options import MAX_POINTS, check_count, check_real, check_seed
 from .results import FileRef, HessianResult, file_refs
@@ -271,6 +271,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                          **pts.meta.data_options(), num_workers=num_workers)
         check_fits(pts.meta, data.info, paths[0])
         subset: Split = data.train.subset(train_subset) if train_subset else data.train
+        attrs["train_images"] = len(subset)  # (fewer than --train-subset where the data set is smaller)
         batches = list(subset.batches(batch_size))
         model = pts.model.to(dev)
         has_bn = bool(bn_modules(model))
@@ -315,7 +316,14 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                 distributed.deal_points(todo, measure, record)
         except KeyboardInterrupt:
             raise interrupted(saved, n, metrics, ("hvps",)) from None
+    else:  # nothing left to compute: the count recorded by the run that computed the points
+        images = read_h5(metrics)[1].get("train_images") if metrics.exists() else None
+        if images is not None:
+            attrs["train_images"] = images
     write()
+    images = attrs.get("train_images")
+    if train_subset is not None and isinstance(images, (int, np.integer)) and 0 < images < train_subset:
+        train_subset = int(images)  # the data set holds fewer training images than asked for: all of them
     result = HessianResult(command="hessian", inputs=file_refs(pts.inputs), metrics={"train": None, "eval": None},
                            split=split,
                            points=pts.kind, num_points=n,

@@ -250,3 +250,17 @@ def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path,
         assert line.get_xdata().tolist() == [0.0, 0.5, 1.0]
         assert line.get_ydata().tolist() == values["eigenvalues"][:, k].tolist()
     assert trace_ax.get_xlabel().startswith("t ")
+
+
+def test_json_reports_the_training_images_used_when_the_data_set_has_fewer(cli, tmp_path, tiny):
+    path, _ = tiny
+    n = len(load_data("digits").train)
+    assert n < 5000  # the default --train-subset: every training image of digits
+    m = tmp_path / "h.h5"
+    r = cli.json("hessian", path, "-m", m, "--top-k", "1", *CPU)
+    assert r["train_subset"] == n and read_h5(m)[1]["train_images"] == n
+    assert cli.json("hessian", path, "-m", m, "--top-k", "1", "--resume", *CPU)["train_subset"] == n  # nothing run
+    assert cli.json("hessian", path, "-m", tmp_path / "s.h5", "--top-k", "1", "--train-subset", SUBSET,
+                    *CPU)["train_subset"] == SUBSET
+    assert cli.json("hessian", path, "-m", tmp_path / "a.h5", "--top-k", "1", "--train-subset", "0",
+                    *CPU)["train_subset"] is None  # 0: all, as before
