@@ -200,9 +200,28 @@ def grid_view(file: str | Path) -> GridView:
         labels = [f"a ({unit} d1)", f"b ({unit} d2)"]
     at = {n: np.asarray(data[f"at_points/{n}"], dtype=np.float64) for n in z
           if np.shape(data.get(f"at_points/{n}")) == (1,) and data[f"at_points/{n}"].dtype.kind in "fiu"}
+    points, point_labels = np.zeros((1, dims)), ["network"]
+    if method == "files":  # the direction files' networks, at coefficient 1, where the grid reaches them
+        others = _other_networks(attrs, file)
+        low = np.array([x.min()] if y is None else [x.min(), y.min()]) - 1e-9
+        high = np.array([x.max()] if y is None else [x.max(), y.max()]) + 1e-9
+        for k, name in enumerate(others[:dims]):
+            unit_point = np.eye(dims)[k]
+            if ((unit_point >= low) & (unit_point <= high)).all():
+                points, point_labels = np.vstack([points, unit_point]), [*point_labels, name]
     # equal aspect for random directions (both of the network's scale); PCA and files' axes differ in length
-    return GridView(kind, split, x, y, z, np.zeros((1, dims)), ["network"], path, "trajectory (projected)",
+    return GridView(kind, split, x, y, z, points, point_labels, path, "trajectory (projected)",
                     labels[0], labels[1], note, method == "random", at)
+
+
+def _other_networks(attrs: dict, file: str | Path) -> list[str]:
+    """The names of a surface file's direction networks (its inputs after the first, in the order given)."""
+    inputs = json_attr(attrs, "inputs", file) if "inputs" in attrs else None
+    order = json_attr(attrs, "input_order", file) if "input_order" in attrs else None
+    if not isinstance(inputs, dict) or not isinstance(order, list):
+        return []
+    by_hash = {sha: Path(str(path)).name for path, sha in inputs.items()}
+    return [by_hash.get(sha, "other network") if isinstance(sha, str) else "other network" for sha in order[1:]]
 
 
 def _panels(view: GridView) -> list[tuple[np.ndarray, str, str, np.ndarray | None]]:
@@ -282,13 +301,16 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
         if view.y is None:
             ax.plot(view.x, z, marker="o", markersize=3)
             ax.axvline(0, color="grey", linestyle=":", linewidth=1)
+            for (px,), label in zip(view.points[1:], view.point_labels[1:]):  # direction files' networks
+                ax.axvline(px, color="black", linestyle="--", linewidth=1, label=label)
             if at is not None and np.isfinite(at[0]):  # the network's own value: 0 need not be a grid point
                 ax.plot([0.0], at, "o", markersize=8, markerfacecolor="white", markeredgecolor="black", zorder=5,
                         label=f"network ({float(at[0]):.4g})")
-                ax.legend(fontsize=8)
             if view.path is not None:
                 ax.plot(view.path[:-1, 0], np.zeros(len(view.path) - 1), "|", color="crimson", markersize=12,
                         transform=ax.get_xaxis_transform(), label=view.path_label)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
             ax.set(title=title, xlabel=view.xlabel, ylabel=unit)
             continue
         if np.isfinite(z).any():
@@ -304,6 +326,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             ax.plot([p[0, 0], p[2, 0]], [p[0, 1], p[2, 1]], "--", color="white", linewidth=1.2,
                     path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")],
                     label=f"segment {view.point_labels[0]}-{view.point_labels[2]}")
+        if len(p) > 1:  # a plane's A, bend, B; a surface's network and its direction files' networks
             for (px, py), label in zip(p, view.point_labels):
                 ax.annotate(label, (px, py), xytext=(6, -14), textcoords="offset points", fontsize=11,
                             color="black", fontweight="bold", path_effects=outline)

@@ -196,6 +196,21 @@ def _method(directions: str | list[str] | None, trajectory: list[str] | None) ->
     return method, files
 
 
+def _check_file_directions(files: list[Path], directions: list[torch.Tensor], center: Path) -> None:
+    """Refuse direction files that give no direction (the network itself) or, two of them, no plane."""
+    for f, d in zip(files, directions):
+        if not bool(d.any()):
+            raise ConfigError(f"--directions '{f}' holds the same weights as '{center}': the direction towards it "
+                              "is zero. Give another network.")
+    if len(directions) == 2:
+        d1, d2 = (d.double() for d in directions)
+        cos = float(d1 @ d2 / (d1.norm() * d2.norm()))
+        if abs(cos) > 1 - 1e-9:
+            raise ConfigError(f"--directions '{files[0]}' and '{files[1]}' lie on one line through '{center}' "
+                              f"(cosine {cos:.6f}): they span no plane. Give one of them (a 1-D surface) or another "
+                              "network.")
+
+
 def _stored_directions(vec_path: Path, layout: ParamLayout, dims: int, inputs: dict[str, str],
                        config: dict[str, Any]) -> torch.Tensor | None:
     """The directions of an earlier run of the same inputs and options (``--resume``), or None if there is no
@@ -271,6 +286,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
         line_between(center, o)  # the same architecture, or a clear error
     inputs = {str(center.path): center.sha256, **{str(o.path): o.sha256 for o in others}}
     flat_others = [layout.flatten(dict(o.model.named_parameters())) for o in others]
+    if method == "files":
+        _check_file_directions([o.path for o in others], [o - w for o in flat_others], center.path)
     wd = float(center.meta.config.get("wd", 0.0)) if wd is None else wd
     name = center.meta.dataset_or(dataset, path)
     names = plane_metric_names(split)

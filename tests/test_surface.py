@@ -112,6 +112,24 @@ def test_a_direction_towards_another_network(cli, tmp_path, digits_models):
     ev = cli.json("evaluate", b, *CPU)["metrics"]["eval"]
     assert data["test/nll"][2] == pytest.approx(ev["nll"], rel=1e-4)
     assert abs(data["test/err"][2] - ev["err"]) <= 1 / 360  # at most one of the 360 test images flips
+    # the figures mark the other network at coefficient 1 (when the grid reaches it), named by its file
+    from mctool.plots import grid_view
+
+    for f in ("l.h5", "l2.h5"):
+        view = grid_view(tmp_path / f)
+        assert view.point_labels == ["network", b.name] and view.points.tolist() == [[0.0], [1.0]]
+    short = tmp_path / "short.h5"
+    cli("surface", a, "-m", short, "--directions", b, "--grid-points", "3", "--range", "0.5", "-q", *CPU)
+    assert grid_view(short).point_labels == ["network"]  # B lies outside [-0.5, 0.5]
+    c = tmp_path / "c.safetensors"
+    cli("train", "-d", "digits", "-o", c, "--epochs", "1", "--seed", "2", "--arch-kwargs", '{"hidden": 32}', "-q",
+        *CPU)
+    two = tmp_path / "two.h5"
+    cli("surface", a, "-m", two, "--directions", b, "--directions", c, "--grid-points", "2", "--range", "1", "-q",
+        "--plot", tmp_path / "two.png", *CPU)
+    view = grid_view(two)
+    assert view.point_labels == ["network", b.name, c.name]
+    assert view.points.tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
 
 
 def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch):
@@ -156,6 +174,10 @@ def test_errors(cli, tmp_path, digits_models):
     assert "--ignore takes bn, bias" in cli.error("surface", a, "-m", m, "--ignore", "conv", *CPU)
     assert "not a mix" in cli.error("surface", a, "-m", m, "--directions", "random", "--directions", b, *CPU)
     assert "needs the training trajectory" in cli.error("surface", a, "-m", m, "--directions", "pca", *CPU)
+    # direction files that give no direction, or no plane
+    assert "the direction towards it is zero" in cli.error("surface", a, "-m", m, "--directions", a, *CPU)
+    assert "span no plane" in cli.error("surface", a, "-m", m, "--directions", b, "--directions", b, *CPU)
+    assert not m.exists()
     assert "matches no file" in cli.error("surface", a, "-m", m, "--directions", "pca", "--trajectory",
                                           tmp_path / "nothing-*.safetensors", *CPU)
     assert "goes with --directions pca" in cli.error("surface", a, "-m", m, "--trajectory", b, *CPU)
