@@ -378,10 +378,14 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         try:
             save_file(cpu, str(tmp), metadata=metadata)
         except SafetensorError as e:  # I/O failures (a full disk...) come as this; make them the OSError they are
-            if "IoError" not in str(e):
+            # (safetensors < 0.5 spells them 'IoError(Os { code: 28, ... message: "..." })', later versions
+            # 'I/O error: No space left on device (os error 28)')
+            text = str(e)
+            if "IoError" not in text and "I/O error" not in text and "os error" not in text:
                 raise
-            code, message = re.search(r"code: (\d+)", str(e)), re.search(r'message: "([^"]+)"', str(e))
-            raise OSError(int(code.group(1)) if code else 0, message.group(1) if message else str(e)) from e
+            code = re.search(r"code: (\d+)", text) or re.search(r"os error (\d+)", text)
+            message = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?)(?: \(os error|$)", text)
+            raise OSError(int(code.group(1)) if code else 0, message.group(1) if message else text) from e
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,

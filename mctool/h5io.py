@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import json
 import os
 import shlex
@@ -79,21 +80,25 @@ def write_h5(path: str | os.PathLike, *, scales: dict[str, np.ndarray],
     """
     if not writes_files():
         return
+    # Built in memory and written with plain file I/O: a full disk is then an OSError like any other write's
+    # (h5py writing to disk raised RuntimeError and could crash the interpreter while cleaning up).
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        for name, values in scales.items():
+            ds = f.create_dataset(name, data=np.asarray(values), maxshape=(None,) * np.ndim(values), chunks=True)
+            ds.make_scale(name)
+        for name, (values, dims) in datasets.items():
+            values = np.asarray(values, dtype=np.float64)
+            ds = f.create_dataset(name, data=values, maxshape=(None,) * values.ndim, chunks=True)
+            for axis, scale in enumerate(dims):
+                ds.dims[axis].attach_scale(f[scale])
+                ds.dims[axis].label = scale
+            for k, v in (dataset_attrs or {}).get(name, {}).items():
+                ds.attrs[k] = v
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            for name, values in scales.items():
-                ds = f.create_dataset(name, data=np.asarray(values), maxshape=(None,) * np.ndim(values), chunks=True)
-                ds.make_scale(name)
-            for name, (values, dims) in datasets.items():
-                values = np.asarray(values, dtype=np.float64)
-                ds = f.create_dataset(name, data=values, maxshape=(None,) * values.ndim, chunks=True)
-                for axis, scale in enumerate(dims):
-                    ds.dims[axis].attach_scale(f[scale])
-                    ds.dims[axis].label = scale
-                for k, v in (dataset_attrs or {}).get(name, {}).items():
-                    ds.attrs[k] = v
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
