@@ -141,6 +141,10 @@ def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"'{path}' holds NaN or infinite values in '{k}' (saved from a diverged run?); "
                                   "mctool cannot evaluate or train from it.")
+        # mctool computes in float32: a float64 value beyond its range would become infinite when loaded
+        if v.dtype == torch.float64 and not bool(torch.isfinite(v.float()).all()):
+            raise CheckpointError(f"'{path}' holds values in '{k}' beyond float32's range (|x| > 3.4e38), in which "
+                                  "mctool computes; they would become infinite.")
 
 
 def same_normalization(a: dict[str, list[float]] | None, b: dict[str, list[float]] | None) -> bool:
@@ -516,6 +520,12 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
                               f"(shape, or a floating-point type): {', '.join(momentum[:5])}.")
     state = network_state(tensors)
     extra = {k: v for k, v in tensors.items() if k not in state}
+    own = model.state_dict()
+    kinds = [f"{k} ({v.dtype})".replace("torch.", "") for k, v in state.items()
+             if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    if kinds:
+        raise CheckpointError(f"'{path}' holds tensors of the wrong kind of number for architecture '{meta.arch}' "
+                              f"(weights must be floating point, counters integers): {', '.join(kinds[:5])}.")
     check_finite(path, state)
     model.load_state_dict(state)
     model.eval()

@@ -502,3 +502,39 @@ def test_weights_that_are_not_finite_are_refused(cli, tmp_path, model_file, valu
     assert message in cli.error("evaluate-curve", model_file, bad, "-m", tmp_path / "e.h5", "--device", "cpu")
     assert message in cli.error("align", model_file, bad, "-o", tmp_path / "b.safetensors", "--device", "cpu")
     assert not (tmp_path / "e.h5").exists()
+
+
+def test_float64_values_beyond_float32_are_refused_in_models_curves_and_ensembles(cli, tmp_path, model_file,
+                                                                                   curve_file):
+    """mctool computes in float32: 1e300 in a float64 file became infinity after the finite check (evaluate
+    reported loss inf, point wrote infinite weights)."""
+    bad = tmp_path / "bad.safetensors"
+    for src, key in ((model_file, "net.1.weight"), (curve_file, "control_points")):
+        with safe_open(str(src), "pt") as f:
+            md, tensors = dict(f.metadata()), {k: f.get_tensor(k).double() if k == key else f.get_tensor(k)
+                                               for k in f.keys()}
+        tensors[key].view(-1)[0] = 1e300
+        save_file(tensors, str(bad), metadata=md)
+        assert f"holds values in '{key}' beyond float32's range" in cli.error("point" if key == "control_points"
+                                                                             else "evaluate", bad, *(
+            ["--t", "0.5", "-o", tmp_path / "p.safetensors"] if key == "control_points" else []), "--device", "cpu")
+    ens = tmp_path / "e.safetensors"
+    cli("ensemble", model_file, model_file, "-o", ens, "-q", "--device", "cpu")
+    with safe_open(str(ens), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["members"] = tensors["members"].double()
+    tensors["members"][0, 0] = -1e300
+    save_file(tensors, str(bad), metadata=md)
+    assert "beyond float32's range" in cli.error("evaluate", bad, "--device", "cpu")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_weights_that_are_not_floating_point_are_refused(cli, tmp_path, model_file, dtype):
+    """Integer or bool weights were cast without a word (evaluate: 90% error, exit 0)."""
+    with safe_open(str(model_file), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["net.1.weight"] = tensors["net.1.weight"].to(dtype)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=md)
+    assert "wrong kind of number" in cli.error("evaluate", bad, "--device", "cpu")
