@@ -98,7 +98,7 @@ def check_state_metadata(md: dict[str, str], path: str | os.PathLike) -> dict[st
             raise CheckpointError(f"'{path}' is not a complete training state (no '{key}'); start over with --force.")
     if md.get("kind") == "fge-state" and "snapshots" not in md:
         raise CheckpointError(f"'{path}' is not a complete training state (no 'snapshots'); start over with --force.")
-    metadata_int(md, "epoch", path, 0, 10**6)
+    epoch = metadata_int(md, "epoch", path, 0, 10**6)
     for key, default in (("history", "[]"), ("snapshots", "[]"), ("pending_snapshots", "[]")):
         rows = metadata_json(md, key, path, list, default)
         if not all(isinstance(r, dict) for r in rows):
@@ -108,6 +108,11 @@ def check_state_metadata(md: dict[str, str], path: str | os.PathLike) -> dict[st
     epochs = config.get("epochs")
     if isinstance(epochs, int) and not isinstance(epochs, bool) and int(md["epoch"]) > epochs:
         raise bad_field(path, "epoch", f"{md['epoch']} epochs done of a run of {epochs}")
+    history = json.loads(md["history"])
+    if len(history) != epoch:  # one row per epoch done: the metrics file is rebuilt from them
+        raise bad_field(path, "history", f"{len(history)} rows for {epoch} epochs done")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in history for v in r.values()):
+        raise bad_field(path, "history", "each row's values must be numbers")
     if md.get("kind") == "train-state" and not ("arch" in config and isinstance(config["arch"], (str, type(None)))
                                                  and isinstance(config.get("arch_kwargs"), dict)):
         raise bad_field(path, "config", "'arch' must be a string and 'arch_kwargs' a JSON object")

@@ -445,7 +445,13 @@ def _interrupted(cli, tmp_path, monkeypatch, command: list) -> tuple[list, Path]
 
 @pytest.mark.parametrize("field, value", [("epoch", "-1"), ("epoch", "two"), ("epoch", "3"), ("history", "{}"),
                                           ("history", "[1]"), ("config", "[]"), ("config", '{"arch_kwargs": {}}'),
-                                          ("snapshots", "[")])
+                                          ("snapshots", "["),
+                                          # history: one row of numbers per epoch done (non-numbers crashed the
+                                          # metrics file at the next epoch, and every resume after it)
+                                          ("history", "[]"), ("history", '[{"epoch": 1}, {"epoch": 2}]'),
+                                          ("history", '[{"epoch": 1, "lr": "abc"}]'),
+                                          ("history", '[{"epoch": 1, "lr": [0.1]}]'),
+                                          ("history", '[{"epoch": 1, "lr": true}]')])
 def test_resume_checks_the_training_state(cli, tmp_path, monkeypatch, field, value):
     args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
     _rewrite(state, state, **{field: value})
