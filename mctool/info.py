@@ -20,11 +20,28 @@ from .h5io import read_h5
 
 
 
+#: Metadata nested deeper than this is shown as its text (the JSON output would nest as deep).
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def _json_or_str(v: str) -> Any:
+    """A metadata value as JSON when it is a JSON object or array of sane depth, else as its text."""
     try:
-        return json.loads(v) if v[:1] in "{[" else v
+        value = json.loads(v) if v[:1] in "{[" else v
     except (json.JSONDecodeError, RecursionError):
         return v
+    return v if _depth(value) > MAX_JSON_DEPTH else value
 
 
 def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:

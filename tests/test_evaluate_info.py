@@ -121,6 +121,21 @@ def test_info_counts_nan_apart_from_infinities_and_pipes_are_refused(cli, tmp_pa
         assert run.returncode == 1 and run.stderr.startswith("Error:") and "file" in run.stderr, run.stderr
 
 
+def test_info_shows_deeply_nested_metadata_as_text(cli, tmp_path):
+    """JSON nested 500 deep (a crafted file) made --json fail with RecursionError."""
+    deep = "[" * 500 + "]" * 500
+    h5 = tmp_path / "m.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.zeros(2)
+        f.attrs["config"] = deep
+        f.attrs["inputs"] = '{"a": [1, 2]}'
+    md = cli.json("info", h5)["metadata"]
+    assert md["config"] == deep and md["inputs"] == {"a": [1, 2]}
+    st = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(2)}, str(st), metadata={"config": deep})
+    assert cli.json("info", st)["metadata"]["config"] == deep
+
+
 def test_python_dash_m_and_version():
     out = subprocess.run([sys.executable, "-m", "mctool", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("mctool ")
