@@ -24,7 +24,7 @@ from .checkpoint import MOMENTUM_PREFIX, load_model
 from .curves import BEND_INITS, MAX_BENDS, Curve, coefficients, initial_points, line_between, save_curve
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
-from .fileio import check_outputs, holds_output_locks
+from .fileio import check_outputs, holds_output_locks, same_inputs
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, metrics_path,
@@ -343,7 +343,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     start_epoch, momentum = 0, None
     if resume_state is not None:
         tensors, md = resume_state
-        if json.loads(md.get("inputs", "{}")) != line.meta.inputs:
+        if not same_inputs(json.loads(md.get("inputs", "{}")), line.meta.inputs):
             raise ConfigError(f"the interrupted run connected other files (or they changed since): "
                               f"{md.get('inputs')}; --resume needs the same endpoints.")
         saved, momentum = tensors.get("control_points"), tensors.get(MOMENTUM_PREFIX + "free")
@@ -356,6 +356,9 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
             raise CheckpointError(f"'{state_path(output)}' ends at another network than "
                                   f"{'B aligned to A' if cfg.align else 'B'}: resume with the interrupted run's "
                                   "--align, or start over with --force.")
+        if not cfg.free_start and not torch.equal(saved[0].float(), curve.points[0]):
+            raise CheckpointError(f"'{state_path(output)}' starts at another network than A: give the endpoints in "
+                                  "the interrupted run's order, or start over with --force.")
         curve.points = saved.float()
         start_epoch = int(md["epoch"])
         log.rows = json.loads(md["history"])

@@ -22,7 +22,7 @@ from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import holds_output_locks
+from .fileio import holds_output_locks, same_inputs
 from .batched import check_points_per_pass
 from .options import check_count, check_real
 from .graphs import sgd, use_graphs
@@ -184,7 +184,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
-        if json.loads(md.get("inputs", "{}")) != inputs:
+        if not same_inputs(json.loads(md.get("inputs", "{}")), inputs):
             raise ConfigError(f"the interrupted run started from another file (or it changed since): "
                               f"{md.get('inputs')}; --resume needs the same start network.")
         start_epoch = int(md["epoch"])

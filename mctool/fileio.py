@@ -57,6 +57,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def same_inputs(recorded: Any, inputs: dict[str, str]) -> bool:
+    """Whether a run recorded as made from ``recorded`` (path -> sha256) used the files ``inputs``: the same
+    contents, however their paths are spelled now (relative or absolute, another working folder: a requeued
+    job). The order of the inputs is each caller's to check where it matters."""
+    return isinstance(recorded, dict) and sorted(map(str, recorded.values())) == sorted(inputs.values())
+
+
 def did_you_mean(path: str | os.PathLike) -> str:
     """For a file that does not exist: " Did you mean ...?" naming up to 3 files of its folder with close names
     and the same suffix (e.g. the --save-every checkpoints that exist), or ""."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import MetricsFileError
-from .fileio import atomic_path, did_you_mean, writes_files
+from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -206,8 +206,9 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     old_inputs, old_config = json_attr(attrs, "inputs", path), json_attr(attrs, "config", path)
     if not isinstance(old_inputs, dict) or not isinstance(old_config, dict):
         raise MetricsFileError(f"'{path}': attributes 'inputs' and 'config' must be JSON objects.")
-    if old_inputs != inputs:
-        raise MetricsFileError(f"'{path}' was computed from other input files; --resume needs the same inputs.")
+    if not same_inputs(old_inputs, inputs):
+        raise MetricsFileError(f"'{path}' was computed from other input files (or they changed since); --resume "
+                               "needs the same inputs.")
     if "input_order" in attrs and json_attr(attrs, "input_order", path, "[]") != list(inputs.values()):
         raise MetricsFileError(f"'{path}' was computed from the same files given in another order; --resume needs "
                                "them in the interrupted run's order.")

@@ -22,7 +22,7 @@ import numpy as np
 from . import distributed
 from .curve_eval import curve_metric_names, curve_metrics, curve_summary, parse_shard, write_curve_file
 from .errors import ConfigError, MetricsFileError
-from .fileio import check_outputs, holds_output_locks
+from .fileio import check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
 from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
@@ -74,7 +74,7 @@ def _same_run(first: _Shard, s: _Shard) -> None:
         article = {"plane": "a", "surface": "a", "evaluate-curve": "an"}
         raise other(f"one is {article[s.attrs['kind']]} {s.attrs['kind']} file, the other "
                     f"{article[first.attrs['kind']]} {first.attrs['kind']} file")
-    if s.inputs != first.inputs:
+    if not same_inputs(s.inputs, first.inputs):  # (the same files spelled otherwise: shards run elsewhere)
         raise other("computed from other input files, or inputs with other contents")
     if s.attrs.get("input_order") != first.attrs.get("input_order"):
         raise other("the same input files given in another order")

@@ -17,7 +17,7 @@ from .data import DEFAULT_ARCH, check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import holds_output_locks
+from .fileio import holds_output_locks, same_inputs
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover,
@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
-        if json.loads(md.get("inputs", "{}")) != inputs:
+        if not same_inputs(json.loads(md.get("inputs", "{}")), inputs):
             raise ConfigError(f"the interrupted run started from another file (or it changed since): "
                               f"{md.get('inputs')}; --resume needs the same --init (and --pretrained-file).")
         start_epoch = int(md["epoch"])

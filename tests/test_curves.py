@@ -129,8 +129,13 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     assert "--resume" in cli.error("connect", *args, "-o", out, code=130)
     restore()
     assert read_metadata(tmp_path / "run.state.safetensors")["kind"] == "curve-state"
-    # --lr left out: the interrupted run's, not the default connect would derive from A
-    cli("connect", *digits_models, "--epochs", "3", "-q", *CPU, "-o", out, "--resume")
+    # the endpoints in the other order are refused
+    assert "at another network than" in cli.error("connect", *digits_models[::-1], "--epochs", "3", *CPU, "-o", out,
+                                                  "--resume")
+    # --lr left out: the interrupted run's, not the default connect would derive from A; the endpoints spelled
+    # relative to another working folder (a requeued job) are the same files
+    monkeypatch.chdir(digits_models[0].parent)
+    cli("connect", *(p.name for p in digits_models), "--epochs", "3", "-q", *CPU, "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
     assert json.loads(read_metadata(out)["config"])["lr"] == 0.05
 
@@ -174,7 +179,8 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
             f[name][2:] = np.nan
     calls = count_networks(monkeypatch)
     assert "--force" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "4")
-    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "4", "--resume", "-q", *CPU)
+    monkeypatch.chdir(digits_models[0].parent)  # the same files, spelled relative to another folder
+    cli("evaluate-curve", *(p.name for p in digits_models), "-m", m, "--num-points", "4", "--resume", "-q", *CPU)
     assert len(calls) == 2
     again, _ = read_h5(m)
     for name in ("train/loss", "test/err", "test/nll"):

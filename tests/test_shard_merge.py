@@ -179,11 +179,16 @@ def test_merge_errors(cli, tmp_path, bezier, curve_shards, digits_models):
     cli("evaluate-curve", bezier, "-m", other, "--num-points", "3", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)
     msg = cli.error("merge", a, other, "-o", out)
     assert "different runs" in msg and "num_points: 2 -> 3" in msg
-    # another input (the same curve under another name)
+    # the same curve under another name (a shard run elsewhere) is the same input; another curve is not
     copy = tmp_path / "copy.safetensors"
     shutil.copy(bezier, copy)
+    renamed = tmp_path / "renamed-input.h5"
+    cli("evaluate-curve", copy, "-m", renamed, "--num-points", "2", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)
+    cli("merge", a, renamed, "-o", tmp_path / "renamed-merged.h5", "-q")
+    line = tmp_path / "line.safetensors"
+    cli("connect", *digits_models, "--curve", "line", "-o", line, "-q", *CPU)
     other = tmp_path / "other-input.h5"
-    cli("evaluate-curve", copy, "-m", other, "--num-points", "2", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)
+    cli("evaluate-curve", line, "-m", other, "--num-points", "2", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)
     assert "other input files" in cli.error("merge", a, other, "-o", out)
     # another kind
     plane = tmp_path / "plane.h5"
