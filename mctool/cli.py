@@ -189,8 +189,9 @@ def _main(ctx: typer.Context,
 
 
 def _error(message: str) -> None:
-    # One unwrapped line, whatever the terminal width, so scripts can grep it.
-    stderr_console().print(_safe(f"Error: {message}"), highlight=False, soft_wrap=True)
+    # One unwrapped line, whatever the terminal width, so scripts can grep it (a newline in a file's name too
+    # is shown as an escape).
+    stderr_console().print(_safe(f"Error: {message}".replace("\n", "\\n")), highlight=False, soft_wrap=True)
 
 
 def _ignore_more_ctrl_c() -> None:

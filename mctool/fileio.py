@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import hashlib
 import os
@@ -89,6 +90,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     path = Path(path)
     if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)
         return path
+    if path.is_symlink():  # a link counts as the file it leads to (which is written, the link kept)
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise OutputError(f"{what} '{path}' is a folder; give a file name.")
     if path.exists() and not path.is_file():  # a device, pipe or socket: --force must not replace it
@@ -258,8 +261,12 @@ def _lock(output: Path) -> Callable[[], None]:
     path = lock_path(output)
     for _ in range(20):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            # (never through a link: in a shared folder it could make mctool create or open a file elsewhere)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"cannot write '{output}': its lock file '{path}' is a symbolic link; remove "
+                                  "it.") from None
             raise OutputError(f"cannot write '{output}': cannot create its lock file '{path}' "
                               f"({e.strerror}).") from None
         try:
@@ -342,6 +349,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     (a full disk...) raises ``OutputError``; ``path`` is then unchanged.
     """
     path = Path(path)
+    if path.is_symlink():  # written where the link leads (the link stays), as check_output checked it
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     tmp: Path | None = None
     try:

@@ -104,6 +104,8 @@ def write_h5(path: str | os.PathLike, *, scales: dict[str, np.ndarray],
 def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All datasets (by path) and the root attributes of an HDF5 file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MetricsFileError(f"metrics file '{path}' is not a file (a folder, pipe or device).")
     if not path.is_file():
         raise MetricsFileError(f"metrics file '{path}' does not exist.{did_you_mean(path)}")
     data: dict[str, np.ndarray] = {}

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -246,7 +247,8 @@ def remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> Non
     keep = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     for path in folder.iterdir() if folder.is_dir() else ():
         if pattern.fullmatch(path.name) and path.is_file() and not any(path.samefile(k) for k in keep):
-            path.unlink()
+            # (a link: the file it leads to, which the new run writes; the link stays)
+            (Path(os.path.realpath(path)) if path.is_symlink() else path).unlink()
 
 
 def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:

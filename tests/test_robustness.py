@@ -158,11 +158,49 @@ def test_links_to_an_input_are_the_input(cli, tmp_path, files):
     assert "is also an input" in cli.error("point", files["line"], "--t", "0", "-o", hard, "--force")
 
 
+def test_an_output_that_is_a_link_writes_the_file_it_leads_to(cli, tmp_path, files):
+    """The link was replaced by a regular file (a dangling one even without --force); its target untouched."""
+    target, link = tmp_path / "store" / "p.safetensors", tmp_path / "p.safetensors"
+    link.symlink_to(target)  # dangling: the target and its folder do not exist yet
+    cli("point", files["line"], "--t", "0.5", "-o", link, "-q")
+    assert link.is_symlink() and target.is_file()
+    assert "already exists" in cli.error("point", files["line"], "--t", "0.25", "-o", link)
+    before = sha256_file(target)
+    cli("point", files["line"], "--t", "0.25", "-o", link, "-q", "--force")
+    assert link.is_symlink() and sha256_file(target) != before
+    # train --force deletes the old output first (an interrupted run must not leave it): the file, not the link
+    net, store = tmp_path / "net.safetensors", tmp_path / "store" / "net.safetensors"
+    net.symlink_to(store)
+    args = ["train", *TINY, "--epochs", "1", "-o", net, "-m", tmp_path / "net.h5", "-q"]
+    cli(*args)
+    cli(*args, "--force")
+    assert net.is_symlink() and store.is_file()
+    # a lock file that is a link is never followed
+    lock = tmp_path / ".q.safetensors.lock"
+    lock.symlink_to(tmp_path / "elsewhere")
+    assert "is a symbolic link" in cli.error("point", files["line"], "--t", "0.5", "-o", tmp_path / "q.safetensors")
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "q.safetensors").exists()
+
+
 def test_python_callers_get_the_same_clash_checks(tmp_path, files):
     with pytest.raises(OutputError, match="are the same file"):
         evaluate_models([str(files["m0"])], metrics=str(tmp_path / "x"), output=str(tmp_path / "x"))
     with pytest.raises(OutputError, match="is also an input"):
         check_outputs({"--output": files["m0"]}, [files["m0"]], force=True)
+
+
+def test_an_error_naming_a_file_with_a_newline_is_one_line(cli, tmp_path):
+    bad = tmp_path / "bad\nname.safetensors"
+    msg = cli.error("evaluate", bad, "--device", "cpu")
+    assert "\n" not in msg and "bad\\nname.safetensors" in msg and "does not exist" in msg
+
+
+def test_a_metrics_file_that_is_a_folder_or_a_pipe_is_named_so(cli, tmp_path):
+    folder, pipe = tmp_path / "d.h5", tmp_path / "p.h5"
+    folder.mkdir()
+    os.mkfifo(pipe)
+    for path in (folder, pipe):
+        assert "is not a file (a folder, pipe or device)" in cli.error("plot", path, "-o", tmp_path / "x.png")
 
 
 def test_an_empty_output_name_is_an_error(cli):
