@@ -438,6 +438,7 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
     if problem:
         raise CheckpointError(f"'{path}' does not fit the network being trained ({problem}); start over with "
                               "--force.")
+    check_finite(path, tensors)  # (NaN weights or momentum would be blamed on the learning rate)
 
 
 @dataclass

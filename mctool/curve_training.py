@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from .align import METHODS as ALIGN_METHODS, align_networks
 from .bn import bn_modules, use_sync_bn
-from .checkpoint import MOMENTUM_PREFIX, load_model
+from .checkpoint import MOMENTUM_PREFIX, check_finite, load_model
 from .curves import BEND_INITS, MAX_BENDS, Curve, coefficients, initial_points, line_between, save_curve
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
@@ -352,6 +352,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                 or (momentum is not None and momentum.shape != (n_free, curve.points.shape[1]))):
             raise CheckpointError(f"'{state_path(output)}' does not fit this curve (control points "
                                   f"{tuple(curve.points.shape)}); start over with --force.")
+        check_finite(state_path(output), {"control_points": saved, **({} if momentum is None else
+                                                                       {MOMENTUM_PREFIX + "free": momentum})})
         if not cfg.free_end and not torch.equal(saved[-1].float(), curve.points[-1]):
             raise CheckpointError(f"'{state_path(output)}' ends at another network than "
                                   f"{'B aligned to A' if cfg.align else 'B'}: resume with the interrupted run's "

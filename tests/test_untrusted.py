@@ -492,6 +492,22 @@ def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, cu
     for extra in ({"control_points": tensors["control_points"][:2]}, {"optimizer/momentum/free": torch.zeros(2, 3)}):
         save_file({**tensors, **extra}, str(state), metadata=md)
         assert "does not fit this curve" in cli.error(*args, "--resume")
+    # NaN control points or momentum: the file's fault, not the learning rate's
+    for key in ("control_points", "optimizer/momentum/free"):
+        bad = tensors[key].clone()
+        bad.view(-1)[len(bad.view(-1)) // 2] = float("nan")
+        save_file({**tensors, key: bad}, str(state), metadata=md)
+        assert f"holds NaN or infinite values in '{key}'" in cli.error(*args, "--resume")
+
+
+def test_train_resume_checks_the_state_is_finite(cli, tmp_path, monkeypatch):
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
+    with safe_open(str(state), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.startswith("optimizer/momentum/"))
+    tensors[key].view(-1)[0] = float("inf")
+    save_file(tensors, str(state), metadata=md)
+    assert f"holds NaN or infinite values in '{key}'" in cli.error(*args, "--resume")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
