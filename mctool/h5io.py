@@ -185,8 +185,9 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
         started = attrs.get("started") if isinstance(attrs.get("started"), str) else None
         for name, shape in (shapes or {}).items():
             if name not in data or np.shape(data[name]) != shape or data[name].dtype.kind not in "fiu":
+                got = "nothing" if name not in data else f"{np.shape(data[name])} of {data[name].dtype}"
                 raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{name}' should be numbers of shape "
-                                       f"{shape}, got {np.shape(data.get(name))}. Start over with --force.")
+                                       f"{shape}, got {got}. Start over with --force.")
     else:
         check_output(metrics, force, "metrics file")
     if plot is not None:

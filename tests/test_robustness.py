@@ -1033,4 +1033,8 @@ def test_evaluate_curve_resume_refuses_a_file_missing_a_dataset(cli, tmp_path, f
     with h5py.File(m, "a") as f:
         del f["train/nll"]
     err = cli.error("evaluate-curve", files["line"], "-m", m, "--num-points", "3", "--resume", "--device", "cpu")
-    assert f"'{m}' cannot be resumed: dataset 'train/nll' should be numbers of shape (3,)" in err
+    assert f"'{m}' cannot be resumed: dataset 'train/nll' should be numbers of shape (3,), got nothing" in err
+    with h5py.File(m, "a") as f:  # the right shape, but not numbers
+        f["train/nll"] = np.zeros(3, dtype=bool)
+    err = cli.error("evaluate-curve", files["line"], "-m", m, "--num-points", "3", "--resume", "--device", "cpu")
+    assert "should be numbers of shape (3,), got (3,) of bool" in err
