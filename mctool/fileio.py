@@ -185,7 +185,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
     every = [*named.items(), *((what, Path(p)) for what, p in extra.items())]
     seen: dict[tuple[int, int] | str, str] = {}
     for what, path in every:
-        _check_name_length(path, what)
+        _check_name_length(path, what, derived=what not in named)
         key = _identity(path)
         if key in sources:
             raise OutputError(f"{what} '{path}' is also an input of this command; mctool never overwrites its "
@@ -207,9 +207,10 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
     return named
 
 
-def _check_name_length(path: Path, what: str) -> None:
+def _check_name_length(path: Path, what: str, derived: bool = False) -> None:
     """Refuse a name whose temporary file (``.NAME.XXXXXXXX.tmp``, 14 bytes longer) the file system could not
-    hold: such a run would fail at its first write, after the work."""
+    hold: such a run would fail at its first write, after the work. ``derived``: a name made from an option's
+    (a training state's), which is the one to shorten."""
     folder = path.parent if str(path.parent) else Path(".")
     existing = next((f for f in (folder, *folder.parents) if f.is_dir()), Path("."))
     try:
@@ -218,9 +219,10 @@ def _check_name_length(path: Path, what: str) -> None:
         limit = 255
     size = len(os.fsencode(path.name))
     if size + 14 > limit:
+        fix = (f"Shorten the name it is made from by {size + 14 - limit} bytes or more." if derived else
+               f"Give a name of at most {limit - 14} bytes.")
         raise OutputError(f"{what} '{path}': its name is {size} bytes, and mctool needs {size + 14} for the "
-                          f"temporary file it writes first; this file system allows {limit}. Give a name of at "
-                          f"most {limit - 14} bytes.")
+                          f"temporary file it writes first; this file system allows {limit}. {fix}")
 
 
 def holds_output_locks(fn: _F) -> _F:

@@ -972,6 +972,10 @@ def test_a_file_name_too_long_for_the_file_system_is_one_error(cli, tmp_path):
     assert f"--metrics '{metrics}': its name is 242 bytes, and mctool needs 256 for the temporary file it writes " \
            "first; this file system allows 255. Give a name of at most 241 bytes." in cli.error(
                "train", *TINY, "-o", tmp_path / "c.safetensors", "-m", metrics, "--epochs", "1")
+    # -o of 241 bytes fits, its training state's name (6 bytes longer) does not: the state's name is derived
+    out = tmp_path / ("q" * 229 + ".safetensors")
+    msg = cli.error("train", *TINY, "-o", out, "-m", tmp_path / "q.h5", "--epochs", "1")
+    assert "its name is 247 bytes" in msg and "Shorten the name it is made from by 6 bytes or more." in msg
     assert list(tmp_path.iterdir()) == []
 
 
