@@ -88,6 +88,8 @@ def load_ensemble(path: str | Path) -> Ensemble:
         info = None
     if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
         raise bad_field(path, "member_info", "expected a JSON array of objects")
+    if info and len(info) != m:
+        raise bad_field(path, "member_info", f"{len(info)} entries for {m} members")
     members = tensors[_MEMBERS]
     if members.shape != (m, layout.size) or not members.is_floating_point():
         raise CheckpointError(f"'{path}': members of shape {tuple(members.shape)} ({members.dtype}) do not match {m} "

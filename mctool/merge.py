@@ -214,6 +214,15 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         check_outputs({"--output": output, "--plot": plot, "directions file": directions_path(output)}, paths,
                       force=force, formats={"--output": "hdf5", "--plot": "figure"})
     names = _layout(kind, split, first.data, first.path)
+    for s in shards[1:]:  # what every shard computes alike: the split, the grid's or curve's coordinates...
+        if s.attrs.get("split") != split:
+            raise MetricsFileError(f"'{s.path}' and '{first.path}' are shards of different runs (evaluated on the "
+                                   f"{s.attrs.get('split')!r} and the {split!r} split); merge the shards of one run.")
+        differ = [k for k in sorted(first.data) if k not in names
+                  and not np.array_equal(s.data[k], first.data[k], equal_nan=True)]
+        if differ:
+            raise MetricsFileError(f"'{s.path}' and '{first.path}' are shards of different runs (other values in "
+                                   f"{', '.join(differ[:5])}); merge the shards of one run.")
     values = _combine(shards, names, kind)
 
     refs = file_refs([s.path for s in shards])

@@ -228,6 +228,15 @@ def test_merge_checks_each_value_comes_from_one_shard(cli, tmp_path, curve_shard
     msg = cli.error("merge", a, b, "-o", tmp_path / "m.h5")
     assert "value train/nll[1] is missing (NaN) in every shard" in msg and f"shard 1/2 ('{b}')" in msg
     assert "--resume" in msg and not (tmp_path / "m.h5").exists()
+    # what every shard computes alike (the coordinates, the split) must agree
+    shutil.copy(curve_shards["b"], b)
+    with h5py.File(b, "a") as f:
+        f["t"][1] = 0.9
+    assert "other values in t" in cli.error("merge", a, b, "-o", tmp_path / "m.h5")
+    shutil.copy(curve_shards["b"], b)
+    with h5py.File(b, "a") as f:
+        f.attrs["split"] = "val"
+    assert "evaluated on the 'val' and the 'test' split" in cli.error("merge", a, b, "-o", tmp_path / "m.h5")
 
 
 def test_a_shard_on_two_ranks(cli, tmp_path, bezier):

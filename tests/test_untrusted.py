@@ -308,7 +308,8 @@ def test_bad_curve_fields(tmp_path, curve_file, field, value):
 
 
 @pytest.mark.parametrize("field, value", [("num_members", "0"), ("num_members", "two"), ("member_info", "{}"),
-                                          ("member_info", "[1]"), ("member_info", "[")])
+                                          ("member_info", "[1]"), ("member_info", "["),
+                                          ("member_info", "[" + ", ".join(["{}"] * 7) + "]")])
 def test_bad_ensemble_fields(tmp_path, ensemble_file, field, value):
     bad = _rewrite(ensemble_file, tmp_path / "bad.safetensors", **{field: value})
     with pytest.raises(CheckpointError, match=f"'{field}'"):
