@@ -314,7 +314,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
     # mctool 0.1.0 recorded bend_init as "init" (its connect --init): such interrupted runs still resume
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force,
-                                   renamed={"init": "bend_init"}, inputs=[start, end])
+                                   state_kind="curve-state", renamed={"init": "bend_init"}, inputs=[start, end])
     adopt_recorded(cfg, resume_state, renamed={"init": "bend_init"})
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
     if cfg.align is not None:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (LoadedModel, ModelMeta, bad_field, check_finite, metadata_int, meta_differences,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import (MOMENTUM_PREFIX, LoadedModel, ModelMeta, bad_field, check_finite, metadata_int,
+                         meta_differences, read_checkpoint, save_checkpoint)
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .flat import ParamLayout, build_network, check_network
@@ -180,6 +180,9 @@ def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state
         raise CheckpointError(f"'{path}': control points of shape {tuple(points.shape)} ({points.dtype}) do not "
                               f"match {num_bends} bends and {layout.size} parameters (floating point).")
     buffers = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
+    stray = [k for k in tensors if k != MOMENTUM_PREFIX + "free"]  # (a connect state's momentum of its free points)
+    if stray:
+        raise CheckpointError(f"'{path}' has tensors a curve file does not hold: {', '.join(stray[:5])}.")
     check_network(meta, layout, [buffers], path)
     c = Curve(curve, num_bends, points.float(), layout, meta, buffers, path, sha256_file(path))
     return c, tensors, md

@@ -141,8 +141,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
     output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
-    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, inputs=[start],
-                                   more_outputs={"--swa": cfg.swa})
+    resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, state_kind="fge-state",
+                                   inputs=[start], more_outputs={"--swa": cfg.swa})
     adopt_recorded(cfg, resume_state)
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
 

@@ -24,7 +24,7 @@ from . import distributed
 from .bn import bn_modules
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
 from .data import AUGMENTS, SPLITS, Data
-from .errors import ConfigError, Interrupted, NonFiniteLossError, OutputError
+from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
@@ -168,7 +168,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool, force: bool,
-                    renamed: dict[str, str] | None = None, inputs: list[str | Path | None] | tuple = (),
+                    state_kind: str, renamed: dict[str, str] | None = None,
+                    inputs: list[str | Path | None] | tuple = (),
                     more_outputs: dict[str, str | Path | None] | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """Check outputs before any work; with ``resume``, return the saved state after checking its config.
@@ -198,6 +199,10 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
             hint = " The run already finished." if output.exists() else ""
             raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")
         state = read_checkpoint(state_file)
+        if state[1].get("kind") != state_kind:
+            found = str(state[1].get("kind", "none"))[:40]
+            raise CheckpointError(f"'{state_file}' is not a training state of this command (kind {found!r}, not "
+                                  f"{state_kind!r}); start over with --force.")
         check_state_metadata(state[1], state_file)
         saved = json.loads(state[1].get("config", "{}"))
         saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}

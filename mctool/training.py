@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
     # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
     resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},
-                                   resume=resume, force=force, inputs=[cfg.init, cfg.pretrained_file])
+                                   resume=resume, force=force, state_kind="train-state",
+                                   inputs=[cfg.init, cfg.pretrained_file])
     adopt_recorded(cfg, resume_state)
     if resume_state is not None:
         saved = json.loads(resume_state[1]["config"])

@@ -316,6 +316,15 @@ def test_bad_ensemble_fields(tmp_path, ensemble_file, field, value):
         load_ensemble(bad)
 
 
+def test_a_curve_file_with_stray_tensors_is_refused(tmp_path, curve_file):
+    with safe_open(str(curve_file), "pt") as f:
+        md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    save_file({**tensors, "junk": torch.zeros(3)}, str(bad), metadata=md)
+    with pytest.raises(CheckpointError, match="has tensors a curve file does not hold: junk"):
+        load_curve(bad)
+
+
 def test_integer_control_points_are_refused(tmp_path, curve_file):
     with safe_open(str(curve_file), "pt") as f:
         md, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
@@ -499,6 +508,13 @@ def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, cu
         bad.view(-1)[len(bad.view(-1)) // 2] = float("nan")
         save_file({**tensors, key: bad}, str(state), metadata=md)
         assert f"holds NaN or infinite values in '{key}'" in cli.error(*args, "--resume")
+
+
+def test_resume_refuses_a_state_of_another_kind(cli, tmp_path, monkeypatch):
+    args, state = _interrupted(cli, tmp_path, monkeypatch, ["train", "-d", "digits", "--arch-kwargs", '{"hidden": 8}'])
+    for kind in ("model", "curve-state", None):
+        _rewrite(state, state, kind=kind)
+        assert "is not a training state of this command" in cli.error(*args, "--resume")
 
 
 def test_train_resume_checks_the_state_is_finite(cli, tmp_path, monkeypatch):
