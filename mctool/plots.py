@@ -34,6 +34,9 @@ def _check_shapes(path: str | Path, data: dict[str, np.ndarray], shapes: dict[st
         if name not in data:
             raise MetricsFileError(f"'{path}' is not a complete metrics file: it has no dataset '{name}'.")
         arr = data[name]
+        if np.shape(arr) == shape and arr.dtype.kind in "fiu" and min(shape, default=0) < min_size:
+            raise MetricsFileError(f"'{path}': nothing to draw yet (dataset '{name}' holds {min(shape, default=0)} "
+                                   f"values; a figure needs at least {min_size}).")
         if np.shape(arr) != shape or arr.dtype.kind not in "fiu" or min(shape, default=0) < min_size:
             raise MetricsFileError(f"'{path}': dataset '{name}' must be numbers of shape {shape} (each side at "
                                    f"least {min_size}), got {np.shape(arr)} of {arr.dtype}.")

@@ -381,6 +381,8 @@ def test_kind_of_the_wrong_type(cli, tmp_path, kind):
     ("plane", {"alpha": np.zeros(2), "beta": np.zeros(2), "train/loss": np.zeros((2, 2)), "test/err": np.zeros((2, 2)),
                "points": np.zeros((2, 2))}, "'points'"),
     ("train", {"epoch": np.zeros(3)}, "'train/loss'"),
+    ("train", {k: np.zeros(0) for k in ("epoch", "train/loss", "train/err", "test/err", "test/nll")},
+     "nothing to draw yet"),  # no epoch done: no longer "shape (0,) ..., got (0,)"
     ("fge", {"epoch": np.zeros(3), "train/loss": np.zeros(3), "train/err": np.zeros(4)}, "'train/err'"),
     ("hessian", {}, "'eigenvalues'"),
     ("hessian", {"eigenvalues": np.zeros(3)}, "'eigenvalues'"),
