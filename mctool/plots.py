@@ -223,7 +223,7 @@ def _other_networks(attrs: dict, file: str | Path) -> list[str]:
     order = json_attr(attrs, "input_order", file) if "input_order" in attrs else None
     if not isinstance(inputs, dict) or not isinstance(order, list):
         return []
-    by_hash = {sha: Path(str(path)).name for path, sha in inputs.items()}
+    by_hash = {sha: Path(str(path)).name for path, sha in inputs.items() if isinstance(sha, str)}
     return [by_hash.get(sha, "other network") if isinstance(sha, str) else "other network" for sha in order[1:]]
 
 
@@ -241,8 +241,9 @@ def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np
     """z at the points (px, py), interpolated bilinearly between the grid's cells (NaN outside or next to NaN)."""
     i = np.clip(np.searchsorted(x, px) - 1, 0, len(x) - 2)
     j = np.clip(np.searchsorted(y, py) - 1, 0, len(y) - 2)
-    fx = (px - x[i]) / (x[i + 1] - x[i])
-    fy = (py - y[j]) / (y[j + 1] - y[j])
+    with np.errstate(divide="ignore", invalid="ignore"):  # (cells of zero width, in a crafted file: NaN)
+        fx = (px - x[i]) / (x[i + 1] - x[i])
+        fy = (py - y[j]) / (y[j + 1] - y[j])
     out = ((1 - fx) * (1 - fy) * z[i, j] + fx * (1 - fy) * z[i + 1, j] + (1 - fx) * fy * z[i, j + 1]
            + fx * fy * z[i + 1, j + 1])
     inside = (fx >= -1e-9) & (fx <= 1 + 1e-9) & (fy >= -1e-9) & (fy <= 1 + 1e-9)
@@ -424,8 +425,8 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     named = check_outputs({"--output": output, "--html": html, "--vtk": vtk,
                            "--vtk points file": vtk_points_path(vtk) if vtk is not None else None}, files,
                           force=force, formats={"--output": "figure", "--html": "html", "--vtk": "vtk-grid"})
-    of = {str(f): k if isinstance(k := read_h5(f)[1].get("kind"), str) else None for f in files}
-    kinds = set(of.values())
+    of = {str(f): read_h5(f)[1].get("kind") for f in files}  # (any attribute: a crafted file's is named as it is)
+    kinds = {k if isinstance(k, str) else None for k in of.values()}
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     if kind in ("plane", "surface"):
         if len(files) != 1:
@@ -456,7 +457,7 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
         else:
             plot_history(files, output)
     else:
-        listed = ", ".join(f"'{f}' ({'kind ' + repr(k) if k is not None else 'no kind'})" for f, k in of.items())
+        listed = ", ".join(f"'{f}' ({'kind ' + repr(k)[:40] if k is not None else 'no kind'})" for f, k in of.items())
         what = ("files of different kinds together" if len(kinds) > 1 else "this file" if len(of) == 1
                 else "these files")
         raise MetricsFileError(f"cannot draw {what}: {listed}. plot draws the metrics files of evaluate-curve "
