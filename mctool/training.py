@@ -15,7 +15,7 @@ from .bn import use_sync_bn
 from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, read_metadata, save_model
 from .data import DEFAULT_ARCH, check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks, same_inputs
 from .graphs import sgd, use_graphs
@@ -115,6 +115,16 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
             raise ConfigError(f"--init '{cfg.init}' holds a '{init.meta.arch}', but --arch is {cfg.arch}; leave "
                               "out --arch (the checkpoint's architecture is used), or give --init a checkpoint of "
                               f"{cfg.arch}.")
+        changed = {k: v for k, v in cfg.arch_kwargs.items()
+                   if k not in init.meta.arch_kwargs or init.meta.arch_kwargs[k] != v}
+        if changed:  # e.g. another drop rate: the network is rebuilt with them, and must still fit the weights
+            try:
+                init = load_model(cfg.init, arch_kwargs=changed)
+            except CheckpointError as e:
+                raise ConfigError(f"--arch-kwargs {json.dumps(changed)} change the network that --init "
+                                  f"'{cfg.init}' holds, so its weights do not fit ({str(e).rstrip('.')}). Leave out "
+                                  f"--arch-kwargs (the checkpoint's {json.dumps(init.meta.arch_kwargs)} are used), or give only "
+                                  "options that keep its shapes.") from None
         cfg.arch, cfg.arch_kwargs = init.meta.arch, {**init.meta.arch_kwargs, **cfg.arch_kwargs}
         model = init.model
     else:

@@ -166,6 +166,19 @@ def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
     assert "holds a 'mlp', but --arch is cifar_convfc; leave out --arch" in cli.error(
         "train", "-d", "digits", "--init", digits_models[0], "--arch", "cifar_convfc", "-o", tmp_path / "x.safetensors",
         "--epochs", "1")
+    # --arch-kwargs must build a network the checkpoint's weights fit (they are applied, not just recorded)
+    err = cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch-kwargs", '{"hidden": 16}', "-o",
+                    tmp_path / "x.safetensors", "--epochs", "1")
+    assert "--arch-kwargs {\"hidden\": 16} change the network that --init" in err
+    assert "net.1.weight: file (32, 64) vs model (16, 64)" in err and "Leave out --arch-kwargs" in err
+    assert "missing" in cli.error("train", "-d", "digits", "--init", digits_models[0], "--arch-kwargs",
+                                  '{"batch_norm": true}', "-o", tmp_path / "x.safetensors", "--epochs", "1")
+    assert not (tmp_path / "x.safetensors").exists()
+    same = tmp_path / "same.safetensors"  # options that keep the shapes are fine, and the file loads again
+    cli.json("train", "-d", "digits", "--init", digits_models[0], "--arch-kwargs", '{"hidden": 32, "depth": 2}',
+             "-o", same, "--epochs", "1", "--device", "cpu")
+    assert json.loads(read_metadata(same)["arch_kwargs"])["depth"] == 2
+    cli.json("evaluate", same, "--device", "cpu")
     # a data set whose class count does not fit the checkpoint
     assert "classes" in cli.error("train", "-d", "synthetic:size=8,channels=1,classes=3", "--init",
                                   digits_models[0], "-o", tmp_path / "y.safetensors", "--epochs", "1")
