@@ -149,16 +149,21 @@ PointsPerPassOpt = Annotated[int, typer.Option(
 
 
 def _expand_globs(values: list[str], option: str) -> list[str]:
-    """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches, sorted by name
-    (``--save-every`` names its checkpoints with zero-padded epochs, so that is training order)."""
+    """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches in natural
+    order: runs of digits compare as numbers, so ``--save-every``'s ``-epoch500`` comes before ``-epoch1000`` (its
+    numbers are padded to three digits only) and the matches are in training order."""
     import glob
+    import re
+
+    def natural(name: str) -> list:
+        return [(int(part), part) if i % 2 else (0, part) for i, part in enumerate(re.split(r"(\d+)", name))]
 
     out = []
     for v in values:
         if Path(v).exists() or not glob.has_magic(v):
             out.append(v)
             continue
-        found = sorted(glob.glob(v))
+        found = sorted(glob.glob(v), key=natural)
         if not found:
             raise ConfigError(f"{option} '{v}' matches no file.")
         out.extend(found)
@@ -933,7 +938,7 @@ def surface_cmd(
     trajectory: Annotated[Optional[list[str]], typer.Option(
         metavar="FILE|GLOB", help="With --directions pca: the checkpoints of a training run (at most 1,000), in "
         "training order: a file (repeat the option for each) or a quoted glob pattern such as "
-        "'run-epoch*.safetensors' (its matches sorted by name).")] = None,
+        "'run-epoch*.safetensors' (its matches in natural order: epoch500 before epoch1000).")] = None,
     ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
                                         "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
                                         "one filter).")] = "bn,bias",

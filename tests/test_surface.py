@@ -243,7 +243,7 @@ def trajectory(tmp_path_factory):
 def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, trajectory):
     final, states = trajectory
     m = tmp_path / "pca.h5"
-    # a quoted glob pattern: its matches sorted by name (training order)
+    # a quoted glob pattern: its matches in natural order (training order)
     r = cli.json("surface", final, "-m", m, "--directions", "pca", "--trajectory", final.parent / "run-epoch*",
                  "--grid-points", "3", "--plot", tmp_path / "pca.png", *CPU)
     assert [i["path"] for i in r["inputs"]] == [str(p) for p in [final, *states]]
@@ -372,6 +372,20 @@ def test_an_unquoted_trajectory_glob_gets_a_hint(cli, tmp_path, digits_models):
     err = cli.error("surface", a, "-m", tmp_path / "s.h5", "--directions", "pca", "--trajectory", a, b, code=2)
     assert "Got unexpected extra argument(s)" in err and "quote it" in err
     assert "quote it" not in cli.error("info", a, b, code=2)
+
+
+def test_a_trajectory_glob_is_in_training_order_past_epoch_999(tmp_path):
+    """--save-every pads epochs to three digits; epoch 1000 comes after epoch 500 (natural order, not by name)."""
+    from mctool.cli import _expand_globs
+
+    for e in (500, 1000, 99, 1001, 5):
+        (tmp_path / f"long-epoch{e:03d}.safetensors").touch()
+    (tmp_path / "long.safetensors").touch()
+    got = _expand_globs([str(tmp_path / "long-epoch*.safetensors"), str(tmp_path / "long.safetensors")], "-t")
+    assert [p.rsplit("/", 1)[1] for p in got] == [f"long-epoch{e:03d}.safetensors" for e in (5, 99, 500, 1000, 1001)] \
+        + ["long.safetensors"]
+    with pytest.raises(ConfigError, match="matches no file"):
+        _expand_globs([str(tmp_path / "none-*.safetensors")], "--trajectory")
 
 
 def test_3d_figures_draw_the_path_on_the_surface():
