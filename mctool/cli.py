@@ -320,9 +320,9 @@ def train(
                                                 "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="Extra architecture arguments as a JSON object, "
                                                        "e.g. '{\"width\": 2}'.")] = None,
-    epochs: Annotated[int, typer.Option(help="Number of training epochs (>= 1).")] = 200,
+    epochs: Annotated[int, typer.Option(help="Number of training epochs (1 to 1,000,000).")] = 200,
     lr: Annotated[float, typer.Option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
-    wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD.")] = 5e-4,
+    wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD, 0 to 1e6.")] = 5e-4,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
                                            "is refused where a BatchNorm layer would see one value per "
@@ -542,8 +542,8 @@ def connect(
                                                 "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
                                                 "for long runs, up to A's lr for short ones; see docs/curves.md).")]
     = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient: the loss is CE + 0.5 * wd * ||w(t)||^2 "
-                                                "(default: the wd A was trained with, else 5e-4).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient (0 to 1e6): the loss is CE + 0.5 * wd * "
+                                                "||w(t)||^2 (default: the wd A was trained with, else 5e-4).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1); each batch draws one t ~ U(0, 1).")] = 128,
     schedule: Annotated[CurveSchedule, typer.Option(help="Learning-rate schedule (as for train; sse, which makes "
@@ -629,8 +629,8 @@ def evaluate_curve(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's, "
-                                                "or A's for two checkpoints).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+                                                "curve's, or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = Split.test,
@@ -872,8 +872,8 @@ def plane_cmd(
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     train_subset: GridTrainSubsetOpt = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the curve's or "
-                                                "w0's).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+                                                "curve's or w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = Split.test,
@@ -944,9 +944,9 @@ def surface_cmd(
                                         "one filter).")] = "bn,bias",
     seed: Annotated[int, typer.Option(help="Seed for the random directions; a whole number in [0, 2^63).")] = 0,
     range_: Annotated[Optional[float], typer.Option(
-        "--range", help="Coefficients from -RANGE to RANGE along each direction. Default: [-1, 1] for random "
-        "directions; for pca and files, the range that holds the points of interest (the network, the "
-        "trajectory, the files' networks at 1) plus --margin.")] = None,
+        "--range", help="Coefficients from -RANGE to RANGE along each direction (at most 1e6). Default: "
+        "[-1, 1] for random directions; for pca and files, the range that holds the points of interest (the "
+        "network, the trajectory, the files' networks at 1) plus --margin.")] = None,
     margin: Annotated[float, typer.Option(help="Without --range: space added on each side of the points of "
                                           "interest, as a fraction of their extent along each direction (0 to "
                                           "10).")] = 0.2,
@@ -958,8 +958,8 @@ def surface_cmd(
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     train_subset: GridTrainSubsetOpt = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss (default: the network's "
-                                                "wd).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+                                                "network's wd).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = Split.test,
@@ -1027,16 +1027,16 @@ def hessian_cmd(
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
     trace: Annotated[bool, typer.Option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
                                         "probes).")] = False,
-    trace_samples: Annotated[int, typer.Option(help="Probes for --trace (one Hessian-vector product each); the "
-                                               "standard error is recorded.")] = 20,
+    trace_samples: Annotated[int, typer.Option(help="Probes for --trace, 2 to 1,000,000 (one Hessian-vector "
+                                               "product each); the standard error is recorded.")] = 20,
     num_points: Annotated[int, typer.Option(help="Points along a curve or segment (evenly spaced t, both ends "
                                             "included).")] = 11,
     train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy over a fixed random subset "
                                               "of this many training images (un-augmented); 0 = all.")] = 5000,
     tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
                                        "(0, 1).")] = 1e-4,
-    max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up (the eigenvalues not "
-                                              "found are NaN, with a warning).")] = 100,
+    max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up, at most 1e9 (the "
+                                              "eigenvalues not found are NaN, with a warning).")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes; a whole number in "
                                            "[0, 2^63).")] = 0,
     eigenvectors: Annotated[Optional[Path], typer.Option(help="Also write the unit eigenvectors, [points, k, "
@@ -1155,9 +1155,9 @@ def fge_cmd(
                                                     "output).")] = None,
     epochs: Annotated[int, typer.Option(help="FGE epochs (the paper: 40 epochs give 20 members with 2-epoch "
                                         "cycles).")] = 20,
-    cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs (may be fractional); rounded to an "
-                                                "even number of iterations.")] = 2.0,
-    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, >= 2 (overrides "
+    cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs, > 0 and at most 1e6 (may be "
+                                                "fractional); rounded to an even number of iterations.")] = 2.0,
+    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, 2 to 1e9 (overrides "
                                                        "--cycle-epochs); rounded to an even number, the snapshot "
                                                        "being at mid cycle.")] = None,
     lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
@@ -1169,8 +1169,8 @@ def fge_cmd(
                                                     "default: the start network's training lr / 200 with "
                                                     "BatchNorm, / 100 without, taking it as 0.05 if it records "
                                                     "none).")] = None,
-    wd: Annotated[Optional[float], typer.Option(help="Weight decay (default: the start network's, as recorded in "
-                                                "its config, else 5e-4).")] = None,
+    wd: Annotated[Optional[float], typer.Option(help="Weight decay, 0 to 1e6 (default: the start network's, as "
+                                                "recorded in its config, else 5e-4).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
                                            "is refused where a BatchNorm layer would see one value per "

@@ -23,7 +23,7 @@ from .errors import ConfigError, Interrupted
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, read_h5, write_h5
-from .options import MAX_POINTS, check_count, check_real
+from .options import MAX_POINTS, MAX_RATE, check_count, check_real
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
@@ -210,7 +210,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
     check_count("--repair-batches", repair_batches)
-    check_real("--wd", wd, 0)
+    check_real("--wd", wd, 0, MAX_RATE)
     metrics = Path(metrics)
     unaligned: Curve | None = None
     if compare_unaligned is not None:

@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks, same_inputs
 from .batched import check_points_per_pass
-from .options import check_count, check_real
+from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_real
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
@@ -69,16 +69,16 @@ class FGEConfig:
 
     def validate(self) -> None:
         validate_sgd(self, lr_option="--lr-max")
-        check_real("--lr-min", self.lr_min, 0, low_open=True)
+        check_real("--lr-min", self.lr_min, 0, MAX_RATE, low_open=True)
         if self.lr_min is not None and self.lr_max is not None and not self.lr_min <= self.lr_max:
             derived = self.derived or {}
             hint = next((f"; --{k.replace('_', '-')} {getattr(self, k)} is its default, {derived[k]}: give it too"
                          for k in ("lr_min", "lr_max") if k in derived), "")
             raise ConfigError(f"need 0 < --lr-min <= --lr-max, got {self.lr_min} and {self.lr_max}{hint}.")
-        check_count("--cycle-iters", self.cycle_iters, 2)
+        check_count("--cycle-iters", self.cycle_iters, 2, MAX_ITERATIONS)
         if self.cycle_iters is None and self.cycle_epochs is None:
             raise ConfigError("give --cycle-epochs or --cycle-iters.")
-        check_real("--cycle-epochs", self.cycle_epochs, 0, low_open=True)
+        check_real("--cycle-epochs", self.cycle_epochs, 0, MAX_EPOCHS, low_open=True)
         check_count("--bn-batches", self.bn_batches)
         check_points_per_pass(self.points_per_pass)
 

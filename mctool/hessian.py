@@ -35,7 +35,7 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, read_h5, utc_now, write_h5
 from .loop import recorded_split
-from .options import MAX_POINTS, check_count, check_real, check_seed
+from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -195,12 +195,12 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
     t0 = time.time()
     check_count("--top-k", top_k, 1, 1000)
-    check_count("--trace-samples", trace_samples, 2)
+    check_count("--trace-samples", trace_samples, 2, MAX_SAMPLES)
     check_count("--num-points", num_points, 2, MAX_POINTS)
     check_count("--train-subset", train_subset, 0)  # 0: all training images, as the CLI documents
     train_subset = train_subset or None
     check_count("--batch-size", batch_size)
-    check_count("--max-restarts", max_restarts)
+    check_count("--max-restarts", max_restarts, 1, MAX_ITERATIONS)
     check_count("--bn-batches", bn_batches)
     check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
     check_seed(seed)

@@ -29,7 +29,7 @@ from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
 from .models import blank_images, probe_forward
-from .options import check_count, check_real, check_seed
+from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed
 from .runtime import autocast, progress_bar
 from .schedules import SCHEDULES, lr_at
 
@@ -40,12 +40,11 @@ RUNTIME_OPTIONS = frozenset({"cuda_graphs", "deterministic", "compile", "points_
 
 def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
     """Checks shared by every SGD run (train, connect, fge): clear errors for values that cannot work."""
-    check_real(lr_option, cfg.lr, 0, low_open=True)
-    if cfg.lr is not None and cfg.lr > 1e6:  # (beyond float32's range, SGD's update overflowed: a traceback)
-        raise ConfigError(f"{lr_option} must be at most 1e6, got {cfg.lr:g}.")
-    check_count("--epochs", cfg.epochs)
+    # (beyond float32's range, SGD's update overflowed: a traceback)
+    check_real(lr_option, cfg.lr, 0, MAX_RATE, low_open=True)
+    check_count("--epochs", cfg.epochs, 1, MAX_EPOCHS)
     check_seed(cfg.seed, 32)  # each epoch's generator gets seed * 1_000_003 + epoch, which must fit in 63 bits
-    check_real("--wd", cfg.wd, 0)
+    check_real("--wd", cfg.wd, 0, MAX_RATE)
     check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
     check_count("--batch-size", cfg.batch_size)
     check_count("--save-every", cfg.save_every, 0)
@@ -422,8 +421,12 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                     wrong += (out.argmax(1) != y).sum()
                     seen += y.shape[0]
                     if (i + 1) % _NAN_CHECK_EVERY == 0 or i + 1 == n_iter:
-                        _check_finite(losses[: i + 1], epoch, state_file if state_file.exists() else None,
-                                      (output, log.path))
+                        good = state_file if state_file.exists() else None
+                        # (fge and sse flush their snapshots' metrics during epoch 1: nothing to resume them from)
+                        _check_finite(losses[: i + 1], epoch, good, (output, log.path),
+                                      lr, getattr(cfg, "wd", 0) or 0,
+                                      discard=log.path if good is None and writes_files() and log.path.exists()
+                                      and log.path.stat().st_mtime_ns != metrics_before else None)
                     if after_step is not None:
                         after_step(epoch, i)
                     bar.advance(it_task)
@@ -488,14 +491,21 @@ def _all_epochs_saved(state: Path, epochs: int) -> str:
 
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None,
-                  outputs: tuple[Path, ...] = ()) -> None:
+                  outputs: tuple[Path, ...] = (), lr: float = 0.0, wd: float = 0.0,
+                  discard: Path | None = None) -> None:
     """Stop on a NaN or infinite loss; the message says what was kept, and asks for --force only if a file
-    (the state, or one of ``outputs``) is there to be replaced."""
+    (the state, or one of ``outputs``) is there to be replaced. The advice names --wd too when it is extreme
+    (1 or more) and the step's lr x wd is 1 or more: weight decay alone then overshoots zero at every step
+    (from 2 on the weights grow). ``discard``: a file this run wrote that nothing can resume, removed first."""
     bad = ~torch.isfinite(weighted_losses)
     if bool(bad.any()):
+        if discard is not None:
+            discard.unlink(missing_ok=True)
         it = int(bad.nonzero()[0, 0])
         kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
                 else "no epoch had completed, so nothing was saved")
         force = " (and --force)" if good_state or any(p.exists() for p in outputs) else ""
+        advice = (f" or weight decay (learning rate x --wd is {lr * wd:.3g}: from 1 on, weight decay alone "
+                  "overshoots at every step)" if wd >= 1 and lr * wd >= 1 else "")
         raise NonFiniteLossError(f"the loss became NaN/inf in epoch {epoch + 1}, iteration {it + 1}; training "
-                                 f"stopped and {kept}. Start again with a lower learning rate{force}.")
+                                 f"stopped and {kept}. Start again with a lower learning rate{advice}{force}.")

@@ -26,7 +26,7 @@ from .errors import ConfigError, MetricsFileError
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
-from .options import MAX_GRID_POINTS, MAX_POINTS, check_count, check_real
+from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import progress_bar, resolve_device
 
@@ -249,7 +249,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
         check_count(opt, value)
     check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
     train_subset = train_subset or None
-    check_real("--wd", wd, 0)
+    check_real("--wd", wd, 0, MAX_RATE)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
     basis = PlaneBasis.through(w0, w1, w2, names)

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
-from .options import MAX_GRID_POINTS, check_count, check_real, check_seed
+from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .bn import bn_pass_setting
@@ -257,13 +257,13 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     if dims is not None and dims > 2:
         raise ConfigError(f"--dims must be 1 or 2, got {dims}.")
     check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
-    check_real("--range", span, 0, low_open=True)
+    check_real("--range", span, 0, MAX_SPAN, low_open=True)
     check_real("--margin", margin, 0, 10)
     for opt, value in (("--bn-batches", bn_batches), ("--batch-size", batch_size)):
         check_count(opt, value)
     check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
     train_subset = train_subset or None
-    check_real("--wd", wd, 0)
+    check_real("--wd", wd, 0, MAX_RATE)
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
         raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or none, got {bad[0]!r}.")

@@ -123,8 +123,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
             except CheckpointError as e:
                 raise ConfigError(f"--arch-kwargs {json.dumps(changed)} change the network that --init "
                                   f"'{cfg.init}' holds, so its weights do not fit ({str(e).rstrip('.')}). Leave out "
-                                  f"--arch-kwargs (the checkpoint's {json.dumps(init.meta.arch_kwargs)} are used), or give only "
-                                  "options that keep its shapes.") from None
+                                  f"--arch-kwargs (the checkpoint's {json.dumps(init.meta.arch_kwargs)} are used), or "
+                                  "give only options that keep its shapes.") from None
         cfg.arch, cfg.arch_kwargs = init.meta.arch, {**init.meta.arch_kwargs, **cfg.arch_kwargs}
         model = init.model
     else:
