@@ -123,11 +123,13 @@ FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapsho
                                                            "sets; a fixed random draw for imagefolder:), then held "
                                                            "out from training. Default: the start "
                                                            "network's recorded split; else test.")]
-EvalSplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
-                                                  "training images (10% of small sets; a fixed random draw for "
-                                                  "imagefolder:), then also left out of the "
-                                                  "train metrics and BN passes. 'val' is held-out data only for "
-                                                  "networks trained with --split val.")]
+EvalSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate on the official test set, or on 'val': the "
+                                                            "last 5,000 training images (10% of small sets; a fixed "
+                                                            "random draw for imagefolder:), then also left out of "
+                                                            "the train metrics and BN passes. 'val' is held-out data "
+                                                            "only for networks trained with --split val (else a "
+                                                            "warning). Default: the split the inputs were trained "
+                                                            "with; test if they record none or disagree.")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
@@ -431,7 +433,7 @@ def evaluate(
                                                     "file.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
                                                    "one recorded in the first checkpoint).")] = None,
-    split: EvalSplitOpt = Split.test,
+    split: EvalSplitOpt = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a plain safetensors state dict without "
                                                 "mctool metadata (e.g. saved by timm; needs --num-classes too); "
@@ -459,8 +461,8 @@ def evaluate(
     from .ensemble_eval import evaluate_models
 
     def work() -> Result:
-        return evaluate_models([str(p) for p in models], dataset=dataset, split=split.value, device=device,
-                               data_root=data_root, download=download, batch_size=batch_size,
+        return evaluate_models([str(p) for p in models], dataset=dataset, split=split.value if split else None,
+                               device=device, data_root=data_root, download=download, batch_size=batch_size,
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, force=force, arch=arch,
                                num_classes=num_classes, in_chans=in_chans, arch_kwargs=_parse_kwargs(arch_kwargs),
@@ -633,7 +635,7 @@ def evaluate_curve(
                                                 "curve's, or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: EvalSplitOpt = Split.test,
+    split: EvalSplitOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -667,9 +669,9 @@ def evaluate_curve(
 
     def work() -> Result:
         return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
-                   device=device, dataset=dataset, data_root=data_root, download=download, split=split.value,
-                   batch_size=batch_size, bn_batches=bn_batches, wd=wd, precision=precision.value,
-                   channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
+                   device=device, dataset=dataset, data_root=data_root, download=download,
+                   split=split.value if split else None, batch_size=batch_size, bn_batches=bn_batches, wd=wd,
+                   precision=precision.value, channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, compare_unaligned=compare_unaligned,
                    repair=repair,
                    repair_batches=repair_batches, quiet=quiet)
@@ -760,7 +762,7 @@ def ensemble(
                                                     "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
     dataset: RecordedDatasetOpt = None,
-    split: EvalSplitOpt = Split.test,
+    split: EvalSplitOpt = None,
     batch_size: EvalBatchOpt = 512,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -781,8 +783,8 @@ def ensemble(
     from .ensemble_eval import evaluate_models
 
     def work() -> Result:
-        return evaluate_models([str(p) for p in files], dataset=dataset, split=split.value, device=device,
-                               data_root=data_root, download=download, batch_size=batch_size,
+        return evaluate_models([str(p) for p in files], dataset=dataset, split=split.value if split else None,
+                               device=device, data_root=data_root, download=download, batch_size=batch_size,
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, output=str(output) if output else None,
                                num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
@@ -876,7 +878,7 @@ def plane_cmd(
                                                 "curve's or w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: EvalSplitOpt = Split.test,
+    split: EvalSplitOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -901,7 +903,7 @@ def plane_cmd(
         margins = (pick(margin_left), pick(margin_right), pick(margin_bottom), pick(margin_top))
         return run([str(f) for f in files], metrics, grid_points=grid_points, margins=margins, bend=bend,
                    curve_points=curve_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
-                   data_root=data_root, download=download, split=split.value, batch_size=batch_size,
+                   data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, quiet=quiet)
@@ -962,7 +964,7 @@ def surface_cmd(
                                                 "network's wd).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
-    split: EvalSplitOpt = Split.test,
+    split: EvalSplitOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -991,7 +993,7 @@ def surface_cmd(
                    trajectory=_expand_globs(trajectory, "--trajectory") if trajectory else None, ignore=kept, seed=seed,
                    span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset,
-                   data_root=data_root, download=download, split=split.value, batch_size=batch_size,
+                   data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,
                    bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, quiet=quiet)

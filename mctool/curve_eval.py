@@ -23,6 +23,7 @@ from .errors import ConfigError, Interrupted
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, read_h5, write_h5
+from .loop import evaluation_split, recorded_split
 from .options import MAX_POINTS, MAX_RATE, check_count, check_real
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
@@ -186,7 +187,7 @@ def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] 
 @holds_output_locks
 def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 61, plot: str | Path | None = None,
                    resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-                   data_root: str | None = None, download: bool = False, split: str = "test",
+                   data_root: str | None = None, download: bool = False, split: str | None = None,
                    batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
                    shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
@@ -220,6 +221,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
     if unaligned is not None:
         inputs = {**inputs, **unaligned.meta.inputs}
+    split = evaluation_split(split, inputs)
     if repair:
         check_repairable(curve.build_model(), str(paths[0]))
     wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd
@@ -376,7 +378,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     curve = load_curve(path)[0]
     model = curve.build_model()
     curve.layout.assign(model, curve.weights(t))
-    split = curve.meta.config.get("split", "test")  # BN statistics from the data the curve was trained on
+    split = recorded_split(curve.meta.config) or "test"  # BN statistics from the data the curve was trained on
     recalibrated = False
     if bn_update and bn_modules(model):
         dev = resolve_device(device)

@@ -27,6 +27,7 @@ from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import provenance, write_h5
+from .loop import evaluation_split
 from .models import check_takes_images
 from .options import MAX_POINTS, check_count
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
@@ -136,7 +137,7 @@ class _MemberPasses:
 
 
 @holds_output_locks
-def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str = "test", device: str = "auto",
+def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str | None = None, device: str = "auto",
                     data_root: str | None = None, download: bool = False, batch_size: int = 512,
                     precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
                     output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
@@ -171,6 +172,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     first = members[0].meta
     name = first.dataset_or(dataset, paths[0])
     check_members_compatible(members)  # also with --dataset: the data is normalised once, as the first reads it
+    split = evaluation_split(split, paths)
     if output:
         for m in members[1:]:
             if (m.meta.arch, m.meta.arch_kwargs) != (first.arch, first.arch_kwargs):

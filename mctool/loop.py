@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,13 @@ from . import distributed
 from .bn import bn_modules
 from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
 from .data import AUGMENTS, SPLITS, Data
-from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteLossError, OutputError
+from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog
 from .models import blank_images, probe_forward
 from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed
-from .runtime import autocast, progress_bar
+from .runtime import autocast, progress_bar, warn
 from .schedules import SCHEDULES, lr_at
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
@@ -102,6 +102,35 @@ def recorded_split(config: dict[str, Any]) -> str | None:
     """The split a network's recorded config was trained with (None if absent or not one of ``SPLITS``):
     connect and fge train on the same images by default (with 'val', A's held-out images stay out)."""
     return _recorded_choice(config, "split", SPLITS)
+
+
+def evaluation_split(split: str | None, paths: Iterable[str | Path]) -> str:
+    """The split an evaluation command (evaluate, ensemble, evaluate-curve, plane, surface) uses: ``split`` if
+    given, else the one every input was trained with (so a network trained with --split val is evaluated on its
+    held-out images, its BN passes and train metrics without them, as point does), else test. Warns when the
+    inputs disagree, and when the val split is evaluated for a network that trained on those images."""
+    recorded: dict[str, str | None] = {}
+    for p in paths:
+        try:
+            config = json.loads(read_metadata(p).get("config", "{}"))
+        except (MctoolError, OSError, ValueError):
+            config = None
+        recorded[str(p)] = recorded_split(config) if isinstance(config, dict) else None
+    if split is None:
+        kinds = {s or "test" for s in recorded.values()}
+        if len(kinds) <= 1:
+            return kinds.pop() if kinds else "test"
+        val = [p for p, s in recorded.items() if s == "val"]
+        warn(f"the inputs were trained with different splits ({', '.join(repr(p) for p in val)} with --split val, "
+             "the others on all training images); evaluating on test. Pass --split to choose.")
+        return "test"
+    if split == "val":
+        seen = [p for p, s in recorded.items() if s != "val"]
+        if seen:
+            warn(f"{', '.join(repr(p) for p in seen[:3])}{' ...' if len(seen) > 3 else ''} "
+                 f"{'was' if len(seen) == 1 else 'were'} not trained with --split val, so the val images were among "
+                 f"{'its' if len(seen) == 1 else 'their'} training images: the val metrics are not held-out metrics.")
+    return split
 
 
 def _recorded_choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:

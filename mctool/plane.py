@@ -26,6 +26,7 @@ from .errors import ConfigError, MetricsFileError
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
+from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import progress_bar, resolve_device
@@ -224,7 +225,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
 def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margins: tuple[float, float, float, float]
           = (0.2, 0.2, 0.2, 0.2), bend: int | None = None, curve_points: int = 61, plot: str | Path | None = None,
           resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-          data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
+          data_root: str | None = None, download: bool = False, split: str | None = None, batch_size: int = 512,
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
           shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
@@ -252,6 +253,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     check_real("--wd", wd, 0, MAX_RATE)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
+    split = evaluation_split(split, inputs)
     basis = PlaneBasis.through(w0, w1, w2, names)
     wd = float(base.meta.config.get("wd", 0.0)) if wd is None else wd
     name = base.meta.dataset_or(dataset, paths[0])

@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
+from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
@@ -235,7 +236,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             ignore: tuple[str, ...] = IGNORABLE, seed: int = 0,
             span: float | None = None, margin: float = 0.2, grid_points: int = 21, plot: str | Path | None = None,
             resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-            data_root: str | None = None, download: bool = False, split: str = "test", batch_size: int = 512,
+            data_root: str | None = None, download: bool = False, split: str | None = None, batch_size: int = 512,
             bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
             precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
             shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
@@ -285,6 +286,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     for o in others:
         line_between(center, o)  # the same architecture, or a clear error
     inputs = {str(center.path): center.sha256, **{str(o.path): o.sha256 for o in others}}
+    split = evaluation_split(split, inputs)
     flat_others = [layout.flatten(dict(o.model.named_parameters())) for o in others]
     if method == "files":
         _check_file_directions([o.path for o in others], [o - w for o in flat_others], center.path)

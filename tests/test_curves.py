@@ -579,3 +579,45 @@ def test_connect_and_fge_train_on_the_images_the_start_network_was_trained_on(cl
     assert f["split"] == "val" and config(tmp_path / "f.safetensors")["split"] == "val"
     r = cli.json("connect", a, b, "-o", tmp_path / "t.safetensors", "--epochs", "1", "--split", "test", *CPU)
     assert r["split"] == "test" and "split" not in (config(tmp_path / "t.safetensors")["derived"] or {})
+
+
+def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(cli, tmp_path):
+    """A curve trained with --split val is evaluated on val by default, its BN passes without those images, so
+    evaluate-curve, ensemble and plane agree with point + evaluate at the same t; an explicit val split for a
+    network that trained on those images, or inputs of different splits, give a warning."""
+    tiny = ["-d", "digits", "--arch-kwargs", '{"hidden": 8, "batch_norm": true}', "--epochs", "1", "-q", *CPU]
+    a, b, t = (tmp_path / f"{n}.safetensors" for n in "abt")
+    for seed, path, split in ((0, a, "val"), (1, b, "val"), (2, t, "test")):
+        cli("train", *tiny, "--split", split, "--seed", seed, "-o", path)
+    c = tmp_path / "c.safetensors"
+    cli("connect", a, b, "-o", c, "--epochs", "1", "-q", *CPU)
+    mid = tmp_path / "mid.safetensors"
+    assert cli.json("point", c, "--t", "0.5", "-o", mid, *CPU)["split"] == "val"
+    ref = cli.json("evaluate", mid, *CPU)
+    assert ref["split"] == "val"
+    r = cli.json("evaluate-curve", c, "-m", tmp_path / "e.h5", "--num-points", "3", *CPU)
+    data, attrs = read_h5(tmp_path / "e.h5")
+    assert r["split"] == "val" and attrs["split"] == "val" and "test/nll" not in data
+    # the same network and BN statistics, evaluated in a batch of points: float32 sums in another order
+    np.testing.assert_allclose(data["val/nll"][1], ref["metrics"]["eval"]["nll"], rtol=1e-5)
+    e = cli.json("ensemble", c, "--num-points", "1", *CPU)
+    assert e["split"] == "val"
+    np.testing.assert_allclose(e["metrics"]["eval"]["nll"], data["val/nll"][1], rtol=1e-5)  # K = 1: t = 0.5
+    p = cli.json("plane", a, mid, b, "-m", tmp_path / "p.h5", "--grid-points", "2", "-q", *CPU)
+    assert p["split"] == "val"
+    # an explicit split wins, without a warning where it is held out
+    res = cli("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points", "2", "--split", "test", "--json", *CPU)
+    assert json.loads(res.stdout)["split"] == "test" and "Warning" not in res.stderr
+
+    def warnings(*args):
+        res = cli(*args, "--json", *CPU)
+        return json.loads(res.stdout)["split"], [w for w in res.stderr.splitlines() if w.startswith("Warning: ")]
+
+    assert warnings("evaluate", t, "--split", "val") == ("val", [
+        f"Warning: '{t}' was not trained with --split val, so the val images were among its training images: the "
+        "val metrics are not held-out metrics."])
+    assert warnings("evaluate", a, "--split", "val") == ("val", [])
+    assert warnings("evaluate", a, t) == ("test", [
+        f"Warning: the inputs were trained with different splits ('{a}' with --split val, the others on all "
+        "training images); evaluating on test. Pass --split to choose."])
+    assert warnings("evaluate", t) == ("test", [])
