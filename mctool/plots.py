@@ -390,17 +390,31 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
     along = "t" if np.shape(data.get("t", ())) == (n,) else None
     x = np.asarray(data["t"], dtype=np.float64) if along else np.arange(n, dtype=np.float64)
     has_trace = np.shape(data.get("trace", ())) == (n,)
+    if not np.isfinite(values).any() and not (has_trace and np.isfinite(np.asarray(data["trace"], float)).any()):
+        raise MetricsFileError(f"'{file}': nothing to draw yet: no eigenvalue is computed (NaN). An interrupted "
+                               "run: finish it with the same hessian command plus --resume.")
     fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 6, 4), constrained_layout=True,
                              squeeze=False)
     ax = axes[0, 0]
-    for k in range(values.shape[1]):
-        ax.plot(x, values[:, k], marker="o", markersize=4, label=f"lambda_{k + 1}")
+    top_k = values.shape[1]
+    # Up to 10 eigenvalues: one colour and legend entry each; more: shades of one colour map, keyed by a colour
+    # bar (a legend of 20 or more entries would overflow the axes, and the default colours repeat after 10).
+    cmap = plt.get_cmap("viridis") if top_k > 10 else None
+    for k in range(top_k):
+        ax.plot(x, values[:, k], marker="o", markersize=3 if cmap else 4, label=f"lambda_{k + 1}",
+                **({"color": cmap(k / (top_k - 1))} if cmap else {}))
     xlabel = "t (position along the curve)" if along else "point (network or member)"
     ax.set(xlabel=xlabel, ylabel="eigenvalue", title="Top Hessian eigenvalues of the training loss")
     if not along:
         ax.set_xticks(x)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if cmap:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        fig.colorbar(ScalarMappable(Normalize(1, top_k), cmap), ax=ax, label="k (lambda_k, largest first)")
+    else:
+        ax.legend(fontsize=8)
     if has_trace:
         tr = np.asarray(data["trace"], dtype=np.float64)
         se = np.asarray(data["trace_stderr"], dtype=np.float64) if np.shape(data.get("trace_stderr", ())) == (n,) \

@@ -252,6 +252,36 @@ def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path,
     assert trace_ax.get_xlabel().startswith("t ")
 
 
+def test_plot_of_many_eigenvalues_keys_them_by_a_colour_bar_and_refuses_a_file_with_none(cli, tmp_path, tiny,
+                                                                                          monkeypatch):
+    """More than 10 eigenvalues: a legend would overflow the axes (and repeat colours), so shades of one colour
+    map and a colour bar; a file with no eigenvalue computed yet is refused, not drawn as empty axes."""
+    import warnings
+
+    import h5py
+
+    import mctool.plots as plots
+    from mctool.errors import MetricsFileError
+
+    m = tmp_path / "h.h5"
+    cli("hessian", tiny[0], "-m", m, "--top-k", "12", "--train-subset", SUBSET, "-q", *CPU)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: drawn.append(fig))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constrained_layout's "not applied" warning broke the one-line rule
+        plots.plot_hessian(m, tmp_path / "h.png")
+        drawn[0].canvas.draw()
+    ax, bar = drawn[0].axes
+    lines = ax.get_lines()
+    assert len(lines) == 12 and ax.get_legend() is None and bar.get_ylabel().startswith("k (lambda_k")
+    assert len({line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
+                for line in lines}) == 12
+    with h5py.File(m, "r+") as f:
+        f["eigenvalues"][...] = np.nan
+    with pytest.raises(MetricsFileError, match="nothing to draw yet: no eigenvalue is computed"):
+        plots.plot_hessian(m, tmp_path / "h.png")
+
+
 def test_json_reports_the_training_images_used_when_the_data_set_has_fewer(cli, tmp_path, tiny):
     path, _ = tiny
     n = len(load_data("digits").train)
