@@ -480,9 +480,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
                              "the curve with 'mctool evaluate-curve FILE'",
                     "ensemble": "take a member with 'mctool point FILE --index I -o net.safetensors'; 'mctool "
                                 "evaluate FILE' evaluates the whole ensemble",
-                    "fge-state": "it is an fge run's training state (an interrupted run's, or a --save-every "
-                                 "checkpoint): resume the run with --resume, or take a member of its ensemble file "
-                                 "with 'mctool point ENSEMBLE --index I'"}.get(meta.kind)
+                    "fge-state": "it is an interrupted fge run's training state: resume the run with --resume, or "
+                                 "take a member of its ensemble file with 'mctool point ENSEMBLE --index I'"
+                    }.get(meta.kind)
             hint = hint or ("it is a curve saved during a connect run: take a network on it with 'mctool point FILE "
                             "--t T -o net.safetensors'" if meta.kind == "curve-state" else "give a model checkpoint "
                             "(written by train, point or align)")

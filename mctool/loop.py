@@ -241,8 +241,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                 continue
             old = saved.get(k)
             same = v is None or v == old or (isinstance(v, dict) and isinstance(old, dict) and {**old, **v} == old)
-            if not same:
-                diff[k] = (old, v)
+            if not same:  # (a dict of kwargs: what the run would have, the recorded ones it leaves as they are)
+                diff[k] = (old, {**old, **v} if isinstance(v, dict) and isinstance(old, dict) else v)
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ConfigError(f"--resume needs the same options as the interrupted run; these differ: {shown}.")

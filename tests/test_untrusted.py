@@ -72,6 +72,17 @@ def builds(monkeypatch):
     return devices
 
 
+@pytest.mark.parametrize("kind, hint", [
+    ("fge-state", "it is an interrupted fge run's training state: resume the run with --resume, or take a member"),
+    ("curve-state", "it is a curve saved during a connect run: take a network on it with 'mctool point FILE"),
+])
+def test_a_state_given_as_a_network_names_what_it_is(cli, tmp_path, model_file, kind, hint):
+    """(fge has no --save-every: its state is only an interrupted run's)"""
+    f = _rewrite(model_file, tmp_path / "s.safetensors", kind=kind)
+    err = cli.error("evaluate", f, "--device", "cpu")
+    assert f"holds a '{kind}', not a single network (kind 'model'); {hint}" in err and "--save-every" not in err
+
+
 # --- arch kwargs never reach timm unchecked ---------------------------------------------------------------
 
 @pytest.mark.parametrize("key", REFUSED_KWARGS)
