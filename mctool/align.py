@@ -35,7 +35,7 @@ from .errors import ConfigError, MctoolError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import provenance, write_h5
 from .options import check_count, check_seed
-from .results import AlignResult, FileRef
+from .results import AlignResult, FileRef, file_refs
 from .runtime import progress_bar, resolve_device
 
 METHODS = ("weights", "activations")
@@ -779,7 +779,8 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     save_model(output, al.model, meta)
     write_h5(metrics, scales=scales, datasets=datasets, attrs=attrs,
              dataset_attrs={f"permutations/{i:04d}": {"group": g.name} for i, g in enumerate(groups)})
-    return AlignResult(command="align", inputs=[FileRef(str(a_path), a.sha256), FileRef(str(b_path), b.sha256)],
+    # (each file once, as every command lists them: 'align a a' read one file)
+    return AlignResult(command="align", inputs=file_refs({str(a_path): a.sha256, str(b_path): b.sha256}),
                        outputs={"model": FileRef.of(output), "metrics": FileRef.of(metrics)}, split=split,
                        metrics={"train": None, "eval": None}, seconds=time.time() - t0, method=method,
                        groups=len(groups), units=units, moved=moved_all, sweeps=len(objective) or None,

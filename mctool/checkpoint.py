@@ -302,6 +302,8 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         if head == HDF5_MAGIC:
             raise CheckpointError(f"'{path}' is an HDF5 metrics file, not a checkpoint; give the .safetensors file "
                                   "the command wrote with -o.")
+        if size == 0:
+            raise CheckpointError(f"'{path}' is empty (0 bytes), not a safetensors checkpoint.")
         if len(head) < 8:
             raise CheckpointError(f"'{path}' is not a safetensors file (only {size} bytes).")
         (n,) = struct.unpack("<Q", head)
@@ -316,6 +318,10 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         # header length can start with that byte too.
         if head[:1] == b"\x80":
             raise pickled
+        other = next((what for magic, what in _OTHER_FORMATS if head.startswith(magic)), None)
+        if other is not None:
+            raise CheckpointError(f"'{path}' is {other}, not a safetensors checkpoint; give a checkpoint written "
+                                  "by mctool or safetensors.")
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"'{path}' is not a safetensors file, or it is truncated (header of {n} bytes in a "
                                   f"file of {size} bytes); give a checkpoint written by mctool or safetensors.")
@@ -351,6 +357,13 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         raise CheckpointError(f"'{path}' is truncated: its header promises {8 + n + end} bytes but the file has "
                               f"{size}. Re-create or re-copy it.")
     return entries, metadata
+
+
+#: Files given as checkpoints by mistake, named by their first bytes (mctool's own outputs among them) once the
+#: file has failed to read as safetensors (a header length can start with any byte).
+_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF document"), (b"<?xml", "an XML file (SVG or VTK?)"),
+                  (b"<svg", "an SVG image"), (b"<!DOCTYPE", "an HTML page"), (b"<html", "an HTML page"),
+                  (b"\x1f\x8b", "gzip-compressed"), (b"\x93NUMPY", "a NumPy array file"), (b"{", "a JSON file"))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:

@@ -85,7 +85,9 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
 
     Called before any work starts, so a long run never fails at its very end.
     """
-    if not str(path) or Path(path).name in ("", ".", ".."):
+    if str(path) in ("", "."):  # (the command line turns an empty name into '.')
+        raise OutputError(f"{what} is empty (or '.'), not a file name; give a file name.")
+    if Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
     path = Path(path)
     if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)

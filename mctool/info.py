@@ -59,6 +59,8 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
                           "HDF5 metrics files.")
     with open(path, "rb") as f:
         magic = f.read(8)
+    if not magic:
+        raise MctoolError(f"'{path}' is empty (0 bytes); info reads safetensors checkpoints and HDF5 metrics files.")
     base = dict(command="info", inputs=[FileRef.of(path)], outputs={}, split=None,
                 metrics={"train": None, "eval": None}, bytes=path.stat().st_size)
     if magic == HDF5_MAGIC:

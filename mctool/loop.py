@@ -147,8 +147,10 @@ def recorded_wd(config: dict[str, Any]) -> float | None:
 def output_stem(output: str | Path) -> str:
     """A file name without its ``.safetensors`` ending, for names derived from an output."""
     name = Path(output).name
+    if str(output) in ("", "."):  # (the command line turns an empty name into '.')
+        raise OutputError("--output is empty (or '.'), not a file name; give a file name.")
     if name in ("", ".", ".."):
-        raise OutputError(f"output '{output}' is not a file name; give a file name.")
+        raise OutputError(f"--output '{output}' is not a file name; give a file name.")
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 

@@ -238,6 +238,9 @@ def test_evaluate_reads_the_output(tmp_path, cli):
     cli("align", a, b, "-o", out, "-m", tmp_path / "c.h5", "-q", *CPU)
     ra, rb = cli.json("evaluate", b, *CPU), cli.json("evaluate", out, *CPU)
     assert ra["metrics"]["eval"]["err"] == rb["metrics"]["eval"]["err"]
+    # a network aligned with itself: nothing moves, and its one file is listed once (as every command lists)
+    r = cli.json("align", a, a, "-o", tmp_path / "self.safetensors", *CPU)
+    assert [i["path"] for i in r["inputs"]] == [str(a)] and r["moved"] == 0
 
 
 def test_activation_matching(tmp_path, cli, digits_models):

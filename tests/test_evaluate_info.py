@@ -83,6 +83,16 @@ def test_evaluate_refusals(cli, tmp_path, digits_models):
     cut.write_bytes(digits_models[0].read_bytes()[:-50])
     assert "truncated" in cli.error("evaluate", cut)
     assert "does not exist" in cli.error("evaluate", tmp_path / "missing.safetensors")
+    # other files given by mistake are named as what they are (a PNG's first bytes read as a header length of
+    # 7e17 bytes), and an empty file as empty
+    png = tmp_path / "fig.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    assert cli.error("evaluate", png) == (f"Error: '{png}' is a PNG image, not a safetensors checkpoint; give a "
+                                          "checkpoint written by mctool or safetensors.")
+    (tmp_path / "e.h5").touch()
+    assert cli.error("evaluate", tmp_path / "e.h5").endswith("is empty (0 bytes), not a safetensors checkpoint.")
+    assert cli.error("info", tmp_path / "e.h5").endswith("is empty (0 bytes); info reads safetensors checkpoints "
+                                                         "and HDF5 metrics files.")
     assert "10 classes but data set" in cli.error("evaluate", digits_models[0], "-d",
                                                   "synthetic:size=8,channels=1,classes=4")
     assert "channel" in cli.error("evaluate", digits_models[0], "-d", "synthetic:size=8,channels=3,classes=10")

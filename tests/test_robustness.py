@@ -204,7 +204,8 @@ def test_a_metrics_file_that_is_a_folder_or_a_pipe_is_named_so(cli, tmp_path):
 
 
 def test_an_empty_output_name_is_an_error(cli):
-    assert "not a file name" in cli.error("train", *TINY, "-o", "", "--epochs", "1")
+    assert "--output is empty (or '.'), not a file name" in cli.error("train", *TINY, "-o", "", "--epochs", "1")
+    assert "--output '..' is not a file name" in cli.error("train", *TINY, "-o", "..", "--epochs", "1")
     assert "not a file name" in cli.error("evaluate", "x.safetensors", "-m", "")
 
 
