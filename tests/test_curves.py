@@ -606,7 +606,8 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
     p = cli.json("plane", a, mid, b, "-m", tmp_path / "p.h5", "--grid-points", "2", "-q", *CPU)
     assert p["split"] == "val"
     # an explicit split wins, without a warning where it is held out
-    res = cli("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points", "2", "--split", "test", "--json", *CPU)
+    res = cli("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points", "2", "--split", "test", "--json",
+              *CPU)
     assert json.loads(res.stdout)["split"] == "test" and "Warning" not in res.stderr
 
     def warnings(*args):
