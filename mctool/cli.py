@@ -426,7 +426,7 @@ def _show_evaluation(r: EvaluateResult) -> None:
 
 @app.command()
 def evaluate(
-    models: Annotated[list[Path], typer.Argument(help="Model checkpoints or ensemble files (.safetensors); several "
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL", help="Model checkpoints or ensemble files (.safetensors); several "
                                                 "networks are also evaluated as an ensemble (mean of softmax "
                                                 "outputs).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
@@ -474,7 +474,7 @@ def evaluate(
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A safetensors checkpoint or an HDF5 metrics file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A safetensors checkpoint or an HDF5 metrics file.")],
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -527,8 +527,8 @@ GridTrainSubsetOpt = Annotated[Optional[int], typer.Option(
 
 @app.command()
 def connect(
-    start: Annotated[Path, typer.Argument(help="Start network A (model checkpoint).")],
-    end: Annotated[Path, typer.Argument(help="End network B (same architecture as A).")],
+    start: Annotated[Path, typer.Argument(metavar="START", help="Start network A (model checkpoint).")],
+    end: Annotated[Path, typer.Argument(metavar="END", help="End network B (same architecture as A).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Curve file to write (.safetensors).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch training "
                                                     "metrics (default: NAME-connect.h5 beside the output).")] = None,
@@ -622,7 +622,7 @@ def connect(
 
 @app.command("evaluate-curve")
 def evaluate_curve(
-    files: Annotated[list[Path], typer.Argument(help="A curve file, or two model checkpoints (their straight "
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A curve file, or two model checkpoints (their straight "
                                                 "segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
     num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1].")] = 61,
@@ -701,7 +701,7 @@ def evaluate_curve(
 
 @app.command()
 def point(
-    source: Annotated[Path, typer.Argument(help="A curve file from connect, or an ensemble file (fge, train "
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A curve file from connect, or an ensemble file (fge, train "
                                            "--schedule sse, ensemble -o).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write.")],
     t: Annotated[Optional[float], typer.Option("--t", help="Position along a curve, in [0, 1].")] = None,
@@ -748,7 +748,7 @@ def point(
 
 @app.command()
 def ensemble(
-    files: Annotated[list[Path], typer.Argument(help="Model checkpoints and ensemble files to combine, or one curve "
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="Model checkpoints and ensemble files to combine, or one curve "
                                                 "file with --num-points.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write all members as one "
                                                    "ensemble file.")] = None,
@@ -796,7 +796,7 @@ def ensemble(
 
 @app.command()
 def plot(
-    files: Annotated[list[Path], typer.Argument(help="evaluate-curve metrics files, or the per-epoch metrics files "
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="evaluate-curve metrics files, or the per-epoch metrics files "
                                                 "of train, connect or fge (several of one kind are overlaid); or "
                                                 "one plane, surface or hessian file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
@@ -825,7 +825,7 @@ def plot(
 
 @app.command("merge")
 def merge_cmd(
-    files: Annotated[list[Path], typer.Argument(help="The N shard files of one plane, surface or evaluate-curve run "
+    files: Annotated[list[Path], typer.Argument(metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
                                                 "(written with --shard I/N), in any order.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
                                          "without --shard.")],
@@ -854,7 +854,7 @@ def merge_cmd(
 
 @app.command("plane")
 def plane_cmd(
-    files: Annotated[list[Path], typer.Argument(help="A curve file (its start, one bend and its end), or three model "
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A curve file (its start, one bend and its end), or three model "
                                                 "checkpoints w0 w1 w2.")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
     grid_points: Annotated[int, typer.Option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
@@ -927,7 +927,7 @@ def plane_cmd(
 
 @app.command("surface")
 def surface_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="The network at the centre (model checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The network at the centre (model checkpoint).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
                                           "beside it as NAME-directions.safetensors.")],
     dims: Annotated[Optional[int], typer.Option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
@@ -1023,7 +1023,7 @@ def surface_cmd(
 
 @app.command("hessian")
 def hessian_cmd(
-    files: Annotated[list[Path], typer.Argument(help="A model checkpoint, a curve file (points along it), an "
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A model checkpoint, a curve file (points along it), an "
                                                 "ensemble file (each member), or two checkpoints (the segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
@@ -1149,7 +1149,7 @@ def align_cmd(
 
 @app.command("fge")
 def fge_cmd(
-    start: Annotated[Path, typer.Argument(help="Trained network to start from: a model checkpoint, or a training "
+    start: Annotated[Path, typer.Argument(metavar="START", help="Trained network to start from: a model checkpoint, or a training "
                                           "state from train --save-every (its SGD momentum is kept).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Ensemble file to write (all members).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the learning rate, "

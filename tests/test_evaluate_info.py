@@ -168,6 +168,22 @@ def test_python_dash_m_and_version():
         in listing
 
 
+def test_usage_lines_name_the_arguments_as_the_docs_do(cli):
+    """Typer shows required arguments as {name}: the names are upper case, as in docs/cli.md (it showed
+    {source}, {models}...)."""
+    import re
+
+    from mctool.cli import app
+
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    for name in commands:
+        usage = cli(name, "--help").stdout.splitlines()[0]
+        assert re.fullmatch(rf"Usage: mctool {name} \[OPTIONS\]( \{{[A-Z0-9]+\}}(\.\.\.)?)*", usage), usage
+    assert cli("connect", "--help").stdout.splitlines()[0] == "Usage: mctool connect [OPTIONS] {START} {END}"
+
+
 def test_a_plain_state_dict_that_does_not_fit_says_how_it_was_built(cli, tmp_path):
     from safetensors.torch import save_file
 
