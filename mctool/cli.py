@@ -426,9 +426,10 @@ def _show_evaluation(r: EvaluateResult) -> None:
 
 @app.command()
 def evaluate(
-    models: Annotated[list[Path], typer.Argument(metavar="MODEL", help="Model checkpoints or ensemble files (.safetensors); several "
-                                                "networks are also evaluated as an ensemble (mean of softmax "
-                                                "outputs).")],
+    models: Annotated[list[Path], typer.Argument(
+        metavar="MODEL", help="Model checkpoints or ensemble files (.safetensors); several "
+                              "networks are also evaluated as an ensemble (mean of softmax "
+                              "outputs).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
                                                     "file.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
@@ -622,8 +623,9 @@ def connect(
 
 @app.command("evaluate-curve")
 def evaluate_curve(
-    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A curve file, or two model checkpoints (their straight "
-                                                "segment).")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILES", help="A curve file, or two model checkpoints (their straight "
+                              "segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
     num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1].")] = 61,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw train loss and error against t to this "
@@ -701,8 +703,9 @@ def evaluate_curve(
 
 @app.command()
 def point(
-    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A curve file from connect, or an ensemble file (fge, train "
-                                           "--schedule sse, ensemble -o).")],
+    source: Annotated[Path, typer.Argument(
+        metavar="SOURCE", help="A curve file from connect, or an ensemble file (fge, train "
+                               "--schedule sse, ensemble -o).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write.")],
     t: Annotated[Optional[float], typer.Option("--t", help="Position along a curve, in [0, 1].")] = None,
     index: Annotated[Optional[int], typer.Option("--index", help="Member of an ensemble file (0-based).")] = None,
@@ -748,8 +751,9 @@ def point(
 
 @app.command()
 def ensemble(
-    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="Model checkpoints and ensemble files to combine, or one curve "
-                                                "file with --num-points.")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILES", help="Model checkpoints and ensemble files to combine, or one curve "
+                              "file with --num-points.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write all members as one "
                                                    "ensemble file.")] = None,
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
@@ -796,9 +800,10 @@ def ensemble(
 
 @app.command()
 def plot(
-    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="evaluate-curve metrics files, or the per-epoch metrics files "
-                                                "of train, connect or fge (several of one kind are overlaid); or "
-                                                "one plane, surface or hessian file.")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILES", help="evaluate-curve metrics files, or the per-epoch metrics files "
+                              "of train, connect or fge (several of one kind are overlaid); or "
+                              "one plane, surface or hessian file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
                                                                           "by the name's ending.")] = None,
     three_d: Annotated[bool, typer.Option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
@@ -825,8 +830,9 @@ def plot(
 
 @app.command("merge")
 def merge_cmd(
-    files: Annotated[list[Path], typer.Argument(metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
-                                                "(written with --shard I/N), in any order.")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
+                               "(written with --shard I/N), in any order.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
                                          "without --shard.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this figure (.png, .pdf "
@@ -854,8 +860,9 @@ def merge_cmd(
 
 @app.command("plane")
 def plane_cmd(
-    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A curve file (its start, one bend and its end), or three model "
-                                                "checkpoints w0 w1 w2.")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILES", help="A curve file (its start, one bend and its end), or three model "
+                              "checkpoints w0 w1 w2.")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
     grid_points: Annotated[int, typer.Option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
     margin: Annotated[float, typer.Option(help="Extra room on all four sides, as a fraction of the distances "
@@ -927,7 +934,8 @@ def plane_cmd(
 
 @app.command("surface")
 def surface_cmd(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The network at the centre (model checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="The network at the centre (model checkpoint).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
                                           "beside it as NAME-directions.safetensors.")],
     dims: Annotated[Optional[int], typer.Option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
@@ -1023,8 +1031,9 @@ def surface_cmd(
 
 @app.command("hessian")
 def hessian_cmd(
-    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A model checkpoint, a curve file (points along it), an "
-                                                "ensemble file (each member), or two checkpoints (the segment).")],
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILES", help="A model checkpoint, a curve file (points along it), an "
+                              "ensemble file (each member), or two checkpoints (the segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
     trace: Annotated[bool, typer.Option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
@@ -1149,8 +1158,9 @@ def align_cmd(
 
 @app.command("fge")
 def fge_cmd(
-    start: Annotated[Path, typer.Argument(metavar="START", help="Trained network to start from: a model checkpoint, or a training "
-                                          "state from train --save-every (its SGD momentum is kept).")],
+    start: Annotated[Path, typer.Argument(
+        metavar="START", help="Trained network to start from: a model checkpoint, or a training "
+                              "state from train --save-every (its SGD momentum is kept).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Ensemble file to write (all members).")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the learning rate, "
                                                     "member and ensemble metrics (default: NAME.h5 beside the "
