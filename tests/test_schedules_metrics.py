@@ -30,6 +30,18 @@ def test_cosine_and_constant():
         lr_at("nope", 0.1, 0, 1)
 
 
+@pytest.mark.parametrize("cycle_iters, epochs, per_epoch, expected", [
+    (5, None, 10, 4), (7, None, 10, 8), (9, None, 10, 8), (8, None, 10, 8), (2, None, 10, 2), (3, None, 10, 4),
+    (None, 0.05, 10, 2), (None, 1.0, 12, 12), (None, 0.25, 10, 2), (None, 1.5, 5, 8),
+    (10**9, None, 10, 10**9), (10**9 - 1, None, 10, 10**9)])
+def test_fge_cycle_is_even_and_rounds_as_documented(cycle_iters, epochs, per_epoch, expected):
+    """docs/cli.md (fge, Cycle): c = 2 round(x / 2), at least 2, ties to even (5 -> 4, 7 -> 8, 9 -> 8)."""
+    from mctool.fge import FGEConfig, cycle_length
+
+    cfg = FGEConfig(cycle_iters=cycle_iters, cycle_epochs=epochs, lr_max=0.1, lr_min=0.01)
+    assert cycle_length(cfg, per_epoch) == expected
+
+
 def test_nll_error_ece_by_hand():
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
     labels = torch.tensor([0, 1, 1, 1])
