@@ -199,10 +199,15 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
 
     total = cfg.epochs * n_iter
     if sse:
-        taken = sum(sse_is_snapshot(i, total, cfg.snapshots) for i in range(total))
+        period = -(-total // cfg.snapshots)  # ceil(T / M) iterations per cycle (sse_is_snapshot), in integers
+        taken = -(-total // period)  # the snapshots sse_is_snapshot takes: one per cycle, the last one cut short
+        if cfg.snapshots > total:
+            raise ConfigError(f"--snapshots {cfg.snapshots:,} is more than the {total:,} iterations of the run "
+                              f"({cfg.epochs} epochs of {n_iter}); change --epochs or --snapshots.")
         if taken != cfg.snapshots:
             raise ConfigError(f"{cfg.epochs} epochs of {n_iter} iterations cannot be split into {cfg.snapshots} "
-                              f"equal cycles (it would give {taken} snapshots); change --epochs or --snapshots.")
+                              f"equal cycles (cycles of {period} iterations give {taken} snapshots); change --epochs "
+                              "or --snapshots.")
 
     def sse_snapshot(epoch: int, i: int) -> None:
         it = epoch * n_iter + i

@@ -211,8 +211,12 @@ def test_snapshot_ensembles(cli, tmp_path):
     assert "--snapshots" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "0", "-o",
                                       tmp_path / "x.st", "--epochs", "1")
     # 36 iterations cannot make 7 equal cycles: refused rather than silently giving 6 members
-    assert "equal cycles" in cli.error("train", "-d", "digits", "--schedule", "sse", "--snapshots", "7", "-o",
-                                       tmp_path / "y.st", "--epochs", "3")
+    assert "equal cycles (cycles of 6 iterations give 6 snapshots)" in cli.error(
+        "train", "-d", "digits", "--schedule", "sse", "--snapshots", "7", "-o", tmp_path / "y.st", "--epochs", "3")
+    # more snapshots than iterations: said so, without counting the iterations one by one (which took forever)
+    assert "--snapshots 100,000,000,000,000,000,000 is more than the 36 iterations of the run" in cli.error(
+        "train", "-d", "digits", "--schedule", "sse", "--snapshots", str(10**20), "-o", tmp_path / "y.st",
+        "--epochs", "3")
 
 
 def test_ensemble_file_needs_one_architecture(cli, tmp_path, digits_models):
