@@ -665,7 +665,8 @@ def evaluate_curve(
     """Train loss, train NLL/error and test NLL/error along a curve, BatchNorm recomputed at every point.
 
     Reports, per metric, the value at both ends, min, max, mean and the arc-length weighted mean, plus
-    the curve length, its ratio to ||B - A|| and the barriers (max minus the mean of the two ends).
+    the curve length, its ratio to ||B - A||, the barriers (max minus the mean of the two ends) and the bumps
+    (the largest rise above the straight line between the two ends' values).
     """
     from .curve_eval import evaluate_curve as run
 
@@ -693,8 +694,12 @@ def evaluate_curve(
         _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
                          ("barrier: train loss", _num(r.barrier["train"].loss)),
                          (f"barrier: {r.split} error", _pct(r.barrier["eval"].err)),
+                         ("bump: train loss", _num(r.bump["train"].loss)),
+                         (f"bump: {r.split} error", _pct(r.bump["eval"].err)),
                          *([("unaligned barrier: train loss", _num(r.barrier_unaligned["train"].loss)),
-                            (f"unaligned barrier: {r.split} error", _pct(r.barrier_unaligned["eval"].err))]
+                            (f"unaligned barrier: {r.split} error", _pct(r.barrier_unaligned["eval"].err)),
+                            ("unaligned bump: train loss", _num(r.bump_unaligned["train"].loss)),
+                            (f"unaligned bump: {r.split} error", _pct(r.bump_unaligned["eval"].err))]
                            if r.barrier_unaligned is not None else []),
                          ("metrics", _path(r.outputs["metrics"])), ("plot", _path(r.outputs["plot"]))])
 

@@ -58,22 +58,29 @@ def metric_set(name: str) -> tuple[str, str]:
     return ("train" if group == "train" else "eval"), metric
 
 
-def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float) -> dict[str, Any]:
+def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float,
+                  t: np.ndarray) -> dict[str, Any]:
     """``{"train": {metric: summary}, "eval": {...}, "barrier": {"train": {metric: value}, "eval": {...}},
-    "length", "length_ratio"}``; a summary holds start, end, min, max, mean and the arc-length weighted mean
-    ``int``; a barrier is max minus the mean of the two ends (NaN while a point is missing)."""
+    "bump": {...}, "length", "length_ratio"}`` (docs/method.md#curve-evaluation); a summary holds start, end,
+    min, max, mean and the arc-length weighted mean ``int``; a barrier is max minus the mean of the two ends, a
+    bump the largest rise above the straight line between the ends' values along ``t`` (NaN while a point is
+    missing)."""
     length = float(dl.sum())
-    out: dict[str, Any] = {"train": {}, "eval": {}, "barrier": {"train": {}, "eval": {}}}
+    t = np.asarray(t, dtype=np.float64)
+    out: dict[str, Any] = {"train": {}, "eval": {}, "barrier": {"train": {}, "eval": {}},
+                           "bump": {"train": {}, "eval": {}}}
     for name, v in values.items():
         group, metric = metric_set(name)
         if np.isnan(v).any():
             out[group][metric] = {k: float("nan") for k in SUMMARY_KEYS}
-            out["barrier"][group][metric] = float("nan")
+            out["barrier"][group][metric] = out["bump"][group][metric] = float("nan")
             continue
         integral = float((0.5 * (v[1:] + v[:-1]) * dl[1:]).sum() / length) if length > 0 else float(v.mean())
         out[group][metric] = {"start": float(v[0]), "end": float(v[-1]), "min": float(v.min()),
                               "max": float(v.max()), "mean": float(v.mean()), "int": integral}
         out["barrier"][group][metric] = float(v.max()) - 0.5 * (float(v[0]) + float(v[-1]))
+        # (t runs from exactly 0 to exactly 1, so the ends contribute 0: a bump is never negative)
+        out["bump"][group][metric] = max(0.0, float((v - ((1 - t) * v[0] + t * v[-1])).max()))
     out["length"] = length
     out["length_ratio"] = length / distance if distance > 0 else float("nan")
     return out
@@ -120,10 +127,11 @@ def curve_metric_names(split: str) -> list[str]:
     return ["train/loss", "train/nll", "train/err", f"{split}/nll", f"{split}/err"]
 
 
-def curve_metrics(summary: dict[str, Any]) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
-    """``metrics`` and ``barrier`` of a ``CurveResult`` from ``curve_summary``'s dict."""
+def curve_metrics(summary: dict[str, Any]) -> tuple[dict[str, Metrics], dict[str, Metrics], dict[str, Metrics]]:
+    """``metrics``, ``barrier`` and ``bump`` of a ``CurveResult`` from ``curve_summary``'s dict."""
     return ({g: Metrics.of({k: CurveSummary(**v) for k, v in summary[g].items()}) for g in ("train", "eval")},
-            {g: Metrics.of(summary["barrier"][g]) for g in ("train", "eval")})
+            {g: Metrics.of(summary["barrier"][g]) for g in ("train", "eval")},
+            {g: Metrics.of(summary["bump"][g]) for g in ("train", "eval")})
 
 
 def write_curve_file(path: str | Path, attrs: dict[str, Any], *, t: np.ndarray, values: dict[str, np.ndarray],
@@ -344,14 +352,16 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                 deal_passes(todo, per_pass, measure, record)
         except KeyboardInterrupt:
             raise interrupted(saved, len(mine), metrics) from None
-    summary = curve_summary(values, dl, distance)
-    summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"]) if values_un is not None else None
+    summary = curve_summary(values, dl, distance, t)
+    summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None
     write(summary, summary_un)
-    summary_metrics, barrier = curve_metrics(summary)
+    summary_metrics, barrier, bump = curve_metrics(summary)
+    unaligned_sets = curve_metrics(summary_un) if summary_un is not None else None
     result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,
-                         barrier=barrier, curve=curve.curve, num_bends=curve.num_bends, num_points=num_points,
-                         length=summary["length"], length_ratio=summary["length_ratio"],
-                         barrier_unaligned=curve_metrics(summary_un)[1] if summary_un is not None else None)
+                         barrier=barrier, bump=bump, curve=curve.curve, num_bends=curve.num_bends,
+                         num_points=num_points, length=summary["length"], length_ratio=summary["length_ratio"],
+                         barrier_unaligned=unaligned_sets[1] if unaligned_sets else None,
+                         bump_unaligned=unaligned_sets[2] if unaligned_sets else None)
     if plot is not None and distributed.is_main():
         from .plots import plot_curves
 

@@ -268,7 +268,8 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         distance = attrs.get("distance")
         if isinstance(distance, bool) or not isinstance(distance, (int, float)):
             raise MetricsFileError(f"'{first.path}': attribute 'distance' must be a number.")
-        summary = curve_summary(values, np.asarray(data["dl"], dtype=np.float64), float(distance))
+        summary = curve_summary(values, np.asarray(data["dl"], dtype=np.float64), float(distance),
+                                np.asarray(data["t"], dtype=np.float64))
         write_curve_file(output, attrs, t=data["t"], values=values, dl=data["dl"], summary=summary)
         metrics = curve_metrics(summary)[0]
     if plot is not None and distributed.is_main():

@@ -195,8 +195,9 @@ class CurveSummary:
 @dataclass(kw_only=True)
 class CurveResult(Result):
     """``evaluate-curve``: ``metrics.train``/``metrics.eval`` hold a ``CurveSummary`` per metric; ``barrier``
-    the same sets with max minus the mean of the two ends; ``barrier_unaligned`` the barriers of the unaligned
-    segment A -> B with --compare-unaligned (None without)."""
+    the same sets with max minus the mean of the two ends; ``bump`` with the largest rise above the straight
+    line between the ends' values; ``barrier_unaligned`` and ``bump_unaligned`` those of the unaligned segment
+    A -> B with --compare-unaligned (None without)."""
 
     curve: str
     num_bends: int
@@ -204,7 +205,9 @@ class CurveResult(Result):
     length: float | None
     length_ratio: float | None
     barrier: dict[str, Metrics | None] = field(default_factory=dict)
+    bump: dict[str, Metrics | None] = field(default_factory=dict)
     barrier_unaligned: dict[str, Metrics | None] | None = None
+    bump_unaligned: dict[str, Metrics | None] | None = None
 
 
 @dataclass(kw_only=True)

@@ -54,11 +54,12 @@ def main() -> None:
         print(f"{Path(entry['path']).name:<36}{100 * m['err']:>10.2f}%{m['nll']:>10.4f}{m['ece']:>8.4f}")
     e = ev["metrics"]["eval"]  # the ensemble of both
     print(f"{'ensemble of both (mean softmax)':<36}{100 * e['err']:>10.2f}%{e['nll']:>10.4f}{e['ece']:>8.4f}")
-    print(f"\n{'path from A to B':<22}{'train-loss barrier':>20}{'test-error barrier':>20}{'length / |B-A|':>16}")
+    print(f"\n{'path from A to B':<22}{'train-loss barrier':>20}{'test-error barrier':>20}{'test-error bump':>17}"
+          f"{'length / |B-A|':>16}")
     for name, r in (("straight segment", seg), ("Bezier, 1 bend", bez)):
         b = r["barrier"]
         print(f"{name:<22}{b['train']['loss']:>20.4f}{100 * b['eval']['err']:>18.2f} pt"
-              f"{r['length_ratio']:>16.3f}")
+              f"{100 * r['bump']['eval']['err']:>14.2f} pt{r['length_ratio']:>16.3f}")
     one, f = ev["models"][0]["metrics"], fge["metrics"]["eval"]
     print(f"\nsame budget (30 epochs) from seed 1: one network {100 * one['err']:.2f}% error, NLL {one['nll']:.4f}; "
           f"FGE from epoch 24 ({fge['members']} members in 6 epochs) {100 * f['err']:.2f}% error, NLL {f['nll']:.4f}")

@@ -120,6 +120,9 @@ def test_compare_unaligned(cli, tmp_path, digits_models, aligned, monkeypatch):
     assert u[-1] == pytest.approx(v[-1], rel=1e-4)  # and end at networks computing the same function
     assert r["barrier_unaligned"]["train"]["loss"] == pytest.approx(u.max() - (u[0] + u[-1]) / 2)
     assert r["barrier"]["train"]["loss"] == pytest.approx(v.max() - (v[0] + v[-1]) / 2)
+    # (t = 0, 0.5, 1: the line between the ends is their mean at t = 0.5)
+    assert r["bump_unaligned"]["train"]["loss"] == pytest.approx(max(0.0, u[1] - (u[0] + u[-1]) / 2), abs=1e-12)
+    assert r["bump"]["train"]["loss"] == pytest.approx(max(0.0, v[1] - (v[0] + v[-1]) / 2), abs=1e-12)
     assert json.loads(attrs["config"])["compare_unaligned"] == str(b)
     assert json.loads(attrs["summary_unaligned"])["barrier"]["train"]["loss"] == pytest.approx(
         r["barrier_unaligned"]["train"]["loss"])

@@ -157,6 +157,13 @@ def test_evaluate_curve_summary_and_files(cli, tmp_path, digits_models):
     assert r["barrier"]["train"]["loss"] == pytest.approx(v.max() - (v[0] + v[-1]) / 2)
     assert r["barrier"]["eval"]["err"] == pytest.approx(data["test/err"].max() - (data["test/err"][0] +
                                                                                data["test/err"][-1]) / 2)
+    t = data["t"]
+    for group, name in (("train", "train/loss"), ("eval", "test/err")):  # the rise above the line between the ends
+        w = data[name]
+        assert r["bump"][group][name.split("/")[1]] == pytest.approx(max(w - ((1 - t) * w[0] + t * w[-1])), abs=1e-12)
+    stored = json.loads(attrs["summary"])["bump"]  # the file's summary holds the same numbers
+    assert {(g, k): v for g in stored for k, v in stored[g].items()} == {
+        (g, k): v for g in r["bump"] for k, v in r["bump"][g].items() if v is not None}
     pa, pb = (ParamLayout.of(load_model(p).model).flatten(load_model(p).model.state_dict()) for p in (a, b))
     assert r["length"] == pytest.approx(float((pb - pa).norm()), rel=1e-5)
     assert r["length_ratio"] == pytest.approx(1.0, rel=1e-6)  # the segment is its own shortest path

@@ -128,7 +128,8 @@ def test_connect(cli, registry, tmp_path, curve_files, digits_models):
     assert not r["trained"] and r["metrics"]["train"] is None and r["outputs"]["metrics"] is None
 
 
-CURVE_KEYS = {"curve", "num_bends", "num_points", "length", "length_ratio", "barrier", "barrier_unaligned"}
+CURVE_KEYS = {"curve", "num_bends", "num_points", "length", "length_ratio", "barrier", "barrier_unaligned", "bump",
+              "bump_unaligned"}
 
 
 def test_evaluate_curve_point_and_plot(cli, registry, tmp_path, curve_files):
@@ -138,7 +139,7 @@ def test_evaluate_curve_point_and_plot(cli, registry, tmp_path, curve_files):
               "evaluate-curve", CURVE_KEYS, {"metrics", "plot"}, {"train", "eval"})
     assert set(r["metrics"]["eval"]["err"]) == {"start", "end", "min", "max", "mean", "int"}
     assert r["metrics"]["eval"]["ece"] is None and r["barrier"]["eval"]["err"] is not None
-    assert r["barrier_unaligned"] is None
+    assert r["barrier_unaligned"] is None and r["bump_unaligned"] is None and r["bump"]["eval"]["err"] >= 0
     r = check(registry, cli.json("point", curve, "--t", "0.5", "--bn-batches", "1", "-o", tmp_path / "p.safetensors",
                                  *CPU), "point", {"t", "index", "bn_recalibrated"}, {"model"}, {"train", "eval"})
     assert r["t"] == 0.5 and r["index"] is None
