@@ -172,7 +172,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     first = members[0].meta
     name = first.dataset_or(dataset, paths[0])
     check_members_compatible(members)  # also with --dataset: the data is normalised once, as the first reads it
-    split = evaluation_split(split, paths)
+    # (--temperature-scale fits on val: its metrics are on test unless asked otherwise)
+    split = "test" if split is None and temperature_scale else evaluation_split(split, paths)
     if output:
         for m in members[1:]:
             if (m.meta.arch, m.meta.arch_kwargs) != (first.arch, first.arch_kwargs):

@@ -629,3 +629,5 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
         f"Warning: the inputs were trained with different splits ('{a}' with --split val, the others on all "
         "training images); evaluating on test. Pass --split to choose."])
     assert warnings("evaluate", t) == ("test", [])
+    # --temperature-scale fits on val, so its metrics stay on test (members trained with --split val: no warning)
+    assert warnings("ensemble", a, b, "--temperature-scale") == ("test", [])
