@@ -229,7 +229,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     inputs = curve.meta.inputs if curve.path is None else {str(curve.path): curve.sha256}
     if unaligned is not None:
         inputs = {**inputs, **unaligned.meta.inputs}
-    split = evaluation_split(split, inputs)
+    split = evaluation_split(split, inputs, metrics if resume else None)
     if repair:
         check_repairable(curve.build_model(), str(paths[0]))
     wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd

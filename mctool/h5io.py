@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
-from .errors import MetricsFileError
+from .errors import MctoolError, MetricsFileError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
@@ -165,6 +165,17 @@ def json_attr(attrs: dict[str, Any], key: str, path: str | os.PathLike, default:
         return json.loads(value)
     except (json.JSONDecodeError, RecursionError, TypeError):
         raise MetricsFileError(f"'{path}': attribute '{key}' is not valid JSON text.") from None
+
+
+def recorded_setting(path: str | os.PathLike, key: str) -> Any:
+    """A setting of an existing metrics file's recorded config; None when the file, its config or the setting
+    is missing or unreadable (``check_resumable`` reports those). ``--resume`` takes the interrupted run's
+    choice for an option left to its default, as the training commands do."""
+    try:
+        config = json.loads(read_h5(path)[1].get("config"))
+    except (MctoolError, OSError, ValueError, TypeError, RecursionError):
+        return None
+    return config.get(key) if isinstance(config, dict) else None
 
 
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,

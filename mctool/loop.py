@@ -27,7 +27,7 @@ from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
-from .h5io import MetricsLog
+from .h5io import MetricsLog, recorded_setting
 from .models import blank_images, probe_forward
 from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed
 from .runtime import autocast, progress_bar, warn
@@ -104,11 +104,14 @@ def recorded_split(config: dict[str, Any]) -> str | None:
     return _recorded_choice(config, "split", SPLITS)
 
 
-def evaluation_split(split: str | None, paths: Iterable[str | Path]) -> str:
+def evaluation_split(split: str | None, paths: Iterable[str | Path], resumed: Path | None = None) -> str:
     """The split an evaluation command (evaluate, ensemble, evaluate-curve, plane, surface) uses: ``split`` if
     given, else the one every input was trained with (so a network trained with --split val is evaluated on its
-    held-out images, its BN passes and train metrics without them, as point does), else test. Warns when the
-    inputs disagree, and when the val split is evaluated for a network that trained on those images."""
+    held-out images, its BN passes and train metrics without them, as point does), else test. ``resumed``: the
+    metrics file of a run being resumed, whose recorded split is then the default. Warns when the inputs
+    disagree, and when the val split is evaluated for a network that trained on those images."""
+    if split is None and resumed is not None:
+        split = recorded_split({"split": recorded_setting(resumed, "split")})
     recorded: dict[str, str | None] = {}
     for p in paths:
         try:

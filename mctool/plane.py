@@ -253,7 +253,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     check_real("--wd", wd, 0, MAX_RATE)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
-    split = evaluation_split(split, inputs)
+    split = evaluation_split(split, inputs, metrics if resume else None)
     basis = PlaneBasis.through(w0, w1, w2, names)
     wd = float(base.meta.config.get("wd", 0.0)) if wd is None else wd
     name = base.meta.dataset_or(dataset, paths[0])

@@ -286,7 +286,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     for o in others:
         line_between(center, o)  # the same architecture, or a clear error
     inputs = {str(center.path): center.sha256, **{str(o.path): o.sha256 for o in others}}
-    split = evaluation_split(split, inputs)
+    split = evaluation_split(split, inputs, metrics if resume else None)
     flat_others = [layout.flatten(dict(o.model.named_parameters())) for o in others]
     if method == "files":
         _check_file_directions([o.path for o in others], [o - w for o in flat_others], center.path)
