@@ -524,7 +524,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     problem = _describe_mismatch(expected, {k: v for k, v in shapes.items() if not k.startswith(EXTRA_PREFIXES)})
     if problem:
         plain = (" Build it as it was built: --arch-kwargs (e.g. '{\"hidden\": 16}'), and its classes and "
-                 "channels (--num-classes and --in-chans of evaluate and ensemble; train takes them from the data "
+                 "channels (--num-classes and --in-chans of evaluate; train takes them from the data "
                  "set)." if "arch" not in md else "")
         raise CheckpointError(f"'{path}' does not fit architecture '{meta.arch}' "
                               f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.{plain}")

@@ -1037,7 +1037,7 @@ def surface_cmd(
 @app.command("hessian")
 def hessian_cmd(
     files: Annotated[list[Path], typer.Argument(
-        metavar="FILES", help="A model checkpoint, a curve file (points along it), an "
+        metavar="FILE", help="A model checkpoint, a curve file (points along it), an "
                               "ensemble file (each member), or two checkpoints (the segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,

@@ -71,6 +71,9 @@ def _points(paths: list[str], num_points: int) -> Points:
         bufs = dict(m.model.named_buffers())
         return Points("model", [str(paths[0])], np.zeros(1), lambda i: w, lambda i: bufs, layout, m.model, m.meta,
                       {str(m.path): m.sha256}, recalibrate=False)
+    if len(paths) > 2:
+        raise ConfigError(f"give one model checkpoint, curve file or ensemble file, or two model checkpoints (the "
+                          f"segment between them), not {len(paths)} files.")
     curve = curve_from_files(paths)  # a curve file, or the segment between two checkpoints
     t = np.linspace(0.0, 1.0, num_points)
 

@@ -137,7 +137,8 @@ def test_errors(cli, tmp_path, tiny, digits_models):
     assert "--trace-samples must be >= 2" in cli.error("hessian", path, "-m", m, "--trace", "--trace-samples", "1",
                                                        *CPU)
     assert "--num-points must be >= 2" in cli.error("hessian", *digits_models, "-m", m, "--num-points", "1", *CPU)
-    assert "not 3 files" in cli.error("hessian", path, path, path, "-m", m, *CPU)
+    assert ("give one model checkpoint, curve file or ensemble file, or two model checkpoints (the segment "
+            "between them), not 3 files.") in cli.error("hessian", path, path, path, "-m", m, *CPU)
     assert not m.exists()
     cli("hessian", path, "-m", m, "--top-k", "1", "--train-subset", "100", "-q", *CPU)
     assert "already exists" in cli.error("hessian", path, "-m", m, *CPU)
