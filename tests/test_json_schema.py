@@ -274,3 +274,26 @@ def test_human_output_escapes_paths_and_metadata(cli, tmp_path, monkeypatch):
     # error messages too: they name the file
     msg = cli.error("info", "gone\x1b[31m[/].h5")
     assert "\x1b" not in msg and "gone\\x1b[31m[/].h5" in msg
+
+
+def test_the_json_examples_in_the_docs_follow_the_schemas(registry):
+    """Every ```json example of a command's output in docs/ validates against that command's schema (the
+    hessian example once showed a split of null). Shortened hashes ("344bd667...") stand for full ones."""
+    import re
+
+    docs = Path(__file__).parents[1] / "docs"
+    seen = set()
+    for md in sorted(docs.glob("*.md")):
+        text = md.read_text()
+        for block in re.finditer(r"```json\n(.*?)```", text, re.S):
+            src = re.sub(r'"(?:[0-9a-f]{6,12})?\.\.\."', '"' + "a" * 64 + '"', block.group(1))
+            src = re.sub(r",\s*\.\.\.\s*\]", "]", src).replace("[...]", "[]")  # elided list items
+            where = f"{md.name}:{text[:block.start()].count(chr(10)) + 2}"
+            doc = json.loads(src)  # every example parses
+            if not isinstance(doc, dict) or "command" not in doc:
+                continue
+            errors = list(jsonschema.Draft202012Validator(_load(doc["command"]), registry=registry).iter_errors(doc))
+            assert not errors, f"{where}: {errors[0].message}"
+            seen.add(doc["command"])
+    assert {"train", "evaluate", "connect", "evaluate-curve", "point", "plane", "align", "hessian", "fge",
+            "ensemble"} <= seen
