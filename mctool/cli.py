@@ -238,8 +238,13 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                 message = str(e) if isinstance(e, MctoolError) else "interrupted (Ctrl-C)."
                 # Ctrl-C reaches every rank: rank 0 says what was saved
                 silent = isinstance(e, distributed.PeerFailed) or (interrupted and not main)
-                if not silent and distributed.report_failure(message):
-                    _error(message if main else f"rank {d.rank}: {message}")
+                if d is not None:  # the launcher stops the ranks left when one fails: this report goes first
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if main and not silent:
+                    _error(message)  # before waiting (up to 10 s) for the other ranks to read it
+                    distributed.report_failure(message)
+                elif not silent and distributed.report_failure(message):
+                    _error(f"rank {d.rank}: {message}")
             except Exception as e:  # a bug: the traceback is for us; the other ranks stop at once
                 if d is not None:
                     distributed.report_failure(f"internal error ({type(e).__name__})")

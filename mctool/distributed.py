@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ _POLL = 0.005  # seconds between looks at the store while waiting
 
 class PeerFailed(MctoolError):
     """Another rank failed (its own error is reported by that rank); this rank stops too."""
+
+
+class PeerLost(MctoolError):
+    """A collective operation failed and no rank reported an error: a rank was killed or crashed, so this
+    rank reports it (the training loop adds what is saved)."""
 
 
 @dataclass(frozen=True)
@@ -297,7 +303,11 @@ def _collective(fn: Callable[[], Any]) -> Any:
         d = current()
         with _talking(d):
             _check_peers(_store(), d)  # the usual cause: another rank failed and left
-        raise MctoolError(f"a collective operation failed ({str(e).splitlines()[0]}).") from None
+        # (Gloo's messages start with its source location: "[.../gloo/transport/tcp/pair.cc:545] Read error ...")
+        # and go on with advice for Gloo's users: its first sentence is the reason
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0].rstrip(".")
+        raise PeerLost(f"a collective operation failed ({reason}): another rank was killed or crashed (its own "
+                       "output, or the launcher's, may say why).") from None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -504,6 +504,14 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
             raise Interrupted(_all_epochs_saved(state_file, cfg.epochs)) from None
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
+    except distributed.PeerLost as e:  # a rank killed or crashed: say what the others had saved
+        done = saved
+        with contextlib.suppress(Exception):
+            done = max(done, int(read_metadata(state_file).get("epoch", done)))
+        kept = (f"{done} completed epoch(s) are saved in '{state_file}': continue with the same command plus "
+                "--resume (with any number of processes)." if state_file.exists() and done else
+                "no epoch had completed, so nothing resumable was saved; run the command again.")
+        raise distributed.PeerLost(f"{str(e).rstrip('.')}; {kept}") from None
 
 
 @contextlib.contextmanager

@@ -274,14 +274,18 @@ def test_killed_two_rank_training_resumes_on_one_process(cli, tmp_path):
     out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
            *args, "-o", str(out), "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        _kill_one_worker(proc)
+    with open(tmp_path / "stderr.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=_env(), cwd=ROOT)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            _kill_one_worker(proc)
     assert state.exists() and not out.exists(), "the run finished before it could be killed"
+    # the rank left says what is saved (it said "interrupted (Ctrl-C)": the launcher's stop broke its report)
+    errors = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "completed epoch(s) are saved in" in errors[0] and "--resume" in errors[0], errors
     cli(*args, "-o", out, "--resume", "--device", "cpu", "-q")
     _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
 
