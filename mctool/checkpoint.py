@@ -360,10 +360,12 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, TensorEntry], dict[st
 
 
 #: Files given as checkpoints by mistake, named by their first bytes (mctool's own outputs among them) once the
-#: file has failed to read as safetensors (a header length can start with any byte).
+#: file has failed to read as safetensors (a header length can start with any byte). Only its first 8 bytes
+#: are read.
 _OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF document"), (b"<?xml", "an XML file (SVG or VTK?)"),
-                  (b"<svg", "an SVG image"), (b"<!DOCTYPE", "an HTML page"), (b"<html", "an HTML page"),
-                  (b"\x1f\x8b", "gzip-compressed"), (b"\x93NUMPY", "a NumPy array file"), (b"{", "a JSON file"))
+                  (b"<svg", "an SVG image"), (b"<!DOCTYP", "an HTML page"), (b"<!doctyp", "an HTML page"),
+                  (b"<html", "an HTML page"), (b"\x1f\x8b", "gzip-compressed"), (b"\x93NUMPY", "a NumPy array file"),
+                  (b"{", "a JSON file"))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:

@@ -248,7 +248,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     # Every dataset a run of these settings writes must be there (as plane, surface and hessian check).
     shapes = {prefix + n: (num_points,) for prefix, vals in (("", values), ("unaligned/", values_un or {}))
               for n in vals}
-    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot, shapes=shapes)
     if shard is not None:
         config["shard"] = shard_text(shard)
@@ -354,7 +354,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
             raise interrupted(saved, len(mine), metrics) from None
     summary = curve_summary(values, dl, distance, t)
     summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None
-    write(summary, summary_un)
+    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+        write(summary, summary_un)
     summary_metrics, barrier, bump = curve_metrics(summary)
     unaligned_sets = curve_metrics(summary_un) if summary_un is not None else None
     result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,

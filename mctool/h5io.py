@@ -25,6 +25,7 @@ import numpy as np
 from ._version import __version__
 from .errors import MctoolError, MetricsFileError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
+from .options import show_setting
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -180,20 +181,23 @@ def recorded_setting(path: str | os.PathLike, key: str) -> Any:
 
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
                  force: bool, plot: str | os.PathLike | None = None,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], str | None]:
+                 shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> tuple[dict[str, np.ndarray], str | None, bool]:
     """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
-    (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes) and start time;
-    otherwise refuse existing outputs without ``force``. The metrics file and the plot must be two files and
+    (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes), start time and
+    whether it is finished (it holds its ``summary``: a resume that computes nothing leaves it as it is, with
+    its provenance, e.g. a merged file's ``merged_from``); otherwise refuse existing outputs without ``force``. The metrics file and the plot must be two files and
     neither may be one of ``inputs`` (paths -> sha256)."""
     from .fileio import check_output, check_outputs
 
     # Name clashes and locks first (force=True); whether existing files may be replaced depends on resume.
     check_outputs({"--metrics": metrics, "--plot": plot}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})
-    data, started = {}, None
+    data, started, finished = {}, None, False
     if resume:
         data, attrs = check_resumable(metrics, inputs, config)
         started = attrs.get("started") if isinstance(attrs.get("started"), str) else None
+        finished = "summary" in attrs
         for name, shape in (shapes or {}).items():
             if name not in data or np.shape(data[name]) != shape or data[name].dtype.kind not in "fiu":
                 got = "nothing" if name not in data else f"{np.shape(data[name])} of {data[name].dtype}"
@@ -203,7 +207,7 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
         check_output(metrics, force, "metrics file")
     if plot is not None:
         check_output(plot, force or resume, "plot")
-    return data, started
+    return data, started, finished
 
 
 #: Settings that metrics files of mctool 0.2.0 do not record: such a file resumes whatever they are now.
@@ -229,7 +233,7 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     diff = {k: (old_config.get(k), v) for k, v in config.items()
             if old_config.get(k) != v and (k in old_config or k not in NOT_RECORDED_BEFORE_0_3)}
     if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        shown = ", ".join(f"{k}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
         raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options "
                                f"(differences: {shown}).")
     return data, attrs

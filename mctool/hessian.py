@@ -228,7 +228,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     if trace:
         shapes |= {"trace": (n,), "trace_stderr": (n,)}
     _check_memory(p, n, top_k, eigenvectors is not None)
-    old, started = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, shapes=shapes)
+    old, started, _ = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, shapes=shapes)
     vec_path = Path(eigenvectors) if eigenvectors is not None else None
     values = {k: np.full(s, np.nan) for k, s in shapes.items()}
     values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}

@@ -24,6 +24,7 @@ from .curve_eval import curve_metric_names, curve_metrics, curve_summary, parse_
 from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
+from .options import show_setting
 from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
 from .surface import directions_path, write_surface_file
@@ -80,7 +81,7 @@ def _same_run(first: _Shard, s: _Shard) -> None:
         raise other("the same input files given in another order")
     if s.config != first.config:
         keys = sorted(set(s.config) | set(first.config))
-        diff = ", ".join(f"{k}: {first.config.get(k)!r} -> {s.config.get(k)!r}" for k in keys
+        diff = ", ".join(f"{k}: {show_setting(first.config.get(k))} -> {show_setting(s.config.get(k))}" for k in keys
                          if first.config.get(k) != s.config.get(k))
         raise other(f"other settings: {diff}")
     if s.count != first.count:

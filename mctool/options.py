@@ -6,6 +6,7 @@ infinity pass most comparisons silently (``nan < 1`` is False), so they are refu
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -67,6 +68,19 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ConfigError(f"{option} must be {wanted}, got {value}.")
+
+
+def show_setting(value: Any) -> str:
+    """A recorded setting as the differences of a ``--resume`` are listed: text as it is, ``none`` for an
+    option left out, anything else as JSON (``{"hidden": 16}``, ``[0.2, 0.2]``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def env_seconds(name: str, default: float, *, zero: bool = False) -> float:

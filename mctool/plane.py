@@ -271,7 +271,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
               "wd": wd, "bn_batches": bn_batches, "bn_batch_size": bn_pass_setting(base.buffers, batch_size),
               "train_subset": train_subset, "precision": precision}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
-    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot,
                                 shapes={**{n: grid[n].shape for n in names}, **{f"at_points/{n}": (3,) for n in names}})
     if shard is not None:
@@ -334,7 +334,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, on_start=write)
     summary = grid_summary(grid, at_points)
-    write(summary)
+    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+        write(summary)
     result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
                          grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
                          curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)

@@ -13,6 +13,7 @@ from .fileio import atomic_path, check_outputs, figure_format, holds_output_lock
 from .h5io import json_attr, metrics_file, read_h5
 from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
+from .runtime import warn
 
 
 def _split(attrs: dict) -> str:
@@ -169,6 +170,17 @@ def grid_view(file: str | Path) -> GridView:
          if n in data and np.shape(data[n]) == shape and data[n].dtype.kind in "fiu"}
     if not np.isfinite(x).all() or (y is not None and not np.isfinite(y).all()):
         raise MetricsFileError(f"'{file}': the coordinates (alpha, beta) must be finite numbers.")
+    if "shard" in attrs:  # every N-th cell: nothing a contour can be drawn from
+        raise MetricsFileError(f"'{file}' is shard {str(attrs['shard'])[:20]} of a {kind}: it holds only that "
+                               f"shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then draw "
+                               "the merged file.")
+    done = np.isfinite(z[names[0]])
+    if not done.any():
+        raise MetricsFileError(f"'{file}': nothing to draw yet: no point of the {kind} is computed (NaN). An "
+                               "interrupted run: finish it with the same command plus --resume.")
+    if "summary" not in attrs and not done.all():  # (a finished run writes its summary, also with NaN cells)
+        warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} grid points are computed, "
+             "and the figure shows only those. Finish it with the same command plus --resume.")
     config = json_attr(attrs, "config", file)
     if kind == "plane":
         _check_shapes(file, data, {"points": (3, 2)}, min_size=2)

@@ -302,7 +302,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})
-    old, started = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
+    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
                                 plot=plot, shapes={**{n: shape for n in names}, **{f"at_points/{n}": (1,)
                                                                                      for n in names}})
     if shard is not None:
@@ -388,7 +388,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     else:
         save_directions()
     summary = grid_summary(grid, at_center)
-    write(summary)
+    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+        write(summary)
     result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
                            dims=dims, directions=method, grid_points=grid_points, ranges=[list(r) for r in ranges],
                            direction_norms=norms,

@@ -100,7 +100,7 @@ def test_connect_align_line_and_resume(cli, tmp_path, digits_models, aligned, mo
     # another --align is another run; left out, the interrupted run's is taken and the alignment recomputed
     # (deterministic: the state's end point is checked against it)
     other = ["--align" if a == "--align" else "activations" if a == "weights" else a for a in args]
-    assert "these differ: align: 'weights' -> 'activations'" in cli.error("connect", *other, "-o", out, "--resume")
+    assert "these differ: align: weights -> activations" in cli.error("connect", *other, "-o", out, "--resume")
     cli("connect", *[a for a in args if a not in ("--align", "weights")], "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
 

@@ -89,6 +89,9 @@ def test_evaluate_refusals(cli, tmp_path, digits_models):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     assert cli.error("evaluate", png) == (f"Error: '{png}' is a PNG image, not a safetensors checkpoint; give a "
                                           "checkpoint written by mctool or safetensors.")
+    page = tmp_path / "plane.html"  # as plot --html writes it
+    page.write_text("<!doctype html>\n<html>\n<head>\n" + " " * 100)
+    assert "is an HTML page, not a safetensors checkpoint" in cli.error("info", page)
     (tmp_path / "e.h5").touch()
     assert cli.error("evaluate", tmp_path / "e.h5").endswith("is empty (0 bytes), not a safetensors checkpoint.")
     assert cli.error("info", tmp_path / "e.h5").endswith("is empty (0 bytes); info reads safetensors checkpoints "

@@ -88,6 +88,35 @@ def test_plane_from_curve_layout_and_values(cli, tmp_path, bezier):
     assert (tmp_path / "again.png").stat().st_size > 1000
 
 
+def test_plot_of_an_unfinished_or_sharded_plane_says_so(cli, tmp_path, bezier):
+    """An interrupted plane draws what it has with a warning; one with nothing computed and a shard file (every
+    N-th cell: nothing to contour) are refused, also for --html and --vtk (they were drawn empty, exit 0)."""
+    import shutil
+
+    m = tmp_path / "p.h5"
+    cli("plane", bezier, "-m", m, "--grid-points", "3", "-q", *CPU)
+    part, empty = tmp_path / "part.h5", tmp_path / "empty.h5"
+    for path, cells in ((part, [(0, 0), (2, 2)]), (empty, [(i, j) for i in range(3) for j in range(3)])):
+        shutil.copy(m, path)
+        with h5py.File(path, "r+") as f:  # as an interrupted run leaves it: no summary, cells still NaN
+            del f.attrs["summary"]
+            for name in ("train/loss", "train/err", "test/nll", "test/err"):
+                for i, j in cells:
+                    f[name][i, j] = np.nan
+    res = cli("plot", part, "-o", tmp_path / "part.png")
+    assert [w for w in res.stderr.splitlines() if w.startswith("Warning: ")] == [
+        f"Warning: '{part}' is an interrupted run's: 7 of 9 grid points are computed, and the figure shows only "
+        "those. Finish it with the same command plus --resume."]
+    for extra in (["-o", tmp_path / "e.png"], ["--vtk", tmp_path / "e.vts"], ["--html", tmp_path / "e.html"]):
+        assert "nothing to draw yet: no point of the plane is computed (NaN)" in cli.error("plot", empty, *extra)
+    assert not list(tmp_path.glob("e.*"))
+    assert "Warning" not in cli("plot", m, "-o", tmp_path / "whole.png").stderr
+    shard = tmp_path / "s.h5"
+    cli("plane", bezier, "-m", shard, "--grid-points", "3", "--shard", "1/2", "-q", *CPU)
+    assert f"'{shard}' is shard 1/2 of a plane: it holds only that shard's points. Merge the shards first" in \
+        cli.error("plot", shard, "-o", tmp_path / "s.png")
+
+
 def test_grid_point_weights_are_the_formula(tmp_path, bezier, monkeypatch):
     seen = []
     batched = importlib.import_module("mctool.batched")
