@@ -248,8 +248,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     # Every dataset a run of these settings writes must be there (as plane, surface and hessian check).
     shapes = {prefix + n: (num_points,) for prefix, vals in (("", values), ("unaligned/", values_un or {}))
               for n in vals}
-    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume, force=force,
-                                plot=plot, shapes=shapes)
+    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
+                                          force=force, plot=plot, shapes=shapes)
     if shard is not None:
         config["shard"] = shard_text(shard)
     for prefix, vals in (("", values), ("unaligned/", values_un or {})):

@@ -186,8 +186,8 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
     """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
     (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes), start time and
     whether it is finished (it holds its ``summary``: a resume that computes nothing leaves it as it is, with
-    its provenance, e.g. a merged file's ``merged_from``); otherwise refuse existing outputs without ``force``. The metrics file and the plot must be two files and
-    neither may be one of ``inputs`` (paths -> sha256)."""
+    its provenance, e.g. a merged file's ``merged_from``); otherwise refuse existing outputs without ``force``.
+    The metrics file and the plot must be two files and neither may be one of ``inputs`` (paths -> sha256)."""
     from .fileio import check_output, check_outputs
 
     # Name clashes and locks first (force=True); whether existing files may be replaced depends on resume.
