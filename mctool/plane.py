@@ -273,7 +273,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
     old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
                                           force=force, plot=plot,
-                                shapes={**{n: grid[n].shape for n in names}, **{f"at_points/{n}": (3,) for n in names}})
+                                          shapes={**{n: grid[n].shape for n in names},
+                                                  **{f"at_points/{n}": (3,) for n in names}})
     if shard is not None:
         config["shard"] = shard_text(shard)
     if old:

@@ -304,7 +304,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                   formats={"--metrics": "hdf5", "--plot": "figure"})
     old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
                                           force=force, plot=plot,
-                                          shapes={**{n: shape for n in names}, **{f"at_points/{n}": (1,) for n in names}})
+                                          shapes={**{n: shape for n in names},
+                                                  **{f"at_points/{n}": (1,) for n in names}})
     if shard is not None:
         config["shard"] = shard_text(shard)
     grid = {n: np.asarray(old[n], dtype=np.float64) if n in old else np.full(shape, np.nan) for n in names}
