@@ -197,7 +197,7 @@ def test_repair_lowers_the_barrier(cli, tmp_path, digits_models, aligned):
     assert attrs["repair"] and json.loads(attrs["config"])["repair_batches"] == 1
     assert not read_h5(tmp_path / "plain.h5")[1]["repair"]
     msg = cli.error("evaluate-curve", *args, "-m", tmp_path / "repair.h5", "--resume")
-    assert "repair_batches: 1 -> None" in msg
+    assert "repair_batches: 1 -> none" in msg
 
 
 def test_repair_refuses_batchnorm(cli, tmp_path):

@@ -619,7 +619,7 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
     # --resume without --split takes the run's recorded split (a run begun with another default resumes)
     assert cli.json("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points", "2", "--resume",
                     *CPU)["split"] == "test"
-    assert "split: 'test' -> 'val'" in cli.error("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points",
+    assert "split: test -> val" in cli.error("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points",
                                                  "2", "--resume", "--split", "val", *CPU)
 
     def warnings(*args):

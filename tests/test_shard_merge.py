@@ -127,13 +127,13 @@ def test_resume_a_shard(cli, tmp_path, bezier, monkeypatch):
     np.testing.assert_array_equal(after["train/loss"], before["train/loss"])
     assert attrs["shard"] == "1/2"
     # another shard, no shard, or a shard of an unsharded file: other settings
-    assert "shard: '1/2' -> '0/2'" in cli.error("evaluate-curve", bezier, "-m", m, "--shard", "0/2", "--resume",
-                                                 *CURVE)
-    assert "shard: '1/2' -> None" in cli.error("evaluate-curve", bezier, "-m", m, "--resume", *CURVE)
+    assert "shard: 1/2 -> 0/2" in cli.error("evaluate-curve", bezier, "-m", m, "--shard", "0/2", "--resume",
+                                         *CURVE)
+    assert "shard: 1/2 -> none" in cli.error("evaluate-curve", bezier, "-m", m, "--resume", *CURVE)
     full = tmp_path / "full.h5"
     cli("evaluate-curve", bezier, "-m", full, "--num-points", "2", "--bn-batches", "1", "-q", *CPU)
-    assert "shard: None -> '0/2'" in cli.error("evaluate-curve", bezier, "-m", full, "--num-points", "2",
-                                               "--shard", "0/2", "--resume", *CPU)
+    assert "shard: none -> 0/2" in cli.error("evaluate-curve", bezier, "-m", full, "--num-points", "2",
+                                             "--shard", "0/2", "--resume", *CPU)
 
 
 @pytest.mark.parametrize("text", ["2/2", "a/b", "-1/2", "1/0", "1", "0/2/3", ""])
