@@ -165,10 +165,18 @@ def meta_differences(a: "ModelMeta", b: "ModelMeta", keys: tuple[str, ...]) -> l
     """The ``keys`` in which two networks' records differ, as (key, a's value, b's value); normalisations are
     equal within ``same_normalization``'s tolerance. One rule for every command that pairs networks (curves,
     align, ensembles), each with its own keys."""
+    from .data import canonical_dataset
+
     out = []
     for key in keys:
         va, vb = getattr(a, key), getattr(b, key)
-        if not (same_normalization(va, vb) if key == "normalization" else va == vb):
+        if key == "normalization":
+            same = same_normalization(va, vb)
+        elif key == "dataset" and isinstance(va, str) and isinstance(vb, str):
+            same = canonical_dataset(va) == canonical_dataset(vb)  # one data set, however it was spelled
+        else:
+            same = va == vb
+        if not same:
             out.append((key, va, vb))
     return out
 
@@ -504,6 +512,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
             raise CheckpointError(f"'{path}' holds {article} '{meta.kind}', not a single network (kind 'model'); "
                                   f"{hint}.")
     else:
+        if isinstance(md.get("kind"), str):  # an mctool file that holds no network (e.g. a surface's directions)
+            hint = {"surface-directions": "it holds the directions of a surface run, which that run's --resume "
+                                          "reads; --directions takes networks (each direction is a network's "
+                                          "weights minus the centre's)"}.get(md["kind"], "give a model checkpoint")
+            raise CheckpointError(f"'{path}' is a '{str(md['kind'])[:40]}' file, not a network; {hint}.")
         if arch is None or num_classes is None:
             raise CheckpointError(f"'{path}' has no mctool metadata; pass --arch and --num-classes "
                                   "(and --in-chans if it is not 3) to load it as a plain state dict.")

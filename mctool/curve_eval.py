@@ -24,7 +24,7 @@ from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import evaluation_split, recorded_split
-from .options import MAX_POINTS, MAX_RATE, check_count, check_real
+from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import progress_bar, resolve_device
@@ -213,6 +213,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     together in one wide network (``batched.ManyEvaluator``; one at a time with ``repair``); ``compile`` runs
     the evaluation forward through ``torch.compile`` (``batched.CompiledForward``)."""
     t0 = time.time()
+    paths = file_list(paths, "paths")
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "curve")
     check_count("--num-points", num_points, 2, MAX_POINTS)
@@ -232,6 +233,9 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     split = evaluation_split(split, inputs, metrics if resume else None)
     if repair:
         check_repairable(curve.build_model(), str(paths[0]))
+        if batch_size < 2:
+            raise ConfigError("--repair normalises each layer's units over a batch of images; it needs a "
+                              f"--batch-size of at least 2, got {batch_size}.")
     wd = float(curve.meta.config.get("wd", 0.0)) if wd is None else wd
     name = curve.meta.dataset_or(dataset, paths[0])
     names = curve_metric_names(split)

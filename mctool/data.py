@@ -353,20 +353,46 @@ def check_fits(meta: Any, info: DatasetInfo, what: str | os.PathLike) -> None:
 
 
 def _parse_options(spec: str, allowed: dict[str, int]) -> dict[str, int]:
-    opts = dict(allowed)
+    opts, seen = dict(allowed), set()
     if ":" in spec:
         for item in filter(None, spec.split(":", 1)[1].split(",")):
             key, _, value = item.partition("=")
-            if key not in allowed or not value.isdecimal() or int(value) < (0 if key == "seed" else 1):
+            if (key not in allowed or not (value.isascii() and value.isdecimal())
+                    or not (0 if key == "seed" else 1) <= int(value) < 2**63):
                 raise ConfigError(f"bad data set option '{item}' in '{spec}'; allowed: "
-                                  + ", ".join(f"{k}=N" for k in allowed) + " (positive integers; seed may be 0).")
+                                  + ", ".join(f"{k}=N" for k in allowed) + " (positive integers; seed may be 0; "
+                                  "below 2^63).")
+            if key in seen:
+                raise ConfigError(f"data set option '{key}' is given twice in '{spec}'.")
+            seen.add(key)
             opts[key] = int(value)
     return opts
 
 
+_SYNTHETIC_DEFAULTS = {"size": 32, "channels": 3, "classes": 10, "train": 1024, "test": 256, "seed": 0}
+
+
+def canonical_dataset(name: str) -> str:
+    """One spelling per data set, for comparing the data sets networks record: ``synthetic:`` options in their
+    fixed order, defaults left out (the same images, however the spec was written); ``imagefolder:`` the
+    folder's absolute, normalised path (a relative one taken from the current folder); other names as they
+    are. A spec that does not parse is returned as it is."""
+    base, _, rest = name.partition(":")
+    if base == "synthetic":
+        try:
+            opts = _parse_options(name, _SYNTHETIC_DEFAULTS)
+        except ConfigError:
+            return name
+        given = [f"{k}={v}" for k, v in opts.items() if v != _SYNTHETIC_DEFAULTS[k]]
+        return "synthetic" + (":" + ",".join(given) if given else "")
+    if base == "imagefolder" and rest:
+        return "imagefolder:" + os.path.abspath(os.path.expanduser(rest))
+    return name
+
+
 def _synthetic(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Seeded, learnable random images: a smooth prototype per class plus per-image noise."""
-    o = _parse_options(spec, {"size": 32, "channels": 3, "classes": 10, "train": 1024, "test": 256, "seed": 0})
+    o = _parse_options(spec, _SYNTHETIC_DEFAULTS)
     pixels = o["size"] ** 2 * o["channels"]
     if pixels * (o["train"] + o["test"] + o["classes"]) > _MAX_SYNTHETIC or o["classes"] > 100_000:
         raise ConfigError(f"'{spec}' is too large: (train + test + classes) x size^2 x channels must be at most "
@@ -603,8 +629,9 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
         missing = sorted(set(train_plain.classes) ^ set(val.classes))
         raise DataError(f"'{folder}': 'train/' and 'val/' must hold the same class folders, so that a label means "
                         f"the same class in both; only one of them has: {', '.join(missing[:5])}.")
-    info = DatasetInfo(name=name, num_classes=len(train_plain.classes), in_chans=3, image_size=image_size,
-                       mean=mean, std=std, augment=aug, crop_padding=0)
+    # (recorded with its absolute path: later commands, run from any folder, find the same images)
+    info = DatasetInfo(name=canonical_dataset(name), num_classes=len(train_plain.classes), in_chans=3,
+                       image_size=image_size, mean=mean, std=std, augment=aug, crop_padding=0)
     if split == "val":
         n = len(train_plain)
         nv = _val_size(n)

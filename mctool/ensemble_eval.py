@@ -29,7 +29,7 @@ from .flat import ParamLayout
 from .h5io import provenance, write_h5
 from .loop import evaluation_split
 from .models import check_takes_images
-from .options import MAX_POINTS, check_count
+from .options import MAX_POINTS, check_count, file_list
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -157,6 +157,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     ``compile`` runs the evaluation forward through ``torch.compile`` (``batched.CompiledForward``).
     """
     t0 = time.time()
+    paths = file_list(paths, "paths")
     check_points_per_pass(points_per_pass)
     if not paths:
         raise ConfigError("give at least one model checkpoint, ensemble file or curve.")

@@ -35,7 +35,7 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, read_h5, utc_now, write_h5
 from .loop import recorded_split
-from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed
+from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
@@ -197,6 +197,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     member of an ensemble. ``train_subset`` training images (None or 0: all) define the loss; ``eigenvectors``
     writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
     t0 = time.time()
+    paths = file_list(paths, "paths")
     check_count("--top-k", top_k, 1, 1000)
     check_count("--trace-samples", trace_samples, 2, MAX_SAMPLES)
     check_count("--num-points", num_points, 2, MAX_POINTS)

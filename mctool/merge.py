@@ -24,7 +24,7 @@ from .curve_eval import curve_metric_names, curve_metrics, curve_summary, parse_
 from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
-from .options import show_setting
+from .options import file_list, show_setting
 from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
 from .surface import directions_path, write_surface_file
@@ -185,7 +185,7 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     """Combine the N shard files of one ``plane``, ``surface`` or ``evaluate-curve`` run into ``output``, the file
     the run writes without ``--shard`` (and draw it to ``plot``)."""
     t0 = time.time()
-    paths = [Path(f) for f in files]
+    paths = [Path(f) for f in file_list(files, "files")]
     if not paths:
         raise ConfigError("give the shard files to merge (all N files of one run's --shard I/N).")
     output = Path(output)

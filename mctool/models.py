@@ -513,10 +513,10 @@ def check_takes_images(model: nn.Module, arch: str, num_classes: int, in_chans: 
         raise
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
         why = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"architecture '{arch}' cannot take the {in_chans}x{image_size}x{image_size} images of "
-                          f"data set '{dataset}' ({type(e).__name__}: {why}); pick another --arch, or give its input "
-                          f"size in --arch-kwargs (e.g. '{{\"img_size\": {image_size}}}' where it takes one).") \
-            from None
+        raise ConfigError(f"architecture '{arch}' failed on the {in_chans}x{image_size}x{image_size} images of "
+                          f"data set '{dataset}' ({type(e).__name__}: {why}); check its --arch-kwargs, pick another "
+                          f"--arch, or give its input size in --arch-kwargs (e.g. '{{\"img_size\": {image_size}}}' "
+                          "where it takes one).") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"architecture '{arch}' gives outputs of shape {shape} for 2 images of data set "

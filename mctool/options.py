@@ -70,6 +70,16 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
         raise ConfigError(f"{option} must be {wanted}, got {value}.")
 
 
+def file_list(value: Any, what: str) -> list:
+    """A list of files from a Python caller: a list or tuple as it is, one ``str`` or path as a list of one
+    (a string is not split into characters, each taken for a file name); anything else is a ConfigError."""
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{what} must be a list of file names, got {type(value).__name__}.")
+    return list(value)
+
+
 def show_setting(value: Any) -> str:
     """A recorded setting as the differences of a ``--resume`` are listed: text as it is, ``none`` for an
     option left out, anything else as JSON (``{"hidden": 16}``, ``[0.2, 0.2]``)."""

@@ -27,7 +27,7 @@ from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pa
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
-from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real
+from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import progress_bar, resolve_device
 
@@ -238,6 +238,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     NaN; the summary covers the points computed); ``mctool.merge`` combines the N shard files into the file of
     the whole run."""
     t0 = time.time()
+    paths = file_list(paths, "paths")
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)

@@ -13,6 +13,7 @@ from .fileio import atomic_path, check_outputs, figure_format, holds_output_lock
 from .h5io import json_attr, metrics_file, read_h5
 from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
+from .options import file_list
 from .runtime import warn
 
 
@@ -444,6 +445,7 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     interactive figure; ``vtk``: also VTK files for ParaView), or one or more evaluate-curve files. ``output`` is
     the figure (PNG, PDF or SVG); at least one of ``output``, ``html`` and ``vtk`` is needed."""
     t0 = time.time()
+    files = file_list(files, "files")
     if output is None and html is None and vtk is None:
         raise ConfigError("give an output: -o FIGURE (.png, .pdf or .svg), --html HTML and/or --vtk VTS.")
     from .export import vtk_points_path

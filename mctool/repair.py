@@ -55,9 +55,11 @@ def _axis(layer: nn.Module) -> int:
 
 def _batches(split: Split, batches: int, batch_size: int) -> Iterator[torch.Tensor]:
     """The first ``batches`` un-augmented training batches of the statistics passes' fixed random order
-    (``bn.pass_batches``): the same images for every network."""
+    (``bn.pass_batches``): the same images for every network. A trailing batch of one image is left out, as
+    the BN passes leave it (one image has no spread to normalise by)."""
     for _, (x, _) in zip(range(batches), pass_batches(split, batch_size)):
-        yield x
+        if x.shape[0] > 1:
+            yield x
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ points dealt to the ranks under torchrun, ``--shard`` for ``merge``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, utc_now, write_h5
 from .loop import evaluation_split
-from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed
+from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, file_list
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .bn import bn_pass_setting
@@ -178,8 +179,8 @@ def _method(directions: str | list[str] | None, trajectory: list[str] | None) ->
         method, files = "random", []
     elif directions == "pca" or directions == ["pca"]:
         method, files = "pca", []
-    elif isinstance(directions, (list, tuple)) and not isinstance(directions, str):
-        files = [str(d) for d in directions]
+    elif isinstance(directions, (list, tuple, str, os.PathLike)):  # (one file given as a str or path: that file)
+        files = [str(d) for d in file_list(directions, "directions")]
         if any(f in METHODS for f in files):
             raise ConfigError("--directions is 'random', 'pca', or one or two checkpoint files, not a mix.")
         if not 1 <= len(files) <= 2:
@@ -252,6 +253,10 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     times their extent (``grid_ranges``). ``shard=(I, N)`` evaluates only the points whose index in
     ``surface_tasks`` is I modulo N; ``mctool.merge`` combines the shard files."""
     t0 = time.time()
+    if isinstance(ignore, str):  # as the command line writes it: "bn,bias" (or "none")
+        ignore = () if ignore.strip() in ("", "none") else tuple(x.strip() for x in ignore.split(","))
+    if trajectory is not None:
+        trajectory = file_list(trajectory, "trajectory")
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--dims", dims)

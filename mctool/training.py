@@ -63,6 +63,9 @@ class TrainConfig:
     def validate(self) -> None:
         validate_sgd(self)
         check_count("--snapshots", self.snapshots)
+        if not isinstance(self.arch_kwargs, dict):  # (the CLI parses its JSON; a Python caller gives the dict)
+            raise ConfigError(f"--arch-kwargs must be a JSON object (arch_kwargs: a dict), got "
+                              f"{type(self.arch_kwargs).__name__} {str(self.arch_kwargs)[:60]!r}.")
         if self.pretrained and self.init:
             raise ConfigError("--pretrained (or --pretrained-file) and --init both choose the starting weights; "
                               "pass only one of them.")
@@ -76,8 +79,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     """Train one network; returns its paths and final metrics. See docs/cli.md#train.
 
     ``cfg`` is not changed: defaults (``arch``, ``arch_kwargs``) are filled in on a copy."""
-    cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs), pretrained_source=None)  # the source is found out below
     cfg.validate()
+    cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs), pretrained_source=None)  # the source is found out below
     output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
     # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
     resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},

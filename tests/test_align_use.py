@@ -198,6 +198,10 @@ def test_repair_lowers_the_barrier(cli, tmp_path, digits_models, aligned):
     assert not read_h5(tmp_path / "plain.h5")[1]["repair"]
     msg = cli.error("evaluate-curve", *args, "-m", tmp_path / "repair.h5", "--resume")
     assert "repair_batches: 1 -> none" in msg
+    # REPAIR normalises over a batch: one image per batch is refused before any work (it was a traceback)
+    assert "it needs a --batch-size of at least 2, got 1." in cli.error(
+        "evaluate-curve", *args, "-m", tmp_path / "bs1.h5", "--repair", "--batch-size", "1")
+    assert not (tmp_path / "bs1.h5").exists()
 
 
 def test_repair_refuses_batchnorm(cli, tmp_path):

@@ -111,7 +111,8 @@ def test_synthetic_is_deterministic_per_seed():
 
 
 @pytest.mark.parametrize("name", ["synthetic:size=0", "synthetic:foo=1", "synthetic:size=abc", "synthetic:classes=-2",
-                                  "digits:size=3", "cifar10:size=3", "nosuchdata", "imagenet"])
+                                  "digits:size=3", "cifar10:size=3", "nosuchdata", "imagenet",
+                                  f"synthetic:seed={2**64}", "synthetic:size=16,size=8", "synthetic:size=\uff18"])
 def test_bad_data_set_names_raise_config_error(name, tmp_path):
     with pytest.raises(ConfigError):
         load_data(name, root=tmp_path)
@@ -443,6 +444,42 @@ def test_synthetic_seed_zero_is_accepted():
     a = load_data("synthetic:size=8,seed=0,train=20,test=5")
     b = load_data("synthetic:size=8,train=20,test=5")
     assert torch.equal(a.train.images, b.train.images)
+
+
+def test_one_data_set_spelled_two_ways_is_one_data_set(cli, tmp_path, monkeypatch):
+    """Networks of the same images connect whatever the spelling: synthetic options in another order or with
+    a default written out, an image folder given relative or absolute (with a trailing /). An image folder is
+    recorded with its absolute path, so later commands find it from any folder."""
+    from mctool.checkpoint import read_metadata
+    from mctool.data import canonical_dataset
+
+    assert canonical_dataset("synthetic:train=20,size=8,test=5,seed=0") == "synthetic:size=8,train=20,test=5"
+    assert canonical_dataset("synthetic:seed=0") == canonical_dataset("synthetic") == "synthetic"
+    assert canonical_dataset("synthetic:size=0") == "synthetic:size=0"  # a bad spec is left as it is
+    tiny = ["-a", "mlp", "--arch-kwargs", '{"hidden": 8}', "--epochs", "1", "-q", "--device", "cpu"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    cli("train", "-d", "synthetic:size=4,channels=1,train=16,test=8", *tiny, "-o", a, "--seed", "1")
+    cli("train", "-d", "synthetic:train=16,size=4,test=8,channels=1,seed=0", *tiny, "-o", b, "--seed", "2")
+    cli("connect", a, b, "-o", tmp_path / "c.safetensors", "--epochs", "1", "-q", "--device", "cpu")
+
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for label in ("x", "y"):
+            (tmp_path / "imgs" / part / label).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (8, 8), (40 * k, 200 if label == "x" else 0, 0)).save(
+                    tmp_path / "imgs" / part / label / f"{k}.png")
+    monkeypatch.chdir(tmp_path)
+    flags = [*tiny, "--num-workers", "0", "--arch-kwargs", '{"hidden": 4, "img_size": 224}']  # (224: its size)
+    cli("train", "-d", "imagefolder:imgs", *flags, "-o", "ia.safetensors", "--seed", "1")
+    cli("train", "-d", f"imagefolder:{tmp_path}/imgs/", *flags, "-o", "ib.safetensors", "--seed", "2")
+    assert read_metadata(tmp_path / "ia.safetensors")["dataset"] == f"imagefolder:{tmp_path / 'imgs'}"
+    cli("connect", "ia.safetensors", "ib.safetensors", "-o", "ic.safetensors", "--epochs", "1", "-q", "--device",
+        "cpu", "--num-workers", "0")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.json("evaluate", "../ia.safetensors", "--device", "cpu", "--num-workers", "0")["samples"] == 8
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -223,3 +223,18 @@ def test_every_option_is_in_the_command_reference_and_nothing_else_is():
             assert documented & set(names), f"{name}: {'/'.join(names)} is not in docs/cli.md"
         known = {o for names in options for o in names}
         assert documented <= known, f"{name}: docs/cli.md lists {sorted(documented - known)}, which it lacks"
+
+
+def test_one_file_given_as_a_string_or_path_is_one_file(tmp_path, digits_models):
+    """A str where a list of files is expected was split into characters ("checkpoint 'a' does not exist",
+    "not 13 files"); one str or Path is one file, anything else a ConfigError."""
+    a = digits_models[0]
+    assert mctool.evaluate(str(a), device="cpu").members == 1
+    assert mctool.evaluate(a, device="cpu").members == 1  # a Path: was a TypeError
+    r = mctool.surface(a, tmp_path / "s.h5", directions=str(digits_models[1]), ignore="bn", grid_points=2,
+                       device="cpu")
+    assert r.dims == 1 and r.directions == "files"
+    with pytest.raises(mctool.ConfigError, match="paths must be a list of file names, got int"):
+        mctool.evaluate(3, device="cpu")
+    with pytest.raises(mctool.ConfigError, match="files must be a list of file names"):
+        mctool.plot_files({"a": 1}, tmp_path / "x.png")

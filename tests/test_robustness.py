@@ -311,7 +311,7 @@ def test_bad_numeric_options_are_refused_before_any_work(cli, tmp_path, files, n
 
 @pytest.mark.parametrize("bad", [
     dict(lr=math.inf), dict(lr=math.nan), dict(wd=math.nan), dict(wd=-1.0), dict(momentum=1.0), dict(epochs=0),
-    dict(epochs=2.5), dict(batch_size=0), dict(save_every=-1), dict(snapshots=0)])
+    dict(epochs=2.5), dict(batch_size=0), dict(save_every=-1), dict(snapshots=0), dict(arch_kwargs='{"hidden": 8}')])
 def test_python_callers_get_the_same_option_errors(bad):
     with pytest.raises(ConfigError, match="must be"):
         TrainConfig(**bad).validate()

@@ -399,3 +399,14 @@ def test_3d_figures_draw_the_path_on_the_surface():
     got = _on_grid(x, y, z, px, py)
     np.testing.assert_allclose(got[:4], 2 * px[:4] + 3 * py[:4], rtol=0, atol=1e-12)
     assert np.isnan(got[4])
+
+
+def test_a_directions_file_is_not_taken_for_a_network(cli, tmp_path, digits_models):
+    """A surface's NAME-directions.safetensors given to --directions was "a plain state dict without mctool
+    metadata; pass --arch ..." (options surface lacks); it is named as what it is."""
+    a = digits_models[0]
+    cli("surface", a, "-m", tmp_path / "s.h5", "--dims", "1", "--grid-points", "2", "-q", *CPU)
+    vec = tmp_path / "s-directions.safetensors"
+    err = cli.error("surface", a, "-m", tmp_path / "t.h5", "--directions", vec, "--grid-points", "2", *CPU)
+    assert f"'{vec}' is a 'surface-directions' file, not a network; it holds the directions of a surface run" in err
+    assert "--arch" not in err

@@ -362,16 +362,16 @@ def test_a_network_that_cannot_take_the_images_is_refused_before_any_work(cli, t
 
     out = tmp_path / "m.safetensors"
     cpu = ["--epochs", "1", "-q", "--device", "cpu"]
-    assert ("architecture 'vit_tiny_patch16_224' cannot take the 1x8x8 images of data set 'digits' (AssertionError: "
-            "Input height (8) doesn't match model (224).); pick another --arch") in cli.error(
+    assert ("architecture 'vit_tiny_patch16_224' failed on the 1x8x8 images of data set 'digits' (AssertionError: "
+            "Input height (8) doesn't match model (224).); check its --arch-kwargs, pick another --arch") in cli.error(
         "train", "-d", "digits", "-a", "vit_tiny_patch16_224", "-o", out, *cpu)
-    assert "architecture 'mlp' cannot take the 1x8x8 images of data set 'digits' (RuntimeError: mat1 and mat2 " \
+    assert "architecture 'mlp' failed on the 1x8x8 images of data set 'digits' (RuntimeError: mat1 and mat2 " \
            "shapes cannot be multiplied" in cli.error("train", "-d", "digits", "--arch-kwargs", '{"img_size": 28}',
                                                       "-o", out, *cpu)
     assert list(tmp_path.iterdir()) == []
     plain = tmp_path / "plain.safetensors"
     save_file(build_model("mlp", 10, 1, {"img_size": 28, "hidden": 16}).state_dict(), plain)
-    assert "architecture 'mlp' cannot take the 1x8x8 images" in cli.error(
+    assert "architecture 'mlp' failed on the 1x8x8 images" in cli.error(
         "evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
         '{"img_size": 28, "hidden": 16}', "-d", "digits", "--device", "cpu")
 
