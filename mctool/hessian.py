@@ -39,6 +39,9 @@ from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check
 from .results import FileRef, HessianResult, file_refs
 from .runtime import progress_bar, resolve_device, warn
 
+#: A residual is relative to its eigenvalue, but not to less than this fraction of the point's largest |lambda|.
+RESIDUAL_FLOOR = 1e-3
+
 
 @dataclass
 class Points:
@@ -157,13 +160,17 @@ class LossHessian:
         return out_vals, out_vecs, converged
 
     def residuals(self, vals: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-        """||H v - lambda v|| / |lambda| of each pair (NaN for a missing pair): how well it has converged."""
+        """||H v - lambda v|| / max(|lambda|, RESIDUAL_FLOOR * the largest |lambda| of the point) of each pair (NaN
+        for a missing pair): how well it has converged. An eigenvalue of (about) 0, e.g. along a direction a
+        BatchNorm layer makes flat, has no relative error: it is measured against the point's scale instead."""
         out = np.full(len(vals), np.nan)
+        found = np.abs(vals[np.isfinite(vals)])
+        floor = max(RESIDUAL_FLOOR * float(found.max()) if len(found) else 0.0, 1e-30)
         for j, lam in enumerate(vals):
             if np.isfinite(lam):
                 v = torch.from_numpy(vecs[:, j].astype(np.float32)).to(self.w.device)
                 r = self.hvp(v).double() - lam * v.double()
-                out[j] = float(r.norm()) / max(abs(lam), 1e-30)
+                out[j] = float(r.norm()) / max(abs(lam), floor)
         return out
 
     def trace(self, samples: int, seed: int) -> tuple[float, float]:

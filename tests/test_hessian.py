@@ -295,3 +295,21 @@ def test_json_reports_the_training_images_used_when_the_data_set_has_fewer(cli, 
                     *CPU)["train_subset"] == SUBSET
     assert cli.json("hessian", path, "-m", tmp_path / "a.h5", "--top-k", "1", "--train-subset", "0",
                     *CPU)["train_subset"] is None  # 0: all, as before
+
+
+def test_residual_of_a_zero_eigenvalue_is_against_the_point_scale():
+    """||H v - lambda v|| / |lambda| was ~1e22 for the exact zeros of BN networks (correct pairs looking
+    failed); below a thousandth of the largest |lambda| the residual is relative to that instead."""
+    from types import SimpleNamespace
+
+    from mctool.hessian import RESIDUAL_FLOOR
+
+    h = torch.diag(torch.tensor([2.0, 1.0, 0.0]))
+    noise = torch.full((3,), 2.0**-20)  # rounding in a Hessian-vector product (exact in float32 beside 1 and 2)
+    fake = SimpleNamespace(w=torch.zeros(1), hvp=lambda v: h @ v + noise)
+    vals, vecs = np.array([2.0, 1.0, 1e-35]), np.eye(3)
+    got = LossHessian.residuals(fake, vals, vecs)
+    lifted = float(noise.double().norm())
+    np.testing.assert_allclose(got, [lifted / 2.0, lifted / 1.0, lifted / (RESIDUAL_FLOOR * 2.0)], rtol=1e-6)
+    assert got.max() < 1e-3
+    assert np.isnan(LossHessian.residuals(fake, np.array([2.0, np.nan, 1.0]), vecs)[1])
