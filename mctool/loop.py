@@ -487,9 +487,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
-        done = saved
-        with contextlib.suppress(Exception):  # a stop inside save_state, after its file was in place
-            done = max(done, int(read_metadata(state_file).get("epoch", done)))
+        done = _epochs_saved(saved, state_file)
         if not state_file.exists():
             # fge and sse record snapshots as they are taken: the metrics file may be this run's, and then a new
             # run needs --force (unless it was there before, when this command already had --force)
@@ -505,13 +503,19 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
         raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
                           f"'{state_file}'. Continue with the same command plus --resume.") from None
     except distributed.PeerLost as e:  # a rank killed or crashed: say what the others had saved
-        done = saved
-        with contextlib.suppress(Exception):
-            done = max(done, int(read_metadata(state_file).get("epoch", done)))
+        done = _epochs_saved(saved, state_file)
         kept = (f"{done} completed epoch(s) are saved in '{state_file}': continue with the same command plus "
                 "--resume (with any number of processes)." if state_file.exists() and done else
                 "no epoch had completed, so nothing resumable was saved; run the command again.")
         raise distributed.PeerLost(f"{str(e).rstrip('.')}; {kept}") from None
+
+
+def _epochs_saved(saved: int, state_file: Path) -> int:
+    """The epochs in the state file when a run stopped: ``saved``, or more if the stop came inside
+    ``save_state`` after its file was in place."""
+    with contextlib.suppress(Exception):
+        return max(saved, int(read_metadata(state_file).get("epoch", saved)))
+    return saved
 
 
 @contextlib.contextmanager
