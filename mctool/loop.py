@@ -128,7 +128,7 @@ def evaluation_split(split: str | None, paths: Iterable[str | Path], resumed: Pa
              "the others on all training images); evaluating on test. Pass --split to choose.")
         return "test"
     if split == "val":
-        seen = [p for p, s in recorded.items() if s != "val"]
+        seen = [p for p, s in recorded.items() if s == "test"]  # (a file that records no split: unknown)
         if seen:
             warn(f"{', '.join(repr(p) for p in seen[:3])}{' ...' if len(seen) > 3 else ''} "
                  f"{'was' if len(seen) == 1 else 'were'} not trained with --split val, so the val images were among "
