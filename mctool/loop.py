@@ -459,8 +459,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                         # (fge and sse flush their snapshots' metrics during epoch 1: nothing to resume them from)
                         _check_finite(losses[: i + 1], epoch, good, (output, log.path),
                                       lr, getattr(cfg, "wd", 0) or 0,
-                                      discard=log.path if good is None and writes_files() and log.path.exists()
-                                      and log.path.stat().st_mtime_ns != metrics_before else None)
+                                      discard=(log.path, metrics_before) if good is None and writes_files() else None)
                     if after_step is not None:
                         after_step(epoch, i)
                     bar.advance(it_task)
@@ -538,15 +537,16 @@ def _all_epochs_saved(state: Path, epochs: int) -> str:
 
 def _check_finite(weighted_losses: torch.Tensor, epoch: int, good_state: Path | None,
                   outputs: tuple[Path, ...] = (), lr: float = 0.0, wd: float = 0.0,
-                  discard: Path | None = None) -> None:
+                  discard: tuple[Path, int | None] | None = None) -> None:
     """Stop on a NaN or infinite loss; the message says what was kept, and asks for --force only if a file
     (the state, or one of ``outputs``) is there to be replaced. The advice names --wd too when it is extreme
     (1 or more) and the step's lr x wd is 1 or more: weight decay alone then overshoots zero at every step
-    (from 2 on the weights grow). ``discard``: a file this run wrote that nothing can resume, removed first."""
+    (from 2 on the weights grow). ``discard`` = (file, its mtime before the run): that file, if this run wrote
+    it, is removed first (nothing can resume it)."""
     bad = ~torch.isfinite(weighted_losses)
     if bool(bad.any()):
-        if discard is not None:
-            discard.unlink(missing_ok=True)
+        if discard is not None and discard[0].exists() and discard[0].stat().st_mtime_ns != discard[1]:
+            discard[0].unlink(missing_ok=True)
         it = int(bad.nonzero()[0, 0])
         kept = (f"the last good state (end of epoch {epoch}) is kept in '{good_state}'" if good_state
                 else "no epoch had completed, so nothing was saved")
