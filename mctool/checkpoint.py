@@ -418,6 +418,24 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
             code = re.search(r"code: (\d+)", text) or re.search(r"os error (\d+)", text)
             message = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?)(?: \(os error|$)", text)
             raise OSError(int(code.group(1)) if code else 0, message.group(1) if message else text) from e
+        _sort_header(tmp)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the header safetensors just wrote with its keys sorted, in place, so that the same tensors and
+    metadata always give the same bytes (safetensors writes the metadata in a random order; the tensor data it
+    lays out in a fixed one). The sorted header has the same entries, written the same way, so it is as long
+    as the original; it is padded with spaces to exactly that length, as safetensors pads its own."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        text = f.read(n)
+        header = json.loads(text)
+        # Compact and not ASCII-escaped, as safetensors (serde_json) writes it.
+        ordered = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(ordered) > n:  # a string escaped otherwise than serde_json does: keep safetensors' own header
+            return
+        f.seek(8)
+        f.write(ordered + b" " * (n - len(ordered)))
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,

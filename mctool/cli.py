@@ -29,6 +29,7 @@ from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
 from . import _launch_env, distributed
 from .errors import ConfigError, Interrupted, MctoolError
+from .h5io import source_date_epoch
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
                       TrainResult)
@@ -222,6 +223,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                 try:
                     if not quiet:
                         log_every()  # a bad MCTOOL_LOG_EVERY: refused before any work, not at the first bar
+                    source_date_epoch()  # likewise a bad SOURCE_DATE_EPOCH, not at the first file written
                     result = work()
                 except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
                     if e.errno != errno.ENAMETOOLONG:

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
-from .errors import MctoolError, MetricsFileError
+from .errors import ConfigError, MctoolError, MetricsFileError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
 from .options import show_setting
 
@@ -31,9 +31,28 @@ from .options import show_setting
 MAX_H5_VALUES = 1 << 26
 
 
+#: The latest SOURCE_DATE_EPOCH accepted: 9999-12-31T23:59:59Z.
+MAX_SOURCE_DATE_EPOCH = 253402300799
+
+
+def source_date_epoch() -> int | None:
+    """The environment's ``SOURCE_DATE_EPOCH`` (whole seconds since 1970-01-01 UTC, the reproducible-builds
+    convention), or None when it is unset or empty; anything else is a ConfigError naming the variable."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SOURCE_DATE_EPOCH:
+        raise ConfigError(f"SOURCE_DATE_EPOCH={raw[:40]!r} must be a whole number of seconds since "
+                          f"1970-01-01 UTC, from 0 to {MAX_SOURCE_DATE_EPOCH}.")
+    return int(raw)
+
+
 def utc_now() -> str:
-    """The current time as ISO 8601 in UTC (every timestamp mctool writes)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    """The current time as ISO 8601 in UTC (every timestamp mctool writes), or the time ``SOURCE_DATE_EPOCH``
+    names when it is set, so that reruns with the same seed write the same files (docs/file-formats.md)."""
+    epoch = source_date_epoch()
+    now = datetime.now(timezone.utc) if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+    return now.isoformat(timespec="seconds")
 
 
 def _printable(text: str) -> str:

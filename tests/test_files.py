@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mctool.checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_model
+from mctool.checkpoint import ModelMeta, load_model, read_checkpoint, read_metadata, save_checkpoint, save_model
 from mctool.errors import CheckpointError, ConfigError, OutputError
 from mctool.fileio import atomic_path, check_output
 from mctool.h5io import COMMAND_LINE, MetricsLog, provenance, read_h5
@@ -47,6 +47,23 @@ def test_model_checkpoint_round_trip(tmp_path):
     assert not loaded.model.training
     # no temporary files are left behind
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    # safetensors writes the metadata in a random order; mctool sorts the header so that the same tensors and
+    # metadata give the same file (strings that JSON escapes included).
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float64),
+               "n": torch.tensor(7), "h": torch.zeros(5, dtype=torch.bfloat16)}
+    md = {f"key{i}": f"v\u00e9\"\\\n\x01\u2028{i}" for i in range(20)}
+    save_checkpoint(tmp_path / "a.safetensors", tensors, md)
+    save_checkpoint(tmp_path / "b.safetensors", dict(reversed(tensors.items())), dict(reversed(md.items())))
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    assert raw == (tmp_path / "b.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0 and list(json.loads(raw[8:8 + n])) == sorted(["__metadata__", *tensors])
+    loaded, metadata = read_checkpoint(tmp_path / "a.safetensors")
+    assert metadata == md and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors)
 
 
 def test_plain_state_dict_needs_arch_and_num_classes(tmp_path):

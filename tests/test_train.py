@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -41,6 +42,21 @@ def test_same_seed_same_weights_other_seed_differs(cli, tmp_path):
     a, b, c = (read_checkpoint(p)[0] for p in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_source_date_epoch_makes_reruns_byte_identical(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for out in outs:
+        cli("train", *TINY, "-o", out, "--epochs", "2", "-q")
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert read_metadata(outs[0])["created"] == "2023-11-14T22:13:20+00:00"
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f.attrs["started"] == f.attrs["finished"] == "2023-11-14T22:13:20+00:00"
+    for bad in ("soon", "-1", "1.5", "253402300800", "\u0661"):  # the last: an Arabic-Indic digit one
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", bad)
+        assert "SOURCE_DATE_EPOCH" in cli.error("train", *TINY, "-o", tmp_path / "c.safetensors", "-q")
+        assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "c.h5").exists()
 
 
 def test_deterministic_is_recorded_and_changes_nothing_on_a_cpu(cli, tmp_path):
