@@ -233,11 +233,12 @@ class WideNetwork(nn.Module):
 
 def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: float, batch_size: int = 512,
                   bn_batches: int | None = None, precision: str = "fp32",
-                  train_split: Split | None = None) -> list[dict[str, float]]:
+                  train_split: Split | None = None, bn_data: str = "augmented") -> list[dict[str, float]]:
     """``evaluation.evaluate_weights`` for the P networks ``weights`` [P, N] in one pass over the data: BN
     recomputed for each, then each one's train loss, NLL and error and evaluation NLL and error."""
     wide.assign(weights)
-    recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision)
+    recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
+                   bn_data=bn_data)
     probs_t, labels_t = predict_probs(wide, train_split or data.train, batch_size=batch_size, precision=precision)
     probs_e, labels_e = predict_probs(wide, data.eval, batch_size=batch_size, precision=precision)
     return [point_metrics((probs_t[:, k], labels_t), (probs_e[:, k], labels_e),
@@ -258,10 +259,10 @@ class ManyEvaluator:
     def __init__(self, model: nn.Module, layout: ParamLayout, data: Any, *, points_per_pass: int, wd: float,
                  batch_size: int = 512, bn_batches: int | None = None, precision: str = "fp32",
                  train_split: Split | None = None, channels_last: bool = False, label: str = "network",
-                 compile: bool = False):
+                 compile: bool = False, bn_data: str = "augmented"):
         self.model, self.layout, self.data, self.points_per_pass = model, layout, data, points_per_pass
         self.options = {"wd": wd, "batch_size": batch_size, "bn_batches": bn_batches, "precision": precision,
-                        "train_split": train_split}
+                        "train_split": train_split, "bn_data": bn_data}
         self.label, self.compile = label, compile
         self._single: nn.Module | None = None  # the network one at a time (compiled with ``compile``)
         self._wides = WideNetworks(data, channels_last=channels_last, compile=compile)

@@ -1,7 +1,8 @@
 """BatchNorm recalibration: the one function every command uses before evaluating new weights.
 
 Running statistics belong to one set of weights. For any other point (a curve at t, a plane grid point,
-an FGE snapshot) they are reset and recomputed with one pass over the un-augmented training data.
+an FGE snapshot) they are reset and recomputed with one pass over the training data, augmented as the
+network was trained (``--bn-data augmented``, the default) or not (``--bn-data plain``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from . import distributed
 from .data import Split
 from .errors import ConfigError, DataError
-from .options import check_count
+from .options import check_count, show_setting
 from .runtime import autocast
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -25,13 +26,30 @@ _BN = nn.modules.batchnorm._BatchNorm
 PASS_SEED = 0
 
 
-def pass_batches(split: Split, batch_size: int, *, deal: tuple[int, int] | None = None):
-    """The un-augmented training batches of a statistics pass, in the fixed order ``PASS_SEED`` draws."""
-    return split.batches(batch_size, shuffle=True, seed=PASS_SEED, deal=deal)
+#: ``--bn-data``: the training images of a BN pass augmented as in training (the statistics the network's
+#: layers were trained to expect, which its stored running statistics also average), or as they are.
+BN_DATA = ("augmented", "plain")
+
+
+def check_bn_data(value: Any) -> None:
+    if not isinstance(value, str) or value not in BN_DATA:
+        raise ConfigError(f"--bn-data must be one of {', '.join(BN_DATA)}, got '{show_setting(value)}'.")
+
+
+def pass_batches(split: Split, batch_size: int, *, augment: bool = False, deal: tuple[int, int] | None = None):
+    """The training batches of a statistics pass, in the fixed order ``PASS_SEED`` draws; ``augment``: with the
+    split's training augmentation, drawn from the same seed (the same images for every network and run)."""
+    return split.batches(batch_size, shuffle=True, augment=augment, seed=PASS_SEED, deal=deal)
 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
+
+
+def bn_data_setting(buffers: Iterable[str], bn_data: str) -> str | None:
+    """What a run records as ``bn_data``: ``bn_data`` for a network with BatchNorm statistics to recompute, else
+    None (the setting changes nothing there)."""
+    return bn_data if any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers) else None
 
 
 def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:
@@ -76,12 +94,13 @@ def use_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Mod
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max_batches: int | None = None,
-                   precision: str = "fp32", sharded: bool = False,
+                   precision: str = "fp32", sharded: bool = False, bn_data: str = "augmented",
                    on_batch: Callable[[], None] | None = None) -> bool:
     """Recompute BN running statistics of ``model`` at its current weights (docs/method.md#bn); returns False
     without BN layers.
 
-    The batches come in one fixed random order (``pass_batches``). Only the BN layers run in train mode
+    The batches come in one fixed random order (``pass_batches``), with the training augmentation of ``split``
+    for ``bn_data="augmented"`` (docs/method.md#bn). Only the BN layers run in train mode
     (dropout stays off) with momentum 1, so that each batch's mean and (unbiased) variance land in the
     running buffers; they are added up weighted by the batch's size, so the result is the exact mean and the
     per-batch variance average over the pass, and every batch is the same call (which a compiled forward
@@ -92,6 +111,7 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     of this process's batches (a progress bar).
     """
     check_count("--bn-batches", max_batches)
+    check_bn_data(bn_data)
     check_bn_batch_size(model, batch_size)
     bns = bn_modules(model)
     if not bns:
@@ -113,7 +133,8 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     d = distributed.current() if sharded else None
     rank, world = d.part if d is not None else (0, 1)
     with autocast(device, precision):
-        for j, (x, _) in enumerate(pass_batches(split, batch_size, deal=d.part if d is not None else None)):
+        for j, (x, _) in enumerate(pass_batches(split, batch_size, augment=bn_data == "augmented",
+                                                deal=d.part if d is not None else None)):
             i = rank + j * world  # the batch's number in the whole pass
             if max_batches is not None and i >= max_batches:
                 break

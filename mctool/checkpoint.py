@@ -24,6 +24,7 @@ from ._version import __version__
 from .errors import CheckpointError, ConfigError
 from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, sha256_file, writes_files
 from .h5io import utc_now
+from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
 #: Checkpoint kinds that hold one network's state dict (a train-state adds optimiser tensors).
@@ -191,6 +192,8 @@ def _config(md: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
         raise bad_field(path, "config", f"'epochs' must be an integer from 1 to 1,000,000, got {epochs!r}")
     if "split" in config and config["split"] not in ("test", "val"):
         raise bad_field(path, "config", f"'split' must be 'test' or 'val', got {config['split']!r}")
+    if config.get("augment") is not None and config["augment"] not in AUGMENTS:
+        raise bad_field(path, "config", f"'augment' must be one of {', '.join(AUGMENTS)}, got {config['augment']!r}")
     return config
 
 
@@ -218,6 +221,11 @@ class ModelMeta:
             raise ConfigError(f"'{path}' does not record its data set; pass --dataset." if path is not None else
                               "the network does not record its data set; pass --dataset.")
         return name
+
+    def train_augment(self) -> str:
+        """The augmentation the network was trained with (``auto``, the data set's default, when not recorded):
+        what the BN passes of ``--bn-data augmented`` apply (docs/method.md#bn)."""
+        return self.config.get("augment") or "auto"
 
     def data_options(self) -> dict[str, Any]:
         """``load_data`` options that feed this network the images it was trained on: its normalisation and,
@@ -556,9 +564,10 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     shapes = {k: v.shape for k, v in header.items()}
     problem = _describe_mismatch(expected, {k: v for k, v in shapes.items() if not k.startswith(EXTRA_PREFIXES)})
     if problem:
-        plain = (" Build it as it was built: --arch-kwargs (e.g. '{\"hidden\": 16}'), and its classes and "
-                 "channels (--num-classes and --in-chans of evaluate; train takes them from the data "
-                 "set)." if "arch" not in md else "")
+        plain = (" Build it as it was built: its --arch-kwargs (e.g. '{\"hidden\": 16}' for mlp), and its classes "
+                 "and channels (--num-classes and --in-chans of evaluate; train takes them from the data set). "
+                 "To fine-tune timm weights made for another number of classes, give them to train as "
+                 "--pretrained-file (the classifier is re-initialised), not as --init." if "arch" not in md else "")
         raise CheckpointError(f"'{path}' does not fit architecture '{meta.arch}' "
                               f"(num_classes={meta.num_classes}, in_chans={meta.in_chans}): {problem}.{plain}")
     tensors, _ = read_checkpoint(path)

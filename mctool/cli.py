@@ -25,6 +25,7 @@ from rich.text import Text
 
 from ._version import __version__
 from .align import METHODS as ALIGN_METHODS
+from .bn import BN_DATA
 from .curves import BEND_INITS, CURVES
 from .data import AUGMENTS, SPLITS
 from . import _launch_env, distributed
@@ -79,6 +80,7 @@ def _choices(name: str, values: tuple[str, ...]) -> Any:
 
 # The choices come from the library (one list each); a member's name is its value: Augment["crop-flip"].
 Precision = _choices("Precision", PRECISIONS)
+BnData = _choices("BnData", BN_DATA)
 Split = _choices("Split", SPLITS)
 Schedule = _choices("Schedule", SCHEDULES)
 CurveSchedule = _choices("CurveSchedule", tuple(s for s in SCHEDULES if s != "sse"))  # one network per run
@@ -131,7 +133,8 @@ EvalSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate on the off
                                                             "only for networks trained with --split val (else a "
                                                             "warning). Default: the split the inputs were trained "
                                                             "with; test if they record none or disagree.")]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only).")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only; at most the "
+                                                   "CPU cores available).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
                         "is I modulo N, into this shard's own metrics file; the others stay NaN. Combine the N files "
@@ -522,6 +525,10 @@ def info(
     _run(lambda: file_info(file), as_json, quiet, show)
 
 
+_BN_DATA_HELP = ("Training images of each BatchNorm recalibration pass: augmented as the network was trained (the "
+                 "statistics its layers were trained with, which its stored ones also average) or plain (as they "
+                 "are).")
+BnDataOpt = Annotated[BnData, typer.Option(help=_BN_DATA_HELP)]
 BnBatchesOpt = Annotated[Optional[int], typer.Option(
     help="Batches for each BatchNorm recalibration pass (default: the whole training set; fewer is faster but "
          "gives noisier statistics).")]
@@ -640,6 +647,7 @@ def evaluate_curve(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "curve's, or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
@@ -681,6 +689,7 @@ def evaluate_curve(
         return run([str(f) for f in files], metrics, num_points=num_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset, data_root=data_root, download=download,
                    split=split.value if split else None, batch_size=batch_size, bn_batches=bn_batches, wd=wd,
+                   bn_data=bn_data.value,
                    precision=precision.value, channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, compare_unaligned=compare_unaligned,
                    repair=repair,
@@ -724,6 +733,7 @@ def point(
     no_bn_update: Annotated[bool, typer.Option("--no-bn-update", help="Keep the start network's BatchNorm "
                                                "statistics instead of recomputing them at t.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     data_root: DataRootOpt = None,
@@ -748,7 +758,8 @@ def point(
             raise ConfigError("give exactly one of --t (a curve) or --index (an ensemble member).")
         if index is not None:
             return export_member(source, index, output, force=force)
-        return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches, force=force,
+        return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches,
+                            bn_data=bn_data.value, force=force,
                             device=device, dataset=dataset, data_root=data_root, download=download,
                             batch_size=batch_size,
                             precision=precision.value, num_workers=num_workers, quiet=quiet)
@@ -777,6 +788,7 @@ def ensemble(
                                                     "held-out part of the training data (the val split) and "
                                                     "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = None,
     batch_size: EvalBatchOpt = 512,
@@ -804,6 +816,7 @@ def ensemble(
                                precision=precision.value, channels_last=channels_last,
                                metrics=str(metrics) if metrics else None, output=str(output) if output else None,
                                num_points=num_points, temperature_scale=temperature_scale, bn_batches=bn_batches,
+                               bn_data=bn_data.value,
                                force=force, num_workers=num_workers, points_per_pass=points_per_pass,
                                compile=compile, quiet=quiet, command="ensemble")
 
@@ -892,6 +905,7 @@ def plane_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "curve's or w0's).")] = None,
@@ -923,7 +937,8 @@ def plane_cmd(
         return run([str(f) for f in files], metrics, grid_points=grid_points, margins=margins, bend=bend,
                    curve_points=curve_points, plot=plot, resume=resume, force=force, device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,
-                   bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
+                   bn_batches=bn_batches, bn_data=bn_data.value, train_subset=train_subset, wd=wd,
+                   precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, quiet=quiet)
 
@@ -979,6 +994,7 @@ def surface_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "network's wd).")] = None,
@@ -1014,7 +1030,8 @@ def surface_cmd(
                    span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume, force=force,
                    device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,
-                   bn_batches=bn_batches, train_subset=train_subset, wd=wd, precision=precision.value,
+                   bn_batches=bn_batches, bn_data=bn_data.value, train_subset=train_subset, wd=wd,
+                   precision=precision.value,
                    channels_last=channels_last, num_workers=num_workers, shard=_shard(shard),
                    points_per_pass=points_per_pass, compile=compile, quiet=quiet)
 
@@ -1068,6 +1085,7 @@ def hessian_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
+    bn_data: BnDataOpt = BnData.augmented,
     batch_size: Annotated[int, typer.Option(help="Batch size for the Hessian-vector products and the BN pass.")]
     = 512,
     dataset: RecordedDatasetOpt = None,
@@ -1090,6 +1108,7 @@ def hessian_cmd(
         return run([str(f) for f in files], metrics, top_k=top_k, trace=trace, trace_samples=trace_samples,
                    num_points=num_points, train_subset=train_subset or None, batch_size=batch_size, tol=tol,
                    max_restarts=max_restarts, seed=seed, eigenvectors=eigenvectors, bn_batches=bn_batches,
+                   bn_data=bn_data.value,
                    resume=resume, force=force, device=device, dataset=dataset, data_root=data_root,
                    download=download, num_workers=num_workers, quiet=quiet)
 
@@ -1203,6 +1222,8 @@ def fge_cmd(
     swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
                                                 "as a model checkpoint here.")] = None,
     bn_batches: BnBatchesOpt = None,
+    bn_data: Annotated[Optional[BnData], typer.Option(
+        help=_BN_DATA_HELP + " Default: augmented; on --resume, the interrupted run's.")] = None,
     points_per_pass: Annotated[int, typer.Option(
         help="Snapshots evaluated together in one pass over the data (P copies side by side in one wide network): "
              "a snapshot waits until P are taken (or the run ends), so the running ensemble's metrics come P at a "
@@ -1242,7 +1263,7 @@ def fge_cmd(
                         precision=precision.value,
                         channels_last=channels_last, cuda_graphs=cuda_graphs, deterministic=deterministic,
                         sync_bn=sync_bn, points_per_pass=points_per_pass,
-                        bn_batches=bn_batches,
+                        bn_batches=bn_batches, bn_data=bn_data.value if bn_data else None,
                         swa=str(swa) if swa else None)
         return fge(cfg, start, output, metrics, device=device, data_root=data_root,
                    download=download, num_workers=num_workers, resume=resume, force=force, quiet=quiet)

@@ -8,14 +8,14 @@ import numbers
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from . import distributed
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
-from .bn import bn_modules, bn_pass_setting, check_bn_batch_size, recalibrate_bn
+from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
@@ -192,6 +192,18 @@ def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] 
                        "command plus --resume.")
 
 
+@contextlib.contextmanager
+def finishing(metrics: Path, total: int) -> Iterator[None]:
+    """Ctrl-C once every point of a run is computed, while its summary or plot is written: say that nothing is
+    lost and that --resume finishes the run (evaluate-curve, plane, surface)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while finishing; all {total} points are saved in '{metrics}'. The same "
+                          "command plus --resume writes the summary (and the plot) without computing any point "
+                          "again.") from None
+
+
 @holds_output_locks
 def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 61, plot: str | Path | None = None,
                    resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
@@ -200,7 +212,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                    precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
                    shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
                    repair: bool = False, repair_batches: int = 8, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-                   compile: bool = False, quiet: bool = False) -> CurveResult:
+                   compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> CurveResult:
     """Loss and error at ``num_points`` evenly spaced t, with BN recomputed at each
     (docs/method.md#curve-evaluation).
 
@@ -209,7 +221,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     ``compare_unaligned`` (with ``paths`` = A and B aligned by ``mctool align``): the unaligned B; the segment
     A -> B is evaluated too, at the same t and with the same options (``barrier_unaligned``, datasets under
     ``unaligned/``). ``repair`` (networks without BatchNorm): REPAIR at every point, with statistics from
-    ``repair_batches`` training batches (docs/align.md#repair). ``points_per_pass`` points are evaluated
+    ``repair_batches`` training batches (docs/align.md#repair). ``bn_data``: the BN passes' images augmented
+    as the curve was trained, or ``plain`` (docs/method.md#bn). ``points_per_pass`` points are evaluated
     together in one wide network (``batched.ManyEvaluator``; one at a time with ``repair``); ``compile`` runs
     the evaluation forward through ``torch.compile`` (``batched.CompiledForward``)."""
     t0 = time.time()
@@ -221,6 +234,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     check_count("--bn-batches", bn_batches)
     check_count("--repair-batches", repair_batches)
     check_real("--wd", wd, 0, MAX_RATE)
+    check_bn_data(bn_data)
     metrics = Path(metrics)
     unaligned: Curve | None = None
     if compare_unaligned is not None:
@@ -244,7 +258,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     values_un = {n: np.full(num_points, np.nan) for n in names} if unaligned is not None else None
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "bn_batch_size": bn_pass_setting(curve.buffers, batch_size),
-              "precision": precision, "curve": curve.curve, "num_bends": curve.num_bends,
+              "bn_data": bn_data_setting(curve.buffers, bn_data), "precision": precision, "curve": curve.curve,
+              "num_bends": curve.num_bends,
               # None when off: files of earlier versions, which lack these keys, still resume
               "compare_unaligned": str(compare_unaligned) if compare_unaligned is not None else None,
               "repair_batches": repair_batches if repair else None}
@@ -286,7 +301,8 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     if todo:
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
-                         channels_last=channels_last, **curve.meta.data_options(), num_workers=num_workers)
+                         augment=curve.meta.train_augment(), channels_last=channels_last,
+                         **curve.meta.data_options(), num_workers=num_workers)
         check_fits(curve.meta, data.info, paths[0])
         model = curve.build_model().to(dev)
         check_bn_batch_size(model, batch_size)
@@ -311,7 +327,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
         per_pass = 1 if repair else points_per_pass  # REPAIR changes each network's weights before its pass
         many = ManyEvaluator(model, curve.layout, data, points_per_pass=per_pass, wd=wd, batch_size=batch_size,
                              bn_batches=bn_batches, precision=precision, channels_last=channels_last,
-                             label="curve", compile=compile)
+                             label="curve", compile=compile, bn_data=bn_data)
 
         def weights_at(i: int, seg: Curve, pts: torch.Tensor) -> torch.Tensor:
             return seg.weights(t[i], pts)
@@ -323,7 +339,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                 run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])), batches=repair_batches,
                            batch_size=batch_size, precision=precision)
                 m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
-                                     precision=precision)
+                                     precision=precision, bn_data=bn_data)
                 out |= {prefix + n: v for n, v in m.items()}
             return out
 
@@ -356,21 +372,22 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                 deal_passes(todo, per_pass, measure, record)
         except KeyboardInterrupt:
             raise interrupted(saved, len(mine), metrics) from None
-    summary = curve_summary(values, dl, distance, t)
-    summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None
-    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
-        write(summary, summary_un)
-    summary_metrics, barrier, bump = curve_metrics(summary)
-    unaligned_sets = curve_metrics(summary_un) if summary_un is not None else None
-    result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,
-                         barrier=barrier, bump=bump, curve=curve.curve, num_bends=curve.num_bends,
-                         num_points=num_points, length=summary["length"], length_ratio=summary["length_ratio"],
-                         barrier_unaligned=unaligned_sets[1] if unaligned_sets else None,
-                         bump_unaligned=unaligned_sets[2] if unaligned_sets else None)
-    if plot is not None and distributed.is_main():
-        from .plots import plot_curves
+    with finishing(metrics, len(mine)):
+        summary = curve_summary(values, dl, distance, t)
+        summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None
+        if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+            write(summary, summary_un)
+        summary_metrics, barrier, bump = curve_metrics(summary)
+        unaligned_sets = curve_metrics(summary_un) if summary_un is not None else None
+        result = CurveResult(command="evaluate-curve", inputs=file_refs(inputs), split=split, metrics=summary_metrics,
+                             barrier=barrier, bump=bump, curve=curve.curve, num_bends=curve.num_bends,
+                             num_points=num_points, length=summary["length"], length_ratio=summary["length_ratio"],
+                             barrier_unaligned=unaligned_sets[1] if unaligned_sets else None,
+                             bump_unaligned=unaligned_sets[2] if unaligned_sets else None)
+        if plot is not None and distributed.is_main():
+            from .plots import plot_curves
 
-        plot_curves([metrics], plot)
+            plot_curves([metrics], plot)
     result.outputs = {"metrics": FileRef.of(metrics), "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0
     return result
@@ -381,7 +398,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
                  dataset: str | None = None, data_root: str | None = None, download: bool = False,
                  batch_size: int = 512, precision: str = "fp32", num_workers: int = 4,
-                 quiet: bool = False) -> PointResult:
+                 bn_data: str = "augmented", quiet: bool = False) -> PointResult:
     """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled, on the
     training images of ``dataset``, by default the recorded one; its pass shows a progress bar inside
     ``mctool.progress()`` unless ``quiet``)."""
@@ -389,6 +406,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     check_real("--t", t, 0, 1)
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
+    check_bn_data(bn_data)
     check_outputs({"--output": output}, [path], force=force, formats={"--output": "safetensors"})
     curve = load_curve(path)[0]
     model = curve.build_model()
@@ -398,7 +416,8 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     if bn_update and bn_modules(model):
         dev = resolve_device(device)
         data = load_data(curve.meta.dataset_or(dataset, path), root=data_root, split=split, download=download,
-                         device=dev, **curve.meta.data_options(), num_workers=num_workers)
+                         device=dev, augment=curve.meta.train_augment(), **curve.meta.data_options(),
+                         num_workers=num_workers)
         check_fits(curve.meta, data.info, path)
         model.to(dev)
         batches = data.train.num_batches(batch_size)
@@ -406,12 +425,13 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
         with progress_bar(quiet) as bar:  # the ranks share the pass; rank 0 draws its batches as the world's
             task = bar.add_task(f"BN pass at t = {t:g}", total=min(batches, bn_batches or batches), info="")
             recalibrated = recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches,
-                                          precision=precision, sharded=True,
+                                          precision=precision, sharded=True, bn_data=bn_data,
                                           on_batch=lambda: bar.advance(task, world))
         model.to("cpu")
     config = {"curve": str(path), "t": t, "bn_update": recalibrated, "bn_batches": bn_batches, "split": split,
               **({"bn_dataset": dataset} if recalibrated and dataset is not None else {}),
-              **{k: curve.meta.config[k] for k in ("wd", "epochs") if k in curve.meta.config}}
+              **({"bn_data": bn_data} if recalibrated else {}),
+              **{k: curve.meta.config[k] for k in ("wd", "epochs", "augment") if k in curve.meta.config}}
     meta = ModelMeta(**{**asdict(curve.meta), "kind": "model", "config": config,
                         "inputs": {str(path): curve.sha256},
                         "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t))}})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -251,12 +253,10 @@ class LoaderSplit:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else range(n)
         starts = range(0, n - batch_size + 1 if drop_last else n, batch_size)
         index = [list(order[lo:hi]) for lo, hi in batch_pieces(starts, batch_size, n, chunk=chunk, deal=deal)]
-        # The workers' seeds (their augmentation) differ between the processes that share an epoch.
-        rank = (deal[0] if deal else 0) * (chunk[1] if chunk else 1) + (chunk[0] if chunk else 0)
-        ds = self.train_dataset if augment else self.eval_dataset
+        ds = _SeededImages(self.train_dataset, seed) if augment else self.eval_dataset
         loader = iter(torch.utils.data.DataLoader(
-            ds, batch_sampler=[b for b in index if b], num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed + (rank << 32)),
+            ds, batch_sampler=[b for b in index if b], num_workers=usable_workers(self.num_workers),
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
             persistent_workers=False))
         size = self.info.image_size
         for b in index:
@@ -301,10 +301,47 @@ class LoaderSplit:
                          "file.")
 
 
+def usable_workers(requested: int) -> int:
+    """``--num-workers``, at most the CPU cores this process may use (more only compete for them, and PyTorch
+    warns); the count changes no value (``_SeededImages``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(requested, cores)
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """A data set whose random transforms draw image ``i``'s augmentation from ``(seed, i)`` alone, so that it is
+    the same for any number of DataLoader workers, any world size and any batch the image lands in (a worker's
+    own random state would depend on all three). The CPU random states of torch, ``random`` and NumPy (timm's
+    and torchvision's transforms use them) are restored afterwards, so the loading process's own draws are
+    untouched when it loads the images itself (``--num-workers 0``)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        state = np.random.SeedSequence([self.seed % 2**64, i]).generate_state(2, np.uint64)
+        saved = torch.random.default_generator.get_state(), random.getstate(), np.random.get_state()
+        try:
+            torch.random.default_generator.manual_seed(int(state[0] >> np.uint64(1)))
+            random.seed(int(state[1]))
+            np.random.seed(int(state[1] % 2**32))
+            return self.dataset[i]
+        finally:
+            torch.random.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
 def _sample_path(ds, i: int) -> str | None:
     """The file of sample ``i`` of an ImageFolder (or a Subset of one), or None for other data sets."""
-    while isinstance(ds, torch.utils.data.Subset):
-        ds, i = ds.dataset, ds.indices[i]
+    while isinstance(ds, (torch.utils.data.Subset, _SeededImages)):
+        ds, i = (ds.dataset, ds.indices[i]) if isinstance(ds, torch.utils.data.Subset) else (ds.dataset, i)
     samples = getattr(ds, "samples", None)
     return samples[i][0] if samples is not None else None
 
@@ -514,6 +551,13 @@ def _val_size(n_train: int) -> int:
     return _VAL_SIZE if n_train >= 10 * _VAL_SIZE else max(1, round(n_train / 10))
 
 
+def _warn_one_class(name: str, num_classes: int) -> None:
+    if num_classes < 2:
+        warnings.warn(f"data set '{name}' has a single class: every network predicts it with zero loss and error, "
+                      "so curves, planes and ensembles show nothing; give a data set of two classes or more.",
+                      stacklevel=3)
+
+
 def _check_not_empty(name: str, split: str, n_train: int, n_eval: int, n_total: int) -> None:
     """Refuse a data set whose training or evaluation split is empty (``n_total``: training images before
     --split val held some out), before any command starts work on it."""
@@ -588,6 +632,7 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
         nv = _val_size(n_total)
         xtr, ytr, xte, yte = xtr[:-nv], ytr[:-nv], xtr[-nv:], ytr[-nv:]
     _check_not_empty(name, split, len(xtr), len(xte), n_total)
+    _warn_one_class(name, num_classes)
     return Data(info=info, train=TensorSplit(xtr, ytr, info, device, channels_last),
                 eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
 
@@ -645,4 +690,5 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
         train = LoaderSplit(train_aug, train_plain, info, device, num_workers, channels_last)
         ev = LoaderSplit(val, val, info, device, num_workers, channels_last)
     _check_not_empty(name, split, len(train), len(ev), len(train_plain))
+    _warn_one_class(name, info.num_classes)
     return Data(info=info, train=train, eval=ev, eval_split=split)

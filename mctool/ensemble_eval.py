@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
-from .bn import recalibrate_bn
+from .bn import check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, meta_differences, read_metadata
 from .curves import load_curve
 from .data import check_fits, load_data
@@ -144,7 +144,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                     bn_batches: int | None = None, force: bool = False, arch: str | None = None,
                     num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
                     num_workers: int = 4, points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False,
-                    quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
+                    bn_data: str = "augmented", quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve
@@ -155,6 +155,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     ``output`` writes all members as one ensemble file. ``command`` names the result (``evaluate`` or
     ``ensemble``). ``points_per_pass`` members of one architecture are evaluated together (``batched``);
     ``compile`` runs the evaluation forward through ``torch.compile`` (``batched.CompiledForward``).
+    ``bn_data``: the images of the curve points' BN passes, augmented as the curve was trained or ``plain``.
     """
     t0 = time.time()
     paths = file_list(paths, "paths")
@@ -163,6 +164,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
         raise ConfigError("give at least one model checkpoint, ensemble file or curve.")
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
+    check_bn_data(bn_data)
     check_count("--num-points", num_points, 1, MAX_POINTS)
     check_count("--num-classes", num_classes)
     check_count("--in-chans", in_chans)
@@ -186,7 +188,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     # records none, and check_members_compatible has made the others agree with it).
     reads = next((m.meta for m in members if m.meta.normalization is not None), first)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, channels_last=channels_last,
-                     **reads.data_options(), num_workers=num_workers)
+                     augment=reads.train_augment(), **reads.data_options(), num_workers=num_workers)
     held = None
     if temperature_scale:
         try:
@@ -201,7 +203,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
         if m.meta.image_size is None:  # a plain state dict: nothing recorded says it takes these images
             check_takes_images(m.make().to(dev), m.meta.arch, data.info.num_classes, data.info.in_chans,
                                data.info.image_size, data.info.name)
-    rows, running, ens = [], [], None
+    rows, running, ens, recalibrated = [], [], None, False
     eval_logits, held_logits, labels, held_labels = [], [], None, None
     weights, buffers = [], []
     many = _MemberPasses(points_per_pass, data, channels_last, compile)
@@ -217,8 +219,8 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                 wide.assign(torch.stack([wide.layout.flatten(dict(m.named_parameters())) for m in models]))
                 wide.assign_buffers([dict(m.named_buffers()) for m in models])
                 if chunk[0].recalibrate:
-                    recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches,
-                                   precision=precision, sharded=True)
+                    recalibrated |= recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches,
+                                                   precision=precision, sharded=True, bn_data=bn_data)
                     for k, model in enumerate(models):  # each network keeps its recomputed statistics
                         model.load_state_dict(wide.running_stats(k), strict=False)
                 z, labels = predict_logits(wide, data.eval, batch_size=batch_size, precision=precision, sharded=True)
@@ -232,8 +234,9 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                 for member, model in zip(chunk, models):
                     run = compiled(model, compile)
                     if member.recalibrate:
-                        recalibrate_bn(run, data.train, batch_size=batch_size, max_batches=bn_batches,
-                                       precision=precision, sharded=True)
+                        recalibrated |= recalibrate_bn(run, data.train, batch_size=batch_size,
+                                                       max_batches=bn_batches, precision=precision, sharded=True,
+                                                       bn_data=bn_data)
                     z, labels = predict_logits(run, data.eval, batch_size=batch_size, precision=precision,
                                                sharded=True)
                     pass_logits.append(z)
@@ -285,9 +288,10 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
         if temperature_scale:
             datasets.update({f"ensemble/{split}/calibrated/{k}": (np.array([getattr(result.metrics["calibrated"], k)]),
                                                                   ()) for k in keys})
+        recalibration = {"bn_batches": bn_batches, "bn_data": bn_data} if recalibrated else {}
         attrs = {**provenance(inputs,
                               {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
-                               "temperature_scale": temperature_scale}, "evaluate"),
+                               "temperature_scale": temperature_scale, **recalibration}, "evaluate"),
                  "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split}
         if temperature_scale:
             attrs["temperature"] = result.calibration.temperature

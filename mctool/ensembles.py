@@ -122,8 +122,10 @@ class SnapshotCollector:
     """
 
     def __init__(self, model: nn.Module, data, *, batch_size: int = 512, bn_batches: int | None = None,
-                 precision: str = "fp32", points_per_pass: int = 1, channels_last: bool = False):
+                 precision: str = "fp32", points_per_pass: int = 1, channels_last: bool = False,
+                 bn_data: str = "augmented"):
         self.eval_model = copy.deepcopy(model).eval()
+        self.bn_data = bn_data
         self.layout = ParamLayout.of(model)
         self.data, self.batch_size, self.bn_batches, self.precision = data, batch_size, bn_batches, precision
         # where P networks side by side would not be faster (batched.pays_off), each snapshot goes at once
@@ -164,18 +166,19 @@ class SnapshotCollector:
     def _evaluate(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
         """Each network's evaluation probabilities, labels and recalibrated buffers, for flat ``weights`` [n, N]."""
         opts = {"batch_size": self.batch_size, "precision": self.precision, "sharded": True}
+        bn = {"max_batches": self.bn_batches, "bn_data": self.bn_data}
         n = len(weights)
         wide = self._wides.get(n, self.eval_model, n, self.layout, "these snapshots")
         if wide is not None:
             wide.assign(weights.to(next(wide.parameters()).device))
-            recalibrate_bn(wide, self.data.train, max_batches=self.bn_batches, **opts)
+            recalibrate_bn(wide, self.data.train, **bn, **opts)
             probs, labels = predict_probs(wide, self.data.eval, **opts)
             return [(probs[:, k].contiguous(), labels, {b: v.cpu() for b, v in wide.running_stats(k).items()})
                     for k in range(n)]
         out = []
         for w in weights:
             self.layout.assign(self.eval_model, w)
-            recalibrate_bn(self.eval_model, self.data.train, max_batches=self.bn_batches, **opts)
+            recalibrate_bn(self.eval_model, self.data.train, **bn, **opts)
             probs, labels = predict_probs(self.eval_model, self.data.eval, **opts)
             out.append((probs, labels, {k: v.detach().cpu().clone() for k, v in self.eval_model.named_buffers()}))
         return out

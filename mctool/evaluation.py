@@ -156,7 +156,7 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512, bn_batches: int | None = None,
                      precision: str = "fp32", train_split: Split | None = None,
-                     sharded: bool = False) -> dict[str, float]:
+                     sharded: bool = False, bn_data: str = "augmented") -> dict[str, float]:
     """Metrics of a network at its current weights, after recomputing BN statistics for them.
 
     Train metrics use the un-augmented training data (or ``train_split``, e.g. a fixed subset):
@@ -164,7 +164,7 @@ def evaluate_weights(model: nn.Module, data, *, wd: float, batch_size: int = 512
     then ``<split>/nll`` and ``<split>/err``. ``sharded``: all ranks of a distributed run share the work.
     """
     recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
-                   sharded=sharded)
+                   sharded=sharded, bn_data=bn_data)
     train = predict_probs(model, train_split or data.train, batch_size=batch_size, precision=precision,
                           sharded=sharded)
     held = predict_probs(model, data.eval, batch_size=batch_size, precision=precision, sharded=sharded)

@@ -9,6 +9,7 @@ All members go into one ensemble file.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bn import bn_modules, recalibrate_bn, use_sync_bn
+from .bn import bn_modules, check_bn_data, recalibrate_bn, use_sync_bn
 from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, save_model
 from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import holds_output_locks, same_inputs
+from .fileio import check_outputs, holds_output_locks, same_inputs
 from .batched import check_points_per_pass
 from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_real
 from .graphs import sgd, use_graphs
@@ -56,6 +57,7 @@ class FGEConfig:
     cuda_graphs: bool = False  # how, not what: may differ on --resume
     deterministic: bool = False  # how, not what: may differ on --resume
     bn_batches: int | None = None
+    bn_data: str | None = None  # default: augmented (docs/method.md#bn); None on --resume: the recorded one
     swa: str | None = None
     # fit() reads these
     schedule: str = "constant"
@@ -80,6 +82,8 @@ class FGEConfig:
             raise ConfigError("give --cycle-epochs or --cycle-iters.")
         check_real("--cycle-epochs", self.cycle_epochs, 0, MAX_EPOCHS, low_open=True)
         check_count("--bn-batches", self.bn_batches)
+        if self.bn_data is not None:
+            check_bn_data(self.bn_data)
         check_points_per_pass(self.points_per_pass)
 
 
@@ -141,10 +145,20 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
     output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
+    # recorded absolute: a resume from another folder writes where the interrupted run was told to
+    swa_given = swa_path = cfg.swa  # (written, and named in the result, as given)
+    if swa_given:
+        cfg.swa = os.path.abspath(cfg.swa)
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, state_kind="fge-state",
                                    inputs=[start], more_outputs={"--swa": cfg.swa})
     adopt_recorded(cfg, resume_state)
+    if cfg.swa is not None and not swa_given:  # the interrupted run's --swa: an output like the others
+        check_outputs({"--output": output, "--metrics": metrics, "--swa": cfg.swa}, [start], force=True,
+                      formats={"--swa": "safetensors"})
+        swa_path = cfg.swa
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
+    # (a state of a version that did not record it evaluated its snapshots on un-augmented images)
+    cfg.bn_data = cfg.bn_data or ("plain" if resume_state is not None else "augmented")
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,
@@ -168,7 +182,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                           f"half a cycle ({cycle // 2} iterations); use more --epochs or a shorter cycle.")
     split = data.eval_split
     snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision,
-                              points_per_pass=cfg.points_per_pass, channels_last=cfg.channels_last)
+                              points_per_pass=cfg.points_per_pass, channels_last=cfg.channels_last,
+                              bn_data=cfg.bn_data)
     inputs = {str(start): start_model.sha256}
     attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
              "split": split}
@@ -232,7 +247,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             if cfg.swa:
                 swa_model = snaps.eval_model
                 snaps.layout.assign(swa_model, snaps.average().to(dev))
-                recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True)
+                recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True,
+                               bn_data=cfg.bn_data)
                 bar.advance(task)
                 swa_metrics = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision,
                                                                   sharded=True)))
@@ -248,12 +264,12 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             result.metrics["swa"] = swa_metrics
             swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
                                     "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
-            save_model(cfg.swa, swa_model.cpu(), swa_meta)
+            save_model(swa_path, swa_model.cpu(), swa_meta)
         log.attrs["finished"] = utc_now()
         log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
         log.flush()
         remove_state(output)
     result.outputs = {"ensemble": FileRef.of(output), "metrics": FileRef.of(metrics),
-                      "swa": FileRef.of(cfg.swa) if cfg.swa else None}
+                      "swa": FileRef.of(swa_path) if swa_path else None}
     result.seconds = time.time() - t_run
     return result

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
-from .errors import ConfigError, MctoolError, MetricsFileError
+from .errors import ConfigError, MctoolError, MetricsFileError, OutputError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
 from .options import show_setting
 
@@ -223,14 +223,35 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
                 raise MetricsFileError(f"'{metrics}' cannot be resumed: dataset '{name}' should be numbers of shape "
                                        f"{shape}, got {got}. Start over with --force.")
     else:
+        if not force and _unfinished(metrics):
+            raise OutputError(f"metrics file '{metrics}' holds an interrupted run; pass --resume (with the same "
+                              "options) to continue it, or --force to start over.")
         check_output(metrics, force, "metrics file")
     if plot is not None:
         check_output(plot, force or resume, "plot")
     return data, started, finished
 
 
+def _unfinished(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an mctool metrics file of a grid-like run that has no summary yet (interrupted)."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("kind")
+            if kind == "hessian":  # (no summary: its points are NaN until computed)
+                hvps = f.get("hvps")
+                return isinstance(hvps, h5py.Dataset) and hvps.size <= MAX_H5_VALUES and bool(np.isnan(hvps[()]).any())
+            return kind in ("evaluate-curve", "plane", "surface") and "summary" not in f.attrs
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 #: Settings that metrics files of mctool 0.2.0 do not record: such a file resumes whatever they are now.
 NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size"})
+#: Settings that metrics files of mctool 0.2.0 do not record, and the value they were computed with (for a
+#: network where the setting applies: where it does not, the run records None).
+RECORDED_VALUE_BEFORE_0_3 = {"bn_data": "plain"}
 
 
 def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
@@ -249,8 +270,13 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     if "input_order" in attrs and json_attr(attrs, "input_order", path, "[]") != list(inputs.values()):
         raise MetricsFileError(f"'{path}' was computed from the same files given in another order; --resume needs "
                                "them in the interrupted run's order.")
-    diff = {k: (old_config.get(k), v) for k, v in config.items()
-            if old_config.get(k) != v and (k in old_config or k not in NOT_RECORDED_BEFORE_0_3)}
+    def recorded(k: str, v: Any) -> Any:
+        if k in old_config:
+            return old_config[k]
+        return RECORDED_VALUE_BEFORE_0_3.get(k) if v is not None else None
+
+    diff = {k: (recorded(k, v), v) for k, v in config.items()
+            if recorded(k, v) != v and (k in old_config or k not in NOT_RECORDED_BEFORE_0_3)}
     if diff:
         shown = ", ".join(f"{k}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
         raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options "

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed
-from .bn import bn_modules, bn_pass_setting, check_bn_batch_size, recalibrate_bn
+from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
 from .curve_eval import curve_from_files, interrupted
 from .data import Split, check_fits, load_data
@@ -198,11 +198,12 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             max_restarts: int = 100, seed: int = 0, eigenvectors: str | Path | None = None,
             bn_batches: int | None = None, resume: bool = False, force: bool = False, device: str = "auto",
             dataset: str | None = None, data_root: str | None = None, download: bool = False,
-            num_workers: int = 4, quiet: bool = False) -> HessianResult:
+            num_workers: int = 4, bn_data: str = "augmented", quiet: bool = False) -> HessianResult:
     """Top-``top_k`` eigenvalues (and with ``trace`` Hutchinson's trace from ``trace_samples`` probes) of the
     training loss's Hessian, at one network, at ``num_points`` points along a curve or segment, or at each
     member of an ensemble. ``train_subset`` training images (None or 0: all) define the loss; ``eigenvectors``
-    writes the unit eigenvectors (``[points, k, P]``) as safetensors."""
+    writes the unit eigenvectors (``[points, k, P]``) as safetensors. ``bn_data``: the images of the BN passes
+    at curve points (docs/method.md#bn)."""
     t0 = time.time()
     paths = file_list(paths, "paths")
     check_count("--top-k", top_k, 1, 1000)
@@ -213,6 +214,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     check_count("--batch-size", batch_size)
     check_count("--max-restarts", max_restarts, 1, MAX_ITERATIONS)
     check_count("--bn-batches", bn_batches)
+    check_bn_data(bn_data)
     check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
     check_seed(seed)
     if eigenvectors is not None and distributed.current() is not None:
@@ -230,6 +232,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
               "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
               "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
+              if pts.recalibrate else None,
+              "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data)
               if pts.recalibrate else None,
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
@@ -279,7 +283,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     if todo:
         dev = resolve_device(device)
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
-                         **pts.meta.data_options(), num_workers=num_workers)
+                         augment=pts.meta.train_augment(), **pts.meta.data_options(), num_workers=num_workers)
         check_fits(pts.meta, data.info, paths[0])
         subset: Split = data.train.subset(train_subset) if train_subset else data.train
         attrs["train_images"] = len(subset)  # (fewer than --train-subset where the data set is smaller)
@@ -295,7 +299,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             w = pts.weights(i).to(dev)
             pts.layout.assign(model, w)
             if pts.recalibrate and has_bn:
-                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches)
+                recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, bn_data=bn_data)
             # Lanczos runs an unknown number of products: show them, so a long point visibly moves.
             h = LossHessian(model, pts.layout, w, batches, on_product=lambda c: bar.update(
                 task, info=f"{pts.labels[i]}: {c} Hessian-vector products"))

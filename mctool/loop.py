@@ -230,6 +230,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     if resume:
         if not state_file.exists():
             hint = " The run already finished." if output.exists() else ""
+            if hint and state_kind == "train-state":
+                hint += (f" To train it further, start a new run from its weights: --init '{output}' (a new "
+                         "learning-rate schedule) with another -o.")
             raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")
         state = read_checkpoint(state_file)
         if state[1].get("kind") != state_kind:

@@ -586,12 +586,16 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
                               f"{type(e).__name__}: {str(e)[:300]}") from None
         heads = _head_keys(cfg) & set(model.state_dict())
         dropped = sorted(heads) if num_classes != cfg.get("num_classes", num_classes) else []
+        absent = False
     else:
-        model, dropped, source = _load_pretrained_file(arch, num_classes, in_chans, arch_kwargs, Path(file), cfg)
+        model, dropped, source, absent = _load_pretrained_file(arch, num_classes, in_chans, arch_kwargs, Path(file),
+                                                               cfg)
     if dropped:
         from .runtime import warn
 
-        warn(f"the pretrained classifier of '{arch}' ({', '.join(dropped)}) does not fit {num_classes} classes; "
+        warn(f"--pretrained-file '{file}' holds no classifier ({', '.join(dropped)}); it starts from a random "
+             f"initialisation for {num_classes} classes." if absent else
+             f"the pretrained classifier of '{arch}' ({', '.join(dropped)}) does not fit {num_classes} classes; "
              "it starts from a random initialisation.")
     source["reinitialized"] = dropped
     source["data_config"] = pretrained_data_config(arch, need_weights=False)
@@ -599,7 +603,7 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
 
 
 def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any], file: Path,
-                          cfg: dict[str, Any]) -> tuple[nn.Module, list[str], dict[str, Any]]:
+                          cfg: dict[str, Any]) -> tuple[nn.Module, list[str], dict[str, Any], bool]:
     from timm.models import adapt_input_conv
 
     from .checkpoint import _describe_mismatch, read_checkpoint, read_header
@@ -636,7 +640,8 @@ def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwarg
         tensors[k] = adapt_input_conv(in_chans, tensors[k].float(), base_chans=got[k][1])
     model = _create_checked(arch, num_classes, in_chans, arch_kwargs)
     model.load_state_dict({k: v for k, v in tensors.items() if k not in dropped}, strict=False)  # names checked above
-    return model, dropped, {"file": str(file), "sha256": sha256_file(file), "adapted_input_conv": adapt}
+    absent = bool(dropped) and all(k not in got for k in dropped)  # a model saved without its head
+    return model, dropped, {"file": str(file), "sha256": sha256_file(file), "adapted_input_conv": adapt}, absent
 
 
 _DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

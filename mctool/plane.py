@@ -18,8 +18,8 @@ import torch
 
 from . import distributed
 from .checkpoint import load_model
-from .curve_eval import check_shard, interrupted, metric_set, shard_tasks, shard_text
-from .bn import bn_pass_setting, check_bn_batch_size
+from .curve_eval import check_shard, finishing, interrupted, metric_set, shard_tasks, shard_text
+from .bn import bn_data_setting, bn_pass_setting, check_bn_batch_size, check_bn_data
 from .curves import Curve, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
@@ -175,7 +175,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
                    batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
                    channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
-                   compile: bool = False, on_start: Callable[[], None] | None = None) -> None:
+                   compile: bool = False, bn_data: str = "augmented",
+                   on_start: Callable[[], None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
     is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
@@ -186,7 +187,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     ``plane`` and ``surface``."""
     dev = resolve_device(device)
     data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
-                     channels_last=channels_last, **base.meta.data_options(), num_workers=num_workers)
+                     augment=base.meta.train_augment(), channels_last=channels_last, **base.meta.data_options(),
+                     num_workers=num_workers)
     check_fits(base.meta, data.info, source)
     train_split = data.train.subset(train_subset) if train_subset else None
     model = base.build_model().to(dev)
@@ -195,7 +197,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
 
     many = ManyEvaluator(model, base.layout, data, points_per_pass=points_per_pass, wd=wd, batch_size=batch_size,
                          bn_batches=bn_batches, precision=precision, train_split=train_split,
-                         channels_last=channels_last, compile=compile)
+                         channels_last=channels_last, compile=compile, bn_data=bn_data)
     check_bn_batch_size(model, batch_size)
     if on_start is not None:
         on_start()
@@ -229,7 +231,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
           bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
           precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
           shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-          compile: bool = False, quiet: bool = False) -> PlaneResult:
+          compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane, plus at the three points
     themselves. The grid holds the three points and the projected curve, with ``margins`` (left, right, bottom,
     top) as fractions of their extent: of dx and dy when the bend projects between w0 and w2 (``grid_fractions``).
@@ -252,6 +254,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
     train_subset = train_subset or None
     check_real("--wd", wd, 0, MAX_RATE)
+    check_bn_data(bn_data)
     metrics = Path(metrics)
     curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
     split = evaluation_split(split, inputs, metrics if resume else None)
@@ -270,7 +273,8 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "bn_batch_size": bn_pass_setting(base.buffers, batch_size),
-              "train_subset": train_subset, "precision": precision}
+              "bn_data": bn_data_setting(base.buffers, bn_data), "train_subset": train_subset,
+              "precision": precision}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
     old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
                                           force=force, plot=plot,
@@ -334,17 +338,18 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                        source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile, on_start=write)
-    summary = grid_summary(grid, at_points)
-    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
-        write(summary)
-    result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
-                         grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
-                         curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
-    if plot is not None and distributed.is_main():
-        from .plots import plot_grid
+                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write)
+    with finishing(metrics, len(mine)):
+        summary = grid_summary(grid, at_points)
+        if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+            write(summary)
+        result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
+                             grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
+                             curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
+        if plot is not None and distributed.is_main():
+            from .plots import plot_grid
 
-        plot_grid(metrics, plot)
+            plot_grid(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics), "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0
     return result

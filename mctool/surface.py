@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
-from .curve_eval import check_shard, shard_tasks, shard_text
+from .curve_eval import check_shard, finishing, shard_tasks, shard_text
 from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
@@ -34,7 +34,7 @@ from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, file_list
 from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
-from .bn import bn_pass_setting
+from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
 from .results import FileRef, SurfaceResult, file_refs
 
@@ -106,8 +106,8 @@ def pca_directions(w: torch.Tensor, points: list[torch.Tensor], dims: int) -> to
     eigval, eigvec = eigval.flip(0), eigvec.flip(1)
     if total <= 0 or len(points) < dims or float(eigval[dims - 1]) <= 1e-12 * total:
         raise ConfigError(f"the trajectory spans fewer than {dims} direction{'s' if dims > 1 else ''} away from the "
-                          "network (its points coincide with it or lie on one line through it); give more distinct "
-                          "checkpoints, or use --dims 1.")
+                          f"network (its points coincide with it{' or lie on one line through it' if dims > 1 else ''}"
+                          f"); give more distinct checkpoints{', or use --dims 1' if dims > 1 else ''}.")
     dirs = (eigvec[:, :dims].T @ diffs) / eigval[:dims].sqrt()[:, None]  # [dims, P], unit norm
     first = diffs[0] @ dirs.T
     return (dirs * torch.where(first > 0, -1.0, 1.0).to(torch.float64)[:, None]).float()
@@ -241,7 +241,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
             precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
             shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-            compile: bool = False, quiet: bool = False) -> SurfaceResult:
+            compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> SurfaceResult:
     """Train loss/error and test NLL/error of the network at ``path`` and of the networks around it along ``dims``
     directions, on a grid of ``grid_points`` coefficients per direction.
 
@@ -270,6 +270,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)
     train_subset = train_subset or None
     check_real("--wd", wd, 0, MAX_RATE)
+    check_bn_data(bn_data)
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
         raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or none, got {bad[0]!r}.")
@@ -303,7 +304,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
               "seed": seed if method == "random" else None, "range": span, "margin": None if span else margin,
               "grid_points": grid_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "bn_batch_size": bn_pass_setting(base.buffers, batch_size), "train_subset": train_subset,
-              "precision": precision}
+              "bn_data": bn_data_setting(base.buffers, bn_data), "precision": precision}
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})
@@ -390,21 +391,22 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile, on_start=start)
+                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start)
     else:
         save_directions()
-    summary = grid_summary(grid, at_center)
-    if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
-        write(summary)
-    result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
-                           dims=dims, directions=method, grid_points=grid_points, ranges=[list(r) for r in ranges],
-                           direction_norms=norms,
-                           explained_variance_ratio=path_seen.explained if path_seen else None,
-                           trajectory_max_error=float(path_seen.error.max()) if path_seen else None)
-    if plot is not None and distributed.is_main():
-        from .plots import plot_grid
+    with finishing(metrics, len(mine)):
+        summary = grid_summary(grid, at_center)
+        if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
+            write(summary)
+        result = SurfaceResult(command="surface", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
+                               dims=dims, directions=method, grid_points=grid_points, ranges=[list(r) for r in ranges],
+                               direction_norms=norms,
+                               explained_variance_ratio=path_seen.explained if path_seen else None,
+                               trajectory_max_error=float(path_seen.error.max()) if path_seen else None)
+        if plot is not None and distributed.is_main():
+            from .plots import plot_grid
 
-        plot_grid(metrics, plot)
+            plot_grid(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics), "directions": FileRef.of(vec_path),
                       "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0

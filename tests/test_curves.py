@@ -10,6 +10,7 @@ import torch
 from conftest import count_networks, ctrl_c_during_epoch
 from mctool.bn import pass_batches, recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
+from mctool.curve_eval import evaluate_curve
 from mctool.curve_training import ConnectConfig, CurveStep
 from mctool.curves import Curve, coefficients, load_curve
 from mctool.data import load_data
@@ -51,22 +52,25 @@ def test_coefficients_reject_bad_curves(curve, bends, message):
         coefficients(curve, bends, 0.5)
 
 
-def test_recalibrate_bn_gives_exact_statistics():
-    data = load_data("synthetic:size=8,channels=1,classes=3,train=300,test=10")
+@pytest.mark.parametrize("bn_data", ["augmented", "plain"])
+def test_recalibrate_bn_gives_exact_statistics(bn_data):
+    data = load_data("synthetic:size=8,channels=1,classes=3,train=300,test=10")  # crop-flip augmentation
     torch.manual_seed(0)
     model = build_model("mlp", 3, 1, {"img_size": 8, "hidden": 16, "batch_norm": True}).eval()
-    assert recalibrate_bn(model, data.train, batch_size=64)  # 300 = 4 x 64 + 44: unequal batches
-    x = torch.cat([x for x, _ in data.train.batches(300)]).flatten(1)
-    h = model.net[1](x)
+    assert recalibrate_bn(model, data.train, batch_size=64, bn_data=bn_data)  # 300 = 4 x 64 + 44: unequal batches
     bn = model.net[2]
+    with torch.no_grad():  # the pass's images: its fixed order, augmented or not
+        parts = [model.net[1](x.flatten(1))
+                 for x, _ in pass_batches(data.train, 64, augment=bn_data == "augmented")]
+    h = torch.cat(parts)
+    plain = model.net[1](torch.cat([x for x, _ in data.train.batches(300)]).flatten(1))
+    assert torch.equal(h.sort(0).values, plain.sort(0).values) == (bn_data == "plain")
     # Means of 300 values summed in other groupings (batches of 64, then a running average) differ by up to
     # ~300 x 2^-24 = 2e-5 of max |h|: allow 1e-4 of it (measured: 1e-8). PyTorch's default running average
     # (momentum 0.1) is off by 8e-2 of it.
     torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=0, atol=1e-4 * float(h.detach().abs().max()))
     # the variance: each batch's unbiased variance, averaged weighted by batch size (as one pass computes it)
-    with torch.no_grad():
-        parts = [model.net[1](x.flatten(1)) for x, _ in pass_batches(data.train, 64)]  # the pass's order
-        var = sum(len(p) * p.var(0, unbiased=True) for p in parts) / 300
+    var = sum(len(p) * p.var(0, unbiased=True) for p in parts) / 300
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
     assert not model.training and not bn.training and bn.momentum == 0.1  # the module's mode and momentum kept
     assert not recalibrate_bn(build_model("mlp", 3, 1, {"img_size": 8}), data.train)  # no BN: nothing to do
@@ -224,6 +228,69 @@ def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_mod
     cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "--batch-size", "64", "-q", *CPU)
     assert json.loads(read_h5(m2)[1]["config"])["bn_batch_size"] is None
     cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "--batch-size", "128", "--resume", "-q", *CPU)
+
+
+def test_bn_data_augmented_matches_the_stored_statistics(cli, tmp_path, digits_models):
+    """BN layers normalised augmented batches while the network trained, so statistics recomputed on augmented
+    images (the default) give back what its stored ones give; plain images give other, worse ones (digits:
+    8x8 images cropped with a padding of 1). --bn-data is recorded and compared on --resume."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, out in ((0, a), (1, b)):
+        cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32, "batch_norm": true}', "--epochs", "8",
+            "--lr", "0.1", "--seed", seed, "-o", out, "-q", *CPU)
+    stored = cli.json("evaluate", a, *CPU)["metrics"]["eval"]["err"]
+    errs = {}
+    for mode in ("augmented", "plain"):
+        m = tmp_path / f"{mode}.h5"
+        r = cli.json("evaluate-curve", a, b, "-m", m, "--num-points", "2", "--bn-data", mode, *CPU)
+        errs[mode] = r["metrics"]["eval"]["err"]["start"]  # t = 0: A with recomputed statistics
+        assert json.loads(read_h5(m)[1]["config"])["bn_data"] == mode
+    # 360 test images: one image is 0.28 points
+    assert abs(errs["augmented"] - stored) <= 0.015 and errs["plain"] >= stored + 0.02, (stored, errs)
+    m = tmp_path / "augmented.h5"
+    assert "bn_data: augmented -> plain" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
+                                                     "--bn-data", "plain", "--resume", *CPU)
+    with h5py.File(m, "a") as f:  # a file of mctool 0.2.0 records none: its statistics came from plain images
+        config = json.loads(f.attrs["config"])
+        del config["bn_data"]
+        f.attrs["config"] = json.dumps(config)
+    assert "bn_data: plain -> augmented" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
+                                                     "--resume", *CPU)
+    cli("evaluate-curve", a, b, "-m", m, "--num-points", "2", "--bn-data", "plain", "--resume", "-q", *CPU)
+    # point records it too; without BatchNorm the setting is not recorded (and an old file resumes)
+    line, p = tmp_path / "line.safetensors", tmp_path / "p.safetensors"
+    cli("connect", a, b, "--curve", "line", "-o", line, "-q", *CPU)
+    cli("point", line, "--t", "0", "-o", p, "--bn-data", "plain", "-q", *CPU)
+    assert json.loads(read_metadata(p)["config"])["bn_data"] == "plain"
+    np.testing.assert_allclose(cli.json("evaluate", p, *CPU)["metrics"]["eval"]["err"], errs["plain"], atol=1e-9)
+    m2 = tmp_path / "mlp.h5"
+    cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "-q", *CPU)
+    assert json.loads(read_h5(m2)[1]["config"])["bn_data"] is None
+    with pytest.raises(ConfigError, match="--bn-data must be one of augmented, plain, got 'clean'"):
+        evaluate_curve([str(a), str(b)], tmp_path / "x.h5", num_points=2, bn_data="clean", device="cpu")
+    assert cli("evaluate-curve", a, b, "-m", tmp_path / "y.h5", "--bn-data", "clean", code=2)
+
+
+def test_ctrl_c_while_finishing_says_every_point_is_saved(cli, tmp_path, digits_models, monkeypatch):
+    import mctool.curve_eval
+    import mctool.plots
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    m, png = tmp_path / "e.h5", tmp_path / "e.png"
+    args = ["evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "--plot", png, "-q", *CPU]
+    for module, name in ((mctool.curve_eval, "curve_summary"), (mctool.plots, "plot_curves")):
+        monkeypatch.setattr(module, name, ctrl_c)
+        message = cli.error(*args, "--force", code=130)
+        assert "interrupted while finishing; all 3 points are saved" in message and "--resume" in message
+        monkeypatch.undo()
+        before = read_h5(m)[0]["train/loss"]
+        if name == "curve_summary":  # the file has no summary yet: a rerun without --resume is told of it
+            assert "holds an interrupted run; pass --resume" in cli.error(*args)
+        cli(*args, "--resume")
+        assert png.exists() and np.array_equal(read_h5(m)[0]["train/loss"], before) and "summary" in read_h5(m)[1]
+        png.unlink()
 
 
 def test_point_export_and_round_trip(cli, tmp_path, digits_models):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def test_synthetic_options_shape_the_data():
     assert d.info.augment == "crop-flip"
     assert int(d.train.labels.min()) >= 0 and int(d.train.labels.max()) == 3
     assert d.train.images.dtype == torch.uint8
+
+
+def test_a_single_class_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match="has a single class: every network predicts it"):
+        load_data("synthetic:size=4,classes=1,train=8,test=4")
+    from PIL import Image
+
+    for part in ("train", "val"):
+        (tmp_path / part / "only").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / part / "only" / "0.png")
+    with pytest.warns(UserWarning, match="single class"):
+        load_data(f"imagefolder:{tmp_path}", num_workers=0, image_size=8)
 
 
 def test_synthetic_defaults():
@@ -586,6 +599,36 @@ def test_imagefolder_chunks_with_worker_processes(tmp_path):
         a = list(one.train.batches(5, shuffle=True, seed=7, **kw))
         b = list(two.train.batches(5, shuffle=True, seed=7, **kw))
         assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_imagefolder_augmentation_is_the_same_for_any_workers_and_world_size(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / part / cls / f"{i}.png")
+    name = f"imagefolder:{tmp_path}"
+    one, two = (load_data(name, num_workers=w, image_size=8, augment="crop-flip") for w in (0, 2))
+
+    def images(d, seed=5, **kw):
+        return torch.cat([x for x, _ in d.train.batches(5, shuffle=True, augment=True, seed=seed, **kw)])
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    whole = images(one)
+    assert torch.equal(torch.rand(3), expected)  # the caller's own draws are untouched
+    assert torch.equal(images(two), whole)  # worker processes draw what the main process draws
+    ranks = [list(one.train.batches(5, shuffle=True, augment=True, seed=5, chunk=(r, 2))) for r in range(2)]
+    assert torch.equal(torch.cat([torch.cat([a[0], b[0]]) for a, b in zip(*ranks)]), whole)  # 2 ranks: the same
+    assert not torch.equal(images(one, seed=6).sort(0).values, whole.sort(0).values)  # another epoch: other crops
+    plain = torch.cat([x for x, _ in one.train.batches(5, shuffle=True, seed=5)])
+    assert not torch.equal(plain, whole)  # the augmentation did something
+    assert mdata.usable_workers(10**6) == len(os.sched_getaffinity(0)) and mdata.usable_workers(0) == 0
 
 
 def test_imagefolder_uses_timms_transforms_for_a_model_config(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ctrl_c_during_epoch
-from mctool.checkpoint import load_model, read_metadata
+from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.data import load_data
 from mctool.ensemble_eval import fit_temperature
 from mctool.ensembles import load_ensemble
@@ -127,6 +127,35 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
     save_model(plain, lm.model, lm.meta)
     cli("fge", plain, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU, "-o", tmp_path / "nomom.safetensors")
     assert not torch.equal(load_ensemble(tmp_path / "nomom.safetensors").members, a.members)
+
+
+def test_fge_resume_from_another_folder_writes_the_recorded_swa_file(cli, tmp_path, start_state, monkeypatch):
+    """--swa is recorded as an absolute path: a resume from another working folder (a requeued job) that leaves
+    it out writes it where the interrupted run was told to, and one that spells it otherwise is the same run;
+    a file of the same relative name in the new folder is left alone."""
+    (tmp_path / "s").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "s").mkdir(parents=True)
+    (elsewhere / "s" / "swa.safetensors").write_text("precious")
+    args = [start_state, "--epochs", "3", "--cycle-iters", "8", "-q", *CPU, "-o", tmp_path / "f.safetensors"]
+    monkeypatch.chdir(tmp_path)
+    restore = ctrl_c_during_epoch(monkeypatch, 3)
+    cli.error("fge", *args, "--swa", "s/swa.safetensors", code=130)
+    restore()
+    monkeypatch.chdir(elsewhere)
+    assert json.loads(read_checkpoint(tmp_path / "f.state.safetensors")[1]["config"])["swa"] == str(
+        tmp_path / "s" / "swa.safetensors")
+    r = cli.json("fge", *args, "--resume")
+    assert r["outputs"]["swa"]["path"] == str(tmp_path / "s" / "swa.safetensors")
+    assert (tmp_path / "s" / "swa.safetensors").exists()
+    assert (elsewhere / "s" / "swa.safetensors").read_text() == "precious"
+    # the same file spelled from another folder is the same option
+    restore = ctrl_c_during_epoch(monkeypatch, 3)
+    cli.error("fge", *args[:-1], tmp_path / "g.safetensors", "--swa", "../s/swa2.safetensors", code=130)
+    restore()
+    monkeypatch.chdir(tmp_path)
+    cli("fge", *args[:-1], tmp_path / "g.safetensors", "--swa", "s/swa2.safetensors", "--resume")
+    assert (tmp_path / "s" / "swa2.safetensors").exists()
 
 
 def test_fge_snapshots_evaluated_together_equal_one_at_a_time_and_resume(cli, tmp_path, monkeypatch):

@@ -197,7 +197,8 @@ def test_a_plain_state_dict_that_does_not_fit_says_how_it_was_built(cli, tmp_pat
     err = cli.error("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "-d", "digits",
                     "--device", "cpu")
     assert f"'{plain}' does not fit architecture 'mlp'" in err
-    assert "Build it as it was built: --arch-kwargs (e.g. '{\"hidden\": 16}'), and its classes and channels" in err
+    assert "Build it as it was built: its --arch-kwargs (e.g. '{\"hidden\": 16}' for mlp), and its classes" in err
+    assert "as --pretrained-file (the classifier is re-initialised), not as --init" in err
     r = cli.json("evaluate", plain, "--arch", "mlp", "--num-classes", "10", "--in-chans", "1", "--arch-kwargs",
                  '{"hidden": 16}', "-d", "digits", "--device", "cpu")
     assert r["members"] == 1

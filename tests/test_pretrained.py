@@ -62,6 +62,15 @@ def test_other_classes_reinitialise_the_head_with_a_warning(weights):
     assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
 
 
+def test_a_file_without_a_classifier_says_so(weights, tmp_path):
+    _, state = weights
+    headless = tmp_path / "headless.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("fc.")}, str(headless))
+    with pytest.warns(mctool.MctoolWarning, match=r"headless.safetensors' holds no classifier \(fc.bias, fc.weight\)"):
+        _, source = build_pretrained(ARCH, 3, 3, file=headless)
+    assert source["reinitialized"] == ["fc.bias", "fc.weight"]
+
+
 def test_other_input_channels_adapt_the_first_conv_as_timm_does(weights):
     path, state = weights
     with pytest.warns(mctool.MctoolWarning):  # the head (3 classes)

@@ -952,7 +952,7 @@ def test_a_single_image_batch_and_batchnorm1d(cli, tmp_path):
     from mctool.data import load_data
 
     model = load_model(point).model
-    parts = [model.net[1](x.flatten(1)).detach() for x, _ in pass_batches(load_data(data).train, 4)]
+    parts = [model.net[1](x.flatten(1)).detach() for x, _ in pass_batches(load_data(data).train, 4, augment=True)]
     assert [len(p) for p in parts] == [4, 4, 1]
     mean = (parts[0].sum(0) + parts[1].sum(0)) / 8
     var = (parts[0].var(0) + parts[1].var(0)) / 2

@@ -156,7 +156,8 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
     d_run, _ = read_h5(tmp_path / "run.h5")
     assert d_run["epoch"].tolist() == [1, 2, 3, 4]
     assert d_run["test/err"].tolist() == d_ref["test/err"].tolist()
-    assert "nothing to resume" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--resume")
+    message = cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--resume")
+    assert "nothing to resume" in message and "already finished" in message and f"--init '{out}'" in message
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(cli, tmp_path, monkeypatch):
