@@ -11,7 +11,6 @@ import gzip
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -553,9 +552,10 @@ def _val_size(n_train: int) -> int:
 
 def _warn_one_class(name: str, num_classes: int) -> None:
     if num_classes < 2:
-        warnings.warn(f"data set '{name}' has a single class: every network predicts it with zero loss and error, "
-                      "so curves, planes and ensembles show nothing; give a data set of two classes or more.",
-                      stacklevel=3)
+        from .runtime import warn
+
+        warn(f"data set '{name}' has a single class: every network predicts it with zero loss and error, so "
+             "curves, planes and ensembles show nothing; give a data set of two classes or more.")
 
 
 def _check_not_empty(name: str, split: str, n_train: int, n_eval: int, n_total: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from mctool import data as mdata
 from mctool.data import augment_batch, load_data
-from mctool.errors import ConfigError, DataError
+from mctool.errors import ConfigError, DataError, MctoolWarning
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,14 @@ def test_synthetic_options_shape_the_data():
 
 
 def test_a_single_class_is_warned_about(tmp_path):
-    with pytest.warns(UserWarning, match="has a single class: every network predicts it"):
+    with pytest.warns(MctoolWarning, match="has a single class: every network predicts it"):
         load_data("synthetic:size=4,classes=1,train=8,test=4")
     from PIL import Image
 
     for part in ("train", "val"):
         (tmp_path / part / "only").mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / part / "only" / "0.png")
-    with pytest.warns(UserWarning, match="single class"):
+    with pytest.warns(MctoolWarning, match="single class"):
         load_data(f"imagefolder:{tmp_path}", num_workers=0, image_size=8)
 
 

@@ -143,8 +143,9 @@ def test_fge_resume_from_another_folder_writes_the_recorded_swa_file(cli, tmp_pa
     cli.error("fge", *args, "--swa", "s/swa.safetensors", code=130)
     restore()
     monkeypatch.chdir(elsewhere)
-    assert json.loads(read_checkpoint(tmp_path / "f.state.safetensors")[1]["config"])["swa"] == str(
-        tmp_path / "s" / "swa.safetensors")
+    config = json.loads(read_checkpoint(tmp_path / "f.state.safetensors")[1]["config"])
+    assert config["swa"] == str(tmp_path / "s" / "swa.safetensors")
+    assert config["bn_data"] is None  # an MLP without BatchNorm: the setting changes nothing, so none is recorded
     r = cli.json("fge", *args, "--resume")
     assert r["outputs"]["swa"]["path"] == str(tmp_path / "s" / "swa.safetensors")
     assert (tmp_path / "s" / "swa.safetensors").exists()
