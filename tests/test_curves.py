@@ -262,7 +262,10 @@ def test_bn_data_augmented_matches_the_stored_statistics(cli, tmp_path, digits_m
     cli("connect", a, b, "--curve", "line", "-o", line, "-q", *CPU)
     cli("point", line, "--t", "0", "-o", p, "--bn-data", "plain", "-q", *CPU)
     assert json.loads(read_metadata(p)["config"])["bn_data"] == "plain"
-    np.testing.assert_allclose(cli.json("evaluate", p, *CPU)["metrics"]["eval"]["err"], errs["plain"], atol=1e-9)
+    # the same network and statistics, evaluated alone instead of beside another point: float32 sums in
+    # another order, which may move one borderline image of the 360 (measured: none)
+    np.testing.assert_allclose(cli.json("evaluate", p, *CPU)["metrics"]["eval"]["err"], errs["plain"],
+                               rtol=0, atol=1 / 360 + 1e-9)
     m2 = tmp_path / "mlp.h5"
     cli("evaluate-curve", *digits_models, "-m", m2, "--num-points", "2", "-q", *CPU)
     assert json.loads(read_h5(m2)[1]["config"])["bn_data"] is None
