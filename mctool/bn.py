@@ -46,10 +46,15 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BN)]
 
 
+def _has_bn_statistics(buffers: Iterable[str]) -> bool:
+    """Whether buffers of these names include BatchNorm running statistics (which a BN pass recomputes)."""
+    return any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers)
+
+
 def bn_data_setting(buffers: Iterable[str], bn_data: str) -> str | None:
     """What a run records as ``bn_data``: ``bn_data`` for a network with BatchNorm statistics to recompute, else
     None (the setting changes nothing there)."""
-    return bn_data if any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers) else None
+    return bn_data if _has_bn_statistics(buffers) else None
 
 
 def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:
@@ -57,7 +62,7 @@ def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:
     BatchNorm statistics to recompute, else None. The batch size decides which images each batch of the BN pass
     holds (and, with ``--bn-batches``, which images it reads), so the statistics depend on it and ``--resume``
     compares it; without BatchNorm it changes nothing but float rounding."""
-    return batch_size if any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers) else None
+    return batch_size if _has_bn_statistics(buffers) else None
 
 
 def check_bn_batch_size(model: nn.Module, batch_size: Any) -> None:

@@ -340,7 +340,9 @@ class _SeededImages(torch.utils.data.Dataset):
 def _sample_path(ds, i: int) -> str | None:
     """The file of sample ``i`` of an ImageFolder (or a Subset of one), or None for other data sets."""
     while isinstance(ds, (torch.utils.data.Subset, _SeededImages)):
-        ds, i = (ds.dataset, ds.indices[i]) if isinstance(ds, torch.utils.data.Subset) else (ds.dataset, i)
+        if isinstance(ds, torch.utils.data.Subset):
+            i = ds.indices[i]
+        ds = ds.dataset
     samples = getattr(ds, "samples", None)
     return samples[i][0] if samples is not None else None
 

@@ -159,6 +159,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
     # (a state of a version that did not record it evaluated its snapshots on un-augmented images)
     cfg.bn_data = cfg.bn_data or ("plain" if resume_state is not None else "augmented")
+    bn_data = cfg.bn_data  # (what the passes use; a network without BatchNorm has none to run)
     if not bn_modules(start_model.model):  # nothing to recompute: not recorded, so never a --resume difference
         cfg.bn_data = None
 
@@ -185,7 +186,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     split = data.eval_split
     snaps = SnapshotCollector(model, data, bn_batches=cfg.bn_batches, precision=cfg.precision,
                               points_per_pass=cfg.points_per_pass, channels_last=cfg.channels_last,
-                              bn_data=cfg.bn_data or "augmented")
+                              bn_data=bn_data)
     inputs = {str(start): start_model.sha256}
     attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
              "split": split}
@@ -250,7 +251,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                 swa_model = snaps.eval_model
                 snaps.layout.assign(swa_model, snaps.average().to(dev))
                 recalibrate_bn(swa_model, data.train, max_batches=cfg.bn_batches, precision=cfg.precision, sharded=True,
-                               bn_data=cfg.bn_data or "augmented")
+                               bn_data=bn_data)
                 bar.advance(task)
                 swa_metrics = Metrics.of(summarize(*predict_probs(swa_model, data.eval, precision=cfg.precision,
                                                                   sharded=True)))
