@@ -1201,8 +1201,8 @@ def fge_cmd(
     cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs, > 0 and at most 1e6 (may be "
                                                 "fractional); rounded to an even number of iterations.")] = 2.0,
     cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, 2 to 1e9 (overrides "
-                                                       "--cycle-epochs); rounded to an even number, the snapshot "
-                                                       "being at mid cycle.")] = None,
+                                                       "--cycle-epochs); an odd number is rounded up to an "
+                                                       "even one, the snapshot being at mid cycle.")] = None,
     lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
                                                     "default: the start network's training lr / 2 with BatchNorm, "
                                                     "/ 5 without, the paper's ratios, taking the training lr as "

@@ -9,6 +9,7 @@ All members go into one ensemble file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -122,9 +123,12 @@ def _fill_defaults(cfg: FGEConfig, meta: ModelMeta, batchnorm: bool, resume: boo
 
 
 def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
-    """Cycle length in iterations, made even so that mid cycle falls exactly on an iteration."""
+    """Cycle length in iterations, made even so that mid cycle falls exactly on an iteration.
+
+    The nearest even number, an odd one rounded up (5 -> 6, 7 -> 8; Python's round() would send 5 to 4).
+    """
     raw = cfg.cycle_iters if cfg.cycle_iters is not None else cfg.cycle_epochs * iters_per_epoch
-    return max(2, 2 * round(raw / 2))
+    return max(2, 2 * math.floor(raw / 2 + 0.5))
 
 
 @holds_output_locks
@@ -213,6 +217,11 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         log.attrs["started"] = md.get("started", log.attrs["started"])
         snaps.load_state(tensors, json.loads(md["snapshots"]), json.loads(md.get("pending_snapshots", "[]")),
                          path=state_path(output))  # both checked by prepare_outputs
+        taken = [int(r["iteration"]) for r in snaps.rows + snaps.pending_info()]
+        if not all(fge_is_snapshot(it, cycle) for it in taken):  # 0.2 rounded an odd --cycle-iters down
+            raise ConfigError(f"the interrupted run took its snapshots at iterations {taken}, not where cycles of "
+                              f"{cycle} iterations put them (mctool 0.2 rounded an odd cycle length down, 5 to 4); "
+                              "finish it with the version that started it, or start over with --force.")
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"],

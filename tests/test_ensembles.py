@@ -1,5 +1,6 @@
 """FGE, Snapshot Ensembles, ensemble files and ensemble evaluation."""
 
+import importlib
 import json
 
 import h5py
@@ -92,6 +93,22 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     ev = cli.json("evaluate", out, *CPU)
     assert len(ev["models"]) == 5 and ev["models"][4]["label"] == f"{out}#4" and ev["models"][4]["path"] == str(out)
     assert ev["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-5)
+
+
+def test_fge_resume_refuses_snapshots_of_another_cycle(cli, tmp_path, start_state, monkeypatch):
+    """mctool 0.2 rounded --cycle-iters 5 down to 4: its snapshots are not where cycles of 6 put them."""
+    fge_module = importlib.import_module("mctool.fge")  # (mctool.fge is the function)
+    args = [start_state, "--epochs", "3", "--cycle-iters", "5", "-q", *CPU, "-o", tmp_path / "f.safetensors"]
+    rounded = fge_module.cycle_length
+    monkeypatch.setattr(fge_module, "cycle_length", lambda cfg, n: 4)
+    restore = ctrl_c_during_epoch(monkeypatch, 3)
+    cli.error("fge", *args, code=130)
+    restore()
+    monkeypatch.setattr(fge_module, "cycle_length", rounded)
+    msg = cli.error("fge", *args, "--resume")
+    assert "cycles of 6 iterations" in msg and "--force" in msg
+    r = cli.json("fge", *args, "--force")
+    assert r["cycle_iters"] == 6
 
 
 def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, monkeypatch):
