@@ -667,9 +667,9 @@ def evaluate_curve(
                                                               "the segment A -> B (same points and options) and "
                                                               "report both barriers. Two checkpoints only, not "
                                                               "with --shard.")] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point (networks without BatchNorm): "
-                                         "rescale each hidden Conv/Linear channel to the interpolated mean and "
-                                         "std of the endpoints'. Refused for BatchNorm networks; one point per "
+    repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point between the ends (networks "
+                                         "without BatchNorm): rescale each hidden Conv/Linear channel to the "
+                                         "interpolated mean and std of the endpoints'. Refused for BatchNorm networks; one point per "
                                          "pass, not compiled.")] = False,
     repair_batches: Annotated[int, typer.Option(help="Training batches (of --batch-size) for REPAIR's "
                                                 "statistics.")] = 8,

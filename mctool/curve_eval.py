@@ -336,8 +336,9 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
             out = {}
             for prefix, seg, pts in segments:
                 seg.layout.assign(model, weights_at(i, seg, pts))
-                run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])), batches=repair_batches,
-                           batch_size=batch_size, precision=precision)
+                if 0 < t[i] < 1:  # an end is the network itself, whose statistics are its targets: left exact
+                    run_repair(model, data.train, interpolate_stats(*ends[prefix], float(t[i])),
+                               batches=repair_batches, batch_size=batch_size, precision=precision)
                 m = evaluate_weights(model, data, wd=wd, batch_size=batch_size, bn_batches=bn_batches,
                                      precision=precision, bn_data=bn_data)
                 out |= {prefix + n: v for n, v in m.items()}

@@ -187,12 +187,13 @@ def test_repair_matches_interpolated_statistics(digits_models, aligned):
 
 def test_repair_lowers_the_barrier(cli, tmp_path, digits_models, aligned):
     args = [digits_models[0], aligned, "--num-points", "3", "--batch-size", "4096", *CPU]
-    plain = cli.json("evaluate-curve", *args, "-m", tmp_path / "plain.h5")
+    # (one network per pass, as --repair evaluates its points: the same arithmetic, so the ends compare exactly)
+    plain = cli.json("evaluate-curve", *args, "-m", tmp_path / "plain.h5", "--points-per-pass", "1")
     fixed = cli.json("evaluate-curve", *args, "-m", tmp_path / "repair.h5", "--repair", "--repair-batches", "1")
     assert fixed["barrier"]["train"]["loss"] <= plain["barrier"]["train"]["loss"]
-    # the ends are the networks themselves: REPAIR at t = 0 and 1 leaves them as they are
+    # the ends are the networks themselves, whose statistics are REPAIR's targets there: left exactly as they are
     for k in ("start", "end"):
-        assert fixed["metrics"]["train"]["loss"][k] == pytest.approx(plain["metrics"]["train"]["loss"][k], rel=1e-3)
+        assert fixed["metrics"]["train"]["loss"][k] == plain["metrics"]["train"]["loss"][k]
     _, attrs = read_h5(tmp_path / "repair.h5")
     assert attrs["repair"] and json.loads(attrs["config"])["repair_batches"] == 1
     assert not read_h5(tmp_path / "plain.h5")[1]["repair"]
