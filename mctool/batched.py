@@ -187,6 +187,8 @@ class WideNetwork(nn.Module):
                     for k in range(p):
                         layout.assign(model, weights[k])
                         want.append(model(probe).float())
+            except torch.cuda.OutOfMemoryError:  # not a layer that mixes the networks: say so as it is
+                raise
             except (RuntimeError, ValueError, TypeError, IndexError):
                 return None
             finally:

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import torch
 import typer
 import typer.core
 from rich.table import Table
@@ -234,6 +235,13 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     name = os.fsdecode(e.filename) if e.filename is not None else "a file"
                     raise ConfigError(f"the file name '{name}' is too long for the file system (at most 255 bytes "
                                       "per name, 4,096 per path on most); give a shorter one.") from None
+                except (torch.cuda.OutOfMemoryError, MemoryError) as e:  # the machine's limit, not a bug
+                    where = "the GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "the host"
+                    why = (str(e).strip().splitlines() or [""])[0][:200]
+                    raise ConfigError(f"{where} ran out of memory{f' ({why})' if why else ''}; use a smaller "
+                                      "--batch-size (and --points-per-pass where the command has it), or a "
+                                      "machine with more memory. Files written so far are kept (--resume "
+                                      "continues an interrupted run).") from None
             except (MctoolError, KeyboardInterrupt) as e:
                 interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
                 code = 130 if interrupted else 1
@@ -669,8 +677,8 @@ def evaluate_curve(
                                                               "with --shard.")] = None,
     repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point between the ends (networks "
                                          "without BatchNorm): rescale each hidden Conv/Linear channel to the "
-                                         "interpolated mean and std of the endpoints'. Refused for BatchNorm networks; one point per "
-                                         "pass, not compiled.")] = False,
+                                         "interpolated mean and std of the endpoints'. Refused for BatchNorm "
+                                         "networks; one point per pass, not compiled.")] = False,
     repair_batches: Annotated[int, typer.Option(help="Training batches (of --batch-size) for REPAIR's "
                                                 "statistics.")] = 8,
     as_json: JsonOpt = False,

@@ -82,6 +82,8 @@ class GraphedStep:
             return out
         try:
             self._graphs[key] = self._capture(x, y)
+        except torch.cuda.OutOfMemoryError:  # out of memory is not a step that cannot be captured
+            raise
         except RuntimeError as e:  # e.g. a network with a host synchronisation in its forward
             self.enabled = False
             self._graphs.clear()

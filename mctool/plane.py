@@ -280,7 +280,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     t0 = time.time()
     paths = file_list(paths, "paths")
     check_points_per_pass(points_per_pass)
-    shard = check_shard(shard, plot, "surface")
+    shard = check_shard(shard, plot, "plane")
     check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
     check_count("--curve-points", curve_points, 2, MAX_POINTS)
     if len(margins) != 4:

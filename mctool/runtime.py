@@ -127,6 +127,8 @@ def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, d
             return fn(*args, **kwargs)
         try:
             return current[0](*args, **kwargs)
+        except (torch.cuda.OutOfMemoryError, MemoryError):  # would fail uncompiled too: not a compiler's failure
+            raise
         except Exception as e:  # torch._dynamo and inductor raise many kinds; all mean "run it uncompiled"
             current[0] = fn
             warn(f"--compile: could not compile {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "

@@ -81,6 +81,18 @@ def test_architectures_that_would_mix_the_copies_are_evaluated_one_at_a_time():
     assert WideNetwork.of(cat, 2, ParamLayout.of(cat), probe) is None  # caught by the check on the probe batch
     ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
     assert WideNetwork.of(ln, 2, ParamLayout.of(ln), probe) is None  # a layer it cannot widen
+
+    class _OutOfMemory(nn.Module):  # running out of memory on the probe is not a layer that mixes the copies
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    oom = _OutOfMemory()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        WideNetwork.of(oom, 2, ParamLayout.of(oom), probe)
     layout = ParamLayout.of(ln)
     weights = _points(ln, layout, 3)
     many = ManyEvaluator(ln, layout, data, points_per_pass=3, wd=0.0, batch_size=256)

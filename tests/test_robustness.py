@@ -1005,6 +1005,20 @@ def test_a_file_name_too_long_for_the_file_system_is_one_error(cli, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_running_out_of_memory_is_one_error(cli, tmp_path, monkeypatch, files):
+    """The GPU's or the host's memory running out is the machine's limit, not a bug: one Error line with what to
+    lower, exit 1, not torch's traceback."""
+    module = importlib.import_module("mctool.ensemble_eval")
+    for error, where in ((torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+                          "the GPU"), (MemoryError(), "the host")):
+        def evaluate_models(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(module, "evaluate_models", evaluate_models)
+        msg = cli.error("evaluate", files["m0"], "--device", "cpu")
+        assert msg.startswith(f"Error: {where} ran out of memory") and "smaller --batch-size" in msg and "\n" not in msg
+        assert ("(CUDA out of memory. Tried to allocate 2.00 GiB);" in msg) == (where == "the GPU")
+
+
 def test_a_file_of_another_kind_says_what_to_do_with_it(cli, tmp_path, files):
     line, m0 = files["line"], files["m0"]
     assert f"'{line}' holds a 'curve', not a single network (kind 'model'); take a network on it with 'mctool " \

@@ -150,9 +150,9 @@ def test_shard_checks_in_the_library(tmp_path, bezier):
             mctool.plane([str(bezier)], tmp_path / "x.h5", shard=bad, device="cpu")
         with pytest.raises(ConfigError, match="--shard"):
             mctool.evaluate_curve([str(bezier)], tmp_path / "x.h5", shard=bad, device="cpu")
-    with pytest.raises(ConfigError, match="a shard file holds only part"):
+    with pytest.raises(ConfigError, match="draws the whole plane and a shard file holds only part"):
         mctool.plane([str(bezier)], tmp_path / "x.h5", shard=(0, 2), plot=tmp_path / "x.png", device="cpu")
-    with pytest.raises(ConfigError, match="a shard file holds only part"):
+    with pytest.raises(ConfigError, match="draws the whole curve and a shard file holds only part"):
         mctool.evaluate_curve([str(bezier)], tmp_path / "x.h5", shard=(0, 2), plot=tmp_path / "x.png", device="cpu")
     assert not (tmp_path / "x.h5").exists()
 

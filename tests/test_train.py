@@ -109,6 +109,19 @@ def test_maybe_compile_falls_back_to_the_plain_function_with_one_warning(monkeyp
     assert warned == ["--compile: could not compile the thing (RuntimeError: no C++ compiler found); "
                       "it runs uncompiled."]
 
+    # running out of memory is not the compiler's failure (uncompiled would fail too): it is raised as it is
+    def out_of_memory(fn, **kwargs):
+        def compiled(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    g = maybe_compile(add_one, True, "the thing")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        g(1)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # and it stays compiled: not switched off by it
+        g(1)
+
 
 def test_val_split_and_save_every(cli, tmp_path):
     out = tmp_path / "m.safetensors"
