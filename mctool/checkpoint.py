@@ -23,7 +23,7 @@ from torch import nn
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
 from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, sha256_file, writes_files
-from .h5io import utc_now
+from .h5io import command_line, utc_now
 from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 
@@ -427,6 +427,34 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
             message = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?)(?: \(os error|$)", text)
             raise OSError(int(code.group(1)) if code else 0, message.group(1) if message else text) from e
         _sort_header(tmp)
+
+
+def save_vectors(path: str | os.PathLike, name: str, tensor: torch.Tensor, *, kind: str, layout: Any,
+                 inputs: dict[str, str], config: dict[str, Any]) -> None:
+    """A file of flat parameter-space vectors beside a metrics file (``surface-directions``,
+    ``hessian-eigenvectors``): ``name`` -> ``tensor`` with the provenance of the run that wrote it (its
+    ``layout``, a ``flat.ParamLayout``, inputs, config and command line)."""
+    save_checkpoint(path, {name: tensor.contiguous()},
+                    {"format": "pt", "kind": kind, "param_layout": layout.to_json(),
+                     "inputs": json.dumps(inputs, sort_keys=True), "config": json.dumps(config, sort_keys=True),
+                     "mctool_version": __version__, "command": command_line(), "created": utc_now()})
+
+
+def read_vectors(path: str | os.PathLike, name: str, *, kind: str, layout: Any, inputs: dict[str, str],
+                 config: dict[str, Any], shape: tuple[int, ...], what: str, finite: bool = False) -> torch.Tensor:
+    """The float32 ``name`` [``shape``] of a ``save_vectors`` file written by a run of the same ``kind``, layout,
+    inputs and config (``--resume``; ``finite``: no NaN, which marks vectors not yet computed); another
+    run's file is refused."""
+    tensors, md = read_checkpoint(path)
+    t = tensors.get(name)
+    same = (md.get("kind") == kind and md.get("param_layout") == layout.to_json()
+            and md.get("inputs") == json.dumps(inputs, sort_keys=True)
+            and md.get("config") == json.dumps(config, sort_keys=True))
+    if (not same or t is None or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape)
+            or (finite and not bool(torch.isfinite(t).all()))):
+        raise ConfigError(f"'{path}' does not hold this run's {what} (other inputs or options); start over with "
+                          "--force.")
+    return t
 
 
 def _sort_header(path: Path) -> None:

@@ -10,7 +10,6 @@ for the top-k eigenvalues, and Rademacher probes give Hutchinson's estimate of t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,14 +25,14 @@ from torch.func import functional_call
 
 from . import distributed
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
-from .checkpoint import load_model, read_checkpoint, read_metadata, save_checkpoint
+from .checkpoint import load_model, read_metadata, read_vectors, save_vectors
 from .curve_eval import curve_from_files, interrupted
 from .data import Split, check_fits, load_data
 from .ensembles import load_ensemble
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
-from .h5io import open_outputs, provenance, read_h5, utc_now, write_h5
+from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_split
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .results import FileRef, HessianResult, file_refs
@@ -185,13 +184,6 @@ class LossHessian:
         return mean, stderr
 
 
-def _save_vectors(path: Path, vectors: np.ndarray, layout: ParamLayout, attrs: dict[str, Any]) -> None:
-    md = {"format": "pt", "kind": "hessian-eigenvectors", "param_layout": layout.to_json(),
-          "inputs": attrs["inputs"], "config": attrs["config"], "mctool_version": attrs["mctool_version"],
-          "command": attrs["command"], "created": utc_now()}
-    save_checkpoint(path, {"eigenvectors": torch.from_numpy(vectors.astype(np.float32))}, md)
-
-
 @holds_output_locks
 def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: bool = False, trace_samples: int = 20,
             num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512, tol: float = 1e-4,
@@ -249,16 +241,9 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True,
                       formats={"--metrics": "hdf5", "--eigenvectors": "safetensors"})
         if resume and vec_path.exists():
-            tensors, md = read_checkpoint(vec_path)
-            stored = tensors.get("eigenvectors")
-            same = (md.get("kind") == "hessian-eigenvectors" and md.get("param_layout") == pts.layout.to_json()
-                    and md.get("inputs") == json.dumps(pts.inputs, sort_keys=True)
-                    and md.get("config") == json.dumps(config, sort_keys=True))
-            if (not same or stored is None or stored.dtype != torch.float32
-                    or tuple(stored.shape) != vectors.shape):
-                raise ConfigError(f"'{vec_path}' does not hold this run's eigenvectors (other inputs or options); "
-                                  "start over with --force.")
-            vectors = stored.numpy().copy()
+            vectors = read_vectors(vec_path, "eigenvectors", kind="hessian-eigenvectors", layout=pts.layout,
+                                   inputs=pts.inputs, config=config, shape=vectors.shape,
+                                   what="eigenvectors").numpy().copy()
         else:
             check_output(vec_path, force or resume, "eigenvectors file")
     attrs = {**provenance(pts.inputs, config, "hessian"), "points_kind": pts.kind, "parameters": p,
@@ -273,7 +258,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                  datasets={k: (v, (scale,) if v.ndim == 1 else (scale, "k")) for k, v in values.items()},
                  attrs=attrs)
         if vectors is not None and distributed.is_main():
-            _save_vectors(vec_path, vectors, pts.layout, attrs)
+            save_vectors(vec_path, "eigenvectors", torch.from_numpy(vectors.astype(np.float32)),
+                         kind="hessian-eigenvectors", layout=pts.layout, inputs=pts.inputs, config=config)
 
     def missing(i: int) -> bool:  # (with --eigenvectors, also a point whose vectors were never written)
         return bool(np.isnan(values["hvps"][i]) or (trace and np.isnan(values["trace"][i]))

@@ -23,16 +23,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .checkpoint import load_model, read_vectors, save_vectors
 from .curve_eval import check_shard, finishing, shard_tasks, shard_text
 from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
-from .h5io import open_outputs, provenance, utc_now, write_h5
+from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, file_list
-from ._version import __version__
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
@@ -213,24 +212,6 @@ def _check_file_directions(files: list[Path], directions: list[torch.Tensor], ce
                               "network.")
 
 
-def _stored_directions(vec_path: Path, layout: ParamLayout, dims: int, inputs: dict[str, str],
-                       config: dict[str, Any]) -> torch.Tensor | None:
-    """The directions of an earlier run of the same inputs and options (``--resume``), or None if there is no
-    directions file; a file of another run is refused."""
-    if not vec_path.exists():
-        return None
-    tensors, md = read_checkpoint(vec_path)
-    d = tensors.get("directions")
-    same = (md.get("kind") == "surface-directions" and md.get("param_layout") == layout.to_json()
-            and md.get("inputs") == json.dumps(inputs, sort_keys=True)
-            and md.get("config") == json.dumps(config, sort_keys=True))
-    if (not same or d is None or d.dtype != torch.float32 or tuple(d.shape) != (dims, layout.size)
-            or not bool(torch.isfinite(d).all())):
-        raise ConfigError(f"'{vec_path}' does not hold this run's directions (other inputs or options); start over "
-                          "with --force.")
-    return d
-
-
 @holds_output_locks
 def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             directions: str | list[str] | None = "random", trajectory: list[str] | None = None,
@@ -318,7 +299,9 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     at_center = {n: np.asarray(old[f"at_points/{n}"], dtype=np.float64) if n in old else np.full(1, np.nan)
                  for n in names}
 
-    vectors = _stored_directions(vec_path, layout, dims, inputs, vec_config) if resume else None
+    vectors = (read_vectors(vec_path, "directions", kind="surface-directions", layout=layout, inputs=inputs,
+                            config=vec_config, shape=(dims, layout.size), what="directions", finite=True)
+               if resume and vec_path.exists() else None)
     new_vectors = vectors is None
     if new_vectors:
         if method == "random":
@@ -332,11 +315,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
 
     def save_directions() -> None:  # written with the first metrics file, once the data set has loaded
         if new_vectors and distributed.is_main():
-            save_checkpoint(vec_path, {"directions": vectors.contiguous()},
-                            {"format": "pt", "kind": "surface-directions", "param_layout": layout.to_json(),
-                             "inputs": json.dumps(inputs, sort_keys=True),
-                             "config": json.dumps(vec_config, sort_keys=True), "mctool_version": __version__,
-                             "command": "surface", "created": utc_now()})
+            save_vectors(vec_path, "directions", vectors, kind="surface-directions", layout=layout, inputs=inputs,
+                         config=vec_config)
 
     path_seen = project_trajectory(w, flat_others, vectors) if method == "pca" else None
     ranges = grid_ranges(method, dims, span, margin, path_seen.coords if path_seen else None)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.func import functional_call
 
-from mctool.checkpoint import load_model
+from mctool.checkpoint import load_model, read_metadata
 from mctool.data import load_data
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
@@ -59,6 +59,8 @@ def test_eigenvalues_eigenvectors_and_trace_match_the_exact_hessian(cli, tmp_pat
         np.testing.assert_allclose(np.linalg.norm(v[0, j]), 1, rtol=1e-5)
         np.testing.assert_allclose(h @ v[0, j], exact[j] * v[0, j], atol=1e-3 * exact[0])
     assert r["outputs"]["eigenvectors"]["path"] == str(vec)
+    md = read_metadata(vec)  # the provenance of the metrics file, the command line included
+    assert md["kind"] == "hessian-eigenvectors" and (md["command"], md["config"]) == (attrs["command"], attrs["config"])
 
 
 def test_points_along_a_segment_and_ensemble_members(cli, tmp_path, digits_models):
