@@ -1032,11 +1032,10 @@ def surface_cmd(
     from .surface import surface as run
 
     def work() -> Result:
-        kept = () if ignore.strip() in ("", "none") else tuple(x.strip() for x in ignore.split(","))
         return run(checkpoint, metrics, dims=dims, directions=directions or "random",
-                   trajectory=_expand_globs(trajectory, "--trajectory") if trajectory else None, ignore=kept, seed=seed,
-                   span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume, force=force,
-                   device=device, dataset=dataset,
+                   trajectory=_expand_globs(trajectory, "--trajectory") if trajectory else None, ignore=ignore,
+                   seed=seed, span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume,
+                   force=force, device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,
                    bn_batches=bn_batches, bn_data=bn_data.value, train_subset=train_subset, wd=wd,
                    precision=precision.value,
@@ -1114,7 +1113,7 @@ def hessian_cmd(
 
     def work() -> Result:
         return run([str(f) for f in files], metrics, top_k=top_k, trace=trace, trace_samples=trace_samples,
-                   num_points=num_points, train_subset=train_subset or None, batch_size=batch_size, tol=tol,
+                   num_points=num_points, train_subset=train_subset, batch_size=batch_size, tol=tol,
                    max_restarts=max_restarts, seed=seed, eigenvectors=eigenvectors, bn_batches=bn_batches,
                    bn_data=bn_data.value,
                    resume=resume, force=force, device=device, dataset=dataset, data_root=data_root,

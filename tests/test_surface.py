@@ -197,6 +197,16 @@ def test_errors(cli, tmp_path, digits_models):
     assert not m.exists() and not (tmp_path / "s-directions.safetensors").exists()
     cli("surface", a, "-m", m, "--grid-points", "2", "--dims", "1", "-q", *CPU)
     assert "already exists" in cli.error("surface", a, "-m", m, "--grid-points", "2", "--dims", "1", *CPU)
+    # --ignore as the command line writes it: the biases are zero in the directions by default, not with none
+    layout = ParamLayout.of(load_model(a).model)
+
+    def biases(name: str) -> torch.Tensor:
+        d = load_file(tmp_path / f"{name}-directions.safetensors")["directions"][0]
+        return torch.cat([v.reshape(-1) for k, v in layout.views(d).items() if k.endswith("bias")])
+
+    assert not biases("s").any()
+    cli("surface", a, "-m", tmp_path / "n.h5", "--grid-points", "2", "--dims", "1", "--ignore", "none", "-q", *CPU)
+    assert biases("n").all()
 
 
 def test_pca_directions_are_orthonormal_and_explain_the_trajectory():
