@@ -16,7 +16,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import torch
 import typer
@@ -307,6 +307,16 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _metric_rows(r: Any) -> Iterator[tuple[str, str, Any]]:
+    """(label, metric, value) for each train and evaluation metric a curve, plane or surface result holds,
+    labelled with the split shown ("train loss", "test err", ...)."""
+    for group, shown in (("train", "train"), ("eval", r.split)):
+        for key in ("loss", "nll", "err"):
+            v = getattr(r.metrics[group], key)
+            if v is not None:
+                yield f"{shown} {key}", key, v
 
 
 def _grid_value(key: str) -> Callable[[float | None], str]:
@@ -708,12 +718,9 @@ def evaluate_curve(
         cols = ("start", "end", "min", "max", "mean", "int")
         for col in ("metric", *cols):
             t.add_column(col, justify="left" if col == "metric" else "right")
-        for group, shown in (("train", "train"), ("eval", r.split)):
-            for key in ("loss", "nll", "err"):
-                v = getattr(r.metrics[group], key)
-                if v is not None:
-                    fmt = _pct if key == "err" else _num
-                    t.add_row(f"{shown} {key}", *(fmt(getattr(v, k)) for k in cols))
+        for label, key, v in _metric_rows(r):
+            fmt = _pct if key == "err" else _num
+            t.add_row(label, *(fmt(getattr(v, k)) for k in cols))
         stderr_console().print(t)
         _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
                          ("barrier: train loss", _num(r.barrier["train"].loss)),
@@ -953,13 +960,10 @@ def plane_cmd(
     def show(r: PlaneResult) -> None:
         rows = []
         names = "A, bend, B" if r.curve_max_offplane is not None else "w0, w1, w2"
-        for group, shown in (("train", "train"), ("eval", r.split)):
-            for key in ("loss", "nll", "err"):
-                v = getattr(r.metrics[group], key)
-                if v is not None:
-                    f = _grid_value(key)
-                    rows.append((f"{shown} {key}", f"min {f(v.min)}, max {f(v.max)}; at {names} "
-                                 + ", ".join(f(x) for x in v.at_points)))
+        for label, key, v in _metric_rows(r):
+            f = _grid_value(key)
+            rows.append((label, f"grid min {f(v.min)}, max {f(v.max)}; at {names} "
+                         + ", ".join(f(x) for x in v.at_points)))
         rows += [("dx, dy", f"{r.dx:.4g}, {r.dy:.4g}"), ("metrics", _path(r.outputs["metrics"])),
                  ("plot", _path(r.outputs["plot"]))]
         _table(f"plane, {r.grid_points} x {r.grid_points} grid", rows)
@@ -1044,13 +1048,9 @@ def surface_cmd(
 
     def show(r: SurfaceResult) -> None:
         rows = []
-        for group, shown in (("train", "train"), ("eval", r.split)):
-            for key in ("loss", "nll", "err"):
-                v = getattr(r.metrics[group], key)
-                if v is not None:
-                    f = _grid_value(key)
-                    rows.append((f"{shown} {key}", f"min {f(v.min)}, max {f(v.max)}; at the network "
-                                 f"{f(v.at_points[0])}"))
+        for label, key, v in _metric_rows(r):
+            f = _grid_value(key)
+            rows.append((label, f"grid min {f(v.min)}, max {f(v.max)}; at the network {f(v.at_points[0])}"))
         rows += [("directions", f"{r.dims} {r.directions}, norms " + ", ".join(f"{n:.4g}" for n in
                                                                               r.direction_norms))]
         if r.explained_variance_ratio is not None:
