@@ -182,15 +182,22 @@ def snapshot_path(output: str | Path, epoch: int) -> Path:
 def adopt_recorded(cfg: Any, state: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
                    renamed: dict[str, str] | None = None) -> None:
     """``--resume``: an option left out (``None`` in ``cfg``, a dataclass) takes the interrupted run's value, so
-    the run goes on as it started (``prepare_outputs`` lets ``None`` match anything recorded); then the
-    options are validated again, since the state file is read from disk."""
+    the run goes on as it started (``prepare_outputs`` lets ``None`` match anything recorded), with the recorded
+    words on how it was derived (``derived``), so the finished run records what an uninterrupted one would; then
+    the options are validated again, since the state file is read from disk."""
     if state is None:
         return
     saved = json.loads(state[1].get("config", "{}"))
     saved = {(renamed or {}).get(k, k): v for k, v in saved.items()} if isinstance(saved, dict) else {}
+    adopted = []
     for f in dataclasses.fields(cfg):
-        if getattr(cfg, f.name) is None and saved.get(f.name) is not None:
+        if f.name != "derived" and getattr(cfg, f.name) is None and saved.get(f.name) is not None:
             setattr(cfg, f.name, saved[f.name])
+            adopted.append(f.name)
+    how = saved.get("derived")
+    if hasattr(cfg, "derived") and isinstance(how, dict):
+        how = {k: v for k, v in how.items() if k in adopted and isinstance(v, str)}
+        cfg.derived = {**how, **(cfg.derived or {})} or None
     cfg.validate()
 
 

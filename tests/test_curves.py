@@ -141,7 +141,10 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     monkeypatch.chdir(digits_models[0].parent)
     cli("connect", *(p.name for p in digits_models), "--epochs", "3", "-q", *CPU, "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
-    assert json.loads(read_metadata(out)["config"])["lr"] == 0.05
+    config = json.loads(read_metadata(out)["config"])
+    assert config["lr"] == 0.05
+    # how the defaults were derived, as the uninterrupted run records it (the split's entry was lost on --resume)
+    assert config["derived"] == json.loads(read_metadata(ref)["config"])["derived"] and "split" in config["derived"]
 
 
 def test_evaluate_curve_summary_and_files(cli, tmp_path, digits_models):
