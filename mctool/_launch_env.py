@@ -4,9 +4,9 @@
   stack frames, while it stops; mctool reports that itself (docs/distributed.md).
   ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again.
 - For the ``mctool`` command (the console script, or ``python -m mctool``): Ctrl-C or SIGTERM while it starts
-  up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` on rank 0 and exits 130, as
-  later, instead of a traceback. ``cli`` hands the signals back to Python's handling (``restore_signals``)
-  once its own handling is in place. A Python program importing mctool is left alone.
+  up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` (``Error: stopped (SIGTERM).``)
+  on rank 0 and exits 130, as later, instead of a traceback. ``cli`` hands the signals back to Python's
+  handling (``restore_signals``) once its own handling is in place. A Python program importing mctool is left alone.
 """
 
 import os
@@ -25,9 +25,18 @@ def is_command() -> bool:
     return any(a == "-m" and b == "mctool" for a, b in zip(orig, orig[1:]))
 
 
+def launch_rank() -> str:
+    """This process's rank as a launcher set it (torchrun's RANK, srun's SLURM_PROCID), "0" without one: the
+    rank that prints what every rank would (``distributed.from_env`` reads and checks the launch itself)."""
+    env = os.environ
+    rank = env.get("RANK", "0") if "WORLD_SIZE" in env else env.get("SLURM_PROCID", "0") if "SLURM_NTASKS" in env \
+        else "0"
+    return rank.strip() or "0"
+
+
 def _stop_while_starting(signum: int, frame: object) -> None:
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line, from rank 0
-        os.write(2, b"Error: interrupted (Ctrl-C).\n")
+    if launch_rank() == "0":  # one line, from rank 0
+        os.write(2, b"Error: stopped (SIGTERM).\n" if signum == signal.SIGTERM else b"Error: interrupted (Ctrl-C).\n")
     os._exit(130)
 
 

@@ -7,6 +7,8 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 from __future__ import annotations
 
 import errno
+import glob
+import importlib
 import inspect
 import json
 import math
@@ -228,6 +230,8 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     if not quiet:
                         log_every()  # a bad MCTOOL_LOG_EVERY: refused before any work, not at the first bar
                     source_date_epoch()  # likewise a bad SOURCE_DATE_EPOCH, not at the first file written
+                    if d is not None:  # every rank reads the same files, or none starts
+                        distributed.check_same_files(_input_files())
                     result = work()
                 except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
                     if e.errno != errno.ENAMETOOLONG:
@@ -248,7 +252,12 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                 if interrupted:
                     _ignore_more_ctrl_c()
                 # Ctrl-C before a command's own handling starts (loading data, building a model)
-                message = str(e) if isinstance(e, MctoolError) else "interrupted (Ctrl-C)."
+                sigterm = interrupted and distributed.sigterm_received()
+                message = (str(e) if isinstance(e, MctoolError) else
+                           "stopped (SIGTERM)." if sigterm else "interrupted (Ctrl-C).")
+                if sigterm and d is not None:  # not a Ctrl-C: often another rank's end
+                    message += (" The SIGTERM came from the launcher, which stops every rank when one fails or is "
+                                "killed (its output says which), or from the job's time limit.")
                 # Ctrl-C reaches every rank: rank 0 says what was saved
                 silent = isinstance(e, distributed.PeerFailed) or (interrupted and not main)
                 if d is not None:  # the launcher stops the ranks left when one fails: this report goes first
@@ -258,6 +267,8 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     distributed.report_failure(message)
                 elif not silent and distributed.report_failure(message):
                     _error(f"rank {d.rank}: {message}")
+                elif silent:
+                    distributed.stand_aside()
             except Exception as e:  # a bug: the traceback is for us; the other ranks stop at once
                 if d is not None:
                     distributed.report_failure(f"internal error ({type(e).__name__})")
@@ -281,6 +292,31 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+
+
+# The options that name files a command reads (its arguments are all inputs too).
+_INPUT_OPTIONS = ("init", "pretrained_file", "compare_unaligned", "directions", "trajectory")
+
+
+# The click that Typer runs on: click itself, or the copy recent Typer versions carry (typer._click).
+_click = importlib.import_module(typer.Context.__mro__[1].__module__.rsplit(".", 1)[0])
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _input_files() -> list[str]:
+    """The files the running command reads, as given: its arguments and the ``_INPUT_OPTIONS`` (patterns of
+    --trajectory expanded); names that are not files (``--directions random``) are left to the command."""
+    ctx = importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
+    if ctx is None:
+        return []
+    names = [p.name for p in ctx.command.params if p.param_type_name == "argument" or p.name in _INPUT_OPTIONS]
+    files = []
+    for name in names:
+        value = ctx.params.get(name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                files += sorted(glob.glob(str(v))) or [str(v)] if name == "trajectory" else [str(v)]
+    return files
 
 
 def _safe(value: Any) -> Text:
@@ -307,6 +343,11 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _pts(x: float | None) -> str:
+    """A difference of two error rates, in percentage points (21.25 pts, not a relative 21.25%)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} pts"
 
 
 def _metric_rows(r: Any) -> Iterator[tuple[str, str, Any]]:
@@ -486,7 +527,11 @@ def evaluate(
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Loss, NLL, error, ECE (15 bins) and Brier score of each network and of their ensemble."""
+    """Loss, NLL, error, ECE (15 bins) and Brier score of each network and of their ensemble.
+
+    The loss is the training objective: the NLL plus the weight decay's L2 term 0.5 wd ||w||^2 (the wd each
+    network recorded); the ensemble has no loss, only its NLL.
+    """
     from .ensemble_eval import evaluate_models
 
     def work() -> Result:
@@ -724,13 +769,13 @@ def evaluate_curve(
         stderr_console().print(t)
         _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
                          ("barrier: train loss", _num(r.barrier["train"].loss)),
-                         (f"barrier: {r.split} error", _pct(r.barrier["eval"].err)),
+                         (f"barrier: {r.split} error", _pts(r.barrier["eval"].err)),
                          ("bump: train loss", _num(r.bump["train"].loss)),
-                         (f"bump: {r.split} error", _pct(r.bump["eval"].err)),
+                         (f"bump: {r.split} error", _pts(r.bump["eval"].err)),
                          *([("unaligned barrier: train loss", _num(r.barrier_unaligned["train"].loss)),
-                            (f"unaligned barrier: {r.split} error", _pct(r.barrier_unaligned["eval"].err)),
+                            (f"unaligned barrier: {r.split} error", _pts(r.barrier_unaligned["eval"].err)),
                             ("unaligned bump: train loss", _num(r.bump_unaligned["train"].loss)),
-                            (f"unaligned bump: {r.split} error", _pct(r.bump_unaligned["eval"].err))]
+                            (f"unaligned bump: {r.split} error", _pts(r.bump_unaligned["eval"].err))]
                            if r.barrier_unaligned is not None else []),
                          ("metrics", _path(r.outputs["metrics"])), ("plot", _path(r.outputs["plot"]))])
 
@@ -1298,4 +1343,15 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
-    app()
+    if _launch_env.launch_rank() == "0":
+        app()
+        return
+    # Another rank of a torchrun (or srun) launch parses the same command line as rank 0, whose report of a
+    # usage error (exit 2) is the user's one line: this rank exits with the same code, silently.
+    try:
+        code = app(standalone_mode=False)
+    except _ClickException as e:
+        code = e.exit_code
+    except typer.Abort:
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -17,7 +17,7 @@ from . import distributed
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
-from .curves import Curve, coefficients, line_between, load_curve
+from .curves import Curve, check_two_networks, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, Interrupted
 from .evaluation import evaluate_weights
@@ -37,7 +37,9 @@ def curve_from_files(paths: list[str]) -> Curve:
     if len(paths) == 1:
         return load_curve(paths[0])[0]
     if len(paths) == 2:
-        return line_between(load_model(paths[0]), load_model(paths[1]))
+        a, b = load_model(paths[0]), load_model(paths[1])
+        check_two_networks(a, b, "its segment is a single point; 'mctool evaluate' evaluates the network")
+        return line_between(a, b)
     raise ConfigError(f"give one curve file or two model checkpoints, not {len(paths)} files.")
 
 
@@ -321,6 +323,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                     stats.append(channel_stats(model, data.train, batches=repair_batches, batch_size=batch_size,
                                                precision=precision))
                 ends[prefix] = stats[0], stats[1]
+        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
         write()
         saved = len(mine) - len(todo)
 

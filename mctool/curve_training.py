@@ -21,7 +21,8 @@ from torch.func import functional_call
 from .align import METHODS as ALIGN_METHODS, align_networks
 from .bn import bn_modules, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, check_finite, load_model
-from .curves import BEND_INITS, MAX_BENDS, Curve, coefficients, initial_points, line_between, save_curve
+from .curves import (BEND_INITS, MAX_BENDS, Curve, check_two_networks, coefficients, initial_points, line_between,
+                     save_curve)
 from .data import check_fits, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks, same_inputs
@@ -277,6 +278,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     output = Path(output)
     metrics = Path(metrics) if metrics is not None else metrics_path(output, "-connect")
     a, b = load_model(start), load_model(end)
+    check_two_networks(a, b, "a curve from a network to itself would be trained for nothing")
     line = line_between(a, b)
     align_meta: dict[str, str] = {}
 

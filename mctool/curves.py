@@ -109,6 +109,14 @@ def _describe_incompatibility(a: LoadedModel, b: LoadedModel) -> list[str]:
     return out
 
 
+def check_two_networks(a: LoadedModel, b: LoadedModel, why: str) -> None:
+    """Refuse the same network (the same bytes, under any names) as both ends of a segment or curve."""
+    if a.sha256 == b.sha256:
+        same = f"'{a.path}' is given twice" if str(a.path) == str(b.path) else f"'{a.path}' and '{b.path}' are the " \
+                                                                                "same file (the same sha256)"
+        raise ConfigError(f"{same}: {why}. Give two different networks.")
+
+
 def line_between(a: LoadedModel, b: LoadedModel) -> Curve:
     """The straight segment between two compatible networks (checked; differences listed)."""
     diff = _describe_incompatibility(a, b)

@@ -96,9 +96,16 @@ def from_env(env: dict[str, str] | None = None) -> Dist | None:
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
         keys = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    elif "SLURM_NTASKS" in env and env.get("SLURM_PROCID", "0").strip() not in ("", "0"):
+        # (a batch script is task 0: there SLURM's variables without MASTER_ADDR are a run of one process)
+        raise ConfigError(f"this is task {env['SLURM_PROCID']} of an srun step, but MASTER_ADDR is not set, so "
+                          "every task would run the whole command alone on the same outputs; export MASTER_ADDR "
+                          "and MASTER_PORT in the job script (docs/distributed.md), or start one task.")
     else:
         return None
     world = _env_int(env, keys[1], 1)
+    if world == 1:  # nothing to join: the launcher's other variables do not matter
+        return Dist(0, 1, 0)
     rank = _env_int(env, keys[0], 0, world - 1) if keys[0] in env else 0
     local = _env_int(env, keys[2], 0, world - 1) if keys[2] in env else 0
     return Dist(rank, world, local)
@@ -184,6 +191,7 @@ def launched() -> Iterator[Dist | None]:
 def _sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt for the block: the command saves what it has, removes its locks and
     exits 130 with its usual message, as for Ctrl-C."""
+    _sigterm[0] = False
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: leave signals alone
@@ -195,8 +203,18 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_sigterm = [False]
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _sigterm[0] = True
     raise KeyboardInterrupt
+
+
+def sigterm_received() -> bool:
+    """Whether the interruption of the command now running came as SIGTERM (a launcher, ``timeout``, a job's
+    time limit) rather than Ctrl-C."""
+    return _sigterm[0]
 
 
 def _store() -> Any:
@@ -247,6 +265,16 @@ def report_failure(message: str) -> bool:
         return True
 
 
+def stand_aside() -> None:
+    """A rank other than 0 that stops with nothing to report (Ctrl-C reaches every rank; rank 0 says what was
+    saved) tells rank 0 not to wait for it to read rank 0's report."""
+    d = current()
+    if d is None or d.main:
+        return
+    with contextlib.suppress(Exception):  # the store is gone: rank 0 is not waiting
+        _store().set(_key(f"done/{d.rank}"), "1")
+
+
 def _failed_ranks(store: Any, d: Dist) -> str:
     failed = [r for r in range(d.world) if r != d.rank and store.check([_key(f"error/{r}")])]
     return ", ".join(map(str, failed)) or "another rank"
@@ -270,6 +298,30 @@ def sync(what: str) -> None:
         key = _key(f"sync/{_sequence[0]}")
         store.add(key, 1)
         _wait_until(store, d, lambda: store.add(key, 0) >= d.world, f"the other ranks at {what}")
+
+
+def check_same_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Refuse, before any work, a run whose ranks read different files under one name (a stale copy on one
+    node's disk, another checkout): each rank hashes the input files it can open and compares them with rank
+    0's, then all wait for the verdict. A file some rank cannot open is left to the command, which names it."""
+    d = current()
+    if d is None:
+        return
+    from .fileio import sha256_file
+
+    mine: dict[str, str] = {}
+    for p in dict.fromkeys(map(str, paths)):
+        with contextlib.suppress(OSError):
+            if os.path.isfile(p):
+                mine[p] = sha256_file(p)
+    theirs = broadcast_object(mine)
+    differ = [p for p, h in mine.items() if theirs.get(p, h) != h]
+    if differ:
+        p = differ[0]
+        raise ConfigError(f"'{p}' here is not the file rank 0 read under that name (sha256 {mine[p][:12]}... vs "
+                          f"{theirs[p][:12]}...); every process must read the same inputs: copy them again, or use "
+                          "a file system all nodes share.")
+    sync("the check of the input files")
 
 
 def _wait_until(store: Any, d: Dist, ready: Callable[[], bool], what: str) -> None:

@@ -22,7 +22,7 @@ from .checkpoint import ModelMeta, load_model, meta_differences, read_metadata
 from .curves import load_curve
 from .data import check_fits, load_data
 from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
 from .flat import ParamLayout
@@ -64,7 +64,12 @@ def load_members(paths: list[str], num_points: int | None = None, **plain: Any) 
                        recalibrate=True) for t in ts]
     out: list[Member] = []
     for p in paths:
-        if read_metadata(p).get("kind") == "ensemble":
+        kind = read_metadata(p).get("kind")
+        if kind in ("curve", "curve-state"):
+            raise CheckpointError(f"'{p}' holds a curve, not a network: 'mctool ensemble {p} --num-points K' "
+                                  "evaluates K networks along it as an ensemble, 'mctool evaluate-curve FILE' each "
+                                  "point, and 'mctool point FILE --t T -o net.safetensors' takes one network.")
+        if kind == "ensemble":
             ens = load_ensemble(p)
             out += [Member(f"{p}#{i}", ens.meta, str(p), ens.sha256, lambda e=ens, i=i: e.network(i))
                     for i in range(len(ens))]

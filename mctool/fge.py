@@ -238,7 +238,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
 
     def shown() -> dict[str, float]:  # for the progress display only
         last = snaps.rows[-1] if snaps.rows else None
-        return {"members": len(snaps.rows) + len(snaps.pending),  # taken (the pending ones evaluated in a pass)
+        # the ensemble of the evaluated members; those taken since wait for their pass (--points-per-pass)
+        return {"members": len(snaps.rows), **({"waiting": len(snaps.pending)} if snaps.pending else {}),
                 **({"ensemble err": last["ensemble_err"], "ensemble nll": last["ensemble_nll"]} if last else {})}
 
     t_run = time.time()

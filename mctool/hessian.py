@@ -278,6 +278,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         has_bn = bool(bn_modules(model))
         if pts.recalibrate:
             check_bn_batch_size(model, batch_size)
+        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
         write()
 
         def measure(i: int) -> dict[str, Any]:

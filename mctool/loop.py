@@ -446,7 +446,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     try:
         with progress_bar(quiet) as bar:
             ep_task = bar.add_task(desc, total=cfg.epochs, completed=start_epoch, info="")
-            it_task = bar.add_task("  epoch", total=n_iter, info="")
+            it_task = bar.add_task("  batches", total=n_iter, info="")
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.time()
                 torch.manual_seed(_epoch_seed(cfg.seed, epoch))

@@ -237,6 +237,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                          bn_batches=bn_batches, precision=precision, train_split=train_split,
                          channels_last=channels_last, compile=compile, bn_data=bn_data)
     check_bn_batch_size(model, batch_size)
+    distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
     if on_start is not None:
         on_start()
 

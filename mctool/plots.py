@@ -63,7 +63,7 @@ def _pyplot():
 def plot_curves(files: list[str | Path], output: str | Path) -> None:
     """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2)."""
     plt = _pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     series = []  # (file, kind of path, t, train loss, error in %, label's tail)
     for f in files:
         data, attrs = metrics_file(f, ("evaluate-curve",), {"t": 1, "train/loss": 1})
@@ -97,10 +97,11 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
     ax_err.set(xlabel="t (position along the curve)", ylabel=f"{split} error (%)", title=f"{split.capitalize()} error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
-        ax.set_xlim(0, 1)
+        ax.set_xlim(-0.03, 1.03)  # the ends' markers whole, not cut by the frame
         ax.annotate("A", (0, 0), xytext=(2, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
         ax.annotate("B", (1, 0), xytext=(-10, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
-    ax_err.legend(fontsize=8)
+    # below the panels, where it covers no line (inside, it sat on the curve wherever the error dips)
+    fig.legend(*ax_err.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(series), 2), fontsize=8)
     _save(fig, output)
 
 
@@ -118,14 +119,25 @@ def _save(fig, output: str | Path) -> None:
             fig.savefig(tmp, dpi=120, format=fmt, metadata=metadata)
     plt.close(fig)
 
-def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> np.ndarray:
-    """Contour levels spaced roughly logarithmically above the minimum (dense where the surface is low)."""
+#: A filled contour plot's levels reach at most this many times the grid's median (see ``_log_levels``).
+LEVELS_CAP = 10.0
+
+
+def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> tuple[np.ndarray, str]:
+    """Contour levels spaced roughly logarithmically above the minimum (dense where the surface is low), and
+    how ``contourf`` extends them. A grid whose far cells are many times higher than most of it (a plane's
+    margins can reach a loss of 100 where the networks sit below 1) has its levels end at ``LEVELS_CAP`` times
+    its median, the cells above drawn in the top colour (``extend="max"``), so that the levels stay where the
+    valley and the barrier are; the reference code clips its planes' losses at a fixed value for this."""
     finite = values[np.isfinite(values)]
     lo, hi = float(finite.min()), float(finite.max())
+    cap, extend = LEVELS_CAP * float(np.median(finite)), "neither"
+    if lo < cap < hi:
+        hi, extend = cap, "max"
     if hi <= lo:
         hi = lo + 1e-6
     s = np.linspace(0.0, 1.0, n)
-    return lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness)
+    return lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness), extend
 
 
 @dataclass
@@ -331,7 +343,8 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             ax.set(title=title, xlabel=view.xlabel, ylabel=unit)
             continue
         if np.isfinite(z).any():
-            cs = ax.contourf(view.x, view.y, z.T, levels=_log_levels(z), cmap="viridis", extend="both")
+            levels, extend = _log_levels(z)
+            cs = ax.contourf(view.x, view.y, z.T, levels=levels, cmap="viridis", extend=extend)
             ax.contour(view.x, view.y, z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
             fig.colorbar(cs, ax=ax, label=unit, format="%.3g")
         if view.path is not None:

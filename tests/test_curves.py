@@ -122,6 +122,15 @@ def test_connect_refusals(cli, tmp_path, digits_models):
     assert "nothing to train" in cli.error("connect", *digits_models, "-o", tmp_path / "c.safetensors",
                                            "--curve", "line", "--free-end")
     cli("connect", *digits_models, "-o", tmp_path / "c.safetensors", "--bend-init", "middle", code=2)
+    # the same network at both ends (a typo in a name, or a copy): nothing to connect or to walk along
+    a = digits_models[0]
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(a.read_bytes())
+    assert f"'{a}' is given twice: a curve from a network to itself would be trained for nothing. Give two " \
+           "different networks." in cli.error("connect", a, a, "-o", tmp_path / "c.safetensors")
+    assert f"'{a}' and '{copy}' are the same file (the same sha256): its segment is a single point; 'mctool " \
+           "evaluate' evaluates the network" in cli.error("evaluate-curve", a, copy, "-m", tmp_path / "s.h5", *CPU)
+    assert not list(tmp_path.glob("c.*")) and not (tmp_path / "s.h5").exists()
 
 
 def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monkeypatch):

@@ -48,12 +48,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks(args_per_rank: list[list]) -> list[subprocess.CompletedProcess]:
+def ranks(args_per_rank: list[list], cwds: list[Path] | None = None) -> list[subprocess.CompletedProcess]:
     """One ``python -m mctool`` per rank with RANK/WORLD_SIZE/... set, as a launcher (SLURM) starts them;
-    each rank may get its own arguments."""
+    each rank may get its own arguments (and working folder, as on its own node)."""
     port, world = _free_port(), len(args_per_rank)
     procs = [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True, cwd=(cwds or [ROOT] * world)[r],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for r, args in enumerate(args_per_rank)]
@@ -298,6 +298,61 @@ def test_bad_option_on_every_rank_prints_one_error(tmp_path):
     assert len(errors) == 1, done.stderr
     assert "--lr" in errors[0]
     assert "Traceback" not in "\n".join(line for line in done.stderr.splitlines() if "mctool" in line)
+    # a usage error (exit 2), found while the command line is parsed: once too (every rank printed it)
+    r0, r1 = ranks([["train", "--bogus"]] * 2)
+    assert (r0.returncode, r1.returncode) == (2, 2)
+    assert "No such option: --bogus" in r0.stderr and r1.stderr == "", r1.stderr
+
+
+def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, digits_models):
+    """Each node reads its own copy of an input: a stale one would mix two networks' results in one file that
+    records rank 0's sha256. Refused before any work, by the rank that holds the other file."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder, model in zip(folders, digits_models):
+        folder.mkdir()
+        (folder / "m.safetensors").write_bytes(model.read_bytes())
+    args = ["evaluate-curve", "m.safetensors", digits_models[1], "-m", "c.h5", "--num-points", "3", "--device", "cpu"]
+    r0, r1 = ranks([args, args], cwds=folders)
+    assert (r0.returncode, r1.returncode) == (1, 1)
+    lines = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 1: 'm.safetensors' here is not the file rank 0 "
+                                                   "read under that name"), (r0.stderr, r1.stderr)
+    assert not (folders[0] / "c.h5").exists()
+    # the same file everywhere: it runs
+    (folders[1] / "m.safetensors").write_bytes(digits_models[0].read_bytes())
+    assert [r.returncode for r in ranks([[*args, "-q"]] * 2, cwds=folders)] == [0, 0]
+    assert (folders[0] / "c.h5").exists() and not (folders[1] / "c.h5").exists()
+
+
+def test_the_launch_the_environment_describes():
+    from mctool.distributed import Dist, from_env
+    from mctool.errors import ConfigError
+
+    assert from_env({}) is None
+    assert from_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}) == Dist(1, 2, 1)
+    # a world of one joins nothing, whatever the launcher's other variables say
+    assert from_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "3"}) == Dist(0, 1, 0)
+    with pytest.raises(ConfigError, match="LOCAL_RANK=3 is out of range"):
+        from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "3"})
+    # SLURM: a batch script (task 0) without MASTER_ADDR is one process; srun's other tasks are refused (each would
+    # run the whole command alone on the same outputs)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    assert from_env({**slurm, "SLURM_PROCID": "0"}) is None
+    with pytest.raises(ConfigError, match="task 1 of an srun step, but MASTER_ADDR is not set"):
+        from_env({**slurm, "SLURM_PROCID": "1"})
+    assert from_env({**slurm, "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1"}) == Dist(1, 2, 1)
+
+
+def test_a_run_refused_on_another_rank_writes_no_file(tmp_path, digits_models):
+    """Rank 0's checks passed, rank 1's did not: rank 0 waits for every rank's before its first write, so a
+    rerun is not told that the file holds an interrupted run."""
+    m = tmp_path / "c.h5"
+    good = ["evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "--device", "cpu"]
+    bad = ["evaluate-curve", digits_models[0], tmp_path / "missing.safetensors", "-m", m, "--num-points", "3",
+           "--device", "cpu"]
+    r0, r1 = ranks([good, bad])
+    assert (r0.returncode, r1.returncode) == (1, 1) and "missing.safetensors" in r1.stderr, (r0.stderr, r1.stderr)
+    assert not m.exists()
 
 
 def test_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path, digits_models):

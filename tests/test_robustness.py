@@ -458,7 +458,8 @@ def test_a_signal_while_the_command_starts_gives_one_line(tmp_path, sig):
     time.sleep(0.3)  # inside `import torch` (seconds)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert (p.returncode, out, err) == (130, "", "Error: interrupted (Ctrl-C).\n")
+    said = "stopped (SIGTERM)" if sig == signal.SIGTERM else "interrupted (Ctrl-C)"
+    assert (p.returncode, out, err) == (130, "", f"Error: {said}.\n")
     script = "import mctool, signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           timeout=60).stdout == "True\n"
@@ -524,6 +525,16 @@ def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(cli, tmp_path, f
     err = cli.error("evaluate-curve", files["line"], "-m", tmp_path / "e.h5", code=130)
     assert err == "Error: interrupted (Ctrl-C)."
     assert not list(tmp_path.glob(".*.lock"))  # the lock is released
+
+    def terminated(*args, **kwargs):  # what a launcher, `timeout` or a job's time limit sends: said as it is
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(mctool.curve_eval, "load_data", terminated)
+    assert cli.error("evaluate-curve", files["line"], "-m", tmp_path / "e.h5", code=130) == \
+        "Error: stopped (SIGTERM)."
+    monkeypatch.setattr(mctool.curve_eval, "load_data", interrupted)  # and the next command's Ctrl-C is a Ctrl-C
+    assert cli.error("evaluate-curve", files["line"], "-m", tmp_path / "e.h5", code=130) == \
+        "Error: interrupted (Ctrl-C)."
 
 
 # --- 4. atomic writes ---------------------------------------------------------------------------------------------
@@ -1022,7 +1033,11 @@ def test_running_out_of_memory_is_one_error(cli, tmp_path, monkeypatch, files):
 def test_a_file_of_another_kind_says_what_to_do_with_it(cli, tmp_path, files):
     line, m0 = files["line"], files["m0"]
     assert f"'{line}' holds a 'curve', not a single network (kind 'model'); take a network on it with 'mctool " \
-           "point FILE --t T -o net.safetensors'" in cli.error("evaluate", line, "--device", "cpu")
+           "point FILE --t T -o net.safetensors'" in cli.error("fge", line, "-o", tmp_path / "f.safetensors")
+    # evaluate and ensemble take a curve's networks as an ensemble with --num-points, which the message names
+    for command in ("evaluate", "ensemble"):
+        assert f"'{line}' holds a curve, not a network: 'mctool ensemble {line} --num-points K' evaluates K " \
+               "networks along it" in cli.error(command, line, "--device", "cpu")
     assert f"'{line}' is a 'curve' file, not an ensemble; --index picks a member of an ensemble file" in cli.error(
         "point", line, "--index", "0", "-o", tmp_path / "p.safetensors")
     assert f"'{m0}' is a 'model' file, not an ensemble; it is already a single network" in cli.error(
