@@ -106,7 +106,10 @@ def from_env(env: dict[str, str] | None = None) -> Dist | None:
     world = _env_int(env, keys[1], 1)
     if world == 1:  # nothing to join: the launcher's other variables do not matter
         return Dist(0, 1, 0)
-    rank = _env_int(env, keys[0], 0, world - 1) if keys[0] in env else 0
+    if keys[0] not in env:  # every process would take itself for rank 0
+        raise ConfigError(f"{keys[1]}={world} but {keys[0]} is not set; start mctool with torchrun (or srun), which "
+                          f"sets both, or set {keys[0]} for each process.")
+    rank = _env_int(env, keys[0], 0, world - 1)
     local = _env_int(env, keys[2], 0, world - 1) if keys[2] in env else 0
     return Dist(rank, world, local)
 

@@ -334,6 +334,8 @@ def test_the_launch_the_environment_describes():
     assert from_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "3"}) == Dist(0, 1, 0)
     with pytest.raises(ConfigError, match="LOCAL_RANK=3 is out of range"):
         from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "3"})
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but RANK is not set"):  # (each took itself for rank 0)
+        from_env({"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     # SLURM: a batch script (task 0) without MASTER_ADDR is one process; srun's other tasks are refused (each would
     # run the whole command alone on the same outputs)
     slurm = {"SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
