@@ -132,7 +132,7 @@ def test_compare_unaligned(cli, tmp_path, digits_models, aligned, monkeypatch):
 
     seen = []
     monkeypatch.setattr(plots, "_save", lambda fig, out: seen.append([t.get_text().split(",")[0]
-                                                                      for t in fig.axes[1].get_legend().get_texts()]))
+                                                                      for t in fig.legends[0].get_texts()]))
     plots.plot_curves([m], tmp_path / "cmp.png")
     assert seen == [["line (segment) to aligned B", "segment to unaligned B"]]
     with h5py.File(m) as f:

@@ -368,7 +368,7 @@ def test_plot_command(cli, tmp_path, digits_models, monkeypatch):
     other.write_bytes(m.read_bytes())
     seen = []
     monkeypatch.setattr(plots, "_save", lambda fig, output: seen.append([t.get_text() for t in
-                                                                         fig.axes[1].get_legend().get_texts()]))
+                                                                         fig.legends[0].get_texts()]))
     plots.plot_curves([m, other], png)
     plots.plot_curves([m], png)
     assert [x.split(",")[0] for x in seen[0]] == ["l.h5: line (segment)", "other.h5: line (segment)"]

@@ -241,8 +241,10 @@ def test_resume_refuses_eigenvectors_of_another_run(cli, tmp_path, tiny):
 def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path, tiny, monkeypatch):
     import mctool.plots as plots
 
-    m, net = tmp_path / "h.h5", tiny[0]
-    cli("hessian", net, net, "-m", m, "--top-k", "2", "--num-points", "3", "--trace", "--trace-samples", "2",
+    m, net, other = tmp_path / "h.h5", tiny[0], tmp_path / "o.safetensors"
+    cli("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1}', "--epochs", "1",
+        "--seed", "1", "-o", other, "-q", *CPU)
+    cli("hessian", net, other, "-m", m, "--top-k", "2", "--num-points", "3", "--trace", "--trace-samples", "2",
         "-q", *CPU)
     values, _ = read_h5(m)
     drawn = []

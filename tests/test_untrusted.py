@@ -79,7 +79,7 @@ def builds(monkeypatch):
 def test_a_state_given_as_a_network_names_what_it_is(cli, tmp_path, model_file, kind, hint):
     """(fge has no --save-every: its state is only an interrupted run's)"""
     f = _rewrite(model_file, tmp_path / "s.safetensors", kind=kind)
-    err = cli.error("evaluate", f, "--device", "cpu")
+    err = cli.error("fge", f, "-o", tmp_path / "f.safetensors", "--device", "cpu")
     assert f"holds a '{kind}', not a single network (kind 'model'); {hint}" in err and "--save-every" not in err
 
 
