@@ -157,28 +157,6 @@ PointsPerPassOpt = Annotated[int, typer.Option(
          "convolutional networks are (faster there).")]
 
 
-def _expand_globs(values: list[str], option: str) -> list[str]:
-    """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches in natural
-    order: runs of digits compare as numbers, so ``--save-every``'s ``-epoch500`` comes before ``-epoch1000`` (its
-    numbers are padded to three digits only) and the matches are in training order."""
-    import glob
-    import re
-
-    def natural(name: str) -> list:
-        return [(int(part), part) if i % 2 else (0, part) for i, part in enumerate(re.split(r"(\d+)", name))]
-
-    out = []
-    for v in values:
-        if Path(v).exists() or not glob.has_magic(v):
-            out.append(v)
-            continue
-        found = sorted(glob.glob(v), key=natural)
-        if not found:
-            raise ConfigError(f"{option} '{v}' matches no file.")
-        out.extend(found)
-    return out
-
-
 def _shard(text: str | None) -> tuple[int, int] | None:
     from .curve_eval import parse_shard
 
@@ -1082,7 +1060,7 @@ def surface_cmd(
 
     def work() -> Result:
         return run(checkpoint, metrics, dims=dims, directions=directions or "random",
-                   trajectory=_expand_globs(trajectory, "--trajectory") if trajectory else None, ignore=ignore,
+                   trajectory=trajectory or None, ignore=ignore,
                    seed=seed, span=range_, margin=margin, grid_points=grid_points, plot=plot, resume=resume,
                    force=force, device=device, dataset=dataset,
                    data_root=data_root, download=download, split=split.value if split else None, batch_size=batch_size,

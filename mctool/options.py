@@ -6,10 +6,12 @@ infinity pass most comparisons silently (``nan < 1`` is False), so they are refu
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import numbers
 import os
+import re
 from typing import Any
 
 from .errors import ConfigError
@@ -78,6 +80,26 @@ def file_list(value: Any, what: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{what} must be a list of file names, got {type(value).__name__}.")
     return list(value)
+
+
+def expand_patterns(values: list, option: str) -> list[str]:
+    """Each value that is not a file but a glob pattern (``*``, ``?``, ``[``) replaced by its matches in natural
+    order: runs of digits compare as numbers, so ``--save-every``'s ``-epoch500`` comes before ``-epoch1000`` (its
+    numbers are padded to three digits only) and the matches are in training order. A pattern that matches
+    nothing is a ConfigError naming ``option``."""
+    def natural(name: str) -> list:
+        return [(int(part), part) if i % 2 else (0, part) for i, part in enumerate(re.split(r"(\d+)", name))]
+
+    out = []
+    for v in map(str, values):
+        if os.path.exists(v) or not glob.has_magic(v):
+            out.append(v)
+            continue
+        found = sorted(glob.glob(v), key=natural)
+        if not found:
+            raise ConfigError(f"{option} '{v}' matches no file.")
+        out.extend(found)
+    return out
 
 
 def show_setting(value: Any) -> str:

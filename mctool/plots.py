@@ -70,6 +70,17 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
         split = _checked_split(attrs, f)
         t = data["t"]
         _check_shapes(f, data, {"train/loss": t.shape, f"{split}/err": t.shape}, min_size=1)
+        if "shard" in attrs:  # every N-th point: dots, not a curve
+            raise MetricsFileError(f"'{f}' is shard {str(attrs['shard'])[:20]} of an evaluate-curve run: it holds only "
+                                   "that shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then "
+                                   "draw the merged file.")
+        done = np.isfinite(np.asarray(data["train/loss"], dtype=np.float64))
+        if not done.any():
+            raise MetricsFileError(f"'{f}': nothing to draw yet: no point of the curve is computed (NaN). An "
+                                   "interrupted run: finish it with the same command plus --resume.")
+        if "summary" not in attrs and not done.all():
+            warn(f"'{f}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} points are computed, and the "
+                 "figure shows only those. Finish it with the same command plus --resume.")
         curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
         bends = attrs.get("num_bends") if isinstance(attrs.get("num_bends"), int) else "?"
         kind = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
@@ -431,8 +442,9 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
                 **({"color": cmap(k / (top_k - 1))} if cmap else {}))
     xlabel = "t (position along the curve)" if along else "point (network or member)"
     ax.set(xlabel=xlabel, ylabel="eigenvalue", title="Top Hessian eigenvalues of the training loss")
-    if not along:
-        ax.set_xticks(x)
+    # points that are not along a curve: one tick each, named by the file's labels (a network, PATH#i members)
+    labels = attrs.get("labels").split("\n") if isinstance(attrs.get("labels"), str) else []
+    ticks = {"ticks": x, "labels": [_short_label(s) for s in labels] if len(labels) == n else None}
     ax.grid(alpha=0.3)
     if cmap:
         from matplotlib.cm import ScalarMappable
@@ -448,7 +460,18 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
         axes[0, 1].errorbar(x, tr, yerr=se, marker="o", markersize=4, capsize=3)
         axes[0, 1].set(xlabel=xlabel, ylabel="trace", title="Hessian trace (Hutchinson, +- 1 standard error)")
         axes[0, 1].grid(alpha=0.3)
+    if not along:
+        for a in axes[0]:
+            a.set_xticks(**ticks)
+            if n > 3:  # names side by side would run into each other
+                a.tick_params(axis="x", labelrotation=30)
     _save(fig, output)
+
+
+def _short_label(label: str, width: int = 24) -> str:
+    """A point's label as a tick: the file's name (its folder left out), cut to ``width`` characters."""
+    name = label.replace("\\", "/").rsplit("/", 1)[-1]
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 @holds_output_locks

@@ -31,7 +31,8 @@ from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
 from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
-from .options import MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, file_list
+from .options import (MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, expand_patterns,
+                      file_list)
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
@@ -184,6 +185,10 @@ def _method(directions: str | list[str] | None, trajectory: list[str] | None) ->
             raise ConfigError("--directions is 'random', 'pca', or one or two checkpoint files, not a mix.")
         if not 1 <= len(files) <= 2:
             raise ConfigError(f"give one or two direction files, got {len(files)}.")
+        for f in files:  # a mistyped method ('rnadom', 'PCA') is not a missing checkpoint
+            if not os.path.lexists(f) and (f.lower() in METHODS or (os.sep not in f and "." not in f)):
+                raise ConfigError(f"--directions '{f}' is neither a method (random, pca) nor an existing checkpoint "
+                                  "file.")
         method = "files"
     else:
         raise ConfigError(f"--directions is 'random', 'pca', or one or two checkpoint files, got {directions!r}.")
@@ -236,8 +241,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     t0 = time.time()
     if isinstance(ignore, str):  # as the command line writes it: "bn,bias" (or "none")
         ignore = () if ignore.strip() in ("", "none") else tuple(x.strip() for x in ignore.split(","))
-    if trajectory is not None:
-        trajectory = file_list(trajectory, "trajectory")
+    if trajectory is not None:  # checkpoints, or glob patterns of them (expanded in training order)
+        trajectory = expand_patterns(file_list(trajectory, "trajectory"), "--trajectory")
     check_points_per_pass(points_per_pass)
     shard = check_shard(shard, plot, "surface")
     check_count("--dims", dims)

@@ -355,6 +355,29 @@ def test_timm_bn_model_connects_and_evaluates(cli, tmp_path):
     assert any(not torch.equal(ta[k], tp[k]) for k in ta if k.endswith("running_mean"))
 
 
+def test_plot_of_an_unfinished_curve_says_so(cli, tmp_path, digits_models):
+    """An interrupted evaluate-curve draws what it has with a warning (it drew silently); one with nothing
+    computed is refused."""
+    import shutil
+
+    m = tmp_path / "c.h5"
+    cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "4", "-q", *CPU)
+    part, empty = tmp_path / "part.h5", tmp_path / "empty.h5"
+    for path, points in ((part, [2, 3]), (empty, [0, 1, 2, 3])):
+        shutil.copy(m, path)
+        with h5py.File(path, "r+") as f:  # as an interrupted run leaves it: no summary, points still NaN
+            del f.attrs["summary"]
+            for name in ("train/loss", "train/nll", "train/err", "test/nll", "test/err"):
+                f[name][points] = np.nan
+    res = cli("plot", part, "-o", tmp_path / "part.png")
+    assert [w for w in res.stderr.splitlines() if w.startswith("Warning: ")] == [
+        f"Warning: '{part}' is an interrupted run's: 2 of 4 points are computed, and the figure shows only those. "
+        "Finish it with the same command plus --resume."]
+    assert "nothing to draw yet: no point of the curve is computed (NaN)" in cli.error("plot", empty, "-o",
+                                                                                      tmp_path / "e.png")
+    assert "Warning" not in cli("plot", m, "-o", tmp_path / "whole.png").stderr
+
+
 def test_plot_command(cli, tmp_path, digits_models, monkeypatch):
     m = tmp_path / "l.h5"
     cli("evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "-q", *CPU)

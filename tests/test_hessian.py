@@ -257,6 +257,13 @@ def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path,
         assert line.get_xdata().tolist() == [0.0, 0.5, 1.0]
         assert line.get_ydata().tolist() == values["eigenvalues"][:, k].tolist()
     assert trace_ax.get_xlabel().startswith("t ")
+    # points that are not along a curve: one tick per point on both panels, named after its file (the trace
+    # panel had ticks at -0.04 ... 0.04 around its single point)
+    one = tmp_path / "one.h5"
+    cli("hessian", net, "-m", one, "--top-k", "1", "--trace", "--trace-samples", "2", "-q", *CPU)
+    plots.plot_hessian(one, tmp_path / "one.png")
+    for ax in drawn[1].axes:
+        assert ax.get_xticks().tolist() == [0.0] and [t.get_text() for t in ax.get_xticklabels()] == [net.name]
 
 
 def test_plot_of_many_eigenvalues_keys_them_by_a_colour_bar_and_refuses_a_file_with_none(cli, tmp_path, tiny,

@@ -111,6 +111,10 @@ def test_curve_shards_merge_into_the_unsharded_file(cli, tmp_path, bezier):
     r = mctool.merge([shards[2], shards[0], shards[1]], merged)
     assert r.kind == "evaluate-curve" and r.shards == 3 and r.outputs["plot"] is None
     assert_same_file(merged, full)
+    # a shard is every third point, not a curve: plot refuses it as it refuses a plane's shard (it drew dots)
+    msg = cli.error("plot", shards[0], "-o", tmp_path / "s.png")
+    assert f"'{shards[0]}' is shard 0/3 of an evaluate-curve run" in msg and "mctool merge" in msg
+    cli("plot", merged, "-o", tmp_path / "m.png", "-q")
     assert r.metrics["eval"].err.max == json.loads(read_h5(full)[1]["summary"])["eval"]["err"]["max"]
 
 

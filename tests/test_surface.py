@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import mctool
 from mctool.checkpoint import load_model
 from conftest import Cli
 from mctool.errors import ConfigError
@@ -175,6 +176,9 @@ def test_errors(cli, tmp_path, digits_models):
     assert "--ignore takes bn, bias" in cli.error("surface", a, "-m", m, "--ignore", "conv", *CPU)
     assert "not a mix" in cli.error("surface", a, "-m", m, "--directions", "random", "--directions", b, *CPU)
     assert "needs the training trajectory" in cli.error("surface", a, "-m", m, "--directions", "pca", *CPU)
+    for typo in ("rnadom", "PCA"):  # was "checkpoint 'rnadom' does not exist."
+        assert f"--directions '{typo}' is neither a method (random, pca) nor an existing checkpoint file." in \
+            cli.error("surface", a, "-m", m, "--directions", typo, *CPU)
     # direction files that give no direction, or no plane
     assert "the direction towards it is zero" in cli.error("surface", a, "-m", m, "--directions", a, *CPU)
     assert "span no plane" in cli.error("surface", a, "-m", m, "--directions", b, "--directions", b, *CPU)
@@ -385,9 +389,10 @@ def test_an_unquoted_trajectory_glob_gets_a_hint(cli, tmp_path, digits_models):
     assert "quote it" not in cli.error("info", a, b, code=2)
 
 
-def test_a_trajectory_glob_is_in_training_order_past_epoch_999(tmp_path):
-    """--save-every pads epochs to three digits; epoch 1000 comes after epoch 500 (natural order, not by name)."""
-    from mctool.cli import _expand_globs
+def test_a_trajectory_glob_is_in_training_order_past_epoch_999(tmp_path, digits_models):
+    """--save-every pads epochs to three digits; epoch 1000 comes after epoch 500 (natural order, not by name).
+    The library expands the patterns, so Python callers can give them as the command line does."""
+    from mctool.options import expand_patterns as _expand_globs
 
     for e in (500, 1000, 99, 1001, 5):
         (tmp_path / f"long-epoch{e:03d}.safetensors").touch()
@@ -397,6 +402,9 @@ def test_a_trajectory_glob_is_in_training_order_past_epoch_999(tmp_path):
         + ["long.safetensors"]
     with pytest.raises(ConfigError, match="matches no file"):
         _expand_globs([str(tmp_path / "none-*.safetensors")], "--trajectory")
+    with pytest.raises(ConfigError, match="--trajectory '.*none-\\*.safetensors' matches no file"):
+        mctool.surface(digits_models[0], tmp_path / "s.h5", directions="pca",
+                       trajectory=[str(tmp_path / "none-*.safetensors")], device="cpu")
 
 
 def test_3d_figures_draw_the_path_on_the_surface():
