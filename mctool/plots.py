@@ -286,6 +286,15 @@ def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np
     return np.where(inside, out, np.nan)
 
 
+def _densified(path: np.ndarray, per_segment: int = 16) -> np.ndarray:
+    """The polyline ``path`` [n, 2] with ``per_segment`` evenly spaced points on each of its segments (its
+    vertices among them), so that, lifted onto a surface, it follows the surface between its vertices."""
+    if len(path) < 2:
+        return path
+    s = np.linspace(0.0, 1.0, per_segment, endpoint=False)[:, None]
+    return np.concatenate([*(a + s * (b - a) for a, b in zip(path[:-1], path[1:])), path[-1:]])
+
+
 def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, title: str):
     """One 3-D panel: the surface z over the grid (NaN cells left out), with the path and the points drawn on
     it (where they lie inside the grid; else on the floor of the box, at the surface's minimum)."""
@@ -304,8 +313,9 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
             h = _on_grid(view.x, view.y, z, pts[:, 0], pts[:, 1]) + lift
             return np.where(np.isfinite(h), h, floor)
 
-        if view.path is not None:
-            ax.plot(view.path[:, 0], view.path[:, 1], height(view.path), color="crimson", linewidth=2, zorder=10)
+        if view.path is not None:  # (between its vertices too: a straight chord would cut through the surface)
+            path = _densified(view.path)
+            ax.plot(path[:, 0], path[:, 1], height(path), color="crimson", linewidth=2, zorder=10)
         ax.plot(view.points[:, 0], view.points[:, 1], height(view.points), "o", color="black", zorder=11)
     ax.set_xlabel(view.xlabel, labelpad=10)
     ax.set_ylabel(view.ylabel, labelpad=10)

@@ -418,6 +418,14 @@ def test_3d_figures_draw_the_path_on_the_surface():
     got = _on_grid(x, y, z, px, py)
     np.testing.assert_allclose(got[:4], 2 * px[:4] + 3 * py[:4], rtol=0, atol=1e-12)
     assert np.isnan(got[4])
+    # between its vertices too: each segment of the path is drawn through points lifted onto the surface (a
+    # straight chord between two lifted vertices passed through a curved surface)
+    from mctool.plots import _densified
+
+    path = np.array([[0.0, 0.0], [1.0, 2.0], [1.0, 0.0]])
+    dense = _densified(path, per_segment=4)
+    assert dense.shape == (9, 2) and dense[::4].tolist() == path.tolist()
+    assert dense[1:4].tolist() == [[0.25, 0.5], [0.5, 1.0], [0.75, 1.5]]
 
 
 def test_a_directions_file_is_not_taken_for_a_network(cli, tmp_path, digits_models):
