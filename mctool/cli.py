@@ -1325,7 +1325,9 @@ def main() -> None:
         app()
         return
     # Another rank of a torchrun (or srun) launch parses the same command line as rank 0, whose report of a
-    # usage error (exit 2) is the user's one line: this rank exits with the same code, silently.
+    # usage error (exit 2), --help or --version is the user's: this rank exits with the same code, silently (it
+    # never prints to stdout: results and --json are rank 0's; its own errors go to stderr).
+    sys.stdout = open(os.devnull, "w")
     try:
         code = app(standalone_mode=False)
     except _ClickException as e:

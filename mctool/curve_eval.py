@@ -32,13 +32,14 @@ from .runtime import progress_bar, resolve_device
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
 
 
-def curve_from_files(paths: list[str]) -> Curve:
-    """A curve file, or the straight segment between two model checkpoints."""
+def curve_from_files(paths: list[str], one_network: str = "'mctool evaluate FILE' evaluates the network") -> Curve:
+    """A curve file, or the straight segment between two model checkpoints (two different ones: for the same
+    network twice, the error suggests ``one_network``)."""
     if len(paths) == 1:
         return load_curve(paths[0])[0]
     if len(paths) == 2:
         a, b = load_model(paths[0]), load_model(paths[1])
-        check_two_networks(a, b, "its segment is a single point; 'mctool evaluate' evaluates the network")
+        check_two_networks(a, b, f"its segment is a single point; {one_network}")
         return line_between(a, b)
     raise ConfigError(f"give one curve file or two model checkpoints, not {len(paths)} files.")
 

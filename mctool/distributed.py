@@ -312,18 +312,25 @@ def check_same_files(paths: Iterable[str | os.PathLike]) -> None:
         return
     from .fileio import sha256_file
 
-    mine: dict[str, str] = {}
+    mine: dict[str, str | None] = {}  # None: not a file here (the command names it when it reads it)
     for p in dict.fromkeys(map(str, paths)):
+        mine[p] = None
         with contextlib.suppress(OSError):
             if os.path.isfile(p):
                 mine[p] = sha256_file(p)
     theirs = broadcast_object(mine)
-    differ = [p for p, h in mine.items() if theirs.get(p, h) != h]
-    if differ:
-        p = differ[0]
-        raise ConfigError(f"'{p}' here is not the file rank 0 read under that name (sha256 {mine[p][:12]}... vs "
-                          f"{theirs[p][:12]}...); every process must read the same inputs: copy them again, or use "
-                          "a file system all nodes share.")
+    fix = "every process must read the same inputs: copy them again, or use a file system all nodes share."
+    for p, h in mine.items():
+        if h is not None and theirs.get(p) is not None and theirs[p] != h:
+            raise ConfigError(f"'{p}' here is not the file rank 0 read under that name (sha256 {h[:12]}... vs "
+                              f"{theirs[p][:12]}...); {fix}")
+        if h is not None and p not in theirs:  # a pattern (--trajectory) matching other files here
+            raise ConfigError(f"this rank reads '{p}', which rank 0 does not (a file pattern matches other files "
+                              f"on each node?); {fix}")
+    for p, h in theirs.items():
+        if h is not None and p not in mine:
+            raise ConfigError(f"rank 0 reads '{p}', which this rank does not (a file pattern matches other files "
+                              f"on each node?); {fix}")
     sync("the check of the input files")
 
 

@@ -76,7 +76,7 @@ def _points(paths: list[str], num_points: int) -> Points:
     if len(paths) > 2:
         raise ConfigError(f"give one model checkpoint, curve file or ensemble file, or two model checkpoints (the "
                           f"segment between them), not {len(paths)} files.")
-    curve = curve_from_files(paths)  # a curve file, or the segment between two checkpoints
+    curve = curve_from_files(paths, "'mctool hessian FILE' analyses the network")  # a curve file, or a segment
     t = np.linspace(0.0, 1.0, num_points)
 
     def at(i: int) -> torch.Tensor:

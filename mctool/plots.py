@@ -44,6 +44,16 @@ def _check_shapes(path: str | Path, data: dict[str, np.ndarray], shapes: dict[st
                                    f"least {min_size}), got {np.shape(arr)} of {arr.dtype}.")
 
 
+def _no_value(what: str, attrs: dict) -> str:
+    """Why a curve, plane or surface file has no finite value to draw: an interrupted run (no summary yet), or a
+    finished one whose every point diverged."""
+    if "summary" in attrs:
+        return (f"the run finished, but no point of the {what} has a finite train loss (NaN or infinite: the "
+                "networks diverged?).")
+    return f"no point of the {what} is computed yet (NaN). An interrupted run: finish it with the same command plus " \
+           "--resume."
+
+
 def _get(obj: object, *keys: str) -> object:
     """obj[k1][k2]... or None where any level is missing or not a JSON object."""
     for k in keys:
@@ -76,8 +86,7 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
                                    "draw the merged file.")
         done = np.isfinite(np.asarray(data["train/loss"], dtype=np.float64))
         if not done.any():
-            raise MetricsFileError(f"'{f}': nothing to draw yet: no point of the curve is computed (NaN). An "
-                                   "interrupted run: finish it with the same command plus --resume.")
+            raise MetricsFileError(f"'{f}': nothing to draw: {_no_value('curve', attrs)}")
         if "summary" not in attrs and not done.all():
             warn(f"'{f}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} points are computed, and the "
                  "figure shows only those. Finish it with the same command plus --resume.")
@@ -134,15 +143,17 @@ def _save(fig, output: str | Path) -> None:
 LEVELS_CAP = 10.0
 
 
-def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0) -> tuple[np.ndarray, str]:
+def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0,
+                keep: float = -np.inf) -> tuple[np.ndarray, str]:
     """Contour levels spaced roughly logarithmically above the minimum (dense where the surface is low), and
     how ``contourf`` extends them. A grid whose far cells are many times higher than most of it (a plane's
     margins can reach a loss of 100 where the networks sit below 1) has its levels end at ``LEVELS_CAP`` times
-    its median, the cells above drawn in the top colour (``extend="max"``), so that the levels stay where the
+    its median, or at ``keep`` if that is higher (``_kept``: what lies between the marked points, a barrier
+    among them), the cells above drawn in the top colour (``extend="max"``), so that the levels stay where the
     valley and the barrier are; the reference code clips its planes' losses at a fixed value for this."""
     finite = values[np.isfinite(values)]
     lo, hi = float(finite.min()), float(finite.max())
-    cap, extend = LEVELS_CAP * float(np.median(finite)), "neither"
+    cap, extend = max(LEVELS_CAP * float(np.median(finite)), keep), "neither"
     if lo < cap < hi:
         hi, extend = cap, "max"
     if hi <= lo:
@@ -200,8 +211,7 @@ def grid_view(file: str | Path) -> GridView:
                                "the merged file.")
     done = np.isfinite(z[names[0]])
     if not done.any():
-        raise MetricsFileError(f"'{file}': nothing to draw yet: no point of the {kind} is computed (NaN). An "
-                               "interrupted run: finish it with the same command plus --resume.")
+        raise MetricsFileError(f"'{file}': nothing to draw: {_no_value(kind, attrs)}")
     if "summary" not in attrs and not done.all():  # (a finished run writes its summary, also with NaN cells)
         warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} grid points are computed, "
              "and the figure shows only those. Finish it with the same command plus --resume.")
@@ -286,6 +296,18 @@ def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np
     return np.where(inside, out, np.nan)
 
 
+def _kept(view: GridView, z: np.ndarray) -> float:
+    """The largest finite value of ``z`` in the box around the marked points and the path (where a plane's
+    segment and its barrier lie): the contour levels reach it whatever their cap (``_log_levels``)."""
+    pts = view.points if view.path is None else np.concatenate([view.points, view.path])
+    if view.y is None or len(pts) < 2:
+        return -np.inf
+    lo, hi = pts.min(0), pts.max(0)
+    inside = z[np.ix_((view.x >= lo[0]) & (view.x <= hi[0]), (view.y >= lo[1]) & (view.y <= hi[1]))]
+    inside = inside[np.isfinite(inside)]
+    return float(inside.max()) if inside.size else -np.inf
+
+
 def _densified(path: np.ndarray, per_segment: int = 16) -> np.ndarray:
     """The polyline ``path`` [n, 2] with ``per_segment`` evenly spaced points on each of its segments (its
     vertices among them), so that, lifted onto a surface, it follows the surface between its vertices."""
@@ -364,7 +386,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             ax.set(title=title, xlabel=view.xlabel, ylabel=unit)
             continue
         if np.isfinite(z).any():
-            levels, extend = _log_levels(z)
+            levels, extend = _log_levels(z, keep=_kept(view, z))
             cs = ax.contourf(view.x, view.y, z.T, levels=levels, cmap="viridis", extend=extend)
             ax.contour(view.x, view.y, z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
             fig.colorbar(cs, ax=ax, label=unit, format="%.3g")

@@ -373,8 +373,12 @@ def test_plot_of_an_unfinished_curve_says_so(cli, tmp_path, digits_models):
     assert [w for w in res.stderr.splitlines() if w.startswith("Warning: ")] == [
         f"Warning: '{part}' is an interrupted run's: 2 of 4 points are computed, and the figure shows only those. "
         "Finish it with the same command plus --resume."]
-    assert "nothing to draw yet: no point of the curve is computed (NaN)" in cli.error("plot", empty, "-o",
+    assert "nothing to draw: no point of the curve is computed yet (NaN)" in cli.error("plot", empty, "-o",
                                                                                       tmp_path / "e.png")
+    with h5py.File(empty, "r+") as f:  # finished, every point diverged: nothing to resume
+        f.attrs["summary"] = "{}"
+    assert "the run finished, but no point of the curve has a finite train loss" in cli.error(
+        "plot", empty, "-o", tmp_path / "e.png")
     assert "Warning" not in cli("plot", m, "-o", tmp_path / "whole.png").stderr
 
 

@@ -302,6 +302,8 @@ def test_bad_option_on_every_rank_prints_one_error(tmp_path):
     r0, r1 = ranks([["train", "--bogus"]] * 2)
     assert (r0.returncode, r1.returncode) == (2, 2)
     assert "No such option: --bogus" in r0.stderr and r1.stderr == "", r1.stderr
+    r0, r1 = ranks([["--help"]] * 2)  # --help and --version too
+    assert (r0.returncode, r1.returncode) == (0, 0) and "Usage" in r0.stdout and r1.stdout == r1.stderr == ""
 
 
 def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, digits_models):
@@ -322,6 +324,17 @@ def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, di
     (folders[1] / "m.safetensors").write_bytes(digits_models[0].read_bytes())
     assert [r.returncode for r in ranks([[*args, "-q"]] * 2, cwds=folders)] == [0, 0]
     assert (folders[0] / "c.h5").exists() and not (folders[1] / "c.h5").exists()
+    # a --trajectory pattern that matches one more checkpoint on one node: refused there, before any work
+    for folder in folders:
+        for e, model in enumerate(digits_models, 1):
+            (folder / f"t-epoch{e:03d}.safetensors").write_bytes(model.read_bytes())
+    (folders[1] / "t-epoch003.safetensors").write_bytes(digits_models[1].read_bytes())
+    args = ["surface", "m.safetensors", "-m", "s.h5", "--directions", "pca", "--trajectory", "t-epoch*.safetensors",
+            "--grid-points", "2", "--device", "cpu"]
+    r0, r1 = ranks([args, args], cwds=folders)
+    assert (r0.returncode, r1.returncode) == (1, 1), (r0.stderr, r1.stderr)
+    assert "Error: rank 1: this rank reads 't-epoch003.safetensors', which rank 0 does not" in r1.stderr
+    assert not (folders[0] / "s.h5").exists()
 
 
 def test_the_launch_the_environment_describes():
@@ -348,12 +361,15 @@ def test_the_launch_the_environment_describes():
 def test_a_run_refused_on_another_rank_writes_no_file(tmp_path, digits_models):
     """Rank 0's checks passed, rank 1's did not: rank 0 waits for every rank's before its first write, so a
     rerun is not told that the file holds an interrupted run."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    (folders[0] / "b.safetensors").write_bytes(digits_models[1].read_bytes())  # not on node 1
     m = tmp_path / "c.h5"
-    good = ["evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "--device", "cpu"]
-    bad = ["evaluate-curve", digits_models[0], tmp_path / "missing.safetensors", "-m", m, "--num-points", "3",
-           "--device", "cpu"]
-    r0, r1 = ranks([good, bad])
-    assert (r0.returncode, r1.returncode) == (1, 1) and "missing.safetensors" in r1.stderr, (r0.stderr, r1.stderr)
+    args = ["evaluate-curve", digits_models[0], "b.safetensors", "-m", m, "--num-points", "3", "--device", "cpu"]
+    r0, r1 = ranks([args, args], cwds=folders)
+    assert (r0.returncode, r1.returncode) == (1, 1), (r0.stderr, r1.stderr)
+    assert "Error: rank 1: checkpoint 'b.safetensors' does not exist." in r1.stderr and "Error" not in r0.stderr
     assert not m.exists()
 
 

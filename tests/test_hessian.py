@@ -242,6 +242,8 @@ def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path,
     import mctool.plots as plots
 
     m, net, other = tmp_path / "h.h5", tiny[0], tmp_path / "o.safetensors"
+    assert "its segment is a single point; 'mctool hessian FILE' analyses the network" in cli.error(
+        "hessian", net, net, "-m", m, *CPU)
     cli("train", "-d", "digits", "-a", "mlp", "--arch-kwargs", '{"hidden": 8, "depth": 1}', "--epochs", "1",
         "--seed", "1", "-o", other, "-q", *CPU)
     cli("hessian", net, other, "-m", m, "--top-k", "2", "--num-points", "3", "--trace", "--trace-samples", "2",

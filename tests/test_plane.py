@@ -143,7 +143,7 @@ def test_plot_of_an_unfinished_or_sharded_plane_says_so(cli, tmp_path, bezier):
         f"Warning: '{part}' is an interrupted run's: 7 of 9 grid points are computed, and the figure shows only "
         "those. Finish it with the same command plus --resume."]
     for extra in (["-o", tmp_path / "e.png"], ["--vtk", tmp_path / "e.vts"], ["--html", tmp_path / "e.html"]):
-        assert "nothing to draw yet: no point of the plane is computed (NaN)" in cli.error("plot", empty, *extra)
+        assert "nothing to draw: no point of the plane is computed yet (NaN)" in cli.error("plot", empty, *extra)
     assert not list(tmp_path.glob("e.*"))
     assert "Warning" not in cli("plot", m, "-o", tmp_path / "whole.png").stderr
     shard = tmp_path / "s.h5"
