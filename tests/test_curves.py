@@ -129,7 +129,7 @@ def test_connect_refusals(cli, tmp_path, digits_models):
     assert f"'{a}' is given twice: a curve from a network to itself would be trained for nothing. Give two " \
            "different networks." in cli.error("connect", a, a, "-o", tmp_path / "c.safetensors")
     assert f"'{a}' and '{copy}' are the same file (the same sha256): its segment is a single point; 'mctool " \
-           "evaluate' evaluates the network" in cli.error("evaluate-curve", a, copy, "-m", tmp_path / "s.h5", *CPU)
+           "evaluate FILE' evaluates the network" in cli.error("evaluate-curve", a, copy, "-m", tmp_path / "s.h5", *CPU)
     assert not list(tmp_path.glob("c.*")) and not (tmp_path / "s.h5").exists()
 
 

@@ -374,10 +374,14 @@ def test_a_run_refused_on_another_rank_writes_no_file(tmp_path, digits_models):
 
 
 def test_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path, digits_models):
-    good = ["evaluate", digits_models[0], "--device", "cpu"]
-    bad = ["evaluate", tmp_path / "missing.safetensors", "--device", "cpu"]
+    # the same command on both ranks; the input is on node 0's disk only
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    (folders[0] / "missing.safetensors").write_bytes(digits_models[0].read_bytes())
+    args = ["evaluate", "missing.safetensors", "--device", "cpu"]
     t0 = time.monotonic()
-    r0, r1 = ranks([good, bad])
+    r0, r1 = ranks([args, args], cwds=folders)
     assert time.monotonic() - t0 < TIMEOUT / 2  # nobody waited for the timeout
     assert r0.returncode == 1 and r1.returncode == 1
     lines = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
