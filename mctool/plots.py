@@ -44,14 +44,20 @@ def _check_shapes(path: str | Path, data: dict[str, np.ndarray], shapes: dict[st
                                    f"least {min_size}), got {np.shape(arr)} of {arr.dtype}.")
 
 
-def _no_value(what: str, attrs: dict) -> str:
-    """Why a curve, plane or surface file has no finite value to draw: an interrupted run (no summary yet), or a
-    finished one whose every point diverged."""
-    if "summary" in attrs:
-        return (f"the run finished, but no point of the {what} has a finite train loss (NaN or infinite: the "
-                "networks diverged?).")
-    return f"no point of the {what} is computed yet (NaN). An interrupted run: finish it with the same command plus " \
-           "--resume."
+def _check_computed(file: str | Path, attrs: dict, done: np.ndarray, what: str, points: str = "points") -> None:
+    """A curve, plane or surface file's points with a finite train loss (``done``) against what the run is:
+    none is refused (an interrupted run with nothing computed yet, or a finished one whose every point
+    diverged); some of an interrupted run's (no summary yet; a finished run writes one, also with NaN points)
+    are drawn with a warning."""
+    finished = "summary" in attrs
+    if not done.any():
+        why = (f"the run finished, but no point of the {what} has a finite train loss (NaN or infinite: the "
+               "networks diverged?)." if finished else f"no point of the {what} is computed yet (NaN). An "
+               "interrupted run: finish it with the same command plus --resume.")
+        raise MetricsFileError(f"'{file}': nothing to draw: {why}")
+    if not finished and not done.all():
+        warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} {points} are computed, and "
+             "the figure shows only those. Finish it with the same command plus --resume.")
 
 
 def _get(obj: object, *keys: str) -> object:
@@ -84,12 +90,7 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
             raise MetricsFileError(f"'{f}' is shard {str(attrs['shard'])[:20]} of an evaluate-curve run: it holds only "
                                    "that shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then "
                                    "draw the merged file.")
-        done = np.isfinite(np.asarray(data["train/loss"], dtype=np.float64))
-        if not done.any():
-            raise MetricsFileError(f"'{f}': nothing to draw: {_no_value('curve', attrs)}")
-        if "summary" not in attrs and not done.all():
-            warn(f"'{f}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} points are computed, and the "
-                 "figure shows only those. Finish it with the same command plus --resume.")
+        _check_computed(f, attrs, np.isfinite(np.asarray(data["train/loss"], dtype=np.float64)), "curve")
         curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
         bends = attrs.get("num_bends") if isinstance(attrs.get("num_bends"), int) else "?"
         kind = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
@@ -209,12 +210,7 @@ def grid_view(file: str | Path) -> GridView:
         raise MetricsFileError(f"'{file}' is shard {str(attrs['shard'])[:20]} of a {kind}: it holds only that "
                                f"shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then draw "
                                "the merged file.")
-    done = np.isfinite(z[names[0]])
-    if not done.any():
-        raise MetricsFileError(f"'{file}': nothing to draw: {_no_value(kind, attrs)}")
-    if "summary" not in attrs and not done.all():  # (a finished run writes its summary, also with NaN cells)
-        warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} grid points are computed, "
-             "and the figure shows only those. Finish it with the same command plus --resume.")
+    _check_computed(file, attrs, np.isfinite(z[names[0]]), kind, "grid points")
     config = json_attr(attrs, "config", file)
     if kind == "plane":
         _check_shapes(file, data, {"points": (3, 2)}, min_size=2)
