@@ -7,7 +7,6 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 from __future__ import annotations
 
 import errno
-import glob
 import importlib
 import inspect
 import json
@@ -34,6 +33,7 @@ from .data import AUGMENTS, SPLITS
 from . import _launch_env, distributed
 from .errors import ConfigError, Interrupted, MctoolError
 from .h5io import source_date_epoch
+from .options import expand_patterns
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
                       TrainResult)
@@ -293,7 +293,7 @@ def _input_files() -> list[str]:
         value = ctx.params.get(name)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None:
-                files += sorted(glob.glob(str(v))) or [str(v)] if name == "trajectory" else [str(v)]
+                files += expand_patterns([v], "--trajectory") if name == "trajectory" else [str(v)]
     return files
 
 

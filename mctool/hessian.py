@@ -258,7 +258,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                  datasets={k: (v, (scale,) if v.ndim == 1 else (scale, "k")) for k, v in values.items()},
                  attrs=attrs)
         if vectors is not None and distributed.is_main():
-            save_vectors(vec_path, "eigenvectors", torch.from_numpy(vectors.astype(np.float32)),
+            save_vectors(vec_path, "eigenvectors", torch.from_numpy(vectors),  # float32 already: no copy
                          kind="hessian-eigenvectors", layout=pts.layout, inputs=pts.inputs, config=config)
 
     def missing(i: int) -> bool:  # (with --eigenvectors, also a point whose vectors were never written)
