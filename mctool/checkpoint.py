@@ -26,6 +26,7 @@ from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, sha256_file, writes_f
 from .h5io import command_line, utc_now
 from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
+from .options import plain
 
 #: Checkpoint kinds that hold one network's state dict (a train-state adds optimiser tensors).
 MODEL_KINDS = ("model", "train-state")
@@ -244,18 +245,18 @@ class ModelMeta:
             "mctool_version": __version__,
             "created": utc_now(),
             "arch": self.arch,
-            "arch_kwargs": json.dumps(self.arch_kwargs, sort_keys=True),
+            "arch_kwargs": json.dumps(plain(self.arch_kwargs), sort_keys=True),
             "num_classes": str(self.num_classes),
             "in_chans": str(self.in_chans),
-            "config": json.dumps(self.config, sort_keys=True),
-            "inputs": json.dumps(self.inputs, sort_keys=True),
+            "config": json.dumps(plain(self.config), sort_keys=True),
+            "inputs": json.dumps(plain(self.inputs), sort_keys=True),
         }
         if self.dataset is not None:
             md["dataset"] = self.dataset
         if self.image_size is not None:
             md["image_size"] = str(self.image_size)
         if self.normalization is not None:
-            md["normalization"] = json.dumps(self.normalization)
+            md["normalization"] = json.dumps(plain(self.normalization))
         md.update(self.extra)
         return md
 
@@ -436,7 +437,8 @@ def save_vectors(path: str | os.PathLike, name: str, tensor: torch.Tensor, *, ki
     ``layout``, a ``flat.ParamLayout``, inputs, config and command line)."""
     save_checkpoint(path, {name: tensor.contiguous()},
                     {"format": "pt", "kind": kind, "param_layout": layout.to_json(),
-                     "inputs": json.dumps(inputs, sort_keys=True), "config": json.dumps(config, sort_keys=True),
+                     "inputs": json.dumps(plain(inputs), sort_keys=True),
+                     "config": json.dumps(plain(config), sort_keys=True),
                      "mctool_version": __version__, "command": command_line(), "created": utc_now()})
 
 
@@ -448,8 +450,8 @@ def read_vectors(path: str | os.PathLike, name: str, *, kind: str, layout: Any, 
     tensors, md = read_checkpoint(path)
     t = tensors.get(name)
     same = (md.get("kind") == kind and md.get("param_layout") == layout.to_json()
-            and md.get("inputs") == json.dumps(inputs, sort_keys=True)
-            and md.get("config") == json.dumps(config, sort_keys=True))
+            and md.get("inputs") == json.dumps(plain(inputs), sort_keys=True)
+            and md.get("config") == json.dumps(plain(config), sort_keys=True))
     if (not same or t is None or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape)
             or (finite and not bool(torch.isfinite(t).all()))):
         raise ConfigError(f"'{path}' does not hold this run's {what} (other inputs or options); start over with "
@@ -520,6 +522,10 @@ def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
 
 @dataclass
 class LoadedModel:
+    """A network read from a checkpoint (``load_model``): ``model`` an ordinary ``nn.Module`` in eval mode on the
+    CPU, ``meta`` its metadata, ``path`` and ``sha256`` the file's, ``extra_tensors`` what else the file holds
+    (a training state's optimizer momentum)."""
+
     model: nn.Module
     meta: ModelMeta
     path: Path

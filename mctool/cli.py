@@ -231,7 +231,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     _ignore_more_ctrl_c()
                 # Ctrl-C before a command's own handling starts (loading data, building a model)
                 sigterm = interrupted and distributed.sigterm_received()
-                message = (str(e) if isinstance(e, MctoolError) else
+                message = (str(e) if isinstance(e, (MctoolError, Interrupted)) else
                            "stopped (SIGTERM)." if sigterm else "interrupted (Ctrl-C).")
                 if sigterm and d is not None:  # not a Ctrl-C: often another rank's end
                     message += (" The SIGTERM came from the launcher, which stops every rank when one fails or is "

@@ -201,6 +201,8 @@ def finishing(metrics: Path, total: int) -> Iterator[None]:
     lost and that --resume finishes the run (evaluate-curve, plane, surface)."""
     try:
         yield
+    except Interrupted:  # (already said what was saved)
+        raise
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while finishing; all {total} points are saved in '{metrics}'. The same "
                           "command plus --resume writes the summary (and the plot) without computing any point "

@@ -32,7 +32,7 @@ from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishin
                    old_run_remover, prepare_outputs, recorded_lr, remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
-from .runtime import autocast, honours_deterministic, maybe_compile, resolve_device
+from .runtime import autocast, maybe_compile, resolve_device, training_command
 
 
 def _interpolate(points: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -264,12 +264,13 @@ def default_curve_lr(train_lr: float, iterations: int) -> float:
 
 
 @holds_output_locks
-@honours_deterministic
+@training_command(ConnectConfig)
 def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path,
             metrics: str | Path | None = None, *,
             device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
             resume: bool = False, force: bool = False, quiet: bool = False) -> ConnectResult:
-    """Learn a low-loss curve from ``start`` to ``end`` (docs/method.md#training); ``line`` writes the segment.
+    """Learn a low-loss curve from ``start`` to ``end`` (docs/method.md#training); ``ConnectConfig(curve="line")``
+    writes the segment, with nothing to train.
 
     ``cfg`` is not changed: defaults taken from A are filled in on a copy."""
     t0 = time.time()

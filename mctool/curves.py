@@ -20,8 +20,10 @@ from torch import nn
 
 from .checkpoint import (MOMENTUM_PREFIX, LoadedModel, ModelMeta, bad_field, check_finite, metadata_int,
                          meta_differences, read_checkpoint, save_checkpoint)
+from .data import Split
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
+from .options import check_real
 from .flat import ParamLayout, build_network, check_network
 
 CURVES = ("bezier", "polychain", "line")
@@ -98,6 +100,27 @@ class Curve:
         """The base network at the start point, with its buffers, in eval mode."""
         model = build_network(self.meta, self.layout, self.buffers)
         self.layout.assign(model, self.points[0])
+        return model
+
+    def network(self, t: float, data: Split | None = None, *, batch_size: int = 512, bn_batches: int | None = None,
+                bn_data: str = "augmented") -> nn.Module:
+        """The network at ``t``, in memory, in eval mode: on the CPU, or on ``data``'s device when given. With
+        ``data`` (the ``Data`` of ``load_data`` or one of its splits; its training images are used) the BatchNorm
+        statistics are recomputed for these weights as ``evaluate_curve`` does (``bn_batches``, ``bn_data`` as
+        there); without it the network keeps the start network's, which fit ``t = 0`` only."""
+        check_real("t", t, 0, 1)
+        model = self.build_model()
+        self.layout.assign(model, self.weights(t))
+        if data is not None:
+            from .bn import check_bn_data, recalibrate_bn
+
+            check_bn_data(bn_data)
+            split = getattr(data, "train", data)
+            if not callable(getattr(split, "batches", None)):
+                raise ConfigError(f"data must be the Data of mctool.load_data (or a split of it), got "
+                                  f"{type(data).__name__}.")
+            model.to(split.device)
+            recalibrate_bn(model, split, batch_size=batch_size, max_batches=bn_batches, bn_data=bn_data)
         return model
 
 

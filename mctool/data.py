@@ -8,6 +8,7 @@ Python transforms. ``imagefolder:PATH`` streams through torchvision's ImageFolde
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import random
@@ -18,8 +19,10 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import ConfigError, DataError
 from .options import check_count
+from .runtime import resolve_device
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
@@ -592,11 +595,14 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     ``data_config`` (timm's ``resolve_data_config`` of a pretrained model) makes ``imagefolder:PATH`` use
     timm's transforms for that model; the other data sets keep their own size and normalisation.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"the data set must be named by a string (--dataset), got {name!r}.")
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
     check_count("--num-workers", num_workers, 0)
     _check_augment(augment)
-    device = torch.device(device)
+    if not isinstance(device, torch.device):  # (a command passes the device it resolved)
+        device = resolve_device(device)
     root = Path(root) if root is not None else default_data_root()
     base = name.split(":", 1)[0]
     if base == "imagefolder":
@@ -635,6 +641,8 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
         xtr, ytr, xte, yte = xtr[:-nv], ytr[:-nv], xtr[-nv:], ytr[-nv:]
     _check_not_empty(name, split, len(xtr), len(xte), n_total)
     _warn_one_class(name, num_classes)
+    if distributed.current() is not None:  # every rank has the same images and labels, or none starts
+        distributed.check_same_data(name, _tensors_fingerprint(xtr, ytr, xte, yte))
     return Data(info=info, train=TensorSplit(xtr, ytr, info, device, channels_last),
                 eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
 
@@ -693,4 +701,27 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
         ev = LoaderSplit(val, val, info, device, num_workers, channels_last)
     _check_not_empty(name, split, len(train), len(ev), len(train_plain))
     _warn_one_class(name, info.num_classes)
+    if distributed.current() is not None:  # every rank lists the same images (names, not contents) in each class
+        distributed.check_same_data(name, _folder_fingerprint(train_plain, val))
     return Data(info=info, train=train, eval=ev, eval_split=split)
+
+
+def _tensors_fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' shapes, dtypes and bytes (CPU, contiguous): equal for equal data."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def _folder_fingerprint(*sets: Any) -> str:
+    """sha256 of each ImageFolder's classes and image names (relative to its folder) with their labels: reading
+    every image's bytes would cost a pass over the data set; a missing, extra or renamed image differs."""
+    h = hashlib.sha256()
+    for ds in sets:
+        prefix = len(os.path.expanduser(os.fspath(ds.root))) + 1  # (as torchvision lists the images)
+        h.update(("\0".join(ds.classes) + "\1").encode())
+        for path, label in ds.samples:
+            h.update(f"{path[prefix:]}\0{label}\1".encode())
+    return h.hexdigest()

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from .errors import ConfigError, MctoolError
+from .errors import ConfigError, DataError, MctoolError
 from .options import env_seconds
 
 _K = TypeVar("_K")
@@ -332,6 +332,21 @@ def check_same_files(paths: Iterable[str | os.PathLike]) -> None:
             raise ConfigError(f"rank 0 reads '{p}', which this rank does not (a file pattern matches other files "
                               f"on each node?); {fix}")
     sync("the check of the input files")
+
+
+def check_same_data(name: str, fingerprint: str) -> None:
+    """Refuse a run whose ranks loaded different data under one name (each node's own copy of a data set, one
+    of them stale or partial): ``fingerprint`` (see ``data.load_data``) is compared with rank 0's on every
+    rank. Every rank calls it at the same point: where the command loads its data."""
+    d = current()
+    if d is None:
+        return
+    theirs = broadcast_object(fingerprint)
+    if theirs != fingerprint:
+        raise DataError(f"the data set '{name}' here is not the one rank 0 loaded (fingerprint {fingerprint[:12]}... "
+                        f"vs {theirs[:12]}...); every process must read the same data: copy it again, or give "
+                        "--data-root a folder all nodes share.")
+    sync("the check of the data set")
 
 
 def _wait_until(store: Any, d: Dist, ready: Callable[[], bool], what: str) -> None:

@@ -64,6 +64,9 @@ def save_ensemble(path: str | Path, ens: Ensemble, config: dict[str, Any]) -> No
 
 
 def load_ensemble(path: str | Path) -> Ensemble:
+    """An ensemble file (``fge``, ``train --schedule sse``, ``evaluate -o``): its members as one flat parameter
+    vector each (``members[i]``), with their buffers; ``ens.network(i)`` builds member ``i`` as a network.
+    Another kind of file is refused with a hint at what to do with it."""
     path = Path(path)
     tensors, md = read_checkpoint(path)
     if md.get("kind") != "ensemble":

@@ -1,4 +1,5 @@
-"""Errors mctool raises for user mistakes; the CLI prints them as ``Error: ...`` with exit code 1."""
+"""Errors mctool raises for user mistakes; the CLI prints them as ``Error: ...`` with exit code 1 (an
+interruption with exit code 130)."""
 
 
 class MctoolError(Exception):
@@ -29,8 +30,10 @@ class NonFiniteLossError(MctoolError):
     """Training produced a NaN or infinite loss."""
 
 
-class Interrupted(MctoolError):
-    """The user pressed Ctrl-C; state was saved and the run can be resumed."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run; the message says what was saved and how to continue (``resume=True``,
+    ``--resume`` on the command line). A ``KeyboardInterrupt``, as Python's own: a loop over runs with ``except
+    Exception`` does not swallow it and go on to the next run."""
 
 
 class MctoolWarning(UserWarning):

@@ -11,6 +11,7 @@ from torch import nn
 from . import distributed
 from .bn import recalibrate_bn
 from .data import Split
+from .errors import ConfigError
 from .runtime import autocast
 
 
@@ -47,8 +48,16 @@ def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, pre
 
     ``sharded``, in a distributed run: the ranks share the batches (dealt round-robin) and every rank gets
     all N rows, each computed by one rank exactly as one process computes it (docs/distributed.md).
+    ``device`` is where the model (and the split's batches) already are, by default the model's: nothing is
+    moved.
     """
-    device = device or next(model.parameters()).device
+    if not callable(getattr(split, "batches", None)):
+        raise ConfigError(f"give a split of the data (data.eval or data.train), got {type(split).__name__}.")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    if device.type != home.type:
+        raise ConfigError(f"device {str(device)!r}, but the model is on {home}; move the model there (model.to(...)) "
+                          "and load the data there (load_data(..., device=...)), or leave device out.")
     was_training = model.training
     model.eval()
     d = distributed.current() if sharded else None

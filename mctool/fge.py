@@ -30,7 +30,7 @@ from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_re
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
-from .runtime import honours_deterministic, progress_bar, resolve_device
+from .runtime import progress_bar, resolve_device, training_command
 from .schedules import fge_is_snapshot, fge_lr
 from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, metrics_path,
                    old_run_remover, prepare_outputs, recorded_lr, remove_state, set_momentum, sgd_step, state_path,
@@ -39,6 +39,11 @@ from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, g
 
 @dataclass
 class FGEConfig:
+    """What decides an ``fge`` run (recorded in its files; docs/cli.md#fge and docs/ensembles.md): ``epochs`` of
+    cycles of ``cycle_epochs`` (or ``cycle_iters``) iterations each, the learning rate going from ``lr_max``
+    down to ``lr_min`` and back, one snapshot at each cycle's middle. Left as None, the learning rates, weight
+    decay, augmentation and split come from what the start network records about its own training."""
+
     epochs: int = 20
     cycle_epochs: float | None = 2.0
     cycle_iters: int | None = None
@@ -132,7 +137,7 @@ def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
 
 
 @holds_output_locks
-@honours_deterministic
+@training_command(FGEConfig)
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path | None = None, *,
         device: str = "auto",
         data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,

@@ -25,7 +25,7 @@ import numpy as np
 from ._version import __version__
 from .errors import ConfigError, MctoolError, MetricsFileError, OutputError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
-from .options import show_setting
+from .options import plain, show_setting
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -83,9 +83,9 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
         "mctool_version": __version__,
         "command": command_line(),
         "started": utc_now(),
-        "inputs": json.dumps(inputs or {}, sort_keys=True),
-        "input_order": json.dumps(list((inputs or {}).values())),
-        "config": json.dumps(config or {}, sort_keys=True),
+        "inputs": json.dumps(plain(inputs or {}), sort_keys=True),
+        "input_order": json.dumps(plain(list((inputs or {}).values()))),
+        "config": json.dumps(plain(config or {}), sort_keys=True),
     }
 
 

@@ -17,6 +17,7 @@ from .errors import MctoolError
 from .fileio import HDF5_MAGIC, did_you_mean
 from .results import FileRef, InfoResult
 from .h5io import read_h5
+from .options import check_count
 
 
 
@@ -47,6 +48,7 @@ def _json_or_str(v: str) -> Any:
 def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
     """What a safetensors checkpoint or an HDF5 metrics file holds (``to_dict()`` gives the JSON form)."""
     t0 = time.time()
+    check_count("max_tensors", max_tensors, 0)
     path = Path(path)
     try:
         os.lstat(path)  # (a name too long for the file system raises its own OSError)

@@ -533,6 +533,8 @@ def finishing(output: Path, epochs: int) -> Iterator[None]:
     outputs): Ctrl-C there keeps the training state of all epochs, and the error says how to finish."""
     try:
         yield
+    except Interrupted:  # (already said what was saved)
+        raise
     except KeyboardInterrupt:
         state = state_path(output)
         if not state.exists() or not writes_files():

@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 
@@ -45,7 +47,7 @@ def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None =
 
 def check_seed(value: Any, bits: int = 63, option: str = "--seed") -> None:
     """A seed: a whole number in [0, 2^bits)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**bits:
         raise ConfigError(f"{option} must be a whole number in [0, 2^{bits}), got {value!r}.")
 
 
@@ -100,6 +102,23 @@ def expand_patterns(values: list, option: str) -> list[str]:
             raise ConfigError(f"{option} '{v}' matches no file.")
         out.extend(found)
     return out
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays as Python numbers and lists, and paths as strings, through dicts,
+    lists and tuples: what a Python caller may pass (``np.int64`` from a sweep, ``pathlib.Path``) as the JSON
+    that files record and ``--json`` prints."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 def show_setting(value: Any) -> str:

@@ -8,6 +8,7 @@ dy = ||v'||. Grid point (alpha, beta) has weights w0 + alpha dx u + beta dy v an
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,10 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     shard = check_shard(shard, plot, "plane")
     check_count("--grid-points", grid_points, 2, MAX_GRID_POINTS)
     check_count("--curve-points", curve_points, 2, MAX_POINTS)
+    if isinstance(margins, numbers.Real) and not isinstance(margins, bool):  # one margin for all four sides
+        margins = (margins,) * 4
+    if not isinstance(margins, (list, tuple, np.ndarray)):
+        raise ConfigError(f"margins must be four numbers (left, right, bottom, top) or one for all, got {margins!r}.")
     if len(margins) != 4:
         raise ConfigError(f"give four margins (left, right, bottom, top), got {len(margins)}.")
     for side, value in zip(("left", "right", "bottom", "top"), margins):

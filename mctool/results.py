@@ -14,6 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from .options import plain
+
 SCHEMA_VERSION = 2  # the JSON shape; version 1 was the per-command output of mctool <= 0.x
 METRIC_NAMES = ("loss", "nll", "err", "ece", "brier")
 
@@ -83,6 +87,8 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
+    if isinstance(obj, (os.PathLike, np.ndarray, np.generic)):  # (what a Python caller may have given)
+        return _plain(plain(obj))
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

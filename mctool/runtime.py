@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Iterator, TypeVar
@@ -19,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed
 from .errors import ConfigError, MctoolWarning
-from .options import env_seconds
+from .options import env_seconds, plain
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -29,6 +31,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     In a distributed run (docs/distributed.md) 'auto' and 'cuda' mean each rank's own GPU, cuda:LOCAL_RANK.
     """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}.")
     d = distributed.current()
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,7 +84,9 @@ def deterministic(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    # cuBLAS reads this when it sets up its workspace: it must be in place before the first matmul.
+    # cuBLAS reads this when it sets up its workspace: it must be in place before the first matmul (and is the
+    # caller's again afterwards).
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -89,20 +97,47 @@ def deterministic(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def honours_deterministic(fn: F) -> F:
-    """Run ``fn(cfg, ...)`` inside ``deterministic(cfg.deterministic)``, from its first CUDA call to its last."""
+# train, connect and fge seed torch's global random number generator (a network's initialisation, dropout): one
+# of them at a time in a process, or two threads' runs would draw from each other's seeds.
+_TRAINING = threading.RLock()
 
-    @functools.wraps(fn)
-    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-        with deterministic(cfg.deterministic):
-            return fn(cfg, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+@contextlib.contextmanager
+def callers_rng_kept() -> Iterator[None]:
+    """The caller's torch random state (CPU, and the current GPU's where CUDA is in use) as it was after the
+    block: a library call that seeds torch for its own reproducibility does not reseed the caller's draws."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def training_command(config_type: type) -> Callable[[F], F]:
+    """The frame of ``train``, ``connect`` and ``fge``, ``fn(cfg, ...)``: ``cfg`` must be a ``config_type``
+    (a copy with NumPy numbers and paths made plain is passed on, so the caller's is never changed), the calls
+    run one at a time in a process with the caller's torch random state kept, and inside
+    ``deterministic(cfg.deterministic)`` from their first CUDA call to their last."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(cfg, config_type):
+                raise ConfigError(f"{fn.__name__}() takes a mctool.{config_type.__name__} as its first argument, "
+                                  f"got {type(cfg).__name__}.")
+            cfg = dataclasses.replace(cfg, **{f.name: plain(getattr(cfg, f.name))
+                                              for f in dataclasses.fields(cfg) if f.init})
+            with _TRAINING, callers_rng_kept(), deterministic(cfg.deterministic):
+                return fn(cfg, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
 
 
 def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, dynamic: bool | None = False) -> F:
@@ -184,6 +219,8 @@ def progress(enabled: bool = True) -> Iterator[None]:
         with mctool.progress():
             mctool.train(cfg, "m.safetensors", "m.h5")
     """
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"progress() takes True or False, got {enabled!r}.")
     token = _SHOW_PROGRESS.set(enabled)
     try:
         yield

@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 
 from .errors import ConfigError
+from .options import check_count
 
 SCHEDULES = ("paper", "cosine", "constant", "sse")
+
+
+def _check_epochs(epochs: int) -> None:
+    check_count("epochs", epochs)
 
 
 def paper_factor(epoch: int, epochs: int) -> float:
@@ -14,6 +19,7 @@ def paper_factor(epoch: int, epochs: int) -> float:
 
     1 for a <= 0.5, then linear down to 0.01 at a = 0.9, then 0.01.
     """
+    _check_epochs(epochs)
     a = epoch / epochs
     if a <= 0.5:
         return 1.0
@@ -30,6 +36,8 @@ def cosine_factor(progress: float) -> float:
 def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int = 0,
           iters_per_epoch: int = 1) -> float:
     """Learning rate for an iteration: ``epoch`` is 0-based, ``iteration`` counts within the epoch."""
+    _check_epochs(epochs)
+    check_count("iters_per_epoch", iters_per_epoch)
     if schedule == "paper":
         return base_lr * paper_factor(epoch, epochs)
     if schedule == "cosine":
@@ -37,7 +45,7 @@ def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int
     if schedule == "constant":
         return base_lr
     if schedule == "sse":
-        raise ConfigError("the sse schedule depends on the number of snapshots; use sse_lr().")
+        raise ConfigError("the sse schedule depends on the number of snapshots; use mctool.schedules.sse_lr().")
     raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'.")
 
 

@@ -25,7 +25,7 @@ from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momen
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
-from .runtime import honours_deterministic, resolve_device, warn
+from .runtime import resolve_device, training_command, warn
 from .schedules import sse_is_snapshot, sse_lr
 
 
@@ -61,6 +61,8 @@ class TrainConfig:
         self.pretrained = self.pretrained or self.pretrained_file is not None
 
     def validate(self) -> None:
+        if not isinstance(self.dataset, str):
+            raise ConfigError(f"--dataset must name a data set (dataset: a string), got {self.dataset!r}.")
         validate_sgd(self)
         check_count("--snapshots", self.snapshots)
         if not isinstance(self.arch_kwargs, dict):  # (the CLI parses its JSON; a Python caller gives the dict)
@@ -72,7 +74,7 @@ class TrainConfig:
 
 
 @holds_output_locks
-@honours_deterministic
+@training_command(TrainConfig)
 def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = None, *, device: str = "auto",
           data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
           force: bool = False, quiet: bool = False) -> TrainResult:

@@ -855,3 +855,26 @@ def test_bn_recalibration_on_a_single_training_image_names_the_data_set():
                             "'synthetic:size=4,channels=1,train=2,test=1' has 1 training image(s), and the pass needs "
                             "a batch of at least 2. Use a data set with more training images, or --split test if "
                             "--split val held some out.")
+
+
+def test_data_fingerprints_tell_copies_from_other_data(tmp_path):
+    """What ranks compare (distributed.check_same_data): equal for copies of a data set wherever they lie, not
+    for one changed pixel or label, nor for an image folder with an image added or moved to another class."""
+    x, y = torch.arange(24, dtype=torch.uint8).reshape(2, 1, 3, 4), torch.tensor([0, 1])
+    fp = mdata._tensors_fingerprint(x, y)
+    assert fp == mdata._tensors_fingerprint(x.clone(), y.clone())
+    changed = x.clone()
+    changed[1, 0, 2, 3] += 1
+    assert len({fp, mdata._tensors_fingerprint(changed, y), mdata._tensors_fingerprint(x, y.flip(0)),
+                mdata._tensors_fingerprint(x.reshape(2, 1, 4, 3), y)}) == 4
+    import torchvision.datasets as tvd
+
+    def fingerprint(root: Path) -> str:
+        return mdata._folder_fingerprint(tvd.ImageFolder(root / "train"), tvd.ImageFolder(root / "val"))
+
+    one, two = _image_folder(tmp_path / "one", per_class=3), _image_folder(tmp_path / "two", per_class=3)
+    assert fingerprint(one) == fingerprint(two)
+    (two / "train" / "a" / "3.png").write_bytes((two / "train" / "a" / "0.png").read_bytes())
+    extra = fingerprint(two)
+    (two / "train" / "a" / "3.png").rename(two / "train" / "b" / "3.png")
+    assert len({fingerprint(one), extra, fingerprint(two)}) == 3

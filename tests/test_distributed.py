@@ -337,6 +337,34 @@ def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, di
     assert not (folders[0] / "s.h5").exists()
 
 
+def test_ranks_that_load_different_data_under_one_name_are_refused(tmp_path):
+    """Each node's own copy of a data set (--data-root on a local disk), one of them changed: refused on the
+    rank that loaded other images, before any work; equal copies in different folders run."""
+    from tests.test_data import _write_idx
+
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (40, 6, 6)),
+              "train-labels-idx1-ubyte.gz": np.arange(40) % 10,
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (10, 6, 6)), "t10k-labels-idx1-ubyte.gz": np.arange(10)}
+    roots = [tmp_path / "node0", tmp_path / "node1"]
+    for root in roots:
+        (root / "fashion-mnist").mkdir(parents=True)
+        for name, array in arrays.items():
+            _write_idx(root / "fashion-mnist" / name, array)
+    train = ["train", "-d", "fashion-mnist", "--arch", "mlp", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+             "-q"]
+    assert [r.returncode for r in ranks([[*train, "-o", tmp_path / "same.safetensors", "--data-root", root]
+                                         for root in roots])] == [0, 0]
+    arrays["t10k-images-idx3-ubyte.gz"][3, 2, 2] ^= 1  # one pixel of one test image
+    _write_idx(roots[1] / "fashion-mnist" / "t10k-images-idx3-ubyte.gz", arrays["t10k-images-idx3-ubyte.gz"])
+    r0, r1 = ranks([[*train, "-o", tmp_path / "m.safetensors", "--data-root", root] for root in roots])
+    assert (r0.returncode, r1.returncode) == (1, 1), (r0.stderr, r1.stderr)
+    lines = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 1: the data set 'fashion-mnist' here is not the one "
+                                                   "rank 0 loaded"), (r0.stderr, r1.stderr)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_the_launch_the_environment_describes():
     from mctool.distributed import Dist, from_env
     from mctool.errors import ConfigError

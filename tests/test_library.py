@@ -25,7 +25,7 @@ CPU = ["--device", "cpu"]
 
 
 def _tiny_train_config(**kw) -> mctool.TrainConfig:
-    return mctool.TrainConfig(dataset="digits", arch_kwargs={"hidden": 8}, epochs=1, lr=0.05, **kw)
+    return mctool.TrainConfig(**{"dataset": "digits", "arch_kwargs": {"hidden": 8}, "epochs": 1, "lr": 0.05, **kw})
 
 
 def test_python_train_prints_nothing_warns_and_keeps_its_config(tmp_path, capfd):
@@ -238,3 +238,113 @@ def test_one_file_given_as_a_string_or_path_is_one_file(tmp_path, digits_models)
         mctool.evaluate(3, device="cpu")
     with pytest.raises(mctool.ConfigError, match="files must be a list of file names"):
         mctool.plot_files({"a": 1}, tmp_path / "x.png")
+
+
+def test_numpy_numbers_and_paths_are_taken_and_recorded_as_plain_json(tmp_path):
+    """A sweep's ``np.int64`` / ``np.float32`` and ``pathlib.Path`` arguments passed the checks and then failed
+    with json's TypeError when the config was written (``evaluate`` after writing its metrics file)."""
+    import numpy as np
+
+    first = mctool.train(_tiny_train_config(seed=np.int64(3), batch_size=np.int64(64), lr=np.float32(0.05)),
+                         tmp_path / "a.safetensors", device="cpu")
+    assert first.config["seed"] == 3 and type(first.config["seed"]) is int
+    config = json.loads(read_checkpoint(tmp_path / "a.safetensors")[1]["config"])
+    assert (config["seed"], config["batch_size"]) == (3, 64) and config["lr"] == pytest.approx(0.05, rel=1e-7)
+    mctool.train(_tiny_train_config(seed=4, init=tmp_path / "a.safetensors"), tmp_path / "b.safetensors",
+                 device="cpu")
+    recorded = json.loads(read_checkpoint(tmp_path / "b.safetensors")[1]["config"])
+    assert recorded["init"] == str(tmp_path / "a.safetensors")
+    ens = mctool.evaluate([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], metrics=tmp_path / "e.h5",
+                          output=tmp_path / "e.safetensors", device="cpu")
+    assert json.loads(ens.to_json())["outputs"]["ensemble"]["path"] == str(tmp_path / "e.safetensors")
+    curve = mctool.evaluate_curve([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "c.h5",
+                                  num_points=np.int64(3), device="cpu")
+    assert curve.num_points == 3 and json.loads(mctool.read_h5(tmp_path / "c.h5")[1]["config"])["num_points"] == 3
+
+
+def test_training_keeps_the_callers_random_state_and_threads_take_turns(tmp_path):
+    """train (likewise connect and fge) seeds torch's global generator: the caller's draws after a call are
+    those without it, and two threads' runs give the weights each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(1234)
+    mctool.train(_tiny_train_config(seed=5), tmp_path / "r.safetensors", device="cpu")
+    after = torch.rand(4)
+    torch.manual_seed(1234)
+    assert torch.equal(after, torch.rand(4))
+
+    def run(seed: int, tag: str) -> dict:
+        mctool.train(_tiny_train_config(seed=seed, epochs=2), tmp_path / f"{tag}{seed}.safetensors", device="cpu")
+        return read_checkpoint(tmp_path / f"{tag}{seed}.safetensors")[0]
+
+    alone = [run(seed, "alone") for seed in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(run, (0, 1), ("together",) * 2))
+    for a, b in zip(alone, together):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_is_a_keyboard_interrupt_that_except_exception_lets_through(tmp_path, monkeypatch):
+    """A loop over runs with ``except Exception`` must stop at Ctrl-C, not go on to the next run."""
+    assert issubclass(mctool.Interrupted, KeyboardInterrupt) and not issubclass(mctool.Interrupted, Exception)
+    ctrl_c_during_epoch(monkeypatch, epoch=2)
+    finished = []
+    with pytest.raises(mctool.Interrupted, match="1 completed epoch"):
+        for seed in (1, 2):
+            try:
+                mctool.train(_tiny_train_config(seed=seed, epochs=3), tmp_path / f"s{seed}.safetensors", device="cpu")
+                finished.append(seed)
+            except Exception:  # noqa: BLE001  (what a sweep does)
+                finished.append(-seed)
+    assert finished == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mctool.train({"epochs": 1}, "x.safetensors"), "takes a mctool.TrainConfig"),
+    (lambda: mctool.connect(_tiny_train_config(), "a", "b", "c"), "takes a mctool.ConnectConfig"),
+    (lambda: mctool.train(mctool.TrainConfig(dataset=None), "x.safetensors"), "--dataset must name"),
+    (lambda: mctool.train(_tiny_train_config(), "x.safetensors", device=None), "--device must be"),
+    (lambda: mctool.load_data("digits", device="mps"), "--device must be"),
+    (lambda: mctool.load_data(None), "data set must be named"),
+    (lambda: mctool.paper_factor(0, 0), "epochs must be >= 1"),
+    (lambda: mctool.lr_at("cosine", 0.1, 0, 10, 0, 0), "iters_per_epoch must be >= 1"),
+    (lambda: mctool.progress("no").__enter__(), "True or False"),
+    (lambda: mctool.predict_probs(torch.nn.Linear(64, 10), mctool.load_data("digits")), "give a split"),
+    (lambda: mctool.predict_probs(torch.nn.Linear(64, 10), mctool.load_data("digits").eval, device="cuda"),
+     "the model is on cpu"),
+])
+def test_wrong_python_arguments_are_config_errors(tmp_path, monkeypatch, call, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        call()
+
+
+def test_file_info_refuses_a_negative_listing_length(digits_models):
+    with pytest.raises(ConfigError, match="max_tensors must be >= 0"):
+        mctool.file_info(digits_models[0], max_tensors=-1)
+    assert mctool.file_info(digits_models[0], max_tensors=0).tensors["first"] == []
+
+
+def test_a_curve_network_in_memory_is_the_exported_point(tmp_path):
+    """``Curve.network(t, data)`` is what ``export_point`` writes, BatchNorm statistics included; without data
+    it keeps the start network's statistics."""
+    kw = {"hidden": 16, "batch_norm": True}
+    ends = [tmp_path / f"n{seed}.safetensors" for seed in (1, 2)]
+    for seed, end in zip((1, 2), ends):
+        mctool.train(_tiny_train_config(seed=seed, arch_kwargs=kw), end, device="cpu")
+    connect(ConnectConfig(curve="line"), *ends, tmp_path / "l.safetensors", device="cpu")
+    mctool.export_point(tmp_path / "l.safetensors", 0.25, tmp_path / "p.safetensors", device="cpu")
+    curve = load_curve(tmp_path / "l.safetensors")[0]
+    digits = mctool.load_data("digits", augment=curve.meta.train_augment(), **curve.meta.data_options())
+    got = curve.network(0.25, digits).state_dict()
+    want = mctool.load_model(tmp_path / "p.safetensors").model.state_dict()
+    assert got.keys() == want.keys()
+    for k in got:  # the same arithmetic in the same order: equal
+        assert torch.equal(got[k], want[k]), k
+    plain = curve.network(0.25).state_dict()
+    start = mctool.load_model(ends[0]).model.state_dict()
+    stats = [k for k in plain if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(plain[k], start[k]) for k in stats)
+    assert not all(torch.equal(got[k], start[k]) for k in stats)
+    with pytest.raises(ConfigError, match="t must be in"):
+        curve.network(1.5)
