@@ -5,33 +5,38 @@ The public Python API; the ``mctool`` command is a thin layer over these functio
 
 from . import _launch_env  # noqa: F401  (first: it sets the environment before torch is imported)
 from ._version import __version__
-from .align import align
-from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
-from .curve_eval import evaluate_curve, export_point
-from .curve_training import ConnectConfig, connect
-from .curves import Curve, load_curve
-from .data import Data, DatasetInfo, load_data
-from .ensemble_eval import evaluate_models
-from .ensemble_eval import evaluate_models as evaluate
-from .ensembles import export_member, load_ensemble
-from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
-                     MetricsFileError, NonFiniteLossError, OutputError)
-from .evaluation import brier, ece, error, nll, predict_probs
-from .fge import FGEConfig, fge
-from .h5io import read_h5
-from .hessian import hessian
-from .info import file_info
-from .merge import merge
-from .models import MCTOOL_ARCHS, build_model
-from .plane import plane
-from .surface import surface
-from .plots import plot_files
-from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef,
-                      HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult, PointResult, Result,
-                      SurfaceResult, TrainResult)
-from .runtime import progress
-from .schedules import lr_at, paper_factor
-from .training import TrainConfig, train
+
+# The mctool command (cli.py) imports what each command runs, so that `mctool --help`, a usage error or --version
+# answer in a fraction of a second instead of the seconds torch and timm take to import; a Python program gets
+# the whole API (and mctool's architectures registered in timm, docs/models.md) with `import mctool`.
+if not _launch_env.is_command():
+    from .align import align
+    from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
+    from .curve_eval import evaluate_curve, export_point
+    from .curve_training import ConnectConfig, connect
+    from .curves import Curve, load_curve
+    from .data import Data, DatasetInfo, load_data
+    from .ensemble_eval import evaluate_models
+    from .ensemble_eval import evaluate_models as evaluate
+    from .ensembles import export_member, load_ensemble
+    from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
+                         MetricsFileError, NonFiniteLossError, OutputError)
+    from .evaluation import brier, ece, error, nll, predict_probs
+    from .fge import FGEConfig, fge
+    from .h5io import read_h5
+    from .hessian import hessian
+    from .info import file_info
+    from .merge import merge
+    from .models import MCTOOL_ARCHS, build_model
+    from .plane import plane
+    from .surface import surface
+    from .plots import plot_files
+    from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult,
+                          FileRef, HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult,
+                          PointResult, Result, SurfaceResult, TrainResult)
+    from .console import progress
+    from .schedules import lr_at, paper_factor
+    from .training import TrainConfig, train
 
 __all__ = [
     "__version__",

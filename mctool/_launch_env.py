@@ -3,8 +3,8 @@
 - For runs under a launcher (torchrun, SLURM): a rank whose peers have ended logs c10d's C++ warnings, with
   stack frames, while it stops; mctool reports that itself (docs/distributed.md).
   ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again.
-- For the ``mctool`` command (the console script, or ``python -m mctool``): Ctrl-C or SIGTERM while it starts
-  up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` (``Error: stopped (SIGTERM).``)
+- For the ``mctool`` command (the console script, or ``python -m mctool``): Ctrl-C, SIGTERM or SIGHUP while it
+  starts up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` (``Error: stopped (SIGTERM).``)
   on rank 0 and exits 130, as later, instead of a traceback. ``cli`` hands the signals back to Python's
   handling (``restore_signals``) once its own handling is in place. A Python program importing mctool is left alone.
 """
@@ -36,25 +36,33 @@ def launch_rank() -> str:
 
 def _stop_while_starting(signum: int, frame: object) -> None:
     if launch_rank() == "0":  # one line, from rank 0
-        os.write(2, b"Error: stopped (SIGTERM).\n" if signum == signal.SIGTERM else b"Error: interrupted (Ctrl-C).\n")
+        try:
+            os.write(2, b"Error: interrupted (Ctrl-C).\n" if signum == signal.SIGINT else
+                     f"Error: stopped ({signal.Signals(signum).name}).\n".encode())
+        except OSError:  # stderr closed, or its reader gone
+            pass
     os._exit(130)
 
 
-_installed = False
+# The handlers the process started with, for the signals mctool handles; one the parent set to be ignored
+# (``nohup`` ignores SIGHUP, a shell's background jobs SIGINT) stays ignored.
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_inherited: dict[int, object] = {}
 if is_command():
     try:
-        for _sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(_sig, _stop_while_starting)
-        _installed = True
+        for _sig in _STOPPING:
+            _inherited[_sig] = signal.getsignal(_sig)
+            if _inherited[_sig] is not signal.SIG_IGN:
+                signal.signal(_sig, _stop_while_starting)
     except ValueError:  # not the main thread
-        pass
+        _inherited.clear()
 
 
 def restore_signals() -> None:
-    """Ctrl-C raises KeyboardInterrupt again and SIGTERM ends the process (``distributed.launched`` turns it
-    into Ctrl-C for a command's work); a no-op unless the start-up handlers are in place."""
-    global _installed
-    if _installed:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _installed = False
+    """Ctrl-C raises KeyboardInterrupt again and SIGTERM (SIGHUP) end the process as they did before
+    (``distributed.launched`` turns them into Ctrl-C for a command's work); a no-op unless the start-up
+    handlers are in place."""
+    for sig, handler in list(_inherited.items()):
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    _inherited.clear()

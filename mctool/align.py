@@ -31,14 +31,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .checkpoint import LoadedModel, ModelMeta, load_model, meta_differences, save_model
 from .data import check_fits, load_data
+from .choices import ALIGN_METHODS
 from .errors import ConfigError, MctoolError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import provenance, write_h5
 from .options import check_count, check_seed
 from .results import AlignResult, FileRef, file_refs
-from .runtime import progress_bar, resolve_device
+from .runtime import resolve_device
+from .console import progress_bar
 
-METHODS = ("weights", "activations")
+METHODS = ALIGN_METHODS
 
 # Layers whose parameters are per output channel (dim 0) and per input channel (dim 1), traced as leaves.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

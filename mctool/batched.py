@@ -324,7 +324,7 @@ def wide_for(model: nn.Module, p: int, layout: ParamLayout, data: Any, *, channe
     if wide is not None and compile:
         wide.compile()
     if wide is None and warn_now:
-        from .runtime import warn
+        from .console import warn
 
         warn(f"{what} cannot be evaluated {p} to a pass (a layer or an operation would mix them: see "
              "docs/performance.md#many-networks-in-one-pass); evaluating one network per pass.")
@@ -347,11 +347,11 @@ def check_points_per_pass(value: Any) -> None:
         raise ConfigError(f"--points-per-pass must be at most 64, got {value}.")
 
 
-def deal_passes(todo: list, points_per_pass: int, measure: Any, record: Any) -> None:
+def deal_passes(todo: list, points_per_pass: int, measure: Any, record: Any, flush: Any = None) -> None:
     """``distributed.deal_points`` for work done ``points_per_pass`` points at a time: ``measure(points)`` gives
     one metrics dict per point of a pass; ``record(point, metrics)`` is called for each point of a pass as soon
-    as the pass is done (so an interrupted run loses at most the pass in flight). Under torchrun the ranks take
-    whole passes."""
+    as the pass is done, then ``flush()`` (the caller's write of its file: once per pass, not per point), so an
+    interrupted run loses at most the pass in flight. Under torchrun the ranks take whole passes."""
     from . import distributed
 
     passes = [todo[i:i + points_per_pass] for i in range(0, len(todo), points_per_pass)]
@@ -362,5 +362,7 @@ def deal_passes(todo: list, points_per_pass: int, measure: Any, record: Any) -> 
     def record_pass(points: list, flat: dict[str, float]) -> None:
         for k, point in enumerate(points):
             record(point, {key.split("\t", 1)[1]: v for key, v in flat.items() if key.startswith(f"{k}\t")})
+        if flush is not None:
+            flush()
 
     distributed.deal_points(passes, measure_pass, record_pass)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .choices import BN_DATA
 from .data import Split
 from .errors import ConfigError, DataError
 from .options import check_count, show_setting
@@ -24,11 +25,6 @@ _BN = nn.modules.batchnorm._BatchNorm
 # set, the same for every network and run. Data stored class by class (``imagefolder:``) would otherwise give
 # single-class batches, whose variances miss the between-class spread, and ``--bn-batches N`` the first classes.
 PASS_SEED = 0
-
-
-#: ``--bn-data``: the training images of a BN pass augmented as in training (the statistics the network's
-#: layers were trained to expect, which its stored running statistics also average), or as they are.
-BN_DATA = ("augmented", "plain")
 
 
 def check_bn_data(value: Any) -> None:

@@ -243,6 +243,9 @@ class ModelMeta:
             "format": "pt",
             "kind": self.kind,
             "mctool_version": __version__,
+            # what else decides the bits of a training run (docs/file-formats.md#reproducible-files)
+            "torch_version": torch.__version__,
+            "torch_threads": str(torch.get_num_threads()),
             "created": utc_now(),
             "arch": self.arch,
             "arch_kwargs": json.dumps(plain(self.arch_kwargs), sort_keys=True),
@@ -263,8 +266,8 @@ class ModelMeta:
     @classmethod
     def from_metadata(cls, md: dict[str, str], path: str | os.PathLike) -> "ModelMeta":
         """Every field checked for type and range: a file is untrusted input (CheckpointError names the field)."""
-        known = {"format", "kind", "mctool_version", "created", "arch", "arch_kwargs", "num_classes", "in_chans",
-                 "config", "inputs", "dataset", "image_size", "normalization"}
+        known = {"format", "kind", "mctool_version", "torch_version", "torch_threads", "created", "arch", "arch_kwargs",
+                 "num_classes", "in_chans", "config", "inputs", "dataset", "image_size", "normalization"}
         for key in ("arch", "num_classes", "in_chans"):
             if key not in md:
                 raise CheckpointError(f"'{path}' has mctool metadata without '{key}'; re-create the file, or remove "

@@ -6,6 +6,7 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import inspect
@@ -19,26 +20,27 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
 
-import torch
 import typer
 import typer.core
 from rich.table import Table
 from rich.text import Text
 
+# Only light modules here: `mctool --help`, a usage error or --version answers without importing torch (seconds);
+# each command imports what it runs.
 from ._version import __version__
-from .align import METHODS as ALIGN_METHODS
-from .bn import BN_DATA
-from .curves import BEND_INITS, CURVES
-from .data import AUGMENTS, SPLITS
-from . import _launch_env, distributed
+from . import _launch_env
+from .choices import ALIGN_METHODS, AUGMENTS, BEND_INITS, BN_DATA, CURVES, PRECISIONS, SCHEDULES, SPLITS
+from .console import keep_stderr, log_every, progress, show_warnings, stderr_console
 from .errors import ConfigError, Interrupted, MctoolError
-from .h5io import source_date_epoch
 from .options import expand_patterns
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
                       TrainResult)
-from .runtime import PRECISIONS, log_every, progress, show_warnings, stderr_console
-from .schedules import SCHEDULES
+
+# pydantic's words for a value of the wrong type, as a user reads them
+_PYDANTIC_WORDS = ((r"^Input should be a valid integer.*", "not a whole number."),
+                   (r"^Input should be a valid number.*", "not a number."))
+
 
 class _Group(typer.core.TyperGroup):
     """Typer's command group, with clearer usage errors: option values worded as click words them (Typer checks
@@ -59,6 +61,8 @@ class _Group(typer.core.TyperGroup):
             message = getattr(e, "message", None)
             if isinstance(e, typer.BadParameter):
                 e.message = re.sub(r"^Value error, ", "", str(message))
+                for pydantic, plain in _PYDANTIC_WORDS:
+                    e.message = re.sub(pydantic, plain, e.message)
             elif (isinstance(message, str) and message.startswith("Got unexpected extra argument")
                   and "--trajectory" in ctx.meta.get("mctool_args", ())):
                 e.message = (f"{message}. An option takes one value each time it is given; to pass a glob pattern "
@@ -188,7 +192,8 @@ def _error(message: str) -> None:
 
 def _ignore_more_ctrl_c() -> None:
     """Once an interruption is being reported, a second Ctrl-C (users press it twice) would only break the
-    report and the exit's cleanup with tracebacks: the ``mctool`` process ignores it from here on."""
+    report and the exit's cleanup with tracebacks, as would a Ctrl-C once the work is done (outputs complete)
+    while the result is printed: the ``mctool`` process ignores it from here on."""
     if _launch_env.is_command():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -198,6 +203,11 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
 
     Under torchrun (or SLURM) the command runs on every rank of the group (docs/distributed.md): rank 0
     prints, another rank prints only its own error, as ``Error: rank N: ...``."""
+    import torch
+
+    from . import distributed
+    from .h5io import source_date_epoch
+
     code, main, result = 0, True, None
     try:
         _launch_env.restore_signals()  # from here on, Ctrl-C is this function's to report
@@ -211,6 +221,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     if d is not None:  # every rank reads the same files, or none starts
                         distributed.check_same_files(_input_files())
                     result = work()
+                    _ignore_more_ctrl_c()  # done: what is left (the report, the exit) is not interrupted
                 except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
                     if e.errno != errno.ENAMETOOLONG:
                         raise
@@ -230,10 +241,10 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                 if interrupted:
                     _ignore_more_ctrl_c()
                 # Ctrl-C before a command's own handling starts (loading data, building a model)
-                sigterm = interrupted and distributed.sigterm_received()
+                stopped_by = distributed.stop_signal() if interrupted else None
                 message = (str(e) if isinstance(e, (MctoolError, Interrupted)) else
-                           "stopped (SIGTERM)." if sigterm else "interrupted (Ctrl-C).")
-                if sigterm and d is not None:  # not a Ctrl-C: often another rank's end
+                           f"stopped ({stopped_by})." if stopped_by else "interrupted (Ctrl-C).")
+                if stopped_by == "SIGTERM" and d is not None:  # not a Ctrl-C: often another rank's end
                     message += (" The SIGTERM came from the launcher, which stops every rank when one fails or is "
                                 "killed (its output says which), or from the job's time limit.")
                 # Ctrl-C reaches every rank: rank 0 says what was saved
@@ -264,9 +275,26 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
     if not main:
         return
     if as_json:
-        sys.stdout.write(result.to_json() + "\n")
+        _print_json(result.to_json())
     elif not quiet:
         show(result)
+
+
+def _print_json(text: str) -> None:
+    """The --json object on stdout. A reader that went away before reading it (``| true``) ends the command
+    with 141, as a shell reports a process that SIGPIPE stopped (the work is done, the files written); a
+    closed stdout (``>&-``) is an error."""
+    if sys.stdout is None:
+        _error("stdout is closed, so the --json result cannot be printed (the work is done, its files are "
+               "written); leave out --json, or give the command a stdout.")
+        raise typer.Exit(1)
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # (Python's own flush at exit would fail again, with a message)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
@@ -304,8 +332,17 @@ def _safe(value: Any) -> Text:
     return Text(_CONTROL.sub(lambda m: repr(m.group())[1:-1], text))
 
 
+def _new_table(title: Any, columns: tuple[str, ...], right: tuple[str, ...] = (), show_header: bool = True) -> Table:
+    """A table whose cells wrap instead of ending in "...": in a log (80 columns) or a narrow terminal, two long
+    file names that differ at the end stay two names, and numbers stay whole."""
+    t = Table(title=title, show_header=show_header, title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    return t
+
+
 def _table(title: str, rows: list[tuple[str, Any]]) -> None:
-    t = Table(title=_safe(title), show_header=False, title_justify="left")
+    t = _new_table(_safe(title), ("key", "value"), show_header=False)
     for k, v in rows:
         t.add_row(_safe(k), _safe(v))
     stderr_console().print(t)
@@ -451,9 +488,8 @@ def train(
 
 
 def _show_evaluation(r: EvaluateResult) -> None:
-    t = Table(title=_safe(f"{r.dataset} ({r.split} split)"), title_justify="left")
-    for col in ("model", "loss", "nll", "err", "ece", "brier"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    t = _new_table(_safe(f"{r.dataset} ({r.split} split)"), ("model", "loss", "nll", "err", "ece", "brier"),
+                   right=("loss", "nll", "err", "ece", "brier"))
 
     def row(label: str, m: Metrics) -> None:
         t.add_row(_safe(label), _num(m.loss), _num(m.nll), _pct(m.err), _num(m.ece), _num(m.brier))
@@ -483,9 +519,10 @@ def evaluate(
                                                    "one recorded in the first checkpoint).")] = None,
     split: EvalSplitOpt = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
-    arch: Annotated[Optional[str], typer.Option(help="Architecture of a plain safetensors state dict without "
-                                                "mctool metadata (e.g. saved by timm; needs --num-classes too); "
-                                                "for mctool checkpoints it overrides the recorded one.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture of a plain safetensors state "
+                                                "dict without mctool metadata (e.g. saved by timm; needs "
+                                                "--num-classes too); for mctool checkpoints it overrides the "
+                                                "recorded one.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict (overrides the "
                                                        "recorded one of mctool checkpoints).")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="Architecture arguments of a plain state dict as a JSON "
@@ -545,18 +582,14 @@ def info(
             ts = r.tensors
             kinds = ", ".join(f"{n} {d}" for d, n in ts["dtypes"].items()) if isinstance(ts["dtypes"], dict) \
                 else str(ts["dtypes"])
-            t = Table(title=_safe(f"{ts['count']} tensors ({kinds}), {ts['elements']:,} elements"),
-                      title_justify="left")
-            for col in ("name", "shape", "dtype"):
-                t.add_column(col)
+            t = _new_table(_safe(f"{ts['count']} tensors ({kinds}), {ts['elements']:,} elements"),
+                           ("name", "shape", "dtype"))
             for e in ts["first"]:
                 t.add_row(_safe(e["name"]), str(tuple(e["shape"])), _safe(e["dtype"]))
             if ts["count"] > len(ts["first"]):
                 t.add_row(f"... {ts['count'] - len(ts['first'])} more", "", "")
         else:
-            t = Table(title="datasets", title_justify="left")
-            for col in ("name", "shape", "NaN", "min", "max", "last"):
-                t.add_column(col)
+            t = _new_table("datasets", ("name", "shape", "NaN", "min", "max", "last"))
             fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
             for name, e in (r.datasets or {}).items():
                 t.add_row(_safe(name), str(tuple(e["shape"])), "-" if e["nan"] is None else str(e["nan"]),
@@ -737,10 +770,8 @@ def evaluate_curve(
                    repair_batches=repair_batches, quiet=quiet)
 
     def show(r: CurveResult) -> None:
-        t = Table(title=f"{r.curve} curve, {r.num_points} points", title_justify="left")
         cols = ("start", "end", "min", "max", "mean", "int")
-        for col in ("metric", *cols):
-            t.add_column(col, justify="left" if col == "metric" else "right")
+        t = _new_table(f"{r.curve} curve, {r.num_points} points", ("metric", *cols), right=cols)
         for label, key, v in _metric_rows(r):
             fmt = _pct if key == "err" else _num
             t.add_row(label, *(fmt(getattr(v, k)) for k in cols))
@@ -1321,6 +1352,7 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
+    keep_stderr()  # progress and messages on a stderr that went away are dropped; the work goes on
     if _launch_env.launch_rank() == "0":
         app()
         return

@@ -27,7 +27,8 @@ from .loop import evaluation_split, recorded_split
 from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
-from .runtime import progress_bar, resolve_device
+from .runtime import resolve_device
+from .console import progress_bar
 
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
 
@@ -370,13 +371,12 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                         values[n][i] = m[n]
                         if values_un is not None:
                             values_un[n][i] = m["unaligned/" + n]
-                    write()
                     saved += 1
                     bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
                                                      f"{split} err {m[f'{split}/err']:.2%}")
 
                 # one process: in order; several (torchrun): each rank takes the next pass when free
-                deal_passes(todo, per_pass, measure, record)
+                deal_passes(todo, per_pass, measure, record, flush=write)
         except KeyboardInterrupt:
             raise interrupted(saved, len(mine), metrics) from None
     with finishing(metrics, len(mine)):

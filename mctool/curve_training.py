@@ -28,7 +28,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, metrics_path,
+from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, history_json, metrics_path,
                    old_run_remover, prepare_outputs, recorded_lr, remove_state, state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
@@ -383,7 +383,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         mom = step.momentum()
         extra = {MOMENTUM_PREFIX + "free": mom} if mom is not None else {}
         snap = Curve(curve.curve, curve.num_bends, step.points(), curve.layout, curve.meta, curve.buffers)
-        save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": json.dumps(log.rows),
+        save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": history_json(log.rows),
                                                     "started": log.attrs["started"]}, kind="curve-state")
 
     t_run = time.time()

@@ -20,14 +20,13 @@ from torch import nn
 
 from .checkpoint import (MOMENTUM_PREFIX, LoadedModel, ModelMeta, bad_field, check_finite, metadata_int,
                          meta_differences, read_checkpoint, save_checkpoint)
+from .choices import BEND_INITS, CURVES
 from .data import Split
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .options import check_real
 from .flat import ParamLayout, build_network, check_network
 
-CURVES = ("bezier", "polychain", "line")
-BEND_INITS = ("linear", "start", "end")
 _BUFFER_PREFIX = "buffers/"
 #: Most bends a curve file may have (the paper's curves have 1).
 MAX_BENDS = 100

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from . import distributed
+from .choices import AUGMENTS, SPLITS
 from .errors import ConfigError, DataError
 from .options import check_count
 from .runtime import resolve_device
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
-AUGMENTS = ("auto", "none", "crop", "crop-flip")
-SPLITS = ("test", "val")  # evaluated on: the official test set, or images held out from training
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # Per-channel mean and std of the training images (pixel values in [0, 1]).
@@ -51,7 +50,7 @@ _VAL_SIZE = 5000  # held out from the end of the training set for --split val (1
 
 
 def default_data_root() -> Path:
-    return Path(os.environ.get("MCTOOL_DATA") or Path.home() / ".cache" / "mctool" / "datasets")
+    return Path(os.environ.get("MCTOOL_DATA") or Path.home() / ".cache" / "mctool" / "datasets").expanduser()
 
 
 @dataclass
@@ -161,7 +160,7 @@ class TensorSplit:
         return TensorSplit(self.images[idx], self.labels[idx], self.info, self.device, self.channels_last)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self._mean) / self._std
+        x = x.to(torch.float32, copy=True).sub_(self._mean).div_(self._std)  # (in place: one new tensor, not three)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -557,7 +556,7 @@ def _val_size(n_train: int) -> int:
 
 def _warn_one_class(name: str, num_classes: int) -> None:
     if num_classes < 2:
-        from .runtime import warn
+        from .console import warn
 
         warn(f"data set '{name}' has a single class: every network predicts it with zero loss and error, so "
              "curves, planes and ensembles show nothing; give a data set of two classes or more.")
@@ -603,7 +602,7 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     _check_augment(augment)
     if not isinstance(device, torch.device):  # (a command passes the device it resolved)
         device = resolve_device(device)
-    root = Path(root) if root is not None else default_data_root()
+    root = Path(root).expanduser() if root is not None else default_data_root()
     base = name.split(":", 1)[0]
     if base == "imagefolder":
         return _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size,

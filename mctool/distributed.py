@@ -190,34 +190,40 @@ def launched() -> Iterator[Dist | None]:
             torch.distributed.destroy_process_group()
 
 
+#: The signals that stop a command as Ctrl-C does: SIGTERM (a launcher, ``timeout``, a job's time limit) and
+#: SIGHUP (the terminal or SSH session closed).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt for the block: the command saves what it has, removes its locks and
-    exits 130 with its usual message, as for Ctrl-C."""
-    _sigterm[0] = False
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    """SIGTERM and SIGHUP raise KeyboardInterrupt for the block: the command saves what it has, removes its
+    locks and exits 130 with its usual message, as for Ctrl-C."""
+    _stopped_by[0] = None
+    try:  # (a signal ignored when the process started, as nohup ignores SIGHUP, stays ignored)
+        previous = [(s, signal.signal(s, _terminate)) for s in STOP_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN]
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous:
+            signal.signal(s, handler)
 
 
-_sigterm = [False]
+_stopped_by: list[str | None] = [None]
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    _sigterm[0] = True
+    _stopped_by[0] = signal.Signals(signum).name
     raise KeyboardInterrupt
 
 
-def sigterm_received() -> bool:
-    """Whether the interruption of the command now running came as SIGTERM (a launcher, ``timeout``, a job's
-    time limit) rather than Ctrl-C."""
-    return _sigterm[0]
+def stop_signal() -> str | None:
+    """The signal that interrupted the command now running, ``SIGTERM`` or ``SIGHUP``; None for Ctrl-C."""
+    return _stopped_by[0]
 
 
 def _store() -> Any:

@@ -31,7 +31,8 @@ from .loop import evaluation_split
 from .models import check_takes_images
 from .options import MAX_POINTS, check_count, file_list
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
-from .runtime import progress_bar, resolve_device, warn
+from .runtime import resolve_device
+from .console import progress_bar, warn
 
 
 @dataclass

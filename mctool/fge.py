@@ -30,11 +30,12 @@ from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_re
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
-from .runtime import progress_bar, resolve_device, training_command
+from .runtime import resolve_device, training_command
+from .console import progress_bar
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, metrics_path,
-                   old_run_remover, prepare_outputs, recorded_lr, remove_state, set_momentum, sgd_step, state_path,
-                   validate_sgd)
+from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, history_json,
+                   metrics_path, old_run_remover, prepare_outputs, recorded_lr, remove_state, set_momentum, sgd_step,
+                   state_path, validate_sgd)
 
 
 @dataclass
@@ -229,7 +230,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                               "finish it with the version that started it, or start over with --force.")
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
-        extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"],
+        extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
                  "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),

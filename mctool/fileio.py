@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-from .distributed import is_main
 from .errors import OutputError
 
 try:
@@ -46,6 +45,8 @@ _CREATED: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("mc
 def writes_files() -> bool:
     """Whether this process writes files: always, except on the ranks other than 0 of a distributed run
     (rank 0 checks, locks and writes every output; the others compute and stay off the disk)."""
+    from .distributed import is_main  # (torch: not for the command line's start-up)
+
     return is_main()
 
 
@@ -89,6 +90,9 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} is empty (or '.'), not a file name; give a file name.")
     if Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
+    if str(path) == "-":  # (to the shell's conventions stdout; safetensors and HDF5 files are written by seeking)
+        raise OutputError(f"{what} '-': mctool writes files, not to stdout; give a file name (./- for a file "
+                          "named '-').")
     path = Path(path)
     if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)
         return path

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .runtime import warn
+from .console import warn
 
 StepBody = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

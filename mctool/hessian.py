@@ -36,7 +36,8 @@ from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_split
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .results import FileRef, HessianResult, file_refs
-from .runtime import progress_bar, resolve_device, warn
+from .runtime import resolve_device
+from .console import progress_bar, warn
 
 #: A residual is relative to its eigenvalue, but not to less than this fraction of the point's largest |lambda|.
 RESIDUAL_FLOOR = 1e-3

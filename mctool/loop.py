@@ -27,10 +27,11 @@ from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
-from .h5io import MetricsLog, recorded_setting
+from .h5io import MetricsLog, recorded_setting, source_date_epoch
 from .models import blank_images, probe_forward
 from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed, show_setting
-from .runtime import autocast, progress_bar, warn
+from .runtime import autocast
+from .console import progress_bar, warn
 from .schedules import SCHEDULES, lr_at
 
 _NAN_CHECK_EVERY = 50  # iterations between NaN checks (each check waits for the device)
@@ -517,6 +518,15 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 "--resume (with any number of processes)." if state_file.exists() and done else
                 "no epoch had completed, so nothing resumable was saved; run the command again.")
         raise distributed.PeerLost(f"{str(e).rstrip('.')}; {kept}") from None
+
+
+def history_json(rows: list[dict[str, Any]]) -> str:
+    """The epoch history a training state or ``--save-every`` checkpoint records (the metrics file's rows, which
+    ``--resume`` restores), without the wall-clock ``seconds`` when ``SOURCE_DATE_EPOCH`` asks for files that a
+    rerun writes byte for byte (docs/file-formats.md#reproducible-files)."""
+    if source_date_epoch() is not None:
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return json.dumps(rows)
 
 
 def _epochs_saved(saved: int, state_file: Path) -> int:

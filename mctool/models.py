@@ -591,7 +591,7 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
         model, dropped, source, absent = _load_pretrained_file(arch, num_classes, in_chans, arch_kwargs, Path(file),
                                                                cfg)
     if dropped:
-        from .runtime import warn
+        from .console import warn
 
         warn(f"--pretrained-file '{file}' holds no classifier ({', '.join(dropped)}); it starts from a random "
              f"initialisation for {num_classes} classes." if absent else

@@ -30,7 +30,8 @@ from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
-from .runtime import progress_bar, resolve_device
+from .runtime import resolve_device
+from .console import progress_bar
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
 
@@ -215,10 +216,11 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
                    channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
                    compile: bool = False, bn_data: str = "augmented",
-                   on_start: Callable[[], None] | None = None) -> None:
+                   on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
-    is done; ``total`` cells in the run, ``len(todo)`` of them missing. One process goes in order; under
+    is done, then ``flush()`` (the caller's write of its file) once per pass; ``total`` cells in the run,
+    ``len(todo)`` of them missing. One process goes in order; under
     torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
     number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
     when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
@@ -258,7 +260,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                            info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
 
             # one process: in order; several (torchrun): each rank takes the next pass when free
-            deal_passes(todo, points_per_pass, measure, record)
+            deal_passes(todo, points_per_pass, measure, record, flush)
     except KeyboardInterrupt:
         raise interrupted(saved, total, metrics, ("train/loss", "at_points/train/loss")) from None
 
@@ -373,14 +375,14 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
                 at_points[n][cell[0]] = m[n]
             else:
                 grid[n][cell[0], cell[1]] = m[n]
-        write()
 
     if todo:
         evaluate_cells(base, todo, weights_of, store, label="plane", total=len(mine), metrics=metrics,
                        source=paths[0], dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write)
+                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write,
+                       flush=write)
     with finishing(metrics, len(mine)):
         summary = grid_summary(grid, at_points)
         if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)

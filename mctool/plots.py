@@ -14,7 +14,7 @@ from .h5io import json_attr, metrics_file, read_h5
 from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
 from .options import file_list
-from .runtime import warn
+from .console import warn
 
 
 def _split(attrs: dict) -> str:

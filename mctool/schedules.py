@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
+from .choices import SCHEDULES
 from .errors import ConfigError
 from .options import check_count
 
-SCHEDULES = ("paper", "cosine", "constant", "sse")
 
 
 def _check_epochs(epochs: int) -> None:

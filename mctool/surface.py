@@ -366,7 +366,6 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                     grid[n][tuple(cell)] = m[n]
                 else:
                     at_center[n][0] = m[n]
-            write()
 
         def start() -> None:
             save_directions()
@@ -376,7 +375,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
-                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start)
+                       points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start,
+                       flush=write)
     else:
         save_directions()
     with finishing(metrics, len(mine)):

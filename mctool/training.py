@@ -20,12 +20,13 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks, same_inputs
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, metrics_path, old_run_remover,
-                   prepare_outputs, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
+from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json, metrics_path,
+                   old_run_remover, prepare_outputs, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
-from .runtime import resolve_device, training_command, warn
+from .runtime import resolve_device, training_command
+from .console import warn
 from .schedules import sse_is_snapshot, sse_lr
 
 
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
         set_momentum(opt, params, init.extra_tensors)  # keep a train-state's momentum
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
-        extra = {"epoch": str(epoch), "history": json.dumps(log.rows), "started": log.attrs["started"]}
+        extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"]}
         tensors = get_momentum(opt, params)
         if snaps is not None:
             extra["snapshots"] = json.dumps(snaps.rows)

@@ -878,3 +878,18 @@ def test_data_fingerprints_tell_copies_from_other_data(tmp_path):
     extra = fingerprint(two)
     (two / "train" / "a" / "3.png").rename(two / "train" / "b" / "3.png")
     assert len({fingerprint(one), extra, fingerprint(two)}) == 3
+
+
+def test_a_data_root_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """bash leaves `--data-root=~/data` (and MCTOOL_DATA="~/data" in an env file) as it is."""
+    folder = tmp_path / "data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (6, 4, 5)))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(6))
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (3, 4, 5)))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(3))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_data("fashion-mnist", root="~/data").train) == 6
+    monkeypatch.setenv("MCTOOL_DATA", "~/data")
+    assert mdata.default_data_root() == tmp_path / "data" and len(load_data("fashion-mnist").train) == 6

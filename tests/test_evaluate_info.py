@@ -149,6 +149,39 @@ def test_info_shows_deeply_nested_metadata_as_text(cli, tmp_path):
     assert cli.json("info", st)["metadata"]["config"] == deep
 
 
+def test_tables_keep_long_file_names_whole_in_a_log(cli, tmp_path, digits_models):
+    """In a log (stderr not a terminal: 80 columns) two checkpoints of one sweep were cut to the same
+    `experiments/2024-06-01-digits-...`; their cells wrap instead."""
+    folder = tmp_path / "experiments" / "2024-06-01-digits-mlp-width-sweep" / "checkpoints"
+    folder.mkdir(parents=True)
+    paths = [folder / f"seed{i}.safetensors" for i in (1, 2)]
+    for path, model in zip(paths, digits_models):
+        path.write_bytes(model.read_bytes())
+    err = cli("evaluate", *paths, "--device", "cpu").stderr
+    assert "…" not in err
+    first_column = "".join(line.split("│")[1].strip() for line in err.splitlines() if line.startswith("│"))
+    assert all(str(path) in first_column for path in paths), err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["plane", "--help"], ["trian"],
+                                  ["train", "--nope"]])
+def test_help_version_and_usage_errors_answer_without_importing_torch(args):
+    """torch (and timm, which imports torchvision) take seconds to import: `mctool --help`, a usage error, or
+    shell completion (which runs the command) must not wait for them."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mctool", *args], capture_output=True, text=True)
+    assert done.returncode in (0, 2), done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "mctool.cli" in imported
+    assert not imported & {"torch", "timm", "torchvision", "mctool.models"}, sorted(imported & {"torch", "timm"})
+
+
+@pytest.mark.parametrize("option, value, said", [("--epochs", "abc", "not a whole number."),
+                                                  ("--lr", "fast", "not a number.")])
+def test_a_value_of_the_wrong_type_is_a_usage_error_in_plain_words(cli, option, value, said):
+    """(pydantic's "Input should be a valid integer, unable to parse string as an integer")"""
+    assert cli.error("train", option, value, code=2) == f"Error: Invalid value for '{option}': {said}"
+
+
 def test_python_dash_m_and_version():
     out = subprocess.run([sys.executable, "-m", "mctool", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("mctool ")

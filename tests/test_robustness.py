@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -445,7 +446,7 @@ def test_ctrl_c_in_plane_keeps_the_points_and_says_how_to_resume(cli, tmp_path, 
     assert np.isfinite(read_h5(m)[0]["train/loss"]).all()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_command_starts_gives_one_line(tmp_path, sig):
     """Ctrl-C (or SIGTERM) in the seconds `python -m mctool` spends importing torch: one Error line, exit 130,
     no traceback; a Python program importing mctool keeps Python's own handling."""
@@ -458,7 +459,7 @@ def test_a_signal_while_the_command_starts_gives_one_line(tmp_path, sig):
     time.sleep(0.3)  # inside `import torch` (seconds)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    said = "stopped (SIGTERM)" if sig == signal.SIGTERM else "interrupted (Ctrl-C)"
+    said = "interrupted (Ctrl-C)" if sig == signal.SIGINT else f"stopped ({signal.Signals(sig).name})"
     assert (p.returncode, out, err) == (130, "", f"Error: {said}.\n")
     script = "import mctool, signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
@@ -535,6 +536,74 @@ def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(cli, tmp_path, f
     monkeypatch.setattr(mctool.curve_eval, "load_data", interrupted)  # and the next command's Ctrl-C is a Ctrl-C
     assert cli.error("evaluate-curve", files["line"], "-m", tmp_path / "e.h5", code=130) == \
         "Error: interrupted (Ctrl-C)."
+
+
+def test_sighup_stops_a_command_as_sigterm_does_unless_it_was_ignored(cli, tmp_path, files, monkeypatch):
+    """The terminal or SSH session closed: the points are kept, one Error line, exit 130 (it exited 129 without
+    a word, leaving lock files). Under nohup (SIGHUP ignored when the command started) the run goes on."""
+    m = tmp_path / "e.h5"
+    args = ["evaluate-curve", files["m0"], files["m1"], "-m", m, "--num-points", "4", "--device", "cpu",
+            "--points-per-pass", "1"]
+    real, calls = mctool.batched.evaluate_weights, {"n": 0}
+
+    def hung_up(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mctool.batched, "evaluate_weights", hung_up)
+    assert cli.error(*args, code=130).startswith(f"Error: interrupted; 2 of 4 points are saved in '{m}'.")
+    assert not list(tmp_path.glob(".*.lock"))
+    calls["n"] = 0
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it
+    try:
+        cli(*args, "-m", tmp_path / "nohup.h5", "-q")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert np.isfinite(read_h5(tmp_path / "nohup.h5")[0]["train/loss"]).all()
+
+
+def _command(*args: object, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MCTOOL_LOG_EVERY": "0"}
+    return subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], text=True, env=env, **popen)
+
+
+def test_a_stderr_whose_reader_went_away_does_not_stop_the_run(tmp_path, files):
+    """`mctool train ... 2>&1 | head`: the next progress line met a broken pipe and the run stopped there, exit 1,
+    without a word. Human output is dropped instead; with stderr closed, --json still prints."""
+    out = tmp_path / "t.safetensors"
+    p = _command("train", "-d", "digits", "--epochs", "6", "-o", out, "--device", "cpu", stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE)
+    p.stderr.readline()  # the first progress line, then the reader goes away
+    p.stderr.close()
+    assert p.wait(timeout=120) == 0 and out.exists()
+    assert read_h5(tmp_path / "t.h5")[0]["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
+    closed = _command("evaluate", files["m0"], "--device", "cpu", "--json", stdout=subprocess.PIPE,
+                      preexec_fn=lambda: os.close(2))
+    assert closed.wait(timeout=120) == 0 and json.loads(closed.stdout.read())["command"] == "evaluate"
+
+
+def test_json_with_stdout_closed_or_its_reader_gone(tmp_path, files):
+    """`--json >&-`: one Error line (was a traceback); `--json | true`: exit 141 as a shell reports SIGPIPE (was
+    exit 1 without a word), the work done."""
+    closed = _command("evaluate", files["m0"], "--device", "cpu", "--json", stderr=subprocess.PIPE,
+                      preexec_fn=lambda: os.close(1))
+    err = closed.communicate(timeout=120)[1]
+    assert closed.returncode == 1 and err.splitlines()[-1].startswith("Error: stdout is closed"), err
+    m = tmp_path / "e.h5"
+    gone = _command("evaluate", files["m0"], "-m", m, "--device", "cpu", "--json", "-q", stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    gone.stdout.close()  # the reader exits before the result is printed
+    err = gone.stderr.read()
+    assert gone.wait(timeout=120) == 141 and err == "" and m.exists()
+
+
+def test_a_dash_is_not_taken_for_a_file_name(cli, tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "writes files, not to stdout" in cli.error("evaluate", files["m0"], "-m", "-", "--device", "cpu")
+    assert not (tmp_path / "-").exists()
 
 
 # --- 4. atomic writes ---------------------------------------------------------------------------------------------

@@ -48,8 +48,12 @@ def test_source_date_epoch_makes_reruns_byte_identical(cli, tmp_path, monkeypatc
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     for out in outs:
-        cli("train", *TINY, "-o", out, "--epochs", "2", "-q")
+        cli("train", *TINY, "-o", out, "--epochs", "3", "--save-every", "2", "-q")
     assert outs[0].read_bytes() == outs[1].read_bytes()
+    # the --save-every checkpoints (and states) too, whose history records no wall-clock seconds then
+    snapshots = [tmp_path / "a-epoch002.safetensors", tmp_path / "b-epoch002.safetensors"]
+    assert snapshots[0].read_bytes() == snapshots[1].read_bytes()
+    assert all("seconds" not in row for row in json.loads(read_metadata(snapshots[0])["history"]))
     assert read_metadata(outs[0])["created"] == "2023-11-14T22:13:20+00:00"
     with h5py.File(tmp_path / "a.h5") as f:
         assert f.attrs["started"] == f.attrs["finished"] == "2023-11-14T22:13:20+00:00"
