@@ -27,7 +27,7 @@ if not _launch_env.is_command():
     from .hessian import hessian
     from .info import file_info
     from .merge import merge
-    from .models import MCTOOL_ARCHS, build_model
+    from .models import MCTOOL_ARCHS, build_model, register_in_timm
     from .plane import plane
     from .surface import surface
     from .plots import plot_files
@@ -37,6 +37,8 @@ if not _launch_env.is_command():
     from .console import progress
     from .schedules import lr_at, paper_factor
     from .training import TrainConfig, train
+
+    register_in_timm()  # `import mctool` registers mctool's architectures in timm (docs/models.md)
 
 __all__ = [
     "__version__",

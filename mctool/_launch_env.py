@@ -22,7 +22,7 @@ def is_command() -> bool:
     if os.path.basename(sys.argv[0]) == "mctool":
         return True
     orig = list(getattr(sys, "orig_argv", []))
-    return any(a == "-m" and b == "mctool" for a, b in zip(orig, orig[1:]))
+    return "-mmctool" in orig or any(a == "-m" and b == "mctool" for a, b in zip(orig, orig[1:]))
 
 
 def launch_rank() -> str:
@@ -44,25 +44,26 @@ def _stop_while_starting(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-# The handlers the process started with, for the signals mctool handles; one the parent set to be ignored
-# (``nohup`` ignores SIGHUP, a shell's background jobs SIGINT) stays ignored.
-_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_inherited: dict[int, object] = {}
+# SIGHUP ignored when the process started (``nohup``) stays ignored. Ctrl-C and SIGTERM stop mctool whatever
+# the parent set (a shell script's background job, ``mctool ... & wait``, starts with Ctrl-C ignored).
+_hangup_ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+_installed = False
 if is_command():
     try:
-        for _sig in _STOPPING:
-            _inherited[_sig] = signal.getsignal(_sig)
-            if _inherited[_sig] is not signal.SIG_IGN:
-                signal.signal(_sig, _stop_while_starting)
+        for _sig in (signal.SIGINT, signal.SIGTERM, *(() if _hangup_ignored else (signal.SIGHUP,))):
+            signal.signal(_sig, _stop_while_starting)
+        _installed = True
     except ValueError:  # not the main thread
-        _inherited.clear()
+        pass
 
 
 def restore_signals() -> None:
-    """Ctrl-C raises KeyboardInterrupt again and SIGTERM (SIGHUP) end the process as they did before
-    (``distributed.launched`` turns them into Ctrl-C for a command's work); a no-op unless the start-up
-    handlers are in place."""
-    for sig, handler in list(_inherited.items()):
-        if handler is not signal.SIG_IGN:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-    _inherited.clear()
+    """Ctrl-C raises KeyboardInterrupt again and SIGTERM (SIGHUP) end the process (``distributed.launched``
+    turns them into Ctrl-C for a command's work); a no-op unless the start-up handlers are in place."""
+    global _installed
+    if _installed:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not _hangup_ignored:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        _installed = False

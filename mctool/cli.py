@@ -291,10 +291,14 @@ def _print_json(text: str) -> None:
     try:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
-    except BrokenPipeError:
+    except OSError as e:
         with contextlib.suppress(OSError):  # (Python's own flush at exit would fail again, with a message)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(141) from None
+        if isinstance(e, BrokenPipeError):
+            raise typer.Exit(141) from None
+        _error(f"cannot print the --json result on stdout ({e.strerror or e}); the work is done and its files "
+               "are written.")
+        raise typer.Exit(1) from None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
@@ -333,19 +337,35 @@ def _safe(value: Any) -> Text:
 
 
 def _new_table(title: Any, columns: tuple[str, ...], right: tuple[str, ...] = (), show_header: bool = True) -> Table:
-    """A table whose cells wrap instead of ending in "...": in a log (80 columns) or a narrow terminal, two long
-    file names that differ at the end stay two names, and numbers stay whole."""
+    """A table whose text cells wrap instead of ending in "...": in a log (80 columns) or a narrow terminal, two
+    long file names that differ at the end stay two names. Number cells (``right``) never wrap: a number split
+    over two lines reads as another number."""
     t = Table(title=title, show_header=show_header, title_justify="left")
     for col in columns:
-        t.add_column(col, justify="right" if col in right else "left", overflow="fold")
+        number = col in right
+        t.add_column(col, justify="right" if number else "left", overflow="ellipsis" if number else "fold",
+                     no_wrap=number, min_width=7 if number else 10)  # (a number such as 100.00%: 7 characters)
     return t
+
+
+def _print_table(t: Table, console: Any = None) -> None:
+    """Print a table whole: in a terminal narrower than its columns' least widths the lines wrap (the terminal
+    does), instead of being cut at its edge."""
+    console = console or stderr_console()
+    least = sum((column.min_width or 1) + 3 for column in t.columns) + 1  # (each cell: padding and a border)
+    if least > console.width:
+        from rich.console import Console
+
+        console = Console(file=console.file, width=least, force_terminal=console.is_terminal,
+                          no_color=console.no_color)
+    console.print(t, crop=False)
 
 
 def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     t = _new_table(_safe(title), ("key", "value"), show_header=False)
     for k, v in rows:
         t.add_row(_safe(k), _safe(v))
-    stderr_console().print(t)
+    _print_table(t)
 
 
 def _path(ref: FileRef | None) -> str:
@@ -501,7 +521,7 @@ def _show_evaluation(r: EvaluateResult) -> None:
     if r.calibration is not None:
         row(f"  temperature-scaled (T = {r.calibration.temperature:.3f})", r.metrics["calibrated"])
     console = stderr_console()
-    console.print(t)
+    _print_table(t, console)
     for role, ref in (r.outputs or {}).items():
         if ref is not None:
             console.print(_safe(f"{'ensemble file' if role == 'ensemble' else role}: {_path(ref)}"), soft_wrap=True)
@@ -594,7 +614,7 @@ def info(
             for name, e in (r.datasets or {}).items():
                 t.add_row(_safe(name), str(tuple(e["shape"])), "-" if e["nan"] is None else str(e["nan"]),
                           fmt(e["min"]), fmt(e["max"]), fmt(e["last"]))
-        console.print(t)
+        _print_table(t, console)
 
     _run(lambda: file_info(file), as_json, quiet, show)
 
@@ -775,7 +795,7 @@ def evaluate_curve(
         for label, key, v in _metric_rows(r):
             fmt = _pct if key == "err" else _num
             t.add_row(label, *(fmt(getattr(v, k)) for k in cols))
-        stderr_console().print(t)
+        _print_table(t)
         _table("shape", [("length", _num(r.length, ".4g")), ("length / ||B - A||", _num(r.length_ratio)),
                          ("barrier: train loss", _num(r.barrier["train"].loss)),
                          (f"barrier: {r.split} error", _pts(r.barrier["eval"].err)),

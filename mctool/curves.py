@@ -107,6 +107,8 @@ class Curve:
         ``data`` (the ``Data`` of ``load_data`` or one of its splits; its training images are used) the BatchNorm
         statistics are recomputed for these weights as ``evaluate_curve`` does (``bn_batches``, ``bn_data`` as
         there); without it the network keeps the start network's, which fit ``t = 0`` only."""
+        if t is None:  # (check_real lets None, an option left out, pass)
+            raise ConfigError("t must be a number in [0, 1], got None.")
         check_real("t", t, 0, 1)
         model = self.build_model()
         self.layout.assign(model, self.weights(t))

@@ -200,9 +200,9 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM and SIGHUP raise KeyboardInterrupt for the block: the command saves what it has, removes its
     locks and exits 130 with its usual message, as for Ctrl-C."""
     _stopped_by[0] = None
-    try:  # (a signal ignored when the process started, as nohup ignores SIGHUP, stays ignored)
+    try:  # (SIGHUP ignored when the process started, under nohup, stays ignored)
         previous = [(s, signal.signal(s, _terminate)) for s in STOP_SIGNALS
-                    if signal.getsignal(s) is not signal.SIG_IGN]
+                    if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -31,9 +31,10 @@ class NonFiniteLossError(MctoolError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped a run; the message says what was saved and how to continue (``resume=True``,
-    ``--resume`` on the command line). A ``KeyboardInterrupt``, as Python's own: a loop over runs with ``except
-    Exception`` does not swallow it and go on to the next run."""
+    """Ctrl-C stopped a run (SIGTERM and SIGHUP too inside ``distributed.launched()``, as the command runs); the
+    message says what was saved and how to continue (``resume=True``, ``--resume`` on the command line). A
+    ``KeyboardInterrupt``, as Python's own: a loop over runs with ``except Exception`` does not swallow it and
+    go on to the next run."""
 
 
 class MctoolWarning(UserWarning):

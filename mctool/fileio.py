@@ -91,8 +91,7 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
     if Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
     if str(path) == "-":  # (to the shell's conventions stdout; safetensors and HDF5 files are written by seeking)
-        raise OutputError(f"{what} '-': mctool writes files, not to stdout; give a file name (./- for a file "
-                          "named '-').")
+        raise OutputError(f"{what} '-': mctool writes files, not to stdout; give a file name.")
     path = Path(path)
     if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)
         return path

@@ -442,6 +442,7 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
     state_file = state_path(output)
     metrics_before = log.path.stat().st_mtime_ns if log.path.exists() else None  # to tell what this run wrote
     saved = start_epoch  # epochs in the state file (a Ctrl-C may hit while it is being written)
+    saving = 0  # the epoch whose files are being written, trained in full (0: none)
     n_iter = data.train.num_batches(cfg.batch_size)
     dev = getattr(data.train, "device", torch.device("cpu"))
     try:
@@ -489,29 +490,33 @@ def fit(step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, 
                 # Order matters: a --save-every checkpoint first (a run stopped before the state below redoes
                 # this epoch and writes it again), then the state (with the history), then the metrics file
                 # it reproduces.
+                saving = epoch + 1
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
                     save_state(epoch + 1, snapshot_path(output, epoch + 1), "train-state")
                 save_state(epoch + 1, state_file, "train-state")
-                saved = epoch + 1
+                saved, saving = epoch + 1, 0
                 log.flush()
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in shown_row.items() if k != "lr")
                 bar.update(ep_task, completed=epoch + 1, info=shown)
     except KeyboardInterrupt:
         done = _epochs_saved(saved, state_file)
+        # (an epoch trained in full whose files were being written is trained again on --resume)
+        where = (f"while saving epoch {saving}, which --resume trains again" if saving > done else
+                 f"during epoch {done + 1}")
         if not state_file.exists():
             # fge and sse record snapshots as they are taken: the metrics file may be this run's, and then a new
             # run needs --force (unless it was there before, when this command already had --force)
             if log.path.exists() and log.path.stat().st_mtime_ns != metrics_before:
                 again = "plus --force" if metrics_before is None else "again"
-                raise Interrupted(f"interrupted during epoch 1, before any epoch was complete; nothing resumable "
-                                  f"was saved ('{log.path}' holds only snapshots of that epoch). Run the same "
-                                  f"command {again} to start over.") from None
-            raise Interrupted("interrupted during epoch 1, before any epoch was complete; nothing was saved. "
-                              "Run the same command again to start over.") from None
+                raise Interrupted(f"interrupted {_where_first(saving)}; nothing resumable was saved ('{log.path}' "
+                                  f"holds only snapshots of that epoch). Run the same command {again} to start "
+                                  "over.") from None
+            raise Interrupted(f"interrupted {_where_first(saving)}; nothing was saved. Run the same command again to "
+                              "start over.") from None
         if done >= cfg.epochs:  # after the last state was written, before fit returned
             raise Interrupted(_all_epochs_saved(state_file, cfg.epochs)) from None
-        raise Interrupted(f"interrupted during epoch {done + 1}; {done} completed epoch(s) are saved in "
-                          f"'{state_file}'. Continue with the same command plus --resume.") from None
+        raise Interrupted(f"interrupted {where}; {done} completed epoch(s) are saved in '{state_file}'. Continue "
+                          "with the same command plus --resume.") from None
     except distributed.PeerLost as e:  # a rank killed or crashed: say what the others had saved
         done = _epochs_saved(saved, state_file)
         kept = (f"{done} completed epoch(s) are saved in '{state_file}': continue with the same command plus "
@@ -527,6 +532,12 @@ def history_json(rows: list[dict[str, Any]]) -> str:
     if source_date_epoch() is not None:
         rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     return json.dumps(rows)
+
+
+def _where_first(saving: int) -> str:
+    """Where a run stopped before its first epoch was saved: in its training, or while writing its files."""
+    return ("while saving epoch 1, before its files were complete" if saving else
+            "during epoch 1, before any epoch was complete")
 
 
 def _epochs_saved(saved: int, state_file: Path) -> int:

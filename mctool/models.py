@@ -1,8 +1,10 @@
 """Model construction by name through timm's registry, plus mctool's CIFAR-style architectures.
 
-Importing this module registers ``cifar_convfc``, ``cifar_vgg16``, ``cifar_vgg16_bn``,
-``cifar_preresnet20``, ``cifar_preresnet110``, ``cifar_preresnet164``, ``cifar_wrn28_10`` and ``mlp``
-into timm, so ``timm.create_model(name)`` builds them like any timm model.
+``register_in_timm()`` (which ``import mctool`` calls) registers ``cifar_convfc``, ``cifar_vgg16``,
+``cifar_vgg16_bn``, ``cifar_preresnet20``, ``cifar_preresnet110``, ``cifar_preresnet164``, ``cifar_wrn28_10``
+and ``mlp`` into timm, so ``timm.create_model(name)`` builds them like any timm model. mctool builds its own
+architectures without timm (importing timm, with torchvision, takes seconds: the command does it only for
+other names), exactly as ``timm.create_model`` does.
 Every mctool architecture accepts ``num_classes``, ``in_chans`` and ``img_size`` and handles inputs
 from 8x8 to 32x32 (and larger) with 1 or 3 channels.
 """
@@ -17,9 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import register_model
 from torch import nn
 
 from .errors import ConfigError
@@ -265,44 +265,60 @@ def _create(cls, pretrained: bool, kwargs: dict[str, Any], **defaults: Any) -> n
     return cls(**{**defaults, **kwargs})
 
 
-@register_model
 def cifar_convfc(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(ConvFC, pretrained, kwargs)
 
 
-@register_model
 def cifar_vgg16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(VGG, pretrained, kwargs, batch_norm=False)
 
 
-@register_model
 def cifar_vgg16_bn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(VGG, pretrained, kwargs, batch_norm=True)
 
 
-@register_model
 def cifar_preresnet20(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(PreResNet, pretrained, kwargs, depth=20)
 
 
-@register_model
 def cifar_preresnet110(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(PreResNet, pretrained, kwargs, depth=110)
 
 
-@register_model
 def cifar_preresnet164(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(PreResNet, pretrained, kwargs, depth=164, bottleneck=True)
 
 
-@register_model
 def cifar_wrn28_10(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(WideResNet, pretrained, kwargs, depth=28, widen=10)
 
 
-@register_model
 def mlp(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create(MLP, pretrained, kwargs)
+
+
+#: mctool's architectures by name: their timm entry functions.
+_ENTRIES = {fn.__name__: fn for fn in (cifar_convfc, cifar_vgg16, cifar_vgg16_bn, cifar_preresnet20,
+                                       cifar_preresnet110, cifar_preresnet164, cifar_wrn28_10, mlp)}
+
+
+def register_in_timm() -> Any:
+    """Register mctool's architectures in timm's registry (once) and return the ``timm`` module: every use of
+    timm goes through here, so that a timm model name finds mctool's too."""
+    import timm
+    from timm.models import register_model
+
+    for name, fn in _ENTRIES.items():
+        if not timm.is_model(name):
+            register_model(fn)
+    return timm
+
+
+def _create_model(arch: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, **kwargs)``; mctool's own architectures without timm."""
+    if arch in _ENTRIES:  # (timm drops the arguments given as None)
+        return _ENTRIES[arch](pretrained=False, **{k: v for k, v in kwargs.items() if v is not None})
+    return register_in_timm().create_model(arch, pretrained=False, **kwargs)
 
 
 #: Largest network mctool builds (elements of all parameters and buffers: 16 GiB as float32).
@@ -408,7 +424,7 @@ def _check_sizes(arch: str, num_classes: Any, in_chans: Any) -> None:
 
 def _create_checked(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any]) -> nn.Module:
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
+        return _create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError, RuntimeError, ArithmeticError, AssertionError, IndexError, KeyError,
@@ -432,8 +448,7 @@ def model_shapes(arch: str, num_classes: int, in_chans: int,
     check_arch_kwargs(arch, arch_kwargs)
     try:
         with torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                      **arch_kwargs)
+            model = _create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - not buildable on 'meta': the checked CPU build gives the real error
@@ -453,6 +468,9 @@ def _check_arch_name(arch: Any) -> None:
     if ":" in arch or "/" in arch:  # timm reads configs and weights for 'hf-hub:...' and 'local-dir:...' names
         raise ConfigError(f"architecture '{arch}' names a hub or folder; mctool builds timm models by their "
                           "registry name only (e.g. 'resnet18'), with random weights.")
+    if arch in _ENTRIES:
+        return
+    timm = register_in_timm()
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, list(dict.fromkeys([*MCTOOL_ARCHS, *timm.list_models()])), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -533,7 +551,7 @@ def pretrained_cfg(arch: str, *, need_weights: bool = True) -> dict[str, Any]:
     if arch.split(".", 1)[0] in MCTOOL_ARCHS:
         raise ConfigError(f"architecture '{arch}' is one of mctool's own CIFAR-style networks, which have no "
                           "pretrained weights; pick a timm model with --arch (e.g. resnet18) for --pretrained.")
-    cfg = timm.models.get_pretrained_cfg(arch)
+    cfg = register_in_timm().models.get_pretrained_cfg(arch)
     if need_weights and (cfg is None or not (cfg.hf_hub_id or cfg.url)):
         raise ConfigError(f"timm has no pretrained weights for '{arch}' (timm.list_pretrained() lists the models "
                           "that have them); pass --pretrained-file PATH.safetensors to use your own.")
@@ -568,6 +586,7 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
     cfg = pretrained_cfg(arch, need_weights=file is None)
     model_shapes(arch, num_classes, in_chans, arch_kwargs)  # checks everything and bounds the size first
     if file is None:
+        timm = register_in_timm()
         source = {"timm": timm.__version__, **{k: cfg[k] for k in ("architecture", "tag", "hf_hub_id", "url")
                                                if cfg.get(k)}}
         try:

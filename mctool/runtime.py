@@ -103,6 +103,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TRAINING = threading.RLock()
 
 
+def _new_lock_after_fork() -> None:  # a child forked while another thread trained would wait for it forever
+    global _TRAINING
+    _TRAINING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 @contextlib.contextmanager
 def callers_rng_kept() -> Iterator[None]:
     """The caller's torch random state (CPU, and the current GPU's where CUDA is in use) as it was after the

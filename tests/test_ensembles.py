@@ -306,6 +306,28 @@ def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):
     assert "--num-points" in cli.error("ensemble", *digits_models, "--num-points", "3")
 
 
+def test_curve_points_and_ensemble_members_build_one_network_each_source(cli, tmp_path, digits_models,
+                                                                          monkeypatch):
+    """A network built for each of K points (a random initialisation thrown away, 0.1 s each for VGG16): one
+    is built per curve or ensemble file and copied (the t = 0 copy is endpoint A, checked above)."""
+    import mctool.flat
+
+    c, e = tmp_path / "c.safetensors", tmp_path / "e.safetensors"
+    cli("connect", *digits_models, "-o", c, "--epochs", "1", "-q", *CPU)
+    cli("ensemble", c, "--num-points", "2", "-o", e, "-q", *CPU)
+    before = [cli.json("ensemble", path, *extra, *CPU) for path, extra in ((c, ["--num-points", "5"]), (e, []))]
+    assert before[0]["models"][4]["metrics"] == cli.json("evaluate", digits_models[1], *CPU)["models"][0]["metrics"]
+    builds, real = [], mctool.flat.build_network
+    monkeypatch.setattr(mctool.flat, "build_network", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for module in ("mctool.curves", "mctool.ensembles"):
+        monkeypatch.setattr(importlib.import_module(module), "build_network", mctool.flat.build_network)
+    for (path, extra), want in zip(((c, ["--num-points", "5"]), (e, [])), before):
+        builds.clear()
+        got = cli.json("ensemble", path, *extra, *CPU)
+        assert len(builds) == 1, builds
+        assert [m["metrics"] for m in got["models"]] == [m["metrics"] for m in want["models"]]
+
+
 def test_fit_temperature_recovers_a_known_temperature():
     g = torch.Generator().manual_seed(0)
     true_logits = 3 * torch.randn(4000, 5, generator=g)

@@ -348,3 +348,34 @@ def test_a_curve_network_in_memory_is_the_exported_point(tmp_path):
     assert not all(torch.equal(got[k], start[k]) for k in stats)
     with pytest.raises(ConfigError, match="t must be in"):
         curve.network(1.5)
+    with pytest.raises(ConfigError, match="got None"):
+        curve.network(None)
+
+
+def test_a_process_forked_while_another_thread_trains_can_train(tmp_path):
+    """The lock that makes train/connect/fge take turns: a child forked while a thread held it would wait for
+    that thread, which the child does not have, forever."""
+    import os
+    import threading
+
+    from mctool import runtime
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with runtime._TRAINING:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: only the lock, no torch work
+            os._exit(0 if runtime._TRAINING.acquire(timeout=10) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        thread.join()

@@ -50,11 +50,20 @@ def test_arch_kwargs_for_adds_img_size_only_to_mctool_archs():
 
 
 @pytest.mark.parametrize("arch", MCTOOL_ARCHS)
-def test_registered_in_timm(arch):
+def test_registered_in_timm_and_built_without_it_as_timm_builds_them(arch):
+    """`import mctool` registers them; mctool builds them without importing timm (seconds, in every command),
+    the same network with the same weights for a seed as timm.create_model."""
     assert timm.is_model(arch)
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=3, in_chans=1, img_size=8)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    kwargs = {"img_size": 8, **({"width": 0.25} if arch == "cifar_convfc" else {}),
+              **({"widen": 1} if arch == "cifar_wrn28_10" else {})}
+    torch.manual_seed(5)
+    theirs = timm.create_model(arch, num_classes=3, in_chans=1, **kwargs).state_dict()
+    torch.manual_seed(5)
+    ours = build_model(arch, 3, 1, kwargs).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_vgg16_bn_layer_order():

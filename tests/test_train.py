@@ -141,6 +141,30 @@ def test_val_split_and_save_every(cli, tmp_path):
     assert not (tmp_path / "m-epoch003.safetensors").exists()  # the final epoch is the output itself
 
 
+@pytest.mark.parametrize("cut", [1, 3])
+def test_ctrl_c_while_an_epoch_is_saved_says_so(cli, tmp_path, monkeypatch, cut):
+    """An epoch trained in full whose state was being written: not "during epoch 3" (which sounded like its
+    training), but while saving it, and that --resume trains it again."""
+    import mctool.training
+
+    real, calls = mctool.training.save_model, []
+
+    def cut_short(*a, **k):
+        calls.append(1)
+        if len(calls) == cut:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mctool.training, "save_model", cut_short)
+    err = cli.error("train", *TINY, "-o", tmp_path / "m.safetensors", "--epochs", "4", "-q", code=130)
+    if cut == 1:
+        assert err == ("Error: interrupted while saving epoch 1, before its files were complete; nothing was saved. "
+                       "Run the same command again to start over.")
+    else:
+        assert err.startswith("Error: interrupted while saving epoch 3, which --resume trains again; 2 completed "
+                              "epoch(s) are saved in"), err
+
+
 def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypatch):
     ref = tmp_path / "ref.safetensors"
     cli("train", *TINY, "-o", ref, "--epochs", "4", "--seed", "3", "-q")

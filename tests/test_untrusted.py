@@ -8,7 +8,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -60,15 +59,18 @@ def _raw(path, header: dict, data: bytes = b"") -> None:
 
 @pytest.fixture
 def builds(monkeypatch):
-    """Records the device of every timm.create_model call ('meta' costs no memory)."""
+    """Records the device of every network built (timm.create_model, or mctool's own architectures built as it
+    builds them; 'meta' costs no memory)."""
+    import mctool.models
+
     devices = []
-    real = timm.create_model
+    real = mctool.models._create_model
 
     def create(*args, **kwargs):
         devices.append(torch.empty(0).device.type)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(timm, "create_model", create)
+    monkeypatch.setattr(mctool.models, "_create_model", create)
     return devices
 
 
