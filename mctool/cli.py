@@ -22,6 +22,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 import typer.core
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -354,8 +355,6 @@ def _print_table(t: Table, console: Any = None) -> None:
     console = console or stderr_console()
     least = sum((column.min_width or 1) + 3 for column in t.columns) + 1  # (each cell: padding and a border)
     if least > console.width:
-        from rich.console import Console
-
         console = Console(file=console.file, width=least, force_terminal=console.is_terminal,
                           no_color=console.no_color)
     console.print(t, crop=False)
@@ -609,7 +608,8 @@ def info(
             if ts["count"] > len(ts["first"]):
                 t.add_row(f"... {ts['count'] - len(ts['first'])} more", "", "")
         else:
-            t = _new_table("datasets", ("name", "shape", "NaN", "min", "max", "last"))
+            numbers = ("NaN", "min", "max", "last")
+            t = _new_table("datasets", ("name", "shape", *numbers), right=numbers)
             fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
             for name, e in (r.datasets or {}).items():
                 t.add_row(_safe(name), str(tuple(e["shape"])), "-" if e["nan"] is None else str(e["nan"]),
