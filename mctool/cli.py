@@ -117,7 +117,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
                                                       "on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-DataRootOpt = Annotated[Optional[str], typer.Option(
+DataRootOpt = Annotated[Optional[Path], typer.Option(
     help="Folder with downloaded data sets (default: $MCTOOL_DATA, else ~/.cache/mctool/datasets).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data set into --data-root if missing "
                                                               "(needs internet).")]
