@@ -48,6 +48,19 @@ class Member:
     recalibrate: bool = False  # BN statistics must be recomputed (points along a curve)
 
 
+def _built_once(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A fresh copy of ``build()``'s network at each call, built once: building one per point or member threw
+    a random initialisation away each time (0.1 s for VGG16)."""
+    made: list[nn.Module] = []
+
+    def copy_of() -> nn.Module:
+        if not made:
+            made.append(build())
+        return copy.deepcopy(made[0])
+
+    return copy_of
+
+
 def load_members(paths: list[str], num_points: int | None = None, **plain: Any) -> list[Member]:
     """Expand model checkpoints and ensemble files into members (networks are built lazily); with
     ``num_points`` the single path is a curve file sampled at that many evenly spaced t."""
@@ -57,12 +70,10 @@ def load_members(paths: list[str], num_points: int | None = None, **plain: Any) 
         curve = load_curve(paths[0])[0]
         ts = np.linspace(0, 1, num_points) if num_points > 1 else np.array([0.5])
 
-        template: list[nn.Module] = []  # built once (a random initialisation thrown away: 0.1 s for VGG16)
+        blank = _built_once(curve.build_model)
 
         def at(t: float) -> nn.Module:
-            if not template:
-                template.append(curve.build_model())
-            model = copy.deepcopy(template[0])
+            model = blank()
             curve.layout.assign(model, curve.weights(t))
             return model
 
@@ -77,14 +88,8 @@ def load_members(paths: list[str], num_points: int | None = None, **plain: Any) 
                                   "point, and 'mctool point FILE --t T -o net.safetensors' takes one network.")
         if kind == "ensemble":
             ens = load_ensemble(p)
-            built: list[nn.Module] = []  # member 0's network, copied for the others
-
-            def member(i: int, e: Ensemble = ens, built: list[nn.Module] = built) -> nn.Module:
-                if not built:
-                    built.append(e.network(0))
-                return e.network(i, copy.deepcopy(built[0]))
-
-            out += [Member(f"{p}#{i}", ens.meta, str(p), ens.sha256, lambda i=i, f=member: f(i))
+            blank = _built_once(lambda e=ens: e.network(0))
+            out += [Member(f"{p}#{i}", ens.meta, str(p), ens.sha256, lambda e=ens, i=i, b=blank: e.network(i, b()))
                     for i in range(len(ens))]
         else:
             lm = load_model(p, **plain)

@@ -24,18 +24,6 @@ from torch import nn
 
 from .errors import ConfigError
 
-#: Names registered by mctool (all others come from timm itself).
-MCTOOL_ARCHS = (
-    "cifar_convfc",
-    "cifar_vgg16",
-    "cifar_vgg16_bn",
-    "cifar_preresnet20",
-    "cifar_preresnet110",
-    "cifar_preresnet164",
-    "cifar_wrn28_10",
-    "mlp",
-)
-
 # timm passes these to every entry function; mctool's models have no pretrained weights.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only")
 
@@ -300,6 +288,8 @@ def mlp(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 #: mctool's architectures by name: their timm entry functions.
 _ENTRIES = {fn.__name__: fn for fn in (cifar_convfc, cifar_vgg16, cifar_vgg16_bn, cifar_preresnet20,
                                        cifar_preresnet110, cifar_preresnet164, cifar_wrn28_10, mlp)}
+#: Names registered by mctool (all others come from timm itself).
+MCTOOL_ARCHS = tuple(_ENTRIES)
 
 
 def register_in_timm() -> Any:
