@@ -345,24 +345,3 @@ def check_points_per_pass(value: Any) -> None:
     check_count("--points-per-pass", value)
     if value > 64:
         raise ConfigError(f"--points-per-pass must be at most 64, got {value}.")
-
-
-def deal_passes(todo: list, points_per_pass: int, measure: Any, record: Any, flush: Any = None) -> None:
-    """``distributed.deal_points`` for work done ``points_per_pass`` points at a time: ``measure(points)`` gives
-    one metrics dict per point of a pass; ``record(point, metrics)`` is called for each point of a pass as soon
-    as the pass is done, then ``flush()`` (the caller's write of its file: once per pass, not per point), so an
-    interrupted run loses at most the pass in flight. Under torchrun the ranks take whole passes."""
-    from . import distributed
-
-    passes = [todo[i:i + points_per_pass] for i in range(0, len(todo), points_per_pass)]
-
-    def measure_pass(points: list) -> dict[str, float]:
-        return {f"{k}\t{name}": v for k, m in enumerate(measure(points)) for name, v in m.items()}
-
-    def record_pass(points: list, flat: dict[str, float]) -> None:
-        for k, point in enumerate(points):
-            record(point, {key.split("\t", 1)[1]: v for key, v in flat.items() if key.startswith(f"{k}\t")})
-        if flush is not None:
-            flush()
-
-    distributed.deal_points(passes, measure_pass, record_pass)

@@ -163,7 +163,7 @@ PointsPerPassOpt = Annotated[int, typer.Option(
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
-    from .curve_eval import parse_shard
+    from .points import parse_shard
 
     return None if text is None else parse_shard(text)
 

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import numbers
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import distributed
-from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, check_two_networks, coefficients, line_between, load_curve
 from .data import check_fits, load_data
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
-from .h5io import open_outputs, provenance, read_h5, write_h5
+from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split, recorded_split
 from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
+from .points import PointRun, check_shard, finishing, shard_tasks, shard_text
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import resolve_device
@@ -90,42 +89,6 @@ def curve_summary(values: dict[str, np.ndarray], dl: np.ndarray, distance: float
     return out
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``--shard I/N`` as (I, N), checked like ``check_shard``."""
-    parts = str(text).strip().split("/")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"--shard must be I/N with whole numbers 0 <= I < N (e.g. 0/8), got {str(text)[:40]!r}.")
-    return check_shard((int(parts[0]), int(parts[1])))
-
-
-def check_shard(shard: Any, plot: str | Path | None = None, what: str = "curve") -> tuple[int, int] | None:
-    """``shard`` = (I, N): whole numbers with N >= 1 and 0 <= I < N; ``None`` (the whole run) passes. A shard
-    cannot be drawn (``plot``): it holds only part of the ``what``."""
-    if shard is None:
-        return None
-    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
-            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in shard)):
-        raise ConfigError(f"--shard must be I/N (shard=(I, N) in Python) with whole numbers, got {shard!r}.")
-    i, n = int(shard[0]), int(shard[1])
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1), got {i}/{n}.")
-    if plot is not None:
-        raise ConfigError(f"--plot draws the whole {what} and a shard file holds only part of it; draw it when "
-                          "merging the shards (mctool merge SHARDS... -o FILE --plot FIGURE).")
-    return i, n
-
-
-def shard_text(shard: tuple[int, int] | None) -> str | None:
-    """(I, N) as the ``I/N`` recorded in a shard file's attributes and config."""
-    return None if shard is None else f"{shard[0]}/{shard[1]}"
-
-
-def shard_tasks(tasks: list, shard: tuple[int, int] | None) -> list:
-    """The tasks of shard I of N: those whose index in the full task list is I modulo N (round-robin, so that
-    points of different cost spread evenly over the shards); all of them for ``None``."""
-    return tasks if shard is None else tasks[shard[0]::shard[1]]
-
-
 def curve_metric_names(split: str) -> list[str]:
     """The metric datasets of an evaluate-curve file."""
     return ["train/loss", "train/nll", "train/err", f"{split}/nll", f"{split}/err"]
@@ -183,31 +146,6 @@ def _aligned_and_unaligned(paths: list[str], unaligned: str | Path,
         raise ConfigError(f"'{unaligned}' is not the network '{paths[1]}' was made from (its sha256 is not among the "
                           "recorded inputs); give --compare-unaligned the B that mctool align permuted.")
     return line_between(a, b_aligned), line_between(a, b)
-
-
-def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] = ("train/loss",)) -> Interrupted:
-    """The error for Ctrl-C in a run that writes its metrics file after every point (evaluate-curve, plane,
-    surface, hessian). ``saved`` is what the run counted; the file's own count (the computed entries of the
-    ``counted`` datasets) wins, since a Ctrl-C can land after a point's write and before it was counted."""
-    with contextlib.suppress(Exception):  # a file that cannot be read: the run's count stands
-        data, _ = read_h5(metrics)
-        saved = sum(int(np.count_nonzero(~np.isnan(np.asarray(data[name], dtype=np.float64)))) for name in counted)
-    return Interrupted(f"interrupted; {saved} of {total} points are saved in '{metrics}'. Continue with the same "
-                       "command plus --resume.")
-
-
-@contextlib.contextmanager
-def finishing(metrics: Path, total: int) -> Iterator[None]:
-    """Ctrl-C once every point of a run is computed, while its summary or plot is written: say that nothing is
-    lost and that --resume finishes the run (evaluate-curve, plane, surface)."""
-    try:
-        yield
-    except Interrupted:  # (already said what was saved)
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while finishing; all {total} points are saved in '{metrics}'. The same "
-                          "command plus --resume writes the summary (and the plot) without computing any point "
-                          "again.") from None
 
 
 @holds_output_locks
@@ -329,7 +267,6 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                 ends[prefix] = stats[0], stats[1]
         distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
         write()
-        saved = len(mine) - len(todo)
 
         per_pass = 1 if repair else points_per_pass  # REPAIR changes each network's weights before its pass
         many = ManyEvaluator(model, curve.layout, data, points_per_pass=per_pass, wd=wd, batch_size=batch_size,
@@ -361,24 +298,16 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
                 out[k] |= {prefix + n: v for n, v in m.items()}
             return out
 
-        try:
-            with progress_bar(quiet) as bar:
-                task = bar.add_task("evaluate-curve", total=len(mine), completed=saved, info="")
+        def store(i: int, m: dict[str, float]) -> None:
+            for n in names:
+                values[n][i] = m[n]
+                if values_un is not None:
+                    values_un[n][i] = m["unaligned/" + n]
 
-                def record(i: int, m: dict[str, float]) -> None:
-                    nonlocal saved
-                    for n in names:
-                        values[n][i] = m[n]
-                        if values_un is not None:
-                            values_un[n][i] = m["unaligned/" + n]
-                    saved += 1
-                    bar.update(task, advance=1, info=f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
-                                                     f"{split} err {m[f'{split}/err']:.2%}")
-
-                # one process: in order; several (torchrun): each rank takes the next pass when free
-                deal_passes(todo, per_pass, measure, record, flush=write)
-        except KeyboardInterrupt:
-            raise interrupted(saved, len(mine), metrics) from None
+        PointRun("evaluate-curve", total=len(mine), metrics=metrics, quiet=quiet).run(
+            todo, measure, store, lambda i, m: (f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
+                                                f"{split} err {m[f'{split}/err']:.2%}"),
+            points_per_pass=per_pass, flush=write)
     with finishing(metrics, len(mine)):
         summary = curve_summary(values, dl, distance, t)
         summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None

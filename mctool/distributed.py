@@ -16,8 +16,8 @@ What is parallel and how:
   recalibration): whole batches are dealt round-robin (``Split.batches(deal=...)``) and the sums that
   make the metrics (and BN statistics) are added over ranks.
 - many points (``evaluate-curve``, ``plane``, ``surface``: whole passes of ``--points-per-pass`` points,
-  ``batched.deal_passes``; ``hessian``: whole points): each rank takes the next from a shared counter as it
-  becomes free (``deal_points``); rank 0 writes each result as it arrives.
+  ``hessian``: one point at a time; ``points.PointRun``): each rank takes the next pass from a shared counter
+  as it becomes free (``deal_points``); rank 0 writes the results as they arrive.
 
 Only rank 0 writes files, draws progress and prints results (``fileio.writes_files``); another rank's
 own error reaches the user as one ``Error: rank N: ...`` line. Every wait on other ranks has a timeout

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from . import distributed
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import load_model, read_metadata, read_vectors, save_vectors
-from .curve_eval import curve_from_files, interrupted
+from .curve_eval import curve_from_files
 from .data import Split, check_fits, load_data
 from .ensembles import load_ensemble
 from .errors import ConfigError
@@ -35,9 +35,10 @@ from .flat import ParamLayout
 from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_split
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
+from .points import PointRun
 from .results import FileRef, HessianResult, file_refs
 from .runtime import resolve_device
-from .console import progress_bar, warn
+from .console import warn
 
 #: A residual is relative to its eigenvalue, but not to less than this fraction of the point's largest |lambda|.
 RESIDUAL_FLOOR = 1e-3
@@ -289,8 +290,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             if pts.recalibrate and has_bn:
                 recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches, bn_data=bn_data)
             # Lanczos runs an unknown number of products: show them, so a long point visibly moves.
-            h = LossHessian(model, pts.layout, w, batches, on_product=lambda c: bar.update(
-                task, info=f"{pts.labels[i]}: {c} Hessian-vector products"))
+            h = LossHessian(model, pts.layout, w, batches,
+                            on_product=lambda c: run.note(f"{pts.labels[i]}: {c} Hessian-vector products"))
             vals, vecs, converged = h.top_eigen(top_k, tol=tol, max_restarts=max_restarts, seed=seed + i)
             if not converged:
                 warn(f"{pts.labels[i]}: ARPACK did not converge for all {top_k} eigenvalues within "
@@ -303,22 +304,13 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                 vectors[i] = vecs.T.astype(np.float32)
             return out
 
-        saved = n - len(todo)
-        try:
-            with progress_bar(quiet) as bar:
-                task = bar.add_task("hessian", total=n, completed=saved, info="")
+        def store(i: int, m: dict[str, Any]) -> None:
+            for k in values:
+                values[k][i] = m[k]
 
-                def record(i: int, m: dict[str, Any]) -> None:
-                    nonlocal saved
-                    for k in values:
-                        values[k][i] = m[k]
-                    write()
-                    saved += 1
-                    bar.update(task, advance=1, info=f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}")
-
-                distributed.deal_points(todo, measure, record)
-        except KeyboardInterrupt:
-            raise interrupted(saved, n, metrics, ("hvps",)) from None
+        run = PointRun("hessian", total=n, metrics=metrics, quiet=quiet, counted=("hvps",))
+        run.run(todo, lambda points: [measure(i) for i in points], store,
+                lambda i, m: f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}", flush=write)
     else:  # nothing left to compute: the count recorded by the run that computed the points
         images = read_h5(metrics)[1].get("train_images") if metrics.exists() else None
         if images is not None:

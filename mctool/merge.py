@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from . import distributed
-from .curve_eval import curve_metric_names, curve_metrics, curve_summary, parse_shard, write_curve_file
+from .curve_eval import curve_metric_names, curve_metrics, curve_summary, write_curve_file
 from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
 from .options import file_list, show_setting
 from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
+from .points import parse_shard
 from .surface import directions_path, write_surface_file
 from .results import FileRef, MergeResult, file_refs
 

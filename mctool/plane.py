@@ -19,19 +19,19 @@ import torch
 
 from . import distributed
 from .checkpoint import load_model
-from .curve_eval import check_shard, finishing, interrupted, metric_set, shard_tasks, shard_text
+from .curve_eval import metric_set
 from .bn import bn_data_setting, bn_pass_setting, check_bn_batch_size, check_bn_data
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
-from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass, deal_passes
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import resolve_device
-from .console import progress_bar
+from .points import PointRun, check_shard, finishing, shard_tasks, shard_text
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
 
@@ -247,22 +247,9 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     def measure(cells: list) -> list[dict[str, float]]:
         return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]))
 
-    saved = total - len(todo)
-    try:
-        with progress_bar(quiet) as bar:
-            task = bar.add_task(label, total=total, completed=saved, info="")
-
-            def record(cell: Any, m: dict[str, float]) -> None:
-                nonlocal saved
-                store(cell, m)
-                saved += 1
-                bar.update(task, advance=1,
-                           info=f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}")
-
-            # one process: in order; several (torchrun): each rank takes the next pass when free
-            deal_passes(todo, points_per_pass, measure, record, flush)
-    except KeyboardInterrupt:
-        raise interrupted(saved, total, metrics, ("train/loss", "at_points/train/loss")) from None
+    PointRun(label, total=total, metrics=metrics, quiet=quiet, counted=("train/loss", "at_points/train/loss")).run(
+        todo, measure, store, lambda _, m: f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}",
+        points_per_pass=points_per_pass, flush=flush)
 
 
 @holds_output_locks

@@ -24,7 +24,6 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_model, read_vectors, save_vectors
-from .curve_eval import check_shard, finishing, shard_tasks, shard_text
 from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
@@ -36,6 +35,7 @@ from .options import (MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_re
 from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
 from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
+from .points import check_shard, finishing, shard_tasks, shard_text
 from .results import FileRef, SurfaceResult, file_refs
 
 #: What ``--ignore`` can name: parameters zeroed in random directions.
