@@ -915,8 +915,8 @@ def ensemble(
 @app.command()
 def plot(
     files: Annotated[list[Path], typer.Argument(
-        metavar="FILES", help="evaluate-curve metrics files, or the per-epoch metrics files "
-                              "of train, connect or fge (several of one kind are overlaid); or "
+        metavar="FILES", help="evaluate-curve metrics files (several overlaid), or the per-epoch "
+                              "metrics files of train, connect and fge (several overlaid); or "
                               "one plane, surface or hessian file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
                                                                           "by the name's ending.")] = None,
@@ -928,6 +928,8 @@ def plot(
     vtk: Annotated[Optional[Path], typer.Option(help="Plane or surface file: also write the grid as a VTK structured "
                                                 "grid (.vts) for ParaView, and its points and curve or trajectory "
                                                 "beside it as NAME-points.vtp.")] = None,
+    dpi: Annotated[int, typer.Option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
+                                          "and SVG are vector figures.")] = 120,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -936,7 +938,7 @@ def plot(
     from .plots import plot_files
 
     def work() -> Result:
-        return plot_files(files, output, three_d=three_d, html=html, vtk=vtk, force=force)
+        return plot_files(files, output, three_d=three_d, html=html, vtk=vtk, force=force, dpi=dpi)
 
     _run(work, as_json, quiet, lambda r: _table("plot", [("written", ", ".join(_path(f) for f in r.outputs.values()
                                                                                 if f is not None))]))

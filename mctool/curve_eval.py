@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -42,6 +43,16 @@ def curve_from_files(paths: list[str], one_network: str = "'mctool evaluate FILE
         check_two_networks(a, b, f"its segment is a single point; {one_network}")
         return line_between(a, b)
     raise ConfigError(f"give one curve file or two model checkpoints, not {len(paths)} files.")
+
+
+def ends_fingerprint(curve: Curve) -> str:
+    """sha256 of a curve's two ends (the float32 parameters of A and B, in order): equal for the segment and the
+    curves between the same two networks, whatever files they came from (``plot`` overlays only those
+    without a warning)."""
+    h = hashlib.sha256()
+    for end in (curve.points[0], curve.points[-1]):
+        h.update(end.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
 
 
 def segment_lengths(curve: Curve, t: np.ndarray) -> tuple[np.ndarray, float]:
@@ -222,7 +233,7 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     dl, distance = segment_lengths(curve, t)
 
     attrs = {**provenance(inputs, config, "evaluate-curve"), "curve": curve.curve, "num_bends": curve.num_bends,
-             "split": split, "distance": distance, "repair": bool(repair)}
+             "split": split, "distance": distance, "repair": bool(repair), "ends_sha256": ends_fingerprint(curve)}
     dl_un = None
     if unaligned is not None:
         dl_un, attrs["distance_unaligned"] = segment_lengths(unaligned, t)

@@ -13,8 +13,13 @@ from .fileio import atomic_path, check_outputs, figure_format, holds_output_lock
 from .h5io import json_attr, metrics_file, read_h5
 from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
-from .options import file_list
+from .options import check_count, file_list
 from .console import warn
+
+#: Dots per inch of PNG figures (``plot --dpi``); PDF and SVG are vector figures.
+DEFAULT_DPI = 120
+#: The most ``--dpi`` accepted (a 13-inch-wide figure at 1200 dpi is 15,600 pixels across).
+MAX_DPI = 1200
 
 
 def _split(attrs: dict) -> str:
@@ -44,20 +49,28 @@ def _check_shapes(path: str | Path, data: dict[str, np.ndarray], shapes: dict[st
                                    f"least {min_size}), got {np.shape(arr)} of {arr.dtype}.")
 
 
-def _check_computed(file: str | Path, attrs: dict, done: np.ndarray, what: str, points: str = "points") -> None:
-    """A curve, plane or surface file's points with a finite train loss (``done``) against what the run is:
-    none is refused (an interrupted run with nothing computed yet, or a finished one whose every point
-    diverged); some of an interrupted run's (no summary yet; a finished run writes one, also with NaN points)
-    are drawn with a warning."""
+def _check_computed(file: str | Path, attrs: dict, values: np.ndarray, what: str, points: str = "points") -> None:
+    """A curve, plane or surface file's train losses (``values``) against what the run is: none finite is
+    refused (an interrupted run with nothing computed yet, or a finished one whose every point diverged); some
+    NaN in an interrupted run's (no summary yet; a finished run writes one, also with NaN points) are drawn
+    with a warning, as are infinite ones (diverged networks: drawn as above every level, not as gaps)."""
     finished = "summary" in attrs
+    done = np.isfinite(values)
     if not done.any():
         why = (f"the run finished, but no point of the {what} has a finite train loss (NaN or infinite: the "
                "networks diverged?)." if finished else f"no point of the {what} is computed yet (NaN). An "
                "interrupted run: finish it with the same command plus --resume.")
         raise MetricsFileError(f"'{file}': nothing to draw: {why}")
-    if not finished and not done.all():
-        warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {done.size:,} {points} are computed, and "
-             "the figure shows only those. Finish it with the same command plus --resume.")
+    missing = np.isnan(values)
+    if not finished and missing.any():
+        warn(f"'{file}' is an interrupted run's: {int((~missing).sum()):,} of {done.size:,} {points} are computed, "
+             "and the figure shows only those. Finish it with the same command plus --resume.")
+    elif finished and missing.any():
+        warn(f"'{file}': {int(missing.sum()):,} of {done.size:,} {points} have no value (NaN).")
+    diverged = int(np.isinf(values).sum())
+    if diverged:
+        warn(f"'{file}': {diverged:,} of {done.size:,} {points} have an infinite train loss (the network diverged); "
+             "they are drawn above every other value.")
 
 
 def _get(obj: object, *keys: str) -> object:
@@ -76,11 +89,25 @@ def _pyplot():
     return plt
 
 
-def plot_curves(files: list[str | Path], output: str | Path) -> None:
-    """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2)."""
+def _curve_kind(attrs: dict) -> str:
+    """How a curve file's path is named in a legend: ``segment``, ``bezier (1 bend)``, ``polychain (3 bends)``."""
+    curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
+    if curve == "line":
+        return "segment"
+    bends = attrs.get("num_bends")
+    if isinstance(bends, (int, np.integer)) and not isinstance(bends, bool):
+        return f"{curve} ({bends} bend{'' if bends == 1 else 's'})"
+    return curve
+
+
+def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
+    """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2).
+    Points whose value is infinite (a diverged network) are marked at the top of the panel; files whose ends
+    are different networks (``ends_sha256``) are drawn with a warning, each labelled by its file's name."""
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     series = []  # (file, kind of path, t, train loss, error in %, label's tail)
+    ends: dict[str, str] = {}  # file -> its ends' fingerprint, where recorded
     for f in files:
         data, attrs = metrics_file(f, ("evaluate-curve",), {"t": 1, "train/loss": 1})
         split = _checked_split(attrs, f)
@@ -90,10 +117,10 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
             raise MetricsFileError(f"'{f}' is shard {str(attrs['shard'])[:20]} of an evaluate-curve run: it holds only "
                                    "that shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then "
                                    "draw the merged file.")
-        _check_computed(f, attrs, np.isfinite(np.asarray(data["train/loss"], dtype=np.float64)), "curve")
-        curve = attrs.get("curve") if attrs.get("curve") in ("bezier", "polychain", "line") else "curve"
-        bends = attrs.get("num_bends") if isinstance(attrs.get("num_bends"), int) else "?"
-        kind = curve + (f" ({bends} bend)" if curve != "line" else " (segment)")
+        _check_computed(f, attrs, np.asarray(data["train/loss"], dtype=np.float64), "curve")
+        if isinstance(attrs.get("ends_sha256"), str):
+            ends[str(f)] = attrs["ends_sha256"]
+        kind = _curve_kind(attrs)
         # --compare-unaligned files hold the segment to the unaligned B too: drawn beside the aligned one
         groups = [("", "summary", kind + (" to aligned B" if "unaligned/train/loss" in data else ""))]
         if "unaligned/train/loss" in data:
@@ -106,38 +133,52 @@ def plot_curves(files: list[str | Path], output: str | Path) -> None:
                     if isinstance(barrier, (int, float)) and np.isfinite(barrier) else "")
             series.append((Path(f).name, name, t, data[prefix + "train/loss"], 100 * data[f"{prefix}{split}/err"],
                            tail))
+    pairs = len(set(ends.values()))
+    if pairs > 1:
+        warn(f"the files connect {pairs} different pairs of networks (their ends differ), so their A and B are not "
+             "the same networks; each line is labelled by its file.")
     kinds = [s[1] for s in series]
+    diverged_shown = False
     for name, kind, t, loss, err, tail in series:
-        # two lines of one kind (two segments, two Bezier curves) are told apart by their files' names
-        label = (f"{name}: " if kinds.count(kind) > 1 else "") + kind + tail
+        # two lines of one kind (two segments, two Bezier curves), or of different pairs of networks, are told
+        # apart by their files' names
+        label = (f"{name}: " if kinds.count(kind) > 1 or pairs > 1 else "") + kind + tail
         for ax, y in ((ax_loss, loss), (ax_err, err)):
-            (line,) = ax.plot(t, y, marker=".", markersize=3, label=label)
-            ends = [i for i in (0, len(t) - 1) if np.isfinite(y[i])]
-            ax.plot(t[ends], y[ends], "o", color=line.get_color(), markersize=8)
+            y = np.asarray(y, dtype=np.float64)
+            (line,) = ax.plot(t, np.where(np.isfinite(y), y, np.nan), marker=".", markersize=3, label=label)
+            ends_at = [i for i in (0, len(t) - 1) if np.isfinite(y[i])]
+            ax.plot(t[ends_at], y[ends_at], "o", color=line.get_color(), markersize=8)
+            up = np.isposinf(y)
+            if up.any():  # a diverged point: at the top of the panel, not a gap that hides the peak
+                ax.plot(t[up], np.full(int(up.sum()), 0.97), "^", color=line.get_color(), markersize=8,
+                        transform=ax.get_xaxis_transform(), clip_on=False,
+                        label=None if diverged_shown else "diverged (infinite)")
+                diverged_shown = True
     ax_loss.set(xlabel="t (position along the curve)", ylabel="train loss (CE + L2 term)", title="Train loss")
     ax_err.set(xlabel="t (position along the curve)", ylabel=f"{split} error (%)", title=f"{split.capitalize()} error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.set_xlim(-0.03, 1.03)  # the ends' markers whole, not cut by the frame
-        ax.annotate("A", (0, 0), xytext=(2, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
-        ax.annotate("B", (1, 0), xytext=(-10, 4), textcoords="offset points", xycoords=("data", "axes fraction"))
+        ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0], ["0\nA", "0.2", "0.4", "0.6", "0.8", "1\nB"])
     # below the panels, where it covers no line (inside, it sat on the curve wherever the error dips)
-    fig.legend(*ax_err.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(series), 2), fontsize=8)
-    _save(fig, output)
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(series), 2), fontsize=8)
+    _save(fig, output, dpi)
 
 
-
-def _save(fig, output: str | Path) -> None:
+def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI) -> None:
     """Write a figure atomically (on the rank that writes files) as PNG, PDF or SVG by its name's ending, then
     free it."""
     import matplotlib.pyplot as plt
 
     if writes_files():
         fmt = figure_format(output)
-        # No creation date in PDF and SVG, and fixed SVG ids: the same file draws to the same bytes.
+        # No creation date in PDF and SVG, and fixed SVG ids: the same file draws to the same bytes. TrueType
+        # (Type 42) fonts in PDF: the Type 3 fonts matplotlib embeds by default fail journals' PDF checks.
         metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
-        with atomic_path(Path(output)) as tmp, plt.rc_context({"svg.hashsalt": "mctool"}):
-            fig.savefig(tmp, dpi=120, format=fmt, metadata=metadata)
+        with atomic_path(Path(output)) as tmp, plt.rc_context({"svg.hashsalt": "mctool", "pdf.fonttype": 42,
+                                                                "ps.fonttype": 42}):
+            fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata)
     plt.close(fig)
 
 #: A filled contour plot's levels reach at most this many times the grid's median (see ``_log_levels``).
@@ -210,7 +251,7 @@ def grid_view(file: str | Path) -> GridView:
         raise MetricsFileError(f"'{file}' is shard {str(attrs['shard'])[:20]} of a {kind}: it holds only that "
                                f"shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then draw "
                                "the merged file.")
-    _check_computed(file, attrs, np.isfinite(z[names[0]]), kind, "grid points")
+    _check_computed(file, attrs, z[names[0]], kind, "grid points")
     config = json_attr(attrs, "config", file)
     if kind == "plane":
         _check_shapes(file, data, {"points": (3, 2)}, min_size=2)
@@ -220,9 +261,18 @@ def grid_view(file: str | Path) -> GridView:
         if not np.isfinite(data["points"]).all() or (path is not None and not np.isfinite(path).all()):
             raise MetricsFileError(f"'{file}': the coordinates (alpha, beta, points, curve) must be finite numbers.")
         a, bend, b = ["A", "bend", "B"] if path is not None else ["w0", "w1", "w2"]
+        note = ""
+        off = data.get("curve_offplane")
+        if path is not None and off is not None and np.shape(off) == (len(path),) and off.dtype.kind in "fiu":
+            off = np.asarray(off, dtype=np.float64)
+            scale = float(np.hypot(*(data["points"][2] - data["points"][0])))  # |B - A|
+            if np.isfinite(off).all() and scale > 0 and off.max() > 1e-6 * scale:
+                # the plane's value under the curve is not the curve's own (its loss is in evaluate-curve's file)
+                note = (f"curve projected onto the plane: largest distance from it {off.max():.3g} "
+                        f"({off.max() / scale:.1%} of |{b} - {a}|); the surface under it is not the curve's loss")
         return GridView(kind, split, x, y, z, data["points"], [a, bend, b], path, "curve (projected)",
                         f"along u = ({b} - {a}) / |{b} - {a}|  (weight-space units)",
-                        f"along v (orthogonal, towards {'the ' if bend == 'bend' else ''}{bend})", "", False)
+                        f"along v (orthogonal, towards {'the ' if bend == 'bend' else ''}{bend})", note, False)
     path, note = data.get("trajectory"), ""
     if path is not None:
         if np.ndim(path) != 2 or np.shape(path)[1] != dims or not np.isfinite(path).all():
@@ -292,16 +342,25 @@ def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np
     return np.where(inside, out, np.nan)
 
 
+#: The contour levels reach the highest value along the segment and the curve (``_kept``), but at most this
+#: many times the grid's median: one diverged cell would otherwise leave every other value in the lowest band.
+KEEP_CAP = 100.0
+
+
 def _kept(view: GridView, z: np.ndarray) -> float:
-    """The largest finite value of ``z`` in the box around the marked points and the path (where a plane's
-    segment and its barrier lie): the contour levels reach it whatever their cap (``_log_levels``)."""
-    pts = view.points if view.path is None else np.concatenate([view.points, view.path])
-    if view.y is None or len(pts) < 2:
+    """The highest value of ``z`` along the lines the figure is about (the segment between the first and last
+    marked points, the path through the marked points or the projected curve or trajectory), interpolated
+    from the grid: the contour levels reach it whatever their cap (``_log_levels``), up to ``KEEP_CAP`` times
+    the grid's median."""
+    if view.y is None or len(view.points) < 2:
         return -np.inf
-    lo, hi = pts.min(0), pts.max(0)
-    inside = z[np.ix_((view.x >= lo[0]) & (view.x <= hi[0]), (view.y >= lo[1]) & (view.y <= hi[1]))]
-    inside = inside[np.isfinite(inside)]
-    return float(inside.max()) if inside.size else -np.inf
+    lines = [view.points[[0, -1]], view.points if view.path is None else view.path]
+    along = np.concatenate([_on_grid(view.x, view.y, z, p[:, 0], p[:, 1]) for p in map(_densified, lines)])
+    along = along[np.isfinite(along)]
+    finite = z[np.isfinite(z)]
+    if not along.size or not finite.size:
+        return -np.inf
+    return min(float(along.max()), KEEP_CAP * float(np.median(finite)))
 
 
 def _densified(path: np.ndarray, per_segment: int = 16) -> np.ndarray:
@@ -344,7 +403,7 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
     return ax
 
 
-def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) -> None:
+def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dpi: int = DEFAULT_DPI) -> None:
     """A ``plane`` or ``surface`` file as a figure: train loss and the evaluation error as filled contours (like the
     paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface; the points, and the
     projected curve or trajectory, drawn on them."""
@@ -361,10 +420,11 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             _surface_3d(fig, k + 1, view, z, unit, title)
         if view.note:
             fig.suptitle(view.note, fontsize=9)
-        _save(fig, output)
+        _save(fig, output, dpi)
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     outline = [patheffects.withStroke(linewidth=3, foreground="white")]
+    missing_shown = False
     for ax, (z, unit, title, at) in zip(axes, _panels(view)):
         if view.y is None:
             ax.plot(view.x, z, marker="o", markersize=3)
@@ -383,9 +443,17 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             continue
         if np.isfinite(z).any():
             levels, extend = _log_levels(z, keep=_kept(view, z))
-            cs = ax.contourf(view.x, view.y, z.T, levels=levels, cmap="viridis", extend=extend)
-            ax.contour(view.x, view.y, z.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            fig.colorbar(cs, ax=ax, label=unit, format="%.3g")
+            shown = z
+            if np.isposinf(z).any():  # diverged cells: above every level (the top colour), not holes like NaN
+                shown, extend = np.where(np.isposinf(z), 2 * levels[-1] - levels[0], z), "max"
+            cs = ax.contourf(view.x, view.y, shown.T, levels=levels, cmap="viridis", extend=extend)
+            ax.contour(view.x, view.y, shown.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
+            fig.colorbar(cs, ax=ax, label=unit, format="%.3g")  # (its triangle: the cells above the top level)
+        if np.isnan(z).any():  # not computed (or NaN): hatched grey, told apart from any value
+            ax.contourf(view.x, view.y, np.isnan(z).T.astype(float), levels=[0.5, 1.5], colors="none",
+                        hatches=["////"])
+            ax.contour(view.x, view.y, np.isnan(z).T.astype(float), levels=[0.5], colors="grey", linewidths=0.5)
+            missing_shown = True
         if view.path is not None:
             ax.plot(view.path[:, 0], view.path[:, 1], color="white", linewidth=3)
             ax.plot(view.path[:, 0], view.path[:, 1], color="crimson", linewidth=1.5, label=view.path_label,
@@ -399,7 +467,10 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
             for (px, py), label in zip(p, view.point_labels):
                 ax.annotate(label, (px, py), xytext=(6, -14), textcoords="offset points", fontsize=11,
                             color="black", fontweight="bold", path_effects=outline)
-        ax.scatter(p[:, 0], p[:, 1], s=60, c="white", edgecolors="black", zorder=5)
+        # a plane's bend (w1 of three networks) as a diamond, its ends as circles (as the paper draws them)
+        marker = ["o", "D", "o"] if view.kind == "plane" else ["o"] * len(p)
+        for (px, py), m in zip(p, marker):
+            ax.scatter([px], [py], s=60 if m == "o" else 50, c="white", edgecolors="black", marker=m, zorder=5)
         # A plane's dy is often much smaller than its dx: an equal-aspect panel would be a thin strip.
         ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, aspect="equal" if view.equal_aspect else "auto")
     if view.kind == "plane":
@@ -407,43 +478,102 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False) ->
         # the segment's white dash with its black outline reads as "===" at legend size: a plain black dash
         handles = [Line2D([], [], color="black", linestyle="--", linewidth=1.2) if lab.startswith("segment ") else h
                    for h, lab in zip(handles, labels)]
-        fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9)
+        if missing_shown:
+            from matplotlib.patches import Patch
+
+            handles.append(Patch(facecolor="white", edgecolor="grey", hatch="////"))
+            labels.append("not computed (NaN)")
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=9)
+        _note_stretch(fig, axes)
     if view.note:
         fig.suptitle(view.note, fontsize=9)
-    _save(fig, output)
+    _save(fig, output, dpi)
+
+
+def _note_stretch(fig, axes) -> None:
+    """A plane is drawn to fill its panels, so v's unit is usually drawn longer (or shorter) than u's: say by
+    how much in the v axis's label, so that a reader does not take a stretched curve for a detour."""
+    fig.canvas.draw()  # (the panels' final sizes, after the layout)
+    ax = axes[0]
+    box = ax.get_window_extent()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    if box.width <= 0 or box.height <= 0 or x1 == x0 or y1 == y0:
+        return
+    stretch = (box.height / abs(y1 - y0)) / (box.width / abs(x1 - x0))  # v's unit over u's, on the page
+    if not 1 / 1.25 <= stretch <= 1.25:
+        for a in axes:
+            a.set_ylabel(f"{a.get_ylabel()}\n(a unit of v drawn {stretch:.2g}x as long as a unit of u)")
 
 
 #: The per-epoch metrics files ``plot_history`` draws.
 HISTORY_KINDS = ("train", "connect", "fge")
 
 
-def plot_history(files: list[str | Path], output: str | Path) -> None:
-    """Training curves of one or more ``train``, ``connect`` or ``fge`` metrics files: the loss and the error
-    per epoch, on the training images (solid) and on the evaluation split where the file has it (dashed)."""
+def _ensemble_series(data: dict, split: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """An fge file's (members, the ensemble's error, each member's error), in percent, where it has them."""
+    if split is None:
+        return None
+    ens, mem = data.get(f"ensemble/{split}/err"), data.get(f"members/{split}/err")
+    if ens is None or mem is None or np.ndim(ens) != 1 or np.shape(ens) != np.shape(mem) or not len(ens):
+        return None
+    return (np.arange(1, len(ens) + 1), 100 * np.asarray(ens, dtype=np.float64),
+            100 * np.asarray(mem, dtype=np.float64))
+
+
+def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
+    """Training curves of one or more ``train``, ``connect`` or ``fge`` metrics files (of any of these kinds
+    together): the loss and the error per epoch, on the training images (solid) and on the evaluation split
+    where the file has it (dashed); for fge files, a third panel: the ensemble's error against its number of
+    members, beside each member's own."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    loaded = []
     for f in files:
         data, attrs = metrics_file(f, HISTORY_KINDS, {"epoch": 1, "train/loss": 1, "train/err": 1})
         epoch = data["epoch"]
         _check_shapes(f, data, {"train/loss": epoch.shape, "train/err": epoch.shape}, min_size=1)
         split = next((s for s in ("test", "val") if np.shape(data.get(f"{s}/err", ())) == epoch.shape), None)
+        if split is None and attrs.get("kind") == "fge":  # (fge evaluates its members and ensemble, not the run)
+            split = next((s for s in ("test", "val") if f"ensemble/{s}/err" in data), None)
+        loaded.append((f, data, split))
+    ensembles = [(f, e) for f, data, split in loaded if (e := _ensemble_series(data, split)) is not None]
+    panels = 3 if ensembles else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    ax_loss, ax_err = axes[0], axes[1]
+    colours: dict[str, str] = {}  # file -> the colour of its lines (the same in every panel)
+    for f, data, split in loaded:
+        epoch = data["epoch"]
         prefix = f"{Path(f).name}: " if len(files) > 1 else ""
         for ax, train, held, held_name, scale in ((ax_loss, "loss", "nll", "NLL", 1.0),
                                                   (ax_err, "err", "err", "error", 100.0)):
             (line,) = ax.plot(epoch, scale * data[f"train/{train}"], marker=".", markersize=3,
-                              label=f"{prefix}train {'loss' if train == 'loss' else 'error'}")
+                              label=f"{prefix}train {'loss' if train == 'loss' else 'error'}",
+                              **({"color": colours[str(f)]} if str(f) in colours else {}))
+            colours[str(f)] = line.get_color()
             if split is not None and np.shape(data.get(f"{split}/{held}", ())) == epoch.shape:
                 ax.plot(epoch, scale * data[f"{split}/{held}"], "--", marker=".", markersize=3,
                         color=line.get_color(), label=f"{prefix}{split} {held_name}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="Error")
-    for ax in (ax_loss, ax_err):
+    if ensembles:
+        ax_ens = axes[2]
+        for f, (members, ens, mem) in ensembles:
+            prefix = f"{Path(f).name}: " if len(files) > 1 else ""
+            split = next(s for g, _, s in loaded if g == f)
+            ax_ens.plot(members, ens, marker="o", markersize=4, color=colours[str(f)],
+                        label=f"{prefix}ensemble {split} error")
+            ax_ens.plot(members, mem, "x", color=colours[str(f)], label=f"{prefix}each member's {split} error")
+        ax_ens.set(xlabel="members in the ensemble (snapshots, in order)", ylabel="error (%)",
+                   title="Fast Geometric Ensemble")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, output)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and members are whole numbers
+    _save(fig, output, dpi)
 
 
-def plot_hessian(file: str | Path, output: str | Path) -> None:
+def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
     """The top Hessian eigenvalues of a ``hessian`` metrics file: along t for a curve or segment, per point
     (network or ensemble member) otherwise; with ``--trace`` runs, the trace estimate beside them."""
     plt = _pyplot()
@@ -466,8 +596,9 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
     # bar (a legend of 20 or more entries would overflow the axes, and the default colours repeat after 10).
     cmap = plt.get_cmap("viridis") if top_k > 10 else None
     for k in range(top_k):
-        ax.plot(x, values[:, k], marker="o", markersize=3 if cmap else 4, label=f"lambda_{k + 1}",
-                **({"color": cmap(k / (top_k - 1))} if cmap else {}))
+        # separate networks or members: markers only (a line between them would suggest a path)
+        ax.plot(x, values[:, k], marker="o", markersize=3 if cmap else 4, label=f"$\\lambda_{{{k + 1}}}$",
+                linestyle="-" if along else "none", **({"color": cmap(k / (top_k - 1))} if cmap else {}))
     xlabel = "t (position along the curve)" if along else "point (network or member)"
     ax.set(xlabel=xlabel, ylabel="eigenvalue", title="Top Hessian eigenvalues of the training loss")
     # points that are not along a curve: one tick each, named by the file's labels (a network, PATH#i members)
@@ -478,22 +609,22 @@ def plot_hessian(file: str | Path, output: str | Path) -> None:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        fig.colorbar(ScalarMappable(Normalize(1, top_k), cmap), ax=ax, label="k (lambda_k, largest first)")
+        fig.colorbar(ScalarMappable(Normalize(1, top_k), cmap), ax=ax, label="k ($\\lambda_k$, largest first)")
     else:
         ax.legend(fontsize=8)
     if has_trace:
         tr = np.asarray(data["trace"], dtype=np.float64)
         se = np.asarray(data["trace_stderr"], dtype=np.float64) if np.shape(data.get("trace_stderr", ())) == (n,) \
             else np.zeros(n)
-        axes[0, 1].errorbar(x, tr, yerr=se, marker="o", markersize=4, capsize=3)
-        axes[0, 1].set(xlabel=xlabel, ylabel="trace", title="Hessian trace (Hutchinson, +- 1 standard error)")
+        axes[0, 1].errorbar(x, tr, yerr=se, marker="o", markersize=4, capsize=3, linestyle="-" if along else "none")
+        axes[0, 1].set(xlabel=xlabel, ylabel="trace", title="Hessian trace (Hutchinson, \u00b1 1 standard error)")
         axes[0, 1].grid(alpha=0.3)
     if not along:
         for a in axes[0]:
             a.set_xticks(**ticks)
             if n > 3:  # names side by side would run into each other
                 a.tick_params(axis="x", labelrotation=30)
-    _save(fig, output)
+    _save(fig, output, dpi)
 
 
 def _short_label(label: str, width: int = 24) -> str:
@@ -504,12 +635,15 @@ def _short_label(label: str, width: int = 24) -> str:
 
 @holds_output_locks
 def plot_files(files: list[str | Path], output: str | Path | None = None, *, three_d: bool = False,
-               html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False) -> PlotResult:
+               html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,
+               dpi: int = DEFAULT_DPI) -> PlotResult:
     """Draw whatever the files hold: one plane or surface file (``three_d``: as 3-D surfaces; ``html``: also an
-    interactive figure; ``vtk``: also VTK files for ParaView), or one or more evaluate-curve files. ``output`` is
-    the figure (PNG, PDF or SVG); at least one of ``output``, ``html`` and ``vtk`` is needed."""
+    interactive figure; ``vtk``: also VTK files for ParaView), one or more evaluate-curve files, or per-epoch
+    files of train, connect and fge. ``output`` is the figure (PNG, PDF or SVG; a PNG at ``dpi`` dots per
+    inch); at least one of ``output``, ``html`` and ``vtk`` is needed."""
     t0 = time.time()
     files = file_list(files, "files")
+    check_count("--dpi", dpi, 10, MAX_DPI)
     if output is None and html is None and vtk is None:
         raise ConfigError("give an output: -o FIGURE (.png, .pdf or .svg), --html HTML and/or --vtk VTS.")
     from .export import vtk_points_path
@@ -520,11 +654,13 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     of = {str(f): read_h5(f)[1].get("kind") for f in files}  # (any attribute: a crafted file's is named as it is)
     kinds = {k if isinstance(k, str) else None for k in of.values()}
     kind = next(iter(kinds)) if len(kinds) == 1 else None
+    if kinds and kinds <= set(HISTORY_KINDS):  # a training run and its fge continuation, on one figure
+        kind = "history" if len(kinds) > 1 else kind
     if kind in ("plane", "surface"):
         if len(files) != 1:
             raise MetricsFileError(f"give one {kind} file at a time.")
         if output is not None:
-            plot_grid(files[0], output, three_d=three_d)
+            plot_grid(files[0], output, three_d=three_d, dpi=dpi)
         if html is not None or vtk is not None:
             from .export import export_grid
 
@@ -535,8 +671,8 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
                                    "(-o FIGURE).")
         if output is None:
             raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")
-        plot_curves(files, output)
-    elif kind in HISTORY_KINDS + ("hessian",):
+        plot_curves(files, output, dpi=dpi)
+    elif kind in HISTORY_KINDS + ("history", "hessian"):
         if three_d or html is not None or vtk is not None:
             raise MetricsFileError(f"--3d, --html and --vtk draw plane and surface files; {kind} files are drawn as "
                                    "lines (-o FIGURE).")
@@ -545,17 +681,17 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
         if kind == "hessian":
             if len(files) != 1:
                 raise MetricsFileError("give one hessian file at a time.")
-            plot_hessian(files[0], output)
+            plot_hessian(files[0], output, dpi=dpi)
         else:
-            plot_history(files, output)
+            plot_history(files, output, dpi=dpi)
     else:
         listed = ", ".join(f"'{f}' ({'kind ' + repr(k)[:40] if k is not None else 'no kind'})" for f, k in of.items())
         what = ("files of different kinds together" if len(kinds) > 1 else "this file" if len(of) == 1
                 else "these files")
         raise MetricsFileError(f"cannot draw {what}: {listed}. plot draws the metrics files of evaluate-curve "
-                               "and the per-epoch files of train, connect and fge (several of one kind overlaid), "
-                               "and plane, surface, merge and hessian files (one at a time); those of evaluate "
-                               "and ensemble are read with 'mctool info'.")
+                               "(several overlaid), the per-epoch files of train, connect and fge (several "
+                               "overlaid), and plane, surface and hessian files (one at a time; merged shards "
+                               "too); those of evaluate and ensemble are read with 'mctool info'.")
     refs = {key: FileRef.of(named[opt]) if opt in named else None for key, opt in
             (("plot", "--output"), ("html", "--html"), ("vtk", "--vtk"), ("vtk_points", "--vtk points file"))}
     return PlotResult(command="plot", inputs=file_refs(list(files)), outputs=refs,

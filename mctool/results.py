@@ -227,7 +227,8 @@ class PointResult(Result):
 
 @dataclass(kw_only=True)
 class PlotResult(Result):
-    """``plot``: ``kind`` of the files drawn (``evaluate-curve``, ``plane`` or ``surface``)."""
+    """``plot``: ``kind`` of the files drawn (``evaluate-curve``, ``plane``, ``surface``, ``train``, ``connect``,
+    ``fge``, ``hessian``, or ``history`` for per-epoch files of several of train, connect and fge)."""
 
     kind: str
 

@@ -131,10 +131,10 @@ def test_compare_unaligned(cli, tmp_path, digits_models, aligned, monkeypatch):
     import mctool.plots as plots
 
     seen = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: seen.append([t.get_text().split(",")[0]
-                                                                      for t in fig.legends[0].get_texts()]))
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: seen.append([t.get_text().split(",")[0]
+                                                                  for t in fig.legends[0].get_texts()]))
     plots.plot_curves([m], tmp_path / "cmp.png")
-    assert seen == [["line (segment) to aligned B", "segment to unaligned B"]]
+    assert seen == [["segment to aligned B", "segment to unaligned B"]]
     with h5py.File(m) as f:
         assert f["unaligned/train/loss"].dims[0][0].name == "/t"
     # resume: only the points with a missing (NaN) value in either segment are computed again

@@ -394,12 +394,12 @@ def test_plot_command(cli, tmp_path, digits_models, monkeypatch):
     other = tmp_path / "other.h5"
     other.write_bytes(m.read_bytes())
     seen = []
-    monkeypatch.setattr(plots, "_save", lambda fig, output: seen.append([t.get_text() for t in
-                                                                         fig.legends[0].get_texts()]))
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: seen.append([t.get_text() for t in
+                                                                     fig.legends[0].get_texts()]))
     plots.plot_curves([m, other], png)
     plots.plot_curves([m], png)
-    assert [x.split(",")[0] for x in seen[0]] == ["l.h5: line (segment)", "other.h5: line (segment)"]
-    assert seen[1][0].startswith("line (segment), test err barrier ")
+    assert [x.split(",")[0] for x in seen[0]] == ["l.h5: segment", "other.h5: segment"]
+    assert seen[1][0].startswith("segment, test err barrier ")
     assert "--force" in cli.error("plot", m, "-o", png)
     train_h5 = digits_models[0].with_suffix(".h5")
     ens = tmp_path / "ens.h5"

@@ -249,11 +249,11 @@ def test_plot_draws_the_eigenvalues_along_the_curve_and_the_trace(cli, tmp_path,
         "-q", *CPU)
     values, _ = read_h5(m)
     drawn = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: drawn.append(fig))
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: drawn.append(fig))
     plots.plot_hessian(m, tmp_path / "h.png")
     eig_ax, trace_ax = drawn[0].axes
     lines = eig_ax.get_lines()
-    assert [line.get_label() for line in lines] == ["lambda_1", "lambda_2"]
+    assert [line.get_label() for line in lines] == ["$\\lambda_{1}$", "$\\lambda_{2}$"]
     for k, line in enumerate(lines):
         assert line.get_xdata().tolist() == [0.0, 0.5, 1.0]
         assert line.get_ydata().tolist() == values["eigenvalues"][:, k].tolist()
@@ -281,14 +281,14 @@ def test_plot_of_many_eigenvalues_keys_them_by_a_colour_bar_and_refuses_a_file_w
     m = tmp_path / "h.h5"
     cli("hessian", tiny[0], "-m", m, "--top-k", "12", "--train-subset", SUBSET, "-q", *CPU)
     drawn = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: drawn.append(fig))
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: drawn.append(fig))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # constrained_layout's "not applied" warning broke the one-line rule
         plots.plot_hessian(m, tmp_path / "h.png")
         drawn[0].canvas.draw()
     ax, bar = drawn[0].axes
     lines = ax.get_lines()
-    assert len(lines) == 12 and ax.get_legend() is None and bar.get_ylabel().startswith("k (lambda_k")
+    assert len(lines) == 12 and ax.get_legend() is None and bar.get_ylabel().startswith("k ($\\lambda_k$")
     assert len({line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
                 for line in lines}) == 12
     with h5py.File(m, "r+") as f:

@@ -1,0 +1,172 @@
+"""Figures: what they show of extreme, diverged and missing values, of curves off the plane and of overlays."""
+
+import re
+import shutil
+import struct
+
+import h5py
+import numpy as np
+import pytest
+
+import mctool.plots as plots
+from mctool.errors import MctoolWarning
+
+CPU = ("--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_models):
+    """A Bezier curve between the two digits networks, its plane (5 x 5), and evaluate-curve files of the
+    curve, of the segment between its ends and of a segment between other networks."""
+    from conftest import Cli
+
+    cli, folder = Cli(), tmp_path_factory.mktemp("plots")
+    curve, plane = folder / "c.safetensors", folder / "p.h5"
+    cli("connect", *digits_models, "-o", curve, "--epochs", "1", "--lr", "0.05", "-q", *CPU)
+    cli("plane", curve, "-m", plane, "--grid-points", "5", "-q", *CPU)
+    other = folder / "o.safetensors"
+    cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--epochs", "1", "--seed", "7", "-o", other,
+        "-q", *CPU)
+    files = {"curve": folder / "curve.h5", "segment": folder / "seg.h5", "other": folder / "other.h5"}
+    for name, inputs in (("curve", [curve]), ("segment", digits_models), ("other", [digits_models[0], other])):
+        cli("evaluate-curve", *inputs, "-m", files[name], "--num-points", "3", "-q", *CPU)
+    return {"plane": plane, "train_h5": other.with_suffix(".h5"), **files}
+
+
+def _drawn(monkeypatch) -> list:
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: figures.append(fig))
+    return figures
+
+
+def _edited(src, dst, **values):
+    """A copy of the metrics file ``src`` with ``values`` (dataset -> {index: value}) written into it."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        for name, cells in values.items():
+            a = f[name][...]
+            for index, value in cells.items():
+                a[index] = value
+            f[name][...] = a
+    return dst
+
+
+def test_one_diverged_cell_does_not_flatten_the_plane(runs, tmp_path):
+    """The levels reached the largest value in the points' box, so one cell of 1e6 left everything else in the
+    lowest band; now they reach the segment's and the curve's highest value, at most KEEP_CAP x the median."""
+    z0 = plots.grid_view(runs["plane"]).z["train/loss"]
+    huge = _edited(runs["plane"], tmp_path / "huge.h5", **{"train/loss": {(2, 3): 1e6}})
+    view = plots.grid_view(huge)
+    z = view.z["train/loss"]
+    levels, extend = plots._log_levels(z, keep=plots._kept(view, z))
+    assert extend == "max" and levels[-1] <= plots.KEEP_CAP * np.median(z) * (1 + 1e-12)
+    # the unedited plane's values sit in many bands, not in the first
+    inside = z0[z0 < levels[-1]]
+    assert len(np.unique(np.searchsorted(levels, inside))) >= 4
+    # the segment's barrier is still inside the levels: the path's largest value is kept
+    segment = plots._on_grid(view.x, view.y, z0, np.linspace(0, view.points[2, 0], 50), np.zeros(50))
+    assert np.nanmax(segment) <= levels[-1]
+
+
+def test_infinite_cells_take_the_top_colour_and_missing_ones_are_hatched(runs, tmp_path, cli, monkeypatch):
+    bad = _edited(runs["plane"], tmp_path / "bad.h5", **{"train/loss": {(0, 0): np.inf, (4, 4): np.nan}})
+    res = cli("plot", bad, "-o", tmp_path / "bad.png")
+    warnings = [w for w in res.stderr.splitlines() if w.startswith("Warning: ")]
+    assert warnings == [f"Warning: '{bad}': 1 of 25 grid points have no value (NaN).",
+                        f"Warning: '{bad}': 1 of 25 grid points have an infinite train loss (the network diverged); "
+                        "they are drawn above every other value."]
+    assert "Warning" not in cli("plot", runs["plane"], "-o", tmp_path / "whole.png").stderr
+    figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning) as seen:
+        plots.plot_grid(bad, tmp_path / "x.png")
+    assert len(seen) == 2  # NaN and infinite, as the command said
+    fig = figures[0]
+    loss_ax = fig.axes[0]
+    filled = [c for c in loss_ax.collections if hasattr(c, "levels") and c.filled]
+    values, hatched = filled[0], filled[-1]
+    assert values.extend == "max"  # the infinite cell: above the top level
+    assert hatched.hatches == ["////"]
+    assert "not computed (NaN)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_a_curve_off_the_plane_is_named_and_a_stretched_axis_is_said(runs, tmp_path, monkeypatch):
+    assert plots.grid_view(runs["plane"]).note == ""  # a one-bend curve lies in its plane
+    with h5py.File(runs["plane"]) as f:
+        n = len(f["curve_offplane"])
+        dx = float(np.hypot(*f["points"][2]))
+    off = _edited(runs["plane"], tmp_path / "off.h5", curve_offplane={n // 2: 0.25 * dx})
+    assert plots.grid_view(off).note == ("curve projected onto the plane: largest distance from it "
+                                         f"{0.25 * dx:.3g} (25.0% of |B - A|); the surface under it is not the "
+                                         "curve's loss")
+    figures = _drawn(monkeypatch)
+    plots.plot_grid(off, tmp_path / "off.png")
+    fig = figures[0]
+    assert fig._suptitle.get_text().startswith("curve projected onto the plane")
+    ax = fig.axes[0]
+    box = ax.get_window_extent()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    stretch = (box.height / (y1 - y0)) / (box.width / (x1 - x0))
+    label = ax.get_ylabel()
+    if not 0.8 <= stretch <= 1.25:
+        said = float(re.search(r"a unit of v drawn ([0-9.e+-]+)x as long as a unit of u", label).group(1))
+        assert said == pytest.approx(stretch, rel=0.1)
+    else:
+        assert "drawn" not in label
+
+
+def test_curves_of_different_pairs_are_named_and_a_diverged_point_is_marked(runs, tmp_path, cli, monkeypatch):
+    with h5py.File(runs["curve"]) as a, h5py.File(runs["segment"]) as b, h5py.File(runs["other"]) as c:
+        ends = [f.attrs["ends_sha256"] for f in (a, b, c)]
+    assert ends[0] == ends[1] != ends[2]  # the curve and the segment between the same networks: one pair
+    res = cli("plot", runs["segment"], runs["curve"], runs["other"], "-o", tmp_path / "three.png")
+    assert "Warning: the files connect 2 different pairs of networks (their ends differ)" in res.stderr
+    assert "Warning" not in cli("plot", runs["segment"], runs["curve"], "-o", tmp_path / "two.png").stderr
+    figures = _drawn(monkeypatch)
+    plots.plot_curves([runs["segment"], runs["curve"]], tmp_path / "x.png")
+    labels = [t.get_text().split(",")[0] for t in figures[0].legends[0].get_texts()]
+    assert labels == ["segment", "bezier (1 bend)"]
+    with pytest.warns(MctoolWarning, match="different pairs of networks"):
+        plots.plot_curves([runs["segment"], runs["other"]], tmp_path / "x.png")
+    labels = [t.get_text().split(",")[0] for t in figures[1].legends[0].get_texts()]
+    assert labels == ["seg.h5: segment", "other.h5: segment"]
+    inf = _edited(runs["segment"], tmp_path / "inf.h5", **{"train/loss": {1: np.inf}})
+    with pytest.warns(MctoolWarning, match="infinite train loss"):
+        plots.plot_curves([inf], tmp_path / "x.png")
+    ax = figures[2].axes[0]
+    marks = [line for line in ax.get_lines() if line.get_marker() == "^"]
+    assert len(marks) == 1 and marks[0].get_xdata().tolist() == [0.5]
+    assert "diverged (infinite)" in [t.get_text() for t in figures[2].legends[0].get_texts()]
+
+
+def test_fge_files_show_the_ensemble_and_overlay_their_training_run(cli, tmp_path, digits_models, monkeypatch):
+    out = tmp_path / "f.safetensors"
+    cli("fge", digits_models[0], "-o", out, "--epochs", "2", "--cycle-epochs", "1", "-q", *CPU)
+    fge_h5 = out.with_suffix(".h5")
+    figures = _drawn(monkeypatch)
+    plots.plot_history([fge_h5], tmp_path / "x.png")
+    ens_ax = figures[0].axes[2]
+    with h5py.File(fge_h5) as f:
+        ensemble, members = f["ensemble/test/err"][...], f["members/test/err"][...]
+    lines = ens_ax.get_lines()
+    assert lines[0].get_xdata().tolist() == list(range(1, len(ensemble) + 1))
+    assert lines[0].get_ydata().tolist() == pytest.approx((100 * ensemble).tolist())
+    assert lines[1].get_ydata().tolist() == pytest.approx((100 * members).tolist())
+    monkeypatch.undo()
+    train_h5 = digits_models[0].with_suffix(".h5")
+    r = cli.json("plot", train_h5, fge_h5, "-o", tmp_path / "both.png")  # a run and its FGE continuation
+    assert r["kind"] == "history"
+
+
+def test_dpi_and_pdf_fonts(runs, cli, tmp_path):
+    def width(png):
+        return struct.unpack(">I", png.read_bytes()[16:20])[0]
+
+    small, large = tmp_path / "s.png", tmp_path / "l.png"
+    cli("plot", runs["curve"], "-o", small, "--dpi", "60")
+    cli("plot", runs["curve"], "-o", large, "--dpi", "240")
+    assert width(large) == 4 * width(small)
+    for bad in ("0", "5000"):
+        assert "--dpi must be" in cli.error("plot", runs["curve"], "-o", tmp_path / "b.png", "--dpi", bad)
+    pdf = tmp_path / "p.pdf"
+    cli("plot", runs["curve"], "-o", pdf)
+    assert b"/FontFile2" in pdf.read_bytes() and b"/Type3" not in pdf.read_bytes()  # TrueType, not Type 3
