@@ -662,7 +662,8 @@ class Alignment:
 
 def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", seed: int = 0, max_sweeps: int = 100,
                    batches: int = 8, batch_size: int = 256, dataset: str | None = None, device: str = "auto",
-                   data_root: str | None = None, download: bool = False, quiet: bool = True) -> Alignment:
+                   data_root: str | None = None, download: bool = False, num_workers: int = 4,
+                   quiet: bool = True) -> Alignment:
     """B's hidden units permuted into A's order, in memory: what ``align`` writes (same options, same result, bit
     for bit). The data (B's data set and split, un-augmented) gives the check batch and, for ``activations``,
     the training batches. ``a.model`` and ``b.model`` are left unchanged, on their devices; the aligned copy
@@ -674,7 +675,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
     split = b.meta.config.get("split", "test")
     dev = resolve_device(device)
     data = load_data(name, root=data_root, split=split, download=download, device=dev, augment="none",
-                     **b.meta.data_options())
+                     **b.meta.data_options(), num_workers=num_workers)
     check_fits(b.meta, data.info, b.path)
     homes = [next(m.parameters()).device for m in (a.model, b.model)]
     model_a, model_b = a.model.to(dev).eval(), b.model.to(dev).eval()
@@ -715,7 +716,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
 def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method: str = "weights",
           metrics: str | Path | None = None, seed: int = 0, max_sweeps: int = 100, batches: int = 8,
           batch_size: int = 256, dataset: str | None = None, device: str = "auto", data_root: str | None = None,
-          download: bool = False, force: bool = False, quiet: bool = False) -> AlignResult:
+          download: bool = False, num_workers: int = 4, force: bool = False, quiet: bool = False) -> AlignResult:
     """Write network B with its hidden units permuted into network A's order (same function as B).
 
     ``method`` is ``weights`` (weight matching) or ``activations`` (activation matching on ``batches`` training
@@ -730,6 +731,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     check_count("--max-sweeps", max_sweeps)
     check_count("--activation-batches", batches)
     check_count("--batch-size", batch_size)
+    check_count("--num-workers", num_workers, 0)
     if metrics is None:
         from .loop import metrics_path
 
@@ -739,7 +741,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     a, b = load_model(a_path), load_model(b_path)
     al = align_networks(a, b, method=method, seed=seed, max_sweeps=max_sweeps, batches=batches,
                         batch_size=batch_size, dataset=dataset, device=device, data_root=data_root,
-                        download=download, quiet=quiet)
+                        download=download, num_workers=num_workers, quiet=quiet)
     groups, perms, objective, corrs, name, split = (al.groups, al.perms, al.objective, al.correlations, al.dataset,
                                                     al.split)
     state_a, state_b, aligned_state = a.model.state_dict(), b.model.state_dict(), al.model.state_dict()

@@ -949,8 +949,9 @@ def merge_cmd(
     files: Annotated[list[Path], typer.Argument(
         metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
                                "(written with --shard I/N), in any order.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write: the file the run writes "
-                                         "without --shard.")],
+    output: Annotated[Path, typer.Option("--metrics", "-m", "--output", "-o",
+                                         help="HDF5 file to write: the metrics file (-m) the run writes without "
+                                              "--shard. -o/--output is the same option.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this figure (.png, .pdf "
                                                  "or .svg).")] = None,
     as_json: JsonOpt = False,
@@ -1023,6 +1024,9 @@ def plane_cmd(
     from .plane import plane as run
 
     def work() -> Result:
+        from .options import check_real
+
+        check_real("--margin", margin, 0, 10)  # (each side given is checked under its own name by plane)
         pick = lambda side: margin if side is None else side  # noqa: E731
         margins = (pick(margin_left), pick(margin_right), pick(margin_bottom), pick(margin_top))
         return run([str(f) for f in files], metrics, grid_points=grid_points, margins=margins, bend=bend,
@@ -1067,7 +1071,7 @@ def surface_cmd(
     ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
                                         "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
                                         "one filter).")] = "bn,bias",
-    seed: Annotated[int, typer.Option(help="Seed for the random directions; a whole number in [0, 2^63).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the random directions; a whole number in [0, 2^32).")] = 0,
     range_: Annotated[Optional[float], typer.Option(
         "--range", help="Coefficients from -RANGE to RANGE along each direction (at most 1e6). Default: "
         "[-1, 1] for random directions; for pca and files, the range that holds the points of interest (the "
@@ -1154,17 +1158,22 @@ def hessian_cmd(
                                                "product each); the standard error is recorded.")] = 20,
     num_points: Annotated[int, typer.Option(help="Points along a curve or segment (evenly spaced t, both ends "
                                             "included).")] = 11,
-    train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy over a fixed random subset "
-                                              "of this many training images (un-augmented); 0 = all.")] = 5000,
+    train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy (no L2 term) over a fixed "
+                                              "random subset of this many training images (un-augmented); 0 = "
+                                              "all. Its default, 5000, keeps each Hessian-vector product short; "
+                                              "plane's and surface's --train-subset default to all.")] = 5000,
     tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
                                        "(0, 1).")] = 1e-4,
     max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up, at most 1e9 (the "
                                               "eigenvalues not found are NaN, with a warning).")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes; a whole number in "
-                                           "[0, 2^63).")] = 0,
+                                           "[0, 2^32).")] = 0,
     eigenvectors: Annotated[Optional[Path], typer.Option(help="Also write the unit eigenvectors, [points, k, "
                                                          "parameters] float32, to this safetensors file (not "
                                                          "under torchrun).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the eigenvalues (and the trace) to this figure "
+                                                 "(.png, .pdf or .svg), as mctool plot draws the metrics "
+                                                 "file.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -1193,7 +1202,7 @@ def hessian_cmd(
                    max_restarts=max_restarts, seed=seed, eigenvectors=eigenvectors, bn_batches=bn_batches,
                    bn_data=bn_data.value,
                    resume=resume, force=force, device=device, dataset=dataset, data_root=data_root,
-                   download=download, num_workers=num_workers, quiet=quiet)
+                   download=download, num_workers=num_workers, plot=plot, quiet=quiet)
 
     def show(r: HessianResult) -> None:
         rows = []
@@ -1205,6 +1214,8 @@ def hessian_cmd(
             rows.append((where, text))
         rows += [("parameters", f"{r.parameters:,}"), ("Hessian-vector products", str(r.hvps)),
                  ("metrics", _path(r.outputs["metrics"])), ("eigenvectors", _path(r.outputs["eigenvectors"]))]
+        if r.outputs["plot"] is not None:
+            rows.append(("plot", _path(r.outputs["plot"])))
         _table(f"hessian: top {r.top_k} eigenvalues", rows)
 
     _run(work, as_json, quiet, show)
@@ -1227,7 +1238,7 @@ def align_cmd(
                                                 "correlation of their activations on training batches.")]
     = AlignMethod.weights,
     seed: Annotated[int, typer.Option(help="Seed for the order of the groups (weights) or of the training images "
-                                     "(activations); a whole number in [0, 2^63).")] = 0,
+                                     "(activations); a whole number in [0, 2^32).")] = 0,
     max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups "
                                            "(it stops earlier when a sweep changes nothing).")] = 100,
     batches: Annotated[int, typer.Option("--activation-batches", "--batches",
@@ -1239,6 +1250,7 @@ def align_cmd(
                                                    "records).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
+    num_workers: WorkersOpt = 4,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -1254,7 +1266,7 @@ def align_cmd(
     def work() -> Result:
         return align(reference, other, output, method=method.value, metrics=metrics, seed=seed,
                      max_sweeps=max_sweeps, batches=batches, batch_size=batch_size, dataset=dataset, device=device,
-                     data_root=data_root, download=download, force=force, quiet=quiet)
+                     data_root=data_root, download=download, num_workers=num_workers, force=force, quiet=quiet)
 
     def show(r: AlignResult) -> None:
         rows = [("model", _path(r.outputs["model"])), ("metrics", _path(r.outputs["metrics"])),

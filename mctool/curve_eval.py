@@ -17,7 +17,7 @@ from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pa
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, check_two_networks, coefficients, line_between, load_curve
-from .data import check_fits, load_data
+from .data import check_dataset_name, check_fits, load_data
 from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
@@ -354,6 +354,10 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     check_count("--batch-size", batch_size)
     check_count("--bn-batches", bn_batches)
     check_bn_data(bn_data)
+    check_count("--num-workers", num_workers, 0)
+    dev = resolve_device(device)  # (checked as every command checks them, also for a network without BN)
+    if dataset is not None:
+        check_dataset_name(dataset)
     check_outputs({"--output": output}, [path], force=force, formats={"--output": "safetensors"})
     curve = load_curve(path)[0]
     model = curve.build_model()
@@ -361,7 +365,6 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     split = recorded_split(curve.meta.config) or "test"  # BN statistics from the data the curve was trained on
     recalibrated = False
     if bn_update and bn_modules(model):
-        dev = resolve_device(device)
         data = load_data(curve.meta.dataset_or(dataset, path), root=data_root, split=split, download=download,
                          device=dev, augment=curve.meta.train_augment(), **curve.meta.data_options(),
                          num_workers=num_workers)

@@ -287,7 +287,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         # B's units in A's order (after the output checks: it costs a matching): the curve ends at aligned B,
         # its recorded inputs stay A and B as given
         al = align_networks(a, b, method=cfg.align, seed=cfg.seed, dataset=cfg.dataset, device=device,
-                            data_root=data_root, download=download, quiet=quiet)
+                            data_root=data_root, download=download, num_workers=num_workers, quiet=quiet)
         align_meta.update({"align_method": cfg.align, "align_groups": json.dumps(al.group_info()),
                            "align_permuted": "end"})
         return line_between(a, replace(b, model=al.model))

@@ -582,6 +582,25 @@ def _check_augment(augment: str) -> None:
         raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{augment}'.")
 
 
+#: The data sets read from their original files (torchvision's downloads, or Debian's Fashion-MNIST).
+_FILE_SETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
+
+
+def check_dataset_name(name: Any) -> None:
+    """A data set name ``load_data`` knows (``DATASETS``), with the options it takes, checked without reading
+    anything (commands check it before any work, also where the data is read only in some cases)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"the data set must be named by a string (--dataset), got {name!r}.")
+    base = name.split(":", 1)[0]
+    if base in ("digits", *_FILE_SETS):
+        if ":" in name:
+            raise ConfigError(f"'{base}' takes no options.")
+    elif base == "synthetic":
+        _parse_options(name, _SYNTHETIC_DEFAULTS)
+    elif base != "imagefolder":
+        raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}.")
+
+
 def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = "test", download: bool = False,
               device: torch.device | str = "cpu", augment: str = "auto", channels_last: bool = False,
               normalization: dict[str, list[float]] | None = None, num_workers: int = 4,
@@ -594,8 +613,7 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
     ``data_config`` (timm's ``resolve_data_config`` of a pretrained model) makes ``imagefolder:PATH`` use
     timm's transforms for that model; the other data sets keep their own size and normalisation.
     """
-    if not isinstance(name, str):
-        raise ConfigError(f"the data set must be named by a string (--dataset), got {name!r}.")
+    check_dataset_name(name)
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
     check_count("--num-workers", num_workers, 0)
@@ -608,19 +626,13 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
         return _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size,
                                  data_config)
     if base == "digits":
-        if ":" in name:
-            raise ConfigError("'digits' takes no options.")
         xtr, ytr, xte, yte = _digits()
         num_classes = 10
     elif base == "synthetic":
         xtr, ytr, xte, yte, num_classes = _synthetic(name)
-    elif base in ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"):
-        if ":" in name:
-            raise ConfigError(f"'{base}' takes no options.")
+    else:  # (one of _FILE_SETS: check_dataset_name let nothing else through)
         xtr, ytr, xte, yte = _torchvision(base, root, download)
         num_classes = 100 if base == "cifar100" else 10
-    else:
-        raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}.")
     xtr, xte = torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(np.ascontiguousarray(xte))
     ytr, yte = torch.as_tensor(np.asarray(ytr), dtype=torch.long), torch.as_tensor(np.asarray(yte), dtype=torch.long)
     in_chans, size = xtr.shape[1], xtr.shape[2]

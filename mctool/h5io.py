@@ -224,11 +224,11 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
                                        f"{shape}, got {got}. Start over with --force.")
     else:
         if not force and _unfinished(metrics):
-            raise OutputError(f"metrics file '{metrics}' holds an interrupted run; pass --resume (with the same "
+            raise OutputError(f"--metrics '{metrics}' holds an interrupted run; pass --resume (with the same "
                               "options) to continue it, or --force to start over.")
-        check_output(metrics, force, "metrics file")
+        check_output(metrics, force, "--metrics")
     if plot is not None:
-        check_output(plot, force or resume, "plot")
+        check_output(plot, force or resume, "--plot")
     return data, started, finished
 
 

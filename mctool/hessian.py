@@ -192,12 +192,14 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
             max_restarts: int = 100, seed: int = 0, eigenvectors: str | Path | None = None,
             bn_batches: int | None = None, resume: bool = False, force: bool = False, device: str = "auto",
             dataset: str | None = None, data_root: str | None = None, download: bool = False,
-            num_workers: int = 4, bn_data: str = "augmented", quiet: bool = False) -> HessianResult:
+            num_workers: int = 4, bn_data: str = "augmented", plot: str | Path | None = None,
+            quiet: bool = False) -> HessianResult:
     """Top-``top_k`` eigenvalues (and with ``trace`` Hutchinson's trace from ``trace_samples`` probes) of the
     training loss's Hessian, at one network, at ``num_points`` points along a curve or segment, or at each
     member of an ensemble. ``train_subset`` training images (None or 0: all) define the loss; ``eigenvectors``
     writes the unit eigenvectors (``[points, k, P]``) as safetensors. ``bn_data``: the images of the BN passes
-    at curve points (docs/method.md#bn)."""
+    at curve points (docs/method.md#bn). ``plot``: also draw the eigenvalues (and trace) to this figure, as
+    ``mctool plot`` draws the metrics file."""
     t0 = time.time()
     paths = file_list(paths, "paths")
     check_count("--top-k", top_k, 1, 1000)
@@ -234,20 +236,21 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     if trace:
         shapes |= {"trace": (n,), "trace_stderr": (n,)}
     _check_memory(p, n, top_k, eigenvectors is not None)
-    old, started, _ = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, shapes=shapes)
+    old, started, _ = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, plot=plot,
+                                   shapes=shapes)
     vec_path = Path(eigenvectors) if eigenvectors is not None else None
     values = {k: np.full(s, np.nan) for k, s in shapes.items()}
     values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}
     vectors = np.full((n, top_k, p), np.nan, dtype=np.float32) if vec_path is not None else None
     if vec_path is not None:
-        check_outputs({"--metrics": metrics, "--eigenvectors": vec_path}, list(pts.inputs), force=True,
-                      formats={"--metrics": "hdf5", "--eigenvectors": "safetensors"})
+        check_outputs({"--metrics": metrics, "--eigenvectors": vec_path, "--plot": plot}, list(pts.inputs),
+                      force=True, formats={"--metrics": "hdf5", "--eigenvectors": "safetensors", "--plot": "figure"})
         if resume and vec_path.exists():
             vectors = read_vectors(vec_path, "eigenvectors", kind="hessian-eigenvectors", layout=pts.layout,
                                    inputs=pts.inputs, config=config, shape=vectors.shape,
                                    what="eigenvectors").numpy().copy()
         else:
-            check_output(vec_path, force or resume, "eigenvectors file")
+            check_output(vec_path, force or resume, "--eigenvectors")
     attrs = {**provenance(pts.inputs, config, "hessian"), "points_kind": pts.kind, "parameters": p,
              "labels": "\n".join(pts.labels), "loss": "mean cross-entropy over the training subset, eval mode "
              "(no weight decay: the training objective's eigenvalues are these plus wd)"}
@@ -328,7 +331,12 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
                            trace=values["trace"].tolist() if trace else None,
                            trace_stderr=values["trace_stderr"].tolist() if trace else None,
                            hvps=int(np.nansum(values["hvps"])))
+    if plot is not None and distributed.is_main():
+        from .plots import plot_hessian
+
+        plot_hessian(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics),
-                      "eigenvectors": FileRef.of(vec_path) if vec_path is not None else None}
+                      "eigenvectors": FileRef.of(vec_path) if vec_path is not None else None,
+                      "plot": FileRef.of(plot) if plot is not None else None}
     result.seconds = time.time() - t0
     return result

@@ -267,8 +267,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     if state_file.exists() and not force:
         raise ConfigError(f"an interrupted run left '{state_file}'; pass --resume to continue it or --force to "
                           "start over.")
-    check_output(output, force)
-    check_output(metrics, force, "metrics file")
+    check_output(output, force, "--output")
+    check_output(metrics, force, "--metrics")
     for what, path in {**(more_outputs or {}), **snapshots}.items():
         if path is not None:
             check_output(path, force, what)

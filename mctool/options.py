@@ -45,7 +45,7 @@ def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None =
         raise ConfigError(f"{option} must be at most {maximum:,}, got {value:,}.")
 
 
-def check_seed(value: Any, bits: int = 63, option: str = "--seed") -> None:
+def check_seed(value: Any, bits: int = 32, option: str = "--seed") -> None:
     """A seed: a whole number in [0, 2^bits)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**bits:
         raise ConfigError(f"{option} must be a whole number in [0, 2^{bits}), got {value!r}.")
@@ -58,11 +58,11 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     if value is None:
         return
     if low is not None and high is not None:
-        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        wanted = f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
     elif low is not None:
-        wanted = f"{'>' if low_open else '>='} {low:g}"
+        wanted = f"{'>' if low_open else '>='} {_number(low)}"
     elif high is not None:
-        wanted = f"{'<' if high_open else '<='} {high:g}"
+        wanted = f"{'<' if high_open else '<='} {_number(high)}"
     else:
         wanted = "finite"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -71,7 +71,16 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise ConfigError(f"{option} must be {wanted}, got {value}.")
+        raise ConfigError(f"{option} must be {wanted}, got {_number(value)}.")
+
+
+def _number(x: float) -> str:
+    """A number as the help texts write it: ``1e6``, ``1e-8``, ``0.5`` (``:g`` writes ``1e+06``)."""
+    text = f"{x:g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
 
 
 def file_list(value: Any, what: str) -> list:

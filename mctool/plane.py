@@ -281,7 +281,7 @@ def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margi
     if len(margins) != 4:
         raise ConfigError(f"give four margins (left, right, bottom, top), got {len(margins)}.")
     for side, value in zip(("left", "right", "bottom", "top"), margins):
-        check_real(f"--margin-{side} (or --margin)", value, 0, 10)  # as surface's --margin
+        check_real(f"--margin-{side}", value, 0, 10)  # as surface's --margin (the CLI checks --margin itself)
     for opt, value in (("--bn-batches", bn_batches), ("--batch-size", batch_size), ("--bend", bend)):
         check_count(opt, value)
     check_count("--train-subset", train_subset, 0)  # 0: all training images (as hessian's)

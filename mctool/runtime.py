@@ -42,7 +42,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{spec}'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu.")
+        raise ConfigError(f"--device {spec} was asked for, but PyTorch sees no CUDA GPU here; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise ConfigError(f"--device {spec}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; give one of "

@@ -316,7 +316,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
         else:
             vectors = torch.stack([o - w for o in flat_others])
         if distributed.is_main():
-            check_output(vec_path, force or resume, "directions file")
+            check_output(vec_path, force or resume, "directions file (beside --metrics)")
 
     def save_directions() -> None:  # written with the first metrics file, once the data set has loaded
         if new_vectors and distributed.is_main():

@@ -244,7 +244,7 @@ def test_fge_errors(cli, tmp_path, start_state):
                                       "--cycle-epochs", "4")
     assert not (tmp_path / "f.st").exists() and not (tmp_path / "f.st.h5").exists()  # refused before any work
     assert "--cycle-iters" in cli.error("fge", start_state, "-o", tmp_path / "g.st", "--cycle-iters", "1")
-    assert "--lr-max must be in (0, 1e+06]" in cli.error("fge", start_state, "-o", tmp_path / "h.st", "--lr-max", "0")
+    assert "--lr-max must be in (0, 1e6]" in cli.error("fge", start_state, "-o", tmp_path / "h.st", "--lr-max", "0")
 
 
 def test_snapshot_ensembles(cli, tmp_path):

@@ -225,15 +225,18 @@ def test_hessian(cli, registry, tmp_path, digits_models):
     extra = {"points", "num_points", "top_k", "parameters", "train_subset", "t", "eigenvalues", "trace", "trace_stderr",
              "hvps"}
     r = check(registry, cli.json("hessian", digits_models[0], "-m", tmp_path / "h.h5", "--top-k", "1",
-                                 "--train-subset", "100", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
+                                 "--train-subset", "100", *CPU), "hessian", extra, {"metrics", "eigenvectors", "plot"},
               {"train", "eval"})
     assert r["points"] == "model" and r["t"] is None and r["trace"] is None and r["outputs"]["eigenvectors"] is None
+    assert r["outputs"]["plot"] is None
     assert r["split"] == "test" and len(r["eigenvalues"]) == 1 and r["hvps"] > 0
     r = check(registry, cli.json("hessian", *digits_models, "-m", tmp_path / "s.h5", "--top-k", "1", "--num-points",
                                  "2", "--trace", "--trace-samples", "2", "--train-subset", "100", "--eigenvectors",
-                                 tmp_path / "v.safetensors", *CPU), "hessian", extra, {"metrics", "eigenvectors"},
-              {"train", "eval"})
+                                 tmp_path / "v.safetensors", "--plot", tmp_path / "s.png", *CPU), "hessian", extra,
+              {"metrics", "eigenvectors", "plot"}, {"train", "eval"})
     assert r["t"] == [0.0, 1.0] and len(r["trace"]) == 2 and r["outputs"]["eigenvectors"] is not None
+    assert r["outputs"]["plot"]["path"] == str(tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     # plot draws it, and the per-epoch files of train
     for f, kind in ((tmp_path / "s.h5", "hessian"), (digits_models[0].with_suffix(".h5"), "train")):
         r = check(registry, cli.json("plot", f, "-o", tmp_path / f"{kind}.png"), "plot", {"kind"},

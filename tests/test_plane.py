@@ -221,9 +221,8 @@ def test_plane_errors(cli, tmp_path, bezier, digits_models):
     assert "three model checkpoints" in cli.error("plane", *digits_models, "-m", m)
     assert "--bend" in cli.error("plane", bezier, "-m", m, "--bend", "2")
     assert "--grid-points" in cli.error("plane", bezier, "-m", m, "--grid-points", "1")
-    assert "--margin-top (or --margin) must be in [0, 10]" in cli.error("plane", bezier, "-m", m, "--margin-top",
-                                                                        "-1")
-    assert "--margin-left (or --margin) must be in [0, 10]" in cli.error("plane", bezier, "-m", m, "--margin", "11")
+    assert "--margin-top must be in [0, 10]" in cli.error("plane", bezier, "-m", m, "--margin-top", "-1")
+    assert "--margin must be in [0, 10], got 11." in cli.error("plane", bezier, "-m", m, "--margin", "11")
     line = tmp_path / "line.safetensors"
     cli("connect", *digits_models, "--curve", "line", "-o", line, "-q")
     assert "no bend" in cli.error("plane", line, "-m", m)

@@ -222,12 +222,12 @@ BAD_OPTIONS = {
     "point --t nan": (lambda f: ["point", f["line"], "--t", "nan"], "--t must be a finite number in [0, 1]"),
     "fge --bn-batches 0": (lambda f: ["fge", f["m0"], "--bn-batches", "0"], "--bn-batches must be >= 1"),
     "fge --cycle-epochs inf": (lambda f: ["fge", f["m0"], "--cycle-epochs", "inf"], "--cycle-epochs must be a finite"),
-    "fge --cycle-epochs 0": (lambda f: ["fge", f["m0"], "--cycle-epochs", "0"], "--cycle-epochs must be in (0, 1e+06]"),
+    "fge --cycle-epochs 0": (lambda f: ["fge", f["m0"], "--cycle-epochs", "0"], "--cycle-epochs must be in (0, 1e6]"),
     "fge --lr-min nan": (lambda f: ["fge", f["m0"], "--lr-min", "nan"],
-                         "--lr-min must be a finite number in (0, 1e+06]"),
+                         "--lr-min must be a finite number in (0, 1e6]"),
     "fge --lr-max inf": (lambda f: ["fge", f["m0"], "--lr-max", "inf"],
-                         "--lr-max must be a finite number in (0, 1e+06]"),
-    "fge --wd nan": (lambda f: ["fge", f["m0"], "--wd", "nan"], "--wd must be a finite number in [0, 1e+06]"),
+                         "--lr-max must be a finite number in (0, 1e6]"),
+    "fge --wd nan": (lambda f: ["fge", f["m0"], "--wd", "nan"], "--wd must be a finite number in [0, 1e6]"),
     "ensemble --bn-batches 0": (lambda f: ["ensemble", f["line"], "--num-points", "3", "--bn-batches", "0"],
                                 "--bn-batches must be >= 1"),
     "ensemble --num-points 0": (lambda f: ["ensemble", f["line"], "--num-points", "0"], "--num-points must be >= 1"),
@@ -235,27 +235,27 @@ BAD_OPTIONS = {
     "evaluate-curve --bn-batches 0": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--bn-batches", "0"],
                                       "--bn-batches must be >= 1"),
     "evaluate-curve --wd nan": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--wd", "nan"],
-                                "--wd must be a finite number in [0, 1e+06]"),
+                                "--wd must be a finite number in [0, 1e6]"),
     "plane --bn-batches 0": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--bn-batches", "0"],
                              "--bn-batches must be >= 1"),
     "plane --margin nan": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--margin", "nan"],
-                           "--margin-left (or --margin) must be a finite number in [0, 10]"),
+                           "--margin must be a finite number in [0, 10]"),
     "plane --margin-top inf": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--margin-top", "inf"],
-                               "--margin-top (or --margin) must be a finite number in [0, 10]"),
+                               "--margin-top must be a finite number in [0, 10]"),
     "plane --wd nan": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--wd", "nan"],
-                       "--wd must be a finite number in [0, 1e+06]"),
+                       "--wd must be a finite number in [0, 1e6]"),
     "plane --batch-size 0": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--batch-size", "0"],
                              "--batch-size must be >= 1"),
-    "train --wd nan": (lambda f: ["train", *TINY, "--wd", "nan"], "--wd must be a finite number in [0, 1e+06]"),
-    "train --wd inf": (lambda f: ["train", *TINY, "--wd", "inf"], "--wd must be a finite number in [0, 1e+06]"),
-    "train --lr inf": (lambda f: ["train", *TINY, "--lr", "inf"], "--lr must be a finite number in (0, 1e+06]"),
+    "train --wd nan": (lambda f: ["train", *TINY, "--wd", "nan"], "--wd must be a finite number in [0, 1e6]"),
+    "train --wd inf": (lambda f: ["train", *TINY, "--wd", "inf"], "--wd must be a finite number in [0, 1e6]"),
+    "train --lr inf": (lambda f: ["train", *TINY, "--lr", "inf"], "--lr must be a finite number in (0, 1e6]"),
     "train --momentum nan": (lambda f: ["train", *TINY, "--momentum", "nan"],
                              "--momentum must be a finite number in [0, 1)"),
     "train --snapshots 0": (lambda f: ["train", *TINY, "--schedule", "sse", "--snapshots", "0"],
                             "--snapshots must be >= 1"),
     "train --save-every -1": (lambda f: ["train", *TINY, "--save-every", "-1"], "--save-every must be >= 0"),
     "connect --lr nan": (lambda f: ["connect", f["m0"], f["m1"], "--lr", "nan"],
-                         "--lr must be a finite number in (0, 1e+06]"),
+                         "--lr must be a finite number in (0, 1e6]"),
     "connect --num-bends -1": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "-1"],
                                "--num-bends must be >= 0"),
     "connect --num-bends 101": (lambda f: ["connect", f["m0"], f["m1"], "--num-bends", "101"],
@@ -264,17 +264,17 @@ BAD_OPTIONS = {
                                                      str(10**9)], "--num-points must be at most 100,000"),
     "plane --grid-points 100000": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--grid-points",
                                               "100000"], "--grid-points must be at most 1,001"),
-    "train --lr 1e308": (lambda f: ["train", *TINY, "--lr", "1e308"], "--lr must be in (0, 1e+06], got 1e+308"),
+    "train --lr 1e308": (lambda f: ["train", *TINY, "--lr", "1e308"], "--lr must be in (0, 1e6], got 1e308"),
     # beyond float32's range SGD's update overflowed, or ARPACK's 32-bit counters, or the run could never end
-    "train --wd 1e39": (lambda f: ["train", *TINY, "--wd", "1e39"], "--wd must be in [0, 1e+06], got 1e+39"),
+    "train --wd 1e39": (lambda f: ["train", *TINY, "--wd", "1e39"], "--wd must be in [0, 1e6], got 1e39"),
     "train --epochs 10**20": (lambda f: ["train", *TINY, "--epochs", str(10**20)],
                               "--epochs must be at most 1,000,000"),
-    "connect --wd 1e39": (lambda f: ["connect", f["m0"], f["m1"], "--wd", "1e39"], "--wd must be in [0, 1e+06]"),
-    "fge --wd 1e39": (lambda f: ["fge", f["m0"], "--wd", "1e39", "--cycle-epochs", "1"], "--wd must be in [0, 1e+06]"),
+    "connect --wd 1e39": (lambda f: ["connect", f["m0"], f["m1"], "--wd", "1e39"], "--wd must be in [0, 1e6]"),
+    "fge --wd 1e39": (lambda f: ["fge", f["m0"], "--wd", "1e39", "--cycle-epochs", "1"], "--wd must be in [0, 1e6]"),
     "fge --lr-min 1e39": (lambda f: ["fge", f["m0"], "--lr-min", "1e39", "--cycle-epochs", "1"],
-                          "--lr-min must be in (0, 1e+06]"),
+                          "--lr-min must be in (0, 1e6]"),
     "fge --cycle-epochs 1e308": (lambda f: ["fge", f["m0"], "--cycle-epochs", "1e308"],
-                                 "--cycle-epochs must be in (0, 1e+06], got 1e+308"),
+                                 "--cycle-epochs must be in (0, 1e6], got 1e308"),
     "fge --cycle-iters 10**20": (lambda f: ["fge", f["m0"], "--cycle-iters", str(10**20)],
                                  "--cycle-iters must be at most 1,000,000,000"),
     "hessian --max-restarts 3e9": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--max-restarts", "3000000000"],
@@ -282,20 +282,33 @@ BAD_OPTIONS = {
     "hessian --trace-samples 10**20": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--trace", "--trace-samples",
                                                   str(10**20)], "--trace-samples must be at most 1,000,000"),
     "surface --range 1e308": (lambda f: ["surface", f["m0"], "-m", "s.h5", "--range", "1e308"],
-                              "--range must be in (0, 1e+06], got 1e+308"),
+                              "--range must be in (0, 1e6], got 1e308"),
     "plane --wd 1e39": (lambda f: ["plane", f["m0"], f["m2"], f["m1"], "-m", "p.h5", "--wd", "1e39"],
-                        "--wd must be in [0, 1e+06]"),
+                        "--wd must be in [0, 1e6]"),
     "evaluate-curve --wd 1e39": (lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--wd", "1e39"],
-                                 "--wd must be in [0, 1e+06]"),
+                                 "--wd must be in [0, 1e6]"),
     "train --seed 2**64": (lambda f: ["train", *TINY, "--seed", str(2**64)],
                            "--seed must be a whole number in [0, 2^32)"),
     "align --seed 10**23": (lambda f: ["align", f["m0"], f["m1"], "-o", "b.safetensors", "--seed", str(10**23)],
-                            "--seed must be a whole number in [0, 2^63)"),  # was a traceback
+                            "--seed must be a whole number in [0, 2^32)"),  # was a traceback
+    # one range for every --seed (align's and connect --align's seeds were not the same set)
+    "align --seed 2**32": (lambda f: ["align", f["m0"], f["m1"], "-o", "b.safetensors", "--seed", str(2**32)],
+                           "--seed must be a whole number in [0, 2^32)"),
+    "surface --seed 2**32": (lambda f: ["surface", f["m0"], "-m", "s.h5", "--seed", str(2**32)],
+                             "--seed must be a whole number in [0, 2^32)"),
+    "hessian --seed 2**32": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--seed", str(2**32)],
+                             "--seed must be a whole number in [0, 2^32)"),
     "train --num-workers -1": (lambda f: ["train", *TINY, "--num-workers", "-1"], "--num-workers must be >= 0"),
     "hessian --train-subset -1": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--train-subset", "-1"],
                                   "--train-subset must be >= 0"),
     "surface --ignore foo": (lambda f: ["surface", f["m0"], "-m", "s.h5", "--ignore", "foo"],
                              "--ignore takes bn, bias (comma-separated) or none, got 'foo'"),
+    # point checked these only when it recalibrated BN (a network without BN took any value, exit 0)
+    "point --device bogus": (lambda f: ["point", f["line"], "--t", "0.5", "--device", "bogus"],
+                             "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    "point --num-workers -1": (lambda f: ["point", f["line"], "--t", "0.5", "--num-workers", "-1"],
+                               "--num-workers must be >= 0"),
+    "point -d bogus": (lambda f: ["point", f["line"], "--t", "0.5", "-d", "bogus"], "unknown data set 'bogus'"),
 }
 
 
@@ -308,6 +321,25 @@ def test_bad_numeric_options_are_refused_before_any_work(cli, tmp_path, files, n
         args += ["-o", "out.safetensors"] if args[0] in ("train", "connect", "fge", "point") else []
     assert message in cli.error(*args)
     assert list(tmp_path.iterdir()) == []
+
+
+EXISTING = {  # each names the option that gave the path (they said output, metrics file, plot, ... by command)
+    "--output": lambda f: ["train", *TINY, "-o", "x", "-m", "m.h5"],
+    "--metrics": lambda f: ["evaluate-curve", f["line"], "-m", "x", "--num-points", "2"],
+    "--plot": lambda f: ["evaluate-curve", f["line"], "-m", "e.h5", "--num-points", "2", "--plot", "x.png"],
+    "--eigenvectors": lambda f: ["hessian", f["m0"], "-m", "h.h5", "--eigenvectors", "x"],
+}
+
+
+@pytest.mark.parametrize("option", list(EXISTING))
+def test_an_existing_output_is_named_by_its_option(cli, tmp_path, files, option, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = EXISTING[option](files)
+    existing = args[args.index(option if option != "--output" and option != "--metrics" else
+                               {"--output": "-o", "--metrics": "-m"}[option]) + 1]
+    (tmp_path / existing).write_bytes(b"keep")
+    assert f"Error: {option} '{existing}' already exists; pass --force to overwrite it." in cli.error(*args)
+    assert (tmp_path / existing).read_bytes() == b"keep"
 
 
 @pytest.mark.parametrize("bad", [

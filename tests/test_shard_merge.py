@@ -115,6 +115,10 @@ def test_curve_shards_merge_into_the_unsharded_file(cli, tmp_path, bezier):
     msg = cli.error("plot", shards[0], "-o", tmp_path / "s.png")
     assert f"'{shards[0]}' is shard 0/3 of an evaluate-curve run" in msg and "mctool merge" in msg
     cli("plot", merged, "-o", tmp_path / "m.png", "-q")
+    # -m names the merged file too, as it names the metrics file of the command that wrote the shards
+    again = tmp_path / "again.h5"
+    cli("merge", *shards, "-m", again, "-q")
+    assert_same_file(again, full)
     assert r.metrics["eval"].err.max == json.loads(read_h5(full)[1]["summary"])["eval"]["err"]["max"]
 
 

@@ -261,10 +261,10 @@ def test_init_from_checkpoint_keeps_arch(cli, tmp_path, digits_models):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lr", "0"], "--lr must be in (0, 1e+06]"),
-    (["--lr", "-1"], "--lr must be in (0, 1e+06]"),
+    (["--lr", "0"], "--lr must be in (0, 1e6]"),
+    (["--lr", "-1"], "--lr must be in (0, 1e6]"),
     (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--wd", "-1"], "--wd must be in [0, 1e+06]"),
+    (["--wd", "-1"], "--wd must be in [0, 1e6]"),
     (["--batch-size", "0"], "--batch-size"),
     (["--arch", "cifar_vgg61"], "cifar_vgg16"),
     (["--arch-kwargs", "{oops"], "JSON object"),
