@@ -25,7 +25,7 @@ import numpy as np
 from ._version import __version__
 from .errors import ConfigError, MctoolError, MetricsFileError, OutputError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
-from .options import plain, show_setting
+from .options import plain, setting_name, show_setting
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -278,9 +278,9 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     diff = {k: (recorded(k, v), v) for k, v in config.items()
             if recorded(k, v) != v and (k in old_config or k not in NOT_RECORDED_BEFORE_0_3)}
     if diff:
-        shown = ", ".join(f"{k}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
-        raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options "
-                               f"(differences: {shown}).")
+        shown = ", ".join(f"{setting_name(k)}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
+        raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options as the "
+                               f"interrupted run; these differ: {shown}.")
     return data, attrs
 
 

@@ -29,7 +29,7 @@ from .fileio import check_output, check_outputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog, recorded_setting, source_date_epoch
 from .models import blank_images, probe_forward
-from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed, show_setting
+from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed, setting_name, show_setting
 from .runtime import autocast
 from .console import progress_bar, warn
 from .schedules import SCHEDULES, lr_at
@@ -260,7 +260,8 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
             if not same:  # (a dict of kwargs: what the run would have, the recorded ones it leaves as they are)
                 diff[k] = (old, {**old, **v} if isinstance(v, dict) and isinstance(old, dict) else v)
         if diff:
-            shown = ", ".join(f"{k}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
+            shown = ", ".join(f"{setting_name(k)}: {show_setting(a)} -> {show_setting(b)}"
+                              for k, (a, b) in diff.items())
             raise ConfigError(f"--resume needs the same options as the interrupted run; these differ: {shown}.")
         check_output(output, force=True)
         return state

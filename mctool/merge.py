@@ -24,7 +24,7 @@ from .curve_eval import curve_metric_names, curve_metrics, curve_summary, write_
 from .errors import ConfigError, MetricsFileError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
-from .options import file_list, show_setting
+from .options import file_list, setting_name, show_setting
 from .checkpoint import read_checkpoint, save_checkpoint
 from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_file
 from .points import parse_shard
@@ -82,8 +82,8 @@ def _same_run(first: _Shard, s: _Shard) -> None:
         raise other("the same input files given in another order")
     if s.config != first.config:
         keys = sorted(set(s.config) | set(first.config))
-        diff = ", ".join(f"{k}: {show_setting(first.config.get(k))} -> {show_setting(s.config.get(k))}" for k in keys
-                         if first.config.get(k) != s.config.get(k))
+        diff = ", ".join(f"{setting_name(k)}: {show_setting(first.config.get(k))} -> {show_setting(s.config.get(k))}"
+                         for k in keys if first.config.get(k) != s.config.get(k))
         raise other(f"other settings: {diff}")
     if s.count != first.count:
         raise other(f"shard {s.index}/{s.count} and shard {first.index}/{first.count}: another number of shards")

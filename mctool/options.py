@@ -130,6 +130,20 @@ def plain(value: Any) -> Any:
     return value
 
 
+#: Recorded settings whose option is not ``--`` plus the key with ``-`` for ``_`` (None: not an option, a
+#: property of the inputs).
+_SETTING_OPTIONS = {"bn_batch_size": "--batch-size (of the BN passes)", "margins": "--margin (or --margin-*)",
+                    "curve": None, "num_bends": None, "points": None, "derived": None}
+
+
+def setting_name(key: str) -> str:
+    """A recorded setting (a key of a file's ``config``) as the differences of a ``--resume`` name it: its
+    option (``num_points`` -> ``--num-points``), or the key itself for what is not an option."""
+    if key in _SETTING_OPTIONS:
+        return _SETTING_OPTIONS[key] or key
+    return "--" + str(key).replace("_", "-")
+
+
 def show_setting(value: Any) -> str:
     """A recorded setting as the differences of a ``--resume`` are listed: text as it is, ``none`` for an
     option left out, anything else as JSON (``{"hidden": 16}``, ``[0.2, 0.2]``)."""

@@ -100,7 +100,7 @@ def test_connect_align_line_and_resume(cli, tmp_path, digits_models, aligned, mo
     # another --align is another run; left out, the interrupted run's is taken and the alignment recomputed
     # (deterministic: the state's end point is checked against it)
     other = ["--align" if a == "--align" else "activations" if a == "weights" else a for a in args]
-    assert "these differ: align: weights -> activations" in cli.error("connect", *other, "-o", out, "--resume")
+    assert "these differ: --align: weights -> activations" in cli.error("connect", *other, "-o", out, "--resume")
     cli("connect", *[a for a in args if a not in ("--align", "weights")], "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
 
@@ -198,7 +198,7 @@ def test_repair_lowers_the_barrier(cli, tmp_path, digits_models, aligned):
     assert attrs["repair"] and json.loads(attrs["config"])["repair_batches"] == 1
     assert not read_h5(tmp_path / "plain.h5")[1]["repair"]
     msg = cli.error("evaluate-curve", *args, "-m", tmp_path / "repair.h5", "--resume")
-    assert "repair_batches: 1 -> none" in msg
+    assert "--repair-batches: 1 -> none" in msg
     # REPAIR normalises over a batch: one image per batch is refused before any work (it was a traceback)
     assert "it needs a --batch-size of at least 2, got 1." in cli.error(
         "evaluate-curve", *args, "-m", tmp_path / "bs1.h5", "--repair", "--batch-size", "1")

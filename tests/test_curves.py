@@ -208,7 +208,7 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
     again, _ = read_h5(m)
     for name in ("train/loss", "test/err", "test/nll"):
         assert again[name] == pytest.approx(full[name])
-    assert "num_points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
+    assert "--num-points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
 
 
 def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_models):
@@ -221,11 +221,11 @@ def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_mod
             "--seed", s, "-o", out)
     m, p = tmp_path / "c.h5", tmp_path / "p.h5"
     cli("plane", *bn, "-m", p, "--grid-points", "2", "--batch-size", "32", *data)
-    assert "bn_batch_size: 32 -> 512" in cli.error("plane", *bn, "-m", p, "--grid-points", "2", "--resume", *data)
+    assert "--batch-size (of the BN passes): 32 -> 512" in cli.error("plane", *bn, "-m", p, "--grid-points", "2", "--resume", *data)
     bn = bn[:2]
     cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", *data)
     assert json.loads(read_h5(m)[1]["config"])["bn_batch_size"] == 32
-    assert "bn_batch_size: 32 -> 16" in cli.error("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size",
+    assert "--batch-size (of the BN passes): 32 -> 16" in cli.error("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size",
                                                   "16", "--bn-batches", "1", "--resume", *data)
     cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", "--resume",
         *data)
@@ -260,13 +260,13 @@ def test_bn_data_augmented_matches_the_stored_statistics(cli, tmp_path, digits_m
     # 360 test images: one image is 0.28 points
     assert abs(errs["augmented"] - stored) <= 0.015 and errs["plain"] >= stored + 0.02, (stored, errs)
     m = tmp_path / "augmented.h5"
-    assert "bn_data: augmented -> plain" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
+    assert "--bn-data: augmented -> plain" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
                                                      "--bn-data", "plain", "--resume", *CPU)
     with h5py.File(m, "a") as f:  # a file of mctool 0.2.0 records none: its statistics came from plain images
         config = json.loads(f.attrs["config"])
         del config["bn_data"]
         f.attrs["config"] = json.dumps(config)
-    assert "bn_data: plain -> augmented" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
+    assert "--bn-data: plain -> augmented" in cli.error("evaluate-curve", a, b, "-m", m, "--num-points", "2",
                                                      "--resume", *CPU)
     cli("evaluate-curve", a, b, "-m", m, "--num-points", "2", "--bn-data", "plain", "--resume", "-q", *CPU)
     # point records it too; without BatchNorm the setting is not recorded (and an old file resumes)
@@ -728,7 +728,7 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
     # --resume without --split takes the run's recorded split (a run begun with another default resumes)
     assert cli.json("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points", "2", "--resume",
                     *CPU)["split"] == "test"
-    assert "split: test -> val" in cli.error("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points",
+    assert "--split: test -> val" in cli.error("evaluate-curve", c, "-m", tmp_path / "explicit.h5", "--num-points",
                                                  "2", "--resume", "--split", "val", *CPU)
 
     def warnings(*args):

@@ -139,7 +139,7 @@ def test_connect_resumes_a_state_that_calls_bend_init_init(cli, tmp_path, digits
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(state), {**md, "config": json.dumps(config)})
     # the old name is understood, so a different --bend-init is still refused
     other = [*digits_models, "--epochs", "3", "--lr", "0.05", "--bend-init", "end", "-q", *CPU]
-    assert "bend_init: start -> end" in cli.error("connect", *other, "-o", out, "--resume")
+    assert "--bend-init: start -> end" in cli.error("connect", *other, "-o", out, "--resume")
     cli("connect", *args, "-o", out, "--resume")
     assert torch.equal(load_curve(ref)[0].points, load_curve(out)[0].points)
     assert json.loads(read_checkpoint(out)[1]["config"])["bend_init"] == "start"

@@ -233,7 +233,7 @@ def test_resume_keeps_the_pretrained_provenance(cli, weights, tmp_path, monkeypa
     other = tmp_path / "other.safetensors"
     other.write_bytes(path.read_bytes())
     err = cli.error("train", *args, "--epochs", "2", "--pretrained-file", other, "-o", out, "--resume")
-    assert f"pretrained_file: {path} -> {other}" in err
+    assert f"--pretrained-file: {path} -> {other}" in err
     cli("train", *args, "--epochs", "2", "-o", out, "--resume")  # options left out: as recorded
     config = json.loads(read_metadata(out)["config"])
     assert config["pretrained"] is True and config["pretrained_file"] == str(path)

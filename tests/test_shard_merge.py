@@ -190,7 +190,7 @@ def test_merge_errors(cli, tmp_path, bezier, curve_shards, digits_models):
     other = tmp_path / "other.h5"
     cli("evaluate-curve", bezier, "-m", other, "--num-points", "3", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)
     msg = cli.error("merge", a, other, "-o", out)
-    assert "different runs" in msg and "num_points: 2 -> 3" in msg
+    assert "different runs" in msg and "(other settings: --num-points: 2 -> 3)" in msg
     # the same curve under another name (a shard run elsewhere) is the same input; another curve is not
     copy = tmp_path / "copy.safetensors"
     shutil.copy(bezier, copy)

@@ -183,7 +183,7 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
     # options must match the interrupted run
     assert "lr" in cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--lr", "0.2", "--resume")
     # kwargs: the new side as the run would have them (the recorded img_size is not shown as dropped)
-    assert 'these differ: arch_kwargs: {"hidden": 32, "img_size": 8} -> {"hidden": 16, "img_size": 8}.' in cli.error(
+    assert 'these differ: --arch-kwargs: {"hidden": 32, "img_size": 8} -> {"hidden": 16, "img_size": 8}.' in cli.error(
         "train", *TINY[:2], "--arch-kwargs", '{"hidden": 16}', *TINY[4:], "-o", out, "--epochs", "4", "--seed", "3",
         "--resume")
     # --cuda-graphs and --deterministic change how, not what: a resumed run may differ in them (on a CPU
