@@ -290,14 +290,19 @@ def grid_view(file: str | Path) -> GridView:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in explained)):
         labels = [f"PC{k + 1} ({v:.1%} of the trajectory's variance)" for k, v in enumerate(explained)]
     else:
-        unit = {"random": "filter-normalised direction", "pca": "principal direction"}.get(method,
-                                                                                           "towards the other network")
-        labels = [f"a ({unit} d1)", f"b ({unit} d2)"]
+        if method in ("random", "pca"):
+            unit = {"random": "filter-normalised direction", "pca": "principal direction"}[method]
+            labels = [f"a (along {unit} d1)", f"b (along {unit} d2)"]
+        else:  # files: d_k = (network k) - (the centre), so a = 1 is network k
+            names = _input_names(attrs, file)
+            towards = [names[k + 1] if len(names) > k + 1 else f"network {k + 1}" for k in range(2)]
+            labels = [f"a (towards {towards[0]}: 1 is that network)", f"b (towards {towards[1]}: 1 is that network)"]
     at = {n: np.asarray(data[f"at_points/{n}"], dtype=np.float64) for n in z
           if np.shape(data.get(f"at_points/{n}")) == (1,) and data[f"at_points/{n}"].dtype.kind in "fiu"}
-    points, point_labels = np.zeros((1, dims)), ["network"]
+    names = _input_names(attrs, file)
+    points, point_labels = np.zeros((1, dims)), [names[0] if names else "network"]
     if method == "files":  # the direction files' networks, at coefficient 1, where the grid reaches them
-        others = _other_networks(attrs, file)
+        others = names[1:]
         low = np.array([x.min()] if y is None else [x.min(), y.min()]) - 1e-9
         high = np.array([x.max()] if y is None else [x.max(), y.max()]) + 1e-9
         for k, name in enumerate(others[:dims]):
@@ -309,14 +314,15 @@ def grid_view(file: str | Path) -> GridView:
                     labels[0], labels[1], note, method == "random", at)
 
 
-def _other_networks(attrs: dict, file: str | Path) -> list[str]:
-    """The names of a surface file's direction networks (its inputs after the first, in the order given)."""
+def _input_names(attrs: dict, file: str | Path) -> list[str]:
+    """The file names of a surface file's networks, in the order given: the centre, then the direction files'
+    networks (empty where the file does not record them)."""
     inputs = json_attr(attrs, "inputs", file) if "inputs" in attrs else None
     order = json_attr(attrs, "input_order", file) if "input_order" in attrs else None
     if not isinstance(inputs, dict) or not isinstance(order, list):
         return []
     by_hash = {sha: Path(str(path)).name for path, sha in inputs.items() if isinstance(sha, str)}
-    return [by_hash.get(sha, "other network") if isinstance(sha, str) else "other network" for sha in order[1:]]
+    return [by_hash.get(sha, "network") if isinstance(sha, str) else "network" for sha in order]
 
 
 def _panels(view: GridView) -> list[tuple[np.ndarray, str, str, np.ndarray | None]]:
@@ -393,7 +399,11 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
         if view.path is not None:  # (between its vertices too: a straight chord would cut through the surface)
             path = _densified(view.path)
             ax.plot(path[:, 0], path[:, 1], height(path), color="crimson", linewidth=2, zorder=10)
-        ax.plot(view.points[:, 0], view.points[:, 1], height(view.points), "o", color="black", zorder=11)
+        heights = height(view.points)
+        ax.plot(view.points[:, 0], view.points[:, 1], heights, "o", color="black", zorder=11)
+        if len(view.points) > 1:  # A, the bend and B (w0, w1, w2; a surface's networks), named as in 2-D
+            for (px, py), h, label in zip(view.points, heights, view.point_labels):
+                ax.text(px, py, h + 2 * lift, label, fontsize=9, fontweight="bold", zorder=12)
     ax.set_xlabel(view.xlabel, labelpad=10)
     ax.set_ylabel(view.ylabel, labelpad=10)
     ax.set_zlabel(unit, labelpad=8)
@@ -432,8 +442,9 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             for (px,), label in zip(view.points[1:], view.point_labels[1:]):  # direction files' networks
                 ax.axvline(px, color="black", linestyle="--", linewidth=1, label=label)
             if at is not None and np.isfinite(at[0]):  # the network's own value: 0 need not be a grid point
+                value = f"{float(at[0]):.4g}" + ("%" if unit.endswith("(%)") else "")
                 ax.plot([0.0], at, "o", markersize=8, markerfacecolor="white", markeredgecolor="black", zorder=5,
-                        label=f"network ({float(at[0]):.4g})")
+                        label=f"{view.point_labels[0]} ({value})")
             if view.path is not None:
                 ax.plot(view.path[:-1, 0], np.zeros(len(view.path) - 1), "|", color="crimson", markersize=12,
                         transform=ax.get_xaxis_transform(), label=view.path_label)
@@ -458,6 +469,9 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             ax.plot(view.path[:, 0], view.path[:, 1], color="white", linewidth=3)
             ax.plot(view.path[:, 0], view.path[:, 1], color="crimson", linewidth=1.5, label=view.path_label,
                     **({"marker": ".", "markersize": 5} if view.kind == "surface" else {}))
+            if view.kind == "surface":  # a trajectory runs from its first checkpoint to the network
+                ax.annotate("start", view.path[0], xytext=(6, 6), textcoords="offset points", fontsize=9,
+                            color="crimson", fontweight="bold", path_effects=outline)
         p = view.points
         if view.kind == "plane":
             ax.plot([p[0, 0], p[2, 0]], [p[0, 1], p[2, 1]], "--", color="white", linewidth=1.2,

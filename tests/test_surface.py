@@ -119,10 +119,11 @@ def test_a_direction_towards_another_network(cli, tmp_path, digits_models):
 
     for f in ("l.h5", "l2.h5"):
         view = grid_view(tmp_path / f)
-        assert view.point_labels == ["network", b.name] and view.points.tolist() == [[0.0], [1.0]]
+        assert view.point_labels == [a.name, b.name] and view.points.tolist() == [[0.0], [1.0]]
+        assert view.xlabel == f"a (towards {b.name}: 1 is that network)"
     short = tmp_path / "short.h5"
     cli("surface", a, "-m", short, "--directions", b, "--grid-points", "3", "--range", "0.5", "-q", *CPU)
-    assert grid_view(short).point_labels == ["network"]  # B lies outside [-0.5, 0.5]
+    assert grid_view(short).point_labels == [a.name]  # B lies outside [-0.5, 0.5]
     c = tmp_path / "c.safetensors"
     cli("train", "-d", "digits", "-o", c, "--epochs", "1", "--seed", "2", "--arch-kwargs", '{"hidden": 32}', "-q",
         *CPU)
@@ -130,7 +131,8 @@ def test_a_direction_towards_another_network(cli, tmp_path, digits_models):
     cli("surface", a, "-m", two, "--directions", b, "--directions", c, "--grid-points", "2", "--range", "1", "-q",
         "--plot", tmp_path / "two.png", *CPU)
     view = grid_view(two)
-    assert view.point_labels == ["network", b.name, c.name]
+    assert view.point_labels == [a.name, b.name, c.name]
+    assert view.ylabel == f"b (towards {c.name}: 1 is that network)"
     assert view.points.tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
 
 
