@@ -35,7 +35,7 @@ from .choices import ALIGN_METHODS
 from .errors import ConfigError, MctoolError
 from .fileio import check_outputs, holds_output_locks
 from .h5io import provenance, write_h5
-from .options import check_count, check_seed
+from .options import MAX_ITERATIONS, check_count, check_seed
 from .results import AlignResult, FileRef, file_refs
 from .runtime import resolve_device
 from .console import progress_bar
@@ -728,7 +728,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
     check_seed(seed)
-    check_count("--max-sweeps", max_sweeps)
+    check_count("--max-sweeps", max_sweeps, 1, MAX_ITERATIONS)
     check_count("--activation-batches", batches)
     check_count("--batch-size", batch_size)
     check_count("--num-workers", num_workers, 0)

@@ -117,6 +117,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
                                                       "on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+ForceRunOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files, and start over where an "
+                                           "interrupted run left its state or a partial metrics file (instead of "
+                                           "--resume).")]
 DataRootOpt = Annotated[Optional[Path], typer.Option(
     help="Folder with downloaded data sets (default: $MCTOOL_DATA, else ~/.cache/mctool/datasets).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data set into --data-root if missing "
@@ -475,7 +478,7 @@ def train(
     deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Train a network with SGD; writes a model checkpoint and per-epoch metrics.
 
@@ -694,7 +697,7 @@ def connect(
     = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Learn a low-loss curve between two trained networks (any architecture).
 
@@ -769,7 +772,7 @@ def evaluate_curve(
                                                 "statistics.")] = 8,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Train loss, train NLL/error and test NLL/error along a curve, BatchNorm recomputed at every point.
 
@@ -1015,7 +1018,7 @@ def plane_cmd(
     compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Loss and error surfaces on the plane through three points, BatchNorm recomputed at every grid point.
 
@@ -1104,7 +1107,7 @@ def surface_cmd(
     compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Loss and error around one network: along random filter-normalised directions, the principal directions of
     a training trajectory, or towards other networks.
@@ -1157,7 +1160,7 @@ def hessian_cmd(
     trace_samples: Annotated[int, typer.Option(help="Probes for --trace, 2 to 1,000,000 (one Hessian-vector "
                                                "product each); the standard error is recorded.")] = 20,
     num_points: Annotated[int, typer.Option(help="Points along a curve or segment (evenly spaced t, both ends "
-                                            "included).")] = 11,
+                                            "included), 2 to 100,000; checked for every input.")] = 11,
     train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy (no L2 term) over a fixed "
                                               "random subset of this many training images (un-augmented); 0 = "
                                               "all. Its default, 5000, keeps each Hessian-vector product short; "
@@ -1187,7 +1190,7 @@ def hessian_cmd(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Curvature of the training loss: top Hessian eigenvalues (and trace), at a network, on a curve or per member.
 
@@ -1239,8 +1242,8 @@ def align_cmd(
     = AlignMethod.weights,
     seed: Annotated[int, typer.Option(help="Seed for the order of the groups (weights) or of the training images "
                                      "(activations); a whole number in [0, 2^32).")] = 0,
-    max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups "
-                                           "(it stops earlier when a sweep changes nothing).")] = 100,
+    max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups, 1 "
+                                           "to 1e9 (it stops earlier when a sweep changes nothing).")] = 100,
     batches: Annotated[int, typer.Option("--activation-batches", "--batches",
                                          help="Activation matching: training batches (of --batch-size) to measure "
                                          "the correlations on (--batches: the name in mctool 0.2.0).")] = 8,
@@ -1342,7 +1345,7 @@ def fge_cmd(
     deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    force: ForceOpt = False,
+    force: ForceRunOpt = False,
 ) -> None:
     """Fast Geometric Ensembling: cyclic learning rate from a trained network, one snapshot per cycle.
 

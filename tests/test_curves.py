@@ -208,7 +208,8 @@ def test_evaluate_curve_resume_fills_only_missing_points(cli, tmp_path, digits_m
     again, _ = read_h5(m)
     for name in ("train/loss", "test/err", "test/nll"):
         assert again[name] == pytest.approx(full[name])
-    assert "--num-points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5", "--resume")
+    assert "--num-points: 4 -> 5" in cli.error("evaluate-curve", *digits_models, "-m", m, "--num-points", "5",
+                                               "--resume")
 
 
 def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_models):
@@ -221,12 +222,14 @@ def test_resume_compares_the_batch_size_of_the_bn_pass(cli, tmp_path, digits_mod
             "--seed", s, "-o", out)
     m, p = tmp_path / "c.h5", tmp_path / "p.h5"
     cli("plane", *bn, "-m", p, "--grid-points", "2", "--batch-size", "32", *data)
-    assert "--batch-size (of the BN passes): 32 -> 512" in cli.error("plane", *bn, "-m", p, "--grid-points", "2", "--resume", *data)
+    assert "--batch-size (of the BN passes): 32 -> 512" in cli.error("plane", *bn, "-m", p, "--grid-points", "2",
+                                                                     "--resume", *data)
     bn = bn[:2]
     cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", *data)
     assert json.loads(read_h5(m)[1]["config"])["bn_batch_size"] == 32
-    assert "--batch-size (of the BN passes): 32 -> 16" in cli.error("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size",
-                                                  "16", "--bn-batches", "1", "--resume", *data)
+    assert "--batch-size (of the BN passes): 32 -> 16" in cli.error(
+        "evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "16", "--bn-batches", "1", "--resume",
+        *data)
     cli("evaluate-curve", *bn, "-m", m, "--num-points", "3", "--batch-size", "32", "--bn-batches", "1", "--resume",
         *data)
     with h5py.File(m, "a") as f:  # a file of mctool 0.2.0 records no bn_batch_size: it resumes with any

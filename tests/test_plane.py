@@ -188,7 +188,8 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
     again, _ = read_h5(m)
     assert again["test/err"] == pytest.approx(full["test/err"]) and again["train/loss"] == pytest.approx(
         full["train/loss"])
-    assert "these differ: --grid-points: 3 -> 4." in cli.error("plane", bezier, "-m", m, "--grid-points", "4", "--resume")
+    assert "these differ: --grid-points: 3 -> 4." in cli.error("plane", bezier, "-m", m, "--grid-points", "4",
+                                                               "--resume")
     assert "other settings" in cli.error("plane", bezier, "-m", m, "--grid-points", "3", "--wd", "0.1", "--resume")
 
 

@@ -303,6 +303,8 @@ BAD_OPTIONS = {
                                   "--train-subset must be >= 0"),
     "surface --ignore foo": (lambda f: ["surface", f["m0"], "-m", "s.h5", "--ignore", "foo"],
                              "--ignore takes bn, bias (comma-separated) or none, got 'foo'"),
+    "align --max-sweeps 1e10": (lambda f: ["align", f["m0"], f["m1"], "-o", "b.safetensors", "--max-sweeps",
+                                           str(10**10)], "--max-sweeps must be at most 1,000,000,000"),
     # point checked these only when it recalibrated BN (a network without BN took any value, exit 0)
     "point --device bogus": (lambda f: ["point", f["line"], "--t", "0.5", "--device", "bogus"],
                              "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
