@@ -933,6 +933,9 @@ def plot(
                                                 "beside it as NAME-points.vtp.")] = None,
     dpi: Annotated[int, typer.Option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
                                           "and SVG are vector figures.")] = 120,
+    log_loss: Annotated[bool, typer.Option("--log-loss", help="Curve and per-epoch figures: the loss on a log "
+                                           "axis (ends near 1e-3 beside a barrier of 2 show only the barrier on "
+                                           "a linear one).")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -941,7 +944,8 @@ def plot(
     from .plots import plot_files
 
     def work() -> Result:
-        return plot_files(files, output, three_d=three_d, html=html, vtk=vtk, force=force, dpi=dpi)
+        return plot_files(files, output, three_d=three_d, html=html, vtk=vtk, force=force, dpi=dpi,
+                          log_loss=log_loss)
 
     _run(work, as_json, quiet, lambda r: _table("plot", [("written", ", ".join(_path(f) for f in r.outputs.values()
                                                                                 if f is not None))]))

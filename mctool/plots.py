@@ -100,7 +100,7 @@ def _curve_kind(attrs: dict) -> str:
     return curve
 
 
-def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
+def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI, log_loss: bool = False) -> None:
     """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2).
     Points whose value is infinite (a diverged network) are marked at the top of the panel; files whose ends
     are different networks (``ends_sha256``) are drawn with a warning, each labelled by its file's name."""
@@ -155,6 +155,8 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
                         label=None if diverged_shown else "diverged (infinite)")
                 diverged_shown = True
     ax_loss.set(xlabel="t (position along the curve)", ylabel="train loss (CE + L2 term)", title="Train loss")
+    if log_loss:  # ends near 1e-3 and a barrier of 2: a linear axis shows only the barrier
+        ax_loss.set_yscale("log")
     ax_err.set(xlabel="t (position along the curve)", ylabel=f"{split} error (%)", title=f"{split.capitalize()} error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
@@ -534,7 +536,8 @@ def _ensemble_series(data: dict, split: str | None) -> tuple[np.ndarray, np.ndar
             100 * np.asarray(mem, dtype=np.float64))
 
 
-def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
+def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFAULT_DPI,
+                 log_loss: bool = False) -> None:
     """Training curves of one or more ``train``, ``connect`` or ``fge`` metrics files (of any of these kinds
     together): the loss and the error per epoch, on the training images (solid) and on the evaluation split
     where the file has it (dashed); for fge files, a third panel: the ensemble's error against its number of
@@ -569,6 +572,8 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
                 ax.plot(epoch, scale * data[f"{split}/{held}"], "--", marker=".", markersize=3,
                         color=line.get_color(), label=f"{prefix}{split} {held_name}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    if log_loss:
+        ax_loss.set_yscale("log")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="Error")
     if ensembles:
         ax_ens = axes[2]
@@ -650,11 +655,12 @@ def _short_label(label: str, width: int = 24) -> str:
 @holds_output_locks
 def plot_files(files: list[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,
-               dpi: int = DEFAULT_DPI) -> PlotResult:
+               dpi: int = DEFAULT_DPI, log_loss: bool = False) -> PlotResult:
     """Draw whatever the files hold: one plane or surface file (``three_d``: as 3-D surfaces; ``html``: also an
     interactive figure; ``vtk``: also VTK files for ParaView), one or more evaluate-curve files, or per-epoch
     files of train, connect and fge. ``output`` is the figure (PNG, PDF or SVG; a PNG at ``dpi`` dots per
-    inch); at least one of ``output``, ``html`` and ``vtk`` is needed."""
+    inch); at least one of ``output``, ``html`` and ``vtk`` is needed. ``log_loss``: the loss panels of curve
+    and per-epoch figures on a log axis."""
     t0 = time.time()
     files = file_list(files, "files")
     check_count("--dpi", dpi, 10, MAX_DPI)
@@ -670,6 +676,10 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     if kinds and kinds <= set(HISTORY_KINDS):  # a training run and its fge continuation, on one figure
         kind = "history" if len(kinds) > 1 else kind
+    if log_loss and kind not in ("evaluate-curve", "history", *HISTORY_KINDS):
+        raise ConfigError("--log-loss draws the loss of curve and per-epoch figures on a log axis; a plane's or "
+                          "surface's contour levels are spaced logarithmically already, and a hessian file holds "
+                          "no loss.")
     if kind in ("plane", "surface"):
         if len(files) != 1:
             raise MetricsFileError(f"give one {kind} file at a time.")
@@ -685,7 +695,7 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
                                    "(-o FIGURE).")
         if output is None:
             raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")
-        plot_curves(files, output, dpi=dpi)
+        plot_curves(files, output, dpi=dpi, log_loss=log_loss)
     elif kind in HISTORY_KINDS + ("history", "hessian"):
         if three_d or html is not None or vtk is not None:
             raise MetricsFileError(f"--3d, --html and --vtk draw plane and surface files; {kind} files are drawn as "
@@ -697,7 +707,7 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
                 raise MetricsFileError("give one hessian file at a time.")
             plot_hessian(files[0], output, dpi=dpi)
         else:
-            plot_history(files, output, dpi=dpi)
+            plot_history(files, output, dpi=dpi, log_loss=log_loss)
     else:
         listed = ", ".join(f"'{f}' ({'kind ' + repr(k)[:40] if k is not None else 'no kind'})" for f, k in of.items())
         what = ("files of different kinds together" if len(kinds) > 1 else "this file" if len(of) == 1

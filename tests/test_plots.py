@@ -170,3 +170,15 @@ def test_dpi_and_pdf_fonts(runs, cli, tmp_path):
     pdf = tmp_path / "p.pdf"
     cli("plot", runs["curve"], "-o", pdf)
     assert b"/FontFile2" in pdf.read_bytes() and b"/Type3" not in pdf.read_bytes()  # TrueType, not Type 3
+
+
+def test_log_loss_axis(runs, cli, tmp_path, monkeypatch):
+    cli("plot", runs["curve"], "-o", tmp_path / "ok.png", "--log-loss")
+    assert "--log-loss draws the loss of curve and per-epoch figures" in cli.error(
+        "plot", runs["plane"], "-o", tmp_path / "p.png", "--log-loss")
+    figures = _drawn(monkeypatch)
+    plots.plot_curves([runs["curve"]], tmp_path / "c.png", log_loss=True)
+    plots.plot_history([runs["train_h5"]], tmp_path / "h.png", log_loss=True)
+    plots.plot_curves([runs["curve"]], tmp_path / "d.png")
+    assert [f.axes[0].get_yscale() for f in figures] == ["log", "log", "linear"]
+    assert [f.axes[1].get_yscale() for f in figures] == ["linear"] * 3  # errors stay linear
