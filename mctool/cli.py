@@ -842,13 +842,15 @@ def point(
     The result is usable by evaluate, train --init, fge and timm. A point on a curve gets its BatchNorm
     statistics recomputed unless --no-bn-update.
     """
-    from .curve_eval import export_point
+    from .curve_eval import check_point_options, export_point
     from .ensembles import export_member
 
     def work() -> Result:
         if (t is None) == (index is None):
             raise ConfigError("give exactly one of --t (a curve) or --index (an ensemble member).")
-        if index is not None:
+        if index is not None:  # (the data options do not apply; still checked, as by every command)
+            check_point_options(batch_size=batch_size, bn_batches=bn_batches, bn_data=bn_data.value,
+                                num_workers=num_workers, device=device, dataset=dataset)
             return export_member(source, index, output, force=force)
         return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches,
                             bn_data=bn_data.value, force=force,

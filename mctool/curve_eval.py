@@ -46,13 +46,14 @@ def curve_from_files(paths: list[str], one_network: str = "'mctool evaluate FILE
 
 
 def ends_fingerprint(curve: Curve) -> str:
-    """sha256 of a curve's two ends (the float32 parameters of A and B, in order): equal for the segment and the
-    curves between the same two networks, whatever files they came from (``plot`` overlays only those
+    """JSON of the sha256 of a curve's two ends' float32 parameters, A's then B's: equal for the segment and
+    the curves between the same two networks, whatever files they came from (``plot`` overlays only those
     without a warning)."""
-    h = hashlib.sha256()
-    for end in (curve.points[0], curve.points[-1]):
-        h.update(end.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
-    return h.hexdigest()
+    def sha(end: torch.Tensor) -> str:
+        data = end.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+        return hashlib.sha256(data.tobytes()).hexdigest()
+
+    return json.dumps([sha(curve.points[0]), sha(curve.points[-1])])
 
 
 def segment_lengths(curve: Curve, t: np.ndarray) -> tuple[np.ndarray, float]:
@@ -340,6 +341,19 @@ def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 6
     return result
 
 
+def check_point_options(*, batch_size: int, bn_batches: int | None, bn_data: str, num_workers: int, device: str,
+                        dataset: str | None) -> torch.device:
+    """``point``'s data options, checked as every command checks them whether or not they are used (a network
+    without BatchNorm, or an ensemble's member, reads no data); the device they name."""
+    check_count("--batch-size", batch_size)
+    check_count("--bn-batches", bn_batches)
+    check_bn_data(bn_data)
+    check_count("--num-workers", num_workers, 0)
+    if dataset is not None:
+        check_dataset_name(dataset)
+    return resolve_device(device)
+
+
 @holds_output_locks
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
@@ -351,13 +365,8 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     ``mctool.progress()`` unless ``quiet``)."""
     t0 = time.time()
     check_real("--t", t, 0, 1)
-    check_count("--batch-size", batch_size)
-    check_count("--bn-batches", bn_batches)
-    check_bn_data(bn_data)
-    check_count("--num-workers", num_workers, 0)
-    dev = resolve_device(device)  # (checked as every command checks them, also for a network without BN)
-    if dataset is not None:
-        check_dataset_name(dataset)
+    dev = check_point_options(batch_size=batch_size, bn_batches=bn_batches, bn_data=bn_data,
+                              num_workers=num_workers, device=device, dataset=dataset)
     check_outputs({"--output": output}, [path], force=force, formats={"--output": "safetensors"})
     curve = load_curve(path)[0]
     model = curve.build_model()

@@ -588,7 +588,8 @@ _FILE_SETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
 def check_dataset_name(name: Any) -> None:
     """A data set name ``load_data`` knows (``DATASETS``), with the options it takes, checked without reading
-    anything (commands check it before any work, also where the data is read only in some cases)."""
+    anything (``load_data`` starts with it; ``point`` checks its --dataset with it, which it reads only for a
+    network with BatchNorm)."""
     if not isinstance(name, str):
         raise ConfigError(f"the data set must be named by a string (--dataset), got {name!r}.")
     base = name.split(":", 1)[0]
@@ -597,7 +598,11 @@ def check_dataset_name(name: Any) -> None:
             raise ConfigError(f"'{base}' takes no options.")
     elif base == "synthetic":
         _parse_options(name, _SYNTHETIC_DEFAULTS)
-    elif base != "imagefolder":
+    elif base == "imagefolder":
+        if not name.partition(":")[2]:  # (whether the folder holds train/ and val/ is seen when it is read)
+            raise DataError(f"'{name}' needs a folder: imagefolder:PATH, with 'train/' and 'val/' inside (e.g. "
+                            "imagefolder:/data/imagenet).")
+    else:
         raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}.")
 
 

@@ -280,7 +280,7 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
     if diff:
         shown = ", ".join(f"{setting_name(k)}: {show_setting(a)} -> {show_setting(b)}" for k, (a, b) in diff.items())
         raise MetricsFileError(f"'{path}' was computed with other settings; --resume needs the same options as the "
-                               f"interrupted run; these differ: {shown}.")
+                               f"run that wrote it; these differ: {shown}.")
     return data, attrs
 
 

@@ -35,7 +35,7 @@ from .flat import ParamLayout
 from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_split
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
-from .points import PointRun
+from .points import PointRun, finishing
 from .results import FileRef, HessianResult, file_refs
 from .runtime import resolve_device
 from .console import warn
@@ -334,7 +334,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     if plot is not None and distributed.is_main():
         from .plots import plot_hessian
 
-        plot_hessian(metrics, plot)
+        with finishing(metrics, n):  # Ctrl-C now: every point is saved, --resume draws it
+            plot_hessian(metrics, plot)
     result.outputs = {"metrics": FileRef.of(metrics),
                       "eigenvectors": FileRef.of(vec_path) if vec_path is not None else None,
                       "plot": FileRef.of(plot) if plot is not None else None}

@@ -190,8 +190,8 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     if not paths:
         raise ConfigError("give the shard files to merge (all N files of one run's --shard I/N).")
     output = Path(output)
-    check_outputs({"--output": output, "--plot": plot}, paths, force=force,
-                  formats={"--output": "hdf5", "--plot": "figure"})
+    check_outputs({"--metrics": output, "--plot": plot}, paths, force=force,
+                  formats={"--metrics": "hdf5", "--plot": "figure"})
     shards = [_read_shard(p) for p in paths]
     first = shards[0]
     for s in shards[1:]:
@@ -213,8 +213,9 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
     first = shards[0]
     kind, split = first.attrs["kind"], first.attrs["split"]
     if kind == "surface":  # its directions file too
-        check_outputs({"--output": output, "--plot": plot, "directions file": directions_path(output)}, paths,
-                      force=force, formats={"--output": "hdf5", "--plot": "figure"})
+        check_outputs({"--metrics": output, "--plot": plot,
+                       "directions file (beside --metrics)": directions_path(output)}, paths, force=force,
+                      formats={"--metrics": "hdf5", "--plot": "figure"})
     names = _layout(kind, split, first.data, first.path)
     for s in shards[1:]:  # what every shard computes alike: the split, the grid's or curve's coordinates...
         if s.attrs.get("split") != split:

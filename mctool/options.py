@@ -133,7 +133,7 @@ def plain(value: Any) -> Any:
 #: Recorded settings whose option is not ``--`` plus the key with ``-`` for ``_`` (None: not an option, a
 #: property of the inputs).
 _SETTING_OPTIONS = {"bn_batch_size": "--batch-size (of the BN passes)", "margins": "--margin (or --margin-*)",
-                    "curve": None, "num_bends": None, "points": None, "derived": None}
+                    "points": None, "derived": None, "pretrained_source": None}
 
 
 def setting_name(key: str) -> str:

@@ -118,8 +118,9 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
                                    "that shard's points. Merge the shards first (mctool merge SHARDS... -o FILE), then "
                                    "draw the merged file.")
         _check_computed(f, attrs, np.asarray(data["train/loss"], dtype=np.float64), "curve")
-        if isinstance(attrs.get("ends_sha256"), str):
-            ends[str(f)] = attrs["ends_sha256"]
+        recorded = json_attr(attrs, "ends_sha256", f) if isinstance(attrs.get("ends_sha256"), str) else None
+        if isinstance(recorded, list) and len(recorded) == 2 and all(isinstance(h, str) for h in recorded):
+            ends[str(f)] = tuple(recorded)
         kind = _curve_kind(attrs)
         # --compare-unaligned files hold the segment to the unaligned B too: drawn beside the aligned one
         groups = [("", "summary", kind + (" to aligned B" if "unaligned/train/loss" in data else ""))]
@@ -133,10 +134,16 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
                     if isinstance(barrier, (int, float)) and np.isfinite(barrier) else "")
             series.append((Path(f).name, name, t, data[prefix + "train/loss"], 100 * data[f"{prefix}{split}/err"],
                            tail))
-    pairs = len(set(ends.values()))
+    pairs = len({frozenset(e) for e in ends.values()})
     if pairs > 1:
         warn(f"the files connect {pairs} different pairs of networks (their ends differ), so their A and B are not "
              "the same networks; each line is labelled by its file.")
+    elif len(set(ends.values())) > 1:  # one pair, from A to B in some files and from B to A in others
+        first = next(iter(ends.values()))
+        swapped = [Path(f).name for f, e in ends.items() if e != first]
+        warn(f"{', '.join(swapped)} run{'s' if len(swapped) == 1 else ''} between the same two networks as the "
+             "other files, from their B to their A (t = 0 there is t = 1 here); each line is labelled by its file.")
+        pairs = 2  # (named by file, as for different pairs)
     kinds = [s[1] for s in series]
     diverged_shown = False
     for name, kind, t, loss, err, tail in series:
@@ -355,15 +362,28 @@ def _on_grid(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np
 KEEP_CAP = 100.0
 
 
+def _cell_floor(x: np.ndarray, y: np.ndarray, z: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """The lowest of the four grid values around each point (px, py) (NaN outside the grid or where all four
+    are NaN): what the surface surely reaches there, which one extreme cell beside it does not raise."""
+    i = np.clip(np.searchsorted(x, px) - 1, 0, len(x) - 2)
+    j = np.clip(np.searchsorted(y, py) - 1, 0, len(y) - 2)
+    corners = np.stack([z[i, j], z[i + 1, j], z[i, j + 1], z[i + 1, j + 1]])
+    inside = (px >= x[0] - 1e-9) & (px <= x[-1] + 1e-9) & (py >= y[0] - 1e-9) & (py <= y[-1] + 1e-9)
+    with np.errstate(invalid="ignore"):
+        low = np.where(np.isnan(corners), np.inf, corners).min(axis=0)
+    return np.where(inside & np.isfinite(low), low, np.nan)
+
+
 def _kept(view: GridView, z: np.ndarray) -> float:
     """The highest value of ``z`` along the lines the figure is about (the segment between the first and last
-    marked points, the path through the marked points or the projected curve or trajectory), interpolated
-    from the grid: the contour levels reach it whatever their cap (``_log_levels``), up to ``KEEP_CAP`` times
-    the grid's median."""
+    marked points, the path through the marked points or the projected curve or trajectory), each point's the
+    lowest of the four grid values around it (``_cell_floor``: a barrier's ridge is wider than a cell, one
+    diverged cell is not): the contour levels reach it whatever their cap (``_log_levels``), up to
+    ``KEEP_CAP`` times the grid's median."""
     if view.y is None or len(view.points) < 2:
         return -np.inf
     lines = [view.points[[0, -1]], view.points if view.path is None else view.path]
-    along = np.concatenate([_on_grid(view.x, view.y, z, p[:, 0], p[:, 1]) for p in map(_densified, lines)])
+    along = np.concatenate([_cell_floor(view.x, view.y, z, p[:, 0], p[:, 1]) for p in map(_densified, lines)])
     along = along[np.isfinite(along)]
     finite = z[np.isfinite(z)]
     if not along.size or not finite.size:
@@ -461,7 +481,9 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
                 shown, extend = np.where(np.isposinf(z), 2 * levels[-1] - levels[0], z), "max"
             cs = ax.contourf(view.x, view.y, shown.T, levels=levels, cmap="viridis", extend=extend)
             ax.contour(view.x, view.y, shown.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            fig.colorbar(cs, ax=ax, label=unit, format="%.3g")  # (its triangle: the cells above the top level)
+            # (its triangle: the cells above the top level; more digits where 3 would repeat a label)
+            fmt = "%.3g" if len({f"{v:.3g}" for v in cs.levels}) == len(cs.levels) else "%.6g"
+            fig.colorbar(cs, ax=ax, label=unit, format=fmt)
         if np.isnan(z).any():  # not computed (or NaN): hatched grey, told apart from any value
             ax.contourf(view.x, view.y, np.isnan(z).T.astype(float), levels=[0.5, 1.5], colors="none",
                         hatches=["////"])
@@ -698,7 +720,8 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
         plot_curves(files, output, dpi=dpi, log_loss=log_loss)
     elif kind in HISTORY_KINDS + ("history", "hessian"):
         if three_d or html is not None or vtk is not None:
-            raise MetricsFileError(f"--3d, --html and --vtk draw plane and surface files; {kind} files are drawn as "
+            named = "train, connect and fge" if kind == "history" else kind
+            raise MetricsFileError(f"--3d, --html and --vtk draw plane and surface files; {named} files are drawn as "
                                    "lines (-o FIGURE).")
         if output is None:
             raise ConfigError("give the figure to write: -o FIGURE (.png, .pdf or .svg).")

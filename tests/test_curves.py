@@ -145,6 +145,9 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     # the endpoints in the other order are refused
     assert "at another network than" in cli.error("connect", *digits_models[::-1], "--epochs", "3", *CPU, "-o", out,
                                                   "--resume")
+    # another curve: each difference named by its option
+    assert "these differ: --curve: bezier -> polychain, --num-bends: 1 -> 2." in cli.error(
+        "connect", *args, "-o", out, "--resume", "--curve", "polychain", "--num-bends", "2")
     # --lr left out: the interrupted run's, not the default connect would derive from A; the endpoints spelled
     # relative to another working folder (a requeued job) are the same files
     monkeypatch.chdir(digits_models[0].parent)

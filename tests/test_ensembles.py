@@ -87,6 +87,12 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ens.network(2).state_dict().values()))
     assert "--index must be between 0 and 4" in cli.error("point", out, "--index", "5", "-o", tmp_path / "x.st")
     assert "exactly one of --t" in cli.error("point", out, "-o", tmp_path / "x.st")
+    # the data options do not apply to a member, and are checked all the same (they were taken as they came)
+    for bad, message in ((["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+                         (["--dataset", "foo"], "unknown data set 'foo'"),
+                         (["--num-workers", "-1"], "--num-workers must be >= 0")):
+        assert message in cli.error("point", out, "--index", "0", "-o", tmp_path / "x.safetensors", *bad)
+    assert not (tmp_path / "x.safetensors").exists()
     assert "is an ensemble file, not a curve: 'mctool point FILE --index I'" in cli.error(
         "point", out, "--t", "0.5", "-o", tmp_path / "x.st")
     # evaluate accepts ensemble files and expands them into members

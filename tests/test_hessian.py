@@ -327,3 +327,19 @@ def test_residual_of_a_zero_eigenvalue_is_against_the_point_scale():
     np.testing.assert_allclose(got, [lifted / 2.0, lifted / 1.0, lifted / (RESIDUAL_FLOOR * 2.0)], rtol=1e-6)
     assert got.max() < 1e-3
     assert np.isnan(LossHessian.residuals(fake, np.array([2.0, np.nan, 1.0]), vecs)[1])
+
+
+def test_ctrl_c_while_drawing_says_every_point_is_saved(cli, tmp_path, tiny, monkeypatch):
+    import mctool.plots as plots
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_hessian", interrupted)
+    m = tmp_path / "h.h5"
+    args = ["hessian", tiny[0], "-m", m, "--top-k", "1", "--train-subset", SUBSET, "--plot", tmp_path / "h.png", *CPU]
+    message = cli.error(*args, code=130)
+    assert f"interrupted while finishing; all 1 points are saved in '{m}'" in message and "--resume" in message
+    monkeypatch.undo()
+    cli(*args, "--resume", "-q")  # computes nothing again: draws the figure
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"

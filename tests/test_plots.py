@@ -1,5 +1,6 @@
 """Figures: what they show of extreme, diverged and missing values, of curves off the plane and of overlays."""
 
+import json
 import re
 import shutil
 import struct
@@ -27,8 +28,10 @@ def runs(tmp_path_factory, digits_models):
     other = folder / "o.safetensors"
     cli("train", "-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--epochs", "1", "--seed", "7", "-o", other,
         "-q", *CPU)
-    files = {"curve": folder / "curve.h5", "segment": folder / "seg.h5", "other": folder / "other.h5"}
-    for name, inputs in (("curve", [curve]), ("segment", digits_models), ("other", [digits_models[0], other])):
+    files = {"curve": folder / "curve.h5", "segment": folder / "seg.h5", "other": folder / "other.h5",
+             "reverse": folder / "reverse.h5"}
+    for name, inputs in (("curve", [curve]), ("segment", digits_models), ("other", [digits_models[0], other]),
+                         ("reverse", digits_models[::-1])):
         cli("evaluate-curve", *inputs, "-m", files[name], "--num-points", "3", "-q", *CPU)
     return {"plane": plane, "train_h5": other.with_suffix(".h5"), **files}
 
@@ -52,20 +55,27 @@ def _edited(src, dst, **values):
 
 
 def test_one_diverged_cell_does_not_flatten_the_plane(runs, tmp_path):
-    """The levels reached the largest value in the points' box, so one cell of 1e6 left everything else in the
-    lowest band; now they reach the segment's and the curve's highest value, at most KEEP_CAP x the median."""
-    z0 = plots.grid_view(runs["plane"]).z["train/loss"]
-    huge = _edited(runs["plane"], tmp_path / "huge.h5", **{"train/loss": {(2, 3): 1e6}})
-    view = plots.grid_view(huge)
-    z = view.z["train/loss"]
-    levels, extend = plots._log_levels(z, keep=plots._kept(view, z))
-    assert extend == "max" and levels[-1] <= plots.KEEP_CAP * np.median(z) * (1 + 1e-12)
-    # the unedited plane's values sit in many bands, not in the first
-    inside = z0[z0 < levels[-1]]
-    assert len(np.unique(np.searchsorted(levels, inside))) >= 4
-    # the segment's barrier is still inside the levels: the path's largest value is kept
-    segment = plots._on_grid(view.x, view.y, z0, np.linspace(0, view.points[2, 0], 50), np.zeros(50))
-    assert np.nanmax(segment) <= levels[-1]
+    """The levels reached the largest value in the points' box, then the value interpolated along the segment,
+    so one cell of 1e6 beside the segment left every other value in a few bands; now a path point counts the
+    lowest of the four cells around it."""
+    view0 = plots.grid_view(runs["plane"])
+    z0 = view0.z["train/loss"]
+    # the cell beside the segment's middle: row of the grid nearest v = 0, column nearest the middle of A-B
+    i = int(np.argmin(np.abs(view0.x - view0.points[2, 0] / 2)))
+    j = int(np.argmin(np.abs(view0.y)))
+
+    def bands(z, levels):
+        inside = z[np.isfinite(z) & (z < levels[-1])]
+        return len(np.unique(np.searchsorted(levels, inside)))
+
+    unedited = bands(z0, plots._log_levels(z0, keep=plots._kept(view0, z0))[0])
+    for cell in ((i, j), (i, min(j + 1, len(view0.y) - 1)), (0, 0)):
+        huge = _edited(runs["plane"], tmp_path / "huge.h5", **{"train/loss": {cell: 1e6}})
+        view = plots.grid_view(huge)
+        z = view.z["train/loss"]
+        levels, extend = plots._log_levels(z, keep=plots._kept(view, z))
+        assert extend == "max" and levels[-1] < 1e3, cell
+        assert bands(z0, levels) >= 0.6 * unedited, cell  # the other values spread over the bands as before
 
 
 def test_infinite_cells_take_the_top_colour_and_missing_ones_are_hatched(runs, tmp_path, cli, monkeypatch):
@@ -116,8 +126,12 @@ def test_a_curve_off_the_plane_is_named_and_a_stretched_axis_is_said(runs, tmp_p
 
 def test_curves_of_different_pairs_are_named_and_a_diverged_point_is_marked(runs, tmp_path, cli, monkeypatch):
     with h5py.File(runs["curve"]) as a, h5py.File(runs["segment"]) as b, h5py.File(runs["other"]) as c:
-        ends = [f.attrs["ends_sha256"] for f in (a, b, c)]
+        ends = [json.loads(f.attrs["ends_sha256"]) for f in (a, b, c)]
     assert ends[0] == ends[1] != ends[2]  # the curve and the segment between the same networks: one pair
+    assert ends[2][0] == ends[0][0] and ends[2][1] != ends[0][1]  # the other segment: the same A, another B
+    res = cli("plot", runs["segment"], runs["reverse"], "-o", tmp_path / "back.png")
+    assert ("Warning: reverse.h5 runs between the same two networks as the other files, from their B to their A"
+            in res.stderr)
     res = cli("plot", runs["segment"], runs["curve"], runs["other"], "-o", tmp_path / "three.png")
     assert "Warning: the files connect 2 different pairs of networks (their ends differ)" in res.stderr
     assert "Warning" not in cli("plot", runs["segment"], runs["curve"], "-o", tmp_path / "two.png").stderr
