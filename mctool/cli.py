@@ -738,7 +738,8 @@ def evaluate_curve(
         metavar="FILES", help="A curve file, or two model checkpoints (their straight "
                               "segment).")],
     metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
-    num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1].")] = 61,
+    num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1], 2 to "
+                                            "100,000.")] = 61,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw train loss and error against t to this "
                                                  "figure (.png, .pdf or .svg).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
@@ -877,7 +878,7 @@ def ensemble(
                                                     "file.")] = None,
     num_points: Annotated[Optional[int], typer.Option(help="Sample this many evenly spaced points along a curve "
                                                       "file, ends included (each BN-recalibrated), as the members; "
-                                                      "1 takes t = 0.5.")] = None,
+                                                      "1 takes t = 0.5; at most 100,000.")] = None,
     temperature_scale: Annotated[bool, typer.Option("--temperature-scale", help="Fit one temperature on the "
                                                     "held-out part of the training data (the val split) and "
                                                     "report calibrated metrics too.")] = False,
