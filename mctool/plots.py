@@ -107,7 +107,7 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     series = []  # (file, kind of path, t, train loss, error in %, label's tail)
-    ends: dict[str, str] = {}  # file -> its ends' fingerprint, where recorded
+    ends: dict[str, tuple[str, str]] = {}  # file -> (sha256 of A, of B), where recorded
     for f in files:
         data, attrs = metrics_file(f, ("evaluate-curve",), {"t": 1, "train/loss": 1})
         split = _checked_split(attrs, f)
