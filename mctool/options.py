@@ -42,7 +42,7 @@ def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None =
     if value < minimum:
         raise ConfigError(f"{option} must be >= {minimum}, got {value}.")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{option} must be at most {maximum:,}, got {value:,}.")
+        raise ConfigError(f"{option} must be at most {count_text(maximum)}, got {count_text(value)}.")
 
 
 def check_seed(value: Any, bits: int = 32, option: str = "--seed") -> None:
@@ -72,6 +72,13 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ConfigError(f"{option} must be {wanted}, got {_number(value)}.")
+
+
+def count_text(n: int) -> str:
+    """A whole number as the help texts write it: ``1,000,000``; a power of ten beyond that as ``1e9``."""
+    if n >= 10**7 and str(n).rstrip("0") == "1":
+        return f"1e{len(str(n)) - 1}"
+    return f"{n:,}"
 
 
 def _number(x: float) -> str:
