@@ -208,7 +208,7 @@ def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0,
     if lo < cap < hi:
         hi, extend = cap, "max"
     if hi <= lo:
-        hi = lo + 1e-6
+        hi = lo + max(1e-6, 1e-3 * abs(lo))  # one value (or all equal): a narrow band above it
     s = np.linspace(0.0, 1.0, n)
     return lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness), extend
 
@@ -481,9 +481,13 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
                 shown, extend = np.where(np.isposinf(z), 2 * levels[-1] - levels[0], z), "max"
             cs = ax.contourf(view.x, view.y, shown.T, levels=levels, cmap="viridis", extend=extend)
             ax.contour(view.x, view.y, shown.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            # (its triangle: the cells above the top level; more digits where 3 would repeat a label)
-            fmt = "%.3g" if len({f"{v:.3g}" for v in cs.levels}) == len(cs.levels) else "%.6g"
-            fig.colorbar(cs, ax=ax, label=unit, format=fmt)
+            alone = _alone(shown)  # computed cells with no computed neighbours to fill between: drawn as squares
+            if alone.any():
+                gx, gy = np.meshgrid(view.x, view.y, indexing="ij")
+                ax.scatter(gx[alone], gy[alone], c=shown[alone], cmap="viridis", norm=cs.norm, marker="s", s=70,
+                           edgecolors="black", linewidths=0.5, zorder=4, clip_on=False)
+            # (its triangle: the cells above the top level)
+            fig.colorbar(cs, ax=ax, label=unit, format=_level_format(cs.levels))
         if np.isnan(z).any():  # not computed (or NaN): hatched grey, told apart from any value
             ax.contourf(view.x, view.y, np.isnan(z).T.astype(float), levels=[0.5, 1.5], colors="none",
                         hatches=["////"])
@@ -528,6 +532,35 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     _save(fig, output, dpi)
 
 
+def _alone(z: np.ndarray) -> np.ndarray:
+    """The finite cells of a grid that ``contourf`` leaves blank: it fills each quad of four neighbouring cells
+    with at least three finite corners, so a cell that is a corner of no such quad (one computed cell of an
+    interrupted plane, say) would not be drawn at all."""
+    ok = np.isfinite(z)
+    if z.ndim != 2 or min(z.shape) < 2:
+        return ok
+    quad = (ok[:-1, :-1].astype(int) + ok[1:, :-1] + ok[:-1, 1:] + ok[1:, 1:]) >= 3
+    filled = np.zeros_like(ok)
+    for di in (0, 1):
+        for dj in (0, 1):
+            filled[di:di + quad.shape[0], dj:dj + quad.shape[1]] |= quad
+    return ok & ~filled
+
+
+def _level_format(levels: np.ndarray) -> str:
+    """The colorbar's number format: the fewest significant digits (3 to 8) that tell every level apart."""
+    for digits in range(3, 9):
+        if len({f"{v:.{digits}g}" for v in levels}) == len(levels):
+            break
+    return f"%.{digits}g"
+
+
+def _times(x: float) -> str:
+    """A ratio for a label, to two significant digits without an exponent: ``3.7``, ``0.25``, ``110``."""
+    x = float(f"{x:.2g}")
+    return f"{x:,.0f}" if x >= 10 else f"{x:g}"
+
+
 def _note_stretch(fig, axes) -> None:
     """A plane is drawn to fill its panels, so v's unit is usually drawn longer (or shorter) than u's: say by
     how much in the v axis's label, so that a reader does not take a stretched curve for a detour."""
@@ -540,7 +573,7 @@ def _note_stretch(fig, axes) -> None:
     stretch = (box.height / abs(y1 - y0)) / (box.width / abs(x1 - x0))  # v's unit over u's, on the page
     if not 1 / 1.25 <= stretch <= 1.25:
         for a in axes:
-            a.set_ylabel(f"{a.get_ylabel()}\n(a unit of v drawn {stretch:.2g}x as long as a unit of u)")
+            a.set_ylabel(f"{a.get_ylabel()}\n(a unit of v drawn {_times(stretch)}x as long as a unit of u)")
 
 
 #: The per-epoch metrics files ``plot_history`` draws.

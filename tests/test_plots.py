@@ -9,6 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
+from matplotlib.collections import PathCollection
+
 import mctool.plots as plots
 from mctool.errors import MctoolWarning
 
@@ -99,6 +101,45 @@ def test_infinite_cells_take_the_top_colour_and_missing_ones_are_hatched(runs, t
     assert "not computed (NaN)" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
+def test_lone_computed_cells_are_drawn(runs, tmp_path, monkeypatch):
+    """contourf fills only quads of cells with at least three finite corners: a plane interrupted after one or
+    two cells showed nothing but hatching. Such cells are drawn as squares in the colours of the levels."""
+    grid = np.full((4, 5), np.nan)
+    assert not plots._alone(grid).any()
+    grid[0, 0] = grid[0, 1] = 1.0  # two neighbours: no quad with three corners
+    grid[3, 4] = 2.0
+    assert plots._alone(grid).tolist() == np.isfinite(grid).tolist()
+    grid[1, 0] = 3.0  # now three corners of the first quad
+    assert np.argwhere(plots._alone(grid)).tolist() == [[3, 4]]
+    assert not plots._alone(np.ones((3, 3))).any()
+
+    with h5py.File(runs["plane"]) as f:
+        shape = f["train/loss"].shape
+    nan = {(i, j): np.nan for i in range(shape[0]) for j in range(shape[1]) if (i, j) != (1, 2)}
+    one = _edited(runs["plane"], tmp_path / "one.h5", **{"train/loss": nan, "test/err": nan})
+    figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning) as seen:
+        plots.plot_grid(one, tmp_path / "one.png")
+        view = plots.grid_view(one)
+    assert {str(w.message) for w in seen} == {f"'{one}': 24 of 25 grid points have no value (NaN)."}
+    fig = figures[0]
+    for k, (z, *_) in enumerate(plots._panels(view)):
+        ax, bar = fig.axes[k], fig.axes[2 + k]
+        squares = [c for c in ax.collections if isinstance(c, PathCollection) and c.get_array() is not None]
+        assert len(squares) == 1, k
+        assert squares[0].get_offsets().tolist() == [[view.x[1], view.y[2]]]
+        assert squares[0].get_array().tolist() == [z[1, 2]]
+        # one value: a narrow band of levels above it, each level labelled apart on the colorbar
+        labels = [t.get_text() for t in bar.get_yticklabels()]
+        assert len(set(labels)) == len(labels) > 2, labels
+
+
+def test_labels_numbers():
+    assert [plots._times(x) for x in (3.66, 0.251, 110.4, 1234.0, 1.0)] == ["3.7", "0.25", "110", "1,200", "1"]
+    assert plots._level_format(np.array([1.0, 2.0, 3.0])) == "%.3g"
+    assert plots._level_format(np.array([2.28929, 2.28931, 2.2894])) == "%.6g"
+
+
 def test_a_curve_off_the_plane_is_named_and_a_stretched_axis_is_said(runs, tmp_path, monkeypatch):
     assert plots.grid_view(runs["plane"]).note == ""  # a one-bend curve lies in its plane
     with h5py.File(runs["plane"]) as f:
@@ -118,7 +159,7 @@ def test_a_curve_off_the_plane_is_named_and_a_stretched_axis_is_said(runs, tmp_p
     stretch = (box.height / (y1 - y0)) / (box.width / (x1 - x0))
     label = ax.get_ylabel()
     assert stretch > 2  # two trained networks are far apart (dx) next to the bend's height (dy)
-    said = float(re.search(r"a unit of v drawn ([0-9.e+-]+)x as long as a unit of u", label).group(1))
+    said = float(re.search(r"a unit of v drawn ([0-9.,]+)x as long as a unit of u", label).group(1).replace(",", ""))
     assert said == pytest.approx(stretch, rel=0.1)
 
 
