@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .fileio import atomic_path, writes_files
-from .plots import GridView, grid_view
+from .plots import GridView, capped, grid_view
 
 
 def _array(name: str | None, values: np.ndarray, components: int = 1) -> str:
@@ -107,13 +107,19 @@ def write_html(view: GridView, path: str | Path) -> None:
     panels = [(view.z["train/loss"], "train loss"), (100 * view.z[f"{split}/err"], f"{split} error (%)")]
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "surface"}]],
                         subplot_titles=[title for _, title in panels], horizontal_spacing=0.02)
+    notes = [view.note] if view.note else []
     for col, (z, title) in enumerate(panels, start=1):
-        zt = np.where(np.isfinite(z), z, None).T.tolist()  # NaN cells become gaps
-        fig.add_trace(go.Surface(x=view.x, y=view.y, z=zt, colorscale="Viridis", name=title,
+        shown, top, over = capped(view, z)  # cells above the contours' top level drawn at it; hovering says
+        if over:
+            notes.append(f"{title}: {over:,} {'cell' if over == 1 else 'cells'} above {top:.3g} drawn at it")
+        zt = np.where(np.isfinite(shown), shown, None).T.tolist()  # NaN cells become gaps
+        true = [[None if np.isnan(v) else f"{v:.4g}" for v in row] for row in z.T.tolist()]  # hover: inf as inf
+        fig.add_trace(go.Surface(x=view.x, y=view.y, z=zt, customdata=true, colorscale="Viridis", name=title,
                                  colorbar={"x": 0.46 if col == 1 else 1.0, "len": 0.8, "title": {"text": title}},
-                                 hovertemplate="x %{x:.4g}<br>y %{y:.4g}<br>" + title + " %{z:.4g}<extra></extra>"),
+                                 hovertemplate="x %{x:.4g}<br>y %{y:.4g}<br>" + title
+                                 + " %{customdata}<extra></extra>"),
                       row=1, col=col)
-        floor = float(np.nanmin(z)) if np.isfinite(z).any() else 0.0
+        floor = float(np.nanmin(shown)) if np.isfinite(shown).any() else 0.0
         if view.path is not None:
             fig.add_trace(go.Scatter3d(x=view.path[:, 0], y=view.path[:, 1], z=np.full(len(view.path), floor),
                                        mode="lines+markers", line={"color": "crimson", "width": 5},
@@ -123,16 +129,18 @@ def write_html(view: GridView, path: str | Path) -> None:
                                    mode="markers+text", text=view.point_labels, marker={"size": 5, "color": "black"},
                                    name="points", showlegend=col == 1), row=1, col=col)
     scene = {"xaxis": {"title": {"text": view.xlabel}}, "yaxis": {"title": {"text": view.ylabel}}}
-    fig.update_layout(title={"text": view.note or f"{view.kind}: train loss and {split} error"},
+    fig.update_layout(title={"text": "; ".join(notes) or f"{view.kind}: train loss and {split} error"},
                       scene=scene, scene2=scene, height=650, margin={"l": 0, "r": 0, "t": 60, "b": 0})
     if writes_files():
         with atomic_path(Path(path)) as tmp:
             fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
 
 
-def export_grid(file: str | Path, *, html: str | Path | None = None, vtk: str | Path | None = None) -> Path | None:
-    """Write a plane or surface file's HTML figure and/or VTK files; returns the VTK points file (or None)."""
-    view = grid_view(file)
+def export_grid(file: str | Path, *, html: str | Path | None = None, vtk: str | Path | None = None,
+                view: GridView | None = None) -> Path | None:
+    """Write a plane or surface file's HTML figure and/or VTK files (from ``view`` if the caller has read the
+    file already); returns the VTK points file (or None)."""
+    view = view if view is not None else grid_view(file)
     if html is not None:
         write_html(view, html)
     return write_vtk(view, vtk) if vtk is not None else None

@@ -406,16 +406,23 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
     ax = fig.add_subplot(1, 2, position, projection="3d")
     xx, yy = np.meshgrid(view.x, view.y, indexing="ij")
     if np.isfinite(z).any():
+        shown, top, over = capped(view, z)
+        lo, hi = float(np.nanmin(shown)), float(np.nanmax(shown))
         # the colours span the values themselves (faces are coloured by their corners' mean otherwise)
-        surf = ax.plot_surface(xx, yy, np.ma.masked_invalid(z), cmap="viridis", linewidth=0, antialiased=True,
-                               rcount=len(view.x), ccount=len(view.y), vmin=float(np.nanmin(z)),
-                               vmax=float(np.nanmax(z)), alpha=0.9)
-        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.08, label=unit, format="%.3g")
-        floor = float(np.nanmin(z))
-        lift = 0.01 * (float(np.nanmax(z)) - floor)  # just above the surface, so that it is not hidden in it
+        surf = ax.plot_surface(xx, yy, np.ma.masked_invalid(shown), cmap="viridis", linewidth=0, antialiased=True,
+                               rcount=len(view.x), ccount=len(view.y), vmin=lo, vmax=hi, alpha=0.9)
+        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.08, label=unit, format=_level_format(np.linspace(lo, hi, 6)))
+        alone = _alone(shown, corners=4)  # a face needs its four corners: lone cells drawn as squares
+        if alone.any():
+            ax.scatter(xx[alone], yy[alone], shown[alone], c=shown[alone], cmap="viridis", vmin=lo, vmax=hi,
+                       marker="s", s=40, edgecolors="black", linewidths=0.5, depthshade=False)
+        if over:
+            title = f"{title}\n({over:,} {'cell' if over == 1 else 'cells'} above {top:.3g} drawn at {top:.3g})"
+        floor = lo
+        lift = 0.01 * (hi - floor) or 0.01 * max(abs(floor), 1e-6)  # just above the surface, not hidden in it
 
         def height(pts: np.ndarray) -> np.ndarray:
-            h = _on_grid(view.x, view.y, z, pts[:, 0], pts[:, 1]) + lift
+            h = _on_grid(view.x, view.y, shown, pts[:, 0], pts[:, 1]) + lift
             return np.where(np.isfinite(h), h, floor)
 
         if view.path is not None:  # (between its vertices too: a straight chord would cut through the surface)
@@ -435,12 +442,13 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
     return ax
 
 
-def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dpi: int = DEFAULT_DPI) -> None:
+def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dpi: int = DEFAULT_DPI,
+              view: GridView | None = None) -> None:
     """A ``plane`` or ``surface`` file as a figure: train loss and the evaluation error as filled contours (like the
     paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface; the points, and the
     projected curve or trajectory, drawn on them."""
     plt = _pyplot()
-    view = grid_view(file)
+    view = view if view is not None else grid_view(file)  # (plot_files reads it once for figure and exports)
     from matplotlib import patheffects
     from matplotlib.lines import Line2D
 
@@ -532,14 +540,25 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     _save(fig, output, dpi)
 
 
-def _alone(z: np.ndarray) -> np.ndarray:
+def capped(view: GridView, z: np.ndarray) -> tuple[np.ndarray, float | None, int]:
+    """For a 3-D surface, whose height cannot show an infinite loss and which one diverged cell of 1e6 would
+    flatten: ``z`` with the cells above the contour figure's top level (``_log_levels``), infinite ones among
+    them, lowered to it, as the contours draw them in the top colour; that level; how many cells were lowered."""
+    if not np.isfinite(z).any():
+        return z, None, 0
+    top = float(_log_levels(z, keep=_kept(view, z))[0][-1])
+    over = np.isposinf(z) | (np.isfinite(z) & (z > top))
+    return np.where(over, top, z), top, int(over.sum())
+
+
+def _alone(z: np.ndarray, corners: int = 3) -> np.ndarray:
     """The finite cells of a grid that ``contourf`` leaves blank: it fills each quad of four neighbouring cells
-    with at least three finite corners, so a cell that is a corner of no such quad (one computed cell of an
-    interrupted plane, say) would not be drawn at all."""
+    with at least three finite corners (a 3-D surface: four, ``corners``), so a cell that is a corner of no such
+    quad (one computed cell of an interrupted plane, say) would not be drawn at all."""
     ok = np.isfinite(z)
     if z.ndim != 2 or min(z.shape) < 2:
         return ok
-    quad = (ok[:-1, :-1].astype(int) + ok[1:, :-1] + ok[:-1, 1:] + ok[1:, 1:]) >= 3
+    quad = (ok[:-1, :-1].astype(int) + ok[1:, :-1] + ok[:-1, 1:] + ok[1:, 1:]) >= corners
     filled = np.zeros_like(ok)
     for di in (0, 1):
         for dj in (0, 1):
@@ -738,12 +757,13 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     if kind in ("plane", "surface"):
         if len(files) != 1:
             raise MetricsFileError(f"give one {kind} file at a time.")
+        view = grid_view(files[0])  # (once: its warnings are said once)
         if output is not None:
-            plot_grid(files[0], output, three_d=three_d, dpi=dpi)
+            plot_grid(files[0], output, three_d=three_d, dpi=dpi, view=view)
         if html is not None or vtk is not None:
             from .export import export_grid
 
-            export_grid(files[0], html=html, vtk=vtk)
+            export_grid(files[0], html=html, vtk=vtk, view=view)
     elif kind == "evaluate-curve":
         if three_d or html is not None or vtk is not None:
             raise MetricsFileError("--3d, --html and --vtk draw plane and surface files; curves are drawn as lines "

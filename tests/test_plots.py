@@ -134,6 +134,40 @@ def test_lone_computed_cells_are_drawn(runs, tmp_path, monkeypatch):
         assert len(set(labels)) == len(labels) > 2, labels
 
 
+def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_path, monkeypatch, cli):
+    """A 3-D surface cannot be infinitely high, and one cell of 1e6 flattened the rest into the floor: cells above
+    the contour figure's top level are drawn at it and the panel's title says how many. A lone computed cell (no
+    face has four computed corners) is drawn as a square."""
+    bad = _edited(runs["plane"], tmp_path / "bad.h5", **{"train/loss": {(0, 0): np.inf, (4, 4): 1e6}})
+    figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning):
+        plots.plot_grid(bad, tmp_path / "bad.png", three_d=True)
+        view = plots.grid_view(bad)
+    ax = figures[0].axes[0]
+    _, top, over = plots.capped(view, view.z["train/loss"])
+    assert over == 2 and top < 1e3
+    assert ax.get_title().endswith(f"(2 cells above {top:.3g} drawn at {top:.3g})")
+    assert ax.get_zlim()[1] < 2 * top  # the surface's scale is the other cells', not 1e6's
+    assert "above" not in figures[0].axes[2].get_title()  # the error panel has nothing above its levels
+
+    with h5py.File(runs["plane"]) as f:
+        shape = f["train/loss"].shape
+    nan = {(i, j): np.nan for i in range(shape[0]) for j in range(shape[1]) if (i, j) not in ((1, 2), (1, 3))}
+    two = _edited(runs["plane"], tmp_path / "two.h5", **{"train/loss": nan, "test/err": nan})
+    with pytest.warns(MctoolWarning):
+        plots.plot_grid(two, tmp_path / "two.png", three_d=True)
+    ax = figures[1].axes[0]
+    squares = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(squares) == 1 and len(squares[0].get_offsets()) == 2
+
+    pytest.importorskip("plotly")
+    monkeypatch.undo()  # (figures written again)
+    res = cli("plot", bad, "-o", tmp_path / "bad2.png", "--html", tmp_path / "bad.html")
+    assert res.stderr.count("Warning: ") == 1  # the infinite cell's, once for the figure and the export
+    html = (tmp_path / "bad.html").read_text()
+    assert '"customdata":[["inf",' in html and f"train loss: 2 cells above {top:.3g} drawn at it" in html
+
+
 def test_labels_numbers():
     assert [plots._times(x) for x in (3.66, 0.251, 110.4, 1234.0, 1.0)] == ["3.7", "0.25", "110", "1,200", "1"]
     assert plots._level_format(np.array([1.0, 2.0, 3.0])) == "%.3g"
