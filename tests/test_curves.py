@@ -12,7 +12,7 @@ from mctool.bn import pass_batches, recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.curve_eval import evaluate_curve
 from mctool.curve_training import ConnectConfig, CurveStep
-from mctool.curves import Curve, coefficients, load_curve
+from mctool.curves import Curve, coefficients, initial_points, load_curve
 from mctool.data import load_data
 from mctool.errors import CheckpointError, ConfigError
 from mctool.flat import ParamLayout
@@ -74,6 +74,55 @@ def test_recalibrate_bn_gives_exact_statistics(bn_data):
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
     assert not model.training and not bn.training and bn.momentum == 0.1  # the module's mode and momentum kept
     assert not recalibrate_bn(build_model("mlp", 3, 1, {"img_size": 8}), data.train)  # no BN: nothing to do
+
+
+@pytest.mark.parametrize("curve, bends", [("bezier", 1), ("bezier", 3), ("polychain", 2)])
+def test_initial_bends_are_on_the_segment_at_a_or_at_b(curve, bends):
+    """--bend-init (docs/cli.md, connect): linear puts bend j at A + j / (n + 1) (B - A), so that the initial curve
+    is the segment itself, w(t) = A + t (B - A), for a Bezier curve and a polychain alike; start puts every bend
+    at A, end every bend at B. The endpoints are A and B bit for bit."""
+    a, b = torch.randn(2, 500, generator=torch.Generator().manual_seed(0))
+    line = Curve("line", 0, torch.stack([a, b]), None, None)
+    k = bends + 2
+    # A + s (B - A) in float32: three roundings (the difference, the product, the sum) of terms up to 2 max |A, B|,
+    # at most 6 x 2^-24 of max |A, B| from the exact point; allow 8 x. The coefficients are >= 0 and sum to 1,
+    # so w(t) (in float64) is as close. A bend misplaced by 1 / (n + 1) of the segment is ~0.25 max |A, B| off.
+    atol = 8 * 2**-24 * float(torch.stack([a, b]).abs().max())
+    exact = lambda s: a.double() + s * (b.double() - a.double())  # noqa: E731
+    linear = initial_points(line, curve, bends, "linear")
+    assert linear.shape == (k, 500) and torch.equal(linear[0], a) and torch.equal(linear[-1], b)
+    for j in range(k):
+        torch.testing.assert_close(linear[j].double(), exact(j / (k - 1)), rtol=0, atol=atol)
+    for t in (0.1, 0.37, 0.5, 0.9):
+        w = coefficients(curve, bends, torch.tensor(t, dtype=torch.float64)) @ linear.double()
+        torch.testing.assert_close(w, exact(t), rtol=0, atol=atol)
+    start, end = initial_points(line, curve, bends, "start"), initial_points(line, curve, bends, "end")
+    assert all(torch.equal(start[j], a) for j in range(k - 1)) and torch.equal(start[-1], b)
+    assert torch.equal(end[0], a) and all(torch.equal(end[j], b) for j in range(1, k))
+
+
+def test_recalibrate_bn_runs_without_dropout_and_forgets_old_statistics():
+    """The BN pass runs only the BN layers in train mode (docs/method.md#bn): a dropout layer before a BN layer
+    stays off, so the statistics are those of the evaluation-mode activations. And the statistics are
+    recomputed, not added to: a second pass gives the same buffers bit for bit (num_batches_tracked too)."""
+    data = load_data("synthetic:size=8,channels=1,classes=3,train=300,test=10")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.5),
+                                torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    assert recalibrate_bn(model, data.train, batch_size=64, bn_data="plain")
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        parts = [model[1](x.flatten(1)) for x, _ in pass_batches(data.train, 64)]  # no dropout
+    h = torch.cat(parts)
+    bn = model[3]
+    # tolerances as in test_recalibrate_bn_gives_exact_statistics; dropout (p = 0.5) doubles the variances
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=0, atol=1e-4 * float(h.abs().max()))
+    var = sum(len(p) * p.var(0, unbiased=True) for p in parts) / 300
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
+    assert recalibrate_bn(model, data.train, batch_size=64, bn_data="plain")
+    assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
+    assert int(bn.num_batches_tracked) == 5  # 300 = 4 x 64 + 44: five batches, this pass's only
+    assert not model.training and not model[2].training
 
 
 def test_connect_trains_only_the_bends(cli, tmp_path, digits_models):

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 
 import h5py
 import numpy as np
@@ -11,10 +12,11 @@ from safetensors.torch import load_file
 
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
+from mctool.curves import load_curve
 from mctool.data import load_data
 from mctool.ensemble_eval import fit_temperature
 from mctool.ensembles import load_ensemble
-from mctool.evaluation import brier, nll, predict_probs
+from mctool.evaluation import brier, nll, predict_logits, predict_probs, probabilities
 from mctool.h5io import read_h5
 from mctool.schedules import fge_is_snapshot, fge_lr, sse_is_snapshot, sse_lr
 
@@ -39,6 +41,9 @@ def test_sse_schedule():
     assert sse_lr(25, 100, 4, 0.2) == pytest.approx(0.2)  # restart
     assert sse_lr(12, 100, 4, 0.2) == pytest.approx(0.1 * (np.cos(np.pi * 12 / 25) + 1))
     assert [i for i in range(100) if sse_is_snapshot(i, 100, 4)] == [24, 49, 74, 99]
+    # 10 iterations in 3 cycles of ceil(10 / 3) = 4: the last cycle, cut short to 2 iterations, still ends in a
+    # snapshot (train accepts this run: ceil(10 / 4) = 3 snapshots, as asked)
+    assert [i for i in range(10) if sse_is_snapshot(i, 10, 3)] == [3, 7, 9]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,12 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert attrs["num_members"] == 5 and attrs["split"] == "test"
     assert read_metadata(tmp_path / "swa.safetensors")["kind"] == "model" and r["metrics"]["swa"]["err"] is not None
     assert r["outputs"]["swa"]["path"] == str(tmp_path / "swa.safetensors")
+    # SWA is the mean of the snapshots' weights (no BN here: nothing else changes): a float32 mean of 5 values, within
+    # a few 2^-24 of max |w| of a float64 one; leaving the first snapshot out moves weights by up to 3e-2 of it
+    swa = load_model(tmp_path / "swa.safetensors").model
+    members = ens.members.double()
+    torch.testing.assert_close(ens.layout.flatten(dict(swa.named_parameters())).double(), members.mean(0), rtol=0,
+                               atol=8 * 2**-24 * float(members.abs().max()))
     with h5py.File(m) as f:
         assert f["ensemble/test/err"].dims[0][0].name == "/member" and f["lr"].dims[0][0].name == "/iteration"
 
@@ -308,6 +319,17 @@ def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):
     ends = cli.json("evaluate", *digits_models, *CPU)
     assert r["models"][0]["metrics"]["nll"] == pytest.approx(ends["models"][0]["metrics"]["nll"], rel=1e-5)  # t=0: A
     assert r["calibration"]["temperature"] > 0 and r["metrics"]["calibrated"]["nll"] is not None
+    # the calibrated ensemble: the mean of softmax(z_m / T) of the three points (no BN: the curve's networks as
+    # they are), by hand; within 1e-5 as the other metrics (the members went through one wide pass)
+    d, curve, temp = load_data("digits"), load_curve(c)[0], r["calibration"]["temperature"]
+    logits = [predict_logits(curve.network(t), d.eval)[0] for t in (0.0, 0.5, 1.0)]
+    cal = sum(probabilities(z / temp, 1) for z in logits) / 3
+    assert r["metrics"]["calibrated"]["nll"] == pytest.approx(nll(cal, d.eval.labels), rel=1e-5)
+    assert abs(math.log(temp)) > 0.05  # T far enough from 1 for z / T and z * T to differ
+    # one point: the curve's midpoint t = 0.5 (docs/cli.md, ensemble --num-points)
+    one = cli.json("ensemble", c, "--num-points", "1", *CPU)
+    assert one["models"][0]["label"] == f"{c}@t=0.5"
+    assert one["metrics"]["eval"]["nll"] == pytest.approx(nll(probabilities(logits[1], 1), d.eval.labels), rel=1e-5)
     assert r["calibration"]["warning"]  # the members were not trained with --split val
     assert "--num-points" in cli.error("ensemble", *digits_models, "--num-points", "3")
 

@@ -10,7 +10,7 @@ import torch
 from conftest import count_networks
 
 from mctool.checkpoint import load_model
-from mctool.curves import load_curve
+from mctool.curves import Curve, load_curve, save_curve
 from mctool.errors import ConfigError
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
@@ -242,6 +242,22 @@ def test_train_subset_is_used(tmp_path, bezier):
     plain = plane_module.plane([str(bezier)], tmp_path / "b.h5", grid_points=2, device="cpu", quiet=True)
     assert every.metrics["train"].err.at_points == plain.metrics["train"].err.at_points
     assert read_h5(tmp_path / "a.h5")[1]["config"] == read_h5(tmp_path / "b.h5")[1]["config"]
+
+
+def test_the_default_bend_is_the_middle_one(tmp_path, bezier):
+    """docs/cli.md (plane --bend): the default is the middle bend, (n + 1) // 2: bend 1 of a curve of 2 bends
+    (n // 2 + 1 would take bend 2; for odd n the two agree)."""
+    one = load_curve(bezier)[0]
+    a, bend, b = one.points
+    path = tmp_path / "two.safetensors"  # bend 2 is bend 1 moved by B - A: its plane coordinates differ by dx
+    save_curve(path, Curve("bezier", 2, torch.stack([a, bend, bend + (b - a), b]), one.layout, one.meta, one.buffers),
+               {})
+    plane_module.plane([str(path)], tmp_path / "p.h5", grid_points=2, device="cpu", quiet=True)
+    data, attrs = read_h5(tmp_path / "p.h5")
+    basis = PlaneBasis.through(a, bend, b)
+    assert attrs["dx"] == pytest.approx(basis.dx) and attrs["dy"] == pytest.approx(basis.dy)
+    # float32 points, as in test_plane_from_curve_layout_and_values; bend 2 would move the middle point by dx (~14)
+    assert data["points"] == pytest.approx(np.array([[0, 0], [basis.w1_x, basis.dy], [basis.dx, 0]]), abs=1e-4)
 
 
 def test_the_grid_holds_every_point_of_interest():

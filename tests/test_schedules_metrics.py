@@ -30,6 +30,17 @@ def test_cosine_and_constant():
         lr_at("nope", 0.1, 0, 1)
 
 
+def test_cosine_is_updated_every_iteration():
+    """docs/cli.md (train --schedule cosine): updated every iteration, from the fraction of training done,
+    (epoch + i / n) / epochs; not once per epoch."""
+    lrs = [lr_at("cosine", 0.2, 1, 2, i, 10) for i in range(10)]
+    # the formula's own float64 operations: equal up to a few 2^-53 relative. The per-epoch value (i = 0) for
+    # the whole epoch is off by up to 0.099 (0.2 x (0.5 - 0.5 (1 + cos(0.95 pi)))).
+    expected = [0.2 * 0.5 * (1 + math.cos(math.pi * (1 + i / 10) / 2)) for i in range(10)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # strictly decreasing within the epoch
+
+
 @pytest.mark.parametrize("cycle_iters, epochs, per_epoch, expected", [
     (5, None, 10, 6), (7, None, 10, 8), (9, None, 10, 10), (8, None, 10, 8), (2, None, 10, 2), (3, None, 10, 4),
     (None, 0.05, 10, 2), (None, 1.0, 12, 12), (None, 0.25, 10, 2), (None, 1.5, 5, 8),
@@ -57,6 +68,17 @@ def test_nll_error_ece_by_hand():
     assert ece(probs, labels) == pytest.approx(expected, rel=1e-5)
     # a perfectly calibrated, confident predictor has ECE 0 (confidences and accuracies are all exactly 1)
     assert ece(torch.eye(3), torch.arange(3)) == 0.0
+
+
+def test_ece_bins_hold_their_upper_edge():
+    """ECE's bins are (lo, hi] (docs; evaluation.ece): a confidence of exactly 9/15 = 0.6 (0.6 x 15 is 9.0 in
+    float64) shares the bin (8/15, 9/15] with 0.58; in [lo, hi) bins it would sit alone in [0.6, 10/15)."""
+    probs = torch.tensor([[0.6, 0.4], [0.58, 0.42]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])  # the first right, the second wrong
+    assert 0.6 * 15 == 9.0
+    # one bin: |(0.6 + 0.58) - 1| / 2 = 0.09, from a few float64 roundings of terms <= 2 (within 1e-14 relative);
+    # two bins give (|0.6 - 1| + |0.58 - 0|) / 2 = 0.49
+    assert ece(probs, labels) == pytest.approx(0.09, rel=1e-12)
 
 
 def test_nll_of_confidently_wrong_images_is_exact():
