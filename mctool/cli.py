@@ -936,9 +936,9 @@ def plot(
                                                 "beside it as NAME-points.vtp.")] = None,
     dpi: Annotated[int, typer.Option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
                                           "and SVG are vector figures.")] = 120,
-    log_loss: Annotated[bool, typer.Option("--log-loss", help="Curve and per-epoch figures: the loss on a log "
-                                           "axis (ends near 1e-3 beside a barrier of 2 show only the barrier on "
-                                           "a linear one).")] = False,
+    log_loss: Annotated[bool, typer.Option("--log-loss", help="Curve, 1-D surface and per-epoch figures: the loss "
+                                           "on a log axis (ends near 1e-3 beside a barrier of 2 show only the "
+                                           "barrier on a linear one).")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,

@@ -443,10 +443,11 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
 
 
 def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dpi: int = DEFAULT_DPI,
-              view: GridView | None = None) -> None:
+              view: GridView | None = None, log_loss: bool = False) -> None:
     """A ``plane`` or ``surface`` file as a figure: train loss and the evaluation error as filled contours (like the
-    paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface; the points, and the
-    projected curve or trajectory, drawn on them."""
+    paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface (its loss on a log axis
+    with ``log_loss``; infinite values marked at the top, as on curves); the points, and the projected curve or
+    trajectory, drawn on them."""
     plt = _pyplot()
     view = view if view is not None else grid_view(file)  # (plot_files reads it once for figure and exports)
     from matplotlib import patheffects
@@ -467,7 +468,15 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     missing_shown = False
     for ax, (z, unit, title, at) in zip(axes, _panels(view)):
         if view.y is None:
-            ax.plot(view.x, z, marker="o", markersize=3)
+            (line,) = ax.plot(view.x, np.where(np.isfinite(z), z, np.nan), marker="o", markersize=3)
+            up = np.isposinf(z)
+            if up.any():  # a diverged point: at the top of the panel, not a gap (as plot_curves marks it)
+                ax.plot(view.x[up], np.full(int(up.sum()), 0.97), "^", color=line.get_color(), markersize=8,
+                        transform=ax.get_xaxis_transform(), clip_on=False, label="diverged (infinite)")
+            pad = 0.03 * (view.x[-1] - view.x[0])
+            ax.set_xlim(view.x[0] - pad, view.x[-1] + pad)  # the whole grid, computed or not
+            if log_loss and ax is axes[0]:
+                ax.set_yscale("log")
             ax.axvline(0, color="grey", linestyle=":", linewidth=1)
             for (px,), label in zip(view.points[1:], view.point_labels[1:]):  # direction files' networks
                 ax.axvline(px, color="black", linestyle="--", linewidth=1, label=label)
@@ -750,16 +759,19 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     if kinds and kinds <= set(HISTORY_KINDS):  # a training run and its fge continuation, on one figure
         kind = "history" if len(kinds) > 1 else kind
-    if log_loss and kind not in ("evaluate-curve", "history", *HISTORY_KINDS):
-        raise ConfigError("--log-loss draws the loss of curve and per-epoch figures on a log axis; a plane's or "
-                          "surface's contour levels are spaced logarithmically already, and a hessian file holds "
-                          "no loss.")
+    no_log = ConfigError("--log-loss draws the loss of curve, 1-D surface and per-epoch figures on a log axis; a "
+                         "plane's or 2-D surface's contour levels are spaced logarithmically already, and a hessian "
+                         "file holds no loss.")
+    if log_loss and kind not in ("evaluate-curve", "history", "surface", *HISTORY_KINDS):
+        raise no_log
     if kind in ("plane", "surface"):
         if len(files) != 1:
             raise MetricsFileError(f"give one {kind} file at a time.")
         view = grid_view(files[0])  # (once: its warnings are said once)
+        if log_loss and view.y is not None:
+            raise no_log
         if output is not None:
-            plot_grid(files[0], output, three_d=three_d, dpi=dpi, view=view)
+            plot_grid(files[0], output, three_d=three_d, dpi=dpi, view=view, log_loss=log_loss)
         if html is not None or vtk is not None:
             from .export import export_grid
 

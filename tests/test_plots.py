@@ -269,13 +269,35 @@ def test_dpi_and_pdf_fonts(runs, cli, tmp_path):
     assert b"/FontFile2" in pdf.read_bytes() and b"/Type3" not in pdf.read_bytes()  # TrueType, not Type 3
 
 
-def test_log_loss_axis(runs, cli, tmp_path, monkeypatch):
+def test_log_loss_axis(runs, cli, tmp_path, monkeypatch, digits_models):
     cli("plot", runs["curve"], "-o", tmp_path / "ok.png", "--log-loss")
-    assert "--log-loss draws the loss of curve and per-epoch figures" in cli.error(
+    assert "--log-loss draws the loss of curve, 1-D surface and per-epoch figures" in cli.error(
         "plot", runs["plane"], "-o", tmp_path / "p.png", "--log-loss")
+    cli("surface", digits_models[0], "-m", tmp_path / "s2.h5", "--grid-points", "2", "-q", *CPU)
+    assert "2-D surface's contour levels" in cli.error("plot", tmp_path / "s2.h5", "-o", tmp_path / "s.png",
+                                                       "--log-loss")
     figures = _drawn(monkeypatch)
     plots.plot_curves([runs["curve"]], tmp_path / "c.png", log_loss=True)
     plots.plot_history([runs["train_h5"]], tmp_path / "h.png", log_loss=True)
     plots.plot_curves([runs["curve"]], tmp_path / "d.png")
     assert [f.axes[0].get_yscale() for f in figures] == ["log", "log", "linear"]
     assert [f.axes[1].get_yscale() for f in figures] == ["linear"] * 3  # errors stay linear
+
+
+def test_a_1d_surface_marks_diverged_points_and_shows_the_whole_grid(cli, tmp_path, digits_models, monkeypatch):
+    """A 1-D surface's infinite point was a gap (the axis even stopped short of it) although the warning said it
+    was drawn above every other value: it is marked at the top of the panel as on curves; --log-loss applies."""
+    line = tmp_path / "line.h5"
+    cli("surface", digits_models[0], "-m", line, "--dims", "1", "--grid-points", "5", "-q", *CPU)
+    bad = _edited(line, tmp_path / "bad.h5", **{"train/loss": {0: np.inf, 4: 1e6}})
+    figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning, match="1 of 5 grid points have an infinite train loss"):
+        plots.plot_grid(bad, tmp_path / "bad.png", log_loss=True)
+    x = plots.grid_view(line).x
+    loss_ax, err_ax = figures[0].axes
+    marks = [ln for ln in loss_ax.get_lines() if ln.get_label() == "diverged (infinite)"]
+    assert len(marks) == 1 and marks[0].get_xdata().tolist() == [x[0]] and marks[0].get_marker() == "^"
+    for ax in (loss_ax, err_ax):
+        lo, hi = ax.get_xlim()
+        assert lo < x[0] and hi > x[-1]
+    assert loss_ax.get_yscale() == "log" and err_ax.get_yscale() == "linear"
