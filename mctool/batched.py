@@ -74,12 +74,19 @@ class _WideLinear(nn.Module):
 
 
 def _wide_norm(m: nn.Module, p: int) -> nn.Module:
+    """A BatchNorm or GroupNorm layer, or a subclass of one (timm's ``BatchNormAct2d`` and ``GroupNormAct``, which
+    apply an elementwise activation after it), with P times the channels (and groups): a copy of the layer whose
+    per-channel parameters and statistics are repeated P times."""
+    wide = copy.deepcopy(m)
+    for name, t in m.named_parameters(recurse=False):
+        setattr(wide, name, nn.Parameter(t.detach().repeat(p)))
+    for name, b in m.named_buffers(recurse=False):
+        if b is not None and b.dim() == 1:
+            setattr(wide, name, b.repeat(p))
     if isinstance(m, nn.GroupNorm):
-        wide = nn.GroupNorm(m.num_groups * p, m.num_channels * p, m.eps, m.affine)
+        wide.num_groups, wide.num_channels = m.num_groups * p, m.num_channels * p
     else:
-        wide = type(m)(m.num_features * p, m.eps, m.momentum, m.affine, m.track_running_stats)
-    state = {k: (v.repeat(p) if v.dim() == 1 else v.clone()) for k, v in m.state_dict().items()}
-    wide.load_state_dict(state)
+        wide.num_features = m.num_features * p
     return wide
 
 
@@ -92,9 +99,9 @@ def _widen(model: nn.Module, p: int) -> nn.Module | None:
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return None
             new = _WideConv(m, p)
-        elif type(m) is nn.Linear:
+        elif isinstance(m, nn.Linear):  # (timm's Linear too; a subclass computing otherwise fails the probe check)
             new = _WideLinear(m, p)
-        elif type(m) in _BNS or type(m) is nn.GroupNorm:
+        elif isinstance(m, (*_BNS, nn.GroupNorm)):  # (subclasses too: the probe check catches one that mixes)
             new = _wide_norm(m, p)
         elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
             return None

@@ -30,14 +30,23 @@ def _points(model: nn.Module, layout: ParamLayout, p: int) -> torch.Tensor:
     return torch.stack([w + 0.1 * w.abs().mean() * torch.randn(w.numel(), generator=g) for _ in range(p)])
 
 
-@pytest.mark.parametrize("arch, dataset", [("cifar_preresnet20", "synthetic:size=16,train=96,test=40"),
-                                            ("mlp", "digits")])
-def test_one_pass_gives_what_separate_passes_give(arch, dataset):
+SYNTH16 = "synthetic:size=16,train=96,test=40"
+
+
+# timm's own CNNs: BatchNormAct2d (BatchNorm then an activation), GroupNormAct, timm's Linear subclass
+@pytest.mark.parametrize("arch, dataset, kwargs", [
+    ("cifar_preresnet20", SYNTH16, {"img_size": 16}), ("mlp", "digits", {"img_size": 8}),
+    ("test_efficientnet", SYNTH16, {}), ("test_efficientnet_gn", SYNTH16, {}),
+    ("mobilenetv3_small_050", SYNTH16, {})])
+def test_one_pass_gives_what_separate_passes_give(arch, dataset, kwargs):
+    import timm
+
+    if arch.startswith(("test_", "mobilenet")) and not timm.is_model(arch):
+        pytest.skip(f"this timm has no {arch}")
     torch.manual_seed(0)
     data = load_data(dataset)
     info = data.info
-    model = build_model(arch, info.num_classes, info.in_chans,
-                        {"img_size": 16} if arch == "cifar_preresnet20" else {"img_size": 8})
+    model = build_model(arch, info.num_classes, info.in_chans, kwargs)
     layout = ParamLayout.of(model)
     weights = _points(model, layout, 3)
     probe = next(iter(data.eval.batches(8)))[0]
@@ -53,7 +62,7 @@ def test_one_pass_gives_what_separate_passes_give(arch, dataset):
             # place of a plain one: agreement to ~1e-6 relative; an error rate may flip one image near a tie
             tol = 1.5 / len(data.eval) if name.endswith("err") else 1e-4 * max(1.0, abs(want[name]))
             assert got[k][name] == pytest.approx(want[name], abs=tol), (k, name)
-        if arch == "cifar_preresnet20":  # each copy's BatchNorm statistics are its own separate pass's
+        if arch != "mlp":  # each copy's BatchNorm statistics are its own separate pass's
             recalibrate_bn(model, data.train, batch_size=32, max_batches=2)
             mine = wide.running_stats(k)
             for name, buf in model.named_buffers():
