@@ -38,8 +38,29 @@ def pass_batches(split: Split, batch_size: int, *, augment: bool = False, deal: 
     return split.batches(batch_size, shuffle=True, augment=augment, seed=PASS_SEED, deal=deal)
 
 
+def _has_running_stats(m: nn.Module) -> bool:
+    """A normalisation layer with running statistics: BatchNorm (timm's ``BatchNormAct2d`` included), or another
+    layer that keeps a ``running_var`` buffer updated with a ``momentum`` while training (timm's ``EvoNorm2dB*``,
+    ``InstanceNorm`` with ``track_running_stats``), which evaluation uses as BatchNorm does its own."""
+    if isinstance(m, _BN):
+        return True
+    return isinstance(m._buffers.get("running_var"), torch.Tensor) and isinstance(getattr(m, "momentum", None),
+                                                                                  (int, float))
+
+
 def bn_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _BN)]
+    """The layers whose running statistics a BN pass recomputes (``_has_running_stats``)."""
+    return [m for m in model.modules() if _has_running_stats(m)]
+
+
+def _reset_running_stats(m: nn.Module) -> None:
+    if hasattr(m, "reset_running_stats"):
+        m.reset_running_stats()
+        return
+    for name, fill in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
+        t = m._buffers.get(name)
+        if isinstance(t, torch.Tensor):
+            t.fill_(fill)
 
 
 def _has_bn_statistics(buffers: Iterable[str]) -> bool:
@@ -124,10 +145,10 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
         m.__class__ = _LocalBatchNorm
     model.eval()
     for m in bns:
-        m.reset_running_stats()
+        _reset_running_stats(m)
         m.train()
         m.momentum = 1.0  # each batch's statistics replace the running ones; they are added up below
-    stats = [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
+    stats = [t for m in bns for t in (getattr(m, "running_mean", None), m.running_var) if t is not None]
     sums = [torch.zeros_like(t) for t in stats]
     device = next(model.parameters()).device
     seen = 0
@@ -168,8 +189,8 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
 def _add_over_ranks(bns: list[nn.Module], seen: int, device: torch.device) -> int:
     """Every rank's statistics become those of all ranks' batches together: the averages weighted by the
     images each rank saw, summed over ranks in one buffer (and the batch counts added)."""
-    stats = [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
-    counts = [m.num_batches_tracked for m in bns if m.num_batches_tracked is not None]
+    stats = [t for m in bns for t in (getattr(m, "running_mean", None), m.running_var) if t is not None]
+    counts = [c for m in bns if (c := getattr(m, "num_batches_tracked", None)) is not None]
     flat = torch.cat([*(t.double().flatten() * seen for t in stats), *(c.double().flatten() for c in counts),
                       torch.tensor([float(seen)], dtype=torch.float64, device=device)])
     distributed.all_reduce_sum(flat)

@@ -26,7 +26,7 @@ from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import l2_term, nll, predict_logits, probabilities, summarize
 from .fileio import check_outputs, holds_output_locks
-from .flat import ParamLayout
+from .flat import ParamLayout, state_buffers
 from .h5io import provenance, write_h5
 from .loop import evaluation_split
 from .models import check_takes_images
@@ -280,7 +280,7 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
                     held_logits.append(pass_held[k])
                 if output:
                     weights.append(ParamLayout.of(model).flatten(dict(model.named_parameters())).cpu())
-                    buffers.append({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+                    buffers.append({n: b.detach().cpu().clone() for n, b in state_buffers(model).items()})
                 model.to("cpu")
                 bar.advance(task)
     split = data.eval_split

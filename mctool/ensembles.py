@@ -25,7 +25,7 @@ from .checkpoint import ModelMeta, bad_field, check_finite, metadata_int, read_c
 from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import check_outputs, holds_output_locks, sha256_file
-from .flat import ParamLayout, build_network, check_network
+from .flat import ParamLayout, build_network, check_network, load_buffers, state_buffers
 from .options import check_count
 from .results import FileRef, PointResult
 
@@ -48,7 +48,7 @@ class Ensemble:
     def network(self, i: int, model: nn.Module | None = None) -> nn.Module:
         """Member ``i`` (0-based) as a network; pass ``model`` to reuse one instead of building another."""
         model = model or build_network(self.meta, self.layout, self.buffers[i])
-        model.load_state_dict({**dict(model.state_dict()), **self.buffers[i]})
+        load_buffers(model, self.buffers[i])
         self.layout.assign(model, self.members[i].to(next(model.parameters()).device))
         return model
 
@@ -183,7 +183,8 @@ class SnapshotCollector:
             self.layout.assign(self.eval_model, w)
             recalibrate_bn(self.eval_model, self.data.train, **bn, **opts)
             probs, labels = predict_probs(self.eval_model, self.data.eval, **opts)
-            out.append((probs, labels, {k: v.detach().cpu().clone() for k, v in self.eval_model.named_buffers()}))
+            bufs = {k: v.detach().cpu().clone() for k, v in state_buffers(self.eval_model).items()}
+            out.append((probs, labels, bufs))
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

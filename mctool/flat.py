@@ -121,6 +121,20 @@ class ParamLayout:
         return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def state_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of ``model`` that its state dict holds (BatchNorm statistics...): non-persistent ones, such as
+    timm's relative position indices, are rebuilt with the network and neither stored nor loaded."""
+    keys = set(model.state_dict().keys())
+    return {n: b for n, b in model.named_buffers() if n in keys}
+
+
+def load_buffers(model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Load stored ``buffers`` into ``model`` (strictly), leaving out non-persistent ones (which ensemble files
+    written by mctool 0.2.0 may hold: they are rebuilt with the network)."""
+    state = model.state_dict()
+    model.load_state_dict({**state, **{n: b for n, b in buffers.items() if n in state}}, strict=True)
+
+
 def check_network(meta: ModelMeta, layout: ParamLayout, buffers: list[dict[str, torch.Tensor]],
                   path: str | os.PathLike) -> None:
     """Refuse a file whose parameter layout or buffers do not fit ``meta``'s architecture, before building it.
@@ -156,5 +170,5 @@ def build_network(meta: ModelMeta, layout: ParamLayout, buffers: dict[str, torch
                or model.get_buffer(n).shape != b.shape]
     if problem:
         raise CheckpointError(f"stored buffers do not fit architecture '{meta.arch}': {', '.join(problem[:5])}.")
-    model.load_state_dict({**dict(model.state_dict()), **buffers}, strict=True)
+    load_buffers(model, buffers)
     return model.eval()

@@ -10,6 +10,7 @@ for the top-k eigenvalues, and Rademacher probes give Hutchinson's estimate of t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from .data import Split, check_fits, load_data
 from .ensembles import load_ensemble
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
-from .flat import ParamLayout
+from .flat import ParamLayout, load_buffers, state_buffers
 from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_split
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
@@ -72,7 +73,7 @@ def _points(paths: list[str], num_points: int) -> Points:
         m = load_model(paths[0])
         layout = ParamLayout.of(m.model)
         w = layout.flatten(dict(m.model.named_parameters()))
-        bufs = dict(m.model.named_buffers())
+        bufs = state_buffers(m.model)
         return Points("model", [str(paths[0])], np.zeros(1), lambda i: w, lambda i: bufs, layout, m.model, m.meta,
                       {str(m.path): m.sha256}, recalibrate=False)
     if len(paths) > 2:
@@ -108,6 +109,32 @@ def _check_memory(p: int, n: int, top_k: int, eigenvectors: bool) -> None:
                           "lower --top-k" + (", --num-points, or leave out --eigenvectors." if vectors else "."))
 
 
+def _hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.relu6(x + 3.0) / 6.0  # nn.Hardsigmoid's function, with a derivative of its backward
+
+
+@contextlib.contextmanager
+def _twice_differentiable(model: nn.Module):
+    """Run ``model`` with operations that have a derivative of their backward, which a Hessian-vector product
+    needs: ``scaled_dot_product_attention`` (timm's ViT, DeiT, ...) on its math kernel (the fused ones, flash
+    attention on the CPU too and memory-efficient attention, have none), and ``nn.Hardsigmoid`` (the gates of
+    timm's MobileNetV3 and GhostNet) as ``relu6(x + 3) / 6`` (the same function)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        attention = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # torch < 2.3: only CUDA's fused kernels, switched off the older way
+        attention = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    gates = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
+    for m in gates:
+        m.forward = _hard_sigmoid  # (an instance attribute: the class's forward is back once it is deleted)
+    try:
+        with attention:
+            yield
+    finally:
+        for m in gates:
+            del m.forward
+
+
 class LossHessian:
     """Hessian-vector products of the mean cross-entropy of ``model`` over ``batches`` at the flat parameters
     ``w`` (eval mode). ``calls`` counts the products; ``on_product`` is called with that count after each."""
@@ -127,11 +154,12 @@ class LossHessian:
         """H v, summed batch by batch (float32, on the parameters' device)."""
         self.calls += 1
         out = torch.zeros_like(self.w)
-        for x, y in self.batches:
-            w = self.w.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.loss(w, x, y), w, create_graph=True)
-            (hv,) = torch.autograd.grad(g @ v, w)
-            out += hv
+        with _twice_differentiable(self.model):
+            for x, y in self.batches:
+                w = self.w.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.loss(w, x, y), w, create_graph=True)
+                (hv,) = torch.autograd.grad(g @ v, w)
+                out += hv
         if self.on_product is not None:
             self.on_product(self.calls)
         return out
@@ -287,7 +315,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         write()
 
         def measure(i: int) -> dict[str, Any]:
-            model.load_state_dict({**model.state_dict(), **{k: b.to(dev) for k, b in pts.buffers(i).items()}})
+            load_buffers(model, {k: b.to(dev) for k, b in pts.buffers(i).items()})
             w = pts.weights(i).to(dev)
             pts.layout.assign(model, w)
             if pts.recalibrate and has_bn:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import count_networks, ctrl_c_during_epoch
-from mctool.bn import pass_batches, recalibrate_bn
+from mctool.bn import bn_modules, pass_batches, recalibrate_bn
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
 from mctool.curve_eval import evaluate_curve
 from mctool.curve_training import ConnectConfig, CurveStep
@@ -800,3 +800,24 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
     assert warnings("evaluate", t) == ("test", [])
     # --temperature-scale fits on val, so its metrics stay on test (members trained with --split val: no warning)
     assert warnings("ensemble", a, b, "--temperature-scale") == ("test", [])
+
+
+@pytest.mark.parametrize("norm", ["evonormb0", "batchnorm"])
+def test_bn_pass_recomputes_every_layer_with_running_statistics(norm):
+    """Not only torch's BatchNorm: timm's EvoNorm2dB0 keeps a running variance that evaluation uses; a BN pass
+    must recompute it from the data (its result may not depend on the statistics before the pass), else a curve's
+    points keep the start network's and t = 1 does not reproduce the end network."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3, norm_layer=norm)
+    assert bn_modules(model)
+    data = load_data("synthetic:size=16,train=32,test=8,classes=3")
+    results = []
+    for start in (1.0, 5.0):
+        for m in bn_modules(model):
+            m.running_var.fill_(start)
+        assert recalibrate_bn(model, data.train, batch_size=16, bn_data="plain")
+        results.append([m.running_var.clone() for m in bn_modules(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not all(torch.allclose(a, torch.ones_like(a)) for a in results[0])

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import load_model, read_checkpoint, read_metadata
@@ -466,3 +467,37 @@ def test_temperature_scaling_without_held_out_images_says_so(cli, tmp_path):
     assert "--temperature-scale fits its temperature on the val split" in err
     assert err.rstrip().endswith("Leave out --temperature-scale for it.")
     cli("ensemble", net, "-q", *CPU)
+
+
+def _swin_non_persistent_buffers(kwargs: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, **json.loads(kwargs))
+    keys = set(model.state_dict())
+    return {n: b for n, b in model.named_buffers() if n not in keys}
+
+
+def test_non_persistent_buffers_are_not_stored_and_old_files_load(cli, tmp_path):
+    """timm's Swin keeps its relative position indices in non-persistent buffers: they are rebuilt with the
+    network, so fge, ensemble -o and hessian must neither store nor expect them (they once did: an fge file
+    nothing could read, and hessian of a model checkpoint failed)."""
+    kwargs = '{"img_size": 16, "window_size": 4, "embed_dim": 8, "depths": [1], "num_heads": [1]}'
+    data = "synthetic:size=16,train=32,test=16,classes=3"
+    a = tmp_path / "a.safetensors"
+    cli("train", "-d", data, "--arch", "swin_tiny_patch4_window7_224", "--arch-kwargs", kwargs, "--epochs", "1",
+        "--batch-size", "16", "-o", a, "-q", *CPU)
+    fge = tmp_path / "fge.safetensors"
+    cli("fge", a, "--epochs", "2", "--cycle-iters", "2", "--batch-size", "16", "-o", fge, "-q", *CPU)
+    assert not [k for k in load_file(fge) if "relative_position_index" in k]
+    cli.json("evaluate", fge, *CPU)
+    ens = tmp_path / "ens.safetensors"
+    cli.json("ensemble", a, fge, "-o", ens, *CPU)
+    assert not [k for k in load_file(ens) if "relative_position_index" in k]
+    cli.json("hessian", a, "-m", tmp_path / "h.h5", "--top-k", "1", "--train-subset", "16", "--tol", "0.1", *CPU)
+    # an ensemble file written with the non-persistent buffers (mctool 0.2.0) still loads
+    tensors = load_file(fge)
+    tensors.update({f"buffers/0/{k}": v for k, v in _swin_non_persistent_buffers(kwargs).items()})
+    old = tmp_path / "old.safetensors"
+    with safe_open(str(fge), "pt") as f:
+        save_file(tensors, str(old), metadata=f.metadata())
+    cli.json("evaluate", old, *CPU)

@@ -343,3 +343,48 @@ def test_ctrl_c_while_drawing_says_every_point_is_saved(cli, tmp_path, tiny, mon
     monkeypatch.undo()
     cli(*args, "--resume", "-q")  # computes nothing again: draws the figure
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hessian_of_a_vision_transformer_whose_attention_is_fused():
+    """timm's ViT calls scaled_dot_product_attention, whose fused kernels (flash attention, on the CPU too) have
+    no second derivative: Hessian-vector products must run it on the math kernel (and agree with it)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=8, patch_size=4, embed_dim=16, depth=1,
+                              num_heads=2)
+    assert model.blocks[0].attn.fused_attn
+    layout = ParamLayout.of(model)
+    w = layout.flatten(dict(model.named_parameters()))
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    v = torch.randn_like(w)
+    hv = LossHessian(model, layout, w, [(x, y)]).hvp(v)
+    for block in model.blocks:
+        block.attn.fused_attn = False  # the same attention, written out
+    want = LossHessian(model, layout, w, [(x, y)]).hvp(v)
+    assert torch.allclose(hv, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_hessian_through_a_hard_sigmoid_gate():
+    """nn.Hardsigmoid (MobileNetV3's squeeze-excite gates) has no derivative of its backward: Hessian-vector
+    products run it as relu6(x + 3) / 6, and agree with finite differences of the gradient; the network keeps
+    its own module afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Hardsigmoid(),
+                                torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    layout = ParamLayout.of(model)
+    w = layout.flatten(dict(model.named_parameters())).double()
+    x, y = torch.randn(16, 3, 2, 2, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model.double()
+    h = LossHessian(model, layout, w, [(x, y)])
+    v = torch.randn_like(w)
+    hv = h.hvp(v)
+
+    def grad(at: torch.Tensor) -> torch.Tensor:
+        at = at.detach().requires_grad_(True)
+        return torch.autograd.grad(h.loss(at, x, y), at)[0]
+
+    eps = 1e-3  # (the loss is float32: smaller steps drown in its rounding)
+    fd = (grad(w + eps * v) - grad(w - eps * v)) / (2 * eps)
+    assert torch.allclose(hv, fd, rtol=1e-3, atol=1e-3 * float(fd.abs().max()))
+    assert "forward" not in vars(model[2])
