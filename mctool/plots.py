@@ -210,7 +210,11 @@ def _log_levels(values: np.ndarray, n: int = 24, sharpness: float = 4.0,
     if hi <= lo:
         hi = lo + max(1e-6, 1e-3 * abs(lo))  # one value (or all equal): a narrow band above it
     s = np.linspace(0.0, 1.0, n)
-    return lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness), extend
+    levels = lo + (hi - lo) * np.expm1(sharpness * s) / np.expm1(sharpness)
+    # the ends exactly: lo + (hi - lo) can round below hi, and contourf leaves values above the top level blank
+    # (a plateau at the maximum, 90% error at chance, was a white hole in the panel)
+    levels[0], levels[-1] = lo, hi
+    return levels, extend
 
 
 @dataclass

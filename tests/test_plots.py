@@ -168,6 +168,16 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     assert '"customdata":[["inf",' in html and f"train loss: 2 cells above {top:.3g} drawn at it" in html
 
 
+def test_the_levels_end_exactly_at_the_extremes():
+    """lo + (hi - lo) can round below hi: contourf then left the cells at the maximum blank (a plane's plateau
+    of 90% test error, at chance, was a white hole in the panel)."""
+    z = np.array([[26.97867137638703, 63.69616873214543], [63.69616873214543, 30.0]])
+    assert 26.97867137638703 + (63.69616873214543 - 26.97867137638703) < 63.69616873214543  # the rounding
+    levels, extend = plots._log_levels(z)
+    assert (levels[0], levels[-1], extend) == (z.min(), z.max(), "neither")
+    assert np.all(np.diff(levels) > 0)
+
+
 def test_labels_numbers():
     assert [plots._times(x) for x in (3.66, 0.251, 110.4, 1234.0, 1.0)] == ["3.7", "0.25", "110", "1,200", "1"]
     assert plots._level_format(np.array([1.0, 2.0, 3.0])) == "%.3g"
