@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import recalibrate_bn
+from .bn import one_batch_statistics, recalibrate_bn
 from .data import Split
 from .evaluation import evaluate_weights, l2_term, point_metrics, predict_probs
 from .errors import ConfigError
@@ -173,7 +173,9 @@ class WideNetwork(nn.Module):
     def of(cls, model: nn.Module, p: int, layout: ParamLayout, probe: torch.Tensor) -> "WideNetwork | None":
         """The P-wide version of ``model`` (whose parameters ``layout`` describes), checked on the batch
         ``probe``: P different networks (``model``'s weights, scaled per copy) must give, side by side, the
-        logits each gives alone (eval mode). None if the architecture cannot be widened or fails the check."""
+        logits each gives alone (eval mode), and a BN pass over it each one's running statistics (train-mode norm
+        layers, which a subclass may compute otherwise). None if the architecture cannot be widened or fails the
+        check."""
         net = _widen(model, p)
         if net is None or p < 1 or set(dict(net.named_parameters())) != set(layout.names):
             return None
@@ -207,7 +209,34 @@ class WideNetwork(nn.Module):
             if bool(torch.isfinite(want).all()):
                 break
         scale = float(want.abs().max()) + 1e-6
-        return wide if float((got - want).abs().max()) <= 1e-3 * scale else None
+        if float((got - want).abs().max()) > 1e-3 * scale:
+            return None
+        try:
+            got_stats = one_batch_statistics(wide.net, probe)
+            want_stats = []
+            for k in range(p):
+                layout.assign(model, weights[k])
+                want_stats.append(one_batch_statistics(model, probe))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return None
+        finally:
+            layout.assign(model, w)
+        for k, stats in enumerate(want_stats):
+            if len(stats) != len(got_stats):
+                return None
+            for (g_mean, g_var), (mean, var) in zip(got_stats, stats):
+                if g_var.numel() != p * var.numel() or (g_mean is None) != (mean is None):
+                    return None
+                # each copy's own statistics, up to float rounding: means measured in standard deviations
+                unit = float(var.abs().max()) + 1e-12
+                if float((g_var.view(p, -1)[k] - var.flatten()).abs().max()) > 1e-3 * unit:
+                    return None
+                if mean is not None and float((g_mean.view(p, -1)[k] - mean.flatten()).abs().max()) > (
+                        1e-3 * (unit ** 0.5 + float(mean.abs().max()))):
+                    return None
+        return wide
 
     @torch.no_grad()
     def assign(self, weights: torch.Tensor) -> None:

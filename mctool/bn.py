@@ -38,14 +38,23 @@ def pass_batches(split: Split, batch_size: int, *, augment: bool = False, deal: 
     return split.batches(batch_size, shuffle=True, augment=augment, seed=PASS_SEED, deal=deal)
 
 
+#: timm's layers (``timm.layers.evo_norm``) that keep a running variance, updated as BatchNorm updates its own
+#: (``(1 - momentum) * running + momentum * batch``) and used in eval mode.
+_TIMM_RUNNING_VAR = {"EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2"}
+
+
 def _has_running_stats(m: nn.Module) -> bool:
-    """A normalisation layer with running statistics: BatchNorm (timm's ``BatchNormAct2d`` included), or another
-    layer that keeps a ``running_var`` buffer updated with a ``momentum`` while training (timm's ``EvoNorm2dB*``,
-    ``InstanceNorm`` with ``track_running_stats``), which evaluation uses as BatchNorm does its own."""
+    """A normalisation layer whose evaluation depends on running statistics of the data: BatchNorm (timm's
+    ``BatchNormAct2d`` included, and without ``track_running_stats`` too: it normalises by batch while training),
+    ``InstanceNorm`` with ``track_running_stats``, and timm's EvoNorm B layers. Named, not guessed from a
+    ``running_var`` buffer: a layer whose momentum means something else would get wrong statistics."""
     if isinstance(m, _BN):
         return True
-    return isinstance(m._buffers.get("running_var"), torch.Tensor) and isinstance(getattr(m, "momentum", None),
-                                                                                  (int, float))
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return bool(m.track_running_stats)
+    cls = type(m)
+    return (cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_RUNNING_VAR
+            and isinstance(m._buffers.get("running_var"), torch.Tensor))
 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
@@ -135,20 +144,47 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     check_count("--bn-batches", max_batches)
     check_bn_data(bn_data)
     check_bn_batch_size(model, batch_size)
-    bns = bn_modules(model)
+    # (a BatchNorm layer without running statistics, track_running_stats=False, has none to recompute)
+    bns = [m for m in bn_modules(model) if isinstance(m._buffers.get("running_var"), torch.Tensor)]
     if not bns:
         return False
     was_training = model.training
     momenta = [m.momentum for m in bns]
     synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
-    for m, _ in synced:  # each rank's own statistics, added at the end (and no collective per batch)
-        m.__class__ = _LocalBatchNorm
-    model.eval()
-    for m in bns:
-        _reset_running_stats(m)
-        m.train()
-        m.momentum = 1.0  # each batch's statistics replace the running ones; they are added up below
-    stats = [t for m in bns for t in (getattr(m, "running_mean", None), m.running_var) if t is not None]
+    try:
+        for m, _ in synced:  # each rank's own statistics, added at the end (and no collective per batch)
+            m.__class__ = _LocalBatchNorm
+        model.eval()
+        for m in bns:
+            _reset_running_stats(m)
+            m.train()
+            m.momentum = 1.0  # each batch's statistics replace the running ones; they are added up below
+        seen = _pass(model, bns, split, batch_size, max_batches, precision, sharded, bn_data, on_batch)
+    finally:  # (an error or Ctrl-C mid-pass leaves the network as it was, but for its statistics)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        for m, cls in synced:
+            m.__class__ = cls
+        model.train(was_training)
+    d = distributed.current() if sharded else None
+    if d is not None:
+        seen = _add_over_ranks(bns, seen, next(model.parameters()).device)
+    if seen == 0:  # reset statistics (mean 0, variance 1) must never pass for recomputed ones
+        # Reached with a single training image: the pass leaves out a batch of one (it has no variance).
+        info = getattr(split, "info", None)
+        data = f"data set '{info.name}'" if info is not None else "the data set"
+        count = f"{len(split)} training image(s)" if hasattr(split, "__len__") else "too few training images"
+        raise DataError(f"the BatchNorm recalibration pass saw no training images: {data} has {count}, and the "
+                        "pass needs a batch of at least 2. Use a data set with more training images, or --split "
+                        "test if --split val held some out.")
+    return True
+
+
+def _pass(model: nn.Module, bns: list[nn.Module], split: Split, batch_size: int, max_batches: int | None,
+          precision: str, sharded: bool, bn_data: str, on_batch: Callable[[], None] | None) -> int:
+    """The statistics pass of ``recalibrate_bn`` (its layers ``bns`` set up): the running statistics become the
+    batches' averages, weighted by batch size; returns the number of images seen."""
+    stats = [t for m in bns for t in (m._buffers.get("running_mean"), m.running_var) if t is not None]
     sums = [torch.zeros_like(t) for t in stats]
     device = next(model.parameters()).device
     seen = 0
@@ -168,29 +204,42 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
                 on_batch()
     for t, s in zip(stats, sums):  # the average over the pass
         t.copy_(s / max(seen, 1))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    for m, cls in synced:
-        m.__class__ = cls
-    if d is not None:
-        seen = _add_over_ranks(bns, seen, device)
-    model.train(was_training)
-    if seen == 0:  # reset statistics (mean 0, variance 1) must never pass for recomputed ones
-        # Reached with a single training image: the pass leaves out a batch of one (it has no variance).
-        info = getattr(split, "info", None)
-        data = f"data set '{info.name}'" if info is not None else "the data set"
-        count = f"{len(split)} training image(s)" if hasattr(split, "__len__") else "too few training images"
-        raise DataError(f"the BatchNorm recalibration pass saw no training images: {data} has {count}, and the "
-                        "pass needs a batch of at least 2. Use a data set with more training images, or --split "
-                        "test if --split val held some out.")
-    return True
+    return seen
+
+
+@torch.no_grad()
+def one_batch_statistics(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """The running statistics (mean or None, variance) of each layer that a BN pass (``bn.recalibrate_bn``) over
+    the one batch ``x`` gives ``model`` (its norm layers in train mode, momentum 1); the model is left as it was."""
+    bns = [m for m in bn_modules(model) if isinstance(m._buffers.get("running_var"), torch.Tensor)]
+    saved = [(m, m.momentum, {n: b.clone() for n, b in m._buffers.items() if b is not None}) for m in bns]
+    synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
+    was = model.training
+    try:
+        for m, _ in synced:  # this process's statistics (no collective), as in the BN pass
+            m.__class__ = _LocalBatchNorm
+        model.eval()
+        for m in bns:
+            m.train()
+            m.momentum = 1.0
+        model(x)
+        return [(None if (mean := m._buffers.get("running_mean")) is None else mean.clone(), m.running_var.clone())
+                for m in bns]
+    finally:
+        for m, momentum, buffers in saved:
+            m.momentum = momentum
+            for n, b in buffers.items():
+                m._buffers[n].copy_(b)
+        for m, cls in synced:
+            m.__class__ = cls
+        model.train(was)
 
 
 def _add_over_ranks(bns: list[nn.Module], seen: int, device: torch.device) -> int:
     """Every rank's statistics become those of all ranks' batches together: the averages weighted by the
     images each rank saw, summed over ranks in one buffer (and the batch counts added)."""
-    stats = [t for m in bns for t in (getattr(m, "running_mean", None), m.running_var) if t is not None]
-    counts = [c for m in bns if (c := getattr(m, "num_batches_tracked", None)) is not None]
+    stats = [t for m in bns for t in (m._buffers.get("running_mean"), m.running_var) if t is not None]
+    counts = [c for m in bns if (c := m._buffers.get("num_batches_tracked")) is not None]
     flat = torch.cat([*(t.double().flatten() * seen for t in stats), *(c.double().flatten() for c in counts),
                       torch.tensor([float(seen)], dtype=torch.float64, device=device)])
     distributed.all_reduce_sum(flat)

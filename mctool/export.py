@@ -111,7 +111,7 @@ def write_html(view: GridView, path: str | Path) -> None:
     for col, (z, title) in enumerate(panels, start=1):
         shown, top, over = capped(view, z)  # cells above the contours' top level drawn at it; hovering says
         if over:
-            notes.append(f"{title}: {over:,} {'cell' if over == 1 else 'cells'} above {top:.3g} drawn at it")
+            notes.append(f"{title}: {over:,} {'cell' if over == 1 else 'cells'} above {top:.4g} drawn at it")
         zt = np.where(np.isfinite(shown), shown, None).T.tolist()  # NaN cells become gaps
         true = [[None if np.isnan(v) else f"{v:.4g}" for v in row] for row in z.T.tolist()]  # hover: inf as inf
         fig.add_trace(go.Surface(x=view.x, y=view.y, z=zt, customdata=true, colorscale="Viridis", name=title,

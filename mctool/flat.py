@@ -129,8 +129,10 @@ def state_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_buffers(model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
-    """Load stored ``buffers`` into ``model`` (strictly), leaving out non-persistent ones (which ensemble files
-    written by mctool 0.2.0 may hold: they are rebuilt with the network)."""
+    """Load stored ``buffers`` into ``model``: every buffer of its state dict is set (the stored ones, the others
+    kept), and names the state dict does not hold are left out: non-persistent buffers, which ensemble files
+    written by mctool 0.2.0 may hold (they are rebuilt with the network). Callers check the stored names and
+    shapes first (``check_network``, ``build_network``)."""
     state = model.state_dict()
     model.load_state_dict({**state, **{n: b for n, b in buffers.items() if n in state}}, strict=True)
 

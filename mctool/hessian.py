@@ -122,7 +122,7 @@ def _twice_differentiable(model: nn.Module):
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         attention = sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # torch < 2.3: only CUDA's fused kernels, switched off the older way
+    except ImportError:  # torch < 2.3: the older switch, for CUDA's fused kernels (CPU flash attention stays on)
         attention = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
     gates = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
     for m in gates:

@@ -421,7 +421,7 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
             ax.scatter(xx[alone], yy[alone], shown[alone], c=shown[alone], cmap="viridis", vmin=lo, vmax=hi,
                        marker="s", s=40, edgecolors="black", linewidths=0.5, depthshade=False)
         if over:
-            title = f"{title}\n({over:,} {'cell' if over == 1 else 'cells'} above {top:.3g} drawn at {top:.3g})"
+            title = f"{title}\n({over:,} {'cell' if over == 1 else 'cells'} above {top:.4g} drawn at {top:.4g})"
         floor = lo
         lift = 0.01 * (hi - floor) or 0.01 * max(abs(floor), 1e-6)  # just above the surface, not hidden in it
 
@@ -588,7 +588,8 @@ def _level_format(levels: np.ndarray) -> str:
 
 
 def _times(x: float) -> str:
-    """A ratio for a label, to two significant digits without an exponent: ``3.7``, ``0.25``, ``110``."""
+    """A ratio for a label, to two significant digits: ``3.7``, ``0.25``, ``110``, ``1,200`` (an exponent only
+    below 1e-4, where ``:g`` writes one)."""
     x = float(f"{x:.2g}")
     return f"{x:,.0f}" if x >= 10 else f"{x:g}"
 

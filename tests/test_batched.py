@@ -305,3 +305,30 @@ def test_cpu_predictions_run_in_pieces_with_the_same_logits():
         # per-image arithmetic in another grouping of the matrix products: equal up to float32 rounding
         torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(labels, data.eval.labels)
+
+
+class _SharedVarianceBatchNorm(nn.BatchNorm2d):
+    """Per-channel in eval mode, but one variance for all channels while training (the BN pass): a wide copy's
+    statistics would mix the networks, which an eval-mode probe cannot see."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3)).mean().expand(x.shape[1])
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        return (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + self.eps).sqrt()
+
+
+@pytest.mark.parametrize("norm", [_SharedVarianceBatchNorm, nn.BatchNorm2d])
+def test_the_probe_check_runs_the_bn_pass_too(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    layout = ParamLayout.of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wide = WideNetwork.of(model, 3, layout, torch.rand(8, 3, 16, 16))
+    assert (wide is None) == (norm is _SharedVarianceBatchNorm)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the probe changed nothing
+    assert model[1].momentum == 0.1 and not model.training

@@ -101,6 +101,26 @@ def test_initial_bends_are_on_the_segment_at_a_or_at_b(curve, bends):
     assert torch.equal(end[0], a) and all(torch.equal(end[j], b) for j in range(1, k))
 
 
+def test_recalibrate_bn_skips_layers_without_statistics_and_restores_the_network_on_an_error():
+    """A BatchNorm layer with track_running_stats=False has no running statistics: nothing to recompute (it
+    was a traceback, 'Tensor list must have at least one tensor'). An error (or Ctrl-C) mid-pass leaves every
+    layer's momentum, class and mode as they were, not momentum 1 in train mode."""
+    data = load_data("synthetic:size=8,channels=1,classes=3,train=64,test=10")
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16),
+                                torch.nn.BatchNorm1d(16, track_running_stats=False), torch.nn.Linear(16, 3)).eval()
+    assert not recalibrate_bn(plain, data.train, batch_size=16)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16, momentum=0.3),
+                                torch.nn.Linear(16, 3)).eval()
+
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate_bn(model, data.train, batch_size=16, on_batch=stop)
+    assert model[2].momentum == 0.3 and not any(m.training for m in model.modules())
+
+
 def test_recalibrate_bn_runs_without_dropout_and_forgets_old_statistics():
     """The BN pass runs only the BN layers in train mode (docs/method.md#bn): a dropout layer before a BN layer
     stays off, so the statistics are those of the evaluation-mode activations. And the statistics are

@@ -38,6 +38,15 @@ def runs(tmp_path_factory, digits_models):
     return {"plane": plane, "train_h5": other.with_suffix(".h5"), **files}
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The figures ``_drawn`` keeps for inspection are closed after each test (pyplot warns past 20 open)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _drawn(monkeypatch) -> list:
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, *_: figures.append(fig))
@@ -146,7 +155,7 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     ax = figures[0].axes[0]
     _, top, over = plots.capped(view, view.z["train/loss"])
     assert over == 2 and top < 1e3
-    assert ax.get_title().endswith(f"(2 cells above {top:.3g} drawn at {top:.3g})")
+    assert ax.get_title().endswith(f"(2 cells above {top:.4g} drawn at {top:.4g})")
     assert ax.get_zlim()[1] < 2 * top  # the surface's scale is the other cells', not 1e6's
     assert "above" not in figures[0].axes[2].get_title()  # the error panel has nothing above its levels
 
@@ -165,7 +174,7 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     res = cli("plot", bad, "-o", tmp_path / "bad2.png", "--html", tmp_path / "bad.html")
     assert res.stderr.count("Warning: ") == 1  # the infinite cell's, once for the figure and the export
     html = (tmp_path / "bad.html").read_text()
-    assert '"customdata":[["inf",' in html and f"train loss: 2 cells above {top:.3g} drawn at it" in html
+    assert '"customdata":[["inf",' in html and f"train loss: 2 cells above {top:.4g} drawn at it" in html
 
 
 def test_the_levels_end_exactly_at_the_extremes():
