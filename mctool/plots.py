@@ -238,6 +238,9 @@ class GridView:
     note: str
     equal_aspect: bool
     at_points: dict[str, np.ndarray] | None = None  # name -> the value at each marked point (NaN: not computed)
+    # the axes' names when both are in the same units (weight space) but drawn to fill the panel: the figure then
+    # says how much one is stretched against the other (a plane's u and v, a PCA surface's a and b)
+    same_units: tuple[str, str] | None = None
 
 
 def grid_view(file: str | Path) -> GridView:
@@ -285,7 +288,8 @@ def grid_view(file: str | Path) -> GridView:
                         f"({off.max() / scale:.1%} of |{b} - {a}|); the surface under it is not the curve's loss")
         return GridView(kind, split, x, y, z, data["points"], [a, bend, b], path, "curve (projected)",
                         f"along u = ({b} - {a}) / |{b} - {a}|  (weight-space units)",
-                        f"along v (orthogonal, towards {'the ' if bend == 'bend' else ''}{bend})", note, False)
+                        f"along v (orthogonal, towards {'the ' if bend == 'bend' else ''}{bend})", note, False,
+                        same_units=("u", "v"))
     path, note = data.get("trajectory"), ""
     if path is not None:
         if np.ndim(path) != 2 or np.shape(path)[1] != dims or not np.isfinite(path).all():
@@ -324,7 +328,8 @@ def grid_view(file: str | Path) -> GridView:
                 points, point_labels = np.vstack([points, unit_point]), [*point_labels, name]
     # equal aspect for random directions (both of the network's scale); PCA and files' axes differ in length
     return GridView(kind, split, x, y, z, points, point_labels, path, "trajectory (projected)",
-                    labels[0], labels[1], note, method == "random", at)
+                    labels[0], labels[1], note, method == "random", at,
+                    same_units=("PC1", "PC2") if method == "pca" and y is not None else None)
 
 
 def _input_names(attrs: dict, file: str | Path) -> list[str]:
@@ -519,8 +524,8 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             ax.plot(view.path[:, 0], view.path[:, 1], color="crimson", linewidth=1.5, label=view.path_label,
                     **({"marker": ".", "markersize": 5} if view.kind == "surface" else {}))
             if view.kind == "surface":  # a trajectory runs from its first checkpoint to the network
-                ax.annotate("start", view.path[0], xytext=(6, 6), textcoords="offset points", fontsize=9,
-                            color="crimson", fontweight="bold", path_effects=outline)
+                ax.annotate("first checkpoint", view.path[0], xytext=(6, 6), textcoords="offset points",
+                            fontsize=9, color="crimson", fontweight="bold", path_effects=outline)
         p = view.points
         if view.kind == "plane":
             ax.plot([p[0, 0], p[2, 0]], [p[0, 1], p[2, 1]], "--", color="white", linewidth=1.2,
@@ -547,7 +552,8 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             handles.append(Patch(facecolor="white", edgecolor="grey", hatch="////"))
             labels.append("not computed (NaN)")
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=9)
-        _note_stretch(fig, axes)
+    if view.same_units is not None:
+        _note_stretch(fig, axes, *view.same_units)
     if view.note:
         fig.suptitle(view.note, fontsize=9)
     _save(fig, output, dpi)
@@ -594,9 +600,10 @@ def _times(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:g}"
 
 
-def _note_stretch(fig, axes) -> None:
-    """A plane is drawn to fill its panels, so v's unit is usually drawn longer (or shorter) than u's: say by
-    how much in the v axis's label, so that a reader does not take a stretched curve for a detour."""
+def _note_stretch(fig, axes, u: str = "u", v: str = "v") -> None:
+    """A plane (or a PCA surface) is drawn to fill its panels, so the unit of its second axis ``v`` is usually
+    drawn longer (or shorter) than that of its first, ``u``, though both are weight-space units: say by how much
+    in the second axis's label, so that a reader does not take a stretched curve for a detour."""
     fig.canvas.draw()  # (the panels' final sizes, after the layout)
     ax = axes[0]
     box = ax.get_window_extent()
@@ -606,7 +613,7 @@ def _note_stretch(fig, axes) -> None:
     stretch = (box.height / abs(y1 - y0)) / (box.width / abs(x1 - x0))  # v's unit over u's, on the page
     if not 1 / 1.25 <= stretch <= 1.25:
         for a in axes:
-            a.set_ylabel(f"{a.get_ylabel()}\n(a unit of v drawn {_times(stretch)}x as long as a unit of u)")
+            a.set_ylabel(f"{a.get_ylabel()}\n(a unit of {v} drawn {_times(stretch)}x as long as a unit of {u})")
 
 
 #: The per-epoch metrics files ``plot_history`` draws.

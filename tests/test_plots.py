@@ -320,3 +320,4 @@ def test_a_1d_surface_marks_diverged_points_and_shows_the_whole_grid(cli, tmp_pa
         lo, hi = ax.get_xlim()
         assert lo < x[0] and hi > x[-1]
     assert loss_ax.get_yscale() == "log" and err_ax.get_yscale() == "linear"
+

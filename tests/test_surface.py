@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 
 import h5py
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mctool
+import mctool.plots as plots
 from mctool.checkpoint import load_model
 from conftest import Cli
 from mctool.errors import ConfigError
@@ -257,7 +259,7 @@ def trajectory(tmp_path_factory):
     return out, [folder / f"run-epoch{e:03d}.safetensors" for e in range(1, 6)]
 
 
-def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, trajectory):
+def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, trajectory, monkeypatch):
     final, states = trajectory
     m = tmp_path / "pca.h5"
     # a quoted glob pattern: its matches in natural order (training order)
@@ -291,6 +293,23 @@ def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, t
                                                                       ["eval"]["err"], abs=1e-6)]
     cli("plot", m, "-o", tmp_path / "pca3d.png", "--3d", "-q")
     assert (tmp_path / "pca3d.png").stat().st_size > 0
+    # both axes are weight-space units, drawn to fill the panel: PC2's label says how much its unit is stretched
+    # (a detour along PC2 looked larger than it is); the trajectory's first point is named as what it is
+    import matplotlib.pyplot as plt
+
+    view = plots.grid_view(m)
+    assert view.same_units == ("PC1", "PC2") and not view.equal_aspect
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, *_: drawn.append(fig))
+    plots.plot_grid(m, tmp_path / "again.png")
+    ax = drawn[0].axes[0]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    box = ax.get_window_extent()
+    stretch = (box.height / (y1 - y0)) / (box.width / (x1 - x0))
+    said = re.search(r"a unit of PC2 drawn ([0-9.,]+)x as long as a unit of PC1", ax.get_ylabel())
+    assert said and float(said.group(1).replace(",", "")) == pytest.approx(stretch, rel=0.1)
+    assert "first checkpoint" in [t.get_text() for t in ax.texts]
+    plt.close("all")
 
 
 def test_a_surface_in_shards_merges_into_the_whole_run(cli, tmp_path, trajectory):
