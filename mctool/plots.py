@@ -537,11 +537,14 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
                             color="black", fontweight="bold", path_effects=outline)
         # a plane's bend (w1 of three networks) as a diamond, its ends as circles (as the paper draws them)
         marker = ["o", "D", "o"] if view.kind == "plane" else ["o"] * len(p)
-        for (px, py), m in zip(p, marker):
-            ax.scatter([px], [py], s=60 if m == "o" else 50, c="white", edgecolors="black", marker=m, zorder=5)
+        for k, ((px, py), m) in enumerate(zip(p, marker)):
+            # a surface's centre, named in the legend (the others are named beside their markers)
+            label = f"{view.point_labels[0]} (the centre)" if view.kind == "surface" and k == 0 else None
+            ax.scatter([px], [py], s=60 if m == "o" else 50, c="white", edgecolors="black", marker=m, zorder=5,
+                       label=label)
         # A plane's dy is often much smaller than its dx: an equal-aspect panel would be a thin strip.
         ax.set(title=title, xlabel=view.xlabel, ylabel=view.ylabel, aspect="equal" if view.equal_aspect else "auto")
-    if view.kind == "plane":
+    if view.y is not None:
         handles, labels = axes[1].get_legend_handles_labels()
         # the segment's white dash with its black outline reads as "===" at legend size: a plain black dash
         handles = [Line2D([], [], color="black", linestyle="--", linewidth=1.2) if lab.startswith("segment ") else h

@@ -309,6 +309,8 @@ def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, t
     said = re.search(r"a unit of PC2 drawn ([0-9.,]+)x as long as a unit of PC1", ax.get_ylabel())
     assert said and float(said.group(1).replace(",", "")) == pytest.approx(stretch, rel=0.1)
     assert "first checkpoint" in [t.get_text() for t in ax.texts]
+    legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
+    assert legend == ["trajectory (projected)", f"{final.name} (the centre)"]
     plt.close("all")
 
 
