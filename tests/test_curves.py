@@ -822,22 +822,32 @@ def test_evaluation_commands_default_to_the_split_the_inputs_were_trained_with(c
     assert warnings("ensemble", a, b, "--temperature-scale") == ("test", [])
 
 
-@pytest.mark.parametrize("norm", ["evonormb0", "batchnorm"])
+@pytest.mark.parametrize("norm", ["evonormb0", "batchnorm", "instancenorm"])
 def test_bn_pass_recomputes_every_layer_with_running_statistics(norm):
-    """Not only torch's BatchNorm: timm's EvoNorm2dB0 keeps a running variance that evaluation uses; a BN pass
-    must recompute it from the data (its result may not depend on the statistics before the pass), else a curve's
-    points keep the start network's and t = 1 does not reproduce the end network."""
+    """Not only torch's BatchNorm: timm's EvoNorm2dB0 and InstanceNorm with track_running_stats keep a running
+    variance that evaluation uses; a BN pass must recompute it from the data (its result may not depend on the
+    statistics before the pass), else a curve's points keep the start network's and t = 1 does not reproduce the
+    end network. The layers' momentum and mode are theirs again afterwards."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", num_classes=3, norm_layer=norm)
-    assert bn_modules(model)
+    if norm == "instancenorm":
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.InstanceNorm2d(4, track_running_stats=True),
+                                    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(4, 3))
+    else:
+        model = timm.create_model("test_efficientnet", num_classes=3, norm_layer=norm)
+    layers = bn_modules(model)
+    assert layers
+    momenta = [m.momentum for m in layers]
+    model.eval()
     data = load_data("synthetic:size=16,train=32,test=8,classes=3")
     results = []
     for start in (1.0, 5.0):
-        for m in bn_modules(model):
+        for m in layers:
             m.running_var.fill_(start)
         assert recalibrate_bn(model, data.train, batch_size=16, bn_data="plain")
-        results.append([m.running_var.clone() for m in bn_modules(model)])
+        results.append([m.running_var.clone() for m in layers])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert not all(torch.allclose(a, torch.ones_like(a)) for a in results[0])
+    assert [m.momentum for m in layers] == momenta and not any(m.training for m in model.modules())
