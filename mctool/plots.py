@@ -239,7 +239,7 @@ class GridView:
     equal_aspect: bool
     at_points: dict[str, np.ndarray] | None = None  # name -> the value at each marked point (NaN: not computed)
     # the axes' names when both are in the same units (weight space) but drawn to fill the panel: the figure then
-    # says how much one is stretched against the other (a plane's u and v, a PCA surface's a and b)
+    # says how much one is stretched against the other (a plane's u and v, a PCA surface's PC1 and PC2)
     same_units: tuple[str, str] | None = None
 
 
