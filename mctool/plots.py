@@ -155,12 +155,7 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
             (line,) = ax.plot(t, np.where(np.isfinite(y), y, np.nan), marker=".", markersize=3, label=label)
             ends_at = [i for i in (0, len(t) - 1) if np.isfinite(y[i])]
             ax.plot(t[ends_at], y[ends_at], "o", color=line.get_color(), markersize=8)
-            up = np.isposinf(y)
-            if up.any():  # a diverged point: at the top of the panel, not a gap that hides the peak
-                ax.plot(t[up], np.full(int(up.sum()), 0.97), "^", color=line.get_color(), markersize=8,
-                        transform=ax.get_xaxis_transform(), clip_on=False,
-                        label=None if diverged_shown else "diverged (infinite)")
-                diverged_shown = True
+            diverged_shown |= _mark_diverged(ax, t, y, line.get_color(), labelled=not diverged_shown)
     ax_loss.set(xlabel="t (position along the curve)", ylabel="train loss (CE + L2 term)", title="Train loss")
     if log_loss:  # ends near 1e-3 and a barrier of 2: a linear axis shows only the barrier
         ax_loss.set_yscale("log")
@@ -173,6 +168,16 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(series), 2), fontsize=8)
     _save(fig, output, dpi)
+
+
+def _mark_diverged(ax, x: np.ndarray, y: np.ndarray, color, labelled: bool = True) -> bool:
+    """Mark the infinite values of the line ``y`` over ``x`` (diverged networks) at the top of the panel, where a
+    gap would hide the peak; ``labelled``: named in the legend. Returns whether there were any."""
+    up = np.isposinf(y)
+    if up.any():
+        ax.plot(x[up], np.full(int(up.sum()), 0.97), "^", color=color, markersize=8, transform=ax.get_xaxis_transform(),
+                clip_on=False, label="diverged (infinite)" if labelled else None)
+    return bool(up.any())
 
 
 def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI) -> None:
@@ -478,10 +483,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     for ax, (z, unit, title, at) in zip(axes, _panels(view)):
         if view.y is None:
             (line,) = ax.plot(view.x, np.where(np.isfinite(z), z, np.nan), marker="o", markersize=3)
-            up = np.isposinf(z)
-            if up.any():  # a diverged point: at the top of the panel, not a gap (as plot_curves marks it)
-                ax.plot(view.x[up], np.full(int(up.sum()), 0.97), "^", color=line.get_color(), markersize=8,
-                        transform=ax.get_xaxis_transform(), clip_on=False, label="diverged (infinite)")
+            _mark_diverged(ax, view.x, z, line.get_color())
             pad = 0.03 * (view.x[-1] - view.x[0])
             ax.set_xlim(view.x[0] - pad, view.x[-1] + pad)  # the whole grid, computed or not
             if log_loss and ax is axes[0]:
