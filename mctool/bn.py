@@ -7,6 +7,7 @@ network was trained (``--bn-data augmented``, the default) or not (``--bn-data p
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -144,28 +145,13 @@ def recalibrate_bn(model: nn.Module, split: Split, *, batch_size: int = 512, max
     check_count("--bn-batches", max_batches)
     check_bn_data(bn_data)
     check_bn_batch_size(model, batch_size)
-    # (a BatchNorm layer without running statistics, track_running_stats=False, has none to recompute)
-    bns = [m for m in bn_modules(model) if isinstance(m._buffers.get("running_var"), torch.Tensor)]
+    bns = _tracking(model)
     if not bns:
         return False
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
-    try:
-        for m, _ in synced:  # each rank's own statistics, added at the end (and no collective per batch)
-            m.__class__ = _LocalBatchNorm
-        model.eval()
+    with _pass_mode(model, bns):
         for m in bns:
             _reset_running_stats(m)
-            m.train()
-            m.momentum = 1.0  # each batch's statistics replace the running ones; they are added up below
         seen = _pass(model, bns, split, batch_size, max_batches, precision, sharded, bn_data, on_batch)
-    finally:  # (an error or Ctrl-C mid-pass leaves the network as it was, but for its statistics)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        for m, cls in synced:
-            m.__class__ = cls
-        model.train(was_training)
     d = distributed.current() if sharded else None
     if d is not None:
         seen = _add_over_ranks(bns, seen, next(model.parameters()).device)
@@ -207,32 +193,52 @@ def _pass(model: nn.Module, bns: list[nn.Module], split: Split, batch_size: int,
     return seen
 
 
-@torch.no_grad()
-def one_batch_statistics(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-    """The running statistics (mean or None, variance) of each layer that a BN pass (``bn.recalibrate_bn``) over
-    the one batch ``x`` gives ``model`` (its norm layers in train mode, momentum 1); the model is left as it was."""
-    bns = [m for m in bn_modules(model) if isinstance(m._buffers.get("running_var"), torch.Tensor)]
-    saved = [(m, m.momentum, {n: b.clone() for n, b in m._buffers.items() if b is not None}) for m in bns]
+def _tracking(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose running statistics a BN pass recomputes (``bn_modules`` but a BatchNorm layer
+    with ``track_running_stats=False``, which has none)."""
+    return [m for m in bn_modules(model) if isinstance(m._buffers.get("running_var"), torch.Tensor)]
+
+
+@contextlib.contextmanager
+def _pass_mode(model: nn.Module, bns: list[nn.Module]):
+    """``model`` set up for a statistics pass over its layers ``bns``: everything in eval mode (dropout off) but
+    ``bns``, in train mode with momentum 1 (each batch's statistics replace the running ones, which the pass adds
+    up), SyncBatchNorm as this process's own BatchNorm (no collective per batch; ranks add up at the end). All of
+    it is restored afterwards, also after an error or a Ctrl-C (the statistics stay as the pass left them)."""
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
     synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
-    was = model.training
     try:
-        for m, _ in synced:  # this process's statistics (no collective), as in the BN pass
+        for m, _ in synced:
             m.__class__ = _LocalBatchNorm
         model.eval()
         for m in bns:
             m.train()
             m.momentum = 1.0
-        model(x)
+        yield
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        for m, cls in synced:
+            m.__class__ = cls
+        model.train(was_training)
+
+
+@torch.no_grad()
+def one_batch_statistics(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """The running statistics (mean or None, variance) of each layer that a BN pass (``recalibrate_bn``) over the
+    one batch ``x`` gives ``model``; the model is left as it was, its statistics too."""
+    bns = _tracking(model)
+    saved = [{n: b.clone() for n, b in m._buffers.items() if b is not None} for m in bns]
+    try:
+        with _pass_mode(model, bns):
+            model(x)
         return [(None if (mean := m._buffers.get("running_mean")) is None else mean.clone(), m.running_var.clone())
                 for m in bns]
     finally:
-        for m, momentum, buffers in saved:
-            m.momentum = momentum
+        for m, buffers in zip(bns, saved):
             for n, b in buffers.items():
                 m._buffers[n].copy_(b)
-        for m, cls in synced:
-            m.__class__ = cls
-        model.train(was)
 
 
 def _add_over_ranks(bns: list[nn.Module], seen: int, device: torch.device) -> int:
