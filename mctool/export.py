@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .fileio import atomic_path, writes_files
-from .plots import GridView, capped, grid_view
+from .plots import GridView, capped, grid_view, lone_cells
 
 
 def _array(name: str | None, values: np.ndarray, components: int = 1) -> str:
@@ -119,6 +119,17 @@ def write_html(view: GridView, path: str | Path) -> None:
                                  hovertemplate="x %{x:.4g}<br>y %{y:.4g}<br>" + title
                                  + " %{customdata}<extra></extra>"),
                       row=1, col=col)
+        alone = lone_cells(shown, corners=4)  # a face needs four computed corners: lone cells as markers
+        if alone.any():
+            xx, yy = np.meshgrid(view.x, view.y, indexing="ij")
+            lo, hi = float(np.nanmin(shown)), float(np.nanmax(shown))
+            fig.add_trace(go.Scatter3d(x=xx[alone], y=yy[alone], z=shown[alone], mode="markers",
+                                       marker={"size": 5, "symbol": "square", "color": shown[alone],
+                                               "colorscale": "Viridis", "cmin": lo, "cmax": hi},
+                                       customdata=[f"{v:.4g}" for v in z[alone]], name="computed cells",
+                                       showlegend=False,
+                                       hovertemplate=title + " %{customdata}<extra></extra>"),
+                          row=1, col=col)
         floor = float(np.nanmin(shown)) if np.isfinite(shown).any() else 0.0
         if view.path is not None:
             fig.add_trace(go.Scatter3d(x=view.path[:, 0], y=view.path[:, 1], z=np.full(len(view.path), floor),

@@ -426,7 +426,7 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
         surf = ax.plot_surface(xx, yy, np.ma.masked_invalid(shown), cmap="viridis", linewidth=0, antialiased=True,
                                rcount=len(view.x), ccount=len(view.y), vmin=lo, vmax=hi, alpha=0.9)
         fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.08, label=unit, format=_level_format(np.linspace(lo, hi, 6)))
-        alone = _alone(shown, corners=4)  # a face needs its four corners: lone cells drawn as squares
+        alone = lone_cells(shown, corners=4)  # a face needs its four corners: lone cells drawn as squares
         if alone.any():
             ax.scatter(xx[alone], yy[alone], shown[alone], c=shown[alone], cmap="viridis", vmin=lo, vmax=hi,
                        marker="s", s=40, edgecolors="black", linewidths=0.5, depthshade=False)
@@ -509,7 +509,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
                 shown, extend = np.where(np.isposinf(z), 2 * levels[-1] - levels[0], z), "max"
             cs = ax.contourf(view.x, view.y, shown.T, levels=levels, cmap="viridis", extend=extend)
             ax.contour(view.x, view.y, shown.T, levels=cs.levels, colors="k", linewidths=0.3, alpha=0.5)
-            alone = _alone(shown)  # computed cells with no computed neighbours to fill between: drawn as squares
+            alone = lone_cells(shown)  # computed cells with no computed neighbours to fill between: drawn as squares
             if alone.any():
                 gx, gy = np.meshgrid(view.x, view.y, indexing="ij")
                 ax.scatter(gx[alone], gy[alone], c=shown[alone], cmap="viridis", norm=cs.norm, marker="s", s=70,
@@ -575,7 +575,7 @@ def capped(view: GridView, z: np.ndarray) -> tuple[np.ndarray, float | None, int
     return np.where(over, top, z), top, int(over.sum())
 
 
-def _alone(z: np.ndarray, corners: int = 3) -> np.ndarray:
+def lone_cells(z: np.ndarray, corners: int = 3) -> np.ndarray:
     """The finite cells of a grid that ``contourf`` leaves blank: it fills each quad of four neighbouring cells
     with at least three finite corners (a 3-D surface: four, ``corners``), so a cell that is a corner of no such
     quad (one computed cell of an interrupted plane, say) would not be drawn at all."""

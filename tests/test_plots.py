@@ -114,13 +114,13 @@ def test_lone_computed_cells_are_drawn(runs, tmp_path, monkeypatch):
     """contourf fills only quads of cells with at least three finite corners: a plane interrupted after one or
     two cells showed nothing but hatching. Such cells are drawn as squares in the colours of the levels."""
     grid = np.full((4, 5), np.nan)
-    assert not plots._alone(grid).any()
+    assert not plots.lone_cells(grid).any()
     grid[0, 0] = grid[0, 1] = 1.0  # two neighbours: no quad with three corners
     grid[3, 4] = 2.0
-    assert plots._alone(grid).tolist() == np.isfinite(grid).tolist()
+    assert plots.lone_cells(grid).tolist() == np.isfinite(grid).tolist()
     grid[1, 0] = 3.0  # now three corners of the first quad
-    assert np.argwhere(plots._alone(grid)).tolist() == [[3, 4]]
-    assert not plots._alone(np.ones((3, 3))).any()
+    assert np.argwhere(plots.lone_cells(grid)).tolist() == [[3, 4]]
+    assert not plots.lone_cells(np.ones((3, 3))).any()
 
     with h5py.File(runs["plane"]) as f:
         shape = f["train/loss"].shape
@@ -175,6 +175,10 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     assert res.stderr.count("Warning: ") == 1  # the infinite cell's, once for the figure and the export
     html = (tmp_path / "bad.html").read_text()
     assert '"customdata":[["inf",' in html and f"train loss: 2 cells above {top:.4g} drawn at it" in html
+    assert '"computed cells"' not in html  # every computed cell is a corner of a face
+    cli("plot", two, "--html", tmp_path / "two.html")
+    html = (tmp_path / "two.html").read_text()
+    assert html.count('"name":"computed cells"') == 2  # the two lone cells, in each panel
 
 
 def test_the_levels_end_exactly_at_the_extremes():
