@@ -181,13 +181,39 @@ def launched() -> Iterator[Dist | None]:
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
         raise
+    finished = False
     try:
         with _sigterm_as_ctrl_c():
             yield d
+        finished = True
     finally:
-        _launched = None
+        _leave(d, finished)
+
+
+def _leave(d: Dist, finished: bool) -> None:
+    """End this rank's part in the group. After a finished command every rank first waits for all the others
+    to finish (no rank closes its connections while another is still in a collective operation), and rank 0,
+    whose process may host the group's store (``env://`` without torchrun's agent), leaves last: it waits up
+    to 10 s for word that each other rank has left. After an error the failure report has done the waiting."""
+    global _launched
+    store = None
+    if finished:
+        with contextlib.suppress(Exception):  # a rank that failed at the very end reports its own error
+            sync("the end")
+            store = _store()
+    _launched = None
+    if store is not None and d.main:
         with contextlib.suppress(Exception):
-            torch.distributed.destroy_process_group()
+            deadline = time.monotonic() + 10.0
+            waiting = list(range(1, d.world))
+            while waiting and time.monotonic() < deadline:
+                waiting = [r for r in waiting if not store.check([_key(f"left/{r}")])]
+                time.sleep(_POLL)
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
+    if store is not None and not d.main:
+        with contextlib.suppress(Exception):
+            store.set(_key(f"left/{d.rank}"), "1")
 
 
 #: The signals that stop a command as Ctrl-C does: SIGTERM (a launcher, ``timeout``, a job's time limit) and

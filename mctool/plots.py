@@ -434,6 +434,8 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
             title = f"{title}\n({over:,} {'cell' if over == 1 else 'cells'} above {top:.4g} drawn at {top:.4g})"
         floor = lo
         lift = 0.01 * (hi - floor) or 0.01 * max(abs(floor), 1e-6)  # just above the surface, not hidden in it
+        if hi == lo:  # a flat surface: matplotlib's own limits hugged it and put the points at the box's top
+            ax.set_zlim(lo - 20 * lift, lo + 20 * lift)
 
         def height(pts: np.ndarray) -> np.ndarray:
             h = _on_grid(view.x, view.y, shown, pts[:, 0], pts[:, 1]) + lift

@@ -181,6 +181,23 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     assert html.count('"name":"computed cells"') == 2  # the two lone cells, in each panel
 
 
+def test_3d_flat_surface_is_drawn_in_the_middle_of_its_box(runs, tmp_path, monkeypatch):
+    """A surface of one value everywhere (a plateau) sits in the middle of its 3-D box, its points just above it,
+    not at the top of a box that hugs the points."""
+    with h5py.File(runs["plane"]) as f:
+        shape = f["train/loss"].shape
+    flat = {(i, j): 2.5 for i in range(shape[0]) for j in range(shape[1])}
+    file = _edited(runs["plane"], tmp_path / "flat.h5", **{"train/loss": flat})
+    figures = _drawn(monkeypatch)
+    plots.plot_grid(file, tmp_path / "flat.png", three_d=True)
+    ax = figures[0].axes[0]
+    lo, hi = ax.get_zlim()
+    assert lo < 2.5 < hi and abs((lo + hi) / 2 - 2.5) < 1e-9 * 2.5
+    (marks,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    heights = np.asarray(marks.get_data_3d()[2])
+    assert np.all((heights > 2.5) & (heights < 2.5 + 0.1 * (hi - lo)))
+
+
 def test_the_levels_end_exactly_at_the_extremes():
     """lo + (hi - lo) can round below hi: contourf then left the cells at the maximum blank (a plane's plateau
     of 90% test error, at chance, was a white hole in the panel)."""
