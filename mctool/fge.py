@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from .bn import bn_modules, check_bn_data, recalibrate_bn, use_sync_bn
-from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, save_model
+from .checkpoint import ModelMeta, load_model, save_model
 from .data import check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import check_outputs, holds_output_locks, same_inputs
+from .fileio import check_outputs, holds_output_locks
 from .batched import check_points_per_pass
 from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_real
 from .graphs import sgd, use_graphs
@@ -34,8 +34,8 @@ from .runtime import resolve_device, training_command
 from .console import progress_bar
 from .schedules import fge_is_snapshot, fge_lr
 from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, history_json,
-                   metrics_path, old_run_remover, prepare_outputs, recorded_lr, remove_state, set_momentum, sgd_step,
-                   state_path, validate_sgd)
+                   metrics_path, old_run_remover, prepare_outputs, recorded_lr, remove_state, restore_state,
+                   set_momentum, sgd_step, state_path, validate_sgd)
 
 
 @dataclass
@@ -212,15 +212,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
-        if not same_inputs(json.loads(md.get("inputs", "{}")), inputs):
-            raise ConfigError(f"the interrupted run started from another file (or it changed since): "
-                              f"{md.get('inputs')}; --resume needs the same start network.")
-        start_epoch = int(md["epoch"])
-        check_state_tensors(model, tensors, state_path(output))
-        model.load_state_dict(network_state(tensors))
-        set_momentum(opt, params, tensors)
-        log.rows = json.loads(md["history"])
-        log.attrs["started"] = md.get("started", log.attrs["started"])
+        start_epoch = restore_state(resume_state, output, inputs, "start network", model, opt, params, log)
         snaps.load_state(tensors, json.loads(md["snapshots"]), json.loads(md.get("pending_snapshots", "[]")),
                          path=state_path(output))  # both checked by prepare_outputs
         taken = [int(r["iteration"]) for r in snaps.rows + snaps.pending_info()]

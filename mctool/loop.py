@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from . import distributed
 from .bn import bn_modules
-from .checkpoint import MOMENTUM_PREFIX, check_state_metadata, read_checkpoint, read_metadata
+from .checkpoint import (MOMENTUM_PREFIX, check_state_metadata, check_state_tensors, network_state, read_checkpoint,
+                         read_metadata)
 from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
-from .fileio import check_output, check_outputs, writes_files
+from .fileio import check_output, check_outputs, same_inputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog, recorded_setting, source_date_epoch
 from .models import blank_images, probe_forward
@@ -307,6 +308,24 @@ def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], te
         if name.startswith(MOMENTUM_PREFIX):
             p = params[name[len(MOMENTUM_PREFIX):]]
             opt.state[p]["momentum_buffer"] = buf.to(p.device)
+
+
+def restore_state(resume_state: tuple[dict[str, torch.Tensor], dict[str, str]], output: Path, inputs: dict[str, str],
+                  same_start: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  params: dict[str, torch.Tensor], log: MetricsLog) -> int:
+    """Put an interrupted ``train`` or ``fge`` run's saved state (``prepare_outputs``'s ``resume_state``) back:
+    the network, the momentum buffers, the rows of the metrics log and its start time. Refuses a run that
+    started from other input files (``same_start`` says which option names them). Returns the epochs done."""
+    tensors, md = resume_state
+    if not same_inputs(json.loads(md.get("inputs", "{}")), inputs):
+        raise ConfigError(f"the interrupted run started from another file (or it changed since): "
+                          f"{md.get('inputs')}; --resume needs the same {same_start}.")
+    check_state_tensors(model, tensors, state_path(output))
+    model.load_state_dict(network_state(tensors))
+    set_momentum(opt, params, tensors)
+    log.rows = json.loads(md["history"])
+    log.attrs["started"] = md.get("started", log.attrs["started"])
+    return int(md["epoch"])
 
 
 def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,16 +12,16 @@ import numpy as np
 import torch
 
 from .bn import use_sync_bn
-from .checkpoint import ModelMeta, check_state_tensors, load_model, network_state, read_metadata, save_model
+from .checkpoint import ModelMeta, load_model, read_metadata, save_model
 from .data import DEFAULT_ARCH, check_fits, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
-from .fileio import holds_output_locks, same_inputs
+from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json, metrics_path,
-                   old_run_remover, prepare_outputs, remove_state, set_momentum, sgd_step, state_path, validate_sgd)
+                   old_run_remover, prepare_outputs, remove_state, restore_state, set_momentum, sgd_step, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
@@ -171,15 +171,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     start_epoch = 0
     if resume_state is not None:
         tensors, md = resume_state
-        if not same_inputs(json.loads(md.get("inputs", "{}")), inputs):
-            raise ConfigError(f"the interrupted run started from another file (or it changed since): "
-                              f"{md.get('inputs')}; --resume needs the same --init (and --pretrained-file).")
-        start_epoch = int(md["epoch"])
-        check_state_tensors(model, tensors, state_path(output))
-        model.load_state_dict(network_state(tensors))
-        set_momentum(opt, params, tensors)
-        log.rows = json.loads(md["history"])
-        log.attrs["started"] = md.get("started", log.attrs["started"])
+        start_epoch = restore_state(resume_state, output, inputs, "--init (and --pretrained-file)", model, opt,
+                                    params, log)
         if snaps is not None:
             snaps.load_state(tensors, json.loads(md.get("snapshots", "[]")))
     elif init is not None:
