@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 # torch and torchvision pinned to the versions this project is tested with (local wheels on our machines).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: help demo test bench clean
+
+# The first target is what a bare `make` runs: a list of the targets, not a torch install.
+help:
+	@echo "make demo    create .venv if missing, install mctool, run the demo on digits into demo-out/"
+	@echo "make test    same install step, then run the pytest suite (CPU only, tiny models)"
+	@echo "make bench   same install step, then time the hot paths into bench-out/results.json"
+	@echo "make clean   remove demo-out/, bench-out/, .pytest_cache and build outputs (build/, *.egg-info)"
+	@echo "PYTHON=python3.12 picks the interpreter that creates .venv (default: python3)"
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -27,4 +35,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench.py --out bench-out/results.json
 
 clean:
-	rm -rf demo-out bench-out .pytest_cache
+	rm -rf demo-out bench-out .pytest_cache build mctool.egg-info

@@ -75,6 +75,7 @@ class _Group(typer.core.TyperGroup):
 
 app = typer.Typer(
     name="mctool", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},  # (every command's context inherits it)
     rich_markup_mode=None,  # plain help: flags without a "<bool>" value, usage errors as one "Error:" line
     help="Loss surfaces, mode connectivity and fast ensembling of neural networks (Garipov et al., 2018). "
          "Every command reads and writes safetensors checkpoints and HDF5 metrics files.",

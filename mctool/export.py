@@ -91,18 +91,26 @@ def write_vtk(view: GridView, path: str | Path) -> Path:
     return out
 
 
+def check_html(view: GridView) -> None:
+    """Refuse ``--html`` before anything is drawn or written: a 1-D surface, or plotly (an optional extra) missing."""
+    if view.y is None:
+        raise ConfigError("--html draws 2-D grids (plane files and 2-D surfaces); this surface is 1-D.")
+    try:
+        import plotly.graph_objects  # noqa: F401
+        import plotly.subplots  # noqa: F401
+    except ImportError:
+        raise ConfigError("--html needs plotly, an optional extra: pip install 'mctool[html]' (or pip install "
+                          "plotly).") from None
+
+
 def write_html(view: GridView, path: str | Path) -> None:
     """An interactive figure (plotly): the train loss and the evaluation error as rotatable 3-D surfaces side by
     side, the points and the curve or trajectory drawn on the floor; hovering shows the values. The file holds
     plotly's JavaScript, so it opens without internet."""
-    try:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-    except ImportError:
-        raise ConfigError("--html needs plotly, an optional extra: pip install 'mctool[html]' (or pip install "
-                          "plotly).") from None
-    if view.y is None:
-        raise ConfigError("--html draws 2-D grids (plane files and 2-D surfaces); this surface is 1-D.")
+    check_html(view)
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     split = view.split
     panels = [(view.z["train/loss"], "train loss"), (100 * view.z[f"{split}/err"], f"{split} error (%)")]
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "surface"}]],

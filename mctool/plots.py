@@ -789,6 +789,10 @@ def plot_files(files: list[str | Path], output: str | Path | None = None, *, thr
         view = grid_view(files[0])  # (once: its warnings are said once)
         if log_loss and view.y is not None:
             raise no_log
+        if html is not None:  # before the figure is written: a missing plotly would leave it behind, half done
+            from .export import check_html
+
+            check_html(view)
         if output is not None:
             plot_grid(files[0], output, three_d=three_d, dpi=dpi, view=view, log_loss=log_loss)
         if html is not None or vtk is not None:

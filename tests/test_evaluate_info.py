@@ -198,6 +198,8 @@ def test_python_dash_m_and_version():
     assert "<bool>" not in out.stdout  # flags take no value, and help does not suggest one
     assert [line.split()[:4] for line in out.stdout.splitlines() if line.strip().startswith("--force")] == [
         ["--force", "Overwrite", "existing", "output"]]  # (no value after the flag)
+    short = subprocess.run([sys.executable, "-m", "mctool", "train", "-h"], capture_output=True, text=True, check=True)
+    assert short.stdout == out.stdout and "-h, --help" in out.stdout  # -h as every Unix tool's help
     # usage errors: exit 2 and one "Error:" line, as mctool's own errors
     bad = subprocess.run([sys.executable, "-m", "mctool", "train", "--nope"], capture_output=True, text=True)
     assert bad.returncode == 2

@@ -342,3 +342,17 @@ def test_a_1d_surface_marks_diverged_points_and_shows_the_whole_grid(cli, tmp_pa
         assert lo < x[0] and hi > x[-1]
     assert loss_ax.get_yscale() == "log" and err_ax.get_yscale() == "linear"
 
+
+
+def test_html_without_plotly_is_refused_before_anything_is_written(runs, cli, tmp_path, monkeypatch):
+    """plotly is an optional extra: `plot -o FIG --vtk VTS --html HTML` without it wrote the figure, then failed,
+    so the rerun after `pip install 'mctool[html]'` was refused because the figure existed."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly raises ImportError
+    monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)
+    monkeypatch.setitem(sys.modules, "plotly.subplots", None)
+    out = [tmp_path / "p.png", tmp_path / "p.vts", tmp_path / "p.html"]
+    err = cli.error("plot", runs["plane"], "-o", out[0], "--vtk", out[1], "--html", out[2])
+    assert "--html needs plotly" in err and "mctool[html]" in err
+    assert not [p for p in tmp_path.iterdir()], "nothing is written"
