@@ -33,7 +33,7 @@ if not _launch_env.is_command():
     from .plots import plot_files
     from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult,
                           FileRef, HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult,
-                          PointResult, Result, SurfaceResult, TrainResult)
+                          PointResult, Result, SurfaceResult, TrainResult, json_schemas)
     from .console import progress
     from .schedules import lr_at, paper_factor
     from .training import TrainConfig, train
@@ -49,7 +49,7 @@ __all__ = [
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
     "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "SurfaceResult",
     "FileRef", "Metrics",
-    "SCHEMA_VERSION",
+    "SCHEMA_VERSION", "json_schemas",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",
     "ModelMeta", "Curve",

@@ -2,7 +2,8 @@
 
 Every result has the same common fields (``command``, ``schema_version``, ``inputs``, ``outputs``,
 ``split``, ``metrics``, ``seconds``) followed by the command's own fields; ``to_dict()`` gives exactly
-the documented shape (docs/cli.md#json-output, JSON Schema files in docs/schemas/). Every key is
+the documented shape (docs/cli.md#json-output; ``json_schemas()``: the JSON Schema files in mctool/schemas/,
+installed with the package). Every key is
 always present: a value that does not apply is ``None`` (``null``), never a missing key.
 """
 
@@ -20,6 +21,19 @@ from .options import plain
 
 SCHEMA_VERSION = 2  # the JSON shape; version 1 was the per-command output of mctool <= 0.x
 METRIC_NAMES = ("loss", "nll", "err", "ece", "brier")
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schemas (draft 2020-12) of every command's ``--json`` output, installed with the package: by
+    command name (``"train"``, ``"evaluate-curve"``, ...), plus ``"common"``, the definitions the others refer
+    to by ``$id`` (``urn:mctool:schema:<SCHEMA_VERSION>:<name>``): give all of them to a validator's registry."""
+    import importlib.resources
+    import json
+
+    folder = importlib.resources.files(__package__) / "schemas"
+    suffix = ".schema.json"
+    return {f.name[:-len(suffix)]: json.loads(f.read_text(encoding="utf-8"))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(suffix)}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Every command's ``--json`` has the one documented shape: it validates against docs/schemas/ and its key set is
+"""Every command's ``--json`` has the one documented shape: it validates against mctool/schemas/ and its key set is
 pinned. Plus: human output prints file names and metadata as they are (no Rich markup, no control characters)."""
 
 from __future__ import annotations
@@ -10,27 +10,26 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mctool.results import SCHEMA_VERSION
+from mctool.results import SCHEMA_VERSION, json_schemas
 
 jsonschema = pytest.importorskip("jsonschema")
 referencing = pytest.importorskip("referencing")
 
-SCHEMAS = Path(__file__).parents[1] / "docs" / "schemas"
+SCHEMAS = json_schemas()
 CPU = ["--device", "cpu"]
 COMMON = {"command", "schema_version", "inputs", "outputs", "split", "metrics", "seconds"}
 METRIC_NAMES = {"loss", "nll", "err", "ece", "brier"}
 
 
 def _load(name: str) -> dict:
-    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return SCHEMAS[name]
 
 
 @pytest.fixture(scope="module")
 def registry():
     from referencing import Registry, Resource
 
-    docs = [json.loads(p.read_text()) for p in sorted(SCHEMAS.glob("*.schema.json"))]
-    return Registry().with_resources((d["$id"], Resource.from_contents(d)) for d in docs)
+    return Registry().with_resources((d["$id"], Resource.from_contents(d)) for d in SCHEMAS.values())
 
 
 def check(registry, r: dict, command: str, extra: set[str], outputs: set[str], metric_sets: set[str]) -> dict:
@@ -59,7 +58,7 @@ def test_schemas_pin_every_key():
             for v in node:
                 walk(v)
 
-    names = {p.name.split(".")[0] for p in SCHEMAS.glob("*.schema.json")}
+    names = set(SCHEMAS)
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
                      "plane", "fge", "merge", "align", "hessian", "surface"}
     for name in names:
@@ -300,3 +299,22 @@ def test_the_json_examples_in_the_docs_follow_the_schemas(registry):
             seen.add(doc["command"])
     assert {"train", "evaluate", "connect", "evaluate-curve", "point", "plane", "align", "hessian", "fge",
             "ensemble"} <= seen
+
+
+def test_the_schemas_come_with_the_package_and_the_docs_recipe_validates(registry):
+    """``mctool.json_schemas()`` reads the schemas from the installed package (no checkout needed), and
+    docs/cli.md's recipe validates a command's output with them (and refuses a key too many)."""
+    import re
+
+    import mctool
+
+    assert mctool.json_schemas() == SCHEMAS and "common" in SCHEMAS
+    assert all(s["$id"] == f"urn:mctool:schema:{SCHEMA_VERSION}:{name}" for name, s in SCHEMAS.items())
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    (recipe,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "json_schemas" in b]
+    example = next(json.loads(re.sub(r'"(?:[0-9a-f]{6,12})?\.\.\."', '"' + "a" * 64 + '"', b))
+                   for b in re.findall(r"```json\n(.*?)```", text, re.S) if '"command": "plane"' in b)
+    exec(recipe, {"result": example})
+    with pytest.raises(jsonschema.ValidationError, match="extra"):
+        exec(recipe, {"result": {**example, "extra": 1}})
+
