@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, sha256_file, writes_files
+from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, private_folder, sha256_file, writes_files
 from .h5io import command_line, utc_now
 from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
@@ -418,9 +418,13 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         return
     # Copies to CPU break any storage sharing (tied weights), which safetensors refuses.
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, private_folder(tmp) as scratch:
         try:
-            save_file(cpu, str(tmp), metadata=metadata)
+            # safetensors (>= 0.6) writes its own temporary file ('.tmpXXXXXX') beside the file it is given and
+            # renames it: inside a folder named like our temporary file, a killed run's leftovers are found and
+            # removed by the next run writing this output.
+            save_file(cpu, str(scratch / "data"), metadata=metadata)
+            os.replace(scratch / "data", tmp)
         except SafetensorError as e:  # I/O failures (a full disk...) come as this; make them the OSError they are
             # (safetensors < 0.5 spells them 'IoError(Os { code: 28, ... message: "..." })', later versions
             # 'I/O error: No space left on device (os error 28)')

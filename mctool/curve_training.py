@@ -28,8 +28,9 @@ from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, history_json, metrics_path,
-                   old_run_remover, prepare_outputs, recorded_lr, remove_state, state_path, train_mode, validate_sgd)
+from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishing, fit, history_json,
+                   old_run_remover, prepare_outputs, recorded_lr, relative_to_output, remove_state, resumed_metrics,
+                   state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
 from .runtime import autocast, maybe_compile, resolve_device, training_command
@@ -277,7 +278,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     cfg = replace(cfg)
     cfg.validate()
     output = Path(output)
-    metrics = Path(metrics) if metrics is not None else metrics_path(output, "-connect")
+    metrics = resumed_metrics(output, metrics, resume, "-connect")
     a, b = load_model(start), load_model(end)
     check_two_networks(a, b, "a curve from a network to itself would be trained for nothing")
     line = line_between(a, b)
@@ -357,13 +358,14 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                                   f"{tuple(curve.points.shape)}); start over with --force.")
         check_finite(state_path(output), {"control_points": saved, **({} if momentum is None else
                                                                        {MOMENTUM_PREFIX + "free": momentum})})
+        # (A is never permuted: a start that differs means swapped endpoints, not another --align)
+        if not cfg.free_start and not torch.equal(saved[0].float(), curve.points[0]):
+            raise CheckpointError(f"'{state_path(output)}' starts at another network than A: give the endpoints in "
+                                  "the interrupted run's order, or start over with --force.")
         if not cfg.free_end and not torch.equal(saved[-1].float(), curve.points[-1]):
             raise CheckpointError(f"'{state_path(output)}' ends at another network than "
                                   f"{'B aligned to A' if cfg.align else 'B'}: resume with the interrupted run's "
                                   "--align, or start over with --force.")
-        if not cfg.free_start and not torch.equal(saved[0].float(), curve.points[0]):
-            raise CheckpointError(f"'{state_path(output)}' starts at another network than A: give the endpoints in "
-                                  "the interrupted run's order, or start over with --force.")
         curve.points = saved.float()
         start_epoch = int(md["epoch"])
         log.rows = json.loads(md["history"])
@@ -384,7 +386,11 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         extra = {MOMENTUM_PREFIX + "free": mom} if mom is not None else {}
         snap = Curve(curve.curve, curve.num_bends, step.points(), curve.layout, curve.meta, curve.buffers)
         save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": history_json(log.rows),
-                                                    "started": log.attrs["started"]}, kind="curve-state")
+                                                    "started": log.attrs["started"],
+                                                    # (what a --resume reads, not a --save-every checkpoint)
+                                                    **({"metrics": relative_to_output(metrics, output)}
+                                                       if path == state_path(output) else {})},
+                   kind="curve-state")
 
     t_run = time.time()
     fit(step, model=model, cfg=cfg, data=data, log=log, start_epoch=start_epoch, output=output, save_state=save_state,

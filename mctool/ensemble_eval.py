@@ -303,6 +303,12 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
     inputs = {m.source: m.sha256 for m in members}
     result.inputs = file_refs(inputs)
     result.outputs = {"ensemble": None, "metrics": None}
+    if output:  # (first: a run stopped between the two leaves no metrics of an ensemble file that is not there)
+        layout = ParamLayout.of(members[0].make())
+        ens_file = Ensemble(as_ensemble_meta(first, inputs),
+                            layout, torch.stack(weights), buffers, [{"source": r["label"]} for r in rows])
+        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
+        result.outputs["ensemble"] = FileRef.of(output)
     if metrics:
         col = lambda rs, key: np.array([r[key] for r in rs], dtype=np.float64)  # noqa: E731
         keys = ("nll", "err", "ece", "brier")
@@ -320,11 +326,5 @@ def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str 
             attrs["temperature"] = result.calibration.temperature
         write_h5(metrics, scales={"member": np.arange(1, len(rows) + 1)}, datasets=datasets, attrs=attrs)
         result.outputs["metrics"] = FileRef.of(metrics)
-    if output:
-        layout = ParamLayout.of(members[0].make())
-        ens_file = Ensemble(as_ensemble_meta(first, inputs),
-                            layout, torch.stack(weights), buffers, [{"source": r["label"]} for r in rows])
-        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
-        result.outputs["ensemble"] = FileRef.of(output)
     result.seconds = time.time() - t0
     return result

@@ -8,6 +8,7 @@ All members go into one ensemble file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,8 +35,8 @@ from .runtime import resolve_device, training_command
 from .console import progress_bar
 from .schedules import fge_is_snapshot, fge_lr
 from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, history_json,
-                   metrics_path, old_run_remover, prepare_outputs, recorded_lr, remove_state, restore_state,
-                   set_momentum, sgd_step, state_path, validate_sgd)
+                   old_run_remover, prepare_outputs, recorded_lr, relative_to_output, remove_state, restore_state,
+                   resumed_metrics, set_momentum, sgd_step, state_metadata, state_path, validate_sgd)
 
 
 @dataclass
@@ -137,6 +138,19 @@ def cycle_length(cfg: FGEConfig, iters_per_epoch: int) -> int:
     return max(2, 2 * math.floor(raw / 2 + 0.5))
 
 
+def _swa_recorded(swa: str, output: Path, resume: bool) -> str:
+    """``--swa`` as the state records it: relative to the folder of ``-o`` (the state's folder), so that a resume
+    that leaves it out writes it beside ``-o`` again, also after the run's folder was moved or copied, and the
+    same file spelled otherwise is the same option. An interrupted run of mctool 0.2.0 recorded it absolute:
+    the same file, given again, is compared as recorded."""
+    if resume:
+        with contextlib.suppress(Exception):  # (prepare_outputs reads and checks the state itself)
+            old = json.loads(state_metadata(output).get("config", "{}")).get("swa")
+            if isinstance(old, str) and os.path.isabs(old) and old == os.path.abspath(swa):
+                return old
+    return relative_to_output(swa, output)
+
+
 @holds_output_locks
 @training_command(FGEConfig)
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path | None = None, *,
@@ -154,18 +168,19 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     cfg.validate()
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
-    output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
-    # recorded absolute: a resume from another folder writes where the interrupted run was told to
+    output = Path(output)
+    metrics = resumed_metrics(output, metrics, resume)
     swa_given = swa_path = cfg.swa  # (written, and named in the result, as given)
     if swa_given:
-        cfg.swa = os.path.abspath(cfg.swa)
+        cfg.swa = _swa_recorded(cfg.swa, output, resume)
     resume_state = prepare_outputs(output, metrics, asdict(cfg), resume=resume, force=force, state_kind="fge-state",
-                                   inputs=[start], more_outputs={"--swa": cfg.swa})
+                                   inputs=[start], more_outputs={"--swa": swa_given})
     adopt_recorded(cfg, resume_state)
     if cfg.swa is not None and not swa_given:  # the interrupted run's --swa: an output like the others
-        check_outputs({"--output": output, "--metrics": metrics, "--swa": cfg.swa}, [start], force=True,
+        # (an absolute one, as mctool 0.2.0 recorded, stays so)
+        swa_path = os.path.normpath(os.path.join(output.parent, cfg.swa))
+        check_outputs({"--output": output, "--metrics": metrics, "--swa": swa_path}, [start], force=True,
                       formats={"--swa": "safetensors"})
-        swa_path = cfg.swa
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
     # (a state of a version that did not record it evaluated its snapshots on un-augmented images)
     cfg.bn_data = cfg.bn_data or ("plain" if resume_state is not None else "augmented")
@@ -223,6 +238,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
+                 "metrics": relative_to_output(metrics, output),
                  "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),

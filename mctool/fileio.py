@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -257,6 +258,22 @@ def holds_output_locks(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+# The descriptors of the locks this process holds. A forked child (a DataLoader worker) shares their flock
+# locks: killed with kill -9, the run's locks lived on in its orphaned workers until they noticed (about
+# 1.5 s), and an immediate --resume was refused. Children close their copies; the parent's hold the locks.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def lock_path(output: PathLike) -> Path:
     """The advisory lock file of an output: ``.NAME.lock`` beside it."""
     output = Path(output)
@@ -294,10 +311,12 @@ def _lock(output: Path) -> Callable[[], None]:
         os.close(fd)
     else:
         raise OutputError(f"cannot lock '{output}': '{path}' keeps changing; is another mctool run starting?")
+    _HELD.add(fd)
 
     def release() -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        _HELD.discard(fd)
         os.close(fd)
 
     return release
@@ -320,9 +339,27 @@ def _remove_stale_temporaries(paths: list[Path]) -> None:
         for entry in entries:
             found = _TEMPORARY.fullmatch(entry)
             tmp = folder / entry
-            if found and found.group(1) in wanted and os.path.abspath(tmp) not in _WRITING and tmp.is_file():
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            if found and found.group(1) in wanted and os.path.abspath(tmp) not in _WRITING:
+                if tmp.is_dir() and not tmp.is_symlink():  # a ``private_folder`` (safetensors' own temporary inside)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif tmp.is_file():
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+
+
+@contextlib.contextmanager
+def private_folder(tmp: Path) -> Iterator[Path]:
+    """A new folder beside ``atomic_path``'s temporary file ``tmp``, named like it (``.NAME.XXXXXXXX.tmp``), for a
+    writer that makes temporary files of its own beside its target (safetensors): left by a killed run, it is
+    removed, with what is inside, by the next run writing NAME; removed at once otherwise."""
+    name = _TEMPORARY.fullmatch(tmp.name)
+    folder = Path(tempfile.mkdtemp(prefix=f".{name.group(1) if name else tmp.name}.", suffix=".tmp", dir=tmp.parent))
+    _WRITING.add(os.path.abspath(folder))
+    try:
+        yield folder
+    finally:
+        _WRITING.discard(os.path.abspath(folder))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _umask() -> int:

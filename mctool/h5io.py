@@ -226,14 +226,20 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
         if not force and _unfinished(metrics):
             raise OutputError(f"--metrics '{metrics}' holds an interrupted run; pass --resume (with the same "
                               "options) to continue it, or --force to start over.")
+        if not force and plot is not None and not os.path.lexists(plot) and _unfinished(metrics, finished=True):
+            # (a run stopped while drawing its figure: every point is computed)
+            raise OutputError(f"--metrics '{metrics}' holds a finished run but --plot '{plot}' is not there; pass "
+                              "--resume (with the same options) to draw it without computing any point again, or "
+                              "--force to start over.")
         check_output(metrics, force, "--metrics")
     if plot is not None:
         check_output(plot, force or resume, "--plot")
     return data, started, finished
 
 
-def _unfinished(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an mctool metrics file of a grid-like run that has no summary yet (interrupted)."""
+def _unfinished(path: str | os.PathLike, finished: bool = False) -> bool:
+    """Whether ``path`` is an mctool metrics file of a grid-like run that has no summary yet (interrupted);
+    ``finished``: whether it is one that has its summary (every point computed)."""
     try:
         if not os.path.isfile(path):
             return False
@@ -241,14 +247,15 @@ def _unfinished(path: str | os.PathLike) -> bool:
             kind = f.attrs.get("kind")
             if kind == "hessian":  # (no summary: its points are NaN until computed)
                 hvps = f.get("hvps")
-                return isinstance(hvps, h5py.Dataset) and hvps.size <= MAX_H5_VALUES and bool(np.isnan(hvps[()]).any())
-            return kind in ("evaluate-curve", "plane", "surface") and "summary" not in f.attrs
+                return (isinstance(hvps, h5py.Dataset) and hvps.size <= MAX_H5_VALUES
+                        and bool(np.isnan(hvps[()]).any()) != finished)
+            return kind in ("evaluate-curve", "plane", "surface") and ("summary" in f.attrs) == finished
     except (OSError, ValueError, TypeError):
         return False
 
 
 #: Settings that metrics files of mctool 0.2.0 do not record: such a file resumes whatever they are now.
-NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size"})
+NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size", "trace"})
 #: Settings that metrics files of mctool 0.2.0 do not record, and the value they were computed with (for a
 #: network where the setting applies: where it does not, the run records None).
 RECORDED_VALUE_BEFORE_0_3 = {"bn_data": "plain"}

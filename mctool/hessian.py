@@ -214,6 +214,19 @@ class LossHessian:
         return mean, stderr
 
 
+def _recorded_eigenvectors(metrics: Path) -> str | None:
+    """The eigenvector file an interrupted run wrote (its metrics file records it, relative to its own folder),
+    for a ``--resume`` that leaves ``--eigenvectors`` out: the run goes on as it started, as the training
+    commands take a recorded option. None when there is none (or the file is unreadable: the resume says so)."""
+    try:
+        name = read_h5(metrics)[1].get("eigenvectors")
+    except Exception:  # (a missing or broken metrics file is open_outputs' to report)
+        return None
+    if not isinstance(name, str) or not name or len(name) > 4096 or "\0" in name:
+        return None
+    return os.path.join(metrics.parent, name)
+
+
 @holds_output_locks
 def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: bool = False, trace_samples: int = 20,
             num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512, tol: float = 1e-4,
@@ -241,9 +254,12 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     check_bn_data(bn_data)
     check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
     check_seed(seed)
-    if eigenvectors is not None and distributed.current() is not None:
-        raise ConfigError("--eigenvectors is for a run of one process (not under torchrun).")
     metrics = Path(metrics)
+    adopted = eigenvectors is None and resume and (eigenvectors := _recorded_eigenvectors(metrics)) is not None
+    if eigenvectors is not None and distributed.current() is not None:
+        raise ConfigError("--eigenvectors is for a run of one process (not under torchrun)" +
+                          (f"; the interrupted run wrote them to '{eigenvectors}' (recorded in '{metrics}'): resume "
+                           "it in one process." if adopted else "."))
     pts = _points(paths, num_points)
     p = pts.layout.size
     if top_k >= p:
@@ -252,7 +268,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     # The training images the network was trained on: with --split val its held-out images stay out.
     split = recorded_split(pts.meta.config) or "test"
     n = len(pts.labels)
-    config = {"top_k": top_k, "trace_samples": trace_samples if trace else None, "num_points": n,
+    config = {"top_k": top_k, "trace": trace, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
               "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
               "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
@@ -282,6 +298,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     attrs = {**provenance(pts.inputs, config, "hessian"), "points_kind": pts.kind, "parameters": p,
              "labels": "\n".join(pts.labels), "loss": "mean cross-entropy over the training subset, eval mode "
              "(no weight decay: the training objective's eigenvalues are these plus wd)"}
+    if vec_path is not None:  # (relative to the metrics file's folder: a --resume that leaves it out finds it)
+        attrs["eigenvectors"] = os.path.relpath(os.path.abspath(vec_path), os.path.abspath(metrics.parent))
     if started:
         attrs["started"] = started
 
@@ -346,7 +364,8 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         images = read_h5(metrics)[1].get("train_images") if metrics.exists() else None
         if images is not None:
             attrs["train_images"] = images
-    write()
+    if todo:  # (a resume with nothing to compute leaves the files as they are, with their provenance)
+        write()
     images = attrs.get("train_images")
     if train_subset is not None and isinstance(images, (int, np.integer)) and 0 < images < train_subset:
         train_subset = int(images)  # the data set holds fewer training images than asked for: all of them

@@ -170,6 +170,32 @@ def state_path(output: str | Path) -> Path:
     return Path(output).with_name(output_stem(output) + ".state.safetensors")
 
 
+def state_metadata(output: str | Path) -> dict[str, str]:
+    """The metadata of ``output``'s training state, for a look before ``prepare_outputs`` reads and checks it:
+    empty when there is none or it cannot be read (``prepare_outputs`` then says why)."""
+    with contextlib.suppress(Exception):
+        return read_metadata(state_path(output))
+    return {}
+
+
+def relative_to_output(path: str | Path, output: Path) -> str:
+    """``path`` as a training state records another output of its run: relative to the folder of ``-o``, so that
+    a resume finds it from any working folder, and after the run's folder was moved or copied elsewhere."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(output.parent))
+
+
+def resumed_metrics(output: Path, metrics: str | Path | None, resume: bool, suffix: str = "") -> Path:
+    """The metrics file of a training run: ``-m`` as given; left out, on ``--resume`` the interrupted run's (its
+    state records it), so that the history goes on in the file that holds its first epochs, else the default
+    beside ``-o`` (``metrics_path``)."""
+    if metrics is not None:
+        return Path(metrics)
+    recorded = state_metadata(output).get("metrics") if resume else None
+    if isinstance(recorded, str) and 0 < len(recorded) <= 4096 and "\0" not in recorded:
+        return Path(os.path.normpath(output.parent / recorded))  # (shown as 'logs/m.h5', not 'run/../logs/m.h5')
+    return metrics_path(output, suffix)
+
+
 def remove_state(output: str | Path) -> None:
     """Delete the training state of a finished run (on the rank that writes files)."""
     if writes_files():

@@ -368,8 +368,11 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                     at_center[n][0] = m[n]
 
         def start() -> None:
-            save_directions()
+            # The metrics file first: stopped between the two (kill -9), --resume finds the run and draws the
+            # same directions again (they come from the options); a directions file alone would block both a
+            # rerun (it exists) and --resume (no metrics file).
             write()
+            save_directions()
 
         evaluate_cells(base, todo, weights_of, store, label="surface", total=len(mine), metrics=metrics,
                        source=path, dataset=name, device=device, data_root=data_root, download=download,

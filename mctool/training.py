@@ -20,8 +20,9 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json, metrics_path,
-                   old_run_remover, prepare_outputs, remove_state, restore_state, set_momentum, sgd_step, validate_sgd)
+from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json, old_run_remover,
+                   prepare_outputs, relative_to_output, remove_state, restore_state, resumed_metrics, set_momentum,
+                   sgd_step, state_path, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
@@ -84,7 +85,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     ``cfg`` is not changed: defaults (``arch``, ``arch_kwargs``) are filled in on a copy."""
     cfg.validate()
     cfg = replace(cfg, arch_kwargs=dict(cfg.arch_kwargs), pretrained_source=None)  # the source is found out below
-    output, metrics = Path(output), Path(metrics) if metrics is not None else metrics_path(output)
+    output = Path(output)
+    metrics = resumed_metrics(output, metrics, resume)
     # (a run interrupted before --pretrained existed recorded no 'pretrained': the same as False)
     resume_state = prepare_outputs(output, metrics, {k: v for k, v in asdict(cfg).items() if v or k != "pretrained"},
                                    resume=resume, force=force, state_kind="train-state",
@@ -180,6 +182,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"]}
+        if path == state_path(output):  # (what a --resume reads; a --save-every checkpoint starts new runs)
+            extra["metrics"] = relative_to_output(metrics, output)
         tensors = get_momentum(opt, params)
         if snaps is not None:
             extra["snapshots"] = json.dumps(snaps.rows)

@@ -212,8 +212,8 @@ def test_connect_resume_matches_uninterrupted(cli, tmp_path, digits_models, monk
     restore()
     assert read_metadata(tmp_path / "run.state.safetensors")["kind"] == "curve-state"
     # the endpoints in the other order are refused
-    assert "at another network than" in cli.error("connect", *digits_models[::-1], "--epochs", "3", *CPU, "-o", out,
-                                                  "--resume")
+    assert "starts at another network than A: give the endpoints in the interrupted run's order" in cli.error(
+        "connect", *digits_models[::-1], "--epochs", "3", *CPU, "-o", out, "--resume")
     # another curve: each difference named by its option
     assert "these differ: --curve: bezier -> polychain, --num-bends: 1 -> 2." in cli.error(
         "connect", *args, "-o", out, "--resume", "--curve", "polychain", "--num-bends", "2")
@@ -378,6 +378,8 @@ def test_ctrl_c_while_finishing_says_every_point_is_saved(cli, tmp_path, digits_
         before = read_h5(m)[0]["train/loss"]
         if name == "curve_summary":  # the file has no summary yet: a rerun without --resume is told of it
             assert "holds an interrupted run; pass --resume" in cli.error(*args)
+        else:  # every point and the summary are there, the figure is not: --resume draws it
+            assert f"holds a finished run but --plot '{png}' is not there; pass --resume" in cli.error(*args)
         cli(*args, "--resume")
         assert png.exists() and np.array_equal(read_h5(m)[0]["train/loss"], before) and "summary" in read_h5(m)[1]
         png.unlink()

@@ -165,9 +165,16 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
 
 
 def test_fge_resume_from_another_folder_writes_the_recorded_swa_file(cli, tmp_path, start_state, monkeypatch):
-    """--swa is recorded as an absolute path: a resume from another working folder (a requeued job) that leaves
-    it out writes it where the interrupted run was told to, and one that spells it otherwise is the same run;
-    a file of the same relative name in the new folder is left alone."""
+    """--swa is recorded relative to the folder of -o: a resume from another working folder (a requeued job)
+    that leaves it out writes it where the interrupted run was told to, and one that spells it otherwise is the
+    same run; a file of the same relative name in the new folder is left alone. A run folder moved or copied
+    elsewhere resumes there and writes its SWA file beside -o, not into the old folder; a state of mctool
+    0.2.0 (absolute --swa) still resumes."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     (tmp_path / "s").mkdir()
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "s").mkdir(parents=True)
@@ -177,19 +184,38 @@ def test_fge_resume_from_another_folder_writes_the_recorded_swa_file(cli, tmp_pa
     restore = ctrl_c_during_epoch(monkeypatch, 3)
     cli.error("fge", *args, "--swa", "s/swa.safetensors", code=130)
     restore()
+    run = tmp_path / "run"  # the interrupted run's files, moved to another folder (the old one then deleted)
+    run.mkdir()
+    for name in ("f.state.safetensors", "f.h5"):
+        shutil.copy2(tmp_path / name, run / name)
     monkeypatch.chdir(elsewhere)
     config = json.loads(read_checkpoint(tmp_path / "f.state.safetensors")[1]["config"])
-    assert config["swa"] == str(tmp_path / "s" / "swa.safetensors")
+    assert config["swa"] == os.path.join("s", "swa.safetensors")
     assert config["bn_data"] is None  # an MLP without BatchNorm: the setting changes nothing, so none is recorded
     r = cli.json("fge", *args, "--resume")
     assert r["outputs"]["swa"]["path"] == str(tmp_path / "s" / "swa.safetensors")
     assert (tmp_path / "s" / "swa.safetensors").exists()
     assert (elsewhere / "s" / "swa.safetensors").read_text() == "precious"
+    # the moved run: beside its -o, with or without --swa; nothing written into the folder it came from
+    before = sorted(p.name for p in (tmp_path / "s").iterdir())
+    moved = [*args[:-1], run / "f.safetensors", "--resume"]
+    shutil.copytree(run, tmp_path / "run2")
+    r = cli.json("fge", *moved)
+    assert r["outputs"]["swa"]["path"] == str(run / "s" / "swa.safetensors")
+    assert (run / "s" / "swa.safetensors").exists()
+    cli("fge", *args[:-1], tmp_path / "run2" / "f.safetensors", "--resume", "--swa",
+        tmp_path / "run2" / "s" / "swa.safetensors")
+    assert (tmp_path / "run2" / "s" / "swa.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
     # the same file spelled from another folder is the same option
     restore = ctrl_c_during_epoch(monkeypatch, 3)
     cli.error("fge", *args[:-1], tmp_path / "g.safetensors", "--swa", "../s/swa2.safetensors", code=130)
     restore()
     monkeypatch.chdir(tmp_path)
+    state = tmp_path / "g.state.safetensors"
+    tensors, md = load_file(state), read_checkpoint(state)[1]
+    save_file(tensors, state, metadata={**md, "config": json.dumps(  # as mctool 0.2.0 recorded it: absolute
+        {**json.loads(md["config"]), "swa": str(tmp_path / "s" / "swa2.safetensors")})})
     cli("fge", *args[:-1], tmp_path / "g.safetensors", "--swa", "s/swa2.safetensors", "--resume")
     assert (tmp_path / "s" / "swa2.safetensors").exists()
 
@@ -306,6 +332,27 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
     # re-evaluating the written ensemble file gives the same numbers
     again = cli.json("evaluate", out, *CPU)
     assert again["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-6)
+
+
+
+def test_ensemble_stopped_while_writing_leaves_no_metrics_of_a_missing_file(cli, tmp_path, digits_models,
+                                                                             monkeypatch):
+    """-o is written before -m: a run stopped while writing the ensemble file left a metrics file describing an
+    ensemble file that does not exist (and the rerun was refused because the metrics file existed)."""
+    import importlib
+
+    module = importlib.import_module("mctool.ensemble_eval")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_ensemble", stopped)
+    m, out = tmp_path / "e.h5", tmp_path / "e.safetensors"
+    cli.error("ensemble", *digits_models, "-o", out, "-m", m, *CPU, code=130)
+    assert not m.exists() and not out.exists()
+    monkeypatch.undo()
+    cli("ensemble", *digits_models, "-o", out, "-m", m, "-q", *CPU)  # the rerun needs no --force
+    assert m.exists() and out.exists()
 
 
 def test_ensemble_along_a_curve_and_temperature(cli, tmp_path, digits_models):

@@ -118,14 +118,27 @@ def test_resume_computes_only_the_missing_points(cli, tmp_path, digits_models, m
         return real(self, *a, **kw)
 
     monkeypatch.setattr(LossHessian, "top_eigen", interrupt_second)
-    msg = cli.error("hessian", *args, "-m", tmp_path / "h.h5", code=130)
+    vec = tmp_path / "v.safetensors"
+    msg = cli.error("hessian", *args, "-m", tmp_path / "h.h5", "--eigenvectors", vec, code=130)
     assert "1 of 3 points are saved" in msg and "--resume" in msg
-    data, _ = read_h5(tmp_path / "h.h5")
+    data, attrs = read_h5(tmp_path / "h.h5")
     assert not np.isnan(data["eigenvalues"][0]).any() and np.isnan(data["eigenvalues"][1:]).all()
+    assert attrs["eigenvectors"] == "v.safetensors"  # (relative to the metrics file's folder)
     monkeypatch.setattr(LossHessian, "top_eigen", real)
     calls.clear()
+    # dropping --trace is named as such (it was '--trace-samples: 4 -> none')
+    assert "these differ: --trace: true -> false, --trace-samples: 4 -> none." in cli.error(
+        "hessian", *digits_models, "--top-k", "2", "--num-points", "3", "--train-subset", SUBSET, *CPU,
+        "-m", tmp_path / "h.h5", "--resume")
+    # --eigenvectors left out: the interrupted run's file is completed (its vectors were left NaN)
     r = cli.json("hessian", *args, "-m", tmp_path / "h.h5", "--resume")
     assert r["eigenvalues"] == full["eigenvalues"] and r["trace"] == full["trace"]  # same seeds: the same numbers
+    assert r["outputs"]["eigenvectors"]["path"] == str(vec)
+    assert np.isfinite(load_file(vec)["eigenvectors"].numpy()).all()
+    # a resume with nothing to compute leaves both files as they are
+    before = [(tmp_path / "h.h5").read_bytes(), vec.read_bytes()]
+    cli("hessian", *args, "-m", tmp_path / "h.h5", "--resume", "-q")
+    assert [(tmp_path / "h.h5").read_bytes(), vec.read_bytes()] == before
     # resuming with other options is refused
     assert "other settings" in cli.error("hessian", *args[:-2], "--top-k", "3", *CPU, "-m", tmp_path / "h.h5",
                                          "--resume")

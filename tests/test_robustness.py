@@ -8,9 +8,11 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -720,6 +722,60 @@ def test_stale_temporary_files_of_an_output_are_removed(cli, tmp_path, files):
     assert out.exists() and not lock_path(out).exists()
 
 
+def test_safetensors_own_temporary_file_is_written_where_the_next_run_removes_it(cli, tmp_path, files,
+                                                                                  monkeypatch):
+    """safetensors (>= 0.6) writes '.tmpXXXXXX' beside the file it is given and renames it: a run killed
+    meanwhile (kill -9) left it in the output's folder for good. It is now written inside a folder named like
+    the output's temporary file, which the next run writing that output removes."""
+    out = tmp_path / "p.safetensors"
+    stale = tmp_path / ".p.safetensors.k2j4_x9a.tmp"  # a killed run's folder, safetensors' file inside
+    stale.mkdir()
+    (stale / ".tmpAbC123").write_bytes(b"half a checkpoint")
+    other = tmp_path / ".q.safetensors.k2j4_x9a.tmp"  # another output's: kept
+    other.mkdir()
+    real, folders = mctool.checkpoint.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        folders.append(Path(filename).parent)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(mctool.checkpoint, "save_file", save_file)
+    cli("point", files["line"], "--t", "0.5", "-o", out, "-q")
+    assert not stale.exists() and other.exists()
+    assert [f.parent for f in folders] == [tmp_path] and re.fullmatch(r"\.p\.safetensors\.[a-z0-9_]{8}\.tmp",
+                                                                        folders[0].name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, out.name]
+
+
+def test_a_killed_runs_forked_children_do_not_keep_its_locks(tmp_path):
+    """A forked child (a DataLoader worker of an imagefolder run) shared the run's flock locks: after kill -9 the
+    orphaned workers kept the outputs locked until they noticed (about 1.5 s) and an immediate --resume was
+    refused ('another mctool run is writing'). Children close their copies of the lock descriptors."""
+    out = tmp_path / "m.safetensors"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from mctool.fileio import _lock
+        release = _lock({str(out)!r})
+        worker = os.fork()
+        if worker == 0:  # the worker: lives on after its parent is gone (off the test's pipes)
+            os.dup2(os.open(os.devnull, os.O_RDWR), 1)
+            os.dup2(os.open(os.devnull, os.O_RDWR), 2)
+            time.sleep(60)
+            os._exit(0)
+        print(worker, flush=True)
+        os._exit(0)  # killed: nothing released
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    worker = int(done.stdout.strip())
+    try:
+        os.kill(worker, 0)  # still alive
+        release = importlib.import_module("mctool.fileio")._lock(out)  # not refused
+        release()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_a_second_run_on_a_locked_output_is_refused(cli, tmp_path, files):
     out = tmp_path / "m.safetensors"
     fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
@@ -1204,3 +1260,24 @@ def test_evaluate_curve_resume_refuses_a_file_missing_a_dataset(cli, tmp_path, f
         f["train/nll"] = np.zeros(3, dtype=bool)
     err = cli.error("evaluate-curve", files["line"], "-m", m, "--num-points", "3", "--resume", "--device", "cpu")
     assert "should be numbers of shape (3,), got (3,) of bool" in err
+
+
+@pytest.mark.parametrize("command", ["train", "connect", "fge"])
+def test_a_resume_without_m_goes_on_in_the_interrupted_runs_metrics_file(cli, tmp_path, digits_models, monkeypatch,
+                                                                         command):
+    """-m left out on --resume is the interrupted run's metrics file (the state records it, relative to -o's
+    folder), as other options left out are: the whole history went to the default file beside -o, and the file
+    given at first was left with the first epochs only."""
+    args = {"train": ["-d", "digits", "--arch-kwargs", '{"hidden": 16}', "--epochs", "3"],
+            "connect": [*digits_models, "--epochs", "3"],
+            "fge": [digits_models[0], "--epochs", "3", "--cycle-epochs", "1"]}[command]
+    out, m = tmp_path / "run" / "o.safetensors", tmp_path / "logs" / "custom.h5"
+    restore = ctrl_c_during_epoch(monkeypatch, 2)
+    cli.error(command, *args, "-o", out, "-m", m, "-q", "--device", "cpu", code=130)
+    restore()
+    md = read_metadata(tmp_path / "run" / "o.state.safetensors")
+    assert md["metrics"] == os.path.join("..", "logs", "custom.h5")
+    r = cli.json(command, *args, "-o", out, "--resume", "--device", "cpu")
+    assert r["outputs"]["metrics"]["path"] == str(m)
+    assert read_h5(m)[0]["epoch"].tolist() == [1, 2, 3]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.suffix == ".h5"]  # no second metrics file

@@ -168,6 +168,34 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
     assert view.at_points["train/loss"].tolist() == [r["metrics"]["train"]["loss"]["at_points"][0]]
 
 
+def test_stopped_while_writing_its_first_files_the_run_can_go_on(cli, tmp_path, digits_models, monkeypatch):
+    """Stopped while its first (all-NaN) metrics file was being written, a run left its directions file alone:
+    the same command was refused (the directions file exists) and so was --resume (no metrics file). The
+    metrics file is written first now; stopped after it, --resume goes on."""
+    a = digits_models[0]
+    base = [a, "--grid-points", "3", "--dims", "1", "--seed", "5", *CPU]
+    full = cli.json("surface", *base, "-m", tmp_path / "full.h5")
+    args = [*base, "-m", tmp_path / "s.h5"]
+    surface_module = importlib.import_module("mctool.surface")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = surface_module.write_surface_file
+    monkeypatch.setattr(surface_module, "write_surface_file", ctrl_c)
+    cli.error("surface", *args, code=130)
+    assert not (tmp_path / "s-directions.safetensors").exists() and not (tmp_path / "s.h5").exists()
+    monkeypatch.setattr(surface_module, "write_surface_file", real)
+    # killed between the metrics file and the directions file
+    save_vectors = surface_module.save_vectors
+    monkeypatch.setattr(surface_module, "save_vectors", ctrl_c)
+    cli.error("surface", *args, code=130)
+    assert not (tmp_path / "s-directions.safetensors").exists() and (tmp_path / "s.h5").exists()
+    monkeypatch.setattr(surface_module, "save_vectors", save_vectors)
+    assert cli.json("surface", *args, "--resume")["metrics"] == full["metrics"]
+    assert (tmp_path / "s-directions.safetensors").exists()
+
+
 def test_errors(cli, tmp_path, digits_models):
     a, b = digits_models
     m = tmp_path / "s.h5"
