@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout, load_buffers, state_buffers
 from .h5io import open_outputs, provenance, read_h5, write_h5
-from .loop import recorded_split
+from .loop import recorded_split, relative_to_output
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .points import PointRun, finishing
 from .results import FileRef, HessianResult, file_refs
@@ -299,7 +299,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
              "labels": "\n".join(pts.labels), "loss": "mean cross-entropy over the training subset, eval mode "
              "(no weight decay: the training objective's eigenvalues are these plus wd)"}
     if vec_path is not None:  # (relative to the metrics file's folder: a --resume that leaves it out finds it)
-        attrs["eigenvectors"] = os.path.relpath(os.path.abspath(vec_path), os.path.abspath(metrics.parent))
+        attrs["eigenvectors"] = relative_to_output(vec_path, metrics)
     if started:
         attrs["started"] = started
 
