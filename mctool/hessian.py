@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout, load_buffers, state_buffers
 from .h5io import open_outputs, provenance, read_h5, write_h5
-from .loop import recorded_split, relative_to_output
+from .loop import recorded_file, recorded_split, relative_to_output
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .points import PointRun, finishing
 from .results import FileRef, HessianResult, file_refs
@@ -222,9 +222,8 @@ def _recorded_eigenvectors(metrics: Path) -> str | None:
         name = read_h5(metrics)[1].get("eigenvectors")
     except Exception:  # (a missing or broken metrics file is open_outputs' to report)
         return None
-    if not isinstance(name, str) or not name or len(name) > 4096 or "\0" in name:
-        return None
-    return os.path.join(metrics.parent, name)
+    path = recorded_file(name, metrics)
+    return None if path is None else str(path)
 
 
 @holds_output_locks

@@ -184,16 +184,22 @@ def relative_to_output(path: str | Path, output: Path) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(output.parent))
 
 
+def recorded_file(name: Any, output: Path) -> Path | None:
+    """A file name a run recorded with ``relative_to_output`` (read back from an untrusted file), as a path:
+    None unless it is a plausible name."""
+    if not isinstance(name, str) or not 0 < len(name) <= 4096 or "\0" in name:
+        return None
+    return Path(os.path.normpath(output.parent / name))  # (shown as 'logs/m.h5', not 'run/../logs/m.h5')
+
+
 def resumed_metrics(output: Path, metrics: str | Path | None, resume: bool, suffix: str = "") -> Path:
     """The metrics file of a training run: ``-m`` as given; left out, on ``--resume`` the interrupted run's (its
     state records it), so that the history goes on in the file that holds its first epochs, else the default
     beside ``-o`` (``metrics_path``)."""
     if metrics is not None:
         return Path(metrics)
-    recorded = state_metadata(output).get("metrics") if resume else None
-    if isinstance(recorded, str) and 0 < len(recorded) <= 4096 and "\0" not in recorded:
-        return Path(os.path.normpath(output.parent / recorded))  # (shown as 'logs/m.h5', not 'run/../logs/m.h5')
-    return metrics_path(output, suffix)
+    recorded = recorded_file(state_metadata(output).get("metrics"), output) if resume else None
+    return recorded if recorded is not None else metrics_path(output, suffix)
 
 
 def remove_state(output: str | Path) -> None:
