@@ -254,6 +254,19 @@ def _unfinished(path: str | os.PathLike, finished: bool = False) -> bool:
         return False
 
 
+def unfinished_training(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the metrics file of a ``train``, ``connect`` or ``fge`` run that did not finish
+    (no ``finished`` time): with no training state beside its output, a run stopped (``kill -9``, a power cut)
+    before its first epoch was saved."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("kind") in ("train", "connect", "fge") and "finished" not in f.attrs
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 #: Settings that metrics files of mctool 0.2.0 do not record: such a file resumes whatever they are now.
 NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size", "trace"})
 #: Settings that metrics files of mctool 0.2.0 do not record, and the value they were computed with (for a

@@ -28,7 +28,7 @@ from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, same_inputs, writes_files
 from .graphs import GraphedStep, set_lr
-from .h5io import MetricsLog, recorded_setting, source_date_epoch
+from .h5io import MetricsLog, recorded_setting, source_date_epoch, unfinished_training
 from .models import blank_images, probe_forward
 from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed, setting_name, show_setting
 from .runtime import autocast
@@ -271,6 +271,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     if resume:
         if not state_file.exists():
             hint = " The run already finished." if output.exists() else ""
+            if not hint and unfinished_training(metrics):
+                hint = (f" The run that wrote --metrics '{metrics}' stopped before its first epoch was saved; start "
+                        "over with --force instead of --resume.")
             if hint and state_kind == "train-state":
                 hint += (f" To train it further, start a new run from its weights: --init '{output}' (a new "
                          "learning-rate schedule) with another -o.")
@@ -302,6 +305,9 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
         raise ConfigError(f"an interrupted run left '{state_file}'; pass --resume to continue it or --force to "
                           "start over.")
     check_output(output, force, "--output")
+    if not force and unfinished_training(metrics):
+        raise OutputError(f"--metrics '{metrics}' was left by a run that stopped before its first epoch was saved "
+                          f"(there is no training state '{state_file}' to resume from); pass --force to start over.")
     check_output(metrics, force, "--metrics")
     for what, path in {**(more_outputs or {}), **snapshots}.items():
         if path is not None:

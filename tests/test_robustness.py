@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -896,6 +897,29 @@ def test_fge_interrupted_after_its_first_snapshot_says_what_to_run(cli, tmp_path
     assert (tmp_path / "f.h5").exists() and not (tmp_path / "f.state.safetensors").exists()
     restore()
     cli(*args, "--force")
+    assert out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "connect", "fge"])
+def test_a_run_killed_before_its_first_epoch_was_saved_is_named_so(cli, tmp_path, files, command):
+    """``kill -9`` during epoch 1 leaves the metrics file and no training state: the rerun and the --resume
+    are refused with what happened and the option that starts over, which then runs."""
+    args = {"train": ["train", *TINY], "connect": ["connect", files["m0"], files["m1"], "--device", "cpu"],
+            "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command] + ["--epochs", "1", "-q"]
+    cli(*args, "-o", tmp_path / "done.safetensors", "-m", tmp_path / "done.h5")
+    left = tmp_path / "m.h5"  # what the killed run left: its metrics file, unfinished
+    shutil.copy(tmp_path / "done.h5", left)
+    with h5py.File(left, "r+") as f:
+        del f.attrs["finished"]
+    out, args = tmp_path / "m.safetensors", [*args, "-m", left]
+    err = cli.error(*args, "-o", out)
+    assert f"--metrics '{left}' was left by a run that stopped before its first epoch was saved" in err
+    assert "pass --force to start over" in err
+    err = cli.error(*args, "-o", out, "--resume")
+    assert "nothing to resume" in err and "start over with --force instead of --resume" in err
+    shutil.copy(tmp_path / "done.h5", left)  # a finished run's file is an ordinary existing output
+    assert "already exists; pass --force" in cli.error(*args, "-o", out)
+    cli(*args, "-o", out, "--force")
     assert out.exists()
 
 
