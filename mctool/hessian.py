@@ -269,7 +269,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
     n = len(pts.labels)
     config = {"top_k": top_k, "trace": trace, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
-              "seed": seed, "bn_batches": bn_batches, "points": pts.kind,
+              "seed": seed, "bn_batches": bn_batches, "points_kind": pts.kind,
               "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
               if pts.recalibrate else None,
               "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data)
@@ -370,7 +370,7 @@ def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: boo
         train_subset = int(images)  # the data set holds fewer training images than asked for: all of them
     result = HessianResult(command="hessian", inputs=file_refs(pts.inputs), metrics={"train": None, "eval": None},
                            split=split,
-                           points=pts.kind, num_points=n,
+                           points_kind=pts.kind, num_points=n,
                            top_k=top_k, parameters=p, train_subset=train_subset,
                            t=pts.coords.tolist() if pts.kind == "curve" else None,
                            eigenvalues=values["eigenvalues"].tolist(),

@@ -308,14 +308,14 @@ class AlignResult(Result):
 
 @dataclass(kw_only=True)
 class HessianResult(Result):
-    """``hessian``: at each of ``num_points`` networks (``points``: ``model``, ``curve`` with ``t``, or
+    """``hessian``: at each of ``num_points`` networks (``points_kind``: ``model``, ``curve`` with ``t``, or
     ``ensemble`` members), the ``top_k`` largest Hessian eigenvalues of the training loss (``eigenvalues``,
     descending; None where ARPACK did not converge) and, with ``--trace``, Hutchinson's ``trace`` and its
     ``trace_stderr``; ``hvps`` Hessian-vector products in all; ``train_subset`` the number of training images
     defining the loss (None: all; fewer than ``--train-subset`` where the data set holds fewer); ``parameters`` the
     dimension of the Hessian."""
 
-    points: str
+    points_kind: str
     num_points: int
     top_k: int
     parameters: int

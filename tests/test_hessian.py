@@ -46,7 +46,7 @@ def test_eigenvalues_eigenvectors_and_trace_match_the_exact_hessian(cli, tmp_pat
     m, vec = tmp_path / "h.h5", tmp_path / "v.safetensors"
     r = cli.json("hessian", path, "-m", m, "--top-k", "4", "--trace", "--trace-samples", "400", "--train-subset",
                  SUBSET, "--eigenvectors", vec, *CPU)
-    assert r["points"] == "model" and r["num_points"] == 1 and r["parameters"] == h.shape[0] and r["t"] is None
+    assert r["points_kind"] == "model" and r["num_points"] == 1 and r["parameters"] == h.shape[0] and r["t"] is None
     # float32 Hessian-vector products (relative rounding ~1e-6 over 300 images) and ARPACK's tol 1e-4
     np.testing.assert_allclose(r["eigenvalues"][0], exact[:4], rtol=1e-4)
     data, attrs = read_h5(m)
@@ -68,7 +68,7 @@ def test_points_along_a_segment_and_ensemble_members(cli, tmp_path, digits_model
     one = cli.json("hessian", a, "-m", tmp_path / "a.h5", "--top-k", "2", "--train-subset", SUBSET, *CPU)
     seg = cli.json("hessian", a, b, "-m", tmp_path / "s.h5", "--top-k", "2", "--num-points", "3", "--train-subset",
                    SUBSET, *CPU)
-    assert seg["points"] == "curve" and seg["t"] == [0.0, 0.5, 1.0] and len(seg["eigenvalues"]) == 3
+    assert seg["points_kind"] == "curve" and seg["t"] == [0.0, 0.5, 1.0] and len(seg["eigenvalues"]) == 3
     np.testing.assert_allclose(seg["eigenvalues"][0], one["eigenvalues"][0], rtol=1e-4)  # t = 0 is A
     data, _ = read_h5(tmp_path / "s.h5")
     np.testing.assert_array_equal(data["t"], [0, 0.5, 1])
@@ -76,7 +76,7 @@ def test_points_along_a_segment_and_ensemble_members(cli, tmp_path, digits_model
     ens = tmp_path / "e.safetensors"
     cli("ensemble", a, b, "-o", ens, "-q", *CPU)
     r = cli.json("hessian", ens, "-m", tmp_path / "e.h5", "--top-k", "2", "--train-subset", SUBSET, *CPU)
-    assert r["points"] == "ensemble" and r["num_points"] == 2
+    assert r["points_kind"] == "ensemble" and r["num_points"] == 2
     np.testing.assert_allclose(r["eigenvalues"], [seg["eigenvalues"][0], seg["eigenvalues"][2]], rtol=1e-4)
 
 
