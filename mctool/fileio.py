@@ -280,6 +280,23 @@ def lock_path(output: PathLike) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+def being_written(output: PathLike) -> bool:
+    """Whether a running mctool command holds the lock of ``output`` (it is writing it now). Creates nothing."""
+    try:
+        fd = os.open(lock_path(output), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file (or a link): nobody is writing it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks
+        return False
+    finally:
+        os.close(fd)  # (closing releases a lock taken here)
+    return False
+
+
 def _lock(output: Path) -> Callable[[], None]:
     """Take the lock of ``output`` without waiting; returns the function that releases it (and removes the file)."""
     path = lock_path(output)

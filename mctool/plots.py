@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MetricsFileError
-from .fileio import atomic_path, check_outputs, figure_format, holds_output_locks, writes_files
+from .fileio import atomic_path, being_written, check_outputs, figure_format, holds_output_locks, writes_files
 from .h5io import json_attr, metrics_file, read_h5
 from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
@@ -56,13 +56,18 @@ def _check_computed(file: str | Path, attrs: dict, values: np.ndarray, what: str
     with a warning, as are infinite ones (diverged networks: drawn as above every level, not as gaps)."""
     finished = "summary" in attrs
     done = np.isfinite(values)
+    running = not finished and being_written(file)
     if not done.any():
         why = (f"the run finished, but no point of the {what} has a finite train loss (NaN or infinite: the "
-               "networks diverged?)." if finished else f"no point of the {what} is computed yet (NaN). An "
-               "interrupted run: finish it with the same command plus --resume.")
+               "networks diverged?)." if finished else f"no point of the {what} is computed yet (NaN). " +
+               ("A running mctool command is writing it: draw it again later." if running else
+                "An interrupted run: finish it with the same command plus --resume."))
         raise MetricsFileError(f"'{file}': nothing to draw: {why}")
     missing = np.isnan(values)
-    if not finished and missing.any():
+    if running and missing.any():
+        warn(f"'{file}' is being written by a running mctool command: {int((~missing).sum()):,} of {done.size:,} "
+             f"{points} are computed so far, and the figure shows only those.")
+    elif not finished and missing.any():
         warn(f"'{file}' is an interrupted run's: {int((~missing).sum()):,} of {done.size:,} {points} are computed, "
              "and the figure shows only those. Finish it with the same command plus --resume.")
     elif finished and missing.any():
@@ -707,8 +712,9 @@ def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI
     x = np.asarray(data["t"], dtype=np.float64) if along else np.arange(n, dtype=np.float64)
     has_trace = np.shape(data.get("trace", ())) == (n,)
     if not np.isfinite(values).any() and not (has_trace and np.isfinite(np.asarray(data["trace"], float)).any()):
-        raise MetricsFileError(f"'{file}': nothing to draw yet: no eigenvalue is computed (NaN). An interrupted "
-                               "run: finish it with the same hessian command plus --resume.")
+        raise MetricsFileError(f"'{file}': nothing to draw yet: no eigenvalue is computed (NaN). " +
+                               ("A running mctool command is writing it: draw it again later." if being_written(file)
+                                else "An interrupted run: finish it with the same hessian command plus --resume."))
     fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 6, 4), constrained_layout=True,
                              squeeze=False)
     ax = axes[0, 0]

@@ -127,7 +127,7 @@ def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] 
     with contextlib.suppress(Exception):  # a file that cannot be read: the run's count stands
         data, _ = read_h5(metrics)
         saved = sum(int(np.count_nonzero(~np.isnan(np.asarray(data[name], dtype=np.float64)))) for name in counted)
-    return Interrupted(f"interrupted; {saved} of {total} points are saved in '{metrics}'. Continue with the same "
+    return Interrupted(f"interrupted; {saved:,} of {total:,} points are saved in '{metrics}'. Continue with the same "
                        "command plus --resume.")
 
 
@@ -140,6 +140,7 @@ def finishing(metrics: Path, total: int) -> Iterator[None]:
     except Interrupted:  # (already said what was saved)
         raise
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while finishing; all {total} points are saved in '{metrics}'. The same "
+        saved = f"all {total:,} points are" if total != 1 else "its one point is"
+        raise Interrupted(f"interrupted while finishing; {saved} saved in '{metrics}'. The same "
                           "command plus --resume writes the summary (and the plot) without computing any point "
                           "again.") from None

@@ -352,7 +352,7 @@ def test_ctrl_c_while_drawing_says_every_point_is_saved(cli, tmp_path, tiny, mon
     m = tmp_path / "h.h5"
     args = ["hessian", tiny[0], "-m", m, "--top-k", "1", "--train-subset", SUBSET, "--plot", tmp_path / "h.png", *CPU]
     message = cli.error(*args, code=130)
-    assert f"interrupted while finishing; all 1 points are saved in '{m}'" in message and "--resume" in message
+    assert f"interrupted while finishing; its one point is saved in '{m}'" in message and "--resume" in message
     monkeypatch.undo()
     cli(*args, "--resume", "-q")  # computes nothing again: draws the figure
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import count_networks
 
+from mctool import fileio
 from mctool.checkpoint import load_model
 from mctool.curves import Curve, load_curve, save_curve
 from mctool.errors import ConfigError
@@ -145,6 +146,21 @@ def test_plot_of_an_unfinished_or_sharded_plane_says_so(cli, tmp_path, bezier):
     for extra in (["-o", tmp_path / "e.png"], ["--vtk", tmp_path / "e.vts"], ["--html", tmp_path / "e.html"]):
         assert "nothing to draw: no point of the plane is computed yet (NaN)" in cli.error("plot", empty, *extra)
     assert not list(tmp_path.glob("e.*"))
+    # a file that a running plane is writing (it holds the file's lock) is drawn as it is so far, not called
+    # interrupted; the lock is looked at, not taken or created
+    assert not fileio.being_written(part) and not fileio.lock_path(part).exists()
+    releases = [fileio._lock(part), fileio._lock(empty)]
+    try:
+        assert fileio.being_written(part)
+        res = cli("plot", part, "-o", tmp_path / "now.png")
+        assert "is being written by a running mctool command: 7 of 9 grid points are computed so far" in res.stderr
+        assert "--resume" not in res.stderr
+        assert "A running mctool command is writing it: draw it again later." in cli.error(
+            "plot", empty, "-o", tmp_path / "e.png")
+    finally:
+        for release in releases:
+            release()
+    assert not fileio.being_written(part) and not fileio.lock_path(part).exists()
     assert "Warning" not in cli("plot", m, "-o", tmp_path / "whole.png").stderr
     shard = tmp_path / "s.h5"
     cli("plane", bezier, "-m", shard, "--grid-points", "3", "--shard", "1/2", "-q", *CPU)
