@@ -26,14 +26,15 @@ if not _launch_env.is_command():
     from .h5io import read_h5
     from .hessian import hessian
     from .info import file_info
+    from .manual import read_docs
     from .merge import merge
     from .models import MCTOOL_ARCHS, build_model, register_in_timm
     from .plane import plane
     from .surface import surface
     from .plots import plot_files
-    from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult,
-                          FileRef, HessianResult, InfoResult, MergeResult, Metrics, PlaneResult, PlotResult,
-                          PointResult, Result, SurfaceResult, TrainResult, json_schemas)
+    from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, DocsResult, Document,
+                          EvaluateResult, FGEResult, FileRef, HessianResult, InfoResult, MergeResult, Metrics,
+                          PlaneResult, PlotResult, PointResult, Result, SurfaceResult, TrainResult, json_schemas)
     from .console import progress
     from .schedules import lr_at, paper_factor
     from .training import TrainConfig, train
@@ -44,11 +45,11 @@ __all__ = [
     "__version__",
     # commands: one function each, returning a typed result (mctool.results)
     "train", "connect", "evaluate_curve", "export_point", "export_member", "plane", "fge", "evaluate",
-    "evaluate_models", "plot_files", "file_info", "merge", "align", "hessian", "surface",
+    "evaluate_models", "plot_files", "file_info", "merge", "align", "hessian", "surface", "read_docs",
     "TrainConfig", "ConnectConfig", "FGEConfig",
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
     "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "SurfaceResult",
-    "FileRef", "Metrics",
+    "DocsResult", "Document", "FileRef", "Metrics",
     "SCHEMA_VERSION", "json_schemas",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",

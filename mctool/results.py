@@ -177,6 +177,26 @@ class EvaluateResult(Result):
     calibration: Calibration | None = None
 
 
+@dataclass
+class Document:
+    """A page of the documentation: ``name`` as help texts cite it (``method`` for docs/method.md), its
+    ``title`` (first heading) and the ``path`` of its Markdown file."""
+
+    name: str
+    title: str
+    path: str
+
+
+@dataclass(kw_only=True)
+class DocsResult(Result):
+    """``docs``: the pages (all of them, or the one asked for); with a topic, its Markdown ``text`` (the whole
+    page, or the ``section`` its anchor names), else None."""
+
+    documents: list[Document]
+    section: str | None = None
+    text: str | None = None
+
+
 @dataclass(kw_only=True)
 class InfoResult(Result):
     """``info``: ``type`` is ``safetensors`` or ``hdf5``; ``metadata`` the safetensors metadata or the HDF5 root

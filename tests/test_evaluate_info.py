@@ -224,7 +224,8 @@ def test_usage_lines_name_the_arguments_as_the_docs_do(cli):
     commands = typer.main.get_command(app).commands
     for name in commands:
         usage = cli(name, "--help").stdout.splitlines()[0]
-        assert re.fullmatch(rf"Usage: mctool {name} \[OPTIONS\]( \{{[A-Z0-9]+\}}(\.\.\.)?)*", usage), usage
+        arguments = r"( \{[A-Z0-9]+\}(\.\.\.)?| \[[A-Z0-9]+\])*"  # required {A}, {A}...; optional [A]
+        assert re.fullmatch(rf"Usage: mctool {name} \[OPTIONS\]{arguments}", usage), usage
     assert cli("connect", "--help").stdout.splitlines()[0] == "Usage: mctool connect [OPTIONS] {START} {END}"
 
 

@@ -60,7 +60,7 @@ def test_schemas_pin_every_key():
 
     names = set(SCHEMAS)
     assert names == {"common", "train", "evaluate", "info", "connect", "evaluate-curve", "point", "ensemble", "plot",
-                     "plane", "fge", "merge", "align", "hessian", "surface"}
+                     "plane", "fge", "merge", "align", "hessian", "surface", "docs"}
     for name in names:
         walk(_load(name))
 
@@ -106,6 +106,14 @@ def test_info(cli, registry, tmp_path, digits_models):
     r = check(registry, cli.json("info", h5), "info", extra, set(), {"train", "eval"})
     assert r["type"] == "hdf5" and r["tensors"] is None and r["metadata"]["split"] == "test"
     assert r["inputs"][0]["path"] == str(h5)
+
+
+def test_docs(cli, registry):
+    extra = {"documents", "section", "text"}
+    r = check(registry, cli.json("docs"), "docs", extra, set(), {"train", "eval"})
+    assert r["inputs"] == [] and r["text"] is None and len(r["documents"]) > 10
+    r = check(registry, cli.json("docs", "method.md#fge"), "docs", extra, set(), {"train", "eval"})
+    assert r["section"] == "fge" and r["text"].startswith("## 6. Fast Geometric Ensembling")
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -22,7 +24,7 @@ def _tracked() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[set[str], set[str]]:
+def built(tmp_path_factory) -> tuple[set[str], set[str], Path]:
     """Build an sdist and a wheel from a copy of the tracked files (no network, no build isolation)."""
     setuptools = pytest.importorskip("setuptools")
     if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):
@@ -45,18 +47,18 @@ def built(tmp_path_factory) -> tuple[set[str], set[str]]:
         sdist_files = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     with zipfile.ZipFile(dist / wheel) as z:
         wheel_files = set(z.namelist())
-    return sdist_files, wheel_files
+    return sdist_files, wheel_files, dist / wheel
 
 
 def test_sdist_holds_every_tracked_file_but_ci(built):
-    sdist_files, _ = built
+    sdist_files = built[0]
     missing = [n for n in _tracked() if not n.startswith((".ci/", ".git")) and n not in sdist_files]
     assert not missing, f"tracked files missing from the sdist (MANIFEST.in): {missing}"
     assert not [n for n in sdist_files if "__pycache__" in n or n.endswith(".pyc")]
 
 
 def test_wheel_holds_the_package_and_nothing_else(built):
-    _, wheel_files = built
+    wheel_files = built[1]
     package = {n for n in _tracked() if n.startswith("mctool/")}
     assert package <= wheel_files, sorted(package - wheel_files)
     stray = [n for n in wheel_files if not n.startswith(("mctool/", "mctool-"))]
@@ -64,3 +66,20 @@ def test_wheel_holds_the_package_and_nothing_else(built):
     assert not [n for n in wheel_files if "__pycache__" in n or n.endswith(".pyc")]
     entry_points = next(n for n in wheel_files if n.endswith(".dist-info/entry_points.txt"))
     assert entry_points
+
+
+def test_the_wheel_carries_the_docs_that_mctool_docs_shows(built, tmp_path):
+    """Help texts cite docs/NAME.md#section: the wheel installs those pages as mctool/docs/, where `mctool docs`
+    finds them (a wheel user has no docs/ folder)."""
+    wheel_files, wheel = built[1], built[2]
+    pages = {n for n in _tracked() if n.startswith("docs/") and n.endswith(".md")}
+    assert pages and {f"mctool/{n}" for n in pages} <= wheel_files
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    # -S: no site hooks, so an editable install of the checkout (a finder ahead of PYTHONPATH) stays out
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
+    run = subprocess.run([sys.executable, "-S", "-m", "mctool", "docs", "method.md#bn", "--path"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == site / "mctool" / "docs" / "method.md"

@@ -1,0 +1,111 @@
+"""``mctool docs``: the documentation, readable offline. Help texts and messages name its pages as
+``docs/NAME.md#section``; this module finds such a page (or one section of it) in the ``docs/`` folder of a
+source checkout, or in ``mctool/docs/``, where the wheel installs the same files."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+from .results import DocsResult, Document
+
+#: A heading outside fenced code: its level and text.
+_HEADING = re.compile(r"(#{1,6})\s+(.+?)\s*#*\s*$")
+#: An explicit anchor line, ``<a id="bn"></a>``, naming the heading after it.
+_ANCHOR = re.compile(r'<a\s+id="([^"]+)"\s*>\s*</a>\s*')
+#: A topic as help texts write it: ``method``, ``method.md``, ``docs/method.md#bn``.
+_TOPIC = re.compile(r"(?:\./)?(?:docs/)?([a-z0-9][a-z0-9-]*)(?:\.md)?(?:#(.+))?")
+_NONE = {"train": None, "eval": None}  # (docs computes no metrics)
+
+
+def docs_folder() -> Path:
+    """The folder of the documentation pages: ``mctool/docs/`` of an installed wheel, else ``docs/`` of the
+    source checkout this package runs from."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "docs", package.parent / "docs"):
+        if (folder / "cli.md").is_file() and (folder / "method.md").is_file():
+            return folder
+    raise ConfigError("the documentation is not installed with this copy of mctool (no docs/ folder beside the "
+                      "package); read the docs/ folder of mctool's source distribution.")
+
+
+def _title(text: str, name: str) -> str:
+    for _, heading in _headings(text):
+        return heading[1]
+    return name
+
+
+def _headings(text: str) -> list[tuple[int, tuple[int, str, list[str]]]]:
+    """The headings outside fenced code: (line index, (level, text, anchors)); the anchors are the heading's
+    slug (as GitHub makes it) and the ``<a id>`` lines just before it."""
+    found, fence, pending = [], None, []
+    for i, line in enumerate(text.splitlines()):
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            mark = stripped[:3]
+            fence = None if fence == mark else (mark if fence is None else fence)
+            continue
+        if fence is not None:
+            continue
+        anchor = _ANCHOR.fullmatch(stripped)
+        if anchor:
+            pending.append(anchor.group(1))
+            continue
+        m = _HEADING.fullmatch(line)
+        if m:
+            found.append((i, (len(m.group(1)), m.group(2), [*pending, slug(m.group(2))])))
+        if stripped:
+            pending = []
+    return found
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def section(text: str, anchor: str, name: str) -> str:
+    """The part of a page from the heading that ``anchor`` names to the next heading of the same or a higher
+    level."""
+    heads = _headings(text)
+    for k, (start, (level, _, anchors)) in enumerate(heads):
+        if anchor in anchors:
+            end = next((i for i, (lv, _, _) in heads[k + 1:] if lv <= level), None)
+            return "\n".join(text.splitlines()[start:end]).rstrip() + "\n"
+    known = [a[0] for _, (_, _, a) in heads[1:]]
+    shown = ", ".join(known[:40]) + (", ..." if len(known) > 40 else "")
+    raise ConfigError(f"no section '{anchor}' in {name}.md; its sections: {shown}.")
+
+
+def documents(folder: Path | None = None) -> list[Document]:
+    """Every page, sorted by name, with its title (its first heading)."""
+    folder = docs_folder() if folder is None else folder
+    return [Document(p.stem, _title(p.read_text(encoding="utf-8"), p.stem), str(p))
+            for p in sorted(folder.glob("*.md"))]
+
+
+def read_docs(topic: str | None = None) -> DocsResult:
+    """The list of pages (``topic`` None), or one page or section: ``topic`` as help texts name them
+    (``method``, ``method.md#bn``, ``docs/method.md#bn``); ``text`` is its Markdown."""
+    t0 = time.time()
+    pages = documents()
+    if topic is None:
+        return DocsResult(command="docs", documents=pages, metrics=_NONE, seconds=time.time() - t0)
+    m = _TOPIC.fullmatch(topic.strip())
+    page = next((p for p in pages if m is not None and p.name == m.group(1)), None)
+    if page is None:
+        names = ", ".join(p.name for p in pages)
+        raise ConfigError(f"no page '{topic}' in the documentation; the pages: {names}.")
+    text = Path(page.path).read_text(encoding="utf-8")
+    anchor = m.group(2)
+    if anchor is not None:
+        text = section(text, anchor, page.name)
+    return DocsResult(command="docs", documents=[page], section=anchor, text=text, metrics=_NONE,
+                      seconds=time.time() - t0)
+
+
+def for_terminal(markdown: str) -> str:
+    """The Markdown without the ``<a id>`` anchor lines, which a terminal would show as they are."""
+    return "\n".join(line for line in markdown.splitlines() if not _ANCHOR.fullmatch(line.strip())) + "\n"

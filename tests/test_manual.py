@@ -1,0 +1,69 @@
+"""`mctool docs`: the pages that help texts and messages cite, readable offline."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mctool import manual
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted(p.stem for p in (ROOT / "docs").glob("*.md"))
+
+
+def test_the_list_names_every_page_with_its_title(cli):
+    r = cli.json("docs")
+    assert [d["name"] for d in r["documents"]] == PAGES and r["text"] is None and r["section"] is None
+    assert {d["name"]: d["title"] for d in r["documents"]}["method"] == "The method"
+    assert all(Path(d["path"]) == ROOT / "docs" / f"{d['name']}.md" for d in r["documents"])
+    out = cli("docs").stdout
+    assert all(name in out for name in PAGES) and "Command reference" in out
+    assert cli("docs", "--path").stdout.strip() == str(ROOT / "docs")
+
+
+@pytest.mark.parametrize("topic", ["method.md#bn", "docs/method.md#bn", "./docs/method.md#bn", "method#bn"])
+def test_a_section_as_help_texts_cite_it(cli, topic):
+    r = cli.json("docs", topic)
+    assert r["section"] == "bn" and [d["name"] for d in r["documents"]] == ["method"]
+    assert r["text"].startswith("## 3. BatchNorm recalibration\n")
+    assert "## 4." not in r["text"] and "## 2." not in r["text"] and "reset the running mean" in r["text"]
+    out = cli("docs", topic).stdout
+    assert "3. BatchNorm recalibration" in out and '<a id="' not in out and "4. Evaluating a curve" not in out
+    assert cli("docs", topic, "--path").stdout.strip() == str(ROOT / "docs" / "method.md")
+
+
+def test_a_whole_page_and_a_heading_anchor(cli):
+    whole = cli.json("docs", "hessian")
+    assert whole["text"] == (ROOT / "docs" / "hessian.md").read_text(encoding="utf-8") and whole["section"] is None
+    # GitHub's anchor of a heading, as help texts cite some: lower case, punctuation dropped, hyphens
+    r = cli.json("docs", "performance.md#many-networks-in-one-pass")
+    assert r["text"].splitlines()[0].lstrip("#").strip().lower() == "many networks in one pass"
+
+
+def test_every_page_and_section_the_code_cites_exists():
+    """Help texts and messages say 'see docs/X.md#y': each such page and section is one `mctool docs` shows."""
+    cited = set()
+    for source in (ROOT / "mctool").glob("*.py"):
+        cited |= set(re.findall(r"\b([a-z][a-z-]*\.md(?:#[a-z0-9-]+)?)", source.read_text(encoding="utf-8")))
+    assert len(cited) > 20
+    for topic in sorted(cited):
+        r = manual.read_docs(topic)
+        assert r.text, topic
+
+
+def test_headings_in_code_blocks_are_not_sections():
+    text = "# Page\n\n## One\n\n```bash\n# a shell comment\nmctool train\n```\n\nmore\n\n## Two\n\nlast\n"
+    assert manual.section(text, "one", "page") == "## One\n\n```bash\n# a shell comment\nmctool train\n```\n\nmore\n"
+    with pytest.raises(manual.ConfigError, match="no section 'a-shell-comment' in page.md; its sections: one, two"):
+        manual.section(text, "a-shell-comment", "page")
+    assert manual.slug("Training a curve (`connect`)") == "training-a-curve-connect"
+
+
+@pytest.mark.parametrize("topic, message", [
+    ("nope", "no page 'nope' in the documentation; the pages: align, cli,"),
+    ("method.md#nope", "no section 'nope' in method.md; its sections: curves, training, bn,"),
+    ("../README", "no page '../README' in the documentation"),
+    ("/etc/passwd", "no page '/etc/passwd' in the documentation"),
+])
+def test_an_unknown_page_or_section_is_one_error_line(cli, topic, message):
+    assert message in cli.error("docs", topic)
