@@ -624,51 +624,6 @@ def info(
     _run(lambda: file_info(file), as_json, quiet, show)
 
 
-@app.command("docs")
-def docs_cmd(
-    topic: Annotated[Optional[str], typer.Argument(
-        metavar="TOPIC", help="A page (method, cli, curves, ...) or one section of it, as help texts and messages "
-                                "cite them: 'method', 'method.md#bn' or 'docs/method.md#bn'. Left out: the list "
-                                "of pages.")] = None,
-    path_only: Annotated[bool, typer.Option("--path", help="Print the page's file (or, without TOPIC, the docs "
-                                                           "folder) instead of its text: to open it in an editor "
-                                                           "or a Markdown viewer.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.
-
-    Prints the page (or section) as formatted text on stdout; pipe it to 'less -R' to page through it."""
-    from .manual import for_terminal, read_docs
-
-    try:
-        r = read_docs(topic)
-    except MctoolError as e:
-        _error(str(e))
-        raise typer.Exit(1) from None
-    if as_json:
-        _print_json(r.to_json())
-        return
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=path_only)
-    try:
-        if path_only:
-            console.print(_safe(r.documents[0].path if topic is not None else
-                                str(Path(r.documents[0].path).parent) if r.documents else ""))
-        elif r.text is not None:
-            from rich.markdown import Markdown
-
-            console.print(Markdown(for_terminal(r.text)))
-        else:
-            t = _new_table("mctool docs TOPIC (also TOPIC.md#section)", ("page", "title"))
-            for d in r.documents:
-                t.add_row(_safe(d.name), _safe(d.title))
-            console.print(t)
-        sys.stdout.flush()
-    except BrokenPipeError:  # (| head: the reader went away; nothing else to do)
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(141) from None
-
-
 _BN_DATA_HELP = ("Training images of each BatchNorm recalibration pass: augmented as the network was trained (the "
                  "statistics its layers were trained with, which its stored ones also average) or plain (as they "
                  "are).")
@@ -1433,6 +1388,51 @@ def fge_cmd(
         _table("fge", rows)
 
     _run(work, as_json, quiet, show)
+
+
+@app.command("docs")
+def docs_cmd(
+    topic: Annotated[Optional[str], typer.Argument(
+        metavar="TOPIC", help="A page (method, cli, curves, ...) or one section of it, as help texts and messages "
+                                "cite them: 'method', 'method.md#bn' or 'docs/method.md#bn'. Left out: the list "
+                                "of pages.")] = None,
+    path_only: Annotated[bool, typer.Option("--path", help="Print the page's file (or, without TOPIC, the docs "
+                                                           "folder) instead of its text: to open it in an editor "
+                                                           "or a Markdown viewer.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.
+
+    Prints the page (or section) as formatted text on stdout; pipe it to 'less -R' to page through it."""
+    from .manual import for_terminal, read_docs
+
+    try:
+        r = read_docs(topic)
+    except MctoolError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    if as_json:
+        _print_json(r.to_json())
+        return
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=path_only)
+    try:
+        if path_only:
+            console.print(_safe(r.documents[0].path if topic is not None else
+                                str(Path(r.documents[0].path).parent) if r.documents else ""))
+        elif r.text is not None:
+            from rich.markdown import Markdown
+
+            console.print(Markdown(for_terminal(r.text)))
+        else:
+            t = _new_table("mctool docs TOPIC (also TOPIC.md#section)", ("page", "title"))
+            for d in r.documents:
+                t.add_row(_safe(d.name), _safe(d.title))
+            console.print(t)
+        sys.stdout.flush()
+    except BrokenPipeError:  # (| head: the reader went away; nothing else to do)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
 
 
 # The command list shows each command's whole first paragraph, not the first 45 characters of it.
