@@ -46,7 +46,8 @@ def _stop_while_starting(signum: int, frame: object) -> None:
 
 # SIGHUP ignored when the process started (``nohup``) stays ignored. Ctrl-C and SIGTERM stop mctool whatever
 # the parent set (a shell script's background job, ``mctool ... & wait``, starts with Ctrl-C ignored).
-_hangup_ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+# (Windows has no SIGHUP: treated as ignored, so that nothing below touches it)
+_hangup_ignored = not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 _installed = False
 if is_command():
     try:

@@ -662,7 +662,7 @@ class Alignment:
 
 def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", seed: int = 0, max_sweeps: int = 100,
                    batches: int = 8, batch_size: int = 256, dataset: str | None = None, device: str = "auto",
-                   data_root: str | None = None, download: bool = False, num_workers: int = 4,
+                   data_root: str | Path | None = None, download: bool = False, num_workers: int = 4,
                    quiet: bool = True) -> Alignment:
     """B's hidden units permuted into A's order, in memory: what ``align`` writes (same options, same result, bit
     for bit). The data (B's data set and split, un-augmented) gives the check batch and, for ``activations``,
@@ -715,7 +715,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
 @holds_output_locks
 def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method: str = "weights",
           metrics: str | Path | None = None, seed: int = 0, max_sweeps: int = 100, batches: int = 8,
-          batch_size: int = 256, dataset: str | None = None, device: str = "auto", data_root: str | None = None,
+          batch_size: int = 256, dataset: str | None = None, device: str = "auto", data_root: str | Path | None = None,
           download: bool = False, num_workers: int = 4, force: bool = False, quiet: bool = False) -> AlignResult:
     """Write network B with its hidden units permuted into network A's order (same function as B).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,11 @@ def _aligned_and_unaligned(paths: list[str], unaligned: str | Path,
 
 
 @holds_output_locks
-def evaluate_curve(paths: list[str], metrics: str | Path, *, num_points: int = 61, plot: str | Path | None = None,
-                   resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-                   data_root: str | None = None, download: bool = False, split: str | None = None,
-                   batch_size: int = 512, bn_batches: int | None = None, wd: float | None = None,
-                   precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
+def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_points: int = 61,
+                   plot: str | Path | None = None, resume: bool = False, force: bool = False, device: str = "auto",
+                   dataset: str | None = None, data_root: str | Path | None = None, download: bool = False,
+                   split: str | None = None, batch_size: int = 512, bn_batches: int | None = None,
+                   wd: float | None = None, precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
                    shard: tuple[int, int] | None = None, compare_unaligned: str | Path | None = None,
                    repair: bool = False, repair_batches: int = 8, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
                    compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> CurveResult:
@@ -357,7 +358,7 @@ def check_point_options(*, batch_size: int, bn_batches: int | None, bn_data: str
 @holds_output_locks
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
-                 dataset: str | None = None, data_root: str | None = None, download: bool = False,
+                 dataset: str | None = None, data_root: str | Path | None = None, download: bool = False,
                  batch_size: int = 512, precision: str = "fp32", num_workers: int = 4,
                  bn_data: str = "augmented", quiet: bool = False) -> PointResult:
     """Write the network at t of a curve as an ordinary model checkpoint (BN recomputed unless disabled, on the

@@ -268,7 +268,7 @@ def default_curve_lr(train_lr: float, iterations: int) -> float:
 @training_command(ConnectConfig)
 def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path,
             metrics: str | Path | None = None, *,
-            device: str = "auto", data_root: str | None = None, download: bool = False, num_workers: int = 4,
+            device: str = "auto", data_root: str | Path | None = None, download: bool = False, num_workers: int = 4,
             resume: bool = False, force: bool = False, quiet: bool = False) -> ConnectResult:
     """Learn a low-loss curve from ``start`` to ``end`` (docs/method.md#training); ``ConnectConfig(curve="line")``
     writes the segment, with nothing to train.

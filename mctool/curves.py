@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import (MOMENTUM_PREFIX, LoadedModel, ModelMeta, bad_field, check_finite, metadata_int,
                          meta_differences, read_checkpoint, save_checkpoint)
 from .choices import BEND_INITS, CURVES
-from .data import Split
+from .data import Data, Split
 from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .options import check_real
@@ -101,8 +101,8 @@ class Curve:
         self.layout.assign(model, self.points[0])
         return model
 
-    def network(self, t: float, data: Split | None = None, *, batch_size: int = 512, bn_batches: int | None = None,
-                bn_data: str = "augmented") -> nn.Module:
+    def network(self, t: float, data: Data | Split | None = None, *, batch_size: int = 512,
+                bn_batches: int | None = None, bn_data: str = "augmented") -> nn.Module:
         """The network at ``t``, in memory, in eval mode: on the CPU, or on ``data``'s device when given. With
         ``data`` (the ``Data`` of ``load_data`` or one of its splits; its training images are used) the BatchNorm
         statistics are recomputed for these weights as ``evaluate_curve`` does (``bn_batches``, ``bn_data`` as

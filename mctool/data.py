@@ -78,6 +78,8 @@ class DatasetInfo:
 class Split(Protocol):
     """One split of a data set: a sized source of (images, labels) batches on the compute device."""
 
+    device: torch.device
+
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,

@@ -218,7 +218,7 @@ def _leave(d: Dist, finished: bool) -> None:
 
 #: The signals that stop a command as Ctrl-C does: SIGTERM (a launcher, ``timeout``, a job's time limit) and
 #: SIGHUP (the terminal or SSH session closed).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))  # (none on Windows)
 
 
 @contextlib.contextmanager
@@ -228,7 +228,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     _stopped_by[0] = None
     try:  # (SIGHUP ignored when the process started, under nohup, stays ignored)
         previous = [(s, signal.signal(s, _terminate)) for s in STOP_SIGNALS
-                    if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
+                    if not (s != signal.SIGTERM and signal.getsignal(s) is signal.SIG_IGN)]
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -10,7 +10,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -160,14 +162,15 @@ class _MemberPasses:
 
 
 @holds_output_locks
-def evaluate_models(paths: list[str], *, dataset: str | None = None, split: str | None = None, device: str = "auto",
-                    data_root: str | None = None, download: bool = False, batch_size: int = 512,
-                    precision: str = "fp32", channels_last: bool = False, metrics: str | None = None,
-                    output: str | None = None, num_points: int | None = None, temperature_scale: bool = False,
-                    bn_batches: int | None = None, force: bool = False, arch: str | None = None,
-                    num_classes: int | None = None, in_chans: int | None = None, arch_kwargs: dict | None = None,
-                    num_workers: int = 4, points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False,
-                    bn_data: str = "augmented", quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
+def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, split: str | None = None,
+                    device: str = "auto", data_root: str | Path | None = None, download: bool = False,
+                    batch_size: int = 512, precision: str = "fp32", channels_last: bool = False,
+                    metrics: str | Path | None = None, output: str | Path | None = None, num_points: int | None = None,
+                    temperature_scale: bool = False, bn_batches: int | None = None, force: bool = False,
+                    arch: str | None = None, num_classes: int | None = None, in_chans: int | None = None,
+                    arch_kwargs: dict | None = None, num_workers: int = 4,
+                    points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False, bn_data: str = "augmented",
+                    quiet: bool = False, command: str = "evaluate") -> EvaluateResult:
     """Evaluate networks and, given several, their ensemble (mean of softmax) on one split.
 
     ``paths`` are model checkpoints and ensemble files (expanded into their members), or one curve

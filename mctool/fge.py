@@ -74,7 +74,7 @@ class FGEConfig:
     derived: dict[str, str] | None = None
 
     @property
-    def lr(self) -> float:
+    def lr(self) -> float | None:  # (None until fge() derives lr_max, as for ConnectConfig.lr)
         return self.lr_max
 
     def validate(self) -> None:
@@ -155,7 +155,7 @@ def _swa_recorded(swa: str, output: Path, resume: bool) -> str:
 @training_command(FGEConfig)
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path | None = None, *,
         device: str = "auto",
-        data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
+        data_root: str | Path | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
         force: bool = False, quiet: bool = False) -> FGEResult:
     """Run FGE from ``start`` (a model or a training state, whose SGD momentum is kept).
 

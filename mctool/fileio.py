@@ -271,7 +271,8 @@ def _close_inherited_locks() -> None:
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_close_inherited_locks)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which neither forks nor has these locks)
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def lock_path(output: PathLike) -> Path:
@@ -282,6 +283,8 @@ def lock_path(output: PathLike) -> Path:
 
 def being_written(output: PathLike) -> bool:
     """Whether a running mctool command holds the lock of ``output`` (it is writing it now). Creates nothing."""
+    if fcntl is None:  # (no advisory locks here: nobody can say)
+        return False
     try:
         fd = os.open(lock_path(output), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:  # no lock file (or a link): nobody is writing it
@@ -392,7 +395,12 @@ def _umask() -> int:
 
 
 def _fsync(path: PathLike, folder: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        if not folder:  # (Windows cannot open a folder: there the rename is all there is)
+            raise
+        return
     try:
         os.fsync(fd)
     except OSError:

@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -227,11 +228,11 @@ def _recorded_eigenvectors(metrics: Path) -> str | None:
 
 
 @holds_output_locks
-def hessian(paths: list[str], metrics: str | Path, *, top_k: int = 5, trace: bool = False, trace_samples: int = 20,
-            num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512, tol: float = 1e-4,
-            max_restarts: int = 100, seed: int = 0, eigenvectors: str | Path | None = None,
+def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5, trace: bool = False,
+            trace_samples: int = 20, num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512,
+            tol: float = 1e-4, max_restarts: int = 100, seed: int = 0, eigenvectors: str | Path | None = None,
             bn_batches: int | None = None, resume: bool = False, force: bool = False, device: str = "auto",
-            dataset: str | None = None, data_root: str | None = None, download: bool = False,
+            dataset: str | None = None, data_root: str | Path | None = None, download: bool = False,
             num_workers: int = 4, bn_data: str = "augmented", plot: str | Path | None = None,
             quiet: bool = False) -> HessianResult:
     """Top-``top_k`` eigenvalues (and with ``trace`` Hutchinson's trace from ``trace_samples`` probes) of the

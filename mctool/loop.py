@@ -181,7 +181,11 @@ def state_metadata(output: str | Path) -> dict[str, str]:
 def relative_to_output(path: str | Path, output: Path) -> str:
     """``path`` as a training state records another output of its run: relative to the folder of ``-o``, so that
     a resume finds it from any working folder, and after the run's folder was moved or copied elsewhere."""
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(output.parent))
+    try:
+        name = os.path.relpath(os.path.abspath(path), os.path.abspath(output.parent))
+    except ValueError:  # (Windows: on another drive, which no relative name reaches)
+        name = os.path.abspath(path)
+    return Path(name).as_posix()  # '/' whatever the system: a run folder made on Windows resumes elsewhere
 
 
 def recorded_file(name: Any, output: Path) -> Path | None:

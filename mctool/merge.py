@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -181,7 +182,7 @@ def _earliest(shards: list[_Shard]) -> str | None:
 
 
 @holds_output_locks
-def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | None = None,
+def merge(files: Sequence[str | Path], output: str | Path, *, plot: str | Path | None = None,
           force: bool = False) -> MergeResult:
     """Combine the N shard files of one ``plane``, ``surface`` or ``evaluate-curve`` run into ``output``, the file
     the run writes without ``--shard`` (and draw it to ``plot``)."""
@@ -253,7 +254,7 @@ def merge(files: list[str | Path], output: str | Path, *, plot: str | Path | Non
         summary = grid_summary(grid, center)
         vec_out = directions_path(output)
         name = first.attrs.get("directions_file")
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
             raise MetricsFileError(f"'{first.path}': attribute 'directions_file' must name a file beside it, got "
                                    f"{name!r}.")
         vec_in = first.path.with_name(name)

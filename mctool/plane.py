@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -212,9 +213,9 @@ def write_plane_file(path: str | Path, attrs: dict[str, Any], *, alpha: np.ndarr
 
 def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.device], torch.Tensor],
                    store: Callable[[Any, dict[str, float]], None], *, label: str, total: int, metrics: Path,
-                   source: str | Path, dataset: str, device: str, data_root: str | None, download: bool, split: str,
-                   batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float, precision: str,
-                   channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
+                   source: str | Path, dataset: str, device: str, data_root: str | Path | None, download: bool,
+                   split: str, batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float,
+                   precision: str, channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
                    compile: bool = False, bn_data: str = "augmented",
                    on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
@@ -253,14 +254,15 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
 
 
 @holds_output_locks
-def plane(paths: list[str], metrics: str | Path, *, grid_points: int = 21, margins: tuple[float, float, float, float]
-          = (0.2, 0.2, 0.2, 0.2), bend: int | None = None, curve_points: int = 61, plot: str | Path | None = None,
-          resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-          data_root: str | None = None, download: bool = False, split: str | None = None, batch_size: int = 512,
-          bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
-          precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-          shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-          compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> PlaneResult:
+def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int = 21,
+          margins: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.2), bend: int | None = None,
+          curve_points: int = 61, plot: str | Path | None = None, resume: bool = False, force: bool = False,
+          device: str = "auto", dataset: str | None = None, data_root: str | Path | None = None, download: bool = False,
+          split: str | None = None, batch_size: int = 512, bn_batches: int | None = None,
+          train_subset: int | None = None, wd: float | None = None, precision: str = "fp32",
+          channels_last: bool = False, num_workers: int = 4, shard: tuple[int, int] | None = None,
+          points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False, bn_data: str = "augmented",
+          quiet: bool = False) -> PlaneResult:
     """Evaluate train loss/error and test NLL/error on a G x G grid over the plane, plus at the three points
     themselves. The grid holds the three points and the projected curve, with ``margins`` (left, right, bottom,
     top) as fractions of their extent: of dx and dy when the bend projects between w0 and w2 (``grid_fractions``).

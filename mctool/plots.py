@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -761,7 +762,7 @@ def _short_label(label: str, width: int = 24) -> str:
 
 
 @holds_output_locks
-def plot_files(files: list[str | Path], output: str | Path | None = None, *, three_d: bool = False,
+def plot_files(files: Sequence[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,
                dpi: int = DEFAULT_DPI, log_loss: bool = False) -> PlotResult:
     """Draw whatever the files hold: one plane or surface file (``three_d``: as 3-D surfaces; ``html``: also an

@@ -108,7 +108,8 @@ def _new_lock_after_fork() -> None:  # a child forked while another thread train
     _TRAINING = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which never forks)
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,8 @@ def write_surface_file(path: str | Path, attrs: dict[str, Any], *, scales: dict[
     write_h5(path, scales=scales, datasets=datasets, attrs=attrs)
 
 
-def _method(directions: str | list[str] | None, trajectory: list[str] | None) -> tuple[str, list[str]]:
+def _method(directions: str | Sequence[str | Path] | None,
+            trajectory: Sequence[str | Path] | None) -> tuple[str, list[str]]:
     """(method, direction files) from ``directions`` ('random', 'pca' or checkpoint files), checked."""
     if directions is None or directions == "random" or directions == ["random"]:
         method, files = "random", []
@@ -219,15 +221,15 @@ def _check_file_directions(files: list[Path], directions: list[torch.Tensor], ce
 
 @holds_output_locks
 def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
-            directions: str | list[str] | None = "random", trajectory: list[str] | None = None,
-            ignore: tuple[str, ...] = IGNORABLE, seed: int = 0,
-            span: float | None = None, margin: float = 0.2, grid_points: int = 21, plot: str | Path | None = None,
-            resume: bool = False, force: bool = False, device: str = "auto", dataset: str | None = None,
-            data_root: str | None = None, download: bool = False, split: str | None = None, batch_size: int = 512,
-            bn_batches: int | None = None, train_subset: int | None = None, wd: float | None = None,
-            precision: str = "fp32", channels_last: bool = False, num_workers: int = 4,
-            shard: tuple[int, int] | None = None, points_per_pass: int = DEFAULT_POINTS_PER_PASS,
-            compile: bool = False, bn_data: str = "augmented", quiet: bool = False) -> SurfaceResult:
+            directions: str | Sequence[str | Path] | None = "random", trajectory: Sequence[str | Path] | None = None,
+            ignore: tuple[str, ...] = IGNORABLE, seed: int = 0, span: float | None = None, margin: float = 0.2,
+            grid_points: int = 21, plot: str | Path | None = None, resume: bool = False, force: bool = False,
+            device: str = "auto", dataset: str | None = None, data_root: str | Path | None = None,
+            download: bool = False, split: str | None = None, batch_size: int = 512, bn_batches: int | None = None,
+            train_subset: int | None = None, wd: float | None = None, precision: str = "fp32",
+            channels_last: bool = False, num_workers: int = 4, shard: tuple[int, int] | None = None,
+            points_per_pass: int = DEFAULT_POINTS_PER_PASS, compile: bool = False, bn_data: str = "augmented",
+            quiet: bool = False) -> SurfaceResult:
     """Train loss/error and test NLL/error of the network at ``path`` and of the networks around it along ``dims``
     directions, on a grid of ``grid_points`` coefficients per direction.
 

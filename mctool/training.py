@@ -78,7 +78,7 @@ class TrainConfig:
 @holds_output_locks
 @training_command(TrainConfig)
 def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = None, *, device: str = "auto",
-          data_root: str | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
+          data_root: str | Path | None = None, download: bool = False, num_workers: int = 4, resume: bool = False,
           force: bool = False, quiet: bool = False) -> TrainResult:
     """Train one network; returns its paths and final metrics. See docs/cli.md#train.
 

@@ -203,6 +203,29 @@ def test_cli_defaults_are_the_library_defaults(command, library):
     assert checked >= 1
 
 
+def test_public_annotations_take_what_the_functions_take():
+    """The package ships py.typed, so a user's type checker goes by these annotations: file lists are covariant
+    sequences of str or Path (a list[str] or list[Path] variable, a tuple), files and data roots take a Path, and
+    Curve.network takes the Data of load_data as its docstring says."""
+    import inspect
+
+    from mctool.curves import Curve
+
+    public = {n: getattr(mctool, n) for n in mctool.__all__ if inspect.isfunction(getattr(mctool, n))}
+    checked = 0
+    for name, fn in public.items():
+        for p in inspect.signature(fn).parameters.values():
+            ann = str(p.annotation)
+            if p.name in ("paths", "files", "trajectory") or (p.name == "directions" and name == "surface"):
+                assert "Sequence[str | Path]" in ann and "list[" not in ann, (name, p.name, ann)
+                checked += 1
+            elif p.name in ("data_root", "metrics", "output") and "str" in ann:
+                assert "Path" in ann or "PathLike" in ann, (name, p.name, ann)
+                checked += 1
+    assert checked >= 20
+    assert "Data" in str(inspect.signature(Curve.network).parameters["data"].annotation)
+
+
 def test_every_option_is_in_the_command_reference_and_nothing_else_is():
     """docs/cli.md's table of each command lists every option of its --help (by one of its names), and no option
     the command does not have."""

@@ -649,6 +649,7 @@ def test_a_dash_is_not_taken_for_a_file_name(cli, tmp_path, files, monkeypatch):
 
 # --- 4. atomic writes ---------------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the synced files through /proc (Linux)")
 def test_atomic_writes_sync_and_leave_the_umask_alone(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
@@ -664,6 +665,63 @@ def test_atomic_writes_sync_and_leave_the_umask_alone(tmp_path, monkeypatch):
     assert out.read_bytes() == b"x"
     assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(tmp_path)
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_a_folder_that_cannot_be_opened_for_syncing_is_no_error(tmp_path, monkeypatch):
+    """Windows cannot open a folder (to fsync it after the rename): the file is in place, and that is no error."""
+    real_open = os.open
+
+    def no_folders(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    out = tmp_path / "a.bin"
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"x")
+    assert out.read_bytes() == b"x" and list(tmp_path.iterdir()) == [out]
+
+
+def test_names_a_run_records_use_slashes_on_every_system(monkeypatch):
+    """A training state records its metrics file relative to -o (and hessian its eigenvectors): with '/', so a run
+    folder made on Windows resumes on Linux or macOS; a file on another drive is recorded whole."""
+    import ntpath
+    import types
+    from pathlib import PureWindowsPath
+
+    from mctool import loop
+
+    monkeypatch.setattr(loop, "os", types.SimpleNamespace(path=ntpath))
+    monkeypatch.setattr(loop, "Path", PureWindowsPath)
+    out = PureWindowsPath(r"C:\runs\a\m.safetensors")
+    assert loop.relative_to_output(r"C:\runs\a\logs\m.h5", out) == "logs/m.h5"
+    assert loop.relative_to_output(r"C:\runs\b.h5", out) == "../b.h5"
+    assert loop.relative_to_output(r"D:\m.h5", out) == "D:/m.h5"
+
+
+def test_mctool_imports_without_posix_only_signals_and_fork_hooks(tmp_path):
+    """Windows has no SIGHUP, os.register_at_fork or fcntl: `import mctool` (and the command's start-up, which
+    installs its signal handlers) must not need them."""
+    script = (
+        "import builtins, os, signal, sys, torch\n"  # (torch registers its own fork hooks where there are any)
+        "del signal.SIGHUP, os.register_at_fork\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'fcntl': raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "import mctool._launch_env as e\n"
+        "assert e._hangup_ignored\n"
+        "import mctool\n"
+        "from mctool.distributed import STOP_SIGNALS, _sigterm_as_ctrl_c\n"
+        "assert STOP_SIGNALS == (signal.SIGTERM,)\n"
+        "with _sigterm_as_ctrl_c(): pass\n"
+        "print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"},
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("how", ["oserror", "safetensors", "safetensors-0.8"])

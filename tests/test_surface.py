@@ -364,7 +364,7 @@ def test_a_surface_in_shards_merges_into_the_whole_run(cli, tmp_path, trajectory
     assert "--plot draws the whole surface" in cli.error("surface", *args, "-m", tmp_path / "x.h5", "--shard", "0/2",
                                                          "--plot", tmp_path / "x.png")
     # a shard naming no directions file, or one elsewhere, is one error line (it was a traceback)
-    for bad in ("", "../x.safetensors"):
+    for bad in ("", "../x.safetensors", "..\\x.safetensors"):  # (a backslash: a folder on Windows)
         for i in range(3):
             with h5py.File(tmp_path / f"s{i}.h5", "r+") as f:
                 f.attrs["directions_file"] = bad
