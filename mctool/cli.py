@@ -38,9 +38,11 @@ from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, F
                       InfoResult, MergeResult, Metrics, PlaneResult, PointResult, Result, SurfaceResult,
                       TrainResult)
 
-# pydantic's words for a value of the wrong type, as a user reads them
+# pydantic's words (Typer >= 0.29) and click's (older Typer) for a value of the wrong type, as a user reads them
 _PYDANTIC_WORDS = ((r"^Input should be a valid integer.*", "not a whole number."),
-                   (r"^Input should be a valid number.*", "not a number."))
+                   (r"^Input should be a valid number.*", "not a number."),
+                   (r"^'.*' is not a valid integer\.$", "not a whole number."),
+                   (r"^'.*' is not a valid float\.$", "not a number."))
 
 
 class _Group(typer.core.TyperGroup):
@@ -58,7 +60,7 @@ class _Group(typer.core.TyperGroup):
         token = COMMAND_LINE.set(list(ctx.meta.get("mctool_args", ())))  # recorded as the files' "command"
         try:
             return super().invoke(ctx)
-        except typer.exceptions.TyperException as e:
+        except _ClickException as e:  # usage errors (typer.exceptions.TyperException from Typer 0.27.3 on)
             message = getattr(e, "message", None)
             if isinstance(e, typer.BadParameter):
                 e.message = re.sub(r"^Value error, ", "", str(message))

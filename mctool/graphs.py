@@ -28,6 +28,14 @@ def use_graphs(requested: bool, device: torch.device) -> bool:
     if requested and device.type != "cuda":
         warn("--cuda-graphs needs a CUDA device; training runs eagerly on the CPU.")
         return False
+    if requested:
+        try:  # the update is a fused SGD reading a device-tensor learning rate: PyTorch 2.3 and later
+            torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=torch.tensor(0.1, device=device),
+                            momentum=0.9, fused=True)
+        except (TypeError, ValueError, RuntimeError) as e:
+            warn(f"--cuda-graphs needs a fused SGD with a tensor learning rate, which this PyTorch "
+                 f"({torch.__version__}) lacks ({type(e).__name__}); training runs eagerly.")
+            return False
     return requested
 
 

@@ -611,6 +611,18 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
     return model, source
 
 
+def _adapt_input_conv(timm_adapt: Any, in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """timm's ``adapt_input_conv`` for a first convolution pretrained on ``weight.shape[1]`` channels. Its
+    ``base_chans`` (any channel count, not only RGB) came in timm 1.0.31; with an older timm the same rule:
+    one channel sums the file's, more repeat them, scaled by ``base / in_chans``."""
+    base = weight.shape[1]
+    if "base_chans" in inspect.signature(timm_adapt).parameters:
+        return timm_adapt(in_chans, weight, base_chans=base)
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.repeat(1, math.ceil(in_chans / base), 1, 1)[:, :in_chans] * (base / in_chans)
+
+
 def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any], file: Path,
                           cfg: dict[str, Any]) -> tuple[nn.Module, list[str], dict[str, Any], bool]:
     from timm.models import adapt_input_conv
@@ -646,7 +658,7 @@ def _load_pretrained_file(arch: str, num_classes: int, in_chans: int, arch_kwarg
                               f"timm.create_model('{arch}').")
     tensors, _ = read_checkpoint(file)
     for k in adapt:
-        tensors[k] = adapt_input_conv(in_chans, tensors[k].float(), base_chans=got[k][1])
+        tensors[k] = _adapt_input_conv(adapt_input_conv, in_chans, tensors[k].float())
     model = _create_checked(arch, num_classes, in_chans, arch_kwargs)
     model.load_state_dict({k: v for k, v in tensors.items() if k not in dropped}, strict=False)  # names checked above
     absent = bool(dropped) and all(k not in got for k in dropped)  # a model saved without its head

@@ -141,7 +141,7 @@ def test_fge_keeps_momentum_and_resumes_identically(cli, tmp_path, start_state, 
 
     state = tmp_path / "run.state.safetensors"
     with safe_open(state, "pt") as f:
-        md, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        md, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
     config = json.loads(md["config"])
     config["derived"] = {**config["derived"], "wd": "the start network's wd"}
     save_file(tensors, state, {**md, "config": json.dumps(config)})

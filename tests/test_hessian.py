@@ -297,6 +297,7 @@ def test_plot_of_many_eigenvalues_keys_them_by_a_colour_bar_and_refuses_a_file_w
     monkeypatch.setattr(plots, "_save", lambda fig, *_: drawn.append(fig))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # constrained_layout's "not applied" warning broke the one-line rule
+        warnings.simplefilter("ignore", DeprecationWarning)  # (matplotlib 3.7's own, with pyparsing >= 3.3)
         plots.plot_hessian(m, tmp_path / "h.png")
         drawn[0].canvas.draw()
     ax, bar = drawn[0].axes

@@ -98,12 +98,18 @@ def test_infinite_cells_take_the_top_colour_and_missing_ones_are_hatched(runs, t
                         "they are drawn above every other value."]
     assert "Warning" not in cli("plot", runs["plane"], "-o", tmp_path / "whole.png").stderr
     figures = _drawn(monkeypatch)
+    # contourf's own results (matplotlib < 3.8 keeps a ContourSet out of ax.collections)
+    from matplotlib.axes import Axes
+
+    contour_sets, contourf = [], Axes.contourf
+    monkeypatch.setattr(Axes, "contourf", lambda ax, *a, **k: contour_sets.append((ax, contourf(ax, *a, **k)))
+                        or contour_sets[-1][1])
     with pytest.warns(MctoolWarning) as seen:
         plots.plot_grid(bad, tmp_path / "x.png")
     assert len(seen) == 2  # NaN and infinite, as the command said
     fig = figures[0]
     loss_ax = fig.axes[0]
-    filled = [c for c in loss_ax.collections if hasattr(c, "levels") and c.filled]
+    filled = [c for ax, c in contour_sets if ax is loss_ax and c.filled]
     values, hatched = filled[0], filled[-1]
     assert values.extend == "max"  # the infinite cell: above the top level
     assert hatched.hatches == ["////"]

@@ -79,6 +79,25 @@ def test_other_input_channels_adapt_the_first_conv_as_timm_does(weights):
     torch.testing.assert_close(model.state_dict()["conv1.0.weight"], state["conv1.0.weight"].sum(1, keepdim=True))
 
 
+
+@pytest.mark.parametrize("base, in_chans", [(3, 1), (3, 5), (1, 3), (2, 7), (4, 2)])
+def test_the_first_conv_rule_needs_no_timm_with_base_chans(base, in_chans):
+    """timm's ``adapt_input_conv`` takes ``base_chans`` from 1.0.31 on; with an older one (this signature)
+    mctool applies the same rule itself."""
+    import inspect
+
+    from timm.models import adapt_input_conv
+
+    from mctool.models import _adapt_input_conv
+
+    w = torch.randn(8, base, 3, 3)
+    got = _adapt_input_conv(lambda in_chans, conv_weight: pytest.fail("an old timm cannot adapt this"), in_chans, w)
+    expected = (w.sum(1, keepdim=True) if in_chans == 1 else
+                torch.cat([w] * in_chans, 1)[:, :in_chans] * (base / in_chans))
+    torch.testing.assert_close(got, expected)
+    if "base_chans" in inspect.signature(adapt_input_conv).parameters:
+        torch.testing.assert_close(got, adapt_input_conv(in_chans, w, base_chans=base))
+
 def test_train_records_where_the_weights_came_from(cli, weights, tmp_path):
     path, _ = weights
     out = tmp_path / "ft.safetensors"

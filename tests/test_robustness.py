@@ -1308,7 +1308,7 @@ def test_point_on_a_curve_that_records_no_data_set_asks_for_dataset(cli, tmp_pat
     cli("connect", a, b, "-o", curve, "--epochs", "1", "-q", "--device", "cpu")
     with safe_open(curve, "pt") as f:
         md = {k: v for k, v in f.metadata().items() if k != "dataset"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     bare = tmp_path / "bare.safetensors"
     save_file(tensors, bare, md)
     out = tmp_path / "p.safetensors"
