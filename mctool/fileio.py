@@ -261,7 +261,7 @@ def holds_output_locks(fn: _F) -> _F:
 # The descriptors of the locks this process holds. A forked child (a DataLoader worker) shares their flock
 # locks: killed with kill -9, the run's locks lived on in its orphaned workers until they noticed (about
 # 1.5 s), and an immediate --resume was refused. Children close their copies; the parent's hold the locks.
-_HELD: set[int] = set()
+_HELD: dict[int, Path] = {}  # (each descriptor: the output it locks)
 
 
 def _close_inherited_locks() -> None:
@@ -300,6 +300,13 @@ def being_written(output: PathLike) -> bool:
     return False
 
 
+def _same_file(a: int, b: int) -> bool:
+    try:
+        return os.path.samestat(os.fstat(a), os.fstat(b))
+    except OSError:
+        return False
+
+
 def _lock(output: Path) -> Callable[[], None]:
     """Take the lock of ``output`` without waiting; returns the function that releases it (and removes the file)."""
     path = lock_path(output)
@@ -316,7 +323,11 @@ def _lock(output: Path) -> Callable[[], None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            mine = next((other for held, other in _HELD.items() if _same_file(held, fd)), None)
             os.close(fd)
+            if mine is not None:  # this command's own lock: two of its outputs are one file here
+                raise OutputError(f"'{mine}' and '{output}' are one file on this file system (names that differ "
+                                  "only in case, on macOS or Windows?); give each output its own name.") from None
             raise OutputError(f"another mctool run is writing '{output}' (it holds the lock '{path}'); wait for it "
                               "to finish, or write to another file.") from None
         except OSError:  # a file system without locks: go on without one
@@ -331,12 +342,12 @@ def _lock(output: Path) -> Callable[[], None]:
         os.close(fd)
     else:
         raise OutputError(f"cannot lock '{output}': '{path}' keeps changing; is another mctool run starting?")
-    _HELD.add(fd)
+    _HELD[fd] = output
 
     def release() -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        _HELD.discard(fd)
+        _HELD.pop(fd, None)
         os.close(fd)
 
     return release

@@ -851,6 +851,18 @@ def test_a_second_run_on_a_locked_output_is_refused(cli, tmp_path, files):
     assert out.exists() and not tmp.exists() and not lock_path(out).exists()
 
 
+def test_two_outputs_that_are_one_file_on_this_file_system_are_named(cli, tmp_path):
+    """On a case-insensitive file system (macOS, Windows) -o E.safetensors --swa e.safetensors are one file, and
+    so are their lock files: the second lock is this command's own, not another run's. (A hard link between
+    the lock files stands in for such a file system here.)"""
+    out, metrics = tmp_path / "a.safetensors", tmp_path / "b.h5"
+    os.close(os.open(lock_path(out), os.O_RDWR | os.O_CREAT))
+    os.link(lock_path(out), lock_path(metrics))
+    err = cli.error("train", *TINY, "-o", out, "-m", metrics, "--epochs", "1")
+    assert f"'{out}' and '{metrics}' are one file on this file system (names that differ only in case" in err
+    assert "another mctool run" not in err and not out.exists() and not metrics.exists()
+
+
 def test_runs_sharing_a_training_state_cannot_run_together(cli, tmp_path):
     """``-o x`` and ``-o x.safetensors`` are two outputs with one training state, x.state.safetensors: it is
     locked too, so the second run is refused instead of mixing its epochs into the first one's state."""
