@@ -6,6 +6,7 @@ User mistakes (``MctoolError``) print ``Error: ...`` and exit 1; usage errors ex
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import importlib
@@ -1453,6 +1454,7 @@ def main() -> None:
     # usage error (exit 2), --help or --version is the user's: this rank exits with the same code, silently (it
     # never prints to stdout: results and --json are rank 0's; its own errors go to stderr).
     sys.stdout = open(os.devnull, "w")
+    atexit.register(sys.stdout.close)  # closed, not left to the finalizer ("ResourceWarning: unclosed file")
     try:
         code = app(standalone_mode=False)
     except _ClickException as e:

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mctool.cli import app
+# The tests read the CLI's human output (tables, help, errors after progress) as a log gets it: stderr not a
+# terminal, 80 columns, no colour codes. Rich (and typer) take a width, or a terminal, from these variables
+# too; COLUMNS=30 wrapped help lines and FORCE_COLOR=1 (set in many CI setups) drew progress bars before the
+# "Error: " line. They are left out here, before typer is imported, for this process and the ones it starts.
+for _name in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "TERMINAL_WIDTH"):
+    os.environ.pop(_name, None)
+
+from typer.testing import CliRunner  # noqa: E402
+
+from mctool.cli import app  # noqa: E402
 
 # Two threads unless MCTOOL_TEST_THREADS (or else OMP_NUM_THREADS) says otherwise: run the suite with 1 and
 # with 2 to check that no result depends on the thread count (see docs/testing.md).

@@ -802,6 +802,7 @@ def test_val_split_that_leaves_no_training_images_is_refused():
                             "or a data set with more training images (a larger train=N).")
 
 
+@pytest.mark.filterwarnings("ignore:data set .* has a single class")  # one class folder: warned, as it should
 def test_imagefolder_val_split_that_leaves_no_training_images_is_refused(tmp_path):
     from PIL import Image
 

@@ -25,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one launch; a hang fails the test instead of the suite
 
 
+@pytest.fixture(autouse=True)
+def _launch_temporaries_in_tmp_path(tmp_path, monkeypatch):
+    """torchrun leaves a folder ``torchelastic_*`` in the temporary folder at every launch (its workers' logs):
+    in tmp_path, not in /tmp, where each suite run left a dozen. (This process's tempfile has read TMPDIR
+    already, when pytest made its base temporary folder.)"""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -103,7 +111,7 @@ def _h5(path: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def bezier(tmp_path_factory, digits_models) -> Path:
     """A one-bend Bezier curve between the two digits networks (one epoch: it only needs a bend)."""
-    from tests.conftest import Cli
+    from conftest import Cli
 
     out = tmp_path_factory.mktemp("dist") / "bez.safetensors"
     Cli()("connect", *digits_models, "-o", out, "--epochs", "1", "--device", "cpu", "-q")
@@ -341,7 +349,7 @@ def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, di
 def test_ranks_that_load_different_data_under_one_name_are_refused(tmp_path):
     """Each node's own copy of a data set (--data-root on a local disk), one of them changed: refused on the
     rank that loaded other images, before any work; equal copies in different folders run."""
-    from tests.test_data import _write_idx
+    from test_data import _write_idx
 
     rng = np.random.default_rng(0)
     arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (40, 6, 6)),

@@ -261,7 +261,8 @@ def test_a_shard_on_two_ranks(cli, tmp_path, bezier):
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MCTOOL_DIST_TIMEOUT="60", PYTHONPATH=str(root))
+    # TMPDIR: torchrun leaves a folder torchelastic_* there at every launch
+    env.update(OMP_NUM_THREADS="1", MCTOOL_DIST_TIMEOUT="60", PYTHONPATH=str(root), TMPDIR=str(tmp_path))
     full, shards = tmp_path / "full.h5", [tmp_path / "s0.h5", tmp_path / "s1.h5"]
     cli("evaluate-curve", bezier, "-m", full, *CURVE)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
