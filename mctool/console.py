@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 import sys
 import time
@@ -190,6 +191,21 @@ class _LogProgress:
         self.last, self.changed = time.monotonic(), False
 
 
+def _live(console: Console) -> bool:
+    """Whether to draw live bars: on a terminal (or in Jupyter). ``FORCE_COLOR`` (set by many CI systems for
+    coloured logs) makes Rich take any stderr for a terminal; a log would then fill with redrawn bars, so the
+    stream itself must be one too, unless Rich's own ``TTY_INTERACTIVE`` says otherwise."""
+    if console.is_jupyter:
+        return True
+    forced = os.environ.get("TTY_INTERACTIVE", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return console.is_terminal and sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):  # (a closed or unusual stream)
+        return False
+
+
 @contextlib.contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress | _LogProgress]:
     """A Rich progress display on stderr inside ``progress()`` (and not ``quiet``), else one that draws
@@ -199,7 +215,7 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress | _NoProgress | _LogP
         yield _NoProgress()
         return
     console = stderr_console()
-    if not (console.is_terminal or console.is_jupyter):
+    if not _live(console):
         log = _LogProgress(log_every())
         try:
             yield log

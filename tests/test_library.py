@@ -75,6 +75,13 @@ def test_progress_in_a_log_is_plain_lines(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("MCTOOL_LOG_EVERY", "1000")  # only the end
     lines = [line for line in cli(*args, "--force").stderr.splitlines() if line.startswith("[0:")]
     assert len(lines) == 1 and "evaluate-curve 3/3" in lines[0]
+    # FORCE_COLOR (CI systems set it for coloured logs) makes Rich take the log for a terminal: still lines,
+    # not redrawn bars (cursor movements); Rich's TTY_INTERACTIVE=0 too
+    for env in ("FORCE_COLOR", "TTY_INTERACTIVE"):
+        monkeypatch.setenv(env, "1" if env == "FORCE_COLOR" else "0")
+        err = cli(*args, "--force").stderr
+        lines = [line for line in err.splitlines() if line.startswith("[0:")]
+        assert len(lines) == 1 and "evaluate-curve 3/3" in lines[0] and "\x1b[?25l" not in err and "\r" not in err
     monkeypatch.setenv("MCTOOL_LOG_EVERY", "soon")
     m.unlink()
     assert "MCTOOL_LOG_EVERY='soon'" in cli.error(*args) and not m.exists()  # refused before any file
