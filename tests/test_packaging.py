@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _tracked() -> list[str]:
     if not (ROOT / ".git").exists() or shutil.which("git") is None:
         pytest.skip("needs a git checkout")
-    out = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True)
+    if out.returncode != 0:  # (e.g. a checkout owned by another user: "dubious ownership")
+        pytest.skip(f"git cannot list the checkout's files: {out.stderr.strip()[:200]}")
+    return [name for name in out.stdout.split("\0") if name]
 
 
 @pytest.fixture(scope="module")
