@@ -121,13 +121,22 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
     batches = [b for b, _ in zip(data.train.batches(args.batch_size, shuffle=True, augment=True, seed=1),
                                  range(args.block * (args.warmup + args.reps)))]
     out: dict[str, float] = {}
-    bs = args.batch_size
 
     model = make()
     layout = ParamLayout.of(model)
     if points is None:
         flat = layout.flatten(dict(model.named_parameters())).cpu()
         points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
+    if not args.eval_only:
+        out.update(_bench_training(model, layout, points, batches, data, dev, args, precision, graphs, compile_))
+    return _bench_evaluation(make, layout, points, data, dev, args, precision, cl, compile_, evaluated, out), points
+
+
+def _bench_training(model, layout, points, batches, data, dev, args, precision: str, graphs: bool,
+                    compile_: bool) -> dict[str, float]:
+    """The plain and curve steps, timed alone and in a loop over real batches, and the data pipeline."""
+    out: dict[str, float] = {}
+    bs = args.batch_size
     curve = Curve("bezier", 1, points, layout, None, {})  # meta unused for stepping
     # The curve runs the same module (functional_call), whose own parameters the plain step trains.
     cstep = CurveStep(model, curve, [1], wd=5e-4, momentum=0.9, precision=precision, cuda_graphs=graphs,
@@ -149,7 +158,12 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
                 # a whole epoch at the loop's rate (the loop is the whole epoch on the CPU set)
                 "train_epoch_s": len(data.train) * t_plain / (n * bs),
                 "curve_epoch_s": len(data.train) * t_curve / (n * bs)})
+    return out
 
+
+def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl: bool, compile_: bool,
+                      evaluated: set, out: dict[str, float]) -> dict[str, float]:
+    """One curve point, one plane point, and P curve points one network at a time, P to a pass and compiled."""
     # P curve points for the evaluations of many networks (one at a time, P to a pass, compiled)
     ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
     ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
@@ -213,7 +227,7 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         out["compiled_max_nll_diff"] = max(abs(a[k] - b[k]) for a, b in zip(got["many"], got["comp"])
                                            for k in a if not k.endswith("err"))
     data.train.channels_last = data.eval.channels_last = False
-    return out, points
+    return out
 
 
 def bench_reference(arch: str, data, dev, args, points: torch.Tensor) -> dict[str, float]:
@@ -317,6 +331,7 @@ def main() -> None:
     p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers for the reference rates")
     p.add_argument("--points-per-pass", type=int, default=4, help="networks per pass for batched_over_sequential")
     p.add_argument("--eval-reps", type=int, default=3, help="timed repetitions of the P-point evaluations")
+    p.add_argument("--eval-only", action="store_true", help="only the evaluation figures (no training steps)")
     p.add_argument("--out", default="bench-out/results.json")
     args = p.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -367,7 +382,8 @@ def main() -> None:
                                                        "ref_batches": args.ref_batches,
                                                        "ref_workers": args.ref_workers,
                                                        "points_per_pass": args.points_per_pass,
-                                                       "eval_reps": args.eval_reps}}
+                                                       "eval_reps": args.eval_reps,
+                                                       "eval_only": args.eval_only}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

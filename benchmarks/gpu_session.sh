@@ -8,7 +8,9 @@
 #
 # Needs torch, torchvision, timm, typer, rich, safetensors, h5py; pytest is taken from .gpu-vendor/ when the
 # machine has none (pip install --target .gpu-vendor pytest); Fashion-MNIST's four .gz files in
-# data/fashion-mnist/. Each part has its own time limit and writes under $OUT, so a part that fails or
+# data/fashion-mnist/ (for the cli part). Parts, in order: tests (tests/test_cuda.py), evalbatch (the
+# evaluation of many networks in one pass: bench.py --eval-only), dist (torchrun over the GPUs present),
+# evalcompile, bench (bench.py --full), compile, profile, cli; SKIP names those to leave out. Each part has its own time limit and writes under $OUT, so a part that fails or
 # runs out of time leaves the others' results; the whole run stays within DEADLINE seconds (default 540,
 # under the device tool's 600 s per command), skipping what no longer fits.
 set -u
@@ -30,7 +32,10 @@ log "device"
 cat "$OUT/device.txt"
 
 DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
-SKIP=${SKIP:-}  # parts to skip (tests bench compile evalcompile profile cli dist), e.g. "tests profile cli"
+SKIP=${SKIP:-}  # parts to skip (tests evalbatch dist evalcompile bench compile profile cli), e.g. "profile cli"
+# evalbatch: runs of the evaluation alone, each "P:variants:archs[:eval batch size]" (commas inside), in order; those in
+# EVAL_RUNS_LATE after evalcompile
+EVAL_RUNS=${EVAL_RUNS-"4:bf16+cl,fp32:cifar_preresnet110,cifar_vgg16 8:bf16+cl:cifar_preresnet110"}
 
 if [[ $SKIP != *tests* ]] && fits 60 tests; then
 log "pytest tests/test_cuda.py"
@@ -38,6 +43,49 @@ timeout "$(limit "${T_TESTS:-120}")" $PY -m pytest -q -s -p no:cacheprovider tes
 echo "rc=$?" >>"$OUT/test_cuda.txt"
 tail -5 "$OUT/test_cuda.txt"
 fi
+
+evalbatch() {  # the EVAL_RUNS-style runs in $1
+[[ $SKIP != *evalbatch* ]] || return 0
+for run in $1; do
+  IFS=: read -r P VARIANTS ARCHS BS <<<"$run"
+  BS=${BS:-1024}
+  fits 60 "evaluation, $P networks to a pass, batch $BS" || break
+  log "bench --full --eval-only, $P networks to a pass, batch $BS: $VARIANTS on $ARCHS"
+  timeout "$(limit "${T_EVALBATCH:-150}")" $PY benchmarks/bench.py --full --eval-only --no-reference \
+    --points-per-pass "$P" --eval-batch-size "$BS" --eval-reps "${EVAL_REPS:-2}" --variants ${VARIANTS//,/ } \
+    --archs ${ARCHS//,/ } --out "$OUT/bench-eval-p$P-b$BS.json" >"$OUT/bench-eval-p$P-b$BS.txt" 2>&1
+  echo "rc=$?" >>"$OUT/bench-eval-p$P-b$BS.txt"
+  grep -v Warning "$OUT/bench-eval-p$P-b$BS.txt"
+done
+}
+evalbatch "$EVAL_RUNS"
+
+if [[ $SKIP != *dist* ]] && fits 90 dist; then
+log "torchrun (NCCL): world 1 against plain, and scaling over the GPUs present"
+NG=$($PY -c "import torch; print(torch.cuda.device_count())")
+W=(1); [ "$NG" -ge 2 ] && W=(1 2); [ "$NG" -ge 4 ] && W=(1 2 4); [ "$NG" -ge 8 ] && W=(1 2 4 8)
+timeout "$(limit "${T_DIST:-240}")" $PY benchmarks/scaling.py --device cuda --worlds "${W[@]}" \
+  --arch cifar_preresnet20 --arch-kwargs '{}' --grid-points 7 --reps 2 ${DIST_ARGS:-} --out "$OUT/scaling.json" \
+  >"$OUT/scaling.txt" 2>&1
+echo "rc=$?" >>"$OUT/scaling.txt"
+cat "$OUT/scaling.txt"
+if [ "$NG" -ge 2 ] && fits 60 "distributed CUDA tests"; then
+  timeout "$(limit 120)" $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py -m cuda \
+    >"$OUT/test_distributed_cuda.txt" 2>&1
+  tail -3 "$OUT/test_distributed_cuda.txt"
+fi
+fi
+
+if [[ $SKIP != *evalcompile* ]] && fits 120 "evaluation --compile"; then
+log "bench, PreResNet-110 curve points with the evaluation forward compiled (evaluate-curve --compile)"
+timeout "$(limit "${T_EVALCOMPILE:-240}")" $PY benchmarks/bench.py --full --archs cifar_preresnet110 --no-reference \
+  --variants bf16+cl+compile --eval-only --eval-reps 2 \
+  --out "$OUT/bench-evalcompile.json" >"$OUT/bench-evalcompile.txt" 2>&1
+echo "rc=$?" >>"$OUT/bench-evalcompile.txt"
+grep -v Warning "$OUT/bench-evalcompile.txt"
+fi
+
+evalbatch "${EVAL_RUNS_LATE:-}"
 
 if [[ $SKIP != *bench* ]] && fits 120 bench; then
 log "bench --full"
@@ -53,15 +101,6 @@ timeout "$(limit "${T_COMPILE:-150}")" $PY benchmarks/bench.py --full --archs ci
   --out "$OUT/bench-compile.json" >"$OUT/bench-compile.txt" 2>&1
 echo "rc=$?" >>"$OUT/bench-compile.txt"
 grep -v Warning "$OUT/bench-compile.txt"
-fi
-
-if [[ $SKIP != *evalcompile* ]] && fits 120 "evaluation --compile"; then
-log "bench, PreResNet-110 curve points with the evaluation forward compiled (evaluate-curve --compile)"
-timeout "$(limit "${T_EVALCOMPILE:-240}")" $PY benchmarks/bench.py --full --archs cifar_preresnet110 --no-reference \
-  --variants bf16+cl+compile --warmup 1 --reps 2 --loop-batches 10 --eval-reps 2 \
-  --out "$OUT/bench-evalcompile.json" >"$OUT/bench-evalcompile.txt" 2>&1
-echo "rc=$?" >>"$OUT/bench-evalcompile.txt"
-grep -v Warning "$OUT/bench-evalcompile.txt"
 fi
 
 if [[ $SKIP != *profile* ]] && fits 60 profile; then
@@ -114,22 +153,6 @@ rm -f "$F"/*.safetensors  # keep the metrics and summaries only
 tail -20 "$F/log.txt"
 for f in "$F"/*.json; do echo "--- $f"; head -c 1500 "$f"; echo; done
 fi
-if [[ $SKIP != *dist* ]] && fits 90 dist; then
-log "torchrun (NCCL): world 1 against plain, and scaling over the GPUs present"
-NG=$($PY -c "import torch; print(torch.cuda.device_count())")
-W=(1); [ "$NG" -ge 2 ] && W=(1 2); [ "$NG" -ge 4 ] && W=(1 2 4); [ "$NG" -ge 8 ] && W=(1 2 4 8)
-timeout "$(limit "${T_DIST:-240}")" $PY benchmarks/scaling.py --device cuda --worlds "${W[@]}" \
-  --arch cifar_preresnet20 --arch-kwargs '{}' --grid-points 7 --reps 2 --out "$OUT/scaling.json" \
-  >"$OUT/scaling.txt" 2>&1
-echo "rc=$?" >>"$OUT/scaling.txt"
-cat "$OUT/scaling.txt"
-if [ "$NG" -ge 2 ] && fits 60 "distributed CUDA tests"; then
-  timeout "$(limit 120)" $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py -m cuda \
-    >"$OUT/test_distributed_cuda.txt" 2>&1
-  tail -3 "$OUT/test_distributed_cuda.txt"
-fi
-fi
-
 # The device tool brings back only a few files: pack everything into one archive.
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$OUT.tgz" "$OUT/results.tgz"
 log "done"

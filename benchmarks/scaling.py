@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,16 +27,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TIMEOUT = 600.0  # seconds for one command (--timeout)
+
+
 def _run(cmd: list[str], threads: int) -> tuple[dict, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    # a session of its own, so that a command past the timeout goes with all its processes (torchrun's ranks)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        raise SystemExit(f"timed out after {TIMEOUT:g} s: {' '.join(cmd)}\n{stderr[-3000:]}")
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout), wall
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-2000:]}")
+    return json.loads(stdout), wall
 
 
 def mctool(args: list[str], world: int | None, threads: int) -> tuple[dict, float]:
@@ -56,17 +72,21 @@ def main() -> None:
     p.add_argument("--grid-points", type=int, default=5, help="plane grid (G x G points plus the three)")
     p.add_argument("--reps", type=int, default=2, help="runs per setting (the fastest counts)")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores to split between the ranks")
+    p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds for one command (then it is killed)")
     p.add_argument("--out", default="bench-out/results.json")
     args = p.parse_args()
+    globals()["TIMEOUT"] = args.timeout
     work = Path(tempfile.mkdtemp(prefix="mctool-scaling-"))
     dev = ["--device", args.device]
     threads_1 = args.cores if args.device == "cpu" else 1
     # Two endpoints and a curve (single process); the timed commands read them.
+    t0 = time.perf_counter()
     for seed in (1, 2):
         mctool(["train", "-d", args.dataset, "-a", args.arch, "--arch-kwargs", args.arch_kwargs, "--epochs", "2",
                 "--seed", str(seed), "-o", str(work / f"m{seed}.safetensors"), *dev], None, threads_1)
     mctool(["connect", str(work / "m1.safetensors"), str(work / "m2.safetensors"), "--epochs", "1",
             "-o", str(work / "curve.safetensors"), *dev], None, threads_1)
+    print(f"two networks and a curve trained ({time.perf_counter() - t0:.1f} s)", flush=True)
     jobs = {
         "plane": ["plane", str(work / "curve.safetensors"), "-m", str(work / "plane.h5"),
                   "--grid-points", str(args.grid_points), *dev],

@@ -17,6 +17,8 @@ kind not listed above, is refused and the caller evaluates the networks one at a
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,6 +34,18 @@ from .runtime import maybe_compile
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBN: --sync-bn under torchrun
+
+
+@contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """Full float32 convolutions and matrix products on CUDA (TF32 off) inside the block; the settings as they
+    were after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class _WideConv(nn.Module):
@@ -175,7 +189,13 @@ class WideNetwork(nn.Module):
         ``probe``: P different networks (``model``'s weights, scaled per copy) must give, side by side, the
         logits each gives alone (eval mode), and a BN pass over it each one's running statistics (train-mode norm
         layers, which a subclass may compute otherwise). None if the architecture cannot be widened or fails the
-        check."""
+        check. The check computes in full float32 (no TF32 on CUDA, whose rounding, compounded over a hundred
+        layers, can exceed the tolerance that tells a mixing of the copies from rounding)."""
+        with _ieee_float32():
+            return cls._checked(model, p, layout, probe)
+
+    @classmethod
+    def _checked(cls, model: nn.Module, p: int, layout: ParamLayout, probe: torch.Tensor) -> "WideNetwork | None":
         net = _widen(model, p)
         if net is None or p < 1 or set(dict(net.named_parameters())) != set(layout.names):
             return None
@@ -285,7 +305,7 @@ def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: fl
 
 
 #: What ``--points-per-pass`` defaults to (docs/performance.md#many-networks-in-one-pass).
-DEFAULT_POINTS_PER_PASS = 4
+DEFAULT_POINTS_PER_PASS = 8
 _PROBE = 8  # images in the batch that checks a wide network
 
 

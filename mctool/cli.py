@@ -81,8 +81,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},  # (every command's context inherits it)
     rich_markup_mode=None,  # plain help: flags without a "<bool>" value, usage errors as one "Error:" line
     help="Loss surfaces, mode connectivity and fast ensembling of neural networks (Garipov et al., 2018). "
-         "Every command reads and writes safetensors checkpoints and HDF5 metrics files. The documentation that "
-         "help texts cite as docs/NAME.md#section: 'mctool docs NAME.md#section'.",
+         "The commands read and write safetensors checkpoints and HDF5 metrics files. A page or section that a "
+         "help text cites as docs/NAME.md#section: 'mctool docs NAME.md#section' prints it.",
 )
 
 
@@ -110,7 +110,7 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Use chan
                                                                        "convolutions on recent GPUs).")]
 GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs", help="Capture each training step as a CUDA graph and "
                                          "replay it (much faster for deep, narrow networks on a GPU; same "
-                                         "updates). Ignored, with a warning, on a CPU.")]
+                                         "updates). Ignored, with a warning, on a CPU and with PyTorch < 2.3.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Ask cuDNN and cuBLAS for deterministic "
                                                 "kernels, so that a GPU run with the same seed repeats exactly "
                                                 "(usually slower; an operation without such a kernel warns). CPU "
@@ -560,7 +560,7 @@ def evaluate(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
-    points_per_pass: PointsPerPassOpt = 4,
+    points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
@@ -763,7 +763,7 @@ def evaluate_curve(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
-    points_per_pass: PointsPerPassOpt = 4,
+    points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
                                                               "(from mctool align): the original B; also evaluate "
@@ -895,7 +895,7 @@ def ensemble(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
-    points_per_pass: PointsPerPassOpt = 4,
+    points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
@@ -1026,7 +1026,7 @@ def plane_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
-    points_per_pass: PointsPerPassOpt = 4,
+    points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -1115,7 +1115,7 @@ def surface_cmd(
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
     shard: ShardOpt = None,
-    points_per_pass: PointsPerPassOpt = 4,
+    points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -1402,7 +1402,8 @@ def docs_cmd(
     path_only: Annotated[bool, typer.Option("--path", help="Print the page's file (or, without TOPIC, the docs "
                                                            "folder) instead of its text: to open it in an editor "
                                                            "or a Markdown viewer.")] = False,
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout: the pages, and "
+                                                         "the Markdown of the one asked for.")] = False,
 ) -> None:
     """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.
 

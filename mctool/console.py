@@ -194,14 +194,16 @@ class _LogProgress:
 def _live(console: Console) -> bool:
     """Whether to draw live bars: on a terminal (or in Jupyter). ``FORCE_COLOR`` (set by many CI systems for
     coloured logs) makes Rich take any stderr for a terminal; a log would then fill with redrawn bars, so the
-    stream itself must be one too, unless Rich's own ``TTY_INTERACTIVE`` says otherwise."""
+    stream itself must be one too, unless Rich's own ``TTY_INTERACTIVE`` says otherwise. A dumb terminal
+    (``TERM=dumb``: Emacs' shell, some IDE consoles) cannot redraw: Rich shows its bars there only once, at the
+    end, so it gets the log's lines."""
     if console.is_jupyter:
         return True
     forced = os.environ.get("TTY_INTERACTIVE", "").strip()
     if forced in ("0", "1"):
-        return forced == "1"
+        return forced == "1" and console.is_terminal  # (1 on a plain log: Rich would draw the bars once, at the end)
     try:
-        return console.is_terminal and sys.stderr.isatty()
+        return console.is_terminal and not console.is_dumb_terminal and sys.stderr.isatty()
     except (AttributeError, ValueError, OSError):  # (a closed or unusual stream)
         return False
 

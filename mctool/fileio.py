@@ -327,7 +327,8 @@ def _lock(output: Path) -> Callable[[], None]:
             os.close(fd)
             if mine is not None:  # this command's own lock: two of its outputs are one file here
                 raise OutputError(f"'{mine}' and '{output}' are one file on this file system (names that differ "
-                                  "only in case, on macOS or Windows?); give each output its own name.") from None
+                                  "only in case, on a case-insensitive one such as macOS's?); give each output its "
+                                  "own name.") from None
             raise OutputError(f"another mctool run is writing '{output}' (it holds the lock '{path}'); wait for it "
                               "to finish, or write to another file.") from None
         except OSError:  # a file system without locks: go on without one

@@ -256,13 +256,16 @@ def _unfinished(path: str | os.PathLike, finished: bool = False) -> bool:
 
 def unfinished_training(path: str | os.PathLike) -> bool:
     """Whether ``path`` is the metrics file of a ``train``, ``connect`` or ``fge`` run that did not finish
-    (no ``finished`` time): with no training state beside its output, a run stopped (``kill -9``, a power cut)
-    before its first epoch was saved."""
+    (no ``finished`` time) and holds no epoch: a run stopped (``kill -9``, a power cut) before its first epoch
+    was saved (an fge or sse run writes its file at a snapshot during epoch 1; every run writes an epoch's row after
+    its training state). A file with epochs had a state: an interrupted run's, maybe another output's."""
     try:
         if not os.path.isfile(path):
             return False
         with h5py.File(path, "r") as f:
-            return f.attrs.get("kind") in ("train", "connect", "fge") and "finished" not in f.attrs
+            epochs = f.get("epoch")
+            return (f.attrs.get("kind") in ("train", "connect", "fge") and "finished" not in f.attrs
+                    and (epochs is None or (isinstance(epochs, h5py.Dataset) and epochs.size == 0)))
     except (OSError, ValueError, TypeError):
         return False
 

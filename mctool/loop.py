@@ -274,11 +274,12 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                            **{k: "safetensors" for k in more_outputs or {}}})
     if resume:
         if not state_file.exists():
-            hint = " The run already finished." if output.exists() else ""
-            if not hint and unfinished_training(metrics):
+            finished = output.exists()
+            hint = " The run already finished." if finished else ""
+            if not finished and unfinished_training(metrics):
                 hint = (f" The run that wrote --metrics '{metrics}' stopped before its first epoch was saved; start "
                         "over with --force instead of --resume.")
-            if hint and state_kind == "train-state":
+            if finished and state_kind == "train-state":  # (its weights: only a finished run has them)
                 hint += (f" To train it further, start a new run from its weights: --init '{output}' (a new "
                          "learning-rate schedule) with another -o.")
             raise ConfigError(f"nothing to resume: no training state '{state_file}'.{hint}")

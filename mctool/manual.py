@@ -11,8 +11,11 @@ from pathlib import Path
 from .errors import ConfigError
 from .results import DocsResult, Document
 
-#: A heading outside fenced code: its level and text.
-_HEADING = re.compile(r"(#{1,6})\s+(.+?)\s*#*\s*$")
+#: A heading outside fenced code (indented by at most 3 spaces): its level and text; a closing run of #s
+#: follows a space ("# C#" is the heading "C#").
+_HEADING = re.compile(r" {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+#: A code fence (indented by at most 3 spaces): its run of backticks or tildes, then its info string.
+_FENCE = re.compile(r"( {0,3})(`{3,}|~{3,})(.*)$")
 #: An explicit anchor line, ``<a id="bn"></a>``, naming the heading after it.
 _ANCHOR = re.compile(r'<a\s+id="([^"]+)"\s*>\s*</a>\s*')
 #: A topic as help texts write it: ``method``, ``method.md``, ``docs/method.md#bn``.
@@ -40,14 +43,16 @@ def _title(text: str, name: str) -> str:
 def _headings(text: str) -> list[tuple[int, tuple[int, str, list[str]]]]:
     """The headings outside fenced code: (line index, (level, text, anchors)); the anchors are the heading's
     slug (as GitHub makes it) and the ``<a id>`` lines just before it."""
-    found, fence, pending = [], None, []
+    found, fence, pending, seen = [], None, [], {}
     for i, line in enumerate(text.splitlines()):
         stripped = line.strip()
-        if stripped.startswith(("```", "~~~")):
-            mark = stripped[:3]
-            fence = None if fence == mark else (mark if fence is None else fence)
+        f = _FENCE.fullmatch(line)
+        if fence is not None:  # (closed by a run of the same character, as long or longer, and nothing after it)
+            if f and f.group(2)[0] == fence[0] and len(f.group(2)) >= len(fence) and not f.group(3).strip():
+                fence = None
             continue
-        if fence is not None:
+        if f and not (f.group(2)[0] == "`" and "`" in f.group(3)):
+            fence, pending = f.group(2), []
             continue
         anchor = _ANCHOR.fullmatch(stripped)
         if anchor:
@@ -55,7 +60,11 @@ def _headings(text: str) -> list[tuple[int, tuple[int, str, list[str]]]]:
             continue
         m = _HEADING.fullmatch(line)
         if m:
-            found.append((i, (len(m.group(1)), m.group(2), [*pending, slug(m.group(2))])))
+            # GitHub's anchor; a heading with the same text as an earlier one gets -1, -2, ... appended
+            base = slug(m.group(2))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            found.append((i, (len(m.group(1)), m.group(2), [*pending, f"{base}-{n}" if n else base])))
         if stripped:
             pending = []
     return found

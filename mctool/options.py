@@ -6,6 +6,7 @@ infinity pass most comparisons silently (``nan < 1`` is False), so they are refu
 
 from __future__ import annotations
 
+import collections.abc
 import glob
 import json
 import math
@@ -95,7 +96,9 @@ def file_list(value: Any, what: str) -> list:
     (a string is not split into characters, each taken for a file name); anything else is a ConfigError."""
     if isinstance(value, (str, os.PathLike)):
         return [value]
-    if not isinstance(value, (list, tuple)):
+    # (any sequence, as the annotations say, Sequence[str | Path]: a list, a tuple, a UserList, ...; bytes is not
+    # one of names)
+    if not isinstance(value, collections.abc.Sequence) or isinstance(value, (bytes, bytearray)):
         raise ConfigError(f"{what} must be a list of file names, got {type(value).__name__}.")
     return list(value)
 

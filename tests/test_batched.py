@@ -332,3 +332,38 @@ def test_the_probe_check_runs_the_bn_pass_too(norm):
     assert (wide is None) == (norm is _SharedVarianceBatchNorm)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the probe changed nothing
     assert model[1].momentum == 0.1 and not model.training
+
+
+def test_the_commands_default_is_the_librarys():
+    """The CLI (which does not import torch for --help) and the library agree on --points-per-pass's default;
+    fge keeps its own (its snapshots wait for a pass)."""
+    import inspect
+
+    from mctool import cli
+    from mctool.fge import FGEConfig
+
+    for command in (cli.evaluate, cli.evaluate_curve, cli.ensemble, cli.plane_cmd, cli.surface_cmd):
+        assert inspect.signature(command).parameters["points_per_pass"].default == batched.DEFAULT_POINTS_PER_PASS
+    assert inspect.signature(cli.fge_cmd).parameters["points_per_pass"].default == FGEConfig.points_per_pass == 4
+
+
+def test_the_probe_check_computes_in_full_float32(monkeypatch):
+    """TF32 (CUDA's default for convolutions) is off while a wide network is checked, and as it was after,
+    also when the check fails: its rounding over a deep network exceeded the tolerance that tells mixed
+    copies from rounding (PreResNet-110 on an H200), and the evaluation itself keeps the user's setting."""
+    seen = []
+
+    def of(*args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WideNetwork, "_checked", classmethod(lambda cls, *a: of(*a)))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # (not monkeypatch-able)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            WideNetwork.of(nn.Linear(2, 2), 2, None, torch.zeros(1, 2))
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -1,8 +1,10 @@
 """The Python API's manners: no printing, warnings through ``warnings``, progress only when asked for,
 configs left as given; the CLI's choices come from the library."""
 
+import collections
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -82,6 +84,11 @@ def test_progress_in_a_log_is_plain_lines(cli, tmp_path, monkeypatch):
         err = cli(*args, "--force").stderr
         lines = [line for line in err.splitlines() if line.startswith("[0:")]
         assert len(lines) == 1 and "evaluate-curve 3/3" in lines[0] and "\x1b[?25l" not in err and "\r" not in err
+    # TTY_INTERACTIVE=1 alone: Rich would draw the bars once, at the end, on a log it does not take for a terminal
+    monkeypatch.delenv("FORCE_COLOR")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    lines = [line for line in cli(*args, "--force").stderr.splitlines() if line.startswith("[0:")]
+    assert len(lines) == 1 and "evaluate-curve 3/3" in lines[0]
     monkeypatch.setenv("MCTOOL_LOG_EVERY", "soon")
     m.unlink()
     assert "MCTOOL_LOG_EVERY='soon'" in cli.error(*args) and not m.exists()  # refused before any file
@@ -261,6 +268,8 @@ def test_one_file_given_as_a_string_or_path_is_one_file(tmp_path, digits_models)
     a = digits_models[0]
     assert mctool.evaluate(str(a), device="cpu").members == 1
     assert mctool.evaluate(a, device="cpu").members == 1  # a Path: was a TypeError
+    # any sequence of names, as the annotation (Sequence[str | Path]) says
+    assert mctool.evaluate(collections.UserList([a]), device="cpu").members == 1
     r = mctool.surface(a, tmp_path / "s.h5", directions=str(digits_models[1]), ignore="bn", grid_points=2,
                        device="cpu")
     assert r.dims == 1 and r.directions == "files"
@@ -409,3 +418,23 @@ def test_a_process_forked_while_another_thread_trains_can_train(tmp_path):
     finally:
         release.set()
         thread.join()
+
+
+def test_a_dumb_terminal_gets_the_logs_lines(monkeypatch):
+    """TERM=dumb (Emacs' shell, some IDE consoles) cannot redraw: Rich draws its bars there only once, at the end
+    of the run, which showed nothing for hours; such a terminal gets the progress lines of a log."""
+    import io
+
+    from rich.console import Console
+
+    from mctool.console import _live
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TTY_INTERACTIVE", raising=False)
+    monkeypatch.setattr("sys.stderr", Tty())
+    for term, live in (("xterm-256color", True), ("dumb", False)):
+        monkeypatch.setenv("TERM", term)
+        assert _live(Console(file=sys.stderr)) is live, term

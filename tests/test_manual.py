@@ -67,3 +67,22 @@ def test_headings_in_code_blocks_are_not_sections():
 ])
 def test_an_unknown_page_or_section_is_one_error_line(cli, topic, message):
     assert message in cli.error("docs", topic)
+
+
+def test_fences_and_headings_as_commonmark_reads_them():
+    """A fence closes only with a run of its own character as long as its opening and nothing after it (a
+    ```` block may show ``` lines; a ```bash line inside a block is text); headings may be indented by up to 3
+    spaces; a closing run of #s follows a space; indented code (4 spaces) holds no heading."""
+    text = ("# Page\n\n## One\n\n````markdown\n```bash\n# in the example\n```\n````\n\n```\ncode\n```bash\n"
+            "# still code\n```\n\n   ## Two ##\n\n    # indented code\n\n### C#\n")
+    heads = manual._headings(text)
+    assert [(level, heading) for _, (level, heading, _) in heads] == [(1, "Page"), (2, "One"), (2, "Two"), (3, "C#")]
+    assert manual.section(text, "one", "page").endswith("# still code\n```\n")
+    assert manual.section(text, "c", "page") == "### C#\n"
+
+
+def test_a_repeated_heading_has_githubs_numbered_anchor():
+    text = "# Page\n\n## Example\n\none\n\n## Example\n\ntwo\n\n## Example\n\nthree\n"
+    assert manual.section(text, "example", "page") == "## Example\n\none\n"
+    assert manual.section(text, "example-1", "page") == "## Example\n\ntwo\n"
+    assert manual.section(text, "example-2", "page") == "## Example\n\nthree\n"

@@ -1005,27 +1005,61 @@ def test_fge_interrupted_after_its_first_snapshot_says_what_to_run(cli, tmp_path
     assert out.exists()
 
 
-@pytest.mark.parametrize("command", ["train", "connect", "fge"])
-def test_a_run_killed_before_its_first_epoch_was_saved_is_named_so(cli, tmp_path, files, command):
-    """``kill -9`` during epoch 1 leaves the metrics file and no training state: the rerun and the --resume
-    are refused with what happened and the option that starts over, which then runs."""
-    args = {"train": ["train", *TINY], "connect": ["connect", files["m0"], files["m1"], "--device", "cpu"],
+class _Killed(BaseException):
+    """``kill -9``: nothing of the run's own clean-up runs (no ``except Exception``, no Ctrl-C handling)."""
+
+
+@pytest.mark.parametrize("command", ["train", "fge"])
+def test_a_run_killed_before_its_first_epoch_was_saved_is_named_so(cli, tmp_path, files, monkeypatch, command):
+    """``kill -9`` during epoch 1 of a run that writes its metrics file at a snapshot in epoch 1 (fge, train
+    --schedule sse) leaves that file and no training state: the rerun and the --resume are refused with what
+    happened and the option that starts over (not --init of an output that does not exist), which then runs."""
+    args = {"train": ["train", *TINY, "--schedule", "sse", "--snapshots", "1"],
             "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command] + ["--epochs", "1", "-q"]
-    cli(*args, "-o", tmp_path / "done.safetensors", "-m", tmp_path / "done.h5")
-    left = tmp_path / "m.h5"  # what the killed run left: its metrics file, unfinished
-    shutil.copy(tmp_path / "done.h5", left)
-    with h5py.File(left, "r+") as f:
-        del f.attrs["finished"]
-    out, args = tmp_path / "m.safetensors", [*args, "-m", left]
+    module = importlib.import_module(f"mctool.{'training' if command == 'train' else 'fge'}")
+    save_model = module.save_model
+
+    def killed_at_the_first_state(path, *a, **k):
+        if str(path).endswith(".state.safetensors"):
+            raise _Killed
+        return save_model(path, *a, **k)
+
+    left, out = tmp_path / "m.h5", tmp_path / "m.safetensors"
+    args = [*args, "-m", left]
+    with monkeypatch.context() as m:
+        m.setattr(module, "save_model", killed_at_the_first_state)
+        with pytest.raises(_Killed):
+            cli(*args, "-o", out)
+    with h5py.File(left, "r") as f:  # what the killed run left: its metrics file, no epoch in it
+        assert "finished" not in f.attrs and f["epoch"].shape == (0,)
+    assert not out.exists() and not out.with_name("m.state.safetensors").exists()
     err = cli.error(*args, "-o", out)
     assert f"--metrics '{left}' was left by a run that stopped before its first epoch was saved" in err
     assert "pass --force to start over" in err
     err = cli.error(*args, "-o", out, "--resume")
     assert "nothing to resume" in err and "start over with --force instead of --resume" in err
-    shutil.copy(tmp_path / "done.h5", left)  # a finished run's file is an ordinary existing output
-    assert "already exists; pass --force" in cli.error(*args, "-o", out)
+    assert "--init" not in err  # (no weights to start from: the run wrote none)
     cli(*args, "-o", out, "--force")
     assert out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "connect", "fge"])
+def test_an_interrupted_runs_metrics_given_to_another_output_is_not_called_killed(cli, tmp_path, files, command):
+    """An unfinished metrics file with epochs had a training state (each epoch's row is written after it): one
+    given as --metrics of another output belongs to a resumable run, not to one killed before its first epoch;
+    it is an existing file like any other (--force, the advice for the killed one, would lose that run's)."""
+    args = {"train": ["train", *TINY], "connect": ["connect", files["m0"], files["m1"], "--device", "cpu"],
+            "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command] + ["--epochs", "1", "-q"]
+    cli(*args, "-o", tmp_path / "done.safetensors", "-m", tmp_path / "done.h5")
+    left = tmp_path / "other.h5"  # another run's, interrupted after some epochs (its state beside its output)
+    shutil.copy(tmp_path / "done.h5", left)
+    with h5py.File(left, "r+") as f:
+        del f.attrs["finished"]
+    out, args = tmp_path / "m.safetensors", [*args, "-m", left]
+    err = cli.error(*args, "-o", out)
+    assert "already exists; pass --force" in err and "before its first epoch" not in err
+    err = cli.error(*args, "-o", out, "--resume")
+    assert "nothing to resume" in err and "before its first epoch" not in err and "--init" not in err
 
 
 @pytest.mark.parametrize("command", ["train", "connect", "fge"])
