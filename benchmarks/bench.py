@@ -5,10 +5,11 @@
                                                # variants fp32, fp32+graphs, bf16+cl, bf16+cl+graphs, and the
                                                # reference-style baseline measured in the same run
 
-A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last), "+graphs" (CUDA graphs) and
-"+compile" (the curve step's passes over the parameters through torch.compile, as ``connect --compile``;
-and P curve points to a pass with the evaluation forward compiled, as ``evaluate-curve --compile``:
-``compiled_over_batched``, ``eval_compile_first_pass_s`` with the compiling).
+A variant is a precision (fp32 or bf16), optionally "+cl" (channels-last), "+graphs" (CUDA graphs), "+tune"
+(cuDNN's autotuning, torch.backends.cudnn.benchmark, which mctool leaves off) and "+compile" (the curve
+step's passes over the parameters through torch.compile, as ``connect --compile``; and P curve points to
+a pass with the evaluation forward compiled, as ``evaluate-curve --compile``: ``compiled_over_batched``,
+``eval_compile_first_pass_s`` with the compiling).
 Figures are named ``<figure>/<arch>/<variant>``; the first variant's are also given as ``<figure>/<arch>``
 (so ``curve_over_plain_step/<arch>`` is always present). Per architecture and variant: plain and curve
 training step (ms, img/s) and their ratio; plain and curve training throughput over a run of real
@@ -90,8 +91,8 @@ def _race(evaluators: dict, ws: torch.Tensor, dev, reps: int, got: dict) -> list
 
 def _parse_variant(v: str) -> tuple[str, bool, bool, bool]:
     parts = v.split("+")
-    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs", "compile"}:
-        raise SystemExit(f"bad variant '{v}': use fp32 or bf16, optionally +cl, +graphs and +compile")
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "graphs", "compile", "tune"}:
+        raise SystemExit(f"bad variant '{v}': use fp32 or bf16, optionally +cl, +graphs, +compile and +tune")
     return parts[0], "cl" in parts, "graphs" in parts, "compile" in parts
 
 
@@ -109,6 +110,17 @@ def _run_loop(step, split, batch_size: int, n_batches: int, seed: int) -> None:
 def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor | None,
                   evaluated: set) -> tuple[dict[str, float], torch.Tensor]:
     precision, cl, graphs, compile_ = _parse_variant(variant)
+    # +tune: cuDNN's autotuning (torch.backends.cudnn.benchmark, off in mctool) for every figure of the variant
+    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, "tune" in variant.split("+")
+    try:
+        return _bench_variant(arch, precision, cl, graphs, compile_, data, dev, args, points, evaluated,
+                              "tune" in variant.split("+"))
+    finally:
+        torch.backends.cudnn.benchmark = tuned
+
+
+def _bench_variant(arch: str, precision: str, cl: bool, graphs: bool, compile_: bool, data, dev, args,
+                   points: torch.Tensor | None, evaluated: set, tune: bool) -> tuple[dict[str, float], torch.Tensor]:
     graphs = graphs and dev.type == "cuda"
     info = data.info
     data.train.channels_last = data.eval.channels_last = cl
@@ -129,7 +141,8 @@ def bench_variant(arch: str, variant: str, data, dev, args, points: torch.Tensor
         points = torch.stack([flat, flat + 0.01 * torch.randn_like(flat), flat + 0.02 * torch.randn_like(flat)])
     if not args.eval_only:
         out.update(_bench_training(model, layout, points, batches, data, dev, args, precision, graphs, compile_))
-    return _bench_evaluation(make, layout, points, data, dev, args, precision, cl, compile_, evaluated, out), points
+    return _bench_evaluation(make, layout, points, data, dev, args, precision, cl, compile_, evaluated, out,
+                             tune), points
 
 
 def _bench_training(model, layout, points, batches, data, dev, args, precision: str, graphs: bool,
@@ -162,7 +175,7 @@ def _bench_training(model, layout, points, batches, data, dev, args, precision: 
 
 
 def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl: bool, compile_: bool,
-                      evaluated: set, out: dict[str, float]) -> dict[str, float]:
+                      evaluated: set, out: dict[str, float], tune: bool) -> dict[str, float]:
     """One curve point, one plane point, and P curve points one network at a time, P to a pass and compiled."""
     # P curve points for the evaluations of many networks (one at a time, P to a pass, compiled)
     ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
@@ -171,8 +184,8 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
     got: dict[str, list] = {}  # each way's metrics of the P points, from its last timed run
 
     # One curve point and one plane point: assign weights, BN pass, train and test evaluation.
-    if (precision, cl) not in evaluated:
-        evaluated.add((precision, cl))
+    if (precision, cl, tune) not in evaluated:
+        evaluated.add((precision, cl, tune))
         eval_model = make().eval()
         w = (coefficients("bezier", 1, 0.5).float() @ points).to(dev)
         kw = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision)
@@ -211,9 +224,9 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
         if "wide" in times:
             out["eval_points_wide_s"] = min(times["wide"])
             out["wide_over_sequential"] = min(times["wide"]) / min(t_one)
-    if compile_ and (precision, cl, "compile") not in evaluated:
+    if compile_ and (precision, cl, tune, "compile") not in evaluated:
         # the same P points to a pass with the evaluation forward compiled (evaluate-curve/plane --compile)
-        evaluated.add((precision, cl, "compile"))
+        evaluated.add((precision, cl, tune, "compile"))
         eval_model = make().eval()
         many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
         comp = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, compile=True, **opts)

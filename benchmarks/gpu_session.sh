@@ -35,7 +35,7 @@ DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} E
 SKIP=${SKIP:-}  # parts to skip (tests evalbatch dist evalcompile bench compile profile cli), e.g. "profile cli"
 # evalbatch: runs of the evaluation alone, each "P:variants:archs[:eval batch size]" (commas inside), in order; those in
 # EVAL_RUNS_LATE after evalcompile
-EVAL_RUNS=${EVAL_RUNS-"4:bf16+cl,fp32:cifar_preresnet110,cifar_vgg16 8:bf16+cl:cifar_preresnet110"}
+EVAL_RUNS=${EVAL_RUNS-"8:bf16+cl,bf16+cl+tune:cifar_preresnet110,cifar_vgg16 16:bf16+cl:cifar_preresnet110"}
 
 if [[ $SKIP != *tests* ]] && fits 60 tests; then
 log "pytest tests/test_cuda.py"
