@@ -51,6 +51,8 @@ def _ieee_float32() -> Iterator[None]:
 class _WideConv(nn.Module):
     """P convolutions of one shape; input of the original channels (shared by all copies) or P times them."""
 
+    is_convolution = True  # (evaluation.in_pieces)
+
     def __init__(self, conv: nn.Module, p: int):
         super().__init__()
         self.p, self.fn, self.in_channels, self.groups = p, _CONVS[type(conv)], conv.in_channels, conv.groups

@@ -288,22 +288,30 @@ def test_ensemble_members_in_passes(cli, tmp_path, digits_models):
         torch.testing.assert_close(e3[k], e1[k], rtol=0, atol=0)  # the members' weights themselves
 
 
-def test_cpu_predictions_run_in_pieces_with_the_same_logits():
-    """On the CPU an evaluation batch goes through the network in pieces of CPU_EVAL_PIECE images (faster: the
-    activations stay in the caches); each image's logits are its own, so they equal one whole-batch forward."""
+@pytest.mark.parametrize("arch", ["cifar_preresnet20", "mlp", "wide"])
+def test_cpu_predictions_of_convolutional_networks_run_in_pieces_with_the_same_logits(arch):
+    """On the CPU an evaluation batch goes through a convolutional network (a wide one too) in pieces of
+    CPU_EVAL_PIECE images (faster: the activations stay in the caches), and through an MLP whole (faster: its
+    weight matrices are read once); each image's logits are its own, so they equal one whole-batch forward."""
     from mctool.evaluation import CPU_EVAL_PIECE, predict_logits
 
     data = load_data("digits")
     torch.manual_seed(0)
-    model = build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16, "batch_norm": True}).eval()
+    model = (build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16, "batch_norm": True}) if arch == "mlp" else
+             build_model("cifar_preresnet20", 10, 1, {})).eval()
+    if arch == "wide":  # two networks side by side (grouped convolutions)
+        layout = ParamLayout.of(model)
+        w = layout.flatten(dict(model.named_parameters()))
+        model = WideNetwork.of(model, 2, layout, next(iter(data.eval.batches(8)))[0]).eval()
+        model.assign(torch.stack([w, 1.1 * w]))
     sizes = []
     model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     logits, labels = predict_logits(model, data.eval, batch_size=300)  # 360 test images: batches of 300 and 60
-    assert sizes == [CPU_EVAL_PIECE] * 4 + [300 - 4 * CPU_EVAL_PIECE, 60]
+    assert sizes == ([300, 60] if arch == "mlp" else [CPU_EVAL_PIECE] * 4 + [300 - 4 * CPU_EVAL_PIECE, 60])
     x = torch.cat([x for x, _ in data.eval.batches(360)])
     with torch.no_grad():
         # per-image arithmetic in another grouping of the matrix products: equal up to float32 rounding
-        torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, model(x).float(), rtol=1e-4, atol=1e-5)
     assert torch.equal(labels, data.eval.labels)
 
 
