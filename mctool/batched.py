@@ -17,8 +17,6 @@ kind not listed above, is refused and the caller evaluates the networks one at a
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,22 +28,10 @@ from .data import Split
 from .evaluation import evaluate_weights, l2_term, point_metrics, predict_probs
 from .errors import ConfigError
 from .flat import ParamLayout
-from .runtime import maybe_compile
+from .runtime import full_float32, maybe_compile
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBN: --sync-bn under torchrun
-
-
-@contextmanager
-def _ieee_float32() -> Iterator[None]:
-    """Full float32 convolutions and matrix products on CUDA (TF32 off) inside the block; the settings as they
-    were after it."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class _WideConv(nn.Module):
@@ -193,7 +179,7 @@ class WideNetwork(nn.Module):
         layers, which a subclass may compute otherwise). None if the architecture cannot be widened or fails the
         check. The check computes in full float32 (no TF32 on CUDA, whose rounding, compounded over a hundred
         layers, can exceed the tolerance that tells a mixing of the copies from rounding)."""
-        with _ieee_float32():
+        with full_float32():
             return cls._checked(model, p, layout, probe)
 
     @classmethod

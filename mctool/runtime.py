@@ -95,6 +95,18 @@ def deterministic(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Full float32 convolutions and matrix products on CUDA (TF32 off) inside the block; the settings as they
+    were after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
