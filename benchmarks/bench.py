@@ -363,6 +363,22 @@ def main() -> None:
     data = load_data(f"synthetic:size=32,channels=3,classes=10,train={n_train},test={n_test}", device=dev)
     figures: dict[str, float] = {}
     errors: dict[str, str] = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every variant too: a run killed by a time limit keeps what it measured
+        device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                  f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+        settings = {"archs": archs, "variants": variants, "train_images": n_train, "test_images": n_test,
+                    "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "warmup": args.warmup,
+                    "reps": args.reps, "block": args.block, "loop_batches": args.loop_batches,
+                    "reference": reference, "ref_batches": args.ref_batches, "ref_workers": args.ref_workers,
+                    "points_per_pass": args.points_per_pass, "eval_reps": args.eval_reps,
+                    "eval_only": args.eval_only}
+        result = {"figures": figures, **({"errors": errors} if errors else {}), "device": device,
+                  "torch": torch.__version__, "settings": settings}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     for arch in archs:
         points, evaluated = None, set()
         for variant in variants:
@@ -376,30 +392,17 @@ def main() -> None:
             figures.update({f"{k}/{arch}/{variant}": v for k, v in got.items()})
             if variant == variants[0]:
                 figures.update({f"{k}/{arch}": v for k, v in got.items()})
+            save()
             print(f"{arch} {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items())
                   + f"  ({time.time() - t0:.0f} s)", flush=True)
         if reference and points is not None:
             t0 = time.time()
             got = bench_reference(arch, data, dev, args, points)
             figures.update({f"{k}/{arch}": v for k, v in got.items()})
+            save()
             print(f"{arch} reference: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items())
                   + f"  ({time.time() - t0:.0f} s)", flush=True)
-    device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    result = {"figures": figures, **({"errors": errors} if errors else {}), "device": device,
-              "torch": torch.__version__, "settings": {"archs": archs, "variants": variants, "train_images": n_train,
-                                                       "test_images": n_test, "batch_size": args.batch_size,
-                                                       "eval_batch_size": args.eval_batch_size,
-                                                       "warmup": args.warmup, "reps": args.reps, "block": args.block,
-                                                       "loop_batches": args.loop_batches, "reference": reference,
-                                                       "ref_batches": args.ref_batches,
-                                                       "ref_workers": args.ref_workers,
-                                                       "points_per_pass": args.points_per_pass,
-                                                       "eval_reps": args.eval_reps,
-                                                       "eval_only": args.eval_only}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"wrote {out}")
 
 

@@ -33,11 +33,13 @@ cat "$OUT/device.txt"
 
 DS=${DS:-fashion-mnist} ARCH=${ARCH:-cifar_preresnet20} DEVICE=${DEVICE:-cuda} EP=${EP:-3}
 SKIP=${SKIP:-}  # parts to skip (tests evalbatch dist evalcompile bench compile profile cli), e.g. "profile cli"
+# part NAME: whether SKIP leaves it in (whole words: "evalcompile" does not skip "compile")
+part() { [[ " $SKIP " != *" $1 "* ]]; }
 # evalbatch: runs of the evaluation alone, each "P:variants:archs[:eval batch size]" (commas inside), in order; those in
 # EVAL_RUNS_LATE after evalcompile
 EVAL_RUNS=${EVAL_RUNS-"8:bf16+cl,bf16+cl+tune:cifar_preresnet110,cifar_vgg16 16:bf16+cl:cifar_preresnet110"}
 
-if [[ $SKIP != *tests* ]] && fits 60 tests; then
+if part tests && fits 60 tests; then
 log "pytest tests/test_cuda.py"
 timeout "$(limit "${T_TESTS:-120}")" $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1
 echo "rc=$?" >>"$OUT/test_cuda.txt"
@@ -45,7 +47,7 @@ tail -5 "$OUT/test_cuda.txt"
 fi
 
 evalbatch() {  # the EVAL_RUNS-style runs in $1
-[[ $SKIP != *evalbatch* ]] || return 0
+part evalbatch || return 0
 for run in $1; do
   IFS=: read -r P VARIANTS ARCHS BS <<<"$run"
   BS=${BS:-1024}
@@ -62,7 +64,7 @@ done
 }
 evalbatch "$EVAL_RUNS"
 
-if [[ $SKIP != *dist* ]] && fits 90 dist; then
+if part dist && fits 90 dist; then
 log "torchrun (NCCL): world 1 against plain, and scaling over the GPUs present"
 NG=$($PY -c "import torch; print(torch.cuda.device_count())")
 W=(1); [ "$NG" -ge 2 ] && W=(1 2); [ "$NG" -ge 4 ] && W=(1 2 4); [ "$NG" -ge 8 ] && W=(1 2 4 8)
@@ -78,7 +80,7 @@ if [ "$NG" -ge 2 ] && fits 60 "distributed CUDA tests"; then
 fi
 fi
 
-if [[ $SKIP != *evalcompile* ]] && fits 120 "evaluation --compile"; then
+if part evalcompile && fits 120 "evaluation --compile"; then
 log "bench, PreResNet-110 curve points with the evaluation forward compiled (evaluate-curve --compile)"
 timeout "$(limit "${T_EVALCOMPILE:-240}")" $PY benchmarks/bench.py --full --archs cifar_preresnet110 --no-reference \
   --variants bf16+cl+compile --eval-only --eval-reps 2 \
@@ -89,14 +91,14 @@ fi
 
 evalbatch "${EVAL_RUNS_LATE:-}"
 
-if [[ $SKIP != *bench* ]] && fits 120 bench; then
+if part bench && fits 120 bench; then
 log "bench --full"
 timeout "$(limit "${T_BENCH:-300}")" $PY benchmarks/bench.py --full --out "$OUT/bench-full.json" >"$OUT/bench-full.txt" 2>&1
 echo "rc=$?" >>"$OUT/bench-full.txt"
 grep -v Warning "$OUT/bench-full.txt"
 fi
 
-if [[ $SKIP != *compile* ]] && fits 90 "bench +compile"; then
+if part compile && fits 90 "bench +compile"; then
 log "bench --full, VGG16 with the curve passes compiled (connect --compile)"
 timeout "$(limit "${T_COMPILE:-150}")" $PY benchmarks/bench.py --full --archs cifar_vgg16 --no-reference \
   --variants fp32+graphs fp32+graphs+compile bf16+cl+graphs bf16+cl+graphs+compile \
@@ -105,7 +107,7 @@ echo "rc=$?" >>"$OUT/bench-compile.txt"
 grep -v Warning "$OUT/bench-compile.txt"
 fi
 
-if [[ $SKIP != *profile* ]] && fits 60 profile; then
+if part profile && fits 60 profile; then
 log "profile"
 # the passes over the parameters (and their torch.compile'd alternatives) do not depend on the variant
 timeout "$(limit 120)" $PY benchmarks/profile_step.py --arch cifar_vgg16 --variant fp32 \
@@ -116,7 +118,7 @@ grep "== cifar" "$OUT/profile-vgg16-fp32.txt" "$OUT/profile-vgg16-bf16+cl.txt"
 sed -n '/== passes/,$p' "$OUT/profile-vgg16-fp32.txt"
 fi
 
-if [[ $SKIP != *cli* ]] && fits 40 CLI; then
+if part cli && fits 40 CLI; then
 log "CLI on $DS"
 F="$OUT/cli"
 mkdir -p "$F"

@@ -48,6 +48,12 @@ def _run(cmd: list[str], threads: int) -> tuple[dict, float]:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
         raise SystemExit(f"timed out after {TIMEOUT:g} s: {' '.join(cmd)}\n{stderr[-3000:]}")
+    except BaseException:  # Ctrl-C, or SIGTERM (main): the group is out of reach of both, so it goes too
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # (it had just ended)
+            pass
+        raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-2000:]}")
@@ -76,6 +82,9 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/results.json")
     args = p.parse_args()
     globals()["TIMEOUT"] = args.timeout
+    # SIGTERM (an outer timeout, as in gpu_session.sh) as an exception, so that _run ends the running command's
+    # process group, which a signal to this script's group no longer reaches
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="mctool-scaling-"))
     dev = ["--device", args.device]
     threads_1 = args.cores if args.device == "cpu" else 1

@@ -98,7 +98,20 @@ def deterministic(enabled: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """Full float32 convolutions and matrix products on CUDA (TF32 off) inside the block; the settings as they
-    were after it."""
+    were after it. Recent PyTorch has per-backend ``fp32_precision`` settings: reading the older ``allow_tf32``
+    flags raises there once a user has set the newer ones (and setting them leaves a ``'medium'`` matmul precision
+    in a state that ``torch.get_float32_matmul_precision()`` refuses to read), so those are used where they exist."""
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+        flags = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+        saved = [f.fp32_precision for f in flags]
+        try:
+            for f in flags:
+                f.fp32_precision = "ieee"
+            yield
+        finally:
+            for f, value in zip(flags, saved):
+                f.fp32_precision = value
+        return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

@@ -4,7 +4,9 @@ that do not divide the points, resume, and architectures that cannot be widened.
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +355,20 @@ def test_the_commands_default_is_the_librarys():
     for command in (cli.evaluate, cli.evaluate_curve, cli.ensemble, cli.plane_cmd, cli.surface_cmd):
         assert inspect.signature(command).parameters["points_per_pass"].default == batched.DEFAULT_POINTS_PER_PASS
     assert inspect.signature(cli.fge_cmd).parameters["points_per_pass"].default == FGEConfig.points_per_pass == 4
+    # and docs/cli.md's option tables, command by command
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    documented = dict(re.findall(r"\n## ([\w-]+)\n(?:(?!\n## ).)*?\| `--points-per-pass INT` \| (\d+) \|", text, re.S))
+    want = dict.fromkeys(["evaluate", "evaluate-curve", "ensemble", "plane", "surface"],
+                         str(batched.DEFAULT_POINTS_PER_PASS))
+    assert documented == {**want, "fge": "4"}
+
+
+def _tf32_settings():
+    """Whether TF32 is allowed for convolutions and matrix products, through the settings this PyTorch has."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # (recent PyTorch)
+        return conv.fp32_precision == "tf32", torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
 def test_the_probe_check_computes_in_full_float32(monkeypatch):
@@ -362,7 +378,7 @@ def test_the_probe_check_computes_in_full_float32(monkeypatch):
     seen = []
 
     def of(*args):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.append(_tf32_settings())
         raise RuntimeError("boom")
 
     monkeypatch.setattr(WideNetwork, "_checked", classmethod(lambda cls, *a: of(*a)))
@@ -375,3 +391,29 @@ def test_the_probe_check_computes_in_full_float32(monkeypatch):
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"),
+                    reason="this PyTorch has no fp32_precision settings")
+def test_full_float32_keeps_the_newer_precision_settings():
+    """With PyTorch's newer settings (fp32_precision, the ones it recommends) TF32 goes off in the block
+    and the user's own come back exactly after it; the older allow_tf32 flags, read after those were set,
+    raise there (this crashed every wide network's check), and a 'medium' matmul precision could not be read back."""
+    from mctool.runtime import full_float32
+
+    flags = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = [f.fp32_precision for f in flags], torch.get_float32_matmul_precision()
+    try:
+        for f in flags:
+            f.fp32_precision = "tf32"
+        with full_float32():
+            assert [f.fp32_precision for f in flags] == ["ieee", "ieee"]
+        assert [f.fp32_precision for f in flags] == ["tf32", "tf32"]
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[0]
+        torch.set_float32_matmul_precision("medium")
+        with full_float32():
+            pass
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved[1])
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[0]
