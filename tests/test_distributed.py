@@ -179,7 +179,8 @@ def test_surface_and_hessian_on_two_ranks_equal_one_process(cli, tmp_path, digit
 def test_killed_distributed_plane_resumes_on_one_process_without_recomputing(cli, tmp_path, bezier):
     metrics = tmp_path / "p.h5"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
-           "plane", str(bezier), "-m", str(metrics), "--grid-points", "7", "-q"]
+           "plane", str(bezier), "-m", str(metrics), "--grid-points", "7", "-q",
+           "--points-per-pass", "2"]  # small passes: many flushes, so the kill lands mid-run (8 ran through)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
     done = 0
     deadline = time.monotonic() + TIMEOUT
