@@ -101,23 +101,19 @@ def full_float32() -> Iterator[None]:
     were after it. Recent PyTorch has per-backend ``fp32_precision`` settings: reading the older ``allow_tf32``
     flags raises there once a user has set the newer ones (and setting them leaves a ``'medium'`` matmul precision
     in a state that ``torch.get_float32_matmul_precision()`` refuses to read), so those are used where they exist."""
-    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
-        flags = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-        saved = [f.fp32_precision for f in flags]
-        try:
-            for f in flags:
-                f.fp32_precision = "ieee"
-            yield
-        finally:
-            for f, value in zip(flags, saved):
-                f.fp32_precision = value
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name, _), value in zip(settings, saved):
+            setattr(owner, name, value)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
