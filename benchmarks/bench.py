@@ -16,7 +16,9 @@ training step (ms, img/s) and their ratio; plain and curve training throughput o
 batches (data pipeline included) and the pipeline's share; one curve point and one plane point (BN pass
 plus train and test evaluation, s); P = --points-per-pass curve points evaluated one at a time and P to a
 pass in one wide network, and their ratio ``batched_over_sequential`` (where the evaluator chooses one network
-per pass, as for convolutional networks on the CPU, also ``wide_over_sequential``: the wide network forced).
+per pass, as for convolutional networks on the CPU, also ``wide_over_sequential``: the wide network forced;
+where a linear layer reads the input, as in an MLP, also ``batched_direct_over_sequential``: the pass without
+the points' span, each network's first layer computed from its own weights).
 With ``--reference``: the reference code's way of working (fp32, a torchvision DataLoader with PIL transforms
 and worker processes, w(t) assembled parameter by parameter, evaluation at batch 128), timed on part of the
 data and given as img/s and an estimated curve-point time.
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mctool.batched import ManyEvaluator, WideNetwork, evaluate_many
+from mctool.batched import ManyEvaluator, Span, WideNetwork, evaluate_many
 from mctool.curve_training import CurveStep
 from mctool.curves import Curve, coefficients
 from mctool.data import load_data
@@ -79,13 +81,15 @@ def _timed(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
-def _race(evaluators: dict, ws: torch.Tensor, dev, reps: int, got: dict) -> list[list[float]]:
-    """Time each evaluator's ``evaluate(ws)`` in turns, ``reps`` rounds (the machine's other load hits all of them
-    alike); returns each one's times, in order, and leaves its metrics in ``got[name]``."""
+def _race(evaluators: dict, ws: torch.Tensor, dev, reps: int, got: dict, span=None) -> list[list[float]]:
+    """Time each evaluator's ``evaluate(ws, span)`` in turns, ``reps`` rounds (the machine's other load hits all of
+    them alike); returns each one's times, in order, and leaves its metrics in ``got[name]``. An evaluator is a
+    ManyEvaluator, or a (ManyEvaluator, span) pair that runs with that span instead."""
     times: list[list[float]] = [[] for _ in evaluators]
     for _ in range(reps):
         for t, (name, ev) in zip(times, evaluators.items()):
-            t.append(_timed(lambda: got.__setitem__(name, ev.evaluate(ws)), dev))
+            ev, sp = ev if isinstance(ev, tuple) else (ev, span)
+            t.append(_timed(lambda: got.__setitem__(name, ev.evaluate(ws, sp)), dev))
     return times
 
 
@@ -179,7 +183,9 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
     """One curve point, one plane point, and P curve points one network at a time, P to a pass and compiled."""
     # P curve points for the evaluations of many networks (one at a time, P to a pass, compiled)
     ts = [0.1 + 0.8 * k / max(args.points_per_pass - 1, 1) for k in range(args.points_per_pass)]
-    ws = torch.stack([coefficients("bezier", 1, t).float() @ points for t in ts]).to(dev)
+    coef = torch.stack([coefficients("bezier", 1, t) for t in ts])
+    ws = (coef.float() @ points).to(dev)
+    span = Span((points.to(dev),), coef)  # the points as combinations of the control points (what evaluate-curve gives)
     opts = dict(wd=5e-4, batch_size=args.eval_batch_size, precision=precision, channels_last=cl)
     got: dict[str, list] = {}  # each way's metrics of the P points, from its last timed run
 
@@ -202,17 +208,21 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
         # P curve points evaluated one at a time and P to a pass (one wide network: mctool.batched)
         one = ManyEvaluator(eval_model, layout, data, points_per_pass=1, **opts)
         many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
-        many.evaluate(ws)  # warm-up, and builds the wide network
+        many.evaluate(ws, span)  # warm-up, and builds the wide network
         evaluators: dict = {"one": one, "many": many}
-        out["batched_wide"] = float(many._wide(len(ts)) is not None)
+        built = many._wide(len(ts))
+        out["batched_wide"] = float(built is not None)
+        if built is not None and built.input_layers:  # what the span saves: the same pass without it
+            evaluators["direct"] = (many, None)
         if not out["batched_wide"]:  # one network per pass was chosen (batched.pays_off): what a wide one costs
             wide = WideNetwork.of(eval_model, len(ts), layout, next(iter(data.eval.batches(8)))[0])
             if wide is not None:
                 wide = wide.use_channels_last() if cl else wide
                 no_cl = {k: v for k, v in opts.items() if k != "channels_last"}
-                evaluators["wide"] = SimpleNamespace(evaluate=lambda w: evaluate_many(wide, w, data, **no_cl))
-                evaluators["wide"].evaluate(ws)  # warm-up
-        times = dict(zip(evaluators, _race(evaluators, ws, dev, args.eval_reps, got)))
+                evaluators["wide"] = SimpleNamespace(evaluate=lambda w, sp: evaluate_many(wide, w, data, span=sp,
+                                                                                            **no_cl))
+                evaluators["wide"].evaluate(ws, span)  # warm-up
+        times = dict(zip(evaluators, _race(evaluators, ws, dev, args.eval_reps, got, span)))
         t_one, t_many = times["one"], times["many"]
         out["eval_points_sequential_s"] = min(t_one)
         out["eval_points_batched_s"] = min(t_many)
@@ -221,6 +231,9 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
         out["plane_21x21_batched_min_estimate"] = 441 * out["curve_point_batched_s"] / 60
         out["batched_max_nll_diff"] = max(abs(a[k] - b[k]) for a, b in zip(got["one"], got["many"])
                                           for k in a if not k.endswith("err"))
+        if "direct" in times:
+            out["eval_points_batched_direct_s"] = min(times["direct"])
+            out["batched_direct_over_sequential"] = min(times["direct"]) / min(t_one)
         if "wide" in times:
             out["eval_points_wide_s"] = min(times["wide"])
             out["wide_over_sequential"] = min(times["wide"]) / min(t_one)
@@ -230,9 +243,9 @@ def _bench_evaluation(make, layout, points, data, dev, args, precision: str, cl:
         eval_model = make().eval()
         many = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, **opts)
         comp = ManyEvaluator(eval_model, layout, data, points_per_pass=args.points_per_pass, compile=True, **opts)
-        many.evaluate(ws)
-        out["eval_compile_first_pass_s"] = _timed(lambda: comp.evaluate(ws), dev)  # compiling included
-        t_many, t_comp = _race({"many": many, "comp": comp}, ws, dev, args.eval_reps, got)
+        many.evaluate(ws, span)
+        out["eval_compile_first_pass_s"] = _timed(lambda: comp.evaluate(ws, span), dev)  # compiling included
+        t_many, t_comp = _race({"many": many, "comp": comp}, ws, dev, args.eval_reps, got, span)
         out["eval_points_compiled_s"] = min(t_comp)
         out["compiled_over_batched"] = min(t_comp) / min(t_many)
         out["curve_point_compiled_s"] = min(t_comp) / len(ts)

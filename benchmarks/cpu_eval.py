@@ -7,7 +7,10 @@ Prints (the fastest of --reps runs each; no gradients):
      512, 128, 64, 32 and 16 images (``evaluation.CPU_EVAL_PIECE``), plain and channels-last;
   2. the same P networks side by side in one wide network (``batched.WideNetwork``), same piece sizes;
   3. one 3x3 convolution of P copies: P separate convolutions vs one grouped convolution (what the wide network
-     runs), for the three stages of a CIFAR ResNet (16, 32, 64 channels at 32, 16, 8 pixels).
+     runs), for the three stages of a CIFAR ResNet (16, 32, 64 channels at 32, 16, 8 pixels);
+  4. the P networks in pieces of 64, one at a time on all threads vs two at once on one thread each (Python
+     threads here, to see the gain without launch costs: mctool gets it from torchrun ranks), plain and
+     channels-last.
 docs/performance.md#on-the-cpu gives the figures of the development machine.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +71,34 @@ def main() -> None:
                 grp = fastest(lambda: F.conv2d(xw, ww, padding=1, groups=nets), args.reps)
                 print(f"conv {c} channels at {h}x{h}, {'channels-last' if cl else 'plain'}: {nets} separate "
                       f"{1000 * sep:.0f} ms, grouped {1000 * grp:.0f} ms ({grp / sep:.2f})")
+    threads = torch.get_num_threads()
+    copies = [build_model("cifar_preresnet20", 10, 3, {}).eval() for _ in range(nets)]
+
+    def run(net: torch.nn.Module, xs: torch.Tensor) -> None:
+        with torch.no_grad():
+            for c in xs.split(64):
+                net(c)
+
+    def two_at_once(xs: torch.Tensor) -> None:
+        def half(i: int) -> None:
+            torch.set_num_threads(1)
+            for net in copies[i::2]:
+                run(net, xs)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(half, range(2)))
+
+    for cl in (False, True):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        xs = x.contiguous(memory_format=fmt)
+        for net in copies:
+            net.to(memory_format=fmt)
+        torch.set_num_threads(threads)
+        one = fastest(lambda: [run(net, xs) for net in copies], args.reps)
+        two = fastest(lambda: two_at_once(xs), args.reps)
+        torch.set_num_threads(threads)
+        print(f"{'channels-last' if cl else 'plain'} pieces of 64: {nets} networks one at a time on {threads} "
+              f"threads {one:.3f} s, two at once on one thread each {two:.3f} s ({two / one:.2f})")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ Operations that mix channels in other ways (concatenation along channels, channe
 LayerNorm over channels) would silently mix the copies, so every wide network is checked against the P
 separate networks on a probe batch before use; one that disagrees, or has a layer with parameters of a
 kind not listed above, is refused and the caller evaluates the networks one at a time.
+
+Networks that are combinations of a few vectors (``Span``: a curve's points of its control points, a plane's
+cells of its origin and directions) share more: a linear layer that reads the input itself computes its
+output once per vector and mixes those per network (docs/performance.md#a-first-layer-per-control-point).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +30,7 @@ from torch import nn
 
 from .bn import one_batch_statistics, recalibrate_bn
 from .data import Split
-from .evaluation import evaluate_weights, l2_term, point_metrics, predict_probs
+from .evaluation import evaluate_weights, has_convolutions, l2_term, point_metrics, predict_probs
 from .errors import ConfigError
 from .flat import ParamLayout
 from .runtime import full_float32, maybe_compile
@@ -37,7 +42,7 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # Syn
 class _WideConv(nn.Module):
     """P convolutions of one shape; input of the original channels (shared by all copies) or P times them."""
 
-    is_convolution = True  # (evaluation.in_pieces)
+    is_convolution = True  # (evaluation.has_convolutions)
 
     def __init__(self, conv: nn.Module, p: int):
         super().__init__()
@@ -56,17 +61,33 @@ class _WideConv(nn.Module):
 
 class _WideLinear(nn.Module):
     """P linear layers of one shape: on shared features (one matrix product with the stacked weights) or on P
-    copies' features side by side in the last dimension (a batched matrix product)."""
+    copies' features side by side in the last dimension (a batched matrix product). On shared features, with a
+    ``basis`` set (``WideNetwork.assign`` with a ``Span``): one matrix product with the K vectors' weights, then
+    each copy's output as its coefficients times those K outputs."""
 
     def __init__(self, linear: nn.Linear, p: int):
         super().__init__()
         self.p, self.in_features, self.out_features = p, linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().repeat(p, 1))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().repeat(p))
+        # (weights [K * out, in], bias [K * out] or None, coefficients [P, K] in float32): not parameters
+        self.basis: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+
+    def pays(self, k: int) -> bool:
+        """Whether K vectors' outputs, mixed, beat the P copies' own on shared features: the matrix product saves
+        (P - K) x in multiply-adds per output, the mixing costs about P x K (memory-bound, so counted 10 times;
+        measured on the CPU: docs/performance.md#a-first-layer-per-control-point)."""
+        return k < self.p and (self.p - k) * self.in_features >= 10 * self.p * k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == self.in_features:
-            return F.linear(x, self.weight, self.bias)
+            if self.basis is None:
+                return F.linear(x, self.weight, self.bias)
+            weight, bias, c = self.basis
+            y = F.linear(x, weight, bias)
+            with torch.autocast(x.device.type, enabled=False):  # the mixing in float32 (bf16 would round it)
+                mixed = torch.matmul(c, y.unflatten(-1, (c.shape[1], self.out_features)).float())
+            return mixed.to(y.dtype).flatten(-2)
         lead = x.shape[:-1]
         xs = x.reshape(-1, self.p, self.in_features).transpose(0, 1)  # [P, N, in]
         w = self.weight.view(self.p, self.out_features, self.in_features).transpose(1, 2)  # [P, in, out]
@@ -148,6 +169,26 @@ def compiled(model: nn.Module, enabled: bool, what: str = "the evaluation forwar
     return CompiledForward(model, what) if enabled else model
 
 
+class Span(NamedTuple):
+    """Networks given as combinations of a few vectors: row i of their flat weights is ``coefficients[i] @
+    torch.cat(controls)`` (a curve's points of its control points, a plane's or a surface's cells of its origin
+    and directions). ``controls`` is a sequence of blocks [K_j, N] on the compute device (a curve's control
+    points, a plane's origin as ``w0[None]``...: never concatenated), ``coefficients`` [n, sum of K_j].
+    ``WideNetwork.assign`` uses it for layers that read the input itself
+    (docs/performance.md#a-first-layer-per-control-point)."""
+
+    controls: Sequence[torch.Tensor]
+    coefficients: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "Span":
+        return Span(self.controls, self.coefficients[start:stop])
+
+
+#: Weight entries of a layer compared with their ``Span`` combination (a strided sample: a wrong span shows in
+#: every entry, and the whole comparison would cost what the span saves on small data sets).
+_SPAN_SAMPLE = 4096
+
+
 class WideNetwork(nn.Module):
     """P networks of ``model``'s architecture as one module: ``forward(x)`` gives logits ``[B, P, K]``."""
 
@@ -157,11 +198,16 @@ class WideNetwork(nn.Module):
         self._params = dict(net.named_parameters())
         self.channels_last = False  # images (4-D batches) go through in channels-last memory format
         object.__setattr__(self, "_run", net)  # or its compiled forward (``compile``); not a second submodule
+        # Linear layers that read the input itself (found on the probe batch, ``of``): those a ``Span`` can serve.
+        self.input_layers: dict[str, _WideLinear] = {}
+        self._compiled = False
 
     def compile(self) -> "WideNetwork":
-        """Run the wide network's forward through ``torch.compile`` (``CompiledForward``)."""
+        """Run the wide network's forward through ``torch.compile`` (``CompiledForward``). A compiled forward
+        takes no ``Span`` (the basis would change what the compiled graph reads from pass to pass)."""
         object.__setattr__(self, "_run", CompiledForward(self.net, f"the evaluation forward of {self.p} networks "
                                                                    "side by side"))
+        self._compiled = True
         return self
 
     def use_channels_last(self) -> "WideNetwork":
@@ -189,6 +235,14 @@ class WideNetwork(nn.Module):
             return None
         wide = cls(net.to(probe.device), p, layout)
         w = layout.flatten(dict(model.named_parameters())).to(probe.device)
+        seen: dict[str, _WideLinear] = {}
+
+        def note_input_layer(name: str, layer: _WideLinear, args: tuple) -> None:
+            if args and torch.is_tensor(args[0]) and args[0].shape[-1] == layer.in_features:
+                seen[name] = layer
+
+        hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: note_input_layer(name, mod, args))
+                 for name, m in net.named_modules() if isinstance(m, _WideLinear)]
         # Weights whose logits overflow (far from trained ones) prove nothing: then the same directions, scaled
         # to at most 1 in size.
         for base in (w, w / max(float(w.abs().max()), 1e-30)):
@@ -200,6 +254,8 @@ class WideNetwork(nn.Module):
                 with torch.no_grad():
                     wide.assign(weights)
                     got = wide(probe).float()
+                    for hook in hooks:
+                        hook.remove()
                     want = []
                     for k in range(p):
                         layout.assign(model, weights[k])
@@ -211,6 +267,8 @@ class WideNetwork(nn.Module):
             finally:
                 layout.assign(model, w)
                 model.train(was)
+                for hook in hooks:
+                    hook.remove()
             want = torch.stack(want, dim=1)
             if got.shape != want.shape:
                 return None
@@ -244,14 +302,58 @@ class WideNetwork(nn.Module):
                 if mean is not None and float((g_mean.view(p, -1)[k] - mean.flatten()).abs().max()) > (
                         1e-3 * (unit ** 0.5 + float(mean.abs().max()))):
                     return None
+        wide.input_layers = seen
         return wide
 
     @torch.no_grad()
-    def assign(self, weights: torch.Tensor) -> None:
-        """Set the P copies' parameters from flat vectors ``weights`` [P, N] (``layout`` order)."""
+    def assign(self, weights: torch.Tensor, span: Span | None = None) -> None:
+        """Set the P copies' parameters from flat vectors ``weights`` [P, N] (``layout`` order). With ``span``
+        (the same networks as combinations of K vectors, ``Span``), a linear layer that reads the input itself
+        computes its output once per vector the pass uses and mixes them (where that ``pays``): the same
+        outputs up to float rounding. ValueError if ``span`` does not give ``weights``."""
+        bases = self._bases(weights, span) if span is not None and self.input_layers and not self._compiled else {}
+        unused = {f"{name}.{p}" for name in bases for p in ("weight", "bias")}  # a layer with a basis reads these not
         for name, chunk, shape in zip(self.layout.names, torch.split(weights, self.layout.numels, dim=1),
                                       self.layout.shapes):
-            self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
+            if name not in unused:
+                self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
+        for name, layer in self.input_layers.items():
+            layer.basis = bases.get(name)
+
+    def _bases(self, weights: torch.Tensor, span: Span) -> dict[str, tuple]:
+        """Each input layer's ``_WideLinear.basis`` for the networks ``weights`` given by ``span``, where it pays."""
+        controls, c = span
+        if any(b.dim() != 2 or b.shape[1] != weights.shape[1] for b in controls) or c.dim() != 2 or (
+                c.shape != (self.p, sum(len(b) for b in controls))):
+            raise ValueError(f"a span of {[tuple(b.shape) for b in controls]} vectors and {tuple(c.shape)} "
+                             f"coefficients does not describe {self.p} networks of {weights.shape[1]} parameters")
+        c = c.detach().to("cpu", torch.float64)
+        used = [k for k in range(c.shape[1]) if bool(c[:, k].ne(0).any())]  # vectors this pass's networks use
+        c = c[:, used]
+        layers = {name: layer for name, layer in self.input_layers.items() if used and layer.pays(len(used))}
+        if not layers:
+            return {}
+        offsets = dict(zip(self.layout.names, torch.tensor([0, *self.layout.numels]).cumsum(0).tolist()))
+        sizes = dict(zip(self.layout.names, self.layout.numels))
+        mix = c.to(weights.device, torch.float32)
+        rows = torch.tensor(used, device=weights.device)
+
+        parts = {}
+        for param in [f"{name}.{kind}" for name, layer in layers.items() for kind in ("weight", "bias")
+                      if kind == "weight" or layer.bias is not None]:
+            # the vectors' part of the parameter, compared with the networks' own on a strided sample
+            part = torch.cat([b[:, offsets[param]:offsets[param] + sizes[param]] for b in controls]).index_select(
+                0, rows)
+            given = weights[:, offsets[param]:offsets[param] + sizes[param]:max(1, sizes[param] // _SPAN_SAMPLE)]
+            if not bool(torch.isfinite(given).all()):
+                return {}  # (overflowed weights: each network's own give what they give)
+            with torch.autocast(weights.device.type, enabled=False):  # (in float32 whatever the caller's autocast)
+                sample = part[:, ::max(1, sizes[param] // _SPAN_SAMPLE)].float()
+                got, scale = (mix @ sample).to(given.dtype), mix.abs() @ sample.abs()
+            if not bool(((got - given).abs() <= 1e-5 * scale + 1e-30).all()):
+                raise ValueError(f"the span does not give these networks' weights ({param})")
+            parts[param] = part.reshape(-1, *self._params[param].shape[1:])
+        return {name: (parts[f"{name}.weight"], parts.get(f"{name}.bias"), mix) for name in layers}
 
     @torch.no_grad()
     def assign_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
@@ -279,10 +381,12 @@ class WideNetwork(nn.Module):
 
 def evaluate_many(wide: WideNetwork, weights: torch.Tensor, data: Any, *, wd: float, batch_size: int = 512,
                   bn_batches: int | None = None, precision: str = "fp32",
-                  train_split: Split | None = None, bn_data: str = "augmented") -> list[dict[str, float]]:
+                  train_split: Split | None = None, bn_data: str = "augmented",
+                  span: Span | None = None) -> list[dict[str, float]]:
     """``evaluation.evaluate_weights`` for the P networks ``weights`` [P, N] in one pass over the data: BN
-    recomputed for each, then each one's train loss, NLL and error and evaluation NLL and error."""
-    wide.assign(weights)
+    recomputed for each, then each one's train loss, NLL and error and evaluation NLL and error. ``span``: the
+    same networks as combinations of a few vectors (``WideNetwork.assign``)."""
+    wide.assign(weights, span)
     recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches, precision=precision,
                    bn_data=bn_data)
     probs_t, labels_t = predict_probs(wide, train_split or data.train, batch_size=batch_size, precision=precision)
@@ -316,14 +420,17 @@ class ManyEvaluator:
     def _wide(self, p: int) -> WideNetwork | None:
         return self._wides.get(p, self.model, p, self.layout, f"this {self.label}'s networks")
 
-    def evaluate(self, weights: torch.Tensor) -> list[dict[str, float]]:
+    def evaluate(self, weights: torch.Tensor, span: Span | None = None) -> list[dict[str, float]]:
         """Metrics (``evaluate_weights``'s) of each row of ``weights`` [n, N], any n: in passes of at most
-        ``points_per_pass`` networks."""
+        ``points_per_pass`` networks. ``span``: the same networks as combinations of a few vectors (``Span``,
+        coefficients [n, K]), which lets a first linear layer compute less (``WideNetwork.assign``)."""
         out: list[dict[str, float]] = []
-        for rows in torch.split(weights, self.points_per_pass):
+        for start in range(0, len(weights), self.points_per_pass):
+            rows = weights[start:start + self.points_per_pass]
             wide = self._wide(len(rows)) if len(rows) > 1 else None
             if wide is not None:
-                out += evaluate_many(wide, rows, self.data, **self.options)
+                out += evaluate_many(wide, rows, self.data, span=None if span is None else
+                                     span.rows(start, start + len(rows)), **self.options)
                 continue
             self._single = self._single or compiled(self.model, self.compile)
             for w in rows:
@@ -380,7 +487,7 @@ def pays_off(model: nn.Module, device: torch.device) -> bool:
     on the CPU, where (measured: docs/performance.md#on-the-cpu) a grouped convolution of P copies is slower than
     P narrow ones and P copies' activations overflow the caches; those go one network per pass, which costs the
     same or less."""
-    return device.type != "cpu" or not any(type(m) in _CONVS for m in model.modules())
+    return device.type != "cpu" or not has_convolutions(model)
 
 
 def check_points_per_pass(value: Any) -> None:

@@ -167,7 +167,8 @@ PointsPerPassOpt = Annotated[int, typer.Option(
     help="Networks evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
          "network; each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not "
          "fit in memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
-         "convolutional networks are (faster there).")]
+         "convolutional networks are (faster there). For curve points and plane or surface cells, a linear layer "
+         "that reads the input (an MLP's first) is computed once per control point of the pass.")]
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, Span, check_points_per_pass
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, save_model
 from .curves import Curve, check_two_networks, coefficients, line_between, load_curve
@@ -304,10 +304,17 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
         def measure(points: list[int]) -> list[dict[str, float]]:
             if repair:
                 return [measure_repaired(i) for i in points]
-            # every segment's network at every point of the pass, evaluated points_per_pass at a time
+            # every segment's network at every point of the pass, evaluated points_per_pass at a time; each is
+            # its segment's coefficients times its control points (a Span: the first layer of an MLP computes
+            # less)
             nets = [(k, prefix, weights_at(i, seg, pts)) for k, i in enumerate(points) for prefix, seg, pts in segments]
+            rows = torch.zeros(len(nets), sum(seg.num_points for _, seg, _ in segments), dtype=torch.float64)
+            for r, (i, j) in enumerate((i, j) for i in points for j in range(len(segments))):
+                seg, start = segments[j][1], sum(s.num_points for _, s, _ in segments[:j])
+                rows[r, start:start + seg.num_points] = coefficients(seg.curve, seg.num_bends, float(t[i]))
+            span = Span(tuple(pts for _, _, pts in segments), rows)
             out: list[dict[str, float]] = [{} for _ in points]
-            for (k, prefix, _), m in zip(nets, many.evaluate(torch.stack([w for _, _, w in nets]))):
+            for (k, prefix, _), m in zip(nets, many.evaluate(torch.stack([w for _, _, w in nets]), span)):
                 out[k] |= {prefix + n: v for n, v in m.items()}
             return out
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batched import DEFAULT_POINTS_PER_PASS, WideNetwork, WideNetworks, check_points_per_pass, compiled
+from .batched import DEFAULT_POINTS_PER_PASS, Span, WideNetwork, WideNetworks, check_points_per_pass, compiled
 from .bn import check_bn_data, recalibrate_bn
 from .checkpoint import ModelMeta, load_model, meta_differences, read_metadata
-from .curves import load_curve
+from .curves import coefficients, load_curve
 from .data import check_fits, load_data
 from .ensembles import Ensemble, as_ensemble_meta, load_ensemble, save_ensemble
 from .errors import CheckpointError, ConfigError, DataError
@@ -48,6 +48,9 @@ class Member:
     sha256: str
     make: Callable[[], nn.Module]
     recalibrate: bool = False  # BN statistics must be recomputed (points along a curve)
+    # a point on a curve: its control points [K, N] (the curve's tensor, shared by its points) and coefficients
+    # [K], for a pass's ``batched.Span``
+    span: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _built_once(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -80,7 +83,8 @@ def load_members(paths: list[str], num_points: int | None = None, **plain: Any) 
             return model
 
         return [Member(f"{paths[0]}@t={t:.4g}", curve.meta, str(paths[0]), curve.sha256, lambda t=t: at(float(t)),
-                       recalibrate=True) for t in ts]
+                       recalibrate=True, span=(curve.points, coefficients(curve.curve, curve.num_bends, float(t))))
+                for t in ts]
     out: list[Member] = []
     for p in paths:
         kind = read_metadata(p).get("kind")
@@ -141,6 +145,7 @@ class _MemberPasses:
     def __init__(self, points_per_pass: int, data: Any, channels_last: bool, compile: bool = False):
         self.points_per_pass = points_per_pass
         self._wides = WideNetworks(data, channels_last=channels_last, compile=compile)
+        self._controls: tuple[torch.Tensor, torch.Tensor] | None = None  # a curve's control points, on the device
 
     @staticmethod
     def _kind(m: Member) -> tuple:
@@ -155,6 +160,17 @@ class _MemberPasses:
             else:
                 out.append([m])
         return out
+
+    def span(self, chunk: list[Member], dev: torch.device) -> Span | None:
+        """The pass's networks as combinations of one curve's control points (``batched.Span``: an MLP's first
+        layer computes less), when they are all points of that curve; the control points moved to ``dev`` once."""
+        spans = [m.span for m in chunk]
+        first = spans[0]
+        if first is None or any(s is None or s[0] is not first[0] for s in spans):
+            return None
+        if self._controls is None or self._controls[0] is not first[0]:
+            self._controls = (first[0], first[0].to(dev))
+        return Span((self._controls[1],), torch.stack([s[1] for s in spans if s is not None]))
 
     def wide(self, chunk: list[Member], model: nn.Module) -> WideNetwork | None:
         return self._wides.get((*self._kind(chunk[0]), len(chunk)), model, len(chunk), ParamLayout.of(model),
@@ -242,7 +258,8 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
                     model.to(memory_format=torch.channels_last)
             wide = many.wide(chunk, models[0])
             if wide is not None:  # the pass's networks side by side: each batch read once
-                wide.assign(torch.stack([wide.layout.flatten(dict(m.named_parameters())) for m in models]))
+                wide.assign(torch.stack([wide.layout.flatten(dict(m.named_parameters())) for m in models]),
+                            many.span(chunk, dev))
                 wide.assign_buffers([dict(m.named_buffers()) for m in models])
                 if chunk[0].recalibrate:
                     recalibrated |= recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches,

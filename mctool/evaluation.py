@@ -27,30 +27,31 @@ def l2_term(params: nn.Module | Iterable[torch.Tensor], wd: float) -> float:
         return 0.5 * wd * float(sum(p.detach().double().pow(2).sum() for p in tensors))
 
 
-#: On the CPU, evaluation-mode forwards of convolutional networks (``in_pieces``) run in pieces of at most this many
-#: images: activations of a small piece stay in the caches, which makes such a forward 1.6-2.4x faster than at batch 512
-#: (docs/performance.md#cpu-evaluation-in-pieces). Each image's logits are computed on their own (bit for bit the same
-#: as in whole batches, measured for cifar_preresnet20 and mlp).
+#: On the CPU, evaluation-mode forwards of convolutional networks (``has_convolutions``) run in pieces of at most
+#: this many images: activations of a small piece stay in the caches, which makes such a forward 1.6-2.4x faster
+#: than at batch 512 (docs/performance.md#cpu-evaluation-in-pieces). Each image's logits are computed on their own
+#: (bit for bit the same as in whole batches, measured for cifar_preresnet20 and mlp).
 CPU_EVAL_PIECE = 64
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PIECEWISE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_CONVOLUTIONAL: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def in_pieces(model: nn.Module) -> bool:
-    """Whether ``model``'s CPU evaluation forwards go in pieces: a network with convolutions (``batched``'s wide
-    ones included), whose activations a piece keeps in the caches. A network without them (an MLP) goes in whole
-    batches, faster there: each piece would read its weight matrices again (measured for ``mlp``: 1.4x)."""
-    known = _PIECEWISE.get(model)
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` has convolutions (``batched``'s wide ones included; remembered per module): on the CPU
+    such a network's evaluation forwards go in pieces, whose activations stay in the caches (a network without
+    them, an MLP, goes in whole batches, faster there: each piece would read its weight matrices again, measured
+    for ``mlp``: 1.4x), and it goes one network per pass (``batched.pays_off``)."""
+    known = _CONVOLUTIONAL.get(model)
     if known is None:
         known = any(isinstance(m, _CONV_TYPES) or getattr(m, "is_convolution", False) for m in model.modules())
-        _PIECEWISE[model] = known
+        _CONVOLUTIONAL[model] = known
     return known
 
 
 def forward_in_pieces(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` for an evaluation-mode forward; on the CPU in pieces of ``CPU_EVAL_PIECE`` images for a
-    convolutional network (``in_pieces``)."""
-    if x.device.type != "cpu" or x.shape[0] <= CPU_EVAL_PIECE or not in_pieces(model):
+    convolutional network (``has_convolutions``)."""
+    if x.device.type != "cpu" or x.shape[0] <= CPU_EVAL_PIECE or not has_convolutions(model):
         return model(x)
     return torch.cat([model(piece) for piece in x.split(CPU_EVAL_PIECE)])
 

@@ -143,7 +143,7 @@ def plain(value: Any) -> Any:
 #: Recorded settings whose option is not ``--`` plus the key with ``-`` for ``_`` (None: not an option, a
 #: property of the inputs).
 _SETTING_OPTIONS = {"bn_batch_size": "--batch-size (of the BN passes)", "margins": "--margin (or --margin-*)",
-                    "points": None, "derived": None, "pretrained_source": None}
+                    "points": None, "points_kind": None, "derived": None, "pretrained_source": None}
 
 
 def setting_name(key: str) -> str:

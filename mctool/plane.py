@@ -25,7 +25,7 @@ from .bn import bn_data_setting, bn_pass_setting, check_bn_batch_size, check_bn_
 from .curves import Curve, coefficients, line_between, load_curve
 from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
-from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, check_points_per_pass
+from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, Span, check_points_per_pass
 from .fileio import holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
@@ -217,7 +217,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    split: str, batch_size: int, bn_batches: int | None, train_subset: int | None, wd: float,
                    precision: str, channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
                    compile: bool = False, bn_data: str = "augmented",
-                   on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None) -> None:
+                   on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None,
+                   span_of: Callable[[list, torch.device], Span | None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
     is done, then ``flush()`` (the caller's write of its file) once per pass; ``total`` cells in the run,
@@ -225,8 +226,9 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
     number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
     when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
-    first pass (the caller writes its first files there: a refused run writes none). The grid runner of
-    ``plane`` and ``surface``."""
+    first pass (the caller writes its first files there: a refused run writes none). ``span_of(cells, device)``:
+    a pass's networks as combinations of a few vectors (``batched.Span``), or None. The grid runner of ``plane``
+    and ``surface``."""
     dev = resolve_device(device)
     data = load_data(dataset, root=data_root, split=split, download=download, device=dev,
                      augment=base.meta.train_augment(), channels_last=channels_last, **base.meta.data_options(),
@@ -246,7 +248,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
         on_start()
 
     def measure(cells: list) -> list[dict[str, float]]:
-        return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]))
+        return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]),
+                             None if span_of is None else span_of(cells, dev))
 
     PointRun(label, total=total, metrics=metrics, quiet=quiet, counted=("train/loss", "at_points/train/loss")).run(
         todo, measure, store, lambda _, m: f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}",
@@ -358,6 +361,15 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
                                         basis.w1_x)
         return on_device[dev].weights(float(alphas[cell[0]]), float(betas[cell[1]]))
 
+    def span_of(cells: list[list[int]], dev: torch.device) -> Span | None:
+        """Grid cells as w0 + (alpha dx) u + (beta dy) v (the three points, given as themselves, are not)."""
+        if any(len(cell) == 1 for cell in cells):
+            return None
+        weights_of(cells[0], dev)  # (the basis on the device)
+        b = on_device[dev]
+        return Span((b.w0[None], b.u[None], b.v[None]), torch.tensor(
+            [[1.0, float(alphas[a]) * b.dx, float(betas[c]) * b.dy] for a, c in cells], dtype=torch.float64))
+
     def store(cell: list[int], m: dict[str, float]) -> None:
         for n in names:
             if len(cell) == 1:
@@ -371,7 +383,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write,
-                       flush=write)
+                       flush=write, span_of=span_of)
     with finishing(metrics, len(mine)):
         summary = grid_summary(grid, at_points)
         if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)

@@ -95,25 +95,43 @@ def deterministic(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+class _FullFloat32:
+    """What ``full_float32`` shares between threads: how many are inside it, and the settings as they were when
+    the first went in (restored when the last comes out: two threads each restoring what it saw left TF32 off
+    when their blocks overlapped)."""
+
+    lock = threading.Lock()
+    depth = 0
+    saved: list[tuple[Any, str, Any]] = []
+
+
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """Full float32 convolutions and matrix products on CUDA (TF32 off) inside the block; the settings as they
-    were after it. Recent PyTorch has per-backend ``fp32_precision`` settings: reading the older ``allow_tf32``
-    flags raises there once a user has set the newer ones (and setting them leaves a ``'medium'`` matmul precision
-    in a state that ``torch.get_float32_matmul_precision()`` refuses to read), so those are used where they exist."""
+    were after it (after the last block to end, where threads' blocks overlap: the settings are per process).
+    Recent PyTorch has per-backend ``fp32_precision`` settings: reading the older ``allow_tf32`` flags raises
+    there once a user has set the newer ones (and setting them leaves a ``'medium'`` matmul precision in a state
+    that ``torch.get_float32_matmul_precision()`` refuses to read), so those are used where they exist."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
         settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
     else:
         settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    saved = [getattr(owner, name) for owner, name, _ in settings]
+    state = _FullFloat32
+    with state.lock:
+        if state.depth == 0:
+            state.saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+            for owner, name, value in settings:
+                setattr(owner, name, value)
+        state.depth += 1
     try:
-        for owner, name, value in settings:
-            setattr(owner, name, value)
         yield
     finally:
-        for (owner, name, _), value in zip(settings, saved):
-            setattr(owner, name, value)
+        with state.lock:
+            state.depth -= 1
+            if state.depth == 0:
+                for owner, name, value in state.saved:
+                    setattr(owner, name, value)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,13 +142,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TRAINING = threading.RLock()
 
 
-def _new_lock_after_fork() -> None:  # a child forked while another thread trained would wait for it forever
+def _new_locks_after_fork() -> None:  # a child forked while another thread held one would wait for it forever
     global _TRAINING
     _TRAINING = threading.RLock()
+    _FullFloat32.lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which never forks)
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 @contextlib.contextmanager

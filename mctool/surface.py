@@ -33,7 +33,7 @@ from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split
 from .options import (MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, expand_patterns,
                       file_list)
-from .batched import DEFAULT_POINTS_PER_PASS, check_points_per_pass
+from .batched import DEFAULT_POINTS_PER_PASS, Span, check_points_per_pass
 from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
 from .points import check_shard, finishing, shard_tasks, shard_text
@@ -362,6 +362,12 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             w_dev, d_dev = on_device[dev]
             return w_dev + sum(float(coords[a][k]) * d_dev[a] for a, k in enumerate(cell))
 
+        def span_of(cells: list[list[int]], dev: torch.device) -> Span:  # w + sum of coordinate x direction
+            weights_of(cells[0], dev)
+            w_dev, d_dev = on_device[dev]
+            rows = [[1.0] + [float(coords[a][cell[a]]) if cell else 0.0 for a in range(dims)] for cell in cells]
+            return Span((w_dev[None], d_dev), torch.tensor(rows, dtype=torch.float64))
+
         def store(cell: list[int], m: dict[str, float]) -> None:
             for n in names:
                 if cell:
@@ -381,7 +387,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start,
-                       flush=write)
+                       flush=write, span_of=span_of)
     else:
         save_directions()
     with finishing(metrics, len(mine)):

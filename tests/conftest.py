@@ -61,6 +61,25 @@ def cli() -> Cli:
     return Cli()
 
 
+def assert_metrics_close(got, want, rtol: float = 1e-5, err_atol: float = 0.01, path: str = "") -> None:
+    """Two ``--json`` metrics trees (dicts, lists, numbers, None) agree: the same shape, and numbers to ``rtol``
+    (float rounding: runs whose passes group the networks differently, docs/performance.md#a-first-layer-per-
+    control-point), error rates to ``err_atol`` (an image near a tie may flip)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            assert_metrics_close(got[k], want[k], rtol, err_atol, f"{path}/{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_metrics_close(g, w, rtol, err_atol, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        atol = err_atol if "/err" in path else 0.0
+        assert got == pytest.approx(want, rel=rtol, abs=atol, nan_ok=True), path
+    else:
+        assert got == want, path
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory) -> list[Path]:
     """Two small MLPs trained on digits from different seeds."""

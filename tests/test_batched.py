@@ -3,6 +3,7 @@ that do not divide the points, resume, and architectures that cannot be widened.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import shutil
@@ -21,6 +22,8 @@ from mctool.evaluation import evaluate_weights
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
 from mctool.models import build_model
+
+from conftest import assert_metrics_close
 
 CPU = ["--device", "cpu"]
 
@@ -123,7 +126,11 @@ def test_convolutional_networks_go_one_per_pass_on_the_cpu(monkeypatch, recwarn)
     layout = ParamLayout.of(cat)
     assert not batched.pays_off(cat, torch.device("cpu")) and batched.pays_off(cat, torch.device("cuda"))
     assert batched.pays_off(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), torch.device("cpu"))
+    # a convolution that cannot be widened (transposed) is one too: one per pass, not "cannot be widened"
+    up = nn.Sequential(nn.ConvTranspose2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 64, 10))
+    assert not batched.pays_off(up, torch.device("cpu")) and batched.pays_off(up, torch.device("cuda"))
     assert batched.wide_for(cat, 2, layout, data, channels_last=False, what="x") is None
+    assert batched.wide_for(up, 2, ParamLayout.of(up), data, channels_last=False, what="x") is None
     assert WideNetwork.of(cat, 2, layout, next(iter(data.eval.batches(8)))[0]) is not None  # it could be widened
     calls = []
     monkeypatch.setattr(batched, "evaluate_many", lambda *a, **k: calls.append(a))
@@ -200,6 +207,24 @@ def test_evaluate_curve_in_passes_that_do_not_divide_the_points(cli, tmp_path, d
         np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1.5 / 360)
 
 
+def _inputs(command: str, tmp_path: Path, digits_models: list[Path], grid: int) -> tuple[list[Path], list[str]]:
+    """Input files and size options of a small run of ``command`` (evaluate-curve: 9 points of the line between
+    the two digits models; plane: a grid x grid plane through them and a third network off their line;
+    surface: a 2-D grid x grid surface around the first)."""
+    from mctool.checkpoint import load_model, save_model
+
+    third = load_model(digits_models[0])  # a third point off the line through the two
+    with torch.no_grad():
+        for p in third.model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    save_model(tmp_path / "c.safetensors", third.model, third.meta)
+    files = {"evaluate-curve": digits_models, "plane": [digits_models[0], tmp_path / "c.safetensors", digits_models[1]],
+             "surface": digits_models[:1]}[command]
+    size = {"evaluate-curve": ["--num-points", "9"], "plane": ["--grid-points", str(grid), "--curve-points", "2"],
+            "surface": ["--grid-points", str(grid), "--dims", "2"]}[command]
+    return files, size
+
+
 @pytest.mark.parametrize("command", ["evaluate-curve", "plane", "surface"])
 def test_the_file_is_written_once_per_pass_not_once_per_point(cli, tmp_path, digits_models, monkeypatch, command):
     """Each write builds and fsyncs the whole file (30-50 ms): per point it was 40-65% of a small run."""
@@ -209,17 +234,7 @@ def test_the_file_is_written_once_per_pass_not_once_per_point(cli, tmp_path, dig
     for module in ("mctool.curve_eval", "mctool.plane", "mctool.surface"):
         monkeypatch.setattr(importlib.import_module(module), "write_h5",
                             lambda *a, **k: writes.append(1) or real(*a, **k), raising=False)
-    from mctool.checkpoint import load_model, save_model
-
-    third = load_model(digits_models[0])  # a third point off the line through the two
-    with torch.no_grad():
-        for p in third.model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    save_model(tmp_path / "c.safetensors", third.model, third.meta)
-    files = {"evaluate-curve": digits_models, "plane": [digits_models[0], tmp_path / "c.safetensors", digits_models[1]],
-             "surface": digits_models[:1]}[command]
-    size = {"evaluate-curve": ["--num-points", "9"], "plane": ["--grid-points", "3", "--curve-points", "2"],
-            "surface": ["--grid-points", "3", "--dims", "2"]}[command]
+    files, size = _inputs(command, tmp_path, digits_models, grid=3)
     cli(command, *files, *size, "-m", tmp_path / "x.h5", "--points-per-pass", "4", *CPU, "-q")
     points = {"evaluate-curve": 9, "plane": 3 + 9, "surface": 1 + 9}[command]
     passes = -(-points // 4)
@@ -288,6 +303,13 @@ def test_ensemble_members_in_passes(cli, tmp_path, digits_models):
     assert e1.keys() == e3.keys()
     for k in e1:
         torch.testing.assert_close(e3[k], e1[k], rtol=0, atol=0)  # the members' weights themselves
+    # 8 points of the curve to a pass: the MLP's first layer from the 3 control points (batched.Span)
+    with _spans_used() as used:
+        eight = cli.json("ensemble", curve, "--num-points", "9", "--points-per-pass", "8", *CPU)
+    assert used == [["net.1"]]  # then the ninth point alone
+    one = cli.json("ensemble", curve, "--num-points", "9", "--points-per-pass", "1", *CPU)
+    assert_metrics_close([r["metrics"] for r in eight["models"]] + [eight["metrics"]],
+                         [r["metrics"] for r in one["models"]] + [one["metrics"]])
 
 
 @pytest.mark.parametrize("arch", ["cifar_preresnet20", "mlp", "wide"])
@@ -417,3 +439,203 @@ def test_full_float32_keeps_the_newer_precision_settings():
     finally:
         torch.set_float32_matmul_precision(saved[1])
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[0]
+
+
+# --- A first linear layer per control point (Span) ---------------------------------------------------------------
+
+
+def _bezier_span(model: nn.Module, layout: ParamLayout, ts: list[float]) -> tuple[torch.Tensor, batched.Span]:
+    """Networks at ``ts`` on a Bezier curve with one bend through three points around ``model``, and their span."""
+    from mctool.curves import coefficients
+
+    controls = _points(model, layout, 3)
+    c = torch.stack([coefficients("bezier", 1, t) for t in ts])
+    return c.float() @ controls, batched.Span((controls[:1], controls[1:]), c)
+
+
+def _uses(wide: WideNetwork) -> list[str]:
+    return [name for name, layer in wide.input_layers.items() if layer.basis is not None]
+
+
+@contextlib.contextmanager
+def _spans_used():
+    """Record, for every ``WideNetwork.assign`` given a span, the input layers that compute from it (``_uses``)."""
+    used: list[list[str]] = []
+    real = WideNetwork.assign
+
+    def spy(self, w, sp=None):
+        real(self, w, sp)
+        if sp is not None:
+            used.append(_uses(self))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(WideNetwork, "assign", spy)
+        yield used
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_a_span_gives_the_metrics_and_statistics_of_each_networks_own_weights(batch_norm):
+    torch.manual_seed(0)
+    data = load_data("synthetic:size=16,channels=3,train=96,test=40")
+    model = build_model("mlp", 10, 3, {"img_size": 16, "hidden": 32, "batch_norm": batch_norm})
+    layout = ParamLayout.of(model)
+    ts = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]  # passes of 4, 4 and one network alone
+    weights, span = _bezier_span(model, layout, ts)
+    opts = dict(wd=5e-4, batch_size=32, bn_batches=2)
+    many = ManyEvaluator(model, layout, data, points_per_pass=4, **opts)
+    with _spans_used() as spans:
+        got = many.evaluate(weights, span)
+    assert spans == [["net.1"], ["net.1"]]  # the first layer (768 inputs) of both passes of 4 from the span
+    one = ManyEvaluator(model, layout, data, points_per_pass=1, **opts).evaluate(weights)
+    for k, (g, want) in enumerate(zip(got, one)):
+        for name in want:  # float rounding only: a product reassociated over 768 inputs
+            tol = 1.5 / len(data.eval) if name.endswith("err") else 1e-4 * max(1.0, abs(want[name]))
+            assert g[name] == pytest.approx(want[name], abs=tol), (k, name)
+    if batch_norm:  # each copy's recalibrated statistics are its own network's
+        wide = many._wide(4)
+        wide.assign(weights[:4], span.rows(0, 4))
+        assert _uses(wide) == ["net.1"]
+        recalibrate_bn(wide, data.train, batch_size=32, max_batches=2)
+        for k in range(4):
+            layout.assign(model, weights[k])
+            recalibrate_bn(model, data.train, batch_size=32, max_batches=2)
+            mine = wide.running_stats(k)
+            for name, buf in model.named_buffers():
+                if buf.dtype.is_floating_point:
+                    torch.testing.assert_close(mine[name], buf, rtol=1e-5, atol=1e-6)
+
+
+def test_a_span_is_used_only_where_it_computes_less():
+    torch.manual_seed(0)
+    data = load_data("digits")
+    probe = next(iter(data.eval.batches(8)))[0]
+    model = build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16})
+    layout = ParamLayout.of(model)
+    for p, ts, want in [
+            (8, [k / 7 for k in range(8)], ["net.1"]),  # 8 networks from 3 vectors: 5 x 64 inputs saved per output
+            (4, [0.2, 0.4, 0.6, 0.8], []),  # 4 from 3 on 64 inputs: the mixing would cost more than it saves
+            (4, [0.0] * 4, ["net.1"])]:  # 4 copies of one vector (the others' coefficients all 0)
+        wide = WideNetwork.of(model, p, layout, probe)
+        weights, span = _bezier_span(model, layout, ts)
+        wide.assign(weights, span)
+        assert _uses(wide) == want, (p, ts)
+        with torch.no_grad():
+            got = wide(probe)
+            wide.assign(weights)  # no span: every copy from its own weights
+            assert _uses(wide) == []
+            torch.testing.assert_close(got, wide(probe), rtol=1e-5, atol=1e-6)
+    conv = build_model("cifar_convfc", 10, 1, {"img_size": 8})  # a convolution reads the input: nothing to use
+    conv_layout = ParamLayout.of(conv)
+    wide = WideNetwork.of(conv, 8, conv_layout, probe)
+    assert wide is not None and wide.input_layers == {}
+    weights, span = _bezier_span(conv, conv_layout, [k / 7 for k in range(8)])
+    wide.assign(weights, span)
+    wide, weights, span = _eight_mlp_points(torch.randn(8, 3, 16, 16))
+    wide.compile()  # a compiled forward reads each copy's own weights (its graph is fixed)
+    wide.assign(weights, span)
+    assert _uses(wide) == []
+
+
+def _eight_mlp_points(probe: torch.Tensor) -> tuple[WideNetwork, torch.Tensor, batched.Span]:
+    """8 points of a Bezier curve of MLPs on 3 x 16 x 16 images, their span, and their wide network."""
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, 3, {"img_size": 16, "hidden": 32})
+    layout = ParamLayout.of(model)
+    weights, span = _bezier_span(model, layout, [k / 7 for k in range(8)])
+    return WideNetwork.of(model, 8, layout, probe), weights, span
+
+
+def test_a_span_in_bf16_mixes_in_float32():
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    wide, weights, span = _eight_mlp_points(x[:8])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        wide.assign(weights, span)
+        assert _uses(wide) == ["net.1"]
+        got = wide(x)
+        wide.assign(weights)
+        want = wide(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # both round the first layer's outputs to bf16 (8 bits: 0.4%) once; the logits pass two more layers
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03 * float(want.abs().max()))
+
+
+def test_a_span_that_does_not_give_the_weights_is_refused():
+    wide, weights, span = _eight_mlp_points(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    controls = torch.cat(span.controls)
+    bad = [batched.Span((controls * 1.001,), span.coefficients),  # other vectors
+           batched.Span((controls,), span.coefficients.flip(0)),  # coefficients of other networks
+           batched.Span((controls[:2],), span.coefficients),  # too few vectors
+           batched.Span((controls,), span.coefficients[:4]),  # too few networks
+           batched.Span((controls[:, :-1],), span.coefficients)]  # vectors of another size
+    for sp in bad:
+        with pytest.raises(ValueError, match="span"):
+            wide.assign(weights, sp)
+    wide.assign(weights, span)
+    assert _uses(wide) == ["net.1"]
+    overflowed = weights.clone()
+    overflowed[:, 0] = float("inf")  # (the first weight is in the sample): each network from its own weights
+    wide.assign(overflowed, span)
+    assert _uses(wide) == []
+    wide.assign(torch.zeros_like(weights), batched.Span(span.controls, torch.zeros_like(span.coefficients)))
+    assert _uses(wide) == []  # no vector used at all
+
+
+@pytest.mark.parametrize("command", ["evaluate-curve", "plane", "surface"])
+def test_commands_give_an_mlps_first_layer_its_span(cli, tmp_path, digits_models, monkeypatch, command):
+    """evaluate-curve (a line: 2 vectors), plane and surface (origin and 2 directions) pass their points' span;
+    the results are those of one network per pass."""
+    files, size = _inputs(command, tmp_path, digits_models, grid=4)
+    cli(command, *files, *size, "-m", tmp_path / "one.h5", "--points-per-pass", "1", *CPU, "-q")
+    used = []
+    real = batched.evaluate_many
+
+    def spy(wide, *a, **k):
+        out = real(wide, *a, **k)
+        used.append(bool(_uses(wide)))
+        return out
+
+    monkeypatch.setattr(batched, "evaluate_many", spy)
+    cli(command, *files, *size, "-m", tmp_path / "eight.h5", "--points-per-pass", "8", *CPU, "-q")
+    # evaluate-curve: 8 points of a line, then one alone; plane: a pass with the three points (given as
+    # themselves, not of the span), one of 8 cells, the last 3 cells (3 networks of 3 vectors: nothing to save);
+    # surface: the centre and 15 cells in two passes, 1 cell alone
+    assert used == {"evaluate-curve": [True], "plane": [False, True, False],
+                    "surface": [True, True]}[command], used
+    one, _ = read_h5(tmp_path / "one.h5")
+    eight, _ = read_h5(tmp_path / "eight.h5")
+    for name in one:
+        if name.endswith(("loss", "nll")):
+            np.testing.assert_allclose(eight[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_full_float32_in_overlapping_threads_leaves_the_settings_as_they_were():
+    """Two threads' blocks overlapping (A in, B in, A out, B out): each used to restore what it found, and B had
+    found TF32 off, so it stayed off. The settings are the process's: restored when the last block ends."""
+    import threading
+
+    from mctool.runtime import full_float32
+
+    before = _tf32_settings()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with full_float32():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with full_float32():
+            b_in.set()
+            a_out.wait(10)
+            seen["inside, after A ended"] = _tf32_settings()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside, after A ended": (False, False)}
+    assert _tf32_settings() == before

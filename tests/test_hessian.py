@@ -402,3 +402,12 @@ def test_hessian_through_a_hard_sigmoid_gate():
     fd = (grad(w + eps * v) - grad(w - eps * v)) / (2 * eps)
     assert torch.allclose(hv, fd, rtol=1e-3, atol=1e-3 * float(fd.abs().max()))
     assert "forward" not in vars(model[2])
+
+
+def test_recorded_settings_that_are_no_option_are_named_as_recorded():
+    """A hessian file's ``points_kind`` (what its points are: a network, a curve, a segment) is no option: a
+    --resume that finds it changed names it as the file records it, not as a '--points-kind' that does not exist."""
+    from mctool.options import setting_name
+
+    assert setting_name("points_kind") == "points_kind" and setting_name("points") == "points"
+    assert setting_name("num_points") == "--num-points" and setting_name("trace_samples") == "--trace-samples"

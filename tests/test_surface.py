@@ -17,7 +17,7 @@ from torch import nn
 import mctool
 import mctool.plots as plots
 from mctool.checkpoint import load_model
-from conftest import Cli
+from conftest import Cli, assert_metrics_close
 from mctool.errors import ConfigError
 from mctool.flat import ParamLayout
 from mctool.h5io import read_h5
@@ -158,7 +158,7 @@ def test_resume_after_an_interruption(cli, tmp_path, digits_models, monkeypatch)
     assert "1 of 4 points are saved" in msg  # the network itself, then 3 grid points
     monkeypatch.setattr(batched, "evaluate_weights", real)
     r = cli.json("surface", *args, "-m", tmp_path / "s.h5", "--resume")
-    assert r["metrics"] == full["metrics"]
+    assert_metrics_close(r["metrics"], full["metrics"])  # one network per pass vs the 4 in one pass
     assert "other settings" in cli.error("surface", a, "--grid-points", "3", "--dims", "1", "--seed", "6", *CPU,
                                          "-m", tmp_path / "s.h5", "--resume")
     # a 1-D figure marks the network with its own value (0 is not a grid point of an even grid)
@@ -353,11 +353,15 @@ def test_a_surface_in_shards_merges_into_the_whole_run(cli, tmp_path, trajectory
     assert np.isnan(shard0["test/err"]).sum() == 6  # 10 points (the network + 9 cells): shard 0 has 4
     r = cli.json("merge", *[tmp_path / f"s{i}.h5" for i in (2, 0, 1)], "-o", tmp_path / "merged.h5", "--plot",
                  tmp_path / "merged.png")
-    assert r["kind"] == "surface" and r["shards"] == 3 and r["metrics"] == whole["metrics"]
+    assert r["kind"] == "surface" and r["shards"] == 3
+    assert_metrics_close(r["metrics"], whole["metrics"])  # the shards' passes group the cells otherwise
     merged, attrs = read_h5(tmp_path / "merged.h5")
     want, _ = read_h5(tmp_path / "whole.h5")
-    for name in ("train/loss", "test/err", "at_points/test/nll", "trajectory", "alpha", "beta"):
+    for name in ("trajectory", "alpha", "beta"):
         np.testing.assert_array_equal(merged[name], want[name])
+    for name in ("train/loss", "at_points/test/nll"):
+        np.testing.assert_allclose(merged[name], want[name], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(merged["test/err"], want["test/err"], rtol=0, atol=0.01)
     assert attrs["directions_file"] == "merged-directions.safetensors"
     assert torch.equal(load_file(tmp_path / "merged-directions.safetensors")["directions"],
                        load_file(tmp_path / "whole-directions.safetensors")["directions"])
