@@ -232,3 +232,31 @@ def test_a_deep_network_is_widened_despite_tf32():
     model = build_model("cifar_preresnet110", 10, 3, {}).to(DEV).eval()
     probe = torch.randn(8, 3, 32, 32, device=DEV)
     assert WideNetwork.of(model, 4, ParamLayout.of(model), probe) is not None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_mlps_first_layer_from_a_span_matches_its_own_weights(precision):
+    """8 points of a Bezier curve of MLPs to a pass on the GPU: the first layer from the 3 control points
+    (``batched.Span``) gives the metrics of each network's own weights (one at a time)."""
+    from mctool.batched import ManyEvaluator, Span
+    from mctool.curves import coefficients
+
+    torch.manual_seed(0)
+    data = load_data(SYNTH, device=DEV)
+    model = build_model("mlp", 4, 3, {"img_size": 16, "hidden": 64, "batch_norm": True}).to(DEV)
+    layout = ParamLayout.of(model)
+    w = layout.flatten(dict(model.named_parameters()))
+    g = torch.Generator(device=DEV).manual_seed(1)
+    controls = torch.stack([w + 0.05 * w.abs().mean() * torch.randn(w.numel(), device=DEV, generator=g)
+                            for _ in range(3)])
+    c = torch.stack([coefficients("bezier", 1, k / 7) for k in range(8)])
+    weights = c.float().to(DEV) @ controls
+    opts = dict(wd=5e-4, batch_size=64, precision=precision)
+    many = ManyEvaluator(model, layout, data, points_per_pass=8, **opts)
+    got = many.evaluate(weights, Span((controls,), c))
+    assert [n for n, layer in many._wide(8).input_layers.items() if layer.basis is not None] == ["net.1"]
+    want = ManyEvaluator(model, layout, data, points_per_pass=1, **opts).evaluate(weights)
+    for a, b in zip(got, want):
+        for name in b:  # TF32 or bf16 matrix products, summed in another order: ~1e-3 relative (bf16 ~1e-2)
+            tol = 1.5 / 64 if name.endswith("err") else (2e-2 if precision == "bf16" else 2e-3) * max(1.0, abs(b[name]))
+            assert a[name] == pytest.approx(b[name], abs=tol), name
