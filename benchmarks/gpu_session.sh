@@ -38,6 +38,9 @@ part() { [[ " $SKIP " != *" $1 "* ]]; }
 # evalbatch: runs of the evaluation alone, each "P:variants:archs[:eval batch size]" (commas inside), in order; those in
 # EVAL_RUNS_LATE after evalcompile
 EVAL_RUNS=${EVAL_RUNS-"8:bf16+cl,bf16+cl+tune:cifar_preresnet110,cifar_vgg16 16:bf16+cl:cifar_preresnet110"}
+# (an MLP's first layer from its points' control points, unmeasured on a GPU: batched_direct_over_sequential)
+EVAL_RUNS_LATE=${EVAL_RUNS_LATE-"8:fp32,bf16:mlp"}
+EVAL_RUN=0  # numbers the runs' output files
 
 if part tests && fits 60 tests; then
 log "pytest tests/test_cuda.py"
@@ -52,14 +55,15 @@ for run in $1; do
   IFS=: read -r P VARIANTS ARCHS BS <<<"$run"
   BS=${BS:-1024}
   fits 60 "evaluation, $P networks to a pass, batch $BS" || break
-  log "bench --full --eval-only, $P networks to a pass, batch $BS: $VARIANTS on $ARCHS"
+  EVAL_RUN=$((EVAL_RUN + 1)); NAME="bench-eval-$EVAL_RUN-p$P-b$BS"
+  log "bench --full --eval-only, $P networks to a pass, batch $BS: $VARIANTS on $ARCHS ($NAME)"
   # the reference-style baseline once, in the first run (the issue wants it measured in the same session)
   REF=--no-reference; [ -z "${EVAL_REFERENCE_DONE:-}" ] && REF=--reference && EVAL_REFERENCE_DONE=1
   timeout "$(limit "${T_EVALBATCH:-150}")" $PY benchmarks/bench.py --full --eval-only $REF \
     --points-per-pass "$P" --eval-batch-size "$BS" --eval-reps "${EVAL_REPS:-2}" --variants ${VARIANTS//,/ } \
-    --archs ${ARCHS//,/ } --out "$OUT/bench-eval-p$P-b$BS.json" >"$OUT/bench-eval-p$P-b$BS.txt" 2>&1
-  echo "rc=$?" >>"$OUT/bench-eval-p$P-b$BS.txt"
-  grep -v Warning "$OUT/bench-eval-p$P-b$BS.txt"
+    --archs ${ARCHS//,/ } --out "$OUT/$NAME.json" >"$OUT/$NAME.txt" 2>&1
+  echo "rc=$?" >>"$OUT/$NAME.txt"
+  grep -v Warning "$OUT/$NAME.txt"
 done
 }
 evalbatch "$EVAL_RUNS"
@@ -89,7 +93,7 @@ echo "rc=$?" >>"$OUT/bench-evalcompile.txt"
 grep -v Warning "$OUT/bench-evalcompile.txt"
 fi
 
-evalbatch "${EVAL_RUNS_LATE:-}"
+evalbatch "$EVAL_RUNS_LATE"
 
 if part bench && fits 120 bench; then
 log "bench --full"

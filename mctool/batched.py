@@ -184,8 +184,9 @@ class Span(NamedTuple):
         return Span(self.controls, self.coefficients[start:stop])
 
 
-#: Weight entries of a layer compared with their ``Span`` combination (a strided sample: a wrong span shows in
-#: every entry, and the whole comparison would cost what the span saves on small data sets).
+#: Weight entries of a layer compared with their ``Span`` combination: every (size // this)-th, 4,096 to 8,191 of
+#: them (a strided sample: a wrong span shows in every entry, and the whole comparison would cost what the span
+#: saves on small data sets).
 _SPAN_SAMPLE = 4096
 
 
@@ -208,7 +209,15 @@ class WideNetwork(nn.Module):
         object.__setattr__(self, "_run", CompiledForward(self.net, f"the evaluation forward of {self.p} networks "
                                                                    "side by side"))
         self._compiled = True
+        for layer in self.input_layers.values():
+            layer.basis = None
         return self
+
+    @property
+    def takes_span(self) -> bool:
+        """Whether ``assign`` can use a ``Span``: a linear layer reads the input, and the forward is not compiled
+        (a caller may then skip building one)."""
+        return bool(self.input_layers) and not self._compiled
 
     def use_channels_last(self) -> "WideNetwork":
         """Run 2-D convolutions in channels-last memory format (weights now, each input batch as it comes)."""
@@ -310,13 +319,15 @@ class WideNetwork(nn.Module):
         """Set the P copies' parameters from flat vectors ``weights`` [P, N] (``layout`` order). With ``span``
         (the same networks as combinations of K vectors, ``Span``), a linear layer that reads the input itself
         computes its output once per vector the pass uses and mixes them (where that ``pays``): the same
-        outputs up to float rounding. ValueError if ``span`` does not give ``weights``."""
-        bases = self._bases(weights, span) if span is not None and self.input_layers and not self._compiled else {}
-        unused = {f"{name}.{p}" for name in bases for p in ("weight", "bias")}  # a layer with a basis reads these not
+        outputs up to float rounding. ValueError if ``span`` does not give ``weights`` (the networks are then
+        those of the previous call). Every parameter is set all the same: a layer may also be called on other
+        features (weights tied across depth), and nothing reads a copy left from another pass."""
+        for layer in self.input_layers.values():
+            layer.basis = None
+        bases = self._bases(weights, span) if span is not None and self.takes_span else {}
         for name, chunk, shape in zip(self.layout.names, torch.split(weights, self.layout.numels, dim=1),
                                       self.layout.shapes):
-            if name not in unused:
-                self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
+            self._params[name].copy_(chunk.reshape(self.p * shape[0], *shape[1:]))
         for name, layer in self.input_layers.items():
             layer.basis = bases.get(name)
 
@@ -335,24 +346,23 @@ class WideNetwork(nn.Module):
             return {}
         offsets = dict(zip(self.layout.names, torch.tensor([0, *self.layout.numels]).cumsum(0).tolist()))
         sizes = dict(zip(self.layout.names, self.layout.numels))
-        mix = c.to(weights.device, torch.float32)
-        rows = torch.tensor(used, device=weights.device)
-
+        dev = next(iter(layers.values())).weight.device  # (the wide network's; the caller's may be others)
         parts = {}
         for param in [f"{name}.{kind}" for name, layer in layers.items() for kind in ("weight", "bias")
                       if kind == "weight" or layer.bias is not None]:
-            # the vectors' part of the parameter, compared with the networks' own on a strided sample
-            part = torch.cat([b[:, offsets[param]:offsets[param] + sizes[param]] for b in controls]).index_select(
-                0, rows)
-            given = weights[:, offsets[param]:offsets[param] + sizes[param]:max(1, sizes[param] // _SPAN_SAMPLE)]
+            # the vectors' part of the parameter, compared with the networks' own on a strided sample in float64
+            # (exact for the combination whatever the float32 matmul precision: TF32 would round it to 1e-3)
+            lo, hi, step = offsets[param], offsets[param] + sizes[param], max(1, sizes[param] // _SPAN_SAMPLE)
+            part = torch.cat([b[:, lo:hi].to(dev) for b in controls]).index_select(0, torch.tensor(used, device=dev))
+            given = weights[:, lo:hi:step].to(dev, torch.float64)
             if not bool(torch.isfinite(given).all()):
                 return {}  # (overflowed weights: each network's own give what they give)
-            with torch.autocast(weights.device.type, enabled=False):  # (in float32 whatever the caller's autocast)
-                sample = part[:, ::max(1, sizes[param] // _SPAN_SAMPLE)].float()
-                got, scale = (mix @ sample).to(given.dtype), mix.abs() @ sample.abs()
+            sample = part[:, ::step].double()
+            got, scale = c.to(dev) @ sample, c.abs().to(dev) @ sample.abs()
             if not bool(((got - given).abs() <= 1e-5 * scale + 1e-30).all()):
                 raise ValueError(f"the span does not give these networks' weights ({param})")
             parts[param] = part.reshape(-1, *self._params[param].shape[1:])
+        mix = c.to(dev, torch.float32)
         return {name: (parts[f"{name}.weight"], parts.get(f"{name}.bias"), mix) for name in layers}
 
     @torch.no_grad()

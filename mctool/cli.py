@@ -168,7 +168,8 @@ PointsPerPassOpt = Annotated[int, typer.Option(
          "network; each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not "
          "fit in memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
          "convolutional networks are (faster there). For curve points and plane or surface cells, a linear layer "
-         "that reads the input (an MLP's first) is computed once per control point of the pass.")]
+         "that reads the input (an MLP's first) is computed once per vector the pass's networks combine (control "
+         "points; origin and directions), where that computes less and without --compile.")]
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -161,13 +161,15 @@ class _MemberPasses:
                 out.append([m])
         return out
 
-    def span(self, chunk: list[Member], dev: torch.device) -> Span | None:
+    def span(self, chunk: list[Member], wide: WideNetwork) -> Span | None:
         """The pass's networks as combinations of one curve's control points (``batched.Span``: an MLP's first
-        layer computes less), when they are all points of that curve; the control points moved to ``dev`` once."""
+        layer computes less), when they are all points of that curve and ``wide`` can use them; the control
+        points moved to its device once."""
         spans = [m.span for m in chunk]
         first = spans[0]
-        if first is None or any(s is None or s[0] is not first[0] for s in spans):
+        if first is None or any(s is None or s[0] is not first[0] for s in spans) or not wide.takes_span:
             return None
+        dev = next(wide.parameters()).device
         if self._controls is None or self._controls[0] is not first[0]:
             self._controls = (first[0], first[0].to(dev))
         return Span((self._controls[1],), torch.stack([s[1] for s in spans if s is not None]))
@@ -259,7 +261,7 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
             wide = many.wide(chunk, models[0])
             if wide is not None:  # the pass's networks side by side: each batch read once
                 wide.assign(torch.stack([wide.layout.flatten(dict(m.named_parameters())) for m in models]),
-                            many.span(chunk, dev))
+                            many.span(chunk, wide))
                 wide.assign_buffers([dict(m.named_buffers()) for m in models])
                 if chunk[0].recalibrate:
                     recalibrated |= recalibrate_bn(wide, data.train, batch_size=batch_size, max_batches=bn_batches,

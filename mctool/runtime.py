@@ -96,13 +96,28 @@ def deterministic(enabled: bool) -> Iterator[None]:
 
 
 class _FullFloat32:
-    """What ``full_float32`` shares between threads: how many are inside it, and the settings as they were when
-    the first went in (restored when the last comes out: two threads each restoring what it saw left TF32 off
-    when their blocks overlapped)."""
+    """What ``full_float32`` shares between threads: how deep each thread is inside it, and the settings as they
+    were when the first block began (restored when the last ends: two threads each restoring what it found left
+    TF32 off when their blocks overlapped)."""
 
     lock = threading.Lock()
-    depth = 0
+    inside: dict[int, int] = {}  # thread ident -> blocks it is in
     saved: list[tuple[Any, str, Any]] = []
+
+    @classmethod
+    def restore(cls) -> None:
+        for owner, name, value in cls.saved:
+            setattr(owner, name, value)
+        cls.saved = []
+
+    @classmethod
+    def after_fork(cls) -> None:
+        """In a forked child only the forking thread goes on: the other threads' blocks will never end."""
+        cls.lock = threading.Lock()
+        me = threading.get_ident()
+        cls.inside = {me: cls.inside[me]} if me in cls.inside else {}
+        if not cls.inside and cls.saved:
+            cls.restore()
 
 
 @contextlib.contextmanager
@@ -117,21 +132,26 @@ def full_float32() -> Iterator[None]:
         settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
     else:
         settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    state = _FullFloat32
+    state, me = _FullFloat32, threading.get_ident()
     with state.lock:
-        if state.depth == 0:
+        if not state.inside:
             state.saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
-            for owner, name, value in settings:
-                setattr(owner, name, value)
-        state.depth += 1
+            try:
+                for owner, name, value in settings:
+                    setattr(owner, name, value)
+            except BaseException:
+                state.restore()
+                raise
+        state.inside[me] = state.inside.get(me, 0) + 1
     try:
         yield
     finally:
         with state.lock:
-            state.depth -= 1
-            if state.depth == 0:
-                for owner, name, value in state.saved:
-                    setattr(owner, name, value)
+            state.inside[me] -= 1
+            if not state.inside[me]:
+                del state.inside[me]
+            if not state.inside:
+                state.restore()
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,7 +165,7 @@ _TRAINING = threading.RLock()
 def _new_locks_after_fork() -> None:  # a child forked while another thread held one would wait for it forever
     global _TRAINING
     _TRAINING = threading.RLock()
-    _FullFloat32.lock = threading.Lock()
+    _FullFloat32.after_fork()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which never forks)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -548,15 +552,51 @@ def _eight_mlp_points(probe: torch.Tensor) -> tuple[WideNetwork, torch.Tensor, b
 def test_a_span_in_bf16_mixes_in_float32():
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     wide, weights, span = _eight_mlp_points(x[:8])
+    layer = wide.input_layers["net.1"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         wide.assign(weights, span)
         assert _uses(wide) == ["net.1"]
         got = wide(x)
+        first = layer(x.flatten(1))
+        basis, bias, c = layer.basis
+        y = torch.nn.functional.linear(x.flatten(1), basis, bias)  # the K outputs, in bf16
         wide.assign(weights)
         want = wide(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    # both round the first layer's outputs to bf16 (8 bits: 0.4%) once; the logits pass two more layers
+    assert got.dtype == want.dtype == first.dtype == y.dtype == torch.bfloat16
+    # the mixing adds no rounding but the last one: float32 coefficients (2t(1 - t) at t = 1/7 has no bf16 value)
+    # times the bf16 outputs, summed in float32, rounded once to bf16
+    assert torch.equal(first, torch.matmul(c, y.float().unflatten(-1, (3, 32))).to(torch.bfloat16).flatten(-2))
+    assert not torch.equal(first, torch.matmul(c.bfloat16(), y.unflatten(-1, (3, 32))).flatten(-2))
+    # both ways round the first layer's outputs to bf16 (8 bits: 0.4%); the logits pass two more layers
     torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03 * float(want.abs().max()))
+
+
+class _Tied(nn.Module):
+    """One linear layer applied twice (weights tied across depth): on the input, then on its own output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3 * 16 * 16, 3 * 16 * 16), nn.Linear(3 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.relu(self.fc(x.flatten(1))))))
+
+
+def test_a_layer_that_reads_the_input_and_its_own_features_gets_its_weights_with_a_span():
+    torch.manual_seed(0)
+    model = _Tied()
+    layout = ParamLayout.of(model)
+    x = torch.randn(8, 3, 16, 16)
+    wide = WideNetwork.of(model, 8, layout, x)
+    assert wide is not None and list(wide.input_layers) == ["fc"]
+    weights, span = _bezier_span(model, layout, [k / 7 for k in range(8)])
+    with torch.no_grad():
+        wide.assign(weights.flip(0))  # another pass's networks first
+        wide.assign(weights, span)
+        assert _uses(wide) == ["fc"]
+        got = wide(x)  # the second call of fc reads its (wide) weights: this pass's, not the previous one's
+        wide.assign(weights)
+        torch.testing.assert_close(got, wide(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_span_that_does_not_give_the_weights_is_refused():
@@ -639,3 +679,42 @@ def test_full_float32_in_overlapping_threads_leaves_the_settings_as_they_were():
         t.join(20)
     assert seen == {"inside, after A ended": (False, False)}
     assert _tf32_settings() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_is_in_full_float32_gets_the_settings_back():
+    """Only the forking thread lives on in a child: the block another thread was in never ends there, so the
+    child restores the settings (they stayed TF32-off for good). A fresh interpreter: forking this one, with
+    torch's threads, would be unsafe."""
+    script = textwrap.dedent("""
+        import os, threading, torch
+        from mctool.runtime import full_float32
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        def tf32():
+            if hasattr(conv, "fp32_precision"):
+                return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+            return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        before, inside, leave = tf32(), threading.Event(), threading.Event()
+        def hold():
+            with full_float32():
+                inside.set()
+                leave.wait(30)
+        t = threading.Thread(target=hold)
+        t.start()
+        inside.wait(30)
+        held = tf32()
+        pid = os.fork()
+        if pid == 0:
+            ok = tf32() == before
+            with full_float32():
+                ok = ok and tf32() == held
+            os._exit(0 if ok and tf32() == before else 3)
+        _, status = os.waitpid(pid, 0)
+        leave.set()
+        t.join(30)
+        print(held != before, os.waitstatus_to_exitcode(status), tf32() == before)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["True", "0", "True"], out.stderr[-2000:]

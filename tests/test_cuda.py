@@ -234,10 +234,23 @@ def test_a_deep_network_is_widened_despite_tf32():
     assert WideNetwork.of(model, 4, ParamLayout.of(model), probe) is not None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "tf32"])
 def test_an_mlps_first_layer_from_a_span_matches_its_own_weights(precision):
     """8 points of a Bezier curve of MLPs to a pass on the GPU: the first layer from the 3 control points
-    (``batched.Span``) gives the metrics of each network's own weights (one at a time)."""
+    (``batched.Span``) gives the metrics of each network's own weights (one at a time); also with TF32 matrix
+    products allowed, under which the span's check must not round (it computes in float64)."""
+    matmul = torch.backends.cuda.matmul  # (its settings are not monkeypatch-able)
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    saved = getattr(matmul, name)
+    try:
+        if precision == "tf32":
+            setattr(matmul, name, value)
+        _span_points_match(precision if precision != "tf32" else "fp32")
+    finally:
+        setattr(matmul, name, saved)
+
+
+def _span_points_match(precision: str) -> None:
     from mctool.batched import ManyEvaluator, Span
     from mctool.curves import coefficients
 
