@@ -11,6 +11,9 @@ Prints (the fastest of --reps runs each; no gradients):
   4. the P networks in pieces of 64, one at a time on all threads vs two at once on one thread each (Python
      threads here, to see the gain without launch costs: mctool gets it from torchrun ranks), plain and
      channels-last.
+  5. a linear layer (256 outputs) on 512 shared inputs of 64 and of 3,072 features for P networks: the P
+     copies' weights in one matrix product vs K vectors' products mixed per network (``batched.Span``), for
+     (P, K) = (4, 3), (8, 3): where the rule ``_WideLinear.pays`` draws its line.
 docs/performance.md#on-the-cpu gives the figures of the development machine.
 """
 
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from mctool.batched import WideNetwork
+from mctool.batched import WideNetwork, _WideLinear
 from mctool.flat import ParamLayout
 from mctool.models import build_model
 
@@ -99,6 +102,16 @@ def main() -> None:
         torch.set_num_threads(threads)
         print(f"{'channels-last' if cl else 'plain'} pieces of 64: {nets} networks one at a time on {threads} "
               f"threads {one:.3f} s, two at once on one thread each {two:.3f} s ({two / one:.2f})")
+    for features in (64, 3072):
+        x = torch.randn(512, features)
+        for p, k in ((4, 3), (8, 3)):
+            w, b = torch.randn(p * 256, features), torch.randn(p * 256)
+            wk, bk, c = torch.randn(k * 256, features), torch.randn(k * 256), torch.rand(p, k)
+            whole = fastest(lambda: F.linear(x, w, b), 10 * args.reps)
+            mixed = fastest(lambda: torch.matmul(c, F.linear(x, wk, bk).unflatten(-1, (k, 256))), 10 * args.reps)
+            rule = _WideLinear(torch.nn.Linear(features, 256), p).pays(k)
+            print(f"linear layer on {features} shared features, P = {p}, K = {k}: P copies {1000 * whole:.2f} ms, "
+                  f"K mixed {1000 * mixed:.2f} ms ({mixed / whole:.2f}; the rule says {'mix' if rule else 'P'})")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def read_docs(topic: str | None = None) -> DocsResult:
     pages = documents()
     if topic is None:
         return DocsResult(command="docs", documents=pages, metrics=_NONE, seconds=time.time() - t0)
-    m = _TOPIC.fullmatch(topic.strip())
+    m = _TOPIC.fullmatch(topic.strip().lower())  # (pages and anchors are lower case: Method.md#BN finds them)
     page = next((p for p in pages if m is not None and p.name == m.group(1)), None)
     if page is None:
         names = ", ".join(p.name for p in pages)

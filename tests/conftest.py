@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,11 @@ import torch
 # "Error: " line. They are left out here, before typer is imported, for this process and the ones it starts.
 for _name in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "TERMINAL_WIDTH"):
     os.environ.pop(_name, None)
+# matplotlib keeps its font cache in MPLCONFIGDIR, else in the home folder: the tests' figures (and the commands
+# they start) leave the user's home alone, with a folder of their own for this run.
+if not os.environ.get("MPLCONFIGDIR"):
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="mctool-tests-mpl-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
 
 from typer.testing import CliRunner  # noqa: E402
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -56,20 +57,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _on_a_free_port(start: Callable[[int], list[subprocess.Popen]]) -> list[subprocess.CompletedProcess]:
+    """The ranks ``start(port)`` launches (rank 0 first), run to their end on a port that was free: another
+    process may take it between ``_free_port`` and rank 0's bind. Rank 0 then fails at once (the others would
+    wait for it, or talk to the taker): they are stopped and the launch is made again on another port (3 tries)."""
+    for attempt in range(3):
+        procs, out = start(_free_port()), []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=TIMEOUT)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+            if p is procs[0] and p.returncode and attempt < 2 and (
+                    "EADDRINUSE" in stderr or "address already in use" in stderr.lower()):
+                for other in procs[1:]:
+                    other.kill()
+                    other.communicate()
+                break
+        else:
+            return out
+    raise AssertionError("unreachable")
+
+
 def ranks(args_per_rank: list[list], cwds: list[Path] | None = None) -> list[subprocess.CompletedProcess]:
     """One ``python -m mctool`` per rank with RANK/WORLD_SIZE/... set, as a launcher (SLURM) starts them;
     each rank may get its own arguments (and working folder, as on its own node)."""
-    port, world = _free_port(), len(args_per_rank)
-    procs = [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=(cwds or [ROOT] * world)[r],
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r, args in enumerate(args_per_rank)]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=TIMEOUT)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    world = len(args_per_rank)
+    return _on_a_free_port(lambda port: [
+        subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=(cwds or [ROOT] * world)[r],
+                         env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port)))
+        for r, args in enumerate(args_per_rank)])
 
 
 def _workers(agent: int) -> list[int]:
@@ -455,14 +472,13 @@ with distributed.launched() as d:
 @pytest.mark.parametrize("where", ["sync", "points"])
 def test_a_stuck_rank_ends_the_wait_after_the_timeout(tmp_path, where):
     # rank 1 is stuck for 8 s (before a barrier, or in its point of the queue); rank 0 gives up after 2 s
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _STUCK_RANK, where], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                          MASTER_PORT=str(port)), "MCTOOL_DIST_TIMEOUT": "2"})
-             for r in range(2)]
-    out0, err0 = procs[0].communicate(timeout=TIMEOUT)
-    procs[1].communicate(timeout=TIMEOUT)
+    rank0, _ = _on_a_free_port(lambda port: [
+        subprocess.Popen([sys.executable, "-c", _STUCK_RANK, where], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env={**_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                                                   "MCTOOL_DIST_TIMEOUT": "2"})
+        for r in range(2)])
+    out0, err0 = rank0.stdout, rank0.stderr
     message, waited = out0.strip().splitlines()
     what = "the other ranks at the test barrier" if where == "sync" else "the points other ranks are evaluating"
     assert message == f"error: rank 0 waited 2 s for {what}; is another rank stuck? " \

@@ -21,7 +21,8 @@ def test_the_list_names_every_page_with_its_title(cli):
     assert cli("docs", "--path").stdout.strip() == str(ROOT / "docs")
 
 
-@pytest.mark.parametrize("topic", ["method.md#bn", "docs/method.md#bn", "./docs/method.md#bn", "method#bn"])
+@pytest.mark.parametrize("topic", ["method.md#bn", "docs/method.md#bn", "./docs/method.md#bn", "method#bn",
+                                   "Method.md#BN", "docs/METHOD#bn"])  # (case as a user may type it)
 def test_a_section_as_help_texts_cite_it(cli, topic):
     r = cli.json("docs", topic)
     assert r["section"] == "bn" and [d["name"] for d in r["documents"]] == ["method"]
