@@ -39,7 +39,8 @@ part() { [[ " $SKIP " != *" $1 "* ]]; }
 # evalbatch: runs of the evaluation alone, each "P:variants:archs[:eval batch size]" (commas inside), in order; those in
 # EVAL_RUNS_LATE after evalcompile
 EVAL_RUNS=${EVAL_RUNS-"8:bf16+cl,bf16+cl+tune:cifar_preresnet110,cifar_vgg16 16:bf16+cl:cifar_preresnet110"}
-# (an MLP's first layer from its points' control points, unmeasured on a GPU: batched_direct_over_sequential)
+# (an MLP's first layer from its points' control points, unmeasured on a GPU: batched_direct_over_sequential;
+# a minute or so of the default session, before bench; EVAL_RUNS_LATE= leaves it out)
 EVAL_RUNS_LATE=${EVAL_RUNS_LATE-"8:fp32,bf16:mlp"}
 EVAL_RUN=0  # numbers the runs' output files
 
@@ -174,11 +175,11 @@ P21_ARCH=${P21_ARCH:-cifar_preresnet110} P21_GRID=${P21_GRID:-21}
 P21_DATA=${P21_DATA:-synthetic:size=32,channels=3,classes=10,train=50000,test=10000}
 log "plane ${P21_GRID}x${P21_GRID} of $P21_ARCH on $P21_DATA, bf16 + channels-last"
 for s in 0 1 2; do  # three networks (one epoch on 256 images: the time does not depend on the weights)
-  $MC train -d synthetic:size=32,channels=3,classes=10,train=256,test=64 -a "$P21_ARCH" --epochs 1 --seed $s \
-    -o "$P21/n$s.safetensors" --device "$DEVICE" -q --force >>"$P21/plane.txt" 2>&1
+  timeout -k 10 "$(limit 90)" $MC train -d synthetic:size=32,channels=3,classes=10,train=256,test=64 \
+    -a "$P21_ARCH" --epochs 1 --seed $s -o "$P21/n$s.safetensors" --device "$DEVICE" -q --force >>"$P21/plane.txt" 2>&1
 done
 T0=$SECONDS
-timeout "$(limit "${T_PLANE21:-600}")" $MC plane "$P21"/n0.safetensors "$P21"/n1.safetensors "$P21"/n2.safetensors \
+timeout -k 10 "$(limit "${T_PLANE21:-600}")" $MC plane "$P21"/n0.safetensors "$P21"/n1.safetensors "$P21"/n2.safetensors \
   -d "$P21_DATA" --grid-points "$P21_GRID" --batch-size 1024 --precision bf16 --channels-last --device "$DEVICE" \
   -m "$P21/plane.h5" --json --force >"$P21/plane.json" 2>>"$P21/plane.txt"
 echo "rc=$? wall $((SECONDS - T0)) s" >>"$P21/plane.txt"
