@@ -147,9 +147,9 @@ def full_float32() -> Iterator[None]:
         yield
     finally:
         with state.lock:
-            state.inside[me] -= 1
-            if not state.inside[me]:
-                del state.inside[me]
+            depth = state.inside.pop(me) - 1  # (one step: an interruption here leaves no count of 0 behind)
+            if depth:
+                state.inside[me] = depth
             if not state.inside:
                 state.restore()
 
