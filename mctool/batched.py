@@ -271,8 +271,6 @@ class WideNetwork(nn.Module):
                 with torch.no_grad():
                     wide.assign(weights)
                     got = wide(probe).float()
-                    for hook in hooks:
-                        hook.remove()
                     want = []
                     for k in range(p):
                         layout.assign(model, weights[k])
@@ -284,7 +282,7 @@ class WideNetwork(nn.Module):
             finally:
                 layout.assign(model, w)
                 model.train(was)
-                for hook in hooks:
+                for hook in hooks:  # (the first forward found the input layers)
                     hook.remove()
             want = torch.stack(want, dim=1)
             if got.shape != want.shape:
