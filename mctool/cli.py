@@ -1410,7 +1410,7 @@ def docs_cmd(
     """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.
 
     Prints the page (or section) as formatted text on stdout; pipe it to 'less -R' to page through it."""
-    from .manual import for_terminal, read_docs
+    from .manual import read_docs, terminal_markdown
 
     try:
         r = read_docs(topic)
@@ -1426,9 +1426,7 @@ def docs_cmd(
             console.print(_safe(r.documents[0].path if topic is not None else
                                 str(Path(r.documents[0].path).parent) if r.documents else ""))
         elif r.text is not None:
-            from rich.markdown import Markdown
-
-            console.print(Markdown(for_terminal(r.text)))
+            console.print(terminal_markdown(r.text))
         else:
             t = _new_table("mctool docs TOPIC (also TOPIC.md#section)", ("page", "title"))
             for d in r.documents:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .results import DocsResult, Document
@@ -118,3 +119,26 @@ def read_docs(topic: str | None = None) -> DocsResult:
 def for_terminal(markdown: str) -> str:
     """The Markdown without the ``<a id>`` anchor lines, which a terminal would show as they are."""
     return "\n".join(line for line in markdown.splitlines() if not _ANCHOR.fullmatch(line.strip())) + "\n"
+
+
+def terminal_markdown(markdown: str) -> Any:
+    """A Rich ``Markdown`` of the page for a terminal (``for_terminal``), whose table cells fold a word too long
+    for its column onto the next lines: Rich cut it with an ellipsis, and the docs' tables hold long option
+    values, file names and anchors that a reader needs whole."""
+    from rich.markdown import Markdown
+    from rich.text import Text
+
+    cell = Markdown.elements.get("td_open")  # (Rich >= 13.2; older ones draw no tables)
+    if cell is None:
+        return Markdown(for_terminal(markdown))
+
+    class FoldingCell(cell):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if isinstance(getattr(self, "content", None), Text):
+                self.content.overflow = "fold"
+
+    class FoldingMarkdown(Markdown):
+        elements = {**Markdown.elements, "td_open": FoldingCell, "th_open": FoldingCell}
+
+    return FoldingMarkdown(for_terminal(markdown))

@@ -87,3 +87,21 @@ def test_a_repeated_heading_has_githubs_numbered_anchor():
     assert manual.section(text, "example", "page") == "## Example\n\none\n"
     assert manual.section(text, "example-1", "page") == "## Example\n\ntwo\n"
     assert manual.section(text, "example-2", "page") == "## Example\n\nthree\n"
+
+
+def test_a_table_cell_folds_a_word_too_long_for_its_column(cli):
+    """Rich cut such a word with an ellipsis (11 of them in `mctool docs cli` at 80 columns: option values,
+    file names); the reader needs it whole."""
+    import io
+
+    from rich.console import Console
+
+    from mctool.manual import terminal_markdown
+
+    word = "synthetic:size=32,channels=3,classes=10,train=50000,test=10000"
+    out = io.StringIO()
+    Console(file=out, width=40, color_system=None).print(
+        terminal_markdown(f"| option | meaning |\n|---|---|\n| `--dataset` | {word} |\n"))
+    text = out.getvalue()
+    assert "…" not in text and word in "".join(text.split()), text
+    assert "…" not in cli("docs", "cli").stdout
