@@ -353,20 +353,22 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
 
     on_device: dict[torch.device, PlaneBasis] = {}  # the basis, moved to the compute device once
 
-    def weights_of(cell: list[int], dev: torch.device) -> torch.Tensor:
-        if len(cell) == 1:
-            return point_weights[cell[0]].to(dev)
+    def basis_on(dev: torch.device) -> PlaneBasis:
         if dev not in on_device:
             on_device[dev] = PlaneBasis(basis.w0.to(dev), basis.u.to(dev), basis.v.to(dev), basis.dx, basis.dy,
                                         basis.w1_x)
-        return on_device[dev].weights(float(alphas[cell[0]]), float(betas[cell[1]]))
+        return on_device[dev]
+
+    def weights_of(cell: list[int], dev: torch.device) -> torch.Tensor:
+        if len(cell) == 1:
+            return point_weights[cell[0]].to(dev)
+        return basis_on(dev).weights(float(alphas[cell[0]]), float(betas[cell[1]]))
 
     def span_of(cells: list[list[int]], dev: torch.device) -> Span | None:
         """Grid cells as w0 + (alpha dx) u + (beta dy) v (the three points, given as themselves, are not)."""
         if any(len(cell) == 1 for cell in cells):
             return None
-        weights_of(cells[0], dev)  # (the basis on the device)
-        b = on_device[dev]
+        b = basis_on(dev)
         return Span((b.w0[None], b.u[None], b.v[None]), torch.tensor(
             [[1.0, float(alphas[a]) * b.dx, float(betas[c]) * b.dy] for a, c in cells], dtype=torch.float64))
 

@@ -356,15 +356,17 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     if todo:
         on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def weights_of(cell: list[int], dev: torch.device) -> torch.Tensor:
+        def on(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # the network and directions there, once
             if dev not in on_device:
                 on_device[dev] = (w.to(dev), vectors.to(dev))
-            w_dev, d_dev = on_device[dev]
+            return on_device[dev]
+
+        def weights_of(cell: list[int], dev: torch.device) -> torch.Tensor:
+            w_dev, d_dev = on(dev)
             return w_dev + sum(float(coords[a][k]) * d_dev[a] for a, k in enumerate(cell))
 
         def span_of(cells: list[list[int]], dev: torch.device) -> Span:  # w + sum of coordinate x direction
-            weights_of(cells[0], dev)
-            w_dev, d_dev = on_device[dev]
+            w_dev, d_dev = on(dev)
             rows = [[1.0] + [float(coords[a][cell[a]]) if cell else 0.0 for a in range(dims)] for cell in cells]
             return Span((w_dev[None], d_dev), torch.tensor(rows, dtype=torch.float64))
 
