@@ -172,8 +172,9 @@ def compiled(model: nn.Module, enabled: bool, what: str = "the evaluation forwar
 class Span(NamedTuple):
     """Networks given as combinations of a few vectors: row i of their flat weights is ``coefficients[i] @
     torch.cat(controls)`` (a curve's points of its control points, a plane's or a surface's cells of its origin
-    and directions). ``controls`` is a sequence of blocks [K_j, N] on the compute device (a curve's control
-    points, a plane's origin as ``w0[None]``...: never concatenated), ``coefficients`` [n, sum of K_j].
+    and directions). ``controls`` is a sequence of blocks [K_j, N] (a curve's control points, a plane's origin as
+    ``w0[None]``...: never concatenated; on any device: ``assign`` moves the parts it uses to the wide network's),
+    ``coefficients`` [n, sum of K_j].
     ``WideNetwork.assign`` uses it for layers that read the input itself
     (docs/performance.md#a-first-layer-per-control-point)."""
 

@@ -266,8 +266,15 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
         if channels_last:
             model.to(memory_format=torch.channels_last)
         segments = [("", curve, curve.points.to(dev))]
+        # each segment's control points as columns of the passes' Span: the unaligned segment starts at the same A
+        columns = [list(range(curve.num_points))]
+        controls = [segments[0][2]]
         if unaligned is not None:
             segments.append(("unaligned/", unaligned, unaligned.points.to(dev)))
+            shared = int(torch.equal(unaligned.points[0], curve.points[0]))  # (always, from one loaded A)
+            first = curve.num_points
+            columns.append([0] * shared + list(range(first, first + unaligned.num_points - shared)))
+            controls.append(segments[1][2][shared:])
         # REPAIR's endpoint statistics, measured once per segment (its start A and its end)
         ends: dict[str, tuple[dict, dict]] = {}
         if repair:
@@ -308,11 +315,11 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
             # its segment's coefficients times its control points (a Span: the first layer of an MLP computes
             # less)
             nets = [(k, prefix, weights_at(i, seg, pts)) for k, i in enumerate(points) for prefix, seg, pts in segments]
-            rows = torch.zeros(len(nets), sum(seg.num_points for _, seg, _ in segments), dtype=torch.float64)
+            rows = torch.zeros(len(nets), sum(len(c) for c in controls), dtype=torch.float64)
             for r, (i, j) in enumerate((i, j) for i in points for j in range(len(segments))):
-                seg, start = segments[j][1], sum(s.num_points for _, s, _ in segments[:j])
-                rows[r, start:start + seg.num_points] = coefficients(seg.curve, seg.num_bends, float(t[i]))
-            span = Span(tuple(pts for _, _, pts in segments), rows)
+                seg = segments[j][1]
+                rows[r].index_add_(0, torch.tensor(columns[j]), coefficients(seg.curve, seg.num_bends, float(t[i])))
+            span = Span(tuple(controls), rows)
             out: list[dict[str, float]] = [{} for _ in points]
             for (k, prefix, _), m in zip(nets, many.evaluate(torch.stack([w for _, _, w in nets]), span)):
                 out[k] |= {prefix + n: v for n, v in m.items()}

@@ -145,7 +145,6 @@ class _MemberPasses:
     def __init__(self, points_per_pass: int, data: Any, channels_last: bool, compile: bool = False):
         self.points_per_pass = points_per_pass
         self._wides = WideNetworks(data, channels_last=channels_last, compile=compile)
-        self._controls: tuple[torch.Tensor, torch.Tensor] | None = None  # a curve's control points, on the device
 
     @staticmethod
     def _kind(m: Member) -> tuple:
@@ -163,16 +162,14 @@ class _MemberPasses:
 
     def span(self, chunk: list[Member], wide: WideNetwork) -> Span | None:
         """The pass's networks as combinations of one curve's control points (``batched.Span``: an MLP's first
-        layer computes less), when they are all points of that curve and ``wide`` can use them; the control
-        points moved to its device once."""
+        layer computes less), when they are all points of that curve and ``wide`` can use them. The control
+        points stay where they are: ``WideNetwork.assign`` moves only the parts of its input layers, and only
+        where the span pays."""
         spans = [m.span for m in chunk]
         first = spans[0]
         if first is None or any(s is None or s[0] is not first[0] for s in spans) or not wide.takes_span:
             return None
-        dev = next(wide.parameters()).device
-        if self._controls is None or self._controls[0] is not first[0]:
-            self._controls = (first[0], first[0].to(dev))
-        return Span((self._controls[1],), torch.stack([s[1] for s in spans if s is not None]))
+        return Span((first[0],), torch.stack([s[1] for s in spans if s is not None]))
 
     def wide(self, chunk: list[Member], model: nn.Module) -> WideNetwork | None:
         return self._wides.get((*self._kind(chunk[0]), len(chunk)), model, len(chunk), ParamLayout.of(model),

@@ -364,13 +364,16 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
             return point_weights[cell[0]].to(dev)
         return basis_on(dev).weights(float(alphas[cell[0]]), float(betas[cell[1]]))
 
-    def span_of(cells: list[list[int]], dev: torch.device) -> Span | None:
-        """Grid cells as w0 + (alpha dx) u + (beta dy) v (the three points, given as themselves, are not)."""
-        if any(len(cell) == 1 for cell in cells):
-            return None
+    # the three points' coordinates in the basis: w0 at the origin, w2 at (dx, 0), w1 at (<w1 - w0, u>, dy)
+    point_xy = [(0.0, 0.0), (basis.w1_x, basis.dy), (basis.dx, 0.0)]
+
+    def span_of(cells: list[list[int]], dev: torch.device) -> Span:
+        """Cells and points as w0 + x u + y v (grid cells at x = alpha dx, y = beta dy)."""
         b = basis_on(dev)
-        return Span((b.w0[None], b.u[None], b.v[None]), torch.tensor(
-            [[1.0, float(alphas[a]) * b.dx, float(betas[c]) * b.dy] for a, c in cells], dtype=torch.float64))
+        xy = [point_xy[cell[0]] if len(cell) == 1 else (float(alphas[cell[0]]) * b.dx, float(betas[cell[1]]) * b.dy)
+              for cell in cells]
+        return Span((b.w0[None], b.u[None], b.v[None]),
+                    torch.tensor([[1.0, x, y] for x, y in xy], dtype=torch.float64))
 
     def store(cell: list[int], m: dict[str, float]) -> None:
         for n in names:

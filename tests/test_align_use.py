@@ -148,6 +148,36 @@ def test_compare_unaligned(cli, tmp_path, digits_models, aligned, monkeypatch):
     assert "compare_unaligned" in cli.error("evaluate-curve", a, aligned, "-m", m, "--num-points", "3", "--resume")
 
 
+def test_compare_unaligned_passes_share_a(cli, tmp_path, digits_models, aligned, monkeypatch):
+    """Both segments start at A: a pass's span holds A once, and the values are those of one network at a
+    time."""
+    import mctool.batched as batched
+
+    a, b = digits_models
+    args = [a, aligned, "--compare-unaligned", b, "--num-points", "3", *CPU, "-q"]
+    cli("evaluate-curve", *args, "-m", tmp_path / "one.h5", "--points-per-pass", "1")
+    spans = []
+    real = batched.WideNetwork.assign
+
+    def spy(self, w, span=None):
+        real(self, w, span)
+        if span is not None:
+            spans.append((tuple(c.shape[0] for c in span.controls),
+                          any(x.basis is not None for x in self.input_layers.values())))
+
+    monkeypatch.setattr(batched.WideNetwork, "assign", spy)
+    cli("evaluate-curve", *args, "-m", tmp_path / "three.h5", "--points-per-pass", "3")
+    # the span: A and aligned B, then B. 3 networks to a pass: t = 0 twice (A alone) and t = 0.5 to aligned B use 2
+    # vectors ((3 - 2) x 64 inputs >= 10 x 3 x 2: the first layer computes less; with A counted twice, 3 vectors
+    # would not), then t = 0.5 to B and t = 1 of both use 3
+    assert spans == [((2, 1), True), ((2, 1), False)]
+    one, _ = read_h5(tmp_path / "one.h5")
+    three, _ = read_h5(tmp_path / "three.h5")
+    for name in one:
+        if name.endswith(("loss", "nll")):
+            np.testing.assert_allclose(three[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_compare_unaligned_errors(cli, tmp_path, digits_models, aligned):
     a, b = digits_models
     m = ["-m", tmp_path / "x.h5", "--num-points", "2", *CPU]

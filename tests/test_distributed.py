@@ -60,21 +60,28 @@ def _free_port() -> int:
 def _on_a_free_port(start: Callable[[int], list[subprocess.Popen]]) -> list[subprocess.CompletedProcess]:
     """The ranks ``start(port)`` launches (rank 0 first), run to their end on a port that was free: another
     process may take it between ``_free_port`` and rank 0's bind. Rank 0 then fails at once (the others would
-    wait for it, or talk to the taker): they are stopped and the launch is made again on another port (3 tries)."""
+    wait for it, or talk to the taker): they are stopped and the launch is made again on another port (3 tries).
+    A rank that outlives ``TIMEOUT`` fails the test (``TimeoutExpired``), and no rank is left running."""
     for attempt in range(3):
         procs, out = start(_free_port()), []
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=TIMEOUT)
-            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-            if p is procs[0] and p.returncode and (
-                    "EADDRINUSE" in stderr or "address already in use" in stderr.lower()):
-                for other in procs[1:]:
-                    other.kill()
-                    stdout, stderr = other.communicate(timeout=TIMEOUT)
-                    out.append(subprocess.CompletedProcess(other.args, other.returncode, stdout, stderr))
-                break
-        else:
-            return out
+        try:
+            for p in procs:
+                stdout, stderr = p.communicate(timeout=TIMEOUT)
+                out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+                if p is procs[0] and p.returncode and (
+                        "EADDRINUSE" in stderr or "address already in use" in stderr.lower()):
+                    for other in procs[1:]:
+                        other.kill()
+                        stdout, stderr = other.communicate(timeout=TIMEOUT)
+                        out.append(subprocess.CompletedProcess(other.args, other.returncode, stdout, stderr))
+                    break
+            else:
+                return out
+        finally:
+            for p in procs:  # (after a timeout or Ctrl-C: the ranks still running, and their pipes)
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
     return out  # (the third launch's results, rank 0's error among them)
 
 
