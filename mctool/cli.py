@@ -142,13 +142,18 @@ FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapsho
                                                            "sets; a fixed random draw for imagefolder:), then held "
                                                            "out from training. Default: the start "
                                                            "network's recorded split; else test.")]
-EvalSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate on the official test set, or on 'val': the "
-                                                            "last 5,000 training images (10% of small sets; a fixed "
-                                                            "random draw for imagefolder:), then also left out of "
-                                                            "the train metrics and BN passes. 'val' is held-out data "
-                                                            "only for networks trained with --split val (else a "
-                                                            "warning). Default: the split the inputs were trained "
-                                                            "with; test if they record none or disagree.")]
+_VAL = ("the last 5,000 training images (10% of small sets; a fixed random draw for imagefolder:)")
+_VAL_WARNING = ("'val' is held-out data only for networks trained with --split val (else a warning). Default: the "
+                "split the inputs were trained with; test if they record none or disagree.")
+EvalSplitOpt = Annotated[Optional[Split], typer.Option(
+    help=f"Evaluate on the official test set, or on 'val': {_VAL}, then also left out of the train metrics and BN "
+         f"passes. {_VAL_WARNING}")]
+EvaluateSplitOpt = Annotated[Optional[Split], typer.Option(
+    help=f"Evaluate on the official test set, or on 'val': {_VAL}. {_VAL_WARNING}")]
+EnsembleSplitOpt = Annotated[Optional[Split], typer.Option(
+    help=f"Evaluate on the official test set, or on 'val': {_VAL}, then also left out of the BN passes of curve "
+         f"points. {_VAL_WARNING} With --temperature-scale the default is test (the temperature is fitted on "
+         "val).")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only; at most the "
                                                    "CPU cores available).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
@@ -157,11 +162,21 @@ ShardOpt = Annotated[Optional[str], typer.Option(
                         "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
 
 
+
+def _compile_help(passes: str, pays: str) -> str:
+    return (f"Run the evaluation forward ({passes}) through torch.compile; on CUDA in mode reduce-overhead, which "
+            "replays it as CUDA graphs. Compiling takes seconds to a minute per graph (one per width and mode; the "
+            f"batch size is symbolic), so it pays off for {pays}. Needs Triton (GPU) or a C++ compiler (CPU); falls "
+            "back, with a warning, when compiling fails.")
+
+
 EvalCompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="Run the evaluation forward (BN pass and predictions) through torch.compile; on CUDA in "
-                      "mode reduce-overhead, which replays it as CUDA graphs. Compiling takes seconds to a minute "
-                      "per batch shape, so it pays off for many points (planes, long curves). Needs Triton (GPU) "
-                      "or a C++ compiler (CPU); falls back, with a warning, when compiling fails.")]
+    "--compile", help=_compile_help("BN passes and predictions", "many points (planes, long curves)"))]
+EvaluateCompileOpt = Annotated[bool, typer.Option(
+    "--compile", help=_compile_help("predictions", "many members of one architecture"))]
+EnsembleCompileOpt = Annotated[bool, typer.Option(
+    "--compile", help=_compile_help("predictions, and the BN passes of curve points",
+                                    "many members of one architecture"))]
 
 PointsPerPassOpt = Annotated[int, typer.Option(
     help="Networks evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
@@ -424,7 +439,8 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 @app.command()
 def train(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write (.safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write (.safetensors); with "
+                                         "--schedule sse, an ensemble file of the snapshots.")],
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch metrics "
                                                     "(default: the output's name with .h5).")] = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="digits, fashion-mnist, mnist, cifar10, cifar100, "
@@ -446,7 +462,8 @@ def train(
                                                "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
                                                "Ensembles (cosine restarts, one snapshot per cycle; the output is "
                                                "then an ensemble file).")] = Schedule.paper,
-    snapshots: Annotated[int, typer.Option(help="With --schedule sse: number of cycles and snapshots.")] = 5,
+    snapshots: Annotated[int, typer.Option(help="With --schedule sse: number of cycles and snapshots (1 to "
+                                                "the run's iterations).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout; a "
                                            "whole number in [0, 2^32).")] = 0,
     augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for cifar10, "
@@ -455,8 +472,8 @@ def train(
     = Augment.auto,
     split: SplitOpt = Split.test,
     save_every: Annotated[int, typer.Option(help="Also write a training-state checkpoint (weights and SGD momentum, "
-                                            "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors; "
-                                            "0 = never.")] = 0,
+                                            "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors "
+                                            "(N >= 0; 0 = never).")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (and momentum, for a "
                                                  "training state) instead of a random initialisation: an mctool "
                                                  "checkpoint, or a plain safetensors state dict with --arch.")]
@@ -546,7 +563,7 @@ def evaluate(
                                                     "file.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
                                                    "one recorded in the first checkpoint).")] = None,
-    split: EvalSplitOpt = None,
+    split: EvaluateSplitOpt = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
     arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture of a plain safetensors state "
                                                 "dict without mctool metadata (e.g. saved by timm; needs "
@@ -563,7 +580,7 @@ def evaluate(
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
     points_per_pass: PointsPerPassOpt = 8,
-    compile: EvalCompileOpt = False,
+    compile: EvaluateCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -681,7 +698,7 @@ def connect(
                                                        "one A was trained with, else auto).")] = None,
     split: CurveSplitOpt = None,
     save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
-                                            "NAME-epochNNN.safetensors; 0 = never.")] = 0,
+                                            "NAME-epochNNN.safetensors (N >= 0; 0 = never).")] = 0,
     align: Annotated[Optional[AlignMethod], typer.Option("--align", help="First permute B's hidden units into A's "
                                                          "order (weights or activations matching, as mctool align "
                                                          "with --seed): the curve ends at aligned B, which computes "
@@ -709,7 +726,8 @@ def connect(
     """Learn a low-loss curve between two trained networks (any architecture).
 
     Only the bends are trained (endpoints stay fixed unless freed). BatchNorm layers use batch statistics
-    while training; their running statistics are recomputed by evaluate-curve and point.
+    while training; their running statistics are recomputed wherever a point of the curve is used (evaluate-curve,
+    point, plane, hessian, ensemble --num-points).
     """
     from .curve_training import ConnectConfig, connect as run_connect
 
@@ -892,13 +910,13 @@ def ensemble(
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     dataset: RecordedDatasetOpt = None,
-    split: EvalSplitOpt = None,
+    split: EnsembleSplitOpt = None,
     batch_size: EvalBatchOpt = 512,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
     points_per_pass: PointsPerPassOpt = 8,
-    compile: EvalCompileOpt = False,
+    compile: EnsembleCompileOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     channels_last: ChannelsLastOpt = False,
@@ -1008,7 +1026,7 @@ def plane_cmd(
     bend: Annotated[Optional[int], typer.Option(help="Which bend of a curve spans the plane (1..n; default the "
                                                 "middle one).")] = None,
     curve_points: Annotated[int, typer.Option(help="Points of the curve projected onto the plane for the "
-                                              "drawing.")] = 61,
+                                              "drawing (2 to 100,000).")] = 61,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw both surfaces to this figure (.png, .pdf or "
                                                  ".svg).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
@@ -1308,8 +1326,8 @@ def fge_cmd(
     metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the learning rate, "
                                                     "member and ensemble metrics (default: NAME.h5 beside the "
                                                     "output).")] = None,
-    epochs: Annotated[int, typer.Option(help="FGE epochs (the paper: 40 epochs give 20 members with 2-epoch "
-                                        "cycles).")] = 20,
+    epochs: Annotated[int, typer.Option(help="FGE epochs, 1 to 1,000,000 (the paper: 40 epochs give 20 members "
+                                        "with 2-epoch cycles).")] = 20,
     cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs, > 0 and at most 1e6 (may be "
                                                 "fractional); rounded to an even number of iterations.")] = 2.0,
     cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, 2 to 1e9 (overrides "
@@ -1337,7 +1355,8 @@ def fge_cmd(
     bn_data: Annotated[Optional[BnData], typer.Option(
         help=_BN_DATA_HELP + " Default: augmented; on --resume, the interrupted run's.")] = None,
     points_per_pass: Annotated[int, typer.Option(
-        help="Snapshots evaluated together in one pass over the data (P copies side by side in one wide network): "
+        help="Snapshots evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
+             "network): "
              "a snapshot waits until P are taken (or the run ends), so the running ensemble's metrics come P at a "
              "time. 1 evaluates each as it is taken. Lower it if P copies' activations (or P waiting snapshots' "
              "weights) do not fit in memory. May differ on --resume.")] = 4,
