@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, private_folder, sha256_file, writes_files
+from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, private_folder, same_inputs, sha256_file, writes_files
 from .h5io import command_line, utc_now
 from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
@@ -452,12 +452,16 @@ def save_vectors(path: str | os.PathLike, name: str, tensor: torch.Tensor, *, ki
 def read_vectors(path: str | os.PathLike, name: str, *, kind: str, layout: Any, inputs: dict[str, str],
                  config: dict[str, Any], shape: tuple[int, ...], what: str, finite: bool = False) -> torch.Tensor:
     """The float32 ``name`` [``shape``] of a ``save_vectors`` file written by a run of the same ``kind``, layout,
-    inputs and config (``--resume``; ``finite``: no NaN, which marks vectors not yet computed); another
-    run's file is refused."""
+    inputs (their contents, however their paths are spelled now) and config (``--resume``; ``finite``: no NaN,
+    which marks vectors not yet computed); another run's file is refused."""
     tensors, md = read_checkpoint(path)
     t = tensors.get(name)
+    try:
+        recorded = json.loads(md.get("inputs", "null"))
+    except ValueError:
+        recorded = None
     same = (md.get("kind") == kind and md.get("param_layout") == layout.to_json()
-            and md.get("inputs") == json.dumps(plain(inputs), sort_keys=True)
+            and same_inputs(recorded, inputs)  # (by contents: the paths may be spelled otherwise now)
             and md.get("config") == json.dumps(plain(config), sort_keys=True))
     if (not same or t is None or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape)
             or (finite and not bool(torch.isfinite(t).all()))):
@@ -494,9 +498,15 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
 def check_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Refuse a training state (``--resume``) whose tensors do not fit the network being trained: its state
     dict, ``optimizer/momentum/<param>`` and the ``snapshots/*`` of FGE and Snapshot Ensembles."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in network_state(tensors).items()}
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    state = network_state(tensors)
+    got = {k: tuple(v.shape) for k, v in state.items()}
     problems = [_describe_mismatch(expected, got)]
+    # (as load_model: loading would round float weights into an integer tensor or the other way round)
+    problems += [f"'{k}' is {v.dtype} ".replace("torch.", "") + ("where the network has floating point"
+                                                                if own[k].is_floating_point() else "(a counter)")
+                 for k, v in state.items() if k in own and v.is_floating_point() != own[k].is_floating_point()]
     params = {k: tuple(p.shape) for k, p in model.named_parameters()}
     buffers = {k: tuple(b.shape) for k, b in model.named_buffers()}
     size = sum(math.prod(s) for s in params.values())

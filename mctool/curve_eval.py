@@ -25,7 +25,7 @@ from .fileio import check_outputs, holds_output_locks
 from .h5io import open_outputs, provenance, write_h5
 from .loop import evaluation_split, recorded_split
 from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
-from .points import PointRun, check_shard, finishing, shard_tasks, shard_text
+from .points import PointRun, check_shard, finishing, from_the_first_write, shard_tasks, shard_text
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import resolve_device
@@ -224,8 +224,8 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
     # Every dataset a run of these settings writes must be there (as plane, surface and hessian check).
     shapes = {prefix + n: (num_points,) for prefix, vals in (("", values), ("unaligned/", values_un or {}))
               for n in vals}
-    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
-                                          force=force, plot=plot, shapes=shapes)
+    old, started, finished, draw = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)},
+                                                resume=resume, force=force, plot=plot, shapes=shapes)
     if shard is not None:
         config["shard"] = shard_text(shard)
     for prefix, vals in (("", values), ("unaligned/", values_un or {})):
@@ -285,9 +285,6 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
                     stats.append(channel_stats(model, data.train, batches=repair_batches, batch_size=batch_size,
                                                precision=precision))
                 ends[prefix] = stats[0], stats[1]
-        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
-        write()
-
         per_pass = 1 if repair else points_per_pass  # REPAIR changes each network's weights before its pass
         many = ManyEvaluator(model, curve.layout, data, points_per_pass=per_pass, wd=wd, batch_size=batch_size,
                              bn_batches=bn_batches, precision=precision, channels_last=channels_last,
@@ -331,10 +328,13 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
                 if values_un is not None:
                     values_un[n][i] = m["unaligned/" + n]
 
-        PointRun("evaluate-curve", total=len(mine), metrics=metrics, quiet=quiet).run(
-            todo, measure, store, lambda i, m: (f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
-                                                f"{split} err {m[f'{split}/err']:.2%}"),
-            points_per_pass=per_pass, flush=write)
+        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
+        with from_the_first_write(metrics, len(mine), attrs["started"]):
+            write()
+            PointRun("evaluate-curve", total=len(mine), metrics=metrics, quiet=quiet).run(
+                todo, measure, store, lambda i, m: (f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "
+                                                    f"{split} err {m[f'{split}/err']:.2%}"),
+                points_per_pass=per_pass, flush=write)
     with finishing(metrics, len(mine)):
         summary = curve_summary(values, dl, distance, t)
         summary_un = curve_summary(values_un, dl_un, attrs["distance_unaligned"], t) if values_un is not None else None
@@ -347,7 +347,7 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
                              num_points=num_points, length=summary["length"], length_ratio=summary["length_ratio"],
                              barrier_unaligned=unaligned_sets[1] if unaligned_sets else None,
                              bump_unaligned=unaligned_sets[2] if unaligned_sets else None)
-        if plot is not None and distributed.is_main():
+        if draw and distributed.is_main():
             from .plots import plot_curves
 
             plot_curves([metrics], plot)

@@ -191,6 +191,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
     every = [*named.items(), *((what, Path(p)) for what, p in extra.items())]
     seen: dict[tuple[int, int] | str, str] = {}
     for what, path in every:
+        _check_name_text(path, what)
         _check_name_length(path, what, derived=what not in named)
         key = _identity(path)
         if key in sources:
@@ -211,6 +212,18 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
             locks[path] = _lock(Path(path))
         _remove_stale_temporaries([path for _, path in every])
     return named
+
+
+def _check_name_text(path: Path, what: str) -> None:
+    """Refuse a name that is not text (bytes that no encoding the system uses decodes, kept by Python as
+    surrogates): runs record their outputs' names in files whose text is UTF-8 (a training state names its
+    metrics file), and such a run would fail at that write, after the work."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise OutputError(f"{what} '{shown}': the name is not valid text (UTF-8); mctool records its outputs' names "
+                          "in its files. Give the output a name of letters, digits and punctuation.") from None
 
 
 def _check_name_length(path: Path, what: str, derived: bool = False) -> None:
@@ -385,13 +398,24 @@ def private_folder(tmp: Path) -> Iterator[Path]:
     writer that makes temporary files of its own beside its target (safetensors): left by a killed run, it is
     removed, with what is inside, by the next run writing NAME; removed at once otherwise."""
     name = _TEMPORARY.fullmatch(tmp.name)
-    folder = Path(tempfile.mkdtemp(prefix=f".{name.group(1) if name else tmp.name}.", suffix=".tmp", dir=tmp.parent))
-    _WRITING.add(os.path.abspath(folder))
-    try:
+    folder: Path | None = None
+    try:  # (named before it is made: a Ctrl-C at any moment leaves no folder behind)
+        for _ in range(100):
+            folder = tmp.parent / f".{name.group(1) if name else tmp.name}.{secrets.token_hex(4)}.tmp"
+            _WRITING.add(os.path.abspath(folder))
+            try:
+                os.mkdir(folder, 0o700)
+                break
+            except FileExistsError:
+                _WRITING.discard(os.path.abspath(folder))
+                folder = None
+        if folder is None:
+            raise OutputError(f"cannot write '{tmp.parent}': no free name for a temporary folder.")
         yield folder
     finally:
-        _WRITING.discard(os.path.abspath(folder))
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            _WRITING.discard(os.path.abspath(folder))
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _umask() -> int:

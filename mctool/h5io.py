@@ -201,12 +201,16 @@ def recorded_setting(path: str | os.PathLike, key: str) -> Any:
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
                  force: bool, plot: str | os.PathLike | None = None,
                  shapes: dict[str, tuple[int, ...]] | None = None
-                 ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+                 ) -> tuple[dict[str, np.ndarray], str | None, bool, bool]:
     """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
     (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes), start time and
     whether it is finished (it holds its ``summary``: a resume that computes nothing leaves it as it is, with
     its provenance, e.g. a merged file's ``merged_from``); otherwise refuse existing outputs without ``force``.
-    The metrics file and the plot must be two files and neither may be one of ``inputs`` (paths -> sha256)."""
+    The metrics file and the plot must be two files and neither may be one of ``inputs`` (paths -> sha256).
+    Last, whether to draw ``plot``: an existing figure is refused without ``force``, resumed or not (a run draws
+    its figure once every point is computed, so an unfinished run's is not there), except beside a finished
+    file on ``--resume``, where it is left as it is, like the file (a warning says so: a requeued job whose run
+    had finished goes through)."""
     from .fileio import check_output, check_outputs
 
     # Name clashes and locks first (force=True); whether existing files may be replaced depends on resume.
@@ -232,9 +236,16 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
                               "--resume (with the same options) to draw it without computing any point again, or "
                               "--force to start over.")
         check_output(metrics, force, "--metrics")
-    if plot is not None:
-        check_output(plot, force or resume, "--plot")
-    return data, started, finished
+    draw = plot is not None
+    if draw and resume and not force and os.path.lexists(plot) and _unfinished(metrics, finished=True):
+        from .console import warn
+
+        warn(f"--plot '{plot}' exists and '{metrics}' holds a finished run: both are left as they are ('mctool "
+             "plot' draws the figure again, or --force with --resume).")
+        draw = False
+    elif draw:
+        check_output(plot, force, "--plot")
+    return data, started, finished, draw
 
 
 def _unfinished(path: str | os.PathLike, finished: bool = False) -> bool:
@@ -266,6 +277,16 @@ def unfinished_training(path: str | os.PathLike) -> bool:
             epochs = f.get("epoch")
             return (f.attrs.get("kind") in ("train", "connect", "fge") and "finished" not in f.attrs
                     and (epochs is None or (isinstance(epochs, h5py.Dataset) and epochs.size == 0)))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def training_run_of(path: str | os.PathLike, kind: str, started: Any) -> bool:
+    """Whether ``path`` is the metrics file of the training run whose state records ``started`` (a ``train``,
+    ``connect`` or ``fge`` file, ``kind``, with that start time): the file a ``--resume`` of it may rewrite."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("kind") == kind and isinstance(started, str) and f.attrs.get("started") == started
     except (OSError, ValueError, TypeError):
         return False
 

@@ -37,7 +37,7 @@ from .flat import ParamLayout, load_buffers, state_buffers
 from .h5io import open_outputs, provenance, read_h5, write_h5
 from .loop import recorded_file, recorded_split, relative_to_output
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
-from .points import PointRun, finishing
+from .points import PointRun, finishing, from_the_first_write
 from .results import FileRef, HessianResult, file_refs
 from .runtime import resolve_device
 from .console import warn
@@ -280,8 +280,8 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
     if trace:
         shapes |= {"trace": (n,), "trace_stderr": (n,)}
     _check_memory(p, n, top_k, eigenvectors is not None)
-    old, started, _ = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, plot=plot,
-                                   shapes=shapes)
+    old, started, _, draw = open_outputs(metrics, pts.inputs, config, resume=resume, force=force, plot=plot,
+                                         shapes=shapes)
     vec_path = Path(eigenvectors) if eigenvectors is not None else None
     values = {k: np.full(s, np.nan) for k, s in shapes.items()}
     values |= {k: np.asarray(old[k], dtype=np.float64) for k in shapes if k in old}
@@ -329,9 +329,6 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
         has_bn = bool(bn_modules(model))
         if pts.recalibrate:
             check_bn_batch_size(model, batch_size)
-        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
-        write()
-
         def measure(i: int) -> dict[str, Any]:
             load_buffers(model, {k: b.to(dev) for k, b in pts.buffers(i).items()})
             w = pts.weights(i).to(dev)
@@ -358,8 +355,11 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
                 values[k][i] = m[k]
 
         run = PointRun("hessian", total=n, metrics=metrics, quiet=quiet, counted=("hvps",))
-        run.run(todo, lambda points: [measure(i) for i in points], store,
-                lambda i, m: f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}", flush=write)
+        distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
+        with from_the_first_write(metrics, n, attrs["started"], ("hvps",)):
+            write()
+            run.run(todo, lambda points: [measure(i) for i in points], store,
+                    lambda i, m: f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}", flush=write)
     else:  # nothing left to compute: the count recorded by the run that computed the points
         images = read_h5(metrics)[1].get("train_images") if metrics.exists() else None
         if images is not None:
@@ -378,7 +378,7 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
                            trace=values["trace"].tolist() if trace else None,
                            trace_stderr=values["trace_stderr"].tolist() if trace else None,
                            hvps=int(np.nansum(values["hvps"])))
-    if plot is not None and distributed.is_main():
+    if draw and distributed.is_main():
         from .plots import plot_hessian
 
         with finishing(metrics, n):  # Ctrl-C now: every point is saved, --resume draws it

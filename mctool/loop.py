@@ -28,7 +28,7 @@ from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
 from .fileio import check_output, check_outputs, same_inputs, writes_files
 from .graphs import GraphedStep, set_lr
-from .h5io import MetricsLog, recorded_setting, source_date_epoch, unfinished_training
+from .h5io import MetricsLog, recorded_setting, source_date_epoch, training_run_of, unfinished_training
 from .models import blank_images, probe_forward
 from .options import MAX_EPOCHS, MAX_RATE, check_count, check_real, check_seed, setting_name, show_setting
 from .runtime import autocast
@@ -245,6 +245,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+#: The metrics file's ``kind`` of each training state's run.
+_METRICS_KIND = {"train-state": "train", "curve-state": "connect", "fge-state": "fge"}
+
+
 def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resume: bool, force: bool,
                     state_kind: str, renamed: dict[str, str] | None = None,
                     inputs: list[str | Path | None] | tuple = (),
@@ -259,9 +263,11 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
     config fields of older versions to their current names, so that their interrupted runs still resume.
 
     The output, the metrics file, ``more_outputs``, the training state and the --save-every checkpoints
-    must all be different files and none of ``inputs``. What an earlier run of the same output left behind
-    (its training state and --save-every checkpoints) is removed by ``fit`` once every check has passed, on a
-    new run with ``force`` (``old_run_remover``): a run refused by a later check leaves those files alone.
+    must all be different files and none of ``inputs``. On ``resume``, an existing metrics file must be the
+    interrupted run's own (its kind and start time: ``training_run_of``) unless ``force``. What an earlier run
+    of the same output left behind (its training state and --save-every checkpoints) is removed by ``fit`` once
+    every check has passed, on a new run with ``force`` (``old_run_remover``): a run refused by a later check
+    leaves those files alone.
     """
     state_file = state_path(output)
     every, epochs = config.get("save_every") or 0, config.get("epochs") or 0
@@ -305,6 +311,14 @@ def prepare_outputs(output: Path, metrics: Path, config: dict[str, Any], *, resu
                               for k, (a, b) in diff.items())
             raise ConfigError(f"--resume needs the same options as the interrupted run; these differ: {shown}.")
         check_output(output, force=True)
+        if not force and os.path.lexists(metrics) and not training_run_of(
+                metrics, _METRICS_KIND[state_kind], state[1].get("started")):
+            recorded = recorded_file(state[1].get("metrics"), output)
+            raise OutputError(
+                f"--metrics '{metrics}' already exists and is not the metrics file of the run '{state_file}' holds"
+                + (f" (that is '{recorded}')" if recorded is not None and recorded != metrics else "")
+                + "; the resumed run would replace it with its history. Give another name (or leave -m out), or "
+                  "pass --force to replace it.")
         return state
     if state_file.exists() and not force:
         raise ConfigError(f"an interrupted run left '{state_file}'; pass --resume to continue it or --force to "

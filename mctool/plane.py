@@ -32,7 +32,7 @@ from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
 from .runtime import resolve_device
-from .points import PointRun, check_shard, finishing, shard_tasks, shard_text
+from .points import PointRun, check_shard, finishing, from_the_first_write, shard_tasks, shard_text
 
 _REL_EPS = 1e-6  # w1 closer than this (relative to ||w1 - w0||) to the line through w0 and w2 is degenerate
 
@@ -218,6 +218,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    precision: str, channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
                    compile: bool = False, bn_data: str = "augmented",
                    on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None,
+                   started: str | None = None,
                    span_of: Callable[[list, torch.device], Span | None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
@@ -226,7 +227,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     torchrun the ranks take cells as they become free and rank 0 stores them. Ctrl-C: ``Interrupted`` with the
     number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
     when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
-    first pass (the caller writes its first files there: a refused run writes none). ``span_of(cells, device)``:
+    first pass (the caller writes its first files there: a refused run writes none; ``started``, the start time
+    they record, tells its file on Ctrl-C: ``from_the_first_write``). ``span_of(cells, device)``:
     a pass's networks as combinations of a few vectors (``batched.Span``), or None. The grid runner of ``plane``
     and ``surface``."""
     dev = resolve_device(device)
@@ -244,16 +246,19 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                          channels_last=channels_last, compile=compile, bn_data=bn_data)
     check_bn_batch_size(model, batch_size)
     distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
-    if on_start is not None:
-        on_start()
+    counted = ("train/loss", "at_points/train/loss")
 
     def measure(cells: list) -> list[dict[str, float]]:
         return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]),
                              None if span_of is None else span_of(cells, dev))
 
-    PointRun(label, total=total, metrics=metrics, quiet=quiet, counted=("train/loss", "at_points/train/loss")).run(
-        todo, measure, store, lambda _, m: f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}",
-        points_per_pass=points_per_pass, flush=flush)
+    with from_the_first_write(metrics, total, started, counted):
+        if on_start is not None:
+            on_start()
+        PointRun(label, total=total, metrics=metrics, quiet=quiet, counted=counted).run(
+            todo, measure, store,
+            lambda _, m: f"train loss {m['train/loss']:.3g} {split} err {m[f'{split}/err']:.1%}",
+            points_per_pass=points_per_pass, flush=flush)
 
 
 @holds_output_locks
@@ -312,10 +317,10 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
               "bn_data": bn_data_setting(base.buffers, bn_data), "train_subset": train_subset,
               "precision": precision}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
-    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
-                                          force=force, plot=plot,
-                                          shapes={**{n: grid[n].shape for n in names},
-                                                  **{f"at_points/{n}": (3,) for n in names}})
+    old, started, finished, draw = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)},
+                                                resume=resume, force=force, plot=plot,
+                                                shapes={**{n: grid[n].shape for n in names},
+                                                        **{f"at_points/{n}": (3,) for n in names}})
     if shard is not None:
         config["shard"] = shard_text(shard)
     if old:
@@ -364,16 +369,14 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
             return point_weights[cell[0]].to(dev)
         return basis_on(dev).weights(float(alphas[cell[0]]), float(betas[cell[1]]))
 
-    # the three points' coordinates in the basis: w0 at the origin, w2 at (dx, 0), w1 at (<w1 - w0, u>, dy)
-    point_xy = [(0.0, 0.0), (basis.w1_x, basis.dy), (basis.dx, 0.0)]
-
-    def span_of(cells: list[list[int]], dev: torch.device) -> Span:
-        """Cells and points as w0 + x u + y v (grid cells at x = alpha dx, y = beta dy)."""
+    def span_of(cells: list[list[int]], dev: torch.device) -> Span | None:
+        """Grid cells as w0 + (alpha dx) u + (beta dy) v. A pass that holds one of the three points goes without
+        (they are evaluated as themselves, so that their values are exactly the networks' own)."""
+        if any(len(cell) == 1 for cell in cells):
+            return None
         b = basis_on(dev)
-        xy = [point_xy[cell[0]] if len(cell) == 1 else (float(alphas[cell[0]]) * b.dx, float(betas[cell[1]]) * b.dy)
-              for cell in cells]
-        return Span((b.w0[None], b.u[None], b.v[None]),
-                    torch.tensor([[1.0, x, y] for x, y in xy], dtype=torch.float64))
+        return Span((b.w0[None], b.u[None], b.v[None]), torch.tensor(
+            [[1.0, float(alphas[a]) * b.dx, float(betas[c]) * b.dy] for a, c in cells], dtype=torch.float64))
 
     def store(cell: list[int], m: dict[str, float]) -> None:
         for n in names:
@@ -388,7 +391,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write,
-                       flush=write, span_of=span_of)
+                       flush=write, span_of=span_of, started=attrs["started"])
     with finishing(metrics, len(mine)):
         summary = grid_summary(grid, at_points)
         if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)
@@ -396,7 +399,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
         result = PlaneResult(command="plane", inputs=file_refs(inputs), split=split, metrics=grid_metrics(summary),
                              grid_points=grid_points, dx=basis.dx, dy=basis.dy, points=coords.tolist(),
                              curve_max_offplane=float(curve_off.max()) if curve_off is not None else None)
-        if plot is not None and distributed.is_main():
+        if draw and distributed.is_main():
             from .plots import plot_grid
 
             plot_grid(metrics, plot)

@@ -132,6 +132,26 @@ def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] 
 
 
 @contextlib.contextmanager
+def from_the_first_write(metrics: Path, total: int, started: Any, counted: tuple[str, ...] = ("train/loss",)
+                         ) -> Iterator[None]:
+    """Around a run's first write of its metrics file (all NaN, or a resumed run's values) and what follows
+    until ``PointRun`` takes over: Ctrl-C there says what the file holds and that --resume goes on
+    (``interrupted``), as in a pass, once the file is this run's (its ``started``): a rerun without --resume
+    would be refused. Before the file is written, the Ctrl-C goes on as it is."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from .h5io import read_h5
+
+        ours = False
+        with contextlib.suppress(Exception):  # (no file, or one that cannot be read: nothing of this run's)
+            ours = read_h5(metrics)[1].get("started") == started
+        if ours:
+            raise interrupted(0, total, metrics, counted) from None
+        raise
+
+
+@contextlib.contextmanager
 def finishing(metrics: Path, total: int) -> Iterator[None]:
     """Ctrl-C once every point of a run is computed, while its summary or plot is written: say that nothing is
     lost and that --resume finishes the run (evaluate-curve, plane, surface)."""

@@ -296,10 +296,10 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})
-    old, started, finished = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)}, resume=resume,
-                                          force=force, plot=plot,
-                                          shapes={**{n: shape for n in names},
-                                                  **{f"at_points/{n}": (1,) for n in names}})
+    old, started, finished, draw = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)},
+                                                resume=resume, force=force, plot=plot,
+                                                shapes={**{n: shape for n in names},
+                                                        **{f"at_points/{n}": (1,) for n in names}})
     if shard is not None:
         config["shard"] = shard_text(shard)
     grid = {n: np.asarray(old[n], dtype=np.float64) if n in old else np.full(shape, np.nan) for n in names}
@@ -389,7 +389,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start,
-                       flush=write, span_of=span_of)
+                       flush=write, span_of=span_of, started=attrs["started"])
     else:
         save_directions()
     with finishing(metrics, len(mine)):
@@ -401,7 +401,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                                direction_norms=norms,
                                explained_variance_ratio=path_seen.explained if path_seen else None,
                                trajectory_max_error=float(path_seen.error.max()) if path_seen else None)
-        if plot is not None and distributed.is_main():
+        if draw and distributed.is_main():
             from .plots import plot_grid
 
             plot_grid(metrics, plot)

@@ -636,10 +636,10 @@ def test_commands_give_an_mlps_first_layer_its_span(cli, tmp_path, digits_models
 
     monkeypatch.setattr(batched, "evaluate_many", spy)
     cli(command, *files, *size, "-m", tmp_path / "eight.h5", "--points-per-pass", "8", *CPU, "-q")
-    # evaluate-curve: 8 points of a line, then one alone; plane: the three points (combinations of the basis too)
-    # and 5 cells, 8 cells, the last 3 cells (3 networks of 3 vectors: nothing to save); surface: the centre and
-    # 15 cells in two passes, 1 cell alone
-    assert used == {"evaluate-curve": [True], "plane": [True, True, False],
+    # evaluate-curve: 8 points of a line, then one alone; plane: a pass with the three points (given as
+    # themselves, so that their values are exactly the networks' own), one of 8 cells, the last 3 cells (3
+    # networks of 3 vectors: nothing to save); surface: the centre and 15 cells in two passes, 1 cell alone
+    assert used == {"evaluate-curve": [True], "plane": [False, True, False],
                     "surface": [True, True]}[command], used
     one, _ = read_h5(tmp_path / "one.h5")
     eight, _ = read_h5(tmp_path / "eight.h5")

@@ -385,6 +385,32 @@ def test_ctrl_c_while_finishing_says_every_point_is_saved(cli, tmp_path, digits_
         png.unlink()
 
 
+def test_resume_never_replaces_a_figure_it_did_not_draw(cli, tmp_path, digits_models, monkeypatch):
+    """An unfinished run has drawn no figure: an existing --plot is someone else's, refused without --force as
+    on a new run. Beside a finished file it may be the run's own (a requeued job): both are left as they are."""
+    import mctool.curve_eval
+
+    m, png = tmp_path / "e.h5", tmp_path / "precious.png"
+    png.write_bytes(b"not this run's figure")
+    args = ["evaluate-curve", *digits_models, "-m", m, "--num-points", "3", "-q", *CPU]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mctool.curve_eval, "curve_summary", ctrl_c)
+    cli.error(*args, code=130)  # every point saved, no summary
+    monkeypatch.undo()
+    assert f"--plot '{png}' already exists" in cli.error(*args, "--resume", "--plot", png)
+    assert png.read_bytes() == b"not this run's figure" and "summary" not in read_h5(m)[1]
+    cli(*args, "--resume")  # finished, no figure asked for
+    finished = m.read_bytes()
+    r = cli(*args, "--resume", "--plot", png)
+    assert "exists and" in r.output and "finished run: both are left as they are" in r.output
+    assert png.read_bytes() == b"not this run's figure" and m.read_bytes() == finished
+    cli(*args, "--resume", "--plot", png, "--force")  # asked for: drawn again
+    assert png.read_bytes().startswith(b"\x89PNG") and m.read_bytes() == finished
+
+
 def test_point_export_and_round_trip(cli, tmp_path, digits_models):
     a, b = digits_models
     c = tmp_path / "c.safetensors"

@@ -157,6 +157,22 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     assert target.read_text() == "new"
 
 
+def test_ctrl_c_as_a_temporary_folder_is_made_leaves_none(tmp_path, monkeypatch):
+    """Ctrl-C just after the folder of a checkpoint's temporary files was made (before the block that removes
+    it was entered) left an empty .NAME.XXXXXXXX.tmp folder beside the output."""
+    real = os.mkdir
+
+    def made_then_ctrl_c(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "mkdir", made_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"kind": "model"})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_metrics_log_layout(tmp_path):
     path = tmp_path / "m.h5"
     log = MetricsLog(path, "epoch", ["lr", "train/loss"], provenance({"in": "00"}, {"lr": 0.1}, "train"))
@@ -202,6 +218,24 @@ def test_a_command_line_with_undecodable_bytes_is_recorded(tmp_path, monkeypatch
     log.append(1, x=1.0)
     log.flush()
     assert read_h5(tmp_path / "m.h5")[1]["command"] == attrs["command"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows file names are text: there are no undecodable ones")
+def test_an_output_name_that_is_not_text_is_refused_before_any_work(cli, tmp_path, digits_models):
+    """Runs record their outputs' names in UTF-8 text (a training state its metrics file, surface its
+    directions file, hessian its eigenvectors file): such a name was a traceback after the first epoch or
+    point. Every output is refused up front, with the name shown escaped."""
+    a = digits_models[0]
+    bad = tmp_path / "m\udcff.h5"
+    cases = [("train", "-d", "digits", "--epochs", "1", "-o", tmp_path / "ok.safetensors", "-m", bad),
+             ("train", "-d", "digits", "--epochs", "1", "-o", tmp_path / "n\udcff.safetensors"),
+             ("surface", a, "--grid-points", "3", "--dims", "1", "-m", bad, "--device", "cpu"),
+             ("hessian", a, "-m", tmp_path / "h.h5", "--eigenvectors", tmp_path / "v\udcff.safetensors",
+              "--device", "cpu")]
+    for args in cases:
+        message = cli.error(*args)
+        assert "\\xff" in message and "the name is not valid text (UTF-8)" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 def test_the_recorded_command_is_the_one_that_ran(cli, tmp_path, monkeypatch):

@@ -209,6 +209,35 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
     assert "other settings" in cli.error("plane", bezier, "-m", m, "--grid-points", "3", "--wd", "0.1", "--resume")
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_ctrl_c_at_the_first_write_says_what_is_left(cli, tmp_path, bezier, monkeypatch, when):
+    """Ctrl-C as the first (all-NaN) metrics file is written: before it is there, nothing is left (the start-up
+    message); once it is there, the message says so and that --resume goes on (a plain rerun is refused)."""
+    import importlib
+
+    plane_module = importlib.import_module("mctool.plane")  # (mctool.plane is the function)
+    m = tmp_path / "p.h5"
+    args = ["plane", bezier, "-m", m, "--grid-points", "3", "-q", *CPU]
+    real = plane_module.write_plane_file
+
+    def ctrl_c(*a, **k):
+        if when == "after":
+            real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plane_module, "write_plane_file", ctrl_c)
+    message = cli.error(*args, code=130)
+    monkeypatch.undo()
+    if when == "before":
+        assert message.endswith("interrupted (Ctrl-C).") and not m.exists()
+    else:
+        assert f"interrupted; 0 of 12 points are saved in '{m}'. Continue with the same command plus --resume." in (
+            message)
+        assert "holds an interrupted run; pass --resume" in cli.error(*args)
+        cli(*args, "--resume")
+        assert "summary" in read_h5(m)[1]
+
+
 def test_three_checkpoints_agree_with_the_curve(cli, tmp_path, bezier, digits_models):
     curve = load_curve(bezier)[0]
     mid = tmp_path / "bend.safetensors"

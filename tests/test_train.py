@@ -12,6 +12,7 @@ import mctool.loop
 from conftest import ctrl_c_during_epoch
 from mctool.checkpoint import read_checkpoint, read_metadata
 from mctool.h5io import read_h5
+from safetensors.torch import save_file
 
 TINY = ["-d", "digits", "--arch-kwargs", '{"hidden": 32}', "--device", "cpu"]
 
@@ -199,6 +200,36 @@ def test_resume_after_interrupt_gives_identical_weights(cli, tmp_path, monkeypat
     assert d_run["test/err"].tolist() == d_ref["test/err"].tolist()
     message = cli.error("train", *TINY, "-o", out, "--epochs", "4", "--seed", "3", "--resume")
     assert "nothing to resume" in message and "already finished" in message and f"--init '{out}'" in message
+
+
+def test_resume_replaces_no_metrics_file_but_its_runs_own(cli, tmp_path, monkeypatch):
+    """The resumed run rewrites its metrics file with its history: another existing file given as -m (or named
+    by a tampered state) is refused without --force, as on a new run."""
+    out, own = tmp_path / "run.safetensors", tmp_path / "run.h5"
+    args = ["train", *TINY, "-o", out, "--epochs", "3", "-q"]
+    restore = ctrl_c_during_epoch(monkeypatch, 2, after_batches=1)
+    cli.error(*args, code=130)
+    restore()
+    precious = tmp_path / "precious.h5"
+    precious.write_bytes(own.read_bytes())  # a train metrics file of another run (its start time differs)
+    with h5py.File(precious, "a") as f:
+        f.attrs["started"] = "2026-01-01T00:00:00+00:00"
+    before = precious.read_bytes()
+    message = cli.error(*args, "--resume", "-m", precious)
+    assert f"--metrics '{precious}' already exists and is not the metrics file of the run" in message
+    assert f"(that is '{own}')" in message and "pass --force" in message and precious.read_bytes() == before
+    # a tampered state naming that file: refused too
+    tensors, md = read_checkpoint(tmp_path / "run.state.safetensors")
+    save_file(tensors, str(tmp_path / "run.state.safetensors"), metadata={**md, "metrics": "precious.h5"})
+    assert "is not the metrics file of the run" in cli.error(*args, "--resume")
+    assert precious.read_bytes() == before
+    save_file(tensors, str(tmp_path / "run.state.safetensors"), metadata=md)
+    restore = ctrl_c_during_epoch(monkeypatch, 1, after_batches=1)  # (the resumed run's first: epoch 2)
+    cli.error(*args, "--resume", "-m", own, code=130)  # its own file, named: goes on
+    restore()
+    assert read_h5(own)[0]["epoch"].tolist() == [1]
+    cli(*args, "--resume", "-m", precious, "--force")  # replaced, as asked
+    assert read_h5(precious)[0]["epoch"].tolist() == [1, 2, 3]
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(cli, tmp_path, monkeypatch):

@@ -495,9 +495,12 @@ def test_resume_checks_the_training_state_tensors(cli, tmp_path, monkeypatch):
     with safe_open(str(state), "pt") as f:
         md, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}
     for extra in ({"net.1.weight": torch.zeros(3)}, {"optimizer/momentum/net.1.weight": torch.zeros(3)},
-                  {"snapshots/members": torch.zeros(1, 3)}, {"net.9.weight": torch.zeros(3)}):
+                  {"snapshots/members": torch.zeros(1, 3)}, {"net.9.weight": torch.zeros(3)},
+                  # the right shape, the wrong kind of number: loading rounded the weights to whole numbers
+                  {"net.1.weight": tensors["net.1.weight"].long()}):
         save_file({**tensors, **extra}, str(state), metadata=md)
         assert "does not fit the network being trained" in cli.error(*args, "--resume")
+    assert "'net.1.weight' is int64 where the network has floating point" in cli.error(*args, "--resume")
 
 
 def test_fge_resume_checks_its_pending_snapshots(cli, tmp_path, monkeypatch, digits_models):
