@@ -89,13 +89,16 @@ class Member:
 class Group:
     """One permutation group: ``size`` units shared by all ``members``; ``producers`` are the layers that write
     its channels (several for a residual stream); ``points`` the graph nodes where activation matching
-    reads its units, with the channel axis of each node's output."""
+    reads its units, with the channel axis of each node's output; ``tie_points`` where it reads them to break
+    ties (before the nonlinearity whose outputs are ``points``: a unit that is never active is 0 after a ReLU,
+    equally like every unit there)."""
 
     name: str
     size: int
     members: list[Member]
     producers: list[str]
     points: list[tuple[str, int]] = field(default_factory=list)
+    tie_points: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -488,7 +491,10 @@ def _collect(uf: _UnionFind, members: dict[int, list[tuple[Member, int]]], produ
         g.size = sizes[root].pop()
         g.name = g.producers[0] if g.producers else g.members[0].name
         # activation matching reads the units after a nonlinearity where there is one, else where they are made
+        # (those then break ties)
+        made = sorted(set(g.points) - set(after[root]))
         g.points = sorted(set(after[root] or g.points))
+        g.tie_points = made if after[root] else []
         out.append(g)
     return out
 
@@ -576,14 +582,18 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
-        if n.name in self.wanted:
-            self.seen[n.name] = out
+        if n.name in self.wanted:  # a copy: an in-place ReLU after it would overwrite a layer's own output
+            self.seen[n.name] = out.detach().clone() if isinstance(out, torch.Tensor) else out
         return out
 
 
 def _rows(t: torch.Tensor, axis: int) -> torch.Tensor:
     """Activations with channels on ``axis`` as ``[samples, C]`` in float64."""
     return t.detach().movedim(axis, -1).reshape(-1, t.shape[axis]).double()
+
+
+#: The weight of the correlation before a nonlinearity in activation matching (``Group.tie_points``).
+_TIE_WEIGHT = 1e-6
 
 
 def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Group],
@@ -594,7 +604,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Gro
     batches = iter(batches)
     first = next(batches)
     gm_a, gm_b = trace(model_a, first), trace(model_b, first)
-    wanted = {p for g in groups for p in g.points}  # (node, channel axis)
+    wanted = {p for g in groups for p in (*g.points, *g.tie_points)}  # (node, channel axis)
     stats: dict[str, list[torch.Tensor | float]] = {}
     for x in itertools.chain([first], batches):
         ra, rb = _Recorder(gm_a, {p for p, _ in wanted}), _Recorder(gm_b, {p for p, _ in wanted})
@@ -605,18 +615,25 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Gro
             xa, xb = _rows(ra.seen[p[0]], p[1]), _rows(rb.seen[p[0]], p[1])
             s = [xa.shape[0], xa.sum(0), xb.sum(0), (xa * xa).sum(0), (xb * xb).sum(0), xa.T @ xb]
             stats[p] = s if p not in stats else [u + v for u, v in zip(stats[p], s)]
-    perms, corrs = [], []
-    for g in groups:
+    def correlation(points: list[tuple[str, int]]) -> torch.Tensor:
         corr = 0
-        for p in g.points:
+        for p in points:
             n, sa, sb, saa, sbb, sab = stats[p]
             ma, mb = sa / n, sb / n
             cov = sab / n - ma[:, None] * mb[None, :]
             sd_a = (saa / n - ma * ma).clamp_min(0).sqrt()
             sd_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
             corr = corr + cov / (sd_a[:, None] * sd_b[None, :] + 1e-12)
-        corr = corr / len(g.points)
-        perm = _assign(corr)
+        return corr / len(points)
+
+    perms, corrs = [], []
+    for g in groups:
+        corr = correlation(g.points)
+        # Units never active on the data (0 after the ReLU) correlate with none: their correlation before it
+        # decides where they go, weighted so little that it only breaks such ties (its sum over all units is at
+        # most TIE_WEIGHT x size, below any difference in the main score that matters).
+        score = corr + _TIE_WEIGHT * correlation(g.tie_points) if g.tie_points else corr
+        perm = _assign(score)
         perms.append(perm)
         corrs.append(float(corr[torch.arange(g.size), perm.to(corr.device)].mean()))
     return perms, corrs

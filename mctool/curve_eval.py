@@ -29,7 +29,7 @@ from .points import PointRun, check_shard, finishing, from_the_first_write, shar
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
 from .runtime import resolve_device
-from .console import progress_bar
+from .console import progress_bar, warn
 
 SUMMARY_KEYS = ("start", "end", "min", "max", "mean", "int")
 
@@ -388,6 +388,10 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     curve.layout.assign(model, curve.weights(t))
     split = recorded_split(curve.meta.config) or "test"  # BN statistics from the data the curve was trained on
     recalibrated = False
+    if not bn_update and t > 0 and bn_modules(model):
+        warn(f"--no-bn-update: the network at t = {t:g} gets the BatchNorm statistics the curve file holds (A's, "
+             "the start network's), not statistics of its own weights; away from t = 0 it may compute something "
+             "else than its weights would (even at t = 1, which has B's weights).")
     if bn_update and bn_modules(model):
         data = load_data(curve.meta.dataset_or(dataset, path), root=data_root, split=split, download=download,
                          device=dev, augment=curve.meta.train_augment(), **curve.meta.data_options(),

@@ -152,7 +152,8 @@ def write_html(view: GridView, path: str | Path) -> None:
                       scene=scene, scene2=scene, height=650, margin={"l": 0, "r": 0, "t": 60, "b": 0})
     if writes_files():
         with atomic_path(Path(path)) as tmp:
-            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+            # a fixed id for the figure's <div> (plotly draws a random one): the same file draws to the same bytes
+            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, div_id="mctool-surface")
 
 
 def export_grid(file: str | Path, *, html: str | Path | None = None, vtk: str | Path | None = None,

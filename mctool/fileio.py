@@ -93,6 +93,9 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
     if str(path) == "-":  # (to the shell's conventions stdout; safetensors and HDF5 files are written by seeking)
         raise OutputError(f"{what} '-': mctool writes files, not to stdout; give a file name.")
+    folder_name = _given_as_folder(path)
+    if folder_name is not None:
+        raise OutputError(f"{what} '{folder_name}' names a folder (it ends with '/'); give a file name.")
     path = Path(path)
     if not writes_files():  # rank 0 checks (another rank could see rank 0's new file as existing)
         return path
@@ -167,6 +170,21 @@ def _identity(path: Path) -> tuple[int, int] | str:
         return st.st_dev, st.st_ino
     except OSError:
         return os.path.realpath(path)
+
+
+def _given_as_folder(path: str | os.PathLike) -> str | None:
+    """The name as given, when it ends with a slash ('runs/a/': a folder, which ``pathlib`` and the command
+    line's path options turn into the file 'runs/a'); else None. Under the CLI the arguments tell."""
+    from .h5io import COMMAND_LINE
+
+    seps = tuple({"/", os.sep})
+    if isinstance(path, str) and path.endswith(seps):
+        return path
+    for arg in COMMAND_LINE.get() or ():
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if value.endswith(seps) and value.rstrip("".join(seps)) and str(Path(value)) == str(Path(path)):
+            return value
+    return None
 
 
 def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike | None] = (), *,

@@ -79,6 +79,20 @@ def _check_computed(file: str | Path, attrs: dict, values: np.ndarray, what: str
              "they are drawn above every other value.")
 
 
+def _log_axis(ax, values: list[np.ndarray]) -> None:
+    """``--log-loss``: the loss panel on a log axis. Losses <= 0 (a loss of exactly 0, say) have no place on it:
+    left out, with a warning; none positive is an error (matplotlib drew an empty panel and said so in a
+    warning of its own)."""
+    finite = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
+    finite = finite[np.isfinite(finite)]
+    if finite.size and not (finite > 0).any():
+        raise ConfigError("--log-loss: no loss to draw is above 0, and a log axis shows only positive values; "
+                          "draw it without --log-loss.")
+    if (finite <= 0).any():
+        warn(f"--log-loss: {int((finite <= 0).sum()):,} loss value(s) <= 0 are left out of the log axis.")
+    ax.set_yscale("log", nonpositive="mask")
+
+
 def _get(obj: object, *keys: str) -> object:
     """obj[k1][k2]... or None where any level is missing or not a JSON object."""
     for k in keys:
@@ -164,7 +178,7 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
             diverged_shown |= _mark_diverged(ax, t, y, line.get_color(), labelled=not diverged_shown)
     ax_loss.set(xlabel="t (position along the curve)", ylabel="train loss (CE + L2 term)", title="Train loss")
     if log_loss:  # ends near 1e-3 and a barrier of 2: a linear axis shows only the barrier
-        ax_loss.set_yscale("log")
+        _log_axis(ax_loss, [loss for _, _, _, loss, _, _ in series])
     ax_err.set(xlabel="t (position along the curve)", ylabel=f"{split} error (%)", title=f"{split.capitalize()} error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
@@ -495,7 +509,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             pad = 0.03 * (view.x[-1] - view.x[0])
             ax.set_xlim(view.x[0] - pad, view.x[-1] + pad)  # the whole grid, computed or not
             if log_loss and ax is axes[0]:
-                ax.set_yscale("log")
+                _log_axis(ax, [z])
             ax.axvline(0, color="grey", linestyle=":", linewidth=1)
             for (px,), label in zip(view.points[1:], view.point_labels[1:]):  # direction files' networks
                 ax.axvline(px, color="black", linestyle="--", linewidth=1, label=label)
@@ -658,6 +672,8 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
         data, attrs = metrics_file(f, HISTORY_KINDS, {"epoch": 1, "train/loss": 1, "train/err": 1})
         epoch = data["epoch"]
         _check_shapes(f, data, {"train/loss": epoch.shape, "train/err": epoch.shape}, min_size=1)
+        if not np.isfinite(np.asarray(data["train/loss"], dtype=np.float64)).any():
+            raise MetricsFileError(f"'{f}': nothing to draw: no epoch has a finite train loss (NaN or infinite).")
         split = next((s for s in ("test", "val") if np.shape(data.get(f"{s}/err", ())) == epoch.shape), None)
         if split is None and attrs.get("kind") == "fge":  # (fge evaluates its members and ensemble, not the run)
             split = next((s for s in ("test", "val") if f"ensemble/{s}/err" in data), None)
@@ -681,7 +697,7 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
                         color=line.get_color(), label=f"{prefix}{split} {held_name}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     if log_loss:
-        ax_loss.set_yscale("log")
+        _log_axis(ax_loss, [line.get_ydata() for line in ax_loss.get_lines()])
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="Error")
     if ensembles:
         ax_ens = axes[2]
@@ -716,6 +732,18 @@ def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI
         raise MetricsFileError(f"'{file}': nothing to draw yet: no eigenvalue is computed (NaN). " +
                                ("A running mctool command is writing it: draw it again later." if being_written(file)
                                 else "An interrupted run: finish it with the same hessian command plus --resume."))
+    # the points computed: their count of Hessian-vector products, NaN until then (an eigenvalue ARPACK did not
+    # converge on is NaN in a computed point)
+    hvps = data.get("hvps")
+    done = (np.isfinite(np.asarray(hvps, dtype=np.float64)) if np.shape(hvps) == (n,)
+            else np.isfinite(values).any(axis=1))
+    if not done.all():
+        if being_written(file):
+            warn(f"'{file}' is being written by a running mctool command: {int(done.sum()):,} of {n:,} points are "
+                 "computed so far, and the figure shows only those.")
+        else:
+            warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {n:,} points are computed, and the "
+                 "figure shows only those. Finish it with the same hessian command plus --resume.")
     fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 6, 4), constrained_layout=True,
                              squeeze=False)
     ax = axes[0, 0]
@@ -747,7 +775,10 @@ def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI
         axes[0, 1].errorbar(x, tr, yerr=se, marker="o", markersize=4, capsize=3, linestyle="-" if along else "none")
         axes[0, 1].set(xlabel=xlabel, ylabel="trace", title="Hessian trace (Hutchinson, \u00b1 1 standard error)")
         axes[0, 1].grid(alpha=0.3)
-    if not along:
+    if along:  # the whole curve, however few of its points are computed
+        for a in axes[0]:
+            a.set_xlim(-0.03, 1.03)
+    else:
         for a in axes[0]:
             a.set_xticks(**ticks)
             if n > 3:  # names side by side would run into each other

@@ -168,6 +168,24 @@ def test_activation_matching_recovers_a_permuted_copy(family):
     assert min(corrs) > 0.9  # units matched to their own copies (a dead unit correlates with nothing)
 
 
+def test_activation_matching_places_units_that_are_never_active():
+    """Units that a ReLU always zeroes on the data correlate with none after it: their correlation before it
+    breaks the tie, so a permuted copy is recovered exactly (they were placed arbitrarily, leaving the aligned
+    network further from A than the permuted copy of A is)."""
+    model, _ = _network("mlp", 0)
+    with torch.no_grad():
+        for layer in (model.net[1], model.net[3]):
+            layer.bias[:5] = -1e3  # 5 dead units in each hidden layer
+    x = _example("mlp")
+    with torch.no_grad():
+        assert not model.net[2](model.net[1](model.net[0](x)))[:, :5].any()
+    permuted, groups = _permuted_copy(model, x)
+    perms, corrs = activation_matching(model, permuted, groups, iter([x, 0.5 * x + 1]))
+    aligned = permute_state(permuted.state_dict(), groups, perms)
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned[k], v), k
+
+
 def test_concatenation_ties_each_piece_at_its_offset():
     class Dense(nn.Module):
         def __init__(self):

@@ -220,6 +220,19 @@ def test_a_command_line_with_undecodable_bytes_is_recorded(tmp_path, monkeypatch
     assert read_h5(tmp_path / "m.h5")[1]["command"] == attrs["command"]
 
 
+def test_an_output_name_ending_with_a_slash_is_a_folder_not_a_file(cli, tmp_path, digits_models):
+    """'-m runs/a/' names a folder; the command line's path options drop the slash, and the run wrote the file
+    'runs/a'."""
+    a = digits_models[0]
+    for args in (("evaluate", a, "-m", f"{tmp_path}/ev/"), ("evaluate", a, f"--metrics={tmp_path}/ev/"),
+                 ("point", a, "--t", "0", "-o", f"{tmp_path}/pt/")):
+        message = cli.error(*args, "--device", "cpu")
+        assert f"'{args[-1].split('=')[-1]}' names a folder (it ends with '/'); give a file name." in message
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError, match="names a folder"):
+        check_output(f"{tmp_path}/x/", force=False)
+
+
 @pytest.mark.skipif(os.name == "nt", reason="Windows file names are text: there are no undecodable ones")
 def test_an_output_name_that_is_not_text_is_refused_before_any_work(cli, tmp_path, digits_models):
     """Runs record their outputs' names in UTF-8 text (a training state its metrics file, surface its

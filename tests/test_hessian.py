@@ -100,7 +100,10 @@ def test_batchnorm_is_recomputed_at_each_point_of_a_curve(cli, tmp_path):
     np.testing.assert_allclose(seg["eigenvalues"][1], alone["eigenvalues"][0], rtol=1e-3)
     # ...and not what the start network's statistics would give at the midpoint
     stale = tmp_path / "stale.safetensors"
-    cli("point", line, "--t", "0.5", "--no-bn-update", "-o", stale, "-q", *CPU)
+    r = cli("point", line, "--t", "0.5", "--no-bn-update", "-o", stale, "-q", *CPU)
+    assert "Warning: --no-bn-update: the network at t = 0.5 gets the BatchNorm statistics the curve file" in r.output
+    assert "Warning" not in cli("point", line, "--t", "0", "--no-bn-update", "-o", tmp_path / "a.safetensors",
+                                "-q", *CPU).output  # (A with its own statistics)
     other = cli.json("hessian", stale, "-m", tmp_path / "o.h5", *args)
     assert abs(other["eigenvalues"][0][0] - alone["eigenvalues"][0][0]) > 1e-2 * alone["eigenvalues"][0][0]
 
@@ -124,6 +127,16 @@ def test_resume_computes_only_the_missing_points(cli, tmp_path, digits_models, m
     data, attrs = read_h5(tmp_path / "h.h5")
     assert not np.isnan(data["eigenvalues"][0]).any() and np.isnan(data["eigenvalues"][1:]).all()
     assert attrs["eigenvectors"] == "v.safetensors"  # (relative to the metrics file's folder)
+    # its figure says it is an interrupted run's, and shows the whole segment (t from 0 to 1)
+    import mctool.plots as plots
+
+    r = cli("plot", tmp_path / "h.h5", "-o", tmp_path / "h.png")
+    assert "is an interrupted run's: 1 of 3 points are computed" in r.output and "--resume" in r.output
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, *a: figures.append(fig))
+    with pytest.warns(Warning, match="interrupted run's"):
+        plots.plot_hessian(tmp_path / "h.h5", tmp_path / "h2.png")
+    assert all(ax.get_xlim() == (-0.03, 1.03) for ax in figures[0].axes)
     monkeypatch.setattr(LossHessian, "top_eigen", real)
     calls.clear()
     # dropping --trace is named as such (it was '--trace-samples: 4 -> none')

@@ -185,6 +185,8 @@ def test_3d_and_html_figures_cap_diverged_cells_and_draw_lone_ones(runs, tmp_pat
     cli("plot", two, "--html", tmp_path / "two.html")
     html = (tmp_path / "two.html").read_text()
     assert html.count('"name":"computed cells"') == 2  # the two lone cells, in each panel
+    cli("plot", two, "--html", tmp_path / "again.html")  # the same bytes (plotly's <div> id was random)
+    assert (tmp_path / "again.html").read_bytes() == (tmp_path / "two.html").read_bytes()
 
 
 def test_3d_flat_surface_is_drawn_in_the_middle_of_its_box(runs, tmp_path, monkeypatch):
@@ -328,6 +330,31 @@ def test_log_loss_axis(runs, cli, tmp_path, monkeypatch, digits_models):
     plots.plot_curves([runs["curve"]], tmp_path / "d.png")
     assert [f.axes[0].get_yscale() for f in figures] == ["log", "log", "linear"]
     assert [f.axes[1].get_yscale() for f in figures] == ["linear"] * 3  # errors stay linear
+
+
+def test_log_loss_leaves_out_losses_of_zero(runs, cli, tmp_path):
+    """A loss of 0 has no place on a log axis: left out with a warning (matplotlib's own warning leaked, and
+    with no positive loss the panel was empty)."""
+    zero = tmp_path / "zero.h5"
+    zero.write_bytes(runs["train_h5"].read_bytes())
+    with h5py.File(zero, "a") as f:
+        f["train/loss"][0] = 0.0
+    r = cli("plot", zero, "-o", tmp_path / "z.png", "--log-loss")
+    assert "Warning: --log-loss: 1 loss value(s) <= 0 are left out of the log axis." in r.output
+    assert "UserWarning" not in r.output
+    with h5py.File(zero, "a") as f:
+        f["train/loss"][:] = 0.0
+        f["test/nll"][:] = 0.0
+    assert "--log-loss: no loss to draw is above 0" in cli.error("plot", zero, "-o", tmp_path / "z2.png",
+                                                                "--log-loss")
+
+
+def test_a_training_file_with_no_finite_loss_is_nothing_to_draw(runs, cli, tmp_path):
+    bad = tmp_path / "nan.h5"
+    bad.write_bytes(runs["train_h5"].read_bytes())
+    with h5py.File(bad, "a") as f:
+        f["train/loss"][:] = np.nan
+    assert "nothing to draw: no epoch has a finite train loss" in cli.error("plot", bad, "-o", tmp_path / "x.png")
 
 
 def test_a_1d_surface_marks_diverged_points_and_shows_the_whole_grid(cli, tmp_path, digits_models, monkeypatch):
