@@ -1,8 +1,8 @@
 """Set before torch is imported.
 
-- For runs under a launcher (torchrun, SLURM): a rank whose peers have ended logs c10d's C++ warnings, with
-  stack frames, while it stops; mctool reports that itself (docs/distributed.md).
-  ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again.
+- For runs under a launcher (torchrun, SLURM): a rank whose peers have ended, or that cannot reach rank 0's
+  store, logs c10d's C++ warnings and errors, with stack frames, while it stops; mctool reports that itself in
+  one line (docs/distributed.md). ``TORCH_CPP_LOG_LEVEL=WARNING`` shows them again.
 - For the ``mctool`` command (the console script, or ``python -m mctool``): Ctrl-C, SIGTERM or SIGHUP while it
   starts up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` (``Error: stopped (SIGTERM).``)
   on rank 0 and exits 130, as later, instead of a traceback. ``cli`` hands the signals back to Python's
@@ -14,7 +14,7 @@ import signal
 import sys
 
 if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ:
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 
 def is_command() -> bool:

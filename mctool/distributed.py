@@ -32,6 +32,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -118,6 +119,41 @@ def timeout_seconds() -> float:
     return env_seconds("MCTOOL_DIST_TIMEOUT", _DEFAULT_TIMEOUT)
 
 
+#: Seconds between a rank's heartbeats (``_Heartbeat``).
+_BEAT_EVERY = 1.0
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a heartbeat after which a waiting rank counts another as gone (MCTOOL_DIST_HEARTBEAT)."""
+    return env_seconds("MCTOOL_DIST_HEARTBEAT", 60.0)
+
+
+class _Heartbeat:
+    """A thread that adds 1 to this rank's ``beat/RANK`` key in the group's store every second while the rank is
+    in the group, so that a rank waiting for the others tells one that is gone (killed or crashed where no
+    launcher's agent stops the rest: ``srun`` without ``--kill-on-bad-exit``) from one still at work. The
+    store's client serialises its operations, so the thread shares it with the rank's own."""
+
+    def __init__(self, d: Dist):
+        self._store, self._key, self._stop = _store(), _key(f"beat/{d.rank}"), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mctool-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_BEAT_EVERY):
+            try:
+                self._store.add(self._key, 1)
+            except Exception:  # the store is gone: the rank finds that out itself
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+_heartbeat: list[_Heartbeat | None] = [None]
+
+
 def current() -> Dist | None:
     """The group this process works in, or None for a single process (also a world of one)."""
     if _launched is not None:
@@ -175,9 +211,11 @@ def launched() -> Iterator[Dist | None]:
     _launched = d
     _sequence[0] = 0
     try:
+        _heartbeat[0] = _Heartbeat(d)
         sync("the start")  # every rank begins the command together: the same mistake fails on all at once
     except BaseException:
         _launched = None
+        _stop_heartbeat()
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
         raise
@@ -188,6 +226,12 @@ def launched() -> Iterator[Dist | None]:
         finished = True
     finally:
         _leave(d, finished)
+
+
+def _stop_heartbeat() -> None:
+    beat, _heartbeat[0] = _heartbeat[0], None
+    if beat is not None:
+        beat.stop()
 
 
 def _leave(d: Dist, finished: bool) -> None:
@@ -202,6 +246,7 @@ def _leave(d: Dist, finished: bool) -> None:
             sync("the end")
             store = _store()
     _launched = None
+    _stop_heartbeat()
     if store is not None and d.main:
         with contextlib.suppress(Exception):
             deadline = time.monotonic() + 10.0
@@ -381,12 +426,36 @@ def check_same_data(name: str, fingerprint: str) -> None:
     sync("the check of the data set")
 
 
+def _check_alive(store: Any, d: Dist, seen: dict[int, tuple[int, float]]) -> None:
+    """``PeerLost`` for a rank whose heartbeat has not moved for ``heartbeat_timeout()`` while this rank waited
+    (``seen``: each rank's count and when this rank saw it change); ranks that stopped on their own (a report,
+    Ctrl-C) or left are not waited for."""
+    now = time.monotonic()
+    for r in range(d.world):
+        if r == d.rank:
+            continue
+        beats = store.add(_key(f"beat/{r}"), 0)
+        if r not in seen or seen[r][0] != beats:
+            seen[r] = (beats, now)
+        elif now - seen[r][1] > heartbeat_timeout() and not (store.check([_key(f"done/{r}")])
+                                                              or store.check([_key(f"left/{r}")])):
+            raise PeerLost(f"rank {r} stopped answering (no heartbeat for {heartbeat_timeout():.0f} s): it was "
+                           "killed or crashed, or its node failed (its own output, or the launcher's, may say why)")
+
+
 def _wait_until(store: Any, d: Dist, ready: Callable[[], bool], what: str) -> None:
-    """Poll ``ready()`` until it holds; stop at once when another rank failed, and after the timeout."""
+    """Poll ``ready()`` until it holds; stop at once when another rank failed, when one is gone (rank 0 looks at
+    the heartbeats every second: ``_check_alive``; it then reports the lost rank, and the others stop on its
+    report), and after the timeout."""
     deadline = time.monotonic() + timeout_seconds()
+    seen: dict[int, tuple[int, float]] = {}
+    next_look = time.monotonic()
     while not ready():
         with _talking(d):
             _check_peers(store, d)
+            if d.main and time.monotonic() >= next_look:
+                _check_alive(store, d, seen)
+                next_look = time.monotonic() + _BEAT_EVERY
         if time.monotonic() > deadline:
             raise MctoolError(f"rank {d.rank} waited {timeout_seconds():.0f} s for {what}; "
                               "is another rank stuck? (MCTOOL_DIST_TIMEOUT sets the limit)")
@@ -395,14 +464,15 @@ def _wait_until(store: Any, d: Dist, ready: Callable[[], bool], what: str) -> No
 
 @contextlib.contextmanager
 def _talking(d: Dist) -> Iterator[None]:
-    """Turn a store that has gone away into ``PeerFailed``: rank 0 (or the launcher's agent) keeps it, so it
-    ends only when that process did, which reports its own error."""
+    """Turn a store that has gone away into ``PeerLost``: rank 0's process (or the launcher's agent) keeps it, and
+    rank 0, stopping on an error, waits for the others to read it; so rank 0 was killed or crashed."""
     try:
         yield
     except MctoolError:
         raise
     except (RuntimeError, ValueError, OSError):
-        raise PeerFailed(f"rank {d.rank} lost the other ranks (the process group's store is gone).") from None
+        raise PeerLost("the process group's store is gone, which rank 0's process (or the launcher's agent) "
+                       "holds: rank 0 was killed or crashed (its own output, or the launcher's, may say why)") from None
 
 
 def _collective(fn: Callable[[], Any]) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import distributed
 from .console import progress_bar
 from .errors import ConfigError, Interrupted
 
@@ -114,6 +115,10 @@ class PointRun:
                 deal_passes(todo, points_per_pass, measure, record, flush)
         except KeyboardInterrupt:
             raise interrupted(saved, self.total, self.metrics, self.counted) from None
+        except distributed.PeerLost as e:  # a rank killed or crashed: say what rank 0 had saved
+            raise distributed.PeerLost(f"{str(e).rstrip('.')}; {_saved(saved, self.total, self.metrics, self.counted)}"
+                                       ": continue with the same command plus --resume (with any number of "
+                                       "processes).") from None
         finally:
             self._bar = self._task = None
 
@@ -122,13 +127,18 @@ def interrupted(saved: int, total: int, metrics: Path, counted: tuple[str, ...] 
     """The error for Ctrl-C in a run that writes its metrics file as points complete (evaluate-curve, plane,
     surface, hessian). ``saved`` is what the run counted; the file's own count (the computed entries of the
     ``counted`` datasets) wins, since a Ctrl-C can land after a point's write and before it was counted."""
+    return Interrupted(f"interrupted; {_saved(saved, total, metrics, counted)}. Continue with the same command plus "
+                       "--resume.")
+
+
+def _saved(saved: int, total: int, metrics: Path, counted: tuple[str, ...]) -> str:
+    """'N of M points are saved in FILE', N counted in the file where it can be read."""
     from .h5io import read_h5
 
     with contextlib.suppress(Exception):  # a file that cannot be read: the run's count stands
         data, _ = read_h5(metrics)
         saved = sum(int(np.count_nonzero(~np.isnan(np.asarray(data[name], dtype=np.float64)))) for name in counted)
-    return Interrupted(f"interrupted; {saved:,} of {total:,} points are saved in '{metrics}'. Continue with the same "
-                       "command plus --resume.")
+    return f"{saved:,} of {total:,} points are saved in '{metrics}'"
 
 
 @contextlib.contextmanager

@@ -324,6 +324,63 @@ def test_killed_two_rank_training_resumes_on_one_process(cli, tmp_path):
     _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
 
 
+def _slurm_ranks(args: list, tmp_path: Path, **extra: str) -> list[subprocess.Popen]:
+    """Two ranks started as srun starts them (no torchrun agent: rank 0's process holds the store), their stderr
+    in ``tmp_path/rankR.err``."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.DEVNULL,
+                             stderr=open(tmp_path / f"rank{r}.err", "wb"), cwd=ROOT,
+                             env=_env(SLURM_NTASKS="2", SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra))
+            for r in range(2)]
+
+
+def _until(condition: Callable[[], bool], procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_rank_killed_without_a_launcher_agent_is_reported_with_what_is_saved(tmp_path, bezier):
+    """srun without --kill-on-bad-exit leaves the other rank running. Rank 1 killed during a plane: rank 0 waited
+    for its pass until MCTOOL_DIST_TIMEOUT (30 minutes), saying nothing; now it stops once rank 1's heartbeat
+    has been still for MCTOOL_DIST_HEARTBEAT. Rank 0 killed during training: rank 1 exited 1 without a word (the
+    store went with rank 0); now it says so, and what is saved."""
+    metrics = tmp_path / "p.h5"
+    procs = _slurm_ranks(["plane", bezier, "-m", metrics, "--grid-points", "15", "--points-per-pass", "2", "-q"],
+                         tmp_path, MCTOOL_DIST_HEARTBEAT="3")
+    try:
+        _until(metrics.exists, procs)
+        procs[1].kill()
+        start = time.monotonic()
+        procs[0].wait(timeout=TIMEOUT)
+        waited = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    message = (tmp_path / "rank0.err").read_text().strip().splitlines()
+    assert procs[0].returncode == 1 and len(message) == 1, message
+    assert message[0].startswith("Error: rank 1 stopped answering (no heartbeat for 3 s)"), message
+    assert "points are saved in" in message[0] and "--resume" in message[0] and waited < 60, (message, waited)
+
+    out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
+    procs = _slurm_ranks(["train", "-d", "digits", "--epochs", "300", "--arch-kwargs", '{"hidden": 16}', "-o", out,
+                          "-q"], tmp_path)
+    try:
+        _until(state.exists, procs)
+        procs[0].kill()
+        procs[1].wait(timeout=TIMEOUT)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    message = (tmp_path / "rank1.err").read_text().strip().splitlines()
+    assert procs[1].returncode == 1 and len(message) == 1, message
+    assert message[0].startswith("Error: rank 1: ") and "rank 0 was killed or crashed" in message[0], message
+    assert "completed epoch(s) are saved in" in message[0] and "--resume" in message[0], message
+
+
 def test_bad_option_on_every_rank_prints_one_error(tmp_path):
     done = torchrun("train", "-d", "digits", "--epochs", "1", "--lr", "-1", "-o", tmp_path / "m.safetensors",
                     check=False)
@@ -492,6 +549,18 @@ def test_a_stuck_rank_ends_the_wait_after_the_timeout(tmp_path, where):
     assert message == f"error: rank 0 waited 2 s for {what}; is another rank stuck? " \
                            "(MCTOOL_DIST_TIMEOUT sets the limit)", err0
     assert 2 <= float(waited.split()[1]) < 8  # it gave up at the timeout, without waiting for rank 1
+
+
+def test_a_rank_that_cannot_reach_rank_0_says_so_in_one_line(digits_models):
+    """Rank 1 alone (rank 0 never came up, or MASTER_ADDR is wrong): c10d logged its connection errors with some
+    twenty lines of C++ stack frames before mctool's one line."""
+    done = subprocess.run([sys.executable, "-m", "mctool", "evaluate", str(digits_models[0]), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                          env={**_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(_free_port())), "MCTOOL_DIST_TIMEOUT": "3"})
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot join the process group of 2 ranks"), done.stderr
 
 
 def test_device_naming_one_gpu_is_refused_under_several_ranks(tmp_path, digits_models):
