@@ -23,7 +23,7 @@ import numpy as np
 from . import distributed
 from .curve_eval import curve_metric_names, curve_metrics, curve_summary, write_curve_file
 from .errors import ConfigError, MetricsFileError
-from .fileio import check_outputs, holds_output_locks, same_inputs
+from .fileio import being_written, check_outputs, holds_output_locks, same_inputs
 from .h5io import json_attr, metrics_file, provenance
 from .options import file_list, setting_name, show_setting
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -157,9 +157,10 @@ def _combine(shards: list[_Shard], names: list[str], kind: str) -> dict[str, np.
         if (per_value == 0).any():
             where = tuple(int(x) for x in np.argwhere(per_value == 0)[0])
             owner = shards[_task(kind, name, where, side) % count]
+            todo = ("a running mctool command is writing it: merge again when it has finished" if
+                    being_written(owner.path) else "finish it with the same command plus --resume, then merge again")
             raise MetricsFileError(f"value {name}{list(where)} is missing (NaN) in every shard; it belongs to shard "
-                                   f"{owner.index}/{count} ('{owner.path}'): finish it with the same command plus "
-                                   "--resume, then merge again.")
+                                   f"{owner.index}/{count} ('{owner.path}'): {todo}.")
         merged = np.full(stack.shape[1:], np.nan)
         for values, mask in zip(stack, present):
             merged[mask] = values[mask]

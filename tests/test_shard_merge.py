@@ -240,6 +240,14 @@ def test_merge_checks_each_value_comes_from_one_shard(cli, tmp_path, curve_shard
     msg = cli.error("merge", a, b, "-o", tmp_path / "m.h5")
     assert "value train/nll[1] is missing (NaN) in every shard" in msg and f"shard 1/2 ('{b}')" in msg
     assert "--resume" in msg and not (tmp_path / "m.h5").exists()
+    from mctool import fileio
+
+    release = fileio._lock(b)  # a shard still running: wait for it, not --resume
+    try:
+        msg = cli.error("merge", a, b, "-o", tmp_path / "m.h5")
+    finally:
+        release()
+    assert "a running mctool command is writing it: merge again when it has finished." in msg and "--resume" not in msg
     # what every shard computes alike (the coordinates, the split) must agree
     shutil.copy(curve_shards["b"], b)
     with h5py.File(b, "a") as f:
