@@ -324,21 +324,32 @@ def test_killed_two_rank_training_resumes_on_one_process(cli, tmp_path):
     _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
 
 
-def _slurm_ranks(args: list, tmp_path: Path, **extra: str) -> list[subprocess.Popen]:
-    """Two ranks started as srun starts them (no torchrun agent: rank 0's process holds the store), their stderr
-    in ``tmp_path/rankR.err``."""
-    port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.DEVNULL,
-                             stderr=open(tmp_path / f"rank{r}.err", "wb"), cwd=ROOT,
-                             env=_env(SLURM_NTASKS="2", SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra))
-            for r in range(2)]
-
-
-def _until(condition: Callable[[], bool], procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.02)
+def _kill_one_of_two_slurm_ranks(args: list, ready: Callable[[], bool], victim: int, tmp_path: Path,
+                                  **extra: str) -> tuple[int, list[str], float]:
+    """Two ranks started as srun starts them (no torchrun agent: rank 0's process holds the store); once
+    ``ready()``, ``victim`` is killed (SIGKILL). Returns the other rank's exit code, its stderr lines and the
+    seconds it took to end after the kill."""
+    port, survivor = _free_port(), 1 - victim
+    logs = [open(tmp_path / f"rank{r}.err", "wb") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mctool", *map(str, args)], stdout=subprocess.DEVNULL,
+                              stderr=logs[r], cwd=ROOT,
+                              env=_env(SLURM_NTASKS="2", SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra))
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ready() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        procs[victim].kill()
+        start = time.monotonic()
+        procs[survivor].wait(timeout=TIMEOUT)
+        waited = time.monotonic() - start
+    finally:
+        for p, log in zip(procs, logs):
+            p.kill()
+            p.wait()
+            log.close()
+    return procs[survivor].returncode, (tmp_path / f"rank{survivor}.err").read_text().strip().splitlines(), waited
 
 
 def test_a_rank_killed_without_a_launcher_agent_is_reported_with_what_is_saved(tmp_path, bezier):
@@ -347,36 +358,18 @@ def test_a_rank_killed_without_a_launcher_agent_is_reported_with_what_is_saved(t
     has been still for MCTOOL_DIST_HEARTBEAT. Rank 0 killed during training: rank 1 exited 1 without a word (the
     store went with rank 0); now it says so, and what is saved."""
     metrics = tmp_path / "p.h5"
-    procs = _slurm_ranks(["plane", bezier, "-m", metrics, "--grid-points", "15", "--points-per-pass", "2", "-q"],
-                         tmp_path, MCTOOL_DIST_HEARTBEAT="3")
-    try:
-        _until(metrics.exists, procs)
-        procs[1].kill()
-        start = time.monotonic()
-        procs[0].wait(timeout=TIMEOUT)
-        waited = time.monotonic() - start
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    message = (tmp_path / "rank0.err").read_text().strip().splitlines()
-    assert procs[0].returncode == 1 and len(message) == 1, message
+    code, message, waited = _kill_one_of_two_slurm_ranks(
+        ["plane", bezier, "-m", metrics, "--grid-points", "15", "--points-per-pass", "2", "-q"], metrics.exists, 1,
+        tmp_path, MCTOOL_DIST_HEARTBEAT="3")
+    assert code == 1 and len(message) == 1, message
     assert message[0].startswith("Error: rank 1 stopped answering (no heartbeat for 3 s)"), message
     assert "points are saved in" in message[0] and "--resume" in message[0] and waited < 60, (message, waited)
 
     out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
-    procs = _slurm_ranks(["train", "-d", "digits", "--epochs", "300", "--arch-kwargs", '{"hidden": 16}', "-o", out,
-                          "-q"], tmp_path)
-    try:
-        _until(state.exists, procs)
-        procs[0].kill()
-        procs[1].wait(timeout=TIMEOUT)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    message = (tmp_path / "rank1.err").read_text().strip().splitlines()
-    assert procs[1].returncode == 1 and len(message) == 1, message
+    code, message, _ = _kill_one_of_two_slurm_ranks(
+        ["train", "-d", "digits", "--epochs", "300", "--arch-kwargs", '{"hidden": 16}', "-o", out, "-q"],
+        state.exists, 0, tmp_path)
+    assert code == 1 and len(message) == 1, message
     assert message[0].startswith("Error: rank 1: ") and "rank 0 was killed or crashed" in message[0], message
     assert "completed epoch(s) are saved in" in message[0] and "--resume" in message[0], message
 
