@@ -210,6 +210,7 @@ def launched() -> Iterator[Dist | None]:
         raise ConfigError(f"cannot join the process group of {d.world} ranks: {e}") from None
     _launched = d
     _sequence[0] = 0
+    _aside[0] = False
     try:
         _heartbeat[0] = _Heartbeat(d)
         sync("the start")  # every rank begins the command together: the same mistake fails on all at once
@@ -241,7 +242,7 @@ def _leave(d: Dist, finished: bool) -> None:
     to 10 s for word that each other rank has left. After an error the failure report has done the waiting."""
     global _launched
     store = None
-    if finished:
+    if finished and not _aside[0]:
         with contextlib.suppress(Exception):  # a rank that failed at the very end reports its own error
             sync("the end")
             store = _store()
@@ -347,12 +348,33 @@ def report_failure(message: str) -> bool:
 
 def stand_aside() -> None:
     """A rank other than 0 that stops with nothing to report (Ctrl-C reaches every rank; rank 0 says what was
-    saved) tells rank 0 not to wait for it to read rank 0's report."""
+    saved) tells rank 0 not to wait for it to read rank 0's report. When no rank reports anything within 10 s,
+    the Ctrl-C or SIGTERM reached this rank alone: it then leaves without waiting for the others at the end
+    (rank 0, in a collective operation, would never come; it finds out when this rank's connections close, or
+    at its next wait on the store, and says so)."""
     d = current()
     if d is None or d.main:
         return
     with contextlib.suppress(Exception):  # the store is gone: rank 0 is not waiting
-        _store().set(_key(f"done/{d.rank}"), "1")
+        store = _store()
+        store.set(_key(f"done/{d.rank}"), "1")
+        deadline = time.monotonic() + 10.0
+        while store.add(_key("errors"), 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _aside[0] = store.add(_key("errors"), 0) == 0
+
+
+_aside = [False]  # this rank stood aside (``stand_aside``): it does not wait for the others at the end
+
+
+def _stood_aside(store: Any, d: Dist) -> list[int]:
+    """The other ranks that stopped with nothing to report (``stand_aside``)."""
+    return [r for r in range(d.world) if r != d.rank and store.check([_key(f"done/{r}")])]
+
+
+def _aside_error(ranks: list[int]) -> PeerLost:
+    return PeerLost(f"rank {', '.join(map(str, ranks))} stopped on a Ctrl-C or SIGTERM that reached it alone (not "
+                    "every rank: a signal sent to one process)")
 
 
 def _failed_ranks(store: Any, d: Dist) -> str:
@@ -430,6 +452,9 @@ def _check_alive(store: Any, d: Dist, seen: dict[int, tuple[int, float]]) -> Non
     """``PeerLost`` for a rank whose heartbeat has not moved for ``heartbeat_timeout()`` while this rank waited
     (``seen``: each rank's count and when this rank saw it change); ranks that stopped on their own (a report,
     Ctrl-C) or left are not waited for."""
+    aside = _stood_aside(store, d)
+    if aside:
+        raise _aside_error(aside)
     now = time.monotonic()
     for r in range(d.world):
         if r == d.rank:
@@ -437,8 +462,7 @@ def _check_alive(store: Any, d: Dist, seen: dict[int, tuple[int, float]]) -> Non
         beats = store.add(_key(f"beat/{r}"), 0)
         if r not in seen or seen[r][0] != beats:
             seen[r] = (beats, now)
-        elif now - seen[r][1] > heartbeat_timeout() and not (store.check([_key(f"done/{r}")])
-                                                              or store.check([_key(f"left/{r}")])):
+        elif now - seen[r][1] > heartbeat_timeout() and not store.check([_key(f"left/{r}")]):
             raise PeerLost(f"rank {r} stopped answering (no heartbeat for {heartbeat_timeout():.0f} s): it was "
                            "killed or crashed, or its node failed (its own output, or the launcher's, may say why)")
 
@@ -482,6 +506,9 @@ def _collective(fn: Callable[[], Any]) -> Any:
         d = current()
         with _talking(d):
             _check_peers(_store(), d)  # the usual cause: another rank failed and left
+            aside = _stood_aside(_store(), d)
+        if aside:
+            raise _aside_error(aside)
         # (Gloo's messages start with its source location: "[.../gloo/transport/tcp/pair.cc:545] Read error ...")
         # and go on with advice for Gloo's users: its first sentence is the reason
         reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0].rstrip(".")

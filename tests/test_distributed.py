@@ -374,6 +374,42 @@ def test_a_rank_killed_without_a_launcher_agent_is_reported_with_what_is_saved(t
     assert "completed epoch(s) are saved in" in message[0] and "--resume" in message[0], message
 
 
+def test_a_sigterm_that_reaches_one_rank_alone_ends_the_run_at_once(tmp_path):
+    """`kill -TERM` of one worker: it stood aside silently and then waited for the others at the end, while rank
+    0 waited in its next collective operation for it, until MCTOOL_DIST_TIMEOUT. It now leaves once no rank
+    has reported anything for 10 s, and rank 0 says what happened and what is saved."""
+    out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mctool",
+           "train", "-d", "digits", "--epochs", "300", "--arch-kwargs", '{"hidden": 16}', "-o", str(out), "-q"]
+    with open(tmp_path / "stderr.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+                                env={**_env(), "MCTOOL_DIST_TIMEOUT": "200"})
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            rank1 = [p for p in _workers(proc.pid)
+                     if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes().replace(b"LOCAL_RANK", b"")]
+            assert len(rank1) == 1
+            os.kill(rank1[0], signal.SIGTERM)
+            start = time.monotonic()
+            proc.wait(timeout=TIMEOUT)
+            waited = time.monotonic() - start
+        finally:
+            for pid in _workers(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    errors = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and waited < 100, (errors, waited)
+    # (rank 0 finds out in its next collective operation; on a busy machine the launcher's SIGTERM, sent once
+    # rank 1 has ended, may reach it first, and its message says so)
+    assert ("rank 1 stopped on a Ctrl-C or SIGTERM that reached it alone" in errors[0]
+            or "The SIGTERM came from the launcher" in errors[0]), errors
+    assert "epoch(s) are saved in" in errors[0] and "--resume" in errors[0], errors
+
+
 def test_bad_option_on_every_rank_prints_one_error(tmp_path):
     done = torchrun("train", "-d", "digits", "--epochs", "1", "--lr", "-1", "-o", tmp_path / "m.safetensors",
                     check=False)
