@@ -367,14 +367,13 @@ def stand_aside() -> None:
 _aside = [False]  # this rank stood aside (``stand_aside``): it does not wait for the others at the end
 
 
-def _stood_aside(store: Any, d: Dist) -> list[int]:
-    """The other ranks that stopped with nothing to report (``stand_aside``)."""
-    return [r for r in range(d.world) if r != d.rank and store.check([_key(f"done/{r}")])]
-
-
-def _aside_error(ranks: list[int]) -> PeerLost:
-    return PeerLost(f"rank {', '.join(map(str, ranks))} stopped on a Ctrl-C or SIGTERM that reached it alone (not "
-                    "every rank: a signal sent to one process)")
+def _check_aside(store: Any, d: Dist) -> None:
+    """``PeerLost`` naming the other ranks that stopped with nothing to report (``stand_aside``) while no rank
+    reported an error (``_check_peers`` looks at those first)."""
+    aside = [r for r in range(d.world) if r != d.rank and store.check([_key(f"done/{r}")])]
+    if aside:
+        raise PeerLost(f"rank {', '.join(map(str, aside))} stopped on a Ctrl-C or SIGTERM that reached it alone "
+                       "(not every rank: a signal sent to one process)")
 
 
 def _failed_ranks(store: Any, d: Dist) -> str:
@@ -449,12 +448,10 @@ def check_same_data(name: str, fingerprint: str) -> None:
 
 
 def _check_alive(store: Any, d: Dist, seen: dict[int, tuple[int, float]]) -> None:
-    """``PeerLost`` for a rank whose heartbeat has not moved for ``heartbeat_timeout()`` while this rank waited
-    (``seen``: each rank's count and when this rank saw it change); ranks that stopped on their own (a report,
-    Ctrl-C) or left are not waited for."""
-    aside = _stood_aside(store, d)
-    if aside:
-        raise _aside_error(aside)
+    """``PeerLost`` for a rank that stood aside (``_check_aside``), or whose heartbeat has not moved for
+    ``heartbeat_timeout()`` while this rank waited (``seen``: each rank's count and when this rank saw it
+    change) and that has not left."""
+    _check_aside(store, d)
     now = time.monotonic()
     for r in range(d.world):
         if r == d.rank:
@@ -505,10 +502,9 @@ def _collective(fn: Callable[[], Any]) -> Any:
     except (RuntimeError, torch.distributed.DistBackendError) as e:
         d = current()
         with _talking(d):
-            _check_peers(_store(), d)  # the usual cause: another rank failed and left
-            aside = _stood_aside(_store(), d)
-        if aside:
-            raise _aside_error(aside)
+            store = _store()
+            _check_peers(store, d)  # the usual cause: another rank failed and left
+            _check_aside(store, d)  # or one that a signal reached alone
         # (Gloo's messages start with its source location: "[.../gloo/transport/tcp/pair.cc:545] Read error ...")
         # and go on with advice for Gloo's users: its first sentence is the reason
         reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0].rstrip(".")

@@ -119,11 +119,16 @@ def _kill_one_worker(proc: subprocess.Popen) -> None:
     try:
         proc.wait(timeout=60)
     finally:
-        for pid in _workers(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end_launch(proc)
+
+
+def _end_launch(proc: subprocess.Popen) -> None:
+    """Kill what is left of a torchrun launch: its workers, then the agent."""
+    for pid in _workers(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _h5(path: Path) -> dict[str, np.ndarray]:
@@ -396,11 +401,7 @@ def test_a_sigterm_that_reaches_one_rank_alone_ends_the_run_at_once(tmp_path):
             proc.wait(timeout=TIMEOUT)
             waited = time.monotonic() - start
         finally:
-            for pid in _workers(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _end_launch(proc)
     errors = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and waited < 100, (errors, waited)
     # (rank 0 finds out in its next collective operation; on a busy machine the launcher's SIGTERM, sent once
