@@ -32,7 +32,7 @@ from rich.text import Text
 from ._version import __version__
 from . import _launch_env
 from .choices import ALIGN_METHODS, AUGMENTS, BEND_INITS, BN_DATA, CURVES, PRECISIONS, SCHEDULES, SPLITS
-from .console import keep_stderr, log_every, progress, show_warnings, stderr_console
+from .console import keep_stderr, log_every, progress, show_warnings, stderr_console, warn
 from .errors import ConfigError, Interrupted, MctoolError
 from .options import expand_patterns
 from .results import (AlignResult, ConnectResult, CurveResult, EvaluateResult, FGEResult, FileRef, HessianResult,
@@ -385,6 +385,16 @@ def _print_table(t: Table, console: Any = None) -> None:
     console.print(t, crop=False)
 
 
+def _ignored(options: dict[str, str], why: str) -> None:
+    """Warn that the options given on the command line (flag -> parameter name) have no effect in this use."""
+    ctx = importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
+    default = importlib.import_module(f"{_click.__name__}.core").ParameterSource.DEFAULT
+    given = [flag for flag, name in options.items()
+             if ctx is not None and ctx.get_parameter_source(name) not in (None, default)]
+    if given:
+        warn(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}; ignored.")
+
+
 def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     t = _new_table(_safe(title), ("key", "value"), show_header=False)
     for k, v in rows:
@@ -635,11 +645,12 @@ def info(
             if ts["count"] > len(ts["first"]):
                 t.add_row(f"... {ts['count'] - len(ts['first'])} more", "", "")
         else:
-            numbers = ("NaN", "min", "max", "last")
+            numbers = ("NaN", "inf", "min", "max", "last")
             t = _new_table("datasets", ("name", "shape", *numbers), right=numbers)
             fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
             for name, e in (r.datasets or {}).items():
-                t.add_row(_safe(name), str(tuple(e["shape"])), "-" if e["nan"] is None else str(e["nan"]),
+                t.add_row(_safe(name), str(tuple(e["shape"])), *("-" if e[k] is None else str(e[k]) for k in
+                                                                 ("nan", "inf")),
                           fmt(e["min"]), fmt(e["max"]), fmt(e["last"]))
         _print_table(t, console)
 
@@ -874,10 +885,17 @@ def point(
     def work() -> Result:
         if (t is None) == (index is None):
             raise ConfigError("give exactly one of --t (a curve) or --index (an ensemble member).")
+        data_options = {"--bn-batches": "bn_batches", "--bn-data": "bn_data", "--batch-size": "batch_size",
+                         "--dataset": "dataset", "--data-root": "data_root", "--download": "download",
+                         "--num-workers": "num_workers", "--precision": "precision"}
         if index is not None:  # (the data options do not apply; still checked, as by every command)
             check_point_options(batch_size=batch_size, bn_batches=bn_batches, bn_data=bn_data.value,
                                 num_workers=num_workers, device=device, dataset=dataset)
+            _ignored({"--no-bn-update": "no_bn_update", **data_options},
+                     "to --index: a member is written as stored, with its own BatchNorm statistics")
             return export_member(source, index, output, force=force)
+        if no_bn_update:
+            _ignored(data_options, "with --no-bn-update: no BatchNorm pass is run")
         return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches,
                             bn_data=bn_data.value, force=force,
                             device=device, dataset=dataset, data_root=data_root, download=download,

@@ -356,6 +356,9 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                 or (momentum is not None and momentum.shape != (n_free, curve.points.shape[1]))):
             raise CheckpointError(f"'{state_path(output)}' does not fit this curve (control points "
                                   f"{tuple(curve.points.shape)}); start over with --force.")
+        if cfg.momentum and momentum is None:
+            raise CheckpointError(f"'{state_path(output)}' has no optimizer momentum ('{MOMENTUM_PREFIX}free'): "
+                                  "resuming would restart it from zero; start over with --force.")
         check_finite(state_path(output), {"control_points": saved, **({} if momentum is None else
                                                                        {MOMENTUM_PREFIX + "free": momentum})})
         # (A is never permuted: a start that differs means swapped endpoints, not another --align)

@@ -172,6 +172,19 @@ def is_main() -> bool:
     return d is None or d.main
 
 
+def _rendezvous(d: Dist, timeout: datetime.timedelta) -> dict[str, Any]:
+    """How the ranks find each other: ``env://``, except under a torchrun agent that may restart them
+    (``--max-restarts``). Its store outlives an attempt, with the keys where the ranks of the last one left their
+    addresses, and a rank of the next one read them before their successors wrote theirs (Gloo: "connectFullMesh
+    failed ... Connection refused"): there the group gets a store of its own for each attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return {"init_method": "env://"}
+    agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), d.world,
+                                       is_master=False, timeout=timeout)
+    return {"store": torch.distributed.PrefixStore(f"mctool/attempt/{attempt}", agent)}
+
+
 @contextlib.contextmanager
 def launched() -> Iterator[Dist | None]:
     """Join the process group the environment describes for the block (the CLI wraps each command in it).
@@ -204,7 +217,7 @@ def launched() -> Iterator[Dist | None]:
         torch.cuda.set_device(d.local_rank)
     timeout = datetime.timedelta(seconds=timeout_seconds())
     try:
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://",
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", **_rendezvous(d, timeout),
                                              rank=d.rank, world_size=d.world, timeout=timeout)
     except Exception as e:  # rendezvous failures: one clear line
         raise ConfigError(f"cannot join the process group of {d.world} ranks: {e}") from None

@@ -70,11 +70,12 @@ def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
         datasets = {}
         for name, arr in sorted(data.items()):
             arr = np.asarray(arr)
-            entry: dict[str, Any] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "nan": None, "min": None,
-                                     "max": None, "last": None}  # the rest for non-empty float arrays
+            entry: dict[str, Any] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "nan": None, "inf": None,
+                                     "min": None, "max": None, "last": None}  # the rest for non-empty float arrays
             if arr.dtype.kind == "f" and arr.size:
                 finite = arr[np.isfinite(arr)]
-                entry["nan"] = int(np.isnan(arr).sum())  # not computed yet; infinities are values
+                entry["nan"] = int(np.isnan(arr).sum())  # not computed yet
+                entry["inf"] = int(np.isinf(arr).sum())  # values (an overflowed loss), but not in min and max
                 if finite.size:
                     entry.update(min=float(finite.min()), max=float(finite.max()),
                                  last=float(arr.reshape(-1)[-1]) if np.isfinite(arr.reshape(-1)[-1]) else None)

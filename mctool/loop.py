@@ -378,6 +378,11 @@ def restore_state(resume_state: tuple[dict[str, torch.Tensor], dict[str, str]], 
         raise ConfigError(f"the interrupted run started from another file (or it changed since): "
                           f"{md.get('inputs')}; --resume needs the same {same_start}.")
     check_state_tensors(model, tensors, state_path(output))
+    missing = [name for name in params if MOMENTUM_PREFIX + name not in tensors]
+    if opt.defaults.get("momentum") and missing:  # (get_momentum saves every parameter's)
+        raise CheckpointError(f"'{state_path(output)}' has no optimizer momentum for {len(missing)} of the network's "
+                              f"{len(params)} parameters ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                              "): resuming would restart it from zero; start over with --force.")
     model.load_state_dict(network_state(tensors))
     set_momentum(opt, params, tensors)
     log.rows = json.loads(md["history"])
@@ -386,9 +391,14 @@ def restore_state(resume_state: tuple[dict[str, torch.Tensor], dict[str, str]], 
 
 
 def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SGD momentum buffers keyed ``optimizer/momentum/<param name>``."""
-    return {MOMENTUM_PREFIX + name: opt.state[p]["momentum_buffer"] for name, p in params.items()
-            if opt.state.get(p, {}).get("momentum_buffer") is not None}
+    """SGD momentum buffers keyed ``optimizer/momentum/<param name>``: with momentum on, one for every parameter
+    (zeros for a parameter that has had no gradient yet: its first step from a zero buffer is the same as from
+    none), so that ``restore_state`` can tell a complete state from a damaged one; none without momentum."""
+    if not opt.defaults.get("momentum"):
+        return {}
+    return {MOMENTUM_PREFIX + name: (buf if (buf := opt.state.get(p, {}).get("momentum_buffer")) is not None
+                                     else torch.zeros_like(p, memory_format=torch.preserve_format))
+            for name, p in params.items()}
 
 
 def train_mode(model: torch.nn.Module) -> None:

@@ -72,7 +72,8 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise ConfigError(f"{option} must be {wanted}, got {_number(value)}.")
+        shown = _number(value) if float(_number(value)) == value else repr(float(value))  # (1.0000001, not "1")
+        raise ConfigError(f"{option} must be {wanted}, got {shown}.")
 
 
 def count_text(n: int) -> str:

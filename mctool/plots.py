@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -793,6 +794,20 @@ def _short_label(label: str, width: int = 24) -> str:
 
 
 @holds_output_locks
+def _once_each(files: list) -> list:
+    """The files without repeats (the same file under any name, a shell glob and a name given again): a file given
+    twice would be drawn twice, as two series with one label."""
+    seen, kept, again = set(), [], []
+    for f in files:
+        key = os.path.realpath(f)
+        (again if key in seen else kept).append(f)
+        seen.add(key)
+    if again:
+        warn(f"{', '.join(repr(str(f)) for f in again)} {'is' if len(again) == 1 else 'are'} given again (the same "
+             "file as an earlier one); each file is drawn once.")
+    return kept
+
+
 def plot_files(files: Sequence[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,
                dpi: int = DEFAULT_DPI, log_loss: bool = False) -> PlotResult:
@@ -802,7 +817,7 @@ def plot_files(files: Sequence[str | Path], output: str | Path | None = None, *,
     inch); at least one of ``output``, ``html`` and ``vtk`` is needed. ``log_loss``: the loss panels of curve
     and per-epoch figures on a log axis."""
     t0 = time.time()
-    files = file_list(files, "files")
+    files = _once_each(file_list(files, "files"))
     check_count("--dpi", dpi, 10, MAX_DPI)
     if output is None and html is None and vtk is None:
         raise ConfigError("give an output: -o FIGURE (.png, .pdf or .svg), --html HTML and/or --vtk VTS.")

@@ -431,7 +431,13 @@ def test_point_export_and_round_trip(cli, tmp_path, digits_models):
     torch.testing.assert_close(layout.flatten(read_checkpoint(mid)[0]), curve.weights(0.5), rtol=0,
                                atol=12 * 2**-24 * float(curve.points.abs().max()))
     assert cli.json("evaluate", mid, *CPU)["metrics"]["eval"]["err"] < 0.5  # an ordinary, usable checkpoint
-    assert "--t must be in [0, 1]" in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
+    # with --no-bn-update, options of the BN pass have no effect, and that is said
+    r = cli("point", c, "--t", "0.5", "-o", mid, "--force", "--no-bn-update", "--bn-data", "plain", "-q", *CPU)
+    assert "Warning: --bn-data does not apply with --no-bn-update: no BatchNorm pass is run; ignored." in r.stderr
+    assert "--t must be in [0, 1], got 1.5." in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
+    # a value just outside is shown as given, not rounded onto the bound ("got 1")
+    assert "--t must be in [0, 1], got 1.0000001." in cli.error("point", c, "--t", "1.0000001", "-o",
+                                                                tmp_path / "x.safetensors")
     assert "is a single network, not a curve (write a curve with" in cli.error("point", a, "--t", "0.5", "-o",
                                                                                tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="not a curve"):

@@ -329,6 +329,36 @@ def test_killed_two_rank_training_resumes_on_one_process(cli, tmp_path):
     _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
 
 
+def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(cli, tmp_path):
+    """``torchrun --max-restarts``: a rank killed, the agent starts every rank again with the same command; a
+    wrapper adds --resume when a training state is there. The restarted ranks joined the group through the
+    agent's store, where the killed attempt's ranks had left their addresses (Gloo: "connectFullMesh failed ...
+    Connection refused"); now each attempt has a store of its own, and the run finishes as one uninterrupted."""
+    args = ["train", "-d", "digits", "--epochs", "40", "--lr", "0.05", "--arch-kwargs", '{"hidden": 16}',
+            "--batch-size", "100", "--seed", "4"]
+    cli(*args, "-o", tmp_path / "ref.safetensors", "--device", "cpu", "-q")
+    out, state = tmp_path / "run.safetensors", tmp_path / "run.state.safetensors"
+    script = tmp_path / "run.sh"
+    script.write_text(f"""#!/bin/sh
+resume=; [ -e '{state}' ] && resume=--resume
+if [ "$TORCHELASTIC_RESTART_COUNT" = 0 ] && [ "$RANK" = 1 ]; then  # the first attempt's rank 1 dies
+    (while [ ! -e '{state}' ]; do sleep 0.01; done; kill -9 $$) &
+fi
+exec '{sys.executable}' -m mctool "$@" $resume
+""")
+    script.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "--no-python", str(script), *args, "-o", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "completed epoch(s) are saved in" in errors[0], errors  # the first attempt's
+    assert out.exists() and not state.exists()
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert f["epoch"][()].tolist() == list(range(1, 41)) and np.isfinite(f["train/loss"][()]).all()
+    _close(_weights(tmp_path / "ref.safetensors"), _weights(out), 1e-3)
+
+
 def _kill_one_of_two_slurm_ranks(args: list, ready: Callable[[], bool], victim: int, tmp_path: Path,
                                   **extra: str) -> tuple[int, list[str], float]:
     """Two ranks started as srun starts them (no torchrun agent: rank 0's process holds the store); once

@@ -94,7 +94,7 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
 
     # point --index round-trips a member bit for bit
     p2 = tmp_path / "m2.safetensors"
-    cli("point", out, "--index", "2", "-o", p2, "-q")
+    assert "Warning" not in cli("point", out, "--index", "2", "-o", p2, "-q").stderr
     net = load_model(p2).model
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ens.network(2).state_dict().values()))
     assert "--index must be between 0 and 4" in cli.error("point", out, "--index", "5", "-o", tmp_path / "x.st")
@@ -105,6 +105,11 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
                          (["--num-workers", "-1"], "--num-workers must be >= 0")):
         assert message in cli.error("point", out, "--index", "0", "-o", tmp_path / "x.safetensors", *bad)
     assert not (tmp_path / "x.safetensors").exists()
+    # ... and given, they are said to have no effect (a member keeps its own BatchNorm statistics)
+    said = cli("point", out, "--index", "0", "-o", tmp_path / "x.safetensors", "--bn-batches", "3", "-d", "digits",
+               "-q").stderr
+    assert ("Warning: --bn-batches, --dataset do not apply to --index: a member is written as stored, with its own "
+            "BatchNorm statistics; ignored.") in said
     assert "is an ensemble file, not a curve: 'mctool point FILE --index I'" in cli.error(
         "point", out, "--t", "0.5", "-o", tmp_path / "x.st")
     # evaluate accepts ensemble files and expands them into members

@@ -144,6 +144,9 @@ def test_info_counts_nan_apart_from_infinities_and_pipes_are_refused(cli, tmp_pa
         f["x"] = np.array([1.0, np.nan, np.inf, -np.inf, 2.0])
     entry = cli.json("info", h5)["datasets"]["x"]
     assert entry["nan"] == 1 and entry["min"] == 1.0 and entry["max"] == 2.0 and entry["last"] == 2.0
+    assert entry["inf"] == 2  # counted, so that min and max over the finite values do not hide them
+    rows = [line.replace("\u2502", " ").split() for line in cli("info", h5).stderr.splitlines()]  # (│ rules)
+    assert ["x", "(5,)", "1", "2", "1", "2", "2"] in rows  # name, shape, NaN, inf, min, max, last
     pipe = tmp_path / "p.safetensors"
     os.mkfifo(pipe)
     for command in (["info", pipe], ["evaluate", pipe, "--device", "cpu"]):  # a process: a hang fails, not waits

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -256,7 +257,17 @@ def test_curves_of_different_pairs_are_named_and_a_diverged_point_is_marked(runs
     res = cli("plot", runs["segment"], runs["curve"], runs["other"], "-o", tmp_path / "three.png")
     assert "Warning: the files connect 2 different pairs of networks (their ends differ)" in res.stderr
     assert "Warning" not in cli("plot", runs["segment"], runs["curve"], "-o", tmp_path / "two.png").stderr
+    # a file given again (here by another name) is drawn once, and said so
+    again = Path(runs["segment"]).parent / ".." / Path(runs["segment"]).parent.name / Path(runs["segment"]).name
+    res = cli("plot", runs["segment"], runs["curve"], again, "-o", tmp_path / "again.png", "--json")
+    said = f"Warning: '{again}' is given again (the same file as an earlier one); each file is drawn once."
+    assert said in res.stderr
+    assert [f["path"] for f in json.loads(res.stdout)["inputs"]] == [str(runs["segment"]), str(runs["curve"])]
     figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning, match="is given again"):
+        plots.plot_files([runs["segment"], runs["curve"], again], tmp_path / "again.png", force=True)
+    assert [t.get_text().split(",")[0] for t in figures[0].legends[0].get_texts()] == ["segment", "bezier (1 bend)"]
+    figures.clear()
     plots.plot_curves([runs["segment"], runs["curve"]], tmp_path / "x.png")
     labels = [t.get_text().split(",")[0] for t in figures[0].legends[0].get_texts()]
     assert labels == ["segment", "bezier (1 bend)"]

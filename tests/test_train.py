@@ -496,3 +496,41 @@ def test_resume_refuses_an_init_file_that_changed(cli, tmp_path, monkeypatch, di
     shutil.copy(digits_models[0], init)
     cli(*args, "--resume")
     assert json.loads(read_metadata(out)["inputs"]) == {str(init): sha256_file(init)}
+
+
+def test_momentum_of_a_parameter_without_gradient_is_saved_as_zeros_and_restores_exactly():
+    """A training state holds every parameter's momentum (so that a missing one is refused on --resume); a
+    parameter that has had no gradient yet gets zeros, and its first step from them equals one from none."""
+    from mctool.graphs import sgd
+    from mctool.loop import get_momentum, set_momentum
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 3)})
+
+    def step(m, opt, x):
+        opt.zero_grad(set_to_none=True)
+        m["used"](x).square().sum().backward()
+        opt.step()
+
+    x = torch.randn(5, 4)
+    m = net()
+    opt = sgd(m.parameters(), lr=0.1, momentum=0.9, wd=1e-4, device=torch.device("cpu"), graphs=False)
+    step(m, opt, x)
+    params = dict(m.named_parameters())
+    saved = {k: v.clone() for k, v in get_momentum(opt, params).items()}  # (as written to a file)
+    assert sorted(saved) == sorted("optimizer/momentum/" + k for k in params)
+    assert torch.equal(saved["optimizer/momentum/unused.weight"], torch.zeros(3, 4))
+    # the same network, resumed from the saved state, then trained on with the unused layer now used
+    m2 = net()
+    m2.load_state_dict(m.state_dict())
+    opt2 = sgd(m2.parameters(), lr=0.1, momentum=0.9, wd=1e-4, device=torch.device("cpu"), graphs=False)
+    set_momentum(opt2, dict(m2.named_parameters()), saved)
+    for mm, oo in ((m, opt), (m2, opt2)):
+        oo.zero_grad(set_to_none=True)
+        (mm["used"](x).square().sum() + mm["unused"](x).sum()).backward()
+        oo.step()
+    for k, p in m.named_parameters():
+        assert torch.equal(p, dict(m2.named_parameters())[k]), k
+    no_momentum = sgd(m.parameters(), lr=0.1, momentum=0.0, wd=0.0, device=torch.device("cpu"), graphs=False)
+    assert get_momentum(no_momentum, params) == {}

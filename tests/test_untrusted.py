@@ -501,6 +501,14 @@ def test_resume_checks_the_training_state_tensors(cli, tmp_path, monkeypatch):
         save_file({**tensors, **extra}, str(state), metadata=md)
         assert "does not fit the network being trained" in cli.error(*args, "--resume")
     assert "'net.1.weight' is int64 where the network has floating point" in cli.error(*args, "--resume")
+    # every parameter's momentum is saved; one missing would silently restart from zero
+    names = [k for k in tensors if k.startswith("optimizer/momentum/")]
+    assert sorted(names) == sorted("optimizer/momentum/" + k for k in tensors
+                                   if not k.startswith("optimizer/") and "running" not in k and "num_batches" not in k)
+    save_file({k: v for k, v in tensors.items() if k != names[0]}, str(state), metadata=md)
+    assert f"has no optimizer momentum for 1 of the network's {len(names)} parameters" in cli.error(*args, "--resume")
+    save_file(tensors, str(state), metadata=md)
+    cli(*args, "--resume")
 
 
 def test_fge_resume_checks_its_pending_snapshots(cli, tmp_path, monkeypatch, digits_models):
@@ -527,6 +535,8 @@ def test_connect_resume_checks_the_control_points(cli, tmp_path, monkeypatch, cu
     for extra in ({"control_points": tensors["control_points"][:2]}, {"optimizer/momentum/free": torch.zeros(2, 3)}):
         save_file({**tensors, **extra}, str(state), metadata=md)
         assert "does not fit this curve" in cli.error(*args, "--resume")
+    save_file({k: v for k, v in tensors.items() if k != "optimizer/momentum/free"}, str(state), metadata=md)
+    assert "has no optimizer momentum ('optimizer/momentum/free')" in cli.error(*args, "--resume")
     # NaN control points or momentum: the file's fault, not the learning rate's
     for key in ("control_points", "optimizer/momentum/free"):
         bad = tensors[key].clone()
