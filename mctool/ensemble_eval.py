@@ -326,7 +326,14 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
         layout = ParamLayout.of(members[0].make())
         ens_file = Ensemble(as_ensemble_meta(first, inputs),
                             layout, torch.stack(weights), buffers, [{"source": r["label"]} for r in rows])
-        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points})
+        # what the members agree on is the ensemble's: a member evaluated from the file (evaluate, point --index)
+        # then has the loss with its weight decay, and its split, as evaluated from its own file
+        shared = {}
+        for k in ("wd", "split"):
+            values = [m.meta.config.get(k) for m in members]
+            if values[0] is not None and all(v == values[0] for v in values):
+                shared[k] = values[0]
+        save_ensemble(output, ens_file, {"inputs": list(paths), "num_points": num_points, **shared})
         result.outputs["ensemble"] = FileRef.of(output)
     if metrics:
         col = lambda rs, key: np.array([r[key] for r in rs], dtype=np.float64)  # noqa: E731

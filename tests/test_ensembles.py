@@ -337,6 +337,12 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
     # re-evaluating the written ensemble file gives the same numbers
     again = cli.json("evaluate", out, *CPU)
     assert again["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-6)
+    # ... members' losses included: the file keeps the weight decay (and split) its members share, so a
+    # member's loss is NLL + wd/2 |w|^2 as from its own file, not its NLL alone
+    assert load_ensemble(out).meta.config["wd"] == load_model(digits_models[0]).meta.config["wd"] > 0
+    for member, own in zip(again["models"], r["models"]):
+        assert member["metrics"]["loss"] == pytest.approx(own["metrics"]["loss"], rel=1e-6)
+        assert member["metrics"]["loss"] > member["metrics"]["nll"]
 
 
 
