@@ -217,11 +217,13 @@ def _error(message: str) -> None:
 
 
 def _ignore_more_ctrl_c() -> None:
-    """Once an interruption is being reported, a second Ctrl-C (users press it twice) would only break the
-    report and the exit's cleanup with tracebacks, as would a Ctrl-C once the work is done (outputs complete)
-    while the result is printed: the ``mctool`` process ignores it from here on."""
+    """Once an interruption or an error is being reported, a second Ctrl-C (users press it twice) would only
+    break the report and the exit's cleanup with tracebacks, as would a Ctrl-C once the work is done (outputs
+    complete) while the result is printed; a SIGTERM or SIGHUP then would end a finished run with 143 or 129
+    (or an error's with 130): the ``mctool`` process ignores all three from here on."""
     if _launch_env.is_command():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[[Any], None]) -> None:
@@ -264,8 +266,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
             except (MctoolError, KeyboardInterrupt) as e:
                 interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
                 code = 130 if interrupted else 1
-                if interrupted:
-                    _ignore_more_ctrl_c()
+                _ignore_more_ctrl_c()  # (the report and the exit: an error's exit code is 1, not a signal's)
                 # Ctrl-C before a command's own handling starts (loading data, building a model)
                 stopped_by = distributed.stop_signal() if interrupted else None
                 message = (str(e) if isinstance(e, (MctoolError, Interrupted)) else
@@ -290,6 +291,7 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                 raise
     except MctoolError as e:  # joining the group failed
         code = 1
+        _ignore_more_ctrl_c()
         _error(str(e))
     except KeyboardInterrupt:
         code = 130

@@ -295,7 +295,8 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         for s, handler in previous:
-            signal.signal(s, handler)
+            if signal.getsignal(s) is not signal.SIG_IGN:  # (ignored for a command's report and exit: stays so)
+                signal.signal(s, handler)
 
 
 _stopped_by: list[str | None] = [None]

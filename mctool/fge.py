@@ -163,9 +163,12 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
     cfg = replace(cfg)
     start_model = load_model(start)
     meta = start_model.meta
-    _fill_defaults(cfg, meta, bool(bn_modules(start_model.model)), resume)
+    batchnorm = bool(bn_modules(start_model.model))
+    _fill_defaults(cfg, meta, batchnorm, resume)
     cfg.dataset = cfg.dataset or meta.dataset
     cfg.validate()
+    if not batchnorm:  # nothing to recompute: not recorded, so never a --resume difference (checked above)
+        cfg.bn_data = None
     if cfg.dataset is None:
         raise ConfigError(f"'{start}' does not record its data set; pass --dataset.")
     output = Path(output)
@@ -183,10 +186,9 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                       formats={"--swa": "safetensors"})
     cfg.split = cfg.split or "test"  # a state of a version that did not record it
     # (a state of a version that did not record it evaluated its snapshots on un-augmented images)
-    cfg.bn_data = cfg.bn_data or ("plain" if resume_state is not None else "augmented")
-    bn_data = cfg.bn_data  # (what the passes use; a network without BatchNorm has none to run)
-    if not bn_modules(start_model.model):  # nothing to recompute: not recorded, so never a --resume difference
-        cfg.bn_data = None
+    if batchnorm:
+        cfg.bn_data = cfg.bn_data or ("plain" if resume_state is not None else "augmented")
+    bn_data = cfg.bn_data or "augmented"  # (what the passes use; a network without BatchNorm has none to run)
 
     dev = resolve_device(device)
     data = load_data(cfg.dataset, root=data_root, split=cfg.split, download=download, device=dev,

@@ -200,7 +200,7 @@ def recorded_setting(path: str | os.PathLike, key: str) -> Any:
 
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
                  force: bool, plot: str | os.PathLike | None = None,
-                 shapes: dict[str, tuple[int, ...]] | None = None
+                 shapes: dict[str, tuple[int, ...]] | None = None, recorded_none: dict[str, Any] | None = None
                  ) -> tuple[dict[str, np.ndarray], str | None, bool, bool]:
     """Check a grid-like run's outputs before any work: with ``resume``, the existing metrics file's values
     (for the cells to keep; ``shapes`` says which datasets it must hold, and their shapes), start time and
@@ -218,7 +218,7 @@ def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dic
                   formats={"--metrics": "hdf5", "--plot": "figure"})
     data, started, finished = {}, None, False
     if resume:
-        data, attrs = check_resumable(metrics, inputs, config)
+        data, attrs = check_resumable(metrics, inputs, config, recorded_none)
         started = attrs.get("started") if isinstance(attrs.get("started"), str) else None
         finished = "summary" in attrs
         for name, shape in (shapes or {}).items():
@@ -298,9 +298,11 @@ NOT_RECORDED_BEFORE_0_3 = frozenset({"bn_batch_size", "trace"})
 RECORDED_VALUE_BEFORE_0_3 = {"bn_data": "plain"}
 
 
-def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any]) -> tuple[
-        dict[str, np.ndarray], dict[str, Any]]:
-    """Read a metrics file to resume, refusing one made from other inputs or with other settings."""
+def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any],
+                    recorded_none: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a metrics file to resume, refusing one made from other inputs or with other settings.
+    ``recorded_none``: settings an earlier version recorded as given, ``null`` for left to its default, and the
+    value that default is here (``plane``'s ``bend``, now recorded as used)."""
     if not os.path.lexists(path):
         raise MetricsFileError(f"nothing to resume: metrics file '{path}' does not exist.{did_you_mean(path)} "
                                "Run without --resume to start.")
@@ -316,7 +318,7 @@ def check_resumable(path: str | os.PathLike, inputs: dict[str, str], config: dic
                                "them in the interrupted run's order.")
     def recorded(k: str, v: Any) -> Any:
         if k in old_config:
-            return old_config[k]
+            return (recorded_none or {}).get(k) if old_config[k] is None else old_config[k]
         return RECORDED_VALUE_BEFORE_0_3.get(k) if v is not None else None
 
     diff = {k: (recorded(k, v), v) for k, v in config.items()

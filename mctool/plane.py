@@ -116,20 +116,26 @@ def curve_projection(curve: Curve, basis: PlaneBasis, w0: torch.Tensor, w1: torc
     return xy.numpy(), off.numpy()
 
 
+def default_bend(num_bends: int) -> int:
+    """The bend of a curve that spans its plane when --bend is not given: the middle one (the first of two)."""
+    return (num_bends + 1) // 2
+
+
 def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torch.Tensor], Any, dict[str, str],
-                                                         tuple[str, str, str]]:
-    """(curve or None, [w0, w1, w2], base curve for building the network, inputs' sha256, the points' names)."""
+                                                         tuple[str, str, str], int | None]:
+    """(curve or None, [w0, w1, w2], base curve for building the network, inputs' sha256, the points' names,
+    the bend used: None for three checkpoints)."""
     if len(paths) == 1:
         curve = load_curve(paths[0])[0]
         n = curve.num_bends
         if n == 0:
             raise ConfigError("a line has no bend to span a plane; give a bezier/polychain curve or three checkpoints.")
-        i = (n + 1) // 2 if bend is None else bend
+        i = default_bend(n) if bend is None else bend
         if not 1 <= i <= n:
             raise ConfigError(f"--bend must be between 1 and {n} for this curve, got {i}.")
         names = (f"A of '{curve.path}'", f"bend {i} of '{curve.path}'", f"B of '{curve.path}'")
         return (curve, [curve.points[0], curve.points[i], curve.points[-1]], curve, {str(curve.path): curve.sha256},
-                names)
+                names, i)
     if len(paths) == 3:
         if bend is not None:
             raise ConfigError("--bend applies to a curve file, not to three checkpoints.")
@@ -137,7 +143,7 @@ def _points(paths: list[str], bend: int | None) -> tuple[Curve | None, list[torc
         base = line_between(models[0], models[2])
         line_between(models[0], models[1])  # checks compatibility of the middle point too
         w = [base.layout.flatten(m.model.state_dict()) for m in models]
-        return None, w, base, {str(m.path): m.sha256 for m in models}, tuple(f"'{p}'" for p in paths)
+        return None, w, base, {str(m.path): m.sha256 for m in models}, tuple(f"'{p}'" for p in paths), None
     raise ConfigError(f"give one curve file or three model checkpoints (w0 w1 w2), not {len(paths)} files.")
 
 
@@ -299,7 +305,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
     check_real("--wd", wd, 0, MAX_RATE)
     check_bn_data(bn_data)
     metrics = Path(metrics)
-    curve, (w0, w1, w2), base, inputs, names = _points(paths, bend)
+    curve, (w0, w1, w2), base, inputs, names, bend = _points(paths, bend)  # (the bend used, given or not)
     split = evaluation_split(split, inputs, metrics if resume else None)
     basis = PlaneBasis.through(w0, w1, w2, names)
     wd = float(base.meta.config.get("wd", 0.0)) if wd is None else wd
@@ -320,7 +326,9 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
     old, started, finished, draw = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)},
                                                 resume=resume, force=force, plot=plot,
                                                 shapes={**{n: grid[n].shape for n in names},
-                                                        **{f"at_points/{n}": (3,) for n in names}})
+                                                        **{f"at_points/{n}": (3,) for n in names}},
+                                                # (earlier versions recorded --bend as given)
+                                                recorded_none={"bend": bend})
     if shard is not None:
         config["shard"] = shard_text(shard)
     if old:

@@ -793,7 +793,6 @@ def _short_label(label: str, width: int = 24) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
-@holds_output_locks
 def _once_each(files: list) -> list:
     """The files without repeats (the same file under any name, a shell glob and a name given again): a file given
     twice would be drawn twice, as two series with one label."""
@@ -808,6 +807,7 @@ def _once_each(files: list) -> list:
     return kept
 
 
+@holds_output_locks
 def plot_files(files: Sequence[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,
                dpi: int = DEFAULT_DPI, log_loss: bool = False) -> PlotResult:

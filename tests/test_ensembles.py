@@ -118,6 +118,20 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert ev["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-5)
 
 
+@pytest.mark.parametrize("bn_data", ["augmented", "plain"])
+def test_fge_given_bn_data_on_a_network_without_batchnorm_resumes(cli, tmp_path, start_state, monkeypatch, bn_data):
+    """--bn-data changes nothing for an MLP and is not recorded; given, --resume with the same command was
+    refused ("--bn-data: none -> augmented"), though the interruption said to run just that."""
+    args = ["fge", start_state, "--epochs", "2", "--cycle-iters", "8", "--bn-data", bn_data, "-q", *CPU,
+            "-o", tmp_path / "f.safetensors"]
+    restore = ctrl_c_during_epoch(monkeypatch, 2)
+    cli.error(*args, code=130)
+    restore()
+    assert json.loads(read_checkpoint(tmp_path / "f.state.safetensors")[1]["config"])["bn_data"] is None
+    cli(*args, "--resume")
+    assert (tmp_path / "f.safetensors").exists()
+
+
 def test_fge_resume_refuses_snapshots_of_another_cycle(cli, tmp_path, start_state, monkeypatch):
     """mctool 0.2 rounded --cycle-iters 5 down to 4: its snapshots are not where cycles of 6 put them."""
     fge_module = importlib.import_module("mctool.fge")  # (mctool.fge is the function)

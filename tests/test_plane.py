@@ -207,6 +207,18 @@ def test_resume_fills_only_nan_cells(cli, tmp_path, bezier, monkeypatch):
     assert "these differ: --grid-points: 3 -> 4." in cli.error("plane", bezier, "-m", m, "--grid-points", "4",
                                                                "--resume")
     assert "other settings" in cli.error("plane", bezier, "-m", m, "--grid-points", "3", "--wd", "0.1", "--resume")
+    # the bend is recorded as used: --bend 1 (the default of a one-bend curve) given or not is the same plane
+    assert json.loads(read_h5(m)[1]["config"])["bend"] == 1
+    cli("plane", *args, "--bend", "1", "--resume", "-q")
+    m2 = tmp_path / "p2.h5"
+    cli("plane", bezier, "-m", m2, "--grid-points", "3", "--bend", "1", *CPU, "-q")
+    assert json.loads(read_h5(m2)[1]["config"])["bend"] == 1
+    cli("plane", bezier, "-m", m2, "--grid-points", "3", *CPU, "--resume", "-q")
+    # a file of an earlier version recorded a --bend left out as null: the default bend, whichever way it is given
+    with h5py.File(m2, "a") as f:
+        f.attrs["config"] = json.dumps({**json.loads(f.attrs["config"]), "bend": None})
+    cli("plane", bezier, "-m", m2, "--grid-points", "3", "--bend", "1", *CPU, "--resume", "-q")
+    cli("plane", bezier, "-m", m2, "--grid-points", "3", *CPU, "--resume", "-q")
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

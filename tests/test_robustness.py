@@ -530,6 +530,38 @@ def test_a_signal_while_the_command_starts_gives_one_line(tmp_path, sig):
                           timeout=60).stdout == "True\n"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_after_the_work_is_done_or_while_an_error_is_reported_changes_no_exit_code(tmp_path, sig):
+    """A signal that arrives once the work is done (the result being printed) or while an error is reported:
+    the exit code stays the run's, 0 or 1 (a SIGTERM ended a finished run with 143, a Ctrl-C an error's with -2)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    h5 = tmp_path / "m.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.zeros(2)
+    # the mctool command (its argv[0]), with the signal sent to itself just before it prints its result or error
+    script = ("import os, signal, sys\n"
+              "sys.argv[0] = 'mctool'\n"
+              "import mctool.cli as cli\n"
+              "def before(real):\n"
+              "    return lambda *a: (os.kill(os.getpid(), signal.Signals[os.environ['SIG']]), real(*a))[1]\n"
+              "cli._print_json, cli._error = before(cli._print_json), before(cli._error)\n"
+              "cli.main()\n")
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (as a terminal's: see the test above)
+    try:
+        for target, code in ((h5, 0), (tmp_path / "none.h5", 1)):
+            done = subprocess.run([sys.executable, "-c", script, "info", str(target), "--json"], capture_output=True,
+                                  text=True, env={**env, "SIG": signal.Signals(sig).name}, timeout=120)
+            assert done.returncode == code, done.stderr
+            if code == 0:
+                assert json.loads(done.stdout)["command"] == "info"
+            else:
+                assert done.stderr.startswith("Error: ") and "does not exist" in done.stderr, done.stderr
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
+
+
 def test_more_ctrl_c_after_the_interruption_is_reported_add_nothing(tmp_path):
     """Users press Ctrl-C twice: once the interruption is reported, further ones must not break the exit
     (mctool 0.2.0 then printed `Exception ignored in atexit callback` tracebacks and died of SIGINT)."""
