@@ -329,7 +329,7 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
                     values_un[n][i] = m["unaligned/" + n]
 
         distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
-        with from_the_first_write(metrics, len(mine), attrs["started"]):
+        with from_the_first_write(metrics, len(mine), attrs["started"], replaced_figure=plot if draw else None):
             write()
             PointRun("evaluate-curve", total=len(mine), metrics=metrics, quiet=quiet).run(
                 todo, measure, store, lambda i, m: (f"t={t[i]:.3f} train loss {m['train/loss']:.4f} "

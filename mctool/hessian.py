@@ -356,7 +356,7 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
 
         run = PointRun("hessian", total=n, metrics=metrics, quiet=quiet, counted=("hvps",))
         distributed.sync("the checks before the first write")  # a run refused on any rank writes no file
-        with from_the_first_write(metrics, n, attrs["started"], ("hvps",)):
+        with from_the_first_write(metrics, n, attrs["started"], ("hvps",), replaced_figure=plot if draw else None):
             write()
             run.run(todo, lambda points: [measure(i) for i in points], store,
                     lambda i, m: f"{pts.labels[i]} top eigenvalue {m['eigenvalues'][0]:.4g}", flush=write)

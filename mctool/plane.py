@@ -224,7 +224,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    precision: str, channels_last: bool, num_workers: int, quiet: bool, points_per_pass: int = 1,
                    compile: bool = False, bn_data: str = "augmented",
                    on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None,
-                   started: str | None = None,
+                   started: str | None = None, replaced_figure: str | Path | None = None,
                    span_of: Callable[[list, torch.device], Span | None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
@@ -234,7 +234,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     number saved. ``points_per_pass`` networks are evaluated together (``batched.ManyEvaluator``), each stored
     when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
     first pass (the caller writes its first files there: a refused run writes none; ``started``, the start time
-    they record, tells its file on Ctrl-C: ``from_the_first_write``). ``span_of(cells, device)``:
+    they record, tells its file on Ctrl-C: ``from_the_first_write``; ``replaced_figure``, an earlier run's --plot
+    this run draws again, is deleted there). ``span_of(cells, device)``:
     a pass's networks as combinations of a few vectors (``batched.Span``), or None. The grid runner of ``plane``
     and ``surface``."""
     dev = resolve_device(device)
@@ -258,7 +259,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
         return many.evaluate(torch.stack([weights_of(cell, dev) for cell in cells]),
                              None if span_of is None else span_of(cells, dev))
 
-    with from_the_first_write(metrics, total, started, counted):
+    with from_the_first_write(metrics, total, started, counted, replaced_figure):
         if on_start is not None:
             on_start()
         PointRun(label, total=total, metrics=metrics, quiet=quiet, counted=counted).run(
@@ -399,7 +400,8 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write,
-                       flush=write, span_of=span_of, started=attrs["started"])
+                       flush=write, span_of=span_of, started=attrs["started"],
+                       replaced_figure=plot if draw else None)
     with finishing(metrics, len(mine)):
         summary = grid_summary(grid, at_points)
         if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)

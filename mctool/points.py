@@ -9,6 +9,7 @@ Ctrl-C says (``interrupted``, ``finishing``).
 from __future__ import annotations
 
 import contextlib
+import os
 import numbers
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -142,12 +143,16 @@ def _saved(saved: int, total: int, metrics: Path, counted: tuple[str, ...]) -> s
 
 
 @contextlib.contextmanager
-def from_the_first_write(metrics: Path, total: int, started: Any, counted: tuple[str, ...] = ("train/loss",)
-                         ) -> Iterator[None]:
+def from_the_first_write(metrics: Path, total: int, started: Any, counted: tuple[str, ...] = ("train/loss",),
+                         replaced_figure: str | os.PathLike | None = None) -> Iterator[None]:
     """Around a run's first write of its metrics file (all NaN, or a resumed run's values) and what follows
     until ``PointRun`` takes over: Ctrl-C there says what the file holds and that --resume goes on
     (``interrupted``), as in a pass, once the file is this run's (its ``started``): a rerun without --resume
-    would be refused. Before the file is written, the Ctrl-C goes on as it is."""
+    would be refused. Before the file is written, the Ctrl-C goes on as it is. ``replaced_figure``: the --plot
+    this run draws at its end over an earlier run's (``--force``), deleted first, so that an interrupted run
+    never leaves the old figure beside its own metrics (as ``train`` deletes an old ``-o``)."""
+    if replaced_figure is not None and distributed.is_main() and os.path.lexists(replaced_figure):
+        os.remove(replaced_figure)
     try:
         yield
     except KeyboardInterrupt:

@@ -389,7 +389,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        split=split, batch_size=batch_size, bn_batches=bn_batches, train_subset=train_subset, wd=wd,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start,
-                       flush=write, span_of=span_of, started=attrs["started"])
+                       flush=write, span_of=span_of, started=attrs["started"],
+                       replaced_figure=plot if draw else None)
     else:
         save_directions()
     with finishing(metrics, len(mine)):

@@ -331,3 +331,32 @@ def test_the_grid_holds_every_point_of_interest():
     a, b = plane_module.grid_fractions(pts, curve, 4.0, 2.0, (0.1, 0.2, 0.3, 0.4), 5)
     np.testing.assert_allclose(a, np.linspace(-0.1 * 1.5, 1.5 + 0.2 * 1.5, 5), rtol=0, atol=1e-15)
     np.testing.assert_allclose(b, np.linspace(-0.5 - 0.3 * 1.5, 1 + 0.4 * 1.5, 5), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("command, size", [("plane", ["--grid-points", "3"]), ("evaluate-curve", ["--num-points", "3"])])
+def test_an_interrupted_forced_run_leaves_no_old_figure(cli, tmp_path, bezier, monkeypatch, command, size):
+    """--force over a finished run with --plot, interrupted: the earlier run's figure was left beside the new
+    metrics file (and --resume then refused it). It is deleted with the first write, as train deletes an old -o."""
+    import mctool.points
+
+    m, png = tmp_path / "r.h5", tmp_path / "r.png"
+    args = [command, bezier, "-m", m, "--plot", png, *size, *CPU, "-q"]
+    cli(*args)
+    assert png.exists()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mctool.points.PointRun, "run", ctrl_c)
+    assert "--resume" in cli.error(*args, "--force", code=130)
+    monkeypatch.undo()
+    assert m.exists() and not png.exists()
+    cli(*args, "--resume")  # no figure in the way: it draws its own
+    assert png.read_bytes().startswith(b"\x89PNG")
+    # a run refused before its first write (here: another run's unfinished file without --resume) keeps it
+    monkeypatch.setattr(mctool.points.PointRun, "run", ctrl_c)
+    cli.error(*args, "--force", code=130)
+    monkeypatch.undo()
+    png.write_bytes(b"keep")
+    assert "holds an interrupted run" in cli.error(*args)
+    assert png.read_bytes() == b"keep"
