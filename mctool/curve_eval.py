@@ -22,7 +22,7 @@ from .data import check_dataset_name, check_fits, load_data
 from .errors import ConfigError
 from .evaluation import evaluate_weights
 from .fileio import check_outputs, holds_output_locks
-from .h5io import open_outputs, provenance, write_h5
+from .h5io import kept_attrs, open_outputs, provenance, record_data, write_h5
 from .loop import evaluation_split, recorded_split
 from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .points import PointRun, check_shard, finishing, from_the_first_write, shard_tasks, shard_text
@@ -243,6 +243,8 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
         attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
+    if resume:  # (kept when no point is left to compute: no data set is loaded then)
+        attrs |= kept_attrs(metrics)
 
     def write(summary: dict[str, Any] | None = None, summary_un: dict[str, Any] | None = None) -> None:
         write_curve_file(metrics, attrs, t=t, values=values, dl=dl, summary=summary,
@@ -261,6 +263,7 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
                          augment=curve.meta.train_augment(), channels_last=channels_last,
                          **curve.meta.data_options(), num_workers=num_workers)
         check_fits(curve.meta, data.info, paths[0])
+        record_data(attrs, data, name, metrics if resume else None)
         model = curve.build_model().to(dev)
         check_bn_batch_size(model, batch_size)
         if channels_last:

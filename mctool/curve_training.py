@@ -23,7 +23,7 @@ from .bn import bn_modules, use_sync_bn
 from .checkpoint import MOMENTUM_PREFIX, check_finite, load_model
 from .curves import (BEND_INITS, MAX_BENDS, Curve, check_two_networks, coefficients, initial_points, line_between,
                      save_curve)
-from .data import check_fits, load_data
+from .data import check_fits, check_same_data_as, load_data
 from .errors import CheckpointError, ConfigError
 from .fileio import check_outputs, holds_output_locks, same_inputs
 from .graphs import GraphedStep, set_lr, sgd, use_graphs
@@ -329,6 +329,8 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      **a.meta.data_options())
     check_fits(a.meta, data.info, start)
+    if resume_state is not None:
+        check_same_data_as(resume_state[1].get("data_fingerprint"), data, cfg.dataset, state_path(output))
     if cfg.lr is None:  # needs the number of iterations, so the data
         iterations = cfg.epochs * data.train.num_batches(cfg.batch_size)
         train_lr = recorded_lr(a.meta.config)
@@ -343,7 +345,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
     curve = Curve(cfg.curve, cfg.num_bends, points, line.layout, line.meta, line.buffers)
     log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", "seconds"],
                      {**provenance(line.meta.inputs, asdict(cfg), "connect"), "curve": cfg.curve,
-                      "num_bends": cfg.num_bends, "split": cfg.split})
+                      "num_bends": cfg.num_bends, "split": cfg.split, "data_fingerprint": data.fingerprint})
     start_epoch, momentum = 0, None
     if resume_state is not None:
         tensors, md = resume_state
@@ -390,6 +392,7 @@ def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str 
         snap = Curve(curve.curve, curve.num_bends, step.points(), curve.layout, curve.meta, curve.buffers)
         save_curve(path, snap, asdict(cfg), extra, {"epoch": str(epoch), "history": history_json(log.rows),
                                                     "started": log.attrs["started"],
+                                                    "data_fingerprint": data.fingerprint,
                                                     # (what a --resume reads, not a --save-every checkpoint)
                                                     **({"metrics": relative_to_output(metrics, output)}
                                                        if path == state_path(output) else {})},

@@ -360,6 +360,9 @@ class Data:
     eval: Split
     eval_split: str  # "test" or "val"
     sources: list[str] = field(default_factory=list)
+    #: sha256 of the whole data set before any split: its images' and labels' bytes, or for ``imagefolder:``
+    #: its class folders and image names (``_folder_fingerprint``). Recorded as ``data_fingerprint``.
+    fingerprint: str = ""
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -654,15 +657,16 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = 
                        augment=_DEFAULT_AUGMENT[base] if augment == "auto" else augment,
                        crop_padding=max(1, size // 8))
     n_total = len(xtr)
+    fingerprint = _tensors_fingerprint(xtr, ytr, xte, yte)
     if split == "val":
         nv = _val_size(n_total)
         xtr, ytr, xte, yte = xtr[:-nv], ytr[:-nv], xtr[-nv:], ytr[-nv:]
     _check_not_empty(name, split, len(xtr), len(xte), n_total)
     _warn_one_class(name, num_classes)
     if distributed.current() is not None:  # every rank has the same images and labels, or none starts
-        distributed.check_same_data(name, _tensors_fingerprint(xtr, ytr, xte, yte))
+        distributed.check_same_data(name, fingerprint)
     return Data(info=info, train=TensorSplit(xtr, ytr, info, device, channels_last),
-                eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split)
+                eval=TensorSplit(xte, yte, info, device, channels_last), eval_split=split, fingerprint=fingerprint)
 
 
 def _load_imagefolder(name, split, device, augment, channels_last, normalization, num_workers, image_size,
@@ -719,9 +723,22 @@ def _load_imagefolder(name, split, device, augment, channels_last, normalization
         ev = LoaderSplit(val, val, info, device, num_workers, channels_last)
     _check_not_empty(name, split, len(train), len(ev), len(train_plain))
     _warn_one_class(name, info.num_classes)
+    fingerprint = _folder_fingerprint(train_plain, val)
     if distributed.current() is not None:  # every rank lists the same images (names, not contents) in each class
-        distributed.check_same_data(name, _folder_fingerprint(train_plain, val))
-    return Data(info=info, train=train, eval=ev, eval_split=split)
+        distributed.check_same_data(name, fingerprint)
+    return Data(info=info, train=train, eval=ev, eval_split=split, fingerprint=fingerprint)
+
+
+def check_same_data_as(recorded: Any, data: Data, name: str, source: str | os.PathLike) -> None:
+    """On --resume: refuse a data set other than the one the interrupted run recorded (``data_fingerprint`` in
+    ``source``, its metrics file or training state): a run resumed on other images would mix two experiments.
+    A file that records none (an earlier mctool) passes."""
+    if isinstance(recorded, str) and recorded and recorded != data.fingerprint:
+        what = ("its class folders or image names" if name.startswith("imagefolder:")
+                else "its images or labels")
+        raise DataError(f"the data set '{name}' is not the one the interrupted run in '{source}' used ({what} "
+                        f"differ: fingerprint {data.fingerprint[:12]}... here, {recorded[:12]}... recorded); resume "
+                        "with the same data (--data-root), or start over with --force.")
 
 
 def _tensors_fingerprint(*tensors: torch.Tensor) -> str:
@@ -729,7 +746,8 @@ def _tensors_fingerprint(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(f"{tuple(t.shape)} {t.dtype};".encode())
-        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        if t.numel():  # (an empty one: its shape says all; memoryview cannot cast it)
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
     return h.hexdigest()
 
 

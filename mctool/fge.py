@@ -21,7 +21,7 @@ import torch
 
 from .bn import bn_modules, check_bn_data, recalibrate_bn, use_sync_bn
 from .checkpoint import ModelMeta, load_model, save_model
-from .data import check_fits, load_data
+from .data import check_fits, check_same_data_as, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
 from .evaluation import predict_probs, summarize
@@ -195,6 +195,8 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      **meta.data_options())
     check_fits(meta, data.info, start)
+    if resume_state is not None:
+        check_same_data_as(resume_state[1].get("data_fingerprint"), data, cfg.dataset, state_path(output))
     model = use_sync_bn(start_model.model.to(dev), cfg.sync_bn, dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -216,7 +218,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
                               bn_data=bn_data)
     inputs = {str(start): start_model.sha256}
     attrs = {**provenance(inputs, asdict(cfg), "fge"), "cycle_iters": cycle, "iters_per_epoch": n_iter,
-             "split": split}
+             "split": split, "data_fingerprint": data.fingerprint}
     lrs = np.array([fge_lr(i, cycle, cfg.lr_max, cfg.lr_min) for i in range(total)])
 
     def extra() -> tuple[dict, dict]:  # snapshots taken but not yet evaluated have NaN metrics
@@ -240,7 +242,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
-                 "metrics": relative_to_output(metrics, output),
+                 "data_fingerprint": data.fingerprint, "metrics": relative_to_output(metrics, output),
                  "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),

@@ -198,6 +198,24 @@ def recorded_setting(path: str | os.PathLike, key: str) -> Any:
     return config.get(key) if isinstance(config, dict) else None
 
 
+def record_data(attrs: dict[str, Any], data: Any, name: str, resumed: str | os.PathLike | None) -> None:
+    """Record the data set a grid-like run evaluates on (``data_fingerprint``, ``data.Data.fingerprint``) in its
+    metrics file's ``attrs``; on ``--resume`` (``resumed``: the metrics file), refuse data other than the
+    interrupted run's (``data.check_same_data_as``)."""
+    from .data import check_same_data_as
+
+    if resumed is not None:
+        check_same_data_as(read_h5(resumed)[1].get("data_fingerprint"), data, name, resumed)
+    attrs["data_fingerprint"] = data.fingerprint
+
+
+def kept_attrs(path: str | os.PathLike, keys: tuple[str, ...] = ("data_fingerprint",)) -> dict[str, Any]:
+    """Attributes of an interrupted run's metrics file that a resumed run keeps when it has no work to do (it
+    loads no data): ``data_fingerprint``."""
+    attrs = read_h5(path)[1]
+    return {k: attrs[k] for k in keys if isinstance(attrs.get(k), str)}
+
+
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,
                  force: bool, plot: str | os.PathLike | None = None,
                  shapes: dict[str, tuple[int, ...]] | None = None, recorded_none: dict[str, Any] | None = None

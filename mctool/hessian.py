@@ -34,7 +34,7 @@ from .ensembles import load_ensemble
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout, load_buffers, state_buffers
-from .h5io import open_outputs, provenance, read_h5, write_h5
+from .h5io import kept_attrs, open_outputs, provenance, read_h5, record_data, write_h5
 from .loop import recorded_file, recorded_split, relative_to_output
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .points import PointRun, finishing, from_the_first_write
@@ -302,6 +302,8 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
         attrs["eigenvectors"] = relative_to_output(vec_path, metrics)
     if started:
         attrs["started"] = started
+    if resume:  # (kept when no point is left to compute: no data set is loaded then)
+        attrs |= kept_attrs(metrics)
 
     def write() -> None:
         scale = "t" if pts.kind == "curve" else "point"
@@ -322,6 +324,7 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
         data = load_data(name, root=data_root, split=split, download=download, device=dev,
                          augment=pts.meta.train_augment(), **pts.meta.data_options(), num_workers=num_workers)
         check_fits(pts.meta, data.info, paths[0])
+        record_data(attrs, data, name, metrics if resume else None)
         subset: Split = data.train.subset(train_subset) if train_subset else data.train
         attrs["train_images"] = len(subset)  # (fewer than --train-subset where the data set is smaller)
         batches = list(subset.batches(batch_size))

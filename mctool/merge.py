@@ -88,6 +88,7 @@ def _same_run(first: _Shard, s: _Shard) -> None:
         raise other(f"other settings: {diff}")
     if s.count != first.count:
         raise other(f"shard {s.index}/{s.count} and shard {first.index}/{first.count}: another number of shards")
+
     if set(s.data) != set(first.data) or any(np.shape(s.data[k]) != np.shape(first.data[k]) for k in first.data):
         raise other("other datasets or shapes")
 
@@ -236,6 +237,14 @@ def merge(files: Sequence[str | Path], output: str | Path, *, plot: str | Path |
     attrs.pop("input_order")  # the shards' (first.inputs is sorted by path), or none for older shards
     attrs.update({k: v for k, v in first.attrs.items()
                   if k not in attrs and k not in ("shard", "summary", "merged_from")})
+    # the data set the shards were evaluated on (a shard that computed no point loaded none, and records none)
+    prints = {s.path: s.attrs["data_fingerprint"] for s in shards if isinstance(s.attrs.get("data_fingerprint"), str)}
+    if len(set(prints.values())) > 1:
+        shown = ", ".join(f"'{p}' {fp[:12]}..." for p, fp in prints.items())
+        raise MetricsFileError(f"the shards were evaluated on different data (data set fingerprints: {shown}); merge "
+                               "the shards of one run.")
+    if prints:
+        attrs["data_fingerprint"] = next(iter(prints.values()))
     started = _earliest(shards)
     if started is not None:
         attrs["started"] = started

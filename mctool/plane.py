@@ -27,7 +27,7 @@ from .data import check_fits, load_data
 from .errors import ConfigError, MetricsFileError
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, Span, check_points_per_pass
 from .fileio import holds_output_locks
-from .h5io import open_outputs, provenance, write_h5
+from .h5io import kept_attrs, open_outputs, provenance, record_data, write_h5
 from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
@@ -225,6 +225,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                    compile: bool = False, bn_data: str = "augmented",
                    on_start: Callable[[], None] | None = None, flush: Callable[[], None] | None = None,
                    started: str | None = None, replaced_figure: str | Path | None = None,
+                   attrs: dict[str, Any] | None = None, resume: bool = False,
                    span_of: Callable[[list, torch.device], Span | None] | None = None) -> None:
     """Evaluate the networks ``weights_of(cell, device)`` (flat parameters of ``base``'s network) for every cell
     of ``todo``, with BN recomputed for each (``evaluate_weights``), and ``store(cell, metrics)`` each as soon as it
@@ -235,7 +236,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
     when its pass is done. ``on_start()`` runs once the data set has loaded and fits the network, before the
     first pass (the caller writes its first files there: a refused run writes none; ``started``, the start time
     they record, tells its file on Ctrl-C: ``from_the_first_write``; ``replaced_figure``, an earlier run's --plot
-    this run draws again, is deleted there). ``span_of(cells, device)``:
+    this run draws again, is deleted there; ``attrs``, the metrics file's attributes, get the data set's
+    fingerprint, checked on ``resume`` against the file's: ``h5io.record_data``). ``span_of(cells, device)``:
     a pass's networks as combinations of a few vectors (``batched.Span``), or None. The grid runner of ``plane``
     and ``surface``."""
     dev = resolve_device(device)
@@ -243,6 +245,8 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
                      augment=base.meta.train_augment(), channels_last=channels_last, **base.meta.data_options(),
                      num_workers=num_workers)
     check_fits(base.meta, data.info, source)
+    if attrs is not None:
+        record_data(attrs, data, dataset, metrics if resume else None)
     train_split = data.train.subset(train_subset) if train_subset else None
     model = base.build_model().to(dev)
     if channels_last:
@@ -350,6 +354,8 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
         attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
+    if resume:  # (kept when no point is left to compute: no data set is loaded then)
+        attrs |= kept_attrs(metrics)
 
     def write(summary: dict | None = None) -> None:
         write_plane_file(metrics, attrs, alpha=alphas * basis.dx, beta=betas * basis.dy, grid=grid,
@@ -401,7 +407,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=write,
                        flush=write, span_of=span_of, started=attrs["started"],
-                       replaced_figure=plot if draw else None)
+                       replaced_figure=plot if draw else None, attrs=attrs, resume=resume)
     with finishing(metrics, len(mine)):
         summary = grid_summary(grid, at_points)
         if todo or not finished:  # (a resume with nothing to compute leaves a finished file as it is)

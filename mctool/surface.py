@@ -29,7 +29,7 @@ from .curves import line_between
 from .errors import ConfigError
 from .fileio import check_output, check_outputs, holds_output_locks
 from .flat import ParamLayout
-from .h5io import open_outputs, provenance, write_h5
+from .h5io import kept_attrs, open_outputs, provenance, write_h5
 from .loop import evaluation_split
 from .options import (MAX_GRID_POINTS, MAX_RATE, MAX_SPAN, check_count, check_real, check_seed, expand_patterns,
                       file_list)
@@ -342,6 +342,8 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
         attrs["shard"] = shard_text(shard)
     if started:
         attrs["started"] = started
+    if resume:  # (kept when no point is left to compute: no data set is loaded then)
+        attrs |= kept_attrs(metrics)
 
     def write(summary: dict | None = None) -> None:
         write_surface_file(metrics, attrs, scales=scales, grid=grid, center=at_center, summary=summary,
@@ -390,7 +392,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
                        precision=precision, channels_last=channels_last, num_workers=num_workers, quiet=quiet,
                        points_per_pass=points_per_pass, compile=compile, bn_data=bn_data, on_start=start,
                        flush=write, span_of=span_of, started=attrs["started"],
-                       replaced_figure=plot if draw else None)
+                       replaced_figure=plot if draw else None, attrs=attrs, resume=resume)
     else:
         save_directions()
     with finishing(metrics, len(mine)):

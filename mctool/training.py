@@ -13,7 +13,7 @@ import torch
 
 from .bn import use_sync_bn
 from .checkpoint import ModelMeta, load_model, read_metadata, save_model
-from .data import DEFAULT_ARCH, check_fits, load_data
+from .data import DEFAULT_ARCH, check_fits, check_same_data_as, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
@@ -108,6 +108,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
                      augment=cfg.augment, channels_last=cfg.channels_last, num_workers=num_workers,
                      normalization=ModelMeta.from_metadata(init_md, cfg.init).normalization if "arch" in init_md
                      else None, data_config=data_config)
+    if resume_state is not None:
+        check_same_data_as(resume_state[1].get("data_fingerprint"), data, cfg.dataset, state_path(output))
     init = None
     if cfg.init and "arch" not in init_md:  # a plain state dict (e.g. from timm): --arch says what it is
         if cfg.arch is None:
@@ -167,7 +169,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
     sse = cfg.schedule == "sse"
     snaps = SnapshotCollector(model, data, precision=cfg.precision) if sse else None
     log = MetricsLog(metrics, "epoch", ["lr", "train/loss", "train/err", f"{split}/nll", f"{split}/err", "seconds"],
-                     {**provenance(inputs, asdict(cfg), "train"), "split": split},
+                     {**provenance(inputs, asdict(cfg), "train"), "split": split,
+                      "data_fingerprint": data.fingerprint},
                      (lambda: ({"member": np.arange(1, len(snaps.rows) + 1)}, snaps.h5_datasets(split))) if sse
                      else None)
     start_epoch = 0
@@ -181,7 +184,8 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
         set_momentum(opt, params, init.extra_tensors)  # keep a train-state's momentum
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
-        extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"]}
+        extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
+                 "data_fingerprint": data.fingerprint}
         if path == state_path(output):  # (what a --resume reads; a --save-every checkpoint starts new runs)
             extra["metrics"] = relative_to_output(metrics, output)
         tensors = get_momentum(opt, params)

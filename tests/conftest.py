@@ -108,10 +108,12 @@ def ctrl_c_during_epoch(monkeypatch, epoch: int, after_batches: int = 0):
     as a user's Ctrl-C would; returns a function that undoes it."""
     import mctool.data
 
-    real = mctool.data.TensorSplit.batches
+    splits = (mctool.data.TensorSplit, mctool.data.LoaderSplit)  # (data sets held as tensors; image folders)
+    reals = {cls: cls.batches for cls in splits}
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
+        real = reals[type(self)]
         if kwargs.get("augment"):  # training passes only
             calls["n"] += 1
             if calls["n"] == epoch:
@@ -121,8 +123,9 @@ def ctrl_c_during_epoch(monkeypatch, epoch: int, after_batches: int = 0):
                 raise KeyboardInterrupt
         yield from real(self, *args, **kwargs)
 
-    monkeypatch.setattr(mctool.data.TensorSplit, "batches", interrupted)
-    return lambda: monkeypatch.setattr(mctool.data.TensorSplit, "batches", real)
+    for cls in splits:
+        monkeypatch.setattr(cls, "batches", interrupted)
+    return lambda: [monkeypatch.setattr(cls, "batches", real) for cls, real in reals.items()]
 
 
 def count_networks(monkeypatch) -> list[int]:

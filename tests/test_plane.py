@@ -333,7 +333,10 @@ def test_the_grid_holds_every_point_of_interest():
     np.testing.assert_allclose(b, np.linspace(-0.5 - 0.3 * 1.5, 1 + 0.4 * 1.5, 5), rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("command, size", [("plane", ["--grid-points", "3"]), ("evaluate-curve", ["--num-points", "3"])])
+SMALL_RUNS = [("plane", ["--grid-points", "3"]), ("evaluate-curve", ["--num-points", "3"])]
+
+
+@pytest.mark.parametrize("command, size", SMALL_RUNS)
 def test_an_interrupted_forced_run_leaves_no_old_figure(cli, tmp_path, bezier, monkeypatch, command, size):
     """--force over a finished run with --plot, interrupted: the earlier run's figure was left beside the new
     metrics file (and --resume then refused it). It is deleted with the first write, as train deletes an old -o."""
@@ -360,3 +363,26 @@ def test_an_interrupted_forced_run_leaves_no_old_figure(cli, tmp_path, bezier, m
     png.write_bytes(b"keep")
     assert "holds an interrupted run" in cli.error(*args)
     assert png.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("command, size", SMALL_RUNS)
+def test_resume_refuses_other_data_than_the_interrupted_runs(cli, tmp_path, bezier, command, size):
+    """The metrics file records the data set its points were evaluated on (``data_fingerprint``); --resume on
+    other data is refused, and a resume with nothing left to compute keeps the record."""
+    from mctool.data import load_data
+
+    m = tmp_path / "r.h5"
+    args = [command, bezier, "-m", m, *size, *CPU, "-q"]
+    cli(*args)
+    recorded = read_h5(m)[1]["data_fingerprint"]
+    assert recorded == load_data("digits").fingerprint
+    with h5py.File(m, "a") as f:
+        f["train/loss"][(0, 0) if command == "plane" else 0] = np.nan  # one point left to compute
+        f.attrs["data_fingerprint"] = "f" * 64  # as another copy of the data set would have
+    said = cli.error(*args, "--resume")
+    assert "the data set 'digits' is not the one the interrupted run in" in said and "(its images or labels" in said
+    with h5py.File(m, "a") as f:
+        f.attrs["data_fingerprint"] = recorded
+    cli(*args, "--resume")
+    cli(*args, "--resume")  # nothing left: no data loaded, the record kept
+    assert read_h5(m)[1]["data_fingerprint"] == recorded

@@ -186,6 +186,17 @@ def test_merge_errors(cli, tmp_path, bezier, curve_shards, digits_models):
     assert f"'{a}' are both shard 0/2" in cli.error("merge", a, b, a, "-o", out)
     msg = cli.error("merge", a, curve_shards["third"], "-o", out)
     assert "different runs" in msg and "another number of shards" in msg
+    # shards evaluated on different copies of the data set (their fingerprints differ)
+    odd = tmp_path / "odd.h5"
+    shutil.copy(b, odd)
+    with h5py.File(odd, "a") as f:
+        f.attrs["data_fingerprint"] = "f" * 64
+    msg = cli.error("merge", a, odd, "-o", out)
+    assert msg.startswith("Error: the shards were evaluated on different data (data set fingerprints: ")
+    assert f"'{odd}' ffffffffffff..." in msg
+    cli("merge", a, b, "-o", out, "-q")
+    assert read_h5(out)[1]["data_fingerprint"] == read_h5(a)[1]["data_fingerprint"]
+    out.unlink()
     # other options: another number of points
     other = tmp_path / "other.h5"
     cli("evaluate-curve", bezier, "-m", other, "--num-points", "3", "--bn-batches", "1", "--shard", "1/2", "-q", *CPU)

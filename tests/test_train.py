@@ -534,3 +534,34 @@ def test_momentum_of_a_parameter_without_gradient_is_saved_as_zeros_and_restores
         assert torch.equal(p, dict(m2.named_parameters())[k]), k
     no_momentum = sgd(m.parameters(), lr=0.1, momentum=0.0, wd=0.0, device=torch.device("cpu"), graphs=False)
     assert get_momentum(no_momentum, params) == {}
+
+
+def test_resume_refuses_other_data_than_the_interrupted_runs(cli, tmp_path, monkeypatch):
+    """The data set is recorded (``data_fingerprint``: images and labels; an image folder's class folders and
+    image names) in the metrics file and the training state; --resume on other data (an image renamed, removed
+    or added) was accepted and mixed two experiments."""
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for label in ("x", "y"):
+            (tmp_path / "imgs" / part / label).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (8, 8), (40 * k, 200 if label == "x" else 0, 0)).save(
+                    tmp_path / "imgs" / part / label / f"{k}.png")
+    args = ["train", "-d", f"imagefolder:{tmp_path / 'imgs'}", "-a", "mlp", "--arch-kwargs",
+            '{"hidden": 4, "img_size": 224}', "--num-workers", "0", "--epochs", "2", "-o", tmp_path / "r.safetensors",
+            "-q", "--device", "cpu"]
+    restore = ctrl_c_during_epoch(monkeypatch, 2)
+    cli(*args, code=130)
+    restore()
+    recorded = read_metadata(tmp_path / "r.state.safetensors")["data_fingerprint"]
+    assert len(recorded) == 64 and read_h5(tmp_path / "r.h5")[1]["data_fingerprint"] == recorded
+    moved = tmp_path / "imgs" / "train" / "x" / "3.png"
+    moved.rename(moved.with_name("9.png"))
+    said = cli.error(*args, "--resume")
+    assert (f"the data set 'imagefolder:{tmp_path / 'imgs'}' is not the one the interrupted run in "
+            f"'{tmp_path / 'r.state.safetensors'}' used (its class folders or image names differ") in said
+    assert "resume with the same data (--data-root), or start over with --force." in said
+    moved.with_name("9.png").rename(moved)
+    cli(*args, "--resume")
+    assert read_h5(tmp_path / "r.h5")[1]["data_fingerprint"] == recorded
