@@ -74,6 +74,12 @@ def command_line() -> str:
     return _printable(line)  # file names that are not UTF-8 come as surrogate escapes, which HDF5 text cannot hold
 
 
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)  # (with its build, e.g. 2.14.1+cu130)
+
+
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                kind: str = "train") -> dict[str, str]:
     """Root attributes every mctool HDF5 file carries. ``inputs`` (path -> sha256) is stored sorted by path;
@@ -81,6 +87,7 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
     return {
         "kind": kind,
         "mctool_version": __version__,
+        "torch_version": _torch_version(),  # (float results may differ between versions in the last bits)
         "command": command_line(),
         "started": utc_now(),
         "inputs": json.dumps(plain(inputs or {}), sort_keys=True),

@@ -188,7 +188,7 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
     # below the panels, where it covers no line (inside, it sat on the curve wherever the error dips)
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(series), 2), fontsize=8)
-    _save(fig, output, dpi)
+    _save(fig, output, dpi, files)
 
 
 def _mark_diverged(ax, x: np.ndarray, y: np.ndarray, color, labelled: bool = True) -> bool:
@@ -201,16 +201,23 @@ def _mark_diverged(ax, x: np.ndarray, y: np.ndarray, color, labelled: bool = Tru
     return bool(up.any())
 
 
-def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI) -> None:
+def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI, sources: Sequence[str | Path] = ()) -> None:
     """Write a figure atomically (on the rank that writes files) as PNG, PDF or SVG by its name's ending, then
-    free it."""
+    free it. The figure says where it came from: mctool's version and the metrics files drawn (``sources``),
+    each with its sha256."""
     import matplotlib.pyplot as plt
+
+    from ._version import __version__
+    from .fileio import sha256_file
 
     if writes_files():
         fmt = figure_format(output)
+        made, drawn = f"mctool {__version__}", "; ".join(f"{os.fspath(f)} (sha256 {sha256_file(f)})" for f in sources)
         # No creation date in PDF and SVG, and fixed SVG ids: the same file draws to the same bytes. TrueType
         # (Type 42) fonts in PDF: the Type 3 fonts matplotlib embeds by default fail journals' PDF checks.
-        metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+        metadata = {"png": {"Software": made, "Source": drawn}, "pdf": {"CreationDate": None, "Creator": made,
+                                                                      "Subject": drawn},
+                    "svg": {"Date": None, "Creator": made, "Source": drawn}}.get(fmt)
         with atomic_path(Path(output)) as tmp, plt.rc_context({"svg.hashsalt": "mctool", "pdf.fonttype": 42,
                                                                 "ps.fonttype": 42}):
             fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata)
@@ -498,7 +505,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
             _surface_3d(fig, k + 1, view, z, unit, title)
         if view.note:
             fig.suptitle(view.note, fontsize=9)
-        _save(fig, output, dpi)
+        _save(fig, output, dpi, [file])
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     outline = [patheffects.withStroke(linewidth=3, foreground="white")]
@@ -584,7 +591,7 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
         _note_stretch(fig, axes, *view.same_units)
     if view.note:
         fig.suptitle(view.note, fontsize=9)
-    _save(fig, output, dpi)
+    _save(fig, output, dpi, [file])
 
 
 def capped(view: GridView, z: np.ndarray) -> tuple[np.ndarray, float | None, int]:
@@ -714,7 +721,7 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and members are whole numbers
-    _save(fig, output, dpi)
+    _save(fig, output, dpi, files)
 
 
 def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
@@ -784,7 +791,7 @@ def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI
             a.set_xticks(**ticks)
             if n > 3:  # names side by side would run into each other
                 a.tick_params(axis="x", labelrotation=30)
-    _save(fig, output, dpi)
+    _save(fig, output, dpi, [file])
 
 
 def _short_label(label: str, width: int = 24) -> str:

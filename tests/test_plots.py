@@ -328,6 +328,33 @@ def test_dpi_and_pdf_fonts(runs, cli, tmp_path):
     assert b"/FontFile2" in pdf.read_bytes() and b"/Type3" not in pdf.read_bytes()  # TrueType, not Type 3
 
 
+def test_figures_say_where_they_came_from(runs, cli, tmp_path):
+    """Every figure names mctool's version and the metrics files it was drawn from, with their sha256 (PNG text
+    chunks, PDF document information, SVG metadata); the same files still draw to the same bytes."""
+    from PIL import Image
+
+    from mctool import __version__
+    from mctool.fileio import sha256_file
+
+    source = f"{runs['curve']} (sha256 {sha256_file(runs['curve'])})"
+    png = tmp_path / "c.png"
+    cli("plot", runs["curve"], "-o", png)
+    with Image.open(png) as image:
+        assert image.text["Software"] == f"mctool {__version__}" and image.text["Source"] == source
+    for ending in ("pdf", "svg"):
+        figure = tmp_path / f"c.{ending}"
+        cli("plot", runs["curve"], "-o", figure)
+        text = figure.read_bytes()
+        assert f"mctool {__version__}".encode() in text and sha256_file(runs["curve"]).encode() in text
+        again = tmp_path / f"again.{ending}"
+        cli("plot", runs["curve"], "-o", again)
+        assert again.read_bytes() == text
+    both = tmp_path / "both.png"
+    cli("plot", runs["segment"], runs["curve"], "-o", both)
+    with Image.open(both) as image:
+        assert image.text["Source"] == f"{runs['segment']} (sha256 {sha256_file(runs['segment'])}); {source}"
+
+
 def test_log_loss_axis(runs, cli, tmp_path, monkeypatch, digits_models):
     cli("plot", runs["curve"], "-o", tmp_path / "ok.png", "--log-loss")
     assert "--log-loss draws the loss of curve, 1-D surface and per-epoch figures" in cli.error(
