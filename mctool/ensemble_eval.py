@@ -346,7 +346,8 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
         recalibration = {"bn_batches": bn_batches, "bn_data": bn_data} if recalibrated else {}
         attrs = {**provenance(inputs,
                               {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
-                               "temperature_scale": temperature_scale, **recalibration}, "evaluate"),
+                               "temperature_scale": temperature_scale, **recalibration}, "evaluate",
+                              [inputs[str(p)] for p in paths] if all(str(p) in inputs for p in paths) else None),
                  "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split}
         if temperature_scale:
             attrs["temperature"] = result.calibration.temperature

@@ -81,9 +81,10 @@ def _torch_version() -> str:
 
 
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-               kind: str = "train") -> dict[str, str]:
+               kind: str = "train", order: list[str] | None = None) -> dict[str, str]:
     """Root attributes every mctool HDF5 file carries. ``inputs`` (path -> sha256) is stored sorted by path;
-    ``input_order`` keeps the sha256 in the order the inputs were given (A B is not B A)."""
+    ``input_order`` keeps the sha256 in the order the inputs were given (A B is not B A): ``order``, where a
+    file may be given twice (an ensemble's members), else ``inputs``' own order."""
     return {
         "kind": kind,
         "mctool_version": __version__,
@@ -91,7 +92,7 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
         "command": command_line(),
         "started": utc_now(),
         "inputs": json.dumps(plain(inputs or {}), sort_keys=True),
-        "input_order": json.dumps(plain(list((inputs or {}).values()))),
+        "input_order": json.dumps(plain(list((inputs or {}).values()) if order is None else order)),
         "config": json.dumps(plain(config or {}), sort_keys=True),
     }
 

@@ -348,6 +348,12 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
     assert r["metrics"]["eval"]["brier"] == pytest.approx(float(((avg - onehot) ** 2).sum(1).mean()), rel=1e-5)
     assert len(load_ensemble(out)) == 2
     assert read_h5(m)[0]["ensemble/test/brier"].shape == (2,)
+    # input_order: the files as given, one given twice too (an ensemble with a member counted twice)
+    m3 = tmp_path / "e3.h5"
+    cli("ensemble", digits_models[0], digits_models[1], digits_models[0], "-m", m3, "-q", *CPU)
+    shas = [load_model(p).sha256 for p in digits_models]
+    assert json.loads(read_h5(m3)[1]["input_order"]) == [shas[0], shas[1], shas[0]]
+    assert json.loads(read_h5(m)[1]["input_order"]) == shas
     # re-evaluating the written ensemble file gives the same numbers
     again = cli.json("evaluate", out, *CPU)
     assert again["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-6)
