@@ -74,10 +74,12 @@ def command_line() -> str:
     return _printable(line)  # file names that are not UTF-8 come as surrogate escapes, which HDF5 text cannot hold
 
 
-def _torch_version() -> str:
+def _torch_build() -> dict[str, str]:
+    """The PyTorch version (with its build, e.g. 2.14.1+cu130) and CPU thread count, as checkpoints record them:
+    float results may differ between versions, and a CPU's between thread counts, in the last bits."""
     import torch
 
-    return str(torch.__version__)  # (with its build, e.g. 2.14.1+cu130)
+    return {"torch_version": str(torch.__version__), "torch_threads": str(torch.get_num_threads())}
 
 
 def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | None = None,
@@ -88,7 +90,7 @@ def provenance(inputs: dict[str, str] | None = None, config: dict[str, Any] | No
     return {
         "kind": kind,
         "mctool_version": __version__,
-        "torch_version": _torch_version(),  # (float results may differ between versions in the last bits)
+        **_torch_build(),
         "command": command_line(),
         "started": utc_now(),
         "inputs": json.dumps(plain(inputs or {}), sort_keys=True),

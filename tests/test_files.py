@@ -185,7 +185,7 @@ def test_metrics_log_layout(tmp_path):
     assert data["train/loss"][0] == 2.5 and np.isnan(data["train/loss"][1])  # NaN: not computed
     assert attrs["kind"] == "train" and json.loads(attrs["inputs"]) == {"in": "00"}
     assert attrs["mctool_version"] and attrs["command"].startswith("python ") and attrs["started"]  # a library call
-    assert attrs["torch_version"] == torch.__version__
+    assert attrs["torch_version"] == torch.__version__ and attrs["torch_threads"] == str(torch.get_num_threads())
     with h5py.File(path) as f:
         assert f["epoch"].attrs["CLASS"] == b"DIMENSION_SCALE"
         assert f["train/loss"].dims[0][0].name == "/epoch"
