@@ -671,6 +671,7 @@ class Alignment:
     correlations: list[float]
     dataset: str
     split: str
+    data_fingerprint: str = ""  # (``data.Data.fingerprint`` of the data set read)
 
     def group_info(self) -> list[dict[str, Any]]:
         """Name, size and producers of each group (the ``align_groups`` metadata)."""
@@ -726,7 +727,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
     finally:
         model_a.to(homes[0])
         model_b.to(homes[1])
-    return Alignment(method, groups, perms, aligned.cpu(), objective, corrs, name, split)
+    return Alignment(method, groups, perms, aligned.cpu(), objective, corrs, name, split, data.fingerprint)
 
 
 @holds_output_locks
@@ -796,7 +797,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
         scales["sweep"] = np.arange(1, len(objective) + 1)
         datasets["objective"] = (np.array(objective), ("sweep",))
     attrs = {**provenance(inputs, config, "align"), "method": method, "groups": json.dumps(group_info),
-             "distance_before": before, "distance_after": after}
+             "distance_before": before, "distance_after": after, "data_fingerprint": al.data_fingerprint}
     save_model(output, al.model, meta)
     write_h5(metrics, scales=scales, datasets=datasets, attrs=attrs,
              dataset_attrs={f"permutations/{i:04d}": {"group": g.name} for i, g in enumerate(groups)})

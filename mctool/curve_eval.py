@@ -390,7 +390,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
     model = curve.build_model()
     curve.layout.assign(model, curve.weights(t))
     split = recorded_split(curve.meta.config) or "test"  # BN statistics from the data the curve was trained on
-    recalibrated = False
+    recalibrated, fingerprint = False, None
     if not bn_update and t > 0 and bn_modules(model):
         warn(f"--no-bn-update: the network at t = {t:g} gets the BatchNorm statistics the curve file holds (A's, "
              "the start network's), not statistics of its own weights; away from t = 0 it may compute something "
@@ -400,6 +400,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
                          device=dev, augment=curve.meta.train_augment(), **curve.meta.data_options(),
                          num_workers=num_workers)
         check_fits(curve.meta, data.info, path)
+        fingerprint = data.fingerprint
         model.to(dev)
         batches = data.train.num_batches(batch_size)
         world = distributed.current().world if distributed.current() is not None else 1
@@ -415,7 +416,9 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
               **{k: curve.meta.config[k] for k in ("wd", "epochs", "augment") if k in curve.meta.config}}
     meta = ModelMeta(**{**asdict(curve.meta), "kind": "model", "config": config,
                         "inputs": {str(path): curve.sha256},
-                        "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t))}})
+                        "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t)),
+                                  # the data set of its BN statistics
+                                  **({"data_fingerprint": fingerprint} if recalibrated else {})}})
     save_model(output, model, meta)
     return PointResult(command="point", inputs=[FileRef(str(path), curve.sha256)],
                        outputs={"model": FileRef.of(output)}, split=split if recalibrated else None,

@@ -348,7 +348,8 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
                               {"dataset": name, "split": split, "precision": precision, "num_points": num_points,
                                "temperature_scale": temperature_scale, **recalibration}, "evaluate",
                               [inputs[str(p)] for p in paths] if all(str(p) in inputs for p in paths) else None),
-                 "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split}
+                 "member_labels": json.dumps([r["label"] for r in rows]), "num_members": len(rows), "split": split,
+                 "data_fingerprint": data.fingerprint}
         if temperature_scale:
             attrs["temperature"] = result.calibration.temperature
         write_h5(metrics, scales={"member": np.arange(1, len(rows) + 1)}, datasets=datasets, attrs=attrs)

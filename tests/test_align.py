@@ -16,6 +16,7 @@ from torch import nn
 from mctool import ConfigError, align, load_model
 from mctool.align import activation_matching, discover_groups, permute_state, weight_matching
 from mctool.checkpoint import ModelMeta, save_model
+from mctool.h5io import read_h5
 from mctool.models import build_model
 
 CPU = ["--device", "cpu"]
@@ -228,6 +229,7 @@ def test_align_preserves_the_function(family, tmp_path, cli):
     sweeps = "1" if family == "vgg_bn" else "5"  # 512-wide layers: a sweep takes seconds on a CPU
     r = cli.json("align", a, b, "-o", out, "--max-sweeps", sweeps, "--batch-size", "16", "-q", *CPU)
     assert r["outputs"]["metrics"]["path"] == str(tmp_path / "b-aligned-align.h5")
+    assert len(read_h5(tmp_path / "b-aligned-align.h5")[1]["data_fingerprint"]) == 64  # the data set it read
     assert 0 < r["moved"] <= 1 and r["distance_after"] < r["distance_before"]
     model_b, aligned = load_model(b), load_model(out)
     x = _example(family)

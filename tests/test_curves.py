@@ -458,6 +458,8 @@ def test_timm_bn_model_connects_and_evaluates(cli, tmp_path):
     p0 = tmp_path / "p0.safetensors"
     r = cli.json("point", c, "--t", "0", "-o", p0, *CPU)
     assert r["bn_recalibrated"]
+    # the data set of its BN statistics is recorded
+    assert read_metadata(p0)["data_fingerprint"] == read_h5(tmp_path / "c.h5")[1]["data_fingerprint"]
     ta, tp = read_checkpoint(ends[0])[0], read_checkpoint(p0)[0]
     params = ParamLayout.of(load_model(ends[0]).model).names
     assert all(torch.equal(ta[k], tp[k]) for k in params)  # parameters bit for bit, BN statistics recomputed

@@ -354,6 +354,7 @@ def test_ensemble_command_and_metrics(cli, tmp_path, digits_models):
     shas = [load_model(p).sha256 for p in digits_models]
     assert json.loads(read_h5(m3)[1]["input_order"]) == [shas[0], shas[1], shas[0]]
     assert json.loads(read_h5(m)[1]["input_order"]) == shas
+    assert read_h5(m)[1]["data_fingerprint"] == d.fingerprint  # the data set it evaluated on
     # re-evaluating the written ensemble file gives the same numbers
     again = cli.json("evaluate", out, *CPU)
     assert again["metrics"]["eval"]["nll"] == pytest.approx(r["metrics"]["eval"]["nll"], rel=1e-6)
