@@ -893,7 +893,7 @@ def point(
         if index is not None:  # (the data options do not apply; still checked, as by every command)
             check_point_options(batch_size=batch_size, bn_batches=bn_batches, bn_data=bn_data.value,
                                 num_workers=num_workers, device=device, dataset=dataset)
-            _ignored({"--no-bn-update": "no_bn_update", **data_options},
+            _ignored({"--no-bn-update": "no_bn_update", **data_options, "--device": "device"},
                      "to --index: a member is written as stored, with its own BatchNorm statistics")
             return export_member(source, index, output, force=force)
         if no_bn_update:

@@ -736,9 +736,11 @@ def check_same_data_as(recorded: Any, data: Data, name: str, source: str | os.Pa
     if isinstance(recorded, str) and recorded and recorded != data.fingerprint:
         what = ("its class folders or image names" if name.startswith("imagefolder:")
                 else "its images or labels")
+        where = ("the folder as it was" if name.startswith("imagefolder:")
+                 else "the same data (another copy: --data-root)")
         raise DataError(f"the data set '{name}' is not the one the interrupted run in '{source}' used ({what} "
                         f"differ: fingerprint {data.fingerprint[:12]}... here, {recorded[:12]}... recorded); resume "
-                        "with the same data (--data-root), or start over with --force.")
+                        f"with {where}, or start over with --force.")
 
 
 def _tensors_fingerprint(*tensors: torch.Tensor) -> str:

@@ -34,9 +34,9 @@ from .results import FGEResult, FileRef, Metrics, file_refs
 from .runtime import resolve_device, training_command
 from .console import progress_bar
 from .schedules import fge_is_snapshot, fge_lr
-from .loop import (TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum, history_json,
-                   old_run_remover, prepare_outputs, recorded_lr, relative_to_output, remove_state, restore_state,
-                   resumed_metrics, set_momentum, sgd_step, state_metadata, state_path, validate_sgd)
+from .loop import (MOMENTUM_SAVED, TRAIN_LR, adopt_recorded, fill_from_record, finishing, fit, get_momentum,
+                   history_json, old_run_remover, prepare_outputs, recorded_lr, relative_to_output, remove_state,
+                   restore_state, resumed_metrics, set_momentum, sgd_step, state_metadata, state_path, validate_sgd)
 
 
 @dataclass
@@ -242,7 +242,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
-                 "data_fingerprint": data.fingerprint, "metrics": relative_to_output(metrics, output),
+                 "data_fingerprint": data.fingerprint, **MOMENTUM_SAVED, "metrics": relative_to_output(metrics, output),
                  "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
         save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),

@@ -379,7 +379,9 @@ def restore_state(resume_state: tuple[dict[str, torch.Tensor], dict[str, str]], 
                           f"{md.get('inputs')}; --resume needs the same {same_start}.")
     check_state_tensors(model, tensors, state_path(output))
     missing = [name for name in params if MOMENTUM_PREFIX + name not in tensors]
-    if opt.defaults.get("momentum") and missing:  # (get_momentum saves every parameter's)
+    # (get_momentum saves every parameter's, and the state says so; an earlier version's left out a parameter
+    # that had had no gradient, so its states are taken as they are)
+    if opt.defaults.get("momentum") and md.get("momentum_saved") == "all" and missing:
         raise CheckpointError(f"'{state_path(output)}' has no optimizer momentum for {len(missing)} of the network's "
                               f"{len(params)} parameters ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
                               "): resuming would restart it from zero; start over with --force.")
@@ -388,6 +390,10 @@ def restore_state(resume_state: tuple[dict[str, torch.Tensor], dict[str, str]], 
     log.rows = json.loads(md["history"])
     log.attrs["started"] = md.get("started", log.attrs["started"])
     return int(md["epoch"])
+
+
+#: Metadata of a training state whose ``optimizer/momentum/*`` hold every parameter's momentum (``get_momentum``).
+MOMENTUM_SAVED = {"momentum_saved": "all"}
 
 
 def get_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -81,10 +81,13 @@ def _same_run(first: _Shard, s: _Shard) -> None:
         raise other("computed from other input files, or inputs with other contents")
     if s.attrs.get("input_order") != first.attrs.get("input_order"):
         raise other("the same input files given in another order")
-    if s.config != first.config:
-        keys = sorted(set(s.config) | set(first.config))
+    # (a plane's bend: mctool 0.2 recorded a --bend left out as null, now the bend used; the points' coordinates,
+    # compared below, tell another bend)
+    keys = sorted(k for k in set(s.config) | set(first.config) if first.config.get(k) != s.config.get(k)
+                  and not (k == "bend" and None in (first.config.get(k), s.config.get(k))))
+    if keys:
         diff = ", ".join(f"{setting_name(k)}: {show_setting(first.config.get(k))} -> {show_setting(s.config.get(k))}"
-                         for k in keys if first.config.get(k) != s.config.get(k))
+                         for k in keys)
         raise other(f"other settings: {diff}")
     if s.count != first.count:
         raise other(f"shard {s.index}/{s.count} and shard {first.index}/{first.count}: another number of shards")
@@ -233,7 +236,16 @@ def merge(files: Sequence[str | Path], output: str | Path, *, plot: str | Path |
 
     refs = file_refs([s.path for s in shards])
     # provenance as this command writes it (its config without the shard), the rest as the shards have it
-    attrs = provenance(first.inputs, first.config, kind)
+    config = dict(first.config)
+    if "bend" in config and config["bend"] is None:  # (the bend used, where a newer shard records it)
+        config["bend"] = next((s.config["bend"] for s in shards if s.config.get("bend") is not None), None)
+    attrs = provenance(first.inputs, config, kind)
+    for key in ("torch_version", "torch_threads"):  # what computed the values: the shards' (the same, or each)
+        found = sorted({str(s.attrs[key]) for s in shards if key in s.attrs})
+        if found:
+            attrs[key] = ", ".join(found)
+        else:
+            attrs.pop(key)
     attrs.pop("input_order")  # the shards' (first.inputs is sorted by path), or none for older shards
     attrs.update({k: v for k, v in first.attrs.items()
                   if k not in attrs and k not in ("shard", "summary", "merged_from")})

@@ -209,10 +209,12 @@ def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI, sources: Sequence[str
 
     from ._version import __version__
     from .fileio import sha256_file
+    from .h5io import _printable
 
     if writes_files():
         fmt = figure_format(output)
-        made, drawn = f"mctool {__version__}", "; ".join(f"{os.fspath(f)} (sha256 {sha256_file(f)})" for f in sources)
+        made = f"mctool {__version__}"
+        drawn = "; ".join(f"{_printable(os.fspath(f))} (sha256 {sha256_file(f)})" for f in sources)  # (any name)
         # No creation date in PDF and SVG, and fixed SVG ids: the same file draws to the same bytes. TrueType
         # (Type 42) fonts in PDF: the Type 3 fonts matplotlib embeds by default fail journals' PDF checks.
         metadata = {"png": {"Software": made, "Source": drawn}, "pdf": {"CreationDate": None, "Creator": made,

@@ -20,9 +20,9 @@ from .evaluation import predict_probs, summarize
 from .fileio import holds_output_locks
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
-from .loop import (TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json, old_run_remover,
-                   prepare_outputs, relative_to_output, remove_state, restore_state, resumed_metrics, set_momentum,
-                   sgd_step, state_path, validate_sgd)
+from .loop import (MOMENTUM_SAVED, TRAIN_LR, TRAIN_WD, adopt_recorded, finishing, fit, get_momentum, history_json,
+                   old_run_remover, prepare_outputs, relative_to_output, remove_state, restore_state, resumed_metrics,
+                   set_momentum, sgd_step, state_path, validate_sgd)
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
 
     def save_state(epoch: int, path: Path, kind: str) -> None:
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
-                 "data_fingerprint": data.fingerprint}
+                 "data_fingerprint": data.fingerprint, **MOMENTUM_SAVED}
         if path == state_path(output):  # (what a --resume reads; a --save-every checkpoint starts new runs)
             extra["metrics"] = relative_to_output(metrics, output)
         tensors = get_momentum(opt, params)

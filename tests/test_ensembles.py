@@ -107,9 +107,9 @@ def test_fge_members_metrics_and_files(cli, tmp_path, start_state):
     assert not (tmp_path / "x.safetensors").exists()
     # ... and given, they are said to have no effect (a member keeps its own BatchNorm statistics)
     said = cli("point", out, "--index", "0", "-o", tmp_path / "x.safetensors", "--bn-batches", "3", "-d", "digits",
-               "-q").stderr
-    assert ("Warning: --bn-batches, --dataset do not apply to --index: a member is written as stored, with its own "
-            "BatchNorm statistics; ignored.") in said
+               "--device", "cpu", "-q").stderr
+    assert ("Warning: --bn-batches, --dataset, --device do not apply to --index: a member is written as stored, with "
+            "its own BatchNorm statistics; ignored.") in said
     assert "is an ensemble file, not a curve: 'mctool point FILE --index I'" in cli.error(
         "point", out, "--t", "0.5", "-o", tmp_path / "x.st")
     # evaluate accepts ensemble files and expands them into members

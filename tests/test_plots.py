@@ -1,6 +1,7 @@
 """Figures: what they show of extreme, diverged and missing values, of curves off the plane and of overlays."""
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -353,6 +354,15 @@ def test_figures_say_where_they_came_from(runs, cli, tmp_path):
     cli("plot", runs["segment"], runs["curve"], "-o", both)
     with Image.open(both) as image:
         assert image.text["Source"] == f"{runs['segment']} (sha256 {sha256_file(runs['segment'])}); {source}"
+    # a metrics file whose name is not UTF-8 (nor Latin-1) is named with escapes (it was a traceback)
+    for name in (os.fsdecode(b"bad\xff.h5"), "\u00fc\u20ac.h5"):
+        odd = tmp_path / name
+        shutil.copy(runs["curve"], odd)
+        for ending in ("png", "pdf", "svg"):
+            cli("plot", odd, "-o", tmp_path / f"odd.{ending}", "--force")
+        with Image.open(tmp_path / "odd.png") as image:
+            assert image.text["Source"].startswith(str(odd).encode("utf-8", "surrogateescape")
+                                                   .decode("utf-8", "backslashreplace"))
 
 
 def test_log_loss_axis(runs, cli, tmp_path, monkeypatch, digits_models):

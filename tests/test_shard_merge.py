@@ -95,6 +95,17 @@ def test_plane_shards_merge_into_the_unsharded_file(cli, tmp_path, bezier):
     # nothing to compute: the file is left as it is, with its record of the shards (it was rewritten without it)
     assert merged.read_bytes() == before and r["outputs"]["metrics"]["sha256"] == sha256_file(merged)
     assert r["metrics"]["train"]["loss"] == full_summary["train"]["loss"]
+    # the torch build recorded is the shards' (which computed the values), not the merging process's
+    for i, s in enumerate(shards):
+        with h5py.File(s, "a") as f:
+            f.attrs["torch_version"] = f"2.{i}"
+    cli("merge", *shards, "-o", tmp_path / "builds.h5", "-q")
+    assert read_h5(tmp_path / "builds.h5")[1]["torch_version"] == "2.0, 2.1"
+    # a shard of mctool 0.2 recorded a --bend left out as null: it merges with one that records the bend used
+    with h5py.File(shards[0], "a") as f:
+        f.attrs["config"] = json.dumps({**json.loads(f.attrs["config"]), "bend": None})
+    cli("merge", *shards, "-o", tmp_path / "old-and-new.h5", "-q")
+    assert json.loads(read_h5(tmp_path / "old-and-new.h5")[1]["config"])["bend"] == 1
 
 
 def test_curve_shards_merge_into_the_unsharded_file(cli, tmp_path, bezier):

@@ -561,7 +561,7 @@ def test_resume_refuses_other_data_than_the_interrupted_runs(cli, tmp_path, monk
     said = cli.error(*args, "--resume")
     assert (f"the data set 'imagefolder:{tmp_path / 'imgs'}' is not the one the interrupted run in "
             f"'{tmp_path / 'r.state.safetensors'}' used (its class folders or image names differ") in said
-    assert "resume with the same data (--data-root), or start over with --force." in said
+    assert "resume with the folder as it was, or start over with --force." in said
     moved.with_name("9.png").rename(moved)
     cli(*args, "--resume")
     assert read_h5(tmp_path / "r.h5")[1]["data_fingerprint"] == recorded
