@@ -128,6 +128,18 @@ def ctrl_c_during_epoch(monkeypatch, epoch: int, after_batches: int = 0):
     return lambda: [monkeypatch.setattr(cls, "batches", real) for cls, real in reals.items()]
 
 
+def image_folder(root: Path) -> Path:
+    """A tiny ``imagefolder:`` data set at ``root``: train/ and val/, classes x and y, 4 images of 8 x 8 each."""
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for label in ("x", "y"):
+            (root / part / label).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (8, 8), (40 * k, 200 if label == "x" else 0, 0)).save(root / part / label / f"{k}.png")
+    return root
+
+
 def count_networks(monkeypatch) -> list[int]:
     """Count the networks evaluated from now on (one entry each), one at a time or many to a pass."""
     import mctool.batched as batched

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import image_folder
 from mctool import data as mdata
 from mctool.data import augment_batch, load_data
 from mctool.errors import ConfigError, DataError, MctoolWarning
@@ -475,14 +476,7 @@ def test_one_data_set_spelled_two_ways_is_one_data_set(cli, tmp_path, monkeypatc
     cli("train", "-d", "synthetic:train=16,size=4,test=8,channels=1,seed=0", *tiny, "-o", b, "--seed", "2")
     cli("connect", a, b, "-o", tmp_path / "c.safetensors", "--epochs", "1", "-q", "--device", "cpu")
 
-    from PIL import Image
-
-    for part in ("train", "val"):
-        for label in ("x", "y"):
-            (tmp_path / "imgs" / part / label).mkdir(parents=True)
-            for k in range(4):
-                Image.new("RGB", (8, 8), (40 * k, 200 if label == "x" else 0, 0)).save(
-                    tmp_path / "imgs" / part / label / f"{k}.png")
+    image_folder(tmp_path / "imgs")
     monkeypatch.chdir(tmp_path)
     flags = [*tiny, "--num-workers", "0", "--arch-kwargs", '{"hidden": 4, "img_size": 224}']  # (224: its size)
     cli("train", "-d", "imagefolder:imgs", *flags, "-o", "ia.safetensors", "--seed", "1")

@@ -9,7 +9,7 @@ import torch
 
 import mctool.data
 import mctool.loop
-from conftest import ctrl_c_during_epoch
+from conftest import ctrl_c_during_epoch, image_folder
 from mctool.checkpoint import read_checkpoint, read_metadata
 from mctool.h5io import read_h5
 from safetensors.torch import save_file
@@ -540,14 +540,7 @@ def test_resume_refuses_other_data_than_the_interrupted_runs(cli, tmp_path, monk
     """The data set is recorded (``data_fingerprint``: images and labels; an image folder's class folders and
     image names) in the metrics file and the training state; --resume on other data (an image renamed, removed
     or added) was accepted and mixed two experiments."""
-    from PIL import Image
-
-    for part in ("train", "val"):
-        for label in ("x", "y"):
-            (tmp_path / "imgs" / part / label).mkdir(parents=True)
-            for k in range(4):
-                Image.new("RGB", (8, 8), (40 * k, 200 if label == "x" else 0, 0)).save(
-                    tmp_path / "imgs" / part / label / f"{k}.png")
+    image_folder(tmp_path / "imgs")
     args = ["train", "-d", f"imagefolder:{tmp_path / 'imgs'}", "-a", "mlp", "--arch-kwargs",
             '{"hidden": 4, "img_size": 224}', "--num-workers", "0", "--epochs", "2", "-o", tmp_path / "r.safetensors",
             "-q", "--device", "cpu"]
