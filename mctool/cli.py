@@ -341,10 +341,15 @@ _click = importlib.import_module(typer.Context.__mro__[1].__module__.rsplit(".",
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _context() -> Any:
+    """The running command's click context (of the click Typer runs on), or None outside a command."""
+    return importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
+
+
 def _input_files() -> list[str]:
     """The files the running command reads, as given: its arguments and the ``_INPUT_OPTIONS`` (patterns of
     --trajectory expanded); names that are not files (``--directions random``) are left to the command."""
-    ctx = importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
+    ctx = _context()
     if ctx is None:
         return []
     names = [p.name for p in ctx.command.params if p.param_type_name == "argument" or p.name in _INPUT_OPTIONS]
@@ -389,8 +394,7 @@ def _print_table(t: Table, console: Any = None) -> None:
 
 def _ignored(options: dict[str, str], why: str) -> None:
     """Warn that the options given on the command line (flag -> parameter name) have no effect in this use."""
-    ctx = importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
-    default = importlib.import_module(f"{_click.__name__}.core").ParameterSource.DEFAULT
+    ctx, default = _context(), importlib.import_module(f"{_click.__name__}.core").ParameterSource.DEFAULT
     given = [flag for flag, name in options.items()
              if ctx is not None and ctx.get_parameter_source(name) not in (None, default)]
     if given:

@@ -734,10 +734,8 @@ def check_same_data_as(recorded: Any, data: Data, name: str, source: str | os.Pa
     ``source``, its metrics file or training state): a run resumed on other images would mix two experiments.
     A file that records none (an earlier mctool) passes."""
     if isinstance(recorded, str) and recorded and recorded != data.fingerprint:
-        what = ("its class folders or image names" if name.startswith("imagefolder:")
-                else "its images or labels")
-        where = ("the folder as it was" if name.startswith("imagefolder:")
-                 else "the same data (another copy: --data-root)")
+        what, where = (("its class folders or image names", "the folder as it was") if name.startswith("imagefolder:")
+                       else ("its images or labels", "the same data (another copy: --data-root)"))
         raise DataError(f"the data set '{name}' is not the one the interrupted run in '{source}' used ({what} "
                         f"differ: fingerprint {data.fingerprint[:12]}... here, {recorded[:12]}... recorded); resume "
                         f"with {where}, or start over with --force.")

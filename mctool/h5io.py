@@ -219,11 +219,11 @@ def record_data(attrs: dict[str, Any], data: Any, name: str, resumed: str | os.P
     attrs["data_fingerprint"] = data.fingerprint
 
 
-def kept_attrs(path: str | os.PathLike, keys: tuple[str, ...] = ("data_fingerprint",)) -> dict[str, Any]:
+def kept_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """Attributes of an interrupted run's metrics file that a resumed run keeps when it has no work to do (it
     loads no data): ``data_fingerprint``."""
-    attrs = read_h5(path)[1]
-    return {k: attrs[k] for k in keys if isinstance(attrs.get(k), str)}
+    recorded = read_h5(path)[1].get("data_fingerprint")
+    return {"data_fingerprint": recorded} if isinstance(recorded, str) else {}
 
 
 def open_outputs(metrics: str | os.PathLike, inputs: dict[str, str], config: dict[str, Any], *, resume: bool,

@@ -9,8 +9,8 @@ Ctrl-C says (``interrupted``, ``finishing``).
 from __future__ import annotations
 
 import contextlib
-import os
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
