@@ -745,7 +745,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
     t0 = time.time()
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
-    check_seed(seed)
+    seed = check_seed(seed)
     check_count("--max-sweeps", max_sweeps, 1, MAX_ITERATIONS)
     check_count("--activation-batches", batches)
     check_count("--batch-size", batch_size)

@@ -591,8 +591,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes:
     else:
         if isinstance(md.get("kind"), str):  # an mctool file that holds no network (e.g. a surface's directions)
             hint = {"surface-directions": "it holds the directions of a surface run, which that run's --resume "
-                                          "reads; --directions takes networks (each direction is a network's "
-                                          "weights minus the centre's)"}.get(md["kind"], "give a model checkpoint")
+                                          "reads; give a model checkpoint (surface's --directions too takes "
+                                          "networks: each direction is a network's weights minus the centre's)"
+                    }.get(md["kind"], "give a model checkpoint")
             raise CheckpointError(f"'{path}' is a '{str(md['kind'])[:40]}' file, not a network; {hint}.")
         if arch is None or num_classes is None:
             raise CheckpointError(f"'{path}' has no mctool metadata; pass --arch and --num-classes "

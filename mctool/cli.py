@@ -1266,7 +1266,8 @@ def hessian_cmd(
     def show(r: HessianResult) -> None:
         rows = []
         for i, vals in enumerate(r.eigenvalues):
-            where = f"t = {r.t[i]:.3g}" if r.t is not None else (f"member {i}" if r.points == "ensemble" else "network")
+            where = (f"t = {r.t[i]:.3g}" if r.t is not None
+                     else f"member {i}" if r.points_kind == "ensemble" else "network")
             text = ", ".join(_num(v, ".4g") for v in vals)
             if r.trace is not None:
                 text += f"; trace {_num(r.trace[i], '.4g')} +- {_num(r.trace_stderr[i], '.2g')}"

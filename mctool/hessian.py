@@ -227,6 +227,11 @@ def _recorded_eigenvectors(metrics: Path) -> str | None:
     return None if path is None else str(path)
 
 
+def _none_for_nan(values: np.ndarray) -> list:
+    """``values`` as (nested) lists with None where a value was not found (NaN), as the result documents."""
+    return np.where(np.isnan(values), None, values.astype(object)).tolist()
+
+
 @holds_output_locks
 def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5, trace: bool = False,
             trace_samples: int = 20, num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512,
@@ -253,7 +258,7 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
     check_count("--bn-batches", bn_batches)
     check_bn_data(bn_data)
     check_real("--tol", tol, 0, 1, low_open=True, high_open=True)
-    check_seed(seed)
+    seed = check_seed(seed)
     metrics = Path(metrics)
     adopted = eigenvectors is None and resume and (eigenvectors := _recorded_eigenvectors(metrics)) is not None
     if eigenvectors is not None and distributed.current() is not None:
@@ -377,9 +382,9 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
                            points_kind=pts.kind, num_points=n,
                            top_k=top_k, parameters=p, train_subset=train_subset,
                            t=pts.coords.tolist() if pts.kind == "curve" else None,
-                           eigenvalues=values["eigenvalues"].tolist(),
-                           trace=values["trace"].tolist() if trace else None,
-                           trace_stderr=values["trace_stderr"].tolist() if trace else None,
+                           eigenvalues=_none_for_nan(values["eigenvalues"]),
+                           trace=_none_for_nan(values["trace"]) if trace else None,
+                           trace_stderr=_none_for_nan(values["trace_stderr"]) if trace else None,
                            hvps=int(np.nansum(values["hvps"])))
     if draw and distributed.is_main():
         from .plots import plot_hessian

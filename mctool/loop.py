@@ -45,7 +45,8 @@ def validate_sgd(cfg: Any, lr_option: str = "--lr") -> None:
     # (beyond float32's range, SGD's update overflowed: a traceback)
     check_real(lr_option, cfg.lr, 0, MAX_RATE, low_open=True)
     check_count("--epochs", cfg.epochs, 1, MAX_EPOCHS)
-    check_seed(cfg.seed, 32)  # each epoch's generator gets seed * 1_000_003 + epoch, which must fit in 63 bits
+    # (each epoch's generator gets seed * 1_000_003 + epoch, which must fit in 63 bits)
+    cfg.seed = check_seed(cfg.seed, 32)
     check_real("--wd", cfg.wd, 0, MAX_RATE)
     check_real("--momentum", cfg.momentum, 0, 1, high_open=True)
     check_count("--batch-size", cfg.batch_size)

@@ -11,13 +11,15 @@ from 8x8 to 32x32 (and larger) with 1 or 3 channels.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -562,6 +564,19 @@ def _head_keys(cfg: dict[str, Any]) -> set[str]:
     return {f"{h}.{p}" for h in ((heads,) if isinstance(heads, str) else heads) for p in ("weight", "bias")}
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Without huggingface_hub's warnings while timm downloads: offline, each of its retries printed a line (22
+    before the one ``Error:`` line that says what to do); a failed download is that error."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
 def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: dict[str, Any] | None = None, *,
                      file: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``arch`` from pretrained weights: timm's own (timm downloads and caches them) or, with ``file``,
@@ -580,8 +595,9 @@ def build_pretrained(arch: str, num_classes: int, in_chans: int, arch_kwargs: di
         source = {"timm": timm.__version__, **{k: cfg[k] for k in ("architecture", "tag", "hf_hub_id", "url")
                                                if cfg.get(k)}}
         try:
-            model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans,
-                                      **arch_kwargs)
+            with _quiet_hub():
+                model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                          **arch_kwargs)
         except ConfigError:
             raise
         except (OSError, ImportError) as e:  # no network, no cache, a failed download

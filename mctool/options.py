@@ -46,10 +46,12 @@ def check_count(option: str, value: Any, minimum: int = 1, maximum: int | None =
         raise ConfigError(f"{option} must be at most {count_text(maximum)}, got {count_text(value)}.")
 
 
-def check_seed(value: Any, bits: int = 32, option: str = "--seed") -> None:
-    """A seed: a whole number in [0, 2^bits)."""
+def check_seed(value: Any, bits: int = 32, option: str = "--seed") -> int:
+    """A seed: a whole number in [0, 2^bits), returned as a Python ``int`` (``torch.Generator.manual_seed``
+    takes no ``numpy.int64``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**bits:
         raise ConfigError(f"{option} must be a whole number in [0, 2^{bits}), got {value!r}.")
+    return int(value)
 
 
 def check_real(option: str, value: Any, low: float | None = None, high: float | None = None, *,

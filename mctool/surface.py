@@ -262,7 +262,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
     bad = [i for i in ignore if i not in IGNORABLE]
     if bad:
         raise ConfigError(f"--ignore takes {', '.join(IGNORABLE)} (comma-separated) or none, got {bad[0]!r}.")
-    check_seed(seed)
+    seed = check_seed(seed)
     method, files = _method(directions, trajectory)
     if method == "files":
         if dims not in (None, len(files)):

@@ -78,6 +78,13 @@ def test_points_along_a_segment_and_ensemble_members(cli, tmp_path, digits_model
     r = cli.json("hessian", ens, "-m", tmp_path / "e.h5", "--top-k", "2", "--train-subset", SUBSET, *CPU)
     assert r["points_kind"] == "ensemble" and r["num_points"] == 2
     np.testing.assert_allclose(r["eigenvalues"], [seg["eigenvalues"][0], seg["eigenvalues"][2]], rtol=1e-4)
+    # the human summary names each point as it is (it was a traceback for a network and for members)
+    for sources, named, m in (([a], ["network"], "a2.h5"), ([ens], ["member", "0"], "e2.h5"),
+                              ([a, b], ["t", "=", "0"], "s2.h5")):
+        said = cli("hessian", *sources, "-m", tmp_path / m, "--top-k", "2", "--num-points", "2", "--train-subset",
+                   SUBSET, *CPU).stderr
+        rows = [line.replace("\u2502", " ").split() for line in said.splitlines()]
+        assert named in [row[:len(named)] for row in rows], said
 
 
 def test_batchnorm_is_recomputed_at_each_point_of_a_curve(cli, tmp_path):
@@ -424,3 +431,25 @@ def test_recorded_settings_that_are_no_option_are_named_as_recorded():
 
     assert setting_name("points_kind") == "points_kind" and setting_name("points") == "points"
     assert setting_name("num_points") == "--num-points" and setting_name("trace_samples") == "--trace-samples"
+
+
+def test_eigenvalues_not_found_are_none_in_the_result_as_in_json(tmp_path, tiny, monkeypatch):
+    """ARPACK that stops with fewer eigenvalues than asked: the missing ones are NaN in the file, None in the
+    Python result and null in --json (the result held NaN, unlike its documentation and its JSON)."""
+    import scipy.sparse.linalg as linalg
+
+    import mctool
+
+    real = linalg.eigsh
+
+    def one_found(op, k, **kw):
+        vals, vecs = real(op, k=1, **kw)
+        raise linalg.ArpackNoConvergence("stopped", vals, vecs)
+
+    monkeypatch.setattr(linalg, "eigsh", one_found)
+    path, _ = tiny
+    with pytest.warns(mctool.MctoolWarning, match="ARPACK did not converge for all 2 eigenvalues"):
+        r = mctool.hessian([path], tmp_path / "h.h5", top_k=2, device="cpu")
+    assert r.eigenvalues[0][1] is None and isinstance(r.eigenvalues[0][0], float)
+    assert json.loads(r.to_json())["eigenvalues"][0][1] is None
+    assert np.isnan(read_h5(tmp_path / "h.h5")[0]["eigenvalues"][0, 1])

@@ -299,6 +299,13 @@ def test_numpy_numbers_and_paths_are_taken_and_recorded_as_plain_json(tmp_path):
     curve = mctool.evaluate_curve([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "c.h5",
                                   num_points=np.int64(3), device="cpu")
     assert curve.num_points == 3 and json.loads(mctool.read_h5(tmp_path / "c.h5")[1]["config"])["num_points"] == 3
+    # numpy seeds reach torch.Generator.manual_seed, which takes no numpy.int64 (a TypeError in surface, align
+    # and connect's random t)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    mctool.surface(a, tmp_path / "s.h5", dims=1, grid_points=np.int64(3), seed=np.int64(3), device="cpu")
+    mctool.align(a, b, tmp_path / "al.safetensors", seed=np.int64(1), device="cpu")
+    mctool.connect(mctool.ConnectConfig(epochs=1, seed=np.int64(2)), a, b, tmp_path / "con.safetensors", device="cpu")
+    mctool.hessian([a], tmp_path / "h.h5", top_k=1, train_subset=64, seed=np.int64(4), device="cpu")
 
 
 def test_training_keeps_the_callers_random_state_and_threads_take_turns(tmp_path):

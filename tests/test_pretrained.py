@@ -2,6 +2,7 @@
 refusals, and checkpoints that load without timm's weights (all offline: timm's `test_resnet`, a local file)."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -159,14 +160,23 @@ def test_timm_failures_are_one_error_line(cli, tmp_path, monkeypatch, failure, m
     real = timm.create_model
 
     def create(*args, pretrained=False, **kwargs):
-        if pretrained:
+        if pretrained:  # offline, huggingface_hub logs each retry of its download as a warning
+            logging.getLogger("huggingface_hub.utils._http").warning("thrown while requesting HEAD; Retrying in 8s")
             raise failure
         return real(*args, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", create)
-    err = cli.error("train", *TINY, "--pretrained", "-o", tmp_path / "m.safetensors")
+    seen, level = [], logging.getLogger("huggingface_hub").level
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger().addHandler(handler)
+    try:
+        err = cli.error("train", *TINY, "--pretrained", "-o", tmp_path / "m.safetensors")
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert message in err and ("--pretrained-file" in err) == isinstance(failure, OSError)
     assert not (tmp_path / "m.safetensors").exists()
+    assert not seen and logging.getLogger("huggingface_hub").level == level  # quiet, then as it was
 
 
 def test_imagefolder_gets_the_pretrained_models_input(cli, weights, tmp_path):

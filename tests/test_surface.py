@@ -501,3 +501,6 @@ def test_a_directions_file_is_not_taken_for_a_network(cli, tmp_path, digits_mode
     err = cli.error("surface", a, "-m", tmp_path / "t.h5", "--directions", vec, "--grid-points", "2", *CPU)
     assert f"'{vec}' is a 'surface-directions' file, not a network; it holds the directions of a surface run" in err
     assert "--arch" not in err
+    # the message fits any command that takes a network (hessian has no --directions)
+    err = cli.error("hessian", vec, "-m", tmp_path / "h.h5", *CPU)
+    assert "give a model checkpoint (surface's --directions too takes networks" in err
