@@ -1199,7 +1199,8 @@ def surface_cmd(
         rows += [("metrics", _path(r.outputs["metrics"])), ("directions file", _path(r.outputs["directions"])),
                  ("plot", _path(r.outputs["plot"]))]
         over = " x ".join(f"[{lo:.3g}, {hi:.3g}]" for lo, hi in r.ranges)
-        _table(f"surface, {' x '.join([str(r.grid_points)] * r.dims)} grid over {over}", rows)
+        size = f"{r.grid_points} x {r.grid_points} grid" if r.dims == 2 else f"{r.grid_points} points"
+        _table(f"surface, {size} over {over}", rows)
 
     _run(work, as_json, quiet, show)
 

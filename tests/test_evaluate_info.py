@@ -271,3 +271,40 @@ def test_info_tells_a_missing_file_from_a_folder(cli, tmp_path, digits_models):
     link.symlink_to(tmp_path / "gone.safetensors")
     assert f"'{link}' is a symbolic link to '{tmp_path / 'gone.safetensors'}', which does not exist." in cli.error(
         "info", link)
+
+
+def test_every_command_prints_its_summary_table(cli, tmp_path, digits_models):
+    """Each command's human summary (no --json, no -q), in each of its forms: a summary that reads a field of
+    the result the code no longer has is a traceback after the work is done (hessian of one network was)."""
+    a, b = (str(p) for p in digits_models)
+    t = str(tmp_path)
+    cpu = ["--device", "cpu"]
+    runs = [
+        (["connect", a, b, "-o", f"{t}/c.safetensors", "--epochs", "1"], "connected"),
+        (["evaluate", a], "evaluate"),
+        (["evaluate", a, b], "ensemble"),
+        (["ensemble", a, b, "-o", f"{t}/e.safetensors", "--temperature-scale"], "temperature-scaled"),
+        (["evaluate", f"{t}/e.safetensors"], "ensemble"),
+        (["ensemble", f"{t}/c.safetensors", "--num-points", "2"], "ensemble"),
+        (["evaluate-curve", f"{t}/c.safetensors", "-m", f"{t}/ec.h5", "--num-points", "2"], "curve, 2 points"),
+        (["plane", f"{t}/c.safetensors", "-m", f"{t}/p.h5", "--grid-points", "2"], "plane, 2 x 2 grid"),
+        (["surface", a, "-m", f"{t}/s.h5", "--grid-points", "2"], "surface, 2 x 2 grid"),
+        (["surface", a, "-m", f"{t}/s1.h5", "--dims", "1", "--grid-points", "2"], "surface, 2 points over [-1, 1]"),
+        (["hessian", a, "-m", f"{t}/h.h5", "--top-k", "1", "--train-subset", "64", "--trace", "--trace-samples", "2"],
+         "network"),
+        (["hessian", f"{t}/e.safetensors", "-m", f"{t}/he.h5", "--top-k", "1", "--train-subset", "64"], "member 1"),
+        (["fge", a, "--epochs", "1", "--cycle-iters", "4", "-o", f"{t}/f.safetensors"], "fge"),
+        (["point", f"{t}/c.safetensors", "--t", "0.5", "-o", f"{t}/mid.safetensors"], "point"),
+        (["point", f"{t}/e.safetensors", "--index", "1", "-o", f"{t}/m1.safetensors"], "member"),
+        (["align", a, b, "-o", f"{t}/al.safetensors"], "aligned"),
+        (["plane", f"{t}/c.safetensors", "-m", f"{t}/s0.h5", "--grid-points", "2", "--shard", "0/2"], "plane"),
+        (["plane", f"{t}/c.safetensors", "-m", f"{t}/s1p.h5", "--grid-points", "2", "--shard", "1/2"], "plane"),
+        (["merge", f"{t}/s0.h5", f"{t}/s1p.h5", "-o", f"{t}/merged.h5"], "merged"),
+        (["info", a], "tensors"),
+        (["info", f"{t}/p.h5"], "datasets"),
+        (["plot", f"{t}/ec.h5", "-o", f"{t}/ec.png"], "plot"),
+    ]
+    for args, shown in runs:
+        needs_device = args[0] not in ("info", "plot", "merge", "point") or "--t" in args
+        err = cli(*args, *(cpu if needs_device else [])).stderr
+        assert shown in err and "\u2502" in err, (args, err)  # a table with what it is about
