@@ -246,7 +246,8 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                     if not quiet:
                         log_every()  # a bad MCTOOL_LOG_EVERY: refused before any work, not at the first bar
                     source_date_epoch()  # likewise a bad SOURCE_DATE_EPOCH, not at the first file written
-                    if d is not None:  # every rank reads the same files, or none starts
+                    if d is not None:  # every rank runs the same command on the same files, or none starts
+                        distributed.check_same_command(*_command_line())
                         distributed.check_same_files(_input_files())
                     result = work()
                     _ignore_more_ctrl_c()  # done: what is left (the report, the exit) is not interrupted
@@ -344,6 +345,29 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 def _context() -> Any:
     """The running command's click context (of the click Typer runs on), or None outside a command."""
     return importlib.import_module(f"{_click.__name__}.globals").get_current_context(silent=True)
+
+
+# Options each rank may give its own value: where its copy of the data is, its loader, what it prints.
+_PER_RANK_OPTIONS = ("data_root", "download", "num_workers", "quiet", "as_json")
+
+
+def _command_line() -> tuple[str, dict[str, str]]:
+    """The running command's name and its parameters' values as text, by the name the user writes (``--lr``,
+    ``argument CHECKPOINTS``), left out where not given and without a default, or in ``_PER_RANK_OPTIONS``."""
+    ctx = _context()
+    if ctx is None:
+        return "", {}
+    options = {}
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if p.name in _PER_RANK_OPTIONS or value is None:
+            continue
+        name = (f"argument {p.name.upper()}" if p.param_type_name == "argument" else
+                max(p.opts, key=lambda o: (o.startswith("--"), len(o))))
+        values = value if isinstance(value, (list, tuple)) else [value]
+        options[name] = " ".join("on" if v is True else "off" if v is False else str(getattr(v, "value", v))
+                                 for v in values)
+    return str(ctx.info_name), options
 
 
 def _input_files() -> list[str]:

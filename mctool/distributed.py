@@ -415,6 +415,27 @@ def sync(what: str) -> None:
         _wait_until(store, d, lambda: store.add(key, 0) >= d.world, f"the other ranks at {what}")
 
 
+def check_same_command(command: str, options: dict[str, str]) -> None:
+    """Refuse, before any work, a run whose ranks were started with different commands or options (a job
+    script that gives one node another ``--lr``, or an old command line on one node): the ranks would mix
+    results of different runs in one file, or wait for each other in different places. ``options`` maps each
+    option (as the user writes it: ``--lr``) to its value as text; rank 0's are the run's."""
+    d = current()
+    if d is None:
+        return
+    theirs = broadcast_object({"command": command, "options": options})
+    fix = "every process must run the same command line (only --data-root, --download, --num-workers, --quiet and " \
+          "--json may differ)."
+    if theirs["command"] != command:
+        raise ConfigError(f"this rank runs 'mctool {command}', rank 0 'mctool {theirs['command']}'; {fix}")
+    for name in dict.fromkeys([*theirs["options"], *options]):
+        mine, its = options.get(name), theirs["options"].get(name)
+        if mine != its:
+            raise ConfigError(f"{name} is {mine if mine is not None else 'not given'} here, "
+                              f"{its if its is not None else 'not given'} on rank 0; {fix}")
+    sync("the check of the command line")
+
+
 def check_same_files(paths: Iterable[str | os.PathLike]) -> None:
     """Refuse, before any work, a run whose ranks read different files under one name (a stale copy on one
     node's disk, another checkout): each rank hashes the input files it can open and compares them with rank

@@ -489,6 +489,28 @@ def test_ranks_that_read_different_files_under_one_name_are_refused(tmp_path, di
     assert not (folders[0] / "s.h5").exists()
 
 
+def test_ranks_started_with_different_options_are_refused(tmp_path, digits_models):
+    """A job script that gives one node another option (or another command) would mix two runs' results in one
+    file: refused before any work, by the rank whose command line differs, naming the option. Options that may
+    differ per node (--data-root, --quiet, ...) do not count."""
+    base = ["evaluate-curve", *digits_models[:2], "-m", tmp_path / "c.h5", "--device", "cpu"]
+    cases = [([*base, "--num-points", "3"], [*base, "--num-points", "5"], "--num-points is 5 here, 3 on rank 0"),
+             ([*base, "--wd", "0.001"], base, "--wd is not given here, 0.001 on rank 0"),
+             (base, [*base, "--channels-last"], "--channels-last is on here, off on rank 0"),
+             (base, ["evaluate", *digits_models[:2], "--device", "cpu"],
+              "this rank runs 'mctool evaluate', rank 0 'mctool evaluate-curve'")]
+    for args0, args1, says in cases:
+        r0, r1 = ranks([args0, args1])
+        assert (r0.returncode, r1.returncode) == (1, 1), (r0.stderr, r1.stderr)
+        lines = [line for r in (r0, r1) for line in r.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(lines) == 1 and lines[0].startswith(f"Error: rank 1: {says}; every process must run the same "
+                                                       "command line"), (says, r0.stderr, r1.stderr)
+        assert not (tmp_path / "c.h5").exists()
+    r0, r1 = ranks([[*base, "--num-points", "3", "-q"], [*base, "--num-points", "3", "--json"]])
+    assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr, r1.stderr)
+    assert (tmp_path / "c.h5").exists() and r1.stdout == ""
+
+
 def test_ranks_that_load_different_data_under_one_name_are_refused(tmp_path):
     """Each node's own copy of a data set (--data-root on a local disk), one of them changed: refused on the
     rank that loaded other images, before any work; equal copies in different folders run."""
