@@ -446,7 +446,9 @@ def _densified(path: np.ndarray, per_segment: int = 16) -> np.ndarray:
 
 def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, title: str):
     """One 3-D panel: the surface z over the grid (NaN cells left out), with the path and the points drawn on
-    it (where they lie inside the grid; else on the floor of the box, at the surface's minimum)."""
+    it where it is drawn; points off it (outside the grid, or over cells not computed yet) as hollow circles on
+    the floor of the box (the surface's minimum), the path outside the grid on the floor and over cells not
+    computed yet not at all."""
     ax = fig.add_subplot(1, 2, position, projection="3d")
     xx, yy = np.meshgrid(view.x, view.y, indexing="ij")
     if np.isfinite(z).any():
@@ -467,15 +469,24 @@ def _surface_3d(fig, position: int, view: GridView, z: np.ndarray, unit: str, ti
         if hi == lo:  # a flat surface: matplotlib's own limits hugged it and put the points at the box's top
             ax.set_zlim(lo - 20 * lift, lo + 20 * lift)
 
-        def height(pts: np.ndarray) -> np.ndarray:
+        def height(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Heights just above the surface, the floor where it is not drawn; and which are on it."""
             h = _on_grid(view.x, view.y, shown, pts[:, 0], pts[:, 1]) + lift
-            return np.where(np.isfinite(h), h, floor)
+            return np.where(np.isfinite(h), h, floor), np.isfinite(h)
 
         if view.path is not None:  # (between its vertices too: a straight chord would cut through the surface)
             path = _densified(view.path)
-            ax.plot(path[:, 0], path[:, 1], height(path), color="crimson", linewidth=2, zorder=10)
-        heights = height(view.points)
-        ax.plot(view.points[:, 0], view.points[:, 1], heights, "o", color="black", zorder=11)
+            h, on = height(path)
+            inside = ((path[:, 0] >= view.x[0]) & (path[:, 0] <= view.x[-1]) & (path[:, 1] >= view.y[0])
+                      & (path[:, 1] <= view.y[-1]))
+            # over cells not computed yet (a partial run) a gap: the floor there would look like a valley
+            ax.plot(path[:, 0], path[:, 1], np.where(on | ~inside, h, np.nan), color="crimson", linewidth=2,
+                    zorder=10)
+        heights, on = height(view.points)
+        for kept, fill in ((on, "black"), (~on, "none")):  # off the drawn surface: hollow, on the floor
+            if kept.any():
+                ax.plot(view.points[kept, 0], view.points[kept, 1], heights[kept], "o", color="black",
+                        markerfacecolor=fill, zorder=11)
         if len(view.points) > 1:  # A, the bend and B (w0, w1, w2; a surface's networks), named as in 2-D
             for (px, py), h, label in zip(view.points, heights, view.point_labels):
                 ax.text(px, py, h + 2 * lift, label, fontsize=9, fontweight="bold", zorder=12)

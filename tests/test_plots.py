@@ -208,6 +208,28 @@ def test_3d_flat_surface_is_drawn_in_the_middle_of_its_box(runs, tmp_path, monke
     assert np.all((heights > 2.5) & (heights < 2.5 + 0.1 * (hi - lo)))
 
 
+def test_3d_points_over_cells_not_computed_are_hollow_and_the_curve_breaks_there(runs, tmp_path, monkeypatch):
+    """An interrupted plane: a point over cells not computed yet was drawn on the floor like one that lies in a
+    valley, and the curve ran along the floor there. Now such points are hollow circles and the curve has a gap."""
+    with h5py.File(runs["plane"]) as f:
+        shape = f["train/loss"].shape
+    half = {(i, j): np.nan for i in range(shape[0] // 2, shape[0]) for j in range(shape[1])}
+    file = _edited(runs["plane"], tmp_path / "half.h5", **{"train/loss": half, "test/err": half})
+    figures = _drawn(monkeypatch)
+    with pytest.warns(MctoolWarning):  # (the cells not computed)
+        plots.plot_grid(file, tmp_path / "half.png", three_d=True)
+        view = plots.grid_view(file)
+    on = np.isfinite(plots._on_grid(view.x, view.y, view.z["train/loss"], view.points[:, 0], view.points[:, 1]))
+    assert on.any() and not on.all()  # (the test's premise: some points on each side)
+    ax = figures[0].axes[0]
+    marks = {line.get_markerfacecolor() == "none": line for line in ax.get_lines() if line.get_marker() == "o"}
+    assert sorted(marks) == [False, True]
+    assert len(marks[False].get_data_3d()[0]) == on.sum() and len(marks[True].get_data_3d()[0]) == (~on).sum()
+    (curve,) = [line for line in ax.get_lines() if line.get_marker() in ("None", "", None)]
+    heights = np.asarray(curve.get_data_3d()[2], dtype=float)
+    assert np.isnan(heights).any() and np.isfinite(heights).any()
+
+
 def test_the_levels_end_exactly_at_the_extremes():
     """lo + (hi - lo) can round below hi: contourf then left the cells at the maximum blank (a plane's plateau
     of 90% test error, at chance, was a white hole in the panel)."""
