@@ -10,6 +10,9 @@ from ._version import __version__
 # answer in a fraction of a second instead of the seconds torch and timm take to import; a Python program gets
 # the whole API (and mctool's architectures registered in timm, docs/models.md) with `import mctool`.
 if not _launch_env.is_command():
+    import random as _random
+
+    _random_state = _random.getstate()  # (a dependency's import draws from it: rich's; the caller's, put back below)
     from .align import align
     from .checkpoint import LoadedModel, ModelMeta, load_model, read_checkpoint, save_model
     from .curve_eval import evaluate_curve, export_point
@@ -40,6 +43,8 @@ if not _launch_env.is_command():
     from .training import TrainConfig, train
 
     register_in_timm()  # `import mctool` registers mctool's architectures in timm (docs/models.md)
+    _random.setstate(_random_state)
+    del _random, _random_state
 
 __all__ = [
     "__version__",

@@ -7,6 +7,8 @@
   starts up (importing torch takes seconds) prints ``Error: interrupted (Ctrl-C).`` (``Error: stopped (SIGTERM).``)
   on rank 0 and exits 130, as later, instead of a traceback. ``cli`` hands the signals back to Python's
   handling (``restore_signals``) once its own handling is in place. A Python program importing mctool is left alone.
+- For the command, too: a current folder that no longer exists is one ``Error:`` line (torch cannot be imported
+  there), and matplotlib logs only errors.
 """
 
 import os
@@ -43,6 +45,20 @@ def _stop_while_starting(signum: int, frame: object) -> None:
             pass
     os._exit(130)
 
+
+if is_command():
+    try:  # a shell left in a folder that was deleted: torch's import would die with "Intel oneMKL FATAL ERROR"
+        os.getcwd()
+    except FileNotFoundError:
+        if launch_rank() == "0":
+            sys.stderr.write("Error: the current folder no longer exists (it was deleted or moved away); cd to an "
+                             "existing folder and run the command again.\n")
+        sys.exit(1)
+    # matplotlib's messages about a configuration folder it cannot write (a read-only HOME in a container or CI)
+    # are several lines each, not one "Warning:" line; it works on with a temporary folder
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 # SIGHUP ignored when the process started (``nohup``) stays ignored. Ctrl-C and SIGTERM stop mctool whatever
 # the parent set (a shell script's background job, ``mctool ... & wait``, starts with Ctrl-C ignored).

@@ -12,6 +12,7 @@ operation: a wrong permutation would silently change the network.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .checkpoint import LoadedModel, ModelMeta, load_model, meta_differences, save_model
+from .checkpoint import LoadedModel, ModelMeta, load_model, meta_differences, write_model
 from .data import check_fits, load_data
 from .choices import ALIGN_METHODS
 from .errors import ConfigError, MctoolError
@@ -37,6 +38,7 @@ from .fileio import check_outputs, holds_output_locks
 from .h5io import provenance, write_h5
 from .options import MAX_ITERATIONS, check_count, check_seed
 from .results import AlignResult, FileRef, file_refs
+from .calls import library_call
 from .runtime import resolve_device
 from .console import progress_bar
 
@@ -225,6 +227,23 @@ def _what(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     return f"operation '{target}' ({node.op}, node '{node.name}'){layer}"
 
 
+@contextlib.contextmanager
+def _no_tqdm_monitor() -> Iterator[None]:
+    """torch.fx's interpreter makes a (disabled) tqdm bar for every run, and tqdm starts its monitor thread for it,
+    which stays for the rest of the caller's process: not during this block."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # (torch then uses a stub of its own, without a thread)
+        yield
+        return
+    interval = tqdm.monitor_interval
+    tqdm.monitor_interval = 0
+    try:
+        yield
+    finally:
+        tqdm.monitor_interval = interval
+
+
 def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
     """The permutation groups of ``model``, found by tracing it with ``torch.fx`` and running ``example`` (a small
     batch of inputs) through the graph for the shapes.
@@ -238,7 +257,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
     """
     gm = trace(model, example)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_tqdm_monitor():
             ShapeProp(gm).propagate(example)
     except Exception as e:
         raise ConfigError(f"align cannot run the traced network ({type(model).__name__}) on an example batch: "
@@ -730,6 +749,7 @@ def align_networks(a: LoadedModel, b: LoadedModel, *, method: str = "weights", s
     return Alignment(method, groups, perms, aligned.cpu(), objective, corrs, name, split, data.fingerprint)
 
 
+@library_call
 @holds_output_locks
 def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method: str = "weights",
           metrics: str | Path | None = None, seed: int = 0, max_sweeps: int = 100, batches: int = 8,
@@ -798,7 +818,7 @@ def align(a_path: str | Path, b_path: str | Path, output: str | Path, *, method:
         datasets["objective"] = (np.array(objective), ("sweep",))
     attrs = {**provenance(inputs, config, "align"), "method": method, "groups": json.dumps(group_info),
              "distance_before": before, "distance_after": after, "data_fingerprint": al.data_fingerprint}
-    save_model(output, al.model, meta)
+    write_model(output, al.model, meta)
     write_h5(metrics, scales=scales, datasets=datasets, attrs=attrs,
              dataset_attrs={f"permutations/{i:04d}": {"group": g.name} for i, g in enumerate(groups)})
     # (each file once, as every command lists them: 'align a a' read one file)

@@ -17,6 +17,7 @@ from . import distributed
 from .choices import BN_DATA
 from .data import Split
 from .errors import ConfigError, DataError
+from .models import evaluating
 from .options import check_count, show_setting
 from .runtime import autocast
 
@@ -205,23 +206,21 @@ def _pass_mode(model: nn.Module, bns: list[nn.Module]):
     ``bns``, in train mode with momentum 1 (each batch's statistics replace the running ones, which the pass adds
     up), SyncBatchNorm as this process's own BatchNorm (no collective per batch; ranks add up at the end). All of
     it is restored afterwards, also after an error or a Ctrl-C (the statistics stay as the pass left them)."""
-    was_training = model.training
     momenta = [m.momentum for m in bns]
     synced = [(m, m.__class__) for m in bns if isinstance(m, nn.SyncBatchNorm)]
     try:
-        for m, _ in synced:
-            m.__class__ = _LocalBatchNorm
-        model.eval()
-        for m in bns:
-            m.train()
-            m.momentum = 1.0
-        yield
+        with evaluating(model):
+            for m, _ in synced:
+                m.__class__ = _LocalBatchNorm
+            for m in bns:
+                m.train()
+                m.momentum = 1.0
+            yield
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
         for m, cls in synced:
             m.__class__ = cls
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -22,11 +22,13 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
-from .fileio import HDF5_MAGIC, atomic_path, did_you_mean, private_folder, same_inputs, sha256_file, writes_files
+from .fileio import (HDF5_MAGIC, atomic_path, check_output, did_you_mean, private_folder, same_inputs, sha256_file,
+                     writes_files)
 from .h5io import command_line, utc_now
 from .data import AUGMENTS
 from .models import MAX_CLASSES, MAX_IN_CHANS, build_model, check_arch_kwargs, model_shapes
 from .options import plain
+from .calls import library_call
 
 #: Checkpoint kinds that hold one network's state dict (a train-state adds optimiser tensors).
 MODEL_KINDS = ("model", "train-state")
@@ -393,6 +395,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     return _check_safetensors_file(Path(path))
 
 
+@library_call
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on CPU) and the metadata of a safetensors file, with clear errors for bad files."""
     path = Path(path)
@@ -487,9 +490,23 @@ def _sort_header(path: Path) -> None:
         f.write(ordered + b" " * (n - len(ordered)))
 
 
+@library_call
 def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
-               extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Save a network's state dict (parameters and buffers) with its metadata."""
+               extra_tensors: dict[str, torch.Tensor] | None = None, *, force: bool = False) -> None:
+    """Save a network's state dict (parameters and buffers) with its metadata, atomically. An existing file is
+    refused unless ``force`` (as every command's output is)."""
+    if not isinstance(meta, ModelMeta):
+        raise ConfigError(f"save_model() takes a mctool.ModelMeta as meta (load_model(...).meta, or one made for "
+                          f"the network), got {type(meta).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"save_model() takes a torch.nn.Module as model, got {type(model).__name__}.")
+    write_model(check_output(path, force), model, meta, extra_tensors)
+
+
+def write_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
+                extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_model`` for a command, which has checked its outputs before any work (and replaces its own
+    training state every epoch)."""
     tensors = dict(model.state_dict())
     tensors.update(extra_tensors or {})
     save_checkpoint(path, tensors, meta.to_metadata())
@@ -563,6 +580,7 @@ def _describe_mismatch(expected: dict[str, tuple[int, ...]], got: dict[str, tupl
     return "; ".join(parts)
 
 
+@library_call
 def load_model(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
                in_chans: int | None = None, arch_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Rebuild a network from a checkpoint, on CPU, in eval mode.

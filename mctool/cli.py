@@ -103,41 +103,53 @@ CurveKind = _choices("CurveKind", CURVES)
 BendInit = _choices("BendInit", BEND_INITS)
 
 
+def _argument(*args: Any, **kwargs: Any) -> Any:
+    """``typer.Argument`` whose file is not checked for readability: Typer refuses a file it cannot read as a
+    usage error (exit 2, with the usage line); the command reads it and says so in one ``Error:`` line (exit 1),
+    as for a missing file."""
+    return typer.Argument(*args, readable=False, **kwargs)
+
+
+def _option(*args: Any, **kwargs: Any) -> Any:
+    """``typer.Option``, its file not checked for readability (see ``_argument``)."""
+    return typer.Option(*args, readable=False, **kwargs)
+
+
 # Options shared by several commands (one definition each).
-DeviceOpt = Annotated[str, typer.Option(help="Compute device: auto (CUDA when available), cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, or bf16 autocast for forward passes (GPU).")]
-ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Use channels-last memory format (faster "
+DeviceOpt = Annotated[str, _option(help="Compute device: auto (CUDA when available), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[Precision, _option(help="fp32, or bf16 autocast for forward passes (GPU).")]
+ChannelsLastOpt = Annotated[bool, _option("--channels-last", help="Use channels-last memory format (faster "
                                                                        "convolutions on recent GPUs).")]
-GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs", help="Capture each training step as a CUDA graph and "
+GraphsOpt = Annotated[bool, _option("--cuda-graphs", help="Capture each training step as a CUDA graph and "
                                          "replay it (much faster for deep, narrow networks on a GPU; same "
                                          "updates). Ignored, with a warning, on a CPU and with PyTorch < 2.3.")]
-DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Ask cuDNN and cuBLAS for deterministic "
+DeterministicOpt = Annotated[bool, _option("--deterministic", help="Ask cuDNN and cuBLAS for deterministic "
                                                 "kernels, so that a GPU run with the same seed repeats exactly "
                                                 "(usually slower; an operation without such a kernel warns). CPU "
                                                 "runs are reproducible without it.")]
-SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="Under torchrun: BatchNorm statistics over the whole "
+SyncBnOpt = Annotated[bool, _option("--sync-bn", help="Under torchrun: BatchNorm statistics over the whole "
                                          "global batch, all ranks together (SyncBatchNorm; CUDA only), "
                                          "instead of each rank's piece. No effect in one process.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (paths and summary metrics) "
+JsonOpt = Annotated[bool, _option("--json", help="Print exactly one JSON object (paths and summary metrics) "
                                                       "on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-ForceRunOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files, and start over where an "
+QuietOpt = Annotated[bool, _option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
+ForceOpt = Annotated[bool, _option("--force", help="Overwrite existing output files.")]
+ForceRunOpt = Annotated[bool, _option("--force", help="Overwrite existing output files, and start over where an "
                                            "interrupted run left its state or a partial metrics file (instead of "
                                            "--resume).")]
-DataRootOpt = Annotated[Optional[Path], typer.Option(
+DataRootOpt = Annotated[Optional[Path], _option(
     help="Folder with downloaded data sets (default: $MCTOOL_DATA, else ~/.cache/mctool/datasets).")]
-DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the data set into --data-root if missing "
+DownloadOpt = Annotated[bool, _option("--download", help="Download the data set into --data-root if missing "
                                                               "(needs internet).")]
-SplitOpt = Annotated[Split, typer.Option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
+SplitOpt = Annotated[Split, _option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
                                               "training images (10% of small sets; a fixed random draw for "
                                               "imagefolder:), held out from training.")]
-CurveSplitOpt = Annotated[Optional[Split], typer.Option(help="'val' holds out the last 5,000 training images (10% "
+CurveSplitOpt = Annotated[Optional[Split], _option(help="'val' holds out the last 5,000 training images (10% "
                                                              "of small sets; a fixed random draw for imagefolder:) "
                                                              "from curve training; connect evaluates "
                                                              "nothing. Default: A's recorded split, so that the "
                                                              "curve trains on A's images; else test.")]
-FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapshots on the official test set, or on "
+FgeSplitOpt = Annotated[Optional[Split], _option(help="Evaluate the snapshots on the official test set, or on "
                                                            "'val': the last 5,000 training images (10% of small "
                                                            "sets; a fixed random draw for imagefolder:), then held "
                                                            "out from training. Default: the start "
@@ -145,18 +157,18 @@ FgeSplitOpt = Annotated[Optional[Split], typer.Option(help="Evaluate the snapsho
 _VAL = ("the last 5,000 training images (10% of small sets; a fixed random draw for imagefolder:)")
 _VAL_WARNING = ("'val' is held-out data only for networks trained with --split val (else a warning). Default: the "
                 "split the inputs were trained with; test if they record none or disagree.")
-EvalSplitOpt = Annotated[Optional[Split], typer.Option(
+EvalSplitOpt = Annotated[Optional[Split], _option(
     help=f"Evaluate on the official test set, or on 'val': {_VAL}, then also left out of the train metrics and BN "
          f"passes. {_VAL_WARNING}")]
-EvaluateSplitOpt = Annotated[Optional[Split], typer.Option(
+EvaluateSplitOpt = Annotated[Optional[Split], _option(
     help=f"Evaluate on the official test set, or on 'val': {_VAL}. {_VAL_WARNING}")]
-EnsembleSplitOpt = Annotated[Optional[Split], typer.Option(
+EnsembleSplitOpt = Annotated[Optional[Split], _option(
     help=f"Evaluate on the official test set, or on 'val': {_VAL}, then also left out of the BN passes of curve "
          f"points. {_VAL_WARNING} With --temperature-scale the default is test (the temperature is fitted on "
          "val).")]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (imagefolder data sets only; at most the "
+WorkersOpt = Annotated[int, _option(help="DataLoader worker processes (imagefolder data sets only; at most the "
                                                    "CPU cores available).")]
-ShardOpt = Annotated[Optional[str], typer.Option(
+ShardOpt = Annotated[Optional[str], _option(
     metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
                         "is I modulo N, into this shard's own metrics file; the others stay NaN. Combine the N files "
                         "with 'mctool merge' (for job arrays without a shared launcher). Not with --plot.")]
@@ -170,15 +182,15 @@ def _compile_help(passes: str, pays: str) -> str:
             "back, with a warning, when compiling fails.")
 
 
-EvalCompileOpt = Annotated[bool, typer.Option(
+EvalCompileOpt = Annotated[bool, _option(
     "--compile", help=_compile_help("BN passes and predictions", "many points (planes, long curves)"))]
-EvaluateCompileOpt = Annotated[bool, typer.Option(
+EvaluateCompileOpt = Annotated[bool, _option(
     "--compile", help=_compile_help("predictions", "many members of one architecture"))]
-EnsembleCompileOpt = Annotated[bool, typer.Option(
+EnsembleCompileOpt = Annotated[bool, _option(
     "--compile", help=_compile_help("predictions, and the BN passes of curve points",
                                     "many members of one architecture"))]
 
-PointsPerPassOpt = Annotated[int, typer.Option(
+PointsPerPassOpt = Annotated[int, _option(
     help="Networks evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
          "network; each batch is read once). 1 evaluates one at a time. Lower it if P copies' activations do not "
          "fit in memory. Architectures that cannot be widened are evaluated one at a time, with a warning; on the CPU, "
@@ -201,7 +213,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(ctx: typer.Context,
-          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+          version: Annotated[bool, _option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
     """Loss surfaces, mode connectivity and fast ensembling of neural networks."""
     # For the whole command: library warnings become "Warning: ..." lines on stderr, and the library draws
@@ -251,12 +263,15 @@ def _run(work: Callable[[], Result], as_json: bool, quiet: bool, show: Callable[
                         distributed.check_same_files(_input_files())
                     result = work()
                     _ignore_more_ctrl_c()  # done: what is left (the report, the exit) is not interrupted
-                except OSError as e:  # a name the file system cannot hold: the user's input, not a bug
-                    if e.errno != errno.ENAMETOOLONG:
-                        raise
-                    name = os.fsdecode(e.filename) if e.filename is not None else "a file"
-                    raise ConfigError(f"the file name '{name}' is too long for the file system (at most 255 bytes "
-                                      "per name, 4,096 per path on most); give a shorter one.") from None
+                except OSError as e:  # a name the file system cannot hold, a folder the user may not enter:
+                    name = os.fsdecode(e.filename) if e.filename is not None else "a file"  # the user's, not a bug
+                    if e.errno == errno.ENAMETOOLONG:
+                        raise ConfigError(f"the file name '{name}' is too long for the file system (at most 255 "
+                                          "bytes per name, 4,096 per path on most); give a shorter one.") from None
+                    if e.errno in (errno.EACCES, errno.EPERM):
+                        raise ConfigError(f"cannot use '{name}': {e.strerror or 'permission denied'} (check the "
+                                          "permissions of the file and of the folders above it).") from None
+                    raise
                 except (torch.cuda.OutOfMemoryError, MemoryError) as e:  # the machine's limit, not a bug
                     where = "the GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "the host"
                     why = (str(e).strip().splitlines() or [""])[0][:200]
@@ -330,7 +345,7 @@ def _print_json(text: str) -> None:
         raise typer.Exit(1) from None
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab (a newline in a name would make two lines)
 
 
 # The options that name files a command reads (its arguments are all inputs too).
@@ -479,57 +494,57 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 @app.command()
 def train(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write (.safetensors); with "
+    output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write (.safetensors); with "
                                          "--schedule sse, an ensemble file of the snapshots.")],
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch metrics "
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for per-epoch metrics "
                                                     "(default: the output's name with .h5).")] = None,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="digits, fashion-mnist, mnist, cifar10, cifar100, "
+    dataset: Annotated[str, _option("--dataset", "-d", help="digits, fashion-mnist, mnist, cifar10, cifar100, "
                                          "svhn, synthetic[:size=32,channels=3,classes=10,train=1024,test=256,seed=0] "
                                          "or imagefolder:PATH.")] = "digits",
-    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Any timm model name or an mctool one "
+    arch: Annotated[Optional[str], _option("--arch", "-a", help="Any timm model name or an mctool one "
                                                 "(cifar_convfc, cifar_vgg16[_bn], cifar_preresnet20/110/164, "
                                                 "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
-    arch_kwargs: Annotated[Optional[str], typer.Option(help="Extra architecture arguments as a JSON object, "
+    arch_kwargs: Annotated[Optional[str], _option(help="Extra architecture arguments as a JSON object, "
                                                        "e.g. '{\"width\": 2}'.")] = None,
-    epochs: Annotated[int, typer.Option(help="Number of training epochs (1 to 1,000,000).")] = 200,
-    lr: Annotated[float, typer.Option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
-    wd: Annotated[float, typer.Option(help="Weight decay (L2 coefficient) for SGD, 0 to 1e6.")] = 5e-4,
-    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
+    epochs: Annotated[int, _option(help="Number of training epochs (1 to 100,000).")] = 200,
+    lr: Annotated[float, _option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
+    wd: Annotated[float, _option(help="Weight decay (L2 coefficient) for SGD, 0 to 1e6.")] = 5e-4,
+    momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, _option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
                                            "is refused where a BatchNorm layer would see one value per "
                                            "channel).")] = 128,
-    schedule: Annotated[Schedule, typer.Option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
+    schedule: Annotated[Schedule, _option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
                                                "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
                                                "Ensembles (cosine restarts, one snapshot per cycle; the output is "
                                                "then an ensemble file).")] = Schedule.paper,
-    snapshots: Annotated[int, typer.Option(help="With --schedule sse: number of cycles and snapshots (1 to "
+    snapshots: Annotated[int, _option(help="With --schedule sse: number of cycles and snapshots (1 to "
                                                 "the run's iterations).")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order, augmentation and dropout; a "
+    seed: Annotated[int, _option(help="Seed for initialisation, data order, augmentation and dropout; a "
                                            "whole number in [0, 2^32).")] = 0,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation: auto (per data set: crop+flip for cifar10, "
+    augment: Annotated[Augment, _option(help="Training augmentation: auto (per data set: crop+flip for cifar10, "
                                              "cifar100, synthetic and imagefolder; crop only, no mirror images, for "
                                              "digits, mnist, fashion-mnist and svhn), none, crop, crop-flip.")]
     = Augment.auto,
     split: SplitOpt = Split.test,
-    save_every: Annotated[int, typer.Option(help="Also write a training-state checkpoint (weights and SGD momentum, "
+    save_every: Annotated[int, _option(help="Also write a training-state checkpoint (weights and SGD momentum, "
                                             "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors "
                                             "(N >= 0; 0 = never).")] = 0,
-    init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (and momentum, for a "
+    init: Annotated[Optional[Path], _option(help="Start from this checkpoint's weights (and momentum, for a "
                                                  "training state) instead of a random initialisation: an mctool "
                                                  "checkpoint, or a plain safetensors state dict with --arch.")]
     = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights for --arch "
+    pretrained: Annotated[bool, _option("--pretrained", help="Start from timm's pretrained weights for --arch "
                                              "(a timm model; timm downloads them once and caches them), e.g. to "
                                              "connect two fine-tunings of one pretrained network. A classifier for "
                                              "another number of classes is re-initialised. With imagefolder data, "
                                              "images get the model's size, resizing and mean/std (timm's "
                                              "transforms). Not with --init.")] = False,
-    pretrained_file: Annotated[Optional[Path], typer.Option(help="Offline --pretrained: a local safetensors file "
+    pretrained_file: Annotated[Optional[Path], _option(help="Offline --pretrained: a local safetensors file "
                                                             "with the timm model's state dict (e.g. saved with "
                                                             "safetensors.torch.save_file(model.state_dict(), "
                                                             "PATH)); never a pickle. Its sha256 is recorded. "
                                                             "Implies --pretrained.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed epoch "
+    resume: Annotated[bool, _option("--resume", help="Continue an interrupted run from its last completed epoch "
                                          "(same options as the interrupted command).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -595,26 +610,26 @@ def _show_evaluation(r: EvaluateResult) -> None:
 
 @app.command()
 def evaluate(
-    models: Annotated[list[Path], typer.Argument(
+    models: Annotated[list[Path], _argument(
         metavar="MODEL", help="Model checkpoints or ensemble files (.safetensors); several "
                               "networks are also evaluated as an ensemble (mean of softmax "
                               "outputs).")],
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="Write the metrics to this HDF5 "
                                                     "file.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set to evaluate on (default: the "
+    dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set to evaluate on (default: the "
                                                    "one recorded in the first checkpoint).")] = None,
     split: EvaluateSplitOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
-    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture of a plain safetensors state "
+    batch_size: Annotated[int, _option(help="Evaluation batch size.")] = 512,
+    arch: Annotated[Optional[str], _option("--arch", "-a", help="Architecture of a plain safetensors state "
                                                 "dict without mctool metadata (e.g. saved by timm; needs "
                                                 "--num-classes too); for mctool checkpoints it overrides the "
                                                 "recorded one.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Class count of a plain state dict (overrides the "
+    num_classes: Annotated[Optional[int], _option(help="Class count of a plain state dict (overrides the "
                                                        "recorded one of mctool checkpoints).")] = None,
-    arch_kwargs: Annotated[Optional[str], typer.Option(help="Architecture arguments of a plain state dict as a JSON "
+    arch_kwargs: Annotated[Optional[str], _option(help="Architecture arguments of a plain state dict as a JSON "
                                                        "object, e.g. '{\"img_size\": 8}' (overrides the recorded "
                                                        "ones).")] = None,
-    in_chans: Annotated[Optional[int], typer.Option(help="Input channels of a plain state dict (default 3; "
+    in_chans: Annotated[Optional[int], _option(help="Input channels of a plain state dict (default 3; "
                                                     "overrides the recorded ones).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -649,7 +664,7 @@ def evaluate(
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A safetensors checkpoint or an HDF5 metrics file.")],
+    file: Annotated[Path, _argument(metavar="FILE", help="A safetensors checkpoint or an HDF5 metrics file.")],
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -690,62 +705,62 @@ def info(
 _BN_DATA_HELP = ("Training images of each BatchNorm recalibration pass: augmented as the network was trained (the "
                  "statistics its layers were trained with, which its stored ones also average) or plain (as they "
                  "are).")
-BnDataOpt = Annotated[BnData, typer.Option(help=_BN_DATA_HELP)]
-BnBatchesOpt = Annotated[Optional[int], typer.Option(
+BnDataOpt = Annotated[BnData, _option(help=_BN_DATA_HELP)]
+BnBatchesOpt = Annotated[Optional[int], _option(
     help="Batches for each BatchNorm recalibration pass (default: the whole training set; fewer is faster but "
          "gives noisier statistics).")]
-EvalBatchOpt = Annotated[int, typer.Option(help="Batch size for BN passes and evaluation.")]
-RecordedDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the recorded "
+EvalBatchOpt = Annotated[int, _option(help="Batch size for BN passes and evaluation.")]
+RecordedDatasetOpt = Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the recorded "
                                                            "one).")]
-GridTrainSubsetOpt = Annotated[Optional[int], typer.Option(
+GridTrainSubsetOpt = Annotated[Optional[int], _option(
     help="Compute train loss and error on a fixed random subset of this many training images (faster; the BN "
          "pass still uses --bn-batches). Default, or 0: all of them.")]
 
 
 @app.command()
 def connect(
-    start: Annotated[Path, typer.Argument(metavar="START", help="Start network A (model checkpoint).")],
-    end: Annotated[Path, typer.Argument(metavar="END", help="End network B (same architecture as A).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Curve file to write (.safetensors).")],
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for per-epoch training "
+    start: Annotated[Path, _argument(metavar="START", help="Start network A (model checkpoint).")],
+    end: Annotated[Path, _argument(metavar="END", help="End network B (same architecture as A).")],
+    output: Annotated[Path, _option("--output", "-o", help="Curve file to write (.safetensors).")],
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for per-epoch training "
                                                     "metrics (default: NAME-connect.h5 beside the output).")] = None,
-    curve: Annotated[CurveKind, typer.Option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
+    curve: Annotated[CurveKind, _option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
                                              "through the bends) or line (the segment; nothing to train).")]
     = CurveKind.bezier,
-    num_bends: Annotated[int, typer.Option(help="Interior control points, 1 to 100 (the paper's curves have 1); "
+    num_bends: Annotated[int, _option(help="Interior control points, 1 to 100 (the paper's curves have 1); "
                                            "ignored with --curve line.")] = 1,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: as many as A was trained "
+    epochs: Annotated[Optional[int], _option(help="Training epochs (default: as many as A was trained "
                                                   "for, else 200; three times as many if A has no "
                                                   "BatchNorm, as in the paper).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Initial learning rate (default: A's training lr x "
+    lr: Annotated[Optional[float], _option(help="Initial learning rate (default: A's training lr x "
                                                 "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
                                                 "for long runs, up to A's lr for short ones; see docs/curves.md).")]
     = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient (0 to 1e6): the loss is CE + 0.5 * wd * "
+    wd: Annotated[Optional[float], _option(help="L2 coefficient (0 to 1e6): the loss is CE + 0.5 * wd * "
                                                 "||w(t)||^2 (default: the wd A was trained with, else 5e-4).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1); each batch draws one t ~ U(0, 1).")] = 128,
-    schedule: Annotated[CurveSchedule, typer.Option(help="Learning-rate schedule (as for train; sse, which makes "
+    momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, _option(help="Mini-batch size (>= 1); each batch draws one t ~ U(0, 1).")] = 128,
+    schedule: Annotated[CurveSchedule, _option(help="Learning-rate schedule (as for train; sse, which makes "
                                                     "an ensemble, does not apply).")] = CurveSchedule.paper,
-    seed: Annotated[int, typer.Option(help="Seed for t, data order and augmentation; a whole number in "
+    seed: Annotated[int, _option(help="Seed for t, data order and augmentation; a whole number in "
                                            "[0, 2^32).")] = 0,
-    bend_init: Annotated[BendInit, typer.Option(help="Initial bends: on the segment (linear), at A (start) or at "
+    bend_init: Annotated[BendInit, _option(help="Initial bends: on the segment (linear), at A (start) or at "
                                                 "B (end).")] = BendInit.linear,
-    free_start: Annotated[bool, typer.Option("--free-start", help="Train the start point too.")] = False,
-    free_end: Annotated[bool, typer.Option("--free-end", help="Train the end point too.")] = False,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Training data (default: A's data "
+    free_start: Annotated[bool, _option("--free-start", help="Train the start point too.")] = False,
+    free_end: Annotated[bool, _option("--free-end", help="Train the end point too.")] = False,
+    dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Training data (default: A's data "
                                                    "set).")] = None,
-    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
+    augment: Annotated[Optional[Augment], _option(help="Training augmentation (as for train; default: the "
                                                        "one A was trained with, else auto).")] = None,
     split: CurveSplitOpt = None,
-    save_every: Annotated[int, typer.Option(help="Also write a curve state every N epochs as "
+    save_every: Annotated[int, _option(help="Also write a curve state every N epochs as "
                                             "NAME-epochNNN.safetensors (N >= 0; 0 = never).")] = 0,
-    align: Annotated[Optional[AlignMethod], typer.Option("--align", help="First permute B's hidden units into A's "
+    align: Annotated[Optional[AlignMethod], _option("--align", help="First permute B's hidden units into A's "
                                                          "order (weights or activations matching, as mctool align "
                                                          "with --seed): the curve ends at aligned B, which computes "
                                                          "B's function.")]
     = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
+    resume: Annotated[bool, _option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -755,7 +770,7 @@ def connect(
     cuda_graphs: GraphsOpt = False,
     sync_bn: SyncBnOpt = False,
     deterministic: DeterministicOpt = False,
-    compile: Annotated[bool, typer.Option("--compile", help="Fuse the step's passes over the parameters (forming "
+    compile: Annotated[bool, _option("--compile", help="Fuse the step's passes over the parameters (forming "
                                           "w(t), the control points' gradient) with torch.compile: less memory "
                                           "traffic for wide networks on a GPU. Needs Triton (GPU) or a C++ "
                                           "compiler (CPU); falls back, with a warning, when compiling fails.")]
@@ -800,19 +815,19 @@ def connect(
 
 @app.command("evaluate-curve")
 def evaluate_curve(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="FILES", help="A curve file, or two model checkpoints (their straight "
                               "segment).")],
-    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
-    num_points: Annotated[int, typer.Option(help="Evaluate at this many evenly spaced t in [0, 1], 2 to "
+    metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
+    num_points: Annotated[int, _option(help="Evaluate at this many evenly spaced t in [0, 1], 2 to "
                                             "100,000.")] = 61,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw train loss and error against t to this "
+    plot: Annotated[Optional[Path], _option(help="Also draw train loss and error against t to this "
                                                  "figure (.png, .pdf or .svg).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
+    resume: Annotated[bool, _option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+    wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "curve's, or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
@@ -826,16 +841,16 @@ def evaluate_curve(
     shard: ShardOpt = None,
     points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
-    compare_unaligned: Annotated[Optional[Path], typer.Option("--compare-unaligned", help="With A and B-aligned "
+    compare_unaligned: Annotated[Optional[Path], _option("--compare-unaligned", help="With A and B-aligned "
                                                               "(from mctool align): the original B; also evaluate "
                                                               "the segment A -> B (same points and options) and "
                                                               "report both barriers. Two checkpoints only, not "
                                                               "with --shard.")] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="REPAIR at every point between the ends (networks "
+    repair: Annotated[bool, _option("--repair", help="REPAIR at every point between the ends (networks "
                                          "without BatchNorm): rescale each hidden Conv/Linear channel to the "
                                          "interpolated mean and std of the endpoints'. Refused for BatchNorm "
                                          "networks; one point per pass, not compiled.")] = False,
-    repair_batches: Annotated[int, typer.Option(help="Training batches (of --batch-size) for REPAIR's "
+    repair_batches: Annotated[int, _option(help="Training batches (of --batch-size) for REPAIR's "
                                                 "statistics.")] = 8,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -883,13 +898,13 @@ def evaluate_curve(
 
 @app.command()
 def point(
-    source: Annotated[Path, typer.Argument(
+    source: Annotated[Path, _argument(
         metavar="SOURCE", help="A curve file from connect, or an ensemble file (fge, train "
                                "--schedule sse, ensemble -o).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write.")],
-    t: Annotated[Optional[float], typer.Option("--t", help="Position along a curve, in [0, 1].")] = None,
-    index: Annotated[Optional[int], typer.Option("--index", help="Member of an ensemble file (0-based).")] = None,
-    no_bn_update: Annotated[bool, typer.Option("--no-bn-update", help="Keep the start network's BatchNorm "
+    output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write.")],
+    t: Annotated[Optional[float], _option("--t", help="Position along a curve, in [0, 1].")] = None,
+    index: Annotated[Optional[int], _option("--index", help="Member of an ensemble file (0-based).")] = None,
+    no_bn_update: Annotated[bool, _option("--no-bn-update", help="Keep the start network's BatchNorm "
                                                "statistics instead of recomputing them at t.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
@@ -942,17 +957,17 @@ def point(
 
 @app.command()
 def ensemble(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="FILES", help="Model checkpoints and ensemble files to combine, or one curve "
                               "file with --num-points.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write all members as one "
+    output: Annotated[Optional[Path], _option("--output", "-o", help="Also write all members as one "
                                                    "ensemble file.")] = None,
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="Write the metrics to this HDF5 "
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="Write the metrics to this HDF5 "
                                                     "file.")] = None,
-    num_points: Annotated[Optional[int], typer.Option(help="Sample this many evenly spaced points along a curve "
+    num_points: Annotated[Optional[int], _option(help="Sample this many evenly spaced points along a curve "
                                                       "file, ends included (each BN-recalibrated), as the members; "
                                                       "1 takes t = 0.5; at most 100,000.")] = None,
-    temperature_scale: Annotated[bool, typer.Option("--temperature-scale", help="Fit one temperature on the "
+    temperature_scale: Annotated[bool, _option("--temperature-scale", help="Fit one temperature on the "
                                                     "held-out part of the training data (the val split) and "
                                                     "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
@@ -993,23 +1008,23 @@ def ensemble(
 
 @app.command()
 def plot(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="FILES", help="evaluate-curve metrics files (several overlaid), or the per-epoch "
                               "metrics files of train, connect and fge (several overlaid); or "
                               "one plane, surface or hessian file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
+    output: Annotated[Optional[Path], _option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
                                                                           "by the name's ending.")] = None,
-    three_d: Annotated[bool, typer.Option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
+    three_d: Annotated[bool, _option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
                                           "filled contours (points, curve and trajectory drawn on them).")] = False,
-    html: Annotated[Optional[Path], typer.Option(help="Plane or 2-D surface file: also write an interactive, "
+    html: Annotated[Optional[Path], _option(help="Plane or 2-D surface file: also write an interactive, "
                                                  "rotatable 3-D figure to this HTML file (needs the optional extra: "
                                                  "pip install 'mctool[html]').")] = None,
-    vtk: Annotated[Optional[Path], typer.Option(help="Plane or surface file: also write the grid as a VTK structured "
+    vtk: Annotated[Optional[Path], _option(help="Plane or surface file: also write the grid as a VTK structured "
                                                 "grid (.vts) for ParaView, and its points and curve or trajectory "
                                                 "beside it as NAME-points.vtp.")] = None,
-    dpi: Annotated[int, typer.Option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
+    dpi: Annotated[int, _option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
                                           "and SVG are vector figures.")] = 120,
-    log_loss: Annotated[bool, typer.Option("--log-loss", help="Curve, 1-D surface and per-epoch figures: the loss "
+    log_loss: Annotated[bool, _option("--log-loss", help="Curve, 1-D surface and per-epoch figures: the loss "
                                            "on a log axis (ends near 1e-3 beside a barrier of 2 show only the "
                                            "barrier on a linear one).")] = False,
     as_json: JsonOpt = False,
@@ -1029,13 +1044,13 @@ def plot(
 
 @app.command("merge")
 def merge_cmd(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
                                "(written with --shard I/N), in any order.")],
-    output: Annotated[Path, typer.Option("--metrics", "-m", "--output", "-o",
+    output: Annotated[Path, _option("--metrics", "-m", "--output", "-o",
                                          help="HDF5 file to write: the metrics file (-m) the run writes without "
                                               "--shard. -o/--output is the same option.")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the merged file to this figure (.png, .pdf "
+    plot: Annotated[Optional[Path], _option(help="Also draw the merged file to this figure (.png, .pdf "
                                                  "or .svg).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -1060,29 +1075,29 @@ def merge_cmd(
 
 @app.command("plane")
 def plane_cmd(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="FILES", help="A curve file (its start, one bend and its end), or three model "
                               "checkpoints w0 w1 w2.")],
-    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces.")],
-    grid_points: Annotated[int, typer.Option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
-    margin: Annotated[float, typer.Option(help="Extra room on all four sides, as a fraction of the distances "
+    metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the surfaces.")],
+    grid_points: Annotated[int, _option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
+    margin: Annotated[float, _option(help="Extra room on all four sides, as a fraction of the distances "
                                           "between the points (0 to 10).")] = 0.2,
-    margin_left: Annotated[Optional[float], typer.Option(help="Override --margin on the left (before w0).")] = None,
-    margin_right: Annotated[Optional[float], typer.Option(help="Override --margin on the right (after w2).")] = None,
-    margin_bottom: Annotated[Optional[float], typer.Option(help="Override --margin below the w0-w2 line.")] = None,
-    margin_top: Annotated[Optional[float], typer.Option(help="Override --margin above w1.")] = None,
-    bend: Annotated[Optional[int], typer.Option(help="Which bend of a curve spans the plane (1..n; default the "
+    margin_left: Annotated[Optional[float], _option(help="Override --margin on the left (before w0).")] = None,
+    margin_right: Annotated[Optional[float], _option(help="Override --margin on the right (after w2).")] = None,
+    margin_bottom: Annotated[Optional[float], _option(help="Override --margin below the w0-w2 line.")] = None,
+    margin_top: Annotated[Optional[float], _option(help="Override --margin above w1.")] = None,
+    bend: Annotated[Optional[int], _option(help="Which bend of a curve spans the plane (1..n; default the "
                                                 "middle one).")] = None,
-    curve_points: Annotated[int, typer.Option(help="Points of the curve projected onto the plane for the "
+    curve_points: Annotated[int, _option(help="Points of the curve projected onto the plane for the "
                                               "drawing (2 to 100,000).")] = 61,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw both surfaces to this figure (.png, .pdf or "
+    plot: Annotated[Optional[Path], _option(help="Also draw both surfaces to this figure (.png, .pdf or "
                                                  ".svg).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid cells still missing (NaN) in an "
+    resume: Annotated[bool, _option("--resume", help="Compute only the grid cells still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+    wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "curve's or w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
@@ -1136,42 +1151,42 @@ def plane_cmd(
 
 @app.command("surface")
 def surface_cmd(
-    checkpoint: Annotated[Path, typer.Argument(
+    checkpoint: Annotated[Path, _argument(
         metavar="CHECKPOINT", help="The network at the centre (model checkpoint).")],
-    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
+    metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
                                           "beside it as NAME-directions.safetensors.")],
-    dims: Annotated[Optional[int], typer.Option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
+    dims: Annotated[Optional[int], _option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
                                                 "or the number of direction files.")] = None,
-    directions: Annotated[Optional[list[str]], typer.Option(
+    directions: Annotated[Optional[list[str]], _option(
         "--directions", metavar="random|pca|FILE", help="'random' (default): Gaussian directions, filter-normalised "
         "to the network; 'pca': the principal directions of --trajectory relative to the network; or a model "
         "checkpoint, given once per direction: the direction from the network to that one (coefficient 1 reaches "
         "it).")] = None,
-    trajectory: Annotated[Optional[list[str]], typer.Option(
+    trajectory: Annotated[Optional[list[str]], _option(
         metavar="FILE|GLOB", help="With --directions pca: the checkpoints of a training run (at most 1,000), in "
         "training order: a file (repeat the option for each) or a quoted glob pattern such as "
         "'run-epoch*.safetensors' (its matches in natural order: epoch500 before epoch1000).")] = None,
-    ignore: Annotated[str, typer.Option(help="Random directions: parameters set to zero, comma-separated: bn "
+    ignore: Annotated[str, _option(help="Random directions: parameters set to zero, comma-separated: bn "
                                         "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
                                         "one filter).")] = "bn,bias",
-    seed: Annotated[int, typer.Option(help="Seed for the random directions; a whole number in [0, 2^32).")] = 0,
-    range_: Annotated[Optional[float], typer.Option(
+    seed: Annotated[int, _option(help="Seed for the random directions; a whole number in [0, 2^32).")] = 0,
+    range_: Annotated[Optional[float], _option(
         "--range", help="Coefficients from -RANGE to RANGE along each direction (at most 1e6). Default: "
         "[-1, 1] for random directions; for pca and files, the range that holds the points of interest (the "
         "network, the trajectory, the files' networks at 1) plus --margin.")] = None,
-    margin: Annotated[float, typer.Option(help="Without --range: space added on each side of the points of "
+    margin: Annotated[float, _option(help="Without --range: space added on each side of the points of "
                                           "interest, as a fraction of their extent along each direction (0 to "
                                           "10).")] = 0.2,
-    grid_points: Annotated[int, typer.Option(help="Grid points per direction (2 to 1,001; with random directions "
+    grid_points: Annotated[int, _option(help="Grid points per direction (2 to 1,001; with random directions "
                                              "an odd number puts the network itself on the grid).")] = 21,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the surface to this figure (.png, .pdf or "
+    plot: Annotated[Optional[Path], _option(help="Also draw the surface to this figure (.png, .pdf or "
                                                  ".svg).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Compute only the grid points still missing (NaN) in an "
+    resume: Annotated[bool, _option("--resume", help="Compute only the grid points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
-    wd: Annotated[Optional[float], typer.Option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
+    wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
                                                 "network's wd).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
@@ -1231,38 +1246,38 @@ def surface_cmd(
 
 @app.command("hessian")
 def hessian_cmd(
-    files: Annotated[list[Path], typer.Argument(
+    files: Annotated[list[Path], _argument(
         metavar="FILE", help="A model checkpoint, a curve file (points along it), an "
                               "ensemble file (each member), or two checkpoints (the segment).")],
-    metrics: Annotated[Path, typer.Option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
-    top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
-    trace: Annotated[bool, typer.Option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
+    metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
+    top_k: Annotated[int, _option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
+    trace: Annotated[bool, _option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
                                         "probes).")] = False,
-    trace_samples: Annotated[int, typer.Option(help="Probes for --trace, 2 to 1,000,000 (one Hessian-vector "
+    trace_samples: Annotated[int, _option(help="Probes for --trace, 2 to 1,000,000 (one Hessian-vector "
                                                "product each); the standard error is recorded.")] = 20,
-    num_points: Annotated[int, typer.Option(help="Points along a curve or segment (evenly spaced t, both ends "
+    num_points: Annotated[int, _option(help="Points along a curve or segment (evenly spaced t, both ends "
                                             "included), 2 to 100,000; checked for every input.")] = 11,
-    train_subset: Annotated[int, typer.Option(help="The loss is the mean cross-entropy (no L2 term) over a fixed "
+    train_subset: Annotated[int, _option(help="The loss is the mean cross-entropy (no L2 term) over a fixed "
                                               "random subset of this many training images (un-augmented); 0 = "
                                               "all. Its default, 5000, keeps each Hessian-vector product short; "
                                               "plane's and surface's --train-subset default to all.")] = 5000,
-    tol: Annotated[float, typer.Option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
+    tol: Annotated[float, _option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
                                        "(0, 1).")] = 1e-4,
-    max_restarts: Annotated[int, typer.Option(help="Lanczos restarts before giving up, at most 1e9 (the "
+    max_restarts: Annotated[int, _option(help="Lanczos restarts before giving up, at most 1e9 (the "
                                               "eigenvalues not found are NaN, with a warning).")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed for the start vector and the trace probes; a whole number in "
+    seed: Annotated[int, _option(help="Seed for the start vector and the trace probes; a whole number in "
                                            "[0, 2^32).")] = 0,
-    eigenvectors: Annotated[Optional[Path], typer.Option(help="Also write the unit eigenvectors, [points, k, "
+    eigenvectors: Annotated[Optional[Path], _option(help="Also write the unit eigenvectors, [points, k, "
                                                          "parameters] float32, to this safetensors file (not "
                                                          "under torchrun).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the eigenvalues (and the trace) to this figure "
+    plot: Annotated[Optional[Path], _option(help="Also draw the eigenvalues (and the trace) to this figure "
                                                  "(.png, .pdf or .svg), as mctool plot draws the metrics "
                                                  "file.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Compute only the points still missing (NaN) in an "
+    resume: Annotated[bool, _option("--resume", help="Compute only the points still missing (NaN) in an "
                                          "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
-    batch_size: Annotated[int, typer.Option(help="Batch size for the Hessian-vector products and the BN pass.")]
+    batch_size: Annotated[int, _option(help="Batch size for the Hessian-vector products and the BN pass.")]
     = 512,
     dataset: RecordedDatasetOpt = None,
     data_root: DataRootOpt = None,
@@ -1309,29 +1324,29 @@ def hessian_cmd(
 
 @app.command("align")
 def align_cmd(
-    reference: Annotated[Path, typer.Argument(metavar="A", help="Network A (model checkpoint): the order to align "
+    reference: Annotated[Path, _argument(metavar="A", help="Network A (model checkpoint): the order to align "
                                               "to.")],
-    other: Annotated[Path, typer.Argument(metavar="B", help="Network B (same architecture as A): the network to "
+    other: Annotated[Path, _argument(metavar="B", help="Network B (same architecture as A): the network to "
                                           "permute.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint to write: B with its hidden units "
+    output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write: B with its hidden units "
                                          "permuted into A's order (the same function as B).")],
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the groups, permutations "
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for the groups, permutations "
                                                     "and objective (default: NAME-align.h5 beside the output).")]
     = None,
-    method: Annotated[AlignMethod, typer.Option(help="weights: weight matching (coordinate descent over the groups, "
+    method: Annotated[AlignMethod, _option(help="weights: weight matching (coordinate descent over the groups, "
                                                 "one linear assignment each); activations: match units by the "
                                                 "correlation of their activations on training batches.")]
     = AlignMethod.weights,
-    seed: Annotated[int, typer.Option(help="Seed for the order of the groups (weights) or of the training images "
+    seed: Annotated[int, _option(help="Seed for the order of the groups (weights) or of the training images "
                                      "(activations); a whole number in [0, 2^32).")] = 0,
-    max_sweeps: Annotated[int, typer.Option(help="Weight matching: stop after this many sweeps over the groups, 1 "
+    max_sweeps: Annotated[int, _option(help="Weight matching: stop after this many sweeps over the groups, 1 "
                                            "to 1e9 (it stops earlier when a sweep changes nothing).")] = 100,
-    batches: Annotated[int, typer.Option("--activation-batches", "--batches",
+    batches: Annotated[int, _option("--activation-batches", "--batches",
                                          help="Activation matching: training batches (of --batch-size) to measure "
                                          "the correlations on (--batches: the name in mctool 0.2.0).")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Batch size for activation matching and for the final check "
+    batch_size: Annotated[int, _option(help="Batch size for activation matching and for the final check "
                                            "that the output computes B's logits.")] = 256,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the one B "
+    dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the one B "
                                                    "records).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -1369,54 +1384,54 @@ def align_cmd(
 
 @app.command("fge")
 def fge_cmd(
-    start: Annotated[Path, typer.Argument(
+    start: Annotated[Path, _argument(
         metavar="START", help="Trained network to start from: a model checkpoint, or a training "
                               "state from train --save-every (its SGD momentum is kept).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Ensemble file to write (all members).")],
-    metrics: Annotated[Optional[Path], typer.Option("--metrics", "-m", help="HDF5 file for the learning rate, "
+    output: Annotated[Path, _option("--output", "-o", help="Ensemble file to write (all members).")],
+    metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for the learning rate, "
                                                     "member and ensemble metrics (default: NAME.h5 beside the "
                                                     "output).")] = None,
-    epochs: Annotated[int, typer.Option(help="FGE epochs, 1 to 1,000,000 (the paper: 40 epochs give 20 members "
+    epochs: Annotated[int, _option(help="FGE epochs, 1 to 100,000 (the paper: 40 epochs give 20 members "
                                         "with 2-epoch cycles).")] = 20,
-    cycle_epochs: Annotated[float, typer.Option(help="Cycle length in epochs, > 0 and at most 1e6 (may be "
+    cycle_epochs: Annotated[float, _option(help="Cycle length in epochs, > 0 and at most 1e5 (may be "
                                                 "fractional); rounded to an even number of iterations.")] = 2.0,
-    cycle_iters: Annotated[Optional[int], typer.Option(help="Cycle length in iterations, 2 to 1e9 (overrides "
+    cycle_iters: Annotated[Optional[int], _option(help="Cycle length in iterations, 2 to 1e9 (overrides "
                                                        "--cycle-epochs); an odd number is rounded up to an "
                                                        "even one, the snapshot being at mid cycle.")] = None,
-    lr_max: Annotated[Optional[float], typer.Option(help="Learning rate at the start and end of each cycle (a1; "
+    lr_max: Annotated[Optional[float], _option(help="Learning rate at the start and end of each cycle (a1; "
                                                     "default: the start network's training lr / 2 with BatchNorm, "
                                                     "/ 5 without, the paper's ratios, taking the training lr as "
                                                     "0.05 if it records none; see docs/ensembles.md).")]
     = None,
-    lr_min: Annotated[Optional[float], typer.Option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
+    lr_min: Annotated[Optional[float], _option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
                                                     "default: the start network's training lr / 200 with "
                                                     "BatchNorm, / 100 without, taking it as 0.05 if it records "
                                                     "none).")] = None,
-    wd: Annotated[Optional[float], typer.Option(help="Weight decay, 0 to 1e6 (default: the start network's, as "
+    wd: Annotated[Optional[float], _option(help="Weight decay, 0 to 1e6 (default: the start network's, as "
                                                 "recorded in its config, else 5e-4).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).")] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
+    momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
+    batch_size: Annotated[int, _option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
                                            "is refused where a BatchNorm layer would see one value per "
                                            "channel).")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed for data order and augmentation; a whole number in [0, 2^32).")] = 0,
-    swa: Annotated[Optional[Path], typer.Option(help="Also write the average of the snapshots (BN recomputed) "
+    seed: Annotated[int, _option(help="Seed for data order and augmentation; a whole number in [0, 2^32).")] = 0,
+    swa: Annotated[Optional[Path], _option(help="Also write the average of the snapshots (BN recomputed) "
                                                 "as a model checkpoint here.")] = None,
     bn_batches: BnBatchesOpt = None,
-    bn_data: Annotated[Optional[BnData], typer.Option(
+    bn_data: Annotated[Optional[BnData], _option(
         help=_BN_DATA_HELP + " Default: augmented; on --resume, the interrupted run's.")] = None,
-    points_per_pass: Annotated[int, typer.Option(
+    points_per_pass: Annotated[int, _option(
         help="Snapshots evaluated together in one pass over the data, 1 to 64 (P copies side by side in one wide "
              "network): "
              "a snapshot waits until P are taken (or the run ends), so the running ensemble's metrics come P at a "
              "time. 1 evaluates each as it is taken. Lower it if P copies' activations (or P waiting snapshots' "
              "weights) do not fit in memory. May differ on --resume.")] = 4,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the start "
+    dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the start "
                                                    "network's).")] = None,
-    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (as for train; default: the "
+    augment: Annotated[Optional[Augment], _option(help="Training augmentation (as for train; default: the "
                                                        "one the start network was trained with, else auto).")]
     = None,
     split: FgeSplitOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same options).")] = False,
+    resume: Annotated[bool, _option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -1466,14 +1481,14 @@ def fge_cmd(
 
 @app.command("docs")
 def docs_cmd(
-    topic: Annotated[Optional[str], typer.Argument(
+    topic: Annotated[Optional[str], _argument(
         metavar="TOPIC", help="A page (method, cli, curves, ...) or one section of it, as help texts and messages "
                                 "cite them: 'method', 'method.md#bn' or 'docs/method.md#bn'. Left out: the list "
                                 "of pages.")] = None,
-    path_only: Annotated[bool, typer.Option("--path", help="Print the page's file (or, without TOPIC, the docs "
+    path_only: Annotated[bool, _option("--path", help="Print the page's file (or, without TOPIC, the docs "
                                                            "folder) instead of its text: to open it in an editor "
                                                            "or a Markdown viewer.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout: the pages, and "
+    as_json: Annotated[bool, _option("--json", help="Print exactly one JSON object on stdout: the pages, and "
                                                          "the Markdown of the one asked for.")] = False,
 ) -> None:
     """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.

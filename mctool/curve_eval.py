@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from .batched import DEFAULT_POINTS_PER_PASS, ManyEvaluator, Span, check_points_per_pass
 from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
-from .checkpoint import ModelMeta, load_model, save_model
+from .checkpoint import ModelMeta, load_model, write_model
 from .curves import Curve, check_two_networks, coefficients, line_between, load_curve
 from .data import check_dataset_name, check_fits, load_data
 from .errors import ConfigError
@@ -28,6 +28,7 @@ from .options import MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .points import PointRun, check_shard, finishing, from_the_first_write, shard_tasks, shard_text
 from .repair import channel_stats, check_repairable, interpolate_stats, repair as run_repair
 from .results import CurveResult, CurveSummary, FileRef, Metrics, PointResult, file_refs
+from .calls import library_call
 from .runtime import resolve_device
 from .console import progress_bar, warn
 
@@ -161,6 +162,7 @@ def _aligned_and_unaligned(paths: list[str], unaligned: str | Path,
     return line_between(a, b_aligned), line_between(a, b)
 
 
+@library_call
 @holds_output_locks
 def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_points: int = 61,
                    plot: str | Path | None = None, resume: bool = False, force: bool = False, device: str = "auto",
@@ -372,6 +374,7 @@ def check_point_options(*, batch_size: int, bn_batches: int | None, bn_data: str
     return resolve_device(device)
 
 
+@library_call
 @holds_output_locks
 def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: bool = True,
                  bn_batches: int | None = None, force: bool = False, device: str = "auto",
@@ -419,7 +422,7 @@ def export_point(path: str | Path, t: float, output: str | Path, *, bn_update: b
                         "extra": {"curve_sha256": curve.sha256, "curve_t": repr(float(t)),
                                   # the data set of its BN statistics
                                   **({"data_fingerprint": fingerprint} if recalibrated else {})}})
-    save_model(output, model, meta)
+    write_model(output, model, meta)
     return PointResult(command="point", inputs=[FileRef(str(path), curve.sha256)],
                        outputs={"model": FileRef.of(output)}, split=split if recalibrated else None,
                        metrics={"train": None, "eval": None}, seconds=time.time() - t0, t=t,

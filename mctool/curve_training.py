@@ -33,6 +33,7 @@ from .loop import (TRAIN_LR, GradSum, adopt_recorded, fill_from_record, finishin
                    state_path, train_mode, validate_sgd)
 from .options import check_count
 from .results import ConnectResult, FileRef, Metrics, file_refs
+from .calls import library_call
 from .runtime import autocast, maybe_compile, resolve_device, training_command
 
 
@@ -264,6 +265,7 @@ def default_curve_lr(train_lr: float, iterations: int) -> float:
     return train_lr * min(1.0, max(CURVE_LR_RATIO, CURVE_LR_ITERS / max(iterations, 1)))
 
 
+@library_call
 @holds_output_locks
 @training_command(ConnectConfig)
 def connect(cfg: ConnectConfig, start: str | Path, end: str | Path, output: str | Path,

@@ -26,6 +26,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import sha256_file
 from .options import check_real
 from .flat import ParamLayout, build_network, check_network
+from .calls import library_call
 
 _BUFFER_PREFIX = "buffers/"
 #: Most bends a curve file may have (the paper's curves have 1).
@@ -101,6 +102,7 @@ class Curve:
         self.layout.assign(model, self.points[0])
         return model
 
+    @library_call
     def network(self, t: float, data: Data | Split | None = None, *, batch_size: int = 512,
                 bn_batches: int | None = None, bn_data: str = "augmented") -> nn.Module:
         """The network at ``t``, in memory, in eval mode: on the CPU, or on ``data``'s device when given. With
@@ -177,6 +179,7 @@ def save_curve(path: str | Path, curve: Curve, config: dict[str, Any],
     save_checkpoint(path, tensors, md)
 
 
+@library_call
 def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state")
                ) -> tuple[Curve, dict[str, torch.Tensor], dict]:
     """Read a curve file (or a connect state); returns the curve, its other tensors and raw metadata."""

@@ -23,6 +23,7 @@ from . import distributed
 from .choices import AUGMENTS, SPLITS
 from .errors import ConfigError, DataError
 from .options import check_count
+from .calls import library_call
 from .runtime import resolve_device
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic", "imagefolder:PATH")
@@ -611,6 +612,7 @@ def check_dataset_name(name: Any) -> None:
         raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}.")
 
 
+@library_call
 def load_data(name: str, *, root: str | os.PathLike | None = None, split: str = "test", download: bool = False,
               device: torch.device | str = "cpu", augment: str = "auto", channels_last: bool = False,
               normalization: dict[str, list[float]] | None = None, num_workers: int = 4,

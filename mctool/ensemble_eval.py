@@ -34,6 +34,7 @@ from .loop import evaluation_split
 from .models import check_takes_images
 from .options import MAX_POINTS, check_count, file_list
 from .results import Calibration, EvaluateResult, FileRef, MemberMetrics, Metrics, file_refs
+from .calls import library_call
 from .runtime import resolve_device
 from .console import progress_bar, warn
 
@@ -176,6 +177,7 @@ class _MemberPasses:
                                f"{chunk[0].meta.arch} networks")
 
 
+@library_call
 @holds_output_locks
 def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, split: str | None = None,
                     device: str = "auto", data_root: str | Path | None = None, download: bool = False,

@@ -21,13 +21,14 @@ from torch import nn
 
 from .batched import WideNetworks, pays_off
 from .bn import recalibrate_bn
-from .checkpoint import ModelMeta, bad_field, check_finite, metadata_int, read_checkpoint, save_checkpoint, save_model
+from .checkpoint import ModelMeta, bad_field, check_finite, metadata_int, read_checkpoint, save_checkpoint, write_model
 from .errors import CheckpointError, ConfigError
 from .evaluation import predict_probs, summarize
 from .fileio import check_outputs, holds_output_locks, sha256_file
 from .flat import ParamLayout, build_network, check_network, load_buffers, state_buffers
 from .options import check_count
 from .results import FileRef, PointResult
+from .calls import library_call
 
 _MEMBERS = "members"
 
@@ -45,6 +46,7 @@ class Ensemble:
     def __len__(self) -> int:
         return self.members.shape[0]
 
+    @library_call
     def network(self, i: int, model: nn.Module | None = None) -> nn.Module:
         """Member ``i`` (0-based) as a network; pass ``model`` to reuse one instead of building another."""
         model = model or build_network(self.meta, self.layout, self.buffers[i])
@@ -63,6 +65,7 @@ def save_ensemble(path: str | Path, ens: Ensemble, config: dict[str, Any]) -> No
     save_checkpoint(path, tensors, md)
 
 
+@library_call
 def load_ensemble(path: str | Path) -> Ensemble:
     """An ensemble file (``fge``, ``train --schedule sse``, ``evaluate -o``): its members as one flat parameter
     vector each (``members[i]``), with their buffers; ``ens.network(i)`` builds member ``i`` as a network.
@@ -248,6 +251,7 @@ def rows_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     return {k[len("ensemble_"):]: v for k, v in rows[-1].items() if k.startswith("ensemble_")} if rows else {}
 
 
+@library_call
 @holds_output_locks
 def export_member(path: str | Path, index: int, output: str | Path, *, force: bool = False) -> PointResult:
     """Write member ``index`` (0-based) of an ensemble file as an ordinary model checkpoint."""
@@ -261,7 +265,7 @@ def export_member(path: str | Path, index: int, output: str | Path, *, force: bo
                         "config": {"ensemble": str(path), "index": index,
                                    **{k: ens.meta.config[k] for k in ("wd", "split") if k in ens.meta.config}},
                         "extra": {"ensemble_sha256": ens.sha256, "ensemble_index": str(index)}})
-    save_model(output, ens.network(index), meta)
+    write_model(output, ens.network(index), meta)
     return PointResult(command="point", inputs=[FileRef(str(path), ens.sha256)],
                        outputs={"model": FileRef.of(output)}, metrics={"train": None, "eval": None},
                        seconds=time.time() - t0, index=index)

@@ -13,6 +13,8 @@ from . import distributed
 from .bn import recalibrate_bn
 from .data import Split
 from .errors import ConfigError
+from .models import evaluating
+from .options import check_count
 from .runtime import autocast
 
 
@@ -69,15 +71,15 @@ def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, pre
     """
     if not callable(getattr(split, "batches", None)):
         raise ConfigError(f"give a split of the data (data.eval or data.train), got {type(split).__name__}.")
+    if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
+        raise ConfigError(f"give a network (a torch.nn.Module with parameters), got {type(model).__name__}.")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     if device.type != home.type:
         raise ConfigError(f"device {str(device)!r}, but the model is on {home}; move the model there (model.to(...)) "
                           "and load the data there (load_data(..., device=...)), or leave device out.")
-    was_training = model.training
-    model.eval()
     d = distributed.current() if sharded else None
-    with autocast(device, precision):
+    with evaluating(model), autocast(device, precision):
         if d is None:
             logits, labels = [], []
             for x, y in split.batches(batch_size):
@@ -86,7 +88,6 @@ def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 512, pre
             out = torch.cat(logits), torch.cat(labels)
         else:
             out = _predict_dealt(model, split, batch_size, device, d)
-    model.train(was_training)
     return out
 
 
@@ -140,8 +141,33 @@ def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.
     return probabilities(logits), labels
 
 
+_NOT_LABELS = (torch.bool, torch.complex64, torch.complex128)
+
+
+def _checked(probs: Any, labels: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs`` [N, C] (floating point) and ``labels`` [N] (whole numbers in [0, C)), N >= 1, as tensors (NumPy
+    arrays are taken too): what the metric functions need, refused with a ``ConfigError`` otherwise."""
+    try:
+        probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{who}() takes probabilities [N, C] and labels [N] as tensors or arrays ({e}).") from None
+    if probs.ndim != 2 or not probs.is_floating_point():
+        raise ConfigError(f"{who}(): probabilities must be a floating point [N, C] tensor, got "
+                          f"{str(probs.dtype).replace('torch.', '')} {list(probs.shape)}.")
+    if labels.shape != probs.shape[:1] or labels.dtype in _NOT_LABELS or labels.is_floating_point():
+        raise ConfigError(f"{who}(): labels must be whole numbers, one per row of probabilities ({probs.shape[0]}), "
+                          f"got {str(labels.dtype).replace('torch.', '')} {list(labels.shape)}.")
+    if probs.shape[0] == 0:
+        raise ConfigError(f"{who}(): no images (0 rows of probabilities): nothing to measure.")
+    if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
+        raise ConfigError(f"{who}(): labels must be in [0, {probs.shape[1]}) for {probs.shape[1]} classes, got "
+                          f"{int(labels.min())}..{int(labels.max())}.")
+    return probs, labels.long()
+
+
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true labels (probabilities clamped at ``MIN_PROB``)."""
+    probs, labels = _checked(probs, labels, "nll")
     return float(-probs.gather(1, labels[:, None]).clamp_min(MIN_PROB).log().mean())
 
 
@@ -153,11 +179,14 @@ def _wrong(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def error(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of wrong top-1 predictions, in [0, 1] (an image with no prediction is wrong)."""
+    probs, labels = _checked(probs, labels, "error")
     return float(_wrong(probs, labels)[1].float().mean())
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
+    probs, labels = _checked(probs, labels, "ece")
+    check_count("bins", bins)
     conf, wrong = _wrong(probs, labels)
     correct = (~wrong).to(conf.dtype)
     # Bins are (lo, hi]; confidence 0 (no prediction) goes to the first bin.
@@ -169,6 +198,7 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
 
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Brier score: mean over samples of sum_c (p_c - [c = label])^2."""
+    probs, labels = _checked(probs, labels, "brier")
     onehot = torch.zeros_like(probs).scatter_(1, labels[:, None], 1.0)
     return float((probs - onehot).pow(2).sum(1).mean())
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .bn import bn_modules, check_bn_data, recalibrate_bn, use_sync_bn
-from .checkpoint import ModelMeta, load_model, save_model
+from .checkpoint import ModelMeta, load_model, write_model
 from .data import check_fits, check_same_data_as, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import ConfigError
@@ -31,6 +31,7 @@ from .options import MAX_EPOCHS, MAX_ITERATIONS, MAX_RATE, check_count, check_re
 from .graphs import sgd, use_graphs
 from .h5io import MetricsLog, provenance, utc_now
 from .results import FGEResult, FileRef, Metrics, file_refs
+from .calls import library_call
 from .runtime import resolve_device, training_command
 from .console import progress_bar
 from .schedules import fge_is_snapshot, fge_lr
@@ -151,6 +152,7 @@ def _swa_recorded(swa: str, output: Path, resume: bool) -> str:
     return relative_to_output(swa, output)
 
 
+@library_call
 @holds_output_locks
 @training_command(FGEConfig)
 def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Path | None = None, *,
@@ -244,7 +246,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
         extra = {"epoch": str(epoch), "history": history_json(log.rows), "started": log.attrs["started"],
                  "data_fingerprint": data.fingerprint, **MOMENTUM_SAVED, "metrics": relative_to_output(metrics, output),
                  "snapshots": json.dumps(snaps.rows), "pending_snapshots": json.dumps(snaps.pending_info())}
-        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
+        write_model(path, model, ModelMeta(**{**asdict(meta), "kind": "fge-state", "config": asdict(cfg),
                                              "inputs": inputs, "extra": extra}),
                    {**get_momentum(opt, params), **snaps.state_tensors()})
 
@@ -295,7 +297,7 @@ def fge(cfg: FGEConfig, start: str | Path, output: str | Path, metrics: str | Pa
             result.metrics["swa"] = swa_metrics
             swa_meta = ModelMeta(**{**asdict(meta), "kind": "model", "inputs": inputs,
                                     "config": {"swa_of": str(output), **asdict(cfg)}, "extra": {}})
-            save_model(swa_path, swa_model.cpu(), swa_meta)
+            write_model(swa_path, swa_model.cpu(), swa_meta)
         log.attrs["finished"] = utc_now()
         log.attrs["summary"] = json.dumps(rows_summary(snaps.rows))
         log.flush()

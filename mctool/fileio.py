@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -82,6 +83,10 @@ def did_you_mean(path: str | os.PathLike) -> str:
     return f" Did you mean {', '.join(repr(str(folder / (c + path.suffix))) for c in close)}?" if close else ""
 
 
+# The names of a process's own streams (``-o /dev/stdout`` in a pipe led to "/proc/PID/fd/pipe:[N]" messages).
+_STREAM = re.compile(r"/dev/(stdout|stderr|stdin|fd/\d+)|/proc/(self|\d+)/fd/\d+")
+
+
 def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
     """Refuse an existing output unless ``force``; make sure its folder exists and is writable.
 
@@ -91,8 +96,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} is empty (or '.'), not a file name; give a file name.")
     if Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
-    if str(path) == "-":  # (to the shell's conventions stdout; safetensors and HDF5 files are written by seeking)
-        raise OutputError(f"{what} '-': mctool writes files, not to stdout; give a file name.")
+    if str(path) == "-" or _STREAM.fullmatch(str(path)):  # (safetensors and HDF5 files are written by seeking)
+        raise OutputError(f"{what} '{path}': mctool writes files, not to stdout or stderr; give a file name.")
     folder_name = _given_as_folder(path)
     if folder_name is not None:
         raise OutputError(f"{what} '{folder_name}' names a folder (it ends with '/'); give a file name.")
@@ -101,6 +106,9 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         return path
     if path.is_symlink():  # a link counts as the file it leads to (which is written, the link kept)
         path = Path(os.path.realpath(path))
+        if path.is_symlink():  # (realpath leaves a loop of links as it is: it leads to no file to write)
+            raise OutputError(f"{what} '{path}' is a symbolic link that leads to itself (a loop of links); give "
+                              "another name, or remove the link.")
     if path.is_dir():
         raise OutputError(f"{what} '{path}' is a folder; give a file name.")
     if path.exists() and not path.is_file():  # a device, pipe or socket: --force must not replace it
@@ -468,8 +476,10 @@ def _fsync(path: PathLike, folder: bool = False) -> None:
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; sync it and rename it onto ``path`` only if the block succeeds.
 
-    The output gets the permissions an ordinary new file would (0o666 less the umask). A write that fails
-    (a full disk...) raises ``OutputError``; ``path`` is then unchanged.
+    A new output gets the permissions an ordinary new file would (0o666 less the umask); a file replaced keeps
+    its own permissions and group (a checkpoint made private with ``chmod 600`` stays private after --force or
+    a run's rewrite of it). A write that fails (a full disk...) raises ``OutputError``; ``path`` is then
+    unchanged.
     """
     path = Path(path)
     if path.is_symlink():  # written where the link leads (the link stays), as check_output checked it
@@ -488,8 +498,16 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             _WRITING.add(os.path.abspath(tmp))
             yield tmp
             # Some writers replace the file we created (safetensors makes it 0600): give the output the
-            # permissions an ordinary new file gets.
-            os.chmod(tmp, 0o666 & ~_umask())
+            # permissions an ordinary new file gets, or those of the file it replaces.
+            try:
+                old = os.stat(path)
+            except FileNotFoundError:
+                os.chmod(tmp, 0o666 & ~_umask())
+            else:
+                if old.st_gid != os.stat(tmp).st_gid:
+                    with contextlib.suppress(OSError):  # (a group the user is not in: the file gets theirs)
+                        os.chown(tmp, -1, old.st_gid)
+                os.chmod(tmp, stat.S_IMODE(old.st_mode))
             _fsync(tmp)
             os.replace(tmp, path)
             _fsync(folder, folder=True)

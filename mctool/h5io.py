@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import ConfigError, MctoolError, MetricsFileError, OutputError
 from .fileio import atomic_path, did_you_mean, same_inputs, writes_files
 from .options import plain, setting_name, show_setting
+from .calls import library_call
 
 #: Most values (all datasets together) mctool reads from one HDF5 file: 512 MiB as float64.
 MAX_H5_VALUES = 1 << 26
@@ -131,6 +132,7 @@ def write_h5(path: str | os.PathLike, *, scales: dict[str, np.ndarray],
         tmp.write_bytes(buffer.getbuffer())
 
 
+@library_call
 def read_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All datasets (by path) and the root attributes of an HDF5 file."""
     path = Path(path)

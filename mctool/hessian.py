@@ -39,6 +39,7 @@ from .loop import recorded_file, recorded_split, relative_to_output
 from .options import MAX_ITERATIONS, MAX_POINTS, MAX_SAMPLES, check_count, check_real, check_seed, file_list
 from .points import PointRun, finishing, from_the_first_write
 from .results import FileRef, HessianResult, file_refs
+from .calls import library_call
 from .runtime import resolve_device
 from .console import warn
 
@@ -232,6 +233,7 @@ def _none_for_nan(values: np.ndarray) -> list:
     return np.where(np.isnan(values), None, values.astype(object)).tolist()
 
 
+@library_call
 @holds_output_locks
 def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5, trace: bool = False,
             trace_samples: int = 20, num_points: int = 11, train_subset: int | None = 5000, batch_size: int = 512,

@@ -18,6 +18,7 @@ from .fileio import HDF5_MAGIC, did_you_mean
 from .results import FileRef, InfoResult
 from .h5io import read_h5
 from .options import check_count
+from .calls import library_call
 
 
 
@@ -45,6 +46,7 @@ def _json_or_str(v: str) -> Any:
     return v if _depth(value) > MAX_JSON_DEPTH else value
 
 
+@library_call
 def file_info(path: str | os.PathLike, max_tensors: int = 20) -> InfoResult:
     """What a safetensors checkpoint or an HDF5 metrics file holds (``to_dict()`` gives the JSON form)."""
     t0 = time.time()

@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .results import DocsResult, Document
+from .calls import library_call
 
 #: A heading outside fenced code (indented by at most 3 spaces): its level and text; a closing run of #s
 #: follows a space ("# C#" is the heading "C#").
@@ -96,6 +97,7 @@ def documents(folder: Path | None = None) -> list[Document]:
             for p in sorted(folder.glob("*.md"))]
 
 
+@library_call
 def read_docs(topic: str | None = None) -> DocsResult:
     """The list of pages (``topic`` None), or one page or section: ``topic`` as help texts name them
     (``method``, ``method.md#bn``, ``docs/method.md#bn``); ``text`` is its Markdown."""
@@ -103,6 +105,9 @@ def read_docs(topic: str | None = None) -> DocsResult:
     pages = documents()
     if topic is None:
         return DocsResult(command="docs", documents=pages, metrics=_NONE, seconds=time.time() - t0)
+    if not isinstance(topic, str):
+        raise ConfigError(f"read_docs() takes a page or section name (a str, e.g. 'method.md#bn') or None, got "
+                          f"{topic!r}"[:200] + ".")
     m = _TOPIC.fullmatch(topic.strip().lower())  # (pages and anchors are lower case: Method.md#BN finds them)
     page = next((p for p in pages if m is not None and p.name == m.group(1)), None)
     if page is None:

@@ -31,6 +31,7 @@ from .plane import grid_metrics, grid_summary, plane_metric_names, write_plane_f
 from .points import parse_shard
 from .surface import directions_path, write_surface_file
 from .results import FileRef, MergeResult, file_refs
+from .calls import library_call
 
 KINDS = ("plane", "surface", "evaluate-curve")
 
@@ -186,6 +187,7 @@ def _earliest(shards: list[_Shard]) -> str | None:
         return None
 
 
+@library_call
 @holds_output_locks
 def merge(files: Sequence[str | Path], output: str | Path, *, plot: str | Path | None = None,
           force: bool = False) -> MergeResult:

@@ -500,15 +500,30 @@ def blank_images(model: nn.Module, n: int, in_chans: int, image_size: int) -> to
     return x
 
 
-def probe_forward(model: nn.Module, x: torch.Tensor) -> Any:
-    """``model(x)`` in eval mode without gradients, for a check before any work; the model's mode is kept."""
-    was_training = model.training
-    model.eval()
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as the block leaves it, then every module's own mode (train or eval) as it was before, also
+    after an error or a Ctrl-C: ``model.train(was_training)`` would also switch the layers a caller keeps in
+    the other mode (BatchNorm frozen in eval mode while the rest fine-tunes)."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.no_grad():
-            return model(x)
+        yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; every module's own mode restored afterwards (``modes_kept``)."""
+    with modes_kept(model):
+        yield model.eval()
+
+
+def probe_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` in eval mode without gradients, for a check before any work; the model's modes are kept."""
+    with evaluating(model), torch.no_grad():
+        return model(x)
 
 
 def check_takes_images(model: nn.Module, arch: str, num_classes: int, in_chans: int, image_size: int,

@@ -27,7 +27,7 @@ MAX_GRID_POINTS = 1001
 # Upper bounds of the other numbers, far beyond any use; past them float32 arithmetic (an SGD step's lr * wd * w),
 # ARPACK's 32-bit counters or the length of a run end in overflow or a run that never ends.
 MAX_RATE = 1e6  # --lr, --lr-max, --lr-min, --wd
-MAX_EPOCHS = 1_000_000  # --epochs, --cycle-epochs
+MAX_EPOCHS = 100_000  # --epochs, --cycle-epochs (a training state holds a row per epoch: 100 MB at most)
 MAX_ITERATIONS = 1_000_000_000  # --cycle-iters, --max-restarts
 MAX_SAMPLES = 1_000_000  # --trace-samples
 MAX_SPAN = 1e6  # surface --range (in units of the directions' norms)

@@ -31,6 +31,7 @@ from .h5io import kept_attrs, open_outputs, provenance, record_data, write_h5
 from .loop import evaluation_split
 from .options import MAX_GRID_POINTS, MAX_POINTS, MAX_RATE, check_count, check_real, file_list
 from .results import FileRef, Metrics, PlaneResult, PlaneSummary, file_refs
+from .calls import library_call
 from .runtime import resolve_device
 from .points import PointRun, check_shard, finishing, from_the_first_write, shard_tasks, shard_text
 
@@ -272,6 +273,7 @@ def evaluate_cells(base: Curve, todo: list, weights_of: Callable[[Any, torch.dev
             points_per_pass=points_per_pass, flush=flush)
 
 
+@library_call
 @holds_output_locks
 def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int = 21,
           margins: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.2), bend: int | None = None,

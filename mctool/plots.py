@@ -17,6 +17,7 @@ from .plane import plane_metric_names
 from .results import FileRef, PlotResult, file_refs
 from .options import check_count, file_list
 from .console import warn
+from .calls import library_call
 
 #: Dots per inch of PNG figures (``plot --dpi``); PDF and SVG are vector figures.
 DEFAULT_DPI = 120
@@ -101,13 +102,12 @@ def _get(obj: object, *keys: str) -> object:
     return obj
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A new matplotlib figure, outside pyplot: drawing one changes neither the caller's backend (a notebook's
+    inline figures) nor pyplot's list of open figures, and ``_save`` needs no display."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _curve_kind(attrs: dict) -> str:
@@ -125,8 +125,8 @@ def plot_curves(files: list[str | Path], output: str | Path, *, dpi: int = DEFAU
     """Train loss and error against t for one or more ``evaluate-curve`` files (like the paper's Figure 2).
     Points whose value is infinite (a diverged network) are marked at the top of the panel; files whose ends
     are different networks (``ends_sha256``) are drawn with a warning, each labelled by its file's name."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
+    fig = _figure(figsize=(10, 4.4), layout="constrained")
+    ax_loss, ax_err = fig.subplots(1, 2)
     series = []  # (file, kind of path, t, train loss, error in %, label's tail)
     ends: dict[str, tuple[str, str]] = {}  # file -> (sha256 of A, of B), where recorded
     for f in files:
@@ -205,7 +205,7 @@ def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI, sources: Sequence[str
     """Write a figure atomically (on the rank that writes files) as PNG, PDF or SVG by its name's ending, then
     free it. The figure says where it came from: mctool's version and the metrics files drawn (``sources``),
     each with its sha256."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
     from ._version import __version__
     from .fileio import sha256_file
@@ -220,10 +220,9 @@ def _save(fig, output: str | Path, dpi: int = DEFAULT_DPI, sources: Sequence[str
         metadata = {"png": {"Software": made, "Source": drawn}, "pdf": {"CreationDate": None, "Creator": made,
                                                                       "Subject": drawn},
                     "svg": {"Date": None, "Creator": made, "Source": drawn}}.get(fmt)
-        with atomic_path(Path(output)) as tmp, plt.rc_context({"svg.hashsalt": "mctool", "pdf.fonttype": 42,
+        with atomic_path(Path(output)) as tmp, matplotlib.rc_context({"svg.hashsalt": "mctool", "pdf.fonttype": 42,
                                                                 "ps.fonttype": 42}):
             fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata)
-    plt.close(fig)
 
 #: A filled contour plot's levels reach at most this many times the grid's median (see ``_log_levels``).
 LEVELS_CAP = 10.0
@@ -505,7 +504,6 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     paper's Figure 1), or as 3-D surfaces with ``three_d``, or as lines for a 1-D surface (its loss on a log axis
     with ``log_loss``; infinite values marked at the top, as on curves); the points, and the projected curve or
     trajectory, drawn on them."""
-    plt = _pyplot()
     view = view if view is not None else grid_view(file)  # (plot_files reads it once for figure and exports)
     from matplotlib import patheffects
     from matplotlib.lines import Line2D
@@ -513,14 +511,15 @@ def plot_grid(file: str | Path, output: str | Path, *, three_d: bool = False, dp
     if three_d:
         if view.y is None:
             raise MetricsFileError(f"'{file}' is a 1-D surface; --3d draws 2-D grids.")
-        fig = plt.figure(figsize=(14, 6), layout="constrained")
+        fig = _figure(figsize=(14, 6), layout="constrained")
         for k, (z, unit, title, _) in enumerate(_panels(view)):
             _surface_3d(fig, k + 1, view, z, unit, title)
         if view.note:
             fig.suptitle(view.note, fontsize=9)
         _save(fig, output, dpi, [file])
         return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    fig = _figure(figsize=(13, 5), layout="constrained")
+    axes = fig.subplots(1, 2)
     outline = [patheffects.withStroke(linewidth=3, foreground="white")]
     missing_shown = False
     for ax, (z, unit, title, at) in zip(axes, _panels(view)):
@@ -687,7 +686,6 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
     members, beside each member's own."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
     loaded = []
     for f in files:
         data, attrs = metrics_file(f, HISTORY_KINDS, {"epoch": 1, "train/loss": 1, "train/err": 1})
@@ -701,7 +699,8 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
         loaded.append((f, data, split))
     ensembles = [(f, e) for f, data, split in loaded if (e := _ensemble_series(data, split)) is not None]
     panels = 3 if ensembles else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    fig = _figure(figsize=(5 * panels, 4), layout="constrained")
+    axes = fig.subplots(1, panels)
     ax_loss, ax_err = axes[0], axes[1]
     colours: dict[str, str] = {}  # file -> the colour of its lines (the same in every panel)
     for f, data, split in loaded:
@@ -740,7 +739,8 @@ def plot_history(files: list[str | Path], output: str | Path, *, dpi: int = DEFA
 def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI) -> None:
     """The top Hessian eigenvalues of a ``hessian`` metrics file: along t for a curve or segment, per point
     (network or ensemble member) otherwise; with ``--trace`` runs, the trace estimate beside them."""
-    plt = _pyplot()
+    import matplotlib
+
     data, attrs = metrics_file(file, ("hessian",), {"eigenvalues": 2})
     values = np.asarray(data["eigenvalues"], dtype=np.float64)
     if 0 in values.shape:
@@ -765,13 +765,13 @@ def plot_hessian(file: str | Path, output: str | Path, *, dpi: int = DEFAULT_DPI
         else:
             warn(f"'{file}' is an interrupted run's: {int(done.sum()):,} of {n:,} points are computed, and the "
                  "figure shows only those. Finish it with the same hessian command plus --resume.")
-    fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 6, 4), constrained_layout=True,
-                             squeeze=False)
+    fig = _figure(figsize=(10 if has_trace else 6, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if has_trace else 1, squeeze=False)
     ax = axes[0, 0]
     top_k = values.shape[1]
     # Up to 10 eigenvalues: one colour and legend entry each; more: shades of one colour map, keyed by a colour
     # bar (a legend of 20 or more entries would overflow the axes, and the default colours repeat after 10).
-    cmap = plt.get_cmap("viridis") if top_k > 10 else None
+    cmap = matplotlib.colormaps["viridis"] if top_k > 10 else None
     for k in range(top_k):
         # separate networks or members: markers only (a line between them would suggest a path)
         ax.plot(x, values[:, k], marker="o", markersize=3 if cmap else 4, label=f"$\\lambda_{{{k + 1}}}$",
@@ -827,6 +827,7 @@ def _once_each(files: list) -> list:
     return kept
 
 
+@library_call
 @holds_output_locks
 def plot_files(files: Sequence[str | Path], output: str | Path | None = None, *, three_d: bool = False,
                html: str | Path | None = None, vtk: str | Path | None = None, force: bool = False,

@@ -20,6 +20,7 @@ from torch import nn
 from .bn import bn_modules, pass_batches
 from .data import Split
 from .errors import ConfigError
+from .models import evaluating
 from .runtime import autocast
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -78,17 +79,14 @@ def channel_stats(model: nn.Module, split: Split, *, batches: int = 8, batch_siz
         return record
 
     handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     try:
-        with autocast(device, precision):
+        with evaluating(model), autocast(device, precision):
             for x in _batches(split, batches, batch_size):
                 model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = {}
     for name, (n, s, ss) in sums.items():
         mean = s / n
@@ -133,17 +131,14 @@ def repair(model: nn.Module, split: Split, targets: dict[str, tuple[torch.Tensor
         return normalise
 
     handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()  # dropout off; the temporary BNs use batch statistics anyway
-    try:
-        with autocast(device, precision):
+    try:  # (eval mode: dropout off; the temporary BNs use batch statistics anyway)
+        with evaluating(model), autocast(device, precision):
             for x in _batches(split, batches, batch_size):
                 model(x)
                 seen[0] += x.shape[0]
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if seen[0] == 0:
         raise ConfigError("the REPAIR pass saw no training images; the training set is empty.")
     for name, layer in layers.items():

@@ -214,16 +214,20 @@ def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, d
     """
     if not enabled:
         return fn
-    if not torch.cuda.is_available():  # inductor's C++ build says "No CUDA runtime is found" on every CPU machine
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(fn, dynamic=dynamic, mode=mode)
     current = [compiled]
+    # inductor's C++ build says "No CUDA runtime is found" on every CPU machine: quiet during the compiled calls
+    # (when it compiles), the caller's logging as it was between them
+    quiet = logging.getLogger("torch.utils.cpp_extension") if not torch.cuda.is_available() else None
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         if current[0] is fn:
             return fn(*args, **kwargs)
+        level = quiet.level if quiet is not None else None
         try:
+            if quiet is not None:
+                quiet.setLevel(logging.ERROR)
             return current[0](*args, **kwargs)
         except (torch.cuda.OutOfMemoryError, MemoryError):  # would fail uncompiled too: not a compiler's failure
             raise
@@ -232,5 +236,8 @@ def maybe_compile(fn: F, enabled: bool, what: str, *, mode: str | None = None, d
             warn(f"--compile: could not compile {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
                  "it runs uncompiled.")
             return fn(*args, **kwargs)
+        finally:
+            if quiet is not None and level is not None:
+                quiet.setLevel(level)
 
     return call  # type: ignore[return-value]

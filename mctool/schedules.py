@@ -20,6 +20,7 @@ def paper_factor(epoch: int, epochs: int) -> float:
     1 for a <= 0.5, then linear down to 0.01 at a = 0.9, then 0.01.
     """
     _check_epochs(epochs)
+    check_count("epoch", epoch, minimum=0)
     a = epoch / epochs
     if a <= 0.5:
         return 1.0
@@ -38,6 +39,8 @@ def lr_at(schedule: str, base_lr: float, epoch: int, epochs: int, iteration: int
     """Learning rate for an iteration: ``epoch`` is 0-based, ``iteration`` counts within the epoch."""
     _check_epochs(epochs)
     check_count("iters_per_epoch", iters_per_epoch)
+    check_count("epoch", epoch, minimum=0)
+    check_count("iteration", iteration, minimum=0)
     if schedule == "paper":
         return base_lr * paper_factor(epoch, epochs)
     if schedule == "cosine":

@@ -38,6 +38,7 @@ from .bn import bn_data_setting, bn_pass_setting, check_bn_data
 from .plane import evaluate_cells, grid_metrics, grid_summary, plane_metric_names
 from .points import check_shard, finishing, shard_tasks, shard_text
 from .results import FileRef, SurfaceResult, file_refs
+from .calls import library_call
 
 #: What ``--ignore`` can name: parameters zeroed in random directions.
 IGNORABLE = ("bn", "bias")
@@ -219,6 +220,7 @@ def _check_file_directions(files: list[Path], directions: list[torch.Tensor], ce
                               "network.")
 
 
+@library_call
 @holds_output_locks
 def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             directions: str | Sequence[str | Path] | None = "random", trajectory: Sequence[str | Path] | None = None,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .bn import use_sync_bn
-from .checkpoint import ModelMeta, load_model, read_metadata, save_model
+from .checkpoint import ModelMeta, load_model, read_metadata, write_model
 from .data import DEFAULT_ARCH, check_fits, check_same_data_as, load_data
 from .ensembles import SnapshotCollector, as_ensemble_meta, rows_summary, save_ensemble
 from .errors import CheckpointError, ConfigError
@@ -26,6 +26,7 @@ from .loop import (MOMENTUM_SAVED, TRAIN_LR, TRAIN_WD, adopt_recorded, finishing
 from .models import arch_kwargs_for, build_model, build_pretrained, check_takes_images, pretrained_data_config
 from .options import check_count
 from .results import FileRef, Metrics, TrainResult, file_refs
+from .calls import library_call
 from .runtime import resolve_device, training_command
 from .console import warn
 from .schedules import sse_is_snapshot, sse_lr
@@ -75,6 +76,7 @@ class TrainConfig:
                               "pass only one of them.")
 
 
+@library_call
 @holds_output_locks
 @training_command(TrainConfig)
 def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = None, *, device: str = "auto",
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
         if snaps is not None:
             extra["snapshots"] = json.dumps(snaps.rows)
             tensors.update(snaps.state_tensors())
-        save_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}), tensors)
+        write_model(path, model, ModelMeta(**{**asdict(meta), "kind": kind, "extra": extra}), tensors)
 
     step = sgd_step(model, opt, dev, cfg.precision, cuda_graphs=graphs)
 
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, output: str | Path, metrics: str | Path | None = Non
         if snaps is not None:  # Snapshot Ensembles: the output is the ensemble of all snapshots
             save_ensemble(output, snaps.ensemble(as_ensemble_meta(meta, inputs)), asdict(cfg))
         else:
-            save_model(output, model, meta)
+            write_model(output, model, meta)
         log.attrs["finished"] = utc_now()
         log.flush()
         remove_state(output)

@@ -6,6 +6,7 @@ import copy
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -358,11 +359,113 @@ def test_ctrl_c_is_a_keyboard_interrupt_that_except_exception_lets_through(tmp_p
     (lambda: mctool.predict_probs(torch.nn.Linear(64, 10), mctool.load_data("digits")), "give a split"),
     (lambda: mctool.predict_probs(torch.nn.Linear(64, 10), mctool.load_data("digits").eval, device="cuda"),
      "the model is on cpu"),
+    # arguments of the wrong type: a ConfigError that names them, not a TypeError or AttributeError from inside
+    (lambda: mctool.train(_tiny_train_config(), 5), r"train\(\): output must be a file name .* got 5"),
+    (lambda: mctool.load_model(None), r"load_model\(\): path must be a file name"),
+    (lambda: mctool.read_h5(None), r"read_h5\(\): path must be a file name"),
+    (lambda: mctool.load_data("digits", root=3), r"load_data\(\): root must be a file name .* or None, got 3"),
+    (lambda: mctool.evaluate_curve(["a.safetensors"], "c.h5", resume="no"), r"resume must be True or False"),
+    (lambda: mctool.train(_tiny_train_config(), "x.safetensors", force=1), r"force must be True or False, got 1"),
+    (lambda: mctool.read_docs(5), r"read_docs\(\) takes a page or section name"),
+    (lambda: mctool.save_model("x.safetensors", torch.nn.Linear(2, 2), None), "takes a mctool.ModelMeta"),
+    (lambda: mctool.predict_probs(torch.nn.Flatten(), mctool.load_data("digits").eval), "with parameters"),
+    (lambda: mctool.nll(torch.full((2, 3), 1 / 3), torch.tensor([0.0, 1.0])), "labels must be whole numbers"),
+    (lambda: mctool.error(torch.full((2, 3), 1 / 3), torch.tensor([0, 3])), r"labels must be in \[0, 3\)"),
+    (lambda: mctool.error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "no images"),
+    (lambda: mctool.brier(torch.full((3,), 1 / 3), torch.tensor([0])), r"must be a floating point \[N, C\]"),
+    (lambda: mctool.ece(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]), bins=0), "bins must be >= 1"),
+    (lambda: mctool.paper_factor(-5, 10), "epoch must be >= 0"),
 ])
 def test_wrong_python_arguments_are_config_errors(tmp_path, monkeypatch, call, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_metrics_take_numpy_arrays():
+    probs, labels = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1])
+    assert mctool.error(probs, labels) == pytest.approx(1 / 3)
+    assert mctool.nll(probs, labels) == pytest.approx(-np.log([0.9, 0.8, 0.4]).mean())
+
+
+def test_save_model_refuses_an_existing_file_unless_forced(tmp_path, digits_models):
+    loaded = mctool.load_model(digits_models[0])
+    out = tmp_path / "m.safetensors"
+    mctool.save_model(out, loaded.model, loaded.meta)
+    before = out.read_bytes()
+    other = mctool.load_model(digits_models[1])
+    with pytest.raises(mctool.OutputError, match="already exists"):
+        mctool.save_model(out, other.model, other.meta)
+    assert out.read_bytes() == before
+    mctool.save_model(out, other.model, other.meta, force=True)
+    assert torch.equal(mctool.load_model(out).model.state_dict()["net.1.weight"],
+                       other.model.state_dict()["net.1.weight"])
+
+
+def test_library_calls_leave_the_callers_state_as_it_was(tmp_path, digits_models):
+    """A notebook's state after a call is its own: the matplotlib backend and pyplot's figures, each module's
+    train/eval mode (BatchNorm frozen while the rest fine-tunes), torch's default dtype (float64 for curvature
+    work: mctool still builds and evaluates float32 networks) and its random draws, Python's generator at import."""
+    import subprocess
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("svg")
+    try:
+        h5 = tmp_path / "c.h5"
+        mctool.evaluate_curve(digits_models, h5, num_points=3, device="cpu")
+        mctool.plot_files([h5], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        matplotlib.use(backend)
+
+    model = mctool.build_model("mlp", 10, 1, {"img_size": 8, "hidden": 16, "batch_norm": True}).train()
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert frozen
+    for m in frozen:
+        m.eval()
+    modes = [m.training for m in model.modules()]
+    split = mctool.load_data("digits").eval
+    mctool.predict_probs(model, split)
+    assert [m.training for m in model.modules()] == modes
+    hook = model.register_forward_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        mctool.predict_probs(model, split)
+    hook.remove()
+    assert [m.training for m in model.modules()] == modes
+
+    expected = mctool.evaluate([digits_models[0]], device="cpu").metrics["eval"].nll
+    torch.manual_seed(7)
+    draws = torch.rand(3)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(7)
+        loaded = mctool.load_model(digits_models[0])
+        assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+        assert mctool.evaluate([digits_models[0]], device="cpu").metrics["eval"].nll == expected
+        assert torch.get_default_dtype() == torch.float64
+        assert torch.equal(torch.rand(3, dtype=torch.float32), draws)  # the draws the caller would have had
+    finally:
+        torch.set_default_dtype(dtype)
+
+    code = ("import random; random.seed(1); a = random.random(); random.seed(1); import mctool; "
+            "assert random.random() == a")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_ctrl_c_in_any_long_call_is_interrupted(digits_models, monkeypatch):
+    """The docs promise mctool.Interrupted for a Ctrl-C in a long call, also where nothing was saved to say."""
+    import mctool.ensemble_eval
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mctool.ensemble_eval, "predict_logits", ctrl_c)
+    with pytest.raises(mctool.Interrupted, match=r"interrupted \(Ctrl-C\)"):
+        mctool.evaluate([digits_models[0]], device="cpu")
 
 
 def test_file_info_refuses_a_negative_listing_length(digits_models):

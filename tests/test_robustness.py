@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -271,7 +272,7 @@ BAD_OPTIONS = {
     # beyond float32's range SGD's update overflowed, or ARPACK's 32-bit counters, or the run could never end
     "train --wd 1e39": (lambda f: ["train", *TINY, "--wd", "1e39"], "--wd must be in [0, 1e6], got 1e39"),
     "train --epochs 10**20": (lambda f: ["train", *TINY, "--epochs", str(10**20)],
-                              "--epochs must be at most 1,000,000"),
+                              "--epochs must be at most 100,000"),
     "connect --wd 1e39": (lambda f: ["connect", f["m0"], f["m1"], "--wd", "1e39"], "--wd must be in [0, 1e6]"),
     "fge --wd 1e39": (lambda f: ["fge", f["m0"], "--wd", "1e39", "--cycle-epochs", "1"], "--wd must be in [0, 1e6]"),
     "fge --lr-min 1e39": (lambda f: ["fge", f["m0"], "--lr-min", "1e39", "--cycle-epochs", "1"],
@@ -1049,7 +1050,7 @@ def test_a_run_killed_before_its_first_epoch_was_saved_is_named_so(cli, tmp_path
     args = {"train": ["train", *TINY, "--schedule", "sse", "--snapshots", "1"],
             "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command] + ["--epochs", "1", "-q"]
     module = importlib.import_module(f"mctool.{'training' if command == 'train' else 'fge'}")
-    save_model = module.save_model
+    save_model = module.write_model
 
     def killed_at_the_first_state(path, *a, **k):
         if str(path).endswith(".state.safetensors"):
@@ -1059,7 +1060,7 @@ def test_a_run_killed_before_its_first_epoch_was_saved_is_named_so(cli, tmp_path
     left, out = tmp_path / "m.h5", tmp_path / "m.safetensors"
     args = [*args, "-m", left]
     with monkeypatch.context() as m:
-        m.setattr(module, "save_model", killed_at_the_first_state)
+        m.setattr(module, "write_model", killed_at_the_first_state)
         with pytest.raises(_Killed):
             cli(*args, "-o", out)
     with h5py.File(left, "r") as f:  # what the killed run left: its metrics file, no epoch in it
@@ -1100,7 +1101,7 @@ def test_ctrl_c_after_the_last_epoch_says_how_to_finish(cli, tmp_path, files, mo
     says to resume, and the resumed run, training nothing again, writes what an uninterrupted run writes."""
     module = importlib.import_module({"train": "mctool.training", "connect": "mctool.curve_training",
                                       "fge": "mctool.fge"}[command])
-    writer = {"train": "save_model", "connect": "save_curve", "fge": "save_ensemble"}[command]
+    writer = {"train": "write_model", "connect": "save_curve", "fge": "save_ensemble"}[command]
     args = {"train": ["train", *TINY], "connect": ["connect", files["m0"], files["m1"], "--device", "cpu"],
             "fge": ["fge", files["m0"], "--device", "cpu", "--cycle-epochs", "1"]}[command]
     args += ["--epochs", "2", "-q"]
@@ -1372,6 +1373,92 @@ def test_a_file_name_too_long_for_the_file_system_is_one_error(cli, tmp_path):
     msg = cli.error("train", *TINY, "-o", out, "-m", tmp_path / "q.h5", "--epochs", "1")
     assert "its name is 247 bytes" in msg and "Shorten the name it is made from by 6 bytes or more." in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def _without_root_override(*args: object) -> list[str]:
+    """``args`` run so that file permissions apply (root ignores them: run it without that capability)."""
+    if os.geteuid() != 0:
+        return [str(a) for a in args]
+    if shutil.which("setpriv") is None:
+        pytest.skip("runs as root without setpriv: file permissions cannot be tested")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", *map(str, args)]
+
+
+def test_files_the_user_may_not_read_are_one_error_line(tmp_path, files):
+    """A folder the user cannot enter (another user's 0700 home) ended in a PermissionError traceback; a file the
+    user cannot read was a usage error (exit 2, the usage line). Both are one Error line, exit 1."""
+    shut = tmp_path / "shut"
+    (shut / "sub").mkdir(parents=True)
+    shutil.copy(files["m0"], shut / "sub" / "m.safetensors")
+    unreadable = tmp_path / "u.safetensors"
+    shutil.copy(files["m0"], unreadable)
+    shut.chmod(0o600)  # readable, not searchable
+    unreadable.chmod(0)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        for args, name in ((["info", shut / "sub" / "m.safetensors"], shut / "sub" / "m.safetensors"),
+                           (["info", unreadable], unreadable),
+                           (["point", files["line"], "--t", "0.5", "-o", shut / "x.safetensors"], shut),
+                           (["evaluate", unreadable, "--device", "cpu"], unreadable)):
+            done = subprocess.run(_without_root_override(sys.executable, "-m", "mctool", *args), capture_output=True,
+                                  text=True, env=env, timeout=120)
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith("Error: ") and "Permission denied" in done.stderr, done.stderr
+            assert str(name) in done.stderr or "is not writable" in done.stderr, done.stderr
+    finally:
+        shut.chmod(0o700)
+
+
+def test_a_command_in_a_deleted_folder_says_so(tmp_path, files):
+    """torch cannot be imported in a folder that no longer exists ("Intel oneMKL FATAL ERROR", exit 2)."""
+    script = (f'mkdir gone && cd gone && rmdir "$PWD" && exec "{sys.executable}" -m mctool info "{files["m0"]}"')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("Error: the current folder no longer exists"), done.stderr
+
+
+def test_an_unwritable_home_prints_no_matplotlib_messages(tmp_path, files):
+    """A read-only HOME (containers, CI): matplotlib printed two multi-line messages about its configuration
+    folder, even with -q; the figure is drawn all the same."""
+    home = tmp_path / "home"
+    home.write_text("a file: no folder can be made under it")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "mctool", "plot", files["curve_h5"], "-o", tmp_path / "f.png", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and (tmp_path / "f.png").exists(), done.stderr
+
+
+def test_outputs_that_are_streams_or_loops_of_links_are_refused(cli, tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1"):
+        assert "writes files, not to stdout or stderr" in cli.error("point", files["line"], "--t", "0.5", "-o", name)
+    (tmp_path / "b.safetensors").symlink_to("a.safetensors")
+    (tmp_path / "a.safetensors").symlink_to("b.safetensors")
+    assert "is a symbolic link that leads to itself" in cli.error("point", files["line"], "--t", "0.5", "-o",
+                                                                   "a.safetensors")
+    assert (tmp_path / "a.safetensors").is_symlink()
+
+
+def test_a_replaced_output_keeps_its_permissions(cli, tmp_path, files):
+    """--force made a checkpoint its owner had made private (chmod 600) readable by everyone again."""
+    out = tmp_path / "p.safetensors"
+    cli("point", files["line"], "--t", "0.5", "-o", out, "-q")
+    out.chmod(0o600)
+    cli("point", files["line"], "--t", "0.4", "-o", out, "-q", "--force")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    new = tmp_path / "new.safetensors"
+    cli("point", files["line"], "--t", "0.4", "-o", new, "-q")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+
+
+def test_control_characters_in_names_are_escaped_in_tables(cli, tmp_path, files):
+    """A newline in a file name made one name look like two rows of a table (ESC was escaped already)."""
+    out = tmp_path / "a\nb.safetensors"
+    r = cli("point", files["line"], "--t", "0.5", "-o", out)
+    assert "a\\nb.safetensors" in r.stderr.replace("\n", "") and "a\nb" not in r.stderr
 
 
 def test_running_out_of_memory_is_one_error(cli, tmp_path, monkeypatch, files):

@@ -148,7 +148,7 @@ def test_ctrl_c_while_an_epoch_is_saved_says_so(cli, tmp_path, monkeypatch, cut)
     training), but while saving it, and that --resume trains it again."""
     import mctool.training
 
-    real, calls = mctool.training.save_model, []
+    real, calls = mctool.training.write_model, []
 
     def cut_short(*a, **k):
         calls.append(1)
@@ -156,7 +156,7 @@ def test_ctrl_c_while_an_epoch_is_saved_says_so(cli, tmp_path, monkeypatch, cut)
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(mctool.training, "save_model", cut_short)
+    monkeypatch.setattr(mctool.training, "write_model", cut_short)
     err = cli.error("train", *TINY, "-o", tmp_path / "m.safetensors", "--epochs", "4", "-q", code=130)
     if cut == 1:
         assert err == ("Error: interrupted while saving epoch 1, before its files were complete; nothing was saved. "
