@@ -105,9 +105,12 @@ def _get(obj: object, *keys: str) -> object:
 def _figure(**kwargs):
     """A new matplotlib figure, outside pyplot: drawing one changes neither the caller's backend (a notebook's
     inline figures) nor pyplot's list of open figures, and ``_save`` needs no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    return Figure(**kwargs)
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)  # (a canvas that draws: the layout is computed where a figure needs its panels' sizes)
+    return fig
 
 
 def _curve_kind(attrs: dict) -> str:

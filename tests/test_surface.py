@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -336,6 +337,7 @@ def test_surface_along_the_principal_directions_of_a_trajectory(cli, tmp_path, t
     monkeypatch.setattr(plots, "_save", lambda fig, *_: drawn.append(fig))
     plots.plot_grid(m, tmp_path / "again.png")
     ax = drawn[0].axes[0]
+    drawn[0].savefig(io.BytesIO(), format="png")  # the panels' sizes as written, after the layout
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     box = ax.get_window_extent()
     stretch = (box.height / (y1 - y0)) / (box.width / (x1 - x0))
