@@ -941,11 +941,14 @@ def point(
             return export_member(source, index, output, force=force)
         if no_bn_update:
             _ignored(data_options, "with --no-bn-update: no BatchNorm pass is run")
-        return export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches,
-                            bn_data=bn_data.value, force=force,
-                            device=device, dataset=dataset, data_root=data_root, download=download,
-                            batch_size=batch_size,
-                            precision=precision.value, num_workers=num_workers, quiet=quiet)
+        r = export_point(source, t, output, bn_update=not no_bn_update, bn_batches=bn_batches,
+                         bn_data=bn_data.value, force=force,
+                         device=device, dataset=dataset, data_root=data_root, download=download,
+                         batch_size=batch_size,
+                         precision=precision.value, num_workers=num_workers, quiet=quiet)
+        if not no_bn_update and not r.bn_recalibrated:
+            _ignored(data_options, "to a network without BatchNorm statistics: no BatchNorm pass is run")
+        return r
 
     def show(r: PointResult) -> None:
         where = [("t", str(r.t)), ("BN recomputed", str(r.bn_recalibrated))] if r.t is not None else [

@@ -434,6 +434,11 @@ def test_point_export_and_round_trip(cli, tmp_path, digits_models):
     # with --no-bn-update, options of the BN pass have no effect, and that is said
     r = cli("point", c, "--t", "0.5", "-o", mid, "--force", "--no-bn-update", "--bn-data", "plain", "-q", *CPU)
     assert "Warning: --bn-data does not apply with --no-bn-update: no BatchNorm pass is run; ignored." in r.stderr
+    # nor for a network without BatchNorm (an MLP): said when given, silent when not
+    r = cli("point", c, "--t", "0.5", "-o", mid, "--force", "--bn-batches", "3", "-q", *CPU)
+    assert ("Warning: --bn-batches does not apply to a network without BatchNorm statistics: no BatchNorm pass is "
+            "run; ignored.") in r.stderr
+    assert "Warning" not in cli("point", c, "--t", "0.5", "-o", mid, "--force", "-q", *CPU).stderr
     assert "--t must be in [0, 1], got 1.5." in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
     # a value just outside is shown as given, not rounded onto the bound ("got 1")
     assert "--t must be in [0, 1], got 1.0000001." in cli.error("point", c, "--t", "1.0000001", "-o",
