@@ -627,7 +627,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, groups: list[Gro
     stats: dict[str, list[torch.Tensor | float]] = {}
     for x in itertools.chain([first], batches):
         ra, rb = _Recorder(gm_a, {p for p, _ in wanted}), _Recorder(gm_b, {p for p, _ in wanted})
-        with torch.no_grad():
+        with torch.no_grad(), _no_tqdm_monitor():
             ra.run(x)
             rb.run(x)
         for p in wanted:

@@ -16,26 +16,33 @@ from .errors import ConfigError, Interrupted
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_DTYPE_LOCK = threading.Lock()
+_dtype_users: list[Any] = [0, None]  # calls running in any thread, and the caller's default dtype they keep
+
+
 @contextlib.contextmanager
-def _torch_kept() -> Iterator[None]:
-    """torch's default dtype float32 for the block, and the caller's default dtype and random state after it;
-    nothing where torch is not imported (the caller has no torch state: ``read_docs``, ``file_info``)."""
+def _float32_default() -> Iterator[None]:
+    """torch's default dtype float32 while any mctool call runs in the process (it is the process's, not a
+    thread's), and the caller's again once the last one returns; nothing where torch is not imported (the caller
+    has no torch state: ``read_docs``, ``file_info``)."""
     if "torch" not in sys.modules:
         yield
         return
     import torch
 
-    from .runtime import callers_rng_kept
-
-    dtype = torch.get_default_dtype()
-    with callers_rng_kept():
-        if dtype != torch.float32:
-            torch.set_default_dtype(torch.float32)
-        try:
-            yield
-        finally:
-            if dtype != torch.float32:
-                torch.set_default_dtype(dtype)
+    with _DTYPE_LOCK:
+        if _dtype_users[0] == 0:
+            _dtype_users[1] = torch.get_default_dtype()
+            if _dtype_users[1] != torch.float32:
+                torch.set_default_dtype(torch.float32)
+        _dtype_users[0] += 1
+    try:
+        yield
+    finally:
+        with _DTYPE_LOCK:
+            _dtype_users[0] -= 1
+            if _dtype_users[0] == 0 and _dtype_users[1] != torch.float32:
+                torch.set_default_dtype(_dtype_users[1])
 
 
 _CALLS = threading.local()  # how deep this thread is in library_call functions (0: the caller's own code)
@@ -49,36 +56,55 @@ def _argument_checks(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
     import types
     import typing
 
+    import collections.abc
+
     checks: dict[str, tuple[str, bool]] = {}
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001  (an annotation that cannot be resolved at run time: nothing checked)
         return checks
+    paths = {str, pathlib.Path, os.PathLike}
+
+    def members(t: Any) -> set[Any]:
+        return set(typing.get_args(t)) if isinstance(t, types.UnionType) else {t}
+
+    def path_union(types_: set[Any]) -> bool:
+        return bool(types_) and types_ <= paths and types_ != {str}
+
     for name, hint in hints.items():
-        args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        args = members(hint)
         optional = type(None) in args
         args.discard(type(None))
+        sequences = {a for a in args if typing.get_origin(a) is collections.abc.Sequence}
         if args == {bool}:
             checks[name] = ("bool", optional)
-        elif args and args <= {str, pathlib.Path, os.PathLike} and args != {str}:
+        elif path_union(args):
             checks[name] = ("path", optional)
+        elif sequences and all(path_union(members(typing.get_args(a)[0])) for a in sequences) \
+                and args - sequences <= paths:
+            checks[name] = ("paths", optional)  # files: a list (or tuple) of names, or one name
     return checks
 
 
 def _check_arguments(fn: Callable[..., Any], checks: dict[str, tuple[str, bool]], bound: dict[str, Any]) -> None:
-    what = {"bool": "True or False", "path": "a file name (a str or a pathlib.Path)"}
+    what = {"bool": "True or False", "path": "a file name (a str or a pathlib.Path)",
+            "paths": "a list of file names (str or pathlib.Path)"}
     for name, value in bound.items():
         if name not in checks or (value is None and checks[name][1]):
             continue
-        kind = checks[name][0]
+        kind, got = checks[name][0], f"got {value!r}"
         if kind == "bool":  # (NumPy's bool from a sweep too)
             numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
             ok = isinstance(value, bool) or numpy_bool
-        else:
+        elif kind == "path" or isinstance(value, (str, os.PathLike)):
             ok = isinstance(value, (str, os.PathLike))
+        else:  # a list or tuple of names (other iterables are the function's to take or refuse)
+            names = value if isinstance(value, (list, tuple)) else []
+            bad = [v for v in names if not isinstance(v, (str, os.PathLike))]
+            ok, got = not bad, f"but it holds {bad[0]!r}" if bad else got
         if not ok:
             raise ConfigError(f"{fn.__name__}(): {name} must be {what[kind]}{' or None' if checks[name][1] else ''}, "
-                              f"got {value!r}"[:300] + ".")
+                              f"{got}"[:300] + ".")
 
 
 def library_call(fn: F) -> F:
@@ -89,9 +115,9 @@ def library_call(fn: F) -> F:
       ``output=5`` is a ``ConfigError`` that names it, not a ``TypeError`` from deep inside);
     - torch's default dtype is float32 during the call (mctool's networks and data are float32: a caller who
       computes in float64, ``torch.set_default_dtype(torch.float64)``, got float64 networks and a dtype
-      mismatch) and the caller's again afterwards;
-    - the caller's torch random state is kept: building a network to load weights into draws its throw-away
-      initialisation from the global generator;
+      mismatch) and the caller's again afterwards (``_float32_default``). (The caller's torch random state is
+      not put back here, as the training functions put it back: that would rewind the draws other threads of
+      the caller made during the call. A function that builds a network draws its throw-away initialisation.)
     - a Ctrl-C that the function does not report itself (one with nothing saved to say) becomes
       ``Interrupted``, as the docs promise for every long call.
     """
@@ -108,7 +134,7 @@ def library_call(fn: F) -> F:
         _check_arguments(fn, checks[0], signature.bind(*args, **kwargs).arguments)  # (a wrong call: TypeError)
         _CALLS.depth = 1
         try:
-            with _torch_kept():
+            with _float32_default():
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
             if isinstance(e, Interrupted):

@@ -368,7 +368,9 @@ _PER_RANK_OPTIONS = ("data_root", "download", "num_workers", "quiet", "as_json")
 
 def _command_line() -> tuple[str, dict[str, str]]:
     """The running command's name and its parameters' values as text, by the name the user writes (``--lr``,
-    ``argument CHECKPOINTS``), left out where not given and without a default, or in ``_PER_RANK_OPTIONS``."""
+    ``argument CHECKPOINTS``), left out where not given and without a default, or in ``_PER_RANK_OPTIONS``; an
+    ``imagefolder:`` data set without its folder (each node's copy may be elsewhere: ``check_same_data`` compares
+    what they hold)."""
     ctx = _context()
     if ctx is None:
         return "", {}
@@ -379,6 +381,8 @@ def _command_line() -> tuple[str, dict[str, str]]:
             continue
         name = (f"argument {p.name.upper()}" if p.param_type_name == "argument" else
                 max(p.opts, key=lambda o: (o.startswith("--"), len(o))))
+        if p.name == "dataset" and str(value).startswith("imagefolder:"):
+            value = "imagefolder:"  # (each node's own copy: where it is may differ; the data are compared)
         values = value if isinstance(value, (list, tuple)) else [value]
         options[name] = " ".join("on" if v is True else "off" if v is False else str(getattr(v, "value", v))
                                  for v in values)

@@ -424,8 +424,8 @@ def check_same_command(command: str, options: dict[str, str]) -> None:
     if d is None:
         return
     theirs = broadcast_object({"command": command, "options": options})
-    fix = "every process must run the same command line (only --data-root, --download, --num-workers, --quiet and " \
-          "--json may differ)."
+    fix = "every process must run the same command line (only --data-root, --download, --num-workers, --quiet, " \
+          "--json and the folder of an imagefolder: --dataset may differ)."
     if theirs["command"] != command:
         raise ConfigError(f"this rank runs 'mctool {command}', rank 0 'mctool {theirs['command']}'; {fix}")
     for name in dict.fromkeys([*theirs["options"], *options]):

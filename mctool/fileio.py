@@ -84,7 +84,7 @@ def did_you_mean(path: str | os.PathLike) -> str:
 
 
 # The names of a process's own streams (``-o /dev/stdout`` in a pipe led to "/proc/PID/fd/pipe:[N]" messages).
-_STREAM = re.compile(r"/dev/(stdout|stderr|stdin|fd/\d+)|/proc/(self|\d+)/fd/\d+")
+_STREAM = re.compile(r"/dev/(stdout|stderr|stdin|fd/\d+)|/proc/(self|thread-self|\d+)(/task/\d+)?/fd/.*")
 
 
 def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
@@ -96,7 +96,8 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} is empty (or '.'), not a file name; give a file name.")
     if Path(path).name in ("", ".", ".."):
         raise OutputError(f"{what} '{path}' is not a file name; give a file name.")
-    if str(path) == "-" or _STREAM.fullmatch(str(path)):  # (safetensors and HDF5 files are written by seeking)
+    if str(path) == "-" or any(_STREAM.fullmatch(p) for p in (os.path.abspath(path), os.path.realpath(path))):
+        # (safetensors and HDF5 files are written by seeking; the names as written and as the links resolve)
         raise OutputError(f"{what} '{path}': mctool writes files, not to stdout or stderr; give a file name.")
     folder_name = _given_as_folder(path)
     if folder_name is not None:
@@ -115,6 +116,10 @@ def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> 
         raise OutputError(f"{what} '{path}' is not a regular file (a device, pipe or socket); give another name.")
     if path.exists() and not force:
         raise OutputError(f"{what} '{path}' already exists; pass --force to overwrite it.")
+    if path.exists() and not os.access(path, os.R_OK):  # (a file replaced keeps its mode: mctool reads what it wrote)
+        raise OutputError(f"{what} '{path}' exists and may not be read (its permissions); the file that replaces it "
+                          "would keep them, and mctool reads what it writes (its sha256). Change them (chmod u+r) "
+                          "or give another name.")
     folder = path.parent if str(path.parent) else Path(".")
     missing = [f for f in (folder, *folder.parents) if not os.path.lexists(f)]
     holder = next((f for f in (folder, *folder.parents) if os.path.lexists(f)), None)  # the deepest that exists
@@ -491,14 +496,16 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             for _ in range(100):
                 tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
                 try:
-                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private while written
                     break
                 except FileExistsError:
                     tmp = None
             _WRITING.add(os.path.abspath(tmp))
             yield tmp
-            # Some writers replace the file we created (safetensors makes it 0600): give the output the
-            # permissions an ordinary new file gets, or those of the file it replaces.
+            _fsync(tmp)
+            # Written (by us, or by a writer that replaced the file we made: safetensors), and private so far:
+            # now the permissions an ordinary new file gets, or those of the file it replaces (set after the
+            # sync, which reads the file: a file the user may not read, mode 0200, can still be replaced).
             try:
                 old = os.stat(path)
             except FileNotFoundError:
@@ -508,7 +515,6 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
                     with contextlib.suppress(OSError):  # (a group the user is not in: the file gets theirs)
                         os.chown(tmp, -1, old.st_gid)
                 os.chmod(tmp, stat.S_IMODE(old.st_mode))
-            _fsync(tmp)
             os.replace(tmp, path)
             _fsync(folder, folder=True)
         except OSError as e:

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from .options import plain
 
 SCHEMA_VERSION = 2  # the JSON shape; version 1 was the per-command output of mctool <= 0.x
 METRIC_NAMES = ("loss", "nll", "err", "ece", "brier")
+T = TypeVar("T")  # what each metric is in a result: a float, or a summary over a curve or grid
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
@@ -62,24 +63,24 @@ def file_refs(files: dict[str, str] | list[str | os.PathLike]) -> list[FileRef]:
 
 
 @dataclass
-class Metrics:
+class Metrics(Generic[T]):
     """One set of metrics under the same five names everywhere; ``None`` where not computed.
 
     ``loss`` is the training objective (NLL plus the L2 term; in ``train``'s per-epoch rows the mean
     cross-entropy of the augmented batches), ``nll`` the mean negative log-likelihood, ``err`` the
     top-1 error in [0, 1], ``ece`` the expected calibration error (15 bins), ``brier`` the Brier score.
     In ``evaluate-curve``, ``plane``, ``surface`` and ``merge`` each value is a summary over the curve or grid
-    instead of a number.
+    instead of a number (``Metrics[CurveSummary]``, ``Metrics[PlaneSummary]``; ``Metrics[float]`` elsewhere).
     """
 
-    loss: Any = None
-    nll: Any = None
-    err: Any = None
-    ece: Any = None
-    brier: Any = None
+    loss: T | None = None
+    nll: T | None = None
+    err: T | None = None
+    ece: T | None = None
+    brier: T | None = None
 
     @classmethod
-    def of(cls, values: dict[str, Any] | None, prefix: str = "") -> "Metrics":
+    def of(cls, values: dict[str, Any] | None, prefix: str = "") -> Metrics[Any]:
         """The metrics in ``values`` (keys ``<prefix><name>``); other keys are ignored."""
         values = values or {}
         return cls(**{k: values.get(prefix + k) for k in METRIC_NAMES})
@@ -109,7 +110,7 @@ def _plain(obj: Any) -> Any:
 
 
 @dataclass(kw_only=True)
-class Result:
+class Result(Generic[T]):
     """What every command returns. ``outputs`` maps a role (``model``, ``metrics``, ``plot``, ...) to the
     file written, or ``None`` when that output was not asked for; ``metrics`` maps a set name (``train``,
     ``eval``, ...) to a ``Metrics`` or ``None``; ``split`` is the split the data was loaded with (``test``
@@ -121,7 +122,7 @@ class Result:
     inputs: list[FileRef] = field(default_factory=list)
     outputs: dict[str, FileRef | None] = field(default_factory=dict)
     split: str | None = None
-    metrics: dict[str, Metrics | None] = field(default_factory=dict)
+    metrics: dict[str, Metrics[T] | None] = field(default_factory=dict)
     seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +136,7 @@ class Result:
 
 
 @dataclass(kw_only=True)
-class TrainResult(Result):
+class TrainResult(Result[float]):
     """``train``: ``metrics.train`` (last epoch, on the augmented batches), ``metrics.eval`` (the final network,
     or with ``--schedule sse`` the ensemble of the snapshots, which is then the output)."""
 
@@ -154,7 +155,7 @@ class MemberMetrics:
     label: str
     path: str
     sha256: str | None
-    metrics: Metrics
+    metrics: Metrics[float]
 
 
 @dataclass
@@ -166,7 +167,7 @@ class Calibration:
 
 
 @dataclass(kw_only=True)
-class EvaluateResult(Result):
+class EvaluateResult(Result[float]):
     """``evaluate`` and ``ensemble``: ``metrics.eval`` is the ensemble of all networks (the network itself when
     there is one); ``metrics.calibrated`` the temperature-scaled ensemble, or None."""
 
@@ -188,7 +189,7 @@ class Document:
 
 
 @dataclass(kw_only=True)
-class DocsResult(Result):
+class DocsResult(Result[float]):
     """``docs``: the pages (all of them, or the one asked for); with a topic, its Markdown ``text`` (the whole
     page, or the ``section`` its anchor names), else None."""
 
@@ -198,7 +199,7 @@ class DocsResult(Result):
 
 
 @dataclass(kw_only=True)
-class InfoResult(Result):
+class InfoResult(Result[float]):
     """``info``: ``type`` is ``safetensors`` or ``hdf5``; ``metadata`` the safetensors metadata or the HDF5 root
     attributes; ``tensors`` (safetensors) or ``datasets`` (HDF5), the other None."""
 
@@ -210,7 +211,7 @@ class InfoResult(Result):
 
 
 @dataclass(kw_only=True)
-class ConnectResult(Result):
+class ConnectResult(Result[float]):
     """``connect``: ``metrics.train`` of the last epoch (None for a line, which is not trained)."""
 
     curve: str
@@ -233,7 +234,7 @@ class CurveSummary:
 
 
 @dataclass(kw_only=True)
-class CurveResult(Result):
+class CurveResult(Result[CurveSummary]):
     """``evaluate-curve``: ``metrics.train``/``metrics.eval`` hold a ``CurveSummary`` per metric; ``barrier``
     the same sets with max minus the mean of the two ends; ``bump`` with the largest rise above the straight
     line between the ends' values; ``barrier_unaligned`` and ``bump_unaligned`` those of the unaligned segment
@@ -244,14 +245,14 @@ class CurveResult(Result):
     num_points: int
     length: float | None
     length_ratio: float | None
-    barrier: dict[str, Metrics | None] = field(default_factory=dict)
-    bump: dict[str, Metrics | None] = field(default_factory=dict)
-    barrier_unaligned: dict[str, Metrics | None] | None = None
-    bump_unaligned: dict[str, Metrics | None] | None = None
+    barrier: dict[str, Metrics[float] | None] = field(default_factory=dict)
+    bump: dict[str, Metrics[float] | None] = field(default_factory=dict)
+    barrier_unaligned: dict[str, Metrics[float] | None] | None = None
+    bump_unaligned: dict[str, Metrics[float] | None] | None = None
 
 
 @dataclass(kw_only=True)
-class PointResult(Result):
+class PointResult(Result[float]):
     """``point``: ``t`` for a point on a curve or ``index`` for an ensemble member (the other None)."""
 
     t: float | None = None
@@ -260,7 +261,7 @@ class PointResult(Result):
 
 
 @dataclass(kw_only=True)
-class PlotResult(Result):
+class PlotResult(Result[float]):
     """``plot``: ``kind`` of the files drawn (``evaluate-curve``, ``plane``, ``surface``, ``train``, ``connect``,
     ``fge``, ``hessian``, or ``history`` for per-epoch files of several of train, connect and fge)."""
 
@@ -268,7 +269,7 @@ class PlotResult(Result):
 
 
 @dataclass(kw_only=True)
-class MergeResult(Result):
+class MergeResult(Result[Any]):
     """``merge``: ``kind`` of the run merged (``plane``, ``surface`` or ``evaluate-curve``) and its number of
     ``shards``; ``inputs`` are the shard files, ``metrics`` the merged file's summary as that command's ``--json`` gives
     it, and ``split`` the split the shards were evaluated on."""
@@ -287,7 +288,7 @@ class PlaneSummary:
 
 
 @dataclass(kw_only=True)
-class PlaneResult(Result):
+class PlaneResult(Result[PlaneSummary]):
     """``plane``: ``metrics.train``/``metrics.eval`` hold a ``PlaneSummary`` per metric."""
 
     grid_points: int
@@ -298,7 +299,7 @@ class PlaneResult(Result):
 
 
 @dataclass(kw_only=True)
-class FGEResult(Result):
+class FGEResult(Result[float]):
     """``fge``: ``metrics.eval`` is the FGE ensemble; ``metrics.start`` the start network, ``metrics.last_member``
     the last snapshot alone, ``metrics.swa`` the averaged weights (None without ``--swa``)."""
 
@@ -308,7 +309,7 @@ class FGEResult(Result):
 
 
 @dataclass(kw_only=True)
-class AlignResult(Result):
+class AlignResult(Result[float]):
     """``align``: B's hidden units permuted into A's order. ``groups`` permutation groups of ``units`` units in all,
     of which the fraction ``moved`` changed place; ``sweeps`` and ``objective`` (<A, permuted B> over the
     parameters after the last sweep) for ``method`` ``weights``, ``correlation`` (mean correlation of the
@@ -327,7 +328,7 @@ class AlignResult(Result):
 
 
 @dataclass(kw_only=True)
-class HessianResult(Result):
+class HessianResult(Result[float]):
     """``hessian``: at each of ``num_points`` networks (``points_kind``: ``model``, ``curve`` with ``t``, or
     ``ensemble`` members), the ``top_k`` largest Hessian eigenvalues of the training loss (``eigenvalues``,
     descending; None where ARPACK did not converge) and, with ``--trace``, Hutchinson's ``trace`` and its
@@ -348,7 +349,7 @@ class HessianResult(Result):
 
 
 @dataclass(kw_only=True)
-class SurfaceResult(Result):
+class SurfaceResult(Result[PlaneSummary]):
     """``surface``: ``metrics.train``/``metrics.eval`` hold a ``PlaneSummary`` per metric (grid min and max, and
     ``at_points``: [the value at the network itself]); ``dims`` directions (``random`` filter-normalised,
     ``pca`` of a trajectory, or ``files``), ``grid_points`` per direction over ``ranges`` ([low, high] per

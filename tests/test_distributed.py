@@ -509,6 +509,14 @@ def test_ranks_started_with_different_options_are_refused(tmp_path, digits_model
     r0, r1 = ranks([[*base, "--num-points", "3", "-q"], [*base, "--num-points", "3", "--json"]])
     assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr, r1.stderr)
     assert (tmp_path / "c.h5").exists() and r1.stdout == ""
+    # each node's own copy of an image folder, in a folder of its own: the same data, so it runs
+    from conftest import image_folder
+
+    copies = [image_folder(tmp_path / f"node{r}" / "imgs") for r in (0, 1)]
+    train = ["train", "-a", "mlp", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "-q",
+             "--arch-kwargs", '{"hidden": 4, "img_size": 224}', "-o", tmp_path / "i.safetensors"]
+    r0, r1 = ranks([[*train, "-d", f"imagefolder:{copy}"] for copy in copies])
+    assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr, r1.stderr)
 
 
 def test_ranks_that_load_different_data_under_one_name_are_refused(tmp_path):

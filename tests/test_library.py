@@ -365,6 +365,7 @@ def test_ctrl_c_is_a_keyboard_interrupt_that_except_exception_lets_through(tmp_p
     (lambda: mctool.read_h5(None), r"read_h5\(\): path must be a file name"),
     (lambda: mctool.load_data("digits", root=3), r"load_data\(\): root must be a file name .* or None, got 3"),
     (lambda: mctool.evaluate_curve(["a.safetensors"], "c.h5", resume="no"), r"resume must be True or False"),
+    (lambda: mctool.evaluate(["a.safetensors", 5], device="cpu"), r"paths must be a list of file names .* holds 5"),
     (lambda: mctool.train(_tiny_train_config(), "x.safetensors", force=1), r"force must be True or False, got 1"),
     (lambda: mctool.read_docs(5), r"read_docs\(\) takes a page or section name"),
     (lambda: mctool.save_model("x.safetensors", torch.nn.Linear(2, 2), None), "takes a mctool.ModelMeta"),
@@ -405,7 +406,7 @@ def test_save_model_refuses_an_existing_file_unless_forced(tmp_path, digits_mode
 def test_library_calls_leave_the_callers_state_as_it_was(tmp_path, digits_models):
     """A notebook's state after a call is its own: the matplotlib backend and pyplot's figures, each module's
     train/eval mode (BatchNorm frozen while the rest fine-tunes), torch's default dtype (float64 for curvature
-    work: mctool still builds and evaluates float32 networks) and its random draws, Python's generator at import."""
+    work: mctool still builds and evaluates float32 networks, in every thread), Python's generator at import."""
     import subprocess
 
     import matplotlib
@@ -437,23 +438,38 @@ def test_library_calls_leave_the_callers_state_as_it_was(tmp_path, digits_models
     assert [m.training for m in model.modules()] == modes
 
     expected = mctool.evaluate([digits_models[0]], device="cpu").metrics["eval"].nll
-    torch.manual_seed(7)
-    draws = torch.rand(3)
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        torch.manual_seed(7)
         loaded = mctool.load_model(digits_models[0])
         assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
         assert mctool.evaluate([digits_models[0]], device="cpu").metrics["eval"].nll == expected
         assert torch.get_default_dtype() == torch.float64
-        assert torch.equal(torch.rand(3, dtype=torch.float32), draws)  # the draws the caller would have had
+        # calls in several threads at once: float32 while any runs (the default is the process's), the caller's
+        # again when the last one returns
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(_):
+            return {p.dtype for p in mctool.load_model(digits_models[0]).model.parameters()}
+
+        with ThreadPoolExecutor(3) as pool:
+            assert set().union(*pool.map(load, range(60))) == {torch.float32}
+        assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(dtype)
 
     code = ("import random; random.seed(1); a = random.random(); random.seed(1); import mctool; "
             "assert random.random() == a")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_align_leaves_no_thread_behind(tmp_path, digits_models):
+    """torch.fx's interpreter made a tqdm bar, whose monitor thread stayed for the rest of the process."""
+    import threading
+
+    for method in ("weights", "activations"):
+        mctool.align(*digits_models, tmp_path / f"{method}.safetensors", method=method, device="cpu", quiet=True)
+    assert [t.name for t in threading.enumerate() if "tqdm" in t.name] == []
 
 
 def test_ctrl_c_in_any_long_call_is_interrupted(digits_models, monkeypatch):

@@ -1431,7 +1431,7 @@ def test_an_unwritable_home_prints_no_matplotlib_messages(tmp_path, files):
 
 def test_outputs_that_are_streams_or_loops_of_links_are_refused(cli, tmp_path, files, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1"):
+    for name in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1", "/proc/thread-self/fd/2", "/dev/../dev/stdout"):
         assert "writes files, not to stdout or stderr" in cli.error("point", files["line"], "--t", "0.5", "-o", name)
     (tmp_path / "b.safetensors").symlink_to("a.safetensors")
     (tmp_path / "a.safetensors").symlink_to("b.safetensors")
@@ -1452,6 +1452,32 @@ def test_a_replaced_output_keeps_its_permissions(cli, tmp_path, files):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_file_being_written_is_private_until_it_is_complete(tmp_path):
+    """The temporary file of a replaced private file was readable by everyone while it was written."""
+    out = tmp_path / "m.bin"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"new")
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600
+    assert out.read_bytes() == b"new" and stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_an_output_the_user_may_not_read_is_refused_before_the_work(tmp_path, files):
+    """An existing output of mode 0200 (writable, not readable) passed the checks with --force and failed after
+    the work: a replaced file keeps its mode, and mctool reads what it wrote. Refused first, in one line."""
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"x")
+    out.chmod(0o200)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(_without_root_override(sys.executable, "-m", "mctool", "point", files["line"], "--t", "0.5",
+                                                 "-o", out, "--force", "-q", "--device", "cpu"),
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"--output '{out}' exists and may not be read" in done.stderr, done.stderr
+    assert out.read_bytes() == b"x"
 
 
 def test_control_characters_in_names_are_escaped_in_tables(cli, tmp_path, files):
