@@ -1400,7 +1400,7 @@ def fge_cmd(
                                                     "output).")] = None,
     epochs: Annotated[int, _option(help="FGE epochs, 1 to 100,000 (the paper: 40 epochs give 20 members "
                                         "with 2-epoch cycles).")] = 20,
-    cycle_epochs: Annotated[float, _option(help="Cycle length in epochs, > 0 and at most 1e5 (may be "
+    cycle_epochs: Annotated[float, _option(help="Cycle length in epochs, > 0 and at most 100,000 (may be "
                                                 "fractional); rounded to an even number of iterations.")] = 2.0,
     cycle_iters: Annotated[Optional[int], _option(help="Cycle length in iterations, 2 to 1e9 (overrides "
                                                        "--cycle-epochs); an odd number is rounded up to an "
