@@ -18,10 +18,10 @@ if not _launch_env.is_command():
     from .curve_eval import evaluate_curve, export_point
     from .curve_training import ConnectConfig, connect
     from .curves import Curve, load_curve
-    from .data import Data, DatasetInfo, load_data
+    from .data import Data, DatasetInfo, Split, load_data
     from .ensemble_eval import evaluate_models
     from .ensemble_eval import evaluate_models as evaluate
-    from .ensembles import export_member, load_ensemble
+    from .ensembles import Ensemble, export_member, load_ensemble
     from .errors import (CheckpointError, ConfigError, DataError, Interrupted, MctoolError, MctoolWarning,
                          MetricsFileError, NonFiniteLossError, OutputError)
     from .evaluation import brier, ece, error, nll, predict_probs
@@ -35,9 +35,10 @@ if not _launch_env.is_command():
     from .plane import plane
     from .surface import surface
     from .plots import plot_files
-    from .results import (SCHEMA_VERSION, AlignResult, ConnectResult, CurveResult, DocsResult, Document,
-                          EvaluateResult, FGEResult, FileRef, HessianResult, InfoResult, MergeResult, Metrics,
-                          PlaneResult, PlotResult, PointResult, Result, SurfaceResult, TrainResult, json_schemas)
+    from .results import (SCHEMA_VERSION, AlignResult, Calibration, ConnectResult, CurveResult, CurveSummary,
+                          DocsResult, Document, EvaluateResult, FGEResult, FileRef, HessianResult, InfoResult,
+                          MemberMetrics, MergeResult, Metrics, PlaneResult, PlaneSummary, PlotResult, PointResult,
+                          Result, SurfaceResult, TrainResult, json_schemas)
     from .console import progress
     from .schedules import lr_at, paper_factor
     from .training import TrainConfig, train
@@ -54,13 +55,13 @@ __all__ = [
     "TrainConfig", "ConnectConfig", "FGEConfig",
     "Result", "TrainResult", "ConnectResult", "CurveResult", "PointResult", "PlaneResult", "FGEResult",
     "EvaluateResult", "InfoResult", "PlotResult", "MergeResult", "AlignResult", "HessianResult", "SurfaceResult",
-    "DocsResult", "Document", "FileRef", "Metrics",
+    "DocsResult", "Document", "FileRef", "Metrics", "MemberMetrics", "Calibration", "CurveSummary", "PlaneSummary",
     "SCHEMA_VERSION", "json_schemas",
     # files
     "load_model", "load_curve", "load_ensemble", "read_checkpoint", "save_model", "read_h5", "LoadedModel",
-    "ModelMeta", "Curve",
+    "ModelMeta", "Curve", "Ensemble",
     # data, models, metrics, schedules
-    "Data", "DatasetInfo", "load_data", "MCTOOL_ARCHS", "build_model", "brier", "ece", "error", "nll",
+    "Data", "DatasetInfo", "Split", "load_data", "MCTOOL_ARCHS", "build_model", "brier", "ece", "error", "nll",
     "predict_probs", "lr_at", "paper_factor",
     # progress, warnings and errors
     "progress", "MctoolWarning", "MctoolError", "CheckpointError", "ConfigError", "DataError", "Interrupted",

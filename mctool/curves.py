@@ -181,7 +181,7 @@ def save_curve(path: str | Path, curve: Curve, config: dict[str, Any],
 
 @library_call
 def load_curve(path: str | Path, kinds: tuple[str, ...] = ("curve", "curve-state")
-               ) -> tuple[Curve, dict[str, torch.Tensor], dict]:
+               ) -> tuple[Curve, dict[str, torch.Tensor], dict[str, str]]:
     """Read a curve file (or a connect state); returns the curve, its other tensors and raw metadata."""
     path = Path(path)
     tensors, md = read_checkpoint(path)

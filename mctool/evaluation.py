@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,6 +143,7 @@ def predict_probs(model: nn.Module, split: Split, **kwargs: Any) -> tuple[torch.
 
 
 _NOT_LABELS = (torch.bool, torch.complex64, torch.complex128)
+ArrayLike = torch.Tensor | np.ndarray  # what the metric functions take (a tensor, or a NumPy array)
 
 
 def _checked(probs: Any, labels: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +167,7 @@ def _checked(probs: Any, labels: Any, who: str) -> tuple[torch.Tensor, torch.Ten
     return probs, labels.long()
 
 
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def nll(probs: ArrayLike, labels: ArrayLike) -> float:
     """Mean negative log-likelihood of the true labels (probabilities clamped at ``MIN_PROB``)."""
     probs, labels = _checked(probs, labels, "nll")
     return float(-probs.gather(1, labels[:, None]).clamp_min(MIN_PROB).log().mean())
@@ -177,13 +179,13 @@ def _wrong(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return conf, (pred != labels) | (conf <= 0)
 
 
-def error(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def error(probs: ArrayLike, labels: ArrayLike) -> float:
     """Fraction of wrong top-1 predictions, in [0, 1] (an image with no prediction is wrong)."""
     probs, labels = _checked(probs, labels, "error")
     return float(_wrong(probs, labels)[1].float().mean())
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+def ece(probs: ArrayLike, labels: ArrayLike, bins: int = 15) -> float:
     """Expected calibration error with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
     probs, labels = _checked(probs, labels, "ece")
     check_count("bins", bins)
@@ -196,7 +198,7 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])
 
 
-def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def brier(probs: ArrayLike, labels: ArrayLike) -> float:
     """Brier score: mean over samples of sum_c (p_c - [c = label])^2."""
     probs, labels = _checked(probs, labels, "brier")
     onehot = torch.zeros_like(probs).scatter_(1, labels[:, None], 1.0)

@@ -224,7 +224,7 @@ def _check_file_directions(files: list[Path], directions: list[torch.Tensor], ce
 @holds_output_locks
 def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
             directions: str | Sequence[str | Path] | None = "random", trajectory: Sequence[str | Path] | None = None,
-            ignore: tuple[str, ...] = IGNORABLE, seed: int = 0, span: float | None = None, margin: float = 0.2,
+            ignore: str | tuple[str, ...] = IGNORABLE, seed: int = 0, span: float | None = None, margin: float = 0.2,
             grid_points: int = 21, plot: str | Path | None = None, resume: bool = False, force: bool = False,
             device: str = "auto", dataset: str | None = None, data_root: str | Path | None = None,
             download: bool = False, split: str | None = None, batch_size: int = 512, bn_batches: int | None = None,
