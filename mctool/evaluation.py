@@ -161,10 +161,11 @@ def _checked(probs: Any, labels: Any, who: str) -> tuple[torch.Tensor, torch.Ten
                           f"got {str(labels.dtype).replace('torch.', '')} {list(labels.shape)}.")
     if probs.shape[0] == 0:
         raise ConfigError(f"{who}(): no images (0 rows of probabilities): nothing to measure.")
+    labels = labels.long()  # (unsigned NumPy labels: torch has no min of uint16 and wider)
     if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
         raise ConfigError(f"{who}(): labels must be in [0, {probs.shape[1]}) for {probs.shape[1]} classes, got "
                           f"{int(labels.min())}..{int(labels.max())}.")
-    return probs, labels.long()
+    return probs, labels
 
 
 def nll(probs: ArrayLike, labels: ArrayLike) -> float:

@@ -84,7 +84,7 @@ def did_you_mean(path: str | os.PathLike) -> str:
 
 
 # The names of a process's own streams (``-o /dev/stdout`` in a pipe led to "/proc/PID/fd/pipe:[N]" messages).
-_STREAM = re.compile(r"/dev/(stdout|stderr|stdin|fd/\d+)|/proc/(self|thread-self|\d+)(/task/\d+)?/fd/.*")
+_STREAM = re.compile(r"/dev/(stdout|stderr|stdin|fd/\d+)|/proc/(self|thread-self|\d+)(/task/\d+)?/fd/[^/]+")
 
 
 def check_output(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
@@ -477,6 +477,22 @@ def _fsync(path: PathLike, folder: bool = False) -> None:
         os.close(fd)
 
 
+# Outputs an earlier run left that a new run with --force deleted before writing them again (``remove_output``):
+# their permissions and group, by real path, for the new file (``atomic_path``).
+_REMOVED: dict[str, tuple[int, int]] = {}
+
+
+def remove_output(path: PathLike) -> None:
+    """Delete an earlier run's output that a new run (``--force``) writes again later, so that an interrupted run
+    never leaves it beside its own files: the file a link leads to (the link stays, as when it is written), its
+    permissions and group kept for the file that takes its place."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(path)
+        _REMOVED[os.path.abspath(path)] = (stat.S_IMODE(st.st_mode), st.st_gid)
+        path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; sync it and rename it onto ``path`` only if the block succeeds.
@@ -508,13 +524,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             # sync, which reads the file: a file the user may not read, mode 0200, can still be replaced).
             try:
                 old = os.stat(path)
-            except FileNotFoundError:
-                os.chmod(tmp, 0o666 & ~_umask())
-            else:
-                if old.st_gid != os.stat(tmp).st_gid:
-                    with contextlib.suppress(OSError):  # (a group the user is not in: the file gets theirs)
-                        os.chown(tmp, -1, old.st_gid)
-                os.chmod(tmp, stat.S_IMODE(old.st_mode))
+                mode, group = stat.S_IMODE(old.st_mode), old.st_gid
+            except FileNotFoundError:  # (a new file, or one a --force run deleted first: remove_output)
+                mode, group = _REMOVED.pop(os.path.abspath(path), (0o666 & ~_umask(), None))
+            if group is not None and group != os.stat(tmp).st_gid:
+                with contextlib.suppress(OSError):  # (a group the user is not in: the file gets theirs)
+                    os.chown(tmp, -1, group)
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
             _fsync(folder, folder=True)
         except OSError as e:

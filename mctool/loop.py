@@ -26,7 +26,7 @@ from .checkpoint import (MOMENTUM_PREFIX, check_state_metadata, check_state_tens
                          read_metadata)
 from .data import AUGMENTS, SPLITS, Data
 from .errors import CheckpointError, ConfigError, Interrupted, MctoolError, NonFiniteLossError, OutputError
-from .fileio import check_output, check_outputs, same_inputs, writes_files
+from .fileio import check_output, check_outputs, remove_output, same_inputs, writes_files
 from .graphs import GraphedStep, set_lr
 from .h5io import MetricsLog, recorded_setting, source_date_epoch, training_run_of, unfinished_training
 from .models import blank_images, probe_forward
@@ -357,7 +357,7 @@ def remove_old_run(output: Path, inputs: list[str | Path | None] | tuple) -> Non
     for path in folder.iterdir() if folder.is_dir() else ():
         if pattern.fullmatch(path.name) and path.is_file() and not any(path.samefile(k) for k in keep):
             # (a link: the file it leads to, which the new run writes; the link stays)
-            (Path(os.path.realpath(path)) if path.is_symlink() else path).unlink()
+            remove_output(path)
 
 
 def set_momentum(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:

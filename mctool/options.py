@@ -75,7 +75,7 @@ def check_real(option: str, value: Any, low: float | None = None, high: float | 
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         shown = _number(value)
-        if float(shown.replace(",", "")) != value:  # (1.0000001, not "1")
+        if float(shown) != value:  # (1.0000001, not "1")
             shown = repr(float(value))
         raise ConfigError(f"{option} must be {wanted}, got {shown}.")
 
@@ -88,9 +88,10 @@ def count_text(n: int) -> str:
 
 
 def _number(x: float) -> str:
-    """A number as the help texts write it: ``1e6``, ``1e-8``, ``0.5`` (``:g`` writes ``1e+06``), ``100,000``."""
-    if float(x).is_integer() and 1000 <= abs(x) < 1e6:
-        return f"{int(x):,}"
+    """A number as the help texts write it: ``1e6``, ``1e5``, ``1e-8``, ``0.5`` (``:g`` writes ``1e+06`` and
+    ``100000``)."""
+    if x >= 1e5 and f"{x:g}".rstrip("0") == "1":
+        return f"1e{len(f'{x:g}') - 1}"
     text = f"{x:g}"
     if "e" in text:
         mantissa, exponent = text.split("e")

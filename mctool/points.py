@@ -19,6 +19,7 @@ import numpy as np
 from . import distributed
 from .console import progress_bar
 from .errors import ConfigError, Interrupted
+from .fileio import remove_output
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -152,7 +153,7 @@ def from_the_first_write(metrics: Path, total: int, started: Any, counted: tuple
     this run draws at its end over an earlier run's (``--force``), deleted first, so that an interrupted run
     never leaves the old figure beside its own metrics (as ``train`` deletes an old ``-o``)."""
     if replaced_figure is not None and distributed.is_main() and os.path.lexists(replaced_figure):
-        os.remove(replaced_figure)
+        remove_output(replaced_figure)
     try:
         yield
     except KeyboardInterrupt:

@@ -4,7 +4,9 @@ configs left as given; the CLI's choices come from the library."""
 import collections
 import copy
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,12 +466,17 @@ def test_library_calls_leave_the_callers_state_as_it_was(tmp_path, digits_models
 
 
 def test_align_leaves_no_thread_behind(tmp_path, digits_models):
-    """torch.fx's interpreter made a tqdm bar, whose monitor thread stayed for the rest of the process."""
-    import threading
+    """torch.fx's interpreter made a tqdm bar, whose monitor thread stayed for the rest of the process (in a
+    process of its own: another test's tqdm bar may have started the thread here)."""
+    import subprocess
 
-    for method in ("weights", "activations"):
-        mctool.align(*digits_models, tmp_path / f"{method}.safetensors", method=method, device="cpu", quiet=True)
-    assert [t.name for t in threading.enumerate() if "tqdm" in t.name] == []
+    code = (f"import threading, mctool; a, b = {str(digits_models[0])!r}, {str(digits_models[1])!r}\n"
+            "for m in ('weights', 'activations'):\n"
+            f"    mctool.align(a, b, {str(tmp_path)!r} + f'/{{m}}.safetensors', method=m, device='cpu', quiet=True)\n"
+            "print([t.name for t in threading.enumerate()])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0 and done.stdout.strip() == "['MainThread']", done.stdout + done.stderr
 
 
 def test_ctrl_c_in_any_long_call_is_interrupted(digits_models, monkeypatch):

@@ -226,7 +226,7 @@ BAD_OPTIONS = {
     "point --t nan": (lambda f: ["point", f["line"], "--t", "nan"], "--t must be a finite number in [0, 1]"),
     "fge --bn-batches 0": (lambda f: ["fge", f["m0"], "--bn-batches", "0"], "--bn-batches must be >= 1"),
     "fge --cycle-epochs inf": (lambda f: ["fge", f["m0"], "--cycle-epochs", "inf"], "--cycle-epochs must be a finite"),
-    "fge --cycle-epochs 0": (lambda f: ["fge", f["m0"], "--cycle-epochs", "0"], "--cycle-epochs must be in (0, 100,000]"),
+    "fge --cycle-epochs 0": (lambda f: ["fge", f["m0"], "--cycle-epochs", "0"], "--cycle-epochs must be in (0, 1e5]"),
     "fge --lr-min nan": (lambda f: ["fge", f["m0"], "--lr-min", "nan"],
                          "--lr-min must be a finite number in (0, 1e6]"),
     "fge --lr-max inf": (lambda f: ["fge", f["m0"], "--lr-max", "inf"],
@@ -278,7 +278,7 @@ BAD_OPTIONS = {
     "fge --lr-min 1e39": (lambda f: ["fge", f["m0"], "--lr-min", "1e39", "--cycle-epochs", "1"],
                           "--lr-min must be in (0, 1e6]"),
     "fge --cycle-epochs 1e308": (lambda f: ["fge", f["m0"], "--cycle-epochs", "1e308"],
-                                 "--cycle-epochs must be in (0, 100,000], got 1e308"),
+                                 "--cycle-epochs must be in (0, 1e5], got 1e308"),
     "fge --cycle-iters 10**20": (lambda f: ["fge", f["m0"], "--cycle-iters", str(10**20)],
                                  "--cycle-iters must be at most 1e9"),
     "hessian --max-restarts 3e9": (lambda f: ["hessian", f["m0"], "-m", "h.h5", "--max-restarts", "3000000000"],
@@ -1452,6 +1452,21 @@ def test_a_replaced_output_keeps_its_permissions(cli, tmp_path, files):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+    # a new train run with --force deletes the old -o before its first epoch, and evaluate-curve an old --plot
+    # before its first write (an interrupted run leaves neither beside its own files): their modes are kept too
+    trained = tmp_path / "t.safetensors"
+    cli("train", *TINY, "-o", trained, "--epochs", "1")
+    trained.chmod(0o600)
+    cli("train", *TINY, "-o", trained, "--epochs", "1", "--force")
+    assert stat.S_IMODE(trained.stat().st_mode) == 0o600
+    figure, link = tmp_path / "f.png", tmp_path / "link.png"
+    link.symlink_to(figure.name)
+    args = ["evaluate-curve", files["line"], "-m", tmp_path / "c.h5", "--num-points", "2", "--plot", link, "-q",
+            "--device", "cpu"]
+    cli(*args)
+    figure.chmod(0o600)
+    cli(*args, "--force")
+    assert link.is_symlink() and stat.S_IMODE(figure.stat().st_mode) == 0o600
 
 
 def test_a_file_being_written_is_private_until_it_is_complete(tmp_path):
