@@ -18,6 +18,7 @@ from .choices import BN_DATA
 from .data import Split
 from .errors import ConfigError, DataError
 from .models import evaluating
+from .console import warn
 from .options import check_count, show_setting
 from .runtime import autocast
 
@@ -79,10 +80,18 @@ def _has_bn_statistics(buffers: Iterable[str]) -> bool:
     return any(n.rsplit(".", 1)[-1] == "running_var" for n in buffers)
 
 
-def bn_data_setting(buffers: Iterable[str], bn_data: str) -> str | None:
+def bn_data_setting(buffers: Iterable[str], bn_data: str, bn_batches: int | None = None) -> str | None:
     """What a run records as ``bn_data``: ``bn_data`` for a network with BatchNorm statistics to recompute, else
-    None (the setting changes nothing there)."""
-    return bn_data if _has_bn_statistics(buffers) else None
+    None (the setting changes nothing there: a warning names the BN pass's options given other than their
+    defaults, ``bn_data`` and ``bn_batches``)."""
+    if _has_bn_statistics(buffers):
+        return bn_data
+    given = [name for name, off in (("--bn-batches", bn_batches is not None), ("--bn-data", bn_data != "augmented"))
+             if off]
+    if given:
+        warn(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a network without BatchNorm "
+             "statistics: no BatchNorm pass is run; ignored.")
+    return None
 
 
 def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:

@@ -217,7 +217,8 @@ def evaluate_curve(paths: Sequence[str | Path], metrics: str | Path, *, num_poin
     values_un = {n: np.full(num_points, np.nan) for n in names} if unaligned is not None else None
     config = {"num_points": num_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "bn_batch_size": bn_pass_setting(curve.buffers, batch_size),
-              "bn_data": bn_data_setting(curve.buffers, bn_data), "precision": precision, "curve": curve.curve,
+              "bn_data": bn_data_setting(curve.buffers, bn_data, bn_batches), "precision": precision,
+              "curve": curve.curve,
               "num_bends": curve.num_bends,
               # None when off: files of earlier versions, which lack these keys, still resume
               "compare_unaligned": str(compare_unaligned) if compare_unaligned is not None else None,

@@ -280,7 +280,7 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
               "seed": seed, "bn_batches": bn_batches, "points_kind": pts.kind,
               "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
               if pts.recalibrate else None,
-              "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data)
+              "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data, bn_batches)
               if pts.recalibrate else None,
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}

@@ -327,7 +327,7 @@ def plane(paths: Sequence[str | Path], metrics: str | Path, *, grid_points: int 
     at_points = {n: np.full(3, np.nan) for n in names}
     config = {"grid_points": grid_points, "margins": list(margins), "bend": bend, "dataset": name, "split": split,
               "wd": wd, "bn_batches": bn_batches, "bn_batch_size": bn_pass_setting(base.buffers, batch_size),
-              "bn_data": bn_data_setting(base.buffers, bn_data), "train_subset": train_subset,
+              "bn_data": bn_data_setting(base.buffers, bn_data, bn_batches), "train_subset": train_subset,
               "precision": precision}
     # A shard file records its shard in its config; resuming compares it, also when --shard is not given.
     old, started, finished, draw = open_outputs(metrics, inputs, {**config, "shard": shard_text(shard)},

@@ -294,7 +294,7 @@ def surface(path: str | Path, metrics: str | Path, *, dims: int | None = None,
               "seed": seed if method == "random" else None, "range": span, "margin": None if span else margin,
               "grid_points": grid_points, "dataset": name, "split": split, "wd": wd, "bn_batches": bn_batches,
               "bn_batch_size": bn_pass_setting(base.buffers, batch_size), "train_subset": train_subset,
-              "bn_data": bn_data_setting(base.buffers, bn_data), "precision": precision}
+              "bn_data": bn_data_setting(base.buffers, bn_data, bn_batches), "precision": precision}
     vec_config = {k: config[k] for k in ("dims", "directions", "ignore", "seed")}
     check_outputs({"--metrics": metrics, "--plot": plot, "directions file": vec_path}, list(inputs), force=True,
                   formats={"--metrics": "hdf5", "--plot": "figure"})

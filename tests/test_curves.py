@@ -439,6 +439,10 @@ def test_point_export_and_round_trip(cli, tmp_path, digits_models):
     assert ("Warning: --bn-batches does not apply to a network without BatchNorm statistics: no BatchNorm pass is "
             "run; ignored.") in r.stderr
     assert "Warning" not in cli("point", c, "--t", "0.5", "-o", mid, "--force", "-q", *CPU).stderr
+    r = cli("evaluate-curve", c, "-m", tmp_path / "e.h5", "--num-points", "2", "--bn-batches", "3", "--bn-data",
+            "plain", "-q", *CPU)  # (the commands that evaluate many points say so too)
+    assert ("Warning: --bn-batches, --bn-data do not apply to a network without BatchNorm statistics: no "
+            "BatchNorm pass is run; ignored.") in r.stderr
     assert "--t must be in [0, 1], got 1.5." in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
     # a value just outside is shown as given, not rounded onto the bound ("got 1")
     assert "--t must be in [0, 1], got 1.0000001." in cli.error("point", c, "--t", "1.0000001", "-o",
