@@ -3,6 +3,7 @@ the caller had it. Light to import: ``mctool docs`` and ``mctool info`` run with
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import functools
 import inspect
@@ -56,8 +57,6 @@ def _argument_checks(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
     import types
     import typing
 
-    import collections.abc
-
     checks: dict[str, tuple[str, bool]] = {}
     try:
         hints = typing.get_type_hints(fn)
@@ -98,8 +97,8 @@ def _check_arguments(fn: Callable[..., Any], checks: dict[str, tuple[str, bool]]
             ok = isinstance(value, bool) or numpy_bool
         elif kind == "path" or isinstance(value, (str, os.PathLike)):
             ok = isinstance(value, (str, os.PathLike))
-        else:  # a list or tuple of names (other iterables are the function's to take or refuse)
-            names = value if isinstance(value, (list, tuple)) else []
+        else:  # a list, tuple or other sequence of names (other iterables are the function's to take or refuse)
+            names = value if isinstance(value, collections.abc.Sequence) and not isinstance(value, bytes) else []
             bad = [v for v in names if not isinstance(v, (str, os.PathLike))]
             ok, got = not bad, f"but it holds {bad[0]!r}" if bad else got
         if not ok:

@@ -368,6 +368,7 @@ def test_ctrl_c_is_a_keyboard_interrupt_that_except_exception_lets_through(tmp_p
     (lambda: mctool.load_data("digits", root=3), r"load_data\(\): root must be a file name .* or None, got 3"),
     (lambda: mctool.evaluate_curve(["a.safetensors"], "c.h5", resume="no"), r"resume must be True or False"),
     (lambda: mctool.evaluate(["a.safetensors", 5], device="cpu"), r"paths must be a list of file names .* holds 5"),
+    (lambda: mctool.plot_files(collections.UserList(["a.h5", None])), r"files must be a list .* holds None"),
     (lambda: mctool.train(_tiny_train_config(), "x.safetensors", force=1), r"force must be True or False, got 1"),
     (lambda: mctool.read_docs(5), r"read_docs\(\) takes a page or section name"),
     (lambda: mctool.save_model("x.safetensors", torch.nn.Linear(2, 2), None), "takes a mctool.ModelMeta"),
