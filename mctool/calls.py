@@ -21,6 +21,15 @@ _DTYPE_LOCK = threading.Lock()
 _dtype_users: list[Any] = [0, None]  # calls running in any thread, and the caller's default dtype they keep
 
 
+def _new_lock_after_fork() -> None:  # a child forked while another thread held it would wait for it forever
+    global _DTYPE_LOCK
+    _DTYPE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which never forks)
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 @contextlib.contextmanager
 def _float32_default() -> Iterator[None]:
     """torch's default dtype float32 while any mctool call runs in the process (it is the process's, not a
