@@ -86,12 +86,17 @@ def bn_data_setting(buffers: Iterable[str], bn_data: str, bn_batches: int | None
     defaults, ``bn_data`` and ``bn_batches``)."""
     if _has_bn_statistics(buffers):
         return bn_data
+    unused_bn_options(bn_batches, bn_data, "to a network without BatchNorm statistics: no BatchNorm pass is run")
+    return None
+
+
+def unused_bn_options(bn_batches: int | None, bn_data: str, why: str) -> None:
+    """Warn that the BN pass's options given other than their defaults (``bn_batches``, ``bn_data``) do not
+    apply, ``why``."""
     given = [name for name, off in (("--bn-batches", bn_batches is not None), ("--bn-data", bn_data != "augmented"))
              if off]
     if given:
-        warn(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a network without BatchNorm "
-             "statistics: no BatchNorm pass is run; ignored.")
-    return None
+        warn(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}; ignored.")
 
 
 def bn_pass_setting(buffers: Iterable[str], batch_size: int) -> int | None:

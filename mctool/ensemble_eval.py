@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .batched import DEFAULT_POINTS_PER_PASS, Span, WideNetwork, WideNetworks, check_points_per_pass, compiled
-from .bn import check_bn_data, recalibrate_bn
+from .bn import check_bn_data, recalibrate_bn, unused_bn_options
 from .checkpoint import ModelMeta, load_model, meta_differences, read_metadata
 from .curves import coefficients, load_curve
 from .data import check_fits, load_data
@@ -304,6 +304,9 @@ def evaluate_models(paths: Sequence[str | Path], *, dataset: str | None = None, 
                     buffers.append({n: b.detach().cpu().clone() for n, b in state_buffers(model).items()})
                 model.to("cpu")
                 bar.advance(task)
+    if not recalibrated:
+        unused_bn_options(bn_batches, bn_data, "here: only the points of a curve (--num-points) whose network has "
+                          "BatchNorm statistics get a BatchNorm pass; checkpoints and members keep theirs")
     split = data.eval_split
     final = rows[0] if len(rows) == 1 else running[-1]  # one network: its own metrics, with its loss
     result = EvaluateResult(command=command, split=split, dataset=data.info.name, samples=len(data.eval),

@@ -26,7 +26,8 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed
-from .bn import bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn
+from .bn import (bn_data_setting, bn_modules, bn_pass_setting, check_bn_batch_size, check_bn_data, recalibrate_bn,
+                 unused_bn_options)
 from .checkpoint import load_model, read_metadata, read_vectors, save_vectors
 from .curve_eval import curve_from_files
 from .data import Split, check_fits, load_data
@@ -281,7 +282,8 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
               "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
               if pts.recalibrate else None,
               "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data, bn_batches)
-              if pts.recalibrate else None,
+              if pts.recalibrate else unused_bn_options(bn_batches, bn_data, "to checkpoints and ensemble members, "
+                                                        "which keep their stored BatchNorm statistics"),
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
     if trace:

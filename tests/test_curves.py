@@ -443,6 +443,12 @@ def test_point_export_and_round_trip(cli, tmp_path, digits_models):
             "plain", "-q", *CPU)  # (the commands that evaluate many points say so too)
     assert ("Warning: --bn-batches, --bn-data do not apply to a network without BatchNorm statistics: no "
             "BatchNorm pass is run; ignored.") in r.stderr
+    r = cli("ensemble", mid, "--bn-batches", "2", "-q", *CPU)  # a checkpoint keeps its statistics
+    assert "Warning: --bn-batches does not apply here: only the points of a curve" in r.stderr
+    r = cli("hessian", mid, "-m", tmp_path / "h.h5", "--top-k", "1", "--train-subset", "64", "--bn-data", "plain",
+            "-q", *CPU)
+    assert "Warning: --bn-data does not apply to checkpoints and ensemble members" in r.stderr
+    assert "Warning" not in cli("ensemble", mid, "-q", *CPU).stderr
     assert "--t must be in [0, 1], got 1.5." in cli.error("point", c, "--t", "1.5", "-o", tmp_path / "x.safetensors")
     # a value just outside is shown as given, not rounded onto the bound ("got 1")
     assert "--t must be in [0, 1], got 1.0000001." in cli.error("point", c, "--t", "1.0000001", "-o",
