@@ -119,41 +119,41 @@ def _option(*args: Any, **kwargs: Any) -> Any:
 DeviceOpt = Annotated[str, _option(help="Compute device: auto (CUDA when available), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, _option(help="fp32, or bf16 autocast for forward passes (GPU).")]
 ChannelsLastOpt = Annotated[bool, _option("--channels-last", help="Use channels-last memory format (faster "
-                                                                       "convolutions on recent GPUs).")]
+                                                                  "convolutions on recent GPUs).")]
 GraphsOpt = Annotated[bool, _option("--cuda-graphs", help="Capture each training step as a CUDA graph and "
-                                         "replay it (much faster for deep, narrow networks on a GPU; same "
-                                         "updates). Ignored, with a warning, on a CPU and with PyTorch < 2.3.")]
+                                    "replay it (much faster for deep, narrow networks on a GPU; same "
+                                    "updates). Ignored, with a warning, on a CPU and with PyTorch < 2.3.")]
 DeterministicOpt = Annotated[bool, _option("--deterministic", help="Ask cuDNN and cuBLAS for deterministic "
-                                                "kernels, so that a GPU run with the same seed repeats exactly "
-                                                "(usually slower; an operation without such a kernel warns). CPU "
-                                                "runs are reproducible without it.")]
+                                           "kernels, so that a GPU run with the same seed repeats exactly "
+                                           "(usually slower; an operation without such a kernel warns). CPU "
+                                           "runs are reproducible without it.")]
 SyncBnOpt = Annotated[bool, _option("--sync-bn", help="Under torchrun: BatchNorm statistics over the whole "
-                                         "global batch, all ranks together (SyncBatchNorm; CUDA only), "
-                                         "instead of each rank's piece. No effect in one process.")]
+                                    "global batch, all ranks together (SyncBatchNorm; CUDA only), "
+                                    "instead of each rank's piece. No effect in one process.")]
 JsonOpt = Annotated[bool, _option("--json", help="Print exactly one JSON object (paths and summary metrics) "
-                                                      "on stdout.")]
+                                                 "on stdout.")]
 QuietOpt = Annotated[bool, _option("--quiet", "-q", help="No progress bars or summary tables on stderr.")]
 ForceOpt = Annotated[bool, _option("--force", help="Overwrite existing output files.")]
 ForceRunOpt = Annotated[bool, _option("--force", help="Overwrite existing output files, and start over where an "
-                                           "interrupted run left its state or a partial metrics file (instead of "
-                                           "--resume).")]
+                                      "interrupted run left its state or a partial metrics file (instead of "
+                                      "--resume).")]
 DataRootOpt = Annotated[Optional[Path], _option(
     help="Folder with downloaded data sets (default: $MCTOOL_DATA, else ~/.cache/mctool/datasets).")]
 DownloadOpt = Annotated[bool, _option("--download", help="Download the data set into --data-root if missing "
-                                                              "(needs internet).")]
+                                                         "(needs internet).")]
 SplitOpt = Annotated[Split, _option(help="Evaluate on the official test set, or on 'val': the last 5,000 "
-                                              "training images (10% of small sets; a fixed random draw for "
-                                              "imagefolder:), held out from training.")]
+                                         "training images (10% of small sets; a fixed random draw for "
+                                         "imagefolder:), held out from training.")]
 CurveSplitOpt = Annotated[Optional[Split], _option(help="'val' holds out the last 5,000 training images (10% "
-                                                             "of small sets; a fixed random draw for imagefolder:) "
-                                                             "from curve training; connect evaluates "
-                                                             "nothing. Default: A's recorded split, so that the "
-                                                             "curve trains on A's images; else test.")]
+                                                        "of small sets; a fixed random draw for imagefolder:) "
+                                                        "from curve training; connect evaluates "
+                                                        "nothing. Default: A's recorded split, so that the "
+                                                        "curve trains on A's images; else test.")]
 FgeSplitOpt = Annotated[Optional[Split], _option(help="Evaluate the snapshots on the official test set, or on "
-                                                           "'val': the last 5,000 training images (10% of small "
-                                                           "sets; a fixed random draw for imagefolder:), then held "
-                                                           "out from training. Default: the start "
-                                                           "network's recorded split; else test.")]
+                                                      "'val': the last 5,000 training images (10% of small "
+                                                      "sets; a fixed random draw for imagefolder:), then held "
+                                                      "out from training. Default: the start "
+                                                      "network's recorded split; else test.")]
 _VAL = ("the last 5,000 training images (10% of small sets; a fixed random draw for imagefolder:)")
 _VAL_WARNING = ("'val' is held-out data only for networks trained with --split val (else a warning). Default: the "
                 "split the inputs were trained with; test if they record none or disagree.")
@@ -167,7 +167,7 @@ EnsembleSplitOpt = Annotated[Optional[Split], _option(
          f"points. {_VAL_WARNING} With --temperature-scale the default is test (the temperature is fitted on "
          "val).")]
 WorkersOpt = Annotated[int, _option(help="DataLoader worker processes (imagefolder data sets only; at most the "
-                                                   "CPU cores available).")]
+                                              "CPU cores available).")]
 ShardOpt = Annotated[Optional[str], _option(
     metavar="I/N", help="Evaluate only shard I of N (0 <= I < N): the points whose index in the run's list of points "
                         "is I modulo N, into this shard's own metrics file; the others stay NaN. Combine the N files "
@@ -214,7 +214,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(ctx: typer.Context,
           version: Annotated[bool, _option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+                                           help="Print the version and exit.")] = False) -> None:
     """Loss surfaces, mode connectivity and fast ensembling of neural networks."""
     # For the whole command: library warnings become "Warning: ..." lines on stderr, and the library draws
     # progress bars there (each command passes --quiet on to hide them).
@@ -499,57 +499,57 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 @app.command()
 def train(
     output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write (.safetensors); with "
-                                         "--schedule sse, an ensemble file of the snapshots.")],
+                                    "--schedule sse, an ensemble file of the snapshots.")],
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for per-epoch metrics "
-                                                    "(default: the output's name with .h5).")] = None,
+                                               "(default: the output's name with .h5).")] = None,
     dataset: Annotated[str, _option("--dataset", "-d", help="digits, fashion-mnist, mnist, cifar10, cifar100, "
-                                         "svhn, synthetic[:size=32,channels=3,classes=10,train=1024,test=256,seed=0] "
-                                         "or imagefolder:PATH.")] = "digits",
+                                    "svhn, synthetic[:size=32,channels=3,classes=10,train=1024,test=256,seed=0] "
+                                    "or imagefolder:PATH.")] = "digits",
     arch: Annotated[Optional[str], _option("--arch", "-a", help="Any timm model name or an mctool one "
-                                                "(cifar_convfc, cifar_vgg16[_bn], cifar_preresnet20/110/164, "
-                                                "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
+                                           "(cifar_convfc, cifar_vgg16[_bn], cifar_preresnet20/110/164, "
+                                           "cifar_wrn28_10, mlp). Default depends on the data set.")] = None,
     arch_kwargs: Annotated[Optional[str], _option(help="Extra architecture arguments as a JSON object, "
-                                                       "e.g. '{\"width\": 2}'.")] = None,
+                                                  "e.g. '{\"width\": 2}'.")] = None,
     epochs: Annotated[int, _option(help="Number of training epochs (1 to 100,000).")] = 200,
     lr: Annotated[float, _option(help="Initial (peak) learning rate (> 0, at most 1e6).")] = 0.05,
     wd: Annotated[float, _option(help="Weight decay (L2 coefficient) for SGD, 0 to 1e6.")] = 5e-4,
     momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, _option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
-                                           "is refused where a BatchNorm layer would see one value per "
-                                           "channel).")] = 128,
+                                      "is refused where a BatchNorm layer would see one value per "
+                                      "channel).")] = 128,
     schedule: Annotated[Schedule, _option(help="paper: constant for 50% of epochs, linear decay to 1% at 90%, "
-                                               "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
-                                               "Ensembles (cosine restarts, one snapshot per cycle; the output is "
-                                               "then an ensemble file).")] = Schedule.paper,
+                                          "then 1%; cosine: cosine annealing to 0; constant; sse: Snapshot "
+                                          "Ensembles (cosine restarts, one snapshot per cycle; the output is "
+                                          "then an ensemble file).")] = Schedule.paper,
     snapshots: Annotated[int, _option(help="With --schedule sse: number of cycles and snapshots (1 to "
-                                                "the run's iterations).")] = 5,
+                                           "the run's iterations).")] = 5,
     seed: Annotated[int, _option(help="Seed for initialisation, data order, augmentation and dropout; a "
-                                           "whole number in [0, 2^32).")] = 0,
+                                      "whole number in [0, 2^32).")] = 0,
     augment: Annotated[Augment, _option(help="Training augmentation: auto (per data set: crop+flip for cifar10, "
-                                             "cifar100, synthetic and imagefolder; crop only, no mirror images, for "
-                                             "digits, mnist, fashion-mnist and svhn), none, crop, crop-flip.")]
+                                        "cifar100, synthetic and imagefolder; crop only, no mirror images, for "
+                                        "digits, mnist, fashion-mnist and svhn), none, crop, crop-flip.")]
     = Augment.auto,
     split: SplitOpt = Split.test,
     save_every: Annotated[int, _option(help="Also write a training-state checkpoint (weights and SGD momentum, "
-                                            "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors "
-                                            "(N >= 0; 0 = never).")] = 0,
+                                       "e.g. an FGE start point) every N epochs as NAME-epochNNN.safetensors "
+                                       "(N >= 0; 0 = never).")] = 0,
     init: Annotated[Optional[Path], _option(help="Start from this checkpoint's weights (and momentum, for a "
-                                                 "training state) instead of a random initialisation: an mctool "
-                                                 "checkpoint, or a plain safetensors state dict with --arch.")]
+                                            "training state) instead of a random initialisation: an mctool "
+                                            "checkpoint, or a plain safetensors state dict with --arch.")]
     = None,
     pretrained: Annotated[bool, _option("--pretrained", help="Start from timm's pretrained weights for --arch "
-                                             "(a timm model; timm downloads them once and caches them), e.g. to "
-                                             "connect two fine-tunings of one pretrained network. A classifier for "
-                                             "another number of classes is re-initialised. With imagefolder data, "
-                                             "images get the model's size, resizing and mean/std (timm's "
-                                             "transforms). Not with --init.")] = False,
+                                        "(a timm model; timm downloads them once and caches them), e.g. to "
+                                        "connect two fine-tunings of one pretrained network. A classifier for "
+                                        "another number of classes is re-initialised. With imagefolder data, "
+                                        "images get the model's size, resizing and mean/std (timm's "
+                                        "transforms). Not with --init.")] = False,
     pretrained_file: Annotated[Optional[Path], _option(help="Offline --pretrained: a local safetensors file "
-                                                            "with the timm model's state dict (e.g. saved with "
-                                                            "safetensors.torch.save_file(model.state_dict(), "
-                                                            "PATH)); never a pickle. Its sha256 is recorded. "
-                                                            "Implies --pretrained.")] = None,
+                                                       "with the timm model's state dict (e.g. saved with "
+                                                       "safetensors.torch.save_file(model.state_dict(), "
+                                                       "PATH)); never a pickle. Its sha256 is recorded. "
+                                                       "Implies --pretrained.")] = None,
     resume: Annotated[bool, _option("--resume", help="Continue an interrupted run from its last completed epoch "
-                                         "(same options as the interrupted command).")] = False,
+                                    "(same options as the interrupted command).")] = False,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -619,22 +619,22 @@ def evaluate(
                               "networks are also evaluated as an ensemble (mean of softmax "
                               "outputs).")],
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="Write the metrics to this HDF5 "
-                                                    "file.")] = None,
+                                               "file.")] = None,
     dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set to evaluate on (default: the "
-                                                   "one recorded in the first checkpoint).")] = None,
+                                              "one recorded in the first checkpoint).")] = None,
     split: EvaluateSplitOpt = None,
     batch_size: Annotated[int, _option(help="Evaluation batch size.")] = 512,
     arch: Annotated[Optional[str], _option("--arch", "-a", help="Architecture of a plain safetensors state "
-                                                "dict without mctool metadata (e.g. saved by timm; needs "
-                                                "--num-classes too); for mctool checkpoints it overrides the "
-                                                "recorded one.")] = None,
+                                           "dict without mctool metadata (e.g. saved by timm; needs "
+                                           "--num-classes too); for mctool checkpoints it overrides the "
+                                           "recorded one.")] = None,
     num_classes: Annotated[Optional[int], _option(help="Class count of a plain state dict (overrides the "
-                                                       "recorded one of mctool checkpoints).")] = None,
+                                                  "recorded one of mctool checkpoints).")] = None,
     arch_kwargs: Annotated[Optional[str], _option(help="Architecture arguments of a plain state dict as a JSON "
-                                                       "object, e.g. '{\"img_size\": 8}' (overrides the recorded "
-                                                       "ones).")] = None,
+                                                  "object, e.g. '{\"img_size\": 8}' (overrides the recorded "
+                                                  "ones).")] = None,
     in_chans: Annotated[Optional[int], _option(help="Input channels of a plain state dict (default 3; "
-                                                    "overrides the recorded ones).")] = None,
+                                               "overrides the recorded ones).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -715,7 +715,7 @@ BnBatchesOpt = Annotated[Optional[int], _option(
          "gives noisier statistics).")]
 EvalBatchOpt = Annotated[int, _option(help="Batch size for BN passes and evaluation.")]
 RecordedDatasetOpt = Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the recorded "
-                                                           "one).")]
+                                                      "one).")]
 GridTrainSubsetOpt = Annotated[Optional[int], _option(
     help="Compute train loss and error on a fixed random subset of this many training images (faster; the BN "
          "pass still uses --bn-batches). Default, or 0: all of them.")]
@@ -727,42 +727,42 @@ def connect(
     end: Annotated[Path, _argument(metavar="END", help="End network B (same architecture as A).")],
     output: Annotated[Path, _option("--output", "-o", help="Curve file to write (.safetensors).")],
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for per-epoch training "
-                                                    "metrics (default: NAME-connect.h5 beside the output).")] = None,
+                                               "metrics (default: NAME-connect.h5 beside the output).")] = None,
     curve: Annotated[CurveKind, _option(help="bezier (Bernstein polynomial), polychain (piecewise linear "
-                                             "through the bends) or line (the segment; nothing to train).")]
+                                        "through the bends) or line (the segment; nothing to train).")]
     = CurveKind.bezier,
     num_bends: Annotated[int, _option(help="Interior control points, 1 to 100 (the paper's curves have 1); "
-                                           "ignored with --curve line.")] = 1,
+                                      "ignored with --curve line.")] = 1,
     epochs: Annotated[Optional[int], _option(help="Training epochs (default: as many as A was trained "
-                                                  "for, else 200; three times as many if A has no "
-                                                  "BatchNorm, as in the paper).")] = None,
+                                             "for, else 200; three times as many if A has no "
+                                             "BatchNorm, as in the paper).")] = None,
     lr: Annotated[Optional[float], _option(help="Initial learning rate (default: A's training lr x "
-                                                "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
-                                                "for long runs, up to A's lr for short ones; see docs/curves.md).")]
+                                           "min(1, max(0.3, 10000 / the curve's iterations)): the paper's 0.3 x "
+                                           "for long runs, up to A's lr for short ones; see docs/curves.md).")]
     = None,
     wd: Annotated[Optional[float], _option(help="L2 coefficient (0 to 1e6): the loss is CE + 0.5 * wd * "
-                                                "||w(t)||^2 (default: the wd A was trained with, else 5e-4).")] = None,
+                                           "||w(t)||^2 (default: the wd A was trained with, else 5e-4).")] = None,
     momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, _option(help="Mini-batch size (>= 1); each batch draws one t ~ U(0, 1).")] = 128,
     schedule: Annotated[CurveSchedule, _option(help="Learning-rate schedule (as for train; sse, which makes "
-                                                    "an ensemble, does not apply).")] = CurveSchedule.paper,
+                                               "an ensemble, does not apply).")] = CurveSchedule.paper,
     seed: Annotated[int, _option(help="Seed for t, data order and augmentation; a whole number in "
-                                           "[0, 2^32).")] = 0,
+                                      "[0, 2^32).")] = 0,
     bend_init: Annotated[BendInit, _option(help="Initial bends: on the segment (linear), at A (start) or at "
-                                                "B (end).")] = BendInit.linear,
+                                           "B (end).")] = BendInit.linear,
     free_start: Annotated[bool, _option("--free-start", help="Train the start point too.")] = False,
     free_end: Annotated[bool, _option("--free-end", help="Train the end point too.")] = False,
     dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Training data (default: A's data "
-                                                   "set).")] = None,
+                                              "set).")] = None,
     augment: Annotated[Optional[Augment], _option(help="Training augmentation (as for train; default: the "
-                                                       "one A was trained with, else auto).")] = None,
+                                                  "one A was trained with, else auto).")] = None,
     split: CurveSplitOpt = None,
     save_every: Annotated[int, _option(help="Also write a curve state every N epochs as "
-                                            "NAME-epochNNN.safetensors (N >= 0; 0 = never).")] = 0,
+                                       "NAME-epochNNN.safetensors (N >= 0; 0 = never).")] = 0,
     align: Annotated[Optional[AlignMethod], _option("--align", help="First permute B's hidden units into A's "
-                                                         "order (weights or activations matching, as mctool align "
-                                                         "with --seed): the curve ends at aligned B, which computes "
-                                                         "B's function.")]
+                                                    "order (weights or activations matching, as mctool align "
+                                                    "with --seed): the curve ends at aligned B, which computes "
+                                                    "B's function.")]
     = None,
     resume: Annotated[bool, _option("--resume", help="Continue an interrupted run (same options).")] = False,
     data_root: DataRootOpt = None,
@@ -775,9 +775,9 @@ def connect(
     sync_bn: SyncBnOpt = False,
     deterministic: DeterministicOpt = False,
     compile: Annotated[bool, _option("--compile", help="Fuse the step's passes over the parameters (forming "
-                                          "w(t), the control points' gradient) with torch.compile: less memory "
-                                          "traffic for wide networks on a GPU. Needs Triton (GPU) or a C++ "
-                                          "compiler (CPU); falls back, with a warning, when compiling fails.")]
+                                     "w(t), the control points' gradient) with torch.compile: less memory "
+                                     "traffic for wide networks on a GPU. Needs Triton (GPU) or a C++ "
+                                     "compiler (CPU); falls back, with a warning, when compiling fails.")]
     = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -824,15 +824,15 @@ def evaluate_curve(
                               "segment).")],
     metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the metrics at each t.")],
     num_points: Annotated[int, _option(help="Evaluate at this many evenly spaced t in [0, 1], 2 to "
-                                            "100,000.")] = 61,
+                                       "100,000.")] = 61,
     plot: Annotated[Optional[Path], _option(help="Also draw train loss and error against t to this "
-                                                 "figure (.png, .pdf or .svg).")] = None,
+                                            "figure (.png, .pdf or .svg).")] = None,
     resume: Annotated[bool, _option("--resume", help="Compute only the points still missing (NaN) in an "
-                                         "existing metrics file.")] = False,
+                                    "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
-                                                "curve's, or A's for two checkpoints).")] = None,
+                                           "curve's, or A's for two checkpoints).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = None,
@@ -846,16 +846,16 @@ def evaluate_curve(
     points_per_pass: PointsPerPassOpt = 8,
     compile: EvalCompileOpt = False,
     compare_unaligned: Annotated[Optional[Path], _option("--compare-unaligned", help="With A and B-aligned "
-                                                              "(from mctool align): the original B; also evaluate "
-                                                              "the segment A -> B (same points and options) and "
-                                                              "report both barriers. Two checkpoints only, not "
-                                                              "with --shard.")] = None,
+                                                         "(from mctool align): the original B; also evaluate "
+                                                         "the segment A -> B (same points and options) and "
+                                                         "report both barriers. Two checkpoints only, not "
+                                                         "with --shard.")] = None,
     repair: Annotated[bool, _option("--repair", help="REPAIR at every point between the ends (networks "
-                                         "without BatchNorm): rescale each hidden Conv/Linear channel to the "
-                                         "interpolated mean and std of the endpoints'. Refused for BatchNorm "
-                                         "networks; one point per pass, not compiled.")] = False,
+                                    "without BatchNorm): rescale each hidden Conv/Linear channel to the "
+                                    "interpolated mean and std of the endpoints'. Refused for BatchNorm "
+                                    "networks; one point per pass, not compiled.")] = False,
     repair_batches: Annotated[int, _option(help="Training batches (of --batch-size) for REPAIR's "
-                                                "statistics.")] = 8,
+                                           "statistics.")] = 8,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceRunOpt = False,
@@ -904,12 +904,12 @@ def evaluate_curve(
 def point(
     source: Annotated[Path, _argument(
         metavar="SOURCE", help="A curve file from connect, or an ensemble file (fge, train "
-                               "--schedule sse, ensemble -o).")],
+                          "--schedule sse, ensemble -o).")],
     output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write.")],
     t: Annotated[Optional[float], _option("--t", help="Position along a curve, in [0, 1].")] = None,
     index: Annotated[Optional[int], _option("--index", help="Member of an ensemble file (0-based).")] = None,
     no_bn_update: Annotated[bool, _option("--no-bn-update", help="Keep the start network's BatchNorm "
-                                               "statistics instead of recomputing them at t.")] = False,
+                                          "statistics instead of recomputing them at t.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     batch_size: EvalBatchOpt = 512,
@@ -968,15 +968,15 @@ def ensemble(
         metavar="FILES", help="Model checkpoints and ensemble files to combine, or one curve "
                               "file with --num-points.")],
     output: Annotated[Optional[Path], _option("--output", "-o", help="Also write all members as one "
-                                                   "ensemble file.")] = None,
+                                              "ensemble file.")] = None,
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="Write the metrics to this HDF5 "
-                                                    "file.")] = None,
+                                               "file.")] = None,
     num_points: Annotated[Optional[int], _option(help="Sample this many evenly spaced points along a curve "
-                                                      "file, ends included (each BN-recalibrated), as the members; "
-                                                      "1 takes t = 0.5; at most 100,000.")] = None,
+                                                 "file, ends included (each BN-recalibrated), as the members; "
+                                                 "1 takes t = 0.5; at most 100,000.")] = None,
     temperature_scale: Annotated[bool, _option("--temperature-scale", help="Fit one temperature on the "
-                                                    "held-out part of the training data (the val split) and "
-                                                    "report calibrated metrics too.")] = False,
+                                               "held-out part of the training data (the val split) and "
+                                               "report calibrated metrics too.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     dataset: RecordedDatasetOpt = None,
@@ -1020,20 +1020,20 @@ def plot(
                               "metrics files of train, connect and fge (several overlaid); or "
                               "one plane, surface or hessian file.")],
     output: Annotated[Optional[Path], _option("--output", "-o", help="Figure to write: PNG, PDF or SVG, "
-                                                                          "by the name's ending.")] = None,
+                                                                     "by the name's ending.")] = None,
     three_d: Annotated[bool, _option("--3d", help="Draw a plane or 2-D surface file as 3-D surfaces instead of "
-                                          "filled contours (points, curve and trajectory drawn on them).")] = False,
+                                     "filled contours (points, curve and trajectory drawn on them).")] = False,
     html: Annotated[Optional[Path], _option(help="Plane or 2-D surface file: also write an interactive, "
-                                                 "rotatable 3-D figure to this HTML file (needs the optional extra: "
-                                                 "pip install 'mctool[html]').")] = None,
+                                            "rotatable 3-D figure to this HTML file (needs the optional extra: "
+                                            "pip install 'mctool[html]').")] = None,
     vtk: Annotated[Optional[Path], _option(help="Plane or surface file: also write the grid as a VTK structured "
-                                                "grid (.vts) for ParaView, and its points and curve or trajectory "
-                                                "beside it as NAME-points.vtp.")] = None,
+                                           "grid (.vts) for ParaView, and its points and curve or trajectory "
+                                           "beside it as NAME-points.vtp.")] = None,
     dpi: Annotated[int, _option(help="Dots per inch of a PNG figure (10 to 1200; 300 for print). PDF "
-                                          "and SVG are vector figures.")] = 120,
+                                     "and SVG are vector figures.")] = 120,
     log_loss: Annotated[bool, _option("--log-loss", help="Curve, 1-D surface and per-epoch figures: the loss "
-                                           "on a log axis (ends near 1e-3 beside a barrier of 2 show only the "
-                                           "barrier on a linear one).")] = False,
+                                      "on a log axis (ends near 1e-3 beside a barrier of 2 show only the "
+                                      "barrier on a linear one).")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -1055,10 +1055,10 @@ def merge_cmd(
         metavar="SHARDS", help="The N shard files of one plane, surface or evaluate-curve run "
                                "(written with --shard I/N), in any order.")],
     output: Annotated[Path, _option("--metrics", "-m", "--output", "-o",
-                                         help="HDF5 file to write: the metrics file (-m) the run writes without "
-                                              "--shard. -o/--output is the same option.")],
+                                    help="HDF5 file to write: the metrics file (-m) the run writes without "
+                                         "--shard. -o/--output is the same option.")],
     plot: Annotated[Optional[Path], _option(help="Also draw the merged file to this figure (.png, .pdf "
-                                                 "or .svg).")] = None,
+                                            "or .svg).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
@@ -1088,24 +1088,24 @@ def plane_cmd(
     metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the surfaces.")],
     grid_points: Annotated[int, _option(help="Grid points along each axis, 2 to 1,001 (G x G evaluations).")] = 21,
     margin: Annotated[float, _option(help="Extra room on all four sides, as a fraction of the distances "
-                                          "between the points (0 to 10).")] = 0.2,
+                                     "between the points (0 to 10).")] = 0.2,
     margin_left: Annotated[Optional[float], _option(help="Override --margin on the left (before w0).")] = None,
     margin_right: Annotated[Optional[float], _option(help="Override --margin on the right (after w2).")] = None,
     margin_bottom: Annotated[Optional[float], _option(help="Override --margin below the w0-w2 line.")] = None,
     margin_top: Annotated[Optional[float], _option(help="Override --margin above w1.")] = None,
     bend: Annotated[Optional[int], _option(help="Which bend of a curve spans the plane (1..n; default the "
-                                                "middle one).")] = None,
+                                           "middle one).")] = None,
     curve_points: Annotated[int, _option(help="Points of the curve projected onto the plane for the "
-                                              "drawing (2 to 100,000).")] = 61,
+                                         "drawing (2 to 100,000).")] = 61,
     plot: Annotated[Optional[Path], _option(help="Also draw both surfaces to this figure (.png, .pdf or "
-                                                 ".svg).")] = None,
+                                            ".svg).")] = None,
     resume: Annotated[bool, _option("--resume", help="Compute only the grid cells still missing (NaN) in an "
-                                         "existing metrics file.")] = False,
+                                    "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
-                                                "curve's or w0's).")] = None,
+                                           "curve's or w0's).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = None,
@@ -1161,9 +1161,9 @@ def surface_cmd(
     checkpoint: Annotated[Path, _argument(
         metavar="CHECKPOINT", help="The network at the centre (model checkpoint).")],
     metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the surfaces; the directions go "
-                                          "beside it as NAME-directions.safetensors.")],
+                                     "beside it as NAME-directions.safetensors.")],
     dims: Annotated[Optional[int], _option(help="1 (a line through the network) or 2 (a surface). Default: 2, "
-                                                "or the number of direction files.")] = None,
+                                           "or the number of direction files.")] = None,
     directions: Annotated[Optional[list[str]], _option(
         "--directions", metavar="random|pca|FILE", help="'random' (default): Gaussian directions, filter-normalised "
         "to the network; 'pca': the principal directions of --trajectory relative to the network; or a model "
@@ -1174,27 +1174,27 @@ def surface_cmd(
         "training order: a file (repeat the option for each) or a quoted glob pattern such as "
         "'run-epoch*.safetensors' (its matches in natural order: epoch500 before epoch1000).")] = None,
     ignore: Annotated[str, _option(help="Random directions: parameters set to zero, comma-separated: bn "
-                                        "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
-                                        "one filter).")] = "bn,bias",
+                                   "(normalisation layers), bias; 'none' keeps all (each 1-D parameter is then "
+                                   "one filter).")] = "bn,bias",
     seed: Annotated[int, _option(help="Seed for the random directions; a whole number in [0, 2^32).")] = 0,
     range_: Annotated[Optional[float], _option(
         "--range", help="Coefficients from -RANGE to RANGE along each direction (at most 1e6). Default: "
         "[-1, 1] for random directions; for pca and files, the range that holds the points of interest (the "
         "network, the trajectory, the files' networks at 1) plus --margin.")] = None,
     margin: Annotated[float, _option(help="Without --range: space added on each side of the points of "
-                                          "interest, as a fraction of their extent along each direction (0 to "
-                                          "10).")] = 0.2,
+                                     "interest, as a fraction of their extent along each direction (0 to "
+                                     "10).")] = 0.2,
     grid_points: Annotated[int, _option(help="Grid points per direction (2 to 1,001; with random directions "
-                                             "an odd number puts the network itself on the grid).")] = 21,
+                                        "an odd number puts the network itself on the grid).")] = 21,
     plot: Annotated[Optional[Path], _option(help="Also draw the surface to this figure (.png, .pdf or "
-                                                 ".svg).")] = None,
+                                            ".svg).")] = None,
     resume: Annotated[bool, _option("--resume", help="Compute only the grid points still missing (NaN) in an "
-                                         "existing metrics file.")] = False,
+                                    "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     train_subset: GridTrainSubsetOpt = None,
     wd: Annotated[Optional[float], _option(help="L2 coefficient of the train loss, 0 to 1e6 (default: the "
-                                                "network's wd).")] = None,
+                                           "network's wd).")] = None,
     batch_size: EvalBatchOpt = 512,
     dataset: RecordedDatasetOpt = None,
     split: EvalSplitOpt = None,
@@ -1259,29 +1259,29 @@ def hessian_cmd(
     metrics: Annotated[Path, _option("--metrics", "-m", help="HDF5 file for the eigenvalues and traces.")],
     top_k: Annotated[int, _option(help="How many of the largest eigenvalues to find (1 to 1,000).")] = 5,
     trace: Annotated[bool, _option("--trace", help="Also estimate the trace (Hutchinson, Rademacher "
-                                        "probes).")] = False,
+                                   "probes).")] = False,
     trace_samples: Annotated[int, _option(help="Probes for --trace, 2 to 1,000,000 (one Hessian-vector "
-                                               "product each); the standard error is recorded.")] = 20,
+                                          "product each); the standard error is recorded.")] = 20,
     num_points: Annotated[int, _option(help="Points along a curve or segment (evenly spaced t, both ends "
-                                            "included), 2 to 100,000; checked for every input.")] = 11,
+                                       "included), 2 to 100,000; checked for every input.")] = 11,
     train_subset: Annotated[int, _option(help="The loss is the mean cross-entropy (no L2 term) over a fixed "
-                                              "random subset of this many training images (un-augmented); 0 = "
-                                              "all. Its default, 5000, keeps each Hessian-vector product short; "
-                                              "plane's and surface's --train-subset default to all.")] = 5000,
+                                         "random subset of this many training images (un-augmented); 0 = "
+                                         "all. Its default, 5000, keeps each Hessian-vector product short; "
+                                         "plane's and surface's --train-subset default to all.")] = 5000,
     tol: Annotated[float, _option(help="Relative accuracy asked of the eigenvalues (ARPACK's tol), in "
-                                       "(0, 1).")] = 1e-4,
+                                  "(0, 1).")] = 1e-4,
     max_restarts: Annotated[int, _option(help="Lanczos restarts before giving up, at most 1e9 (the "
-                                              "eigenvalues not found are NaN, with a warning).")] = 100,
+                                         "eigenvalues not found are NaN, with a warning).")] = 100,
     seed: Annotated[int, _option(help="Seed for the start vector and the trace probes; a whole number in "
-                                           "[0, 2^32).")] = 0,
+                                      "[0, 2^32).")] = 0,
     eigenvectors: Annotated[Optional[Path], _option(help="Also write the unit eigenvectors, [points, k, "
-                                                         "parameters] float32, to this safetensors file (not "
-                                                         "under torchrun).")] = None,
+                                                    "parameters] float32, to this safetensors file (not "
+                                                    "under torchrun).")] = None,
     plot: Annotated[Optional[Path], _option(help="Also draw the eigenvalues (and the trace) to this figure "
-                                                 "(.png, .pdf or .svg), as mctool plot draws the metrics "
-                                                 "file.")] = None,
+                                            "(.png, .pdf or .svg), as mctool plot draws the metrics "
+                                            "file.")] = None,
     resume: Annotated[bool, _option("--resume", help="Compute only the points still missing (NaN) in an "
-                                         "existing metrics file.")] = False,
+                                    "existing metrics file.")] = False,
     bn_batches: BnBatchesOpt = None,
     bn_data: BnDataOpt = BnData.augmented,
     batch_size: Annotated[int, _option(help="Batch size for the Hessian-vector products and the BN pass.")]
@@ -1332,29 +1332,29 @@ def hessian_cmd(
 @app.command("align")
 def align_cmd(
     reference: Annotated[Path, _argument(metavar="A", help="Network A (model checkpoint): the order to align "
-                                              "to.")],
+                                         "to.")],
     other: Annotated[Path, _argument(metavar="B", help="Network B (same architecture as A): the network to "
-                                          "permute.")],
+                                     "permute.")],
     output: Annotated[Path, _option("--output", "-o", help="Model checkpoint to write: B with its hidden units "
-                                         "permuted into A's order (the same function as B).")],
+                                    "permuted into A's order (the same function as B).")],
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for the groups, permutations "
-                                                    "and objective (default: NAME-align.h5 beside the output).")]
+                                               "and objective (default: NAME-align.h5 beside the output).")]
     = None,
     method: Annotated[AlignMethod, _option(help="weights: weight matching (coordinate descent over the groups, "
-                                                "one linear assignment each); activations: match units by the "
-                                                "correlation of their activations on training batches.")]
+                                           "one linear assignment each); activations: match units by the "
+                                           "correlation of their activations on training batches.")]
     = AlignMethod.weights,
     seed: Annotated[int, _option(help="Seed for the order of the groups (weights) or of the training images "
-                                     "(activations); a whole number in [0, 2^32).")] = 0,
+                                "(activations); a whole number in [0, 2^32).")] = 0,
     max_sweeps: Annotated[int, _option(help="Weight matching: stop after this many sweeps over the groups, 1 "
-                                           "to 1e9 (it stops earlier when a sweep changes nothing).")] = 100,
+                                      "to 1e9 (it stops earlier when a sweep changes nothing).")] = 100,
     batches: Annotated[int, _option("--activation-batches", "--batches",
-                                         help="Activation matching: training batches (of --batch-size) to measure "
-                                         "the correlations on (--batches: the name in mctool 0.2.0).")] = 8,
+                                    help="Activation matching: training batches (of --batch-size) to measure "
+                                    "the correlations on (--batches: the name in mctool 0.2.0).")] = 8,
     batch_size: Annotated[int, _option(help="Batch size for activation matching and for the final check "
-                                           "that the output computes B's logits.")] = 256,
+                                      "that the output computes B's logits.")] = 256,
     dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the one B "
-                                                   "records).")] = None,
+                                              "records).")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     num_workers: WorkersOpt = 4,
@@ -1393,36 +1393,36 @@ def align_cmd(
 def fge_cmd(
     start: Annotated[Path, _argument(
         metavar="START", help="Trained network to start from: a model checkpoint, or a training "
-                              "state from train --save-every (its SGD momentum is kept).")],
+                         "state from train --save-every (its SGD momentum is kept).")],
     output: Annotated[Path, _option("--output", "-o", help="Ensemble file to write (all members).")],
     metrics: Annotated[Optional[Path], _option("--metrics", "-m", help="HDF5 file for the learning rate, "
-                                                    "member and ensemble metrics (default: NAME.h5 beside the "
-                                                    "output).")] = None,
+                                               "member and ensemble metrics (default: NAME.h5 beside the "
+                                               "output).")] = None,
     epochs: Annotated[int, _option(help="FGE epochs, 1 to 100,000 (the paper: 40 epochs give 20 members "
-                                        "with 2-epoch cycles).")] = 20,
+                                   "with 2-epoch cycles).")] = 20,
     cycle_epochs: Annotated[float, _option(help="Cycle length in epochs, > 0 and at most 100,000 (may be "
-                                                "fractional); rounded to an even number of iterations.")] = 2.0,
+                                           "fractional); rounded to an even number of iterations.")] = 2.0,
     cycle_iters: Annotated[Optional[int], _option(help="Cycle length in iterations, 2 to 1e9 (overrides "
-                                                       "--cycle-epochs); an odd number is rounded up to an "
-                                                       "even one, the snapshot being at mid cycle.")] = None,
+                                                  "--cycle-epochs); an odd number is rounded up to an "
+                                                  "even one, the snapshot being at mid cycle.")] = None,
     lr_max: Annotated[Optional[float], _option(help="Learning rate at the start and end of each cycle (a1; "
-                                                    "default: the start network's training lr / 2 with BatchNorm, "
-                                                    "/ 5 without, the paper's ratios, taking the training lr as "
-                                                    "0.05 if it records none; see docs/ensembles.md).")]
+                                               "default: the start network's training lr / 2 with BatchNorm, "
+                                               "/ 5 without, the paper's ratios, taking the training lr as "
+                                               "0.05 if it records none; see docs/ensembles.md).")]
     = None,
     lr_min: Annotated[Optional[float], _option(help="Learning rate at mid cycle, where snapshots are taken (a2; "
-                                                    "default: the start network's training lr / 200 with "
-                                                    "BatchNorm, / 100 without, taking it as 0.05 if it records "
-                                                    "none).")] = None,
+                                               "default: the start network's training lr / 200 with "
+                                               "BatchNorm, / 100 without, taking it as 0.05 if it records "
+                                               "none).")] = None,
     wd: Annotated[Optional[float], _option(help="Weight decay, 0 to 1e6 (default: the start network's, as "
-                                                "recorded in its config, else 5e-4).")] = None,
+                                           "recorded in its config, else 5e-4).")] = None,
     momentum: Annotated[float, _option(help="SGD momentum, in [0, 1).")] = 0.9,
     batch_size: Annotated[int, _option(help="Mini-batch size (>= 1; a batch, the last one included, of 1 image "
-                                           "is refused where a BatchNorm layer would see one value per "
-                                           "channel).")] = 128,
+                                      "is refused where a BatchNorm layer would see one value per "
+                                      "channel).")] = 128,
     seed: Annotated[int, _option(help="Seed for data order and augmentation; a whole number in [0, 2^32).")] = 0,
     swa: Annotated[Optional[Path], _option(help="Also write the average of the snapshots (BN recomputed) "
-                                                "as a model checkpoint here.")] = None,
+                                           "as a model checkpoint here.")] = None,
     bn_batches: BnBatchesOpt = None,
     bn_data: Annotated[Optional[BnData], _option(
         help=_BN_DATA_HELP + " Default: augmented; on --resume, the interrupted run's.")] = None,
@@ -1433,9 +1433,9 @@ def fge_cmd(
              "time. 1 evaluates each as it is taken. Lower it if P copies' activations (or P waiting snapshots' "
              "weights) do not fit in memory. May differ on --resume.")] = 4,
     dataset: Annotated[Optional[str], _option("--dataset", "-d", help="Data set (default: the start "
-                                                   "network's).")] = None,
+                                              "network's).")] = None,
     augment: Annotated[Optional[Augment], _option(help="Training augmentation (as for train; default: the "
-                                                       "one the start network was trained with, else auto).")]
+                                                  "one the start network was trained with, else auto).")]
     = None,
     split: FgeSplitOpt = None,
     resume: Annotated[bool, _option("--resume", help="Continue an interrupted run (same options).")] = False,
@@ -1493,10 +1493,10 @@ def docs_cmd(
                                 "cite them: 'method', 'method.md#bn' or 'docs/method.md#bn'. Left out: the list "
                                 "of pages.")] = None,
     path_only: Annotated[bool, _option("--path", help="Print the page's file (or, without TOPIC, the docs "
-                                                           "folder) instead of its text: to open it in an editor "
-                                                           "or a Markdown viewer.")] = False,
+                                                      "folder) instead of its text: to open it in an editor "
+                                                      "or a Markdown viewer.")] = False,
     as_json: Annotated[bool, _option("--json", help="Print exactly one JSON object on stdout: the pages, and "
-                                                         "the Markdown of the one asked for.")] = False,
+                                                    "the Markdown of the one asked for.")] = False,
 ) -> None:
     """The documentation, in the terminal and offline: the pages that help texts cite as docs/NAME.md#section.
 

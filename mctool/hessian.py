@@ -276,14 +276,15 @@ def hessian(paths: Sequence[str | Path], metrics: str | Path, *, top_k: int = 5,
     # The training images the network was trained on: with --split val its held-out images stay out.
     split = recorded_split(pts.meta.config) or "test"
     n = len(pts.labels)
+    buffers = [b for b, _ in pts.model.named_buffers()]
+    if not pts.recalibrate:
+        unused_bn_options(bn_batches, bn_data, "to checkpoints and ensemble members, which keep their stored "
+                          "BatchNorm statistics")
     config = {"top_k": top_k, "trace": trace, "trace_samples": trace_samples if trace else None, "num_points": n,
               "train_subset": train_subset, "dataset": name, "tol": tol, "max_restarts": max_restarts,
               "seed": seed, "bn_batches": bn_batches, "points_kind": pts.kind,
-              "bn_batch_size": bn_pass_setting((b for b, _ in pts.model.named_buffers()), batch_size)
-              if pts.recalibrate else None,
-              "bn_data": bn_data_setting((b for b, _ in pts.model.named_buffers()), bn_data, bn_batches)
-              if pts.recalibrate else unused_bn_options(bn_batches, bn_data, "to checkpoints and ensemble members, "
-                                                        "which keep their stored BatchNorm statistics"),
+              "bn_batch_size": bn_pass_setting(buffers, batch_size) if pts.recalibrate else None,
+              "bn_data": bn_data_setting(buffers, bn_data, bn_batches) if pts.recalibrate else None,
               **({"split": split} if split != "test" else {})}  # (files of mctool 0.2.0 record none: test)
     shapes = {"eigenvalues": (n, top_k), "residuals": (n, top_k), "hvps": (n,)}
     if trace:
